@@ -1,0 +1,184 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * libvmig: the live-migration engine, as seen by a VMM that embeds it.
+ *
+ * This is the only header a VMM includes. It knows nothing about any one VMM:
+ * the embedder registers its guest RAM blocks and a small ops table (stop and
+ * start the vCPUs, save and load device state, optionally its own dirty log),
+ * and libvmig does pre-copy, post-copy and the statistics.
+ *
+ * Conventions, for every function here:
+ *  - Functions that can fail return 0 or a negative errno. Nothing here calls
+ *    exit(), prints, or aborts on bad input. The text of the last error of a
+ *    session is kept in the session and returned by vmig_session_error().
+ *  - There is no global state: two sessions in one process are independent.
+ *  - A session is driven from one control thread (the embedder's main loop).
+ *    libvmig runs its own threads for the data path and reports back through
+ *    ops->event(), which may be called from any of those threads.
+ *  - Names of statuses, parameters and capabilities are QEMU's names; what
+ *    QEMU lacks is prefixed "x-vmig-".
+ */
+#ifndef VMIG_VMIG_H
+#define VMIG_VMIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct vmig_session vmig_session;
+
+/* Migration status, as QEMU's MigrationStatus. */
+enum vmig_status {
+	VMIG_STATUS_NONE = 0,
+	VMIG_STATUS_SETUP,
+	VMIG_STATUS_CANCELLING,
+	VMIG_STATUS_CANCELLED,
+	VMIG_STATUS_ACTIVE,
+	VMIG_STATUS_POSTCOPY_ACTIVE,
+	VMIG_STATUS_POSTCOPY_PAUSED,
+	VMIG_STATUS_POSTCOPY_RECOVER,
+	VMIG_STATUS_COMPLETED,
+	VMIG_STATUS_FAILED,
+	VMIG_STATUS_DEVICE,
+	VMIG_STATUS__MAX
+};
+
+/* QEMU's spelling of a status ("active", "postcopy-paused", ...). */
+const char *vmig_status_name(enum vmig_status status);
+
+/*
+ * One block of guest RAM. host must stay mapped for the life of the session.
+ * size must be a multiple of the page size (4096). fd is the file that backs
+ * the mapping (a memfd) or -1; libvmig never closes it.
+ */
+struct vmig_ram_block {
+	const char *name;
+	void *host;
+	uint64_t size;
+	int fd;
+	uint64_t fd_offset;
+};
+
+/* What ops->event() reports. */
+enum vmig_event_type {
+	VMIG_EVENT_STATUS = 1, /* status changed: see status */
+	VMIG_EVENT_STOPPED,    /* libvmig stopped the vCPUs (switch-over) */
+	VMIG_EVENT_RESUMED,    /* libvmig started the vCPUs */
+};
+
+struct vmig_event {
+	enum vmig_event_type type;
+	enum vmig_status status;
+};
+
+/*
+ * The embedder's side. All callbacks get the opaque pointer passed to
+ * vmig_session_new(). Unless noted, they are called from a libvmig thread
+ * and must be thread-safe with respect to the embedder's own main loop.
+ */
+struct vmig_vm_ops {
+	/* Stop all vCPUs and return once none of them touches guest RAM. */
+	int (*stop)(void *opaque);
+	/* Let the vCPUs run again. */
+	int (*start)(void *opaque);
+	/* True if the vCPUs are running (used to decide what to do after a
+	 * failed or cancelled migration, and whether to start on arrival). */
+	bool (*running)(void *opaque);
+	/*
+	 * Device and vCPU state, as one opaque blob. save_state writes at most
+	 * cap bytes into buf and sets *len; it is called with the vCPUs stopped.
+	 * load_state is called on the destination before the vCPUs start.
+	 */
+	int (*save_state)(void *opaque, void *buf, size_t cap, size_t *len);
+	int (*load_state)(void *opaque, const void *buf, size_t len);
+	/* Status changes and other events. May be NULL. */
+	void (*event)(void *opaque, const struct vmig_event *ev);
+};
+
+/* Create a session. ops is copied. */
+int vmig_session_new(vmig_session **out, const struct vmig_vm_ops *ops, void *opaque);
+/* Cancel anything running, join libvmig's threads, free everything. */
+void vmig_session_free(vmig_session *s);
+/* Text of the last error (never NULL; "" if none). */
+const char *vmig_session_error(const vmig_session *s);
+
+/* Register a RAM block. Must be done before migrating; blocks are matched by
+ * name and size on the destination. */
+int vmig_ram_block_add(vmig_session *s, const struct vmig_ram_block *blk);
+
+/*
+ * Capabilities (booleans) and parameters (integers), by QEMU's names:
+ *   capabilities: "postcopy-ram", "postcopy-blocktime", "postcopy-preempt",
+ *     "multifd", "zero-copy-send", "auto-converge", "x-vmig-verify-memory"
+ *   parameters: "max-bandwidth" (bytes/s, 0 = unlimited), "downtime-limit"
+ *     (ms), "multifd-channels", "x-vmig-dirty-tracking" (see below) ...
+ * The lists are vmig_capability_names() and vmig_parameter_names(),
+ * NULL-terminated. Setting fails with -EBUSY while a migration is running
+ * for the ones that cannot change then, and -ENOENT for unknown names.
+ */
+const char *const *vmig_capability_names(void);
+const char *const *vmig_parameter_names(void);
+int vmig_capability_set(vmig_session *s, const char *name, bool on);
+int vmig_capability_get(const vmig_session *s, const char *name, bool *on);
+int vmig_parameter_set(vmig_session *s, const char *name, int64_t value);
+int vmig_parameter_get(const vmig_session *s, const char *name, int64_t *value);
+
+/* Dirty-tracking backends, for "x-vmig-dirty-tracking". */
+enum vmig_dirty_tracking {
+	VMIG_DIRTY_AUTO = 0,       /* best the kernel offers */
+	VMIG_DIRTY_UFFD_ASYNC = 1, /* uffd-wp async + PAGEMAP_SCAN (6.7+) */
+	VMIG_DIRTY_UFFD_SYNC = 2,  /* synchronous uffd-wp, a fault thread */
+};
+
+/*
+ * Start an outgoing migration to uri ("tcp:HOST:PORT" or "unix:PATH").
+ * Returns at once; progress is read with vmig_query() and reported through
+ * ops->event(). On failure or cancel the source keeps running, unharmed.
+ */
+int vmig_migrate(vmig_session *s, const char *uri);
+/* Start listening for an incoming migration on uri. Returns at once. */
+int vmig_incoming(vmig_session *s, const char *uri);
+/* Cancel an outgoing or incoming migration. */
+int vmig_cancel(vmig_session *s);
+
+/* Statistics, QEMU's query-migrate fields. Byte counts are bytes. */
+struct vmig_stats {
+	enum vmig_status status;
+	bool is_source;
+	int64_t total_time_ms;     /* since start; frozen at the end */
+	int64_t setup_time_ms;
+	int64_t downtime_ms;       /* valid once completed */
+	int64_t expected_downtime_ms;
+	uint64_t downtime_us;      /* same as downtime_ms, finer */
+	struct {
+		uint64_t transferred;      /* bytes on the wire, all channels */
+		uint64_t remaining;        /* dirty bytes still to send */
+		uint64_t total;            /* guest RAM size */
+		uint64_t duplicate;        /* zero pages */
+		uint64_t normal;           /* pages sent whole */
+		uint64_t normal_bytes;
+		uint64_t dirty_sync_count;
+		double mbps;               /* recent throughput, Mbit/s */
+		uint64_t dirty_pages_rate; /* pages/s dirtied, last round */
+		uint64_t pages_per_second;
+		uint64_t precopy_bytes;
+		uint64_t downtime_bytes;
+		uint64_t postcopy_bytes;
+		uint64_t postcopy_requests;
+		uint64_t page_size;
+		uint64_t multifd_bytes;
+		uint64_t dirty_sync_missed_zero_copy;
+	} ram;
+	char error_desc[256];
+};
+
+int vmig_query(vmig_session *s, struct vmig_stats *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* VMIG_VMIG_H */
