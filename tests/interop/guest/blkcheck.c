@@ -1,0 +1,541 @@
+// SPDX-License-Identifier: MIT
+/*
+ * blkcheck: the data-integrity workload that runs inside the interop test
+ * guest (static, no libc beyond what -static links in).
+ *
+ * It writes patterned 4 KiB blocks to a virtio disk with O_DIRECT, reads them
+ * back and checks every byte, for a bounded time or number of operations.
+ * Each block carries its block number, a generation counter, the run's seed
+ * and a checksum, so stale data (an old generation), misplaced data (another
+ * block's number), torn data (checksum mismatch) and plain corruption are told
+ * apart. It also exercises flush (fdatasync), discard (BLKDISCARD) and
+ * write-zeroes (BLKZEROOUT, then every zeroed block must read back as zero),
+ * prints the disk's serial, and measures the longest gap between two
+ * completed I/Os: the guest-visible pause while the backend restarts.
+ *
+ * Output is line-oriented for the host test to parse, every line starting
+ * with "VMIG-GUEST: ". The last line is SUMMARY; the exit status is 0 only if
+ * there were no I/O errors, no bad blocks and the serial matched.
+ *
+ * The same static binary also runs on the host: "--scan FILE" checks that
+ * every block of a disk image is either all zero or a self-consistent
+ * pattern block at the right place. It does not trust the image: any content
+ * is handled, nothing in it is used as a size or an index.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <linux/fs.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define BLK_SIZE 4096u
+#define BLK_MAGIC 0x314b4c4247494d56ull /* "VMIGBLK1" little-endian */
+#define RANGE_BLOCKS 16u		/* discard / write-zeroes range: 64 KiB */
+
+/* Header at the start of every pattern block; the body follows, and the last
+ * 8 bytes of the block are a checksum over everything before them. */
+struct blk_hdr {
+	uint64_t magic;
+	uint64_t block;
+	uint64_t gen;
+	uint64_t seed;
+};
+
+struct opts {
+	const char *dev;
+	const char *scan;
+	const char *expect_serial;
+	uint64_t blocks;
+	uint64_t seconds;
+	uint64_t max_ops;
+	unsigned write_pct;
+	unsigned gap_report_ms;
+	unsigned progress_ms;
+	int features;
+};
+
+/* Expected content of each block of the region. gen 0 means all zero.
+ * loose[b] set: all zero is also acceptable (the block was discarded). */
+struct state {
+	uint64_t *gen;
+	uint8_t *loose;
+	uint64_t nblocks;
+	uint64_t seed;
+	int fd;
+	uint64_t t0_ns, last_done_ns, maxgap_ns, maxgap_at_ns;
+	uint64_t writes, reads, io_errors, bad_blocks, flushes, discards, zeroouts;
+	unsigned gap_report_ms;
+	uint8_t *buf, *expect;
+};
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t rng_state = 88172645463325252ull;
+
+static uint64_t xorshift64(uint64_t *s)
+{
+	uint64_t x = *s;
+
+	x ^= x << 13;
+	x ^= x >> 7;
+	x ^= x << 17;
+	*s = x;
+	return x;
+}
+
+static uint64_t checksum(const uint8_t *p, size_t len)
+{
+	uint64_t h = 1469598103934665603ull; /* FNV-1a, 64 bit */
+
+	for (size_t i = 0; i < len; i++) {
+		h ^= p[i];
+		h *= 1099511628211ull;
+	}
+	return h;
+}
+
+static void pattern_fill(uint8_t *p, uint64_t block, uint64_t gen, uint64_t seed)
+{
+	struct blk_hdr h = {BLK_MAGIC, block, gen, seed};
+	uint64_t s = seed ^ (block * 0x9e3779b97f4a7c15ull) ^ (gen * 0xc2b2ae3d27d4eb4full);
+	uint64_t sum;
+
+	if (s == 0)
+		s = 1;
+	memcpy(p, &h, sizeof(h));
+	for (size_t off = sizeof(h); off < BLK_SIZE - 8; off += 8) {
+		uint64_t v = xorshift64(&s);
+
+		memcpy(p + off, &v, 8);
+	}
+	sum = checksum(p, BLK_SIZE - 8);
+	memcpy(p + BLK_SIZE - 8, &sum, 8);
+}
+
+static int is_zero(const uint8_t *p, size_t len)
+{
+	for (size_t i = 0; i < len; i++)
+		if (p[i])
+			return 0;
+	return 1;
+}
+
+/* Names what is wrong with block content p that should have been (block, gen). */
+static const char *classify(const uint8_t *p, uint64_t block, uint64_t gen, uint64_t *seen_gen)
+{
+	struct blk_hdr h;
+	uint64_t sum;
+
+	memcpy(&h, p, sizeof(h));
+	memcpy(&sum, p + BLK_SIZE - 8, 8);
+	*seen_gen = h.gen;
+	if (is_zero(p, BLK_SIZE))
+		return "zero";
+	if (h.magic != BLK_MAGIC)
+		return "garbage";
+	if (sum != checksum(p, BLK_SIZE - 8))
+		return "torn";
+	if (h.block != block)
+		return "misplaced";
+	if (h.gen < gen)
+		return "stale";
+	if (h.gen > gen)
+		return "future";
+	return "corrupt";
+}
+
+static double ms_since(const struct state *st, uint64_t t)
+{
+	return (double)(t - st->t0_ns) / 1e6;
+}
+
+/* Called after every completed I/O: tracks the longest gap between two. */
+static void io_done(struct state *st)
+{
+	uint64_t t = now_ns();
+	uint64_t gap = t - st->last_done_ns;
+
+	if (gap > st->maxgap_ns) {
+		st->maxgap_ns = gap;
+		st->maxgap_at_ns = t;
+	}
+	if (st->gap_report_ms && gap >= (uint64_t)st->gap_report_ms * 1000000ull)
+		printf("VMIG-GUEST: GAP end_ms=%.1f gap_ms=%.1f\n", ms_since(st, t),
+		       (double)gap / 1e6);
+	st->last_done_ns = t;
+}
+
+static int write_block(struct state *st, uint64_t b)
+{
+	uint64_t gen = st->gen[b] + 1;
+	ssize_t n;
+
+	pattern_fill(st->buf, b, gen, st->seed);
+	n = pwrite(st->fd, st->buf, BLK_SIZE, (off_t)(b * BLK_SIZE));
+	io_done(st);
+	st->writes++;
+	if (n != (ssize_t)BLK_SIZE) {
+		st->io_errors++;
+		printf("VMIG-GUEST: IOERR write block=%" PRIu64 " ret=%zd errno=%d\n", b, n,
+		       n < 0 ? errno : 0);
+		/* The block's content is now unknown: accept the old or new data. */
+		st->loose[b] = 2;
+		st->gen[b] = gen;
+		return -1;
+	}
+	st->gen[b] = gen;
+	st->loose[b] = 0;
+	return 0;
+}
+
+static int verify_block(struct state *st, uint64_t b)
+{
+	uint64_t seen;
+	const char *kind;
+	ssize_t n = pread(st->fd, st->buf, BLK_SIZE, (off_t)(b * BLK_SIZE));
+
+	io_done(st);
+	st->reads++;
+	if (n != (ssize_t)BLK_SIZE) {
+		st->io_errors++;
+		printf("VMIG-GUEST: IOERR read block=%" PRIu64 " ret=%zd errno=%d\n", b, n,
+		       n < 0 ? errno : 0);
+		return -1;
+	}
+	if (st->loose[b] == 2)
+		return 0; /* after a failed write anything goes; already counted */
+	if (st->gen[b] == 0) {
+		if (is_zero(st->buf, BLK_SIZE))
+			return 0;
+	} else {
+		pattern_fill(st->expect, b, st->gen[b], st->seed);
+		if (memcmp(st->buf, st->expect, BLK_SIZE) == 0)
+			return 0;
+		if (st->loose[b] && is_zero(st->buf, BLK_SIZE))
+			return 0;
+	}
+	st->bad_blocks++;
+	kind = classify(st->buf, b, st->gen[b], &seen);
+	printf("VMIG-GUEST: BAD block=%" PRIu64 " expect_gen=%" PRIu64 " kind=%s seen_gen=%" PRIu64
+	       "\n",
+	       b, st->gen[b], kind, seen);
+	return -1;
+}
+
+static void do_flush(struct state *st)
+{
+	int rc = fdatasync(st->fd);
+
+	io_done(st);
+	st->flushes++;
+	if (rc) {
+		st->io_errors++;
+		printf("VMIG-GUEST: IOERR flush errno=%d\n", errno);
+	}
+}
+
+/* Discard a 64 KiB range: afterwards each block may read as zero or as its
+ * old content, so both are accepted until it is written again. */
+static void do_discard(struct state *st, uint64_t first)
+{
+	uint64_t range[2] = {first * BLK_SIZE, RANGE_BLOCKS * BLK_SIZE};
+
+	if (ioctl(st->fd, BLKDISCARD, range)) {
+		io_done(st);
+		st->io_errors++;
+		printf("VMIG-GUEST: IOERR discard errno=%d\n", errno);
+		return;
+	}
+	io_done(st);
+	st->discards++;
+	for (uint64_t b = first; b < first + RANGE_BLOCKS; b++) {
+		if (st->gen[b] && st->loose[b] != 2)
+			st->loose[b] = 1;
+		verify_block(st, b);
+	}
+}
+
+/* Write-zeroes a 64 KiB range: every block in it must then read as zero. */
+static void do_zeroout(struct state *st, uint64_t first)
+{
+	uint64_t range[2] = {first * BLK_SIZE, RANGE_BLOCKS * BLK_SIZE};
+
+	if (ioctl(st->fd, BLKZEROOUT, range)) {
+		io_done(st);
+		st->io_errors++;
+		printf("VMIG-GUEST: IOERR zeroout errno=%d\n", errno);
+		return;
+	}
+	io_done(st);
+	st->zeroouts++;
+	for (uint64_t b = first; b < first + RANGE_BLOCKS; b++) {
+		st->gen[b] = 0;
+		st->loose[b] = 0;
+		verify_block(st, b);
+	}
+}
+
+static void read_sysfs(const char *dev, const char *attr, char *out, size_t len)
+{
+	const char *name = strrchr(dev, '/') ? strrchr(dev, '/') + 1 : dev;
+	char path[256];
+	FILE *f;
+
+	snprintf(out, len, "?");
+	snprintf(path, sizeof(path), "/sys/block/%s/%s", name, attr);
+	f = fopen(path, "r");
+	if (!f)
+		return;
+	if (fgets(out, (int)len, f))
+		out[strcspn(out, "\n")] = '\0';
+	fclose(f);
+}
+
+static int print_device_info(const struct opts *o)
+{
+	char serial[128], wc[64], dmax[64], zmax[64];
+
+	read_sysfs(o->dev, "serial", serial, sizeof(serial));
+	read_sysfs(o->dev, "queue/write_cache", wc, sizeof(wc));
+	for (char *p = wc; *p; p++)
+		if (*p == ' ')
+			*p = '-'; /* "write back" -> one token */
+	read_sysfs(o->dev, "queue/discard_max_bytes", dmax, sizeof(dmax));
+	read_sysfs(o->dev, "queue/write_zeroes_max_bytes", zmax, sizeof(zmax));
+	printf("VMIG-GUEST: DEVICE dev=%s serial=%s write_cache=%s discard_max_bytes=%s "
+	       "write_zeroes_max_bytes=%s\n",
+	       o->dev, serial, wc, dmax, zmax);
+	if (o->expect_serial && strcmp(serial, o->expect_serial) != 0) {
+		printf("VMIG-GUEST: SERIAL-MISMATCH want=%s got=%s\n", o->expect_serial, serial);
+		return -1;
+	}
+	return 0;
+}
+
+static void progress(struct state *st, uint64_t t)
+{
+	printf("VMIG-GUEST: PROGRESS t_ms=%.0f writes=%" PRIu64 " reads=%" PRIu64
+	       " io_errors=%" PRIu64 " bad_blocks=%" PRIu64 " maxgap_ms=%.1f\n",
+	       ms_since(st, t), st->writes, st->reads, st->io_errors, st->bad_blocks,
+	       (double)st->maxgap_ns / 1e6);
+	fflush(stdout);
+}
+
+/* Random writes and read-verifies (plus the special operations every 2 s
+ * with --features) until the time or operation budget is used up. */
+static void main_loop(struct state *st, const struct opts *o)
+{
+	uint64_t end = st->t0_ns + o->seconds * 1000000000ull;
+	uint64_t next_progress = st->t0_ns, next_special = st->t0_ns + 2000000000ull;
+	uint64_t ops = 0, special = 0;
+
+	printf("VMIG-GUEST: READY blocks=%" PRIu64 " seed=%" PRIu64 "\n", st->nblocks, st->seed);
+	fflush(stdout);
+	for (;;) {
+		uint64_t t = now_ns();
+		uint64_t b = xorshift64(&rng_state) % st->nblocks;
+
+		if (t >= end || (o->max_ops && ops >= o->max_ops))
+			break;
+		if (t >= next_progress) {
+			progress(st, t);
+			next_progress = t + (uint64_t)o->progress_ms * 1000000ull;
+		}
+		if (o->features && t >= next_special && st->nblocks >= 2 * RANGE_BLOCKS) {
+			uint64_t first = (b / RANGE_BLOCKS) * RANGE_BLOCKS;
+
+			if (first + RANGE_BLOCKS > st->nblocks)
+				first = 0;
+			if (special % 3 == 0)
+				do_flush(st);
+			else if (special % 3 == 1)
+				do_discard(st, first);
+			else
+				do_zeroout(st, first);
+			special++;
+			next_special = t + 2000000000ull;
+		}
+		if (xorshift64(&rng_state) % 100 < o->write_pct) {
+			if (write_block(st, b) == 0 && o->write_pct < 100)
+				verify_block(st, b); /* read-after-write, same block */
+		} else {
+			verify_block(st, b);
+		}
+		ops++;
+	}
+}
+
+static int run_device(const struct opts *o)
+{
+	struct state st = {0};
+	uint64_t size = 0;
+	int rc = 1, serial_bad;
+
+	serial_bad = print_device_info(o);
+	st.fd = open(o->dev, O_RDWR | O_DIRECT);
+	if (st.fd < 0 || ioctl(st.fd, BLKGETSIZE64, &size)) {
+		printf("VMIG-GUEST: ERROR open %s: %s\n", o->dev, strerror(errno));
+		goto out;
+	}
+	st.nblocks = size / BLK_SIZE < o->blocks ? size / BLK_SIZE : o->blocks;
+	if (st.nblocks == 0) {
+		printf("VMIG-GUEST: ERROR device too small\n");
+		goto out;
+	}
+	st.gen = calloc(st.nblocks, sizeof(*st.gen));
+	st.loose = calloc(st.nblocks, 1);
+	if (!st.gen || !st.loose || posix_memalign((void **)&st.buf, BLK_SIZE, BLK_SIZE) ||
+	    posix_memalign((void **)&st.expect, BLK_SIZE, BLK_SIZE)) {
+		printf("VMIG-GUEST: ERROR out of memory\n");
+		goto out;
+	}
+	st.gap_report_ms = o->gap_report_ms;
+	st.seed = now_ns() | 1;
+	rng_state ^= st.seed;
+	st.t0_ns = st.last_done_ns = now_ns();
+	main_loop(&st, o);
+	do_flush(&st);
+	/* Final pass: every block of the region, in order. */
+	for (uint64_t b = 0; b < st.nblocks; b++)
+		verify_block(&st, b);
+	progress(&st, now_ns());
+	printf("VMIG-GUEST: SUMMARY writes=%" PRIu64 " reads=%" PRIu64 " flushes=%" PRIu64
+	       " discards=%" PRIu64 " zeroouts=%" PRIu64 " io_errors=%" PRIu64
+	       " bad_blocks=%" PRIu64 " maxgap_ms=%.1f maxgap_end_ms=%.0f serial_ok=%d\n",
+	       st.writes, st.reads, st.flushes, st.discards, st.zeroouts, st.io_errors,
+	       st.bad_blocks, (double)st.maxgap_ns / 1e6, ms_since(&st, st.maxgap_at_ns),
+	       !serial_bad);
+	rc = (st.io_errors || st.bad_blocks || serial_bad) ? 1 : 0;
+out:
+	if (st.fd >= 0)
+		close(st.fd);
+	free(st.gen);
+	free(st.loose);
+	free(st.buf);
+	free(st.expect);
+	return rc;
+}
+
+/* Host-side check of an image: every block zero or a valid pattern block. */
+static int run_scan(const char *path)
+{
+	uint64_t zero = 0, good = 0, bad = 0, max_gen = 0, seen;
+	uint8_t buf[BLK_SIZE];
+	int fd = open(path, O_RDONLY);
+
+	if (fd < 0) {
+		printf("VMIG-GUEST: ERROR open %s: %s\n", path, strerror(errno));
+		return 1;
+	}
+	for (uint64_t b = 0;; b++) {
+		struct blk_hdr h;
+		uint64_t sum;
+		ssize_t n = pread(fd, buf, BLK_SIZE, (off_t)(b * BLK_SIZE));
+
+		if (n == 0)
+			break;
+		if (n != (ssize_t)BLK_SIZE) {
+			printf("VMIG-GUEST: ERROR short read at block %" PRIu64 "\n", b);
+			bad++;
+			break;
+		}
+		memcpy(&h, buf, sizeof(h));
+		memcpy(&sum, buf + BLK_SIZE - 8, 8);
+		if (is_zero(buf, BLK_SIZE)) {
+			zero++;
+		} else if (h.magic == BLK_MAGIC && h.block == b && sum == checksum(buf, BLK_SIZE - 8)) {
+			good++;
+			max_gen = h.gen > max_gen ? h.gen : max_gen;
+		} else {
+			if (bad < 20)
+				printf("VMIG-GUEST: BAD block=%" PRIu64 " kind=%s\n", b,
+				       classify(buf, b, h.gen, &seen));
+			bad++;
+		}
+	}
+	close(fd);
+	printf("VMIG-GUEST: SCAN zero=%" PRIu64 " pattern=%" PRIu64 " bad=%" PRIu64
+	       " max_gen=%" PRIu64 "\n",
+	       zero, good, bad, max_gen);
+	return bad ? 1 : 0;
+}
+
+static void usage(void)
+{
+	printf("usage: blkcheck [--dev /dev/vda] [--blocks N] [--seconds S] [--ops N]\n"
+	       "                [--write-pct P] [--features] [--serial ID] [--gap-ms MS]\n"
+	       "                [--progress-ms MS]\n"
+	       "       blkcheck --scan IMAGE\n");
+}
+
+static int parse_args(int argc, char **argv, struct opts *o)
+{
+	for (int i = 1; i < argc; i++) {
+		const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+
+		if (!strcmp(a, "--features")) {
+			o->features = 1;
+			continue;
+		}
+		if (!v)
+			return -1;
+		i++;
+		if (!strcmp(a, "--dev"))
+			o->dev = v;
+		else if (!strcmp(a, "--scan"))
+			o->scan = v;
+		else if (!strcmp(a, "--serial"))
+			o->expect_serial = v;
+		else if (!strcmp(a, "--blocks"))
+			o->blocks = strtoull(v, NULL, 0);
+		else if (!strcmp(a, "--seconds"))
+			o->seconds = strtoull(v, NULL, 0);
+		else if (!strcmp(a, "--ops"))
+			o->max_ops = strtoull(v, NULL, 0);
+		else if (!strcmp(a, "--write-pct"))
+			o->write_pct = (unsigned)strtoul(v, NULL, 0);
+		else if (!strcmp(a, "--gap-ms"))
+			o->gap_report_ms = (unsigned)strtoul(v, NULL, 0);
+		else if (!strcmp(a, "--progress-ms"))
+			o->progress_ms = (unsigned)strtoul(v, NULL, 0);
+		else
+			return -1;
+	}
+	if (o->write_pct > 100 || o->blocks == 0 || o->progress_ms == 0)
+		return -1;
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	struct opts o = {
+		.dev = "/dev/vda",
+		.blocks = 8192,
+		.seconds = 20,
+		.write_pct = 70,
+		.gap_report_ms = 100,
+		.progress_ms = 1000,
+	};
+
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	if (parse_args(argc, argv, &o)) {
+		usage();
+		return 2;
+	}
+	if (o.scan)
+		return run_scan(o.scan);
+	return run_device(&o);
+}
