@@ -1,0 +1,446 @@
+# SPDX-License-Identifier: MIT
+"""Shared harness for the vmig-blk interop tests: real QEMU 7.2 (TCG) with a
+Linux guest whose disk is a vhost-user-blk backend.
+
+It starts and always reaps the processes a test needs (the backend under test,
+QEMU), builds or reuses the cached test guest (tests/interop/guest/build.sh),
+talks QMP and the backend's JSON-RPC, and parses the guest's "VMIG-GUEST:"
+lines. Results are printed as "PASS: name" / "FAIL: name: reason".
+
+The backend is vmig-blk unless VBLK_BACKEND=qsd selects qemu-storage-daemon,
+the reference implementation of the same protocol (used to validate the
+harness itself). Everything lives in a fresh mktemp directory, removed when
+all cases passed and kept (its path printed) when one failed. Only the
+Python 3 standard library is used.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GUEST_BUILD = os.path.join(HERE, "..", "guest", "build.sh")
+QSD_SERIAL = "vhost_user_blk"  # what qemu-storage-daemon 7.2 answers to GET_ID
+
+
+class Fail(Exception):
+    """A setup step failed: the current case (and what depends on it) fails."""
+
+
+def find_vmig_blk(build_dir):
+    for rel in ("vmig-blk", "tools/vmig-blk/vmig-blk"):
+        p = os.path.join(build_dir, rel)
+        if os.access(p, os.X_OK) and os.path.isfile(p):
+            return p
+    return None
+
+
+class Proc:
+    """A child process with its output in a log file; killed by pid only."""
+
+    def __init__(self, env, name, argv):
+        self.name, self.argv, self.env = name, argv, env
+        self.log = os.path.join(env.tmp, name + ".log")
+        self.p = None
+
+    def start(self):
+        out = open(self.log, "ab")
+        try:
+            self.p = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            out.close()
+        return self
+
+    @property
+    def pid(self):
+        return self.p.pid if self.p else None
+
+    def alive(self):
+        return self.p is not None and self.p.poll() is None
+
+    def kill9(self):
+        if self.alive():
+            self.p.send_signal(signal.SIGKILL)
+        if self.p is not None:
+            try:
+                self.p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def stop(self, grace_s=2.0):
+        if not self.alive():
+            return
+        self.p.send_signal(signal.SIGTERM)
+        try:
+            self.p.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            self.kill9()
+
+    def text(self):
+        try:
+            with open(self.log, "r", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+
+class Backend:
+    """The vhost-user-blk server under test, restartable with identical args."""
+
+    def __init__(self, env, name, sock, image, serial):
+        self.env, self.sock, self.image, self.serial = env, sock, image, serial
+        self.rpc = sock + ".rpc"
+        self.kind = env.backend_kind
+        if self.kind == "qsd":
+            # locking=off: two daemons share one image in the migration test.
+            argv = ["qemu-storage-daemon",
+                    "--blockdev", "driver=file,node-name=file,filename=%s,locking=off" % image,
+                    "--blockdev", "driver=raw,node-name=raw,file=file",
+                    "--export", "type=vhost-user-blk,id=exp,node-name=raw,addr.type=unix,"
+                    "addr.path=%s,writable=on" % sock]
+            self.serial = QSD_SERIAL
+        else:
+            argv = [env.vmig_blk, "--socket", sock, "--file", image, "--rpc", self.rpc,
+                    "--serial", serial, "--quiet"]
+        self.proc = Proc(env, name, argv)
+        env.procs.append(self.proc)
+        self.starts = 0
+
+    def _sock_ino(self):
+        # Inode numbers get reused after an unlink, so the change time too.
+        try:
+            st = os.stat(self.sock)
+            return (st.st_ino, st.st_ctime_ns)
+        except OSError:
+            return None
+
+    def start(self, timeout_s=10.0):
+        """Starts (or restarts) it and waits until its socket is a new inode:
+        connecting to probe would count as a front-end connection."""
+        old = self._sock_ino()
+        self.proc.start()
+        self.starts += 1
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            ino = self._sock_ino()
+            if ino is not None and ino != old:
+                return self
+            if not self.proc.alive():
+                raise Fail("%s exited at start: %s" % (self.kind, self.proc.text()[-400:]))
+            time.sleep(0.02)
+        raise Fail("%s socket %s did not appear in %.0fs" % (self.kind, self.sock, timeout_s))
+
+    def kill9(self):
+        self.proc.kill9()
+
+    def rpc_call(self, method, params=None, timeout_s=10.0):
+        """JSON-RPC 2.0 over the backend's unix socket; returns 'result'."""
+        req = {"jsonrpc": "2.0", "id": 1, "method": method}
+        if params is not None:
+            req["params"] = params
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout_s)
+        try:
+            s.connect(self.rpc)
+            s.sendall(json.dumps(req).encode() + b"\n")
+            buf = b""
+            dec = json.JSONDecoder()
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                try:
+                    obj, _ = dec.raw_decode(buf.decode(errors="replace").strip())
+                    break
+                except ValueError:
+                    continue
+            else:
+                raise Fail("rpc %s: timeout" % method)
+            obj = json.loads(buf.decode(errors="replace").strip())
+        except (OSError, ValueError) as e:
+            raise Fail("rpc %s: %s" % (method, e))
+        finally:
+            s.close()
+        if "error" in obj:
+            raise Fail("rpc %s: error %s" % (method, obj["error"]))
+        return obj.get("result")
+
+
+def find_key(obj, key):
+    """First value of key anywhere in a JSON structure, or None."""
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj[key]
+        obj = list(obj.values())
+    if isinstance(obj, list):
+        for v in obj:
+            r = find_key(v, key)
+            if r is not None:
+                return r
+    return None
+
+
+class Qmp:
+    """Minimal QMP client: one JSON object per line, events skipped."""
+
+    def __init__(self, path, timeout_s=20.0):
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.s.settimeout(timeout_s)
+                self.s.connect(path)
+                break
+            except OSError:
+                self.s.close()
+                if time.monotonic() > deadline:
+                    raise Fail("QMP socket %s not reachable" % path)
+                time.sleep(0.1)
+        self.f = self.s.makefile("rwb")
+        self._read()  # greeting
+        self.cmd("qmp_capabilities")
+
+    def _read(self):
+        line = self.f.readline()
+        if not line:
+            raise Fail("QMP connection closed")
+        return json.loads(line)
+
+    def cmd(self, name, **args):
+        msg = {"execute": name}
+        if args:
+            msg["arguments"] = args
+        self.f.write(json.dumps(msg).encode() + b"\n")
+        self.f.flush()
+        for _ in range(1000):
+            r = self._read()
+            if "return" in r:
+                return r["return"]
+            if "error" in r:
+                raise Fail("QMP %s: %s" % (name, r["error"].get("desc", r["error"])))
+        raise Fail("QMP %s: no reply" % name)
+
+    def close(self):
+        try:
+            self.f.close()
+            self.s.close()
+        except OSError:
+            pass
+
+
+class Guest:
+    """One QEMU running the test guest on a vhost-user-blk socket."""
+
+    def __init__(self, env, name, sock, guest_args, incoming=False, mem_mb=256):
+        self.env, self.name = env, name
+        self.serial_log = os.path.join(env.tmp, name + ".serial")
+        self.qmp_path = os.path.join(env.tmp, name + ".qmp")
+        append = "console=ttyS0 quiet panic=-1 vmig.test=blkcheck vmig.args=" + \
+            ",".join(str(a) for a in guest_args)
+        argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", "%dM" % mem_mb,
+                "-object", "memory-backend-memfd,id=mem,size=%dM,share=on" % mem_mb,
+                "-numa", "node,memdev=mem",
+                "-kernel", env.kernel, "-initrd", env.initrd, "-append", append,
+                "-display", "none", "-nodefaults", "-serial", "file:" + self.serial_log,
+                "-no-reboot", "-qmp", "unix:%s,server=on,wait=off" % self.qmp_path,
+                "-chardev", "socket,id=c0,path=%s,reconnect=1" % sock,
+                "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"]
+        if incoming:
+            argv += ["-incoming", "defer"]
+        self.proc = Proc(env, name, argv)
+        env.procs.append(self.proc)
+        self.qmp = None
+
+    def start(self):
+        self.proc.start()
+        self.qmp = Qmp(self.qmp_path)
+        self.env.qmps.append(self.qmp)
+        return self
+
+    def serial(self):
+        try:
+            with open(self.serial_log, "r", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def wait_line(self, pattern, timeout_s):
+        """Waits for a serial line matching the regex; returns the match."""
+        rx = re.compile(pattern, re.M)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            m = rx.search(self.serial())
+            if m:
+                return m
+            if not self.proc.alive():
+                m = rx.search(self.serial())
+                if m:
+                    return m
+                raise Fail("QEMU %s exited before '%s': %s" %
+                           (self.name, pattern, self.proc.text()[-300:].strip()))
+            time.sleep(0.1)
+        raise Fail("timeout (%.0fs) waiting for '%s' on %s" % (timeout_s, pattern, self.name))
+
+    def result(self, timeout_s):
+        """Waits for the guest's RESULT line and its powering off."""
+        m = self.wait_line(r"^VMIG-GUEST: RESULT (.*)$", timeout_s)
+        return m.group(1).strip()
+
+    def last_progress(self):
+        return parse_kv_lines(self.serial(), "PROGRESS")[-1:] or [{}]
+
+
+def parse_kv_lines(text, tag):
+    """All 'VMIG-GUEST: TAG k=v ...' lines of text as dicts of strings."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("VMIG-GUEST: " + tag + " "):
+            out.append(dict(kv.split("=", 1) for kv in line.split()[2:] if "=" in kv))
+    return out
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Env:
+    """Per-test environment: temp dir, processes, result bookkeeping."""
+
+    def __init__(self, test_name):
+        if len(sys.argv) != 2 or not os.path.isabs(sys.argv[1]):
+            print("usage: %s BUILD_DIR (absolute)" % sys.argv[0], file=sys.stderr)
+            sys.exit(2)
+        self.build_dir = sys.argv[1]
+        self.test_name = test_name
+        self.backend_kind = os.environ.get("VBLK_BACKEND", "vmig-blk")
+        self.tmp = tempfile.mkdtemp(prefix="vblk-%s." % test_name)
+        self.procs, self.qmps = [], []
+        self.failed = 0
+        self.vmig_blk = None
+        self.kernel = self.initrd = self.blkcheck = None
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        raise SystemExit(128 + signum)
+
+    def case(self, name, ok, reason=""):
+        if ok:
+            print("PASS: %s" % name, flush=True)
+        else:
+            self.failed += 1
+            print("FAIL: %s: %s" % (name, reason or "failed"), flush=True)
+        return ok
+
+    def info(self, text):
+        print("# " + text, flush=True)
+
+    def prepare(self):
+        """Checks tools, builds the guest; raises Fail with the reason."""
+        for tool in ("qemu-system-x86_64", "gcc", "cpio"):
+            if shutil.which(tool) is None:
+                raise Fail("%s not installed (scripts/install-deps.sh)" % tool)
+        if self.backend_kind == "qsd":
+            if shutil.which("qemu-storage-daemon") is None:
+                raise Fail("qemu-storage-daemon not installed")
+        elif self.backend_kind == "vmig-blk":
+            self.vmig_blk = find_vmig_blk(self.build_dir)
+            if self.vmig_blk is None:
+                raise Fail("no vmig-blk binary in %s" % self.build_dir)
+        else:
+            raise Fail("VBLK_BACKEND=%s: want vmig-blk or qsd" % self.backend_kind)
+        r = subprocess.run([GUEST_BUILD, os.path.join(self.build_dir, "interop-guest")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=600)
+        if r.returncode != 0:
+            raise Fail("guest build failed: %s" % r.stderr.decode(errors="replace")[-400:])
+        gdir = r.stdout.decode().strip().splitlines()[-1]
+        with open(os.path.join(gdir, "kernel")) as f:
+            self.kernel = f.read().strip()
+        self.initrd = os.path.join(gdir, "initramfs.cpio.gz")
+        self.blkcheck = os.path.join(gdir, "blkcheck")
+        self.info("backend=%s tmp=%s" % (self.backend_kind, self.tmp))
+
+    def image(self, name="disk.img", size_mb=64):
+        path = os.path.join(self.tmp, name)
+        with open(path, "wb") as f:
+            f.truncate(size_mb << 20)
+        return path
+
+    def backend(self, name, sock, image, serial="vmig-test-disk"):
+        return Backend(self, name, sock, image, serial)
+
+    def scan_image(self, image):
+        """Host-side check: every block zero or a valid, well-placed pattern."""
+        r = subprocess.run([self.blkcheck, "--scan", image], stdout=subprocess.PIPE,
+                           timeout=120)
+        out = r.stdout.decode(errors="replace")
+        scan = parse_kv_lines(out, "SCAN")
+        return r.returncode, (scan[0] if scan else {}), out
+
+    def check_summary(self, guest, result, min_writes=1):
+        """The standard cases on a finished guest run."""
+        text = guest.serial()
+        summ = parse_kv_lines(text, "SUMMARY")
+        s = summ[-1] if summ else {}
+        self.case("guest_result_ok", result == "ok", "guest said RESULT %s" % result)
+        self.case("zero_io_errors", s.get("io_errors") == "0",
+                  "io_errors=%s; %s" % (s.get("io_errors"), first_lines(text, "IOERR")))
+        self.case("zero_bad_blocks", s.get("bad_blocks") == "0",
+                  "bad_blocks=%s; %s" % (s.get("bad_blocks"), first_lines(text, "BAD")))
+        writes = int(s.get("writes", "0"))
+        self.case("guest_did_io", writes >= min_writes,
+                  "only %d writes (want >= %d)" % (writes, min_writes))
+        return s
+
+    def finish(self):
+        for q in self.qmps:
+            q.close()
+        for p in reversed(self.procs):
+            p.stop()
+        if self.failed == 0:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        else:
+            self.info("logs kept in %s" % self.tmp)
+            for p in self.procs:
+                tail = p.text()[-1500:].strip()
+                if tail:
+                    print("# --- %s (%s) ---" % (p.name, p.log), file=sys.stderr)
+                    print(tail, file=sys.stderr)
+        return 1 if self.failed else 0
+
+
+def first_lines(text, tag, n=3):
+    lines = [l for l in text.splitlines() if l.startswith("VMIG-GUEST: " + tag)]
+    return " | ".join(lines[:n])
+
+
+def run(test_name, body):
+    """Runs body(env) and exits with the result; a Fail aborts the test
+    as one failed case named 'setup' (or whatever body was doing)."""
+    env = Env(test_name)
+    try:
+        env.prepare()
+        body(env)
+    except Fail as e:
+        env.case(getattr(e, "case", "setup"), False, str(e))
+    except SystemExit:
+        env.case("interrupted", False, "signal")
+    except Exception as e:  # a harness bug still must not leak processes
+        env.case("harness", False, "%s: %s" % (type(e).__name__, e))
+    finally:
+        rc = env.finish()
+    sys.exit(rc)
