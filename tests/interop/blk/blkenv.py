@@ -406,11 +406,31 @@ class Env:
                   "only %d writes (want >= %d)" % (writes, min_writes))
         return s
 
+    def _reap_strays(self):
+        """A live upgrade replaces the daemon with a process we did not spawn
+        directly; it (and anything else left) is found by our unique temp
+        dir on its command line and killed by pid."""
+        me = os.getpid()
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit() or int(pid) == me:
+                continue
+            try:
+                with open("/proc/%s/cmdline" % pid, "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if any(self.tmp.encode() in a for a in argv):
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except OSError:
+                    pass
+
     def finish(self):
         for q in self.qmps:
             q.close()
         for p in reversed(self.procs):
             p.stop()
+        self._reap_strays()
         if self.failed == 0:
             shutil.rmtree(self.tmp, ignore_errors=True)
         else:
