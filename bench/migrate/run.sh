@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: MIT
+# Migration benchmark: vmig-vm vs QEMU vs one raw loopback TCP stream, all
+# moving the same idle guest filled with random data. Builds its two small C
+# helpers, makes sure the cached fill file exists with the right size, then
+# hands over to bench_migrate.py, which starts, measures and tears down every
+# VM. Prints a table; with --record (or BENCH_RECORD=1) it also rewrites the
+# migrate section of docs/benchmarks.md.
+#
+# Usage: bench/migrate/run.sh BUILD_DIR [--record]
+# Environment (all optional):
+#   BENCH_RUNS=3            runs per engine (medians are reported)
+#   BENCH_MEM=4G            guest RAM size
+#   BENCH_FILL_FILE=PATH    cached random file (default /var/tmp/vmig-bench-<MEM>.bin)
+#   BENCH_SCENARIOS=precopy-1ch   comma-separated scenarios
+#   BENCH_RUNTIMES=qemu,vmig      comma-separated engines (raw TCP always runs)
+#   BENCH_TIMEOUT=600       seconds allowed per migration
+#   BENCH_RECORD=1          same as --record
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/../.." && pwd)
+
+if [ $# -lt 1 ]; then
+	echo "usage: $0 BUILD_DIR [--record]" >&2
+	exit 2
+fi
+build_dir=$(cd "$1" && pwd)
+shift
+record=${BENCH_RECORD:-0}
+for arg in "$@"; do
+	case "$arg" in
+	--record) record=1 ;;
+	*) echo "$0: unknown argument $arg" >&2; exit 2 ;;
+	esac
+done
+
+mem=${BENCH_MEM:-4G}
+runs=${BENCH_RUNS:-3}
+fill=${BENCH_FILL_FILE:-/var/tmp/vmig-bench-$mem.bin}
+mem_bytes=$(python3 -c '
+import sys
+s = sys.argv[1].upper()
+m = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+print(int(float(s[:-1]) * m[s[-1]]) if s[-1] in m else int(s))' "$mem")
+
+for tool in cc python3 qemu-system-x86_64; do
+	if ! command -v "$tool" >/dev/null; then
+		echo "bench/migrate: $tool not found (run scripts/install-deps.sh)" >&2
+		exit 1
+	fi
+done
+
+# The helpers are tiny: build them every time, so a stale binary never runs.
+bin_dir="$build_dir/bench/migrate"
+mkdir -p "$bin_dir"
+cflags=(-O2 -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wmissing-prototypes)
+cc "${cflags[@]}" -o "$bin_dir/fill_random" "$here/fill_random.c"
+cc "${cflags[@]}" -pthread -o "$bin_dir/tcp_raw" "$here/tcp_raw.c"
+
+# The fill file is only read before the measured window (QEMU prealloc,
+# vmig-vm --fill), so it may live on disk; /var/tmp keeps it from pinning
+# RAM between runs the way a tmpfs copy would.
+have=$(stat -c %s "$fill" 2>/dev/null || echo 0)
+if [ "$have" != "$mem_bytes" ]; then
+	echo "bench/migrate: writing $mem_bytes random bytes to $fill"
+	mkdir -p "$(dirname "$fill")"
+	"$bin_dir/fill_random" "$fill" "$mem_bytes"
+fi
+
+results="$root/bench/results/migrate-$(date +%Y%m%d-%H%M%S)"
+mkdir -p "$results"
+args=(--build-dir "$build_dir" --mem "$mem" --runs "$runs" --fill-file "$fill"
+      --tcp-raw "$bin_dir/tcp_raw" --results-dir "$results"
+      --scenarios "${BENCH_SCENARIOS:-precopy-1ch}" --runtimes "${BENCH_RUNTIMES:-qemu,vmig}"
+      --timeout "${BENCH_TIMEOUT:-600}")
+cmd="BENCH_RUNS=$runs BENCH_MEM=$mem make bench"
+if [ "$record" = 1 ]; then
+	doc="$root/docs/benchmarks.md"
+	if [ ! -f "$doc" ]; then
+		echo "bench/migrate: $doc is missing" >&2
+		exit 1
+	fi
+	args+=(--record "$doc")
+	cmd="BENCH_RUNS=$runs BENCH_MEM=$mem BENCH_RECORD=1 make bench"
+fi
+
+# The Python harness owns the VMs and kills them on exit, on Ctrl-C
+# (SIGINT reaches the whole foreground group) and on SIGTERM/SIGHUP, which
+# this trap forwards because the harness runs as a background child here.
+py_pid=
+forward() {
+	[ -n "$py_pid" ] && kill -TERM "$py_pid" 2>/dev/null
+	wait "$py_pid" 2>/dev/null
+	exit 130
+}
+trap forward TERM HUP INT
+python3 "$here/bench_migrate.py" "${args[@]}" --command "$cmd" &
+py_pid=$!
+set +e
+wait "$py_pid"
+rc=$?
+set -e
+trap - TERM HUP INT
+echo "bench/migrate: raw results in $results"
+exit $rc
