@@ -1,0 +1,500 @@
+// SPDX-License-Identifier: MIT
+/*
+ * The QMP commands of vmig-vm, with QEMU's names, arguments and reply
+ * shapes, driving the VM (vm.h) and its libvmig session (vmig.h).
+ *
+ * Threat model: arguments come from an untrusted client. The dispatcher
+ * checks them against each command's table (names, types, required) before
+ * a handler runs; handlers then validate values (capability and parameter
+ * names, ranges) before anything is changed, so a bad request changes
+ * nothing. Runs on the QMP thread only.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <vmig/vmig.h>
+
+#include "qmp_int.h"
+#include "vm.h"
+
+static int fail(struct qmp_cmd_ctx *ctx, int ret, const char *what)
+{
+	const char *detail = ctx->vm ? vmig_session_error(vm_session(ctx->vm)) : "";
+
+	if (detail && *detail)
+		vmig__err_set(&ctx->err, "%s: %s", what, detail);
+	else
+		vmig__err_set(&ctx->err, "%s: %s", what, strerror(ret < 0 ? -ret : EINVAL));
+	return ret < 0 ? ret : -EINVAL;
+}
+
+static int unsupported(struct qmp_cmd_ctx *ctx, const char *what)
+{
+	vmig__err_set(&ctx->err, "%s is not supported by this migration engine yet", what);
+	return -EOPNOTSUPP;
+}
+
+static bool name_in(const char *const *names, const char *name)
+{
+	for (; names && *names; names++)
+		if (!strcmp(*names, name))
+			return true;
+	return false;
+}
+
+/* ---- run state ---- */
+
+static int cmd_qmp_capabilities(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	/* Handled by the dispatcher, which knows the client; listed for query-commands. */
+	vmig__err_set(&ctx->err, "Capabilities negotiation is already complete, command ignored");
+	ctx->err_class = "CommandNotFound";
+	return -EINVAL;
+}
+
+static int cmd_query_status(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	enum vm_runstate rs = vm_get_runstate(ctx->vm);
+
+	ctx->ret = json_pack("{s:b,s:b,s:s}", "running", vm_is_running(ctx->vm), "singlestep", 0,
+			     "status", vm_runstate_name(rs));
+	return ctx->ret ? 0 : -ENOMEM;
+}
+
+static int cmd_stop(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	int ret = vm_stop(ctx->vm);
+
+	if (ret) {
+		vmig__err_set(&ctx->err, "stop: %s", strerror(-ret));
+		return ret;
+	}
+	return 0;
+}
+
+static int cmd_cont(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	int ret = vm_cont(ctx->vm);
+
+	if (ret) {
+		vmig__err_set(&ctx->err, "cont is not possible in state '%s': %s",
+			      vm_runstate_name(vm_get_runstate(ctx->vm)), strerror(-ret));
+		return ret;
+	}
+	return 0;
+}
+
+static int cmd_quit(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	qmp_server_request_quit(ctx->srv);
+	return 0;
+}
+
+/* ---- migration ---- */
+
+static const struct json_arg_spec migrate_args[] = {
+	{"uri", JA_STR, true}, {"detach", JA_BOOL, false}, {"blk", JA_BOOL, false},
+	{"inc", JA_BOOL, false}, {"resume", JA_BOOL, false}, {NULL}};
+
+static int cmd_migrate(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	int ret;
+
+	if (json_arg_bool(args, "blk", false) || json_arg_bool(args, "inc", false)) {
+		vmig__err_set(&ctx->err, "Block migration (blk, inc) is not supported by vmig");
+		return -EOPNOTSUPP;
+	}
+	if (json_arg_bool(args, "resume", false))
+		return unsupported(ctx, "Resuming a paused post-copy migration");
+	ret = vmig_migrate(vm_session(ctx->vm), json_arg_str(args, "uri", ""));
+	return ret ? fail(ctx, ret, "migrate") : 0;
+}
+
+static const struct json_arg_spec uri_args[] = {{"uri", JA_STR, true}, {NULL}};
+
+static int cmd_migrate_incoming(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	enum vm_runstate rs = vm_get_runstate(ctx->vm);
+	int ret;
+
+	/* Loading RAM into a VM that already runs (or ran) would destroy it. */
+	if (rs != VM_RS_INMIGRATE && rs != VM_RS_PRELAUNCH) {
+		vmig__err_set(&ctx->err,
+			      "migrate-incoming needs a VM started with --incoming defer (state is "
+			      "'%s')",
+			      vm_runstate_name(rs));
+		return -EINVAL;
+	}
+	ret = vmig_incoming(vm_session(ctx->vm), json_arg_str(args, "uri", ""));
+	return ret ? fail(ctx, ret, "migrate-incoming") : 0;
+}
+
+static int cmd_migrate_cancel(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	int ret = vmig_cancel(vm_session(ctx->vm));
+
+	return ret ? fail(ctx, ret, "migrate_cancel") : 0;
+}
+
+static int cmd_start_postcopy(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	return unsupported(ctx, "migrate-start-postcopy");
+}
+
+static int cmd_migrate_pause(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	return unsupported(ctx, "migrate-pause");
+}
+
+static int cmd_migrate_recover(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	return unsupported(ctx, "migrate-recover");
+}
+
+
+static int cmd_query_migrate(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	struct vmig_stats st;
+	int ret;
+
+	memset(&st, 0, sizeof(st));
+	ret = vmig_query(vm_session(ctx->vm), &st);
+	if (ret)
+		return fail(ctx, ret, "query-migrate");
+	ctx->ret = qmp_stats_to_json(&st);
+	return ctx->ret ? 0 : -ENOMEM;
+}
+
+/* ---- capabilities and parameters ---- */
+
+static const struct json_arg_spec set_caps_args[] = {{"capabilities", JA_ARRAY, true}, {NULL}};
+
+/* Validate every element before changing anything, as QEMU does. */
+static int check_caps(struct qmp_cmd_ctx *ctx, const json_t *list)
+{
+	static const struct json_arg_spec elem[] = {
+		{"capability", JA_STR, true}, {"state", JA_BOOL, true}, {NULL}};
+	size_t i;
+	json_t *v;
+
+	json_array_foreach((json_t *)list, i, v) {
+		const char *name;
+
+		if (!json_is_object(v)) {
+			vmig__err_set(&ctx->err, "Invalid parameter type for 'capabilities[%zu]', "
+						 "expected: object",
+				      i);
+			return -EINVAL;
+		}
+		if (json_args_check(v, elem, &ctx->err))
+			return -EINVAL;
+		name = json_arg_str(v, "capability", "");
+		if (!name_in(vmig_capability_names(), name)) {
+			vmig__err_set(&ctx->err, "Parameter 'capability' does not accept value '%.200s'",
+				      name);
+			return -EINVAL;
+		}
+	}
+	return 0;
+}
+
+static int cmd_set_caps(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	const json_t *list = json_object_get(args, "capabilities");
+	size_t i;
+	json_t *v;
+	int ret;
+
+	ret = check_caps(ctx, list);
+	if (ret)
+		return ret;
+	json_array_foreach((json_t *)list, i, v) {
+		const char *name = json_arg_str(v, "capability", "");
+
+		ret = vmig_capability_set(vm_session(ctx->vm), name, json_arg_bool(v, "state", 0));
+		if (ret) {
+			vmig__err_set(&ctx->err, "Cannot set capability '%.100s': %.120s", name,
+				      ret == -EBUSY ? "not while a migration is running"
+						    : strerror(-ret));
+			return ret;
+		}
+	}
+	return 0;
+}
+
+static int cmd_query_caps(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	json_t *list = json_array();
+
+	for (const char *const *n = vmig_capability_names(); list && n && *n; n++) {
+		bool on = false;
+
+		if (vmig_capability_get(vm_session(ctx->vm), *n, &on))
+			continue;
+		json_array_append_new(list, json_pack("{s:s,s:b}", "capability", *n, "state", on));
+	}
+	ctx->ret = list;
+	return list ? 0 : -ENOMEM;
+}
+
+/* migrate-set-parameters takes any subset of the names, as members. */
+static int cmd_set_params(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	const char *key;
+	json_t *v;
+	int ret;
+
+	json_object_foreach((json_t *)args, key, v) {
+		if (!name_in(vmig_parameter_names(), key)) {
+			vmig__err_set(&ctx->err, "Parameter '%.200s' is unexpected", key);
+			return -EINVAL;
+		}
+		if (!json_is_integer(v)) {
+			vmig__err_set(&ctx->err,
+				      "Invalid parameter type for '%.200s', expected: integer", key);
+			return -EINVAL;
+		}
+	}
+	json_object_foreach((json_t *)args, key, v) {
+		ret = vmig_parameter_set(vm_session(ctx->vm), key, json_integer_value(v));
+		if (ret) {
+			vmig__err_set(&ctx->err, "Parameter '%.100s' cannot be set to %lld: %.100s",
+				      key, (long long)json_integer_value(v),
+				      ret == -EBUSY ? "not while a migration is running"
+				      : ret == -ERANGE || ret == -EINVAL ? "value out of range"
+									 : strerror(-ret));
+			return ret;
+		}
+	}
+	return 0;
+}
+
+static int cmd_query_params(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	json_t *obj = json_object();
+
+	for (const char *const *n = vmig_parameter_names(); obj && n && *n; n++) {
+		int64_t val;
+
+		if (!vmig_parameter_get(vm_session(ctx->vm), *n, &val))
+			json_object_set_new(obj, *n, json_integer(val));
+	}
+	ctx->ret = obj;
+	return obj ? 0 : -ENOMEM;
+}
+
+/* ---- query-migrate ---- */
+
+static json_t *ram_json(const struct vmig_stats *st)
+{
+	json_t *ram = json_object();
+
+#define RAM_U64(key, field) json_object_set_new(ram, key, json_integer((json_int_t)st->ram.field))
+	if (!ram)
+		return NULL;
+	RAM_U64("transferred", transferred);
+	RAM_U64("remaining", remaining);
+	RAM_U64("total", total);
+	RAM_U64("duplicate", duplicate);
+	json_object_set_new(ram, "skipped", json_integer(0)); /* deprecated in QEMU, always 0 */
+	RAM_U64("normal", normal);
+	RAM_U64("normal-bytes", normal_bytes);
+	RAM_U64("dirty-sync-count", dirty_sync_count);
+	json_object_set_new(ram, "mbps", json_real(st->ram.mbps));
+	RAM_U64("dirty-pages-rate", dirty_pages_rate);
+	RAM_U64("pages-per-second", pages_per_second);
+	RAM_U64("precopy-bytes", precopy_bytes);
+	RAM_U64("downtime-bytes", downtime_bytes);
+	RAM_U64("postcopy-bytes", postcopy_bytes);
+	RAM_U64("postcopy-requests", postcopy_requests);
+	RAM_U64("page-size", page_size);
+	RAM_U64("multifd-bytes", multifd_bytes);
+	RAM_U64("dirty-sync-missed-zero-copy", dirty_sync_missed_zero_copy);
+#undef RAM_U64
+	return ram;
+}
+
+/*
+ * Which fields apply follows QEMU: nothing before any migration; the status
+ * alone during setup, on the destination and after cancel; times and ram
+ * while running ("expected-downtime") and once completed ("downtime");
+ * "error-desc" when failed.
+ */
+json_t *qmp_stats_to_json(const struct vmig_stats *st)
+{
+	json_t *obj = json_object();
+	bool running = false, done = false;
+
+	if (!obj || st->status == VMIG_STATUS_NONE || st->status >= VMIG_STATUS__MAX)
+		return obj;
+	json_object_set_new(obj, "status", json_string(vmig_status_name(st->status)));
+	switch (st->status) {
+	case VMIG_STATUS_ACTIVE:
+	case VMIG_STATUS_CANCELLING:
+	case VMIG_STATUS_POSTCOPY_ACTIVE:
+	case VMIG_STATUS_POSTCOPY_PAUSED:
+	case VMIG_STATUS_POSTCOPY_RECOVER:
+	case VMIG_STATUS_DEVICE:
+		running = true;
+		break;
+	case VMIG_STATUS_COMPLETED:
+		done = true;
+		break;
+	default:
+		break;
+	}
+	if (st->is_source && (running || done)) {
+		json_object_set_new(obj, "total-time", json_integer(st->total_time_ms));
+		json_object_set_new(obj, "setup-time", json_integer(st->setup_time_ms));
+		if (running)
+			json_object_set_new(obj, "expected-downtime",
+					    json_integer(st->expected_downtime_ms));
+		else
+			json_object_set_new(obj, "downtime", json_integer(st->downtime_ms));
+		json_object_set_new(obj, "ram", ram_json(st));
+	}
+	if (st->status == VMIG_STATUS_FAILED && st->error_desc[0])
+		json_object_set_new(obj, "error-desc",
+				    json_stringn(st->error_desc,
+						 strnlen(st->error_desc, sizeof(st->error_desc))));
+	return obj;
+}
+
+/* ---- memory, monitor, guest ---- */
+
+static const struct json_arg_spec pmemsave_args[] = {{"val", JA_UINT, true},
+						     {"size", JA_UINT, true},
+						     {"filename", JA_STR, true},
+						     {"cpu-index", JA_INT, false},
+						     {NULL}};
+
+static int cmd_pmemsave(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	uint64_t addr = (uint64_t)json_arg_int(args, "val", 0);
+	uint64_t size = (uint64_t)json_arg_int(args, "size", 0);
+
+	return vm_pmemsave(ctx->vm, addr, size, json_arg_str(args, "filename", ""), &ctx->err);
+}
+
+static const struct json_arg_spec hmp_args[] = {
+	{"command-line", JA_STR, true}, {"cpu-index", JA_INT, false}, {NULL}};
+
+static int cmd_hmp(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	char *text = NULL;
+	int ret = hmp_execute(ctx, json_arg_str(args, "command-line", ""), &text);
+
+	if (ret) {
+		vmig__err_set(&ctx->err, "human-monitor-command: %s", strerror(-ret));
+		return ret;
+	}
+	ctx->ret = json_string(text);
+	free(text);
+	return ctx->ret ? 0 : -ENOMEM;
+}
+
+static int cmd_query_guest(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	struct vm_guest_stats gs;
+
+	memset(&gs, 0, sizeof(gs));
+	vm_guest_stats(ctx->vm, &gs);
+	ctx->ret = json_pack("{s:I,s:I,s:I,s:I,s:i,s:s}", "pages-written",
+			     (json_int_t)gs.pages_written, "pages-verified",
+			     (json_int_t)gs.pages_verified, "inconsistencies",
+			     (json_int_t)gs.inconsistencies, "mem-bytes", (json_int_t)gs.mem_bytes,
+			     "vcpus", (int)gs.vcpus, "workload", gs.workload ? gs.workload : "");
+	return ctx->ret ? 0 : -ENOMEM;
+}
+
+static int cmd_query_version(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	ctx->ret = json_pack("{s:{s:i,s:i,s:i},s:s}", "qemu", "micro", 0, "minor", 2, "major", 7,
+			     "package", "vmig " VMIG_VERSION);
+	return ctx->ret ? 0 : -ENOMEM;
+}
+
+static int cmd_query_commands(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	json_t *list = json_array();
+	const struct qmp_command *c;
+
+	for (size_t i = 0; list && (c = qmp_command_at(i)); i++)
+		json_array_append_new(list, json_pack("{s:s}", "name", c->name));
+	ctx->ret = list;
+	return list ? 0 : -ENOMEM;
+}
+
+/* ---- table and dispatch ---- */
+
+static const struct qmp_command commands[] = {
+	{"qmp_capabilities", cmd_qmp_capabilities, NULL, true},
+	{"query-status", cmd_query_status, NULL, false},
+	{"stop", cmd_stop, NULL, false},
+	{"cont", cmd_cont, NULL, false},
+	{"quit", cmd_quit, NULL, false},
+	{"migrate", cmd_migrate, migrate_args, false},
+	{"migrate-incoming", cmd_migrate_incoming, uri_args, false},
+	{"migrate_cancel", cmd_migrate_cancel, NULL, false},
+	{"migrate-cancel", cmd_migrate_cancel, NULL, false},
+	{"migrate-set-capabilities", cmd_set_caps, set_caps_args, false},
+	{"query-migrate-capabilities", cmd_query_caps, NULL, false},
+	{"migrate-set-parameters", cmd_set_params, NULL, true},
+	{"query-migrate-parameters", cmd_query_params, NULL, false},
+	{"query-migrate", cmd_query_migrate, NULL, false},
+	{"migrate-start-postcopy", cmd_start_postcopy, NULL, false},
+	{"migrate-pause", cmd_migrate_pause, NULL, false},
+	{"migrate-recover", cmd_migrate_recover, uri_args, false},
+	{"pmemsave", cmd_pmemsave, pmemsave_args, false},
+	{"human-monitor-command", cmd_hmp, hmp_args, false},
+	{"x-vmig-query-guest", cmd_query_guest, NULL, false},
+	{"query-version", cmd_query_version, NULL, false},
+	{"query-commands", cmd_query_commands, NULL, false},
+};
+
+const struct qmp_command *qmp_command_at(size_t i)
+{
+	return i < VMIG_ARRAY_SIZE(commands) ? &commands[i] : NULL;
+}
+
+const struct qmp_command *qmp_command_find(const char *name)
+{
+	for (size_t i = 0; i < VMIG_ARRAY_SIZE(commands); i++)
+		if (!strcmp(commands[i].name, name))
+			return &commands[i];
+	return NULL;
+}
+
+int qmp_invoke(struct qmp_cmd_ctx *ctx, const char *name, const json_t *args, json_t **ret)
+{
+	const struct qmp_command *cmd = qmp_command_find(name);
+	int err;
+
+	*ret = NULL;
+	ctx->ret = NULL;
+	ctx->err_class = NULL;
+	vmig__err_clear(&ctx->err);
+	if (!cmd) {
+		vmig__err_set(&ctx->err, "The command %.200s has not been found", name);
+		ctx->err_class = "CommandNotFound";
+		return -ENOENT;
+	}
+	if (args && !json_is_object(args)) {
+		vmig__err_set(&ctx->err, "QMP input member 'arguments' must be an object");
+		return -EINVAL;
+	}
+	if (!cmd->free_args && json_args_check(args, cmd->args, &ctx->err))
+		return -EINVAL;
+	err = cmd->fn(ctx, args);
+	if (err) {
+		json_decref(ctx->ret);
+		ctx->ret = NULL;
+		if (!ctx->err.msg[0])
+			vmig__err_set(&ctx->err, "%s: %s", name, strerror(-err));
+		return err < 0 ? err : -EINVAL;
+	}
+	*ret = ctx->ret ? ctx->ret : json_object();
+	ctx->ret = NULL;
+	return 0;
+}

@@ -1,0 +1,256 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Test double for vm.h and the part of vmig.h used by the QMP layer. See
+ * qmp_fakevm.h. Single-threaded by design: tests and the fuzz target drive
+ * it from one thread. Status transitions mimic the engine's contract only as
+ * far as QMP needs (migrate -> active, cancel -> cancelled).
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "qmp_fakevm.h"
+
+static const char *const cap_names[] = {
+	"postcopy-ram",	  "postcopy-blocktime", "postcopy-preempt",	"multifd",
+	"zero-copy-send", "auto-converge",	"x-vmig-verify-memory", NULL};
+static const char *const param_names[] = {
+	"max-bandwidth", "downtime-limit", "multifd-channels", "x-vmig-dirty-tracking", NULL};
+
+static struct fakevm fake;
+/* Any non-NULL pointers do: the fake ignores them. */
+static char vm_token, session_token;
+
+struct fakevm *fakevm_get(void)
+{
+	return &fake;
+}
+
+void fakevm_reset(void)
+{
+	memset(&fake, 0, sizeof(fake));
+	fake.runstate = VM_RS_RUNNING;
+	fake.params[0] = 128 << 20;
+	fake.params[1] = 300;
+	fake.params[2] = 2;
+	fake.stats.ram.page_size = 4096;
+	fake.guest.mem_bytes = 64 << 20;
+	fake.guest.vcpus = 1;
+	fake.guest.workload = "idle";
+}
+
+struct vm *fakevm_vm(void)
+{
+	return (struct vm *)&vm_token;
+}
+
+void fakevm_emit(enum vm_event ev, const char *migration_status)
+{
+	if (fake.cb)
+		fake.cb(fake.cb_opaque, ev, migration_status);
+}
+
+static int take_error(void)
+{
+	int e = fake.next_error;
+
+	fake.next_error = 0;
+	return e;
+}
+
+/* ---- vm.h ---- */
+
+const char *vm_runstate_name(enum vm_runstate rs)
+{
+	static const char *const names[] = {"prelaunch",   "running",	     "paused", "inmigrate",
+					    "postmigrate", "finish-migrate", "shutdown"};
+
+	return (unsigned)rs < sizeof(names) / sizeof(names[0]) ? names[rs] : "unknown";
+}
+
+void vm_set_event_cb(struct vm *vm, vm_event_cb cb, void *opaque)
+{
+	fake.cb = cb;
+	fake.cb_opaque = opaque;
+}
+
+enum vm_runstate vm_get_runstate(struct vm *vm)
+{
+	return fake.runstate;
+}
+
+bool vm_is_running(struct vm *vm)
+{
+	return fake.runstate == VM_RS_RUNNING;
+}
+
+int vm_stop(struct vm *vm)
+{
+	if (fake.runstate == VM_RS_RUNNING) {
+		fake.runstate = VM_RS_PAUSED;
+		fakevm_emit(VM_EV_STOP, NULL);
+	}
+	return 0;
+}
+
+int vm_cont(struct vm *vm)
+{
+	/* As the real VM: in inmigrate, cont means "start on arrival". */
+	if (fake.runstate == VM_RS_INMIGRATE)
+		return 0;
+	if (fake.runstate == VM_RS_FINISH_MIGRATE)
+		return -EBUSY;
+	if (fake.runstate != VM_RS_RUNNING) {
+		fake.runstate = VM_RS_RUNNING;
+		fakevm_emit(VM_EV_RESUME, NULL);
+	}
+	return 0;
+}
+
+vmig_session *vm_session(struct vm *vm)
+{
+	return (vmig_session *)&session_token;
+}
+
+int vm_pmemsave(struct vm *vm, uint64_t addr, uint64_t size, const char *path,
+		struct vmig__err *err)
+{
+	if (addr > fake.guest.mem_bytes || size > fake.guest.mem_bytes - addr) {
+		vmig__err_set(err, "pmemsave: range outside guest memory");
+		return -EINVAL;
+	}
+	fake.pmem_addr = addr;
+	fake.pmem_size = size;
+	snprintf(fake.pmem_path, sizeof(fake.pmem_path), "%s", path);
+	return 0;
+}
+
+void vm_guest_stats(struct vm *vm, struct vm_guest_stats *out)
+{
+	*out = fake.guest;
+}
+
+/* ---- the part of vmig.h the QMP layer uses ---- */
+
+const char *vmig_status_name(enum vmig_status status)
+{
+	static const char *const names[] = {
+		"none",		    "setup",		 "cancelling", "cancelled",
+		"active",	    "postcopy-active",	 "postcopy-paused",
+		"postcopy-recover", "completed",	 "failed",     "device"};
+
+	return (unsigned)status < sizeof(names) / sizeof(names[0]) ? names[status] : "unknown";
+}
+
+const char *vmig_session_error(const vmig_session *s)
+{
+	return fake.error_text;
+}
+
+const char *const *vmig_capability_names(void)
+{
+	return cap_names;
+}
+
+const char *const *vmig_parameter_names(void)
+{
+	return param_names;
+}
+
+static int find(const char *const *names, const char *name)
+{
+	for (int i = 0; names[i]; i++)
+		if (!strcmp(names[i], name))
+			return i;
+	return -1;
+}
+
+int vmig_capability_set(vmig_session *s, const char *name, bool on)
+{
+	int i = find(cap_names, name), e = take_error();
+
+	if (e)
+		return e;
+	if (i < 0)
+		return -ENOENT;
+	fake.caps[i] = on;
+	return 0;
+}
+
+int vmig_capability_get(const vmig_session *s, const char *name, bool *on)
+{
+	int i = find(cap_names, name);
+
+	if (i < 0)
+		return -ENOENT;
+	*on = fake.caps[i];
+	return 0;
+}
+
+int vmig_parameter_set(vmig_session *s, const char *name, int64_t value)
+{
+	int i = find(param_names, name), e = take_error();
+
+	if (e)
+		return e;
+	if (i < 0)
+		return -ENOENT;
+	if (value < 0)
+		return -ERANGE;
+	fake.params[i] = value;
+	return 0;
+}
+
+int vmig_parameter_get(const vmig_session *s, const char *name, int64_t *value)
+{
+	int i = find(param_names, name);
+
+	if (i < 0)
+		return -ENOENT;
+	*value = fake.params[i];
+	return 0;
+}
+
+int vmig_migrate(vmig_session *s, const char *uri)
+{
+	int e = take_error();
+
+	fake.migrate_calls++;
+	snprintf(fake.last_uri, sizeof(fake.last_uri), "%s", uri);
+	if (e)
+		return e;
+	fake.stats.status = VMIG_STATUS_ACTIVE;
+	fake.stats.is_source = true;
+	return 0;
+}
+
+int vmig_incoming(vmig_session *s, const char *uri)
+{
+	int e = take_error();
+
+	fake.incoming_calls++;
+	snprintf(fake.last_uri, sizeof(fake.last_uri), "%s", uri);
+	if (e)
+		return e;
+	fake.stats.status = VMIG_STATUS_SETUP;
+	fake.stats.is_source = false;
+	return 0;
+}
+
+int vmig_cancel(vmig_session *s)
+{
+	int e = take_error();
+
+	fake.cancel_calls++;
+	if (e)
+		return e;
+	if (fake.stats.status == VMIG_STATUS_ACTIVE || fake.stats.status == VMIG_STATUS_SETUP)
+		fake.stats.status = VMIG_STATUS_CANCELLED;
+	return 0;
+}
+
+int vmig_query(vmig_session *s, struct vmig_stats *out)
+{
+	*out = fake.stats;
+	return 0;
+}
