@@ -320,11 +320,13 @@ def free_port():
 class Env:
     """Per-test environment: temp dir, processes, result bookkeeping."""
 
-    def __init__(self, test_name):
-        if len(sys.argv) != 2 or not os.path.isabs(sys.argv[1]):
-            print("usage: %s BUILD_DIR (absolute)" % sys.argv[0], file=sys.stderr)
-            sys.exit(2)
-        self.build_dir = sys.argv[1]
+    def __init__(self, test_name, build_dir=None):
+        if build_dir is None:
+            if len(sys.argv) != 2 or not os.path.isabs(sys.argv[1]):
+                print("usage: %s BUILD_DIR (absolute)" % sys.argv[0], file=sys.stderr)
+                sys.exit(2)
+            build_dir = sys.argv[1]
+        self.build_dir = build_dir
         self.test_name = test_name
         self.backend_kind = os.environ.get("VBLK_BACKEND", "vmig-blk")
         self.tmp = tempfile.mkdtemp(prefix="vblk-%s." % test_name)
