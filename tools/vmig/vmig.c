@@ -1,0 +1,541 @@
+// SPDX-License-Identifier: MIT
+/*
+ * vmig: the command-line client. It speaks only QMP, so every subcommand
+ * works against vmig-vm and real QEMU alike: migrate (with a progress bar,
+ * optional destination setup and post-copy switch-over), info, status, a
+ * raw QMP command, and cancel. Exit codes: 0 success, 1 failure (a failed
+ * or cancelled migration, a QMP error), 2 usage errors.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "qmpc.h"
+
+#define CMD_TIMEOUT_MS 30000
+#define MAX_SETTINGS 32
+
+static volatile sig_atomic_t interrupted;
+
+static void on_sigint(int sig)
+{
+	interrupted = 1;
+}
+
+static void usage(FILE *f)
+{
+	fprintf(f,
+		"usage: vmig COMMAND ...\n"
+		"  vmig migrate SRC_QMP URI [--dest DST_QMP] [--max-bandwidth RATE]\n"
+		"        [--downtime-limit MS] [--capability NAME=on|off]...\n"
+		"        [--parameter NAME=VALUE]... [--postcopy] [--postcopy-after SECONDS]\n"
+		"        [--no-progress]\n"
+		"  vmig info QMP              print 'info migrate'\n"
+		"  vmig status QMP            print the VM's run state\n"
+		"  vmig qmp QMP COMMAND [JSON-ARGS]   run a raw QMP command, print the reply\n"
+		"  vmig cancel QMP            cancel the running migration\n"
+		"  vmig help\n"
+		"QMP is unix:PATH or PATH. URI is tcp:HOST:PORT or unix:PATH. RATE takes\n"
+		"K/M/G suffixes (bytes/s, powers of 1024).\n");
+}
+
+static int connect_or_say(struct qmpc **q, const char *addr)
+{
+	struct vmig__err err;
+
+	vmig__err_clear(&err);
+	if (qmpc_connect(q, addr, CMD_TIMEOUT_MS, &err)) {
+		fprintf(stderr, "vmig: %s\n", err.msg);
+		return -1;
+	}
+	return 0;
+}
+
+/* Run a command; print the error and return -1 if it fails. */
+static int run(struct qmpc *q, const char *cmd, json_t *args, json_t **ret, const char *who)
+{
+	struct vmig__err err;
+
+	vmig__err_clear(&err);
+	if (qmpc_execute(q, cmd, args, ret, CMD_TIMEOUT_MS, &err)) {
+		fprintf(stderr, "vmig: %s%s%s: %s\n", who ? who : "", who ? ": " : "", cmd, err.msg);
+		return -1;
+	}
+	return 0;
+}
+
+/* HMP text without the monitor's "\r". */
+static void print_hmp(struct qmpc *q, const char *line, FILE *out)
+{
+	json_t *ret;
+
+	if (run(q, "human-monitor-command", json_pack("{s:s}", "command-line", line), &ret, NULL))
+		return;
+	for (const char *p = json_string_value(ret); p && *p; p++)
+		if (*p != '\r')
+			fputc(*p, out);
+	json_decref(ret);
+}
+
+/* ---- simple subcommands ---- */
+
+static int cmd_info(int argc, char **argv)
+{
+	struct qmpc *q;
+
+	if (argc != 3) {
+		usage(stderr);
+		return 2;
+	}
+	if (connect_or_say(&q, argv[2]))
+		return 1;
+	print_hmp(q, "info migrate", stdout);
+	qmpc_close(q);
+	return 0;
+}
+
+static int cmd_status(int argc, char **argv)
+{
+	struct qmpc *q;
+	json_t *ret;
+	int rc = 1;
+
+	if (argc != 3) {
+		usage(stderr);
+		return 2;
+	}
+	if (connect_or_say(&q, argv[2]))
+		return 1;
+	if (!run(q, "query-status", NULL, &ret, NULL)) {
+		printf("%s\n", json_string_value(json_object_get(ret, "status")) ?: "?");
+		json_decref(ret);
+		rc = 0;
+	}
+	qmpc_close(q);
+	return rc;
+}
+
+static int cmd_qmp(int argc, char **argv)
+{
+	json_t *args = NULL, *ret;
+	json_error_t jerr;
+	struct qmpc *q;
+	char *text;
+	int rc = 1;
+
+	if (argc != 4 && argc != 5) {
+		usage(stderr);
+		return 2;
+	}
+	if (argc == 5) {
+		args = json_loads(argv[4], 0, &jerr);
+		if (!json_is_object(args)) {
+			fprintf(stderr, "vmig: JSON-ARGS must be a JSON object: %s\n",
+				args ? "not an object" : jerr.text);
+			json_decref(args);
+			return 2;
+		}
+	}
+	if (connect_or_say(&q, argv[2])) {
+		json_decref(args);
+		return 1;
+	}
+	if (!run(q, argv[3], args, &ret, NULL)) {
+		text = json_dumps(ret, JSON_INDENT(2) | JSON_ENCODE_ANY);
+		printf("%s\n", text ? text : "?");
+		free(text);
+		json_decref(ret);
+		rc = 0;
+	}
+	qmpc_close(q);
+	return rc;
+}
+
+static int cmd_cancel(int argc, char **argv)
+{
+	struct qmpc *q;
+	int rc;
+
+	if (argc != 3) {
+		usage(stderr);
+		return 2;
+	}
+	if (connect_or_say(&q, argv[2]))
+		return 1;
+	rc = run(q, "migrate_cancel", NULL, NULL, NULL) ? 1 : 0;
+	qmpc_close(q);
+	return rc;
+}
+
+/* ---- migrate ---- */
+
+struct mig_opts {
+	const char *src, *uri, *dest;
+	const char *max_bandwidth, *downtime_limit;
+	const char *caps[MAX_SETTINGS];
+	unsigned ncaps;
+	const char *params[MAX_SETTINGS];
+	unsigned nparams;
+	bool postcopy, no_progress;
+	double postcopy_after_s; /* < 0: never */
+};
+
+static int parse_migrate_opts(int argc, char **argv, struct mig_opts *o)
+{
+	static const struct option longopts[] = {
+		{"dest", required_argument, NULL, 'd'},
+		{"max-bandwidth", required_argument, NULL, 'b'},
+		{"downtime-limit", required_argument, NULL, 't'},
+		{"capability", required_argument, NULL, 'c'},
+		{"parameter", required_argument, NULL, 'p'},
+		{"postcopy", no_argument, NULL, 'P'},
+		{"postcopy-after", required_argument, NULL, 'A'},
+		{"no-progress", no_argument, NULL, 'n'},
+		{NULL, 0, NULL, 0}};
+	char *end;
+	int c;
+
+	memset(o, 0, sizeof(*o));
+	o->postcopy_after_s = -1;
+	optind = 2; /* after "vmig migrate" */
+	while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
+		switch (c) {
+		case 'd': o->dest = optarg; break;
+		case 'b': o->max_bandwidth = optarg; break;
+		case 't': o->downtime_limit = optarg; break;
+		case 'c':
+			if (o->ncaps == MAX_SETTINGS || !strchr(optarg, '='))
+				return -1;
+			o->caps[o->ncaps++] = optarg;
+			break;
+		case 'p':
+			if (o->nparams == MAX_SETTINGS || !strchr(optarg, '='))
+				return -1;
+			o->params[o->nparams++] = optarg;
+			break;
+		case 'P': o->postcopy = true; break;
+		case 'A':
+			o->postcopy_after_s = strtod(optarg, &end);
+			if (*end || end == optarg || o->postcopy_after_s < 0)
+				return -1;
+			break;
+		case 'n': o->no_progress = true; break;
+		default: return -1;
+		}
+	}
+	if (argc - optind != 2)
+		return -1;
+	o->src = argv[optind];
+	o->uri = argv[optind + 1];
+	return 0;
+}
+
+/* "NAME=VALUE": integers stay integers, on/off/true/false become booleans,
+ * anything else is a string (QEMU has string parameters too). */
+static json_t *setting_value(const char *v)
+{
+	char *end;
+	long long n;
+
+	errno = 0;
+	n = strtoll(v, &end, 0);
+	if (!errno && *v && !*end)
+		return json_integer(n);
+	if (!strcmp(v, "on") || !strcmp(v, "true"))
+		return json_true();
+	if (!strcmp(v, "off") || !strcmp(v, "false"))
+		return json_false();
+	return json_string(v);
+}
+
+static json_t *build_caps(const struct mig_opts *o)
+{
+	json_t *list = json_array();
+
+	for (unsigned i = 0; i < o->ncaps; i++) {
+		const char *eq = strchr(o->caps[i], '=');
+		json_t *state = setting_value(eq + 1);
+
+		if (!json_is_boolean(state)) {
+			json_decref(state);
+			json_decref(list);
+			return NULL;
+		}
+		json_array_append_new(list, json_pack("{s:s%,s:o}", "capability", o->caps[i],
+						      (size_t)(eq - o->caps[i]), "state", state));
+	}
+	if (o->postcopy || o->postcopy_after_s >= 0)
+		json_array_append_new(list, json_pack("{s:s,s:b}", "capability", "postcopy-ram",
+						      "state", 1));
+	return list;
+}
+
+static int build_params(const struct mig_opts *o, json_t **src, json_t **dst)
+{
+	uint64_t v;
+
+	*src = json_object();
+	*dst = json_object();
+	if (o->max_bandwidth) {
+		if (vmig__parse_size(o->max_bandwidth, &v) || v > INT64_MAX)
+			return -1;
+		json_object_set_new(*src, "max-bandwidth", json_integer((json_int_t)v));
+	}
+	if (o->downtime_limit) {
+		char *end;
+		long long ms = strtoll(o->downtime_limit, &end, 10);
+
+		if (*end || end == o->downtime_limit || ms < 0)
+			return -1;
+		json_object_set_new(*src, "downtime-limit", json_integer(ms));
+	}
+	for (unsigned i = 0; i < o->nparams; i++) {
+		const char *eq = strchr(o->params[i], '=');
+		char name[128];
+
+		snprintf(name, sizeof(name), "%.*s", (int)(eq - o->params[i]), o->params[i]);
+		json_object_set_new(*src, name, setting_value(eq + 1));
+		/* Settings such as multifd-channels must match on both sides. */
+		json_object_set_new(*dst, name, setting_value(eq + 1));
+	}
+	return 0;
+}
+
+static int setup_side(struct qmpc *q, json_t *caps, json_t *params, const char *who)
+{
+	if (json_array_size(caps) &&
+	    run(q, "migrate-set-capabilities", json_pack("{s:O}", "capabilities", caps), NULL, who))
+		return -1;
+	if (json_object_size(params) &&
+	    run(q, "migrate-set-parameters", json_incref(params), NULL, who))
+		return -1;
+	return 0;
+}
+
+static uint64_t ram_u64(const json_t *qm, const char *key)
+{
+	const json_t *v = json_object_get(json_object_get(qm, "ram"), key);
+
+	return json_is_integer(v) ? (uint64_t)json_integer_value(v) : 0;
+}
+
+static void show_progress(const json_t *qm, double elapsed_s, bool tty)
+{
+	const char *status = json_string_value(json_object_get(qm, "status")) ?: "none";
+	uint64_t done = ram_u64(qm, "transferred"), left = ram_u64(qm, "remaining");
+	uint64_t page = ram_u64(qm, "page-size") ?: 4096;
+	const json_t *mbps_j = json_object_get(json_object_get(qm, "ram"), "mbps");
+	double mbps = json_is_number(mbps_j) ? json_number_value(mbps_j) : 0;
+	double mib_s = mbps * 1e6 / 8 / 1048576.0;
+	double dirty_mib_s = (double)(ram_u64(qm, "dirty-pages-rate") * page) / 1048576.0;
+	const json_t *exp = json_object_get(qm, "expected-downtime");
+	unsigned pct = done + left ? (unsigned)(done * 100 / (done + left)) : 0;
+	char bar[21];
+
+	if (pct > 100)
+		pct = 100;
+	for (unsigned i = 0; i < 20; i++)
+		bar[i] = i < pct / 5 ? '#' : '.';
+	bar[20] = '\0';
+	if (tty)
+		fprintf(stderr, "\r[%s] %3u%% %-16s %8.1f MiB/s  dirty %7.1f MiB/s  exp-down %4lld ms"
+				"  syncs %llu  %6.1fs\033[K",
+			bar, pct, status, mib_s, dirty_mib_s,
+			(long long)(exp ? json_integer_value(exp) : 0),
+			(unsigned long long)ram_u64(qm, "dirty-sync-count"), elapsed_s);
+	else
+		fprintf(stderr, "vmig: %s %u%% %.1f MiB/s dirty %.1f MiB/s expected-downtime %lld ms "
+				"dirty-syncs %llu elapsed %.1f s\n",
+			status, pct, mib_s, dirty_mib_s,
+			(long long)(exp ? json_integer_value(exp) : 0),
+			(unsigned long long)ram_u64(qm, "dirty-sync-count"), elapsed_s);
+}
+
+static bool terminal(const char *status)
+{
+	return !strcmp(status, "completed") || !strcmp(status, "failed") ||
+	       !strcmp(status, "cancelled");
+}
+
+static void sleep_ms(unsigned ms)
+{
+	struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000};
+
+	nanosleep(&ts, NULL); /* EINTR (Ctrl-C) just ends the nap early */
+}
+
+/* Poll query-migrate until a final status; returns its reply (owned). */
+static json_t *watch(struct qmpc *src, const struct mig_opts *o)
+{
+	bool tty = isatty(STDERR_FILENO) && !o->no_progress, cancel_sent = false;
+	bool switched = o->postcopy;
+	uint64_t start = vmig__now_ms(), last_line = 0, cancel_at = 0;
+
+	for (;;) {
+		uint64_t now = vmig__now_ms();
+		double elapsed = (double)(now - start) / 1000.0;
+		const char *status;
+		json_t *qm;
+
+		if (interrupted && !cancel_sent) {
+			fprintf(stderr, "\nvmig: interrupted, cancelling the migration\n");
+			run(src, "migrate_cancel", NULL, NULL, "source");
+			cancel_sent = true;
+			cancel_at = now;
+		}
+		if (run(src, "query-migrate", NULL, &qm, "source"))
+			return NULL;
+		status = json_string_value(json_object_get(qm, "status")) ?: "none";
+		if (terminal(status) || (cancel_sent && now - cancel_at > 15000) ||
+		    (!strcmp(status, "none") && now - start > 10000)) {
+			if (tty)
+				fputc('\n', stderr);
+			return qm;
+		}
+		if (!switched && o->postcopy_after_s >= 0 && elapsed >= o->postcopy_after_s &&
+		    !strcmp(status, "active")) {
+			fprintf(stderr, "%svmig: not converged after %.1f s, switching to post-copy\n",
+				tty ? "\n" : "", elapsed);
+			run(src, "migrate-start-postcopy", NULL, NULL, "source");
+			switched = true;
+		}
+		if (tty || (!o->no_progress && now - last_line >= 1000)) {
+			show_progress(qm, elapsed, tty);
+			last_line = now;
+		}
+		json_decref(qm);
+		sleep_ms(100);
+	}
+}
+
+/* After the source completed: the destination should finish loading. */
+static int wait_dest(struct qmpc *dst)
+{
+	uint64_t deadline = vmig__now_ms() + 30000;
+	json_t *qm, *st;
+
+	while (vmig__now_ms() < deadline && !interrupted) {
+		const char *status;
+
+		if (run(dst, "query-migrate", NULL, &qm, "destination"))
+			return -1;
+		status = json_string_value(json_object_get(qm, "status")) ?: "none";
+		if (terminal(status)) {
+			int ok = !strcmp(status, "completed");
+
+			if (!ok)
+				fprintf(stderr, "vmig: destination: migration %s%s%s\n", status,
+					json_object_get(qm, "error-desc") ? ": " : "",
+					json_string_value(json_object_get(qm, "error-desc")) ?: "");
+			json_decref(qm);
+			if (ok && !run(dst, "query-status", NULL, &st, "destination")) {
+				fprintf(stderr, "vmig: destination is %s\n",
+					json_string_value(json_object_get(st, "status")) ?: "?");
+				json_decref(st);
+			}
+			return ok ? 0 : -1;
+		}
+		json_decref(qm);
+		sleep_ms(100);
+	}
+	fprintf(stderr, "vmig: destination did not finish within 30 s\n");
+	return -1;
+}
+
+static int start_migration(struct qmpc *src, struct qmpc *dst, const struct mig_opts *o)
+{
+	json_t *caps = build_caps(o), *sp = NULL, *dp = NULL;
+	int ret = -1;
+
+	if (!caps || build_params(o, &sp, &dp)) {
+		fprintf(stderr, "vmig: bad --capability, --max-bandwidth, --downtime-limit or "
+				"--parameter value\n");
+		ret = -2;
+		goto out;
+	}
+	if (dst && (setup_side(dst, caps, dp, "destination") ||
+		    run(dst, "migrate-incoming", json_pack("{s:s}", "uri", o->uri), NULL,
+			"destination")))
+		goto out;
+	if (setup_side(src, caps, sp, "source") ||
+	    run(src, "migrate", json_pack("{s:s}", "uri", o->uri), NULL, "source"))
+		goto out;
+	if (o->postcopy)
+		run(src, "migrate-start-postcopy", NULL, NULL, "source");
+	ret = 0;
+out:
+	json_decref(caps);
+	json_decref(sp);
+	json_decref(dp);
+	return ret;
+}
+
+static int cmd_migrate(int argc, char **argv)
+{
+	struct qmpc *src = NULL, *dst = NULL;
+	struct mig_opts o;
+	const char *status;
+	json_t *qm = NULL;
+	int rc = 1, r;
+
+	if (parse_migrate_opts(argc, argv, &o)) {
+		usage(stderr);
+		return 2;
+	}
+	signal(SIGINT, on_sigint);
+	signal(SIGTERM, on_sigint);
+	if (connect_or_say(&src, o.src) || (o.dest && connect_or_say(&dst, o.dest)))
+		goto out;
+	r = start_migration(src, dst, &o);
+	if (r) {
+		rc = r == -2 ? 2 : 1;
+		goto out;
+	}
+	qm = watch(src, &o);
+	if (!qm)
+		goto out;
+	print_hmp(src, "info migrate", stdout);
+	status = json_string_value(json_object_get(qm, "status")) ?: "none";
+	if (!strcmp(status, "completed")) {
+		rc = dst && wait_dest(dst) ? 1 : 0;
+	} else {
+		fprintf(stderr, "vmig: migration %s%s%s\n", status,
+			json_object_get(qm, "error-desc") ? ": " : "",
+			json_string_value(json_object_get(qm, "error-desc")) ?: "");
+	}
+out:
+	json_decref(qm);
+	qmpc_close(dst);
+	qmpc_close(src);
+	return rc;
+}
+
+int main(int argc, char **argv)
+{
+	static const struct {
+		const char *name;
+		int (*fn)(int argc, char **argv);
+	} cmds[] = {{"migrate", cmd_migrate}, {"info", cmd_info},	  {"status", cmd_status},
+		    {"qmp", cmd_qmp},	      {"cancel", cmd_cancel}};
+
+	signal(SIGPIPE, SIG_IGN);
+	if (argc < 2) {
+		usage(stderr);
+		return 2;
+	}
+	if (!strcmp(argv[1], "help") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
+		usage(stdout);
+		return 0;
+	}
+	for (size_t i = 0; i < VMIG_ARRAY_SIZE(cmds); i++)
+		if (!strcmp(argv[1], cmds[i].name))
+			return cmds[i].fn(argc, argv);
+	fprintf(stderr, "vmig: unknown command '%s'\n", argv[1]);
+	usage(stderr);
+	return 2;
+}
