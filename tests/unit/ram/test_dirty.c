@@ -1,0 +1,461 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Unit tests for lib/ram dirty tracking on the running kernel. Every test
+ * runs once per backend (forced: UFFD_ASYNC and UFFD_SYNC) and per kind of
+ * memory (MAP_SHARED memfd, MAP_PRIVATE anonymous), so both paths are tested
+ * here whatever AUTO would pick. If the kernel lacks a backend, the tests for
+ * it fail with the tracker's reason: nothing is skipped silently.
+ *
+ * The concurrency test checks the property migration needs, not just "some
+ * bits were set": writers store counters into random pages while the test
+ * syncs and copies the reported pages into a shadow buffer, as pre-copy
+ * would; after a final sync and copy the shadow must equal the memory.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "ram/ram.h"
+#include "util/compat.h"
+
+#define PAGE VMIG_PAGE_SIZE
+#define NPAGES 4096u /* 16 MiB */
+
+enum mem_kind { MEM_MEMFD, MEM_ANON };
+
+struct variant {
+	enum vmig_dirty_tracking mode;
+	enum mem_kind kind;
+};
+
+static const struct variant v_async_memfd = {VMIG_DIRTY_UFFD_ASYNC, MEM_MEMFD};
+static const struct variant v_async_anon = {VMIG_DIRTY_UFFD_ASYNC, MEM_ANON};
+static const struct variant v_sync_memfd = {VMIG_DIRTY_UFFD_SYNC, MEM_MEMFD};
+static const struct variant v_sync_anon = {VMIG_DIRTY_UFFD_SYNC, MEM_ANON};
+
+struct fixture {
+	const struct variant *v;
+	uint8_t *mem;
+	uint64_t size;
+	struct vmig__dirty *d;
+	struct vmig__err err;
+	uint64_t *bitmap;
+	uint64_t *expect;
+};
+
+static uint8_t *map_mem(enum mem_kind kind, uint64_t size)
+{
+	void *p;
+
+	if (kind == MEM_MEMFD) {
+		int fd = memfd_create("vmig-test-ram", MFD_CLOEXEC);
+
+		assert_true(fd >= 0);
+		assert_int_equal(ftruncate(fd, (off_t)size), 0);
+		p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+		close(fd);
+	} else {
+		p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	}
+	assert_true(p != MAP_FAILED);
+	return p;
+}
+
+/* Map memory, open a tracker in the forced mode, add the range. */
+static int setup(void **state)
+{
+	struct fixture *f = calloc(1, sizeof(*f));
+	int ret;
+
+	assert_non_null(f);
+	f->v = *state;
+	f->size = (uint64_t)NPAGES * PAGE;
+	f->mem = map_mem(f->v->kind, f->size);
+	f->bitmap = calloc(vmig__bitmap_words(NPAGES), sizeof(uint64_t));
+	f->expect = calloc(vmig__bitmap_words(NPAGES), sizeof(uint64_t));
+	assert_non_null(f->bitmap);
+	assert_non_null(f->expect);
+	ret = vmig__dirty_open(&f->d, f->v->mode, &f->err);
+	if (ret)
+		fail_msg("vmig__dirty_open(mode %d): %s (%d)", f->v->mode, f->err.msg, ret);
+	assert_int_equal(vmig__dirty_mode(f->d), f->v->mode);
+	ret = vmig__dirty_add_range(f->d, f->mem, f->size, &f->err);
+	if (ret != 0)
+		fail_msg("add_range: %s (%d)", f->err.msg, ret);
+	assert_int_equal(vmig__dirty_range_pages(f->d, 0), NPAGES);
+	*state = f;
+	return 0;
+}
+
+static int teardown(void **state)
+{
+	struct fixture *f = *state;
+
+	vmig__dirty_close(f->d);
+	munmap(f->mem, f->size);
+	free(f->bitmap);
+	free(f->expect);
+	free(f);
+	return 0;
+}
+
+static void start_ok(struct fixture *f)
+{
+	int ret = vmig__dirty_start(f->d, &f->err);
+
+	if (ret)
+		fail_msg("start: %s (%d)", f->err.msg, ret);
+}
+
+/* Sync range 0 into a cleared f->bitmap; returns the reported count. */
+static uint64_t sync_fresh(struct fixture *f)
+{
+	uint64_t n = ~0ull;
+	int ret;
+
+	memset(f->bitmap, 0, vmig__bitmap_words(NPAGES) * sizeof(uint64_t));
+	ret = vmig__dirty_sync(f->d, 0, f->bitmap, &n, &f->err);
+	if (ret)
+		fail_msg("sync: %s (%d)", f->err.msg, ret);
+	assert_int_equal(n, vmig__bitmap_count(f->bitmap, NPAGES));
+	return n;
+}
+
+/* Report the first difference between reported and expected pages. */
+static void assert_bitmap_exact(struct fixture *f)
+{
+	for (uint64_t p = 0; p < NPAGES; p++) {
+		bool got = vmig__bitmap_test(f->bitmap, p), want = vmig__bitmap_test(f->expect, p);
+
+		if (got != want)
+			fail_msg("page %llu: reported %d, written %d", (unsigned long long)p, got,
+				 want);
+	}
+}
+
+static void write_page(struct fixture *f, uint64_t page, uint8_t val)
+{
+	((volatile uint8_t *)f->mem)[page * PAGE + (page * 7) % PAGE] = val;
+	vmig__bitmap_set(f->expect, page);
+}
+
+static void clear_expect(struct fixture *f)
+{
+	memset(f->expect, 0, vmig__bitmap_words(NPAGES) * sizeof(uint64_t));
+}
+
+/*
+ * Exactly the written pages are reported (word edges, first and last page,
+ * pages populated before start and pages never touched), a second sync
+ * reports nothing, and writes after a sync show up at the next one.
+ */
+static void test_exact(void **state)
+{
+	static const uint64_t pages[] = {0,    1,    63,   64,	 65,   127,	   128,	      1000,
+					 1001, 1002, 2047, 2048, 3000, NPAGES - 2, NPAGES - 1};
+	struct fixture *f = *state;
+
+	memset(f->mem, 0x5a, f->size / 2); /* first half populated, second half never touched */
+	start_ok(f);
+	assert_int_equal(sync_fresh(f), 0);
+	for (size_t i = 0; i < sizeof(pages) / sizeof(pages[0]); i++)
+		write_page(f, pages[i], (uint8_t)i);
+	assert_int_equal(sync_fresh(f), sizeof(pages) / sizeof(pages[0]));
+	assert_bitmap_exact(f);
+	assert_int_equal(sync_fresh(f), 0);
+
+	clear_expect(f);
+	write_page(f, 64, 1);
+	write_page(f, 4000, 1);
+	write_page(f, 4000, 2); /* twice: still one page */
+	assert_int_equal(sync_fresh(f), 2);
+	assert_bitmap_exact(f);
+	assert_int_equal(sync_fresh(f), 0);
+	assert_int_equal(vmig__dirty_stop(f->d), 0);
+}
+
+/* Pages never touched before start() that are written must be reported. */
+static void test_unpopulated(void **state)
+{
+	struct fixture *f = *state;
+
+	start_ok(f);
+	for (uint64_t p = 5; p < NPAGES; p += 97)
+		write_page(f, p, 0xee);
+	write_page(f, NPAGES - 1, 0xee);
+	sync_fresh(f);
+	assert_bitmap_exact(f);
+	/* Reading never-written pages is not a write. */
+	volatile uint8_t sum = 0;
+	for (uint64_t p = 0; p < NPAGES; p += 3)
+		sum += f->mem[p * PAGE];
+	(void)sum;
+	assert_int_equal(sync_fresh(f), 0);
+}
+
+/*
+ * Many disjoint runs with a tiny output vector: in async mode the scan must
+ * resume at walk_end until the range is done; in sync mode every run is a
+ * separate re-protect. Long runs check coalescing.
+ */
+static void test_many_runs(void **state)
+{
+	struct fixture *f = *state;
+
+	assert_int_equal(vmig__dirty_set_scan_regions(f->d, 3), 0);
+	memset(f->mem, 1, f->size);
+	start_ok(f);
+	for (int round = 0; round < 3; round++) {
+		clear_expect(f);
+		for (uint64_t p = (uint64_t)round; p < 1500; p += 2)
+			write_page(f, p, (uint8_t)round);
+		for (uint64_t p = 2000; p < 2000 + 700; p++) /* one long run */
+			write_page(f, p, (uint8_t)round);
+		sync_fresh(f);
+		assert_bitmap_exact(f);
+	}
+	assert_int_equal(sync_fresh(f), 0);
+}
+
+struct writer {
+	uint8_t *mem;
+	uint64_t seed;
+	uint64_t *written; /* pages this writer touched, private */
+	uint64_t writes;
+	int *stop;
+};
+
+static uint64_t rnd(uint64_t *s)
+{
+	*s ^= *s << 13;
+	*s ^= *s >> 7;
+	*s ^= *s << 17;
+	return *s;
+}
+
+/* Writes a running counter into random words of random pages. */
+static void *writer_main(void *arg)
+{
+	struct writer *w = arg;
+	uint64_t n = 0;
+
+	while (!__atomic_load_n(w->stop, __ATOMIC_RELAXED) && n < 1000000000) {
+		uint64_t r = rnd(&w->seed);
+		uint64_t page = r % NPAGES;
+		uint64_t word = (r >> 32) % (PAGE / sizeof(uint64_t));
+
+		__atomic_store_n((uint64_t *)(w->mem + page * PAGE) + word, ++n, __ATOMIC_RELAXED);
+		vmig__bitmap_set(w->written, page);
+	}
+	w->writes = n;
+	return NULL;
+}
+
+/* Copy every page reported in f->bitmap from memory to shadow. */
+static void copy_reported(struct fixture *f, uint8_t *shadow)
+{
+	for (uint64_t p = vmig__bitmap_find_next(f->bitmap, NPAGES, 0); p < NPAGES;
+	     p = vmig__bitmap_find_next(f->bitmap, NPAGES, p + 1))
+		memcpy(shadow + p * PAGE, f->mem + p * PAGE, PAGE);
+}
+
+/*
+ * One pre-copy round: sync into a fresh bitmap, add it to seen, copy the
+ * reported pages. Returns 0 or -errno (-EPROTO if the count is inconsistent,
+ * with the count in *n).
+ */
+static int sync_collect(struct fixture *f, uint64_t *seen, uint8_t *shadow, uint64_t *n)
+{
+	int ret;
+
+	memset(f->bitmap, 0, vmig__bitmap_words(NPAGES) * sizeof(uint64_t));
+	ret = vmig__dirty_sync(f->d, 0, f->bitmap, n, &f->err);
+	if (ret)
+		return ret;
+	if (*n != vmig__bitmap_count(f->bitmap, NPAGES))
+		return -EPROTO;
+	vmig__bitmap_or(seen, f->bitmap, NPAGES);
+	copy_reported(f, shadow);
+	return 0;
+}
+
+static void test_concurrent_no_loss(void **state)
+{
+	struct fixture *f = *state;
+	uint8_t *shadow = malloc(f->size);
+	uint64_t *seen = calloc(vmig__bitmap_words(NPAGES), sizeof(uint64_t));
+	struct writer w[2];
+	pthread_t th[2];
+	int stop = 0, ret = 0;
+	uint64_t deadline, syncs = 0, bad = 0;
+
+	assert_non_null(shadow);
+	assert_non_null(seen);
+	/* Half the pages start populated; the shadow starts as a full copy. */
+	memset(f->mem, 0x11, f->size / 2);
+	start_ok(f);
+	memcpy(shadow, f->mem, f->size);
+	for (int i = 0; i < 2; i++) {
+		w[i] = (struct writer){
+		    .mem = f->mem, .seed = 0x1234567ull * (uint64_t)(i + 1), .stop = &stop};
+		w[i].written = calloc(vmig__bitmap_words(NPAGES), sizeof(uint64_t));
+		assert_non_null(w[i].written);
+		assert_int_equal(pthread_create(&th[i], NULL, writer_main, &w[i]), 0);
+	}
+	/*
+	 * Sync and copy for about a second (bounded by count too). No cmocka
+	 * assertion while the writers run: a failure would leave them
+	 * writing into memory that teardown unmaps.
+	 */
+	deadline = vmig__now_ms() + 1000;
+	while (!ret && vmig__now_ms() < deadline && syncs < 100000) {
+		ret = sync_collect(f, seen, shadow, &bad);
+		syncs++;
+		usleep(200);
+	}
+	__atomic_store_n(&stop, 1, __ATOMIC_RELAXED);
+	for (int i = 0; i < 2; i++)
+		pthread_join(th[i], NULL);
+	if (ret)
+		fail_msg("sync while writing: %s (%d), %llu reported vs %llu in bitmap", f->err.msg,
+			 ret, (unsigned long long)bad,
+			 (unsigned long long)vmig__bitmap_count(f->bitmap, NPAGES));
+	assert_int_equal(sync_collect(f, seen, shadow, &bad), 0);
+	print_message("mode %d kind %d: %llu syncs, %llu + %llu writes, %llu pages seen\n",
+		      f->v->mode, f->v->kind, (unsigned long long)syncs,
+		      (unsigned long long)w[0].writes, (unsigned long long)w[1].writes,
+		      (unsigned long long)vmig__bitmap_count(seen, NPAGES));
+	assert_true(syncs > 10);
+	assert_true(w[0].writes > 1000 && w[1].writes > 1000);
+	for (int i = 0; i < 2; i++) {
+		for (uint64_t p = 0; p < NPAGES; p++)
+			if (vmig__bitmap_test(w[i].written, p) && !vmig__bitmap_test(seen, p))
+				fail_msg("page %llu written by writer %d never reported",
+					 (unsigned long long)p, i);
+		free(w[i].written);
+	}
+	for (uint64_t p = 0; p < NPAGES; p++)
+		if (memcmp(shadow + p * PAGE, f->mem + p * PAGE, PAGE))
+			fail_msg("page %llu: a write was lost (shadow differs)",
+				 (unsigned long long)p);
+	assert_int_equal(sync_fresh(f), 0);
+	free(seen);
+	free(shadow);
+}
+
+static long minor_faults(void)
+{
+	struct rusage ru;
+
+	assert_int_equal(getrusage(RUSAGE_THREAD, &ru), 0);
+	return ru.ru_minflt;
+}
+
+/* After stop(), writes to populated pages take no fault at all. */
+static void test_stop_restores_speed(void **state)
+{
+	struct fixture *f = *state;
+	struct vmig__err err;
+	long before;
+
+	memset(f->mem, 3, f->size);
+	start_ok(f);
+	for (uint64_t p = 0; p < NPAGES; p += 2)
+		write_page(f, p, 4);
+	sync_fresh(f);
+	assert_int_equal(vmig__dirty_stop(f->d), 0);
+	assert_int_equal(vmig__dirty_sync(f->d, 0, f->bitmap, NULL, &err), -EINVAL);
+	before = minor_faults();
+	for (uint64_t p = 0; p < NPAGES; p++)
+		f->mem[p * PAGE + 1] = 5;
+	assert_int_equal(minor_faults() - before, 0);
+
+	/* And tracking can start again from scratch. */
+	start_ok(f);
+	clear_expect(f);
+	write_page(f, 77, 9);
+	sync_fresh(f);
+	assert_bitmap_exact(f);
+}
+
+/* A second range added while tracking is active is protected at once. */
+static void test_second_range(void **state)
+{
+	struct fixture *f = *state;
+	uint8_t *mem2 = map_mem(f->v->kind, 64 * PAGE);
+	uint64_t map2[1] = {0}, n = 0;
+	int idx;
+
+	start_ok(f);
+	idx = vmig__dirty_add_range(f->d, mem2, 64 * PAGE, &f->err);
+	if (idx != 1)
+		fail_msg("add_range while started: %s (%d)", f->err.msg, idx);
+	mem2[5 * PAGE] = 1;
+	mem2[63 * PAGE] = 1;
+	write_page(f, 9, 1);
+	assert_int_equal(vmig__dirty_sync(f->d, 1, map2, &n, &f->err), 0);
+	assert_int_equal(n, 2);
+	assert_int_equal(map2[0], (1ull << 5) | (1ull << 63));
+	sync_fresh(f);
+	assert_bitmap_exact(f);
+	assert_int_equal(vmig__dirty_stop(f->d), 0);
+	munmap(mem2, 64 * PAGE);
+}
+
+/* AUTO picks async exactly when the kernel has both features. */
+static void test_auto_and_args(void **state)
+{
+	struct vmig__dirty *d;
+	struct vmig__err err = {{0}};
+	uint64_t features;
+	bool scan;
+	char buf[2 * PAGE] __attribute__((aligned(PAGE)));
+
+	(void)state;
+	assert_int_equal(vmig__dirty_probe(&features, &scan), 0);
+	print_message("uffd features 0x%llx, WP_ASYNC %d, WP_UNPOPULATED %d, "
+		      "WP_HUGETLBFS_SHMEM %d, PAGEMAP_SCAN %d\n",
+		      (unsigned long long)features, !!(features & UFFD_FEATURE_WP_ASYNC),
+		      !!(features & UFFD_FEATURE_WP_UNPOPULATED),
+		      !!(features & UFFD_FEATURE_WP_HUGETLBFS_SHMEM), scan);
+	assert_int_equal(vmig__dirty_open(&d, VMIG_DIRTY_AUTO, &err), 0);
+	assert_int_equal(vmig__dirty_mode(d), (features & UFFD_FEATURE_WP_ASYNC) && scan
+						  ? VMIG_DIRTY_UFFD_ASYNC
+						  : VMIG_DIRTY_UFFD_SYNC);
+	assert_int_equal(vmig__dirty_add_range(d, buf + 1, PAGE, &err), -EINVAL);
+	assert_int_equal(vmig__dirty_add_range(d, buf, PAGE + 1, &err), -EINVAL);
+	assert_int_equal(vmig__dirty_add_range(d, buf, 0, &err), -EINVAL);
+	assert_int_equal(vmig__dirty_sync(d, 0, NULL, NULL, &err), -EINVAL);
+	vmig__dirty_close(d);
+	vmig__dirty_close(NULL);
+	assert_int_equal(vmig__dirty_open(&d, (enum vmig_dirty_tracking)42, &err), -EINVAL);
+}
+
+#define VARIANTS(fn)                                                                               \
+	cmocka_unit_test_prestate_setup_teardown(fn, setup, teardown, (void *)&v_async_memfd),     \
+	    cmocka_unit_test_prestate_setup_teardown(fn, setup, teardown, (void *)&v_async_anon),  \
+	    cmocka_unit_test_prestate_setup_teardown(fn, setup, teardown, (void *)&v_sync_memfd),  \
+	    cmocka_unit_test_prestate_setup_teardown(fn, setup, teardown, (void *)&v_sync_anon)
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+	    cmocka_unit_test(test_auto_and_args), VARIANTS(test_exact),
+	    VARIANTS(test_unpopulated),		  VARIANTS(test_many_runs),
+	    VARIANTS(test_concurrent_no_loss),	  VARIANTS(test_stop_restores_speed),
+	    VARIANTS(test_second_range),
+	};
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
