@@ -144,6 +144,12 @@ int vmig_migrate(vmig_session *s, const char *uri);
 int vmig_incoming(vmig_session *s, const char *uri);
 /* Cancel an outgoing or incoming migration. */
 int vmig_cancel(vmig_session *s);
+/*
+ * Destination only: whether to start the vCPUs (ops->start) once an incoming
+ * migration completes. Default true; an embedder started paused (QEMU's -S)
+ * sets false. The vCPUs then stay stopped until the embedder starts them.
+ */
+int vmig_set_autostart(vmig_session *s, bool on);
 
 /* Statistics, QEMU's query-migrate fields. Byte counts are bytes. */
 struct vmig_stats {

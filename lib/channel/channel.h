@@ -1,0 +1,37 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Transports for migration channels: TCP and unix sockets behind one small
+ * set of calls, and a rate limiter. The engine sees only fds. Internal.
+ */
+#ifndef VMIG_CHANNEL_H
+#define VMIG_CHANNEL_H
+
+#include <stdint.h>
+
+#include "util/util.h"
+
+/* Connect to a migration URI. Blocking; *fd is a connected stream socket. */
+int vmig__chan_connect(const struct vmig__uri *u, int *fd, struct vmig__err *err);
+/* Listen on a migration URI (unix: a stale socket file is replaced). */
+int vmig__chan_listen(const struct vmig__uri *u, int *fd, struct vmig__err *err);
+/* Wait for a connection on lfd, or for cancel_fd to become readable
+ * (returns -ECANCELED then). */
+int vmig__chan_accept(int lfd, int cancel_fd, int *fd, struct vmig__err *err);
+/* Socket options for bulk transfer (big buffers). */
+void vmig__chan_tune(int fd);
+/* Local port of a listening TCP socket, or 0. */
+int vmig__chan_local_port(int fd);
+
+/*
+ * Token-bucket rate limiter over a 100 ms window, as QEMU's max-bandwidth.
+ * bytes_per_s is read on every call, so changes apply at once; 0 = no limit.
+ */
+struct vmig__ratelimit {
+	uint64_t window_start_ns;
+	uint64_t window_bytes;
+};
+/* Account bytes about to be sent; returns how long to wait first (ns). */
+uint64_t vmig__ratelimit_account(struct vmig__ratelimit *rl, uint64_t bytes_per_s, uint64_t bytes,
+				 uint64_t now_ns);
+
+#endif

@@ -1,0 +1,473 @@
+// SPDX-License-Identifier: MIT
+/*
+ * The libvmig session: creation, RAM block registration, capabilities and
+ * parameters, status and statistics, and starting or cancelling a migration.
+ * The data path itself is in source.c and dest.c.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "migrate/migrate_int.h"
+#include "ram/bitmap.h"
+
+static const char *const status_names[VMIG_STATUS__MAX] = {
+	[VMIG_STATUS_NONE] = "none",
+	[VMIG_STATUS_SETUP] = "setup",
+	[VMIG_STATUS_CANCELLING] = "cancelling",
+	[VMIG_STATUS_CANCELLED] = "cancelled",
+	[VMIG_STATUS_ACTIVE] = "active",
+	[VMIG_STATUS_POSTCOPY_ACTIVE] = "postcopy-active",
+	[VMIG_STATUS_POSTCOPY_PAUSED] = "postcopy-paused",
+	[VMIG_STATUS_POSTCOPY_RECOVER] = "postcopy-recover",
+	[VMIG_STATUS_COMPLETED] = "completed",
+	[VMIG_STATUS_FAILED] = "failed",
+	[VMIG_STATUS_DEVICE] = "device",
+};
+
+static const char *const cap_names[VMIG_CAP__MAX + 1] = {
+	[VMIG_CAP_POSTCOPY_RAM] = "postcopy-ram",
+	[VMIG_CAP_POSTCOPY_BLOCKTIME] = "postcopy-blocktime",
+	[VMIG_CAP_POSTCOPY_PREEMPT] = "postcopy-preempt",
+	[VMIG_CAP_MULTIFD] = "multifd",
+	[VMIG_CAP_VERIFY_MEMORY] = "x-vmig-verify-memory",
+};
+
+/* Capabilities this build can act on; the others are listed (so tools see
+ * QEMU's names) but refuse to be switched on. */
+static const bool cap_supported[VMIG_CAP__MAX] = {
+	[VMIG_CAP_VERIFY_MEMORY] = true,
+};
+
+static const struct {
+	const char *name;
+	int64_t def, min, max;
+	bool live; /* may change while a migration runs */
+} param_info[VMIG_PARAM__MAX] = {
+	[VMIG_PARAM_MAX_BANDWIDTH] = {"max-bandwidth", 0, 0, INT64_MAX, true},
+	[VMIG_PARAM_DOWNTIME_LIMIT] = {"downtime-limit", 300, 0, 2000000, true},
+	[VMIG_PARAM_MULTIFD_CHANNELS] = {"multifd-channels", 2, 1, 255, false},
+	[VMIG_PARAM_DIRTY_TRACKING] = {"x-vmig-dirty-tracking", VMIG_DIRTY_AUTO, VMIG_DIRTY_AUTO,
+				       VMIG_DIRTY_UFFD_SYNC, false},
+};
+
+static const char *const param_names[VMIG_PARAM__MAX + 1] = {
+	"max-bandwidth",
+	"downtime-limit",
+	"multifd-channels",
+	"x-vmig-dirty-tracking",
+};
+
+VMIG_EXPORT const char *vmig_status_name(enum vmig_status status)
+{
+	if ((unsigned)status >= VMIG_STATUS__MAX)
+		return "unknown";
+	return status_names[status];
+}
+
+VMIG_EXPORT const char *const *vmig_capability_names(void)
+{
+	return cap_names;
+}
+
+VMIG_EXPORT const char *const *vmig_parameter_names(void)
+{
+	return param_names;
+}
+
+VMIG_EXPORT int vmig_session_new(vmig_session **out, const struct vmig_vm_ops *ops, void *opaque)
+{
+	struct vmig_session *s;
+
+	if (!out || !ops || !ops->stop || !ops->start || !ops->save_state || !ops->load_state)
+		return -EINVAL;
+	s = calloc(1, sizeof(*s));
+	if (!s)
+		return -ENOMEM;
+	s->ops = *ops;
+	s->opaque = opaque;
+	s->fd = s->listen_fd = -1;
+	s->autostart = true;
+	s->cancel_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (s->cancel_efd < 0) {
+		free(s);
+		return -errno;
+	}
+	for (int i = 0; i < VMIG_PARAM__MAX; i++)
+		s->params[i] = param_info[i].def;
+	pthread_mutex_init(&s->lock, NULL);
+	pthread_cond_init(&s->cond, NULL);
+	s->stats.ram.page_size = VMIG_PAGE_SIZE;
+	*out = s;
+	return 0;
+}
+
+/* Join a finished (or cancelled) migration thread. */
+static void join_thread(struct vmig_session *s)
+{
+	if (!s->thread_started)
+		return;
+	pthread_join(s->thread, NULL);
+	s->thread_started = false;
+}
+
+static bool migration_running(struct vmig_session *s)
+{
+	enum vmig_status st;
+
+	pthread_mutex_lock(&s->lock);
+	st = s->status;
+	pthread_mutex_unlock(&s->lock);
+	return st == VMIG_STATUS_SETUP || st == VMIG_STATUS_ACTIVE ||
+	       st == VMIG_STATUS_CANCELLING || st == VMIG_STATUS_DEVICE ||
+	       st == VMIG_STATUS_POSTCOPY_ACTIVE || st == VMIG_STATUS_POSTCOPY_PAUSED ||
+	       st == VMIG_STATUS_POSTCOPY_RECOVER;
+}
+
+VMIG_EXPORT void vmig_session_free(vmig_session *s)
+{
+	if (!s)
+		return;
+	vmig_cancel(s);
+	join_thread(s);
+	for (unsigned i = 0; i < s->nblocks; i++) {
+		free(s->blocks[i].dirty);
+		free(s->blocks[i].page_hash);
+		free(s->blocks[i].received);
+	}
+	if (s->listen_fd >= 0)
+		close(s->listen_fd);
+	close(s->cancel_efd);
+	pthread_cond_destroy(&s->cond);
+	pthread_mutex_destroy(&s->lock);
+	free(s);
+}
+
+VMIG_EXPORT const char *vmig_session_error(const vmig_session *s)
+{
+	return s ? s->err.msg : "";
+}
+
+VMIG_EXPORT int vmig_ram_block_add(vmig_session *s, const struct vmig_ram_block *blk)
+{
+	struct vmig__block *b;
+	size_t words;
+
+	if (!s || !blk || !blk->name || !blk->host)
+		return -EINVAL;
+	if (!*blk->name || strlen(blk->name) > VMIG_BLOCK_NAME_MAX || !blk->size ||
+	    blk->size % VMIG_PAGE_SIZE || (uintptr_t)blk->host % VMIG_PAGE_SIZE) {
+		vmig__err_set(&s->err, "RAM block '%s': bad name, size or alignment", blk->name);
+		return -EINVAL;
+	}
+	if (s->nblocks == VMIG_MAX_BLOCKS || s->thread_started)
+		return -EBUSY;
+	for (unsigned i = 0; i < s->nblocks; i++)
+		if (!strcmp(s->blocks[i].name, blk->name))
+			return -EEXIST;
+	b = &s->blocks[s->nblocks];
+	memset(b, 0, sizeof(*b));
+	strcpy(b->name, blk->name);
+	b->host = blk->host;
+	b->size = blk->size;
+	b->npages = blk->size / VMIG_PAGE_SIZE;
+	b->fd = blk->fd;
+	b->fd_offset = blk->fd_offset;
+	words = vmig__bitmap_words(b->npages);
+	b->dirty = calloc(words, sizeof(uint64_t));
+	b->received = calloc(words, sizeof(uint64_t));
+	b->page_hash = calloc(b->npages, sizeof(uint64_t));
+	if (!b->dirty || !b->received || !b->page_hash) {
+		free(b->dirty);
+		free(b->received);
+		free(b->page_hash);
+		return -ENOMEM;
+	}
+	s->nblocks++;
+	pthread_mutex_lock(&s->lock);
+	s->stats.ram.total += blk->size;
+	pthread_mutex_unlock(&s->lock);
+	return 0;
+}
+
+static int cap_index(const char *name)
+{
+	for (int i = 0; i < VMIG_CAP__MAX; i++)
+		if (!strcmp(cap_names[i], name))
+			return i;
+	return -1;
+}
+
+VMIG_EXPORT int vmig_capability_set(vmig_session *s, const char *name, bool on)
+{
+	int i = name ? cap_index(name) : -1;
+
+	if (!s)
+		return -EINVAL;
+	if (i < 0) {
+		vmig__err_set(&s->err, "unknown migration capability '%s'", name ? name : "");
+		return -ENOENT;
+	}
+	if (migration_running(s)) {
+		vmig__err_set(&s->err, "cannot change capability '%s' during a migration", name);
+		return -EBUSY;
+	}
+	if (on && !cap_supported[i]) {
+		vmig__err_set(&s->err, "capability '%s' is not supported by this build", name);
+		return -ENOTSUP;
+	}
+	s->caps[i] = on;
+	return 0;
+}
+
+VMIG_EXPORT int vmig_capability_get(const vmig_session *s, const char *name, bool *on)
+{
+	int i = name ? cap_index(name) : -1;
+
+	if (!s || !on)
+		return -EINVAL;
+	if (i < 0)
+		return -ENOENT;
+	*on = s->caps[i];
+	return 0;
+}
+
+static int param_index(const char *name)
+{
+	for (int i = 0; i < VMIG_PARAM__MAX; i++)
+		if (!strcmp(param_info[i].name, name))
+			return i;
+	return -1;
+}
+
+VMIG_EXPORT int vmig_parameter_set(vmig_session *s, const char *name, int64_t value)
+{
+	int i = name ? param_index(name) : -1;
+
+	if (!s)
+		return -EINVAL;
+	if (i < 0) {
+		vmig__err_set(&s->err, "unknown migration parameter '%s'", name ? name : "");
+		return -ENOENT;
+	}
+	if (value < param_info[i].min || value > param_info[i].max) {
+		vmig__err_set(&s->err, "parameter '%s' must be between %lld and %lld", name,
+			      (long long)param_info[i].min, (long long)param_info[i].max);
+		return -ERANGE;
+	}
+	if (!param_info[i].live && migration_running(s)) {
+		vmig__err_set(&s->err, "cannot change parameter '%s' during a migration", name);
+		return -EBUSY;
+	}
+	__atomic_store_n(&s->params[i], value, __ATOMIC_RELAXED);
+	return 0;
+}
+
+VMIG_EXPORT int vmig_parameter_get(const vmig_session *s, const char *name, int64_t *value)
+{
+	int i = name ? param_index(name) : -1;
+
+	if (!s || !value)
+		return -EINVAL;
+	if (i < 0)
+		return -ENOENT;
+	*value = __atomic_load_n(&s->params[i], __ATOMIC_RELAXED);
+	return 0;
+}
+
+VMIG_EXPORT int vmig_set_autostart(vmig_session *s, bool on)
+{
+	if (!s)
+		return -EINVAL;
+	s->autostart = on;
+	return 0;
+}
+
+void vmig__emit(struct vmig_session *s, enum vmig_event_type type)
+{
+	struct vmig_event ev = {.type = type};
+
+	pthread_mutex_lock(&s->lock);
+	ev.status = s->status;
+	pthread_mutex_unlock(&s->lock);
+	if (s->ops.event)
+		s->ops.event(s->opaque, &ev);
+}
+
+void vmig__set_status(struct vmig_session *s, enum vmig_status st)
+{
+	pthread_mutex_lock(&s->lock);
+	if (s->status == st) {
+		pthread_mutex_unlock(&s->lock);
+		return;
+	}
+	s->status = st;
+	s->stats.status = st;
+	pthread_mutex_unlock(&s->lock);
+	vmig__emit(s, VMIG_EVENT_STATUS);
+}
+
+void vmig__fail(struct vmig_session *s, int ret, const char *fmt, ...)
+{
+	va_list ap;
+	bool cancelled = vmig__cancelled(s);
+
+	pthread_mutex_lock(&s->lock);
+	if (!s->err.msg[0] && !cancelled) {
+		va_start(ap, fmt);
+		vmig__err_vset(&s->err, fmt, ap);
+		va_end(ap);
+		if (ret && !strstr(s->err.msg, strerror(-ret)) && strlen(s->err.msg) < 200)
+			snprintf(s->err.msg + strlen(s->err.msg),
+				 sizeof(s->err.msg) - strlen(s->err.msg), " (%s)", strerror(-ret));
+	}
+	snprintf(s->stats.error_desc, sizeof(s->stats.error_desc), "%s", s->err.msg);
+	pthread_mutex_unlock(&s->lock);
+	vmig__set_status(s, cancelled ? VMIG_STATUS_CANCELLED : VMIG_STATUS_FAILED);
+}
+
+void vmig__publish(struct vmig_session *s, const struct vmig_stats *st)
+{
+	pthread_mutex_lock(&s->lock);
+	s->stats.total_time_ms = st->total_time_ms;
+	s->stats.setup_time_ms = st->setup_time_ms;
+	s->stats.downtime_ms = st->downtime_ms;
+	s->stats.downtime_us = st->downtime_us;
+	s->stats.expected_downtime_ms = st->expected_downtime_ms;
+	s->stats.ram = st->ram;
+	pthread_mutex_unlock(&s->lock);
+}
+
+/* Reset per-migration state; called with no migration thread running. */
+static int begin(struct vmig_session *s, const char *uri, bool source)
+{
+	uint64_t junk;
+
+	if (!s->nblocks) {
+		vmig__err_set(&s->err, "no guest RAM registered");
+		return -EINVAL;
+	}
+	if (migration_running(s)) {
+		vmig__err_set(&s->err, "a migration is already in progress");
+		return -EBUSY;
+	}
+	join_thread(s);
+	while (read(s->cancel_efd, &junk, sizeof(junk)) > 0)
+		;
+	__atomic_store_n(&s->cancel, false, __ATOMIC_RELEASE);
+	snprintf(s->uri, sizeof(s->uri), "%s", uri);
+	s->is_source = source;
+	s->start_ns = vmig__now_ns();
+	s->rp_started = s->rp_resumed = s->rp_failed = false;
+	s->rp_acked_round = 0;
+	pthread_mutex_lock(&s->lock);
+	vmig__err_clear(&s->err);
+	memset(&s->stats, 0, sizeof(s->stats));
+	s->stats.is_source = source;
+	s->stats.ram.page_size = VMIG_PAGE_SIZE;
+	for (unsigned i = 0; i < s->nblocks; i++)
+		s->stats.ram.total += s->blocks[i].size;
+	pthread_mutex_unlock(&s->lock);
+	vmig__set_status(s, VMIG_STATUS_SETUP);
+	return 0;
+}
+
+static int spawn(struct vmig_session *s, void *(*fn)(void *))
+{
+	int ret = pthread_create(&s->thread, NULL, fn, s);
+
+	if (ret) {
+		vmig__fail(s, -ret, "cannot start the migration thread");
+		return -ret;
+	}
+	s->thread_started = true;
+	return 0;
+}
+
+VMIG_EXPORT int vmig_migrate(vmig_session *s, const char *uri)
+{
+	struct vmig__uri u;
+	int ret;
+
+	if (!s || !uri)
+		return -EINVAL;
+	ret = vmig__uri_parse(uri, &u, &s->err);
+	if (ret)
+		return ret;
+	ret = begin(s, uri, true);
+	return ret ? ret : spawn(s, vmig__source_thread);
+}
+
+VMIG_EXPORT int vmig_incoming(vmig_session *s, const char *uri)
+{
+	struct vmig__uri u;
+	int ret;
+
+	if (!s || !uri)
+		return -EINVAL;
+	ret = vmig__uri_parse(uri, &u, &s->err);
+	if (ret)
+		return ret;
+	if (migration_running(s)) {
+		vmig__err_set(&s->err, "a migration is already in progress");
+		return -EBUSY;
+	}
+	/* Bind now, so a busy port is reported to the caller at once. */
+	if (s->listen_fd >= 0) {
+		close(s->listen_fd);
+		s->listen_fd = -1;
+	}
+	ret = vmig__chan_listen(&u, &s->listen_fd, &s->err);
+	if (ret)
+		return ret;
+	ret = begin(s, uri, false);
+	if (ret)
+		return ret;
+	return spawn(s, vmig__dest_thread);
+}
+
+VMIG_EXPORT int vmig_cancel(vmig_session *s)
+{
+	uint64_t one = 1;
+
+	if (!s)
+		return -EINVAL;
+	if (!migration_running(s))
+		return 0;
+	__atomic_store_n(&s->cancel, true, __ATOMIC_RELEASE);
+	pthread_mutex_lock(&s->lock);
+	if (s->status == VMIG_STATUS_ACTIVE || s->status == VMIG_STATUS_SETUP) {
+		s->status = s->stats.status = VMIG_STATUS_CANCELLING;
+		pthread_mutex_unlock(&s->lock);
+		vmig__emit(s, VMIG_EVENT_STATUS);
+		pthread_mutex_lock(&s->lock);
+	}
+	/* Unblock any socket I/O of the migration threads. */
+	if (s->fd >= 0)
+		shutdown(s->fd, SHUT_RDWR);
+	pthread_cond_broadcast(&s->cond);
+	pthread_mutex_unlock(&s->lock);
+	if (write(s->cancel_efd, &one, sizeof(one)) < 0) {
+		/* eventfd overflow cannot happen with one write per cancel */
+	}
+	return 0;
+}
+
+VMIG_EXPORT int vmig_query(vmig_session *s, struct vmig_stats *out)
+{
+	if (!s || !out)
+		return -EINVAL;
+	pthread_mutex_lock(&s->lock);
+	*out = s->stats;
+	out->status = s->status;
+	if (s->status == VMIG_STATUS_SETUP || s->status == VMIG_STATUS_ACTIVE ||
+	    s->status == VMIG_STATUS_CANCELLING || s->status == VMIG_STATUS_DEVICE)
+		out->total_time_ms = (int64_t)((vmig__now_ns() - s->start_ns) / 1000000);
+	pthread_mutex_unlock(&s->lock);
+	return 0;
+}

@@ -1,0 +1,98 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The vmig migration stream, on the wire. docs/stream-format.md describes the
+ * same thing as byte tables; keep the two in step.
+ *
+ * Everything is little-endian. A stream starts with a 16-byte preamble, then
+ * a sequence of records. Each record is an 8-byte header (type, flags,
+ * reserved, payload length) followed by its payload. A record never guesses:
+ * an unknown type, a reserved bit set, or a length outside the bounds of its
+ * type is an error. The same framing carries the return path
+ * (destination to source) on the same connection.
+ */
+#ifndef VMIG_STREAM_FORMAT_H
+#define VMIG_STREAM_FORMAT_H
+
+#include <stdint.h>
+
+#define VMIG_STREAM_MAGIC "VMIGSTRM" /* 8 bytes, no NUL on the wire */
+#define VMIG_STREAM_VERSION 1u
+
+/* Pages per PAGES/ZERO record at most: 64 pages = 256 KiB of payload. */
+#define VMIG_REC_MAX_PAGES 64u
+/* Largest payload of any record (device state is the big one). */
+#define VMIG_REC_MAX_PAYLOAD (16u << 20)
+#define VMIG_MAX_BLOCKS 64u
+#define VMIG_BLOCK_NAME_MAX 64u
+
+struct vmig_wire_preamble {
+	char magic[8];
+	uint32_t version;
+	uint32_t flags; /* must be 0 in version 1 */
+} __attribute__((packed));
+
+struct vmig_wire_rec {
+	uint8_t type;
+	uint8_t flags;
+	uint16_t reserved; /* must be 0 */
+	uint32_t len;      /* payload bytes after this header */
+} __attribute__((packed));
+
+enum vmig_rec_type {
+	/* source -> destination */
+	VMIG_REC_BLOCKS = 0x01, /* RAM block list: must be first */
+	VMIG_REC_PAGES = 0x02,  /* run of whole pages */
+	VMIG_REC_ZERO = 0x03,   /* run of zero pages, no data */
+	VMIG_REC_SYNC = 0x04,   /* end of a dirty-sync round */
+	VMIG_REC_STATE = 0x05,  /* device/vCPU state blob */
+	VMIG_REC_DIGEST = 0x06, /* memory digest at switch-over */
+	VMIG_REC_EOS = 0x07,    /* end of stream */
+
+	/* destination -> source (return path) */
+	VMIG_RP_READY = 0x40,   /* blocks accepted, go ahead */
+	VMIG_RP_RESUMED = 0x41, /* destination verified and started */
+	VMIG_RP_ERROR = 0x42,   /* destination failed: UTF-8 text */
+	VMIG_RP_SYNC_ACK = 0x43, /* all records up to SYNC round N are placed */
+};
+
+/* BLOCKS payload: u32 count, then count entries of: */
+struct vmig_wire_block {
+	uint8_t name_len; /* 1..VMIG_BLOCK_NAME_MAX, name follows, no NUL */
+	uint8_t reserved[3];
+	uint32_t page_size; /* 4096 in version 1 */
+	uint64_t size;      /* bytes, multiple of page_size */
+} __attribute__((packed));
+
+/* PAGES and ZERO payload prefix; PAGES then carries npages * 4096 bytes. */
+struct vmig_wire_pages {
+	uint32_t block;
+	uint32_t npages; /* 1..VMIG_REC_MAX_PAGES */
+	uint64_t first;  /* page index within the block */
+} __attribute__((packed));
+
+/* SYNC payload */
+struct vmig_wire_sync {
+	uint64_t round;
+	uint64_t dirty_pages;
+} __attribute__((packed));
+
+/* DIGEST payload */
+#define VMIG_DIGEST_F_MEMORY 0x1u /* mem_digest is valid */
+struct vmig_wire_digest {
+	uint32_t flags;
+	uint32_t reserved;
+	uint64_t page_digest; /* XXH3-64 over the array of per-page XXH3-64 */
+	uint64_t mem_digest;  /* same, recomputed from memory at switch-over */
+} __attribute__((packed));
+
+/* RP_SYNC_ACK payload */
+struct vmig_wire_sync_ack {
+	uint64_t round;
+} __attribute__((packed));
+
+/* RP_RESUMED payload */
+struct vmig_wire_resumed {
+	uint64_t load_us; /* destination time from EOS to running */
+} __attribute__((packed));
+
+#endif

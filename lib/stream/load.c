@@ -1,0 +1,344 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Destination-side record loader: reads records, checks them, and places
+ * pages into guest RAM.
+ *
+ * Threat model: every byte comes from the peer and is untrusted. The peer
+ * may send garbage, truncate the stream anywhere, lie about lengths, name
+ * blocks or pages that do not exist, or repeat records. Each record header
+ * is checked (type known, flags and reserved zero, length within the bounds
+ * of its type) before its payload is read; each page run is checked against
+ * the block it names before a byte is written to guest RAM. Nothing is
+ * guessed: on any doubt the load fails with a message that says what was
+ * wrong and at which stream offset.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ram/bitmap.h"
+#include "stream/stream.h"
+
+#define BLOCKS_PAYLOAD_MAX (4 + VMIG_MAX_BLOCKS * (sizeof(struct vmig_wire_block) + VMIG_BLOCK_NAME_MAX))
+
+static int fail(struct vmig__loader *l, int ret, uint64_t at, const char *what)
+{
+	vmig__err_set_first(l->err, "invalid migration stream at offset %llu: %s",
+			    (unsigned long long)at, what);
+	return ret;
+}
+
+static int read_error(struct vmig__loader *l, int ret, const char *what)
+{
+	if (ret == -EPIPE)
+		vmig__err_set_first(l->err, "migration stream ended early (after %llu bytes, in %s)",
+				    (unsigned long long)l->r->bytes, what);
+	else
+		vmig__err_set_first(l->err, "reading migration stream (%s): %s", what,
+				    strerror(-ret));
+	return ret;
+}
+
+int vmig__load_preamble(struct vmig__loader *l)
+{
+	struct vmig_wire_preamble pre;
+	int ret = vmig__reader_read(l->r, &pre, sizeof(pre));
+
+	if (ret)
+		return read_error(l, ret, "preamble");
+	if (memcmp(pre.magic, VMIG_STREAM_MAGIC, sizeof(pre.magic)))
+		return fail(l, -EPROTO, 0, "not a vmig migration stream (bad magic)");
+	if (pre.version != VMIG_STREAM_VERSION) {
+		vmig__err_set_first(l->err,
+				    "unsupported migration stream version %u (this build reads %u)",
+				    pre.version, VMIG_STREAM_VERSION);
+		return -EPROTONOSUPPORT;
+	}
+	if (pre.flags)
+		return fail(l, -EPROTO, 8, "unknown preamble flags");
+	return 0;
+}
+
+static int load_blocks(struct vmig__loader *l, uint32_t len, uint64_t at)
+{
+	uint8_t buf[BLOCKS_PAYLOAD_MAX];
+	uint32_t count;
+	size_t off = 4;
+	int ret;
+
+	if (l->blocks_ok)
+		return fail(l, -EPROTO, at, "RAM block list sent twice");
+	if (len < 4 || len > sizeof(buf))
+		return fail(l, -EPROTO, at, "bad RAM block list length");
+	ret = vmig__reader_read(l->r, buf, len);
+	if (ret)
+		return read_error(l, ret, "RAM block list");
+	memcpy(&count, buf, 4);
+	if (count != l->nblocks) {
+		vmig__err_set_first(l->err, "source has %u RAM blocks, destination has %u", count,
+				    l->nblocks);
+		return -EINVAL;
+	}
+	for (uint32_t i = 0; i < count; i++) {
+		struct vmig_wire_block wb;
+		struct vmig__load_block *b = &l->blocks[i];
+
+		if (len - off < sizeof(wb))
+			return fail(l, -EPROTO, at, "RAM block list truncated");
+		memcpy(&wb, buf + off, sizeof(wb));
+		off += sizeof(wb);
+		if (!wb.name_len || wb.name_len > VMIG_BLOCK_NAME_MAX || len - off < wb.name_len ||
+		    wb.reserved[0] | wb.reserved[1] | wb.reserved[2])
+			return fail(l, -EPROTO, at, "bad RAM block entry");
+		if (wb.page_size != VMIG_PAGE_SIZE)
+			return fail(l, -EPROTO, at, "unsupported page size");
+		if (strlen(b->name) != wb.name_len || memcmp(b->name, buf + off, wb.name_len)) {
+			vmig__err_set_first(l->err, "RAM block %u is '%.*s' on the source, '%s' here",
+					    i, (int)wb.name_len, (const char *)buf + off, b->name);
+			return -EINVAL;
+		}
+		off += wb.name_len;
+		if (wb.size != b->size) {
+			vmig__err_set_first(l->err,
+					    "RAM block '%s' size mismatch: source %llu bytes, "
+					    "destination %llu bytes",
+					    b->name, (unsigned long long)wb.size,
+					    (unsigned long long)b->size);
+			return -EINVAL;
+		}
+	}
+	if (off != len)
+		return fail(l, -EPROTO, at, "trailing bytes after RAM block list");
+	l->blocks_ok = true;
+	return 0;
+}
+
+/* Check a page run against its block; returns the block or NULL. */
+static struct vmig__load_block *check_run(struct vmig__loader *l, const struct vmig_wire_pages *pg,
+					  uint64_t at)
+{
+	struct vmig__load_block *b;
+
+	if (pg->block >= l->nblocks) {
+		fail(l, -EPROTO, at, "page record names an unknown RAM block");
+		return NULL;
+	}
+	b = &l->blocks[pg->block];
+	if (!pg->npages || pg->npages > VMIG_REC_MAX_PAGES || pg->first >= b->npages ||
+	    pg->npages > b->npages - pg->first) {
+		fail(l, -EPROTO, at, "page record outside its RAM block");
+		return NULL;
+	}
+	return b;
+}
+
+static int load_pages(struct vmig__loader *l, uint8_t type, uint32_t len, uint64_t at)
+{
+	struct vmig_wire_pages pg;
+	struct vmig__load_block *b;
+	uint8_t *dst;
+	int ret;
+
+	if (!l->blocks_ok)
+		return fail(l, -EPROTO, at, "page record before the RAM block list");
+	if (len < sizeof(pg))
+		return fail(l, -EPROTO, at, "page record too short");
+	ret = vmig__reader_read(l->r, &pg, sizeof(pg));
+	if (ret)
+		return read_error(l, ret, "page record");
+	b = check_run(l, &pg, at);
+	if (!b)
+		return -EPROTO;
+	dst = b->host + pg.first * VMIG_PAGE_SIZE;
+	if (type == VMIG_REC_ZERO) {
+		if (len != sizeof(pg))
+			return fail(l, -EPROTO, at, "zero-page record with a payload");
+		for (uint32_t i = 0; i < pg.npages; i++) {
+			uint64_t pfn = pg.first + i;
+
+			/* Untouched pages are already zero: don't fault them in. */
+			if (vmig__bitmap_test(b->received, pfn))
+				memset(dst + (uint64_t)i * VMIG_PAGE_SIZE, 0, VMIG_PAGE_SIZE);
+			b->page_hash[pfn] = vmig__zero_page_hash();
+		}
+		l->pages_zero += pg.npages;
+		return 0;
+	}
+	if (len - sizeof(pg) != (uint64_t)pg.npages * VMIG_PAGE_SIZE)
+		return fail(l, -EPROTO, at, "page record length does not match its page count");
+	ret = vmig__reader_read(l->r, dst, (size_t)pg.npages * VMIG_PAGE_SIZE);
+	if (ret)
+		return read_error(l, ret, "page data");
+	for (uint32_t i = 0; i < pg.npages; i++) {
+		b->page_hash[pg.first + i] = vmig__page_hash(dst + (uint64_t)i * VMIG_PAGE_SIZE);
+		vmig__bitmap_set(b->received, pg.first + i);
+	}
+	l->pages_normal += pg.npages;
+	return 0;
+}
+
+static int load_fixed(struct vmig__loader *l, uint32_t len, uint64_t at, void *dst, size_t size,
+		      const char *what)
+{
+	int ret;
+
+	if (len != size)
+		return fail(l, -EPROTO, at, what);
+	ret = vmig__reader_read(l->r, dst, size);
+	return ret ? read_error(l, ret, what) : 0;
+}
+
+static int load_state(struct vmig__loader *l, uint32_t len, uint64_t at)
+{
+	int ret;
+
+	if (l->state)
+		return fail(l, -EPROTO, at, "device state sent twice");
+	l->state = malloc(len ? len : 1);
+	if (!l->state) {
+		vmig__err_set_first(l->err, "out of memory for %u bytes of device state", len);
+		return -ENOMEM;
+	}
+	l->state_len = len;
+	ret = vmig__reader_read(l->r, l->state, len);
+	return ret ? read_error(l, ret, "device state") : 0;
+}
+
+int vmig__load_record(struct vmig__loader *l, uint8_t *type)
+{
+	struct vmig_wire_rec rec;
+	struct vmig_wire_sync sync;
+	uint64_t at = l->r->bytes - (l->r->len - l->r->pos);
+	int ret;
+
+	ret = vmig__reader_read(l->r, &rec, sizeof(rec));
+	if (ret)
+		return read_error(l, ret, "record header");
+	*type = rec.type;
+	if (rec.flags || rec.reserved)
+		return fail(l, -EPROTO, at, "record header has unknown flags");
+	if (rec.len > VMIG_REC_MAX_PAYLOAD)
+		return fail(l, -EPROTO, at, "record longer than the format allows");
+	if (l->eos)
+		return fail(l, -EPROTO, at, "record after end of stream");
+	if (rec.type != VMIG_REC_BLOCKS && !l->blocks_ok)
+		return fail(l, -EPROTO, at, "stream does not start with the RAM block list");
+
+	switch (rec.type) {
+	case VMIG_REC_BLOCKS:
+		return load_blocks(l, rec.len, at);
+	case VMIG_REC_PAGES:
+	case VMIG_REC_ZERO:
+		return load_pages(l, rec.type, rec.len, at);
+	case VMIG_REC_SYNC:
+		ret = load_fixed(l, rec.len, at, &sync, sizeof(sync), "bad sync record");
+		if (!ret) {
+			l->rounds++;
+			l->last_round = sync.round;
+		}
+		return ret;
+	case VMIG_REC_STATE:
+		return load_state(l, rec.len, at);
+	case VMIG_REC_DIGEST:
+		if (l->have_digest)
+			return fail(l, -EPROTO, at, "digest sent twice");
+		ret = load_fixed(l, rec.len, at, &l->digest, sizeof(l->digest), "bad digest record");
+		if (ret)
+			return ret;
+		if (l->digest.flags & ~VMIG_DIGEST_F_MEMORY || l->digest.reserved)
+			return fail(l, -EPROTO, at, "digest record has unknown flags");
+		l->have_digest = true;
+		return 0;
+	case VMIG_REC_EOS:
+		if (rec.len)
+			return fail(l, -EPROTO, at, "end-of-stream record with a payload");
+		if (!l->state || !l->have_digest)
+			return fail(l, -EPROTO, at, "end of stream before device state and digest");
+		l->eos = true;
+		return 0;
+	default: {
+		char what[64];
+
+		snprintf(what, sizeof(what), "unknown record type 0x%02x", rec.type);
+		return fail(l, -EPROTO, at, what);
+	}
+	}
+}
+
+int vmig__load_verify(struct vmig__loader *l)
+{
+	uint64_t *hashes[VMIG_MAX_BLOCKS];
+	uint64_t npages[VMIG_MAX_BLOCKS];
+	uint64_t got;
+
+	for (unsigned i = 0; i < l->nblocks; i++) {
+		hashes[i] = l->blocks[i].page_hash;
+		npages[i] = l->blocks[i].npages;
+	}
+	got = vmig__digest_of_hashes(hashes, npages, l->nblocks);
+	if (got != l->digest.page_digest) {
+		vmig__err_set_first(l->err,
+				    "memory digest mismatch: source %016llx, destination %016llx",
+				    (unsigned long long)l->digest.page_digest,
+				    (unsigned long long)got);
+		return -EBADMSG;
+	}
+	if (!(l->digest.flags & VMIG_DIGEST_F_MEMORY))
+		return 0;
+	/* Full check: hash guest RAM as it is now, page by page. */
+	for (unsigned i = 0; i < l->nblocks; i++) {
+		struct vmig__load_block *b = &l->blocks[i];
+
+		for (uint64_t p = 0; p < b->npages; p++) {
+			if (vmig__page_hash(b->host + p * VMIG_PAGE_SIZE) != b->page_hash[p]) {
+				vmig__err_set_first(l->err,
+						    "RAM block '%s' page %llu differs from what "
+						    "was received",
+						    b->name, (unsigned long long)p);
+				return -EBADMSG;
+			}
+		}
+	}
+	if (got != l->digest.mem_digest) {
+		vmig__err_set_first(l->err, "memory digest at switch-over does not match");
+		return -EBADMSG;
+	}
+	return 0;
+}
+
+void vmig__loader_release(struct vmig__loader *l)
+{
+	free(l->state);
+	l->state = NULL;
+	l->state_len = 0;
+}
+
+int vmig__rp_read(struct vmig__reader *r, uint8_t *type, void *payload, size_t cap, size_t *len,
+		  struct vmig__err *err)
+{
+	struct vmig_wire_rec rec;
+	int ret = vmig__reader_read(r, &rec, sizeof(rec));
+
+	if (ret) {
+		if (ret == -EPIPE)
+			vmig__err_set_first(err, "destination closed the connection");
+		else
+			vmig__err_set_first(err, "reading return path: %s", strerror(-ret));
+		return ret;
+	}
+	if (rec.type < VMIG_RP_READY || rec.type > VMIG_RP_SYNC_ACK || rec.flags || rec.reserved ||
+	    rec.len > cap) {
+		vmig__err_set_first(err, "invalid return-path message (type 0x%02x, %u bytes)",
+				    rec.type, rec.len);
+		return -EPROTO;
+	}
+	ret = vmig__reader_read(r, payload, rec.len);
+	if (ret) {
+		vmig__err_set_first(err, "return path ended early");
+		return ret;
+	}
+	*type = rec.type;
+	*len = rec.len;
+	return 0;
+}

@@ -1,0 +1,135 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Record framing for the migration stream: a batching writer (source side),
+ * a buffered reader, and the record loader (destination side). Internal.
+ *
+ * Ownership and threads: a writer or reader belongs to one thread. The fd is
+ * owned by the caller; these objects never close it.
+ */
+#ifndef VMIG_STREAM_H
+#define VMIG_STREAM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "stream/format.h"
+#include "util/util.h"
+
+/* ---- writer ---------------------------------------------------------- */
+
+#define VMIG_WRITER_IOV 512
+#define VMIG_WRITER_HDRBUF (32u << 10)
+#define VMIG_WRITER_FLUSH_BYTES (1u << 20)
+
+/*
+ * Called before each flush with the number of bytes about to be written;
+ * may sleep (rate limiting). Returning non-zero aborts the flush with that
+ * error (cancellation).
+ */
+typedef int (*vmig__throttle_fn)(void *opaque, size_t bytes);
+
+struct vmig__writer {
+	int fd;
+	int err; /* sticky: first error, -errno; puts after it are no-ops */
+	uint64_t bytes;
+	vmig__throttle_fn throttle;
+	void *throttle_opaque;
+	int niov;
+	size_t pending;
+	size_t hdrlen;
+	struct iovec iov[VMIG_WRITER_IOV];
+	uint8_t hdrbuf[VMIG_WRITER_HDRBUF];
+};
+
+void vmig__writer_init(struct vmig__writer *w, int fd);
+/* Preamble: magic + version. */
+void vmig__writer_preamble(struct vmig__writer *w);
+/* A record whose payload is copied now (payload may be reused at once). */
+void vmig__writer_rec(struct vmig__writer *w, uint8_t type, const void *payload, uint32_t len);
+/* A run of npages whole pages at host (referenced, not copied: host must
+ * stay mapped until the next flush). */
+void vmig__writer_pages(struct vmig__writer *w, uint32_t block, uint64_t first, uint32_t npages,
+			const void *host);
+void vmig__writer_zero(struct vmig__writer *w, uint32_t block, uint64_t first, uint32_t npages);
+/* Write out everything queued. Returns the sticky error. */
+int vmig__writer_flush(struct vmig__writer *w);
+
+/* ---- reader ---------------------------------------------------------- */
+
+#define VMIG_READER_BUF (64u << 10)
+
+/* Reads from an fd, or from a memory buffer (fd < 0) for the fuzzer. */
+struct vmig__reader {
+	int fd;
+	const uint8_t *mem;
+	size_t mem_len;
+	size_t mem_pos;
+	uint64_t bytes;
+	size_t pos;
+	size_t len;
+	uint8_t buf[VMIG_READER_BUF];
+};
+
+void vmig__reader_init_fd(struct vmig__reader *r, int fd);
+void vmig__reader_init_mem(struct vmig__reader *r, const void *data, size_t len);
+/* Exactly n bytes into dst. 0, -EPIPE on end of stream, or -errno. Large
+ * reads go straight into dst without passing through the buffer. */
+int vmig__reader_read(struct vmig__reader *r, void *dst, size_t n);
+/* Skip n bytes. */
+int vmig__reader_skip(struct vmig__reader *r, size_t n);
+
+/* ---- loader (destination) -------------------------------------------- */
+
+struct vmig__load_block {
+	char name[VMIG_BLOCK_NAME_MAX + 1];
+	uint8_t *host;
+	uint64_t size;
+	uint64_t npages;
+	uint64_t *page_hash; /* npages entries: XXH3-64 of each page as placed */
+	uint64_t *received;  /* bitmap: page was written at least once */
+};
+
+struct vmig__loader {
+	struct vmig__reader *r;
+	struct vmig__load_block *blocks;
+	unsigned nblocks;
+	struct vmig__err *err;
+
+	/* progress */
+	bool blocks_ok;
+	bool eos;
+	bool have_digest;
+	uint64_t rounds;
+	uint64_t last_round; /* round number of the last SYNC record */
+	uint64_t pages_normal;
+	uint64_t pages_zero;
+
+	/* device state, kept until the digest is checked */
+	uint8_t *state;
+	size_t state_len;
+	struct vmig_wire_digest digest;
+};
+
+/* Read and check the preamble. */
+int vmig__load_preamble(struct vmig__loader *l);
+/* Read, check and apply one record; *type gets its type. After EOS, l->eos
+ * is set and the caller verifies with vmig__load_verify(). */
+int vmig__load_record(struct vmig__loader *l, uint8_t *type);
+/* Compare the page digest (and memory digest, if sent) with what arrived. */
+int vmig__load_verify(struct vmig__loader *l);
+void vmig__loader_release(struct vmig__loader *l);
+
+/* Return-path record: type and a small payload (<= cap bytes). */
+int vmig__rp_read(struct vmig__reader *r, uint8_t *type, void *payload, size_t cap, size_t *len,
+		  struct vmig__err *err);
+
+/* ---- digest ------------------------------------------------------------ */
+
+uint64_t vmig__page_hash(const void *page);
+uint64_t vmig__zero_page_hash(void);
+/* XXH3-64 over the page-hash arrays of all blocks, in block order. */
+uint64_t vmig__digest_of_hashes(uint64_t *const *hashes, const uint64_t *npages, unsigned nblocks);
+
+#endif

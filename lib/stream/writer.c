@@ -1,0 +1,138 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Batching record writer for the source side. Record headers are packed into
+ * a small buffer and page data is referenced in place (guest RAM), so one
+ * writev() carries hundreds of records and the page bytes are copied once,
+ * by the kernel. Errors are sticky: after the first failure every put is a
+ * no-op and flush returns that error, so callers check once per batch.
+ */
+#include <errno.h>
+#include <string.h>
+
+#include "stream/stream.h"
+
+void vmig__writer_init(struct vmig__writer *w, int fd)
+{
+	w->fd = fd;
+	w->err = 0;
+	w->bytes = 0;
+	w->throttle = NULL;
+	w->throttle_opaque = NULL;
+	w->niov = 0;
+	w->pending = 0;
+	w->hdrlen = 0;
+}
+
+static void push_iov(struct vmig__writer *w, const void *base, size_t len)
+{
+	struct iovec *last = w->niov ? &w->iov[w->niov - 1] : NULL;
+
+	/* Merge with the previous iov when contiguous (headers packed back to back). */
+	if (last && (const uint8_t *)last->iov_base + last->iov_len == base) {
+		last->iov_len += len;
+	} else {
+		w->iov[w->niov].iov_base = (void *)base;
+		w->iov[w->niov].iov_len = len;
+		w->niov++;
+	}
+	w->pending += len;
+}
+
+/* Make room for a header of hdr bytes and up to two iovs. */
+static void reserve(struct vmig__writer *w, size_t hdr)
+{
+	if (w->niov + 2 > VMIG_WRITER_IOV || w->hdrlen + hdr > VMIG_WRITER_HDRBUF ||
+	    w->pending >= VMIG_WRITER_FLUSH_BYTES)
+		vmig__writer_flush(w);
+}
+
+static void *put_hdr(struct vmig__writer *w, uint8_t type, uint32_t len, size_t extra)
+{
+	struct vmig_wire_rec rec = {.type = type, .flags = 0, .reserved = 0, .len = len};
+	uint8_t *p;
+
+	reserve(w, sizeof(rec) + extra);
+	p = w->hdrbuf + w->hdrlen;
+	memcpy(p, &rec, sizeof(rec));
+	w->hdrlen += sizeof(rec) + extra;
+	push_iov(w, p, sizeof(rec) + extra);
+	return p + sizeof(rec);
+}
+
+void vmig__writer_preamble(struct vmig__writer *w)
+{
+	struct vmig_wire_preamble pre;
+	uint8_t *p;
+
+	if (w->err)
+		return;
+	memcpy(pre.magic, VMIG_STREAM_MAGIC, sizeof(pre.magic));
+	pre.version = VMIG_STREAM_VERSION;
+	pre.flags = 0;
+	reserve(w, sizeof(pre));
+	p = w->hdrbuf + w->hdrlen;
+	memcpy(p, &pre, sizeof(pre));
+	w->hdrlen += sizeof(pre);
+	push_iov(w, p, sizeof(pre));
+}
+
+void vmig__writer_rec(struct vmig__writer *w, uint8_t type, const void *payload, uint32_t len)
+{
+	if (w->err)
+		return;
+	if (len <= VMIG_WRITER_HDRBUF / 4) {
+		void *p = put_hdr(w, type, len, len);
+
+		if (len)
+			memcpy(p, payload, len);
+		return;
+	}
+	/* Big payload: reference it and flush now, since the caller may reuse it. */
+	put_hdr(w, type, len, 0);
+	push_iov(w, payload, len);
+	vmig__writer_flush(w);
+}
+
+void vmig__writer_pages(struct vmig__writer *w, uint32_t block, uint64_t first, uint32_t npages,
+			const void *host)
+{
+	struct vmig_wire_pages pg = {.block = block, .npages = npages, .first = first};
+	size_t data = (size_t)npages * VMIG_PAGE_SIZE;
+
+	if (w->err)
+		return;
+	memcpy(put_hdr(w, VMIG_REC_PAGES, (uint32_t)(sizeof(pg) + data), sizeof(pg)), &pg,
+	       sizeof(pg));
+	push_iov(w, host, data);
+}
+
+void vmig__writer_zero(struct vmig__writer *w, uint32_t block, uint64_t first, uint32_t npages)
+{
+	struct vmig_wire_pages pg = {.block = block, .npages = npages, .first = first};
+
+	if (w->err)
+		return;
+	memcpy(put_hdr(w, VMIG_REC_ZERO, sizeof(pg), sizeof(pg)), &pg, sizeof(pg));
+}
+
+int vmig__writer_flush(struct vmig__writer *w)
+{
+	if (w->err || !w->niov)
+		goto out;
+	if (w->throttle) {
+		int ret = w->throttle(w->throttle_opaque, w->pending);
+
+		if (ret) {
+			w->err = ret;
+			goto out;
+		}
+	}
+	w->err = vmig__writev_full(w->fd, w->iov, w->niov);
+	if (!w->err)
+		w->bytes += w->pending;
+out:
+	w->niov = 0;
+	w->pending = 0;
+	w->hdrlen = 0;
+	return w->err;
+}

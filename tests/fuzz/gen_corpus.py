@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""Writes the seed corpora of the stream and return-path fuzz targets.
+
+The seeds are valid (or nearly valid) streams built from the byte layout in
+docs/stream-format.md, for the two RAM blocks the fuzz target declares
+(pc.ram: 16 pages, vga.vram: 4 pages). Run it again after a format change.
+"""
+import os
+import struct
+import sys
+
+PAGE = 4096
+here = os.path.dirname(os.path.abspath(__file__))
+
+
+def rec(rtype, payload=b""):
+    return struct.pack("<BBHI", rtype, 0, 0, len(payload)) + payload
+
+
+def preamble(version=1):
+    return b"VMIGSTRM" + struct.pack("<II", version, 0)
+
+
+def blocks(entries):
+    body = struct.pack("<I", len(entries))
+    for name, size in entries:
+        body += struct.pack("<B3xIQ", len(name), PAGE, size) + name
+    return rec(0x01, body)
+
+
+def pages(block, first, data_pages):
+    n = len(data_pages)
+    return rec(0x02, struct.pack("<IIQ", block, n, first) + b"".join(data_pages))
+
+
+def zero(block, first, n):
+    return rec(0x03, struct.pack("<IIQ", block, n, first))
+
+
+def sync(rnd, dirty):
+    return rec(0x04, struct.pack("<QQ", rnd, dirty))
+
+
+def state(blob):
+    return rec(0x05, blob)
+
+
+def digest(flags=0, page=0, mem=0):
+    return rec(0x06, struct.pack("<IIQQ", flags, 0, page, mem))
+
+
+def eos():
+    return rec(0x07)
+
+
+def page_of(byte):
+    return bytes([byte]) * PAGE
+
+
+def main():
+    good_blocks = blocks([(b"pc.ram", 16 * PAGE), (b"vga.vram", 4 * PAGE)])
+    full = (preamble() + good_blocks + pages(0, 0, [page_of(1), page_of(2)]) +
+            zero(0, 2, 14) + zero(1, 0, 4) + sync(1, 3) + pages(0, 5, [page_of(9)]) +
+            pages(1, 3, [page_of(7)]) + zero(0, 0, 1) + state(b"vcpu-state") +
+            digest() + eos())
+    seeds = {
+        "stream": {
+            "full": full,
+            "full-verify": full.replace(digest(), digest(1, 5, 5)),
+            "blocks-only": preamble() + good_blocks,
+            "wrong-size": preamble() + blocks([(b"pc.ram", 8 * PAGE), (b"vga.vram", 4 * PAGE)]),
+            "wrong-version": preamble(2) + good_blocks,
+            "many-pages": preamble() + good_blocks +
+                          pages(0, 0, [page_of(i) for i in range(16)]) + eos(),
+            "oob-run": preamble() + good_blocks + zero(0, 15, 2),
+            "unknown-record": preamble() + good_blocks + rec(0x7f, b"x"),
+        },
+        "return_path": {
+            "resumed": rec(0x41, struct.pack("<Q", 1234)),
+            "error": rec(0x42, b"RAM block 'pc.ram' size mismatch"),
+            "ready-then-resumed": rec(0x40) + rec(0x41, struct.pack("<Q", 5)),
+            "oversized": struct.pack("<BBHI", 0x42, 0, 0, 1 << 20),
+        },
+    }
+    for target, files in seeds.items():
+        d = os.path.join(here, "corpus", target)
+        os.makedirs(d, exist_ok=True)
+        for name, data in files.items():
+            with open(os.path.join(d, name), "wb") as f:
+                f.write(data)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+# SPDX-License-Identifier: MIT
+"""Helpers for vmig's integration and interop tests (Python standard library only).
+
+- QMP: a small QMP client (greeting, capabilities, commands, events).
+- VM: starts build/vmig-vm with a QMP socket in a private temp dir and kills
+  it at the end, whatever happens.
+- Runner: runs test functions, prints `PASS: name` / `FAIL: name: reason`,
+  and exits non-zero if any failed.
+
+Every wait here is bounded in time; every process is killed on exit.
+"""
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+
+class QMPError(Exception):
+    def __init__(self, cls, desc):
+        super().__init__("%s: %s" % (cls, desc))
+        self.cls = cls
+        self.desc = desc
+
+
+class QMP:
+    """One QMP connection. Commands are synchronous; events are kept."""
+
+    def __init__(self, path, timeout=30.0, negotiate=True):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.buf = b""
+        self.events = []
+        self.greeting = self._read()
+        if negotiate:
+            self.cmd("qmp_capabilities")
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def _read(self):
+        while b"\n" not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("QMP connection closed")
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def send_raw(self, data):
+        self.sock.sendall(data)
+
+    def read_reply(self):
+        """Next non-event message."""
+        while True:
+            msg = self._read()
+            if "event" in msg:
+                self.events.append(msg)
+                continue
+            return msg
+
+    def cmd(self, name, **args):
+        req = {"execute": name}
+        if args:
+            req["arguments"] = args
+        self.sock.sendall(json.dumps(req).encode() + b"\n")
+        reply = self.read_reply()
+        if "error" in reply:
+            raise QMPError(reply["error"].get("class"), reply["error"].get("desc"))
+        return reply.get("return")
+
+    def hmp(self, line):
+        return self.cmd("human-monitor-command", **{"command-line": line})
+
+    def wait_event(self, name, timeout=30.0, pred=None):
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, ev in enumerate(self.events):
+                if ev["event"] == name and (pred is None or pred(ev.get("data", {}))):
+                    return self.events.pop(i)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no %s event within %.0fs" % (name, timeout))
+            self.sock.settimeout(left)
+            try:
+                msg = self._read()
+            finally:
+                self.sock.settimeout(30.0)
+            if "event" in msg:
+                self.events.append(msg)
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Procs:
+    """Tracks started processes and temp dirs; kills/removes them at the end."""
+
+    def __init__(self):
+        self.procs = []
+        self.dirs = []
+
+    def tmpdir(self):
+        d = tempfile.mkdtemp(prefix="vmig-test-")
+        self.dirs.append(d)
+        return d
+
+    def start(self, argv, log):
+        f = open(log, "wb")
+        p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+        f.close()
+        p.log = log
+        self.procs.append(p)
+        return p
+
+    def cleanup(self):
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(timeout=10)
+        self.procs = []
+        for d in self.dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        self.dirs = []
+
+
+class VM:
+    """A vmig-vm process with its QMP connection."""
+
+    def __init__(self, procs, build, *args, name="vm"):
+        self.dir = procs.tmpdir()
+        self.qmp_path = os.path.join(self.dir, name + ".qmp")
+        self.log = os.path.join(self.dir, name + ".log")
+        argv = [os.path.join(build, "vm", "vmig-vm"), "--qmp", "unix:" + self.qmp_path]
+        argv += [str(a) for a in args]
+        self.proc = procs.start(argv, self.log)
+        try:
+            self.qmp = QMP(self.qmp_path, timeout=30)
+        except Exception:
+            raise RuntimeError("vmig-vm did not come up: %s" % self.log_text())
+
+    def log_text(self):
+        try:
+            with open(self.log, "rb") as f:
+                return f.read().decode(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def kill(self):
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def status(self):
+        return self.qmp.cmd("query-status")["status"]
+
+    def migrate_status(self):
+        return self.qmp.cmd("query-migrate")
+
+    def wait_migration(self, timeout=120, states=("completed", "failed", "cancelled")):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.qmp.cmd("query-migrate")
+            if info.get("status") in states:
+                return info
+            time.sleep(0.05)
+        raise TimeoutError("migration did not finish within %ds: %r" % (timeout, info))
+
+    def memory_digest(self, size):
+        """SHA-256 of guest memory via pmemsave (independent of the engine)."""
+        path = os.path.join(self.dir, "mem-%d.bin" % random.randrange(1 << 30))
+        self.qmp.cmd("pmemsave", val=0, size=size, filename=path)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while True:
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    break
+                h.update(chunk)
+        got = os.path.getsize(path)
+        os.unlink(path)
+        if got != size:
+            raise AssertionError("pmemsave wrote %d bytes, expected %d" % (got, size))
+        return h.hexdigest()
+
+    def guest(self):
+        return self.qmp.cmd("x-vmig-query-guest")
+
+
+class Runner:
+    def __init__(self, build):
+        self.build = os.path.abspath(build)
+        self.passed = 0
+        self.failed = 0
+
+    def run(self, name, fn, *args):
+        procs = Procs()
+        t0 = time.monotonic()
+        try:
+            fn(procs, *args)
+            self.passed += 1
+            print("PASS: %s (%.1fs)" % (name, time.monotonic() - t0), flush=True)
+        except Exception as e:  # any failure of the case, reported with its reason
+            self.failed += 1
+            reason = str(e).replace("\n", " | ")[:600]
+            print("FAIL: %s: %s" % (name, reason), flush=True)
+            traceback.print_exc(file=sys.stderr)
+        finally:
+            procs.cleanup()
+
+    def finish(self):
+        print("%d passed, %d failed" % (self.passed, self.failed), flush=True)
+        return 0 if self.failed == 0 else 1
+
+
+def check(cond, msg):
+    if not cond:
+        raise AssertionError(msg)

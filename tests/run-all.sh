@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Runs every test: unit and fuzz-smoke (meson) in the release build and in the
+# ASan+UBSan build, then the integration tests (real processes over loopback)
+# and the interop tests (real QEMU, real Linux guest). Prints one line per
+# suite or case and ends with "N passed, N failed". A test that cannot run
+# because something is missing counts as failed: nothing is skipped silently.
+#
+# usage: tests/run-all.sh BUILD_DIR ASAN_BUILD_DIR
+#   VMIG_TESTS=pattern  only run integration/interop scripts whose path matches
+set -uo pipefail
+cd "$(dirname "$0")/.."
+build=$(realpath "$1")
+asan=$(realpath "$2")
+passed=0
+failed=0
+logdir=$(mktemp -d /tmp/vmig-check.XXXXXX)
+
+count_meson() { # build-dir label
+	local dir=$1 label=$2 log="$logdir/meson-$label.log"
+	meson test -C "$dir" --suite unit --suite fuzz --num-processes 2 --print-errorlogs >"$log" 2>&1
+	local ok fail
+	ok=$(awk '/^Ok:/ {print $2}' "$log")
+	fail=$(awk '/^(Fail|Unexpected Pass|Timeout|Skipped|Expected Fail):/ {s += $NF} END {print s + 0}' "$log")
+	if [ -z "$ok" ]; then
+		echo "FAIL: meson tests ($label) did not run; see below"
+		tail -30 "$log"
+		failed=$((failed + 1))
+		return
+	fi
+	grep -E '^ *[0-9]+/[0-9]+ ' "$log" | sed "s/^/  [$label] /"
+	[ "$fail" -gt 0 ] && grep -B2 -A30 -E 'FAIL|TIMEOUT|SKIP' "$log" | tail -80
+	passed=$((passed + ok))
+	failed=$((failed + fail))
+}
+
+run_script() { # script
+	local t=$1 log="$logdir/$(echo "$t" | tr / _).log" rc
+	echo "== $t"
+	timeout --kill-after=10 1200 "$t" "$build" >"$log" 2>"$log.err"
+	rc=$?
+	cat "$log" | grep -E '^(PASS|FAIL):'
+	local p f
+	p=$(grep -c '^PASS:' "$log")
+	f=$(grep -c '^FAIL:' "$log")
+	if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
+		echo "FAIL: $t exited with status $rc"
+		tail -20 "$log.err"
+		f=1
+	fi
+	[ "$f" -gt 0 ] && tail -40 "$log.err"
+	passed=$((passed + p))
+	failed=$((failed + f))
+}
+
+echo "== unit + fuzz smoke (release build)"
+count_meson "$build" release
+echo "== unit + fuzz smoke (ASan+UBSan build)"
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	count_meson "$asan" asan
+
+for t in tests/integration/test_* tests/interop/*/test_*; do
+	[ -x "$t" ] || continue
+	case "$t" in *.py|*.sh) ;; *) continue ;; esac
+	[ -n "${VMIG_TESTS:-}" ] && [[ "$t" != *${VMIG_TESTS}* ]] && continue
+	run_script "$t"
+done
+
+rm -rf "$logdir"
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]

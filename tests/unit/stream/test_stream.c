@@ -1,0 +1,294 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Unit tests for the stream framing: the writer and the loader must agree
+ * byte for byte, and the loader must reject every malformed or truncated
+ * stream with a clear message and without writing outside guest RAM.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "ram/bitmap.h"
+#include "stream/stream.h"
+
+#define NPAGES 32
+
+struct side {
+	uint8_t *ram;
+	uint64_t hash[NPAGES];
+	uint64_t received[1];
+	struct vmig__load_block blk;
+};
+
+static void side_init(struct side *s)
+{
+	s->ram = calloc(NPAGES, VMIG_PAGE_SIZE);
+	assert_non_null(s->ram);
+	for (int i = 0; i < NPAGES; i++)
+		s->hash[i] = vmig__zero_page_hash();
+	s->received[0] = 0;
+	memset(&s->blk, 0, sizeof(s->blk));
+	strcpy(s->blk.name, "pc.ram");
+	s->blk.host = s->ram;
+	s->blk.size = NPAGES * VMIG_PAGE_SIZE;
+	s->blk.npages = NPAGES;
+	s->blk.page_hash = s->hash;
+	s->blk.received = s->received;
+}
+
+/* Build a stream for src->ram: pages 0..7 data, 8..31 zero, digest, EOS. */
+static size_t build_stream(uint8_t **out, struct side *src, bool with_state)
+{
+	int fd = memfd_create("stream", 0);
+	struct vmig__writer *w = malloc(sizeof(*w));
+	uint8_t blocks[4 + sizeof(struct vmig_wire_block) + 6];
+	struct vmig_wire_block wb = {.name_len = 6, .page_size = VMIG_PAGE_SIZE,
+				     .size = NPAGES * VMIG_PAGE_SIZE};
+	uint32_t one = 1;
+	uint64_t *hp = src->hash, np = NPAGES;
+	struct vmig_wire_digest d = {0};
+	off_t len;
+
+	assert_true(fd >= 0);
+	assert_non_null(w);
+	memcpy(blocks, &one, 4);
+	memcpy(blocks + 4, &wb, sizeof(wb));
+	memcpy(blocks + 4 + sizeof(wb), "pc.ram", 6);
+	vmig__writer_init(w, fd);
+	vmig__writer_preamble(w);
+	vmig__writer_rec(w, VMIG_REC_BLOCKS, blocks, sizeof(blocks));
+	for (int i = 0; i < 8; i++) {
+		memset(src->ram + i * VMIG_PAGE_SIZE, 0x10 + i, VMIG_PAGE_SIZE);
+		src->hash[i] = vmig__page_hash(src->ram + i * VMIG_PAGE_SIZE);
+	}
+	vmig__writer_pages(w, 0, 0, 8, src->ram);
+	vmig__writer_zero(w, 0, 8, 24);
+	if (with_state)
+		vmig__writer_rec(w, VMIG_REC_STATE, "state", 5);
+	d.page_digest = vmig__digest_of_hashes(&hp, &np, 1);
+	vmig__writer_rec(w, VMIG_REC_DIGEST, &d, sizeof(d));
+	vmig__writer_rec(w, VMIG_REC_EOS, NULL, 0);
+	assert_int_equal(vmig__writer_flush(w), 0);
+	len = lseek(fd, 0, SEEK_CUR);
+	*out = malloc((size_t)len);
+	assert_int_equal(pread(fd, *out, (size_t)len, 0), len);
+	assert_int_equal(w->bytes, (uint64_t)len);
+	close(fd);
+	free(w);
+	return (size_t)len;
+}
+
+/* Load a whole stream into dst; returns 0 or the first error. */
+static int load_all(const uint8_t *data, size_t len, struct side *dst, struct vmig__err *err)
+{
+	struct vmig__reader *r = malloc(sizeof(*r));
+	struct vmig__loader l = {.blocks = &dst->blk, .nblocks = 1, .err = err};
+	uint8_t type;
+	int ret;
+
+	vmig__reader_init_mem(r, data, len);
+	l.r = r;
+	ret = vmig__load_preamble(&l);
+	while (!ret && !l.eos)
+		ret = vmig__load_record(&l, &type);
+	if (!ret)
+		ret = vmig__load_verify(&l);
+	vmig__loader_release(&l);
+	free(r);
+	return ret;
+}
+
+static void test_roundtrip(void **state)
+{
+	struct side src, dst;
+	struct vmig__err err = {{0}};
+	uint8_t *data;
+	size_t len;
+
+	side_init(&src);
+	side_init(&dst);
+	len = build_stream(&data, &src, true);
+	assert_int_equal(load_all(data, len, &dst, &err), 0);
+	assert_memory_equal(src.ram, dst.ram, NPAGES * VMIG_PAGE_SIZE);
+	assert_true(vmig__bitmap_test(dst.received, 7));
+	assert_false(vmig__bitmap_test(dst.received, 8));
+	free(data);
+	free(src.ram);
+	free(dst.ram);
+}
+
+static void test_truncated_everywhere(void **state)
+{
+	struct side src, dst;
+	uint8_t *data;
+	size_t len;
+
+	side_init(&src);
+	side_init(&dst);
+	len = build_stream(&data, &src, true);
+	for (size_t cut = 0; cut < len; cut += (cut < 256 ? 1 : 97)) {
+		struct vmig__err err = {{0}};
+		uint8_t *copy = malloc(cut ? cut : 1);
+
+		memcpy(copy, data, cut);
+		assert_int_not_equal(load_all(copy, cut, &dst, &err), 0);
+		assert_non_null(strstr(err.msg, "ended early"));
+		free(copy);
+	}
+	free(data);
+	free(src.ram);
+	free(dst.ram);
+}
+
+static void test_corrupt_page_detected(void **state)
+{
+	struct side src, dst;
+	struct vmig__err err = {{0}};
+	uint8_t *data;
+	size_t len;
+
+	side_init(&src);
+	side_init(&dst);
+	len = build_stream(&data, &src, true);
+	/* Flip a byte in the middle of the page data (after headers). */
+	data[len / 2] ^= 0x40;
+	assert_int_equal(load_all(data, len, &dst, &err), -EBADMSG);
+	assert_non_null(strstr(err.msg, "digest mismatch"));
+	free(data);
+	free(src.ram);
+	free(dst.ram);
+}
+
+static void test_bad_preamble(void **state)
+{
+	struct side src, dst;
+	struct vmig__err err = {{0}};
+	uint8_t *data;
+	size_t len;
+
+	side_init(&src);
+	side_init(&dst);
+	len = build_stream(&data, &src, true);
+	data[8] = 7; /* version */
+	assert_int_equal(load_all(data, len, &dst, &err), -EPROTONOSUPPORT);
+	assert_non_null(strstr(err.msg, "version 7"));
+	memset(&err, 0, sizeof(err));
+	data[0] = 'X';
+	assert_int_equal(load_all(data, len, &dst, &err), -EPROTO);
+	assert_non_null(strstr(err.msg, "bad magic"));
+	free(data);
+	free(src.ram);
+	free(dst.ram);
+}
+
+static void test_missing_state_rejected(void **state)
+{
+	struct side src, dst;
+	struct vmig__err err = {{0}};
+	uint8_t *data;
+	size_t len;
+
+	side_init(&src);
+	side_init(&dst);
+	len = build_stream(&data, &src, false);
+	assert_int_equal(load_all(data, len, &dst, &err), -EPROTO);
+	assert_non_null(strstr(err.msg, "before device state"));
+	free(data);
+	free(src.ram);
+	free(dst.ram);
+}
+
+/* A page run that reaches past the end of its block is refused, and
+ * nothing is written outside the block. */
+static void test_out_of_range_run(void **state)
+{
+	uint8_t buf[sizeof(struct vmig_wire_preamble) + 256];
+	struct vmig_wire_preamble pre = {.version = 1};
+	struct vmig_wire_rec rec = {.type = VMIG_REC_BLOCKS};
+	struct vmig_wire_block wb = {.name_len = 6, .page_size = VMIG_PAGE_SIZE,
+				     .size = NPAGES * VMIG_PAGE_SIZE};
+	struct vmig_wire_pages pg = {.block = 0, .npages = 2, .first = NPAGES - 1};
+	uint32_t one = 1;
+	size_t off = 0;
+	struct side dst;
+	struct vmig__err err = {{0}};
+
+	side_init(&dst);
+	memcpy(pre.magic, VMIG_STREAM_MAGIC, 8);
+	memcpy(buf, &pre, sizeof(pre));
+	off += sizeof(pre);
+	rec.len = 4 + sizeof(wb) + 6;
+	memcpy(buf + off, &rec, sizeof(rec));
+	off += sizeof(rec);
+	memcpy(buf + off, &one, 4);
+	memcpy(buf + off + 4, &wb, sizeof(wb));
+	memcpy(buf + off + 4 + sizeof(wb), "pc.ram", 6);
+	off += rec.len;
+	rec.type = VMIG_REC_ZERO;
+	rec.len = sizeof(pg);
+	memcpy(buf + off, &rec, sizeof(rec));
+	off += sizeof(rec);
+	memcpy(buf + off, &pg, sizeof(pg));
+	off += sizeof(pg);
+	assert_int_equal(load_all(buf, off, &dst, &err), -EPROTO);
+	assert_non_null(strstr(err.msg, "outside its RAM block"));
+	free(dst.ram);
+}
+
+static void test_zero_record_clears_received_page(void **state)
+{
+	struct side src, dst;
+	struct vmig__err err = {{0}};
+	uint8_t *data;
+	size_t len;
+
+	side_init(&src);
+	side_init(&dst);
+	len = build_stream(&data, &src, true);
+	/* Pretend page 9 held data from an earlier round. */
+	memset(dst.ram + 9 * VMIG_PAGE_SIZE, 0xee, VMIG_PAGE_SIZE);
+	vmig__bitmap_set(dst.received, 9);
+	assert_int_equal(load_all(data, len, &dst, &err), 0);
+	assert_true(vmig__page_is_zero(dst.ram + 9 * VMIG_PAGE_SIZE));
+	free(data);
+	free(src.ram);
+	free(dst.ram);
+}
+
+static void test_zero_detection(void **state)
+{
+	uint8_t *p = calloc(1, VMIG_PAGE_SIZE);
+
+	assert_true(vmig__page_is_zero(p));
+	for (size_t at = 0; at < VMIG_PAGE_SIZE; at += 511) {
+		p[at] = 1;
+		assert_false(vmig__page_is_zero(p));
+		p[at] = 0;
+	}
+	p[VMIG_PAGE_SIZE - 1] = 1;
+	assert_false(vmig__page_is_zero(p));
+	free(p);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_roundtrip),
+		cmocka_unit_test(test_truncated_everywhere),
+		cmocka_unit_test(test_corrupt_page_detected),
+		cmocka_unit_test(test_bad_preamble),
+		cmocka_unit_test(test_missing_state_rejected),
+		cmocka_unit_test(test_out_of_range_run),
+		cmocka_unit_test(test_zero_record_clears_received_page),
+		cmocka_unit_test(test_zero_detection),
+	};
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}

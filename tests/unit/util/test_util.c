@@ -1,0 +1,89 @@
+// SPDX-License-Identifier: MIT
+/* Unit tests for the shared helpers: sizes, URIs, rate limiter. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <string.h>
+
+#include "channel/channel.h"
+#include "util/util.h"
+
+static void test_parse_size(void **state)
+{
+	uint64_t v;
+
+	assert_int_equal(vmig__parse_size("4096", &v), 0);
+	assert_int_equal(v, 4096);
+	assert_int_equal(vmig__parse_size("512M", &v), 0);
+	assert_int_equal(v, 512ull << 20);
+	assert_int_equal(vmig__parse_size("4G", &v), 0);
+	assert_int_equal(v, 4ull << 30);
+	assert_int_equal(vmig__parse_size("64k", &v), 0);
+	assert_int_equal(v, 64ull << 10);
+	assert_int_equal(vmig__parse_size("1.5G", &v), 0);
+	assert_int_equal(v, 3ull << 29);
+	assert_int_equal(vmig__parse_size("2MiB", &v), 0);
+	assert_int_equal(v, 2ull << 20);
+	assert_int_equal(vmig__parse_size("", &v), -EINVAL);
+	assert_int_equal(vmig__parse_size("-1", &v), -EINVAL);
+	assert_int_equal(vmig__parse_size("12Q", &v), -EINVAL);
+	assert_int_equal(vmig__parse_size("5Mx", &v), -EINVAL);
+	assert_int_equal(vmig__parse_size("99999999999T", &v), -ERANGE);
+}
+
+static void test_uri(void **state)
+{
+	struct vmig__uri u;
+	struct vmig__err err = {{0}};
+
+	assert_int_equal(vmig__uri_parse("tcp:127.0.0.1:4444", &u, &err), 0);
+	assert_int_equal(u.kind, VMIG_URI_TCP);
+	assert_string_equal(u.host, "127.0.0.1");
+	assert_string_equal(u.port, "4444");
+	assert_int_equal(vmig__uri_parse("tcp:[::1]:5", &u, &err), 0);
+	assert_string_equal(u.host, "::1");
+	assert_int_equal(vmig__uri_parse("tcp::4444", &u, &err), 0);
+	assert_string_equal(u.host, "0.0.0.0");
+	assert_int_equal(vmig__uri_parse("unix:/tmp/x.sock", &u, &err), 0);
+	assert_int_equal(u.kind, VMIG_URI_UNIX);
+	assert_string_equal(u.path, "/tmp/x.sock");
+	assert_int_equal(vmig__uri_parse("tcp:host", &u, &err), -EINVAL);
+	assert_int_equal(vmig__uri_parse("tcp:host:12a", &u, &err), -EINVAL);
+	assert_int_equal(vmig__uri_parse("rdma:1.2.3.4:5", &u, &err), -EINVAL);
+	assert_non_null(strstr(err.msg, "unsupported"));
+	assert_int_equal(vmig__uri_parse("unix:", &u, &err), -EINVAL);
+}
+
+static void test_ratelimit(void **state)
+{
+	struct vmig__ratelimit rl = {0};
+	const uint64_t rate = 100ull << 20; /* 100 MiB/s */
+	uint64_t now = 1000000000ull, sent = 0;
+
+	/* Unlimited never waits. */
+	assert_int_equal(vmig__ratelimit_account(&rl, 0, 1 << 30, now), 0);
+	/* Send 1 MiB chunks as fast as allowed for one simulated second. */
+	rl.window_start_ns = now;
+	rl.window_bytes = 0;
+	while (now < 2000000000ull) {
+		now += vmig__ratelimit_account(&rl, rate, 1 << 20, now);
+		sent += 1 << 20;
+	}
+	/* Within one chunk of 100 MiB. */
+	assert_true(sent >= rate - (2 << 20) && sent <= rate + (2 << 20));
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_parse_size),
+		cmocka_unit_test(test_uri),
+		cmocka_unit_test(test_ratelimit),
+	};
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}

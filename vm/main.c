@@ -1,0 +1,225 @@
+// SPDX-License-Identifier: MIT
+/*
+ * vmig-vm: command line, then the QMP main loop. Options follow QEMU where
+ * QEMU has a name (-S, --incoming, --qmp); the guest options (--workload,
+ * --dirty-rate, --wss, --fill) are vmig's own.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "qmp.h"
+#include "vm.h"
+
+static struct qmp_server *g_srv; /* for the signal handler only */
+static volatile sig_atomic_t g_quit;
+
+static void on_signal(int sig)
+{
+	(void)sig;
+	g_quit = 1;
+	if (g_srv)
+		qmp_server_stop(g_srv);
+}
+
+static void usage(FILE *f)
+{
+	fprintf(f,
+		"usage: vmig-vm [options]\n"
+		"  --mem SIZE              guest RAM (K/M/G suffixes, powers of 1024; default 512M)\n"
+		"  --vcpus N               vCPU threads (default 1)\n"
+		"  --workload KIND         idle | random | stream | hotset (default idle)\n"
+		"  --dirty-rate RATE       bytes/s written by all vCPUs together (K/M/G; 0 = flat out)\n"
+		"  --wss SIZE              working set of stream/hotset (default: all RAM; hotset 1/16)\n"
+		"  --fill zero|random|PATH initial RAM contents (default zero)\n"
+		"  --seed N                seed for --fill random and the workloads\n"
+		"  --qmp unix:PATH         QMP control socket\n"
+		"  --incoming URI          tcp:HOST:PORT | unix:PATH | defer: receive a migration\n"
+		"  --dirty-tracking MODE   auto | async | sync (x-vmig-dirty-tracking)\n"
+		"  -S, --paused            do not start the vCPUs (also after an incoming migration)\n"
+		"  -h, --help\n");
+}
+
+struct opts {
+	struct vm_config cfg;
+	const char *qmp;
+	const char *incoming;
+	int64_t dirty_tracking;
+};
+
+static int parse_size_opt(const char *name, const char *arg, uint64_t *out)
+{
+	if (vmig__parse_size(arg, out)) {
+		fprintf(stderr, "vmig-vm: invalid %s '%s' (expected a number with K/M/G suffix)\n",
+			name, arg);
+		return -1;
+	}
+	return 0;
+}
+
+static int parse_choice(const char *name, const char *arg, const char *const *names, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (!strcmp(arg, names[i]))
+			return i;
+	fprintf(stderr, "vmig-vm: invalid %s '%s'\n", name, arg);
+	return -1;
+}
+
+static int parse_one(struct opts *o, int c, const char *arg)
+{
+	static const char *const workloads[] = {"idle", "random", "stream", "hotset"};
+	static const char *const trackers[] = {"auto", "async", "sync"};
+	uint64_t v;
+	int i;
+
+	switch (c) {
+	case 'm':
+		return parse_size_opt("--mem", arg, &o->cfg.mem_bytes);
+	case 'c':
+		if (parse_size_opt("--vcpus", arg, &v) || !v || v > 64) {
+			fprintf(stderr, "vmig-vm: --vcpus must be 1..64\n");
+			return -1;
+		}
+		o->cfg.vcpus = (unsigned)v;
+		return 0;
+	case 'w':
+		i = parse_choice("--workload", arg, workloads, 4);
+		o->cfg.workload = (enum vm_workload)i;
+		return i < 0 ? -1 : 0;
+	case 'r':
+		return parse_size_opt("--dirty-rate", arg, &o->cfg.dirty_rate);
+	case 's':
+		return parse_size_opt("--wss", arg, &o->cfg.wss_bytes);
+	case 'f':
+		if (!strcmp(arg, "zero")) {
+			o->cfg.fill = VM_FILL_ZERO;
+		} else if (!strcmp(arg, "random")) {
+			o->cfg.fill = VM_FILL_RANDOM;
+		} else {
+			o->cfg.fill = VM_FILL_FILE;
+			o->cfg.fill_path = arg;
+		}
+		return 0;
+	case 'e':
+		return parse_size_opt("--seed", arg, &o->cfg.seed);
+	case 'q':
+		o->qmp = arg;
+		return 0;
+	case 'i':
+		o->incoming = arg;
+		return 0;
+	case 't':
+		i = parse_choice("--dirty-tracking", arg, trackers, 3);
+		o->dirty_tracking = i;
+		return i < 0 ? -1 : 0;
+	case 'S':
+		o->cfg.start_paused = true;
+		return 0;
+	default:
+		return -1;
+	}
+}
+
+static int parse_args(int argc, char **argv, struct opts *o)
+{
+	static const struct option longopts[] = {
+		{"mem", required_argument, NULL, 'm'},
+		{"vcpus", required_argument, NULL, 'c'},
+		{"workload", required_argument, NULL, 'w'},
+		{"dirty-rate", required_argument, NULL, 'r'},
+		{"wss", required_argument, NULL, 's'},
+		{"fill", required_argument, NULL, 'f'},
+		{"seed", required_argument, NULL, 'e'},
+		{"qmp", required_argument, NULL, 'q'},
+		{"incoming", required_argument, NULL, 'i'},
+		{"dirty-tracking", required_argument, NULL, 't'},
+		{"paused", no_argument, NULL, 'S'},
+		{"help", no_argument, NULL, 'h'},
+		{0},
+	};
+	int c;
+
+	o->cfg.mem_bytes = 512ull << 20;
+	o->cfg.vcpus = 1;
+	while ((c = getopt_long(argc, argv, "Sh", longopts, NULL)) != -1) {
+		if (c == 'h') {
+			usage(stdout);
+			exit(0);
+		}
+		if (c == '?' || parse_one(o, c, optarg)) {
+			usage(stderr);
+			return -1;
+		}
+	}
+	if (optind < argc) {
+		fprintf(stderr, "vmig-vm: unexpected argument '%s'\n", argv[optind]);
+		return -1;
+	}
+	if (o->cfg.mem_bytes % VMIG_PAGE_SIZE || o->cfg.mem_bytes < (1u << 20)) {
+		fprintf(stderr, "vmig-vm: --mem must be a multiple of 4 KiB and at least 1M\n");
+		return -1;
+	}
+	o->cfg.incoming = o->incoming != NULL;
+	return 0;
+}
+
+/* Without --qmp, run until a signal. */
+static void wait_for_signal(void)
+{
+	while (!g_quit)
+		pause();
+}
+
+int main(int argc, char **argv)
+{
+	struct opts o = {0};
+	struct vmig__err err = {{0}};
+	struct sigaction sa = {.sa_handler = on_signal};
+	struct vm *vm = NULL;
+	int ret;
+
+	if (parse_args(argc, argv, &o))
+		return 2;
+	signal(SIGPIPE, SIG_IGN);
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGTERM, &sa, NULL);
+
+	if (vm_create(&vm, &o.cfg, &err)) {
+		fprintf(stderr, "vmig-vm: %s\n", err.msg);
+		return 1;
+	}
+	if (o.dirty_tracking &&
+	    vmig_parameter_set(vm_session(vm), "x-vmig-dirty-tracking", o.dirty_tracking)) {
+		fprintf(stderr, "vmig-vm: %s\n", vmig_session_error(vm_session(vm)));
+		goto fail;
+	}
+	if (o.qmp && qmp_server_new(&g_srv, vm, o.qmp, &err)) {
+		fprintf(stderr, "vmig-vm: %s\n", err.msg);
+		goto fail;
+	}
+	if (o.incoming && strcmp(o.incoming, "defer") &&
+	    (ret = vmig_incoming(vm_session(vm), o.incoming))) {
+		fprintf(stderr, "vmig-vm: --incoming %s: %s\n", o.incoming,
+			vmig_session_error(vm_session(vm)));
+		goto fail;
+	}
+	ret = g_srv ? qmp_server_run(g_srv) : (wait_for_signal(), 0);
+	if (ret)
+		fprintf(stderr, "vmig-vm: QMP server: %s\n", strerror(-ret));
+	/* Stop migration threads before the QMP server that gets their events. */
+	vm_set_event_cb(vm, NULL, NULL);
+	vm_destroy(vm);
+	if (g_srv)
+		qmp_server_free(g_srv);
+	return ret ? 1 : 0;
+fail:
+	if (g_srv)
+		qmp_server_free(g_srv);
+	vm_destroy(vm);
+	return 1;
+}

@@ -1,0 +1,369 @@
+// SPDX-License-Identifier: MIT
+/*
+ * The reference VM: guest RAM in a memfd, the guest's vCPU threads, the run
+ * state QEMU would report, and the libvmig session that migrates it. This
+ * file is also the example of embedding libvmig: see vm_ops below, which is
+ * all a VMM has to provide.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "guest.h"
+#include "vm.h"
+
+
+struct vm {
+	struct vm_config cfg;
+	int memfd;
+	uint8_t *ram;
+	uint64_t ram_size;
+	struct guest *guest;
+	vmig_session *session;
+
+	pthread_mutex_t lock; /* protects rs and the callback */
+	enum vm_runstate rs;
+	vm_event_cb cb;
+	void *cb_opaque;
+};
+
+static const char *const runstate_names[] = {
+	[VM_RS_PRELAUNCH] = "prelaunch",     [VM_RS_RUNNING] = "running",
+	[VM_RS_PAUSED] = "paused",           [VM_RS_INMIGRATE] = "inmigrate",
+	[VM_RS_POSTMIGRATE] = "postmigrate", [VM_RS_FINISH_MIGRATE] = "finish-migrate",
+	[VM_RS_SHUTDOWN] = "shutdown",
+};
+
+const char *vm_runstate_name(enum vm_runstate rs)
+{
+	return (unsigned)rs < VMIG_ARRAY_SIZE(runstate_names) ? runstate_names[rs] : "unknown";
+}
+
+static void notify(struct vm *vm, enum vm_event ev, const char *status)
+{
+	vm_event_cb cb;
+	void *opaque;
+
+	pthread_mutex_lock(&vm->lock);
+	cb = vm->cb;
+	opaque = vm->cb_opaque;
+	pthread_mutex_unlock(&vm->lock);
+	if (cb)
+		cb(opaque, ev, status);
+}
+
+/* Move to rs; returns the previous state. */
+static enum vm_runstate set_runstate(struct vm *vm, enum vm_runstate rs)
+{
+	enum vm_runstate old;
+
+	pthread_mutex_lock(&vm->lock);
+	old = vm->rs;
+	vm->rs = rs;
+	pthread_mutex_unlock(&vm->lock);
+	return old;
+}
+
+/* ---- libvmig callbacks (called from libvmig's threads) ---------------- */
+
+static int ops_stop(void *opaque)
+{
+	struct vm *vm = opaque;
+	enum vm_runstate old;
+
+	guest_stop(vm->guest);
+	old = set_runstate(vm, VM_RS_FINISH_MIGRATE);
+	if (old == VM_RS_RUNNING)
+		notify(vm, VM_EV_STOP, NULL);
+	return 0;
+}
+
+static int ops_start(void *opaque)
+{
+	struct vm *vm = opaque;
+
+	guest_start(vm->guest);
+	set_runstate(vm, VM_RS_RUNNING);
+	notify(vm, VM_EV_RESUME, NULL);
+	return 0;
+}
+
+static bool ops_running(void *opaque)
+{
+	return vm_is_running(opaque);
+}
+
+static int ops_save_state(void *opaque, void *buf, size_t cap, size_t *len)
+{
+	struct vm *vm = opaque;
+
+	return guest_save(vm->guest, buf, cap, len);
+}
+
+static int ops_load_state(void *opaque, const void *buf, size_t len)
+{
+	struct vm *vm = opaque;
+	struct vmig__err err = {{0}};
+	int ret = guest_load(vm->guest, buf, len, &err);
+
+	if (ret)
+		fprintf(stderr, "vmig-vm: incoming state rejected: %s\n", err.msg);
+	return ret;
+}
+
+static void ops_event(void *opaque, const struct vmig_event *ev)
+{
+	struct vm *vm = opaque;
+	struct vmig_stats st;
+
+	if (ev->type != VMIG_EVENT_STATUS)
+		return;
+	vmig_query(vm->session, &st);
+	pthread_mutex_lock(&vm->lock);
+	if (st.is_source) {
+		if (ev->status == VMIG_STATUS_COMPLETED)
+			vm->rs = VM_RS_POSTMIGRATE;
+		else if ((ev->status == VMIG_STATUS_FAILED || ev->status == VMIG_STATUS_CANCELLED) &&
+			 vm->rs == VM_RS_FINISH_MIGRATE)
+			vm->rs = VM_RS_PAUSED; /* was paused before; libvmig restarts a running VM */
+	} else if (ev->status == VMIG_STATUS_COMPLETED && vm->rs == VM_RS_INMIGRATE) {
+		vm->rs = VM_RS_PAUSED; /* -S: stay stopped until cont */
+	}
+	pthread_mutex_unlock(&vm->lock);
+	notify(vm, VM_EV_MIGRATION, vmig_status_name(ev->status));
+}
+
+static const struct vmig_vm_ops vm_ops = {
+	.stop = ops_stop,
+	.start = ops_start,
+	.running = ops_running,
+	.save_state = ops_save_state,
+	.load_state = ops_load_state,
+	.event = ops_event,
+};
+
+/* ---- RAM --------------------------------------------------------------- */
+
+static void fill_random(uint8_t *ram, uint64_t size, uint64_t seed)
+{
+	uint64_t *w = (uint64_t *)ram, x = seed | 1;
+
+	for (uint64_t i = 0; i < size / 8; i++) {
+		x ^= x << 13;
+		x ^= x >> 7;
+		x ^= x << 17;
+		w[i] = x;
+	}
+}
+
+static int fill_file(uint8_t *ram, uint64_t size, const char *path, struct vmig__err *err)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	uint64_t off = 0;
+
+	if (fd < 0) {
+		vmig__err_set(err, "--fill %s: %s", path, strerror(errno));
+		return -errno;
+	}
+	while (off < size) {
+		ssize_t n = pread(fd, ram + off, size - off > (1u << 30) ? (1u << 30) : size - off,
+				  (off_t)off);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			vmig__err_set(err, "--fill %s: %s", path, strerror(errno));
+			close(fd);
+			return -EIO;
+		}
+		if (n == 0)
+			break; /* a short file leaves the rest zero */
+		off += (uint64_t)n;
+	}
+	close(fd);
+	return 0;
+}
+
+static int ram_create(struct vm *vm, struct vmig__err *err)
+{
+	vm->memfd = memfd_create("vmig-guest-ram", MFD_CLOEXEC);
+	if (vm->memfd < 0 || ftruncate(vm->memfd, (off_t)vm->ram_size)) {
+		vmig__err_set(err, "cannot create %llu bytes of guest RAM: %s",
+			      (unsigned long long)vm->ram_size, strerror(errno));
+		return -errno;
+	}
+	vm->ram = mmap(NULL, vm->ram_size, PROT_READ | PROT_WRITE, MAP_SHARED, vm->memfd, 0);
+	if (vm->ram == MAP_FAILED) {
+		vm->ram = NULL;
+		vmig__err_set(err, "cannot map guest RAM: %s", strerror(errno));
+		return -errno;
+	}
+	if (vm->cfg.incoming)
+		return 0;
+	if (vm->cfg.fill == VM_FILL_RANDOM)
+		fill_random(vm->ram, vm->ram_size, vm->cfg.seed ? vm->cfg.seed : 0x1234567);
+	else if (vm->cfg.fill == VM_FILL_FILE)
+		return fill_file(vm->ram, vm->ram_size, vm->cfg.fill_path, err);
+	return 0;
+}
+
+/* ---- public ------------------------------------------------------------ */
+
+int vm_create(struct vm **out, const struct vm_config *cfg, struct vmig__err *err)
+{
+	struct vmig_ram_block blk;
+	struct vm *vm;
+	int ret;
+
+	if (!cfg->mem_bytes || cfg->mem_bytes % VMIG_PAGE_SIZE || !cfg->vcpus || cfg->vcpus > 64) {
+		vmig__err_set(err, "memory must be a non-zero multiple of 4 KiB, vCPUs 1..64");
+		return -EINVAL;
+	}
+	vm = calloc(1, sizeof(*vm));
+	if (!vm)
+		return -ENOMEM;
+	vm->cfg = *cfg;
+	vm->memfd = -1;
+	vm->ram_size = cfg->mem_bytes;
+	pthread_mutex_init(&vm->lock, NULL);
+	ret = ram_create(vm, err);
+	if (ret)
+		goto err;
+	ret = guest_create(&vm->guest, vm->ram, vm->ram_size, cfg, !cfg->incoming, err);
+	if (ret)
+		goto err;
+	ret = vmig_session_new(&vm->session, &vm_ops, vm);
+	if (ret) {
+		vmig__err_set(err, "cannot create the migration session");
+		goto err;
+	}
+	blk = (struct vmig_ram_block){.name = "pc.ram", .host = vm->ram, .size = vm->ram_size,
+				      .fd = vm->memfd};
+	ret = vmig_ram_block_add(vm->session, &blk);
+	if (ret) {
+		vmig__err_set(err, "%s", vmig_session_error(vm->session));
+		goto err;
+	}
+	vmig_set_autostart(vm->session, !cfg->start_paused);
+	if (cfg->incoming) {
+		vm->rs = VM_RS_INMIGRATE;
+	} else if (cfg->start_paused) {
+		vm->rs = VM_RS_PRELAUNCH;
+	} else {
+		vm->rs = VM_RS_RUNNING;
+		guest_start(vm->guest);
+	}
+	*out = vm;
+	return 0;
+err:
+	vm_destroy(vm);
+	return ret;
+}
+
+void vm_destroy(struct vm *vm)
+{
+	if (!vm)
+		return;
+	vmig_session_free(vm->session);
+	guest_destroy(vm->guest);
+	if (vm->ram)
+		munmap(vm->ram, vm->ram_size);
+	if (vm->memfd >= 0)
+		close(vm->memfd);
+	pthread_mutex_destroy(&vm->lock);
+	free(vm);
+}
+
+void vm_set_event_cb(struct vm *vm, vm_event_cb cb, void *opaque)
+{
+	pthread_mutex_lock(&vm->lock);
+	vm->cb = cb;
+	vm->cb_opaque = opaque;
+	pthread_mutex_unlock(&vm->lock);
+}
+
+enum vm_runstate vm_get_runstate(struct vm *vm)
+{
+	enum vm_runstate rs;
+
+	pthread_mutex_lock(&vm->lock);
+	rs = vm->rs;
+	pthread_mutex_unlock(&vm->lock);
+	return rs;
+}
+
+bool vm_is_running(struct vm *vm)
+{
+	return vm_get_runstate(vm) == VM_RS_RUNNING;
+}
+
+int vm_stop(struct vm *vm)
+{
+	enum vm_runstate rs = vm_get_runstate(vm);
+
+	if (rs != VM_RS_RUNNING)
+		return 0; /* QEMU: stop on a stopped VM is not an error */
+	guest_stop(vm->guest);
+	set_runstate(vm, VM_RS_PAUSED);
+	notify(vm, VM_EV_STOP, NULL);
+	return 0;
+}
+
+int vm_cont(struct vm *vm)
+{
+	enum vm_runstate rs = vm_get_runstate(vm);
+
+	switch (rs) {
+	case VM_RS_RUNNING:
+		return 0;
+	case VM_RS_INMIGRATE:
+		/* As QEMU: start once the incoming migration completes. */
+		vmig_set_autostart(vm->session, true);
+		return 0;
+	case VM_RS_FINISH_MIGRATE:
+		return -EBUSY;
+	default:
+		guest_start(vm->guest);
+		set_runstate(vm, VM_RS_RUNNING);
+		notify(vm, VM_EV_RESUME, NULL);
+		return 0;
+	}
+}
+
+vmig_session *vm_session(struct vm *vm)
+{
+	return vm->session;
+}
+
+int vm_pmemsave(struct vm *vm, uint64_t addr, uint64_t size, const char *path,
+		struct vmig__err *err)
+{
+	int fd, ret;
+
+	if (addr > vm->ram_size || size > vm->ram_size - addr) {
+		vmig__err_set(err, "Invalid addr 0x%llx/size %llu specified", (unsigned long long)addr,
+			      (unsigned long long)size);
+		return -EINVAL;
+	}
+	fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	if (fd < 0) {
+		vmig__err_set(err, "Could not open '%s': %s", path, strerror(errno));
+		return -errno;
+	}
+	ret = vmig__write_full(fd, vm->ram + addr, size);
+	if (close(fd) && !ret)
+		ret = -errno;
+	if (ret)
+		vmig__err_set(err, "writing to file '%s' failed: %s", path, strerror(-ret));
+	return ret;
+}
+
+void vm_guest_stats(struct vm *vm, struct vm_guest_stats *out)
+{
+	guest_get_stats(vm->guest, out);
+}
