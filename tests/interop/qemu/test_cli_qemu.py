@@ -149,6 +149,25 @@ def t_cancel(build, tmp):
         pair.close()
 
 
+def t_postcopy(build, tmp):
+    """--postcopy-after switches a throttled migration; --postcopy at once."""
+    for tag, opts, says in (("pc-after", ["--postcopy-after", "1"], "switching to post-copy"),
+                            ("pc-now", ["--postcopy"], None)):
+        pair = Pair(tmp, tag)
+        try:
+            r = vmig(build, "migrate", pair.src, f"tcp:127.0.0.1:{free_port()}", "--dest", pair.dst,
+                     "--max-bandwidth", "64K", *opts)
+            check(r.returncode == 0, f"{tag}: exit {r.returncode}: {r.stderr}")
+            check("postcopy ram: " in r.stdout, f"{tag}: nothing sent in post-copy: {r.stdout!r}")
+            check(says is None or says in r.stderr, f"{tag}: {r.stderr!r}")
+            check(vmig(build, "status", pair.dst).stdout.strip() == "running", f"{tag}: destination not running")
+            r = vmig(build, "qmp", pair.dst, "query-migrate-capabilities")
+            caps = {c["capability"]: c["state"] for c in json.loads(r.stdout)}
+            check(caps.get("postcopy-ram") is True, f"{tag}: postcopy-ram not set on destination")
+        finally:
+            pair.close()
+
+
 def t_usage(build, pair):
     for args in ((), ("migrate",), ("migrate", pair.src), ("frobnicate",),
                  ("migrate", pair.src, "tcp:127.0.0.1:1", "--postcopy-after", "soon"),
@@ -177,6 +196,7 @@ def main():
                               ("vmig migrate --dest between two QEMUs", t_migrate, pair),
                               ("vmig info and vmig qmp on QEMU", t_info_qmp, pair),
                               ("Ctrl-C cancels a QEMU migration", t_cancel, tmp),
+                              ("--postcopy and --postcopy-after on QEMU", t_postcopy, tmp),
                               ("usage errors exit 2", t_usage, pair)):
             try:
                 fn(build, arg)
