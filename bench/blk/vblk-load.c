@@ -61,8 +61,8 @@ enum {
 #define VU_PF_CONFIG 9
 
 #define BLOCK 4096u
-#define LAT_BUCKET_NS 100u		/* histogram resolution */
-#define LAT_BUCKETS (1000000u)		/* 100 ns x 1M = 100 ms, last bucket = more */
+#define LAT_BUCKET_NS 100u     /* histogram resolution */
+#define LAT_BUCKETS (1000000u) /* 100 ns x 1M = 100 ms, last bucket = more */
 
 struct vu_msg {
 	uint32_t request;
@@ -104,10 +104,10 @@ struct load {
 	uint8_t *mem;
 	size_t mem_size;
 	struct vring vr;
-	unsigned num;		/* ring size */
+	unsigned num; /* ring size */
 	uint16_t avail_idx, used_seen;
 	uint8_t *hdrs, *data, *status; /* request areas inside mem */
-	uint64_t nsectors_4k;	/* capacity in 4 KiB blocks */
+	uint64_t nsectors_4k;	       /* capacity in 4 KiB blocks */
 	struct slot *slots;
 	uint32_t *hist;
 	uint64_t rng;
@@ -208,8 +208,7 @@ static int vu_get_u64(struct load *l, uint32_t request, uint64_t *out)
 	return rc;
 }
 
-static int vu_set(struct load *l, uint32_t request, const void *payload, uint32_t size,
-		  int fd)
+static int vu_set(struct load *l, uint32_t request, const void *payload, uint32_t size, int fd)
 {
 	struct vu_msg m = {.request = request, .size = size};
 
@@ -363,9 +362,10 @@ static void submit(struct load *l, const struct opts *o, unsigned s)
 	h->sector = (rnd(l) % range) * (BLOCK / 512);
 	l->status[s] = 0xff;
 	d[0] = (struct vring_desc){gpa(l, h), 16, VRING_DESC_F_NEXT, (uint16_t)(3 * s + 1)};
-	d[1] = (struct vring_desc){gpa(l, l->data + (size_t)s * BLOCK), BLOCK,
-				   (uint16_t)(VRING_DESC_F_NEXT | (is_read ? VRING_DESC_F_WRITE : 0)),
-				   (uint16_t)(3 * s + 2)};
+	d[1] =
+	    (struct vring_desc){gpa(l, l->data + (size_t)s * BLOCK), BLOCK,
+				(uint16_t)(VRING_DESC_F_NEXT | (is_read ? VRING_DESC_F_WRITE : 0)),
+				(uint16_t)(3 * s + 2)};
 	d[2] = (struct vring_desc){gpa(l, l->status + s), 1, VRING_DESC_F_WRITE, 0};
 	l->vr.avail->ring[l->avail_idx % l->num] = (uint16_t)(3 * s);
 	l->avail_idx++;
@@ -459,8 +459,8 @@ static int proc_cpu_ns(int pid, uint64_t *out)
 		return -EIO;
 	buf[n] = '\0';
 	p = strrchr(buf, ')'); /* the command name may contain spaces */
-	if (!p || sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut,
-			 &st) != 2)
+	if (!p ||
+	    sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
 		return -EIO;
 	*out = (uint64_t)(ut + st) * (1000000000ull / (uint64_t)sysconf(_SC_CLK_TCK));
 	return 0;
@@ -519,13 +519,14 @@ static int run(struct load *l, const struct opts *o)
 		if (rc == 0)
 			wait_call(l, o);
 	}
-	printf("iops=%.0f p50_us=%.1f p99_us=%.1f ios=%" PRIu64 " errors=%" PRIu64
-	       " backend_cpu_us_per_io=%.3f load_cpu_us_per_io=%.3f qd=%u read_pct=%u seconds=%.2f\n",
-	       (double)l->done * 1e9 / (double)(t1 - t_meas), pct(l->hist, l->done, 0.50),
-	       pct(l->hist, l->done, 0.99), l->done, l->errors,
-	       o->pid && l->done ? (double)(be1 - be0) / 1000.0 / (double)l->done : -1.0,
-	       l->done ? (double)me0 / 1000.0 / (double)l->done : -1.0, o->qd, o->read_pct,
-	       (double)(t1 - t_meas) / 1e9);
+	printf(
+	    "iops=%.0f p50_us=%.1f p99_us=%.1f ios=%" PRIu64 " errors=%" PRIu64
+	    " backend_cpu_us_per_io=%.3f load_cpu_us_per_io=%.3f qd=%u read_pct=%u seconds=%.2f\n",
+	    (double)l->done * 1e9 / (double)(t1 - t_meas), pct(l->hist, l->done, 0.50),
+	    pct(l->hist, l->done, 0.99), l->done, l->errors,
+	    o->pid && l->done ? (double)(be1 - be0) / 1000.0 / (double)l->done : -1.0,
+	    l->done ? (double)me0 / 1000.0 / (double)l->done : -1.0, o->qd, o->read_pct,
+	    (double)(t1 - t_meas) / 1e9);
 	return l->errors ? -EIO : 0;
 }
 
@@ -566,12 +567,15 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 int main(int argc, char **argv)
 {
 	struct opts o = {.qd = 32, .read_pct = 50, .seconds = 5, .warmup_s = 1};
-	struct load l = {.sock = -1, .kick = -1, .call = -1, .memfd = -1, .rng = 0x2545f4914f6cdd1dull};
+	struct load l = {
+	    .sock = -1, .kick = -1, .call = -1, .memfd = -1, .rng = 0x2545f4914f6cdd1dull};
 	int rc;
 
 	if (parse_opts(argc, argv, &o)) {
-		fprintf(stderr, "usage: vblk-load --socket PATH [--qd N] [--read-pct P] [--seconds S]\n"
-				"                 [--warmup S] [--range-mb MB] [--pid BACKEND_PID] [--poll]\n");
+		fprintf(
+		    stderr,
+		    "usage: vblk-load --socket PATH [--qd N] [--read-pct P] [--seconds S]\n"
+		    "                 [--warmup S] [--range-mb MB] [--pid BACKEND_PID] [--poll]\n");
 		return 2;
 	}
 	for (l.num = 64; l.num < 3 * o.qd; l.num *= 2)

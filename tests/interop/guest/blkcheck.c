@@ -456,7 +456,8 @@ static int run_scan(const char *path)
 		memcpy(&sum, buf + BLK_SIZE - 8, 8);
 		if (is_zero(buf, BLK_SIZE)) {
 			zero++;
-		} else if (h.magic == BLK_MAGIC && h.block == b && sum == checksum(buf, BLK_SIZE - 8)) {
+		} else if (h.magic == BLK_MAGIC && h.block == b &&
+			   sum == checksum(buf, BLK_SIZE - 8)) {
 			good++;
 			max_gen = h.gen > max_gen ? h.gen : max_gen;
 		} else {
@@ -522,12 +523,12 @@ static int parse_args(int argc, char **argv, struct opts *o)
 int main(int argc, char **argv)
 {
 	struct opts o = {
-		.dev = "/dev/vda",
-		.blocks = 8192,
-		.seconds = 20,
-		.write_pct = 70,
-		.gap_report_ms = 100,
-		.progress_ms = 1000,
+	    .dev = "/dev/vda",
+	    .blocks = 8192,
+	    .seconds = 20,
+	    .write_pct = 70,
+	    .gap_report_ms = 100,
+	    .progress_ms = 1000,
 	};
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
