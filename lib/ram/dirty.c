@@ -131,7 +131,8 @@ static int choose_mode(struct vmig__dirty *d, enum vmig_dirty_tracking want, uin
 }
 
 /* Probe, choose the backend, create the userfaultfd with its features. */
-static int dirty_setup(struct vmig__dirty *d, enum vmig_dirty_tracking mode, struct vmig__err *err)
+static int dirty_setup(struct vmig__dirty *d, enum vmig_dirty_tracking mode, unsigned flags,
+		       struct vmig__err *err)
 {
 	uint64_t offered, want;
 	int ret;
@@ -154,6 +155,8 @@ static int dirty_setup(struct vmig__dirty *d, enum vmig_dirty_tracking mode, str
 		return ret;
 	want = UFFD_FEATURE_PAGEFAULT_FLAG_WP |
 	       (offered & (UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_WP_UNPOPULATED));
+	if (flags & VMIG__DIRTY_NO_WP_UNPOPULATED)
+		want &= ~(uint64_t)UFFD_FEATURE_WP_UNPOPULATED;
 	if (d->mode == VMIG_DIRTY_UFFD_ASYNC)
 		want |= UFFD_FEATURE_WP_ASYNC;
 	ret = uffd_api(d->uffd, want, NULL);
@@ -167,6 +170,12 @@ static int dirty_setup(struct vmig__dirty *d, enum vmig_dirty_tracking mode, str
 }
 
 int vmig__dirty_open(struct vmig__dirty **out, enum vmig_dirty_tracking mode, struct vmig__err *err)
+{
+	return vmig__dirty_open_flags(out, mode, 0, err);
+}
+
+int vmig__dirty_open_flags(struct vmig__dirty **out, enum vmig_dirty_tracking mode, unsigned flags,
+			   struct vmig__err *err)
 {
 	struct vmig__dirty *d;
 	int ret;
@@ -185,7 +194,12 @@ int vmig__dirty_open(struct vmig__dirty **out, enum vmig_dirty_tracking mode, st
 		vmig__err_set(err, "dirty tracking: mutex: %s", strerror(-ret));
 		return ret;
 	}
-	ret = dirty_setup(d, mode, err);
+	if (flags & ~VMIG__DIRTY_NO_WP_UNPOPULATED) {
+		ret = -EINVAL;
+		vmig__err_set(err, "dirty tracking: unknown flags %#x", flags);
+		goto err_close;
+	}
+	ret = dirty_setup(d, mode, flags, err);
 	if (ret)
 		goto err_close;
 	if (d->mode == VMIG_DIRTY_UFFD_ASYNC) {
@@ -252,10 +266,12 @@ static int range_arm(struct vmig__dirty *d, struct vmig__dirty_range *r, struct 
 	}
 	/*
 	 * Without WP_UNPOPULATED the kernel cannot protect page-table holes of
-	 * anonymous memory, and a first write there would go unseen. Mapping
-	 * the shared zero page (no memory spent) gives it a PTE to protect.
+	 * private anonymous memory, and a first write there would go unseen.
+	 * Mapping the shared zero page (no memory spent) gives it a PTE to
+	 * protect. Shared memory needs no help (the kernel leaves a marker in
+	 * the hole), and reading it would allocate every page.
 	 */
-	if (!(d->uffd_features & UFFD_FEATURE_WP_UNPOPULATED))
+	if (!(d->uffd_features & UFFD_FEATURE_WP_UNPOPULATED) && !r->shared)
 		(void)madvise((void *)r->start, r->size, MADV_POPULATE_READ);
 	if (r->pending)
 		memset(r->pending, 0, vmig__bitmap_words(r->npages) * sizeof(uint64_t));

@@ -44,6 +44,15 @@ struct vmig__dirty; /* opaque */
  */
 int vmig__dirty_open(struct vmig__dirty **out, enum vmig_dirty_tracking mode,
 		     struct vmig__err *err);
+/*
+ * Same, with flags for tests: VMIG__DIRTY_NO_WP_UNPOPULATED behaves as on a
+ * kernel without UFFD_FEATURE_WP_UNPOPULATED (before 6.4) in sync mode, where
+ * page-table holes get the zero page mapped at start() so they can be
+ * protected. Async mode always has it (WP_ASYNC implies it).
+ */
+#define VMIG__DIRTY_NO_WP_UNPOPULATED 0x1u
+int vmig__dirty_open_flags(struct vmig__dirty **out, enum vmig_dirty_tracking mode, unsigned flags,
+			   struct vmig__err *err);
 /* The backend actually in use (never AUTO). */
 enum vmig_dirty_tracking vmig__dirty_mode(const struct vmig__dirty *d);
 
