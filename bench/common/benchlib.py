@@ -229,3 +229,34 @@ def replace_section(path, begin, end, body):
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def _cpu_times():
+    with open("/proc/stat") as f:
+        vals = [int(v) for v in f.readline().split()[1:]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+    return sum(vals[:8]), idle
+
+
+def host_busy_fraction(interval_s=1.0):
+    """Share of all CPUs busy over interval_s (0..1), whoever used them."""
+    total0, idle0 = _cpu_times()
+    time.sleep(interval_s)
+    total1, idle1 = _cpu_times()
+    if total1 <= total0:
+        return 0.0
+    return 1.0 - (idle1 - idle0) / (total1 - total0)
+
+
+def wait_quiet(max_busy, timeout_s):
+    """Waits, up to timeout_s, until the host is at most max_busy busy.
+
+    On a small shared machine someone else's build can halve a result, so
+    each measurement starts on a quiet host when possible. Returns the last
+    busy fraction seen (the caller records it next to the result).
+    """
+    deadline = time.monotonic() + timeout_s
+    busy = host_busy_fraction()
+    while busy > max_busy and time.monotonic() < deadline:
+        busy = host_busy_fraction()
+    return busy

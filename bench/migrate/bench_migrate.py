@@ -150,7 +150,20 @@ class Precopy1ch(Scenario):
     title = "pre-copy, one channel"
 
 
-SCENARIOS = {s.key: s for s in (Precopy1ch(),)}
+class PrecopyMultifd(Scenario):
+    """Pre-copy over N multifd data channels (QEMU's names on both engines)."""
+
+    def __init__(self, channels):
+        self.key = "multifd-%d" % channels
+        self.title = "pre-copy, multifd with %d channels" % channels
+        self.capabilities = {"multifd": True}
+        self.parameters = {"multifd-channels": channels}
+
+
+# Post-copy belongs here as another Scenario: capability postcopy-ram (and
+# postcopy-blocktime), on_poll() sending migrate-start-postcopy after the
+# first pass, extra_metrics() reading blocktime from the destination.
+SCENARIOS = {s.key: s for s in (Precopy1ch(), PrecopyMultifd(4))}
 
 
 class Config:
@@ -162,6 +175,8 @@ class Config:
         self.timeout_s = args.timeout
         self.tcp_raw = args.tcp_raw
         self.results_dir = args.results_dir
+        self.quiet_busy = args.quiet_busy
+        self.quiet_wait_s = args.quiet_wait
 
 
 def set_caps_and_params(qmp, scenario, extra_params=None):
@@ -240,6 +255,7 @@ def migrate_once(cfg, runtime, scenario, procs, tmpdir):
         set_caps_and_params(qs, scenario, {"max-bandwidth": runtime.unlimited_bandwidth})
         params = qs.execute("query-migrate-parameters")
         run = {"src": qs, "dst": qd}
+        busy = benchlib.wait_quiet(cfg.quiet_busy, cfg.quiet_wait_s)
         cpu_src0, cpu_dst0 = benchlib.cpu_seconds(src.pid), benchlib.cpu_seconds(dst.pid)
         t0 = time.monotonic()
         qs.execute("migrate", {"uri": uri})
@@ -277,6 +293,7 @@ def migrate_once(cfg, runtime, scenario, procs, tmpdir):
             "wall_dst_s": t_dst,
             "downtime_limit_ms": params.get("downtime-limit"),
             "max_bandwidth": params.get("max-bandwidth"),
+            "host_busy": busy,
             "query_migrate": info,
         }
         m.update(scenario.extra_metrics(run, info, dst_info))
@@ -294,6 +311,7 @@ def migrate_once(cfg, runtime, scenario, procs, tmpdir):
 
 
 def raw_once(cfg):
+    busy = benchlib.wait_quiet(cfg.quiet_busy, cfg.quiet_wait_s)
     out = subprocess.run([cfg.tcp_raw, "--file", cfg.fill_file, "--bytes", str(cfg.mem_bytes)],
                          capture_output=True, text=True, timeout=cfg.timeout_s)
     if out.returncode != 0:
@@ -307,6 +325,7 @@ def raw_once(cfg):
         "src_cpu_s": float(kv["tcp_sender_cpu_s"]),
         "dst_cpu_s": float(kv["tcp_receiver_cpu_s"]),
         "memcpy_gbytes_per_s": float(kv["memcpy_gbytes_per_s"]),
+        "host_busy": busy,
     }
 
 
@@ -378,6 +397,10 @@ def main():
     ap.add_argument("--runtimes", default="qemu,vmig")
     ap.add_argument("--qemu", default="qemu-system-x86_64")
     ap.add_argument("--results-dir", required=True)
+    ap.add_argument("--quiet-busy", type=float, default=0.15,
+                    help="start a measurement once the host is at most this busy (0..1)")
+    ap.add_argument("--quiet-wait", type=float, default=120,
+                    help="seconds to wait for a quiet host before measuring anyway")
     ap.add_argument("--record", metavar="DOC", help="rewrite the migrate section of DOC")
     ap.add_argument("--command", default="", help="command line to quote in the record")
     args = ap.parse_args()

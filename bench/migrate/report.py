@@ -151,6 +151,8 @@ def _md_runs(res):
         line = "- %s: total s %s" % (label, tot)
         if dt:
             line += "; downtime ms %s" % dt
+        line += "; host CPU busy before start %s" % ", ".join(
+            "%.0f%%" % (100 * r["host_busy"]) for r in runs if r.get("host_busy") is not None)
         lim = runs[0].get("downtime_limit_ms")
         if lim is not None:
             line += "; downtime-limit %s ms" % lim
@@ -222,5 +224,7 @@ METHOD_TEXT = """### How it is measured
   mapping over one loopback TCP connection to a reader that discards into a 4 MiB
   buffer; two threads, CPU per thread. It is the ceiling for one channel.
 - Runs are interleaved (raw, QEMU, vmig, raw, ...) and each VM pair is torn down before
-  the next starts. Figures are per-column medians; x QEMU and x raw compare Gbit/s.
+  the next starts. The host is shared, so before each measurement the harness waits (up
+  to `BENCH_QUIET_WAIT` s) until all CPUs together are at most `BENCH_QUIET_BUSY` busy
+  over one second; the busy share it saw is listed with the runs. Figures are per-column medians; x QEMU and x raw compare Gbit/s.
 """

@@ -15,6 +15,8 @@
 #   BENCH_SCENARIOS=precopy-1ch   comma-separated scenarios
 #   BENCH_RUNTIMES=qemu,vmig      comma-separated engines (raw TCP always runs)
 #   BENCH_TIMEOUT=600       seconds allowed per migration
+#   BENCH_QUIET_BUSY=0.15   wait until the host's CPUs are at most this busy...
+#   BENCH_QUIET_WAIT=120    ...for up to this many seconds before each measurement
 #   BENCH_RECORD=1          same as --record
 set -euo pipefail
 
@@ -73,7 +75,8 @@ mkdir -p "$results"
 args=(--build-dir "$build_dir" --mem "$mem" --runs "$runs" --fill-file "$fill"
       --tcp-raw "$bin_dir/tcp_raw" --results-dir "$results"
       --scenarios "${BENCH_SCENARIOS:-precopy-1ch}" --runtimes "${BENCH_RUNTIMES:-qemu,vmig}"
-      --timeout "${BENCH_TIMEOUT:-600}")
+      --timeout "${BENCH_TIMEOUT:-600}"
+      --quiet-busy "${BENCH_QUIET_BUSY:-0.15}" --quiet-wait "${BENCH_QUIET_WAIT:-120}")
 cmd="BENCH_RUNS=$runs BENCH_MEM=$mem make bench"
 if [ "$record" = 1 ]; then
 	doc="$root/docs/benchmarks.md"
