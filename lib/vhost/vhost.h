@@ -1,0 +1,270 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The vhost-user back-end library used by vmig-blk: guest memory table,
+ * dirty log, split virtqueues with in-flight tracking, and the device state
+ * machine that handles the front-end's messages. It knows nothing about
+ * block devices: a device plugs in through struct vhost_dev_ops (config
+ * space, queue start/stop) and runs its own data path on struct vhost_vq.
+ *
+ * Threads: one control thread owns struct vhost_dev and handles messages.
+ * A started ring's struct vhost_vq belongs to the device's queue thread until
+ * ops->queue_stop returns; the control thread stops every ring a message
+ * could affect before it touches shared state (memory table, log, features,
+ * ring fds), so the data path never takes a lock.
+ *
+ * Errors: functions return 0 or -errno; text goes to dev->err.
+ */
+#ifndef VMIG_VHOST_H
+#define VMIG_VHOST_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "vhost/inflight.h"
+#include "vhost/proto.h"
+
+#define VHOST_MAX_QUEUES 16
+#define VHOST_MAX_QUEUE_SIZE 1024
+#define VHOST_MAX_MEM_REGIONS 32
+
+/* ---- guest memory (mem.c) ---- */
+
+struct vhost_mem_region {
+	uint64_t gpa;	      /* guest physical start */
+	uint64_t size;	      /* bytes */
+	uint64_t uva;	      /* front-end virtual start (ring addresses use it) */
+	uint64_t mmap_offset; /* offset of the region in fd */
+	uint8_t *hva;	      /* our mapping of gpa */
+	void *map;	      /* mmap() result, map_len bytes */
+	size_t map_len;
+	int fd; /* owned; -1 when unused */
+};
+
+struct vhost_mem {
+	uint32_t nregions;
+	struct vhost_mem_region r[VHOST_MAX_MEM_REGIONS];
+};
+
+void vhost_mem_init(struct vhost_mem *m);
+/* Map a region described by the peer; takes ownership of fd on success. */
+int vhost_mem_add(struct vhost_mem *m, const struct vhost_user_mem_region *d, int fd);
+/* Unmap the region matching d (gpa, size, uva); -ENOENT if none. */
+int vhost_mem_remove(struct vhost_mem *m, const struct vhost_user_mem_region *d);
+void vhost_mem_clear(struct vhost_mem *m);
+/*
+ * Host address of guest physical [gpa, gpa + *len): returns the start and
+ * shrinks *len to the part that is contiguous in one region, or NULL if gpa
+ * is not mapped. Callers loop for ranges spanning regions.
+ */
+void *vhost_mem_gpa(const struct vhost_mem *m, uint64_t gpa, uint64_t *len);
+/* Host address of front-end virtual [uva, uva + len), all in one region. */
+void *vhost_mem_uva(const struct vhost_mem *m, uint64_t uva, uint64_t len);
+
+/* ---- dirty log (mem.c) ---- */
+
+struct vhost_log {
+	uint8_t *bits; /* one bit per 4 KiB guest page, NULL if no log */
+	uint64_t size; /* bytes of bitmap */
+	void *map;
+	size_t map_len;
+	uint64_t mmap_offset;
+	int fd;
+};
+
+int vhost_log_map(struct vhost_log *l, int fd, uint64_t size, uint64_t offset);
+void vhost_log_unmap(struct vhost_log *l);
+/* Mark guest pages of [gpa, gpa + len) dirty. Lock-free, any thread. */
+void vhost_log_write(const struct vhost_log *l, uint64_t gpa, uint64_t len);
+
+/* ---- split virtqueue data path (virtq.c) ---- */
+
+/* The ring layouts, in guest memory (virtio 1.x split ring). */
+struct vhost_desc {
+	uint64_t addr;
+	uint32_t len;
+	uint16_t flags;
+	uint16_t next;
+};
+#define VHOST_DESC_F_NEXT 1
+#define VHOST_DESC_F_WRITE 2
+#define VHOST_DESC_F_INDIRECT 4
+
+struct vhost_avail {
+	uint16_t flags;
+	uint16_t idx;
+	uint16_t ring[]; /* num entries, then used_event (EVENT_IDX) */
+};
+#define VHOST_AVAIL_F_NO_INTERRUPT 1
+
+struct vhost_used_elem {
+	uint32_t id;
+	uint32_t len;
+};
+struct vhost_used {
+	uint16_t flags;
+	uint16_t idx;
+	struct vhost_used_elem ring[]; /* num entries, then avail_event */
+};
+
+#define VIRTIO_RING_F_INDIRECT_DESC 28
+#define VIRTIO_RING_F_EVENT_IDX 29
+#define VIRTIO_F_VERSION_1 32
+
+/* Longest indirect table we accept (entries); Linux uses at most ~seg_max+2. */
+#define VHOST_MAX_INDIRECT 1024
+
+struct vhost_vq {
+	uint16_t num;
+	bool event_idx;
+	bool indirect;
+	volatile struct vhost_desc *desc;
+	volatile struct vhost_avail *avail;
+	volatile struct vhost_used *used;
+	uint16_t last_avail_idx; /* next avail entry to fetch */
+	uint16_t used_idx;	 /* next used entry to write (staged) */
+	uint16_t published_idx;	 /* used->idx as last stored */
+	const struct vhost_mem *mem;
+	const struct vhost_log *log; /* NULL unless logging is on */
+	bool log_used;		     /* also log used-ring writes */
+	uint64_t used_gpa;
+	struct vhost_inflight_queue *inflight; /* NULL without a region */
+	uint64_t counter;		       /* last fetch counter handed out */
+	uint16_t *batch;		       /* heads staged since the last flush */
+	bool broken;			       /* guest broke the ring: stop using it */
+};
+
+/* A descriptor chain resolved to host memory. iov/gpa are caller storage of
+ * max entries; [0, nout) is device-readable, [nout, nout + nin) writable. */
+struct vhost_chain {
+	uint16_t head;
+	uint16_t max;
+	uint16_t nout;
+	uint16_t nin;
+	struct iovec *iov;
+	uint64_t *gpa;
+};
+
+/*
+ * Fetch the next available head (marks it in flight). Returns 1 with *head
+ * set, 0 if the ring is empty, -EIO if the guest broke the ring (the queue
+ * is then marked broken and must not be used until restarted).
+ */
+int vhost_vq_pop(struct vhost_vq *vq, uint16_t *head);
+/*
+ * Resolve the chain at head. -EINVAL for a malformed chain (bad flags,
+ * readable after writable, nested indirect), -ELOOP if longer than the ring
+ * or the indirect table, -EFAULT if outside the memory table, -E2BIG if it
+ * needs more than c->max iovecs.
+ */
+int vhost_vq_map_chain(const struct vhost_vq *vq, uint16_t head, struct vhost_chain *c);
+/* Log every device-writable segment of c (after writing it). */
+void vhost_vq_log_chain(const struct vhost_vq *vq, const struct vhost_chain *c);
+/* Stage a completion; visible to the guest at the next flush. */
+void vhost_vq_push(struct vhost_vq *vq, uint16_t head, uint32_t len);
+/* Publish staged completions. Returns true if the guest must be notified. */
+bool vhost_vq_flush(struct vhost_vq *vq);
+/*
+ * Tell the guest we will sleep (EVENT_IDX: avail_event = last_avail_idx)
+ * and recheck. Returns true if more buffers are available, so the caller
+ * must keep going instead of sleeping.
+ */
+bool vhost_vq_enable_notify(struct vhost_vq *vq);
+
+/* ---- device and message handling (dev.c) ---- */
+
+struct vhost_dev;
+
+struct vhost_vring {
+	unsigned idx;
+	uint16_t num;
+	bool addr_set;
+	struct vhost_user_vring_addr addr;
+	uint16_t base;	   /* last_avail_idx while stopped */
+	bool need_recover; /* base came from the front-end: consult inflight */
+	int kick_fd;
+	int call_fd;
+	int err_fd;
+	bool enabled;
+	bool started; /* the device's queue thread owns vq */
+	struct vhost_vq vq;
+	uint16_t *batch;    /* num entries */
+	uint16_t *resubmit; /* heads to redo first, oldest first */
+	uint16_t nresubmit;
+	struct vhost_inflight_recovery recovery; /* what the last start found */
+	uint64_t starts;
+};
+
+struct vhost_dev_ops {
+	/* Fill the whole config space (VHOST_USER_CONFIG_MAX bytes). */
+	void (*get_config)(void *opaque, uint8_t *cfg);
+	/* Take over vr->vq and start serving it (resubmit first). 0 or -errno. */
+	int (*queue_start)(void *opaque, struct vhost_vring *vr);
+	/* Stop taking buffers, finish all in flight, give vr->vq back. */
+	void (*queue_stop)(void *opaque, struct vhost_vring *vr);
+};
+
+struct vhost_inflight_map {
+	int fd;
+	void *map;
+	size_t map_len;
+	uint64_t size;
+	uint64_t offset;
+	uint16_t nqueues;
+	uint16_t queue_size;
+};
+
+struct vhost_dev {
+	const struct vhost_dev_ops *ops;
+	void *opaque;
+	unsigned nqueues;
+	uint64_t offered_features;
+	uint64_t offered_protocol;
+	uint64_t features; /* acked by SET_FEATURES */
+	uint64_t protocol; /* acked by SET_PROTOCOL_FEATURES */
+	bool features_set;
+	struct vhost_mem mem;
+	struct vhost_log log;
+	struct vhost_inflight_map inflight;
+	struct vhost_vring vring[VHOST_MAX_QUEUES];
+	uint64_t msgs;
+	uint64_t msg_errors;
+	char err[256]; /* last error text */
+};
+
+/* A message with its fds. Handlers take an fd by setting it to -1. */
+struct vhost_msg {
+	struct vhost_user_hdr hdr;
+	union vhost_user_payload p;
+	int fds[VHOST_USER_MAX_FDS];
+	unsigned nfds;
+};
+
+void vhost_dev_init(struct vhost_dev *d, unsigned nqueues, uint64_t features,
+		    const struct vhost_dev_ops *ops, void *opaque);
+/* Connection gone: stop every ring, drop memory, log, fds, negotiation. */
+void vhost_dev_reset(struct vhost_dev *d);
+/*
+ * Validate and handle one message. Returns 1 if *reply must be sent, 0 if
+ * not, or -EPROTO if the peer broke the protocol (drop the connection).
+ * Closes every fd of m that the handler did not keep.
+ */
+int vhost_dev_handle(struct vhost_dev *d, struct vhost_msg *m, struct vhost_msg *reply);
+/* Name of a request id, for logs ("SET_MEM_TABLE"), or NULL. */
+const char *vhost_req_name(uint32_t req);
+/* Stop / (re)start every ring: quiesce for live upgrade. */
+void vhost_dev_stop_all(struct vhost_dev *d);
+void vhost_dev_start_ready(struct vhost_dev *d);
+/* Map the in-flight region of an inherited fd (live upgrade). */
+int vhost_dev_map_inflight(struct vhost_dev *d, int fd, uint64_t size, uint64_t offset,
+			   uint16_t nqueues, uint16_t queue_size);
+
+/* ---- socket I/O (msg.c) ---- */
+
+/* Read one message with its fds. 0, -EPIPE on EOF, -EBADMSG, -errno. */
+int vhost_msg_recv(int sock, struct vhost_msg *m);
+int vhost_msg_send(int sock, const struct vhost_msg *m);
+void vhost_msg_close_fds(struct vhost_msg *m);
+
+#endif

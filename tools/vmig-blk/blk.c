@@ -1,0 +1,669 @@
+// SPDX-License-Identifier: MIT
+/*
+ * The virtio-blk data path of vmig-blk: one thread and one io_uring per
+ * queue. The thread waits on its kick eventfd and on request completions in
+ * the same io_uring, turns descriptor chains into preadv/pwritev/fsync/
+ * fallocate submissions (or memcpy for the RAM disk), and retires completed
+ * requests in batches: one used-index store and at most one interrupt per
+ * batch. Nothing is allocated per request: request slots, iovecs and guest
+ * addresses live in arrays sized by the ring at queue start.
+ *
+ * Threat model: request headers, segment descriptors and buffer layouts come
+ * from the guest. Sectors and lengths are checked against the disk size
+ * with overflow-safe arithmetic, segment counts against what we advertise,
+ * and a head the guest posts again while we still own it marks the queue
+ * broken rather than corrupting our slot.
+ */
+#include "blk.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/virtio_blk.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#define TAG_KICK ((void *)1)
+#define TAG_STOP ((void *)2)
+
+struct vblk_dwz_seg {
+	uint64_t sector;
+	uint32_t num_sectors;
+	uint32_t flags;
+};
+
+struct vblk_req {
+	struct vblk_queue *q;
+	struct vhost_chain chain;
+	uint8_t *status;
+	uint64_t status_gpa;
+	uint32_t type;
+	struct iovec *data; /* data iovecs, inside chain.iov */
+	unsigned ndata;
+	uint64_t offset;
+	uint64_t bytes;	   /* to transfer */
+	uint64_t done;	   /* transferred (short I/O is resubmitted) */
+	uint32_t written;  /* bytes we wrote into guest memory */
+	int pending;	   /* io_uring operations outstanding */
+	int error;	   /* first failure */
+	bool busy;
+	bool zero_filled;
+	unsigned nsegs; /* discard / write-zeroes segments */
+	struct vblk_dwz_seg segs[VBLK_MAX_DWZ_SEGS];
+};
+
+static void stat_add(uint64_t *s, uint64_t v)
+{
+	/* Single writer (the queue thread); readers use relaxed loads. */
+	__atomic_store_n(s, *s + v, __ATOMIC_RELAXED);
+}
+
+void vblk_stats_read(const struct vblk_queue *q, struct vblk_stats *out)
+{
+	const uint64_t *src = (const uint64_t *)&q->stats;
+	uint64_t *dst = (uint64_t *)out;
+
+	for (size_t i = 0; i < sizeof(*out) / sizeof(uint64_t); i++)
+		dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+}
+
+uint64_t vblk_device_features(const struct vblk_disk *disk, unsigned nqueues)
+{
+	uint64_t f = (1ull << VIRTIO_BLK_F_SEG_MAX) | (1ull << VIRTIO_BLK_F_BLK_SIZE) |
+		     (1ull << VIRTIO_BLK_F_FLUSH) | (1ull << VIRTIO_BLK_F_MQ) |
+		     (1ull << VIRTIO_RING_F_INDIRECT_DESC) | (1ull << VIRTIO_RING_F_EVENT_IDX) |
+		     (1ull << VIRTIO_F_VERSION_1);
+
+	(void)nqueues;
+	if (disk->read_only)
+		f |= 1ull << VIRTIO_BLK_F_RO;
+	else
+		f |= (1ull << VIRTIO_BLK_F_DISCARD) | (1ull << VIRTIO_BLK_F_WRITE_ZEROES);
+	return f;
+}
+
+/* ---- request parsing ---- */
+
+/* Copy len bytes from the start of iov[0..n) into dst; -1 if too short. */
+static int iov_gather(const struct iovec *iov, unsigned n, void *dst, size_t len)
+{
+	uint8_t *d = dst;
+
+	for (unsigned i = 0; i < n && len; i++) {
+		size_t c = iov[i].iov_len < len ? iov[i].iov_len : len;
+
+		memcpy(d, iov[i].iov_base, c);
+		d += c;
+		len -= c;
+	}
+	return len ? -1 : 0;
+}
+
+/* Copy len bytes into iov[0..n); returns bytes copied. */
+static size_t iov_scatter(const struct iovec *iov, unsigned n, const void *src, size_t len)
+{
+	const uint8_t *s = src;
+	size_t done = 0;
+
+	for (unsigned i = 0; i < n && done < len; i++) {
+		size_t c = iov[i].iov_len < len - done ? iov[i].iov_len : len - done;
+
+		memcpy(iov[i].iov_base, s + done, c);
+		done += c;
+	}
+	return done;
+}
+
+/* Drop the first len bytes of the iovec array in place (they are our copies). */
+static void iov_skip(struct iovec **iov, unsigned *n, uint64_t len)
+{
+	while (*n && len) {
+		if ((*iov)->iov_len > len) {
+			(*iov)->iov_base = (uint8_t *)(*iov)->iov_base + len;
+			(*iov)->iov_len -= len;
+			return;
+		}
+		len -= (*iov)->iov_len;
+		(*iov)++;
+		(*n)--;
+	}
+}
+
+static uint64_t iov_total(const struct iovec *iov, unsigned n)
+{
+	uint64_t t = 0;
+
+	for (unsigned i = 0; i < n; i++)
+		t += iov[i].iov_len;
+	return t;
+}
+
+/* Split the chain into header, data and status. 0 or -1 (no status byte). */
+static int req_layout(struct vblk_req *req, struct virtio_blk_outhdr *hdr)
+{
+	struct vhost_chain *c = &req->chain;
+	struct iovec *last;
+	struct iovec *out = c->iov;
+	unsigned nout = c->nout;
+
+	if (c->nin == 0 || iov_gather(c->iov, c->nout, hdr, sizeof(*hdr)))
+		return -1;
+	last = &c->iov[c->nout + c->nin - 1];
+	if (last->iov_len == 0)
+		return -1;
+	req->status = (uint8_t *)last->iov_base + last->iov_len - 1;
+	req->status_gpa = c->gpa[c->nout + c->nin - 1] + last->iov_len - 1;
+	req->type = hdr->type;
+	if (req->type == VIRTIO_BLK_T_IN || req->type == VIRTIO_BLK_T_GET_ID) {
+		req->data = &c->iov[c->nout];
+		req->ndata = c->nin;
+		if (--last->iov_len == 0)
+			req->ndata--;
+	} else {
+		iov_skip(&out, &nout, sizeof(*hdr));
+		req->data = out;
+		req->ndata = nout;
+	}
+	return 0;
+}
+
+/* Is [sector, sector + bytes) inside the disk? Overflow-safe. */
+static bool range_ok(const struct vblk_disk *disk, uint64_t sector, uint64_t bytes)
+{
+	uint64_t sectors = disk->size / VBLK_SECTOR;
+
+	return sector <= sectors && bytes / VBLK_SECTOR <= sectors - sector &&
+	       bytes % VBLK_SECTOR == 0;
+}
+
+/* ---- completion ---- */
+
+static void req_finish(struct vblk_queue *q, struct vblk_req *req, uint8_t status)
+{
+	struct vhost_vq *vq = &q->vr->vq;
+
+	*req->status = status;
+	if (status != VIRTIO_BLK_S_OK)
+		stat_add(&q->stats.errors, 1);
+	if (vq->log) {
+		vhost_vq_log_chain(vq, &req->chain);
+		vhost_log_write(vq->log, req->status_gpa, 1);
+	}
+	vhost_vq_push(vq, req->chain.head, req->written + 1);
+	req->busy = false;
+}
+
+/* A chain we cannot even answer with a status: return it empty. */
+static void req_drop(struct vblk_queue *q, struct vblk_req *req)
+{
+	stat_add(&q->stats.errors, 1);
+	vhost_vq_push(&q->vr->vq, req->chain.head, 0);
+	req->busy = false;
+}
+
+static struct io_uring_sqe *get_sqe(struct vblk_queue *q)
+{
+	struct io_uring_sqe *sqe = io_uring_get_sqe(&q->ring);
+
+	if (!sqe) {
+		io_uring_submit(&q->ring);
+		sqe = io_uring_get_sqe(&q->ring);
+	}
+	return sqe;
+}
+
+static int submit_rw(struct vblk_queue *q, struct vblk_req *req)
+{
+	struct io_uring_sqe *sqe = get_sqe(q);
+
+	if (!sqe)
+		return -EBUSY;
+	if (req->type == VIRTIO_BLK_T_IN)
+		io_uring_prep_readv(sqe, q->disk->fd, req->data, req->ndata, req->offset + req->done);
+	else
+		io_uring_prep_writev(sqe, q->disk->fd, req->data, req->ndata,
+				     req->offset + req->done);
+	io_uring_sqe_set_data(sqe, req);
+	req->pending++;
+	q->outstanding++;
+	return 0;
+}
+
+static void ram_rw(struct vblk_queue *q, struct vblk_req *req)
+{
+	uint8_t *p = q->disk->ram + req->offset;
+
+	for (unsigned i = 0; i < req->ndata; i++) {
+		if (req->type == VIRTIO_BLK_T_IN)
+			memcpy(req->data[i].iov_base, p, req->data[i].iov_len);
+		else
+			memcpy(p, req->data[i].iov_base, req->data[i].iov_len);
+		p += req->data[i].iov_len;
+	}
+}
+
+static uint8_t start_rw(struct vblk_queue *q, struct vblk_req *req, uint64_t sector)
+{
+	bool is_read = req->type == VIRTIO_BLK_T_IN;
+
+	req->bytes = iov_total(req->data, req->ndata);
+	if (!range_ok(q->disk, sector, req->bytes))
+		return VIRTIO_BLK_S_IOERR;
+	if (!is_read && q->disk->read_only)
+		return VIRTIO_BLK_S_IOERR;
+	req->offset = sector * VBLK_SECTOR;
+	stat_add(is_read ? &q->stats.read_ops : &q->stats.write_ops, 1);
+	stat_add(is_read ? &q->stats.read_bytes : &q->stats.write_bytes, req->bytes);
+	if (is_read)
+		req->written = (uint32_t)req->bytes;
+	if (req->bytes == 0)
+		return VIRTIO_BLK_S_OK;
+	if (q->disk->ram) {
+		ram_rw(q, req);
+		return VIRTIO_BLK_S_OK;
+	}
+	return submit_rw(q, req) ? VIRTIO_BLK_S_IOERR : 0xff;
+}
+
+static uint8_t start_flush(struct vblk_queue *q, struct vblk_req *req)
+{
+	struct io_uring_sqe *sqe;
+
+	stat_add(&q->stats.flush_ops, 1);
+	if (q->disk->ram)
+		return VIRTIO_BLK_S_OK;
+	sqe = get_sqe(q);
+	if (!sqe)
+		return VIRTIO_BLK_S_IOERR;
+	io_uring_prep_fsync(sqe, q->disk->fd, IORING_FSYNC_DATASYNC);
+	io_uring_sqe_set_data(sqe, req);
+	req->pending++;
+	q->outstanding++;
+	return 0xff;
+}
+
+static uint8_t start_get_id(struct vblk_queue *q, struct vblk_req *req)
+{
+	stat_add(&q->stats.get_id_ops, 1);
+	req->written = (uint32_t)iov_scatter(req->data, req->ndata, q->disk->serial,
+					     VBLK_SERIAL_LEN);
+	return VIRTIO_BLK_S_OK;
+}
+
+/* Zero a range the slow way when the file system cannot punch holes. */
+static int zero_fill(int fd, uint64_t off, uint64_t len)
+{
+	static const uint8_t zeros[65536];
+
+	while (len) {
+		size_t n = len < sizeof(zeros) ? (size_t)len : sizeof(zeros);
+		ssize_t w = pwrite(fd, zeros, n, (off_t)off);
+
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			return w < 0 ? -errno : -EIO;
+		off += (uint64_t)w;
+		len -= (uint64_t)w;
+	}
+	return 0;
+}
+
+static uint8_t start_dwz(struct vblk_queue *q, struct vblk_req *req)
+{
+	bool discard = req->type == VIRTIO_BLK_T_DISCARD;
+	struct vblk_dwz_seg *segs = req->segs;
+	uint64_t len = iov_total(req->data, req->ndata);
+	unsigned n = (unsigned)(len / sizeof(segs[0]));
+	uint64_t total = 0;
+
+	if (q->disk->read_only)
+		return VIRTIO_BLK_S_IOERR;
+	if (len % sizeof(segs[0]) || n == 0 || n > VBLK_MAX_DWZ_SEGS ||
+	    iov_gather(req->data, req->ndata, segs, len))
+		return VIRTIO_BLK_S_UNSUPP;
+	for (unsigned i = 0; i < n; i++) {
+		uint64_t bytes = (uint64_t)segs[i].num_sectors * VBLK_SECTOR;
+
+		if (segs[i].flags & ~(uint32_t)(discard ? 0 : VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
+			return VIRTIO_BLK_S_UNSUPP;
+		if (segs[i].num_sectors > VBLK_MAX_DWZ_SECTORS ||
+		    !range_ok(q->disk, segs[i].sector, bytes))
+			return VIRTIO_BLK_S_IOERR;
+		total += bytes;
+	}
+	req->nsegs = n;
+	stat_add(discard ? &q->stats.discard_ops : &q->stats.write_zeroes_ops, 1);
+	stat_add(discard ? &q->stats.discard_bytes : &q->stats.write_zeroes_bytes, total);
+	for (unsigned i = 0; i < n; i++) {
+		uint64_t off = segs[i].sector * VBLK_SECTOR;
+		uint64_t bytes = (uint64_t)segs[i].num_sectors * VBLK_SECTOR;
+		struct io_uring_sqe *sqe;
+
+		if (bytes == 0)
+			continue;
+		if (q->disk->ram) {
+			memset(q->disk->ram + off, 0, bytes);
+			continue;
+		}
+		sqe = get_sqe(q);
+		if (!sqe)
+			return req->pending ? 0xff : VIRTIO_BLK_S_IOERR;
+		/* A punched hole reads back as zeros: right for both. */
+		io_uring_prep_fallocate(sqe, q->disk->fd,
+					FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, bytes);
+		io_uring_sqe_set_data(sqe, req);
+		req->pending++;
+		q->outstanding++;
+	}
+	return req->pending ? 0xff : VIRTIO_BLK_S_OK;
+}
+
+/* Start the request at head. */
+static void req_start(struct vblk_queue *q, uint16_t head)
+{
+	struct vblk_req *req = &q->reqs[head];
+	struct virtio_blk_outhdr hdr;
+	uint8_t st;
+
+	if (req->busy) {
+		/* The guest posted a head we have not returned: it is broken,
+		 * and using the slot twice would corrupt our bookkeeping. */
+		q->vr->vq.broken = true;
+		return;
+	}
+	req->busy = true;
+	req->pending = 0;
+	req->error = 0;
+	req->done = 0;
+	req->written = 0;
+	req->zero_filled = false;
+	req->nsegs = 0;
+	if (vhost_vq_map_chain(&q->vr->vq, head, &req->chain) || req_layout(req, &hdr)) {
+		req_drop(q, req);
+		return;
+	}
+	switch (req->type) {
+	case VIRTIO_BLK_T_IN:
+	case VIRTIO_BLK_T_OUT:
+		st = start_rw(q, req, hdr.sector);
+		break;
+	case VIRTIO_BLK_T_FLUSH:
+		st = start_flush(q, req);
+		break;
+	case VIRTIO_BLK_T_GET_ID:
+		st = start_get_id(q, req);
+		break;
+	case VIRTIO_BLK_T_DISCARD:
+	case VIRTIO_BLK_T_WRITE_ZEROES:
+		st = start_dwz(q, req);
+		break;
+	default:
+		st = VIRTIO_BLK_S_UNSUPP;
+		break;
+	}
+	if (st != 0xff)
+		req_finish(q, req, st);
+}
+
+/* One io_uring completion for req. */
+static void req_complete_op(struct vblk_queue *q, struct vblk_req *req, int res)
+{
+	q->outstanding--;
+	req->pending--;
+	if (req->type == VIRTIO_BLK_T_IN || req->type == VIRTIO_BLK_T_OUT) {
+		if (res > 0 && req->done + (uint64_t)res < req->bytes) {
+			/* Short transfer: continue where it stopped. */
+			unsigned n = req->ndata;
+
+			req->done += (uint64_t)res;
+			iov_skip(&req->data, &n, (uint64_t)res);
+			req->ndata = n;
+			if (submit_rw(q, req) == 0)
+				return;
+			res = -EIO;
+		} else if (res == 0 && req->bytes) {
+			res = -EIO;
+		}
+	} else if (req->type == VIRTIO_BLK_T_WRITE_ZEROES && res == -EOPNOTSUPP) {
+		/* No hole punching here: write zeros (rare, blocks this queue). */
+		res = 0;
+		for (unsigned i = 0; i < req->nsegs && !req->zero_filled && !res; i++)
+			res = zero_fill(q->disk->fd, req->segs[i].sector * VBLK_SECTOR,
+					(uint64_t)req->segs[i].num_sectors * VBLK_SECTOR);
+		req->zero_filled = true;
+	} else if (req->type == VIRTIO_BLK_T_DISCARD && res == -EOPNOTSUPP) {
+		res = 0; /* discard is a hint */
+	}
+	if (res < 0 && !req->error)
+		req->error = res;
+	if (req->pending == 0)
+		req_finish(q, req, req->error ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK);
+}
+
+/* ---- queue thread ---- */
+
+static void notify(struct vblk_queue *q)
+{
+	if (vhost_vq_flush(&q->vr->vq) && q->vr->call_fd >= 0)
+		eventfd_write(q->vr->call_fd, 1);
+}
+
+static void arm_read(struct vblk_queue *q, int fd, uint64_t *buf, void *tag)
+{
+	struct io_uring_sqe *sqe = get_sqe(q);
+
+	if (!sqe)
+		return;
+	io_uring_prep_read(sqe, fd, buf, sizeof(*buf), 0);
+	io_uring_sqe_set_data(sqe, tag);
+}
+
+/* Fetch and start up to one ring's worth; true if more may be waiting. */
+static bool process_avail(struct vblk_queue *q)
+{
+	struct vhost_vq *vq = &q->vr->vq;
+	unsigned budget = vq->num;
+	uint16_t head;
+
+	for (;;) {
+		while (budget && vhost_vq_pop(vq, &head) == 1) {
+			req_start(q, head);
+			budget--;
+		}
+		if (vq->broken) {
+			if (!q->warned_broken)
+				stat_add(&q->stats.errors, 1);
+			q->warned_broken = true;
+			return false;
+		}
+		if (!budget)
+			return true;
+		if (!vhost_vq_enable_notify(vq))
+			return false;
+	}
+}
+
+static void resubmit(struct vblk_queue *q)
+{
+	struct vhost_vring *vr = q->vr;
+
+	for (uint16_t i = 0; i < vr->nresubmit; i++) {
+		stat_add(&q->stats.resubmitted, 1);
+		req_start(q, vr->resubmit[i]);
+	}
+	vr->nresubmit = 0;
+}
+
+static void handle_cqes(struct vblk_queue *q, bool *kicked, bool *stopping)
+{
+	struct io_uring_cqe *cqe;
+	unsigned head, n = 0;
+
+	io_uring_for_each_cqe(&q->ring, head, cqe) {
+		void *tag = io_uring_cqe_get_data(cqe);
+
+		n++;
+		if (tag == TAG_KICK) {
+			*kicked = true;
+			arm_read(q, q->vr->kick_fd, &q->kick_buf, TAG_KICK);
+		} else if (tag == TAG_STOP) {
+			*stopping = true;
+		} else {
+			req_complete_op(q, tag, cqe->res);
+		}
+	}
+	io_uring_cq_advance(&q->ring, n);
+}
+
+static void *queue_thread(void *arg)
+{
+	struct vblk_queue *q = arg;
+	bool stopping = false, more;
+
+	arm_read(q, q->vr->kick_fd, &q->kick_buf, TAG_KICK);
+	arm_read(q, q->stop_fd, &q->stop_buf, TAG_STOP);
+	resubmit(q);
+	more = process_avail(q);
+	vhost_vq_flush(&q->vr->vq);
+	/* One interrupt after every start: completions published just before
+	 * a crash or an upgrade may not have been signalled. */
+	if (q->vr->call_fd >= 0)
+		eventfd_write(q->vr->call_fd, 1);
+	for (;;) {
+		bool kicked = false;
+
+		if (more)
+			io_uring_submit(&q->ring);
+		else
+			io_uring_submit_and_wait(&q->ring, 1);
+		handle_cqes(q, &kicked, &stopping);
+		if (!stopping && (kicked || more))
+			more = process_avail(q);
+		else
+			more = false;
+		notify(q);
+		if (stopping && q->outstanding == 0)
+			break;
+	}
+	return NULL;
+}
+
+static int queue_alloc(struct vblk_queue *q, uint16_t num)
+{
+	if (q->alloc_num == num)
+		return 0;
+	vblk_queue_free(q);
+	q->reqs = calloc(num, sizeof(*q->reqs));
+	q->iov_pool = calloc((size_t)num * VBLK_MAX_IOV, sizeof(*q->iov_pool));
+	q->gpa_pool = calloc((size_t)num * VBLK_MAX_IOV, sizeof(*q->gpa_pool));
+	if (!q->reqs || !q->iov_pool || !q->gpa_pool) {
+		vblk_queue_free(q);
+		return -ENOMEM;
+	}
+	for (unsigned i = 0; i < num; i++) {
+		q->reqs[i].q = q;
+		q->reqs[i].chain.iov = &q->iov_pool[(size_t)i * VBLK_MAX_IOV];
+		q->reqs[i].chain.gpa = &q->gpa_pool[(size_t)i * VBLK_MAX_IOV];
+		q->reqs[i].chain.max = VBLK_MAX_IOV;
+	}
+	q->alloc_num = num;
+	return 0;
+}
+
+void vblk_queue_init(struct vblk_queue *q, struct vblk_disk *disk, unsigned idx)
+{
+	memset(q, 0, sizeof(*q));
+	q->disk = disk;
+	q->idx = idx;
+	q->stop_fd = -1;
+}
+
+void vblk_queue_free(struct vblk_queue *q)
+{
+	free(q->reqs);
+	free(q->iov_pool);
+	free(q->gpa_pool);
+	q->reqs = NULL;
+	q->iov_pool = NULL;
+	q->gpa_pool = NULL;
+	q->alloc_num = 0;
+}
+
+static int queue_start(void *opaque, struct vhost_vring *vr)
+{
+	struct vblk_queue *q = &((struct vblk_queue *)opaque)[vr->idx];
+	unsigned entries = vr->num * 2u < 4096 ? vr->num * 2u : 4096;
+	int r = queue_alloc(q, vr->num);
+
+	if (r)
+		return r;
+	q->vr = vr;
+	q->outstanding = 0;
+	q->warned_broken = false;
+	q->stop_fd = eventfd(0, EFD_CLOEXEC);
+	if (q->stop_fd < 0)
+		return -errno;
+	r = io_uring_queue_init(entries, &q->ring, 0);
+	if (r)
+		goto err_close;
+	r = -pthread_create(&q->thread, NULL, queue_thread, q);
+	if (r)
+		goto err_ring;
+	q->running = true;
+	return 0;
+err_ring:
+	io_uring_queue_exit(&q->ring);
+err_close:
+	close(q->stop_fd);
+	q->stop_fd = -1;
+	return r;
+}
+
+static void queue_stop(void *opaque, struct vhost_vring *vr)
+{
+	struct vblk_queue *q = &((struct vblk_queue *)opaque)[vr->idx];
+
+	if (!q->running)
+		return;
+	eventfd_write(q->stop_fd, 1);
+	pthread_join(q->thread, NULL);
+	io_uring_queue_exit(&q->ring);
+	close(q->stop_fd);
+	q->stop_fd = -1;
+	q->running = false;
+	/* Nothing of ours is in flight: no slot may stay busy. */
+	for (unsigned i = 0; i < q->alloc_num; i++)
+		q->reqs[i].busy = false;
+}
+
+static void get_config(void *opaque, uint8_t *cfg)
+{
+	struct vblk_queue *q = opaque;
+	const struct vblk_disk *disk = q[0].disk;
+	struct virtio_blk_config c;
+	unsigned nq = 0;
+
+	while (nq < VHOST_MAX_QUEUES && q[nq].disk)
+		nq++;
+	memset(&c, 0, sizeof(c));
+	c.capacity = disk->size / VBLK_SECTOR;
+	c.seg_max = VBLK_SEG_MAX;
+	c.blk_size = VBLK_SECTOR;
+	c.num_queues = (uint16_t)nq;
+	c.max_discard_sectors = VBLK_MAX_DWZ_SECTORS;
+	c.max_discard_seg = VBLK_MAX_DWZ_SEGS;
+	c.discard_sector_alignment = 4096 / VBLK_SECTOR;
+	c.max_write_zeroes_sectors = VBLK_MAX_DWZ_SECTORS;
+	c.max_write_zeroes_seg = VBLK_MAX_DWZ_SEGS;
+	c.write_zeroes_may_unmap = 1;
+	memcpy(cfg, &c, sizeof(c) < VHOST_USER_CONFIG_MAX ? sizeof(c) : VHOST_USER_CONFIG_MAX);
+}
+
+const struct vhost_dev_ops vblk_dev_ops = {
+	.get_config = get_config,
+	.queue_start = queue_start,
+	.queue_stop = queue_stop,
+};

@@ -1,0 +1,143 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * vmig-blk: a vhost-user-blk back-end. This header ties its parts together:
+ * the disk (a file or a RAM memfd), the per-queue data path (blk.c, one
+ * thread and one io_uring per queue), the daemon's control loop (main.c), the
+ * JSON-RPC control socket (rpc.c) and the live upgrade by exec (upgrade.c).
+ *
+ * Threads: the control thread owns struct vblk_daemon and everything in it
+ * except a started queue, which its queue thread owns until queue_stop
+ * returns. Statistics are written only by the queue thread (relaxed atomic
+ * stores) and read by the control thread.
+ */
+#ifndef VMIG_BLK_H
+#define VMIG_BLK_H
+
+#include <liburing.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "vhost/vhost.h"
+
+#define VBLK_SECTOR 512u
+#define VBLK_SEG_MAX 126u	 /* data segments we advertise */
+#define VBLK_MAX_IOV 256u	 /* iovecs per request incl. header/status/splits */
+#define VBLK_MAX_DWZ_SEGS 16u	 /* discard / write-zeroes segments per request */
+#define VBLK_MAX_DWZ_SECTORS (1u << 22) /* 2 GiB per segment */
+#define VBLK_SERIAL_LEN 20u	 /* VIRTIO_BLK_ID_BYTES */
+#define VBLK_MAX_RPC_CLIENTS 8
+
+struct vblk_stats {
+	uint64_t read_ops, read_bytes;
+	uint64_t write_ops, write_bytes;
+	uint64_t flush_ops;
+	uint64_t discard_ops, discard_bytes;
+	uint64_t write_zeroes_ops, write_zeroes_bytes;
+	uint64_t get_id_ops;
+	uint64_t errors;     /* requests completed with IOERR/UNSUPP or no status */
+	uint64_t resubmitted; /* requests redone from the in-flight region */
+};
+
+struct vblk_disk {
+	int fd;	       /* the image file, or the RAM disk's memfd */
+	uint8_t *ram;  /* RAM disk mapping, NULL for a file */
+	uint64_t size; /* bytes, a multiple of 512 */
+	bool read_only;
+	char serial[VBLK_SERIAL_LEN];
+};
+
+struct vblk_req;
+
+struct vblk_queue {
+	struct vblk_disk *disk;
+	struct vhost_vring *vr;
+	unsigned idx;
+	pthread_t thread;
+	bool running;
+	int stop_fd; /* eventfd: the control thread asks the queue to stop */
+	struct io_uring ring;
+	struct vblk_req *reqs; /* one per head: a head is in flight at most once */
+	struct iovec *iov_pool;
+	uint64_t *gpa_pool;
+	uint16_t alloc_num;
+	uint32_t outstanding; /* requests waiting for io_uring */
+	uint64_t kick_buf;
+	uint64_t stop_buf;
+	bool warned_broken;
+	struct vblk_stats stats;
+};
+
+struct vblk_opts {
+	const char *socket;
+	const char *file;
+	const char *rpc;
+	const char *serial;
+	uint64_t ram_size;
+	uint64_t size;
+	unsigned queues;
+	bool read_only;
+	bool quiet;
+};
+
+struct vblk_rpc_client {
+	int fd;
+	size_t len;
+	char buf[65536];
+};
+
+struct vblk_daemon {
+	struct vblk_opts opts;
+	char rpc_path[108];
+	char exe[4096]; /* our binary at start: the default upgrade target */
+	char **argv;
+	struct vblk_disk disk;
+	unsigned nqueues;
+	struct vblk_queue q[VHOST_MAX_QUEUES];
+	struct vhost_dev dev;
+	int listen_fd;
+	int conn_fd;
+	int rpc_fd;
+	int signal_fd;
+	struct vblk_rpc_client *clients[VBLK_MAX_RPC_CLIENTS];
+	uint64_t connections; /* vhost-user connections accepted, across upgrades */
+	uint64_t upgrades;
+	bool stop;
+};
+
+/* blk.c: the device */
+uint64_t vblk_device_features(const struct vblk_disk *disk, unsigned nqueues);
+extern const struct vhost_dev_ops vblk_dev_ops;
+void vblk_queue_init(struct vblk_queue *q, struct vblk_disk *disk, unsigned idx);
+void vblk_queue_free(struct vblk_queue *q);
+/* Stats of one queue, read from the control thread. */
+void vblk_stats_read(const struct vblk_queue *q, struct vblk_stats *out);
+
+/* rpc.c */
+int vblk_rpc_listen(struct vblk_daemon *dm);
+void vblk_rpc_accept(struct vblk_daemon *dm);
+/* Handle input on client slot i; closes it on EOF or error. */
+void vblk_rpc_client_input(struct vblk_daemon *dm, int i);
+/* Send a JSON-RPC result or error on a raw fd (used after an upgrade). */
+int vblk_rpc_send(int fd, const char *id_json, const char *result_json, int code,
+		  const char *message);
+int vblk_rpc_cli(int argc, char **argv);
+int vblk_upgrade_cli(int argc, char **argv);
+
+/* upgrade.c */
+/* Exec binary with every connection kept. On success it does not return:
+ * the new process replies on reply_fd. On failure serving resumes here and
+ * the error is returned (text in err). */
+int vblk_upgrade(struct vblk_daemon *dm, const char *binary, int reply_fd, const char *id_json,
+		 char *err, size_t errlen);
+/* In a process started by an upgrade: take the state over. 1 if there was
+ * an upgrade to resume, 0 if not, -errno on failure. */
+int vblk_upgrade_resume(struct vblk_daemon *dm);
+
+/* main.c */
+void vblk_log(const struct vblk_daemon *dm, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+int vblk_disk_open(struct vblk_daemon *dm, int inherited_fd);
+/* Listening unix socket at path (a stale file is replaced). fd or -errno. */
+int vblk_listen_unix(const char *path);
+
+#endif

@@ -1,0 +1,419 @@
+// SPDX-License-Identifier: MIT
+/*
+ * vmig-blk: the daemon's entry point and control loop. It parses the
+ * command line, opens the disk, listens on the vhost-user socket (as the
+ * server; QEMU connects with reconnect=N) and on the JSON-RPC socket, and
+ * runs one poll() loop on the control thread that handles vhost-user
+ * messages, RPC clients and SIGTERM/SIGINT. The data path runs on the queue
+ * threads (blk.c). "vmig-blk rpc ..." and "vmig-blk upgrade ..." are small
+ * clients of the RPC socket (rpc.c).
+ *
+ * Restart after kill -9 needs no state of ours: the stale socket file is
+ * replaced, QEMU reconnects and hands back the in-flight region, and the
+ * rings resume from it (lib/vhost/inflight.c).
+ */
+#include "blk.h"
+#include "util/util.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <linux/fs.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+static bool debug_msgs;
+
+void vblk_log(const struct vblk_daemon *dm, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (dm->opts.quiet)
+		return;
+	va_start(ap, fmt);
+	fputs("vmig-blk: ", stderr);
+	vfprintf(stderr, fmt, ap);
+	fputc('\n', stderr);
+	va_end(ap);
+}
+
+static void usage(FILE *f)
+{
+	fputs("usage: vmig-blk --socket PATH (--file PATH | --ram SIZE) [--queues N] [--read-only]\n"
+	      "                [--rpc PATH] [--serial ID] [--size SIZE] [--quiet]\n"
+	      "       vmig-blk rpc --rpc PATH METHOD [JSON-PARAMS]\n"
+	      "       vmig-blk upgrade --socket PATH [--binary PATH]\n"
+	      "       vmig-blk --version\n",
+	      f);
+}
+
+static int parse_args(int argc, char **argv, struct vblk_opts *o)
+{
+	static const struct option lopts[] = {
+		{"socket", required_argument, NULL, 's'}, {"file", required_argument, NULL, 'f'},
+		{"ram", required_argument, NULL, 'r'},	  {"queues", required_argument, NULL, 'q'},
+		{"read-only", no_argument, NULL, 'R'},	  {"rpc", required_argument, NULL, 'c'},
+		{"serial", required_argument, NULL, 'i'}, {"size", required_argument, NULL, 'z'},
+		{"quiet", no_argument, NULL, 'Q'},	  {"help", no_argument, NULL, 'h'},
+		{"version", no_argument, NULL, 'V'},	  {NULL, 0, NULL, 0},
+	};
+	char *end;
+	int c;
+
+	o->queues = 1;
+	while ((c = getopt_long(argc, argv, "", lopts, NULL)) != -1) {
+		switch (c) {
+		case 's': o->socket = optarg; break;
+		case 'f': o->file = optarg; break;
+		case 'r':
+			if (vmig__parse_size(optarg, &o->ram_size) || o->ram_size < VBLK_SECTOR) {
+				fprintf(stderr, "vmig-blk: bad --ram size '%s'\n", optarg);
+				return -1;
+			}
+			break;
+		case 'q':
+			errno = 0;
+			o->queues = (unsigned)strtoul(optarg, &end, 10);
+			if (errno || *end || o->queues < 1 || o->queues > VHOST_MAX_QUEUES) {
+				fprintf(stderr, "vmig-blk: --queues must be 1..%u\n", VHOST_MAX_QUEUES);
+				return -1;
+			}
+			break;
+		case 'R': o->read_only = true; break;
+		case 'c': o->rpc = optarg; break;
+		case 'i': o->serial = optarg; break;
+		case 'z':
+			if (vmig__parse_size(optarg, &o->size) || o->size < VBLK_SECTOR) {
+				fprintf(stderr, "vmig-blk: bad --size '%s'\n", optarg);
+				return -1;
+			}
+			break;
+		case 'Q': o->quiet = true; break;
+		case 'h': usage(stdout); exit(0);
+		case 'V': printf("vmig-blk 0.1.0 state-v1\n"); exit(0);
+		default: usage(stderr); return -1;
+		}
+	}
+	if (optind != argc || !o->socket || (!o->file == !o->ram_size)) {
+		fprintf(stderr, "vmig-blk: need --socket and exactly one of --file / --ram\n");
+		usage(stderr);
+		return -1;
+	}
+	if (strlen(o->socket) + 5 > sizeof(((struct sockaddr_un *)0)->sun_path)) {
+		fprintf(stderr, "vmig-blk: socket path too long\n");
+		return -1;
+	}
+	return 0;
+}
+
+static int disk_size(struct vblk_daemon *dm, int fd, uint64_t *size)
+{
+	struct stat st;
+
+	if (fstat(fd, &st) < 0)
+		return -errno;
+	if (S_ISBLK(st.st_mode))
+		return ioctl(fd, BLKGETSIZE64, size) < 0 ? -errno : 0;
+	if (!S_ISREG(st.st_mode))
+		return -EINVAL;
+	*size = (uint64_t)st.st_size;
+	if (dm->opts.size && *size < dm->opts.size && !dm->opts.read_only) {
+		if (ftruncate(fd, (off_t)dm->opts.size) < 0)
+			return -errno;
+		*size = dm->opts.size;
+	}
+	return 0;
+}
+
+/* Open the disk, or take over an inherited fd (live upgrade). */
+int vblk_disk_open(struct vblk_daemon *dm, int inherited_fd)
+{
+	struct vblk_disk *disk = &dm->disk;
+	const struct vblk_opts *o = &dm->opts;
+	const char *serial = o->serial ? o->serial : "vmig-blk";
+	uint64_t size = o->ram_size;
+	int fd = inherited_fd, r;
+
+	disk->read_only = o->read_only;
+	/* virtio-blk serials are 20 bytes, NUL-padded, not NUL-terminated. */
+	memset(disk->serial, 0, sizeof(disk->serial));
+	memcpy(disk->serial, serial, VMIG_MIN(strlen(serial), sizeof(disk->serial)));
+	if (fd < 0 && o->ram_size) {
+		fd = memfd_create("vmig-blk-ram", MFD_CLOEXEC);
+		if (fd < 0 || ftruncate(fd, (off_t)o->ram_size) < 0)
+			return -errno;
+	} else if (fd < 0) {
+		int flags = (o->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC | (o->size ? O_CREAT : 0);
+
+		fd = open(o->file, flags, 0644);
+		if (fd < 0)
+			return -errno;
+	}
+	if (!o->ram_size) {
+		r = disk_size(dm, fd, &size);
+		if (r) {
+			close(fd);
+			return r;
+		}
+		if (o->size && o->size < size)
+			size = o->size;
+	}
+	size &= ~(uint64_t)(VBLK_SECTOR - 1);
+	if (size == 0) {
+		close(fd);
+		return -EINVAL;
+	}
+	if (o->ram_size) {
+		disk->ram = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+		if (disk->ram == MAP_FAILED) {
+			disk->ram = NULL;
+			close(fd);
+			return -errno;
+		}
+	}
+	disk->fd = fd;
+	disk->size = size;
+	return 0;
+}
+
+int vblk_listen_unix(const char *path)
+{
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	int fd;
+
+	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -errno;
+	/* A file left by a killed instance would make bind fail. */
+	unlink(path);
+	if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, 4) < 0) {
+		int r = -errno;
+
+		close(fd);
+		return r;
+	}
+	return fd;
+}
+
+static void disconnect(struct vblk_daemon *dm, const char *why)
+{
+	vblk_log(dm, "vhost-user connection closed (%s)", why);
+	vhost_dev_reset(&dm->dev);
+	close(dm->conn_fd);
+	dm->conn_fd = -1;
+}
+
+static void handle_vhost(struct vblk_daemon *dm)
+{
+	struct vhost_msg m, reply;
+	uint64_t errors = dm->dev.msg_errors;
+	int r = vhost_msg_recv(dm->conn_fd, &m);
+
+	if (r) {
+		disconnect(dm, r == -EPIPE ? "peer closed" : strerror(-r));
+		return;
+	}
+	if (debug_msgs)
+		vblk_log(dm, "msg %s (%u) size %u fds %u",
+			 vhost_req_name(m.hdr.request) ? vhost_req_name(m.hdr.request) : "?",
+			 m.hdr.request, m.hdr.size, m.nfds);
+	r = vhost_dev_handle(&dm->dev, &m, &reply);
+	if (dm->dev.msg_errors != errors)
+		vblk_log(dm, "%s", dm->dev.err);
+	if (r < 0) {
+		disconnect(dm, "protocol error");
+		return;
+	}
+	if (r == 1) {
+		r = vhost_msg_send(dm->conn_fd, &reply);
+		vhost_msg_close_fds(&reply);
+		if (r)
+			disconnect(dm, "reply failed");
+	}
+}
+
+static void accept_vhost(struct vblk_daemon *dm)
+{
+	int fd = accept4(dm->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+
+	if (fd < 0)
+		return;
+	dm->conn_fd = fd;
+	dm->connections++;
+	vblk_log(dm, "vhost-user connection %llu accepted", (unsigned long long)dm->connections);
+}
+
+static void run(struct vblk_daemon *dm)
+{
+	while (!dm->stop) {
+		struct pollfd pfd[3 + VBLK_MAX_RPC_CLIENTS];
+		int slot[3 + VBLK_MAX_RPC_CLIENTS];
+		nfds_t n = 0;
+
+		pfd[n] = (struct pollfd){.fd = dm->signal_fd, .events = POLLIN};
+		slot[n++] = -1;
+		pfd[n] = (struct pollfd){.fd = dm->conn_fd >= 0 ? dm->conn_fd : dm->listen_fd,
+					 .events = POLLIN};
+		slot[n++] = -2;
+		pfd[n] = (struct pollfd){.fd = dm->rpc_fd, .events = POLLIN};
+		slot[n++] = -3;
+		for (int i = 0; i < VBLK_MAX_RPC_CLIENTS; i++) {
+			if (!dm->clients[i])
+				continue;
+			pfd[n] = (struct pollfd){.fd = dm->clients[i]->fd, .events = POLLIN};
+			slot[n++] = i;
+		}
+		if (poll(pfd, n, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			break;
+		}
+		for (nfds_t i = 0; i < n && !dm->stop; i++) {
+			if (!pfd[i].revents)
+				continue;
+			if (slot[i] == -1)
+				dm->stop = true;
+			else if (slot[i] == -2 && dm->conn_fd >= 0)
+				handle_vhost(dm);
+			else if (slot[i] == -2)
+				accept_vhost(dm);
+			else if (slot[i] == -3)
+				vblk_rpc_accept(dm);
+			else
+				vblk_rpc_client_input(dm, slot[i]);
+		}
+	}
+}
+
+static int setup_signals(struct vblk_daemon *dm)
+{
+	sigset_t set;
+
+	signal(SIGPIPE, SIG_IGN);
+	sigemptyset(&set);
+	sigaddset(&set, SIGTERM);
+	sigaddset(&set, SIGINT);
+	/* Blocked before any queue thread exists, so only signalfd sees them. */
+	if (sigprocmask(SIG_BLOCK, &set, NULL) < 0)
+		return -errno;
+	dm->signal_fd = signalfd(-1, &set, SFD_CLOEXEC);
+	return dm->signal_fd < 0 ? -errno : 0;
+}
+
+static int start_fresh(struct vblk_daemon *dm)
+{
+	int r = vblk_disk_open(dm, -1);
+
+	if (r) {
+		fprintf(stderr, "vmig-blk: cannot open disk %s: %s\n",
+			dm->opts.file ? dm->opts.file : "(ram)", strerror(-r));
+		return r;
+	}
+	dm->listen_fd = vblk_listen_unix(dm->opts.socket);
+	if (dm->listen_fd < 0) {
+		fprintf(stderr, "vmig-blk: cannot listen on %s: %s\n", dm->opts.socket,
+			strerror(-dm->listen_fd));
+		return dm->listen_fd;
+	}
+	r = vblk_rpc_listen(dm);
+	if (r) {
+		fprintf(stderr, "vmig-blk: cannot listen on %s: %s\n", dm->rpc_path, strerror(-r));
+		return r;
+	}
+	return 0;
+}
+
+static void daemon_init(struct vblk_daemon *dm, char **argv)
+{
+	ssize_t n;
+
+	dm->argv = argv;
+	dm->listen_fd = dm->conn_fd = dm->rpc_fd = dm->signal_fd = -1;
+	dm->disk.fd = -1;
+	dm->disk.read_only = dm->opts.read_only;
+	snprintf(dm->rpc_path, sizeof(dm->rpc_path), "%s",
+		 dm->opts.rpc ? dm->opts.rpc : dm->opts.socket);
+	if (!dm->opts.rpc)
+		strncat(dm->rpc_path, ".rpc", sizeof(dm->rpc_path) - strlen(dm->rpc_path) - 1);
+	n = readlink("/proc/self/exe", dm->exe, sizeof(dm->exe) - 1);
+	dm->exe[n > 0 ? n : 0] = '\0';
+}
+
+static void shutdown_daemon(struct vblk_daemon *dm)
+{
+	vhost_dev_reset(&dm->dev);
+	for (unsigned i = 0; i < dm->nqueues; i++)
+		vblk_queue_free(&dm->q[i]);
+	for (int i = 0; i < VBLK_MAX_RPC_CLIENTS; i++) {
+		if (dm->clients[i]) {
+			close(dm->clients[i]->fd);
+			free(dm->clients[i]);
+		}
+	}
+	if (dm->conn_fd >= 0)
+		close(dm->conn_fd);
+	if (dm->listen_fd >= 0) {
+		close(dm->listen_fd);
+		unlink(dm->opts.socket);
+	}
+	if (dm->rpc_fd >= 0) {
+		close(dm->rpc_fd);
+		unlink(dm->rpc_path);
+	}
+	if (dm->disk.ram)
+		munmap(dm->disk.ram, dm->disk.size);
+	if (dm->disk.fd >= 0)
+		close(dm->disk.fd);
+}
+
+int main(int argc, char **argv)
+{
+	static struct vblk_daemon dm; /* large (RPC buffers, rings): not on the stack */
+	int r;
+
+	if (argc > 1 && !strcmp(argv[1], "rpc"))
+		return vblk_rpc_cli(argc - 1, argv + 1);
+	if (argc > 1 && !strcmp(argv[1], "upgrade"))
+		return vblk_upgrade_cli(argc - 1, argv + 1);
+	if (parse_args(argc, argv, &dm.opts))
+		return 1;
+	debug_msgs = getenv("VMIG_BLK_DEBUG") != NULL;
+	daemon_init(&dm, argv);
+	if (setup_signals(&dm)) {
+		fprintf(stderr, "vmig-blk: signals: %s\n", strerror(errno));
+		return 1;
+	}
+	dm.nqueues = dm.opts.queues;
+	for (unsigned i = 0; i < dm.nqueues; i++)
+		vblk_queue_init(&dm.q[i], &dm.disk, i);
+	r = vblk_upgrade_resume(&dm);
+	if (r < 0) {
+		fprintf(stderr, "vmig-blk: cannot resume after upgrade: %s\n", strerror(-r));
+		return 1;
+	}
+	if (r == 0) {
+		vhost_dev_init(&dm.dev, dm.nqueues, vblk_device_features(&dm.disk, dm.nqueues),
+			       &vblk_dev_ops, dm.q);
+		if (start_fresh(&dm)) {
+			shutdown_daemon(&dm);
+			return 1;
+		}
+		vblk_log(&dm, "listening on %s", dm.opts.socket);
+	}
+	run(&dm);
+	vblk_log(&dm, "shutting down");
+	shutdown_daemon(&dm);
+	return 0;
+}

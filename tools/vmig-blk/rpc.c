@@ -1,0 +1,463 @@
+// SPDX-License-Identifier: MIT
+/*
+ * JSON-RPC 2.0 control socket of vmig-blk (a unix stream socket, requests
+ * delimited by newlines or simply by the end of each JSON object), in the
+ * style of SPDK's rpc.py interface: vhost_get_controllers, bdev_get_iostat,
+ * and vmig_blk_upgrade. Also the two small clients behind "vmig-blk rpc"
+ * and "vmig-blk upgrade".
+ *
+ * Threat model: any local process that can open the socket is a peer and
+ * its bytes are untrusted. Each client has a fixed 64 KiB buffer; a request
+ * that does not fit, or that is not valid JSON, gets a JSON-RPC error and
+ * the connection is closed. Nothing from a request is used except the
+ * method name, the id (echoed back) and the documented params, each
+ * type-checked.
+ *
+ * Threads: the control thread only.
+ */
+#include "blk.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <jansson.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "util/util.h"
+
+#define RPC_PARSE_ERROR -32700
+#define RPC_INVALID_REQUEST -32600
+#define RPC_METHOD_NOT_FOUND -32601
+#define RPC_INVALID_PARAMS -32602
+#define RPC_SERVER_ERROR -32000
+
+int vblk_rpc_listen(struct vblk_daemon *dm)
+{
+	dm->rpc_fd = vblk_listen_unix(dm->rpc_path);
+	return dm->rpc_fd < 0 ? dm->rpc_fd : 0;
+}
+
+void vblk_rpc_accept(struct vblk_daemon *dm)
+{
+	int fd = accept4(dm->rpc_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+
+	if (fd < 0)
+		return;
+	for (int i = 0; i < VBLK_MAX_RPC_CLIENTS; i++) {
+		if (dm->clients[i])
+			continue;
+		dm->clients[i] = malloc(sizeof(*dm->clients[i]));
+		if (!dm->clients[i])
+			break;
+		dm->clients[i]->fd = fd;
+		dm->clients[i]->len = 0;
+		return;
+	}
+	close(fd); /* too many clients */
+}
+
+static void client_close(struct vblk_daemon *dm, int i)
+{
+	close(dm->clients[i]->fd);
+	free(dm->clients[i]);
+	dm->clients[i] = NULL;
+}
+
+/* Write all of buf to a possibly non-blocking fd, waiting at most ~2 s. */
+static int write_all(int fd, const char *buf, size_t len)
+{
+	for (int spins = 0; len && spins < 200;) {
+		ssize_t n = send(fd, buf, len, MSG_NOSIGNAL);
+
+		if (n > 0) {
+			buf += n;
+			len -= (size_t)n;
+		} else if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+			struct pollfd p = {.fd = fd, .events = POLLOUT};
+
+			poll(&p, 1, 10);
+			spins++;
+		} else {
+			return -EPIPE;
+		}
+	}
+	return len ? -ETIMEDOUT : 0;
+}
+
+int vblk_rpc_send(int fd, const char *id_json, const char *result_json, int code,
+		  const char *message)
+{
+	char *out = NULL;
+	int r, n;
+
+	if (result_json)
+		n = asprintf(&out, "{\"jsonrpc\":\"2.0\",\"id\":%s,\"result\":%s}\n", id_json,
+			     result_json);
+	else {
+		json_t *msg = json_pack("{s:i,s:s}", "code", code, "message", message);
+		char *m = msg ? json_dumps(msg, JSON_COMPACT) : NULL;
+
+		n = m ? asprintf(&out, "{\"jsonrpc\":\"2.0\",\"id\":%s,\"error\":%s}\n", id_json, m)
+		      : -1;
+		free(m);
+		json_decref(msg);
+	}
+	if (n < 0)
+		return -ENOMEM;
+	r = write_all(fd, out, (size_t)n);
+	free(out);
+	return r;
+}
+
+static json_t *hex(uint64_t v)
+{
+	char buf[24];
+
+	snprintf(buf, sizeof(buf), "0x%llx", (unsigned long long)v);
+	return json_string(buf);
+}
+
+static const char *recovery_name(const struct vhost_vring *vr)
+{
+	switch (vr->recovery.outcome) {
+	case VHOST_INFLIGHT_FRESH: return "fresh";
+	case VHOST_INFLIGHT_RECOVERED: return "recovered";
+	case VHOST_INFLIGHT_INVALID: return "invalid";
+	}
+	return "none";
+}
+
+static json_t *controllers(struct vblk_daemon *dm)
+{
+	const struct vhost_dev *d = &dm->dev;
+	const char *bdev = dm->opts.file ? dm->opts.file : "ram";
+	json_t *queues = json_array();
+	json_t *c;
+
+	for (unsigned i = 0; i < dm->nqueues; i++) {
+		const struct vhost_vring *vr = &d->vring[i];
+
+		json_array_append_new(
+			queues, json_pack("{s:i,s:b,s:i,s:I,s:s,s:i}", "queue", i, "started",
+					  vr->started, "size", vr->num, "starts", (json_int_t)vr->starts,
+					  "inflight_recovery", recovery_name(vr), "recovered_requests",
+					  vr->recovery.nresubmit));
+	}
+	c = json_pack("{s:s,s:s,s:s,s:i,s:s,s:s?,s:I,s:i,s:b,s:i,s:b,s:I,s:I,s:{s:{s:b,s:s}}}",
+		      "ctrlr", "vmig-blk0", "socket", dm->opts.socket, "rpc", dm->rpc_path, "pid",
+		      (int)getpid(), "backend", dm->opts.file ? "file" : "ram", "file",
+		      dm->opts.file, "size_bytes", (json_int_t)dm->disk.size, "block_size",
+		      VBLK_SECTOR, "read_only", dm->disk.read_only, "num_queues", dm->nqueues,
+		      "connected", dm->conn_fd >= 0, "connections", (json_int_t)dm->connections,
+		      "upgrades", (json_int_t)dm->upgrades, "backend_specific", "block", "readonly",
+		      dm->disk.read_only, "bdev", bdev);
+	if (!c) {
+		json_decref(queues);
+		return NULL;
+	}
+	json_object_set_new(c, "queues", queues);
+	json_object_set_new(c, "features", hex(d->offered_features));
+	json_object_set_new(c, "negotiated_features", hex(d->features));
+	json_object_set_new(c, "protocol_features", hex(d->offered_protocol));
+	json_object_set_new(c, "negotiated_protocol_features", hex(d->protocol));
+	json_object_set_new(c, "memory_regions", json_integer(d->mem.nregions));
+	json_object_set_new(c, "dirty_logging",
+			    json_boolean((d->features >> VHOST_F_LOG_ALL) & 1 && d->log.bits));
+	return json_pack("[o]", c);
+}
+
+static json_t *stats_json(const struct vblk_stats *s)
+{
+	return json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "num_read_ops",
+			 (json_int_t)s->read_ops, "bytes_read", (json_int_t)s->read_bytes,
+			 "num_write_ops", (json_int_t)s->write_ops, "bytes_written",
+			 (json_int_t)s->write_bytes, "num_flush_ops", (json_int_t)s->flush_ops,
+			 "num_unmap_ops", (json_int_t)s->discard_ops, "bytes_unmapped",
+			 (json_int_t)s->discard_bytes, "num_write_zeroes_ops",
+			 (json_int_t)s->write_zeroes_ops, "bytes_write_zeroes",
+			 (json_int_t)s->write_zeroes_bytes, "num_get_id_ops",
+			 (json_int_t)s->get_id_ops, "num_errors", (json_int_t)s->errors,
+			 "num_resubmitted", (json_int_t)s->resubmitted);
+}
+
+static json_t *iostat(struct vblk_daemon *dm)
+{
+	struct vblk_stats total = {0}, s;
+	json_t *queues = json_array(), *bdev;
+
+	for (unsigned i = 0; i < dm->nqueues; i++) {
+		json_t *q;
+
+		vblk_stats_read(&dm->q[i], &s);
+		for (size_t k = 0; k < sizeof(s) / sizeof(uint64_t); k++)
+			((uint64_t *)&total)[k] += ((uint64_t *)&s)[k];
+		q = stats_json(&s);
+		json_object_set_new(q, "queue", json_integer(i));
+		json_array_append_new(queues, q);
+	}
+	bdev = stats_json(&total);
+	json_object_set_new(bdev, "name", json_string("vmig-blk0"));
+	json_object_set_new(bdev, "queues", queues);
+	return json_pack("{s:I,s:[o]}", "tick_rate", (json_int_t)1000000000, "bdevs", bdev);
+}
+
+/* Handle one request object; returns false if the client must be closed. */
+static bool dispatch(struct vblk_daemon *dm, int fd, json_t *req)
+{
+	json_t *jid = json_is_object(req) ? json_object_get(req, "id") : NULL;
+	json_t *params = json_is_object(req) ? json_object_get(req, "params") : NULL;
+	const char *method = json_is_object(req) ? json_string_value(json_object_get(req, "method"))
+						 : NULL;
+	char *id = jid ? json_dumps(jid, JSON_COMPACT | JSON_ENCODE_ANY) : strdup("null");
+	json_t *result = NULL;
+	char *res = NULL;
+	bool ok = true;
+
+	if (!id)
+		return false;
+	if (!method || (jid && !json_is_integer(jid) && !json_is_string(jid) && !json_is_null(jid)) ||
+	    (params && !json_is_object(params) && !json_is_array(params))) {
+		vblk_rpc_send(fd, id, NULL, RPC_INVALID_REQUEST, "invalid request");
+	} else if (!strcmp(method, "vhost_get_controllers")) {
+		result = controllers(dm);
+	} else if (!strcmp(method, "bdev_get_iostat")) {
+		result = iostat(dm);
+	} else if (!strcmp(method, "vmig_blk_upgrade")) {
+		json_t *b = json_is_object(params) ? json_object_get(params, "binary") : NULL;
+		char err[256];
+
+		if (b && !json_is_string(b)) {
+			vblk_rpc_send(fd, id, NULL, RPC_INVALID_PARAMS, "binary must be a string");
+		} else {
+			/* Returns only on failure: the new process answers. */
+			vblk_upgrade(dm, b ? json_string_value(b) : dm->exe, fd, id, err,
+				     sizeof(err));
+			vblk_rpc_send(fd, id, NULL, RPC_SERVER_ERROR, err);
+		}
+	} else {
+		vblk_rpc_send(fd, id, NULL, RPC_METHOD_NOT_FOUND, "method not found");
+	}
+	if (result) {
+		res = json_dumps(result, JSON_COMPACT);
+		ok = res && vblk_rpc_send(fd, id, res, 0, NULL) == 0;
+	}
+	free(res);
+	json_decref(result);
+	free(id);
+	return ok;
+}
+
+/* Parse and handle every complete request in the client's buffer. */
+static bool drain_requests(struct vblk_daemon *dm, struct vblk_rpc_client *c)
+{
+	for (;;) {
+		size_t skip = 0;
+		json_error_t err;
+		json_t *req;
+
+		while (skip < c->len && strchr(" \t\r\n", c->buf[skip]))
+			skip++;
+		memmove(c->buf, c->buf + skip, c->len - skip);
+		c->len -= skip;
+		if (c->len == 0)
+			return true;
+		req = json_loadb(c->buf, c->len, JSON_DISABLE_EOF_CHECK | JSON_REJECT_DUPLICATES,
+				 &err);
+		if (!req) {
+			if (json_error_code(&err) == json_error_premature_end_of_input &&
+			    c->len < sizeof(c->buf))
+				return true; /* wait for the rest */
+			vblk_rpc_send(c->fd, "null", NULL, RPC_PARSE_ERROR, "parse error");
+			return false;
+		}
+		if ((size_t)err.position > c->len)
+			err.position = (int)c->len;
+		memmove(c->buf, c->buf + err.position, c->len - (size_t)err.position);
+		c->len -= (size_t)err.position;
+		if (!dispatch(dm, c->fd, req)) {
+			json_decref(req);
+			return false;
+		}
+		json_decref(req);
+	}
+}
+
+void vblk_rpc_client_input(struct vblk_daemon *dm, int i)
+{
+	struct vblk_rpc_client *c = dm->clients[i];
+	ssize_t n;
+
+	for (;;) {
+		if (c->len == sizeof(c->buf)) {
+			vblk_rpc_send(c->fd, "null", NULL, RPC_INVALID_REQUEST, "request too large");
+			client_close(dm, i);
+			return;
+		}
+		n = recv(c->fd, c->buf + c->len, sizeof(c->buf) - c->len, 0);
+		if (n > 0) {
+			c->len += (size_t)n;
+			continue;
+		}
+		if (n < 0 && errno == EINTR)
+			continue;
+		break;
+	}
+	if (!drain_requests(dm, c) || n == 0 || (n < 0 && errno != EAGAIN))
+		client_close(dm, i);
+}
+
+/* ---- clients ---- */
+
+static int connect_unix(const char *path)
+{
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	int fd;
+
+	if (strlen(path) >= sizeof(sa.sun_path))
+		return -ENAMETOOLONG;
+	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -errno;
+	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+		int r = -errno;
+
+		close(fd);
+		return r;
+	}
+	return fd;
+}
+
+/* One call; *reply gets the parsed response. 0 or -errno. */
+static int rpc_call(const char *path, const char *method, json_t *params, json_t **reply)
+{
+	json_t *req = json_pack("{s:s,s:i,s:s}", "jsonrpc", "2.0", "id", 1, "method", method);
+	char *text, buf[1 << 20];
+	size_t len = 0;
+	int fd, r = 0;
+
+	if (params)
+		json_object_set(req, "params", params);
+	text = json_dumps(req, JSON_COMPACT);
+	json_decref(req);
+	fd = connect_unix(path);
+	if (fd < 0) {
+		free(text);
+		return fd;
+	}
+	r = write_all(fd, text, strlen(text));
+	free(text);
+	*reply = NULL;
+	while (r == 0 && !*reply) {
+		struct pollfd p = {.fd = fd, .events = POLLIN};
+		json_error_t err;
+		ssize_t n;
+
+		if (poll(&p, 1, 60000) <= 0) {
+			r = -ETIMEDOUT;
+			break;
+		}
+		n = read(fd, buf + len, sizeof(buf) - 1 - len);
+		if (n <= 0) {
+			r = n < 0 ? -errno : -EPIPE;
+			break;
+		}
+		len += (size_t)n;
+		*reply = json_loadb(buf, len, JSON_DISABLE_EOF_CHECK, &err);
+		if (!*reply && (json_error_code(&err) != json_error_premature_end_of_input ||
+				len == sizeof(buf) - 1))
+			r = -EBADMSG;
+	}
+	close(fd);
+	return r;
+}
+
+int vblk_rpc_cli(int argc, char **argv)
+{
+	const char *path = NULL;
+	json_t *params = NULL, *reply = NULL;
+	json_error_t jerr;
+	int i = 1, r;
+
+	if (i + 1 < argc && !strcmp(argv[i], "--rpc")) {
+		path = argv[i + 1];
+		i += 2;
+	}
+	if (!path || i >= argc || argc - i > 2) {
+		fprintf(stderr, "usage: vmig-blk rpc --rpc PATH METHOD [JSON-PARAMS]\n");
+		return 1;
+	}
+	if (argc - i == 2 && !(params = json_loads(argv[i + 1], 0, &jerr))) {
+		fprintf(stderr, "vmig-blk rpc: bad params: %s\n", jerr.text);
+		return 1;
+	}
+	r = rpc_call(path, argv[i], params, &reply);
+	json_decref(params);
+	if (r) {
+		fprintf(stderr, "vmig-blk rpc: %s: %s\n", path, strerror(-r));
+		return 1;
+	}
+	json_dumpf(reply, stdout, JSON_INDENT(2));
+	putchar('\n');
+	r = json_object_get(reply, "result") ? 0 : 1;
+	json_decref(reply);
+	return r;
+}
+
+int vblk_upgrade_cli(int argc, char **argv)
+{
+	static const struct option lopts[] = {
+		{"socket", required_argument, NULL, 's'},
+		{"binary", required_argument, NULL, 'b'},
+		{"rpc", required_argument, NULL, 'c'},
+		{NULL, 0, NULL, 0},
+	};
+	const char *sock = NULL, *binary = NULL, *rpc = NULL;
+	char path[108];
+	json_t *params, *reply = NULL, *res;
+	int c, r;
+
+	while ((c = getopt_long(argc, argv, "", lopts, NULL)) != -1) {
+		if (c == 's')
+			sock = optarg;
+		else if (c == 'b')
+			binary = optarg;
+		else if (c == 'c')
+			rpc = optarg;
+		else
+			return 1;
+	}
+	if (!sock && !rpc) {
+		fprintf(stderr, "usage: vmig-blk upgrade --socket PATH [--binary PATH]\n");
+		return 1;
+	}
+	snprintf(path, sizeof(path), "%s%s", rpc ? rpc : sock, rpc ? "" : ".rpc");
+	params = binary ? json_pack("{s:s}", "binary", binary) : json_object();
+	r = rpc_call(path, "vmig_blk_upgrade", params, &reply);
+	json_decref(params);
+	if (r) {
+		fprintf(stderr, "vmig-blk upgrade: %s: %s\n", path, strerror(-r));
+		return 1;
+	}
+	res = json_object_get(reply, "result");
+	if (!res) {
+		json_t *e = json_object_get(json_object_get(reply, "error"), "message");
+
+		fprintf(stderr, "vmig-blk upgrade: failed: %s\n",
+			json_string_value(e) ? json_string_value(e) : "unknown error");
+		json_decref(reply);
+		return 1;
+	}
+	printf("vmig-blk upgrade: ok pause_ms=%.3f pid=%lld binary=%s\n",
+	       json_real_value(json_object_get(res, "pause_ms")),
+	       (long long)json_integer_value(json_object_get(res, "pid")),
+	       json_string_value(json_object_get(res, "binary")) ?: "?");
+	json_decref(reply);
+	return 0;
+}

@@ -1,0 +1,363 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Live upgrade of vmig-blk without a vhost-user disconnect: the running
+ * daemon quiesces its rings (every in-flight request finishes, so the rings
+ * and the in-flight region are consistent), writes its state to a memfd,
+ * clears FD_CLOEXEC on everything the new process needs and execs the new
+ * binary with the same arguments. The new process finds the memfd through
+ * VMIG_BLK_UPGRADE_FD, maps guest memory, the dirty log and the in-flight
+ * region again from the inherited fds, restarts the rings where they stood
+ * and answers the RPC client that asked for the upgrade. QEMU sees nothing:
+ * same socket, same eventfds, same memory.
+ *
+ * Before quiescing, the target binary is run with --version; a binary that
+ * is not a vmig-blk speaking this state format is refused while the old
+ * process still serves. exec itself is the point of no return; if it fails,
+ * the rings restart here and the caller gets the error.
+ *
+ * The state blob comes from the previous process of the same daemon: it is
+ * trusted to be well-meant, but still checked (magic, version, size, counts,
+ * fds) so a mismatched pair of binaries fails cleanly.
+ */
+#include "blk.h"
+#include "util/util.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define STATE_MAGIC 0x3150554b4c42564dull /* "MVBLKUP1" */
+#define STATE_VERSION 1
+#define STATE_ENV "VMIG_BLK_UPGRADE_FD"
+#define VERSION_TAG "state-v1"
+
+struct st_region {
+	struct vhost_user_mem_region d;
+	int32_t fd;
+	uint32_t pad;
+};
+
+struct st_vring {
+	struct vhost_user_vring_addr addr;
+	uint64_t counter;
+	uint64_t starts;
+	int32_t kick_fd, call_fd, err_fd;
+	uint16_t num, base;
+	uint8_t addr_set, enabled, outcome, pad;
+	uint16_t recovered;
+	struct vblk_stats stats;
+};
+
+struct st {
+	uint64_t magic;
+	uint32_t version;
+	uint32_t size;
+	uint64_t quiesce_ns;
+	uint64_t connections, upgrades;
+	int32_t listen_fd, conn_fd, rpc_fd, reply_fd, disk_fd, log_fd, inflight_fd;
+	uint32_t nqueues;
+	uint64_t disk_size;
+	uint64_t features, protocol;
+	uint32_t features_set, nregions;
+	struct st_region regions[VHOST_MAX_MEM_REGIONS];
+	uint64_t log_size, log_offset;
+	uint64_t inflight_size, inflight_offset;
+	uint16_t inflight_nq, inflight_qs;
+	uint32_t pad;
+	struct st_vring vring[VHOST_MAX_QUEUES];
+	char reply_id[512];
+};
+
+/* Run "binary --version" and check it is a vmig-blk with our state format. */
+static int preflight(const char *binary, char *err, size_t errlen)
+{
+	char out[256] = {0};
+	size_t len = 0;
+	int pfd[2], status;
+	pid_t pid;
+
+	if (access(binary, X_OK)) {
+		snprintf(err, errlen, "%s: %s", binary, strerror(errno));
+		return -errno;
+	}
+	if (pipe2(pfd, O_CLOEXEC))
+		return -errno;
+	pid = fork();
+	if (pid == 0) {
+		dup2(pfd[1], 1);
+		execl(binary, binary, "--version", (char *)NULL);
+		_exit(127);
+	}
+	close(pfd[1]);
+	for (int waited = 0; pid > 0 && len < sizeof(out) - 1 && waited < 5000; waited += 50) {
+		struct pollfd p = {.fd = pfd[0], .events = POLLIN};
+		ssize_t n;
+
+		if (poll(&p, 1, 50) <= 0)
+			continue;
+		n = read(pfd[0], out + len, sizeof(out) - 1 - len);
+		if (n <= 0)
+			break;
+		len += (size_t)n;
+	}
+	close(pfd[0]);
+	if (pid < 0)
+		return -errno;
+	kill(pid, SIGKILL); /* no-op if it already exited */
+	waitpid(pid, &status, 0);
+	if (strncmp(out, "vmig-blk ", 9) || !strstr(out, VERSION_TAG)) {
+		snprintf(err, errlen, "%s is not a compatible vmig-blk (--version said \"%.60s\")",
+			 binary, out);
+		return -ENOEXEC;
+	}
+	return 0;
+}
+
+static void save(struct vblk_daemon *dm, struct st *s, int reply_fd, const char *id_json)
+{
+	const struct vhost_dev *d = &dm->dev;
+
+	memset(s, 0, sizeof(*s));
+	s->magic = STATE_MAGIC;
+	s->version = STATE_VERSION;
+	s->size = sizeof(*s);
+	s->connections = dm->connections;
+	s->upgrades = dm->upgrades;
+	s->listen_fd = dm->listen_fd;
+	s->conn_fd = dm->conn_fd;
+	s->rpc_fd = dm->rpc_fd;
+	s->reply_fd = reply_fd;
+	s->disk_fd = dm->disk.fd;
+	s->disk_size = dm->disk.size;
+	s->nqueues = dm->nqueues;
+	s->features = d->features;
+	s->protocol = d->protocol;
+	s->features_set = d->features_set;
+	s->nregions = d->mem.nregions;
+	for (uint32_t i = 0; i < d->mem.nregions; i++) {
+		const struct vhost_mem_region *r = &d->mem.r[i];
+
+		s->regions[i].d = (struct vhost_user_mem_region){r->gpa, r->size, r->uva,
+								 r->mmap_offset};
+		s->regions[i].fd = r->fd;
+	}
+	s->log_fd = d->log.bits ? d->log.fd : -1;
+	s->log_size = d->log.size;
+	s->log_offset = d->log.mmap_offset;
+	s->inflight_fd = d->inflight.map ? d->inflight.fd : -1;
+	s->inflight_size = d->inflight.size;
+	s->inflight_offset = d->inflight.offset;
+	s->inflight_nq = d->inflight.nqueues;
+	s->inflight_qs = d->inflight.queue_size;
+	for (unsigned i = 0; i < dm->nqueues; i++) {
+		const struct vhost_vring *vr = &d->vring[i];
+		struct st_vring *v = &s->vring[i];
+
+		v->addr = vr->addr;
+		v->counter = vr->vq.counter;
+		v->starts = vr->starts;
+		v->kick_fd = vr->kick_fd;
+		v->call_fd = vr->call_fd;
+		v->err_fd = vr->err_fd;
+		v->num = vr->num;
+		v->base = vr->base;
+		v->addr_set = vr->addr_set;
+		v->enabled = vr->enabled;
+		v->outcome = (uint8_t)vr->recovery.outcome;
+		v->recovered = vr->recovery.nresubmit;
+		vblk_stats_read(&dm->q[i], &v->stats);
+	}
+	snprintf(s->reply_id, sizeof(s->reply_id), "%s", id_json);
+}
+
+/* Set or clear FD_CLOEXEC on every fd the state names. */
+static void set_cloexec(const struct st *s, bool on)
+{
+	int fds[7 + VHOST_MAX_MEM_REGIONS + 3 * VHOST_MAX_QUEUES];
+	unsigned n = 0;
+
+	fds[n++] = s->listen_fd;
+	fds[n++] = s->conn_fd;
+	fds[n++] = s->rpc_fd;
+	fds[n++] = s->reply_fd;
+	fds[n++] = s->disk_fd;
+	fds[n++] = s->log_fd;
+	fds[n++] = s->inflight_fd;
+	for (uint32_t i = 0; i < s->nregions && i < VHOST_MAX_MEM_REGIONS; i++)
+		fds[n++] = s->regions[i].fd;
+	for (uint32_t i = 0; i < s->nqueues && i < VHOST_MAX_QUEUES; i++) {
+		fds[n++] = s->vring[i].kick_fd;
+		fds[n++] = s->vring[i].call_fd;
+		fds[n++] = s->vring[i].err_fd;
+	}
+	for (unsigned i = 0; i < n; i++)
+		if (fds[i] >= 0)
+			fcntl(fds[i], F_SETFD, on ? FD_CLOEXEC : 0);
+}
+
+int vblk_upgrade(struct vblk_daemon *dm, const char *binary, int reply_fd, const char *id_json,
+		 char *err, size_t errlen)
+{
+	static struct st s; /* not on the stack: it is a few KiB */
+	char env[32];
+	uint64_t t0;
+	int fd, r;
+
+	if (strlen(id_json) >= sizeof(s.reply_id)) {
+		snprintf(err, errlen, "request id too long");
+		return -EINVAL;
+	}
+	r = preflight(binary, err, errlen);
+	if (r)
+		return r;
+	fd = memfd_create("vmig-blk-state", 0); /* inherited on purpose */
+	if (fd < 0) {
+		snprintf(err, errlen, "memfd: %s", strerror(errno));
+		return -errno;
+	}
+	/* The pause starts here: rings stop, in-flight requests finish. */
+	vblk_log(dm, "upgrading to %s", binary);
+	t0 = vmig__now_ns();
+
+	vhost_dev_stop_all(&dm->dev);
+	save(dm, &s, reply_fd, id_json);
+	s.quiesce_ns = t0;
+	r = vmig__write_full(fd, &s, sizeof(s));
+	if (r == 0) {
+		snprintf(env, sizeof(env), "%d", fd);
+		set_cloexec(&s, false);
+		setenv(STATE_ENV, env, 1);
+		execv(binary, dm->argv);
+		r = -errno;
+		unsetenv(STATE_ENV);
+		set_cloexec(&s, true);
+	}
+	close(fd);
+	snprintf(err, errlen, "exec %s: %s", binary, strerror(-r));
+	vhost_dev_start_ready(&dm->dev);
+	return r;
+}
+
+static int load(int fd, struct st *s)
+{
+	if (pread(fd, s, sizeof(*s), 0) != (ssize_t)sizeof(*s))
+		return -EIO;
+	if (s->magic != STATE_MAGIC || s->version != STATE_VERSION || s->size != sizeof(*s))
+		return -EPROTO;
+	if (s->nregions > VHOST_MAX_MEM_REGIONS || s->nqueues > VHOST_MAX_QUEUES ||
+	    s->reply_id[sizeof(s->reply_id) - 1] != '\0')
+		return -EPROTO;
+	return 0;
+}
+
+static int restore_dev(struct vblk_daemon *dm, const struct st *s)
+{
+	struct vhost_dev *d = &dm->dev;
+	int r;
+
+	vhost_dev_init(d, dm->nqueues, vblk_device_features(&dm->disk, dm->nqueues), &vblk_dev_ops,
+		       dm->q);
+	d->features = s->features;
+	d->protocol = s->protocol;
+	d->features_set = s->features_set;
+	for (uint32_t i = 0; i < s->nregions; i++) {
+		r = vhost_mem_add(&d->mem, &s->regions[i].d, s->regions[i].fd);
+		if (r)
+			return r;
+	}
+	if (s->log_fd >= 0 && (r = vhost_log_map(&d->log, s->log_fd, s->log_size, s->log_offset)))
+		return r;
+	if (s->inflight_fd >= 0 &&
+	    (r = vhost_dev_map_inflight(d, s->inflight_fd, s->inflight_size, s->inflight_offset,
+					s->inflight_nq, s->inflight_qs)))
+		return r;
+	for (unsigned i = 0; i < dm->nqueues; i++) {
+		const struct st_vring *v = &s->vring[i];
+		struct vhost_vring *vr = &d->vring[i];
+
+		if (v->num > VHOST_MAX_QUEUE_SIZE || (v->num & (v->num - 1)))
+			return -EPROTO;
+		vr->addr = v->addr;
+		vr->vq.counter = v->counter;
+		vr->starts = v->starts;
+		vr->kick_fd = v->kick_fd;
+		vr->call_fd = v->call_fd;
+		vr->err_fd = v->err_fd;
+		vr->num = v->num;
+		vr->base = v->base;
+		vr->addr_set = v->addr_set;
+		vr->enabled = v->enabled;
+		vr->need_recover = false; /* quiesced: base is exact */
+		vr->recovery.outcome = v->outcome;
+		vr->recovery.nresubmit = v->recovered;
+		memcpy(&dm->q[i].stats, &v->stats, sizeof(v->stats));
+	}
+	return 0;
+}
+
+static void reply(struct vblk_daemon *dm, const struct st *s, uint64_t ready_ns)
+{
+	double pause_ms = (double)(ready_ns - s->quiesce_ns) / 1e6;
+	char result[4096 + 128];
+
+	snprintf(result, sizeof(result),
+		 "{\"pause_ms\":%.3f,\"pid\":%d,\"binary\":\"%s\",\"upgrades\":%llu,"
+		 "\"connections\":%llu}",
+		 pause_ms, (int)getpid(), dm->exe, (unsigned long long)dm->upgrades,
+		 (unsigned long long)dm->connections);
+	if (strchr(dm->exe, '"') || strchr(dm->exe, '\\'))
+		snprintf(result, sizeof(result), "{\"pause_ms\":%.3f,\"pid\":%d}", pause_ms,
+			 (int)getpid());
+	if (s->reply_fd >= 0) {
+		vblk_rpc_send(s->reply_fd, s->reply_id, result, 0, NULL);
+		close(s->reply_fd);
+	}
+	vblk_log(dm, "resumed after upgrade %llu, pause %.3f ms",
+		 (unsigned long long)dm->upgrades, pause_ms);
+}
+
+int vblk_upgrade_resume(struct vblk_daemon *dm)
+{
+	static struct st s;
+	const char *env = getenv(STATE_ENV);
+	char *end;
+	long fd;
+	int r;
+
+	if (!env)
+		return 0;
+	fd = strtol(env, &end, 10);
+	unsetenv(STATE_ENV);
+	if (*end || fd < 0 || fd > 1 << 20)
+		return -EINVAL;
+	r = load((int)fd, &s);
+	close((int)fd);
+	if (r)
+		return r;
+	set_cloexec(&s, true);
+	if (s.nqueues != dm->nqueues)
+		return -EPROTO;
+	r = vblk_disk_open(dm, s.disk_fd);
+	if (r)
+		return r;
+	if (dm->disk.size != s.disk_size)
+		return -EPROTO;
+	dm->listen_fd = s.listen_fd;
+	dm->conn_fd = s.conn_fd;
+	dm->rpc_fd = s.rpc_fd;
+	dm->connections = s.connections;
+	dm->upgrades = s.upgrades + 1;
+	r = restore_dev(dm, &s);
+	if (r)
+		return r;
+	vhost_dev_start_ready(&dm->dev);
+	reply(dm, &s, vmig__now_ns());
+	return 1;
+}
