@@ -41,7 +41,8 @@ static int split_words(const char *line, struct hmp_line *hl)
 		return -E2BIG;
 	strcpy(hl->buf, line);
 	hl->n = 0;
-	for (tok = strtok_r(hl->buf, " \t\r\n", &save); tok; tok = strtok_r(NULL, " \t\r\n", &save)) {
+	for (tok = strtok_r(hl->buf, " \t\r\n", &save); tok;
+	     tok = strtok_r(NULL, " \t\r\n", &save)) {
 		if (hl->n == HMP_MAX_WORDS)
 			return -E2BIG;
 		hl->w[hl->n++] = tok;
@@ -74,7 +75,8 @@ static void format_ram(FILE *f, const json_t *ram)
 	const json_t *mbps = json_object_get(ram, "mbps");
 
 	fprintf(f, "transferred ram: %" PRIu64 " kbytes\n", ju64(ram, "transferred") >> 10);
-	fprintf(f, "throughput: %0.2f mbps\n", json_is_number(mbps) ? json_number_value(mbps) : 0.0);
+	fprintf(f, "throughput: %0.2f mbps\n",
+		json_is_number(mbps) ? json_number_value(mbps) : 0.0);
 	fprintf(f, "remaining ram: %" PRIu64 " kbytes\n", ju64(ram, "remaining") >> 10);
 	fprintf(f, "total ram: %" PRIu64 " kbytes\n", ju64(ram, "total") >> 10);
 	fprintf(f, "duplicate: %" PRIu64 " pages\n", ju64(ram, "duplicate"));
@@ -187,8 +189,8 @@ static void info_caps(struct qmp_cmd_ctx *ctx, FILE *f)
 	json_t *v;
 
 	json_array_foreach(caps, i, v)
-		fprintf(f, "%s: %s\n", json_string_value(json_object_get(v, "capability")),
-			json_is_true(json_object_get(v, "state")) ? "on" : "off");
+	    fprintf(f, "%s: %s\n", json_string_value(json_object_get(v, "capability")),
+		    json_is_true(json_object_get(v, "state")) ? "on" : "off");
 	json_decref(caps);
 }
 
@@ -208,7 +210,7 @@ static void info_params(struct qmp_cmd_ctx *ctx, FILE *f)
 	json_t *v;
 
 	json_object_foreach(params, key, v)
-		fprintf(f, "%s: %lld%s\n", key, (long long)json_integer_value(v), param_unit(key));
+	    fprintf(f, "%s: %lld%s\n", key, (long long)json_integer_value(v), param_unit(key));
 	json_decref(params);
 }
 
@@ -275,9 +277,9 @@ static void hmp_set_capability(struct qmp_cmd_ctx *ctx, FILE *f, const struct hm
 		fprintf(f, "Error: usage: migrate_set_capability NAME on|off\n");
 		return;
 	}
-	json_decref(run(ctx, f, "migrate-set-capabilities",
-			json_pack("{s:[{s:s,s:b}]}", "capabilities", "capability", hl->w[1],
-				  "state", on)));
+	json_decref(
+	    run(ctx, f, "migrate-set-capabilities",
+		json_pack("{s:[{s:s,s:b}]}", "capabilities", "capability", hl->w[1], "state", on)));
 }
 
 static void hmp_set_parameter(struct qmp_cmd_ctx *ctx, FILE *f, const struct hmp_line *hl)
@@ -325,16 +327,16 @@ static const struct {
 	const char *qmp;
 	bool takes_uri;
 } simple_cmds[] = {
-	{"stop", "stop", false},
-	{"cont", "cont", false},
-	{"c", "cont", false},
-	{"quit", "quit", false},
-	{"q", "quit", false},
-	{"migrate_cancel", "migrate_cancel", false},
-	{"migrate_start_postcopy", "migrate-start-postcopy", false},
-	{"migrate_pause", "migrate-pause", false},
-	{"migrate_incoming", "migrate-incoming", true},
-	{"migrate_recover", "migrate-recover", true},
+    {"stop", "stop", false},
+    {"cont", "cont", false},
+    {"c", "cont", false},
+    {"quit", "quit", false},
+    {"q", "quit", false},
+    {"migrate_cancel", "migrate_cancel", false},
+    {"migrate_start_postcopy", "migrate-start-postcopy", false},
+    {"migrate_pause", "migrate-pause", false},
+    {"migrate_incoming", "migrate-incoming", true},
+    {"migrate_recover", "migrate-recover", true},
 };
 
 static void hmp_dispatch(struct qmp_cmd_ctx *ctx, FILE *f, const struct hmp_line *hl)
@@ -361,11 +363,13 @@ static void hmp_dispatch(struct qmp_cmd_ctx *ctx, FILE *f, const struct hmp_line
 		if (strcmp(cmd, simple_cmds[i].hmp))
 			continue;
 		if (hl->n != (simple_cmds[i].takes_uri ? 2u : 1u)) {
-			fprintf(f, "Error: usage: %s%s\n", cmd, simple_cmds[i].takes_uri ? " URI" : "");
+			fprintf(f, "Error: usage: %s%s\n", cmd,
+				simple_cmds[i].takes_uri ? " URI" : "");
 			return;
 		}
-		json_decref(run(ctx, f, simple_cmds[i].qmp,
-				simple_cmds[i].takes_uri ? json_pack("{s:s}", "uri", hl->w[1]) : NULL));
+		json_decref(
+		    run(ctx, f, simple_cmds[i].qmp,
+			simple_cmds[i].takes_uri ? json_pack("{s:s}", "uri", hl->w[1]) : NULL));
 		return;
 	}
 	fprintf(f, "unknown command: '%s'\n", cmd);

@@ -103,8 +103,9 @@ bool json_splitter_next(struct json_splitter *sp, const char *buf, size_t len, s
 			if (--sp->depth == 0) {
 				*item_start = sp->start;
 				*item_end = sp->pos;
-				*kind = sp->max_depth_seen > JSON_SPLIT_MAX_DEPTH ? JSON_ITEM_TOO_DEEP
-										 : JSON_ITEM_CONTAINER;
+				*kind = sp->max_depth_seen > JSON_SPLIT_MAX_DEPTH
+					    ? JSON_ITEM_TOO_DEEP
+					    : JSON_ITEM_CONTAINER;
 				sp->in_item = false;
 				return true;
 			}
@@ -177,7 +178,8 @@ int json_args_check(const json_t *args, const struct json_arg_spec *spec, struct
 		return -EINVAL;
 	}
 	if (args) {
-		json_object_foreach((json_t *)args, key, val) {
+		json_object_foreach((json_t *)args, key, val)
+		{
 			for (s = spec; s && s->name; s++)
 				if (!strcmp(s->name, key))
 					break;
@@ -186,7 +188,8 @@ int json_args_check(const json_t *args, const struct json_arg_spec *spec, struct
 				return -EINVAL;
 			}
 			if (!type_ok(val, s->type)) {
-				vmig__err_set(err, "Invalid parameter type for '%.200s', expected: %s%s",
+				vmig__err_set(err,
+					      "Invalid parameter type for '%.200s', expected: %s%s",
 					      key, json_arg_type_name(s->type),
 					      s->type == JA_UINT ? " (>= 0)" : "");
 				return -EINVAL;

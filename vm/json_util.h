@@ -22,9 +22,9 @@
 
 enum json_item_kind {
 	JSON_ITEM_CONTAINER = 1, /* a balanced {...} or [...] */
-	JSON_ITEM_SCALAR,        /* a top-level token that is not a container */
-	JSON_ITEM_TOO_DEEP,      /* balanced, but nested beyond the limit */
-	JSON_ITEM_STRAY_CLOSER,  /* a '}' or ']' with nothing open */
+	JSON_ITEM_SCALAR,	 /* a top-level token that is not a container */
+	JSON_ITEM_TOO_DEEP,	 /* balanced, but nested beyond the limit */
+	JSON_ITEM_STRAY_CLOSER,	 /* a '}' or ']' with nothing open */
 };
 
 /*
@@ -57,8 +57,8 @@ void json_splitter_consumed(struct json_splitter *sp, size_t n);
 /* Argument types a command may declare. */
 enum json_arg_type {
 	JA_STR = 1,
-	JA_INT,    /* integer (int64) */
-	JA_UINT,   /* integer >= 0 */
+	JA_INT,	 /* integer (int64) */
+	JA_UINT, /* integer >= 0 */
 	JA_BOOL,
 	JA_NUMBER, /* integer or real */
 	JA_ARRAY,

@@ -125,8 +125,8 @@ static void client_send(struct qmp_client *c, json_t *msg)
 static void client_send_error(struct qmp_client *c, const json_t *id, const char *cls,
 			      const char *desc)
 {
-	json_t *msg = json_pack("{s:{s:s,s:s}}", "error", "class", cls ? cls : "GenericError",
-				"desc", desc);
+	json_t *msg =
+	    json_pack("{s:{s:s,s:s}}", "error", "class", cls ? cls : "GenericError", "desc", desc);
 
 	if (msg && id)
 		json_object_set(msg, "id", (json_t *)id);
@@ -209,8 +209,9 @@ static void on_vm_event(void *opaque, enum vm_event ev, const char *migration_st
 
 static json_t *event_json(const char *name, json_t *data, const struct timeval *when)
 {
-	json_t *msg = json_pack("{s:s,s:{s:I,s:I}}", "event", name, "timestamp", "seconds",
-				(json_int_t)when->tv_sec, "microseconds", (json_int_t)when->tv_usec);
+	json_t *msg =
+	    json_pack("{s:s,s:{s:I,s:I}}", "event", name, "timestamp", "seconds",
+		      (json_int_t)when->tv_sec, "microseconds", (json_int_t)when->tv_usec);
 
 	if (msg && data)
 		json_object_set_new(msg, "data", data);
@@ -268,9 +269,9 @@ static void announce_shutdown(struct qmp_server *srv)
 		return;
 	srv->shutdown_sent = true;
 	gettimeofday(&now, NULL);
-	broadcast(srv, event_json("SHUTDOWN", json_pack("{s:b,s:s}", "guest", 0, "reason",
-							 "host-qmp-quit"),
-				  &now));
+	broadcast(srv,
+		  event_json("SHUTDOWN",
+			     json_pack("{s:b,s:s}", "guest", 0, "reason", "host-qmp-quit"), &now));
 }
 
 bool qmp__server_quit_requested(const struct qmp_server *srv)
@@ -280,8 +281,8 @@ bool qmp__server_quit_requested(const struct qmp_server *srv)
 
 /* ---- dispatch ---- */
 
-static const char *const qmp_members[] = {"execute", "arguments", "id", "exec-oob", "control",
-					  NULL};
+static const char *const qmp_members[] = {"execute",  "arguments", "id",
+					  "exec-oob", "control",   NULL};
 
 /* Checks on the request object itself, before any command is looked up. */
 static int check_request(const json_t *req, const char **cmd, struct vmig__err *err)
@@ -289,7 +290,8 @@ static int check_request(const json_t *req, const char **cmd, struct vmig__err *
 	const char *key;
 	json_t *val;
 
-	json_object_foreach((json_t *)req, key, val) {
+	json_object_foreach((json_t *)req, key, val)
+	{
 		unsigned i;
 
 		for (i = 0; qmp_members[i]; i++)
@@ -335,7 +337,8 @@ static void negotiate(struct qmp_client *c, const json_t *id, const json_t *args
 		return;
 	}
 	enable = args ? json_object_get(args, "enable") : NULL;
-	json_array_foreach((json_t *)enable, i, v) {
+	json_array_foreach((json_t *)enable, i, v)
+	{
 		vmig__err_set(&err, "Capability '%.200s' not available",
 			      json_is_string(v) ? json_string_value(v) : "?");
 		client_send_error(c, id, NULL, err.msg);
@@ -472,8 +475,9 @@ int qmp__client_feed(struct qmp_client *c, const void *data, size_t len)
 		len -= n;
 	}
 	if (ret == -EMSGSIZE)
-		client_send_error(c, NULL, NULL,
-				  "Input exceeds 1 MiB without a complete JSON object; disconnecting");
+		client_send_error(
+		    c, NULL, NULL,
+		    "Input exceeds 1 MiB without a complete JSON object; disconnecting");
 	if (ret)
 		c->dead = true;
 	return ret;
@@ -483,9 +487,8 @@ int qmp__client_feed(struct qmp_client *c, const void *data, size_t len)
 
 static json_t *greeting(void)
 {
-	return json_pack("{s:{s:{s:{s:i,s:i,s:i},s:s},s:[]}}", "QMP", "version", "qemu", "micro",
-			 0, "minor", 2, "major", 7, "package", "vmig " VMIG_VERSION,
-			 "capabilities");
+	return json_pack("{s:{s:{s:{s:i,s:i,s:i},s:s},s:[]}}", "QMP", "version", "qemu", "micro", 0,
+			 "minor", 2, "major", 7, "package", "vmig " VMIG_VERSION, "capabilities");
 }
 
 static int client_add(struct qmp_server *srv, int fd, struct qmp_client **out)

@@ -94,8 +94,8 @@ static int cmd_quit(struct qmp_cmd_ctx *ctx, const json_t *args)
 /* ---- migration ---- */
 
 static const struct json_arg_spec migrate_args[] = {
-	{"uri", JA_STR, true}, {"detach", JA_BOOL, false}, {"blk", JA_BOOL, false},
-	{"inc", JA_BOOL, false}, {"resume", JA_BOOL, false}, {NULL}};
+    {"uri", JA_STR, true},   {"detach", JA_BOOL, false}, {"blk", JA_BOOL, false},
+    {"inc", JA_BOOL, false}, {"resume", JA_BOOL, false}, {NULL}};
 
 static int cmd_migrate(struct qmp_cmd_ctx *ctx, const json_t *args)
 {
@@ -152,7 +152,6 @@ static int cmd_migrate_recover(struct qmp_cmd_ctx *ctx, const json_t *args)
 	return unsupported(ctx, "migrate-recover");
 }
 
-
 static int cmd_query_migrate(struct qmp_cmd_ctx *ctx, const json_t *args)
 {
 	struct vmig_stats st;
@@ -174,16 +173,18 @@ static const struct json_arg_spec set_caps_args[] = {{"capabilities", JA_ARRAY, 
 static int check_caps(struct qmp_cmd_ctx *ctx, const json_t *list)
 {
 	static const struct json_arg_spec elem[] = {
-		{"capability", JA_STR, true}, {"state", JA_BOOL, true}, {NULL}};
+	    {"capability", JA_STR, true}, {"state", JA_BOOL, true}, {NULL}};
 	size_t i;
 	json_t *v;
 
-	json_array_foreach((json_t *)list, i, v) {
+	json_array_foreach((json_t *)list, i, v)
+	{
 		const char *name;
 
 		if (!json_is_object(v)) {
-			vmig__err_set(&ctx->err, "Invalid parameter type for 'capabilities[%zu]', "
-						 "expected: object",
+			vmig__err_set(&ctx->err,
+				      "Invalid parameter type for 'capabilities[%zu]', "
+				      "expected: object",
 				      i);
 			return -EINVAL;
 		}
@@ -191,7 +192,8 @@ static int check_caps(struct qmp_cmd_ctx *ctx, const json_t *list)
 			return -EINVAL;
 		name = json_arg_str(v, "capability", "");
 		if (!name_in(vmig_capability_names(), name)) {
-			vmig__err_set(&ctx->err, "Parameter 'capability' does not accept value '%.200s'",
+			vmig__err_set(&ctx->err,
+				      "Parameter 'capability' does not accept value '%.200s'",
 				      name);
 			return -EINVAL;
 		}
@@ -209,7 +211,8 @@ static int cmd_set_caps(struct qmp_cmd_ctx *ctx, const json_t *args)
 	ret = check_caps(ctx, list);
 	if (ret)
 		return ret;
-	json_array_foreach((json_t *)list, i, v) {
+	json_array_foreach((json_t *)list, i, v)
+	{
 		const char *name = json_arg_str(v, "capability", "");
 
 		ret = vmig_capability_set(vm_session(ctx->vm), name, json_arg_bool(v, "state", 0));
@@ -245,18 +248,21 @@ static int cmd_set_params(struct qmp_cmd_ctx *ctx, const json_t *args)
 	json_t *v;
 	int ret;
 
-	json_object_foreach((json_t *)args, key, v) {
+	json_object_foreach((json_t *)args, key, v)
+	{
 		if (!name_in(vmig_parameter_names(), key)) {
 			vmig__err_set(&ctx->err, "Parameter '%.200s' is unexpected", key);
 			return -EINVAL;
 		}
 		if (!json_is_integer(v)) {
 			vmig__err_set(&ctx->err,
-				      "Invalid parameter type for '%.200s', expected: integer", key);
+				      "Invalid parameter type for '%.200s', expected: integer",
+				      key);
 			return -EINVAL;
 		}
 	}
-	json_object_foreach((json_t *)args, key, v) {
+	json_object_foreach((json_t *)args, key, v)
+	{
 		ret = vmig_parameter_set(vm_session(ctx->vm), key, json_integer_value(v));
 		if (ret) {
 			vmig__err_set(&ctx->err, "Parameter '%.100s' cannot be set to %lld: %.100s",
@@ -355,9 +361,9 @@ json_t *qmp_stats_to_json(const struct vmig_stats *st)
 		json_object_set_new(obj, "ram", ram_json(st));
 	}
 	if (st->status == VMIG_STATUS_FAILED && st->error_desc[0])
-		json_object_set_new(obj, "error-desc",
-				    json_stringn(st->error_desc,
-						 strnlen(st->error_desc, sizeof(st->error_desc))));
+		json_object_set_new(
+		    obj, "error-desc",
+		    json_stringn(st->error_desc, strnlen(st->error_desc, sizeof(st->error_desc))));
 	return obj;
 }
 
@@ -378,7 +384,7 @@ static int cmd_pmemsave(struct qmp_cmd_ctx *ctx, const json_t *args)
 }
 
 static const struct json_arg_spec hmp_args[] = {
-	{"command-line", JA_STR, true}, {"cpu-index", JA_INT, false}, {NULL}};
+    {"command-line", JA_STR, true}, {"cpu-index", JA_INT, false}, {NULL}};
 
 static int cmd_hmp(struct qmp_cmd_ctx *ctx, const json_t *args)
 {
@@ -400,11 +406,11 @@ static int cmd_query_guest(struct qmp_cmd_ctx *ctx, const json_t *args)
 
 	memset(&gs, 0, sizeof(gs));
 	vm_guest_stats(ctx->vm, &gs);
-	ctx->ret = json_pack("{s:I,s:I,s:I,s:I,s:i,s:s}", "pages-written",
-			     (json_int_t)gs.pages_written, "pages-verified",
-			     (json_int_t)gs.pages_verified, "inconsistencies",
-			     (json_int_t)gs.inconsistencies, "mem-bytes", (json_int_t)gs.mem_bytes,
-			     "vcpus", (int)gs.vcpus, "workload", gs.workload ? gs.workload : "");
+	ctx->ret =
+	    json_pack("{s:I,s:I,s:I,s:I,s:i,s:s}", "pages-written", (json_int_t)gs.pages_written,
+		      "pages-verified", (json_int_t)gs.pages_verified, "inconsistencies",
+		      (json_int_t)gs.inconsistencies, "mem-bytes", (json_int_t)gs.mem_bytes,
+		      "vcpus", (int)gs.vcpus, "workload", gs.workload ? gs.workload : "");
 	return ctx->ret ? 0 : -ENOMEM;
 }
 
@@ -429,28 +435,28 @@ static int cmd_query_commands(struct qmp_cmd_ctx *ctx, const json_t *args)
 /* ---- table and dispatch ---- */
 
 static const struct qmp_command commands[] = {
-	{"qmp_capabilities", cmd_qmp_capabilities, NULL, true},
-	{"query-status", cmd_query_status, NULL, false},
-	{"stop", cmd_stop, NULL, false},
-	{"cont", cmd_cont, NULL, false},
-	{"quit", cmd_quit, NULL, false},
-	{"migrate", cmd_migrate, migrate_args, false},
-	{"migrate-incoming", cmd_migrate_incoming, uri_args, false},
-	{"migrate_cancel", cmd_migrate_cancel, NULL, false},
-	{"migrate-cancel", cmd_migrate_cancel, NULL, false},
-	{"migrate-set-capabilities", cmd_set_caps, set_caps_args, false},
-	{"query-migrate-capabilities", cmd_query_caps, NULL, false},
-	{"migrate-set-parameters", cmd_set_params, NULL, true},
-	{"query-migrate-parameters", cmd_query_params, NULL, false},
-	{"query-migrate", cmd_query_migrate, NULL, false},
-	{"migrate-start-postcopy", cmd_start_postcopy, NULL, false},
-	{"migrate-pause", cmd_migrate_pause, NULL, false},
-	{"migrate-recover", cmd_migrate_recover, uri_args, false},
-	{"pmemsave", cmd_pmemsave, pmemsave_args, false},
-	{"human-monitor-command", cmd_hmp, hmp_args, false},
-	{"x-vmig-query-guest", cmd_query_guest, NULL, false},
-	{"query-version", cmd_query_version, NULL, false},
-	{"query-commands", cmd_query_commands, NULL, false},
+    {"qmp_capabilities", cmd_qmp_capabilities, NULL, true},
+    {"query-status", cmd_query_status, NULL, false},
+    {"stop", cmd_stop, NULL, false},
+    {"cont", cmd_cont, NULL, false},
+    {"quit", cmd_quit, NULL, false},
+    {"migrate", cmd_migrate, migrate_args, false},
+    {"migrate-incoming", cmd_migrate_incoming, uri_args, false},
+    {"migrate_cancel", cmd_migrate_cancel, NULL, false},
+    {"migrate-cancel", cmd_migrate_cancel, NULL, false},
+    {"migrate-set-capabilities", cmd_set_caps, set_caps_args, false},
+    {"query-migrate-capabilities", cmd_query_caps, NULL, false},
+    {"migrate-set-parameters", cmd_set_params, NULL, true},
+    {"query-migrate-parameters", cmd_query_params, NULL, false},
+    {"query-migrate", cmd_query_migrate, NULL, false},
+    {"migrate-start-postcopy", cmd_start_postcopy, NULL, false},
+    {"migrate-pause", cmd_migrate_pause, NULL, false},
+    {"migrate-recover", cmd_migrate_recover, uri_args, false},
+    {"pmemsave", cmd_pmemsave, pmemsave_args, false},
+    {"human-monitor-command", cmd_hmp, hmp_args, false},
+    {"x-vmig-query-guest", cmd_query_guest, NULL, false},
+    {"query-version", cmd_query_version, NULL, false},
+    {"query-commands", cmd_query_commands, NULL, false},
 };
 
 const struct qmp_command *qmp_command_at(size_t i)

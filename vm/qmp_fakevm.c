@@ -12,10 +12,10 @@
 #include "qmp_fakevm.h"
 
 static const char *const cap_names[] = {
-	"postcopy-ram",	  "postcopy-blocktime", "postcopy-preempt",	"multifd",
-	"zero-copy-send", "auto-converge",	"x-vmig-verify-memory", NULL};
-static const char *const param_names[] = {
-	"max-bandwidth", "downtime-limit", "multifd-channels", "x-vmig-dirty-tracking", NULL};
+    "postcopy-ram",   "postcopy-blocktime", "postcopy-preempt",	    "multifd",
+    "zero-copy-send", "auto-converge",	    "x-vmig-verify-memory", NULL};
+static const char *const param_names[] = {"max-bandwidth", "downtime-limit", "multifd-channels",
+					  "x-vmig-dirty-tracking", NULL};
 
 static struct fakevm fake;
 /* Any non-NULL pointers do: the fake ignores them. */
@@ -62,7 +62,7 @@ static int take_error(void)
 
 const char *vm_runstate_name(enum vm_runstate rs)
 {
-	static const char *const names[] = {"prelaunch",   "running",	     "paused", "inmigrate",
+	static const char *const names[] = {"prelaunch",   "running",	     "paused",	"inmigrate",
 					    "postmigrate", "finish-migrate", "shutdown"};
 
 	return (unsigned)rs < sizeof(names) / sizeof(names[0]) ? names[rs] : "unknown";
@@ -135,9 +135,9 @@ void vm_guest_stats(struct vm *vm, struct vm_guest_stats *out)
 const char *vmig_status_name(enum vmig_status status)
 {
 	static const char *const names[] = {
-		"none",		    "setup",		 "cancelling", "cancelled",
-		"active",	    "postcopy-active",	 "postcopy-paused",
-		"postcopy-recover", "completed",	 "failed",     "device"};
+	    "none",	 "setup",	    "cancelling",      "cancelled",
+	    "active",	 "postcopy-active", "postcopy-paused", "postcopy-recover",
+	    "completed", "failed",	    "device"};
 
 	return (unsigned)status < sizeof(names) / sizeof(names[0]) ? names[status] : "unknown";
 }

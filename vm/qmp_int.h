@@ -43,7 +43,7 @@ struct qmp_command {
 	const char *name;
 	qmp_handler_fn fn;
 	const struct json_arg_spec *args; /* NULL: takes no arguments */
-	bool free_args; /* members are checked by the handler itself */
+	bool free_args;			  /* members are checked by the handler itself */
 };
 
 /* The command table (qmp_cmds.c). */

@@ -29,19 +29,18 @@ static void on_sigint(int sig)
 
 static void usage(FILE *f)
 {
-	fprintf(f,
-		"usage: vmig COMMAND ...\n"
-		"  vmig migrate SRC_QMP URI [--dest DST_QMP] [--max-bandwidth RATE]\n"
-		"        [--downtime-limit MS] [--capability NAME=on|off]...\n"
-		"        [--parameter NAME=VALUE]... [--postcopy] [--postcopy-after SECONDS]\n"
-		"        [--no-progress]\n"
-		"  vmig info QMP              print 'info migrate'\n"
-		"  vmig status QMP            print the VM's run state\n"
-		"  vmig qmp QMP COMMAND [JSON-ARGS]   run a raw QMP command, print the reply\n"
-		"  vmig cancel QMP            cancel the running migration\n"
-		"  vmig help\n"
-		"QMP is unix:PATH or PATH. URI is tcp:HOST:PORT or unix:PATH. RATE takes\n"
-		"K/M/G suffixes (bytes/s, powers of 1024).\n");
+	fprintf(f, "usage: vmig COMMAND ...\n"
+		   "  vmig migrate SRC_QMP URI [--dest DST_QMP] [--max-bandwidth RATE]\n"
+		   "        [--downtime-limit MS] [--capability NAME=on|off]...\n"
+		   "        [--parameter NAME=VALUE]... [--postcopy] [--postcopy-after SECONDS]\n"
+		   "        [--no-progress]\n"
+		   "  vmig info QMP              print 'info migrate'\n"
+		   "  vmig status QMP            print the VM's run state\n"
+		   "  vmig qmp QMP COMMAND [JSON-ARGS]   run a raw QMP command, print the reply\n"
+		   "  vmig cancel QMP            cancel the running migration\n"
+		   "  vmig help\n"
+		   "QMP is unix:PATH or PATH. URI is tcp:HOST:PORT or unix:PATH. RATE takes\n"
+		   "K/M/G suffixes (bytes/s, powers of 1024).\n");
 }
 
 static int connect_or_say(struct qmpc **q, const char *addr)
@@ -63,7 +62,8 @@ static int run(struct qmpc *q, const char *cmd, json_t *args, json_t **ret, cons
 
 	vmig__err_clear(&err);
 	if (qmpc_execute(q, cmd, args, ret, CMD_TIMEOUT_MS, &err)) {
-		fprintf(stderr, "vmig: %s%s%s: %s\n", who ? who : "", who ? ": " : "", cmd, err.msg);
+		fprintf(stderr, "vmig: %s%s%s: %s\n", who ? who : "", who ? ": " : "", cmd,
+			err.msg);
 		return -1;
 	}
 	return 0;
@@ -187,16 +187,15 @@ struct mig_opts {
 
 static int parse_migrate_opts(int argc, char **argv, struct mig_opts *o)
 {
-	static const struct option longopts[] = {
-		{"dest", required_argument, NULL, 'd'},
-		{"max-bandwidth", required_argument, NULL, 'b'},
-		{"downtime-limit", required_argument, NULL, 't'},
-		{"capability", required_argument, NULL, 'c'},
-		{"parameter", required_argument, NULL, 'p'},
-		{"postcopy", no_argument, NULL, 'P'},
-		{"postcopy-after", required_argument, NULL, 'A'},
-		{"no-progress", no_argument, NULL, 'n'},
-		{NULL, 0, NULL, 0}};
+	static const struct option longopts[] = {{"dest", required_argument, NULL, 'd'},
+						 {"max-bandwidth", required_argument, NULL, 'b'},
+						 {"downtime-limit", required_argument, NULL, 't'},
+						 {"capability", required_argument, NULL, 'c'},
+						 {"parameter", required_argument, NULL, 'p'},
+						 {"postcopy", no_argument, NULL, 'P'},
+						 {"postcopy-after", required_argument, NULL, 'A'},
+						 {"no-progress", no_argument, NULL, 'n'},
+						 {NULL, 0, NULL, 0}};
 	char *end;
 	int c;
 
@@ -205,9 +204,15 @@ static int parse_migrate_opts(int argc, char **argv, struct mig_opts *o)
 	optind = 2; /* after "vmig migrate" */
 	while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
 		switch (c) {
-		case 'd': o->dest = optarg; break;
-		case 'b': o->max_bandwidth = optarg; break;
-		case 't': o->downtime_limit = optarg; break;
+		case 'd':
+			o->dest = optarg;
+			break;
+		case 'b':
+			o->max_bandwidth = optarg;
+			break;
+		case 't':
+			o->downtime_limit = optarg;
+			break;
 		case 'c':
 			if (o->ncaps == MAX_SETTINGS || !strchr(optarg, '='))
 				return -1;
@@ -218,14 +223,19 @@ static int parse_migrate_opts(int argc, char **argv, struct mig_opts *o)
 				return -1;
 			o->params[o->nparams++] = optarg;
 			break;
-		case 'P': o->postcopy = true; break;
+		case 'P':
+			o->postcopy = true;
+			break;
 		case 'A':
 			o->postcopy_after_s = strtod(optarg, &end);
 			if (*end || end == optarg || o->postcopy_after_s < 0)
 				return -1;
 			break;
-		case 'n': o->no_progress = true; break;
-		default: return -1;
+		case 'n':
+			o->no_progress = true;
+			break;
+		default:
+			return -1;
 		}
 	}
 	if (argc - optind != 2)
@@ -270,8 +280,8 @@ static json_t *build_caps(const struct mig_opts *o)
 						      (size_t)(eq - o->caps[i]), "state", state));
 	}
 	if (o->postcopy || o->postcopy_after_s >= 0)
-		json_array_append_new(list, json_pack("{s:s,s:b}", "capability", "postcopy-ram",
-						      "state", 1));
+		json_array_append_new(
+		    list, json_pack("{s:s,s:b}", "capability", "postcopy-ram", "state", 1));
 	return list;
 }
 
@@ -343,14 +353,16 @@ static void show_progress(const json_t *qm, double elapsed_s, bool tty)
 		bar[i] = i < pct / 5 ? '#' : '.';
 	bar[20] = '\0';
 	if (tty)
-		fprintf(stderr, "\r[%s] %3u%% %-16s %8.1f MiB/s  dirty %7.1f MiB/s  exp-down %4lld ms"
-				"  syncs %llu  %6.1fs\033[K",
+		fprintf(stderr,
+			"\r[%s] %3u%% %-16s %8.1f MiB/s  dirty %7.1f MiB/s  exp-down %4lld ms"
+			"  syncs %llu  %6.1fs\033[K",
 			bar, pct, status, mib_s, dirty_mib_s,
 			(long long)(exp ? json_integer_value(exp) : 0),
 			(unsigned long long)ram_u64(qm, "dirty-sync-count"), elapsed_s);
 	else
-		fprintf(stderr, "vmig: %s %u%% %.1f MiB/s dirty %.1f MiB/s expected-downtime %lld ms "
-				"dirty-syncs %llu elapsed %.1f s\n",
+		fprintf(stderr,
+			"vmig: %s %u%% %.1f MiB/s dirty %.1f MiB/s expected-downtime %lld ms "
+			"dirty-syncs %llu elapsed %.1f s\n",
 			status, pct, mib_s, dirty_mib_s,
 			(long long)(exp ? json_integer_value(exp) : 0),
 			(unsigned long long)ram_u64(qm, "dirty-sync-count"), elapsed_s);
@@ -399,7 +411,8 @@ static json_t *watch(struct qmpc *src, const struct mig_opts *o)
 		}
 		if (!switched && o->postcopy_after_s >= 0 && elapsed >= o->postcopy_after_s &&
 		    !strcmp(status, "active")) {
-			fprintf(stderr, "%svmig: not converged after %.1f s, switching to post-copy\n",
+			fprintf(stderr,
+				"%svmig: not converged after %.1f s, switching to post-copy\n",
 				tty ? "\n" : "", elapsed);
 			run(src, "migrate-start-postcopy", NULL, NULL, "source");
 			switched = true;
@@ -458,9 +471,9 @@ static int start_migration(struct qmpc *src, struct qmpc *dst, const struct mig_
 		ret = -2;
 		goto out;
 	}
-	if (dst && (setup_side(dst, caps, dp, "destination") ||
-		    run(dst, "migrate-incoming", json_pack("{s:s}", "uri", o->uri), NULL,
-			"destination")))
+	if (dst &&
+	    (setup_side(dst, caps, dp, "destination") ||
+	     run(dst, "migrate-incoming", json_pack("{s:s}", "uri", o->uri), NULL, "destination")))
 		goto out;
 	if (setup_side(src, caps, sp, "source") ||
 	    run(src, "migrate", json_pack("{s:s}", "uri", o->uri), NULL, "source"))
@@ -520,8 +533,11 @@ int main(int argc, char **argv)
 	static const struct {
 		const char *name;
 		int (*fn)(int argc, char **argv);
-	} cmds[] = {{"migrate", cmd_migrate}, {"info", cmd_info},	  {"status", cmd_status},
-		    {"qmp", cmd_qmp},	      {"cancel", cmd_cancel}};
+	} cmds[] = {{"migrate", cmd_migrate},
+		    {"info", cmd_info},
+		    {"status", cmd_status},
+		    {"qmp", cmd_qmp},
+		    {"cancel", cmd_cancel}};
 
 	signal(SIGPIPE, SIG_IGN);
 	if (argc < 2) {

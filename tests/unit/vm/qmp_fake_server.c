@@ -40,8 +40,9 @@ int main(int argc, char **argv)
 		fprintf(stderr, "usage: %s --qmp unix:PATH [--incoming X] [-S]\n", argv[0]);
 		return 2;
 	}
-	fakevm_get()->runstate = incoming ? VM_RS_INMIGRATE : paused ? VM_RS_PRELAUNCH
-								     : VM_RS_RUNNING;
+	fakevm_get()->runstate = incoming ? VM_RS_INMIGRATE
+				 : paused ? VM_RS_PRELAUNCH
+					  : VM_RS_RUNNING;
 	if (qmp_server_new(&the_server, fakevm_vm(), addr, &err)) {
 		fprintf(stderr, "%s\n", err.msg);
 		return 1;

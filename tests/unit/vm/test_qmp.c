@@ -80,7 +80,8 @@ static json_t *one(struct fixture *f, const char *text)
 	json_t *v = NULL, *m;
 	size_t i;
 
-	json_array_foreach(arr, i, m) {
+	json_array_foreach(arr, i, m)
+	{
 		if (json_object_get(m, "event"))
 			continue;
 		assert_null(v);
@@ -216,9 +217,9 @@ static void test_negotiation(void **state)
 		     "oob");
 	r = one(f, "{\"execute\":\"qmp_capabilities\",\"id\":{\"n\":[1]}}");
 	assert_non_null(json_object_get(r, "return"));
-	assert_int_equal(json_integer_value(json_array_get(
-				 json_object_get(json_object_get(r, "id"), "n"), 0)),
-			 1);
+	assert_int_equal(
+	    json_integer_value(json_array_get(json_object_get(json_object_get(r, "id"), "n"), 0)),
+	    1);
 	json_decref(r);
 	r = one(f, "{\"execute\":\"qmp_capabilities\"}");
 	assert_string_equal(err_class(r), "CommandNotFound");
@@ -252,8 +253,8 @@ static void test_split_and_batched(void **state)
 	assert_string_equal(json_string_value(json_object_get(json_array_get(arr, 0), "event")),
 			    "STOP");
 	assert_int_equal(json_integer_value(json_object_get(json_array_get(arr, 1), "id")), 1);
-	assert_false(json_is_true(json_object_get(
-		json_object_get(json_array_get(arr, 2), "return"), "running")));
+	assert_false(json_is_true(
+	    json_object_get(json_object_get(json_array_get(arr, 2), "return"), "running")));
 	assert_string_equal(json_string_value(json_object_get(json_array_get(arr, 3), "event")),
 			    "RESUME");
 	assert_int_equal(json_integer_value(json_object_get(json_array_get(arr, 4), "id")), 3);
@@ -264,24 +265,25 @@ static void test_bad_input(void **state)
 {
 	struct fixture *f = *state;
 	static const char *const bad[] = {
-		"{\"execute\":}",
-		"[1,2]",
-		"42",
-		"\"x\"",
-		"}",
-		"{\"execute\":\"stop\",\"execute\":\"cont\"}",
-		"{\"execute\":5}",
-		"{\"arguments\":{}}",
-		"{\"execute\":\"stop\",\"arguments\":[]}",
-		"{\"execute\":\"stop\",\"bogus\":1}",
-		"{\"execute\":\"stop\",\"exec-oob\":\"stop\"}",
-		"{\"execute\":\"stop\",\"arguments\":{\"x\":1}}",
-		"{\"execute\":\"pmemsave\",\"arguments\":{\"val\":\"0\",\"size\":1,\"filename\":\"f\"}}",
-		"{\"execute\":\"pmemsave\",\"arguments\":{\"val\":-1,\"size\":1,\"filename\":\"f\"}}",
-		"{\"execute\":\"pmemsave\",\"arguments\":{\"size\":1,\"filename\":\"f\"}}",
-		"{\"execute\":\"migrate\",\"arguments\":{\"uri\":1}}",
-		"{\"a\":\"\\u0000\"}",
-		"\xff\xfe{\"execute\":\"\xc3\x28\"}",
+	    "{\"execute\":}",
+	    "[1,2]",
+	    "42",
+	    "\"x\"",
+	    "}",
+	    "{\"execute\":\"stop\",\"execute\":\"cont\"}",
+	    "{\"execute\":5}",
+	    "{\"arguments\":{}}",
+	    "{\"execute\":\"stop\",\"arguments\":[]}",
+	    "{\"execute\":\"stop\",\"bogus\":1}",
+	    "{\"execute\":\"stop\",\"exec-oob\":\"stop\"}",
+	    "{\"execute\":\"stop\",\"arguments\":{\"x\":1}}",
+	    "{\"execute\":\"pmemsave\",\"arguments\":{\"val\":\"0\",\"size\":1,\"filename\":\"f\"}"
+	    "}",
+	    "{\"execute\":\"pmemsave\",\"arguments\":{\"val\":-1,\"size\":1,\"filename\":\"f\"}}",
+	    "{\"execute\":\"pmemsave\",\"arguments\":{\"size\":1,\"filename\":\"f\"}}",
+	    "{\"execute\":\"migrate\",\"arguments\":{\"uri\":1}}",
+	    "{\"a\":\"\\u0000\"}",
+	    "\xff\xfe{\"execute\":\"\xc3\x28\"}",
 	};
 	json_t *r;
 
@@ -341,8 +343,8 @@ static void test_status_stop_cont(void **state)
 	assert_int_equal(json_array_size(arr), 2);
 	assert_string_equal(json_string_value(json_object_get(json_array_get(arr, 0), "event")),
 			    "STOP");
-	assert_non_null(json_object_get(json_object_get(json_array_get(arr, 0), "timestamp"),
-					"microseconds"));
+	assert_non_null(
+	    json_object_get(json_object_get(json_array_get(arr, 0), "timestamp"), "microseconds"));
 	json_decref(arr);
 	ret = ret_of(f, "{\"execute\":\"query-status\"}");
 	assert_string_equal(json_string_value(json_object_get(ret, "status")), "paused");
@@ -367,7 +369,7 @@ static void test_events_only_after_negotiation(void **state)
 	assert_string_equal(json_string_value(json_object_get(json_array_get(arr, 0), "event")),
 			    "MIGRATION");
 	assert_string_equal(json_string_value(json_object_get(
-				    json_object_get(json_array_get(arr, 0), "data"), "status")),
+				json_object_get(json_array_get(arr, 0), "data"), "status")),
 			    "completed");
 	json_decref(arr);
 }
@@ -383,11 +385,12 @@ static void test_migrate(void **state)
 	assert_int_equal(json_object_size(ret), 0);
 	json_decref(ret);
 	expect_error(f, "{\"execute\":\"migrate\",\"arguments\":{}}", "'uri' is missing");
-	expect_error(f, "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"tcp:h:1\",\"blk\":true}}",
-		     "Block");
 	expect_error(f,
-		     "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"tcp:h:1\",\"resume\":true}}",
-		     "not supported");
+		     "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"tcp:h:1\",\"blk\":true}}",
+		     "Block");
+	expect_error(
+	    f, "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"tcp:h:1\",\"resume\":true}}",
+	    "not supported");
 	assert_int_equal(fv->migrate_calls, 0);
 	fv->next_error = -ECONNREFUSED;
 	snprintf(fv->error_text, sizeof(fv->error_text), "connect to h:1: refused");
@@ -408,7 +411,7 @@ static void test_migrate(void **state)
 		     "--incoming defer");
 	fv->runstate = VM_RS_INMIGRATE;
 	json_decref(
-		ret_of(f, "{\"execute\":\"migrate-incoming\",\"arguments\":{\"uri\":\"tcp:h:1\"}}"));
+	    ret_of(f, "{\"execute\":\"migrate-incoming\",\"arguments\":{\"uri\":\"tcp:h:1\"}}"));
 	assert_int_equal(fv->incoming_calls, 1);
 }
 
@@ -440,7 +443,8 @@ static void test_caps_params(void **state)
 		     "object");
 	ret = ret_of(f, "{\"execute\":\"query-migrate-capabilities\"}");
 	assert_int_equal(json_array_size(ret), 7);
-	json_array_foreach(ret, i, v) {
+	json_array_foreach(ret, i, v)
+	{
 		assert_true(json_is_string(json_object_get(v, "capability")));
 		assert_true(json_is_boolean(json_object_get(v, "state")));
 		if (!strcmp(json_string_value(json_object_get(v, "capability")), "multifd"))
@@ -459,12 +463,14 @@ static void test_caps_params(void **state)
 		     "\"max-bandwidth\":\"1M\"}}",
 		     "expected: integer");
 	assert_int_equal(fv->params[1], 50);
-	expect_error(f, "{\"execute\":\"migrate-set-parameters\",\"arguments\":{\"downtime-limit\":"
-			"-5}}",
+	expect_error(f,
+		     "{\"execute\":\"migrate-set-parameters\",\"arguments\":{\"downtime-limit\":"
+		     "-5}}",
 		     "out of range");
 	fv->next_error = -EBUSY;
-	expect_error(f, "{\"execute\":\"migrate-set-parameters\",\"arguments\":{\"multifd-channels\""
-			":4}}",
+	expect_error(f,
+		     "{\"execute\":\"migrate-set-parameters\",\"arguments\":{\"multifd-channels\""
+		     ":4}}",
 		     "while a migration is running");
 	ret = ret_of(f, "{\"execute\":\"query-migrate-parameters\"}");
 	assert_int_equal(json_integer_value(json_object_get(ret, "max-bandwidth")), 1000000);
@@ -517,10 +523,11 @@ static void test_query_migrate_fields(void **state)
 	ram = json_object_get(ret, "ram");
 	assert_true(json_is_real(json_object_get(ram, "mbps")));
 	static const char *const keys[] = {
-		"transferred",	    "remaining",	"total",	   "duplicate",
-		"normal",	    "normal-bytes",	"dirty-sync-count", "mbps",
-		"dirty-pages-rate", "pages-per-second", "precopy-bytes",   "downtime-bytes",
-		"page-size",	    "postcopy-bytes",	"postcopy-requests"};
+	    "transferred",	"remaining",	  "total",
+	    "duplicate",	"normal",	  "normal-bytes",
+	    "dirty-sync-count", "mbps",		  "dirty-pages-rate",
+	    "pages-per-second", "precopy-bytes",  "downtime-bytes",
+	    "page-size",	"postcopy-bytes", "postcopy-requests"};
 	for (size_t i = 0; i < VMIG_ARRAY_SIZE(keys); i++)
 		if (!json_object_get(ram, keys[i]))
 			fail_msg("ram.%s missing", keys[i]);
@@ -656,8 +663,9 @@ static void test_pmemsave_guest_quit(void **state)
 	assert_int_equal(fv->pmem_addr, 4096);
 	assert_int_equal(fv->pmem_size, 8192);
 	assert_string_equal(fv->pmem_path, "/tmp/m");
-	expect_error(f, "{\"execute\":\"pmemsave\",\"arguments\":{\"val\":0,\"size\":1099511627776,"
-			"\"filename\":\"/tmp/m\"}}",
+	expect_error(f,
+		     "{\"execute\":\"pmemsave\",\"arguments\":{\"val\":0,\"size\":1099511627776,"
+		     "\"filename\":\"/tmp/m\"}}",
 		     "outside");
 	fv->guest.pages_written = 5;
 	fv->guest.inconsistencies = 0;
@@ -707,7 +715,8 @@ static json_t *sc_cmd(struct sock_client *sc, const char *req)
 	char line[65536];
 
 	if (*req)
-		assert_int_equal(send(sc->fd, req, strlen(req), MSG_NOSIGNAL), (ssize_t)strlen(req));
+		assert_int_equal(send(sc->fd, req, strlen(req), MSG_NOSIGNAL),
+				 (ssize_t)strlen(req));
 	for (;;) {
 		json_t *v;
 
@@ -792,21 +801,21 @@ static void test_socket_server(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_splitter),
-		cmocka_unit_test(test_splitter_depth),
-		cmocka_unit_test_setup_teardown(test_greeting, setup, teardown),
-		cmocka_unit_test_setup_teardown(test_negotiation, setup, teardown),
-		cmocka_unit_test_setup_teardown(test_split_and_batched, setup, teardown),
-		cmocka_unit_test_setup_teardown(test_bad_input, setup, teardown),
-		cmocka_unit_test_setup_teardown(test_huge_input, setup, teardown),
-		cmocka_unit_test_setup_teardown(test_status_stop_cont, setup, teardown),
-		cmocka_unit_test_setup_teardown(test_events_only_after_negotiation, setup, teardown),
-		cmocka_unit_test_setup_teardown(test_migrate, setup, teardown),
-		cmocka_unit_test_setup_teardown(test_caps_params, setup, teardown),
-		cmocka_unit_test_setup_teardown(test_query_migrate_fields, setup, teardown),
-		cmocka_unit_test_setup_teardown(test_hmp, setup, teardown),
-		cmocka_unit_test_setup_teardown(test_pmemsave_guest_quit, setup, teardown),
-		cmocka_unit_test(test_socket_server),
+	    cmocka_unit_test(test_splitter),
+	    cmocka_unit_test(test_splitter_depth),
+	    cmocka_unit_test_setup_teardown(test_greeting, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_negotiation, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_split_and_batched, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_bad_input, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_huge_input, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_status_stop_cont, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_events_only_after_negotiation, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_migrate, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_caps_params, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_query_migrate_fields, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_hmp, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_pmemsave_guest_quit, setup, teardown),
+	    cmocka_unit_test(test_socket_server),
 	};
 
 	signal(SIGPIPE, SIG_IGN); /* a disconnected test client must not kill us */
