@@ -465,6 +465,11 @@ int vmig__dirty_sync(struct vmig__dirty *d, unsigned idx, uint64_t *bitmap, uint
 
 int vmig__dirty_stop(struct vmig__dirty *d)
 {
+	return vmig__dirty_stop_flags(d, 0);
+}
+
+int vmig__dirty_stop_flags(struct vmig__dirty *d, unsigned flags)
+{
 	int ret = 0, r;
 
 	if (!d->started)
@@ -483,7 +488,7 @@ int vmig__dirty_stop(struct vmig__dirty *d)
 	for (unsigned i = 0; i < d->nranges; i++) {
 		r = range_unregister(d, &d->ranges[i]);
 		ret = ret ? ret : r;
-		if (d->ranges[i].shared)
+		if (d->ranges[i].shared && !(flags & VMIG__DIRTY_STOP_NO_RESTORE))
 			range_restore_write(&d->ranges[i]);
 	}
 	d->started = false;
@@ -494,7 +499,7 @@ void vmig__dirty_close(struct vmig__dirty *d)
 {
 	if (!d)
 		return;
-	(void)vmig__dirty_stop(d);
+	(void)vmig__dirty_stop_flags(d, VMIG__DIRTY_STOP_NO_RESTORE);
 	for (unsigned i = 0; i < d->nranges; i++)
 		free(d->ranges[i].pending);
 	free(d->scan_vec);

@@ -89,12 +89,22 @@ int vmig__dirty_sync(struct vmig__dirty *d, unsigned idx, uint64_t *bitmap, uint
 		     struct vmig__err *err);
 
 /*
- * Stop tracking: remove the protection, unregister, stop the tracker thread.
- * Writers run at full speed again. start() may be called again afterwards.
+ * Stop tracking: remove the protection, unregister, stop the tracker thread,
+ * and (MAP_SHARED ranges) restore write access to every present page, so
+ * writers run at full speed again without a single fault. start() may be called again afterwards.
  * Returns 0 or the first -errno met (it still undoes everything it can).
  */
 int vmig__dirty_stop(struct vmig__dirty *d);
-/* Stop if needed and free everything. NULL is fine. */
+/*
+ * Same, with VMIG__DIRTY_STOP_NO_RESTORE: skip restoring write access to
+ * MAP_SHARED ranges. Restoring takes one kernel write fault per present page
+ * (about 1 s per 4 GiB here) so that the vCPUs do not take them; skip it
+ * when the VM will not run on this side any more (migration completed).
+ * Never call stop during downtime.
+ */
+#define VMIG__DIRTY_STOP_NO_RESTORE 0x1u
+int vmig__dirty_stop_flags(struct vmig__dirty *d, unsigned flags);
+/* Stop if needed and free everything (without the restore). NULL is fine. */
 void vmig__dirty_close(struct vmig__dirty *d);
 
 /*

@@ -9,7 +9,7 @@
  * both backends: resolved in the kernel in async mode, by the tracker thread
  * in sync mode) and stop().
  *
- *   ram-dirty-bench [SIZE [REPS]]
+ *   ram-dirty-bench [SIZE [REPS [memfd|anon]]]
  */
 #include <errno.h>
 #include <stdio.h>
@@ -118,7 +118,7 @@ int main(int argc, char **argv)
 {
 	uint64_t size = 4ull << 30, features;
 	int reps = 7, fd, ret = 0;
-	bool scan;
+	bool scan, anon = false;
 	uint8_t *mem;
 
 	if (argc > 1 && vmig__parse_size(argv[1], &size)) {
@@ -127,6 +127,8 @@ int main(int argc, char **argv)
 	}
 	if (argc > 2)
 		reps = atoi(argv[2]);
+	if (argc > 3)
+		anon = !strcmp(argv[3], "anon");
 	if (reps < 1 || reps > 64 || size % VMIG_PAGE_SIZE || !size) {
 		fprintf(stderr, "REPS must be 1..64, SIZE a non-zero multiple of 4K\n");
 		return 2;
@@ -134,17 +136,23 @@ int main(int argc, char **argv)
 	if (vmig__dirty_probe(&features, &scan) == 0)
 		printf("kernel: uffd features 0x%llx, WP_ASYNC %d, PAGEMAP_SCAN %d\n",
 		       (unsigned long long)features, !!(features & (1ull << 15)), scan);
-	fd = memfd_create("ram-dirty-bench", MFD_CLOEXEC);
-	if (fd < 0 || ftruncate(fd, (off_t)size) < 0) {
-		perror("memfd");
-		return 1;
+	if (anon) {
+		mem = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	} else {
+		fd = memfd_create("ram-dirty-bench", MFD_CLOEXEC);
+		if (fd < 0 || ftruncate(fd, (off_t)size) < 0) {
+			perror("memfd");
+			return 1;
+		}
+		mem = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+		close(fd);
 	}
-	mem = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	close(fd);
 	if (mem == MAP_FAILED) {
 		perror("mmap");
 		return 1;
 	}
+	printf("memory: %s, %llu MiB, every page touched\n",
+	       anon ? "anonymous private" : "memfd shared", (unsigned long long)(size >> 20));
 	for (uint64_t off = 0; off < size; off += VMIG_PAGE_SIZE)
 		mem[off] = 1;
 	ret |= bench_mode(VMIG_DIRTY_UFFD_ASYNC, mem, size, reps);

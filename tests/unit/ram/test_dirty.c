@@ -414,6 +414,29 @@ static void test_stop_restores_speed(void **state)
 	assert_bitmap_exact(f);
 }
 
+/*
+ * Stop without restoring write access (migration completed): memory stays
+ * fully usable (a write may fault once, in the kernel only), and a restart
+ * tracks again.
+ */
+static void test_stop_no_restore(void **state)
+{
+	struct fixture *f = *state;
+
+	memset(f->mem, 3, f->size);
+	start_ok(f);
+	assert_int_equal(vmig__dirty_stop_flags(f->d, VMIG__DIRTY_STOP_NO_RESTORE), 0);
+	for (uint64_t p = 0; p < NPAGES; p++)
+		f->mem[p * PAGE + 2] = (uint8_t)p;
+	for (uint64_t p = 0; p < NPAGES; p++)
+		assert_int_equal(f->mem[p * PAGE + 2], (uint8_t)p);
+	start_ok(f);
+	clear_expect(f);
+	write_page(f, NPAGES - 1, 9);
+	sync_fresh(f);
+	assert_bitmap_exact(f);
+}
+
 /* A second range added while tracking is active is protected at once. */
 static void test_second_range(void **state)
 {
@@ -483,6 +506,7 @@ int main(void)
 		VARIANTS(test_many_runs),
 		VARIANTS(test_concurrent_no_loss),
 		VARIANTS(test_stop_restores_speed),
+		VARIANTS(test_stop_no_restore),
 		VARIANTS(test_second_range),
 		OLD_KERNEL(test_exact),
 		OLD_KERNEL(test_unpopulated),
