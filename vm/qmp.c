@@ -645,7 +645,7 @@ static int server_listen(struct qmp_server *srv, const char *addr, struct vmig__
 
 int qmp_server_new(struct qmp_server **out, struct vm *vm, const char *addr, struct vmig__err *err)
 {
-	struct qmp_server *srv;
+	struct qmp_server *srv = NULL;
 	int ret;
 
 	ret = server_alloc(&srv, vm);
