@@ -489,7 +489,7 @@ int vhost_dev_map_inflight(struct vhost_dev *d, int fd, uint64_t size, uint64_t 
 
 	if (!inflight_geometry_ok(nqueues, queue_size) ||
 	    size < (uint64_t)nqueues * vhost_inflight_queue_size(queue_size) ||
-	    offset + size < offset || size > SIZE_MAX / 2)
+	    offset + size < offset || size > SIZE_MAX / 2 || vhost_fd_covers(fd, offset, size))
 		return -EINVAL;
 	map_len = size + (offset - off_aligned);
 	map = mmap(NULL, (size_t)map_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd,

@@ -17,7 +17,21 @@
 #include <errno.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
+
+int vhost_fd_covers(int fd, uint64_t offset, uint64_t size)
+{
+	struct stat st;
+
+	if (fstat(fd, &st) < 0)
+		return -errno;
+	/* A regular file (memfd, hugetlbfs, tmpfs) shorter than the range
+	 * would make our first access past its end a SIGBUS. */
+	if (S_ISREG(st.st_mode) && (uint64_t)st.st_size < offset + size)
+		return -EINVAL;
+	return 0;
+}
 
 void vhost_mem_init(struct vhost_mem *m)
 {
@@ -50,6 +64,8 @@ int vhost_mem_add(struct vhost_mem *m, const struct vhost_user_mem_region *d, in
 	for (uint32_t i = 0; i < m->nregions; i++)
 		if (ranges_overlap(m->r[i].gpa, m->r[i].size, d->guest_phys_addr, d->memory_size))
 			return -EEXIST;
+	if (vhost_fd_covers(fd, d->mmap_offset, d->memory_size))
+		return -EINVAL;
 	off_aligned = d->mmap_offset & ~(page - 1);
 	map_len = d->memory_size + (d->mmap_offset - off_aligned);
 	if (map_len > SIZE_MAX)
@@ -145,7 +161,8 @@ int vhost_log_map(struct vhost_log *l, int fd, uint64_t size, uint64_t offset)
 	uint64_t map_len = size + (offset - off_aligned);
 	void *map;
 
-	if (size == 0 || offset + size < offset || map_len > SIZE_MAX)
+	if (size == 0 || offset + size < offset || map_len > SIZE_MAX ||
+	    vhost_fd_covers(fd, offset, size))
 		return -EINVAL;
 	map = mmap(NULL, (size_t)map_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
 		   (off_t)off_aligned);

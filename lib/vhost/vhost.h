@@ -48,6 +48,9 @@ struct vhost_mem {
 };
 
 void vhost_mem_init(struct vhost_mem *m);
+/* -EINVAL if fd is a regular file too short for [offset, offset + size):
+ * mapping it would turn our first access past its end into SIGBUS. */
+int vhost_fd_covers(int fd, uint64_t offset, uint64_t size);
 /* Map a region described by the peer; takes ownership of fd on success. */
 int vhost_mem_add(struct vhost_mem *m, const struct vhost_user_mem_region *d, int fd);
 /* Unmap the region matching d (gpa, size, uva); -ENOENT if none. */
