@@ -35,9 +35,9 @@
 typedef int (*vhost_handler)(struct vhost_dev *d, struct vhost_msg *m, struct vhost_msg *reply);
 
 /* Table flags. */
-#define F_REPLY 0x1	/* always answered with a reply of its own */
+#define F_REPLY 0x1	 /* always answered with a reply of its own */
 #define F_RING_STATE 0x2 /* payload starts with a u32 ring index */
-#define F_RING_FILE 0x4	/* payload is a u64: bits 0-7 ring index */
+#define F_RING_FILE 0x4	 /* payload is a u64: bits 0-7 ring index */
 
 struct msg_spec {
 	const char *name;
@@ -50,7 +50,8 @@ struct msg_spec {
 	int8_t protocol_bit; /* needed protocol feature, or -1 */
 };
 
-static void dev_err(struct vhost_dev *d, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void dev_err(struct vhost_dev *d, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
 static void dev_err(struct vhost_dev *d, const char *fmt, ...)
 {
 	va_list ap;
@@ -492,8 +493,8 @@ int vhost_dev_map_inflight(struct vhost_dev *d, int fd, uint64_t size, uint64_t 
 	    offset + size < offset || size > SIZE_MAX / 2 || vhost_fd_covers(fd, offset, size))
 		return -EINVAL;
 	map_len = size + (offset - off_aligned);
-	map = mmap(NULL, (size_t)map_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
-		   (off_t)off_aligned);
+	map =
+	    mmap(NULL, (size_t)map_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)off_aligned);
 	if (map == MAP_FAILED)
 		return -errno;
 	if (im->map)
@@ -573,59 +574,54 @@ static int h_rem_mem_reg(struct vhost_dev *d, struct vhost_msg *m, struct vhost_
 #define U64 sizeof(uint64_t)
 #define STATE sizeof(struct vhost_user_vring_state)
 static const struct msg_spec msg_table[VHOST_USER_REQ_MAX] = {
-	[VHOST_USER_GET_FEATURES] = {"GET_FEATURES", h_get_features, 0, 0, 0, 0, F_REPLY, -1},
-	[VHOST_USER_SET_FEATURES] = {"SET_FEATURES", h_set_features, U64, U64, 0, 0, 0, -1},
-	[VHOST_USER_SET_OWNER] = {"SET_OWNER", h_nop, 0, 0, 0, 0, 0, -1},
-	[VHOST_USER_RESET_OWNER] = {"RESET_OWNER", h_nop, 0, 0, 0, 0, 0, -1},
-	[VHOST_USER_SET_MEM_TABLE] = {"SET_MEM_TABLE", h_set_mem_table, 8 + 32, 8 + 32 * 8, 1,
-				      VHOST_USER_MEM_TABLE_MAX, 0, -1},
-	[VHOST_USER_SET_LOG_BASE] = {"SET_LOG_BASE", h_set_log_base,
-				     sizeof(struct vhost_user_log), sizeof(struct vhost_user_log),
-				     1, 1, F_REPLY, P(LOG_SHMFD)},
-	[VHOST_USER_SET_VRING_NUM] = {"SET_VRING_NUM", h_set_vring_num, STATE, STATE, 0, 0,
-				      F_RING_STATE, -1},
-	[VHOST_USER_SET_VRING_ADDR] = {"SET_VRING_ADDR", h_set_vring_addr,
-				       sizeof(struct vhost_user_vring_addr),
-				       sizeof(struct vhost_user_vring_addr), 0, 0, F_RING_STATE, -1},
-	[VHOST_USER_SET_VRING_BASE] = {"SET_VRING_BASE", h_set_vring_base, STATE, STATE, 0, 0,
-				       F_RING_STATE, -1},
-	[VHOST_USER_GET_VRING_BASE] = {"GET_VRING_BASE", h_get_vring_base, STATE, STATE, 0, 0,
-				       F_REPLY | F_RING_STATE, -1},
-	[VHOST_USER_SET_VRING_KICK] = {"SET_VRING_KICK", h_set_vring_kick, U64, U64, 0, 1,
-				       F_RING_FILE, -1},
-	[VHOST_USER_SET_VRING_CALL] = {"SET_VRING_CALL", h_set_vring_call, U64, U64, 0, 1,
-				       F_RING_FILE, -1},
-	[VHOST_USER_SET_VRING_ERR] = {"SET_VRING_ERR", h_set_vring_err, U64, U64, 0, 1,
-				      F_RING_FILE, -1},
-	[VHOST_USER_GET_PROTOCOL_FEATURES] = {"GET_PROTOCOL_FEATURES", h_get_protocol, 0, 0, 0, 0,
-					      F_REPLY, -1},
-	[VHOST_USER_SET_PROTOCOL_FEATURES] = {"SET_PROTOCOL_FEATURES", h_set_protocol, U64, U64,
-					      0, 0, 0, -1},
-	[VHOST_USER_GET_QUEUE_NUM] = {"GET_QUEUE_NUM", h_get_queue_num, 0, 0, 0, 0, F_REPLY,
-				      P(MQ)},
-	[VHOST_USER_SET_VRING_ENABLE] = {"SET_VRING_ENABLE", h_set_vring_enable, STATE, STATE, 0,
-					 0, F_RING_STATE, -1},
-	[VHOST_USER_GET_CONFIG] = {"GET_CONFIG", h_get_config, VHOST_USER_CONFIG_HDR,
-				   VHOST_USER_CONFIG_HDR + VHOST_USER_CONFIG_MAX, 0, 0, F_REPLY,
-				   P(CONFIG)},
-	[VHOST_USER_SET_CONFIG] = {"SET_CONFIG", h_set_config, VHOST_USER_CONFIG_HDR,
-				   VHOST_USER_CONFIG_HDR + VHOST_USER_CONFIG_MAX, 0, 0, 0, P(CONFIG)},
-	[VHOST_USER_GET_INFLIGHT_FD] = {"GET_INFLIGHT_FD", h_get_inflight, VHOST_USER_INFLIGHT_MIN,
-					sizeof(struct vhost_user_inflight), 0, 0, F_REPLY,
-					P(INFLIGHT_SHMFD)},
-	[VHOST_USER_SET_INFLIGHT_FD] = {"SET_INFLIGHT_FD", h_set_inflight, VHOST_USER_INFLIGHT_MIN,
-					sizeof(struct vhost_user_inflight), 1, 1, 0,
-					P(INFLIGHT_SHMFD)},
-	[VHOST_USER_GET_MAX_MEM_SLOTS] = {"GET_MAX_MEM_SLOTS", h_get_max_mem_slots, 0, 0, 0, 0,
-					  F_REPLY, P(CONFIGURE_MEM_SLOTS)},
-	[VHOST_USER_ADD_MEM_REG] = {"ADD_MEM_REG", h_add_mem_reg,
-				    sizeof(struct vhost_user_mem_single),
-				    sizeof(struct vhost_user_mem_single), 1, 1, 0,
-				    P(CONFIGURE_MEM_SLOTS)},
-	[VHOST_USER_REM_MEM_REG] = {"REM_MEM_REG", h_rem_mem_reg,
-				    sizeof(struct vhost_user_mem_single),
-				    sizeof(struct vhost_user_mem_single), 0, 1, 0,
-				    P(CONFIGURE_MEM_SLOTS)},
+    [VHOST_USER_GET_FEATURES] = {"GET_FEATURES", h_get_features, 0, 0, 0, 0, F_REPLY, -1},
+    [VHOST_USER_SET_FEATURES] = {"SET_FEATURES", h_set_features, U64, U64, 0, 0, 0, -1},
+    [VHOST_USER_SET_OWNER] = {"SET_OWNER", h_nop, 0, 0, 0, 0, 0, -1},
+    [VHOST_USER_RESET_OWNER] = {"RESET_OWNER", h_nop, 0, 0, 0, 0, 0, -1},
+    [VHOST_USER_SET_MEM_TABLE] = {"SET_MEM_TABLE", h_set_mem_table, 8 + 32, 8 + 32 * 8, 1,
+				  VHOST_USER_MEM_TABLE_MAX, 0, -1},
+    [VHOST_USER_SET_LOG_BASE] = {"SET_LOG_BASE", h_set_log_base, sizeof(struct vhost_user_log),
+				 sizeof(struct vhost_user_log), 1, 1, F_REPLY, P(LOG_SHMFD)},
+    [VHOST_USER_SET_VRING_NUM] = {"SET_VRING_NUM", h_set_vring_num, STATE, STATE, 0, 0,
+				  F_RING_STATE, -1},
+    [VHOST_USER_SET_VRING_ADDR] = {"SET_VRING_ADDR", h_set_vring_addr,
+				   sizeof(struct vhost_user_vring_addr),
+				   sizeof(struct vhost_user_vring_addr), 0, 0, F_RING_STATE, -1},
+    [VHOST_USER_SET_VRING_BASE] = {"SET_VRING_BASE", h_set_vring_base, STATE, STATE, 0, 0,
+				   F_RING_STATE, -1},
+    [VHOST_USER_GET_VRING_BASE] = {"GET_VRING_BASE", h_get_vring_base, STATE, STATE, 0, 0,
+				   F_REPLY | F_RING_STATE, -1},
+    [VHOST_USER_SET_VRING_KICK] = {"SET_VRING_KICK", h_set_vring_kick, U64, U64, 0, 1, F_RING_FILE,
+				   -1},
+    [VHOST_USER_SET_VRING_CALL] = {"SET_VRING_CALL", h_set_vring_call, U64, U64, 0, 1, F_RING_FILE,
+				   -1},
+    [VHOST_USER_SET_VRING_ERR] = {"SET_VRING_ERR", h_set_vring_err, U64, U64, 0, 1, F_RING_FILE,
+				  -1},
+    [VHOST_USER_GET_PROTOCOL_FEATURES] = {"GET_PROTOCOL_FEATURES", h_get_protocol, 0, 0, 0, 0,
+					  F_REPLY, -1},
+    [VHOST_USER_SET_PROTOCOL_FEATURES] = {"SET_PROTOCOL_FEATURES", h_set_protocol, U64, U64, 0, 0,
+					  0, -1},
+    [VHOST_USER_GET_QUEUE_NUM] = {"GET_QUEUE_NUM", h_get_queue_num, 0, 0, 0, 0, F_REPLY, P(MQ)},
+    [VHOST_USER_SET_VRING_ENABLE] = {"SET_VRING_ENABLE", h_set_vring_enable, STATE, STATE, 0, 0,
+				     F_RING_STATE, -1},
+    [VHOST_USER_GET_CONFIG] = {"GET_CONFIG", h_get_config, VHOST_USER_CONFIG_HDR,
+			       VHOST_USER_CONFIG_HDR + VHOST_USER_CONFIG_MAX, 0, 0, F_REPLY,
+			       P(CONFIG)},
+    [VHOST_USER_SET_CONFIG] = {"SET_CONFIG", h_set_config, VHOST_USER_CONFIG_HDR,
+			       VHOST_USER_CONFIG_HDR + VHOST_USER_CONFIG_MAX, 0, 0, 0, P(CONFIG)},
+    [VHOST_USER_GET_INFLIGHT_FD] = {"GET_INFLIGHT_FD", h_get_inflight, VHOST_USER_INFLIGHT_MIN,
+				    sizeof(struct vhost_user_inflight), 0, 0, F_REPLY,
+				    P(INFLIGHT_SHMFD)},
+    [VHOST_USER_SET_INFLIGHT_FD] = {"SET_INFLIGHT_FD", h_set_inflight, VHOST_USER_INFLIGHT_MIN,
+				    sizeof(struct vhost_user_inflight), 1, 1, 0, P(INFLIGHT_SHMFD)},
+    [VHOST_USER_GET_MAX_MEM_SLOTS] = {"GET_MAX_MEM_SLOTS", h_get_max_mem_slots, 0, 0, 0, 0, F_REPLY,
+				      P(CONFIGURE_MEM_SLOTS)},
+    [VHOST_USER_ADD_MEM_REG] = {"ADD_MEM_REG", h_add_mem_reg, sizeof(struct vhost_user_mem_single),
+				sizeof(struct vhost_user_mem_single), 1, 1, 0,
+				P(CONFIGURE_MEM_SLOTS)},
+    [VHOST_USER_REM_MEM_REG] = {"REM_MEM_REG", h_rem_mem_reg, sizeof(struct vhost_user_mem_single),
+				sizeof(struct vhost_user_mem_single), 0, 1, 0,
+				P(CONFIGURE_MEM_SLOTS)},
 };
 #undef P
 #undef U64
@@ -658,7 +654,8 @@ static const char *msg_check(const struct vhost_dev *d, const struct vhost_msg *
 		ring = s->flags & F_RING_FILE ? (uint32_t)(m->p.u64 & VHOST_USER_VRING_IDX_MASK)
 					      : m->p.state.index;
 		if ((s->flags & F_RING_FILE) &&
-		    (m->p.u64 & ~(uint64_t)(VHOST_USER_VRING_IDX_MASK | VHOST_USER_VRING_NOFD_MASK)))
+		    (m->p.u64 &
+		     ~(uint64_t)(VHOST_USER_VRING_IDX_MASK | VHOST_USER_VRING_NOFD_MASK)))
 			return "unknown bits in ring fd message";
 		if (ring >= d->nqueues)
 			return "ring index out of range";
@@ -666,8 +663,7 @@ static const char *msg_check(const struct vhost_dev *d, const struct vhost_msg *
 	return NULL;
 }
 
-static int ack(const struct vhost_dev *d, const struct vhost_msg *m, struct vhost_msg *reply,
-	       int r)
+static int ack(const struct vhost_dev *d, const struct vhost_msg *m, struct vhost_msg *reply, int r)
 {
 	if (!(m->hdr.flags & VHOST_USER_NEED_REPLY_MASK) ||
 	    !has_bit(d->protocol, VHOST_USER_PROTOCOL_F_REPLY_ACK))
@@ -732,14 +728,13 @@ void vhost_dev_init(struct vhost_dev *d, unsigned nqueues, uint64_t features,
 	d->ops = ops;
 	d->opaque = opaque;
 	d->nqueues = nqueues;
-	d->offered_features = features | (1ull << VHOST_USER_F_PROTOCOL_FEATURES) |
-			      (1ull << VHOST_F_LOG_ALL);
-	d->offered_protocol = (1ull << VHOST_USER_PROTOCOL_F_MQ) |
-			      (1ull << VHOST_USER_PROTOCOL_F_LOG_SHMFD) |
-			      (1ull << VHOST_USER_PROTOCOL_F_REPLY_ACK) |
-			      (1ull << VHOST_USER_PROTOCOL_F_CONFIG) |
-			      (1ull << VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) |
-			      (1ull << VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS);
+	d->offered_features =
+	    features | (1ull << VHOST_USER_F_PROTOCOL_FEATURES) | (1ull << VHOST_F_LOG_ALL);
+	d->offered_protocol =
+	    (1ull << VHOST_USER_PROTOCOL_F_MQ) | (1ull << VHOST_USER_PROTOCOL_F_LOG_SHMFD) |
+	    (1ull << VHOST_USER_PROTOCOL_F_REPLY_ACK) | (1ull << VHOST_USER_PROTOCOL_F_CONFIG) |
+	    (1ull << VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) |
+	    (1ull << VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS);
 	vhost_mem_init(&d->mem);
 	d->log.fd = -1;
 	d->inflight.fd = -1;

@@ -77,17 +77,17 @@ void vhost_inflight_init(struct vhost_inflight_queue *q, uint16_t num, uint64_t 
 enum vhost_inflight_outcome {
 	VHOST_INFLIGHT_FRESH = 1, /* version 0: initialised, ring base used as is */
 	VHOST_INFLIGHT_RECOVERED, /* region valid: resubmit list and last_avail computed */
-	VHOST_INFLIGHT_INVALID,   /* inconsistent: reinitialised, ring base used as is */
+	VHOST_INFLIGHT_INVALID,	  /* inconsistent: reinitialised, ring base used as is */
 };
 
 struct vhost_inflight_recovery {
 	enum vhost_inflight_outcome outcome;
 	uint16_t last_avail_idx; /* where fetching continues */
-	uint16_t nresubmit;      /* heads in resubmit[], oldest first */
-	uint16_t retired;        /* half-finished last batch entries retired again */
-	bool batch_mismatch;     /* last_batch_head disagreed with the used ring */
-	uint64_t next_counter;   /* first counter value for new fetches */
-	const char *why;         /* for INVALID: which check failed */
+	uint16_t nresubmit;	 /* heads in resubmit[], oldest first */
+	uint16_t retired;	 /* half-finished last batch entries retired again */
+	bool batch_mismatch;	 /* last_batch_head disagreed with the used ring */
+	uint64_t next_counter;	 /* first counter value for new fetches */
+	const char *why;	 /* for INVALID: which check failed */
 };
 
 /*

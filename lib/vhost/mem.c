@@ -164,8 +164,8 @@ int vhost_log_map(struct vhost_log *l, int fd, uint64_t size, uint64_t offset)
 	if (size == 0 || offset + size < offset || map_len > SIZE_MAX ||
 	    vhost_fd_covers(fd, offset, size))
 		return -EINVAL;
-	map = mmap(NULL, (size_t)map_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
-		   (off_t)off_aligned);
+	map =
+	    mmap(NULL, (size_t)map_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)off_aligned);
 	if (map == MAP_FAILED)
 		return -errno;
 	vhost_log_unmap(l);

@@ -80,10 +80,10 @@ int vhost_msg_recv(int sock, struct vhost_msg *m)
 	char cbuf[CMSG_SPACE(sizeof(int) * VHOST_USER_MAX_FDS)];
 	struct iovec iov = {.iov_base = &m->hdr, .iov_len = sizeof(m->hdr)};
 	struct msghdr mh = {
-		.msg_iov = &iov,
-		.msg_iovlen = 1,
-		.msg_control = cbuf,
-		.msg_controllen = sizeof(cbuf),
+	    .msg_iov = &iov,
+	    .msg_iovlen = 1,
+	    .msg_control = cbuf,
+	    .msg_controllen = sizeof(cbuf),
 	};
 	ssize_t n;
 	int r;
@@ -114,8 +114,8 @@ int vhost_msg_send(int sock, const struct vhost_msg *m)
 {
 	char cbuf[CMSG_SPACE(sizeof(int) * VHOST_USER_MAX_FDS)];
 	struct iovec iov[2] = {
-		{.iov_base = (void *)&m->hdr, .iov_len = sizeof(m->hdr)},
-		{.iov_base = (void *)&m->p, .iov_len = m->hdr.size},
+	    {.iov_base = (void *)&m->hdr, .iov_len = sizeof(m->hdr)},
+	    {.iov_base = (void *)&m->p, .iov_len = m->hdr.size},
 	};
 	struct msghdr mh = {.msg_iov = iov, .msg_iovlen = m->hdr.size ? 2 : 1};
 	size_t total = sizeof(m->hdr) + m->hdr.size;

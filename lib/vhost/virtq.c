@@ -240,7 +240,7 @@ bool vhost_vq_enable_notify(struct vhost_vq *vq)
 	if (vq->log && vq->log_used)
 		vhost_log_write(vq->log,
 				vq->used_gpa + offsetof(struct vhost_used, ring) +
-					(uint64_t)vq->num * sizeof(struct vhost_used_elem),
+				    (uint64_t)vq->num * sizeof(struct vhost_used_elem),
 				sizeof(uint16_t));
 	__atomic_thread_fence(__ATOMIC_SEQ_CST);
 	return __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE) != vq->last_avail_idx;

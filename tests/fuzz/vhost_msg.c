@@ -48,9 +48,7 @@ static int fuzz_start(void *opaque, struct vhost_vring *vr)
 	return 0;
 }
 
-static void fuzz_stop(void *opaque, struct vhost_vring *vr)
-{
-}
+static void fuzz_stop(void *opaque, struct vhost_vring *vr) {}
 
 static const struct vhost_dev_ops fuzz_ops = {fuzz_config, fuzz_start, fuzz_stop};
 
@@ -74,7 +72,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	struct vhost_msg m, reply;
 	size_t pos = 0;
 
-	vhost_dev_init(&dev, 2, 1ull << VIRTIO_RING_F_EVENT_IDX | 1ull << VIRTIO_RING_F_INDIRECT_DESC,
+	vhost_dev_init(&dev, 2,
+		       1ull << VIRTIO_RING_F_EVENT_IDX | 1ull << VIRTIO_RING_F_INDIRECT_DESC,
 		       &fuzz_ops, NULL);
 	for (unsigned n = 0; n < FUZZ_MAX_MSGS && size - pos >= sizeof(m.hdr); n++) {
 		size_t len;

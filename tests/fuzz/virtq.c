@@ -78,7 +78,8 @@ static void run_queue(struct vhost_vq *vq)
 			/* Touch every byte we would read or write. */
 			for (unsigned k = 0; k < (unsigned)c.nout + c.nin; k++)
 				if (iov[k].iov_len)
-					((volatile uint8_t *)iov[k].iov_base)[iov[k].iov_len - 1] ^= 0;
+					((volatile uint8_t *)iov[k].iov_base)[iov[k].iov_len - 1] ^=
+					    0;
 			vhost_vq_log_chain(vq, &c);
 		}
 		vhost_vq_push(vq, head, 1);

@@ -43,11 +43,11 @@ struct vblk_req {
 	struct iovec *data; /* data iovecs, inside chain.iov */
 	unsigned ndata;
 	uint64_t offset;
-	uint64_t bytes;	   /* to transfer */
-	uint64_t done;	   /* transferred (short I/O is resubmitted) */
-	uint32_t written;  /* bytes we wrote into guest memory */
-	int pending;	   /* io_uring operations outstanding */
-	int error;	   /* first failure */
+	uint64_t bytes;	  /* to transfer */
+	uint64_t done;	  /* transferred (short I/O is resubmitted) */
+	uint32_t written; /* bytes we wrote into guest memory */
+	int pending;	  /* io_uring operations outstanding */
+	int error;	  /* first failure */
 	bool busy;
 	bool zero_filled;
 	unsigned nsegs; /* discard / write-zeroes segments */
@@ -221,7 +221,8 @@ static int submit_rw(struct vblk_queue *q, struct vblk_req *req)
 	if (!sqe)
 		return -EBUSY;
 	if (req->type == VIRTIO_BLK_T_IN)
-		io_uring_prep_readv(sqe, q->disk->fd, req->data, req->ndata, req->offset + req->done);
+		io_uring_prep_readv(sqe, q->disk->fd, req->data, req->ndata,
+				    req->offset + req->done);
 	else
 		io_uring_prep_writev(sqe, q->disk->fd, req->data, req->ndata,
 				     req->offset + req->done);
@@ -287,8 +288,8 @@ static uint8_t start_flush(struct vblk_queue *q, struct vblk_req *req)
 static uint8_t start_get_id(struct vblk_queue *q, struct vblk_req *req)
 {
 	stat_add(&q->stats.get_id_ops, 1);
-	req->written = (uint32_t)iov_scatter(req->data, req->ndata, q->disk->serial,
-					     VBLK_SERIAL_LEN);
+	req->written =
+	    (uint32_t)iov_scatter(req->data, req->ndata, q->disk->serial, VBLK_SERIAL_LEN);
 	return VIRTIO_BLK_S_OK;
 }
 
@@ -502,7 +503,8 @@ static void handle_cqes(struct vblk_queue *q, bool *kicked, bool *stopping)
 	struct io_uring_cqe *cqe;
 	unsigned head, n = 0;
 
-	io_uring_for_each_cqe(&q->ring, head, cqe) {
+	io_uring_for_each_cqe(&q->ring, head, cqe)
+	{
 		void *tag = io_uring_cqe_get_data(cqe);
 
 		n++;
@@ -663,7 +665,7 @@ static void get_config(void *opaque, uint8_t *cfg)
 }
 
 const struct vhost_dev_ops vblk_dev_ops = {
-	.get_config = get_config,
-	.queue_start = queue_start,
-	.queue_stop = queue_stop,
+    .get_config = get_config,
+    .queue_start = queue_start,
+    .queue_stop = queue_stop,
 };

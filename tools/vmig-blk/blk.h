@@ -21,11 +21,11 @@
 #include "vhost/vhost.h"
 
 #define VBLK_SECTOR 512u
-#define VBLK_SEG_MAX 126u	 /* data segments we advertise */
-#define VBLK_MAX_IOV 256u	 /* iovecs per request incl. header/status/splits */
-#define VBLK_MAX_DWZ_SEGS 16u	 /* discard / write-zeroes segments per request */
+#define VBLK_SEG_MAX 126u		/* data segments we advertise */
+#define VBLK_MAX_IOV 256u		/* iovecs per request incl. header/status/splits */
+#define VBLK_MAX_DWZ_SEGS 16u		/* discard / write-zeroes segments per request */
 #define VBLK_MAX_DWZ_SECTORS (1u << 22) /* 2 GiB per segment */
-#define VBLK_SERIAL_LEN 20u	 /* VIRTIO_BLK_ID_BYTES */
+#define VBLK_SERIAL_LEN 20u		/* VIRTIO_BLK_ID_BYTES */
 #define VBLK_MAX_RPC_CLIENTS 8
 
 struct vblk_stats {
@@ -35,7 +35,7 @@ struct vblk_stats {
 	uint64_t discard_ops, discard_bytes;
 	uint64_t write_zeroes_ops, write_zeroes_bytes;
 	uint64_t get_id_ops;
-	uint64_t errors;     /* requests completed with IOERR/UNSUPP or no status */
+	uint64_t errors;      /* requests completed with IOERR/UNSUPP or no status */
 	uint64_t resubmitted; /* requests redone from the in-flight region */
 };
 
@@ -65,6 +65,7 @@ struct vblk_queue {
 	uint64_t kick_buf;
 	uint64_t stop_buf;
 	bool warned_broken;
+	uint64_t logged_starts; /* control thread: recovery already logged */
 	struct vblk_stats stats;
 };
 
@@ -135,7 +136,8 @@ int vblk_upgrade(struct vblk_daemon *dm, const char *binary, int reply_fd, const
 int vblk_upgrade_resume(struct vblk_daemon *dm);
 
 /* main.c */
-void vblk_log(const struct vblk_daemon *dm, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void vblk_log(const struct vblk_daemon *dm, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
 int vblk_disk_open(struct vblk_daemon *dm, int inherited_fd);
 /* Listening unix socket at path (a stale file is replaced). fd or -errno. */
 int vblk_listen_unix(const char *path);

@@ -50,23 +50,24 @@ void vblk_log(const struct vblk_daemon *dm, const char *fmt, ...)
 
 static void usage(FILE *f)
 {
-	fputs("usage: vmig-blk --socket PATH (--file PATH | --ram SIZE) [--queues N] [--read-only]\n"
-	      "                [--rpc PATH] [--serial ID] [--size SIZE] [--quiet]\n"
-	      "       vmig-blk rpc --rpc PATH METHOD [JSON-PARAMS]\n"
-	      "       vmig-blk upgrade --socket PATH [--binary PATH]\n"
-	      "       vmig-blk --version\n",
-	      f);
+	fputs(
+	    "usage: vmig-blk --socket PATH (--file PATH | --ram SIZE) [--queues N] [--read-only]\n"
+	    "                [--rpc PATH] [--serial ID] [--size SIZE] [--quiet]\n"
+	    "       vmig-blk rpc --rpc PATH METHOD [JSON-PARAMS]\n"
+	    "       vmig-blk upgrade --socket PATH [--binary PATH]\n"
+	    "       vmig-blk --version\n",
+	    f);
 }
 
 static int parse_args(int argc, char **argv, struct vblk_opts *o)
 {
 	static const struct option lopts[] = {
-		{"socket", required_argument, NULL, 's'}, {"file", required_argument, NULL, 'f'},
-		{"ram", required_argument, NULL, 'r'},	  {"queues", required_argument, NULL, 'q'},
-		{"read-only", no_argument, NULL, 'R'},	  {"rpc", required_argument, NULL, 'c'},
-		{"serial", required_argument, NULL, 'i'}, {"size", required_argument, NULL, 'z'},
-		{"quiet", no_argument, NULL, 'Q'},	  {"help", no_argument, NULL, 'h'},
-		{"version", no_argument, NULL, 'V'},	  {NULL, 0, NULL, 0},
+	    {"socket", required_argument, NULL, 's'}, {"file", required_argument, NULL, 'f'},
+	    {"ram", required_argument, NULL, 'r'},    {"queues", required_argument, NULL, 'q'},
+	    {"read-only", no_argument, NULL, 'R'},    {"rpc", required_argument, NULL, 'c'},
+	    {"serial", required_argument, NULL, 'i'}, {"size", required_argument, NULL, 'z'},
+	    {"quiet", no_argument, NULL, 'Q'},	      {"help", no_argument, NULL, 'h'},
+	    {"version", no_argument, NULL, 'V'},      {NULL, 0, NULL, 0},
 	};
 	char *end;
 	int c;
@@ -74,8 +75,12 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 	o->queues = 1;
 	while ((c = getopt_long(argc, argv, "", lopts, NULL)) != -1) {
 		switch (c) {
-		case 's': o->socket = optarg; break;
-		case 'f': o->file = optarg; break;
+		case 's':
+			o->socket = optarg;
+			break;
+		case 'f':
+			o->file = optarg;
+			break;
 		case 'r':
 			if (vmig__parse_size(optarg, &o->ram_size) || o->ram_size < VBLK_SECTOR) {
 				fprintf(stderr, "vmig-blk: bad --ram size '%s'\n", optarg);
@@ -86,23 +91,38 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 			errno = 0;
 			o->queues = (unsigned)strtoul(optarg, &end, 10);
 			if (errno || *end || o->queues < 1 || o->queues > VHOST_MAX_QUEUES) {
-				fprintf(stderr, "vmig-blk: --queues must be 1..%u\n", VHOST_MAX_QUEUES);
+				fprintf(stderr, "vmig-blk: --queues must be 1..%u\n",
+					VHOST_MAX_QUEUES);
 				return -1;
 			}
 			break;
-		case 'R': o->read_only = true; break;
-		case 'c': o->rpc = optarg; break;
-		case 'i': o->serial = optarg; break;
+		case 'R':
+			o->read_only = true;
+			break;
+		case 'c':
+			o->rpc = optarg;
+			break;
+		case 'i':
+			o->serial = optarg;
+			break;
 		case 'z':
 			if (vmig__parse_size(optarg, &o->size) || o->size < VBLK_SECTOR) {
 				fprintf(stderr, "vmig-blk: bad --size '%s'\n", optarg);
 				return -1;
 			}
 			break;
-		case 'Q': o->quiet = true; break;
-		case 'h': usage(stdout); exit(0);
-		case 'V': printf("vmig-blk 0.1.0 state-v1\n"); exit(0);
-		default: usage(stderr); return -1;
+		case 'Q':
+			o->quiet = true;
+			break;
+		case 'h':
+			usage(stdout);
+			exit(0);
+		case 'V':
+			printf("vmig-blk 0.1.0 state-v1\n");
+			exit(0);
+		default:
+			usage(stderr);
+			return -1;
 		}
 	}
 	if (optind != argc || !o->socket || (!o->file == !o->ram_size)) {
@@ -154,7 +174,8 @@ int vblk_disk_open(struct vblk_daemon *dm, int inherited_fd)
 		if (fd < 0 || ftruncate(fd, (off_t)o->ram_size) < 0)
 			return -errno;
 	} else if (fd < 0) {
-		int flags = (o->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC | (o->size ? O_CREAT : 0);
+		int flags =
+		    (o->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC | (o->size ? O_CREAT : 0);
 
 		fd = open(o->file, flags, 0644);
 		if (fd < 0)
@@ -215,6 +236,26 @@ static void disconnect(struct vblk_daemon *dm, const char *why)
 	dm->conn_fd = -1;
 }
 
+/* Say what each ring found in the in-flight region when it (re)started. */
+static void log_recoveries(struct vblk_daemon *dm)
+{
+	for (unsigned i = 0; i < dm->nqueues; i++) {
+		struct vhost_vring *vr = &dm->dev.vring[i];
+		const struct vhost_inflight_recovery *rc = &vr->recovery;
+
+		if (vr->starts == dm->q[i].logged_starts)
+			continue;
+		dm->q[i].logged_starts = vr->starts;
+		if (rc->outcome == VHOST_INFLIGHT_INVALID)
+			vblk_log(dm, "queue %u: in-flight region not trusted (%s), resuming at %u",
+				 i, rc->why ? rc->why : "?", rc->last_avail_idx);
+		else if (rc->outcome == VHOST_INFLIGHT_RECOVERED && (rc->nresubmit || rc->retired))
+			vblk_log(dm,
+				 "queue %u: resubmitting %u in-flight requests, %u retired again",
+				 i, rc->nresubmit, rc->retired);
+	}
+}
+
 static void handle_vhost(struct vblk_daemon *dm)
 {
 	struct vhost_msg m, reply;
@@ -232,6 +273,7 @@ static void handle_vhost(struct vblk_daemon *dm)
 	r = vhost_dev_handle(&dm->dev, &m, &reply);
 	if (dm->dev.msg_errors != errors)
 		vblk_log(dm, "%s", dm->dev.err);
+	log_recoveries(dm);
 	if (r < 0) {
 		disconnect(dm, "protocol error");
 		return;

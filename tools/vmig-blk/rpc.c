@@ -126,9 +126,12 @@ static json_t *hex(uint64_t v)
 static const char *recovery_name(const struct vhost_vring *vr)
 {
 	switch (vr->recovery.outcome) {
-	case VHOST_INFLIGHT_FRESH: return "fresh";
-	case VHOST_INFLIGHT_RECOVERED: return "recovered";
-	case VHOST_INFLIGHT_INVALID: return "invalid";
+	case VHOST_INFLIGHT_FRESH:
+		return "fresh";
+	case VHOST_INFLIGHT_RECOVERED:
+		return "recovered";
+	case VHOST_INFLIGHT_INVALID:
+		return "invalid";
 	}
 	return "none";
 }
@@ -143,11 +146,12 @@ static json_t *controllers(struct vblk_daemon *dm)
 	for (unsigned i = 0; i < dm->nqueues; i++) {
 		const struct vhost_vring *vr = &d->vring[i];
 
-		json_array_append_new(
-			queues, json_pack("{s:i,s:b,s:i,s:I,s:s,s:i}", "queue", i, "started",
-					  vr->started, "size", vr->num, "starts", (json_int_t)vr->starts,
-					  "inflight_recovery", recovery_name(vr), "recovered_requests",
-					  vr->recovery.nresubmit));
+		json_array_append_new(queues,
+				      json_pack("{s:i,s:b,s:i,s:I,s:s,s:i}", "queue", i, "started",
+						vr->started, "size", vr->num, "starts",
+						(json_int_t)vr->starts, "inflight_recovery",
+						recovery_name(vr), "recovered_requests",
+						vr->recovery.nresubmit));
 	}
 	c = json_pack("{s:s,s:s,s:s,s:i,s:s,s:s?,s:I,s:i,s:b,s:i,s:b,s:I,s:I,s:{s:{s:b,s:s}}}",
 		      "ctrlr", "vmig-blk0", "socket", dm->opts.socket, "rpc", dm->rpc_path, "pid",
@@ -174,16 +178,15 @@ static json_t *controllers(struct vblk_daemon *dm)
 
 static json_t *stats_json(const struct vblk_stats *s)
 {
-	return json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "num_read_ops",
-			 (json_int_t)s->read_ops, "bytes_read", (json_int_t)s->read_bytes,
-			 "num_write_ops", (json_int_t)s->write_ops, "bytes_written",
-			 (json_int_t)s->write_bytes, "num_flush_ops", (json_int_t)s->flush_ops,
-			 "num_unmap_ops", (json_int_t)s->discard_ops, "bytes_unmapped",
-			 (json_int_t)s->discard_bytes, "num_write_zeroes_ops",
-			 (json_int_t)s->write_zeroes_ops, "bytes_write_zeroes",
-			 (json_int_t)s->write_zeroes_bytes, "num_get_id_ops",
-			 (json_int_t)s->get_id_ops, "num_errors", (json_int_t)s->errors,
-			 "num_resubmitted", (json_int_t)s->resubmitted);
+	return json_pack(
+	    "{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "num_read_ops",
+	    (json_int_t)s->read_ops, "bytes_read", (json_int_t)s->read_bytes, "num_write_ops",
+	    (json_int_t)s->write_ops, "bytes_written", (json_int_t)s->write_bytes, "num_flush_ops",
+	    (json_int_t)s->flush_ops, "num_unmap_ops", (json_int_t)s->discard_ops, "bytes_unmapped",
+	    (json_int_t)s->discard_bytes, "num_write_zeroes_ops", (json_int_t)s->write_zeroes_ops,
+	    "bytes_write_zeroes", (json_int_t)s->write_zeroes_bytes, "num_get_id_ops",
+	    (json_int_t)s->get_id_ops, "num_errors", (json_int_t)s->errors, "num_resubmitted",
+	    (json_int_t)s->resubmitted);
 }
 
 static json_t *iostat(struct vblk_daemon *dm)
@@ -212,8 +215,8 @@ static bool dispatch(struct vblk_daemon *dm, int fd, json_t *req)
 {
 	json_t *jid = json_is_object(req) ? json_object_get(req, "id") : NULL;
 	json_t *params = json_is_object(req) ? json_object_get(req, "params") : NULL;
-	const char *method = json_is_object(req) ? json_string_value(json_object_get(req, "method"))
-						 : NULL;
+	const char *method =
+	    json_is_object(req) ? json_string_value(json_object_get(req, "method")) : NULL;
 	char *id = jid ? json_dumps(jid, JSON_COMPACT | JSON_ENCODE_ANY) : strdup("null");
 	json_t *result = NULL;
 	char *res = NULL;
@@ -221,7 +224,8 @@ static bool dispatch(struct vblk_daemon *dm, int fd, json_t *req)
 
 	if (!id)
 		return false;
-	if (!method || (jid && !json_is_integer(jid) && !json_is_string(jid) && !json_is_null(jid)) ||
+	if (!method ||
+	    (jid && !json_is_integer(jid) && !json_is_string(jid) && !json_is_null(jid)) ||
 	    (params && !json_is_object(params) && !json_is_array(params))) {
 		vblk_rpc_send(fd, id, NULL, RPC_INVALID_REQUEST, "invalid request");
 	} else if (!strcmp(method, "vhost_get_controllers")) {
@@ -295,7 +299,8 @@ void vblk_rpc_client_input(struct vblk_daemon *dm, int i)
 
 	for (;;) {
 		if (c->len == sizeof(c->buf)) {
-			vblk_rpc_send(c->fd, "null", NULL, RPC_INVALID_REQUEST, "request too large");
+			vblk_rpc_send(c->fd, "null", NULL, RPC_INVALID_REQUEST,
+				      "request too large");
 			client_close(dm, i);
 			return;
 		}
@@ -413,10 +418,10 @@ int vblk_rpc_cli(int argc, char **argv)
 int vblk_upgrade_cli(int argc, char **argv)
 {
 	static const struct option lopts[] = {
-		{"socket", required_argument, NULL, 's'},
-		{"binary", required_argument, NULL, 'b'},
-		{"rpc", required_argument, NULL, 'c'},
-		{NULL, 0, NULL, 0},
+	    {"socket", required_argument, NULL, 's'},
+	    {"binary", required_argument, NULL, 'b'},
+	    {"rpc", required_argument, NULL, 'c'},
+	    {NULL, 0, NULL, 0},
 	};
 	const char *sock = NULL, *binary = NULL, *rpc = NULL;
 	char path[108];

@@ -144,8 +144,8 @@ static void save(struct vblk_daemon *dm, struct st *s, int reply_fd, const char 
 	for (uint32_t i = 0; i < d->mem.nregions; i++) {
 		const struct vhost_mem_region *r = &d->mem.r[i];
 
-		s->regions[i].d = (struct vhost_user_mem_region){r->gpa, r->size, r->uva,
-								 r->mmap_offset};
+		s->regions[i].d =
+		    (struct vhost_user_mem_region){r->gpa, r->size, r->uva, r->mmap_offset};
 		s->regions[i].fd = r->fd;
 	}
 	s->log_fd = d->log.bits ? d->log.fd : -1;
@@ -319,8 +319,8 @@ static void reply(struct vblk_daemon *dm, const struct st *s, uint64_t ready_ns)
 		vblk_rpc_send(s->reply_fd, s->reply_id, result, 0, NULL);
 		close(s->reply_fd);
 	}
-	vblk_log(dm, "resumed after upgrade %llu, pause %.3f ms",
-		 (unsigned long long)dm->upgrades, pause_ms);
+	vblk_log(dm, "resumed after upgrade %llu, pause %.3f ms", (unsigned long long)dm->upgrades,
+		 pause_ms);
 }
 
 int vblk_upgrade_resume(struct vblk_daemon *dm)

@@ -52,10 +52,10 @@ static inline void h_init(struct harness *h, uint16_t num, bool event_idx, bool 
 	vhost_mem_init(&h->mem);
 	for (int i = 0; i < 2; i++) {
 		struct vhost_user_mem_region d = {
-			.guest_phys_addr = i * H_REGION,
-			.memory_size = H_REGION,
-			.userspace_addr = H_UVA_BASE + i * H_REGION,
-			.mmap_offset = 0,
+		    .guest_phys_addr = i * H_REGION,
+		    .memory_size = H_REGION,
+		    .userspace_addr = H_UVA_BASE + i * H_REGION,
+		    .mmap_offset = 0,
 		};
 
 		h->fd[i] = memfd_create("harness", 0);

@@ -145,8 +145,8 @@ static void send_mem_table(struct vhost_dev *d, struct harness *h)
 
 	m.p.mem.nregions = 2;
 	for (int i = 0; i < 2; i++) {
-		m.p.mem.regions[i] = (struct vhost_user_mem_region){
-			i * H_REGION, H_REGION, H_UVA_BASE + i * H_REGION, 0};
+		m.p.mem.regions[i] = (struct vhost_user_mem_region){i * H_REGION, H_REGION,
+								    H_UVA_BASE + i * H_REGION, 0};
 		m.fds[i] = dup(h->fd[i]);
 	}
 	m.nfds = 2;
@@ -157,10 +157,10 @@ static void send_mem_table(struct vhost_dev *d, struct harness *h)
 static void send_ring_addr(struct vhost_dev *d)
 {
 	struct vhost_user_vring_addr a = {
-		.index = 0,
-		.desc_user_addr = H_UVA_BASE + H_DESC,
-		.avail_user_addr = H_UVA_BASE + H_AVAIL,
-		.used_user_addr = H_UVA_BASE + H_USED,
+	    .index = 0,
+	    .desc_user_addr = H_UVA_BASE + H_DESC,
+	    .avail_user_addr = H_UVA_BASE + H_AVAIL,
+	    .used_user_addr = H_UVA_BASE + H_USED,
 	};
 	struct vhost_msg m = msg(VHOST_USER_SET_VRING_ADDR, sizeof(a), &a), reply;
 
@@ -258,10 +258,10 @@ static void test_inflight_roundtrip(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_rejected_before_handler),
-		cmocka_unit_test(test_features_and_reply_ack),
-		cmocka_unit_test(test_ring_order_independent),
-		cmocka_unit_test(test_inflight_roundtrip),
+	    cmocka_unit_test(test_rejected_before_handler),
+	    cmocka_unit_test(test_features_and_reply_ack),
+	    cmocka_unit_test(test_ring_order_independent),
+	    cmocka_unit_test(test_inflight_roundtrip),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

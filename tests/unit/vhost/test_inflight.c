@@ -225,13 +225,13 @@ static void test_reposted_head_breaks_ring(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_fresh_region),
-		cmocka_unit_test(test_resubmit_in_fetch_order),
-		cmocka_unit_test(test_half_finished_batch),
-		cmocka_unit_test(test_bad_last_batch_head),
-		cmocka_unit_test(test_crash_before_publish),
-		cmocka_unit_test(test_garbage_regions),
-		cmocka_unit_test(test_reposted_head_breaks_ring),
+	    cmocka_unit_test(test_fresh_region),
+	    cmocka_unit_test(test_resubmit_in_fetch_order),
+	    cmocka_unit_test(test_half_finished_batch),
+	    cmocka_unit_test(test_bad_last_batch_head),
+	    cmocka_unit_test(test_crash_before_publish),
+	    cmocka_unit_test(test_garbage_regions),
+	    cmocka_unit_test(test_reposted_head_breaks_ring),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

@@ -272,16 +272,16 @@ static void test_dirty_log(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_direct_chain),
-		cmocka_unit_test(test_chain_split_across_regions),
-		cmocka_unit_test(test_outside_memory_table),
-		cmocka_unit_test(test_loops_and_long_chains),
-		cmocka_unit_test(test_indirect),
-		cmocka_unit_test(test_bad_layout),
-		cmocka_unit_test(test_broken_avail),
-		cmocka_unit_test(test_used_and_notify),
-		cmocka_unit_test(test_event_idx),
-		cmocka_unit_test(test_dirty_log),
+	    cmocka_unit_test(test_direct_chain),
+	    cmocka_unit_test(test_chain_split_across_regions),
+	    cmocka_unit_test(test_outside_memory_table),
+	    cmocka_unit_test(test_loops_and_long_chains),
+	    cmocka_unit_test(test_indirect),
+	    cmocka_unit_test(test_bad_layout),
+	    cmocka_unit_test(test_broken_avail),
+	    cmocka_unit_test(test_used_and_notify),
+	    cmocka_unit_test(test_event_idx),
+	    cmocka_unit_test(test_dirty_log),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
