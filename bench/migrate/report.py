@@ -226,5 +226,6 @@ METHOD_TEXT = """### How it is measured
 - Runs are interleaved (raw, QEMU, vmig, raw, ...) and each VM pair is torn down before
   the next starts. The host is shared, so before each measurement the harness waits (up
   to `BENCH_QUIET_WAIT` s) until all CPUs together are at most `BENCH_QUIET_BUSY` busy
-  over one second; the busy share it saw is listed with the runs. Figures are per-column medians; x QEMU and x raw compare Gbit/s.
+  over one second; the busy share it saw is listed with the runs.
+- Figures are per-column medians; x QEMU and x raw compare Gbit/s.
 """
