@@ -166,9 +166,9 @@ def pause_run(build_dir, kind, event):
                 r = subprocess.run([env.vmig_blk, "upgrade", "--socket", sock],
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
                 out = r.stdout.decode(errors="replace")
-                m = re.search(r"([0-9]+(?:\.[0-9]+)?)\s*ms", out)
+                m = re.search(r"pause_ms=([0-9.]+)|([0-9.]+)\s*ms\b", out)
                 if r.returncode == 0 and m:
-                    daemon_ms.append(float(m.group(1)))
+                    daemon_ms.append(float(m.group(1) or m.group(2)))
                 else:
                     note += "; upgrade failed: %s" % out.strip()[-200:]
             time.sleep(5)

@@ -33,10 +33,10 @@ def upgrade(env, sock):
     r = subprocess.run([env.vmig_blk, "upgrade", "--socket", sock], stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, timeout=30)
     out = r.stdout.decode(errors="replace").strip()
-    m = re.search(r"([0-9]+(?:\.[0-9]+)?)\s*ms", out)
+    m = re.search(r"pause_ms=([0-9.]+)|([0-9.]+)\s*ms\b", out)
     if r.returncode != 0 or not m:
         return None, "exit %d: %s" % (r.returncode, out[-300:])
-    return float(m.group(1)), out
+    return float(m.group(1) or m.group(2)), out
 
 
 def body(env):
@@ -69,6 +69,7 @@ def body(env):
     env.case("pause_under_50ms", pauses and max(pauses) < PAUSE_LIMIT_MS,
              "max pause %s ms" % (max(pauses) if pauses else "n/a"))
     conn_after = connections(be)
+    env.info("vhost-user connections before=%s after=%s" % (conn_before, conn_after))
     env.case("no_reconnect_counter", conn_before is not None and conn_before == conn_after,
              "connections before=%s after=%s" % (conn_before, conn_after))
     new_log = guest.proc.text()[len(qemu_log_before):].strip()
