@@ -151,6 +151,33 @@ int vmig_cancel(vmig_session *s);
  */
 int vmig_set_autostart(vmig_session *s, bool on);
 
+/*
+ * Post-copy (capability "postcopy-ram" on both sides). After vmig_migrate(),
+ * vmig_start_postcopy() makes the source stop the vCPUs, send their state
+ * and let the destination run at once; pages it touches before they arrive
+ * are fetched on demand over a dedicated urgent channel while the rest is
+ * pushed in the background. Until that switch, failure semantics are those
+ * of pre-copy. After it, a broken connection pauses both sides
+ * ("postcopy-paused") without losing anything: vmig_recover() on the
+ * destination listens again and vmig_resume() on the source reconnects.
+ * vmig_pause() breaks the connection on purpose (QEMU's migrate-pause).
+ */
+int vmig_start_postcopy(vmig_session *s);
+int vmig_pause(vmig_session *s);
+int vmig_recover(vmig_session *s, const char *uri);
+int vmig_resume(vmig_session *s, const char *uri);
+
+/*
+ * Destination: tell libvmig which thread runs vCPU `index`, so post-copy
+ * faults are charged to it (postcopy-vcpu-blocktime). Linux thread ids.
+ */
+#define VMIG_MAX_VCPUS 64
+int vmig_vcpu_register(vmig_session *s, unsigned index, int tid);
+
+/* Post-copy fault latency buckets: bucket i counts faults that took
+ * [2^i, 2^(i+1)) microseconds (bucket 0 also takes anything faster). */
+#define VMIG_LATENCY_BUCKETS 26
+
 /* Statistics, QEMU's query-migrate fields. Byte counts are bytes. */
 struct vmig_stats {
 	enum vmig_status status;
@@ -179,6 +206,20 @@ struct vmig_stats {
 		uint64_t multifd_bytes;
 		uint64_t dirty_sync_missed_zero_copy;
 	} ram;
+	/* Destination, post-copy (QEMU's postcopy-blocktime and, as QEMU 10.1
+	 * reports them, postcopy-latency*). */
+	struct {
+		bool valid;                 /* capability postcopy-blocktime was on */
+		uint64_t blocktime_ms;      /* time all vCPUs were blocked at once */
+		unsigned nvcpus;
+		uint64_t vcpu_blocktime_ms[VMIG_MAX_VCPUS];
+		uint64_t faults;            /* page faults that had to wait */
+		uint64_t requests;          /* of which fetched from the source */
+		uint64_t latency_ns;        /* mean wait of all faults */
+		uint64_t vcpu_latency_ns[VMIG_MAX_VCPUS];
+		uint64_t non_vcpu_latency_ns;
+		uint64_t latency_dist[VMIG_LATENCY_BUCKETS];
+	} postcopy;
 	char error_desc[256];
 };
 

@@ -3,7 +3,8 @@
  * Incoming migration: the destination's migration thread. It waits for the
  * source to connect, loads records into guest RAM, checks the memory digest,
  * loads the device state, starts the vCPUs (unless told not to) and tells
- * the source it is running.
+ * the source it is running. With post-copy, the switch hands over to
+ * lib/postcopy, which loads the rest while the guest runs.
  *
  * A bad, truncated or hostile stream fails this migration with a message in
  * error-desc; the process and its control interface carry on, and the
@@ -18,6 +19,7 @@
 #include <unistd.h>
 
 #include "migrate/migrate_int.h"
+#include "postcopy/postcopy.h"
 #include "ram/bitmap.h"
 
 /*
@@ -25,12 +27,13 @@
  * blocks hold now (a fresh VM holds zeros, an earlier failed attempt may
  * have left pages), so zero-page records need not touch untouched pages.
  */
-static int reset_ram(struct vmig_session *s, struct vmig__load_block *lb)
+static void reset_ram(struct vmig_session *s, struct vmig__load_block *lb)
 {
 	uint64_t zh = vmig__zero_page_hash();
 
 	for (unsigned i = 0; i < s->nblocks; i++) {
 		struct vmig__block *b = &s->blocks[i];
+		size_t words = vmig__bitmap_words(b->npages);
 		int ret = 0;
 
 		if (b->fd >= 0)
@@ -40,7 +43,10 @@ static int reset_ram(struct vmig_session *s, struct vmig__load_block *lb)
 			ret = madvise(b->host, b->size, MADV_DONTNEED); /* private */
 		if (ret)
 			memset(b->host, 0, b->size);
-		memset(b->received, 0, vmig__bitmap_words(b->npages) * sizeof(uint64_t));
+		memset(b->received, 0, words * sizeof(uint64_t));
+		memset(b->zero, 0, words * sizeof(uint64_t));
+		memset(b->placed, 0, words * sizeof(uint64_t));
+		memset(b->requested, 0, words * sizeof(uint64_t));
 		for (uint64_t p = 0; p < b->npages; p++)
 			b->page_hash[p] = zh;
 		strcpy(lb[i].name, b->name);
@@ -49,20 +55,21 @@ static int reset_ram(struct vmig_session *s, struct vmig__load_block *lb)
 		lb[i].npages = b->npages;
 		lb[i].page_hash = b->page_hash;
 		lb[i].received = b->received;
+		lb[i].zero = b->zero;
 	}
-	return 0;
 }
 
-static void send_rp(int fd, uint8_t type, const void *payload, uint32_t len)
+/* Best effort: the source may already be gone. Any thread. */
+void vmig__dest_send_rp(struct vmig_session *s, uint8_t type, const void *payload, uint32_t len)
 {
 	struct vmig_wire_rec rec = {.type = type, .len = len};
 	struct iovec iov[2] = {{&rec, sizeof(rec)}, {(void *)payload, len}};
 
-	/* Best effort: the source may already be gone. */
-	vmig__writev_full(fd, iov, len ? 2 : 1);
+	pthread_mutex_lock(&s->rp_lock);
+	if (s->fd >= 0)
+		vmig__writev_full(s->fd, iov, len ? 2 : 1);
+	pthread_mutex_unlock(&s->rp_lock);
 }
-
-static void send_rp(int fd, uint8_t type, const void *payload, uint32_t len);
 
 static void publish_progress(struct vmig_session *s, struct vmig__loader *l, bool force,
 			     uint64_t *last_ns, uint64_t *last_bytes)
@@ -88,7 +95,7 @@ static void publish_progress(struct vmig_session *s, struct vmig__loader *l, boo
 	vmig__publish(s, &st);
 }
 
-/* Load records until EOS; returns 0 with the stream fully loaded. */
+/* Load records until EOS (0) or the post-copy switch (1). */
 static int load_stream(struct vmig_session *s, struct vmig__loader *l)
 {
 	uint64_t last_ns = vmig__now_ns(), last_bytes = 0;
@@ -96,8 +103,15 @@ static int load_stream(struct vmig_session *s, struct vmig__loader *l)
 
 	if (ret)
 		return ret;
+	if (l->channel != VMIG_CHAN_MAIN || l->pre_flags & VMIG_PRE_F_RESUME) {
+		vmig__err_set_first(l->err, "expected a new migration, got %s",
+				    l->channel != VMIG_CHAN_MAIN ? "a secondary channel"
+								 : "a resume of another one");
+		return -EPROTO;
+	}
+	s->session_id = l->session;
 	vmig__set_status(s, VMIG_STATUS_ACTIVE);
-	while (!l->eos) {
+	while (!l->eos && !l->run) {
 		uint8_t type;
 
 		if (vmig__cancelled(s))
@@ -108,22 +122,20 @@ static int load_stream(struct vmig_session *s, struct vmig__loader *l)
 		if (type == VMIG_REC_SYNC) {
 			struct vmig_wire_sync_ack ack = {.round = l->last_round};
 
-			send_rp(s->fd, VMIG_RP_SYNC_ACK, &ack, sizeof(ack));
+			vmig__dest_send_rp(s, VMIG_RP_SYNC_ACK, &ack, sizeof(ack));
 		}
 		publish_progress(s, l, false, &last_ns, &last_bytes);
 	}
 	publish_progress(s, l, true, &last_ns, &last_bytes);
-	return 0;
+	return l->run ? 1 : 0;
 }
 
-static int finish(struct vmig_session *s, struct vmig__loader *l, uint64_t eos_ns)
+/* Load the device state and start; then tell the source. */
+static int start_guest(struct vmig_session *s, struct vmig__loader *l, uint64_t t0_ns)
 {
 	struct vmig_wire_resumed res;
-	int ret = vmig__load_verify(l);
+	int ret = s->ops.load_state(s->opaque, l->state, l->state_len);
 
-	if (ret)
-		return ret;
-	ret = s->ops.load_state(s->opaque, l->state, l->state_len);
 	if (ret) {
 		vmig__err_set_first(l->err, "loading device state failed (%s)", strerror(-ret));
 		return ret;
@@ -136,9 +148,37 @@ static int finish(struct vmig_session *s, struct vmig__loader *l, uint64_t eos_n
 		}
 		vmig__emit(s, VMIG_EVENT_RESUMED);
 	}
-	res.load_us = (vmig__now_ns() - eos_ns) / 1000;
-	send_rp(s->fd, VMIG_RP_RESUMED, &res, sizeof(res));
+	res.load_us = (vmig__now_ns() - t0_ns) / 1000;
+	vmig__dest_send_rp(s, VMIG_RP_RESUMED, &res, sizeof(res));
 	return 0;
+}
+
+/* The post-copy switch: take over now, load the rest while the guest runs. */
+static int run_postcopy(struct vmig_session *s, struct vmig__pc_dest *pc, struct vmig__loader *l)
+{
+	uint64_t t0 = vmig__now_ns();
+	int ret;
+
+	l->bounce = malloc(VMIG_REC_MAX_PAGES * VMIG_PAGE_SIZE);
+	if (!l->bounce)
+		return -ENOMEM;
+	ret = vmig__pc_dest_accept_urgent(pc, l->err);
+	if (!ret)
+		ret = vmig__pc_dest_switch(pc, l->err);
+	if (ret)
+		return ret;
+	l->postcopy = true;
+	ret = start_guest(s, l, t0);
+	if (ret)
+		return ret;
+	pthread_mutex_lock(&s->lock);
+	s->in_postcopy = true;
+	pthread_mutex_unlock(&s->lock);
+	vmig__set_status(s, VMIG_STATUS_POSTCOPY_ACTIVE);
+	ret = vmig__pc_dest_run(pc, l);
+	if (!ret)
+		vmig__dest_send_rp(s, VMIG_RP_COMPLETE, NULL, 0);
+	return ret;
 }
 
 static int accept_source(struct vmig_session *s)
@@ -146,9 +186,6 @@ static int accept_source(struct vmig_session *s)
 	struct vmig__err err = {{0}};
 	int fd, ret = vmig__chan_accept(s->listen_fd, s->cancel_efd, &fd, &err);
 
-	/* One migration per migrate-incoming, as in QEMU. */
-	close(s->listen_fd);
-	s->listen_fd = -1;
 	if (ret) {
 		vmig__fail(s, ret, "%s", ret == -ECANCELED ? "migration cancelled" : err.msg);
 		return ret;
@@ -159,22 +196,49 @@ static int accept_source(struct vmig_session *s)
 	return 0;
 }
 
+static void close_all(struct vmig_session *s)
+{
+	int fd, ufd;
+
+	pthread_mutex_lock(&s->lock);
+	pthread_mutex_lock(&s->rp_lock);
+	fd = s->fd;
+	ufd = s->urgent_fd;
+	s->fd = s->urgent_fd = -1;
+	pthread_mutex_unlock(&s->rp_lock);
+	pthread_mutex_unlock(&s->lock);
+	if (fd >= 0) {
+		/* Let the source read our last message before the FIN. */
+		shutdown(fd, SHUT_WR);
+		close(fd);
+	}
+	if (ufd >= 0)
+		close(ufd);
+	/* One migration per migrate-incoming, as in QEMU. */
+	if (s->listen_fd >= 0) {
+		close(s->listen_fd);
+		s->listen_fd = -1;
+	}
+}
+
 void *vmig__dest_thread(void *arg)
 {
 	struct vmig_session *s = arg;
 	struct vmig__load_block lb[VMIG_MAX_BLOCKS];
 	struct vmig__err err = {{0}};
 	struct vmig__reader *r = NULL;
+	struct vmig__pc_dest *pc = NULL;
 	struct vmig__loader l = {0};
-	int ret, fd;
+	int ret;
 
 	ret = accept_source(s);
 	if (ret)
-		return NULL;
-	r = malloc(sizeof(*r));
-	if (!r) {
-		vmig__fail(s, -ENOMEM, "out of memory");
 		goto out;
+	r = malloc(sizeof(*r));
+	if (!r || (s->caps[VMIG_CAP_POSTCOPY_RAM] && vmig__pc_dest_new(s, &pc))) {
+		vmig__err_set(&err, "out of memory");
+		ret = -ENOMEM;
+		goto fail;
 	}
 	vmig__reader_init_fd(r, s->fd);
 	reset_ram(s, lb);
@@ -182,29 +246,32 @@ void *vmig__dest_thread(void *arg)
 	l.blocks = lb;
 	l.nblocks = s->nblocks;
 	l.err = &err;
+	if (pc)
+		vmig__pc_dest_hooks(pc, &l.hooks);
 	ret = load_stream(s, &l);
-	if (!ret)
-		ret = finish(s, &l, vmig__now_ns());
+	if (ret == 1)
+		ret = run_postcopy(s, pc, &l);
+	else if (!ret) {
+		uint64_t t0 = vmig__now_ns();
+
+		ret = vmig__load_verify(&l);
+		if (!ret)
+			ret = start_guest(s, &l, t0);
+	}
+fail:
 	if (ret) {
 		if (!err.msg[0])
 			vmig__err_set(&err, "%s", strerror(-ret));
 		if (!vmig__cancelled(s))
-			send_rp(s->fd, VMIG_RP_ERROR, err.msg, (uint32_t)strlen(err.msg));
-		vmig__fail(s, 0, "%s",
-			   ret == -ECANCELED ? "migration cancelled" : err.msg);
+			vmig__dest_send_rp(s, VMIG_RP_ERROR, err.msg, (uint32_t)strlen(err.msg));
+		vmig__fail(s, 0, "%s", ret == -ECANCELED ? "migration cancelled" : err.msg);
 	}
+	vmig__pc_dest_free(pc);
 	vmig__loader_release(&l);
+	free(l.bounce);
 	free(r);
 out:
-	pthread_mutex_lock(&s->lock);
-	fd = s->fd;
-	s->fd = -1;
-	pthread_mutex_unlock(&s->lock);
-	if (fd >= 0) {
-		/* Let the source read our last message before the FIN. */
-		shutdown(fd, SHUT_WR);
-		close(fd);
-	}
+	close_all(s);
 	if (!ret)
 		vmig__set_status(s, VMIG_STATUS_COMPLETED);
 	return NULL;

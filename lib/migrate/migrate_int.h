@@ -35,7 +35,10 @@ struct vmig__block {
 	uint64_t fd_offset;
 	uint64_t *dirty;     /* source: pages still to send */
 	uint64_t *page_hash; /* hash of each page as last sent / placed */
-	uint64_t *received;  /* destination: page written at least once */
+	uint64_t *received;  /* destination: page content arrived (data or zero) */
+	uint64_t *zero;      /* destination: the content that arrived was zero */
+	uint64_t *placed;    /* destination, post-copy: page is in place */
+	uint64_t *requested; /* destination, post-copy: page asked for */
 };
 
 enum vmig__cap {
@@ -68,6 +71,7 @@ struct vmig_session {
 
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
+	pthread_mutex_t rp_lock; /* destination: serialises return-path writes */
 	enum vmig_status status;
 	struct vmig__err err;
 	struct vmig_stats stats; /* published copy, under lock */
@@ -88,8 +92,45 @@ struct vmig_session {
 	pthread_t rp_thread;
 	bool rp_resumed;
 	bool rp_failed;
+	bool rp_complete;
+	bool rp_error; /* the destination reported a failure (RP_ERROR) */
 	uint64_t rp_acked_round;
 	uint64_t rp_load_us;
+
+	/* post-copy */
+	uint64_t session_id;
+	int urgent_fd;               /* -1 if none; under lock */
+	bool postcopy_requested;     /* atomic: migrate-start-postcopy */
+	bool in_postcopy;            /* past the switch: failures pause */
+	bool pause_requested;        /* atomic: migrate-pause */
+	bool recover_requested;      /* under lock: vmig_resume/vmig_recover (uri in uri) */
+	struct vmig__pc_dest *pcd;   /* destination post-copy state */
+	int vcpu_tid[VMIG_MAX_VCPUS];
+	unsigned nvcpus;
+};
+
+/*
+ * The source's working state for one migration, owned by the migration
+ * thread; the return-path thread reads blocks and writes the urgent channel.
+ */
+struct vmig__source {
+	struct vmig_session *s;
+	struct vmig__writer *w;
+	struct vmig__writer *uw; /* urgent channel writer (return-path thread) */
+	struct vmig__dirty *dirty;
+	struct vmig__ratelimit rl;
+	struct vmig_stats st;  /* private working copy, published periodically */
+	uint64_t dirty_pages;  /* bits set in all dirty bitmaps (atomic in post-copy) */
+	uint64_t last_pub_ns;
+	uint64_t last_pub_bytes;
+	uint64_t last_pub_pages;
+	uint64_t bandwidth; /* bytes/s, measured */
+	uint64_t last_sync_ns;
+	uint64_t hint;            /* atomic: (block << 48 | page) to push next, post-copy */
+	uint64_t urgent_bytes;    /* atomic */
+	uint64_t urgent_requests; /* atomic */
+	bool vm_was_running;
+	bool stopped_vm;
 };
 
 /* session.c */
@@ -111,5 +152,20 @@ void vmig__publish(struct vmig_session *s, const struct vmig_stats *st);
 /* source.c / dest.c: thread bodies */
 void *vmig__source_thread(void *arg);
 void *vmig__dest_thread(void *arg);
+
+/* source.c, shared with lib/postcopy */
+uint64_t vmig__src_wire_bytes(struct vmig__source *src);
+void vmig__src_stats_tick(struct vmig__source *src, bool force);
+void vmig__src_send_run(struct vmig__source *src, struct vmig__writer *w, unsigned bi,
+			uint64_t first, uint64_t end);
+int vmig__src_sync_dirty(struct vmig__source *src);
+int vmig__src_connect(struct vmig__source *src, bool resume);
+int vmig__src_start_rp(struct vmig__source *src);
+void vmig__src_close_channels(struct vmig__source *src);
+int vmig__src_wait_rp(struct vmig_session *s, const bool *flag);
+void vmig__src_digest(struct vmig__source *src, struct vmig_wire_digest *d);
+
+/* dest.c, shared with lib/postcopy */
+void vmig__dest_send_rp(struct vmig_session *s, uint8_t type, const void *payload, uint32_t len);
 
 #endif

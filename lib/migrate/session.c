@@ -41,6 +41,10 @@ static const char *const cap_names[VMIG_CAP__MAX + 1] = {
 /* Capabilities this build can act on; the others are listed (so tools see
  * QEMU's names) but refuse to be switched on. */
 static const bool cap_supported[VMIG_CAP__MAX] = {
+	[VMIG_CAP_POSTCOPY_RAM] = true,
+	[VMIG_CAP_POSTCOPY_BLOCKTIME] = true,
+	/* vmig always sends requested pages on their own channel */
+	[VMIG_CAP_POSTCOPY_PREEMPT] = true,
 	[VMIG_CAP_VERIFY_MEMORY] = true,
 };
 
@@ -91,7 +95,7 @@ VMIG_EXPORT int vmig_session_new(vmig_session **out, const struct vmig_vm_ops *o
 		return -ENOMEM;
 	s->ops = *ops;
 	s->opaque = opaque;
-	s->fd = s->listen_fd = -1;
+	s->fd = s->listen_fd = s->urgent_fd = -1;
 	s->autostart = true;
 	s->cancel_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (s->cancel_efd < 0) {
@@ -101,6 +105,7 @@ VMIG_EXPORT int vmig_session_new(vmig_session **out, const struct vmig_vm_ops *o
 	for (int i = 0; i < VMIG_PARAM__MAX; i++)
 		s->params[i] = param_info[i].def;
 	pthread_mutex_init(&s->lock, NULL);
+	pthread_mutex_init(&s->rp_lock, NULL);
 	pthread_cond_init(&s->cond, NULL);
 	s->stats.ram.page_size = VMIG_PAGE_SIZE;
 	*out = s;
@@ -129,21 +134,35 @@ static bool migration_running(struct vmig_session *s)
 	       st == VMIG_STATUS_POSTCOPY_RECOVER;
 }
 
+static void break_channels(struct vmig_session *s);
+
 VMIG_EXPORT void vmig_session_free(vmig_session *s)
 {
+	uint64_t one = 1;
+
 	if (!s)
 		return;
+	/* Stop everything, post-copy included (vmig_cancel refuses that). */
 	vmig_cancel(s);
+	__atomic_store_n(&s->cancel, true, __ATOMIC_RELEASE);
+	break_channels(s);
+	if (write(s->cancel_efd, &one, sizeof(one)) < 0) {
+		/* cannot fail: the counter is far from overflow */
+	}
 	join_thread(s);
 	for (unsigned i = 0; i < s->nblocks; i++) {
 		free(s->blocks[i].dirty);
 		free(s->blocks[i].page_hash);
 		free(s->blocks[i].received);
+		free(s->blocks[i].zero);
+		free(s->blocks[i].placed);
+		free(s->blocks[i].requested);
 	}
 	if (s->listen_fd >= 0)
 		close(s->listen_fd);
 	close(s->cancel_efd);
 	pthread_cond_destroy(&s->cond);
+	pthread_mutex_destroy(&s->rp_lock);
 	pthread_mutex_destroy(&s->lock);
 	free(s);
 }
@@ -181,10 +200,17 @@ VMIG_EXPORT int vmig_ram_block_add(vmig_session *s, const struct vmig_ram_block 
 	words = vmig__bitmap_words(b->npages);
 	b->dirty = calloc(words, sizeof(uint64_t));
 	b->received = calloc(words, sizeof(uint64_t));
+	b->zero = calloc(words, sizeof(uint64_t));
+	b->placed = calloc(words, sizeof(uint64_t));
+	b->requested = calloc(words, sizeof(uint64_t));
 	b->page_hash = calloc(b->npages, sizeof(uint64_t));
-	if (!b->dirty || !b->received || !b->page_hash) {
+	if (!b->dirty || !b->received || !b->zero || !b->placed || !b->requested ||
+	    !b->page_hash) {
 		free(b->dirty);
 		free(b->received);
+		free(b->zero);
+		free(b->placed);
+		free(b->requested);
 		free(b->page_hash);
 		return -ENOMEM;
 	}
@@ -363,8 +389,13 @@ static int begin(struct vmig_session *s, const char *uri, bool source)
 	snprintf(s->uri, sizeof(s->uri), "%s", uri);
 	s->is_source = source;
 	s->start_ns = vmig__now_ns();
-	s->rp_started = s->rp_resumed = s->rp_failed = false;
+	s->rp_started = s->rp_resumed = s->rp_failed = s->rp_complete = s->rp_error = false;
 	s->rp_acked_round = 0;
+	s->in_postcopy = s->recover_requested = false;
+	__atomic_store_n(&s->postcopy_requested, false, __ATOMIC_RELEASE);
+	__atomic_store_n(&s->pause_requested, false, __ATOMIC_RELEASE);
+	/* Ties the channels of this migration together (and a resumed one). */
+	s->session_id = vmig__now_ns() ^ ((uint64_t)getpid() << 40) ^ (uintptr_t)s;
 	pthread_mutex_lock(&s->lock);
 	vmig__err_clear(&s->err);
 	memset(&s->stats, 0, sizeof(s->stats));
@@ -434,11 +465,20 @@ VMIG_EXPORT int vmig_incoming(vmig_session *s, const char *uri)
 VMIG_EXPORT int vmig_cancel(vmig_session *s)
 {
 	uint64_t one = 1;
+	bool postcopy;
 
 	if (!s)
 		return -EINVAL;
 	if (!migration_running(s))
 		return 0;
+	pthread_mutex_lock(&s->lock);
+	postcopy = s->in_postcopy;
+	pthread_mutex_unlock(&s->lock);
+	/* After the switch the destination holds the only running copy. */
+	if (postcopy) {
+		vmig__err_set(&s->err, "a post-copy migration cannot be cancelled");
+		return -EBUSY;
+	}
 	__atomic_store_n(&s->cancel, true, __ATOMIC_RELEASE);
 	pthread_mutex_lock(&s->lock);
 	if (s->status == VMIG_STATUS_ACTIVE || s->status == VMIG_STATUS_SETUP) {
@@ -450,11 +490,119 @@ VMIG_EXPORT int vmig_cancel(vmig_session *s)
 	/* Unblock any socket I/O of the migration threads. */
 	if (s->fd >= 0)
 		shutdown(s->fd, SHUT_RDWR);
+	if (s->urgent_fd >= 0)
+		shutdown(s->urgent_fd, SHUT_RDWR);
 	pthread_cond_broadcast(&s->cond);
 	pthread_mutex_unlock(&s->lock);
 	if (write(s->cancel_efd, &one, sizeof(one)) < 0) {
 		/* eventfd overflow cannot happen with one write per cancel */
 	}
+	return 0;
+}
+
+static enum vmig_status get_status(struct vmig_session *s)
+{
+	enum vmig_status st;
+
+	pthread_mutex_lock(&s->lock);
+	st = s->status;
+	pthread_mutex_unlock(&s->lock);
+	return st;
+}
+
+VMIG_EXPORT int vmig_start_postcopy(vmig_session *s)
+{
+	enum vmig_status st;
+
+	if (!s)
+		return -EINVAL;
+	st = get_status(s);
+	if (!s->is_source || (st != VMIG_STATUS_ACTIVE && st != VMIG_STATUS_SETUP)) {
+		vmig__err_set(&s->err, "post-copy must be started after migration has been started");
+		return -EINVAL;
+	}
+	if (!s->caps[VMIG_CAP_POSTCOPY_RAM]) {
+		vmig__err_set(&s->err, "enable the postcopy-ram capability before migrating");
+		return -EINVAL;
+	}
+	__atomic_store_n(&s->postcopy_requested, true, __ATOMIC_RELEASE);
+	return 0;
+}
+
+/* Break the connections; the threads see the error and pause. */
+static void break_channels(struct vmig_session *s)
+{
+	pthread_mutex_lock(&s->lock);
+	if (s->fd >= 0)
+		shutdown(s->fd, SHUT_RDWR);
+	if (s->urgent_fd >= 0)
+		shutdown(s->urgent_fd, SHUT_RDWR);
+	pthread_cond_broadcast(&s->cond);
+	pthread_mutex_unlock(&s->lock);
+}
+
+VMIG_EXPORT int vmig_pause(vmig_session *s)
+{
+	if (!s)
+		return -EINVAL;
+	if (get_status(s) != VMIG_STATUS_POSTCOPY_ACTIVE) {
+		vmig__err_set(&s->err, "migrate-pause is only supported during post-copy");
+		return -EINVAL;
+	}
+	__atomic_store_n(&s->pause_requested, true, __ATOMIC_RELEASE);
+	break_channels(s);
+	return 0;
+}
+
+static int request_recovery(struct vmig_session *s, const char *uri, bool source)
+{
+	struct vmig__uri u;
+	int ret;
+
+	if (!s || !uri)
+		return -EINVAL;
+	if (get_status(s) != VMIG_STATUS_POSTCOPY_PAUSED || s->is_source != source) {
+		vmig__err_set(&s->err, "%s is only possible on a paused post-copy %s",
+			      source ? "resume" : "migrate-recover",
+			      source ? "source" : "destination");
+		return -EINVAL;
+	}
+	ret = vmig__uri_parse(uri, &u, &s->err);
+	if (ret)
+		return ret;
+	if (!source) {
+		if (s->listen_fd >= 0)
+			close(s->listen_fd);
+		s->listen_fd = -1;
+		ret = vmig__chan_listen(&u, &s->listen_fd, &s->err);
+		if (ret)
+			return ret;
+	}
+	pthread_mutex_lock(&s->lock);
+	snprintf(s->uri, sizeof(s->uri), "%s", uri);
+	s->recover_requested = true;
+	pthread_cond_broadcast(&s->cond);
+	pthread_mutex_unlock(&s->lock);
+	return 0;
+}
+
+VMIG_EXPORT int vmig_recover(vmig_session *s, const char *uri)
+{
+	return request_recovery(s, uri, false);
+}
+
+VMIG_EXPORT int vmig_resume(vmig_session *s, const char *uri)
+{
+	return request_recovery(s, uri, true);
+}
+
+VMIG_EXPORT int vmig_vcpu_register(vmig_session *s, unsigned index, int tid)
+{
+	if (!s || index >= VMIG_MAX_VCPUS || tid <= 0)
+		return -EINVAL;
+	s->vcpu_tid[index] = tid;
+	if (index >= s->nvcpus)
+		s->nvcpus = index + 1;
 	return 0;
 }
 

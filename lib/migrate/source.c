@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 /*
- * Outgoing pre-copy migration: the migration thread and the return-path
- * thread of the source.
+ * Outgoing migration: the migration thread and the return-path thread of
+ * the source. Post-copy's own steps live in lib/postcopy/; this file runs
+ * pre-copy and calls into post-copy when asked to switch.
  *
  * The migration thread connects, sends the RAM block list, starts dirty
  * tracking and copies all of RAM once (the bulk round). It then repeats
@@ -20,6 +21,7 @@
 #include <unistd.h>
 
 #include "migrate/migrate_int.h"
+#include "postcopy/postcopy.h"
 #include "ram/bitmap.h"
 #include "ram/ram.h"
 
@@ -27,36 +29,22 @@
 #define STATS_PERIOD_NS 100000000ull
 #define STATE_MAX (16u << 20)
 
-struct source {
-	struct vmig_session *s;
-	struct vmig__writer *w;
-	struct vmig__dirty *dirty;
-	struct vmig__ratelimit rl;
-	struct vmig_stats st; /* private working copy, published periodically */
-	uint64_t dirty_pages; /* bits set in all dirty bitmaps */
-	uint64_t last_pub_ns;
-	uint64_t last_pub_bytes;
-	uint64_t last_pub_pages;
-	uint64_t bandwidth; /* bytes/s, measured */
-	uint64_t last_sync_ns;
-	bool vm_was_running;
-	bool stopped_vm;
-};
-
-static uint64_t wire_bytes(struct source *src)
+uint64_t vmig__src_wire_bytes(struct vmig__source *src)
 {
 	return src->w->bytes + src->w->pending;
 }
 
 /* Update the working statistics and publish them every STATS_PERIOD_NS. */
-static void stats_tick(struct source *src, bool force)
+void vmig__src_stats_tick(struct vmig__source *src, bool force)
 {
 	uint64_t now = vmig__now_ns();
 	uint64_t dt = now - src->last_pub_ns;
-	uint64_t bytes = wire_bytes(src);
+	uint64_t urgent = __atomic_load_n(&src->urgent_bytes, __ATOMIC_RELAXED);
+	uint64_t bytes = vmig__src_wire_bytes(src) + urgent;
+	uint64_t dirty = __atomic_load_n(&src->dirty_pages, __ATOMIC_RELAXED);
 
 	src->st.ram.transferred = bytes;
-	src->st.ram.remaining = src->dirty_pages * VMIG_PAGE_SIZE;
+	src->st.ram.remaining = dirty * VMIG_PAGE_SIZE;
 	if (dt < STATS_PERIOD_NS && !force)
 		return;
 	if (dt >= STATS_PERIOD_NS / 2) {
@@ -72,6 +60,7 @@ static void stats_tick(struct source *src, bool force)
 	if (src->bandwidth)
 		src->st.expected_downtime_ms =
 			(int64_t)(src->st.ram.remaining * 1000 / src->bandwidth);
+	src->st.ram.postcopy_requests = __atomic_load_n(&src->urgent_requests, __ATOMIC_RELAXED);
 	src->st.total_time_ms = (int64_t)((now - src->s->start_ns) / 1000000);
 	vmig__publish(src->s, &src->st);
 }
@@ -79,7 +68,7 @@ static void stats_tick(struct source *src, bool force)
 /* Writer throttle: max-bandwidth and cancellation, checked once per flush. */
 static int throttle(void *opaque, size_t bytes)
 {
-	struct source *src = opaque;
+	struct vmig__source *src = opaque;
 	uint64_t wait_ns;
 
 	if (vmig__cancelled(src->s))
@@ -95,11 +84,19 @@ static int throttle(void *opaque, size_t bytes)
 	return 0;
 }
 
-/* Send one run of dirty pages [first, end) of block b, split into zero and
- * non-zero sub-runs. The bits are already cleared. */
-static void send_run(struct source *src, unsigned bi, uint64_t first, uint64_t end)
+static void set_page_hash(struct vmig__block *b, uint64_t pfn, uint64_t h)
+{
+	/* Post-copy may hash one page from two threads; the value is the same. */
+	__atomic_store_n(&b->page_hash[pfn], h, __ATOMIC_RELAXED);
+}
+
+/* Queue pages [first, end) of block bi on w, split into zero and non-zero
+ * runs, and remember each page's hash. */
+void vmig__src_send_run(struct vmig__source *src, struct vmig__writer *w, unsigned bi,
+			uint64_t first, uint64_t end)
 {
 	struct vmig__block *b = &src->s->blocks[bi];
+	bool main = w == src->w;
 	uint64_t i = first;
 
 	while (i < end) {
@@ -107,32 +104,35 @@ static void send_run(struct source *src, unsigned bi, uint64_t first, uint64_t e
 		uint64_t j = i + 1;
 
 		if (!zero)
-			b->page_hash[i] = vmig__page_hash(b->host + i * VMIG_PAGE_SIZE);
+			set_page_hash(b, i, vmig__page_hash(b->host + i * VMIG_PAGE_SIZE));
 		for (; j < end; j++) {
 			const uint8_t *p = b->host + j * VMIG_PAGE_SIZE;
 
 			if (vmig__page_is_zero(p) != zero)
 				break;
 			if (!zero)
-				b->page_hash[j] = vmig__page_hash(p);
+				set_page_hash(b, j, vmig__page_hash(p));
 		}
 		if (zero) {
 			for (uint64_t k = i; k < j; k++)
-				b->page_hash[k] = vmig__zero_page_hash();
-			vmig__writer_zero(src->w, bi, i, (uint32_t)(j - i));
-			src->st.ram.duplicate += j - i;
+				set_page_hash(b, k, vmig__zero_page_hash());
+			vmig__writer_zero(w, bi, i, (uint32_t)(j - i));
+			if (main)
+				src->st.ram.duplicate += j - i;
 		} else {
-			vmig__writer_pages(src->w, bi, i, (uint32_t)(j - i),
-					   b->host + i * VMIG_PAGE_SIZE);
-			src->st.ram.normal += j - i;
-			src->st.ram.normal_bytes += (j - i) * VMIG_PAGE_SIZE;
+			vmig__writer_pages(w, bi, i, (uint32_t)(j - i), b->host + i * VMIG_PAGE_SIZE);
+			if (main) {
+				src->st.ram.normal += j - i;
+				src->st.ram.normal_bytes += (j - i) * VMIG_PAGE_SIZE;
+			}
 		}
 		i = j;
 	}
 }
 
-/* Send every page whose dirty bit is set, clearing the bits as it goes. */
-static int send_dirty(struct source *src)
+/* Send every page whose dirty bit is set, clearing the bits as it goes.
+ * Pre-copy only: post-copy's push claims pages atomically instead. */
+static int send_dirty(struct vmig__source *src)
 {
 	struct vmig_session *s = src->s;
 
@@ -147,10 +147,12 @@ static int send_dirty(struct source *src)
 				end = pfn + VMIG_REC_MAX_PAGES;
 			vmig__bitmap_clear_range(b->dirty, pfn, end - pfn);
 			src->dirty_pages -= end - pfn;
-			send_run(src, bi, pfn, end);
+			vmig__src_send_run(src, src->w, bi, pfn, end);
 			if (src->w->err)
 				return src->w->err;
-			stats_tick(src, false);
+			vmig__src_stats_tick(src, false);
+			if (__atomic_load_n(&s->postcopy_requested, __ATOMIC_ACQUIRE))
+				return vmig__writer_flush(src->w);
 			pfn = vmig__bitmap_find_next(b->dirty, b->npages, end);
 		}
 	}
@@ -158,7 +160,7 @@ static int send_dirty(struct source *src)
 }
 
 /* Collect pages dirtied since the last sync into the dirty bitmaps. */
-static int sync_dirty(struct source *src)
+int vmig__src_sync_dirty(struct vmig__source *src)
 {
 	struct vmig_session *s = src->s;
 	uint64_t now, added = 0;
@@ -166,7 +168,6 @@ static int sync_dirty(struct source *src)
 	for (unsigned bi = 0; bi < s->nblocks; bi++) {
 		struct vmig__block *b = &s->blocks[bi];
 		struct vmig__err err = {{0}};
-		uint64_t before = vmig__bitmap_count(b->dirty, b->npages);
 		uint64_t n = 0;
 		int ret = vmig__dirty_sync(src->dirty, bi, b->dirty, &n, &err);
 
@@ -174,7 +175,7 @@ static int sync_dirty(struct source *src)
 			vmig__fail(s, ret, "dirty bitmap sync: %s", err.msg);
 			return ret;
 		}
-		added += vmig__bitmap_count(b->dirty, b->npages) - before;
+		added += n;
 	}
 	src->dirty_pages += added;
 	now = vmig__now_ns();
@@ -186,7 +187,7 @@ static int sync_dirty(struct source *src)
 	return 0;
 }
 
-static void send_blocks(struct source *src)
+static void send_blocks(struct vmig__source *src)
 {
 	struct vmig_session *s = src->s;
 	uint8_t buf[4 + VMIG_MAX_BLOCKS * (sizeof(struct vmig_wire_block) + VMIG_BLOCK_NAME_MAX)];
@@ -207,10 +208,46 @@ static void send_blocks(struct source *src)
 	vmig__writer_rec(src->w, VMIG_REC_BLOCKS, buf, (uint32_t)off);
 }
 
-/* Return path: wait for the destination's verdict; runs until EOF. */
+/* Handle one return-path message; under s->lock except PAGE_REQ. */
+static void rp_message(struct vmig__source *src, uint8_t type, const uint8_t *payload, size_t len,
+		       struct vmig__err *err)
+{
+	struct vmig_session *s = src->s;
+
+	if (type == VMIG_RP_PAGE_REQ && len == sizeof(struct vmig_wire_pages)) {
+		struct vmig_wire_pages req;
+
+		memcpy(&req, payload, sizeof(req));
+		vmig__pc_source_request(src, &req);
+		return;
+	}
+	pthread_mutex_lock(&s->lock);
+	if (type == VMIG_RP_RESUMED && len == sizeof(struct vmig_wire_resumed)) {
+		struct vmig_wire_resumed res;
+
+		memcpy(&res, payload, sizeof(res));
+		s->rp_load_us = res.load_us;
+		s->rp_resumed = true;
+	} else if (type == VMIG_RP_SYNC_ACK && len == sizeof(struct vmig_wire_sync_ack)) {
+		struct vmig_wire_sync_ack ack;
+
+		memcpy(&ack, payload, sizeof(ack));
+		s->rp_acked_round = ack.round;
+	} else if (type == VMIG_RP_COMPLETE && !len) {
+		s->rp_complete = true;
+	} else if (type == VMIG_RP_ERROR) {
+		vmig__err_set_first(err, "destination: %.*s", (int)len, (const char *)payload);
+		s->rp_failed = s->rp_error = true;
+	}
+	pthread_cond_broadcast(&s->cond);
+	pthread_mutex_unlock(&s->lock);
+}
+
+/* Return path: the destination's acks, requests and verdict; runs until EOF. */
 static void *rp_thread(void *arg)
 {
-	struct vmig_session *s = arg;
+	struct vmig__source *src = arg;
+	struct vmig_session *s = src->s;
 	struct vmig__reader *r = malloc(sizeof(*r));
 	struct vmig__err err = {{0}};
 
@@ -220,35 +257,16 @@ static void *rp_thread(void *arg)
 	for (;;) {
 		uint8_t type, payload[256];
 		size_t len;
-		int ret = vmig__rp_read(r, &type, payload, sizeof(payload) - 1, &len, &err);
 
-		if (ret)
+		if (vmig__rp_read(r, &type, payload, sizeof(payload), &len, &err))
 			break;
-		pthread_mutex_lock(&s->lock);
-		if (type == VMIG_RP_RESUMED && len == sizeof(struct vmig_wire_resumed)) {
-			struct vmig_wire_resumed res;
-
-			memcpy(&res, payload, sizeof(res));
-			s->rp_load_us = res.load_us;
-			s->rp_resumed = true;
-		} else if (type == VMIG_RP_SYNC_ACK && len == sizeof(struct vmig_wire_sync_ack)) {
-			struct vmig_wire_sync_ack ack;
-
-			memcpy(&ack, payload, sizeof(ack));
-			s->rp_acked_round = ack.round;
-		} else if (type == VMIG_RP_ERROR) {
-			payload[len] = '\0';
-			vmig__err_set_first(&err, "destination: %s", (char *)payload);
-			s->rp_failed = true;
-		}
-		pthread_cond_broadcast(&s->cond);
-		pthread_mutex_unlock(&s->lock);
+		rp_message(src, type, payload, len, &err);
 	}
 	free(r);
 out:
 	pthread_mutex_lock(&s->lock);
-	if (!s->rp_resumed) {
-		s->rp_failed = true;
+	s->rp_failed = true;
+	if (!s->rp_resumed || s->in_postcopy) {
 		vmig__err_set_first(&err, "destination closed the connection");
 		/* Keep the destination's reason for the failure report. */
 		if (!s->err.msg[0])
@@ -257,6 +275,23 @@ out:
 	pthread_cond_broadcast(&s->cond);
 	pthread_mutex_unlock(&s->lock);
 	return NULL;
+}
+
+/*
+ * Wait until *flag is set by the return path (0), or the return path fails
+ * or the migration is cancelled (-EIO).
+ */
+int vmig__src_wait_rp(struct vmig_session *s, const bool *flag)
+{
+	int ret;
+
+	pthread_mutex_lock(&s->lock);
+	while (!*flag && !s->rp_failed && !vmig__cancelled(s) &&
+	       !__atomic_load_n(&s->pause_requested, __ATOMIC_ACQUIRE))
+		pthread_cond_wait(&s->cond, &s->lock);
+	ret = *flag ? 0 : -EIO;
+	pthread_mutex_unlock(&s->lock);
+	return ret;
 }
 
 /*
@@ -276,31 +311,26 @@ static int wait_drained(struct vmig_session *s, uint64_t round)
 	return ret;
 }
 
-/* Wait until the destination runs (0) or fails (-EIO). */
-static int wait_resumed(struct vmig_session *s)
-{
-	int ret;
-
-	pthread_mutex_lock(&s->lock);
-	while (!s->rp_resumed && !s->rp_failed && !vmig__cancelled(s))
-		pthread_cond_wait(&s->cond, &s->lock);
-	ret = s->rp_resumed ? 0 : -EIO;
-	pthread_mutex_unlock(&s->lock);
-	return ret;
-}
-
-static int digest_record(struct source *src)
+void vmig__src_digest(struct vmig__source *src, struct vmig_wire_digest *d)
 {
 	struct vmig_session *s = src->s;
 	uint64_t *hashes[VMIG_MAX_BLOCKS];
 	uint64_t npages[VMIG_MAX_BLOCKS];
-	struct vmig_wire_digest d = {0};
 
 	for (unsigned i = 0; i < s->nblocks; i++) {
 		hashes[i] = s->blocks[i].page_hash;
 		npages[i] = s->blocks[i].npages;
 	}
-	d.page_digest = vmig__digest_of_hashes(hashes, npages, s->nblocks);
+	memset(d, 0, sizeof(*d));
+	d->page_digest = vmig__digest_of_hashes(hashes, npages, s->nblocks);
+}
+
+static int digest_record(struct vmig__source *src)
+{
+	struct vmig_session *s = src->s;
+	struct vmig_wire_digest d;
+
+	vmig__src_digest(src, &d);
 	if (s->caps[VMIG_CAP_VERIFY_MEMORY]) {
 		/* Full check, at the cost of downtime: RAM as it is now must equal
 		 * what was sent. A mismatch means dirty tracking missed a write. */
@@ -325,11 +355,11 @@ static int digest_record(struct source *src)
 }
 
 /* Stop the VM, send the rest, and hand over. */
-static int switch_over(struct source *src)
+static int switch_over(struct vmig__source *src)
 {
 	struct vmig_session *s = src->s;
 	uint64_t stop_ns = vmig__now_ns();
-	uint64_t before = wire_bytes(src);
+	uint64_t before = vmig__src_wire_bytes(src);
 	void *state = NULL;
 	size_t state_len = 0;
 	int ret;
@@ -341,7 +371,7 @@ static int switch_over(struct source *src)
 	}
 	src->stopped_vm = true;
 	vmig__emit(s, VMIG_EVENT_STOPPED);
-	ret = sync_dirty(src);
+	ret = vmig__src_sync_dirty(src);
 	if (ret)
 		return ret;
 	ret = send_dirty(src);
@@ -367,8 +397,8 @@ static int switch_over(struct source *src)
 	ret = vmig__writer_flush(src->w);
 	if (ret)
 		goto err_io;
-	src->st.ram.downtime_bytes = wire_bytes(src) - before;
-	ret = wait_resumed(s);
+	src->st.ram.downtime_bytes = vmig__src_wire_bytes(src) - before;
+	ret = vmig__src_wait_rp(s, &s->rp_resumed);
 	if (ret) {
 		vmig__fail(s, ret, "destination did not start: %s",
 			   s->err.msg[0] ? s->err.msg : "no reply");
@@ -382,47 +412,123 @@ err_io:
 	return ret;
 }
 
-static int setup(struct source *src)
+/*
+ * Connect the main channel (and the urgent one for post-copy), send the
+ * preambles and start the return-path thread. resume: reconnecting a
+ * paused post-copy migration.
+ */
+int vmig__src_connect(struct vmig__source *src, bool resume)
 {
 	struct vmig_session *s = src->s;
+	uint16_t flags = resume ? VMIG_PRE_F_RESUME : 0;
 	struct vmig__uri u;
 	struct vmig__err err = {{0}};
-	int fd, ret;
+	int fd = -1, ufd = -1, ret;
 
 	ret = vmig__uri_parse(s->uri, &u, &err);
 	if (!ret)
 		ret = vmig__chan_connect(&u, &fd, &err);
+	if (!ret && s->caps[VMIG_CAP_POSTCOPY_RAM])
+		ret = vmig__chan_connect(&u, &ufd, &err);
 	if (ret) {
-		vmig__fail(s, ret, "%s", err.msg);
+		if (fd >= 0)
+			close(fd);
+		vmig__err_set_first(&s->err, "%s", err.msg);
 		return ret;
 	}
+	uint64_t sent = src->w->bytes; /* a resumed stream keeps counting */
+
 	pthread_mutex_lock(&s->lock);
 	s->fd = fd;
+	s->urgent_fd = ufd;
+	s->rp_failed = false;
 	pthread_mutex_unlock(&s->lock);
-	if (vmig__cancelled(s)) /* cancelled while connecting */
-		return -ECANCELED;
 	vmig__writer_init(src->w, fd);
+	if (resume)
+		src->w->bytes = sent;
 	src->w->throttle = throttle;
 	src->w->throttle_opaque = src;
-	vmig__writer_preamble(src->w);
-	send_blocks(src);
+	vmig__writer_preamble(src->w, VMIG_CHAN_MAIN, flags, s->session_id);
+	if (!resume)
+		send_blocks(src);
 	ret = vmig__writer_flush(src->w);
+	if (!ret && ufd >= 0) {
+		vmig__writer_init(src->uw, ufd);
+		vmig__writer_preamble(src->uw, VMIG_CHAN_URGENT, flags, s->session_id);
+		ret = vmig__writer_flush(src->uw);
+	}
 	if (ret) {
-		vmig__fail(s, ret, "sending to the destination failed");
+		vmig__err_set_first(&s->err, "sending to the destination failed");
 		return ret;
 	}
-	ret = pthread_create(&s->rp_thread, NULL, rp_thread, s);
-	if (ret) {
-		vmig__fail(s, -ret, "cannot start the return-path thread");
+	if (resume) /* the destination's bitmaps come first, read by the caller */
+		return 0;
+	ret = pthread_create(&s->rp_thread, NULL, rp_thread, src);
+	if (ret)
 		return -ret;
-	}
 	s->rp_started = true;
+	return 0;
+}
 
+/* Start the return path after a resume handshake. */
+int vmig__src_start_rp(struct vmig__source *src)
+{
+	struct vmig_session *s = src->s;
+	int ret = pthread_create(&s->rp_thread, NULL, rp_thread, src);
+
+	if (ret)
+		return -ret;
+	s->rp_started = true;
+	return 0;
+}
+
+/* Close both channels and join the return-path thread. */
+void vmig__src_close_channels(struct vmig__source *src)
+{
+	struct vmig_session *s = src->s;
+	int fd, ufd;
+
+	pthread_mutex_lock(&s->lock);
+	fd = s->fd;
+	ufd = s->urgent_fd;
+	if (fd >= 0)
+		shutdown(fd, SHUT_RDWR);
+	if (ufd >= 0)
+		shutdown(ufd, SHUT_RDWR);
+	pthread_mutex_unlock(&s->lock);
+	if (s->rp_started) {
+		pthread_join(s->rp_thread, NULL);
+		s->rp_started = false;
+	}
+	pthread_mutex_lock(&s->lock);
+	s->fd = s->urgent_fd = -1;
+	pthread_mutex_unlock(&s->lock);
+	if (fd >= 0)
+		close(fd);
+	if (ufd >= 0)
+		close(ufd);
+}
+
+static int setup(struct vmig__source *src)
+{
+	struct vmig_session *s = src->s;
+	struct vmig__err err = {{0}};
+	int ret;
+
+	ret = vmig__src_connect(src, false);
+	if (ret) {
+		vmig__fail(s, ret, "%s", s->err.msg[0] ? s->err.msg : "cannot connect");
+		return ret;
+	}
+	if (vmig__cancelled(s)) /* cancelled while connecting */
+		return -ECANCELED;
 	ret = vmig__dirty_open(&src->dirty,
 			       (enum vmig_dirty_tracking)vmig__param(s, VMIG_PARAM_DIRTY_TRACKING),
 			       &err);
-	for (unsigned i = 0; !ret && i < s->nblocks; i++)
+	for (unsigned i = 0; !ret && i < s->nblocks; i++) {
 		ret = vmig__dirty_add_range(src->dirty, s->blocks[i].host, s->blocks[i].size, &err);
+		ret = ret < 0 ? ret : 0;
+	}
 	if (!ret)
 		ret = vmig__dirty_start(src->dirty, &err);
 	if (ret) {
@@ -438,14 +544,24 @@ static int setup(struct source *src)
 	return 0;
 }
 
-/* Pre-copy rounds until the rest fits in downtime-limit. */
-static int iterate(struct source *src)
+/* Time to send what is dirty at the measured bandwidth, in ms. */
+static uint64_t expected_downtime_ms(struct vmig__source *src)
+{
+	if (!src->bandwidth)
+		return src->dirty_pages ? UINT64_MAX : 0;
+	return src->dirty_pages * VMIG_PAGE_SIZE * 1000 / src->bandwidth;
+}
+
+/*
+ * Pre-copy rounds until the rest fits in downtime-limit (returns 0) or
+ * post-copy is requested (returns 1).
+ */
+static int iterate(struct vmig__source *src)
 {
 	struct vmig_session *s = src->s;
 
 	for (;;) {
-		uint64_t t0 = vmig__now_ns(), b0 = wire_bytes(src);
-		uint64_t dt, limit_ms, expected_ms;
+		uint64_t t0 = vmig__now_ns(), b0 = vmig__src_wire_bytes(src), dt;
 		struct vmig_wire_sync sy;
 		int ret = send_dirty(src);
 
@@ -453,25 +569,25 @@ static int iterate(struct source *src)
 			vmig__fail(s, ret, "sending to the destination failed");
 			return ret;
 		}
+		if (__atomic_load_n(&s->postcopy_requested, __ATOMIC_ACQUIRE))
+			return 1;
 		dt = vmig__now_ns() - t0;
 		/* Bandwidth of this round; short rounds are too noisy to use, so
 		 * they fall back to the average since the start. */
-		if (dt > 5000000ull && wire_bytes(src) > b0)
-			src->bandwidth = (uint64_t)((double)(wire_bytes(src) - b0) * 1e9 / (double)dt);
+		if (dt > 5000000ull && vmig__src_wire_bytes(src) > b0)
+			src->bandwidth = (uint64_t)((double)(vmig__src_wire_bytes(src) - b0) * 1e9 /
+						    (double)dt);
 		else if (!src->bandwidth)
-			src->bandwidth = (uint64_t)((double)wire_bytes(src) * 1e9 /
+			src->bandwidth = (uint64_t)((double)vmig__src_wire_bytes(src) * 1e9 /
 						    (double)(vmig__now_ns() - s->start_ns + 1));
-		ret = sync_dirty(src);
+		ret = vmig__src_sync_dirty(src);
 		if (ret)
 			return ret;
 		sy.round = src->st.ram.dirty_sync_count;
 		sy.dirty_pages = src->dirty_pages;
 		vmig__writer_rec(src->w, VMIG_REC_SYNC, &sy, sizeof(sy));
-		stats_tick(src, true);
-		limit_ms = (uint64_t)vmig__param(s, VMIG_PARAM_DOWNTIME_LIMIT);
-		expected_ms = src->bandwidth ? src->dirty_pages * VMIG_PAGE_SIZE * 1000 / src->bandwidth
-					     : (src->dirty_pages ? UINT64_MAX : 0);
-		if (expected_ms <= limit_ms) {
+		vmig__src_stats_tick(src, true);
+		if (expected_downtime_ms(src) <= (uint64_t)vmig__param(s, VMIG_PARAM_DOWNTIME_LIMIT)) {
 			ret = vmig__writer_flush(src->w);
 			if (!ret)
 				ret = wait_drained(s, sy.round);
@@ -486,54 +602,49 @@ static int iterate(struct source *src)
 	}
 }
 
-/* After failure or cancel: keep the VM running here, as it was. */
-static void recover_source(struct source *src)
+/* After failure or cancel before the switch: keep the VM running here. */
+static void recover_source(struct vmig__source *src)
 {
 	struct vmig_session *s = src->s;
 
-	if (src->dirty)
-		vmig__dirty_stop(src->dirty);
+	/* Restart first: unprotecting a large guest takes a while. */
 	if (src->stopped_vm && src->vm_was_running) {
 		s->ops.start(s->opaque);
 		vmig__emit(s, VMIG_EVENT_RESUMED);
 	}
+	if (src->dirty)
+		vmig__dirty_stop(src->dirty);
 }
 
-static void teardown(struct source *src)
+static void finish(struct vmig__source *src, int ret)
 {
 	struct vmig_session *s = src->s;
-	int fd;
 
-	pthread_mutex_lock(&s->lock);
-	fd = s->fd;
-	if (fd >= 0)
-		shutdown(fd, SHUT_RDWR);
-	pthread_mutex_unlock(&s->lock);
-	if (s->rp_started) {
-		pthread_join(s->rp_thread, NULL);
-		s->rp_started = false;
-	}
-	pthread_mutex_lock(&s->lock);
-	s->fd = -1;
-	pthread_mutex_unlock(&s->lock);
-	if (fd >= 0)
-		close(fd);
-	if (src->dirty) {
-		vmig__dirty_stop(src->dirty);
-		vmig__dirty_close(src->dirty);
-	}
+	vmig__src_stats_tick(src, true);
+	if (!ret)
+		src->st.ram.remaining = 0;
+	src->st.expected_downtime_ms = 0;
+	src->st.total_time_ms = (int64_t)((vmig__now_ns() - s->start_ns) / 1000000);
+	vmig__publish(s, &src->st);
+	/* The destination runs: report that now, then release what is left. */
+	if (!ret)
+		vmig__set_status(s, VMIG_STATUS_COMPLETED);
+	vmig__src_close_channels(src);
+	if (src->dirty)
+		vmig__dirty_close(src->dirty); /* the VM stays stopped: no restore */
 }
 
 void *vmig__source_thread(void *arg)
 {
 	struct vmig_session *s = arg;
-	struct source src = {.s = s};
-	int ret;
+	struct vmig__source src = {.s = s};
+	int ret = -ENOMEM;
 
 	src.w = malloc(sizeof(*src.w));
-	if (!src.w) {
+	src.uw = malloc(sizeof(*src.uw));
+	if (!src.w || !src.uw) {
 		vmig__fail(s, -ENOMEM, "out of memory");
-		return NULL;
+		goto out;
 	}
 	src.vm_was_running = s->ops.running ? s->ops.running(s->opaque) : true;
 	src.last_pub_ns = s->start_ns;
@@ -545,25 +656,22 @@ void *vmig__source_thread(void *arg)
 		vmig__set_status(s, VMIG_STATUS_ACTIVE);
 		ret = iterate(&src);
 	}
-	if (!ret) {
-		src.st.ram.precopy_bytes = wire_bytes(&src);
+	src.st.ram.precopy_bytes = vmig__src_wire_bytes(&src);
+	if (ret == 1) {
+		ret = vmig__pc_source_switch(&src);
+		if (!ret)
+			ret = vmig__pc_source_push(&src);
+	} else if (!ret) {
 		ret = switch_over(&src);
 	}
-	if (ret) {
+	if (ret && !s->in_postcopy) {
 		if (vmig__cancelled(s))
 			vmig__fail(s, -ECANCELED, "migration cancelled");
 		recover_source(&src);
 	}
-	stats_tick(&src, true);
-	src.st.ram.remaining = ret ? src.st.ram.remaining : 0;
-	src.st.expected_downtime_ms = 0;
-	src.st.total_time_ms = (int64_t)((vmig__now_ns() - s->start_ns) / 1000000);
-	vmig__publish(s, &src.st);
-	/* The destination runs: report that now, then release what is left
-	 * (unprotecting a large guest takes a while and is not downtime). */
-	if (!ret)
-		vmig__set_status(s, VMIG_STATUS_COMPLETED);
-	teardown(&src);
+	finish(&src, ret);
+out:
 	free(src.w);
+	free(src.uw);
 	return NULL;
 }

@@ -3,7 +3,7 @@
  * The vmig migration stream, on the wire. docs/stream-format.md describes the
  * same thing as byte tables; keep the two in step.
  *
- * Everything is little-endian. A stream starts with a 16-byte preamble, then
+ * Everything is little-endian. A stream starts with a 24-byte preamble, then
  * a sequence of records. Each record is an 8-byte header (type, flags,
  * reserved, payload length) followed by its payload. A record never guesses:
  * an unknown type, a reserved bit set, or a length outside the bounds of its
@@ -25,10 +25,25 @@
 #define VMIG_MAX_BLOCKS 64u
 #define VMIG_BLOCK_NAME_MAX 64u
 
+/*
+ * A migration may use several connections: the main one (records and the
+ * return path) and, for post-copy, an urgent one that carries requested
+ * pages only. Each starts with a preamble naming its role and the session
+ * it belongs to, so a reconnecting source is matched to its destination.
+ */
+enum vmig_channel_kind {
+	VMIG_CHAN_MAIN = 0,
+	VMIG_CHAN_URGENT = 1,
+};
+
+#define VMIG_PRE_F_RESUME 0x1u /* reconnecting a paused post-copy migration */
+
 struct vmig_wire_preamble {
 	char magic[8];
 	uint32_t version;
-	uint32_t flags; /* must be 0 in version 1 */
+	uint16_t channel; /* enum vmig_channel_kind */
+	uint16_t flags;   /* VMIG_PRE_F_* */
+	uint64_t session; /* chosen by the source, same on every channel */
 } __attribute__((packed));
 
 struct vmig_wire_rec {
@@ -47,13 +62,36 @@ enum vmig_rec_type {
 	VMIG_REC_STATE = 0x05,  /* device/vCPU state blob */
 	VMIG_REC_DIGEST = 0x06, /* memory digest at switch-over */
 	VMIG_REC_EOS = 0x07,    /* end of stream */
+	VMIG_REC_DISCARD = 0x08, /* post-copy: drop these pages, they are stale */
+	VMIG_REC_POSTCOPY_RUN = 0x09, /* post-copy: start now, pages follow */
 
 	/* destination -> source (return path) */
 	VMIG_RP_READY = 0x40,   /* blocks accepted, go ahead */
 	VMIG_RP_RESUMED = 0x41, /* destination verified and started */
 	VMIG_RP_ERROR = 0x42,   /* destination failed: UTF-8 text */
 	VMIG_RP_SYNC_ACK = 0x43, /* all records up to SYNC round N are placed */
+	VMIG_RP_PAGE_REQ = 0x44, /* post-copy: send these pages now */
+	VMIG_RP_RECV_BITMAP = 0x45, /* recovery: the pages the destination has */
+	VMIG_RP_COMPLETE = 0x46, /* post-copy: every page placed and verified */
 };
+
+/* DISCARD payload: a run of pages, possibly long. */
+struct vmig_wire_discard {
+	uint32_t block;
+	uint32_t reserved;
+	uint64_t first;
+	uint64_t npages;
+} __attribute__((packed));
+
+/* RP_PAGE_REQ payload uses struct vmig_wire_pages (npages <= 64). */
+
+/* RP_RECV_BITMAP payload: this header, then ceil(npages / 64) u64 words,
+ * bit i of word i / 64 set when page i is already in place. */
+struct vmig_wire_recv_bitmap {
+	uint32_t block;
+	uint32_t reserved;
+	uint64_t npages;
+} __attribute__((packed));
 
 /* BLOCKS payload: u32 count, then count entries of: */
 struct vmig_wire_block {

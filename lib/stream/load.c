@@ -55,8 +55,11 @@ int vmig__load_preamble(struct vmig__loader *l)
 				    pre.version, VMIG_STREAM_VERSION);
 		return -EPROTONOSUPPORT;
 	}
-	if (pre.flags)
-		return fail(l, -EPROTO, 8, "unknown preamble flags");
+	if (pre.flags & ~VMIG_PRE_F_RESUME || pre.channel > VMIG_CHAN_URGENT)
+		return fail(l, -EPROTO, 12, "unknown channel kind or preamble flags");
+	l->channel = pre.channel;
+	l->pre_flags = pre.flags;
+	l->session = pre.session;
 	return 0;
 }
 
@@ -154,28 +157,60 @@ static int load_pages(struct vmig__loader *l, uint8_t type, uint32_t len, uint64
 	if (type == VMIG_REC_ZERO) {
 		if (len != sizeof(pg))
 			return fail(l, -EPROTO, at, "zero-page record with a payload");
+		l->pages_zero += pg.npages;
+		if (l->postcopy)
+			return l->hooks.place(l->hooks.opaque, pg.block, pg.first, pg.npages, NULL);
 		for (uint32_t i = 0; i < pg.npages; i++) {
 			uint64_t pfn = pg.first + i;
 
-			/* Untouched pages are already zero: don't fault them in. */
-			if (vmig__bitmap_test(b->received, pfn))
+			/* Pages that never held data are already zero: don't fault them in. */
+			if (vmig__bitmap_test(b->received, pfn) && !vmig__bitmap_test(b->zero, pfn))
 				memset(dst + (uint64_t)i * VMIG_PAGE_SIZE, 0, VMIG_PAGE_SIZE);
 			b->page_hash[pfn] = vmig__zero_page_hash();
+			vmig__bitmap_set(b->received, pfn);
+			vmig__bitmap_set(b->zero, pfn);
 		}
-		l->pages_zero += pg.npages;
 		return 0;
 	}
 	if (len - sizeof(pg) != (uint64_t)pg.npages * VMIG_PAGE_SIZE)
 		return fail(l, -EPROTO, at, "page record length does not match its page count");
+	l->pages_normal += pg.npages;
+	if (l->postcopy) {
+		ret = vmig__reader_read(l->r, l->bounce, (size_t)pg.npages * VMIG_PAGE_SIZE);
+		if (ret)
+			return read_error(l, ret, "page data");
+		return l->hooks.place(l->hooks.opaque, pg.block, pg.first, pg.npages, l->bounce);
+	}
 	ret = vmig__reader_read(l->r, dst, (size_t)pg.npages * VMIG_PAGE_SIZE);
 	if (ret)
 		return read_error(l, ret, "page data");
 	for (uint32_t i = 0; i < pg.npages; i++) {
 		b->page_hash[pg.first + i] = vmig__page_hash(dst + (uint64_t)i * VMIG_PAGE_SIZE);
 		vmig__bitmap_set(b->received, pg.first + i);
+		vmig__bitmap_clear(b->zero, pg.first + i);
 	}
-	l->pages_normal += pg.npages;
 	return 0;
+}
+
+static int load_discard(struct vmig__loader *l, uint32_t len, uint64_t at)
+{
+	struct vmig_wire_discard d;
+	int ret;
+
+	if (!l->hooks.discard)
+		return fail(l, -EPROTO, at,
+			    "post-copy record, but post-copy-ram is not enabled on the destination");
+	if (l->run)
+		return fail(l, -EPROTO, at, "discard after the post-copy switch");
+	if (len != sizeof(d))
+		return fail(l, -EPROTO, at, "bad discard record");
+	ret = vmig__reader_read(l->r, &d, sizeof(d));
+	if (ret)
+		return read_error(l, ret, "discard record");
+	if (d.block >= l->nblocks || d.reserved || !d.npages ||
+	    d.first >= l->blocks[d.block].npages || d.npages > l->blocks[d.block].npages - d.first)
+		return fail(l, -EPROTO, at, "discard record outside its RAM block");
+	return l->hooks.discard(l->hooks.opaque, d.block, d.first, d.npages);
 }
 
 static int load_fixed(struct vmig__loader *l, uint32_t len, uint64_t at, void *dst, size_t size,
@@ -224,6 +259,8 @@ int vmig__load_record(struct vmig__loader *l, uint8_t *type)
 		return fail(l, -EPROTO, at, "record after end of stream");
 	if (rec.type != VMIG_REC_BLOCKS && !l->blocks_ok)
 		return fail(l, -EPROTO, at, "stream does not start with the RAM block list");
+	if (l->urgent && rec.type != VMIG_REC_PAGES && rec.type != VMIG_REC_ZERO)
+		return fail(l, -EPROTO, at, "urgent channel carries page records only");
 
 	switch (rec.type) {
 	case VMIG_REC_BLOCKS:
@@ -249,6 +286,17 @@ int vmig__load_record(struct vmig__loader *l, uint8_t *type)
 		if (l->digest.flags & ~VMIG_DIGEST_F_MEMORY || l->digest.reserved)
 			return fail(l, -EPROTO, at, "digest record has unknown flags");
 		l->have_digest = true;
+		return 0;
+	case VMIG_REC_DISCARD:
+		return load_discard(l, rec.len, at);
+	case VMIG_REC_POSTCOPY_RUN:
+		if (!l->hooks.place)
+			return fail(l, -EPROTO, at,
+				    "post-copy switch, but post-copy-ram is not enabled on the "
+				    "destination");
+		if (rec.len || l->run || !l->state)
+			return fail(l, -EPROTO, at, "post-copy switch out of order");
+		l->run = true;
 		return 0;
 	case VMIG_REC_EOS:
 		if (rec.len)
@@ -327,7 +375,7 @@ int vmig__rp_read(struct vmig__reader *r, uint8_t *type, void *payload, size_t c
 			vmig__err_set_first(err, "reading return path: %s", strerror(-ret));
 		return ret;
 	}
-	if (rec.type < VMIG_RP_READY || rec.type > VMIG_RP_SYNC_ACK || rec.flags || rec.reserved ||
+	if (rec.type < VMIG_RP_READY || rec.type > VMIG_RP_COMPLETE || rec.flags || rec.reserved ||
 	    rec.len > cap) {
 		vmig__err_set_first(err, "invalid return-path message (type 0x%02x, %u bytes)",
 				    rec.type, rec.len);

@@ -44,8 +44,9 @@ struct vmig__writer {
 };
 
 void vmig__writer_init(struct vmig__writer *w, int fd);
-/* Preamble: magic + version. */
-void vmig__writer_preamble(struct vmig__writer *w);
+/* Preamble: magic, version, channel kind, flags, session id. */
+void vmig__writer_preamble(struct vmig__writer *w, uint16_t channel, uint16_t flags,
+			   uint64_t session);
 /* A record whose payload is copied now (payload may be reused at once). */
 void vmig__writer_rec(struct vmig__writer *w, uint8_t type, const void *payload, uint32_t len);
 /* A run of npages whole pages at host (referenced, not copied: host must
@@ -88,7 +89,21 @@ struct vmig__load_block {
 	uint64_t size;
 	uint64_t npages;
 	uint64_t *page_hash; /* npages entries: XXH3-64 of each page as placed */
-	uint64_t *received;  /* bitmap: page was written at least once */
+	uint64_t *received;  /* bitmap: page content arrived (data or zero) */
+	uint64_t *zero;      /* bitmap: the last content that arrived was zero */
+};
+
+/*
+ * Post-copy hooks. Once set, pages are no longer written in place: they are
+ * read into a bounce buffer and handed to place() (buf NULL for zero pages),
+ * which installs them atomically. discard() drops stale pages before the
+ * switch; a DISCARD record without it is an error.
+ */
+struct vmig__load_hooks {
+	int (*place)(void *opaque, unsigned block, uint64_t first, uint32_t npages,
+		     const uint8_t *buf);
+	int (*discard)(void *opaque, unsigned block, uint64_t first, uint64_t npages);
+	void *opaque;
 };
 
 struct vmig__loader {
@@ -96,11 +111,21 @@ struct vmig__loader {
 	struct vmig__load_block *blocks;
 	unsigned nblocks;
 	struct vmig__err *err;
+	struct vmig__load_hooks hooks;
+	bool urgent;       /* urgent channel: page records only */
+	bool postcopy;     /* set by the caller after POSTCOPY_RUN: use hooks.place */
+	uint8_t *bounce;   /* VMIG_REC_MAX_PAGES pages, needed once postcopy is set */
+
+	/* from the preamble */
+	uint16_t channel;
+	uint16_t pre_flags;
+	uint64_t session;
 
 	/* progress */
 	bool blocks_ok;
 	bool eos;
 	bool have_digest;
+	bool run; /* POSTCOPY_RUN seen */
 	uint64_t rounds;
 	uint64_t last_round; /* round number of the last SYNC record */
 	uint64_t pages_normal;

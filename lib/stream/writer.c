@@ -59,7 +59,8 @@ static void *put_hdr(struct vmig__writer *w, uint8_t type, uint32_t len, size_t 
 	return p + sizeof(rec);
 }
 
-void vmig__writer_preamble(struct vmig__writer *w)
+void vmig__writer_preamble(struct vmig__writer *w, uint16_t channel, uint16_t flags,
+			   uint64_t session)
 {
 	struct vmig_wire_preamble pre;
 	uint8_t *p;
@@ -68,7 +69,9 @@ void vmig__writer_preamble(struct vmig__writer *w)
 		return;
 	memcpy(pre.magic, VMIG_STREAM_MAGIC, sizeof(pre.magic));
 	pre.version = VMIG_STREAM_VERSION;
-	pre.flags = 0;
+	pre.channel = channel;
+	pre.flags = flags;
+	pre.session = session;
 	reserve(w, sizeof(pre));
 	p = w->hdrbuf + w->hdrlen;
 	memcpy(p, &pre, sizeof(pre));

@@ -18,8 +18,8 @@ def rec(rtype, payload=b""):
     return struct.pack("<BBHI", rtype, 0, 0, len(payload)) + payload
 
 
-def preamble(version=1):
-    return b"VMIGSTRM" + struct.pack("<II", version, 0)
+def preamble(version=1, channel=0, flags=0, session=0x1234):
+    return b"VMIGSTRM" + struct.pack("<IHHQ", version, channel, flags, session)
 
 
 def blocks(entries):
@@ -54,6 +54,14 @@ def eos():
     return rec(0x07)
 
 
+def discard(block, first, n):
+    return rec(0x08, struct.pack("<IIQQ", block, 0, first, n))
+
+
+def postcopy_run():
+    return rec(0x09)
+
+
 def page_of(byte):
     return bytes([byte]) * PAGE
 
@@ -75,12 +83,24 @@ def main():
                           pages(0, 0, [page_of(i) for i in range(16)]) + eos(),
             "oob-run": preamble() + good_blocks + zero(0, 15, 2),
             "unknown-record": preamble() + good_blocks + rec(0x7f, b"x"),
+            # data[24] is the type of the first record (0x01): odd, so the
+            # fuzz target enables post-copy for these.
+            "postcopy": (preamble() + good_blocks + pages(0, 0, [page_of(3)]) + zero(0, 1, 15) +
+                         discard(0, 0, 2) + discard(1, 0, 4) + state(b"vcpu") +
+                         postcopy_run() + pages(0, 0, [page_of(4), page_of(5)]) +
+                         zero(1, 0, 4) + digest() + eos()),
+            "postcopy-bad-discard": preamble() + good_blocks + discard(0, 10, 7),
+            "resume-preamble": preamble(flags=1) + good_blocks,
+            "urgent-channel": preamble(channel=1) + pages(0, 3, [page_of(6)]),
         },
         "return_path": {
             "resumed": rec(0x41, struct.pack("<Q", 1234)),
             "error": rec(0x42, b"RAM block 'pc.ram' size mismatch"),
             "ready-then-resumed": rec(0x40) + rec(0x41, struct.pack("<Q", 5)),
             "oversized": struct.pack("<BBHI", 0x42, 0, 0, 1 << 20),
+            "page-request": rec(0x44, struct.pack("<IIQ", 0, 1, 7)),
+            "complete": rec(0x41, struct.pack("<Q", 1)) + rec(0x43, struct.pack("<Q", 3)) +
+                        rec(0x46),
         },
     }
     for target, files in seeds.items():

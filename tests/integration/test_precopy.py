@@ -167,7 +167,7 @@ def case_wrong_version(procs, build):
     port = free_port()
     dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:%d" % port)
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    s.sendall(b"VMIGSTRM" + (99).to_bytes(4, "little") + bytes(4))
+    s.sendall(b"VMIGSTRM" + (99).to_bytes(4, "little") + bytes(12))  # 24-byte preamble
     info = dst.wait_migration(30)
     s.close()
     check(info["status"] == "failed", "status %r" % info["status"])

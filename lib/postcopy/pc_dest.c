@@ -1,0 +1,731 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Post-copy on the destination: userfaultfd registration, the fault thread,
+ * page placement, the urgent channel, pause and recovery, and the blocktime
+ * and latency accounting.
+ *
+ * Page state, per page, in bitmaps of the block:
+ *   received/zero  what pre-copy delivered (zero: delivered as a zero page,
+ *                  which may still be a hole in RAM)
+ *   placed         in RAM and final; set exactly once, by whoever claims it
+ *                  (test-and-set), before UFFDIO_COPY or UFFDIO_ZEROPAGE
+ *   requested      asked of the source and not yet placed
+ * A fault on a page that is neither placed nor a known zero hole becomes a
+ * request; a page arriving for a page already placed is dropped. So every
+ * page is written once, and a late background copy never overwrites what
+ * the guest has changed since.
+ *
+ * Threads: the migration thread loads the main stream, an urgent thread
+ * loads the urgent channel, the fault thread reads userfaultfd. All three
+ * may place pages; the bitmaps are updated atomically, the accounting under
+ * acct_lock.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "postcopy/postcopy.h"
+#include "ram/bitmap.h"
+#include "util/compat.h"
+
+#define OTHER_SLOTS 16 /* non-vCPU faults (e.g. the monitor reading RAM) in flight */
+
+struct fault_slot {
+	int tid;
+	uint64_t key; /* block << 48 | page + 1; 0 = not waiting */
+	uint64_t start_ns;
+};
+
+struct vmig__pc_dest {
+	struct vmig_session *s;
+	struct vmig__load_block *lb; /* the main loader's block views */
+	int uffd;
+	int stop_efd;
+	bool fault_started;
+	pthread_t fault_thread;
+	bool urgent_started;
+	pthread_t urgent_thread;
+	bool finishing; /* atomic: EOS seen, the urgent channel may close */
+
+	pthread_mutex_t acct_lock;
+	uint64_t waiting; /* atomic: faults being waited on */
+	struct fault_slot vcpu[VMIG_MAX_VCPUS];
+	struct fault_slot other[OTHER_SLOTS];
+	unsigned nvcpus;
+	unsigned blocked; /* vCPUs waiting now */
+	uint64_t all_blocked_since;
+	uint64_t blocktime_ns;
+	uint64_t vcpu_blocked_ns[VMIG_MAX_VCPUS];
+	uint64_t vcpu_faults[VMIG_MAX_VCPUS];
+	uint64_t faults, requests, latency_sum_ns, other_faults, other_latency_ns;
+	uint64_t dist[VMIG_LATENCY_BUCKETS];
+};
+
+static inline bool bitmap_test_atomic(const uint64_t *map, uint64_t bit)
+{
+	return __atomic_load_n(&map[bit / 64], __ATOMIC_ACQUIRE) & (1ull << (bit % 64));
+}
+
+/* Returns true if this call set the bit. */
+static inline bool bitmap_claim(uint64_t *map, uint64_t bit)
+{
+	uint64_t mask = 1ull << (bit % 64);
+
+	return !(__atomic_fetch_or(&map[bit / 64], mask, __ATOMIC_ACQ_REL) & mask);
+}
+
+static inline uint64_t slot_key(unsigned bi, uint64_t pfn)
+{
+	return ((uint64_t)bi << 48 | pfn) + 1;
+}
+
+/* ---- accounting ------------------------------------------------------- */
+
+static void publish_acct(struct vmig__pc_dest *pc)
+{
+	struct vmig_session *s = pc->s;
+	uint64_t vf = 0, vl = 0;
+
+	pthread_mutex_lock(&s->lock);
+	s->stats.postcopy.valid = s->caps[VMIG_CAP_POSTCOPY_BLOCKTIME];
+	s->stats.postcopy.blocktime_ms = pc->blocktime_ns / 1000000;
+	s->stats.postcopy.nvcpus = pc->nvcpus;
+	for (unsigned i = 0; i < pc->nvcpus; i++) {
+		s->stats.postcopy.vcpu_blocktime_ms[i] = pc->vcpu_blocked_ns[i] / 1000000;
+		s->stats.postcopy.vcpu_latency_ns[i] =
+			pc->vcpu_faults[i] ? pc->vcpu_blocked_ns[i] / pc->vcpu_faults[i] : 0;
+		vf += pc->vcpu_faults[i];
+		vl += pc->vcpu_blocked_ns[i];
+	}
+	s->stats.postcopy.faults = pc->faults;
+	s->stats.postcopy.requests = pc->requests;
+	s->stats.postcopy.latency_ns = pc->faults ? pc->latency_sum_ns / pc->faults : 0;
+	s->stats.postcopy.non_vcpu_latency_ns =
+		pc->other_faults ? pc->other_latency_ns / pc->other_faults : 0;
+	memcpy(s->stats.postcopy.latency_dist, pc->dist, sizeof(pc->dist));
+	pthread_mutex_unlock(&s->lock);
+	(void)vf;
+	(void)vl;
+}
+
+static unsigned bucket_of(uint64_t ns)
+{
+	uint64_t us = ns / 1000;
+	unsigned b = 0;
+
+	while (us > 1 && b < VMIG_LATENCY_BUCKETS - 1) {
+		us >>= 1;
+		b++;
+	}
+	return b;
+}
+
+static void slot_done(struct vmig__pc_dest *pc, struct fault_slot *slot, int vcpu, uint64_t now);
+
+/* A fault on key by thread tid starts waiting (fault thread). */
+static void fault_begin(struct vmig__pc_dest *pc, int tid, uint64_t key, uint64_t now)
+{
+	struct fault_slot *slot = NULL;
+	bool vcpu = false;
+
+	pthread_mutex_lock(&pc->acct_lock);
+	for (unsigned i = 0; i < pc->nvcpus; i++) {
+		if (pc->vcpu[i].tid == tid) {
+			slot = &pc->vcpu[i];
+			vcpu = true;
+			break;
+		}
+	}
+	for (unsigned i = 0; !slot && i < OTHER_SLOTS; i++)
+		if (!pc->other[i].key)
+			slot = &pc->other[i];
+	if (slot && slot->key && slot->key != key)
+		slot_done(pc, slot, vcpu ? (int)(slot - pc->vcpu) : -1, now); /* superseded */
+	if (slot && !slot->key) {
+		slot->key = key;
+		slot->start_ns = now;
+		__atomic_add_fetch(&pc->waiting, 1, __ATOMIC_RELEASE);
+		if (vcpu && ++pc->blocked == pc->nvcpus)
+			pc->all_blocked_since = now;
+	}
+	pthread_mutex_unlock(&pc->acct_lock);
+}
+
+static void slot_done(struct vmig__pc_dest *pc, struct fault_slot *slot, int vcpu, uint64_t now)
+{
+	uint64_t lat = now - slot->start_ns;
+
+	pc->faults++;
+	pc->latency_sum_ns += lat;
+	pc->dist[bucket_of(lat)]++;
+	if (vcpu >= 0) {
+		if (pc->blocked-- == pc->nvcpus)
+			pc->blocktime_ns += now - pc->all_blocked_since;
+		pc->vcpu_blocked_ns[vcpu] += lat;
+		pc->vcpu_faults[vcpu]++;
+	} else {
+		pc->other_faults++;
+		pc->other_latency_ns += lat;
+	}
+	slot->key = 0;
+	__atomic_sub_fetch(&pc->waiting, 1, __ATOMIC_RELEASE);
+}
+
+/* Page key is in place: end the waits on it. */
+static void fault_end(struct vmig__pc_dest *pc, uint64_t key)
+{
+	uint64_t now;
+
+	if (!__atomic_load_n(&pc->waiting, __ATOMIC_ACQUIRE))
+		return;
+	now = vmig__now_ns();
+	pthread_mutex_lock(&pc->acct_lock);
+	for (unsigned i = 0; i < pc->nvcpus; i++)
+		if (pc->vcpu[i].key == key)
+			slot_done(pc, &pc->vcpu[i], (int)i, now);
+	for (unsigned i = 0; i < OTHER_SLOTS; i++)
+		if (pc->other[i].key == key)
+			slot_done(pc, &pc->other[i], -1, now);
+	pthread_mutex_unlock(&pc->acct_lock);
+}
+
+/* ---- placement --------------------------------------------------------- */
+
+/* Install [host, host+len) from src (NULL: zeros) atomically, waking
+ * waiters. Pages that turn out to exist already are skipped. */
+static int uffd_install(int uffd, uint8_t *host, const uint8_t *src, uint64_t len)
+{
+	uint64_t done = 0;
+
+	while (done < len) {
+		int rc;
+		int64_t got;
+
+		if (src) {
+			struct uffdio_copy c = {.dst = (uintptr_t)host + done,
+						.src = (uintptr_t)src + done,
+						.len = len - done};
+			rc = ioctl(uffd, UFFDIO_COPY, &c);
+			got = c.copy;
+		} else {
+			struct uffdio_zeropage z = {.range = {.start = (uintptr_t)host + done,
+							      .len = len - done}};
+			rc = ioctl(uffd, UFFDIO_ZEROPAGE, &z);
+			got = z.zeropage;
+		}
+		if (got > 0)
+			done += (uint64_t)got;
+		if (!rc)
+			continue;
+		if (errno == EAGAIN)
+			continue;
+		if (errno == EEXIST) { /* already there: skip one page */
+			done = VMIG_ALIGN_UP(done + 1, VMIG_PAGE_SIZE);
+			continue;
+		}
+		return -errno;
+	}
+	return 0;
+}
+
+/* Loader hook: pages arriving after the switch (any channel). */
+static int pc_place(void *opaque, unsigned bi, uint64_t first, uint32_t npages,
+		    const uint8_t *buf)
+{
+	struct vmig__pc_dest *pc = opaque;
+	struct vmig__block *b = &pc->s->blocks[bi];
+	uint32_t i = 0;
+
+	while (i < npages) {
+		uint32_t j;
+		int ret;
+
+		if (!bitmap_claim(b->placed, first + i)) {
+			i++; /* already in place: this copy is a late duplicate */
+			continue;
+		}
+		for (j = i + 1; j < npages && bitmap_claim(b->placed, first + j); j++)
+			;
+		/* Claimed [i, j); a page that failed to claim at j is skipped next. */
+		for (uint32_t k = i; k < j; k++)
+			b->page_hash[first + k] = buf ? vmig__page_hash(buf + (uint64_t)k * VMIG_PAGE_SIZE)
+						      : vmig__zero_page_hash();
+		ret = uffd_install(pc->uffd, b->host + (first + i) * VMIG_PAGE_SIZE,
+				   buf ? buf + (uint64_t)i * VMIG_PAGE_SIZE : NULL,
+				   (uint64_t)(j - i) * VMIG_PAGE_SIZE);
+		if (ret)
+			return ret;
+		for (uint32_t k = i; k < j; k++)
+			fault_end(pc, slot_key(bi, first + k));
+		i = j + (j < npages); /* page j (if any) was already placed */
+	}
+	return 0;
+}
+
+/* Loader hook, before the switch: these pages are stale here. */
+static int pc_discard(void *opaque, unsigned bi, uint64_t first, uint64_t npages)
+{
+	struct vmig__pc_dest *pc = opaque;
+	struct vmig__block *b = &pc->s->blocks[bi];
+	uint64_t off = first * VMIG_PAGE_SIZE, len = npages * VMIG_PAGE_SIZE;
+	int ret;
+
+	vmig__bitmap_clear_range(b->received, first, npages);
+	vmig__bitmap_clear_range(b->zero, first, npages);
+	if (b->fd >= 0)
+		ret = fallocate(b->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+				(off_t)(b->fd_offset + off), (off_t)len);
+	else if ((ret = madvise(b->host + off, len, MADV_REMOVE)))
+		ret = madvise(b->host + off, len, MADV_DONTNEED);
+	return ret ? -errno : 0;
+}
+
+/* ---- faults ------------------------------------------------------------ */
+
+static void send_request(struct vmig__pc_dest *pc, unsigned bi, uint64_t pfn)
+{
+	struct vmig_wire_pages req = {.block = bi, .npages = 1, .first = pfn};
+
+	vmig__dest_send_rp(pc->s, VMIG_RP_PAGE_REQ, &req, sizeof(req));
+}
+
+static void handle_fault(struct vmig__pc_dest *pc, uint64_t addr, int tid)
+{
+	struct vmig_session *s = pc->s;
+	unsigned bi;
+
+	for (bi = 0; bi < s->nblocks; bi++)
+		if (addr >= (uintptr_t)s->blocks[bi].host &&
+		    addr - (uintptr_t)s->blocks[bi].host < s->blocks[bi].size)
+			break;
+	if (bi == s->nblocks)
+		return; /* not guest RAM: cannot happen, we registered only that */
+	struct vmig__block *b = &s->blocks[bi];
+	uint64_t pfn = (addr - (uintptr_t)b->host) / VMIG_PAGE_SIZE;
+	uint64_t key = slot_key(bi, pfn);
+	struct uffdio_range wake = {.start = (uintptr_t)b->host + pfn * VMIG_PAGE_SIZE,
+				    .len = VMIG_PAGE_SIZE};
+
+	fault_begin(pc, tid, key, vmig__now_ns());
+	if (bitmap_test_atomic(b->placed, pfn)) {
+		/* Placed meanwhile (or being placed): make sure the thread runs on. */
+		ioctl(pc->uffd, UFFDIO_WAKE, &wake);
+		fault_end(pc, key);
+		return;
+	}
+	if (bitmap_test_atomic(b->received, pfn) && bitmap_test_atomic(b->zero, pfn)) {
+		/* A known zero page that is still a hole: no need to ask. */
+		pc_place(pc, bi, pfn, 1, NULL);
+		return;
+	}
+	if (bitmap_claim(b->requested, pfn)) {
+		pthread_mutex_lock(&pc->acct_lock);
+		pc->requests++;
+		pthread_mutex_unlock(&pc->acct_lock);
+		send_request(pc, bi, pfn);
+	}
+}
+
+static void *fault_main(void *arg)
+{
+	struct vmig__pc_dest *pc = arg;
+	struct pollfd pfd[2] = {{.fd = pc->uffd, .events = POLLIN},
+				{.fd = pc->stop_efd, .events = POLLIN}};
+	struct uffd_msg msgs[32];
+	uint64_t last_pub = 0;
+
+	for (;;) {
+		ssize_t n;
+
+		if (poll(pfd, 2, 100) < 0 && errno != EINTR)
+			break;
+		if (pfd[1].revents)
+			break;
+		n = read(pc->uffd, msgs, sizeof(msgs));
+		for (ssize_t i = 0; n > 0 && i < n / (ssize_t)sizeof(msgs[0]); i++)
+			if (msgs[i].event == UFFD_EVENT_PAGEFAULT)
+				handle_fault(pc, msgs[i].arg.pagefault.address,
+					     (int)msgs[i].arg.pagefault.feat.ptid);
+		if (vmig__now_ns() - last_pub > 100000000ull) {
+			publish_acct(pc);
+			last_pub = vmig__now_ns();
+		}
+	}
+	publish_acct(pc);
+	return NULL;
+}
+
+/* ---- setup ------------------------------------------------------------- */
+
+int vmig__pc_dest_new(struct vmig_session *s, struct vmig__pc_dest **out)
+{
+	struct vmig__pc_dest *pc = calloc(1, sizeof(*pc));
+
+	if (!pc)
+		return -ENOMEM;
+	pc->s = s;
+	pc->uffd = -1;
+	pc->stop_efd = eventfd(0, EFD_CLOEXEC);
+	if (pc->stop_efd < 0) {
+		free(pc);
+		return -errno;
+	}
+	pthread_mutex_init(&pc->acct_lock, NULL);
+	pc->nvcpus = s->nvcpus;
+	for (unsigned i = 0; i < pc->nvcpus; i++)
+		pc->vcpu[i].tid = s->vcpu_tid[i];
+	*out = pc;
+	return 0;
+}
+
+void vmig__pc_dest_hooks(struct vmig__pc_dest *pc, struct vmig__load_hooks *hooks)
+{
+	hooks->place = pc_place;
+	hooks->discard = pc_discard;
+	hooks->opaque = pc;
+}
+
+static void stop_thread(struct vmig__pc_dest *pc)
+{
+	uint64_t one = 1;
+
+	if (!pc->fault_started)
+		return;
+	if (write(pc->stop_efd, &one, sizeof(one)) < 0) {
+		/* an eventfd write of 1 cannot fail here */
+	}
+	pthread_join(pc->fault_thread, NULL);
+	pc->fault_started = false;
+}
+
+void vmig__pc_dest_free(struct vmig__pc_dest *pc)
+{
+	if (!pc)
+		return;
+	stop_thread(pc);
+	if (pc->uffd >= 0)
+		close(pc->uffd); /* unregisters, waking anything still waiting */
+	close(pc->stop_efd);
+	pthread_mutex_destroy(&pc->acct_lock);
+	free(pc);
+}
+
+int vmig__pc_dest_switch(struct vmig__pc_dest *pc, struct vmig__err *err)
+{
+	struct vmig_session *s = pc->s;
+	struct uffdio_api api = {.api = UFFD_API,
+				 .features = UFFD_FEATURE_THREAD_ID | UFFD_FEATURE_MISSING_SHMEM};
+	int ret;
+
+	/* Pages with data from pre-copy that were not discarded are final. */
+	for (unsigned i = 0; i < s->nblocks; i++) {
+		struct vmig__block *b = &s->blocks[i];
+
+		for (size_t w = 0; w < vmig__bitmap_words(b->npages); w++) {
+			b->placed[w] = b->received[w] & ~b->zero[w];
+			b->requested[w] = 0;
+		}
+	}
+	pc->uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+	if (pc->uffd < 0 || ioctl(pc->uffd, UFFDIO_API, &api)) {
+		ret = -errno;
+		vmig__err_set(err, "userfaultfd for post-copy: %s", strerror(errno));
+		return ret;
+	}
+	for (unsigned i = 0; i < s->nblocks; i++) {
+		struct uffdio_register reg = {.range = {.start = (uintptr_t)s->blocks[i].host,
+							.len = s->blocks[i].size},
+					      .mode = UFFDIO_REGISTER_MODE_MISSING};
+		uint64_t need = 1ull << _UFFDIO_COPY | 1ull << _UFFDIO_ZEROPAGE | 1ull << _UFFDIO_WAKE;
+
+		if (ioctl(pc->uffd, UFFDIO_REGISTER, &reg) || (reg.ioctls & need) != need) {
+			ret = errno ? -errno : -EOPNOTSUPP;
+			vmig__err_set(err, "registering RAM block '%s' with userfaultfd: %s",
+				      s->blocks[i].name, strerror(-ret));
+			return ret;
+		}
+	}
+	ret = pthread_create(&pc->fault_thread, NULL, fault_main, pc);
+	if (ret) {
+		vmig__err_set(err, "cannot start the fault thread");
+		return -ret;
+	}
+	pc->fault_started = true;
+	return 0;
+}
+
+/* ---- after the switch: main stream, urgent channel, pause, recovery ---- */
+
+static void *urgent_main(void *arg)
+{
+	struct vmig__pc_dest *pc = arg;
+	struct vmig_session *s = pc->s;
+	struct vmig__reader *r = malloc(sizeof(*r));
+	uint8_t *bounce = malloc(VMIG_REC_MAX_PAGES * VMIG_PAGE_SIZE);
+	struct vmig__err err = {{0}};
+	struct vmig__loader l = {.blocks = pc->lb, .nblocks = s->nblocks, .err = &err,
+				 .urgent = true, .postcopy = true, .blocks_ok = true,
+				 .bounce = bounce};
+	uint8_t type;
+	int fd;
+
+	pthread_mutex_lock(&s->lock);
+	fd = s->urgent_fd;
+	pthread_mutex_unlock(&s->lock);
+	if (r && bounce && fd >= 0) {
+		vmig__pc_dest_hooks(pc, &l.hooks);
+		vmig__reader_init_fd(r, fd);
+		l.r = r;
+		while (!vmig__load_record(&l, &type))
+			;
+	}
+	/* Losing the urgent channel means the connection is gone: pause. */
+	pthread_mutex_lock(&s->lock);
+	if (s->fd >= 0 && !__atomic_load_n(&pc->finishing, __ATOMIC_ACQUIRE))
+		shutdown(s->fd, SHUT_RDWR);
+	pthread_mutex_unlock(&s->lock);
+	free(bounce);
+	free(r);
+	return NULL;
+}
+
+static void close_channels(struct vmig__pc_dest *pc)
+{
+	struct vmig_session *s = pc->s;
+	int fd, ufd;
+
+	pthread_mutex_lock(&s->lock);
+	fd = s->fd;
+	ufd = s->urgent_fd;
+	if (fd >= 0)
+		shutdown(fd, SHUT_RDWR);
+	if (ufd >= 0)
+		shutdown(ufd, SHUT_RDWR);
+	pthread_mutex_unlock(&s->lock);
+	if (pc->urgent_started) {
+		pthread_join(pc->urgent_thread, NULL);
+		pc->urgent_started = false;
+	}
+	pthread_mutex_lock(&s->lock);
+	pthread_mutex_lock(&s->rp_lock);
+	s->fd = s->urgent_fd = -1;
+	pthread_mutex_unlock(&s->rp_lock);
+	pthread_mutex_unlock(&s->lock);
+	if (fd >= 0)
+		close(fd);
+	if (ufd >= 0)
+		close(ufd);
+}
+
+static int start_urgent(struct vmig__pc_dest *pc)
+{
+	int ret = pthread_create(&pc->urgent_thread, NULL, urgent_main, pc);
+
+	if (ret)
+		return -ret;
+	pc->urgent_started = true;
+	return 0;
+}
+
+/* Accept one channel of this migration and check its preamble. */
+static int accept_channel(struct vmig__pc_dest *pc, uint16_t kind, bool resume, int *fd_out,
+			  struct vmig__err *err)
+{
+	struct vmig_session *s = pc->s;
+	struct vmig__reader *r = malloc(sizeof(*r));
+	struct vmig__loader l = {.err = err};
+	int fd, ret;
+
+	if (!r)
+		return -ENOMEM;
+	ret = vmig__chan_accept(s->listen_fd, s->cancel_efd, &fd, err);
+	if (ret) {
+		free(r);
+		return ret;
+	}
+	vmig__reader_init_fd(r, fd);
+	l.r = r;
+	ret = vmig__load_preamble(&l);
+	if (!ret && (l.channel != kind || !(l.pre_flags & VMIG_PRE_F_RESUME) != !resume ||
+		     l.session != s->session_id)) {
+		vmig__err_set(err, "unexpected connection: not the %s channel of this migration",
+			      kind == VMIG_CHAN_URGENT ? "urgent" : "main");
+		ret = -EPROTO;
+	}
+	/* The preamble is all a resuming source sends before our bitmaps. */
+	free(r);
+	if (ret) {
+		close(fd);
+		return ret;
+	}
+	*fd_out = fd;
+	return 0;
+}
+
+static int send_bitmaps(struct vmig__pc_dest *pc)
+{
+	struct vmig_session *s = pc->s;
+
+	for (unsigned bi = 0; bi < s->nblocks; bi++) {
+		struct vmig__block *b = &s->blocks[bi];
+		size_t words = vmig__bitmap_words(b->npages);
+		size_t len = sizeof(struct vmig_wire_recv_bitmap) + words * 8;
+		uint8_t *buf = malloc(len);
+		struct vmig_wire_recv_bitmap hdr = {.block = bi, .npages = b->npages};
+
+		if (!buf)
+			return -ENOMEM;
+		memcpy(buf, &hdr, sizeof(hdr));
+		for (size_t w = 0; w < words; w++) {
+			uint64_t have = __atomic_load_n(&b->placed[w], __ATOMIC_ACQUIRE) |
+					(b->received[w] & b->zero[w]);
+			memcpy(buf + sizeof(hdr) + w * 8, &have, 8);
+		}
+		vmig__dest_send_rp(s, VMIG_RP_RECV_BITMAP, buf, (uint32_t)len);
+		free(buf);
+	}
+	/* Faults still waiting: ask again on the new connection. */
+	for (unsigned bi = 0; bi < s->nblocks; bi++) {
+		struct vmig__block *b = &s->blocks[bi];
+
+		for (uint64_t p = vmig__bitmap_find_next(b->requested, b->npages, 0); p < b->npages;
+		     p = vmig__bitmap_find_next(b->requested, b->npages, p + 1))
+			if (!bitmap_test_atomic(b->placed, p))
+				send_request(pc, bi, p);
+	}
+	return 0;
+}
+
+/* Connection lost after the switch: wait for migrate-recover, reconnect. */
+static int pause_and_recover(struct vmig__pc_dest *pc, struct vmig__loader *l)
+{
+	struct vmig_session *s = pc->s;
+	struct vmig__err err = {{0}};
+	int fd, ufd, ret;
+
+	close_channels(pc);
+	vmig__set_status(s, VMIG_STATUS_POSTCOPY_PAUSED);
+	pthread_mutex_lock(&s->lock);
+	while (!s->recover_requested && !vmig__cancelled(s))
+		pthread_cond_wait(&s->cond, &s->lock);
+	s->recover_requested = false;
+	pthread_mutex_unlock(&s->lock);
+	if (vmig__cancelled(s))
+		return -ECANCELED;
+	vmig__set_status(s, VMIG_STATUS_POSTCOPY_RECOVER);
+	/* Stray or garbage connections are dropped; keep listening. */
+	for (;;) {
+		ret = accept_channel(pc, VMIG_CHAN_MAIN, true, &fd, &err);
+		if (!ret) {
+			ret = accept_channel(pc, VMIG_CHAN_URGENT, true, &ufd, &err);
+			if (ret)
+				close(fd);
+		}
+		if (!ret)
+			break;
+		if (ret == -ECANCELED || s->listen_fd < 0)
+			return ret;
+	}
+	close(s->listen_fd);
+	s->listen_fd = -1;
+	pthread_mutex_lock(&s->lock);
+	s->fd = fd;
+	s->urgent_fd = ufd;
+	pthread_mutex_unlock(&s->lock);
+	vmig__reader_init_fd(l->r, fd);
+	l->have_digest = false;
+	l->eos = false;
+	ret = send_bitmaps(pc);
+	if (!ret)
+		ret = start_urgent(pc);
+	if (!ret)
+		vmig__set_status(s, VMIG_STATUS_POSTCOPY_ACTIVE);
+	return ret;
+}
+
+/* Every page must now be in place or a known zero page. */
+static int check_complete(struct vmig__pc_dest *pc, struct vmig__err *err)
+{
+	struct vmig_session *s = pc->s;
+
+	for (unsigned bi = 0; bi < s->nblocks; bi++) {
+		struct vmig__block *b = &s->blocks[bi];
+
+		for (size_t w = 0; w < vmig__bitmap_words(b->npages); w++) {
+			uint64_t have = b->placed[w] | (b->received[w] & b->zero[w]);
+			uint64_t want = w == b->npages / 64 && b->npages % 64
+						? (1ull << (b->npages % 64)) - 1
+						: ~0ull;
+
+			if ((have & want) != want) {
+				vmig__err_set(err, "RAM block '%s' page %llu never arrived", b->name,
+					      (unsigned long long)(w * 64 +
+								   (unsigned)__builtin_ctzll(~have & want)));
+				return -EIO;
+			}
+		}
+	}
+	return 0;
+}
+
+int vmig__pc_dest_run(struct vmig__pc_dest *pc, struct vmig__loader *l)
+{
+	struct vmig_session *s = pc->s;
+	int ret;
+
+	pc->lb = l->blocks;
+	ret = start_urgent(pc);
+	if (ret)
+		return ret;
+	for (;;) {
+		uint8_t type;
+
+		ret = vmig__load_record(l, &type);
+		if (!ret && !l->eos)
+			continue;
+		if (!ret)
+			break;
+		if (ret != -EPIPE && ret != -ECONNRESET && ret != -ENOTCONN && ret != -ETIMEDOUT)
+			return ret; /* a protocol error is not a network failure */
+		vmig__err_clear(l->err);
+		ret = pause_and_recover(pc, l);
+		if (ret)
+			return ret;
+	}
+	/* Everything was sent on the main channel: the urgent one can go. */
+	__atomic_store_n(&pc->finishing, true, __ATOMIC_RELEASE);
+	pthread_mutex_lock(&s->lock);
+	if (s->urgent_fd >= 0)
+		shutdown(s->urgent_fd, SHUT_RDWR);
+	pthread_mutex_unlock(&s->lock);
+	pthread_join(pc->urgent_thread, NULL);
+	pc->urgent_started = false;
+	ret = check_complete(pc, l->err);
+	if (!ret)
+		ret = vmig__load_verify(l);
+	stop_thread(pc);
+	publish_acct(pc);
+	return ret;
+}
+
+int vmig__pc_dest_accept_urgent(struct vmig__pc_dest *pc, struct vmig__err *err)
+{
+	struct vmig_session *s = pc->s;
+	int ufd, ret = accept_channel(pc, VMIG_CHAN_URGENT, false, &ufd, err);
+
+	if (ret)
+		return ret;
+	pthread_mutex_lock(&s->lock);
+	s->urgent_fd = ufd;
+	pthread_mutex_unlock(&s->lock);
+	return 0;
+}

@@ -1,0 +1,314 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Post-copy on the source: the switch, the background push, page requests
+ * on the urgent channel, and pause/resume.
+ *
+ * After the switch the vCPUs here are stopped for good, so guest RAM is
+ * frozen: any thread may read a page and its content is final. A page's
+ * dirty bit means "the destination may not have this page"; the push and
+ * the request handler clear it atomically, and whoever clears it sends it.
+ * A requested page is sent even if its bit was already clear (it may still
+ * sit in the main channel's buffers); the destination keeps the first copy.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "postcopy/postcopy.h"
+#include "ram/bitmap.h"
+#include "ram/ram.h"
+
+#define STATE_MAX (16u << 20)
+#define NO_HINT UINT64_MAX
+
+static void send_discards(struct vmig__source *src)
+{
+	struct vmig_session *s = src->s;
+
+	for (unsigned bi = 0; bi < s->nblocks; bi++) {
+		struct vmig__block *b = &s->blocks[bi];
+		uint64_t p = vmig__bitmap_find_next(b->dirty, b->npages, 0);
+
+		while (p < b->npages) {
+			uint64_t end = vmig__bitmap_find_next_zero(b->dirty, b->npages, p);
+			struct vmig_wire_discard d = {.block = bi, .first = p, .npages = end - p};
+
+			vmig__writer_rec(src->w, VMIG_REC_DISCARD, &d, sizeof(d));
+			p = vmig__bitmap_find_next(b->dirty, b->npages, end);
+		}
+	}
+}
+
+int vmig__pc_source_switch(struct vmig__source *src)
+{
+	struct vmig_session *s = src->s;
+	uint64_t stop_ns = vmig__now_ns();
+	size_t state_len = 0;
+	void *state;
+	int ret;
+
+	ret = s->ops.stop(s->opaque);
+	if (ret) {
+		vmig__fail(s, ret, "cannot stop the vCPUs");
+		return ret;
+	}
+	src->stopped_vm = true;
+	vmig__emit(s, VMIG_EVENT_STOPPED);
+	ret = vmig__src_sync_dirty(src);
+	if (ret)
+		return ret;
+	/* Tracking is no longer needed: RAM here does not change any more. */
+	vmig__dirty_close(src->dirty);
+	src->dirty = NULL;
+	send_discards(src);
+	state = malloc(STATE_MAX);
+	if (!state) {
+		vmig__fail(s, -ENOMEM, "out of memory for device state");
+		return -ENOMEM;
+	}
+	ret = s->ops.save_state(s->opaque, state, STATE_MAX, &state_len);
+	if (!ret)
+		vmig__writer_rec(src->w, VMIG_REC_STATE, state, (uint32_t)state_len);
+	free(state);
+	if (ret) {
+		vmig__fail(s, ret, "saving device state failed");
+		return ret;
+	}
+	vmig__writer_rec(src->w, VMIG_REC_POSTCOPY_RUN, NULL, 0);
+	__atomic_store_n(&src->hint, NO_HINT, __ATOMIC_RELAXED);
+	ret = vmig__writer_flush(src->w);
+	if (ret) {
+		vmig__fail(s, ret, "sending the post-copy switch failed");
+		return ret;
+	}
+	/* From here the destination may be running: failures pause, not fail. */
+	pthread_mutex_lock(&s->lock);
+	s->in_postcopy = true;
+	pthread_mutex_unlock(&s->lock);
+	vmig__set_status(s, VMIG_STATUS_POSTCOPY_ACTIVE);
+	src->st.ram.downtime_bytes = vmig__src_wire_bytes(src) - src->st.ram.precopy_bytes;
+	if (!vmig__src_wait_rp(s, &s->rp_resumed)) {
+		src->st.downtime_us = (vmig__now_ns() - stop_ns) / 1000;
+		src->st.downtime_ms = (int64_t)((src->st.downtime_us + 500) / 1000);
+		return 0;
+	}
+	pthread_mutex_lock(&s->lock);
+	if (s->rp_error) {
+		/* The destination refused before it started: the VM is still ours. */
+		s->in_postcopy = false;
+		ret = -EIO;
+	}
+	pthread_mutex_unlock(&s->lock);
+	if (ret)
+		vmig__fail(s, ret, "destination did not start");
+	return ret; /* otherwise a lost link: the push loop pauses */
+}
+
+/* Return-path thread: send the requested pages now, on the urgent channel. */
+void vmig__pc_source_request(struct vmig__source *src, const struct vmig_wire_pages *req)
+{
+	struct vmig_session *s = src->s;
+	struct vmig__block *b;
+	uint64_t before, claimed = 0;
+
+	if (req->block >= s->nblocks || !req->npages || req->npages > VMIG_REC_MAX_PAGES)
+		return;
+	b = &s->blocks[req->block];
+	if (req->first >= b->npages || req->npages > b->npages - req->first || !s->in_postcopy)
+		return;
+	for (uint64_t p = req->first; p < req->first + req->npages; p++)
+		claimed += vmig__bitmap_test_and_clear_atomic(b->dirty, p);
+	if (claimed)
+		__atomic_sub_fetch(&src->dirty_pages, claimed, __ATOMIC_RELAXED);
+	before = src->uw->bytes;
+	vmig__src_send_run(src, src->uw, req->block, req->first, req->first + req->npages);
+	/* An urgent-channel error is left to the main channel to notice. */
+	vmig__writer_flush(src->uw);
+	__atomic_add_fetch(&src->urgent_bytes, src->uw->bytes - before, __ATOMIC_RELAXED);
+	__atomic_add_fetch(&src->urgent_requests, 1, __ATOMIC_RELAXED);
+	/* Push the neighbourhood of the fault next. */
+	__atomic_store_n(&src->hint, (uint64_t)req->block << 48 | (req->first + req->npages),
+			 __ATOMIC_RELAXED);
+}
+
+/* Find the next dirty page at or after (bi, pfn), wrapping once. */
+static bool next_dirty(struct vmig__source *src, unsigned *bi, uint64_t *pfn)
+{
+	struct vmig_session *s = src->s;
+
+	for (unsigned n = 0; n <= s->nblocks; n++) {
+		struct vmig__block *b = &s->blocks[*bi];
+		uint64_t p = *pfn < b->npages ? vmig__bitmap_find_next(b->dirty, b->npages, *pfn)
+					      : b->npages;
+
+		if (p < b->npages) {
+			*pfn = p;
+			return true;
+		}
+		*bi = (*bi + 1) % s->nblocks;
+		*pfn = 0;
+	}
+	return false;
+}
+
+/* Send up to one record's worth of dirty pages at (bi, *pfn). */
+static void push_some(struct vmig__source *src, unsigned bi, uint64_t *pfn)
+{
+	struct vmig__block *b = &src->s->blocks[bi];
+	uint64_t p = *pfn, end = p + VMIG_REC_MAX_PAGES, claimed = 0;
+
+	if (end > b->npages)
+		end = b->npages;
+	while (p < end) {
+		uint64_t q;
+
+		if (!vmig__bitmap_test_and_clear_atomic(b->dirty, p)) {
+			p++;
+			continue;
+		}
+		for (q = p + 1; q < end && vmig__bitmap_test_and_clear_atomic(b->dirty, q); q++)
+			;
+		vmig__src_send_run(src, src->w, bi, p, q);
+		claimed += q - p;
+		p = q;
+	}
+	if (claimed)
+		__atomic_sub_fetch(&src->dirty_pages, claimed, __ATOMIC_RELAXED);
+	*pfn = end;
+}
+
+/* Read the destination's RECV_BITMAP for every block: dirty = what it lacks. */
+static int read_bitmaps(struct vmig__source *src)
+{
+	struct vmig_session *s = src->s;
+	struct vmig__reader *r = malloc(sizeof(*r));
+	uint64_t dirty = 0;
+	int ret = 0;
+
+	if (!r)
+		return -ENOMEM;
+	vmig__reader_init_fd(r, s->fd);
+	for (unsigned i = 0; !ret && i < s->nblocks; i++) {
+		struct vmig_wire_rec rec;
+		struct vmig_wire_recv_bitmap hdr;
+		struct vmig__block *b = &s->blocks[i];
+		size_t words = vmig__bitmap_words(b->npages);
+
+		ret = vmig__reader_read(r, &rec, sizeof(rec));
+		if (!ret && (rec.type != VMIG_RP_RECV_BITMAP || rec.len != sizeof(hdr) + words * 8))
+			ret = -EPROTO;
+		if (!ret)
+			ret = vmig__reader_read(r, &hdr, sizeof(hdr));
+		if (!ret && (hdr.block != i || hdr.npages != b->npages || hdr.reserved))
+			ret = -EPROTO;
+		if (!ret)
+			ret = vmig__reader_read(r, b->dirty, words * 8);
+		if (ret)
+			break;
+		for (size_t w = 0; w < words; w++)
+			b->dirty[w] = ~b->dirty[w];
+		if (b->npages % 64)
+			b->dirty[words - 1] &= (1ull << (b->npages % 64)) - 1;
+		dirty += vmig__bitmap_count(b->dirty, b->npages);
+	}
+	/* The destination sends nothing else until it hears from us, so no
+	 * buffered bytes are lost when this reader goes away. */
+	free(r);
+	__atomic_store_n(&src->dirty_pages, dirty, __ATOMIC_RELAXED);
+	return ret;
+}
+
+/* The connection broke after the switch: wait for a resume and reconnect. */
+static int pause_and_resume(struct vmig__source *src)
+{
+	struct vmig_session *s = src->s;
+	int ret;
+
+	vmig__src_close_channels(src);
+	vmig__set_status(s, VMIG_STATUS_POSTCOPY_PAUSED);
+	for (;;) {
+		pthread_mutex_lock(&s->lock);
+		while (!s->recover_requested && !vmig__cancelled(s))
+			pthread_cond_wait(&s->cond, &s->lock);
+		s->recover_requested = false;
+		pthread_mutex_unlock(&s->lock);
+		if (vmig__cancelled(s))
+			return -ECANCELED;
+		__atomic_store_n(&s->pause_requested, false, __ATOMIC_RELEASE);
+		vmig__set_status(s, VMIG_STATUS_POSTCOPY_RECOVER);
+		vmig__err_clear(&s->err);
+		ret = vmig__src_connect(src, true);
+		if (!ret)
+			ret = read_bitmaps(src);
+		if (!ret)
+			ret = vmig__src_start_rp(src);
+		if (!ret)
+			break;
+		vmig__src_close_channels(src);
+		vmig__set_status(s, VMIG_STATUS_POSTCOPY_PAUSED);
+	}
+	vmig__set_status(s, VMIG_STATUS_POSTCOPY_ACTIVE);
+	return 0;
+}
+
+static bool connection_lost(struct vmig__source *src)
+{
+	struct vmig_session *s = src->s;
+	bool failed;
+
+	pthread_mutex_lock(&s->lock);
+	failed = s->rp_failed;
+	pthread_mutex_unlock(&s->lock);
+	return failed || src->w->err || __atomic_load_n(&s->pause_requested, __ATOMIC_ACQUIRE);
+}
+
+/* Push everything the destination lacks, then the digest and EOS, until
+ * the destination confirms. Pauses and resumes as the network demands. */
+int vmig__pc_source_push(struct vmig__source *src)
+{
+	struct vmig_session *s = src->s;
+	unsigned bi = 0;
+	uint64_t pfn = 0;
+	int ret;
+
+	for (;;) {
+		uint64_t hint = __atomic_exchange_n(&src->hint, NO_HINT, __ATOMIC_RELAXED);
+		struct vmig_wire_digest d;
+
+		if (connection_lost(src)) {
+			ret = pause_and_resume(src);
+			if (ret)
+				break;
+			continue;
+		}
+		if (hint != NO_HINT && (hint >> 48) < s->nblocks) {
+			bi = (unsigned)(hint >> 48);
+			pfn = hint & ((1ull << 48) - 1);
+		}
+		if (next_dirty(src, &bi, &pfn)) {
+			push_some(src, bi, &pfn);
+			vmig__src_stats_tick(src, false);
+			continue;
+		}
+		/* All sent: close the stream and wait for the verdict. */
+		vmig__src_digest(src, &d);
+		vmig__writer_rec(src->w, VMIG_REC_DIGEST, &d, sizeof(d));
+		vmig__writer_rec(src->w, VMIG_REC_EOS, NULL, 0);
+		if (!vmig__writer_flush(src->w) && !vmig__src_wait_rp(s, &s->rp_complete)) {
+			ret = 0;
+			break;
+		}
+		pthread_mutex_lock(&s->lock);
+		ret = s->rp_error ? -EIO : 0;
+		pthread_mutex_unlock(&s->lock);
+		if (ret) /* the destination reported a real failure, not a lost link */
+			break;
+	}
+	src->st.ram.postcopy_bytes = vmig__src_wire_bytes(src) - src->st.ram.precopy_bytes +
+				     __atomic_load_n(&src->urgent_bytes, __ATOMIC_RELAXED);
+	if (ret)
+		vmig__fail(s, ret, "post-copy failed");
+	return ret;
+}

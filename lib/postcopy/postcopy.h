@@ -1,0 +1,46 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Post-copy, both sides. Internal to libvmig.
+ *
+ * Source (pc_source.c): at the switch, stop the vCPUs, tell the destination
+ * which of its pages are stale (DISCARD), send the device state and
+ * POSTCOPY_RUN; then push every page not yet in place, preferring the area
+ * of recent faults, while the return-path thread answers page requests on
+ * the urgent channel. A broken connection pauses the migration until
+ * vmig_resume(); the source's memory is frozen, so nothing is lost.
+ *
+ * Destination (pc_dest.c): on POSTCOPY_RUN, register guest RAM with
+ * userfaultfd (MISSING), start a fault thread that turns faults into page
+ * requests, and place every arriving page with UFFDIO_COPY / UFFDIO_ZEROPAGE
+ * exactly once. Blocktime and fault latency are accounted here.
+ */
+#ifndef VMIG_POSTCOPY_H
+#define VMIG_POSTCOPY_H
+
+#include "migrate/migrate_int.h"
+
+/* Source: called by the migration thread after a pre-copy round. */
+int vmig__pc_source_switch(struct vmig__source *src);
+int vmig__pc_source_push(struct vmig__source *src);
+/* Source, return-path thread: a page request from the destination. */
+void vmig__pc_source_request(struct vmig__source *src, const struct vmig_wire_pages *req);
+
+/* Destination. */
+struct vmig__pc_dest;
+/* Hooks for the loader before the switch (discard), created when the
+ * destination has postcopy-ram. */
+int vmig__pc_dest_new(struct vmig_session *s, struct vmig__pc_dest **out);
+void vmig__pc_dest_free(struct vmig__pc_dest *pc);
+void vmig__pc_dest_hooks(struct vmig__pc_dest *pc, struct vmig__load_hooks *hooks);
+/* Accept the urgent channel (the source opened it at setup). */
+int vmig__pc_dest_accept_urgent(struct vmig__pc_dest *pc, struct vmig__err *err);
+/* POSTCOPY_RUN arrived: register userfaultfd and start the fault thread. */
+int vmig__pc_dest_switch(struct vmig__pc_dest *pc, struct vmig__err *err);
+/*
+ * The rest of the migration after the switch: load the main stream (l) and
+ * the urgent channel, pause and recover as needed, verify, unregister.
+ * Returns 0 when every page is in place and verified.
+ */
+int vmig__pc_dest_run(struct vmig__pc_dest *pc, struct vmig__loader *l);
+
+#endif
