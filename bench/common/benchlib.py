@@ -238,6 +238,12 @@ def _cpu_times():
     return sum(vals[:8]), idle
 
 
+def host_busy_cpu_seconds():
+    """CPU seconds all CPUs have spent busy (not idle or iowait) since boot."""
+    total, idle = _cpu_times()
+    return (total - idle) / CLK_TCK
+
+
 def host_busy_fraction(interval_s=1.0):
     """Share of all CPUs busy over interval_s (0..1), whoever used them."""
     total0, idle0 = _cpu_times()
@@ -260,3 +266,35 @@ def wait_quiet(max_busy, timeout_s):
     while busy > max_busy and time.monotonic() < deadline:
         busy = host_busy_fraction()
     return busy
+
+
+def thread_cpu_seconds(pid):
+    """{tid: (thread name, utime + stime seconds)} for every thread of pid."""
+    out = {}
+    try:
+        tids = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open("/proc/%d/task/%s/stat" % (pid, tid)) as f:
+                data = f.read()
+        except OSError:
+            continue  # the thread exited meanwhile
+        name = data[data.index("(") + 1:data.rindex(")")]
+        fields = data[data.rindex(")") + 2:].split()
+        out[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / CLK_TCK)
+    return out
+
+
+def thread_cpu_delta(before, after):
+    """CPU seconds per thread name between two thread_cpu_seconds() samples.
+
+    Threads of the same name are summed; threads that exited in between are
+    lost (their time still counts in the process total).
+    """
+    acc = {}
+    for tid, (name, secs) in after.items():
+        d = secs - before.get(tid, (name, 0.0))[1]
+        acc[name] = round(acc.get(name, 0.0) + d, 2)
+    return {k: v for k, v in sorted(acc.items(), key=lambda kv: -kv[1]) if v > 0}

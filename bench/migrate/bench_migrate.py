@@ -85,7 +85,7 @@ class QemuRuntime(Runtime):
         mib = cfg.mem_bytes // MIB
         return [self.binary, "-accel", "tcg", "-machine", "pc,memory-backend=mem",
                 "-m", "%dM" % mib, "-smp", "1", "-object", backend,
-                "-nodefaults", "-display", "none",
+                "-nodefaults", "-display", "none", "-name", "bench,debug-threads=on",
                 "-qmp", "unix:%s,server=on,wait=off" % qmp_path]
 
     def src_argv(self, cfg, qmp_path):
@@ -200,6 +200,26 @@ def wait_status(qmp, want, timeout_s):
     raise BenchError("status is %r, expected one of %s" % (status, sorted(want)))
 
 
+class ThreadSampler:
+    """Per-thread CPU of some processes, sampled while a migration runs.
+
+    Migration threads often exit at completion, taking their counters with
+    them, so the last value seen of each thread is kept.
+    """
+
+    def __init__(self, pids):
+        self.pids = pids
+        self.first = {pid: benchlib.thread_cpu_seconds(pid) for pid in pids}
+        self.last = {pid: dict(v) for pid, v in self.first.items()}
+
+    def sample(self):
+        for pid in self.pids:
+            self.last[pid].update(benchlib.thread_cpu_seconds(pid))
+
+    def delta(self, pid):
+        return benchlib.thread_cpu_delta(self.first[pid], self.last[pid])
+
+
 def poll_until_done(qmp, timeout_s, on_poll=None):
     """Polls query-migrate until a final status; returns (info, seconds)."""
     t0 = time.monotonic()
@@ -207,10 +227,10 @@ def poll_until_done(qmp, timeout_s, on_poll=None):
     while True:
         info = qmp.execute("query-migrate")
         status = info.get("status")
-        if status in ("completed", "failed", "cancelled"):
-            return info, time.monotonic() - t0
         if on_poll:
             on_poll(info)
+        if status in ("completed", "failed", "cancelled"):
+            return info, time.monotonic() - t0
         if time.monotonic() > deadline:
             raise BenchError("migration still %r after %d s" % (status, timeout_s))
         time.sleep(POLL_S)
@@ -256,18 +276,29 @@ def migrate_once(cfg, runtime, scenario, procs, tmpdir):
         params = qs.execute("query-migrate-parameters")
         run = {"src": qs, "dst": qd}
         busy = benchlib.wait_quiet(cfg.quiet_busy, cfg.quiet_wait_s)
+        threads = ThreadSampler([src.pid, dst.pid])
+        host0 = benchlib.host_busy_cpu_seconds()
         cpu_src0, cpu_dst0 = benchlib.cpu_seconds(src.pid), benchlib.cpu_seconds(dst.pid)
         t0 = time.monotonic()
         qs.execute("migrate", {"uri": uri})
-        info, _ = poll_until_done(qs, cfg.timeout_s, lambda i: scenario.on_poll(run, i))
+
+        def on_src_poll(i):
+            threads.sample()
+            scenario.on_poll(run, i)
+
+        info, _ = poll_until_done(qs, cfg.timeout_s, on_src_poll)
         t_src = time.monotonic() - t0
         cpu_src = benchlib.cpu_seconds(src.pid) - cpu_src0
         if info.get("status") != "completed":
             raise BenchError("source reports %r: %s" % (info.get("status"),
                                                          info.get("error-desc", "")))
-        dst_info, _ = poll_until_done(qd, 120)
+        dst_info, _ = poll_until_done(qd, 120, lambda i: threads.sample())
         t_dst = time.monotonic() - t0
         cpu_dst = benchlib.cpu_seconds(dst.pid) - cpu_dst0
+        # CPU time the rest of the host used meanwhile (other people's jobs,
+        # kernel threads): a large value means this run was disturbed.
+        foreign = benchlib.host_busy_cpu_seconds() - host0 - cpu_dst - (
+            benchlib.cpu_seconds(src.pid) - cpu_src0)
         if dst_info.get("status") != "completed":
             raise BenchError("destination reports %r" % dst_info.get("status"))
         verify_sample(qd, cfg, tmpdir)
@@ -294,6 +325,9 @@ def migrate_once(cfg, runtime, scenario, procs, tmpdir):
             "downtime_limit_ms": params.get("downtime-limit"),
             "max_bandwidth": params.get("max-bandwidth"),
             "host_busy": busy,
+            "foreign_cpu_s": max(0.0, foreign),
+            "src_thread_cpu_s": threads.delta(src.pid),
+            "dst_thread_cpu_s": threads.delta(dst.pid),
             "query_migrate": info,
         }
         m.update(scenario.extra_metrics(run, info, dst_info))
@@ -364,9 +398,11 @@ def run_matrix(cfg, scenarios, runtimes, procs):
                     m = migrate_once(cfg, rt, sc, procs, tmpdir)
                     entry["runs"].append(m)
                     print("  run %d %s: %.2f s, %.2f Gbit/s, downtime %.0f ms, "
-                          "CPU src %.2f s dst %.2f s" %
+                          "CPU src %.2f s dst %.2f s, others %.2f s" %
                           (i + 1, rt.label, m["total_s"], m["ram_gbps"], m["downtime_ms"],
-                           m["src_cpu_s"], m["dst_cpu_s"]), flush=True)
+                           m["src_cpu_s"], m["dst_cpu_s"], m["foreign_cpu_s"]), flush=True)
+                    print("    threads src %s; dst %s" % (m["src_thread_cpu_s"],
+                                                         m["dst_thread_cpu_s"]), flush=True)
                 except (BenchError, OSError) as e:
                     entry["errors"].append(str(e))
                     keep_logs(tmpdir, cfg.results_dir, tag)

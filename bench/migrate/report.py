@@ -153,6 +153,9 @@ def _md_runs(res):
             line += "; downtime ms %s" % dt
         line += "; host CPU busy before start %s" % ", ".join(
             "%.0f%%" % (100 * r["host_busy"]) for r in runs if r.get("host_busy") is not None)
+        if any(r.get("foreign_cpu_s") is not None for r in runs):
+            line += "; CPU s used by other processes during the migration %s" % ", ".join(
+                "%.1f" % r["foreign_cpu_s"] for r in runs if r.get("foreign_cpu_s") is not None)
         lim = runs[0].get("downtime_limit_ms")
         if lim is not None:
             line += "; downtime-limit %s ms" % lim
