@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "guest.h"
 
@@ -31,6 +32,7 @@ struct vcpu_state {
 struct vcpu {
 	struct guest *g;
 	unsigned id;
+	int tid; /* Linux thread id, set by the thread before it first parks */
 	pthread_t thread;
 	struct vcpu_state st;
 };
@@ -188,6 +190,8 @@ static void *vcpu_main(void *arg)
 	double rate = (double)g->cfg.dirty_rate / VMIG_PAGE_SIZE / g->nvcpus;
 	uint64_t t0 = 0, done = 0;
 
+	__atomic_store_n(&v->tid, (int)gettid(), __ATOMIC_RELEASE);
+
 	while (wait_runnable(g)) {
 		uint64_t now = vmig__now_ns(), due;
 
@@ -263,6 +267,11 @@ int guest_create(struct guest **out, uint8_t *ram, uint64_t ram_size, const stru
 		if (pthread_create(&v->thread, NULL, vcpu_main, v))
 			goto err_threads;
 	}
+	/* Wait until every vCPU has parked once, so their thread ids are known. */
+	pthread_mutex_lock(&g->lock);
+	while (g->parked < g->nvcpus)
+		pthread_cond_wait(&g->cond, &g->lock);
+	pthread_mutex_unlock(&g->lock);
 	*out = g;
 	return 0;
 err_threads:
@@ -375,6 +384,11 @@ void guest_get_stats(struct guest *g, struct vm_guest_stats *out)
 	out->mem_bytes = g->npages * VMIG_PAGE_SIZE;
 	out->vcpus = g->nvcpus;
 	out->workload = guest_workload_name(g->cfg.workload);
+}
+
+int guest_vcpu_tid(struct guest *g, unsigned i)
+{
+	return i < g->nvcpus ? __atomic_load_n(&g->vcpus[i].tid, __ATOMIC_ACQUIRE) : -1;
 }
 
 const char *guest_workload_name(enum vm_workload wl)

@@ -34,5 +34,7 @@ int guest_save(struct guest *g, void *buf, size_t cap, size_t *len);
 int guest_load(struct guest *g, const void *buf, size_t len, struct vmig__err *err);
 void guest_get_stats(struct guest *g, struct vm_guest_stats *out);
 const char *guest_workload_name(enum vm_workload wl);
+/* Linux thread id of vCPU i. */
+int guest_vcpu_tid(struct guest *g, unsigned i);
 
 #endif

@@ -29,12 +29,6 @@ static int fail(struct qmp_cmd_ctx *ctx, int ret, const char *what)
 	return ret < 0 ? ret : -EINVAL;
 }
 
-static int unsupported(struct qmp_cmd_ctx *ctx, const char *what)
-{
-	vmig__err_set(&ctx->err, "%s is not supported by this migration engine yet", what);
-	return -EOPNOTSUPP;
-}
-
 static bool name_in(const char *const *names, const char *name)
 {
 	for (; names && *names; names++)
@@ -105,8 +99,10 @@ static int cmd_migrate(struct qmp_cmd_ctx *ctx, const json_t *args)
 		vmig__err_set(&ctx->err, "Block migration (blk, inc) is not supported by vmig");
 		return -EOPNOTSUPP;
 	}
-	if (json_arg_bool(args, "resume", false))
-		return unsupported(ctx, "Resuming a paused post-copy migration");
+	if (json_arg_bool(args, "resume", false)) {
+		ret = vmig_resume(vm_session(ctx->vm), json_arg_str(args, "uri", ""));
+		return ret ? fail(ctx, ret, "migrate (resume)") : 0;
+	}
 	ret = vmig_migrate(vm_session(ctx->vm), json_arg_str(args, "uri", ""));
 	return ret ? fail(ctx, ret, "migrate") : 0;
 }
@@ -139,17 +135,23 @@ static int cmd_migrate_cancel(struct qmp_cmd_ctx *ctx, const json_t *args)
 
 static int cmd_start_postcopy(struct qmp_cmd_ctx *ctx, const json_t *args)
 {
-	return unsupported(ctx, "migrate-start-postcopy");
+	int ret = vmig_start_postcopy(vm_session(ctx->vm));
+
+	return ret ? fail(ctx, ret, "migrate-start-postcopy") : 0;
 }
 
 static int cmd_migrate_pause(struct qmp_cmd_ctx *ctx, const json_t *args)
 {
-	return unsupported(ctx, "migrate-pause");
+	int ret = vmig_pause(vm_session(ctx->vm));
+
+	return ret ? fail(ctx, ret, "migrate-pause") : 0;
 }
 
 static int cmd_migrate_recover(struct qmp_cmd_ctx *ctx, const json_t *args)
 {
-	return unsupported(ctx, "migrate-recover");
+	int ret = vmig_recover(vm_session(ctx->vm), json_arg_str(args, "uri", ""));
+
+	return ret ? fail(ctx, ret, "migrate-recover") : 0;
 }
 
 static int cmd_query_migrate(struct qmp_cmd_ctx *ctx, const json_t *args)
@@ -321,6 +323,38 @@ static json_t *ram_json(const struct vmig_stats *st)
 	return ram;
 }
 
+static json_t *u64_list(const uint64_t *v, unsigned n)
+{
+	json_t *a = json_array();
+
+	for (unsigned i = 0; a && i < n; i++)
+		json_array_append_new(a, json_integer((json_int_t)v[i]));
+	return a;
+}
+
+/* Destination post-copy figures, as QEMU reports them (blocktime in ms,
+ * latencies in ns as QEMU 10.1, the distribution in power-of-two us). */
+static void postcopy_json(json_t *obj, const struct vmig_stats *st)
+{
+	unsigned n = st->postcopy.nvcpus;
+
+	json_object_set_new(obj, "postcopy-blocktime",
+			    json_integer((json_int_t)st->postcopy.blocktime_ms));
+	json_object_set_new(obj, "postcopy-vcpu-blocktime",
+			    u64_list(st->postcopy.vcpu_blocktime_ms, n));
+	json_object_set_new(obj, "postcopy-latency",
+			    json_integer((json_int_t)st->postcopy.latency_ns));
+	json_object_set_new(obj, "postcopy-vcpu-latency", u64_list(st->postcopy.vcpu_latency_ns, n));
+	json_object_set_new(obj, "postcopy-non-vcpu-latency",
+			    json_integer((json_int_t)st->postcopy.non_vcpu_latency_ns));
+	json_object_set_new(obj, "postcopy-latency-dist",
+			    u64_list(st->postcopy.latency_dist, VMIG_LATENCY_BUCKETS));
+	json_object_set_new(obj, "x-vmig-postcopy-faults",
+			    json_integer((json_int_t)st->postcopy.faults));
+	json_object_set_new(obj, "x-vmig-postcopy-requests",
+			    json_integer((json_int_t)st->postcopy.requests));
+}
+
 /*
  * Which fields apply follows QEMU: nothing before any migration; the status
  * alone during setup, on the destination and after cancel; times and ram
@@ -360,6 +394,8 @@ json_t *qmp_stats_to_json(const struct vmig_stats *st)
 			json_object_set_new(obj, "downtime", json_integer(st->downtime_ms));
 		json_object_set_new(obj, "ram", ram_json(st));
 	}
+	if (!st->is_source && st->postcopy.valid)
+		postcopy_json(obj, st);
 	if (st->status == VMIG_STATUS_FAILED && st->error_desc[0])
 		json_object_set_new(
 		    obj, "error-desc",

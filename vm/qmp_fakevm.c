@@ -254,3 +254,50 @@ int vmig_query(vmig_session *s, struct vmig_stats *out)
 	*out = fake.stats;
 	return 0;
 }
+
+int vmig_start_postcopy(vmig_session *s)
+{
+	int e = take_error();
+
+	if (e)
+		return e;
+	if (fake.stats.status != VMIG_STATUS_ACTIVE)
+		return -EINVAL;
+	fake.stats.status = VMIG_STATUS_POSTCOPY_ACTIVE;
+	return 0;
+}
+
+int vmig_pause(vmig_session *s)
+{
+	int e = take_error();
+
+	if (e)
+		return e;
+	if (fake.stats.status != VMIG_STATUS_POSTCOPY_ACTIVE)
+		return -EINVAL;
+	fake.stats.status = VMIG_STATUS_POSTCOPY_PAUSED;
+	return 0;
+}
+
+static int fake_recover(const char *uri)
+{
+	int e = take_error();
+
+	snprintf(fake.last_uri, sizeof(fake.last_uri), "%s", uri);
+	if (e)
+		return e;
+	if (fake.stats.status != VMIG_STATUS_POSTCOPY_PAUSED)
+		return -EINVAL;
+	fake.stats.status = VMIG_STATUS_POSTCOPY_RECOVER;
+	return 0;
+}
+
+int vmig_recover(vmig_session *s, const char *uri)
+{
+	return fake_recover(uri);
+}
+
+int vmig_resume(vmig_session *s, const char *uri)
+{
+	return fake_recover(uri);
+}

@@ -250,6 +250,9 @@ int vm_create(struct vm **out, const struct vm_config *cfg, struct vmig__err *er
 		goto err;
 	}
 	vmig_set_autostart(vm->session, !cfg->start_paused);
+	/* So post-copy can charge page faults to the vCPU that waits. */
+	for (unsigned i = 0; i < cfg->vcpus; i++)
+		vmig_vcpu_register(vm->session, i, guest_vcpu_tid(vm->guest, i));
 	if (cfg->incoming) {
 		vm->rs = VM_RS_INMIGRATE;
 	} else if (cfg->start_paused) {

@@ -126,6 +126,7 @@ struct vmig__source {
 	uint64_t last_pub_pages;
 	uint64_t bandwidth; /* bytes/s, measured */
 	uint64_t last_sync_ns;
+	uint64_t sync_marks; /* SYNC records sent; the destination acks each */
 	uint64_t hint;            /* atomic: (block << 48 | page) to push next, post-copy */
 	uint64_t urgent_bytes;    /* atomic */
 	uint64_t urgent_requests; /* atomic */

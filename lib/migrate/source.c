@@ -569,8 +569,18 @@ static int iterate(struct vmig__source *src)
 			vmig__fail(s, ret, "sending to the destination failed");
 			return ret;
 		}
-		if (__atomic_load_n(&s->postcopy_requested, __ATOMIC_ACQUIRE))
-			return 1;
+		if (__atomic_load_n(&s->postcopy_requested, __ATOMIC_ACQUIRE)) {
+			/* Drain what is queued before stopping, as for pre-copy. */
+			sy.round = ++src->sync_marks;
+			sy.dirty_pages = src->dirty_pages;
+			vmig__writer_rec(src->w, VMIG_REC_SYNC, &sy, sizeof(sy));
+			ret = vmig__writer_flush(src->w);
+			if (!ret)
+				ret = wait_drained(s, sy.round);
+			if (ret)
+				vmig__fail(s, ret, "destination stopped acknowledging the stream");
+			return ret ? ret : 1;
+		}
 		dt = vmig__now_ns() - t0;
 		/* Bandwidth of this round; short rounds are too noisy to use, so
 		 * they fall back to the average since the start. */
@@ -583,7 +593,7 @@ static int iterate(struct vmig__source *src)
 		ret = vmig__src_sync_dirty(src);
 		if (ret)
 			return ret;
-		sy.round = src->st.ram.dirty_sync_count;
+		sy.round = ++src->sync_marks;
 		sy.dirty_pages = src->dirty_pages;
 		vmig__writer_rec(src->w, VMIG_REC_SYNC, &sy, sizeof(sy));
 		vmig__src_stats_tick(src, true);

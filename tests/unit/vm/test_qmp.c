@@ -388,9 +388,10 @@ static void test_migrate(void **state)
 	expect_error(f,
 		     "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"tcp:h:1\",\"blk\":true}}",
 		     "Block");
+	/* resume is only for a paused post-copy migration */
 	expect_error(
 	    f, "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"tcp:h:1\",\"resume\":true}}",
-	    "not supported");
+	    "migrate (resume)");
 	assert_int_equal(fv->migrate_calls, 0);
 	fv->next_error = -ECONNREFUSED;
 	snprintf(fv->error_text, sizeof(fv->error_text), "connect to h:1: refused");
@@ -402,10 +403,22 @@ static void test_migrate(void **state)
 	json_decref(ret_of(f, "{\"execute\":\"migrate-cancel\"}"));
 	json_decref(ret_of(f, "{\"execute\":\"migrate_cancel\"}"));
 	assert_int_equal(fv->cancel_calls, 2);
-	expect_error(f, "{\"execute\":\"migrate-start-postcopy\"}", "not supported");
-	expect_error(f, "{\"execute\":\"migrate-pause\"}", "not supported");
+	/* Post-copy commands out of order are refused ... */
+	expect_error(f, "{\"execute\":\"migrate-start-postcopy\"}", "migrate-start-postcopy");
+	expect_error(f, "{\"execute\":\"migrate-pause\"}", "migrate-pause");
 	expect_error(f, "{\"execute\":\"migrate-recover\",\"arguments\":{\"uri\":\"tcp:h:1\"}}",
-		     "not supported");
+		     "migrate-recover");
+	/* ... and in order they reach the engine. */
+	fv->stats.status = VMIG_STATUS_ACTIVE;
+	json_decref(ret_of(f, "{\"execute\":\"migrate-start-postcopy\"}"));
+	assert_int_equal(fv->stats.status, VMIG_STATUS_POSTCOPY_ACTIVE);
+	json_decref(ret_of(f, "{\"execute\":\"migrate-pause\"}"));
+	assert_int_equal(fv->stats.status, VMIG_STATUS_POSTCOPY_PAUSED);
+	json_decref(ret_of(f, "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"tcp:h:2\","
+			      "\"resume\":true}}"));
+	assert_int_equal(fv->stats.status, VMIG_STATUS_POSTCOPY_RECOVER);
+	assert_string_equal(fv->last_uri, "tcp:h:2");
+	fv->stats.status = VMIG_STATUS_CANCELLED;
 	/* A running VM must not accept incoming RAM. */
 	expect_error(f, "{\"execute\":\"migrate-incoming\",\"arguments\":{\"uri\":\"tcp:h:1\"}}",
 		     "--incoming defer");
