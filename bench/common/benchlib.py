@@ -288,13 +288,20 @@ def thread_cpu_seconds(pid):
 
 
 def thread_cpu_delta(before, after):
-    """CPU seconds per thread name between two thread_cpu_seconds() samples.
+    """CPU seconds per thread between two thread_cpu_seconds() samples.
 
-    Threads of the same name are summed; threads that exited in between are
-    lost (their time still counts in the process total).
+    Keyed by thread name, or "name#tid" when several busy threads share a
+    name (unnamed threads inherit the process name). Threads that exited
+    before the later sample are missing (their time still counts in the
+    process total).
     """
-    acc = {}
+    per_tid = {}
     for tid, (name, secs) in after.items():
-        d = secs - before.get(tid, (name, 0.0))[1]
-        acc[name] = round(acc.get(name, 0.0) + d, 2)
-    return {k: v for k, v in sorted(acc.items(), key=lambda kv: -kv[1]) if v > 0}
+        d = round(secs - before.get(tid, (name, 0.0))[1], 2)
+        if d > 0:
+            per_tid[tid] = (name, d)
+    names = [n for n, _ in per_tid.values()]
+    acc = {}
+    for tid, (name, d) in per_tid.items():
+        acc[name if names.count(name) == 1 else "%s#%d" % (name, tid)] = d
+    return dict(sorted(acc.items(), key=lambda kv: -kv[1]))

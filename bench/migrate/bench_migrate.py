@@ -373,6 +373,10 @@ def keep_logs(tmpdir, dest_dir, tag):
 def run_matrix(cfg, scenarios, runtimes, procs):
     """Returns {scenario: {engine: {"runs": [...], "errors": [...], "pending": reason}}}."""
     os.makedirs(cfg.results_dir, exist_ok=True)
+    # One unmeasured transfer first: the first loopback stream after a quiet
+    # spell was repeatedly several times slower than the ones after it.
+    subprocess.run([cfg.tcp_raw, "--bytes", str(GIB), "--no-memcpy"], capture_output=True,
+                   timeout=cfg.timeout_s)
     results = {}
     for sc in scenarios:
         res = results.setdefault(sc.key, {})

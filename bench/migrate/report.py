@@ -225,7 +225,10 @@ METHOD_TEXT = """### How it is measured
   file, and the destination must reach `running` after `cont`.
 - raw TCP: `bench/migrate/tcp_raw.c` sends the same file from a populated read-only
   mapping over one loopback TCP connection to a reader that discards into a 4 MiB
-  buffer; two threads, CPU per thread. It is the ceiling for one channel.
+  buffer; two threads, CPU per thread. It is the ceiling for one channel. One unmeasured
+  1 GiB transfer warms the path up before the first run.
+- Per-thread CPU of both processes (sampled every 50 ms while migrating) and the CPU
+  time other processes used meanwhile are kept in `bench/results/*/results.json`.
 - Runs are interleaved (raw, QEMU, vmig, raw, ...) and each VM pair is torn down before
   the next starts. The host is shared, so before each measurement the harness waits (up
   to `BENCH_QUIET_WAIT` s) until all CPUs together are at most `BENCH_QUIET_BUSY` busy
