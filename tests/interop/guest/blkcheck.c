@@ -38,6 +38,7 @@
 #define BLK_SIZE 4096u
 #define BLK_MAGIC 0x314b4c4247494d56ull /* "VMIGBLK1" little-endian */
 #define RANGE_BLOCKS 16u		/* discard / write-zeroes range: 64 KiB */
+#define POOL_BLOCKS 2048u		/* read buffers: 8 MiB of guest RAM */
 
 /* Header at the start of every pattern block; the body follows, and the last
  * 8 bytes of the block are a checksum over everything before them. */
@@ -73,6 +74,20 @@ struct state {
 	uint64_t writes, reads, io_errors, bad_blocks, flushes, discards, zeroouts;
 	unsigned gap_report_ms;
 	uint8_t *buf, *expect;
+	/*
+	 * Reads land in a rotating pool of buffers that only the device writes
+	 * (the CPU just compares them). Before a buffer is reused, its content
+	 * is checked again: if the back-end's DMA into it was not dirty-logged
+	 * during a migration, the destination holds an older copy of the page
+	 * and the re-check fails. One buffer would be re-dirtied by the CPU all
+	 * the time and hide exactly that bug.
+	 */
+	uint8_t *pool;
+	struct pool_ent {
+		uint64_t block, gen; /* gen 0: the buffer held zeroes */
+		int valid;
+	} * pool_ent;
+	uint64_t pool_next, mem_bad;
 };
 
 static uint64_t now_ns(void)
@@ -201,12 +216,35 @@ static int write_block(struct state *st, uint64_t b)
 	return 0;
 }
 
+/* Re-checks what an earlier read left in pool buffer `slot`. */
+static void pool_recheck(struct state *st, uint64_t slot)
+{
+	struct pool_ent *e = &st->pool_ent[slot];
+	uint8_t *p = st->pool + slot * BLK_SIZE;
+
+	if (!e->valid)
+		return;
+	e->valid = 0;
+	if (e->gen == 0 ? is_zero(p, BLK_SIZE)
+			: (pattern_fill(st->expect, e->block, e->gen, st->seed),
+			   memcmp(p, st->expect, BLK_SIZE) == 0))
+		return;
+	st->bad_blocks++;
+	st->mem_bad++;
+	printf("VMIG-GUEST: BAD block=%" PRIu64 " expect_gen=%" PRIu64
+	       " kind=read-buffer-changed-in-memory\n",
+	       e->block, e->gen);
+}
+
 static int verify_block(struct state *st, uint64_t b)
 {
-	uint64_t seen;
+	uint64_t seen, slot = st->pool_next++ % POOL_BLOCKS;
 	const char *kind;
-	ssize_t n = pread(st->fd, st->buf, BLK_SIZE, (off_t)(b * BLK_SIZE));
+	ssize_t n;
+	uint8_t *buf = st->pool + slot * BLK_SIZE;
 
+	pool_recheck(st, slot);
+	n = pread(st->fd, buf, BLK_SIZE, (off_t)(b * BLK_SIZE));
 	io_done(st);
 	st->reads++;
 	if (n != (ssize_t)BLK_SIZE) {
@@ -218,21 +256,24 @@ static int verify_block(struct state *st, uint64_t b)
 	if (st->loose[b] == 2)
 		return 0; /* after a failed write anything goes; already counted */
 	if (st->gen[b] == 0) {
-		if (is_zero(st->buf, BLK_SIZE))
-			return 0;
+		if (is_zero(buf, BLK_SIZE))
+			goto good;
 	} else {
 		pattern_fill(st->expect, b, st->gen[b], st->seed);
-		if (memcmp(st->buf, st->expect, BLK_SIZE) == 0)
-			return 0;
-		if (st->loose[b] && is_zero(st->buf, BLK_SIZE))
-			return 0;
+		if (memcmp(buf, st->expect, BLK_SIZE) == 0)
+			goto good;
+		if (st->loose[b] && is_zero(buf, BLK_SIZE))
+			goto good;
 	}
 	st->bad_blocks++;
-	kind = classify(st->buf, b, st->gen[b], &seen);
+	kind = classify(buf, b, st->gen[b], &seen);
 	printf("VMIG-GUEST: BAD block=%" PRIu64 " expect_gen=%" PRIu64 " kind=%s seen_gen=%" PRIu64
 	       "\n",
 	       b, st->gen[b], kind, seen);
 	return -1;
+good:
+	st->pool_ent[slot] = (struct pool_ent){b, is_zero(buf, BLK_SIZE) ? 0 : st->gen[b], 1};
+	return 0;
 }
 
 static void do_flush(struct state *st)
@@ -328,8 +369,8 @@ static int print_device_info(const struct opts *o)
 static void progress(struct state *st, uint64_t t)
 {
 	printf("VMIG-GUEST: PROGRESS t_ms=%.0f writes=%" PRIu64 " reads=%" PRIu64
-	       " io_errors=%" PRIu64 " bad_blocks=%" PRIu64 " maxgap_ms=%.1f\n",
-	       ms_since(st, t), st->writes, st->reads, st->io_errors, st->bad_blocks,
+	       " io_errors=%" PRIu64 " bad_blocks=%" PRIu64 " mem_bad=%" PRIu64 " maxgap_ms=%.1f\n",
+	       ms_since(st, t), st->writes, st->reads, st->io_errors, st->bad_blocks, st->mem_bad,
 	       (double)st->maxgap_ns / 1e6);
 	fflush(stdout);
 }
@@ -397,7 +438,10 @@ static int run_device(const struct opts *o)
 	}
 	st.gen = calloc(st.nblocks, sizeof(*st.gen));
 	st.loose = calloc(st.nblocks, 1);
-	if (!st.gen || !st.loose || posix_memalign((void **)&st.buf, BLK_SIZE, BLK_SIZE) ||
+	st.pool_ent = calloc(POOL_BLOCKS, sizeof(*st.pool_ent));
+	if (!st.gen || !st.loose || !st.pool_ent ||
+	    posix_memalign((void **)&st.pool, BLK_SIZE, (size_t)POOL_BLOCKS * BLK_SIZE) ||
+	    posix_memalign((void **)&st.buf, BLK_SIZE, BLK_SIZE) ||
 	    posix_memalign((void **)&st.expect, BLK_SIZE, BLK_SIZE)) {
 		printf("VMIG-GUEST: ERROR out of memory\n");
 		goto out;
@@ -411,13 +455,15 @@ static int run_device(const struct opts *o)
 	/* Final pass: every block of the region, in order. */
 	for (uint64_t b = 0; b < st.nblocks; b++)
 		verify_block(&st, b);
+	for (uint64_t slot = 0; slot < POOL_BLOCKS; slot++)
+		pool_recheck(&st, slot);
 	progress(&st, now_ns());
-	printf("VMIG-GUEST: SUMMARY writes=%" PRIu64 " reads=%" PRIu64 " flushes=%" PRIu64
-	       " discards=%" PRIu64 " zeroouts=%" PRIu64 " io_errors=%" PRIu64
-	       " bad_blocks=%" PRIu64 " maxgap_ms=%.1f maxgap_end_ms=%.0f serial_ok=%d\n",
-	       st.writes, st.reads, st.flushes, st.discards, st.zeroouts, st.io_errors,
-	       st.bad_blocks, (double)st.maxgap_ns / 1e6, ms_since(&st, st.maxgap_at_ns),
-	       !serial_bad);
+	printf(
+	    "VMIG-GUEST: SUMMARY writes=%" PRIu64 " reads=%" PRIu64 " flushes=%" PRIu64
+	    " discards=%" PRIu64 " zeroouts=%" PRIu64 " io_errors=%" PRIu64 " bad_blocks=%" PRIu64
+	    " mem_bad=%" PRIu64 " maxgap_ms=%.1f maxgap_end_ms=%.0f serial_ok=%d\n",
+	    st.writes, st.reads, st.flushes, st.discards, st.zeroouts, st.io_errors, st.bad_blocks,
+	    st.mem_bad, (double)st.maxgap_ns / 1e6, ms_since(&st, st.maxgap_at_ns), !serial_bad);
 	rc = (st.io_errors || st.bad_blocks || serial_bad) ? 1 : 0;
 out:
 	if (st.fd >= 0)
@@ -426,6 +472,8 @@ out:
 	free(st.loose);
 	free(st.buf);
 	free(st.expect);
+	free(st.pool);
+	free(st.pool_ent);
 	return rc;
 }
 
