@@ -177,6 +177,8 @@ class Config:
         self.results_dir = args.results_dir
         self.quiet_busy = args.quiet_busy
         self.quiet_wait_s = args.quiet_wait
+        self.perf_dir = os.environ.get("BENCH_PERF_DIR")  # optional profiling
+        self.run_tag = ""
 
 
 def set_caps_and_params(qmp, scenario, extra_params=None):
@@ -256,6 +258,30 @@ def verify_sample(qmp, cfg, tmpdir):
         raise BenchError("destination RAM at 0x%x+%d differs from the fill file" % (addr, size))
 
 
+def start_perf(cfg, procs, tmpdir, pids):
+    """With BENCH_PERF_DIR set, profiles each process over the migration."""
+    if not cfg.perf_dir:
+        return []
+    os.makedirs(cfg.perf_dir, exist_ok=True)
+    perfs = []
+    for side, pid in pids.items():
+        out = os.path.join(cfg.perf_dir, "%s-%s.data" % (cfg.run_tag, side))
+        perfs.append(procs.start(["perf", "record", "-q", "-F", "999", "-g", "-p", str(pid),
+                                  "-o", out], os.path.join(tmpdir, "perf-%s.log" % side)))
+    time.sleep(0.5)  # let perf attach before the clock starts
+    return perfs
+
+
+def stop_perf(procs, perfs):
+    for p in perfs:
+        try:
+            os.kill(p.pid, signal.SIGINT)  # perf writes its file on SIGINT
+            p.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        procs.stop(p)
+
+
 def migrate_once(cfg, runtime, scenario, procs, tmpdir):
     """One measured migration; returns a dict of metrics or raises BenchError."""
     need = 2 * cfg.mem_bytes + GIB
@@ -276,6 +302,7 @@ def migrate_once(cfg, runtime, scenario, procs, tmpdir):
         params = qs.execute("query-migrate-parameters")
         run = {"src": qs, "dst": qd}
         busy = benchlib.wait_quiet(cfg.quiet_busy, cfg.quiet_wait_s)
+        perfs = start_perf(cfg, procs, tmpdir, {"src": src.pid, "dst": dst.pid})
         threads = ThreadSampler([src.pid, dst.pid])
         host0 = benchlib.host_busy_cpu_seconds()
         cpu_src0, cpu_dst0 = benchlib.cpu_seconds(src.pid), benchlib.cpu_seconds(dst.pid)
@@ -301,6 +328,7 @@ def migrate_once(cfg, runtime, scenario, procs, tmpdir):
             benchlib.cpu_seconds(src.pid) - cpu_src0)
         if dst_info.get("status") != "completed":
             raise BenchError("destination reports %r" % dst_info.get("status"))
+        stop_perf(procs, perfs)
         verify_sample(qd, cfg, tmpdir)
         qd.execute("cont")
         wait_status(qd, {"running"}, 30)
@@ -398,6 +426,7 @@ def run_matrix(cfg, scenarios, runtimes, procs):
                     continue
                 tmpdir = tempfile.mkdtemp(prefix="vmig-bench-")
                 tag = "%s-%s-run%d" % (sc.key, rt.key, i + 1)
+                cfg.run_tag = tag
                 try:
                     m = migrate_once(cfg, rt, sc, procs, tmpdir)
                     entry["runs"].append(m)

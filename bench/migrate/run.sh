@@ -17,6 +17,7 @@
 #   BENCH_TIMEOUT=600       seconds allowed per migration
 #   BENCH_QUIET_BUSY=0.15   wait until the host's CPUs are at most this busy...
 #   BENCH_QUIET_WAIT=120    ...for up to this many seconds before each measurement
+#   BENCH_PERF_DIR=DIR      also `perf record -g` both sides of each migration into DIR
 #   BENCH_RECORD=1          same as --record
 set -euo pipefail
 
