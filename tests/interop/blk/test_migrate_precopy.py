@@ -7,7 +7,12 @@ writes and verifies O_DIRECT blocks before, during and after the migration;
 its last pass, on the destination, reads back every block. Reads done during
 the migration land in guest RAM through the backend, so a backend that does
 not log its writes to guest memory (VHOST_USER_F_LOG_ALL, SET_LOG_BASE)
-shows up here as bad blocks or a hung guest.
+shows up here as bad blocks or a hung guest. So does a back-end that answers
+GET_VRING_BASE before its in-flight requests have completed: their used-ring
+entries then land after the last dirty-log sync, and the destination guest
+hangs on a lost completion or crashes on a stale one. (qemu-storage-daemon
+7.2 failed this test too, in 4 of 5 runs here: guest hang, or a guest kernel
+oops in blk_mq_complete_request_remote / slub on the destination.)
 
 Usage: test_migrate_precopy.py BUILD_DIR   (VBLK_BACKEND=qsd for the reference)
 """
