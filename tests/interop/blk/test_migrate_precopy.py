@@ -11,8 +11,9 @@ shows up here as bad blocks or a hung guest. So does a back-end that answers
 GET_VRING_BASE before its in-flight requests have completed: their used-ring
 entries then land after the last dirty-log sync, and the destination guest
 hangs on a lost completion or crashes on a stale one. (qemu-storage-daemon
-7.2 failed this test too, in 4 of 5 runs here: guest hang, or a guest kernel
-oops in blk_mq_complete_request_remote / slub on the destination.)
+7.2 fails this test too: 3 of 3 runs here, by a guest kernel oops in
+blk_mq_complete_request_remote or slub on the destination; with a guest that
+read into a single buffer, 1 of 4 runs, by a destination hang.)
 
 Usage: test_migrate_precopy.py BUILD_DIR   (VBLK_BACKEND=qsd for the reference)
 """
