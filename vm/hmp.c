@@ -102,6 +102,34 @@ static void format_ram(FILE *f, const json_t *ram)
 			ju64(ram, "dirty-sync-missed-zero-copy"));
 }
 
+static void format_list(FILE *f, const char *label, const json_t *a)
+{
+	size_t i;
+	const json_t *v;
+
+	fprintf(f, "%s: [", label);
+	json_array_foreach(a, i, v)
+		fprintf(f, "%s%" PRIu64, i ? ", " : "", (uint64_t)json_integer_value(v));
+	fprintf(f, "]\n");
+}
+
+/* Destination post-copy figures: QEMU's lines, then QEMU 10.1's latency. */
+static void format_postcopy(FILE *f, const json_t *qm)
+{
+	if (!json_object_get(qm, "postcopy-blocktime"))
+		return;
+	fprintf(f, "Postcopy Blocktime (ms): %" PRIu64 "\n", ju64(qm, "postcopy-blocktime"));
+	format_list(f, "Postcopy vCPU Blocktime (ms)", json_object_get(qm, "postcopy-vcpu-blocktime"));
+	fprintf(f, "Postcopy Latency (ns): %" PRIu64 "\n", ju64(qm, "postcopy-latency"));
+	fprintf(f, "Postcopy non-vCPU Latencies (ns): %" PRIu64 "\n",
+		ju64(qm, "postcopy-non-vcpu-latency"));
+	format_list(f, "Postcopy vCPU Latencies (ns)", json_object_get(qm, "postcopy-vcpu-latency"));
+	format_list(f, "Postcopy Latency Distribution (2^N us buckets)",
+		    json_object_get(qm, "postcopy-latency-dist"));
+	fprintf(f, "Postcopy page faults: %" PRIu64 ", fetched: %" PRIu64 "\n",
+		ju64(qm, "x-vmig-postcopy-faults"), ju64(qm, "x-vmig-postcopy-requests"));
+}
+
 static void format_info_migrate(FILE *f, const json_t *qm)
 {
 	const json_t *status = json_object_get(qm, "status");
@@ -125,6 +153,7 @@ static void format_info_migrate(FILE *f, const json_t *qm)
 	}
 	if (json_is_object(ram))
 		format_ram(f, ram);
+	format_postcopy(f, qm);
 }
 
 /* Convert "\n" to "\r\n", as QEMU's monitor output has it. */

@@ -99,17 +99,8 @@ static void publish_progress(struct vmig_session *s, struct vmig__loader *l, boo
 static int load_stream(struct vmig_session *s, struct vmig__loader *l)
 {
 	uint64_t last_ns = vmig__now_ns(), last_bytes = 0;
-	int ret = vmig__load_preamble(l);
+	int ret;
 
-	if (ret)
-		return ret;
-	if (l->channel != VMIG_CHAN_MAIN || l->pre_flags & VMIG_PRE_F_RESUME) {
-		vmig__err_set_first(l->err, "expected a new migration, got %s",
-				    l->channel != VMIG_CHAN_MAIN ? "a secondary channel"
-								 : "a resume of another one");
-		return -EPROTO;
-	}
-	s->session_id = l->session;
 	vmig__set_status(s, VMIG_STATUS_ACTIVE);
 	while (!l->eos && !l->run) {
 		uint8_t type;
@@ -162,7 +153,7 @@ static int run_postcopy(struct vmig_session *s, struct vmig__pc_dest *pc, struct
 	l->bounce = malloc(VMIG_REC_MAX_PAGES * VMIG_PAGE_SIZE);
 	if (!l->bounce)
 		return -ENOMEM;
-	ret = vmig__pc_dest_accept_urgent(pc, l->err);
+	ret = s->urgent_fd >= 0 ? 0 : vmig__dest_accept_urgent(s, l->err);
 	if (!ret)
 		ret = vmig__pc_dest_switch(pc, l->err);
 	if (ret)
@@ -181,18 +172,88 @@ static int run_postcopy(struct vmig_session *s, struct vmig__pc_dest *pc, struct
 	return ret;
 }
 
-static int accept_source(struct vmig_session *s)
+/* Keep an urgent channel that arrived; drop it if one is already kept. */
+static void keep_urgent(struct vmig_session *s, int fd)
 {
-	struct vmig__err err = {{0}};
-	int fd, ret = vmig__chan_accept(s->listen_fd, s->cancel_efd, &fd, &err);
-
-	if (ret) {
-		vmig__fail(s, ret, "%s", ret == -ECANCELED ? "migration cancelled" : err.msg);
-		return ret;
-	}
 	pthread_mutex_lock(&s->lock);
-	s->fd = fd;
+	if (s->urgent_fd >= 0)
+		close(s->urgent_fd);
+	s->urgent_fd = fd;
 	pthread_mutex_unlock(&s->lock);
+}
+
+/*
+ * Accept connections until the main channel of this migration arrives, and
+ * read its preamble through l (l->r is re-initialised on the new fd). An
+ * urgent channel may arrive before it (connections can be reordered on the
+ * way): it is kept in s->urgent_fd. A new migration takes the first main
+ * channel and fails on garbage; a resume (resume = true) must carry the
+ * session id of this migration, and anything else is dropped.
+ */
+int vmig__dest_accept(struct vmig_session *s, struct vmig__loader *l, bool resume)
+{
+	uint64_t urgent_session = 0;
+
+	for (;;) {
+		int fd, ret = vmig__chan_accept(s->listen_fd, s->cancel_efd, &fd, l->err);
+		bool ok;
+
+		if (ret)
+			return ret;
+		vmig__reader_init_fd(l->r, fd);
+		ret = vmig__load_preamble(l);
+		ok = !ret && !(l->pre_flags & VMIG_PRE_F_RESUME) == !resume &&
+		     (!resume || l->session == s->session_id);
+		if (ok && l->channel == VMIG_CHAN_URGENT) {
+			keep_urgent(s, fd);
+			urgent_session = l->session;
+			continue;
+		}
+		if (!ok) {
+			close(fd);
+			if (resume)
+				continue;
+			if (!ret) {
+				vmig__err_set_first(l->err, "expected a new migration, got a resume");
+				ret = -EPROTO;
+			}
+			return ret;
+		}
+		pthread_mutex_lock(&s->lock);
+		s->fd = fd;
+		pthread_mutex_unlock(&s->lock);
+		s->session_id = l->session;
+		if (s->urgent_fd >= 0 && urgent_session != s->session_id)
+			keep_urgent(s, -1); /* an urgent channel of someone else */
+		return 0;
+	}
+}
+
+/* The urgent channel, if it has not arrived with the main one. */
+int vmig__dest_accept_urgent(struct vmig_session *s, struct vmig__err *err)
+{
+	struct vmig__reader *r = malloc(sizeof(*r));
+	struct vmig__loader l = {.r = r, .err = err};
+	bool resume = s->in_postcopy;
+
+	if (!r)
+		return -ENOMEM;
+	while (s->urgent_fd < 0) {
+		int fd, ret = vmig__chan_accept(s->listen_fd, s->cancel_efd, &fd, err);
+
+		if (ret) {
+			free(r);
+			return ret;
+		}
+		/* The source sends nothing after this preamble until asked. */
+		vmig__reader_init_fd(r, fd);
+		if (!vmig__load_preamble(&l) && l.channel == VMIG_CHAN_URGENT &&
+		    l.session == s->session_id && !(l.pre_flags & VMIG_PRE_F_RESUME) == !resume)
+			keep_urgent(s, fd);
+		else
+			close(fd);
+	}
+	free(r);
 	return 0;
 }
 
@@ -231,18 +292,18 @@ void *vmig__dest_thread(void *arg)
 	struct vmig__loader l = {0};
 	int ret;
 
-	ret = accept_source(s);
-	if (ret)
-		goto out;
 	r = malloc(sizeof(*r));
 	if (!r || (s->caps[VMIG_CAP_POSTCOPY_RAM] && vmig__pc_dest_new(s, &pc))) {
 		vmig__err_set(&err, "out of memory");
 		ret = -ENOMEM;
 		goto fail;
 	}
-	vmig__reader_init_fd(r, s->fd);
-	reset_ram(s, lb);
 	l.r = r;
+	l.err = &err;
+	ret = vmig__dest_accept(s, &l, false);
+	if (ret)
+		goto fail;
+	reset_ram(s, lb);
 	l.blocks = lb;
 	l.nblocks = s->nblocks;
 	l.err = &err;
@@ -260,6 +321,8 @@ void *vmig__dest_thread(void *arg)
 	}
 fail:
 	if (ret) {
+		if (ret == -ECANCELED)
+			vmig__err_set(&err, "migration cancelled");
 		if (!err.msg[0])
 			vmig__err_set(&err, "%s", strerror(-ret));
 		if (!vmig__cancelled(s))
@@ -270,7 +333,6 @@ fail:
 	vmig__loader_release(&l);
 	free(l.bounce);
 	free(r);
-out:
 	close_all(s);
 	if (!ret)
 		vmig__set_status(s, VMIG_STATUS_COMPLETED);

@@ -55,6 +55,7 @@ enum vmig__param {
 	VMIG_PARAM_DOWNTIME_LIMIT,
 	VMIG_PARAM_MULTIFD_CHANNELS,
 	VMIG_PARAM_DIRTY_TRACKING,
+	VMIG_PARAM_MAX_POSTCOPY_BANDWIDTH,
 	VMIG_PARAM__MAX
 };
 
@@ -167,6 +168,8 @@ int vmig__src_wait_rp(struct vmig_session *s, const bool *flag);
 void vmig__src_digest(struct vmig__source *src, struct vmig_wire_digest *d);
 
 /* dest.c, shared with lib/postcopy */
+int vmig__dest_accept(struct vmig_session *s, struct vmig__loader *l, bool resume);
+int vmig__dest_accept_urgent(struct vmig_session *s, struct vmig__err *err);
 void vmig__dest_send_rp(struct vmig_session *s, uint8_t type, const void *payload, uint32_t len);
 
 #endif

@@ -58,6 +58,7 @@ static const struct {
 	[VMIG_PARAM_MULTIFD_CHANNELS] = {"multifd-channels", 2, 1, 255, false},
 	[VMIG_PARAM_DIRTY_TRACKING] = {"x-vmig-dirty-tracking", VMIG_DIRTY_AUTO, VMIG_DIRTY_AUTO,
 				       VMIG_DIRTY_UFFD_SYNC, false},
+	[VMIG_PARAM_MAX_POSTCOPY_BANDWIDTH] = {"max-postcopy-bandwidth", 0, 0, INT64_MAX, true},
 };
 
 static const char *const param_names[VMIG_PARAM__MAX + 1] = {
@@ -65,6 +66,7 @@ static const char *const param_names[VMIG_PARAM__MAX + 1] = {
 	"downtime-limit",
 	"multifd-channels",
 	"x-vmig-dirty-tracking",
+	"max-postcopy-bandwidth",
 };
 
 VMIG_EXPORT const char *vmig_status_name(enum vmig_status status)

@@ -70,12 +70,14 @@ static int throttle(void *opaque, size_t bytes)
 {
 	struct vmig__source *src = opaque;
 	uint64_t wait_ns;
+	int64_t limit;
 
 	if (vmig__cancelled(src->s))
 		return -ECANCELED;
-	wait_ns = vmig__ratelimit_account(&src->rl, (uint64_t)vmig__param(src->s,
-									 VMIG_PARAM_MAX_BANDWIDTH),
-					  bytes, vmig__now_ns());
+	/* As QEMU: post-copy's background push has its own limit. */
+	limit = vmig__param(src->s, src->s->in_postcopy ? VMIG_PARAM_MAX_POSTCOPY_BANDWIDTH
+							: VMIG_PARAM_MAX_BANDWIDTH);
+	wait_ns = vmig__ratelimit_account(&src->rl, (uint64_t)limit, bytes, vmig__now_ns());
 	if (wait_ns) {
 		struct timespec ts = {.tv_sec = (time_t)(wait_ns / 1000000000ull),
 				      .tv_nsec = (long)(wait_ns % 1000000000ull)};

@@ -536,41 +536,6 @@ static int start_urgent(struct vmig__pc_dest *pc)
 	return 0;
 }
 
-/* Accept one channel of this migration and check its preamble. */
-static int accept_channel(struct vmig__pc_dest *pc, uint16_t kind, bool resume, int *fd_out,
-			  struct vmig__err *err)
-{
-	struct vmig_session *s = pc->s;
-	struct vmig__reader *r = malloc(sizeof(*r));
-	struct vmig__loader l = {.err = err};
-	int fd, ret;
-
-	if (!r)
-		return -ENOMEM;
-	ret = vmig__chan_accept(s->listen_fd, s->cancel_efd, &fd, err);
-	if (ret) {
-		free(r);
-		return ret;
-	}
-	vmig__reader_init_fd(r, fd);
-	l.r = r;
-	ret = vmig__load_preamble(&l);
-	if (!ret && (l.channel != kind || !(l.pre_flags & VMIG_PRE_F_RESUME) != !resume ||
-		     l.session != s->session_id)) {
-		vmig__err_set(err, "unexpected connection: not the %s channel of this migration",
-			      kind == VMIG_CHAN_URGENT ? "urgent" : "main");
-		ret = -EPROTO;
-	}
-	/* The preamble is all a resuming source sends before our bitmaps. */
-	free(r);
-	if (ret) {
-		close(fd);
-		return ret;
-	}
-	*fd_out = fd;
-	return 0;
-}
-
 static int send_bitmaps(struct vmig__pc_dest *pc)
 {
 	struct vmig_session *s = pc->s;
@@ -609,8 +574,7 @@ static int send_bitmaps(struct vmig__pc_dest *pc)
 static int pause_and_recover(struct vmig__pc_dest *pc, struct vmig__loader *l)
 {
 	struct vmig_session *s = pc->s;
-	struct vmig__err err = {{0}};
-	int fd, ufd, ret;
+	int ret;
 
 	close_channels(pc);
 	vmig__set_status(s, VMIG_STATUS_POSTCOPY_PAUSED);
@@ -622,26 +586,14 @@ static int pause_and_recover(struct vmig__pc_dest *pc, struct vmig__loader *l)
 	if (vmig__cancelled(s))
 		return -ECANCELED;
 	vmig__set_status(s, VMIG_STATUS_POSTCOPY_RECOVER);
-	/* Stray or garbage connections are dropped; keep listening. */
-	for (;;) {
-		ret = accept_channel(pc, VMIG_CHAN_MAIN, true, &fd, &err);
-		if (!ret) {
-			ret = accept_channel(pc, VMIG_CHAN_URGENT, true, &ufd, &err);
-			if (ret)
-				close(fd);
-		}
-		if (!ret)
-			break;
-		if (ret == -ECANCELED || s->listen_fd < 0)
-			return ret;
-	}
+	/* Both channels, in whatever order they come; strays are dropped. */
+	ret = vmig__dest_accept(s, l, true);
+	if (!ret && s->urgent_fd < 0)
+		ret = vmig__dest_accept_urgent(s, l->err);
+	if (ret)
+		return ret;
 	close(s->listen_fd);
 	s->listen_fd = -1;
-	pthread_mutex_lock(&s->lock);
-	s->fd = fd;
-	s->urgent_fd = ufd;
-	pthread_mutex_unlock(&s->lock);
-	vmig__reader_init_fd(l->r, fd);
 	l->have_digest = false;
 	l->eos = false;
 	ret = send_bitmaps(pc);
@@ -715,17 +667,4 @@ int vmig__pc_dest_run(struct vmig__pc_dest *pc, struct vmig__loader *l)
 	stop_thread(pc);
 	publish_acct(pc);
 	return ret;
-}
-
-int vmig__pc_dest_accept_urgent(struct vmig__pc_dest *pc, struct vmig__err *err)
-{
-	struct vmig_session *s = pc->s;
-	int ufd, ret = accept_channel(pc, VMIG_CHAN_URGENT, false, &ufd, err);
-
-	if (ret)
-		return ret;
-	pthread_mutex_lock(&s->lock);
-	s->urgent_fd = ufd;
-	pthread_mutex_unlock(&s->lock);
-	return 0;
 }

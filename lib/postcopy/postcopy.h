@@ -32,8 +32,6 @@ struct vmig__pc_dest;
 int vmig__pc_dest_new(struct vmig_session *s, struct vmig__pc_dest **out);
 void vmig__pc_dest_free(struct vmig__pc_dest *pc);
 void vmig__pc_dest_hooks(struct vmig__pc_dest *pc, struct vmig__load_hooks *hooks);
-/* Accept the urgent channel (the source opened it at setup). */
-int vmig__pc_dest_accept_urgent(struct vmig__pc_dest *pc, struct vmig__err *err);
 /* POSTCOPY_RUN arrived: register userfaultfd and start the fault thread. */
 int vmig__pc_dest_switch(struct vmig__pc_dest *pc, struct vmig__err *err);
 /*

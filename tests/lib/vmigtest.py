@@ -215,6 +215,9 @@ class VM:
             raise AssertionError("pmemsave wrote %d bytes, expected %d" % (got, size))
         return h.hexdigest()
 
+    def hmp(self, line):
+        return self.qmp.hmp(line)
+
     def guest(self):
         return self.qmp.cmd("x-vmig-query-guest")
 

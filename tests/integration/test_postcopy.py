@@ -1,0 +1,286 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""Post-copy and hybrid migration between real vmig-vm processes over loopback.
+
+Memory is compared through pmemsave with the destination started with -S, so
+its memory at the end must equal the source at the switch. Other cases let
+the destination run its workload during post-copy: every page it touches
+before it arrives is fetched on demand, and the guest's page self-checks must
+find no inconsistency. Recovery cases cut the connections through a relay
+the test controls, at several points of post-copy, then recover and verify.
+
+usage: test_postcopy.py BUILD_DIR
+"""
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+from vmigtest import VM, QMPError, Runner, check, free_port  # noqa: E402
+
+MEM_ARG = "128M"
+MEM = 128 << 20
+CAPS = [{"capability": "postcopy-ram", "state": True},
+        {"capability": "postcopy-blocktime", "state": True}]
+
+
+def pair(procs, build, workload="random", dst_args=("-S",), rate="32M"):
+    src = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--workload", workload,
+             "--dirty-rate", rate, "--fill", "random", name="src")
+    dst = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--incoming", "defer", *dst_args,
+             name="dst")
+    for vm in (src, dst):
+        vm.qmp.cmd("migrate-set-capabilities", capabilities=CAPS)
+    return src, dst
+
+
+def wait_status(vm, states, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = vm.qmp.cmd("query-migrate")
+        if info.get("status") in states:
+            return info
+        time.sleep(0.02)
+    raise TimeoutError("status %r not reached in %ds (now %r)" % (states, timeout, info))
+
+
+def start(src, dst, uri, switch_after):
+    dst.qmp.cmd("migrate-incoming", uri=uri)
+    src.qmp.cmd("migrate", uri=uri)
+    if switch_after:
+        time.sleep(switch_after)
+    src.qmp.cmd("migrate-start-postcopy")
+
+
+def finish_and_compare(src, dst):
+    info = src.wait_migration(120)
+    dinfo = dst.wait_migration(60)
+    check(info["status"] == "completed", "source %r: %s" % (info["status"],
+                                                          info.get("error-desc")))
+    check(dinfo["status"] == "completed", "destination %r: %s" % (dinfo["status"],
+                                                               dinfo.get("error-desc")))
+    check(src.status() == "postmigrate", "source runstate %s" % src.status())
+    check(src.memory_digest(MEM) == dst.memory_digest(MEM), "guest memory differs")
+    check(dst.guest()["inconsistencies"] == 0, "destination self-check failed")
+    return info, dinfo
+
+
+def case_postcopy(procs, build, workload, switch_after):
+    src, dst = pair(procs, build, workload)
+    if switch_after:
+        # Hybrid: a slow pre-copy, so the switch comes in the middle of it.
+        src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 64 << 20})
+    time.sleep(0.3)
+    start(src, dst, "tcp:127.0.0.1:%d" % free_port(), switch_after)
+    info, dinfo = finish_and_compare(src, dst)
+    ram = info["ram"]
+    check(ram["postcopy-bytes"] > 0, "nothing was sent after the switch: %r" % ram)
+    check("downtime" in info, "no downtime reported")
+    check("postcopy-blocktime" in dinfo, "no blocktime on the destination: %r" % dinfo)
+
+
+def case_dest_runs(procs, build, workload):
+    """The destination runs the workload at once; pages come on demand."""
+    src, dst = pair(procs, build, workload,
+                    dst_args=("--workload", workload, "--dirty-rate", "64M"))
+    time.sleep(0.3)
+    start(src, dst, "tcp:127.0.0.1:%d" % free_port(), 0)
+    info = src.wait_migration(120)
+    dinfo = dst.wait_migration(60)
+    check(info["status"] == "completed", "source %r: %s" % (info["status"],
+                                                          info.get("error-desc")))
+    check(dinfo["status"] == "completed", "destination %r" % dinfo)
+    if workload != "stream":
+        # A sequential writer may stay behind the background push and never
+        # wait; random writers always touch pages that have not arrived.
+        check(info["ram"]["postcopy-requests"] > 0, "no page was requested: %r" % info["ram"])
+        check(dinfo["x-vmig-postcopy-requests"] > 0, "destination fetched nothing")
+    check(len(dinfo["postcopy-vcpu-blocktime"]) == 2, "per-vCPU blocktime missing")
+    check(sum(dinfo["postcopy-latency-dist"]) == dinfo["x-vmig-postcopy-faults"],
+          "latency distribution does not add up: %r" % dinfo)
+    check(dst.status() == "running", "destination runstate %s" % dst.status())
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and dst.guest()["pages-verified"] < 1000:
+        time.sleep(0.1)
+    g = dst.guest()
+    check(g["pages-verified"] >= 1000, "destination verified only %d pages" % g["pages-verified"])
+    check(g["inconsistencies"] == 0, "destination saw inconsistent pages: %r" % g)
+    hmp = dst.hmp("info migrate")
+    check("Postcopy Blocktime" in hmp, "info migrate lacks blocktime: %s" % hmp)
+
+
+class Relay:
+    """Forwards every connection on its port to target; cut() breaks them all."""
+
+    def __init__(self, target):
+        self.target = target
+        self.lsock = socket.socket()
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(8)
+        self.lsock.settimeout(0.2)
+        self.port = self.lsock.getsockname()[1]
+        self.socks = []
+        self.lock = threading.Lock()
+        self.stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _pump(self, a, b):
+        try:
+            while True:
+                d = a.recv(262144)
+                if not d:
+                    break
+                b.sendall(d)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _accept(self):
+        deadline = time.monotonic() + 300
+        while not self.stop and time.monotonic() < deadline:
+            try:
+                a, _ = self.lsock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            b = socket.create_connection(("127.0.0.1", self.target), timeout=30)
+            a.settimeout(None)
+            b.settimeout(None)
+            with self.lock:
+                self.socks += [a, b]
+            threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            threading.Thread(target=self._pump, args=(b, a), daemon=True).start()
+
+    def cut(self):
+        with self.lock:
+            for s in self.socks:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self.socks = []
+
+    def close(self):
+        self.stop = True
+        self.cut()
+        self.lsock.close()
+
+
+def case_recovery(procs, build, cuts):
+    """Cut the link at several points of post-copy; recover each time."""
+    src, dst = pair(procs, build, "random")
+    # Slow background push, so post-copy lasts long enough to be cut.
+    # A slow pre-copy (so the switch comes first) and a slow background push
+    # (so post-copy lasts long enough to be cut).
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 64 << 20,
+                                             "max-postcopy-bandwidth": 24 << 20})
+    port = free_port()
+    relay = Relay(port)
+    dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:%d" % port)
+    src.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % relay.port)
+    time.sleep(0.5)
+    src.qmp.cmd("migrate-start-postcopy")
+    wait_status(src, ("postcopy-active",))
+    for i, delay in enumerate(cuts):
+        time.sleep(delay)
+        if src.qmp.cmd("query-migrate")["status"] == "completed":
+            raise AssertionError("migration completed before cut %d; slow it down" % i)
+        relay.cut()
+        relay.close()
+        wait_status(src, ("postcopy-paused",), 30)
+        wait_status(dst, ("postcopy-paused",), 30)
+        try:
+            src.qmp.cmd("migrate_cancel")
+            raise AssertionError("cancel was accepted during post-copy")
+        except QMPError:
+            pass
+        port = free_port()
+        relay = Relay(port)
+        dst.qmp.cmd("migrate-recover", uri="tcp:127.0.0.1:%d" % port)
+        src.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % relay.port, resume=True)
+        wait_status(src, ("postcopy-active", "completed"), 30)
+    src.qmp.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
+    finish_and_compare(src, dst)
+    relay.close()
+
+
+def case_pause_recover(procs, build):
+    """migrate-pause forces the same path, without a relay."""
+    src, dst = pair(procs, build, "hotset")
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 64 << 20,
+                                             "max-postcopy-bandwidth": 24 << 20})
+    start(src, dst, "tcp:127.0.0.1:%d" % free_port(), 0.3)
+    wait_status(src, ("postcopy-active",))
+    time.sleep(0.5)
+    src.qmp.cmd("migrate-pause")
+    wait_status(src, ("postcopy-paused",), 30)
+    wait_status(dst, ("postcopy-paused",), 30)
+    uri = "tcp:127.0.0.1:%d" % free_port()
+    dst.qmp.cmd("migrate-recover", uri=uri)
+    src.qmp.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
+    src.qmp.cmd("migrate", uri=uri, resume=True)
+    finish_and_compare(src, dst)
+
+
+def case_fail_before_switch(procs, build):
+    """With postcopy-ram on, a failure before the switch still keeps the source."""
+    src, dst = pair(procs, build, "random")
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 20})
+    uri = "tcp:127.0.0.1:%d" % free_port()
+    dst.qmp.cmd("migrate-incoming", uri=uri)
+    src.qmp.cmd("migrate", uri=uri)
+    time.sleep(0.5)
+    dst.kill()
+    info = src.wait_migration(30)
+    check(info["status"] == "failed", "source %r" % info["status"])
+    check(src.status() == "running", "source not running: %s" % src.status())
+    check(src.guest()["inconsistencies"] == 0, "source self-check failed")
+
+
+def case_cli(procs, build, flag):
+    """The vmig CLI's --postcopy and --postcopy-after drive vmig-vm too."""
+    src, dst = pair(procs, build, "random", rate="64M")
+    cli = os.path.join(build, "tools", "vmig", "vmig")
+    argv = [cli, "migrate", "unix:" + src.qmp_path, "tcp:127.0.0.1:%d" % free_port(),
+            "--dest", "unix:" + dst.qmp_path, "--no-progress",
+            "--capability", "postcopy-ram=on"] + flag
+    if flag[0] == "--postcopy-after":
+        # A pre-copy that takes about 4 s, so the 1 s timer decides.
+        argv += ["--max-bandwidth", "32M"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    check(r.returncode == 0, "vmig migrate exited %d: %s %s" % (r.returncode, r.stdout[-500:],
+                                                               r.stderr[-500:]))
+    check("postcopy ram" in r.stdout, "no post-copy in the report: %s" % r.stdout[-800:])
+    check(src.memory_digest(MEM) == dst.memory_digest(MEM), "guest memory differs")
+
+
+def main():
+    if len(sys.argv) != 2:
+        print(__doc__)
+        return 2
+    r = Runner(sys.argv[1])
+    for wl in ("idle", "random", "stream", "hotset"):
+        r.run("postcopy-" + wl, case_postcopy, r.build, wl, 0)
+        r.run("hybrid-" + wl, case_postcopy, r.build, wl, 0.4)
+    for wl in ("random", "stream", "hotset"):
+        r.run("postcopy-dest-runs-" + wl, case_dest_runs, r.build, wl)
+    r.run("postcopy-recover-3-cuts", case_recovery, r.build, (0.2, 0.6, 0.4))
+    r.run("postcopy-recover-immediate-cut", case_recovery, r.build, (0.0,))
+    r.run("postcopy-pause-recover", case_pause_recover, r.build)
+    r.run("postcopy-fail-before-switch", case_fail_before_switch, r.build)
+    r.run("cli-postcopy", case_cli, r.build, ["--postcopy"])
+    r.run("cli-postcopy-after", case_cli, r.build, ["--postcopy-after", "1"])
+    return r.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
