@@ -16,7 +16,8 @@ failed=0
 logdir=$(mktemp -d /tmp/vmig-check.XXXXXX)
 
 count_meson() { # build-dir label
-	local dir=$1 label=$2 log="$logdir/meson-$label.log"
+	local dir=$1 label=$2
+	local log="$logdir/meson-$label.log"
 	meson test -C "$dir" --suite unit --suite fuzz --num-processes 2 --print-errorlogs >"$log" 2>&1
 	local ok fail
 	ok=$(awk '/^Ok:/ {print $2}' "$log")
@@ -34,7 +35,8 @@ count_meson() { # build-dir label
 }
 
 run_script() { # script
-	local t=$1 log="$logdir/$(echo "$t" | tr / _).log" rc
+	local t=$1 rc
+	local log="$logdir/$(echo "$t" | tr / _).log"
 	echo "== $t"
 	timeout --kill-after=10 1200 "$t" "$build" >"$log" 2>"$log.err"
 	rc=$?
