@@ -228,7 +228,8 @@ METHOD_TEXT = """### How it is measured
   buffer; two threads, CPU per thread. It is the ceiling for one channel. One unmeasured
   1 GiB transfer warms the path up before the first run.
 - Per-thread CPU of both processes (sampled every 50 ms while migrating) and the CPU
-  time other processes used meanwhile are kept in `bench/results/*/results.json`.
+  time other processes used meanwhile are kept in `bench/results/*/results.json`;
+  `BENCH_PERF_DIR=DIR` also profiles both sides of each migration with `perf record -g`.
 - Runs are interleaved (raw, QEMU, vmig, raw, ...) and each VM pair is torn down before
   the next starts. The host is shared, so before each measurement the harness waits (up
   to `BENCH_QUIET_WAIT` s) until all CPUs together are at most `BENCH_QUIET_BUSY` busy
