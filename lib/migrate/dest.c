@@ -144,15 +144,31 @@ static int start_guest(struct vmig_session *s, struct vmig__loader *l, uint64_t 
 	return 0;
 }
 
+/*
+ * Register guest RAM with userfaultfd for the whole incoming migration (see
+ * pc_dest.c: pages are installed whole, faster than faulting them in). A
+ * kernel without it still does pre-copy, writing RAM directly.
+ */
+static int register_ram(struct vmig_session *s, struct vmig__pc_dest **pc, struct vmig__err *err)
+{
+	int ret = vmig__pc_dest_register(*pc, err);
+
+	if (!ret)
+		return 0;
+	if (s->caps[VMIG_CAP_POSTCOPY_RAM])
+		return ret; /* post-copy cannot work without it */
+	vmig__err_clear(err);
+	vmig__pc_dest_free(*pc);
+	*pc = NULL;
+	return 0;
+}
+
 /* The post-copy switch: take over now, load the rest while the guest runs. */
 static int run_postcopy(struct vmig_session *s, struct vmig__pc_dest *pc, struct vmig__loader *l)
 {
 	uint64_t t0 = vmig__now_ns();
 	int ret;
 
-	l->bounce = malloc(VMIG_REC_MAX_PAGES * VMIG_PAGE_SIZE);
-	if (!l->bounce)
-		return -ENOMEM;
 	ret = s->urgent_fd >= 0 ? 0 : vmig__dest_accept_urgent(s, l->err);
 	if (!ret)
 		ret = vmig__pc_dest_switch(pc, l->err);
@@ -293,7 +309,8 @@ void *vmig__dest_thread(void *arg)
 	int ret;
 
 	r = malloc(sizeof(*r));
-	if (!r || (s->caps[VMIG_CAP_POSTCOPY_RAM] && vmig__pc_dest_new(s, &pc))) {
+	l.bounce = malloc(VMIG_REC_MAX_PAGES * VMIG_PAGE_SIZE);
+	if (!r || !l.bounce || vmig__pc_dest_new(s, &pc)) {
 		vmig__err_set(&err, "out of memory");
 		ret = -ENOMEM;
 		goto fail;
@@ -306,7 +323,9 @@ void *vmig__dest_thread(void *arg)
 	reset_ram(s, lb);
 	l.blocks = lb;
 	l.nblocks = s->nblocks;
-	l.err = &err;
+	ret = register_ram(s, &pc, &err);
+	if (ret)
+		goto fail;
 	if (pc)
 		vmig__pc_dest_hooks(pc, &l.hooks);
 	ret = load_stream(s, &l);
@@ -316,6 +335,9 @@ void *vmig__dest_thread(void *arg)
 		uint64_t t0 = vmig__now_ns();
 
 		ret = vmig__load_verify(&l);
+		/* Unregister before the vCPUs run: they must not fault to us. */
+		vmig__pc_dest_free(pc);
+		pc = NULL;
 		if (!ret)
 			ret = start_guest(s, &l, t0);
 	}

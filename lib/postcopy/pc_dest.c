@@ -55,6 +55,10 @@ struct vmig__pc_dest {
 	bool urgent_started;
 	pthread_t urgent_thread;
 	bool finishing; /* atomic: EOS seen, the urgent channel may close */
+	/* atomic: faults are answered post-copy style (requests) from the
+	 * first DISCARD on; before that a fault can only be someone reading a
+	 * page that has not arrived yet, which is zero so far. */
+	bool postcopy_faults;
 
 	pthread_mutex_t acct_lock;
 	uint64_t waiting; /* atomic: faults being waited on */
@@ -271,6 +275,41 @@ static int pc_place(void *opaque, unsigned bi, uint64_t first, uint32_t npages,
 	return 0;
 }
 
+/*
+ * Loader hook, pre-copy: put a run of received pages in place. A page that
+ * is still a hole is installed with UFFDIO_COPY, which allocates it and
+ * copies in one step (no fault, no clearing of the new page: about twice as
+ * fast as writing into a fresh shmem page); a page already present (sent
+ * before, or read by someone meanwhile) is overwritten with memcpy.
+ */
+static int pc_fill(void *opaque, unsigned bi, uint64_t first, uint32_t npages, const uint8_t *buf)
+{
+	struct vmig__pc_dest *pc = opaque;
+	struct vmig__block *b = &pc->s->blocks[bi];
+	uint8_t *dst = b->host + first * VMIG_PAGE_SIZE;
+	uint64_t len = (uint64_t)npages * VMIG_PAGE_SIZE, done = 0;
+
+	while (done < len) {
+		struct uffdio_copy c = {.dst = (uintptr_t)dst + done,
+					.src = (uintptr_t)buf + done,
+					.len = len - done};
+
+		if (!ioctl(pc->uffd, UFFDIO_COPY, &c))
+			return 0;
+		if (c.copy > 0) {
+			done += (uint64_t)c.copy;
+			continue;
+		}
+		if (errno == EAGAIN)
+			continue;
+		if (errno != EEXIST)
+			return -errno;
+		memcpy(dst + done, buf + done, VMIG_PAGE_SIZE);
+		done += VMIG_PAGE_SIZE;
+	}
+	return 0;
+}
+
 /* Loader hook, before the switch: these pages are stale here. */
 static int pc_discard(void *opaque, unsigned bi, uint64_t first, uint64_t npages)
 {
@@ -279,6 +318,7 @@ static int pc_discard(void *opaque, unsigned bi, uint64_t first, uint64_t npages
 	uint64_t off = first * VMIG_PAGE_SIZE, len = npages * VMIG_PAGE_SIZE;
 	int ret;
 
+	__atomic_store_n(&pc->postcopy_faults, true, __ATOMIC_RELEASE);
 	vmig__bitmap_clear_range(b->received, first, npages);
 	vmig__bitmap_clear_range(b->zero, first, npages);
 	if (b->fd >= 0)
@@ -315,6 +355,15 @@ static void handle_fault(struct vmig__pc_dest *pc, uint64_t addr, int tid)
 	struct uffdio_range wake = {.start = (uintptr_t)b->host + pfn * VMIG_PAGE_SIZE,
 				    .len = VMIG_PAGE_SIZE};
 
+	if (!__atomic_load_n(&pc->postcopy_faults, __ATOMIC_ACQUIRE)) {
+		/* Pre-copy: the page has not arrived, so it reads as zero. A
+		 * copy arriving later replaces it (pc_fill falls back to memcpy). */
+		struct uffdio_zeropage z = {.range = wake};
+
+		if (ioctl(pc->uffd, UFFDIO_ZEROPAGE, &z))
+			ioctl(pc->uffd, UFFDIO_WAKE, &wake);
+		return;
+	}
 	fault_begin(pc, tid, key, vmig__now_ns());
 	if (bitmap_test_atomic(b->placed, pfn)) {
 		/* Placed meanwhile (or being placed): make sure the thread runs on. */
@@ -389,8 +438,9 @@ int vmig__pc_dest_new(struct vmig_session *s, struct vmig__pc_dest **out)
 
 void vmig__pc_dest_hooks(struct vmig__pc_dest *pc, struct vmig__load_hooks *hooks)
 {
-	hooks->place = pc_place;
-	hooks->discard = pc_discard;
+	hooks->fill = pc_fill;
+	hooks->place = pc->s->caps[VMIG_CAP_POSTCOPY_RAM] ? pc_place : NULL;
+	hooks->discard = pc->s->caps[VMIG_CAP_POSTCOPY_RAM] ? pc_discard : NULL;
 	hooks->opaque = pc;
 }
 
@@ -419,26 +469,50 @@ void vmig__pc_dest_free(struct vmig__pc_dest *pc)
 	free(pc);
 }
 
+/* Ask again for pages that faults are still waiting for. */
+static void rerequest(struct vmig__pc_dest *pc)
+{
+	struct vmig_session *s = pc->s;
+
+	for (unsigned bi = 0; bi < s->nblocks; bi++) {
+		struct vmig__block *b = &s->blocks[bi];
+
+		for (uint64_t p = vmig__bitmap_find_next(b->requested, b->npages, 0); p < b->npages;
+		     p = vmig__bitmap_find_next(b->requested, b->npages, p + 1))
+			if (!bitmap_test_atomic(b->placed, p))
+				send_request(pc, bi, p);
+	}
+}
+
 int vmig__pc_dest_switch(struct vmig__pc_dest *pc, struct vmig__err *err)
+{
+	struct vmig_session *s = pc->s;
+
+	/* Pages with data from pre-copy that were not discarded are final. */
+	for (unsigned i = 0; i < s->nblocks; i++) {
+		struct vmig__block *b = &s->blocks[i];
+
+		for (size_t w = 0; w < vmig__bitmap_words(b->npages); w++)
+			__atomic_fetch_or(&b->placed[w], b->received[w] & ~b->zero[w],
+					  __ATOMIC_RELEASE);
+	}
+	__atomic_store_n(&pc->postcopy_faults, true, __ATOMIC_RELEASE);
+	/* Requests made before the switch were ignored by the source. */
+	rerequest(pc);
+	return 0;
+}
+
+int vmig__pc_dest_register(struct vmig__pc_dest *pc, struct vmig__err *err)
 {
 	struct vmig_session *s = pc->s;
 	struct uffdio_api api = {.api = UFFD_API,
 				 .features = UFFD_FEATURE_THREAD_ID | UFFD_FEATURE_MISSING_SHMEM};
 	int ret;
 
-	/* Pages with data from pre-copy that were not discarded are final. */
-	for (unsigned i = 0; i < s->nblocks; i++) {
-		struct vmig__block *b = &s->blocks[i];
-
-		for (size_t w = 0; w < vmig__bitmap_words(b->npages); w++) {
-			b->placed[w] = b->received[w] & ~b->zero[w];
-			b->requested[w] = 0;
-		}
-	}
 	pc->uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
 	if (pc->uffd < 0 || ioctl(pc->uffd, UFFDIO_API, &api)) {
 		ret = -errno;
-		vmig__err_set(err, "userfaultfd for post-copy: %s", strerror(errno));
+		vmig__err_set(err, "userfaultfd for incoming RAM: %s", strerror(errno));
 		return ret;
 	}
 	for (unsigned i = 0; i < s->nblocks; i++) {
@@ -559,14 +633,7 @@ static int send_bitmaps(struct vmig__pc_dest *pc)
 		free(buf);
 	}
 	/* Faults still waiting: ask again on the new connection. */
-	for (unsigned bi = 0; bi < s->nblocks; bi++) {
-		struct vmig__block *b = &s->blocks[bi];
-
-		for (uint64_t p = vmig__bitmap_find_next(b->requested, b->npages, 0); p < b->npages;
-		     p = vmig__bitmap_find_next(b->requested, b->npages, p + 1))
-			if (!bitmap_test_atomic(b->placed, p))
-				send_request(pc, bi, p);
-	}
+	rerequest(pc);
 	return 0;
 }
 

@@ -32,7 +32,12 @@ struct vmig__pc_dest;
 int vmig__pc_dest_new(struct vmig_session *s, struct vmig__pc_dest **out);
 void vmig__pc_dest_free(struct vmig__pc_dest *pc);
 void vmig__pc_dest_hooks(struct vmig__pc_dest *pc, struct vmig__load_hooks *hooks);
-/* POSTCOPY_RUN arrived: register userfaultfd and start the fault thread. */
+/* Incoming migration starts: register guest RAM with userfaultfd (pages are
+ * installed with UFFDIO_COPY from then on) and start the fault thread.
+ * Fails on kernels without userfaultfd for shmem; then RAM is written
+ * directly and post-copy is not available. */
+int vmig__pc_dest_register(struct vmig__pc_dest *pc, struct vmig__err *err);
+/* POSTCOPY_RUN arrived: faults become page requests. */
 int vmig__pc_dest_switch(struct vmig__pc_dest *pc, struct vmig__err *err);
 /*
  * The rest of the migration after the switch: load the main stream (l) and

@@ -181,9 +181,23 @@ static int load_pages(struct vmig__loader *l, uint8_t type, uint32_t len, uint64
 			return read_error(l, ret, "page data");
 		return l->hooks.place(l->hooks.opaque, pg.block, pg.first, pg.npages, l->bounce);
 	}
-	ret = vmig__reader_read(l->r, dst, (size_t)pg.npages * VMIG_PAGE_SIZE);
-	if (ret)
-		return read_error(l, ret, "page data");
+	if (l->hooks.fill) {
+		/* Through a bounce buffer, so pages can be installed whole. */
+		ret = vmig__reader_read(l->r, l->bounce, (size_t)pg.npages * VMIG_PAGE_SIZE);
+		if (ret)
+			return read_error(l, ret, "page data");
+		ret = l->hooks.fill(l->hooks.opaque, pg.block, pg.first, pg.npages, l->bounce);
+		if (ret) {
+			vmig__err_set_first(l->err, "installing pages in guest RAM: %s",
+					    strerror(-ret));
+			return ret;
+		}
+		dst = l->bounce;
+	} else {
+		ret = vmig__reader_read(l->r, dst, (size_t)pg.npages * VMIG_PAGE_SIZE);
+		if (ret)
+			return read_error(l, ret, "page data");
+	}
 	for (uint32_t i = 0; i < pg.npages; i++) {
 		b->page_hash[pg.first + i] = vmig__page_hash(dst + (uint64_t)i * VMIG_PAGE_SIZE);
 		vmig__bitmap_set(b->received, pg.first + i);

@@ -100,6 +100,9 @@ struct vmig__load_block {
  * switch; a DISCARD record without it is an error.
  */
 struct vmig__load_hooks {
+	/* pre-copy: install pages (buf: npages * 4096 bytes); NULL = write in place */
+	int (*fill)(void *opaque, unsigned block, uint64_t first, uint32_t npages,
+		    const uint8_t *buf);
 	int (*place)(void *opaque, unsigned block, uint64_t first, uint32_t npages,
 		     const uint8_t *buf);
 	int (*discard)(void *opaque, unsigned block, uint64_t first, uint64_t npages);
@@ -114,7 +117,7 @@ struct vmig__loader {
 	struct vmig__load_hooks hooks;
 	bool urgent;       /* urgent channel: page records only */
 	bool postcopy;     /* set by the caller after POSTCOPY_RUN: use hooks.place */
-	uint8_t *bounce;   /* VMIG_REC_MAX_PAGES pages, needed once postcopy is set */
+	uint8_t *bounce;   /* VMIG_REC_MAX_PAGES pages, for hooks.fill and postcopy */
 
 	/* from the preamble */
 	uint16_t channel;

@@ -59,8 +59,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	/* Half of the inputs (by first byte parity after the preamble) run with
 	 * post-copy enabled, so both paths of the loader are fuzzed. */
 	if (size > 24 && data[24] & 1) {
+		l.hooks.fill = fake_place;
 		l.hooks.place = fake_place;
 		l.hooks.discard = fake_discard;
+		l.bounce = bounce;
 	}
 	recv0[0] = recv1[0] = zero0[0] = zero1[0] = 0;
 	vmig__reader_init_mem(r, data, size);
