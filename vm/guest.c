@@ -143,8 +143,8 @@ static uint64_t next_page(struct vcpu *v)
 		if (xorshift(&v->st.rng) % 100 < HOTSET_PERCENT)
 			return owned_pfn(g, v->id, xorshift(&v->st.rng) % hot);
 		return owned_pfn(g, v->id, xorshift(&v->st.rng) % all);
-	default:
-		return owned_pfn(g, v->id, xorshift(&v->st.rng) % all);
+	default: /* random: uniform over the working set */
+		return owned_pfn(g, v->id, xorshift(&v->st.rng) % hot);
 	}
 }
 
