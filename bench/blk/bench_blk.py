@@ -208,7 +208,8 @@ def pause_table(build_dir, have_vmig_blk):
 def machine():
     qemu = subprocess.run(["qemu-system-x86_64", "--version"], stdout=subprocess.PIPE)
     qv = qemu.stdout.decode().splitlines()[0] if qemu.returncode == 0 else "?"
-    return "%d cores, kernel %s, %s" % (os.cpu_count(), platform.release(), qv)
+    kernel = ".".join(platform.release().split(".")[:2])  # no build-specific suffix
+    return "%d cores, kernel %s, %s" % (os.cpu_count(), kernel, qv)
 
 
 def record(lines):
@@ -249,13 +250,18 @@ def main():
                 "medians. `shm-file`: both back-ends serve a 1 GiB file in /dev/shm "
                 "(qsd: file driver, aio=io_uring). `memory`: vmig-blk `--ram 1G` vs qsd "
                 "`null-co` (which does no copy at all, so it flatters qsd). CPU is the "
-                "back-end process's user+system time from /proc/PID/stat divided by I/Os."
+                "back-end process's user+system time from /proc/PID/stat divided by I/Os. "
+                "On a 2-core machine shared with other jobs single runs vary by up to 3x; "
+                "the script prints every run, so look at the spread before trusting a ratio."
                 % (RUNS, SECONDS), ""] + t_rows +
                ["", "### Guest-visible I/O pause (QEMU 7.2 TCG, Linux 6.1 guest)", "",
                 "The guest writes and verifies 4 KiB O_DIRECT blocks at queue depth 1; the "
                 "pause is the longest gap between two completed guest I/Os after each event "
                 "(gaps under 10 ms are not reported by the guest, shown as 0). The "
-                "daemon-measured pause is what `vmig-blk upgrade` prints.", ""] + p_rows)
+                "daemon-measured pause is what `vmig-blk upgrade` prints. The guest figure is "
+                "the largest gap in the 5 s after the event, so it is bounded below by the "
+                "scheduling noise shown in the notes (largest gap in a quiet 3 s window).",
+                ""] + p_rows)
     return 0 if vmig_blk is not None else 1
 
 
