@@ -43,16 +43,21 @@ def _fmt(fmt, v):
     return "-" if v is None else fmt % v
 
 
-def _medians(entry):
+def _columns(sc):
+    return COLUMNS + list(sc.extra_columns)
+
+
+def _medians(entry, sc=None):
     runs = entry.get("runs", [])
-    return {k: benchlib.median([r.get(k) for r in runs]) for k, _, _ in COLUMNS}
+    cols = _columns(sc) if sc else COLUMNS
+    return {k: benchlib.median([r.get(k) for r in runs]) for k, _, _ in cols}
 
 
 def _ratio(a, b):
     return a / b if a and b else None
 
 
-def _rows(res):
+def _rows(res, sc):
     """(key, label, medians or None, status text) per engine, raw first."""
     rows = []
     for key in ORDER + sorted(k for k in res if k not in ORDER):
@@ -65,12 +70,14 @@ def _rows(res):
             rows.append((key, e["label"], None, "failed: " + "; ".join(e["errors"][:1])))
         else:
             status = "%d/%d runs" % (len(e["runs"]), len(e["runs"]) + len(e["errors"]))
-            rows.append((key, e["label"], _medians(e), status))
+            rows.append((key, e["label"], _medians(e, sc), status))
     return rows
 
 
-def _targets(res):
+def _targets(res, sc):
     """Lines stating whether vmig met the issue's targets, or why unknown."""
+    if not sc.has_targets:
+        return []
     med = {k: _medians(e) for k, e in res.items() if e.get("runs")}
     if "vmig" not in med:
         return ["targets: not evaluated (no vmig result)"]
@@ -96,16 +103,17 @@ def print_tables(meta, scenarios, results):
         print()
         print("%s, %d MiB idle guest filled with random data, median of %d run(s)" %
               (sc.title, meta["mem_bytes"] // MIB, meta["runs"]))
-        head = "%-22s" % "engine" + "".join("%12s" % h for _, h, _ in COLUMNS)
+        cols = _columns(sc)
+        head = "%-22s" % "engine" + "".join("%13s" % h for _, h, _ in cols)
         head += "%9s%9s  %s" % ("x QEMU", "x raw", "runs")
         print(head)
         raw = _medians(res["raw"]) if res["raw"]["runs"] else {}
         qemu = _medians(res["qemu"]) if res.get("qemu", {}).get("runs") else {}
-        for key, label, med, st in _rows(res):
+        for key, label, med, st in _rows(res, sc):
             if med is None:
                 print("%-22s  %s" % (label, st))
                 continue
-            line = "%-22s" % label + "".join("%12s" % _fmt(f, med[k]) for k, _, f in COLUMNS)
+            line = "%-22s" % label + "".join("%13s" % _fmt(f, med[k]) for k, _, f in cols)
             xq = _ratio(med["ram_gbps"], qemu.get("ram_gbps")) if key != "raw" else None
             xr = _ratio(med["ram_gbps"], raw.get("ram_gbps"))
             line += "%9s%9s  %s" % (_fmt("%.2f", xq), _fmt("%.2f", xr), st)
@@ -113,7 +121,7 @@ def print_tables(meta, scenarios, results):
         mc = benchlib.median([r.get("memcpy_gbytes_per_s") for r in res["raw"]["runs"]])
         if mc:
             print("memcpy: %.1f GB/s" % mc)
-        for t in _targets(res):
+        for t in _targets(res, sc):
             print(t)
         for e in res.values():
             if e.get("errors"):
@@ -123,16 +131,17 @@ def print_tables(meta, scenarios, results):
     return status
 
 
-def _md_table(res):
+def _md_table(res, sc):
+    cols = _columns(sc)
     raw = _medians(res["raw"]) if res["raw"]["runs"] else {}
     qemu = _medians(res["qemu"]) if res.get("qemu", {}).get("runs") else {}
-    out = ["| engine | " + " | ".join(h for _, h, _ in COLUMNS) + " | x QEMU | x raw |",
-           "|---" * (len(COLUMNS) + 3) + "|"]
-    for key, label, med, st in _rows(res):
+    out = ["| engine | " + " | ".join(h for _, h, _ in cols) + " | x QEMU | x raw |",
+           "|---" * (len(cols) + 3) + "|"]
+    for key, label, med, st in _rows(res, sc):
         if med is None:
-            out.append("| %s | %s |" % (label, " | ".join([st] + [""] * (len(COLUMNS) + 1))))
+            out.append("| %s | %s |" % (label, " | ".join([st] + [""] * (len(cols) + 1))))
             continue
-        cells = [_fmt(f, med[k]) for k, _, f in COLUMNS]
+        cells = [_fmt(f, med[k]) for k, _, f in cols]
         xq = _ratio(med["ram_gbps"], qemu.get("ram_gbps")) if key != "raw" else None
         xr = _ratio(med["ram_gbps"], raw.get("ram_gbps"))
         cells += [_fmt("%.2f", xq), _fmt("%.2f", xr)]
@@ -140,9 +149,9 @@ def _md_table(res):
     return out
 
 
-def _md_runs(res):
+def _md_runs(res, sc):
     out = []
-    for key, label, med, st in _rows(res):
+    for key, label, med, st in _rows(res, sc):
         runs = res[key].get("runs", [])
         if not runs:
             continue
@@ -180,17 +189,17 @@ def markdown(meta, scenarios, results):
         out.append("### %s, %.0f GiB idle guest, random contents, median of %d runs" %
                    (sc.title, gib, meta["runs"]))
         out.append("")
-        out += _md_table(res)
+        out += _md_table(res, sc)
         out.append("")
         mc = benchlib.median([r.get("memcpy_gbytes_per_s") for r in res["raw"]["runs"]])
         if mc:
             out.append("memcpy on this host: %.1f GB/s." % mc)
             out.append("")
-        out += ["- " + t for t in _targets(res)]
+        out += ["- " + t for t in _targets(res, sc)]
         out.append("")
         out.append("Individual runs:")
         out.append("")
-        out += _md_runs(res)
+        out += _md_runs(res, sc)
         out.append("")
     out += METHOD_TEXT.format(gib=gib, size=meta["mem_bytes"]).split("\n")
     return "\n".join(out)
@@ -235,4 +244,7 @@ METHOD_TEXT = """### How it is measured
   to `BENCH_QUIET_WAIT` s) until all CPUs together are at most `BENCH_QUIET_BUSY` busy
   over one second; the busy share it saw is listed with the runs.
 - Figures are per-column medians; x QEMU and x raw compare Gbit/s.
+- Further scenarios run with `BENCH_SCENARIOS` (comma-separated): `multifd-4` (4 multifd
+  channels) and `postcopy` (capability `postcopy-ram`, `migrate-start-postcopy` as soon
+  as the source is active; blocktime is the destination's `postcopy-blocktime`).
 """
