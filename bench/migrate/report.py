@@ -179,7 +179,8 @@ def markdown(meta, scenarios, results):
     gib = meta["mem_bytes"] / (1 << 30)
     out = ["## Live migration: vmig vs QEMU %s vs raw loopback TCP" % (meta["qemu_version"] or ""),
            "",
-           "Recorded by `%s` on %s." % (meta["command"], meta["date"]),
+           "Recorded by `%s` (the migration part of `make bench`) on %s." %
+           (meta["command"], meta["date"]),
            "Host: %s, %s CPUs, %.0f GiB RAM, Linux %s. QEMU %s (TCG). Tree: %s." %
            (meta["cpu"], meta["cpus"], meta["mem_gib"], meta["kernel"],
             meta["qemu_version"] or "?", meta["commit"] or "?"),

@@ -78,7 +78,8 @@ args=(--build-dir "$build_dir" --mem "$mem" --runs "$runs" --fill-file "$fill"
       --scenarios "${BENCH_SCENARIOS:-precopy-1ch}" --runtimes "${BENCH_RUNTIMES:-qemu,vmig}"
       --timeout "${BENCH_TIMEOUT:-600}"
       --quiet-busy "${BENCH_QUIET_BUSY:-0.15}" --quiet-wait "${BENCH_QUIET_WAIT:-120}")
-cmd="BENCH_RUNS=$runs BENCH_MEM=$mem make bench"
+# The command quoted in the record: what `make bench` runs for this suite.
+cmd="BENCH_RUNS=$runs BENCH_MEM=$mem bench/migrate/run.sh $(basename "$build_dir")"
 if [ "$record" = 1 ]; then
 	doc="$root/docs/benchmarks.md"
 	if [ ! -f "$doc" ]; then
@@ -86,7 +87,7 @@ if [ "$record" = 1 ]; then
 		exit 1
 	fi
 	args+=(--record "$doc")
-	cmd="BENCH_RUNS=$runs BENCH_MEM=$mem BENCH_RECORD=1 make bench"
+	cmd="$cmd --record"
 fi
 
 # The Python harness owns the VMs and kills them on exit, on Ctrl-C
