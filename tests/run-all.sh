@@ -34,13 +34,13 @@ count_meson() { # build-dir label
 	failed=$((failed + fail))
 }
 
-run_script() { # script
-	local t=$1 rc
-	local log="$logdir/$(echo "$t" | tr / _).log"
-	echo "== $t"
-	timeout --kill-after=10 1200 "$t" "$build" >"$log" 2>"$log.err"
+run_script() { # script build-dir [label]
+	local t=$1 dir=$2 rc
+	local log="$logdir/$(echo "$t${3:-}" | tr / _).log"
+	echo "== $t ${3:-}"
+	timeout --kill-after=10 1200 "$t" "$dir" >"$log" 2>"$log.err"
 	rc=$?
-	cat "$log" | grep -E '^(PASS|FAIL):'
+	grep -E '^(PASS|FAIL):' "$log" | sed "s/^\(PASS\|FAIL\):/\1:${3:+ [$3]}/"
 	local p f
 	p=$(grep -c '^PASS:' "$log")
 	f=$(grep -c '^FAIL:' "$log")
@@ -64,7 +64,16 @@ for t in tests/integration/test_* tests/interop/*/test_*; do
 	[ -x "$t" ] || continue
 	case "$t" in *.py|*.sh) ;; *) continue ;; esac
 	[ -n "${VMIG_TESTS:-}" ] && [[ "$t" != *${VMIG_TESTS}* ]] && continue
-	run_script "$t"
+	run_script "$t" "$build"
+done
+
+# The engine's real multi-process runs once more under ASan+UBSan: a memory
+# error in any vmig-vm aborts it and fails its case.
+export ASAN_OPTIONS=abort_on_error=1:detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+for t in tests/integration/test_*; do
+	[ -x "$t" ] || continue
+	[ -n "${VMIG_TESTS:-}" ] && [[ "$t" != *${VMIG_TESTS}* ]] && continue
+	run_script "$t" "$asan" asan
 done
 
 rm -rf "$logdir"
