@@ -275,22 +275,8 @@ int vmig__dest_accept_urgent(struct vmig_session *s, struct vmig__err *err)
 
 static void close_all(struct vmig_session *s)
 {
-	int fd, ufd;
-
-	pthread_mutex_lock(&s->lock);
-	pthread_mutex_lock(&s->rp_lock);
-	fd = s->fd;
-	ufd = s->urgent_fd;
-	s->fd = s->urgent_fd = -1;
-	pthread_mutex_unlock(&s->rp_lock);
-	pthread_mutex_unlock(&s->lock);
-	if (fd >= 0) {
-		/* Let the source read our last message before the FIN. */
-		shutdown(fd, SHUT_WR);
-		close(fd);
-	}
-	if (ufd >= 0)
-		close(ufd);
+	/* close() sends a FIN after our last message, which the source reads. */
+	vmig__close_channels(s);
 	/* One migration per migrate-incoming, as in QEMU. */
 	if (s->listen_fd >= 0) {
 		close(s->listen_fd);

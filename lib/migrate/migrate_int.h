@@ -148,6 +148,8 @@ static inline int64_t vmig__param(struct vmig_session *s, enum vmig__param p)
 {
 	return __atomic_load_n(&s->params[p], __ATOMIC_RELAXED);
 }
+void vmig__break_channels(struct vmig_session *s);
+void vmig__close_channels(struct vmig_session *s);
 /* Publish a stats snapshot (under lock). */
 void vmig__publish(struct vmig_session *s, const struct vmig_stats *st);
 
@@ -161,6 +163,8 @@ void vmig__src_stats_tick(struct vmig__source *src, bool force);
 void vmig__src_send_run(struct vmig__source *src, struct vmig__writer *w, unsigned bi,
 			uint64_t first, uint64_t end);
 int vmig__src_sync_dirty(struct vmig__source *src);
+int vmig__src_stop_vm(struct vmig__source *src);
+int vmig__src_send_state(struct vmig__source *src);
 int vmig__src_connect(struct vmig__source *src, bool resume);
 int vmig__src_start_rp(struct vmig__source *src);
 void vmig__src_close_channels(struct vmig__source *src);

@@ -136,8 +136,6 @@ static bool migration_running(struct vmig_session *s)
 	       st == VMIG_STATUS_POSTCOPY_RECOVER;
 }
 
-static void break_channels(struct vmig_session *s);
-
 VMIG_EXPORT void vmig_session_free(vmig_session *s)
 {
 	uint64_t one = 1;
@@ -147,7 +145,7 @@ VMIG_EXPORT void vmig_session_free(vmig_session *s)
 	/* Stop everything, post-copy included (vmig_cancel refuses that). */
 	vmig_cancel(s);
 	__atomic_store_n(&s->cancel, true, __ATOMIC_RELEASE);
-	break_channels(s);
+	vmig__break_channels(s);
 	if (write(s->cancel_efd, &one, sizeof(one)) < 0) {
 		/* cannot fail: the counter is far from overflow */
 	}
@@ -531,8 +529,8 @@ VMIG_EXPORT int vmig_start_postcopy(vmig_session *s)
 	return 0;
 }
 
-/* Break the connections; the threads see the error and pause. */
-static void break_channels(struct vmig_session *s)
+/* Break the connections; the threads blocked on them see an error. */
+void vmig__break_channels(struct vmig_session *s)
 {
 	pthread_mutex_lock(&s->lock);
 	if (s->fd >= 0)
@@ -541,6 +539,25 @@ static void break_channels(struct vmig_session *s)
 		shutdown(s->urgent_fd, SHUT_RDWR);
 	pthread_cond_broadcast(&s->cond);
 	pthread_mutex_unlock(&s->lock);
+}
+
+/* Detach both connections from the session and close them (the threads
+ * that used them have been joined). */
+void vmig__close_channels(struct vmig_session *s)
+{
+	int fd, ufd;
+
+	pthread_mutex_lock(&s->lock);
+	pthread_mutex_lock(&s->rp_lock);
+	fd = s->fd;
+	ufd = s->urgent_fd;
+	s->fd = s->urgent_fd = -1;
+	pthread_mutex_unlock(&s->rp_lock);
+	pthread_mutex_unlock(&s->lock);
+	if (fd >= 0)
+		close(fd);
+	if (ufd >= 0)
+		close(ufd);
 }
 
 VMIG_EXPORT int vmig_pause(vmig_session *s)
@@ -552,7 +569,7 @@ VMIG_EXPORT int vmig_pause(vmig_session *s)
 		return -EINVAL;
 	}
 	__atomic_store_n(&s->pause_requested, true, __ATOMIC_RELEASE);
-	break_channels(s);
+	vmig__break_channels(s);
 	return 0;
 }
 

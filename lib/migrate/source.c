@@ -356,42 +356,61 @@ static int digest_record(struct vmig__source *src)
 	return 0;
 }
 
-/* Stop the VM, send the rest, and hand over. */
-static int switch_over(struct vmig__source *src)
+/* Stop the vCPUs and collect the last dirty pages (both kinds of switch). */
+int vmig__src_stop_vm(struct vmig__source *src)
 {
 	struct vmig_session *s = src->s;
-	uint64_t stop_ns = vmig__now_ns();
-	uint64_t before = vmig__src_wire_bytes(src);
-	void *state = NULL;
-	size_t state_len = 0;
-	int ret;
+	int ret = s->ops.stop(s->opaque);
 
-	ret = s->ops.stop(s->opaque);
 	if (ret) {
 		vmig__fail(s, ret, "cannot stop the vCPUs");
 		return ret;
 	}
 	src->stopped_vm = true;
 	vmig__emit(s, VMIG_EVENT_STOPPED);
-	ret = vmig__src_sync_dirty(src);
-	if (ret)
-		return ret;
-	ret = send_dirty(src);
-	if (ret)
-		goto err_io;
-	state = malloc(STATE_MAX);
+	return vmig__src_sync_dirty(src);
+}
+
+/* Queue the embedder's device state as a STATE record. */
+int vmig__src_send_state(struct vmig__source *src)
+{
+	struct vmig_session *s = src->s;
+	size_t state_len = 0;
+	void *state = malloc(STATE_MAX);
+	int ret;
+
 	if (!state) {
 		vmig__fail(s, -ENOMEM, "out of memory for device state");
 		return -ENOMEM;
 	}
 	ret = s->ops.save_state(s->opaque, state, STATE_MAX, &state_len);
-	if (ret || state_len > STATE_MAX) {
-		free(state);
-		vmig__fail(s, ret ? ret : -EOVERFLOW, "saving device state failed");
-		return ret ? ret : -EOVERFLOW;
-	}
-	vmig__writer_rec(src->w, VMIG_REC_STATE, state, (uint32_t)state_len);
+	if (!ret && state_len > STATE_MAX)
+		ret = -EOVERFLOW;
+	if (!ret)
+		vmig__writer_rec(src->w, VMIG_REC_STATE, state, (uint32_t)state_len);
 	free(state);
+	if (ret)
+		vmig__fail(s, ret, "saving device state failed");
+	return ret;
+}
+
+/* Stop the VM, send the rest, and hand over. */
+static int switch_over(struct vmig__source *src)
+{
+	struct vmig_session *s = src->s;
+	uint64_t stop_ns = vmig__now_ns();
+	uint64_t before = vmig__src_wire_bytes(src);
+	int ret;
+
+	ret = vmig__src_stop_vm(src);
+	if (ret)
+		return ret;
+	ret = send_dirty(src);
+	if (ret)
+		goto err_io;
+	ret = vmig__src_send_state(src);
+	if (ret)
+		return ret;
 	ret = digest_record(src);
 	if (ret)
 		return ret;
@@ -488,27 +507,13 @@ int vmig__src_start_rp(struct vmig__source *src)
 void vmig__src_close_channels(struct vmig__source *src)
 {
 	struct vmig_session *s = src->s;
-	int fd, ufd;
 
-	pthread_mutex_lock(&s->lock);
-	fd = s->fd;
-	ufd = s->urgent_fd;
-	if (fd >= 0)
-		shutdown(fd, SHUT_RDWR);
-	if (ufd >= 0)
-		shutdown(ufd, SHUT_RDWR);
-	pthread_mutex_unlock(&s->lock);
+	vmig__break_channels(s);
 	if (s->rp_started) {
 		pthread_join(s->rp_thread, NULL);
 		s->rp_started = false;
 	}
-	pthread_mutex_lock(&s->lock);
-	s->fd = s->urgent_fd = -1;
-	pthread_mutex_unlock(&s->lock);
-	if (fd >= 0)
-		close(fd);
-	if (ufd >= 0)
-		close(ufd);
+	vmig__close_channels(s);
 }
 
 static int setup(struct vmig__source *src)

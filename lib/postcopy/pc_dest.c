@@ -574,30 +574,12 @@ static void *urgent_main(void *arg)
 
 static void close_channels(struct vmig__pc_dest *pc)
 {
-	struct vmig_session *s = pc->s;
-	int fd, ufd;
-
-	pthread_mutex_lock(&s->lock);
-	fd = s->fd;
-	ufd = s->urgent_fd;
-	if (fd >= 0)
-		shutdown(fd, SHUT_RDWR);
-	if (ufd >= 0)
-		shutdown(ufd, SHUT_RDWR);
-	pthread_mutex_unlock(&s->lock);
+	vmig__break_channels(pc->s);
 	if (pc->urgent_started) {
 		pthread_join(pc->urgent_thread, NULL);
 		pc->urgent_started = false;
 	}
-	pthread_mutex_lock(&s->lock);
-	pthread_mutex_lock(&s->rp_lock);
-	s->fd = s->urgent_fd = -1;
-	pthread_mutex_unlock(&s->rp_lock);
-	pthread_mutex_unlock(&s->lock);
-	if (fd >= 0)
-		close(fd);
-	if (ufd >= 0)
-		close(ufd);
+	vmig__close_channels(pc->s);
 }
 
 static int start_urgent(struct vmig__pc_dest *pc)

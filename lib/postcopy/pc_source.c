@@ -20,7 +20,6 @@
 #include "ram/bitmap.h"
 #include "ram/ram.h"
 
-#define STATE_MAX (16u << 20)
 #define NO_HINT UINT64_MAX
 
 static void send_discards(struct vmig__source *src)
@@ -45,37 +44,18 @@ int vmig__pc_source_switch(struct vmig__source *src)
 {
 	struct vmig_session *s = src->s;
 	uint64_t stop_ns = vmig__now_ns();
-	size_t state_len = 0;
-	void *state;
 	int ret;
 
-	ret = s->ops.stop(s->opaque);
-	if (ret) {
-		vmig__fail(s, ret, "cannot stop the vCPUs");
-		return ret;
-	}
-	src->stopped_vm = true;
-	vmig__emit(s, VMIG_EVENT_STOPPED);
-	ret = vmig__src_sync_dirty(src);
+	ret = vmig__src_stop_vm(src);
 	if (ret)
 		return ret;
 	/* Tracking is no longer needed: RAM here does not change any more. */
 	vmig__dirty_close(src->dirty);
 	src->dirty = NULL;
 	send_discards(src);
-	state = malloc(STATE_MAX);
-	if (!state) {
-		vmig__fail(s, -ENOMEM, "out of memory for device state");
-		return -ENOMEM;
-	}
-	ret = s->ops.save_state(s->opaque, state, STATE_MAX, &state_len);
-	if (!ret)
-		vmig__writer_rec(src->w, VMIG_REC_STATE, state, (uint32_t)state_len);
-	free(state);
-	if (ret) {
-		vmig__fail(s, ret, "saving device state failed");
+	ret = vmig__src_send_state(src);
+	if (ret)
 		return ret;
-	}
 	vmig__writer_rec(src->w, VMIG_REC_POSTCOPY_RUN, NULL, 0);
 	__atomic_store_n(&src->hint, NO_HINT, __ATOMIC_RELAXED);
 	ret = vmig__writer_flush(src->w);
