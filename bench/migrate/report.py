@@ -169,6 +169,13 @@ def _md_runs(res, sc):
         if lim is not None:
             line += "; downtime-limit %s ms" % lim
         out.append(line)
+        dis = [r for r in runs if r.get("disturbed")]
+        if dis:
+            out.append("  - %d of these runs were disturbed on every attempt (kept anyway)"
+                       % len(dis))
+        nd = len(res[key].get("discarded", []))
+        if nd:
+            out.append("  - %d disturbed measurement(s) discarded and measured again" % nd)
         for err in res[key].get("errors", []):
             out.append("  - failed run: %s" % err)
     return out
@@ -243,7 +250,10 @@ METHOD_TEXT = """### How it is measured
 - Runs are interleaved (raw, QEMU, vmig, raw, ...) and each VM pair is torn down before
   the next starts. The host is shared, so before each measurement the harness waits (up
   to `BENCH_QUIET_WAIT` s) until all CPUs together are at most `BENCH_QUIET_BUSY` busy
-  over one second; the busy share it saw is listed with the runs.
+  over one second; the busy share it saw is listed with the runs. A measurement during
+  which other processes used more than `BENCH_MAX_FOREIGN` CPUs on average (host busy
+  time from `/proc/stat` minus the measured processes' own CPU) is discarded and taken
+  again, up to `BENCH_RETRIES` times.
 - Figures are per-column medians; x QEMU and x raw compare Gbit/s.
 - Further scenarios run with `BENCH_SCENARIOS` (comma-separated): `multifd-4` (4 multifd
   channels) and `postcopy` (capability `postcopy-ram`, `migrate-start-postcopy` as soon

@@ -17,6 +17,8 @@
 #   BENCH_TIMEOUT=600       seconds allowed per migration
 #   BENCH_QUIET_BUSY=0.15   wait until the host's CPUs are at most this busy...
 #   BENCH_QUIET_WAIT=120    ...for up to this many seconds before each measurement
+#   BENCH_RETRIES=2         re-measure a run that other processes disturbed...
+#   BENCH_MAX_FOREIGN=0.25  ...i.e. used more than this many CPUs on average meanwhile
 #   BENCH_PERF_DIR=DIR      also `perf record -g` both sides of each migration into DIR
 #   BENCH_RECORD=1          same as --record
 set -euo pipefail
@@ -77,7 +79,8 @@ args=(--build-dir "$build_dir" --mem "$mem" --runs "$runs" --fill-file "$fill"
       --tcp-raw "$bin_dir/tcp_raw" --results-dir "$results"
       --scenarios "${BENCH_SCENARIOS:-precopy-1ch}" --runtimes "${BENCH_RUNTIMES:-qemu,vmig}"
       --timeout "${BENCH_TIMEOUT:-600}"
-      --quiet-busy "${BENCH_QUIET_BUSY:-0.15}" --quiet-wait "${BENCH_QUIET_WAIT:-120}")
+      --quiet-busy "${BENCH_QUIET_BUSY:-0.15}" --quiet-wait "${BENCH_QUIET_WAIT:-120}"
+      --retries "${BENCH_RETRIES:-2}" --max-foreign "${BENCH_MAX_FOREIGN:-0.25}")
 # The command quoted in the record: what `make bench` runs for this suite.
 cmd="BENCH_RUNS=$runs BENCH_MEM=$mem bench/migrate/run.sh $(basename "$build_dir")"
 if [ "$record" = 1 ]; then
