@@ -246,6 +246,10 @@ static void log_recoveries(struct vblk_daemon *dm)
 		if (vr->starts == dm->q[i].logged_starts)
 			continue;
 		dm->q[i].logged_starts = vr->starts;
+		if (debug_msgs)
+			vblk_log(dm, "queue %u: start %llu at avail %u (front-end base %u), log %s%s",
+				 i, (unsigned long long)vr->starts, rc->last_avail_idx, vr->base,
+				 vr->vq.log ? "on" : "off", vr->vq.log_used ? "+used" : "");
 		if (rc->outcome == VHOST_INFLIGHT_INVALID)
 			vblk_log(dm, "queue %u: in-flight region not trusted (%s), resuming at %u",
 				 i, rc->why ? rc->why : "?", rc->last_avail_idx);
@@ -254,6 +258,64 @@ static void log_recoveries(struct vblk_daemon *dm)
 				 "queue %u: resubmitting %u in-flight requests, %u retired again",
 				 i, rc->nresubmit, rc->retired);
 	}
+}
+
+/*
+ * VMIG_BLK_DEBUG=1: one line per vhost-user message with the payload fields
+ * that decide the data path (features, ring indexes, log flags), and one per
+ * reply, so a migration's message sequence can be read back from the log.
+ * Called before the handler: the payload is the peer's, only printed.
+ */
+static void debug_msg(struct vblk_daemon *dm, const struct vhost_msg *m)
+{
+	const char *name = vhost_req_name(m->hdr.request);
+	char detail[160] = "";
+
+	switch (m->hdr.request) {
+	case VHOST_USER_SET_FEATURES:
+	case VHOST_USER_SET_PROTOCOL_FEATURES:
+	case VHOST_USER_SET_VRING_KICK:
+	case VHOST_USER_SET_VRING_CALL:
+	case VHOST_USER_SET_VRING_ERR:
+		if (m->hdr.size >= sizeof(uint64_t))
+			snprintf(detail, sizeof(detail), " u64=0x%llx",
+				 (unsigned long long)m->p.u64);
+		break;
+	case VHOST_USER_SET_VRING_NUM:
+	case VHOST_USER_SET_VRING_BASE:
+	case VHOST_USER_GET_VRING_BASE:
+	case VHOST_USER_SET_VRING_ENABLE:
+		snprintf(detail, sizeof(detail), " ring=%u num=%u", m->p.state.index,
+			 m->p.state.num);
+		break;
+	case VHOST_USER_SET_VRING_ADDR:
+		snprintf(detail, sizeof(detail), " ring=%u flags=0x%x log_gpa=0x%llx",
+			 m->p.addr.index, m->p.addr.flags,
+			 (unsigned long long)m->p.addr.log_guest_addr);
+		break;
+	case VHOST_USER_SET_LOG_BASE:
+		snprintf(detail, sizeof(detail), " size=%llu offset=%llu",
+			 (unsigned long long)m->p.log.mmap_size,
+			 (unsigned long long)m->p.log.mmap_offset);
+		break;
+	default:
+		break;
+	}
+	vblk_log(dm, "msg %s (%u) flags 0x%x size %u fds %u%s", name ? name : "?", m->hdr.request,
+		 m->hdr.flags, m->hdr.size, m->nfds, detail);
+}
+
+static void debug_reply(struct vblk_daemon *dm, const struct vhost_msg *r)
+{
+	const char *name = vhost_req_name(r->hdr.request);
+
+	if (r->hdr.request == VHOST_USER_GET_VRING_BASE)
+		vblk_log(dm, "reply %s ring=%u num=%u", name, r->p.state.index, r->p.state.num);
+	else if (r->hdr.size == sizeof(uint64_t))
+		vblk_log(dm, "reply %s u64=0x%llx", name ? name : "?",
+			 (unsigned long long)r->p.u64);
+	else
+		vblk_log(dm, "reply %s size %u", name ? name : "?", r->hdr.size);
 }
 
 static void handle_vhost(struct vblk_daemon *dm)
@@ -267,10 +329,10 @@ static void handle_vhost(struct vblk_daemon *dm)
 		return;
 	}
 	if (debug_msgs)
-		vblk_log(dm, "msg %s (%u) size %u fds %u",
-			 vhost_req_name(m.hdr.request) ? vhost_req_name(m.hdr.request) : "?",
-			 m.hdr.request, m.hdr.size, m.nfds);
+		debug_msg(dm, &m);
 	r = vhost_dev_handle(&dm->dev, &m, &reply);
+	if (debug_msgs && r == 1)
+		debug_reply(dm, &reply);
 	if (dm->dev.msg_errors != errors)
 		vblk_log(dm, "%s", dm->dev.err);
 	log_recoveries(dm);
