@@ -126,6 +126,8 @@ static void format_postcopy(FILE *f, const json_t *qm)
 	format_list(f, "Postcopy vCPU Latencies (ns)", json_object_get(qm, "postcopy-vcpu-latency"));
 	format_list(f, "Postcopy Latency Distribution (2^N us buckets)",
 		    json_object_get(qm, "postcopy-latency-dist"));
+	fprintf(f, "Postcopy Latency p50/p99 (ns): %" PRIu64 " / %" PRIu64 "\n",
+		ju64(qm, "x-vmig-postcopy-latency-p50"), ju64(qm, "x-vmig-postcopy-latency-p99"));
 	fprintf(f, "Postcopy page faults: %" PRIu64 ", fetched: %" PRIu64 "\n",
 		ju64(qm, "x-vmig-postcopy-faults"), ju64(qm, "x-vmig-postcopy-requests"));
 }

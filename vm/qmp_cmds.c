@@ -349,6 +349,10 @@ static void postcopy_json(json_t *obj, const struct vmig_stats *st)
 			    json_integer((json_int_t)st->postcopy.non_vcpu_latency_ns));
 	json_object_set_new(obj, "postcopy-latency-dist",
 			    u64_list(st->postcopy.latency_dist, VMIG_LATENCY_BUCKETS));
+	json_object_set_new(obj, "x-vmig-postcopy-latency-p50",
+			    json_integer((json_int_t)st->postcopy.latency_p50_ns));
+	json_object_set_new(obj, "x-vmig-postcopy-latency-p99",
+			    json_integer((json_int_t)st->postcopy.latency_p99_ns));
 	json_object_set_new(obj, "x-vmig-postcopy-faults",
 			    json_integer((json_int_t)st->postcopy.faults));
 	json_object_set_new(obj, "x-vmig-postcopy-requests",

@@ -219,6 +219,8 @@ struct vmig_stats {
 		uint64_t vcpu_latency_ns[VMIG_MAX_VCPUS];
 		uint64_t non_vcpu_latency_ns;
 		uint64_t latency_dist[VMIG_LATENCY_BUCKETS];
+		uint64_t latency_p50_ns;    /* over the last 65536 faults */
+		uint64_t latency_p99_ns;
 	} postcopy;
 	char error_desc[256];
 };

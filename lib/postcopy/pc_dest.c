@@ -38,6 +38,7 @@
 #include "util/compat.h"
 
 #define OTHER_SLOTS 16 /* non-vCPU faults (e.g. the monitor reading RAM) in flight */
+#define LAT_SAMPLES 65536 /* recent fault latencies kept for exact percentiles */
 
 struct fault_slot {
 	int tid;
@@ -72,6 +73,11 @@ struct vmig__pc_dest {
 	uint64_t vcpu_faults[VMIG_MAX_VCPUS];
 	uint64_t faults, requests, latency_sum_ns, other_faults, other_latency_ns;
 	uint64_t dist[VMIG_LATENCY_BUCKETS];
+	uint32_t *lat_ns;   /* ring of LAT_SAMPLES latencies, saturated at 4.29 s */
+	uint32_t *lat_tmp;  /* scratch for selecting percentiles */
+	uint64_t lat_seen;  /* faults ever recorded into the ring */
+	uint64_t lat_done;  /* lat_seen when the percentiles were last computed */
+	uint64_t p50_ns, p99_ns;
 };
 
 static inline bool bitmap_test_atomic(const uint64_t *map, uint64_t bit)
@@ -94,11 +100,16 @@ static inline uint64_t slot_key(unsigned bi, uint64_t pfn)
 
 /* ---- accounting ------------------------------------------------------- */
 
+static void update_percentiles(struct vmig__pc_dest *pc);
+
 static void publish_acct(struct vmig__pc_dest *pc)
 {
 	struct vmig_session *s = pc->s;
 	uint64_t vf = 0, vl = 0;
 
+	pthread_mutex_lock(&pc->acct_lock);
+	update_percentiles(pc);
+	pthread_mutex_unlock(&pc->acct_lock);
 	pthread_mutex_lock(&s->lock);
 	s->stats.postcopy.valid = s->caps[VMIG_CAP_POSTCOPY_BLOCKTIME];
 	s->stats.postcopy.blocktime_ms = pc->blocktime_ns / 1000000;
@@ -116,9 +127,24 @@ static void publish_acct(struct vmig__pc_dest *pc)
 	s->stats.postcopy.non_vcpu_latency_ns =
 		pc->other_faults ? pc->other_latency_ns / pc->other_faults : 0;
 	memcpy(s->stats.postcopy.latency_dist, pc->dist, sizeof(pc->dist));
+	s->stats.postcopy.latency_p50_ns = pc->p50_ns;
+	s->stats.postcopy.latency_p99_ns = pc->p99_ns;
 	pthread_mutex_unlock(&s->lock);
 	(void)vf;
 	(void)vl;
+}
+
+/* Under acct_lock: refresh p50/p99 if new faults came in. */
+static void update_percentiles(struct vmig__pc_dest *pc)
+{
+	size_t n = pc->lat_seen < LAT_SAMPLES ? pc->lat_seen : LAT_SAMPLES;
+
+	if (!n || pc->lat_done == pc->lat_seen)
+		return;
+	memcpy(pc->lat_tmp, pc->lat_ns, n * sizeof(uint32_t));
+	pc->p50_ns = vmig__select_kth(pc->lat_tmp, n, n / 2);
+	pc->p99_ns = vmig__select_kth(pc->lat_tmp, n, n * 99 / 100);
+	pc->lat_done = pc->lat_seen;
 }
 
 static unsigned bucket_of(uint64_t ns)
@@ -171,6 +197,7 @@ static void slot_done(struct vmig__pc_dest *pc, struct fault_slot *slot, int vcp
 	pc->faults++;
 	pc->latency_sum_ns += lat;
 	pc->dist[bucket_of(lat)]++;
+	pc->lat_ns[pc->lat_seen++ % LAT_SAMPLES] = lat > UINT32_MAX ? UINT32_MAX : (uint32_t)lat;
 	if (vcpu >= 0) {
 		if (pc->blocked-- == pc->nvcpus)
 			pc->blocktime_ns += now - pc->all_blocked_since;
@@ -423,10 +450,16 @@ int vmig__pc_dest_new(struct vmig_session *s, struct vmig__pc_dest **out)
 		return -ENOMEM;
 	pc->s = s;
 	pc->uffd = -1;
+	pc->lat_ns = malloc(LAT_SAMPLES * sizeof(uint32_t));
+	pc->lat_tmp = malloc(LAT_SAMPLES * sizeof(uint32_t));
 	pc->stop_efd = eventfd(0, EFD_CLOEXEC);
-	if (pc->stop_efd < 0) {
+	if (pc->stop_efd < 0 || !pc->lat_ns || !pc->lat_tmp) {
+		if (pc->stop_efd >= 0)
+			close(pc->stop_efd);
+		free(pc->lat_ns);
+		free(pc->lat_tmp);
 		free(pc);
-		return -errno;
+		return -ENOMEM;
 	}
 	pthread_mutex_init(&pc->acct_lock, NULL);
 	pc->nvcpus = s->nvcpus;
@@ -466,6 +499,8 @@ void vmig__pc_dest_free(struct vmig__pc_dest *pc)
 		close(pc->uffd); /* unregisters, waking anything still waiting */
 	close(pc->stop_efd);
 	pthread_mutex_destroy(&pc->acct_lock);
+	free(pc->lat_ns);
+	free(pc->lat_tmp);
 	free(pc);
 }
 

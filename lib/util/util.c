@@ -248,3 +248,33 @@ bool vmig__page_is_zero(const void *p)
 {
 	return vmig__buffer_is_zero(p, VMIG_PAGE_SIZE);
 }
+
+/* k-th smallest of v[0..n), k < n: quickselect with a three-way partition
+ * (duplicates are common: many faults take the same few microseconds). */
+uint32_t vmig__select_kth(uint32_t *v, size_t n, size_t k)
+{
+	size_t lo = 0, hi = n; /* k is in [lo, hi) */
+
+	while (hi - lo > 1) {
+		uint32_t pivot = v[lo + (hi - lo) / 2], t;
+		size_t lt = lo, i = lo, gt = hi;
+
+		/* [lo, lt) < pivot, [lt, i) == pivot, [gt, hi) > pivot */
+		while (i < gt) {
+			if (v[i] < pivot) {
+				t = v[lt], v[lt++] = v[i], v[i++] = t;
+			} else if (v[i] > pivot) {
+				t = v[--gt], v[gt] = v[i], v[i] = t;
+			} else {
+				i++;
+			}
+		}
+		if (k < lt)
+			hi = lt;
+		else if (k >= gt)
+			lo = gt;
+		else
+			return pivot;
+	}
+	return v[lo];
+}

@@ -64,6 +64,9 @@ int vmig__write_full(int fd, const void *buf, size_t len);
 /* Writes all of iov; modifies iov in place. */
 int vmig__writev_full(int fd, struct iovec *iov, int iovcnt);
 
+/* The k-th smallest of v[0..n) (0 <= k < n), reordering v; O(n) expected. */
+uint32_t vmig__select_kth(uint32_t *v, size_t n, size_t k);
+
 /* True if the page-size block at p is all zero. */
 bool vmig__page_is_zero(const void *p);
 bool vmig__buffer_is_zero(const void *p, size_t len);

@@ -7,6 +7,7 @@
 #include <cmocka.h>
 
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "channel/channel.h"
@@ -77,12 +78,43 @@ static void test_ratelimit(void **state)
 	assert_true(sent >= rate - (2 << 20) && sent <= rate + (2 << 20));
 }
 
+static int cmp_u32(const void *a, const void *b)
+{
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+/* Every rank of many random arrays (with and without duplicates) against
+ * a sorted copy. */
+static void test_select_kth(void **state)
+{
+	uint32_t v[300], w[300], sorted[300];
+	uint64_t seed = 7;
+
+	for (int t = 0; t < 500; t++) {
+		size_t n = 1 + (size_t)(seed % 300);
+
+		for (size_t i = 0; i < n; i++) {
+			seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+			v[i] = (uint32_t)(seed >> 33) % (t % 3 ? 7u : 100000u);
+		}
+		memcpy(sorted, v, n * sizeof(v[0]));
+		qsort(sorted, n, sizeof(v[0]), cmp_u32);
+		for (size_t k = 0; k < n; k++) {
+			memcpy(w, v, n * sizeof(v[0]));
+			assert_int_equal(vmig__select_kth(w, n, k), sorted[k]);
+		}
+	}
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_parse_size),
 		cmocka_unit_test(test_uri),
 		cmocka_unit_test(test_ratelimit),
+		cmocka_unit_test(test_select_kth),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
