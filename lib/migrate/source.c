@@ -356,7 +356,7 @@ static int digest_record(struct vmig__source *src)
 	return 0;
 }
 
-/* Stop the vCPUs and collect the last dirty pages (both kinds of switch). */
+/* Stop the vCPUs (both kinds of switch). */
 int vmig__src_stop_vm(struct vmig__source *src)
 {
 	struct vmig_session *s = src->s;
@@ -368,7 +368,7 @@ int vmig__src_stop_vm(struct vmig__source *src)
 	}
 	src->stopped_vm = true;
 	vmig__emit(s, VMIG_EVENT_STOPPED);
-	return vmig__src_sync_dirty(src);
+	return 0;
 }
 
 /* Queue the embedder's device state as a STATE record. */
@@ -403,6 +403,8 @@ static int switch_over(struct vmig__source *src)
 	int ret;
 
 	ret = vmig__src_stop_vm(src);
+	if (!ret)
+		ret = vmig__src_sync_dirty(src);
 	if (ret)
 		return ret;
 	ret = send_dirty(src);
@@ -577,7 +579,12 @@ static int iterate(struct vmig__source *src)
 			return ret;
 		}
 		if (__atomic_load_n(&s->postcopy_requested, __ATOMIC_ACQUIRE)) {
-			/* Drain what is queued before stopping, as for pre-copy. */
+			/* While the guest still runs: tell the destination what is
+			 * stale so far (most of the discards), then drain. */
+			ret = vmig__src_sync_dirty(src);
+			if (ret)
+				return ret;
+			vmig__pc_source_discard_dirty(src);
 			sy.round = ++src->sync_marks;
 			sy.dirty_pages = src->dirty_pages;
 			vmig__writer_rec(src->w, VMIG_REC_SYNC, &sy, sizeof(sy));

@@ -22,22 +22,67 @@
 
 #define NO_HINT UINT64_MAX
 
-static void send_discards(struct vmig__source *src)
+/* A DISCARD record for every run of set bits in map (block bi). */
+static void send_discards(struct vmig__source *src, unsigned bi, const uint64_t *map)
+{
+	struct vmig__block *b = &src->s->blocks[bi];
+	uint64_t p = vmig__bitmap_find_next(map, b->npages, 0);
+
+	while (p < b->npages) {
+		uint64_t end = vmig__bitmap_find_next_zero(map, b->npages, p);
+		struct vmig_wire_discard d = {.block = bi, .first = p, .npages = end - p};
+
+		vmig__writer_rec(src->w, VMIG_REC_DISCARD, &d, sizeof(d));
+		p = vmig__bitmap_find_next(map, b->npages, end);
+	}
+}
+
+/*
+ * Before the switch, with the guest still running: every page dirty now
+ * stays dirty until post-copy pushes it (nothing is sent in between), so the
+ * destination can drop its stale copies already. Punching thousands of
+ * holes is then not part of the downtime; only pages dirtied after this
+ * are discarded at the switch.
+ */
+void vmig__pc_source_discard_dirty(struct vmig__source *src)
+{
+	for (unsigned bi = 0; bi < src->s->nblocks; bi++)
+		send_discards(src, bi, src->s->blocks[bi].dirty);
+}
+
+/* With the vCPUs stopped: the last sync, discarding only what it adds. */
+static int final_sync(struct vmig__source *src)
 {
 	struct vmig_session *s = src->s;
+	uint64_t added = 0;
 
 	for (unsigned bi = 0; bi < s->nblocks; bi++) {
 		struct vmig__block *b = &s->blocks[bi];
-		uint64_t p = vmig__bitmap_find_next(b->dirty, b->npages, 0);
+		uint64_t *fresh = calloc(vmig__bitmap_words(b->npages), sizeof(uint64_t));
+		struct vmig__err err = {{0}};
+		int ret;
 
-		while (p < b->npages) {
-			uint64_t end = vmig__bitmap_find_next_zero(b->dirty, b->npages, p);
-			struct vmig_wire_discard d = {.block = bi, .first = p, .npages = end - p};
-
-			vmig__writer_rec(src->w, VMIG_REC_DISCARD, &d, sizeof(d));
-			p = vmig__bitmap_find_next(b->dirty, b->npages, end);
+		if (!fresh) {
+			vmig__fail(s, -ENOMEM, "out of memory");
+			return -ENOMEM;
 		}
+		ret = vmig__dirty_sync(src->dirty, bi, fresh, NULL, &err);
+		if (ret) {
+			free(fresh);
+			vmig__fail(s, ret, "dirty bitmap sync: %s", err.msg);
+			return ret;
+		}
+		/* Only pages not already discarded (and still dirty) need it. */
+		for (size_t w = 0; w < vmig__bitmap_words(b->npages); w++)
+			fresh[w] &= ~b->dirty[w];
+		send_discards(src, bi, fresh);
+		added += vmig__bitmap_count(fresh, b->npages);
+		vmig__bitmap_or(b->dirty, fresh, b->npages);
+		free(fresh);
 	}
+	src->dirty_pages += added;
+	src->st.ram.dirty_sync_count++;
+	return 0;
 }
 
 int vmig__pc_source_switch(struct vmig__source *src)
@@ -47,12 +92,10 @@ int vmig__pc_source_switch(struct vmig__source *src)
 	int ret;
 
 	ret = vmig__src_stop_vm(src);
+	if (!ret)
+		ret = final_sync(src);
 	if (ret)
 		return ret;
-	/* Tracking is no longer needed: RAM here does not change any more. */
-	vmig__dirty_close(src->dirty);
-	src->dirty = NULL;
-	send_discards(src);
 	ret = vmig__src_send_state(src);
 	if (ret)
 		return ret;
@@ -72,6 +115,10 @@ int vmig__pc_source_switch(struct vmig__source *src)
 	if (!vmig__src_wait_rp(s, &s->rp_resumed)) {
 		src->st.downtime_us = (vmig__now_ns() - stop_ns) / 1000;
 		src->st.downtime_ms = (int64_t)((src->st.downtime_us + 500) / 1000);
+		/* RAM here no longer changes, so tracking can go; unregistering
+		 * a large guest takes tens of ms, kept out of the downtime. */
+		vmig__dirty_close(src->dirty);
+		src->dirty = NULL;
 		return 0;
 	}
 	pthread_mutex_lock(&s->lock);
