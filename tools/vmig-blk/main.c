@@ -247,7 +247,8 @@ static void log_recoveries(struct vblk_daemon *dm)
 			continue;
 		dm->q[i].logged_starts = vr->starts;
 		if (debug_msgs)
-			vblk_log(dm, "queue %u: start %llu at avail %u (front-end base %u), log %s%s",
+			vblk_log(dm,
+				 "queue %u: start %llu at avail %u (front-end base %u), log %s%s",
 				 i, (unsigned long long)vr->starts, rc->last_avail_idx, vr->base,
 				 vr->vq.log ? "on" : "off", vr->vq.log_used ? "+used" : "");
 		if (rc->outcome == VHOST_INFLIGHT_INVALID)
