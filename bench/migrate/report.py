@@ -163,7 +163,7 @@ def _md_runs(res, sc):
         line += "; host CPU busy before start %s" % ", ".join(
             "%.0f%%" % (100 * r["host_busy"]) for r in runs if r.get("host_busy") is not None)
         if any(r.get("foreign_cpu_s") is not None for r in runs):
-            line += "; CPU s used by other processes during the migration %s" % ", ".join(
+            line += "; CPU s used by other processes during the measurement %s" % ", ".join(
                 "%.1f" % r["foreign_cpu_s"] for r in runs if r.get("foreign_cpu_s") is not None)
         lim = runs[0].get("downtime_limit_ms")
         if lim is not None:
@@ -171,7 +171,7 @@ def _md_runs(res, sc):
         out.append(line)
         dis = [r for r in runs if r.get("disturbed")]
         if dis:
-            out.append("  - %d of these runs were disturbed on every attempt (kept anyway)"
+            out.append("  - runs disturbed on every attempt (kept anyway): %d"
                        % len(dis))
         nd = len(res[key].get("discarded", []))
         if nd:
