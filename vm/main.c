@@ -169,6 +169,17 @@ static int parse_args(int argc, char **argv, struct opts *o)
 	return 0;
 }
 
+/* The signal handler must not see a freed server. */
+static void free_server(void)
+{
+	struct qmp_server *srv = g_srv;
+
+	g_srv = NULL;
+	__atomic_signal_fence(__ATOMIC_SEQ_CST);
+	if (srv)
+		qmp_server_free(srv);
+}
+
 /* Without --qmp, run until a signal. */
 static void wait_for_signal(void)
 {
@@ -212,15 +223,14 @@ int main(int argc, char **argv)
 	ret = g_srv ? qmp_server_run(g_srv) : (wait_for_signal(), 0);
 	if (ret)
 		fprintf(stderr, "vmig-vm: QMP server: %s\n", strerror(-ret));
-	/* Stop migration threads before the QMP server that gets their events. */
+	/* Detach the server from the VM's events first (migration threads may
+	 * still report), then free it while the VM it points to is alive. */
 	vm_set_event_cb(vm, NULL, NULL);
+	free_server();
 	vm_destroy(vm);
-	if (g_srv)
-		qmp_server_free(g_srv);
 	return ret ? 1 : 0;
 fail:
-	if (g_srv)
-		qmp_server_free(g_srv);
+	free_server();
 	vm_destroy(vm);
 	return 1;
 }
