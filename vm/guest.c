@@ -10,6 +10,7 @@
  * always self-consistent: that is what migration must carry over.
  */
 #include <errno.h>
+#include <stdio.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -264,8 +265,12 @@ int guest_create(struct guest **out, uint8_t *ram, uint64_t ram_size, const stru
 		v->g = g;
 		v->id = i;
 		v->st.rng = (cfg->seed ? cfg->seed : 0x243f6a8885a308d3ull) * (2 * i + 1) | 1;
+		char name[16];
+
 		if (pthread_create(&v->thread, NULL, vcpu_main, v))
 			goto err_threads;
+		snprintf(name, sizeof(name), "vcpu%u", i);
+		pthread_setname_np(v->thread, name);
 	}
 	/* Wait until every vCPU has parked once, so their thread ids are known. */
 	pthread_mutex_lock(&g->lock);

@@ -416,6 +416,7 @@ static int spawn(struct vmig_session *s, void *(*fn)(void *))
 		vmig__fail(s, -ret, "cannot start the migration thread");
 		return -ret;
 	}
+	pthread_setname_np(s->thread, s->is_source ? "vmig-send" : "vmig-recv");
 	s->thread_started = true;
 	return 0;
 }

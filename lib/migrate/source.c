@@ -486,11 +486,7 @@ int vmig__src_connect(struct vmig__source *src, bool resume)
 	}
 	if (resume) /* the destination's bitmaps come first, read by the caller */
 		return 0;
-	ret = pthread_create(&s->rp_thread, NULL, rp_thread, src);
-	if (ret)
-		return -ret;
-	s->rp_started = true;
-	return 0;
+	return vmig__src_start_rp(src);
 }
 
 /* Start the return path after a resume handshake. */
@@ -501,6 +497,7 @@ int vmig__src_start_rp(struct vmig__source *src)
 
 	if (ret)
 		return -ret;
+	pthread_setname_np(s->rp_thread, "vmig-return");
 	s->rp_started = true;
 	return 0;
 }

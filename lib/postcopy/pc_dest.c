@@ -568,6 +568,7 @@ int vmig__pc_dest_register(struct vmig__pc_dest *pc, struct vmig__err *err)
 		vmig__err_set(err, "cannot start the fault thread");
 		return -ret;
 	}
+	pthread_setname_np(pc->fault_thread, "vmig-fault");
 	pc->fault_started = true;
 	return 0;
 }
@@ -623,6 +624,7 @@ static int start_urgent(struct vmig__pc_dest *pc)
 
 	if (ret)
 		return -ret;
+	pthread_setname_np(pc->urgent_thread, "vmig-urgent");
 	pc->urgent_started = true;
 	return 0;
 }
