@@ -83,13 +83,13 @@ def main():
                           pages(0, 0, [page_of(i) for i in range(16)]) + eos(),
             "oob-run": preamble() + good_blocks + zero(0, 15, 2),
             "unknown-record": preamble() + good_blocks + rec(0x7f, b"x"),
-            # data[24] is the type of the first record (0x01): odd, so the
-            # fuzz target enables post-copy for these.
-            "postcopy": (preamble() + good_blocks + pages(0, 0, [page_of(3)]) + zero(0, 1, 15) +
+            # An odd session id makes the fuzz target install its hooks.
+            "full-hooks": full.replace(preamble(), preamble(session=0x1235), 1),
+            "postcopy": (preamble(session=0x1235) + good_blocks + pages(0, 0, [page_of(3)]) + zero(0, 1, 15) +
                          discard(0, 0, 2) + discard(1, 0, 4) + state(b"vcpu") +
                          postcopy_run() + pages(0, 0, [page_of(4), page_of(5)]) +
                          zero(1, 0, 4) + digest() + eos()),
-            "postcopy-bad-discard": preamble() + good_blocks + discard(0, 10, 7),
+            "postcopy-bad-discard": preamble(session=0x1235) + good_blocks + discard(0, 10, 7),
             "resume-preamble": preamble(flags=1) + good_blocks,
             "urgent-channel": preamble(channel=1) + pages(0, 3, [page_of(6)]),
         },

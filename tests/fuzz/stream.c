@@ -56,9 +56,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
 	if (!r)
 		return 0;
-	/* Half of the inputs (by first byte parity after the preamble) run with
-	 * post-copy enabled, so both paths of the loader are fuzzed. */
-	if (size > 24 && data[24] & 1) {
+	/* Inputs whose session id (preamble byte 16) is odd run with the
+	 * destination's hooks (UFFDIO_COPY fill, post-copy placement and
+	 * discards); even ones write RAM directly. Both loader paths are fuzzed. */
+	if (size > 16 && data[16] & 1) {
 		l.hooks.fill = fake_place;
 		l.hooks.place = fake_place;
 		l.hooks.discard = fake_discard;
