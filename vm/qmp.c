@@ -326,7 +326,7 @@ static int check_request(const json_t *req, const char **cmd, struct vmig__err *
 
 static void negotiate(struct qmp_client *c, const json_t *id, const json_t *args)
 {
-	static const struct json_arg_spec spec[] = {{"enable", JA_ARRAY, false}, {NULL}};
+	static const struct json_arg_spec spec[] = {{"enable", JA_ARRAY, false}, {.name = NULL}};
 	struct vmig__err err;
 	const json_t *enable;
 	size_t i;

@@ -89,7 +89,7 @@ static int cmd_quit(struct qmp_cmd_ctx *ctx, const json_t *args)
 
 static const struct json_arg_spec migrate_args[] = {
     {"uri", JA_STR, true},   {"detach", JA_BOOL, false}, {"blk", JA_BOOL, false},
-    {"inc", JA_BOOL, false}, {"resume", JA_BOOL, false}, {NULL}};
+    {"inc", JA_BOOL, false}, {"resume", JA_BOOL, false}, {.name = NULL}};
 
 static int cmd_migrate(struct qmp_cmd_ctx *ctx, const json_t *args)
 {
@@ -107,7 +107,7 @@ static int cmd_migrate(struct qmp_cmd_ctx *ctx, const json_t *args)
 	return ret ? fail(ctx, ret, "migrate") : 0;
 }
 
-static const struct json_arg_spec uri_args[] = {{"uri", JA_STR, true}, {NULL}};
+static const struct json_arg_spec uri_args[] = {{"uri", JA_STR, true}, {.name = NULL}};
 
 static int cmd_migrate_incoming(struct qmp_cmd_ctx *ctx, const json_t *args)
 {
@@ -169,13 +169,13 @@ static int cmd_query_migrate(struct qmp_cmd_ctx *ctx, const json_t *args)
 
 /* ---- capabilities and parameters ---- */
 
-static const struct json_arg_spec set_caps_args[] = {{"capabilities", JA_ARRAY, true}, {NULL}};
+static const struct json_arg_spec set_caps_args[] = {{"capabilities", JA_ARRAY, true}, {.name = NULL}};
 
 /* Validate every element before changing anything, as QEMU does. */
 static int check_caps(struct qmp_cmd_ctx *ctx, const json_t *list)
 {
 	static const struct json_arg_spec elem[] = {
-	    {"capability", JA_STR, true}, {"state", JA_BOOL, true}, {NULL}};
+	    {"capability", JA_STR, true}, {"state", JA_BOOL, true}, {.name = NULL}};
 	size_t i;
 	json_t *v;
 
@@ -413,7 +413,7 @@ static const struct json_arg_spec pmemsave_args[] = {{"val", JA_UINT, true},
 						     {"size", JA_UINT, true},
 						     {"filename", JA_STR, true},
 						     {"cpu-index", JA_INT, false},
-						     {NULL}};
+						     {.name = NULL}};
 
 static int cmd_pmemsave(struct qmp_cmd_ctx *ctx, const json_t *args)
 {
@@ -424,7 +424,7 @@ static int cmd_pmemsave(struct qmp_cmd_ctx *ctx, const json_t *args)
 }
 
 static const struct json_arg_spec hmp_args[] = {
-    {"command-line", JA_STR, true}, {"cpu-index", JA_INT, false}, {NULL}};
+    {"command-line", JA_STR, true}, {"cpu-index", JA_INT, false}, {.name = NULL}};
 
 static int cmd_hmp(struct qmp_cmd_ctx *ctx, const json_t *args)
 {

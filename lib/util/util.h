@@ -36,7 +36,7 @@ struct vmig__err {
 	char msg[256];
 };
 void vmig__err_set(struct vmig__err *e, const char *fmt, ...) VMIG_PRINTF(2, 3);
-void vmig__err_vset(struct vmig__err *e, const char *fmt, va_list ap);
+void vmig__err_vset(struct vmig__err *e, const char *fmt, va_list ap) VMIG_PRINTF(2, 0);
 /* Set only if nothing was set yet (the first error is the interesting one). */
 void vmig__err_set_first(struct vmig__err *e, const char *fmt, ...) VMIG_PRINTF(2, 3);
 static inline void vmig__err_clear(struct vmig__err *e) { e->msg[0] = '\0'; }

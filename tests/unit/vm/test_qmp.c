@@ -277,8 +277,7 @@ static void test_bad_input(void **state)
 	    "{\"execute\":\"stop\",\"bogus\":1}",
 	    "{\"execute\":\"stop\",\"exec-oob\":\"stop\"}",
 	    "{\"execute\":\"stop\",\"arguments\":{\"x\":1}}",
-	    "{\"execute\":\"pmemsave\",\"arguments\":{\"val\":\"0\",\"size\":1,\"filename\":\"f\"}"
-	    "}",
+	    "{\"execute\":\"pmemsave\",\"arguments\":{\"val\":\"0\",\"size\":1,\"filename\":\"f\"}}",
 	    "{\"execute\":\"pmemsave\",\"arguments\":{\"val\":-1,\"size\":1,\"filename\":\"f\"}}",
 	    "{\"execute\":\"pmemsave\",\"arguments\":{\"size\":1,\"filename\":\"f\"}}",
 	    "{\"execute\":\"migrate\",\"arguments\":{\"uri\":1}}",
