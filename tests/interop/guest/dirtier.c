@@ -1,0 +1,152 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Guest program for the post-copy benchmark: a working set that keeps being
+ * dirtied at a fixed rate while the VM migrates. It allocates WSS_MIB of
+ * anonymous memory, writes every page once, prints "VMIG-DIRTIER: ready",
+ * then forever overwrites randomly chosen pages with whole 4 KiB writes,
+ * paced to RATE_MIB per second. It never exits: the benchmark kills the VM.
+ *
+ * Every page carries a stamp (its index and a write sequence number kept in
+ * a side table) at its first, middle and last word, checked before each
+ * overwrite; a mismatch means the migration lost or misplaced a page and is
+ * counted as "bad". Every two seconds it prints the achieved rate and the
+ * counts on the console, so the host can see the guest is alive and keeping
+ * pace on whichever side it runs.
+ *
+ * Usage (vmig.args on the kernel command line): dirtier [WSS_MIB [RATE_MIB]]
+ * Defaults: 1024 MiB working set, 256 MiB/s.
+ */
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+
+#define PAGE 4096u
+#define WORDS (PAGE / 8)
+#define REPORT_NS 2000000000ull
+/* Pages written between clock reads: small enough that pacing stays smooth
+ * (64 pages = 256 KiB, about 1 ms at 256 MiB/s). */
+#define BATCH 64u
+#define CATCH_UP_NS 20000000ull
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t xorshift64(uint64_t *s)
+{
+	uint64_t x = *s;
+
+	x ^= x << 13;
+	x ^= x >> 7;
+	x ^= x << 17;
+	*s = x;
+	return x;
+}
+
+static uint64_t stamp(uint64_t idx, uint32_t seq)
+{
+	return 0xd1ull << 56 | idx << 24 | (seq & 0xffffffu);
+}
+
+/* Overwrites page idx with a full 4 KiB write after checking its stamp;
+ * returns 1 if the old contents were not what this program last wrote. */
+static int write_page(uint64_t *page, uint64_t idx, uint32_t *seqs)
+{
+	uint32_t seq = seqs[idx];
+	int bad = 0;
+	uint64_t v;
+
+	if (seq) {
+		v = stamp(idx, seq);
+		bad = page[0] != v || page[WORDS / 2] != v || page[WORDS - 1] != v;
+	}
+	seq = (seq + 1) & 0xffffffu;
+	if (!seq)
+		seq = 1;
+	v = stamp(idx, seq);
+	for (unsigned i = 0; i < WORDS; i++)
+		page[i] = v;
+	seqs[idx] = seq;
+	return bad;
+}
+
+/* Sleeps until written pages are due at the target rate. After a stall
+ * (a post-copy fault, the host descheduling the vCPU) the schedule restarts
+ * rather than bursting to catch up, so the rate never exceeds the target. */
+static void pace(uint64_t *start_ns, uint64_t written, double pages_per_ns)
+{
+	uint64_t due = *start_ns + (uint64_t)((double)written / pages_per_ns);
+	uint64_t t = now_ns();
+	struct timespec ts;
+
+	if (due <= t) {
+		if (t - due > CATCH_UP_NS)
+			*start_ns += t - due;
+		return;
+	}
+	ts.tv_sec = (time_t)((due - t) / 1000000000ull);
+	ts.tv_nsec = (long)((due - t) % 1000000000ull);
+	while (nanosleep(&ts, &ts) && errno == EINTR)
+		;
+}
+
+int main(int argc, char **argv)
+{
+	uint64_t wss_mib = argc > 1 ? strtoull(argv[1], NULL, 10) : 1024;
+	uint64_t rate_mib = argc > 2 ? strtoull(argv[2], NULL, 10) : 256;
+	uint64_t npages, written = 0, bad = 0, rng = 0x9e3779b97f4a7c15ull;
+	uint64_t t0, start, last_report, last_written = 0;
+	double pages_per_ns;
+	uint32_t *seqs;
+	uint8_t *mem;
+
+	if (!wss_mib || !rate_mib) {
+		fprintf(stderr, "usage: dirtier [WSS_MIB [RATE_MIB]] (both > 0)\n");
+		return 2;
+	}
+	npages = wss_mib * 1024 * 1024 / PAGE;
+	mem = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1,
+		   0);
+	seqs = calloc(npages, sizeof(*seqs));
+	if (mem == MAP_FAILED || !seqs) {
+		fprintf(stderr, "dirtier: cannot allocate %llu MiB\n", (unsigned long long)wss_mib);
+		return 1;
+	}
+	for (uint64_t i = 0; i < npages; i++)
+		write_page((uint64_t *)(mem + i * PAGE), i, seqs);
+	printf("VMIG-DIRTIER: ready wss=%lluMiB rate=%lluMiB/s\n", (unsigned long long)wss_mib,
+	       (unsigned long long)rate_mib);
+	fflush(stdout);
+
+	pages_per_ns = (double)rate_mib * 1024 * 1024 / PAGE / 1e9;
+	t0 = start = last_report = now_ns();
+	for (;;) {
+		for (unsigned b = 0; b < BATCH; b++) {
+			uint64_t idx = xorshift64(&rng) % npages;
+
+			bad += (uint64_t)write_page((uint64_t *)(mem + idx * PAGE), idx, seqs);
+		}
+		written += BATCH;
+		pace(&start, written, pages_per_ns);
+		uint64_t t = now_ns();
+		if (t - last_report >= REPORT_NS) {
+			double mib_s = (double)(written - last_written) * PAGE / (1024.0 * 1024.0) /
+				       ((double)(t - last_report) / 1e9);
+
+			printf("VMIG-DIRTIER: t=%.1fs rate=%.0fMiB/s pages=%llu bad=%llu\n",
+			       (double)(t - t0) / 1e9, mib_s, (unsigned long long)written,
+			       (unsigned long long)bad);
+			fflush(stdout);
+			last_report = t;
+			last_written = written;
+		}
+	}
+}
