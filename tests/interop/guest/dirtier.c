@@ -13,8 +13,12 @@
  * counts on the console, so the host can see the guest is alive and keeping
  * pace on whichever side it runs.
  *
- * Usage (vmig.args on the kernel command line): dirtier [WSS_MIB [RATE_MIB]]
- * Defaults: 1024 MiB working set, 256 MiB/s.
+ * Usage (vmig.args on the kernel command line):
+ *   dirtier [WSS_MIB [RATE_MIB [FILL_MIB|auto]]]
+ * Defaults: 1024 MiB working set, 256 MiB/s, no fill. FILL_MIB more MiB are
+ * filled once with pseudo-random bytes and never touched again, so the rest
+ * of guest RAM is not zero pages a migration could skip; "auto" fills all
+ * but FILL_SPARE_MIB of what the kernel reports as available.
  */
 #include <errno.h>
 #include <stdint.h>
@@ -31,6 +35,7 @@
  * (64 pages = 256 KiB, about 1 ms at 256 MiB/s). */
 #define BATCH 64u
 #define CATCH_UP_NS 20000000ull
+#define FILL_SPARE_MIB 48ull
 
 static uint64_t now_ns(void)
 {
@@ -81,6 +86,43 @@ static int write_page(uint64_t *page, uint64_t idx, uint32_t *seqs)
 /* Sleeps until written pages are due at the target rate. After a stall
  * (a post-copy fault, the host descheduling the vCPU) the schedule restarts
  * rather than bursting to catch up, so the rate never exceeds the target. */
+static uint64_t mem_available_mib(void)
+{
+	char line[128];
+	unsigned long long kib = 0;
+	FILE *f = fopen("/proc/meminfo", "r");
+
+	if (!f)
+		return 0;
+	while (fgets(line, sizeof(line), f))
+		if (sscanf(line, "MemAvailable: %llu kB", &kib) == 1)
+			break;
+	fclose(f);
+	return kib / 1024;
+}
+
+/* Fills fill_mib MiB of fresh memory with pseudo-random bytes; returns the
+ * MiB actually filled (0 if the memory could not be had). */
+static uint64_t fill_random(const char *arg)
+{
+	uint64_t mib, rng = 0x2545f4914f6cdd1dull, *p;
+
+	if (!strcmp(arg, "auto")) {
+		mib = mem_available_mib();
+		mib = mib > FILL_SPARE_MIB ? mib - FILL_SPARE_MIB : 0;
+	} else {
+		mib = strtoull(arg, NULL, 10);
+	}
+	if (!mib)
+		return 0;
+	p = mmap(NULL, mib << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (p == MAP_FAILED)
+		return 0;
+	for (uint64_t i = 0; i < (mib << 20) / 8; i++)
+		p[i] = xorshift64(&rng);
+	return mib;
+}
+
 static void pace(uint64_t *start_ns, uint64_t written, double pages_per_ns)
 {
 	uint64_t due = *start_ns + (uint64_t)((double)written / pages_per_ns);
@@ -103,7 +145,7 @@ int main(int argc, char **argv)
 	uint64_t wss_mib = argc > 1 ? strtoull(argv[1], NULL, 10) : 1024;
 	uint64_t rate_mib = argc > 2 ? strtoull(argv[2], NULL, 10) : 256;
 	uint64_t npages, written = 0, bad = 0, rng = 0x9e3779b97f4a7c15ull;
-	uint64_t t0, start, last_report, last_written = 0;
+	uint64_t t0, start, last_report, last_written = 0, filled = 0;
 	double pages_per_ns;
 	uint32_t *seqs;
 	uint8_t *mem;
@@ -122,8 +164,11 @@ int main(int argc, char **argv)
 	}
 	for (uint64_t i = 0; i < npages; i++)
 		write_page((uint64_t *)(mem + i * PAGE), i, seqs);
-	printf("VMIG-DIRTIER: ready wss=%lluMiB rate=%lluMiB/s\n", (unsigned long long)wss_mib,
-	       (unsigned long long)rate_mib);
+	if (argc > 3)
+		filled = fill_random(argv[3]);
+	printf("VMIG-DIRTIER: ready wss=%lluMiB rate=%lluMiB/s fill=%lluMiB\n",
+	       (unsigned long long)wss_mib, (unsigned long long)rate_mib,
+	       (unsigned long long)filled);
 	fflush(stdout);
 
 	pages_per_ns = (double)rate_mib * 1024 * 1024 / PAGE / 1e9;
