@@ -132,14 +132,50 @@ class VmigRuntime(Runtime):
 
 
 class Scenario:
-    """One way of migrating. Subclasses add capabilities and in-flight actions."""
+    """One way of migrating. Subclasses add capabilities and in-flight actions.
+
+    The defaults describe the idle guest filled from the fill file; a
+    scenario with its own guest (postcopy-wss) overrides the argv, readiness,
+    check and reporting hooks below.
+    """
 
     key = ""
     title = ""
     capabilities = {}  # set on both sides before migrate-incoming/migrate
     parameters = {}    # set on both sides (QEMU wants multifd-channels on both)
     extra_columns = []  # (metric key, header, format) beyond the common ones
+    columns = None      # replaces the common columns when set (report.py)
+    ratios = None       # [(header, metric key, base engine)]; None = Gbit/s vs QEMU, raw
+    run_columns = None  # per-run figures listed in the record; None = total, downtime
     has_targets = False  # the issue's throughput/downtime targets apply
+    with_raw = True     # also time the raw TCP stream of the same size
+    busy_guest = False  # guests use CPU: wait for a quiet host before starting them
+
+    def engines(self, runtimes):
+        """[(result key, label, runtime, extra capabilities)] measured per run."""
+        return [(rt.key, rt.label, rt, {}) for rt in runtimes]
+
+    def prepare(self, cfg):
+        """Called once before the first run (build guests and the like)."""
+
+    def guest_mem_bytes(self, cfg):
+        return cfg.mem_bytes
+
+    def src_argv(self, rt, cfg, qmp_path, tmpdir):
+        return rt.src_argv(cfg, qmp_path)
+
+    def dst_argv(self, rt, cfg, qmp_path, tmpdir):
+        return rt.dst_argv(cfg, qmp_path)
+
+    def wait_ready(self, run, rt, cfg, tmpdir):
+        """Returns once the source guest is in the state to be measured."""
+
+    def check_dst(self, run, rt, cfg, tmpdir):
+        """Checks the destination after completion; returns extra metrics."""
+        verify_sample(run["dst"], cfg, tmpdir)
+        run["dst"].execute("cont")
+        wait_status(run["dst"], {"running"}, 30)
+        return {}
 
     def on_poll(self, run, info):
         """Called with each source query-migrate reply while active."""
@@ -193,9 +229,194 @@ class Postcopy(Scenario):
         return m
 
 
+class PostcopyWss(Scenario):
+    """Post-copy of a busy guest: the issue's 2 GiB guest whose 1 GiB working
+    set is dirtied at 256 MiB/s, switched to post-copy 2 s after `migrate`.
+
+    The destination runs the guest during post-copy (no -S), so its vCPUs
+    fault on missing pages and blocktime and page-request latency mean
+    something. vmig's guest is vmig-vm's random workload; QEMU's is Debian's
+    kernel running tests/interop/guest/dirtier.c, which does the same thing
+    (whole 4 KiB writes to random pages of a 1 GiB working set, paced). Both
+    guests check every page they overwrite, so a lost page shows up. Both
+    guests' RAM is (nearly) all random, not zero pages: vmig-vm --fill random,
+    and the dirtier fills what the guest kernel has left over ("auto").
+    QEMU runs twice, without and with its postcopy-preempt channel; vmig
+    always sends requested pages on its own urgent channel and accepts the
+    capability.
+    """
+
+    key = "postcopy-wss"
+    title = "post-copy of a busy guest"
+    MEM = 2 * GIB
+    WSS_MIB = 1024
+    RATE_MIB = 256
+    SWITCH_AFTER_S = 2.0
+    # QEMU 7.2 under TCG loses dirty-page writes when guest RAM is a multiple
+    # of 256 KiB (fixed upstream only in 9.0): 2 GiB + 8 KiB avoids it.
+    QEMU_MEM_KB = 2 * 1024 * 1024 + 8
+    capabilities = {"postcopy-ram": True, "postcopy-blocktime": True}
+    parameters = {"max-postcopy-bandwidth": 0}
+    with_raw = False
+    busy_guest = True
+    columns = [
+        ("total_s", "total s", "%.2f"),
+        ("downtime_ms", "downtime ms", "%.1f"),
+        ("blocktime_ms", "blocktime ms", "%.0f"),
+        ("vcpu_blocktime_sum_ms", "vCPU blocktime sum ms", "%.0f"),
+        ("postcopy_requests", "page requests", "%.0f"),
+        ("latency_p50_us", "latency p50 us", "%.0f"),
+        ("latency_p99_us", "latency p99 us", "%.0f"),
+        ("src_cpu_s", "src CPU s", "%.2f"),
+        ("dst_cpu_s", "dst CPU s", "%.2f"),
+    ]
+    ratios = [("total x QEMU", "total_s", "qemu"), ("blocktime x QEMU", "blocktime_ms", "qemu")]
+    guest_text = ("2 GiB guest, 2 vCPUs, 1 GiB working set dirtied at 256 MiB/s, "
+                  "post-copy 2 s after migrate")
+    not_reported = {"latency_p50_us": "n/a (QEMU 7.2 does not report it)",
+                    "latency_p99_us": "n/a (QEMU 7.2 does not report it)"}
+    run_columns = ["total_s", "downtime_ms", "blocktime_ms", "vcpu_blocktime_sum_ms",
+                   "postcopy_requests", "latency_p50_us", "latency_p99_us", "src_cpu_s",
+                   "dst_cpu_s"]
+
+    def __init__(self):
+        self.guest_dir = None
+
+    def engines(self, runtimes):
+        out = []
+        for rt in runtimes:
+            if rt.key == "qemu":
+                out.append(("qemu", rt.label, rt, {}))
+                out.append(("qemu-preempt", rt.label + " preempt", rt,
+                            {"postcopy-preempt": True}))
+            else:
+                out.append((rt.key, rt.label, rt, {"postcopy-preempt": True}))
+        return out
+
+    def prepare(self, cfg):
+        build = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                             "tests", "interop", "guest", "build.sh")
+        out = subprocess.run([build, os.path.join(cfg.build_dir, "bench", "guest")],
+                             capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise BenchError("guest build failed: %s" % out.stderr.strip()[-300:])
+        self.guest_dir = out.stdout.strip().splitlines()[-1]
+
+    def guest_mem_bytes(self, cfg):
+        return self.MEM
+
+    def _argv(self, rt, cfg, qmp_path, serial):
+        if rt.key == "qemu":
+            if not self.guest_dir:
+                raise BenchError("no QEMU guest (build failed)")
+            with open(os.path.join(self.guest_dir, "kernel")) as f:
+                kernel = f.read().strip()
+            return [rt.binary, "-accel", "tcg", "-machine", "pc", "-smp", "2",
+                    "-m", "%dK" % self.QEMU_MEM_KB, "-nodefaults", "-display", "none",
+                    "-name", "bench,debug-threads=on", "-no-reboot",
+                    "-kernel", kernel, "-initrd", os.path.join(self.guest_dir, "initramfs.cpio.gz"),
+                    "-append", "console=ttyS0 quiet vmig.test=dirtier vmig.args=%d,%d,auto" %
+                    (self.WSS_MIB, self.RATE_MIB),
+                    "-serial", "file:" + serial,
+                    "-qmp", "unix:%s,server=on,wait=off" % qmp_path]
+        return [rt.binary, "--mem", "%dM" % (self.MEM // MIB), "--vcpus", "2",
+                "--workload", "random", "--wss", "%dM" % self.WSS_MIB,
+                "--dirty-rate", "%dM" % self.RATE_MIB, "--qmp", "unix:" + qmp_path]
+
+    def src_argv(self, rt, cfg, qmp_path, tmpdir):
+        argv = self._argv(rt, cfg, qmp_path, os.path.join(tmpdir, "src-serial.log"))
+        return argv + (["--fill", "random"] if rt.key == "vmig" else [])
+
+    def dst_argv(self, rt, cfg, qmp_path, tmpdir):
+        return self._argv(rt, cfg, qmp_path, os.path.join(tmpdir, "dst-serial.log")) + [
+            "--incoming" if rt.key == "vmig" else "-incoming", "defer"]
+
+    @staticmethod
+    def _serial_lines(path):
+        try:
+            with open(path, errors="replace") as f:
+                return [l.strip() for l in f if l.startswith("VMIG-")]
+        except OSError:
+            return []
+
+    def wait_ready(self, run, rt, cfg, tmpdir):
+        if rt.key != "qemu":
+            return  # vmig-vm's workload runs as soon as QMP answers
+        serial = os.path.join(tmpdir, "src-serial.log")
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            lines = self._serial_lines(serial)
+            if any("RESULT" in l for l in lines):
+                raise BenchError("QEMU guest stopped: %s" % lines[-1])
+            # Ready, and one rate report: the guest is dirtying at full pace.
+            if any("VMIG-DIRTIER: ready" in l for l in lines) and \
+                    any("VMIG-DIRTIER: t=" in l for l in lines):
+                return
+            time.sleep(0.2)
+        raise BenchError("QEMU guest did not start dirtying within 180 s")
+
+    def on_poll(self, run, info):
+        if not run.get("switched") and info.get("status") == "active" and \
+                time.monotonic() - run["t0"] >= self.SWITCH_AFTER_S:
+            run["src"].execute("migrate-start-postcopy")
+            run["switched"] = True
+            run["switch_s"] = time.monotonic() - run["t0"]
+
+    def check_dst(self, run, rt, cfg, tmpdir):
+        """The destination guest must be running and its self-check clean."""
+        qd = run["dst"]
+        wait_status(qd, {"running"}, 30)
+        if rt.key == "vmig":
+            g0 = qd.execute("x-vmig-query-guest")
+            time.sleep(2.0)  # let the guest go on writing on the destination
+            g = qd.execute("x-vmig-query-guest")
+            if g["pages-written"] <= g0["pages-written"]:
+                raise BenchError("destination guest is not writing: %s" % json.dumps(g))
+            return {"guest_bad_pages": g["inconsistencies"],
+                    "guest_check": "x-vmig-query-guest: inconsistencies %d, pages verified %d"
+                                   % (g["inconsistencies"], g["pages-verified"])}
+        # QEMU: the dirtier reports every 2 s; wait for two reports from the
+        # destination so at least one covers time after the switch-over.
+        serial = os.path.join(tmpdir, "dst-serial.log")
+        deadline = time.monotonic() + 20
+        lines = []
+        while time.monotonic() < deadline:
+            lines = [l for l in self._serial_lines(serial) if "VMIG-DIRTIER: t=" in l]
+            if len(lines) >= 2:
+                break
+            time.sleep(0.2)
+        if len(lines) < 2:
+            raise BenchError("destination guest printed no progress: %r" % lines)
+        bad = int(lines[-1].rsplit("bad=", 1)[1])
+        return {"guest_bad_pages": bad, "guest_check": "dirtier: " + lines[-1]}
+
+    def extra_metrics(self, run, src_info, dst_info):
+        if not run.get("switched"):
+            raise BenchError("migration completed before post-copy could be started")
+        vb = dst_info.get("postcopy-vcpu-blocktime")
+        m = {
+            "blocktime_ms": dst_info.get("postcopy-blocktime"),
+            "vcpu_blocktime_ms": vb,
+            "vcpu_blocktime_sum_ms": sum(vb) if isinstance(vb, list) else None,
+            "postcopy_requests": src_info.get("ram", {}).get("postcopy-requests"),
+            "switch_after_s": run.get("switch_s"),
+            "dst_query_migrate": dst_info,
+        }
+        for k, key in (("x-vmig-postcopy-latency-p50", "latency_p50_us"),
+                       ("x-vmig-postcopy-latency-p99", "latency_p99_us")):
+            if k in dst_info:
+                m[key] = dst_info[k] / 1000.0
+        for k in ("postcopy-latency-dist", "x-vmig-postcopy-requests", "x-vmig-postcopy-faults",
+                  "postcopy-latency"):
+            if k in dst_info:
+                m[k.replace("-", "_")] = dst_info[k]
+        return m
+
+
 # Scenario objects are shared by all runs: per-run state lives in the run
 # dict passed to on_poll() and extra_metrics().
-SCENARIOS = {s.key: s for s in (Precopy1ch(), PrecopyMultifd(4), Postcopy())}
+SCENARIOS = {s.key: s for s in (Precopy1ch(), PrecopyMultifd(4), Postcopy(),
+                                PostcopyWss())}
 
 
 class Config:
@@ -215,9 +436,11 @@ class Config:
         self.run_tag = ""
 
 
-def set_caps_and_params(qmp, scenario, extra_params=None):
-    if scenario.capabilities:
-        caps = [{"capability": k, "state": v} for k, v in scenario.capabilities.items()]
+def set_caps_and_params(qmp, scenario, extra_params=None, caps=None):
+    want = dict(scenario.capabilities)
+    want.update(caps or {})
+    if want:
+        caps = [{"capability": k, "state": v} for k, v in want.items()]
         qmp.execute("migrate-set-capabilities", {"capabilities": caps})
     params = dict(scenario.parameters)
     params.update(extra_params or {})
@@ -316,31 +539,40 @@ def stop_perf(procs, perfs):
         procs.stop(p)
 
 
-def migrate_once(cfg, runtime, scenario, procs, tmpdir):
+def migrate_once(cfg, engine, scenario, procs, tmpdir):
     """One measured migration; returns a dict of metrics or raises BenchError."""
-    need = 2 * cfg.mem_bytes + GIB
+    _, _, runtime, extra_caps = engine
+    need = 2 * scenario.guest_mem_bytes(cfg) + GIB
     if benchlib.mem_available_bytes() < need:
         raise BenchError("only %.1f GiB RAM available, need %.1f" %
                          (benchlib.mem_available_bytes() / GIB, need / GIB))
+    if scenario.busy_guest:
+        # Busy guests keep the host busy once started, so wait before.
+        busy = benchlib.wait_quiet(cfg.quiet_busy, cfg.quiet_wait_s)
     src_qmp, dst_qmp = os.path.join(tmpdir, "src.qmp"), os.path.join(tmpdir, "dst.qmp")
-    src = procs.start(runtime.src_argv(cfg, src_qmp), os.path.join(tmpdir, "src.log"))
-    dst = procs.start(runtime.dst_argv(cfg, dst_qmp), os.path.join(tmpdir, "dst.log"))
+    src = procs.start(scenario.src_argv(runtime, cfg, src_qmp, tmpdir),
+                      os.path.join(tmpdir, "src.log"))
+    dst = procs.start(scenario.dst_argv(runtime, cfg, dst_qmp, tmpdir),
+                      os.path.join(tmpdir, "dst.log"))
     qs = qd = None
     try:
         qs, qd = Qmp(src_qmp, timeout_s=300), Qmp(dst_qmp, timeout_s=300)
         wait_status(qs, {"running"}, 30)
         uri = "tcp:127.0.0.1:%d" % benchlib.free_tcp_port()
-        set_caps_and_params(qd, scenario)
+        set_caps_and_params(qd, scenario, caps=extra_caps)
         qd.execute("migrate-incoming", {"uri": uri})
-        set_caps_and_params(qs, scenario, {"max-bandwidth": runtime.unlimited_bandwidth})
+        set_caps_and_params(qs, scenario, {"max-bandwidth": runtime.unlimited_bandwidth},
+                            caps=extra_caps)
         params = qs.execute("query-migrate-parameters")
         run = {"src": qs, "dst": qd}
-        busy = benchlib.wait_quiet(cfg.quiet_busy, cfg.quiet_wait_s)
+        scenario.wait_ready(run, runtime, cfg, tmpdir)
+        if not scenario.busy_guest:
+            busy = benchlib.wait_quiet(cfg.quiet_busy, cfg.quiet_wait_s)
         perfs = start_perf(cfg, procs, tmpdir, {"src": src.pid, "dst": dst.pid})
         threads = ThreadSampler([src.pid, dst.pid])
         host0 = benchlib.host_busy_cpu_seconds()
         cpu_src0, cpu_dst0 = benchlib.cpu_seconds(src.pid), benchlib.cpu_seconds(dst.pid)
-        t0 = time.monotonic()
+        t0 = run["t0"] = time.monotonic()
         qs.execute("migrate", {"uri": uri})
 
         def on_src_poll(i):
@@ -363,9 +595,7 @@ def migrate_once(cfg, runtime, scenario, procs, tmpdir):
         if dst_info.get("status") != "completed":
             raise BenchError("destination reports %r" % dst_info.get("status"))
         stop_perf(procs, perfs)
-        verify_sample(qd, cfg, tmpdir)
-        qd.execute("cont")
-        wait_status(qd, {"running"}, 30)
+        checked = scenario.check_dst(run, runtime, cfg, tmpdir)
         ram = info.get("ram", {})
         total_ms = info.get("total-time")
         if not total_ms or "downtime" not in info or "transferred" not in ram:
@@ -376,7 +606,7 @@ def migrate_once(cfg, runtime, scenario, procs, tmpdir):
             "downtime_ms": float(info["downtime"]),
             "setup_ms": info.get("setup-time"),
             "transferred_bytes": ram["transferred"],
-            "ram_gbps": cfg.mem_bytes * 8 / (total_ms / 1000.0) / 1e9,
+            "ram_gbps": scenario.guest_mem_bytes(cfg) * 8 / (total_ms / 1000.0) / 1e9,
             "wire_gbps": ram["transferred"] * 8 / (total_ms / 1000.0) / 1e9,
             "reported_mbps": ram.get("mbps"),
             "dirty_sync_count": ram.get("dirty-sync-count"),
@@ -394,6 +624,7 @@ def migrate_once(cfg, runtime, scenario, procs, tmpdir):
             "query_migrate": info,
         }
         m.update(scenario.extra_metrics(run, info, dst_info))
+        m.update(checked)
         return m
     finally:
         for q in (qs, qd):
@@ -458,10 +689,52 @@ def measure(cfg, entry, what, fn):
 
 
 def keep_logs(tmpdir, dest_dir, tag):
-    for name in ("src.log", "dst.log"):
+    for name in ("src.log", "dst.log", "src-serial.log", "dst-serial.log"):
         p = os.path.join(tmpdir, name)
         if os.path.exists(p):
             shutil.copy(p, os.path.join(dest_dir, "%s-%s" % (tag, name)))
+
+
+def raw_run(cfg, entry, i):
+    try:
+        m = measure(cfg, entry, "run %d raw" % (i + 1), lambda: raw_once(cfg))
+        print("  run %d raw: %.2f Gbit/s, others %.2f s" %
+              (i + 1, m["ram_gbps"], m["foreign_cpu_s"]), flush=True)
+    except (BenchError, subprocess.TimeoutExpired, KeyError, ValueError) as e:
+        entry["errors"].append(str(e))
+        print("  run %d raw: FAILED: %s" % (i + 1, e), flush=True)
+
+
+def engine_run(cfg, sc, engine, entry, procs, i):
+    key, label = engine[0], engine[1]
+    tmpdir = tempfile.mkdtemp(prefix="vmig-bench-")
+    tag = "%s-%s-run%d" % (sc.key, key, i + 1)
+    cfg.run_tag = tag
+    try:
+        m = measure(cfg, entry, "run %d %s" % (i + 1, label),
+                    lambda: migrate_once(cfg, engine, sc, procs, tmpdir))
+        line = "  run %d %s: %.2f s, %.2f Gbit/s, downtime %.1f ms" % (
+            i + 1, label, m["total_s"], m["ram_gbps"], m["downtime_ms"])
+        if "blocktime_ms" in m:
+            line += ", blocktime %s ms (vCPUs %s), requests %s" % (
+                m["blocktime_ms"], m.get("vcpu_blocktime_ms"), m.get("postcopy_requests"))
+        if m.get("latency_p50_us") is not None:
+            line += ", latency p50 %.0f us p99 %.0f us" % (m["latency_p50_us"],
+                                                           m["latency_p99_us"])
+        line += ", CPU src %.2f s dst %.2f s, others %.2f s" % (
+            m["src_cpu_s"], m["dst_cpu_s"], m["foreign_cpu_s"])
+        print(line, flush=True)
+        if m.get("guest_check"):
+            print("    guest %s" % m["guest_check"], flush=True)
+        print("    threads src %s; dst %s" % (m["src_thread_cpu_s"], m["dst_thread_cpu_s"]),
+              flush=True)
+    except (BenchError, OSError) as e:
+        entry["errors"].append(str(e))
+        keep_logs(tmpdir, cfg.results_dir, tag)
+        print("  run %d %s: FAILED: %s (logs in %s)" % (i + 1, label, e, cfg.results_dir),
+              flush=True)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def run_matrix(cfg, scenarios, runtimes, procs):
@@ -474,41 +747,24 @@ def run_matrix(cfg, scenarios, runtimes, procs):
     results = {}
     for sc in scenarios:
         res = results.setdefault(sc.key, {})
-        res["raw"] = {"label": "raw TCP (1 stream)", "runs": [], "errors": []}
-        for rt in runtimes:
-            res[rt.key] = {"label": rt.label, "runs": [], "errors": [],
-                           "pending": rt.unavailable_reason()}
+        engines = sc.engines(runtimes)
+        if sc.with_raw:
+            res["raw"] = {"label": "raw TCP (1 stream)", "runs": [], "errors": []}
+        for key, label, rt, _ in engines:
+            res[key] = {"label": label, "runs": [], "errors": [],
+                        "pending": rt.unavailable_reason()}
+        try:
+            sc.prepare(cfg)
+        except (BenchError, OSError, subprocess.TimeoutExpired) as e:
+            for key, _, _, _ in engines:
+                res[key]["errors"].append("prepare: %s" % e)
+            print("  %s: prepare FAILED: %s" % (sc.key, e), flush=True)
         for i in range(cfg.runs):
-            try:
-                m = measure(cfg, res["raw"], "run %d raw" % (i + 1), lambda: raw_once(cfg))
-                print("  run %d raw: %.2f Gbit/s, others %.2f s" %
-                      (i + 1, m["ram_gbps"], m["foreign_cpu_s"]), flush=True)
-            except (BenchError, subprocess.TimeoutExpired, KeyError, ValueError) as e:
-                res["raw"]["errors"].append(str(e))
-                print("  run %d raw: FAILED: %s" % (i + 1, e), flush=True)
-            for rt in runtimes:
-                entry = res[rt.key]
-                if entry["pending"]:
-                    continue
-                tmpdir = tempfile.mkdtemp(prefix="vmig-bench-")
-                tag = "%s-%s-run%d" % (sc.key, rt.key, i + 1)
-                cfg.run_tag = tag
-                try:
-                    m = measure(cfg, entry, "run %d %s" % (i + 1, rt.label),
-                                lambda: migrate_once(cfg, rt, sc, procs, tmpdir))
-                    print("  run %d %s: %.2f s, %.2f Gbit/s, downtime %.0f ms, "
-                          "CPU src %.2f s dst %.2f s, others %.2f s" %
-                          (i + 1, rt.label, m["total_s"], m["ram_gbps"], m["downtime_ms"],
-                           m["src_cpu_s"], m["dst_cpu_s"], m["foreign_cpu_s"]), flush=True)
-                    print("    threads src %s; dst %s" % (m["src_thread_cpu_s"],
-                                                         m["dst_thread_cpu_s"]), flush=True)
-                except (BenchError, OSError) as e:
-                    entry["errors"].append(str(e))
-                    keep_logs(tmpdir, cfg.results_dir, tag)
-                    print("  run %d %s: FAILED: %s (logs in %s)" %
-                          (i + 1, rt.label, e, cfg.results_dir), flush=True)
-                finally:
-                    shutil.rmtree(tmpdir, ignore_errors=True)
+            if sc.with_raw:
+                raw_run(cfg, res["raw"], i)
+            for engine in engines:
+                if not res[engine[0]]["pending"]:
+                    engine_run(cfg, sc, engine, res[engine[0]], procs, i)
     return results
 
 
@@ -528,7 +784,7 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--timeout", type=int, default=600, help="per migration, seconds")
     ap.add_argument("--tcp-raw", required=True)
-    ap.add_argument("--scenarios", default="precopy-1ch")
+    ap.add_argument("--scenarios", default="precopy-1ch,postcopy-wss")
     ap.add_argument("--runtimes", default="qemu,vmig")
     ap.add_argument("--qemu", default="qemu-system-x86_64")
     ap.add_argument("--results-dir", required=True)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: MIT
 # Migration benchmark: vmig-vm vs QEMU vs one raw loopback TCP stream, all
-# moving the same idle guest filled with random data. Builds its two small C
+# moving the same idle guest filled with random data (pre-copy), and
+# vmig-vm vs QEMU post-copy of a guest dirtying its working set. Builds its two small C
 # helpers, makes sure the cached fill file exists with the right size, then
 # hands over to bench_migrate.py, which starts, measures and tears down every
 # VM. Prints a table; with --record (or BENCH_RECORD=1) it also rewrites the
@@ -12,7 +13,8 @@
 #   BENCH_RUNS=3            runs per engine (medians are reported)
 #   BENCH_MEM=4G            guest RAM size
 #   BENCH_FILL_FILE=PATH    cached random file (default /var/tmp/vmig-bench-<MEM>.bin)
-#   BENCH_SCENARIOS=precopy-1ch   comma-separated scenarios
+#   BENCH_SCENARIOS=precopy-1ch,postcopy-wss   comma-separated scenarios
+#                           (also multifd-4, postcopy)
 #   BENCH_RUNTIMES=qemu,vmig      comma-separated engines (raw TCP always runs)
 #   BENCH_TIMEOUT=600       seconds allowed per migration
 #   BENCH_QUIET_BUSY=0.15   wait until the host's CPUs are at most this busy...
@@ -41,6 +43,7 @@ for arg in "$@"; do
 done
 
 mem=${BENCH_MEM:-4G}
+scenarios=${BENCH_SCENARIOS:-precopy-1ch,postcopy-wss}
 runs=${BENCH_RUNS:-3}
 fill=${BENCH_FILL_FILE:-/var/tmp/vmig-bench-$mem.bin}
 mem_bytes=$(python3 -c '
@@ -77,12 +80,12 @@ results="$root/bench/results/migrate-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$results"
 args=(--build-dir "$build_dir" --mem "$mem" --runs "$runs" --fill-file "$fill"
       --tcp-raw "$bin_dir/tcp_raw" --results-dir "$results"
-      --scenarios "${BENCH_SCENARIOS:-precopy-1ch}" --runtimes "${BENCH_RUNTIMES:-qemu,vmig}"
+      --scenarios "$scenarios" --runtimes "${BENCH_RUNTIMES:-qemu,vmig}"
       --timeout "${BENCH_TIMEOUT:-600}"
       --quiet-busy "${BENCH_QUIET_BUSY:-0.15}" --quiet-wait "${BENCH_QUIET_WAIT:-120}"
       --retries "${BENCH_RETRIES:-2}" --max-foreign "${BENCH_MAX_FOREIGN:-0.25}")
 # The command quoted in the record: what `make bench` runs for this suite.
-cmd="BENCH_RUNS=$runs BENCH_MEM=$mem bench/migrate/run.sh $(basename "$build_dir")"
+cmd="BENCH_RUNS=$runs BENCH_MEM=$mem BENCH_SCENARIOS=$scenarios bench/migrate/run.sh $(basename "$build_dir")"
 if [ "$record" = 1 ]; then
 	doc="$root/docs/benchmarks.md"
 	if [ ! -f "$doc" ]; then
