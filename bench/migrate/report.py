@@ -32,7 +32,7 @@ COLUMNS = [
     ("dst_cpu_s", "dst CPU s", "%.2f"),
 ]
 
-ORDER = ["raw", "qemu", "vmig"]
+ORDER = ["raw", "qemu", "qemu-preempt", "vmig"]
 
 
 def git_commit(path):
@@ -107,10 +107,10 @@ def _rows(res, sc):
 
 def _targets(res, sc):
     """Lines stating whether vmig met the issue's targets, or why unknown."""
-    if not sc.has_targets:
-        return []
     if getattr(sc, "key", "") == "postcopy-wss":
         return _postcopy_targets(res, sc)
+    if not sc.has_targets:
+        return []
     med = {k: _medians(e) for k, e in res.items() if e.get("runs")}
     if "vmig" not in med:
         return ["targets: not evaluated (no vmig result)"]
@@ -143,12 +143,14 @@ def _postcopy_targets(res, sc):
             lines.append("targets vs %s: not evaluated (no result)" % base)
             continue
         q, label = med[base], res[base]["label"]
-        for metric, what in (("total_s", "total time"), ("blocktime_ms", "blocktime")):
+        for metric, what, unit in (("total_s", "total time", "%.2f s"),
+                                   ("blocktime_ms", "blocktime", "%.0f ms"),
+                                   ("vcpu_blocktime_sum_ms", "per-vCPU blocktime sum", "%.0f ms")):
             if v.get(metric) is None or q.get(metric) is None:
                 lines.append("%s below %s: not evaluated (not reported)" % (what, label))
                 continue
             lines.append("%s below %s: %s vs %s -> %s" % (
-                what, label, _fmt("%.2f", v[metric]), _fmt("%.2f", q[metric]),
+                what, label, unit % v[metric], unit % q[metric],
                 _met(v[metric] < q[metric])))
     p50 = v.get("latency_p50_us")
     lines.append("median page-request latency < %.0f us: %s -> %s" % (
@@ -384,4 +386,10 @@ POSTCOPY_WSS_TEXT = """
   destination's serial console. Both are listed with the runs.
 - No raw TCP row: the transfer is paced by the guest and by page requests, not by the
   link.
+- Caveat on the all-vCPU blocktime: the dirtier is one thread, so QEMU's second vCPU is
+  mostly halted, and QEMU 7.2 counts time as "all vCPUs blocked" only when every vCPU
+  waits on a page fault, which a halted vCPU never does. vmig-vm's random workload
+  writes from both vCPUs. So QEMU's `postcopy-blocktime` is structurally small here;
+  the per-vCPU blocktime sum is the closer comparison of how long guest code waited.
+  The issue's figure of 0.2-1.5 s for QEMU matches its per-vCPU values.
 """
