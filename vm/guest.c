@@ -47,7 +47,8 @@ struct guest {
 	uint64_t wss_pages;
 
 	pthread_mutex_t lock;
-	pthread_cond_t cond;
+	pthread_cond_t run_cond;  /* vCPUs wait here: start, stop, quit */
+	pthread_cond_t park_cond; /* stop and create wait here for vCPUs to park */
 	bool run;  /* under lock; read atomically by vCPUs between pages */
 	bool quit; /* under lock */
 	unsigned parked;
@@ -160,8 +161,10 @@ static bool wait_runnable(struct guest *g)
 	pthread_mutex_lock(&g->lock);
 	while (!g->run && !g->quit) {
 		g->parked++;
-		pthread_cond_broadcast(&g->cond);
-		pthread_cond_wait(&g->cond, &g->lock);
+		/* Only the controller listens here: waking the other parked
+		 * vCPUs would make them wake each other forever. */
+		pthread_cond_broadcast(&g->park_cond);
+		pthread_cond_wait(&g->run_cond, &g->lock);
 		g->parked--;
 	}
 	pthread_mutex_unlock(&g->lock);
@@ -179,7 +182,7 @@ static void pace(struct guest *g, uint64_t ns)
 	ts.tv_nsec %= 1000000000;
 	pthread_mutex_lock(&g->lock);
 	if (g->run && !g->quit)
-		pthread_cond_timedwait(&g->cond, &g->lock, &ts);
+		pthread_cond_timedwait(&g->run_cond, &g->lock, &ts);
 	pthread_mutex_unlock(&g->lock);
 }
 
@@ -255,7 +258,8 @@ int guest_create(struct guest **out, uint8_t *ram, uint64_t ram_size, const stru
 	if (fresh)
 		init_layout(g);
 	pthread_mutex_init(&g->lock, NULL);
-	pthread_cond_init(&g->cond, NULL);
+	pthread_cond_init(&g->run_cond, NULL);
+	pthread_cond_init(&g->park_cond, NULL);
 	g->vcpus = calloc(g->nvcpus, sizeof(*g->vcpus));
 	if (!g->vcpus)
 		goto err_free;
@@ -275,14 +279,14 @@ int guest_create(struct guest **out, uint8_t *ram, uint64_t ram_size, const stru
 	/* Wait until every vCPU has parked once, so their thread ids are known. */
 	pthread_mutex_lock(&g->lock);
 	while (g->parked < g->nvcpus)
-		pthread_cond_wait(&g->cond, &g->lock);
+		pthread_cond_wait(&g->park_cond, &g->lock);
 	pthread_mutex_unlock(&g->lock);
 	*out = g;
 	return 0;
 err_threads:
 	pthread_mutex_lock(&g->lock);
 	g->quit = true;
-	pthread_cond_broadcast(&g->cond);
+	pthread_cond_broadcast(&g->run_cond);
 	pthread_mutex_unlock(&g->lock);
 	while (i--)
 		pthread_join(g->vcpus[i].thread, NULL);
@@ -299,11 +303,12 @@ void guest_destroy(struct guest *g)
 		return;
 	pthread_mutex_lock(&g->lock);
 	g->quit = true;
-	pthread_cond_broadcast(&g->cond);
+	pthread_cond_broadcast(&g->run_cond);
 	pthread_mutex_unlock(&g->lock);
 	for (unsigned i = 0; i < g->nvcpus; i++)
 		pthread_join(g->vcpus[i].thread, NULL);
-	pthread_cond_destroy(&g->cond);
+	pthread_cond_destroy(&g->run_cond);
+	pthread_cond_destroy(&g->park_cond);
 	pthread_mutex_destroy(&g->lock);
 	free(g->vcpus);
 	free(g);
@@ -313,9 +318,9 @@ void guest_stop(struct guest *g)
 {
 	pthread_mutex_lock(&g->lock);
 	__atomic_store_n(&g->run, false, __ATOMIC_RELEASE);
-	pthread_cond_broadcast(&g->cond);
+	pthread_cond_broadcast(&g->run_cond);
 	while (g->parked < g->nvcpus && !g->quit)
-		pthread_cond_wait(&g->cond, &g->lock);
+		pthread_cond_wait(&g->park_cond, &g->lock);
 	pthread_mutex_unlock(&g->lock);
 }
 
@@ -323,7 +328,7 @@ void guest_start(struct guest *g)
 {
 	pthread_mutex_lock(&g->lock);
 	__atomic_store_n(&g->run, true, __ATOMIC_RELEASE);
-	pthread_cond_broadcast(&g->cond);
+	pthread_cond_broadcast(&g->run_cond);
 	pthread_mutex_unlock(&g->lock);
 }
 

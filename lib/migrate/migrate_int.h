@@ -164,6 +164,7 @@ void vmig__src_send_run(struct vmig__source *src, struct vmig__writer *w, unsign
 			uint64_t first, uint64_t end);
 int vmig__src_sync_dirty(struct vmig__source *src);
 int vmig__src_stop_vm(struct vmig__source *src);
+int vmig__src_mark_and_drain(struct vmig__source *src);
 int vmig__src_send_state(struct vmig__source *src);
 int vmig__src_connect(struct vmig__source *src, bool resume);
 int vmig__src_start_rp(struct vmig__source *src);

@@ -301,6 +301,23 @@ int vmig__src_wait_rp(struct vmig_session *s, const bool *flag)
  * Called before stopping the vCPUs, so that data still queued in socket
  * buffers drains while the guest runs instead of during downtime.
  */
+static int wait_drained(struct vmig_session *s, uint64_t round);
+
+/* Send a SYNC mark and wait until the destination has processed it. */
+int vmig__src_mark_and_drain(struct vmig__source *src)
+{
+	struct vmig_wire_sync sy = {.round = ++src->sync_marks, .dirty_pages = src->dirty_pages};
+	int ret;
+
+	vmig__writer_rec(src->w, VMIG_REC_SYNC, &sy, sizeof(sy));
+	ret = vmig__writer_flush(src->w);
+	if (!ret)
+		ret = wait_drained(src->s, sy.round);
+	if (ret)
+		vmig__fail(src->s, ret, "destination stopped acknowledging the stream");
+	return ret;
+}
+
 static int wait_drained(struct vmig_session *s, uint64_t round)
 {
 	int ret;
@@ -576,20 +593,7 @@ static int iterate(struct vmig__source *src)
 			return ret;
 		}
 		if (__atomic_load_n(&s->postcopy_requested, __ATOMIC_ACQUIRE)) {
-			/* While the guest still runs: tell the destination what is
-			 * stale so far (most of the discards), then drain. */
-			ret = vmig__src_sync_dirty(src);
-			if (ret)
-				return ret;
-			vmig__pc_source_discard_dirty(src);
-			sy.round = ++src->sync_marks;
-			sy.dirty_pages = src->dirty_pages;
-			vmig__writer_rec(src->w, VMIG_REC_SYNC, &sy, sizeof(sy));
-			ret = vmig__writer_flush(src->w);
-			if (!ret)
-				ret = wait_drained(s, sy.round);
-			if (ret)
-				vmig__fail(s, ret, "destination stopped acknowledging the stream");
+			ret = vmig__pc_source_prepare(src);
 			return ret ? ret : 1;
 		}
 		dt = vmig__now_ns() - t0;

@@ -281,7 +281,11 @@ static int pc_place(void *opaque, unsigned bi, uint64_t first, uint32_t npages,
 		int ret;
 
 		if (!bitmap_claim(b->placed, first + i)) {
-			i++; /* already in place: this copy is a late duplicate */
+			/* Already in place: a late duplicate. If it answers a
+			 * request, a wait may still be on the books. */
+			if (bitmap_test_atomic(b->requested, first + i))
+				fault_end(pc, slot_key(bi, first + i));
+			i++;
 			continue;
 		}
 		for (j = i + 1; j < npages && bitmap_claim(b->placed, first + j); j++)
@@ -295,8 +299,13 @@ static int pc_place(void *opaque, unsigned bi, uint64_t first, uint32_t npages,
 				   (uint64_t)(j - i) * VMIG_PAGE_SIZE);
 		if (ret)
 			return ret;
+		/* Only requested pages can have a fault waiting on them (faults
+		 * on known zero pages are ended by the fault thread itself). */
 		for (uint32_t k = i; k < j; k++)
-			fault_end(pc, slot_key(bi, first + k));
+			if (bitmap_test_atomic(b->requested, first + k))
+				fault_end(pc, slot_key(bi, first + k));
+		if (j < npages && bitmap_test_atomic(b->requested, first + j))
+			fault_end(pc, slot_key(bi, first + j));
 		i = j + (j < npages); /* page j (if any) was already placed */
 	}
 	return 0;
@@ -401,6 +410,7 @@ static void handle_fault(struct vmig__pc_dest *pc, uint64_t addr, int tid)
 	if (bitmap_test_atomic(b->received, pfn) && bitmap_test_atomic(b->zero, pfn)) {
 		/* A known zero page that is still a hole: no need to ask. */
 		pc_place(pc, bi, pfn, 1, NULL);
+		fault_end(pc, key);
 		return;
 	}
 	if (bitmap_claim(b->requested, pfn)) {

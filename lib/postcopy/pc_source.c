@@ -38,20 +38,10 @@ static void send_discards(struct vmig__source *src, unsigned bi, const uint64_t 
 }
 
 /*
- * Before the switch, with the guest still running: every page dirty now
- * stays dirty until post-copy pushes it (nothing is sent in between), so the
- * destination can drop its stale copies already. Punching thousands of
- * holes is then not part of the downtime; only pages dirtied after this
- * are discarded at the switch.
+ * Sync, and discard only pages that became dirty since the previous sync
+ * (the others were discarded already); *added gets their number.
  */
-void vmig__pc_source_discard_dirty(struct vmig__source *src)
-{
-	for (unsigned bi = 0; bi < src->s->nblocks; bi++)
-		send_discards(src, bi, src->s->blocks[bi].dirty);
-}
-
-/* With the vCPUs stopped: the last sync, discarding only what it adds. */
-static int final_sync(struct vmig__source *src)
+static int discard_new(struct vmig__source *src, uint64_t *added_out)
 {
 	struct vmig_session *s = src->s;
 	uint64_t added = 0;
@@ -82,7 +72,38 @@ static int final_sync(struct vmig__source *src)
 	}
 	src->dirty_pages += added;
 	src->st.ram.dirty_sync_count++;
+	if (added_out)
+		*added_out = added;
 	return 0;
+}
+
+/*
+ * Before the switch, with the guest still running. Every page dirty now
+ * stays dirty until post-copy pushes it (nothing is sent in between), so
+ * the destination can drop its stale copies already. Dropping a page costs
+ * the destination a few microseconds (a hole punched, a TLB flush), and the
+ * guest dirties new pages meanwhile, so this repeats, like pre-copy rounds,
+ * until what is left for the downtime is small.
+ */
+int vmig__pc_source_prepare(struct vmig__source *src)
+{
+	struct vmig_session *s = src->s;
+	uint64_t added = 0;
+	int ret = vmig__src_sync_dirty(src);
+
+	if (ret)
+		return ret;
+	for (unsigned bi = 0; bi < s->nblocks; bi++)
+		send_discards(src, bi, s->blocks[bi].dirty);
+	ret = vmig__src_mark_and_drain(src);
+	for (unsigned round = 0; !ret && round < 8; round++) {
+		ret = discard_new(src, &added);
+		if (!ret)
+			ret = vmig__src_mark_and_drain(src);
+		if (added < 1024)
+			break;
+	}
+	return ret;
 }
 
 int vmig__pc_source_switch(struct vmig__source *src)
@@ -93,7 +114,7 @@ int vmig__pc_source_switch(struct vmig__source *src)
 
 	ret = vmig__src_stop_vm(src);
 	if (!ret)
-		ret = final_sync(src);
+		ret = discard_new(src, NULL);
 	if (ret)
 		return ret;
 	ret = vmig__src_send_state(src);

@@ -20,7 +20,7 @@
 #include "migrate/migrate_int.h"
 
 /* Source: called by the migration thread after a pre-copy round. */
-void vmig__pc_source_discard_dirty(struct vmig__source *src);
+int vmig__pc_source_prepare(struct vmig__source *src);
 int vmig__pc_source_switch(struct vmig__source *src);
 int vmig__pc_source_push(struct vmig__source *src);
 /* Source, return-path thread: a page request from the destination. */
