@@ -315,7 +315,7 @@ class PostcopyWss(Scenario):
                     "-m", "%dK" % self.QEMU_MEM_KB, "-nodefaults", "-display", "none",
                     "-name", "bench,debug-threads=on", "-no-reboot",
                     "-kernel", kernel, "-initrd", os.path.join(self.guest_dir, "initramfs.cpio.gz"),
-                    "-append", "console=ttyS0 quiet vmig.test=dirtier vmig.args=%d,%d,auto" %
+                    "-append", "console=ttyS0 quiet vmig.test=dirtier vmig.args=%d,%d,auto,2" %
                     (self.WSS_MIB, self.RATE_MIB),
                     "-serial", "file:" + serial,
                     "-qmp", "unix:%s,server=on,wait=off" % qmp_path]

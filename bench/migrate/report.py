@@ -354,8 +354,9 @@ POSTCOPY_WSS_TEXT = """
   --wss 1024M --dirty-rate 256M` (source `--fill random`, destination `--incoming
   defer`). QEMU: `-accel tcg -machine pc -smp 2 -m 2097160K -kernel
   /boot/vmlinuz-6.1.0-*-amd64` with the initramfs of `tests/interop/guest/build.sh`
-  running `tests/interop/guest/dirtier.c` (same working set, rate and write size; it
-  reports its achieved rate every 2 s, which stayed at 256 MiB/s under TCG). So that
+  running `tests/interop/guest/dirtier.c` with two writer threads, like vmig-vm's two
+  vCPUs (same working set, rate and write size; it reports its achieved rate every
+  2 s). So that
   neither engine can skip most of RAM as zero pages, vmig's source is started with
   `--fill random` and the dirtier fills all but 48 MiB of the guest kernel's
   MemAvailable (about 780 MiB) with pseudo-random bytes once, before it starts. The RAM
@@ -386,10 +387,9 @@ POSTCOPY_WSS_TEXT = """
   destination's serial console. Both are listed with the runs.
 - No raw TCP row: the transfer is paced by the guest and by page requests, not by the
   link.
-- Caveat on the all-vCPU blocktime: the dirtier is one thread, so QEMU's second vCPU is
-  mostly halted, and QEMU 7.2 counts time as "all vCPUs blocked" only when every vCPU
-  waits on a page fault, which a halted vCPU never does. vmig-vm's random workload
-  writes from both vCPUs. So QEMU's `postcopy-blocktime` is structurally small here;
-  the per-vCPU blocktime sum is the closer comparison of how long guest code waited.
-  The issue's figure of 0.2-1.5 s for QEMU matches its per-vCPU values.
+- On the all-vCPU blocktime: QEMU 7.2 counts time as "all vCPUs blocked" only when every
+  vCPU waits on a page fault, and a halted vCPU never does. The dirtier therefore runs
+  one writer thread per vCPU, as vmig-vm's workload does, so both vCPUs of each guest
+  write. The guest kernel may still schedule both threads on one vCPU at times, so the
+  per-vCPU blocktime sum remains the steadier comparison of how long guest code waited.
 """

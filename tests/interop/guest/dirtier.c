@@ -22,6 +22,8 @@
  */
 #include <errno.h>
 #include <stdint.h>
+#include <pthread.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -140,25 +142,58 @@ static void pace(uint64_t *start_ns, uint64_t written, double pages_per_ns)
 		;
 }
 
+struct writer {
+	uint8_t *mem;
+	uint32_t *seqs;
+	uint64_t npages;
+	unsigned id, nthreads;
+	double pages_per_ns;
+	uint64_t written; /* atomic */
+	uint64_t bad;     /* atomic */
+};
+
+/* One writer thread: the pages whose index is id modulo nthreads are its
+ * own, so no two threads write one page (and its stamp stays checkable). */
+static void *writer_main(void *arg)
+{
+	struct writer *w = arg;
+	uint64_t rng = 0x9e3779b97f4a7c15ull * (2 * w->id + 1), start = now_ns(), written = 0;
+	uint64_t mine = (w->npages - w->id + w->nthreads - 1) / w->nthreads;
+
+	for (;;) {
+		for (unsigned b = 0; b < BATCH; b++) {
+			uint64_t idx = (xorshift64(&rng) % mine) * w->nthreads + w->id;
+			int bad = write_page((uint64_t *)(w->mem + idx * PAGE), idx, w->seqs);
+
+			if (bad)
+				__atomic_add_fetch(&w->bad, 1, __ATOMIC_RELAXED);
+		}
+		written += BATCH;
+		__atomic_store_n(&w->written, written, __ATOMIC_RELAXED);
+		pace(&start, written, w->pages_per_ns);
+	}
+	return NULL;
+}
+
 int main(int argc, char **argv)
 {
 	uint64_t wss_mib = argc > 1 ? strtoull(argv[1], NULL, 10) : 1024;
 	uint64_t rate_mib = argc > 2 ? strtoull(argv[2], NULL, 10) : 256;
-	uint64_t npages, written = 0, bad = 0, rng = 0x9e3779b97f4a7c15ull;
-	uint64_t t0, start, last_report, last_written = 0, filled = 0;
-	double pages_per_ns;
+	unsigned nthreads = argc > 4 ? (unsigned)strtoul(argv[4], NULL, 10) : 1;
+	uint64_t npages, t0, last_report, last_written = 0, filled = 0;
+	struct writer w[16];
 	uint32_t *seqs;
 	uint8_t *mem;
 
-	if (!wss_mib || !rate_mib) {
-		fprintf(stderr, "usage: dirtier [WSS_MIB [RATE_MIB]] (both > 0)\n");
+	if (!wss_mib || !rate_mib || !nthreads || nthreads > 16) {
+		fprintf(stderr, "usage: dirtier [WSS_MIB [RATE_MIB [FILL [THREADS]]]] (> 0, <= 16 threads)\n");
 		return 2;
 	}
 	npages = wss_mib * 1024 * 1024 / PAGE;
 	mem = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1,
 		   0);
 	seqs = calloc(npages, sizeof(*seqs));
-	if (mem == MAP_FAILED || !seqs) {
+	if (mem == MAP_FAILED || !seqs || npages < nthreads) {
 		fprintf(stderr, "dirtier: cannot allocate %llu MiB\n", (unsigned long long)wss_mib);
 		return 1;
 	}
@@ -166,32 +201,42 @@ int main(int argc, char **argv)
 		write_page((uint64_t *)(mem + i * PAGE), i, seqs);
 	if (argc > 3)
 		filled = fill_random(argv[3]);
-	printf("VMIG-DIRTIER: ready wss=%lluMiB rate=%lluMiB/s fill=%lluMiB\n",
+	printf("VMIG-DIRTIER: ready wss=%lluMiB rate=%lluMiB/s fill=%lluMiB threads=%u\n",
 	       (unsigned long long)wss_mib, (unsigned long long)rate_mib,
-	       (unsigned long long)filled);
+	       (unsigned long long)filled, nthreads);
 	fflush(stdout);
 
-	pages_per_ns = (double)rate_mib * 1024 * 1024 / PAGE / 1e9;
-	t0 = start = last_report = now_ns();
+	for (unsigned i = 0; i < nthreads; i++) {
+		pthread_t t;
+
+		w[i] = (struct writer){.mem = mem, .seqs = seqs, .npages = npages, .id = i,
+				       .nthreads = nthreads,
+				       .pages_per_ns = (double)rate_mib * 1024 * 1024 / PAGE / 1e9 /
+						       nthreads};
+		if (pthread_create(&t, NULL, writer_main, &w[i])) {
+			fprintf(stderr, "dirtier: cannot start a writer thread\n");
+			return 1;
+		}
+	}
+	t0 = last_report = now_ns();
 	for (;;) {
-		for (unsigned b = 0; b < BATCH; b++) {
-			uint64_t idx = xorshift64(&rng) % npages;
+		uint64_t t, written = 0, bad = 0;
 
-			bad += (uint64_t)write_page((uint64_t *)(mem + idx * PAGE), idx, seqs);
+		usleep(100000);
+		t = now_ns();
+		if (t - last_report < REPORT_NS)
+			continue;
+		for (unsigned i = 0; i < nthreads; i++) {
+			written += __atomic_load_n(&w[i].written, __ATOMIC_RELAXED);
+			bad += __atomic_load_n(&w[i].bad, __ATOMIC_RELAXED);
 		}
-		written += BATCH;
-		pace(&start, written, pages_per_ns);
-		uint64_t t = now_ns();
-		if (t - last_report >= REPORT_NS) {
-			double mib_s = (double)(written - last_written) * PAGE / (1024.0 * 1024.0) /
-				       ((double)(t - last_report) / 1e9);
-
-			printf("VMIG-DIRTIER: t=%.1fs rate=%.0fMiB/s pages=%llu bad=%llu\n",
-			       (double)(t - t0) / 1e9, mib_s, (unsigned long long)written,
-			       (unsigned long long)bad);
-			fflush(stdout);
-			last_report = t;
-			last_written = written;
-		}
+		printf("VMIG-DIRTIER: t=%.1fs rate=%.0fMiB/s pages=%llu bad=%llu\n",
+		       (double)(t - t0) / 1e9,
+		       (double)(written - last_written) * PAGE / (1024.0 * 1024.0) /
+			       ((double)(t - last_report) / 1e9),
+		       (unsigned long long)written, (unsigned long long)bad);
+		fflush(stdout);
+		last_report = t;
+		last_written = written;
 	}
 }
