@@ -74,6 +74,10 @@ static int throttle(void *opaque, size_t bytes)
 
 	if (vmig__cancelled(src->s))
 		return -ECANCELED;
+	/* The destination closed its end: stop sending into a half-open
+	 * connection that may never report an error by itself. */
+	if (__atomic_load_n(&src->s->rp_failed, __ATOMIC_ACQUIRE))
+		return -ECONNRESET;
 	/* As QEMU: post-copy's background push has its own limit. */
 	limit = vmig__param(src->s, src->s->in_postcopy ? VMIG_PARAM_MAX_POSTCOPY_BANDWIDTH
 							: VMIG_PARAM_MAX_BANDWIDTH);
@@ -267,6 +271,10 @@ static void *rp_thread(void *arg)
 	free(r);
 out:
 	pthread_mutex_lock(&s->lock);
+	/* The destination is gone (or done): a send blocked on a peer that
+	 * no longer reads would otherwise wait for TCP's own timeout. */
+	if (s->fd >= 0)
+		shutdown(s->fd, SHUT_RDWR);
 	s->rp_failed = true;
 	if (!s->rp_resumed || s->in_postcopy) {
 		vmig__err_set_first(&err, "destination closed the connection");

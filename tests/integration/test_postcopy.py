@@ -12,14 +12,12 @@ the test controls, at several points of post-copy, then recover and verify.
 usage: test_postcopy.py BUILD_DIR
 """
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-from vmigtest import VM, QMPError, Runner, check, free_port  # noqa: E402
+from vmigtest import VM, QMPError, Relay, Runner, check, free_port  # noqa: E402
 
 MEM_ARG = "128M"
 MEM = 128 << 20
@@ -110,69 +108,6 @@ def case_dest_runs(procs, build, workload):
     check(g["inconsistencies"] == 0, "destination saw inconsistent pages: %r" % g)
     hmp = dst.hmp("info migrate")
     check("Postcopy Blocktime" in hmp, "info migrate lacks blocktime: %s" % hmp)
-
-
-class Relay:
-    """Forwards every connection on its port to target; cut() breaks them all."""
-
-    def __init__(self, target):
-        self.target = target
-        self.lsock = socket.socket()
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(8)
-        self.lsock.settimeout(0.2)
-        self.port = self.lsock.getsockname()[1]
-        self.socks = []
-        self.lock = threading.Lock()
-        self.stop = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _pump(self, a, b):
-        try:
-            while True:
-                d = a.recv(262144)
-                if not d:
-                    break
-                b.sendall(d)
-        except OSError:
-            pass
-        for s in (a, b):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def _accept(self):
-        deadline = time.monotonic() + 300
-        while not self.stop and time.monotonic() < deadline:
-            try:
-                a, _ = self.lsock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                break
-            b = socket.create_connection(("127.0.0.1", self.target), timeout=30)
-            a.settimeout(None)
-            b.settimeout(None)
-            with self.lock:
-                self.socks += [a, b]
-            threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-            threading.Thread(target=self._pump, args=(b, a), daemon=True).start()
-
-    def cut(self):
-        with self.lock:
-            for s in self.socks:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            self.socks = []
-
-    def close(self):
-        self.stop = True
-        self.cut()
-        self.lsock.close()
 
 
 def case_recovery(procs, build, cuts):

@@ -13,11 +13,10 @@ import os
 import random
 import socket
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-from vmigtest import VM, Runner, check, free_port  # noqa: E402
+from vmigtest import VM, Relay, Runner, check, free_port  # noqa: E402
 
 MEM = 128 << 20
 MEM_ARG = "128M"
@@ -173,54 +172,6 @@ def case_wrong_version(procs, build):
     check(info["status"] == "failed", "status %r" % info["status"])
     check("version 99" in info.get("error-desc", ""), "unclear error: %r"
           % info.get("error-desc"))
-
-
-class Relay:
-    """Forwards one TCP connection to target; cuts both ways after `limit` bytes."""
-
-    def __init__(self, target_port, limit):
-        self.lsock = socket.socket()
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(1)
-        self.port = self.lsock.getsockname()[1]
-        self.target = target_port
-        self.limit = limit
-        self.forwarded = 0
-        self.t = threading.Thread(target=self._run, daemon=True)
-        self.t.start()
-
-    def _run(self):
-        self.lsock.settimeout(60)
-        a, _ = self.lsock.accept()
-        b = socket.create_connection(("127.0.0.1", self.target), timeout=60)
-
-        def back():
-            try:
-                while True:
-                    d = b.recv(65536)
-                    if not d:
-                        break
-                    a.sendall(d)
-            except OSError:
-                pass
-        threading.Thread(target=back, daemon=True).start()
-        try:
-            while self.forwarded < self.limit:
-                d = a.recv(min(65536, self.limit - self.forwarded))
-                if not d:
-                    break
-                b.sendall(d)
-                self.forwarded += len(d)
-        except OSError:
-            pass
-        for s in (a, b):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-        self.lsock.close()
 
 
 def case_truncated_stream(procs, build):

@@ -248,6 +248,85 @@ class Runner:
         return 0 if self.failed == 0 else 1
 
 
+class Relay:
+    """Forwards every TCP connection made to its port on to 127.0.0.1:target.
+
+    cut() breaks all current connections at once (a network failure). With
+    limit, the first connection is cut after `limit` bytes have gone from
+    the client to the target (a stream truncated at that offset). Bounded:
+    it stops accepting after 300 s or close().
+    """
+
+    def __init__(self, target, limit=None):
+        self.target = target
+        self.limit = limit
+        self.lsock = socket.socket()
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(8)
+        self.lsock.settimeout(0.2)
+        self.port = self.lsock.getsockname()[1]
+        self.socks = []
+        self.lock = threading.Lock()
+        self.stop = False
+        self.accepted = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _pump(self, a, b, limit):
+        left = limit
+        try:
+            while left is None or left > 0:
+                d = a.recv(262144 if left is None else min(262144, left))
+                if not d:
+                    break
+                b.sendall(d)
+                if left is not None:
+                    left -= len(d)
+        except OSError:
+            pass
+        if limit is not None:
+            self.cut()
+            return
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _accept(self):
+        deadline = time.monotonic() + 300
+        while not self.stop and time.monotonic() < deadline:
+            try:
+                a, _ = self.lsock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            b = socket.create_connection(("127.0.0.1", self.target), timeout=30)
+            a.settimeout(None)
+            b.settimeout(None)
+            with self.lock:
+                self.socks += [a, b]
+            limit = self.limit if self.accepted == 0 else None
+            self.accepted += 1
+            threading.Thread(target=self._pump, args=(a, b, limit), daemon=True).start()
+            threading.Thread(target=self._pump, args=(b, a, None), daemon=True).start()
+
+    def cut(self):
+        with self.lock:
+            for s in self.socks:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self.socks = []
+
+    def close(self):
+        self.stop = True
+        self.cut()
+        self.lsock.close()
+
+
 def check(cond, msg):
     if not cond:
         raise AssertionError(msg)
