@@ -48,25 +48,24 @@ static const bool cap_supported[VMIG_CAP__MAX] = {
 	[VMIG_CAP_VERIFY_MEMORY] = true,
 };
 
+/* Names by index, NULL-terminated, as vmig_parameter_names() returns them. */
+static const char *const param_names[VMIG_PARAM__MAX + 1] = {
+	[VMIG_PARAM_MAX_BANDWIDTH] = "max-bandwidth",
+	[VMIG_PARAM_DOWNTIME_LIMIT] = "downtime-limit",
+	[VMIG_PARAM_MULTIFD_CHANNELS] = "multifd-channels",
+	[VMIG_PARAM_DIRTY_TRACKING] = "x-vmig-dirty-tracking",
+	[VMIG_PARAM_MAX_POSTCOPY_BANDWIDTH] = "max-postcopy-bandwidth",
+};
+
 static const struct {
-	const char *name;
 	int64_t def, min, max;
 	bool live; /* may change while a migration runs */
 } param_info[VMIG_PARAM__MAX] = {
-	[VMIG_PARAM_MAX_BANDWIDTH] = {"max-bandwidth", 0, 0, INT64_MAX, true},
-	[VMIG_PARAM_DOWNTIME_LIMIT] = {"downtime-limit", 300, 0, 2000000, true},
-	[VMIG_PARAM_MULTIFD_CHANNELS] = {"multifd-channels", 2, 1, 255, false},
-	[VMIG_PARAM_DIRTY_TRACKING] = {"x-vmig-dirty-tracking", VMIG_DIRTY_AUTO, VMIG_DIRTY_AUTO,
-				       VMIG_DIRTY_UFFD_SYNC, false},
-	[VMIG_PARAM_MAX_POSTCOPY_BANDWIDTH] = {"max-postcopy-bandwidth", 0, 0, INT64_MAX, true},
-};
-
-static const char *const param_names[VMIG_PARAM__MAX + 1] = {
-	"max-bandwidth",
-	"downtime-limit",
-	"multifd-channels",
-	"x-vmig-dirty-tracking",
-	"max-postcopy-bandwidth",
+	[VMIG_PARAM_MAX_BANDWIDTH] = {0, 0, INT64_MAX, true},
+	[VMIG_PARAM_DOWNTIME_LIMIT] = {300, 0, 2000000, true},
+	[VMIG_PARAM_MULTIFD_CHANNELS] = {2, 1, 255, false},
+	[VMIG_PARAM_DIRTY_TRACKING] = {VMIG_DIRTY_AUTO, VMIG_DIRTY_AUTO, VMIG_DIRTY_UFFD_SYNC, false},
+	[VMIG_PARAM_MAX_POSTCOPY_BANDWIDTH] = {0, 0, INT64_MAX, true},
 };
 
 VMIG_EXPORT const char *vmig_status_name(enum vmig_status status)
@@ -221,17 +220,18 @@ VMIG_EXPORT int vmig_ram_block_add(vmig_session *s, const struct vmig_ram_block 
 	return 0;
 }
 
-static int cap_index(const char *name)
+/* Index of name in a NULL-terminated name table, or -1. */
+static int name_index(const char *const *names, const char *name)
 {
-	for (int i = 0; i < VMIG_CAP__MAX; i++)
-		if (!strcmp(cap_names[i], name))
+	for (int i = 0; name && names[i]; i++)
+		if (!strcmp(names[i], name))
 			return i;
 	return -1;
 }
 
 VMIG_EXPORT int vmig_capability_set(vmig_session *s, const char *name, bool on)
 {
-	int i = name ? cap_index(name) : -1;
+	int i = name_index(cap_names, name);
 
 	if (!s)
 		return -EINVAL;
@@ -253,7 +253,7 @@ VMIG_EXPORT int vmig_capability_set(vmig_session *s, const char *name, bool on)
 
 VMIG_EXPORT int vmig_capability_get(const vmig_session *s, const char *name, bool *on)
 {
-	int i = name ? cap_index(name) : -1;
+	int i = name_index(cap_names, name);
 
 	if (!s || !on)
 		return -EINVAL;
@@ -263,17 +263,9 @@ VMIG_EXPORT int vmig_capability_get(const vmig_session *s, const char *name, boo
 	return 0;
 }
 
-static int param_index(const char *name)
-{
-	for (int i = 0; i < VMIG_PARAM__MAX; i++)
-		if (!strcmp(param_info[i].name, name))
-			return i;
-	return -1;
-}
-
 VMIG_EXPORT int vmig_parameter_set(vmig_session *s, const char *name, int64_t value)
 {
-	int i = name ? param_index(name) : -1;
+	int i = name_index(param_names, name);
 
 	if (!s)
 		return -EINVAL;
@@ -296,7 +288,7 @@ VMIG_EXPORT int vmig_parameter_set(vmig_session *s, const char *name, int64_t va
 
 VMIG_EXPORT int vmig_parameter_get(const vmig_session *s, const char *name, int64_t *value)
 {
-	int i = name ? param_index(name) : -1;
+	int i = name_index(param_names, name);
 
 	if (!s || !value)
 		return -EINVAL;

@@ -22,6 +22,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+from vmigtest import free_port  # noqa: E402
+
 RESULTS = []
 
 
@@ -393,14 +396,6 @@ def t_quit(env):
         raise AssertionError("vmig-vm still running 15 s after quit")
     check(env.procs[1].returncode == 0, f"exit status {env.procs[1].returncode}")
     q.close()
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class Env:
