@@ -37,6 +37,7 @@ static void usage(FILE *f)
 		"  --wss SIZE              working set of random/stream/hotset (default: all RAM;\n"
 		"                          hotset: 1/16 of RAM, 90%% of its writes go there)\n"
 		"  --fill zero|random|PATH initial RAM contents (default zero)\n"
+		"  --mem-prealloc          allocate all guest RAM at start-up (QEMU's -mem-prealloc)\n"
 		"  --seed N                seed for --fill random and the workloads\n"
 		"  --qmp unix:PATH         QMP control socket\n"
 		"  --incoming URI          tcp:HOST:PORT | unix:PATH | defer: receive a migration\n"
@@ -121,6 +122,9 @@ static int parse_one(struct opts *o, int c, const char *arg)
 	case 'S':
 		o->cfg.start_paused = true;
 		return 0;
+	case 'p':
+		o->cfg.prealloc = true;
+		return 0;
 	default:
 		return -1;
 	}
@@ -140,6 +144,7 @@ static int parse_args(int argc, char **argv, struct opts *o)
 		{"incoming", required_argument, NULL, 'i'},
 		{"dirty-tracking", required_argument, NULL, 't'},
 		{"paused", no_argument, NULL, 'S'},
+		{"mem-prealloc", no_argument, NULL, 'p'},
 		{"help", no_argument, NULL, 'h'},
 		{0},
 	};

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "guest.h"
+#include "util/compat.h"
 #include "vm.h"
 
 
@@ -189,6 +190,69 @@ static int fill_file(uint8_t *ram, uint64_t size, const char *path, struct vmig_
 	return 0;
 }
 
+/*
+ * --mem-prealloc (QEMU's -mem-prealloc): fault all of guest RAM in at start-up,
+ * so that nothing later pays for first touch: not the guest, and not an
+ * incoming migration, which then writes pages in place. Each thread takes
+ * an equal slice; MADV_POPULATE_WRITE allocates without writing a byte, and
+ * a kernel without it gets each page touched instead.
+ */
+struct prealloc_slice {
+	uint8_t *start;
+	uint64_t len;
+	int ret;
+};
+
+static void *prealloc_thread(void *arg)
+{
+	struct prealloc_slice *sl = arg;
+
+	if (!madvise(sl->start, sl->len, MADV_POPULATE_WRITE))
+		return NULL;
+	if (errno != EINVAL) {
+		sl->ret = -errno; /* e.g. ENOMEM: not enough memory for the guest */
+		return NULL;
+	}
+	for (uint64_t off = 0; off < sl->len; off += VMIG_PAGE_SIZE)
+		__atomic_fetch_add(sl->start + off, 0, __ATOMIC_RELAXED);
+	return NULL;
+}
+
+static int ram_prealloc(struct vm *vm, struct vmig__err *err)
+{
+	enum { MAX_THREADS = 8 };
+	struct prealloc_slice sl[MAX_THREADS] = {{0}};
+	pthread_t tid[MAX_THREADS];
+	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+	uint64_t pages = vm->ram_size / VMIG_PAGE_SIZE, per;
+	unsigned n = ncpu < 1 ? 1 : ncpu > MAX_THREADS ? MAX_THREADS : (unsigned)ncpu;
+	unsigned started = 0;
+	int ret = 0;
+
+	per = (pages + n - 1) / n;
+	for (unsigned i = 0; i < n && (uint64_t)i * per < pages; i++) {
+		uint64_t first = (uint64_t)i * per;
+
+		sl[i].start = vm->ram + first * VMIG_PAGE_SIZE;
+		sl[i].len = (first + per < pages ? per : pages - first) * VMIG_PAGE_SIZE;
+		if (pthread_create(&tid[i], NULL, prealloc_thread, &sl[i])) {
+			prealloc_thread(&sl[i]); /* no thread: do it here */
+			continue;
+		}
+		started |= 1u << i;
+	}
+	for (unsigned i = 0; i < n; i++) {
+		if (started & (1u << i))
+			pthread_join(tid[i], NULL);
+		if (sl[i].ret && !ret)
+			ret = sl[i].ret;
+	}
+	if (ret)
+		vmig__err_set(err, "cannot preallocate %llu bytes of guest RAM: %s",
+			      (unsigned long long)vm->ram_size, strerror(-ret));
+	return ret;
+}
+
 static int ram_create(struct vm *vm, struct vmig__err *err)
 {
 	vm->memfd = memfd_create("vmig-guest-ram", MFD_CLOEXEC);
@@ -202,6 +266,12 @@ static int ram_create(struct vm *vm, struct vmig__err *err)
 		vm->ram = NULL;
 		vmig__err_set(err, "cannot map guest RAM: %s", strerror(errno));
 		return -errno;
+	}
+	if (vm->cfg.prealloc) {
+		int ret = ram_prealloc(vm, err);
+
+		if (ret)
+			return ret;
 	}
 	if (vm->cfg.incoming)
 		return 0;
@@ -243,7 +313,8 @@ int vm_create(struct vm **out, const struct vm_config *cfg, struct vmig__err *er
 		goto err;
 	}
 	blk = (struct vmig_ram_block){.name = "pc.ram", .host = vm->ram, .size = vm->ram_size,
-				      .fd = vm->memfd};
+				      .fd = vm->memfd,
+				      .flags = cfg->prealloc ? VMIG_RAM_PREALLOC : 0};
 	ret = vmig_ram_block_add(vm->session, &blk);
 	if (ret) {
 		vmig__err_set(err, "%s", vmig_session_error(vm->session));

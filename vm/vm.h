@@ -28,6 +28,7 @@ struct vm_config {
 	const char *fill_path;
 	bool start_paused; /* -S */
 	bool incoming;     /* --incoming given: RAM arrives by migration */
+	bool prealloc;     /* --mem-prealloc: populate RAM at start-up */
 	uint64_t seed;
 };
 

@@ -98,8 +98,10 @@ class QemuRuntime(Runtime):
                    % (cfg.mem_bytes // MIB, cfg.fill_file))
         return self._common(cfg, qmp_path, backend)
 
-    def dst_argv(self, cfg, qmp_path):
+    def dst_argv(self, cfg, qmp_path, prealloc=False):
         backend = "memory-backend-ram,id=mem,size=%dM" % (cfg.mem_bytes // MIB)
+        if prealloc:
+            backend += ",prealloc=on"
         return self._common(cfg, qmp_path, backend) + ["-incoming", "defer", "-S"]
 
 
@@ -126,9 +128,10 @@ class VmigRuntime(Runtime):
         return [self.binary, "--mem", "%dM" % (cfg.mem_bytes // MIB), "--vcpus", "1",
                 "--workload", "idle", "--fill", cfg.fill_file, "--qmp", "unix:" + qmp_path]
 
-    def dst_argv(self, cfg, qmp_path):
+    def dst_argv(self, cfg, qmp_path, prealloc=False):
         return [self.binary, "--mem", "%dM" % (cfg.mem_bytes // MIB), "--vcpus", "1",
-                "--qmp", "unix:" + qmp_path, "--incoming", "defer", "-S"]
+                "--qmp", "unix:" + qmp_path, "--incoming", "defer", "-S"] + \
+            (["--mem-prealloc"] if prealloc else [])
 
 
 class Scenario:
@@ -188,6 +191,17 @@ class Precopy1ch(Scenario):
     key = "precopy-1ch"
     title = "pre-copy, one channel"
     has_targets = True
+
+
+class Precopy1chPrealloc(Precopy1ch):
+    """As precopy-1ch, but both destinations allocate all guest RAM at start-up
+    (QEMU: prealloc=on; vmig-vm: --mem-prealloc), outside the measured window."""
+
+    key = "precopy-1ch-prealloc"
+    title = "pre-copy, one channel, destination RAM preallocated"
+
+    def dst_argv(self, rt, cfg, qmp_path, tmpdir):
+        return rt.dst_argv(cfg, qmp_path, prealloc=True)
 
 
 class PrecopyMultifd(Scenario):
@@ -415,7 +429,7 @@ class PostcopyWss(Scenario):
 
 # Scenario objects are shared by all runs: per-run state lives in the run
 # dict passed to on_poll() and extra_metrics().
-SCENARIOS = {s.key: s for s in (Precopy1ch(), PrecopyMultifd(4), Postcopy(),
+SCENARIOS = {s.key: s for s in (Precopy1ch(), Precopy1chPrealloc(), PrecopyMultifd(4), Postcopy(),
                                 PostcopyWss())}
 
 

@@ -54,13 +54,23 @@ const char *vmig_status_name(enum vmig_status status);
  * One block of guest RAM. host must stay mapped for the life of the session.
  * size must be a multiple of the page size (4096). fd is the file that backs
  * the mapping (a memfd) or -1; libvmig never closes it.
+ *
+ * flags: VMIG_RAM_PREALLOC says the caller has populated the whole block
+ * (QEMU's prealloc=on) and wants it to stay populated. An incoming pre-copy
+ * migration then writes received pages in place instead of freeing the
+ * block first and installing each page anew. Post-copy still needs holes
+ * to fault on, so with post-copy-ram enabled the block is freed at the start
+ * of an incoming migration all the same (QEMU does the same).
  */
+#define VMIG_RAM_PREALLOC (1u << 0)
+
 struct vmig_ram_block {
 	const char *name;
 	void *host;
 	uint64_t size;
 	int fd;
 	uint64_t fd_offset;
+	uint32_t flags; /* VMIG_RAM_* */
 };
 
 /* What ops->event() reports. */

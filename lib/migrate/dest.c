@@ -22,6 +22,20 @@
 #include "postcopy/postcopy.h"
 #include "ram/bitmap.h"
 
+/* Free a block's pages, so that it reads as zero and has holes to fill. */
+static void clear_block(struct vmig__block *b)
+{
+	int ret;
+
+	if (b->fd >= 0)
+		ret = fallocate(b->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+				(off_t)b->fd_offset, (off_t)b->size);
+	else if ((ret = madvise(b->host, b->size, MADV_REMOVE))) /* shared anonymous */
+		ret = madvise(b->host, b->size, MADV_DONTNEED); /* private */
+	if (ret)
+		memset(b->host, 0, b->size);
+}
+
 /*
  * Guest RAM on the destination is defined by the stream alone. Drop what the
  * blocks hold now (a fresh VM holds zeros, an earlier failed attempt may
@@ -34,15 +48,13 @@ static void reset_ram(struct vmig_session *s, struct vmig__load_block *lb)
 	for (unsigned i = 0; i < s->nblocks; i++) {
 		struct vmig__block *b = &s->blocks[i];
 		size_t words = vmig__bitmap_words(b->npages);
-		int ret = 0;
 
-		if (b->fd >= 0)
-			ret = fallocate(b->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-					(off_t)b->fd_offset, (off_t)b->size);
-		else if (madvise(b->host, b->size, MADV_REMOVE)) /* shared anonymous */
-			ret = madvise(b->host, b->size, MADV_DONTNEED); /* private */
-		if (ret)
-			memset(b->host, 0, b->size);
+		/* A preallocated block stays populated for pre-copy: received
+		 * pages are written in place and every page arrives in the
+		 * bulk round, so old contents never survive. */
+		lb[i].stale = b->prealloc && !s->caps[VMIG_CAP_POSTCOPY_RAM];
+		if (!lb[i].stale)
+			clear_block(b);
 		memset(b->received, 0, words * sizeof(uint64_t));
 		memset(b->zero, 0, words * sizeof(uint64_t));
 		memset(b->placed, 0, words * sizeof(uint64_t));
@@ -151,8 +163,15 @@ static int start_guest(struct vmig_session *s, struct vmig__loader *l, uint64_t 
  */
 static int register_ram(struct vmig_session *s, struct vmig__pc_dest **pc, struct vmig__err *err)
 {
-	int ret = vmig__pc_dest_register(*pc, err);
+	int ret = 0;
 
+	/* Populated RAM has no holes to install into (UFFDIO_COPY would fail
+	 * with EEXIST on every page): pages are read straight into it. */
+	for (unsigned i = 0; i < s->nblocks; i++)
+		if (s->blocks[i].prealloc && !s->caps[VMIG_CAP_POSTCOPY_RAM])
+			ret = -EEXIST;
+	if (!ret)
+		ret = vmig__pc_dest_register(*pc, err);
 	if (!ret)
 		return 0;
 	if (s->caps[VMIG_CAP_POSTCOPY_RAM])

@@ -33,6 +33,7 @@ struct vmig__block {
 	uint64_t npages;
 	int fd;
 	uint64_t fd_offset;
+	bool prealloc;       /* VMIG_RAM_PREALLOC: keep populated, write in place */
 	uint64_t *dirty;     /* source: pages still to send */
 	uint64_t *page_hash; /* hash of each page as last sent / placed */
 	uint64_t *received;  /* destination: page content arrived (data or zero) */

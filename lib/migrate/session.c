@@ -179,8 +179,10 @@ VMIG_EXPORT int vmig_ram_block_add(vmig_session *s, const struct vmig_ram_block 
 	if (!s || !blk || !blk->name || !blk->host)
 		return -EINVAL;
 	if (!*blk->name || strlen(blk->name) > VMIG_BLOCK_NAME_MAX || !blk->size ||
-	    blk->size % VMIG_PAGE_SIZE || (uintptr_t)blk->host % VMIG_PAGE_SIZE) {
-		vmig__err_set(&s->err, "RAM block '%s': bad name, size or alignment", blk->name);
+	    blk->size % VMIG_PAGE_SIZE || (uintptr_t)blk->host % VMIG_PAGE_SIZE ||
+	    blk->flags & ~VMIG_RAM_PREALLOC) {
+		vmig__err_set(&s->err, "RAM block '%s': bad name, size, alignment or flags",
+			      blk->name);
 		return -EINVAL;
 	}
 	if (s->nblocks == VMIG_MAX_BLOCKS || s->thread_started)
@@ -196,6 +198,7 @@ VMIG_EXPORT int vmig_ram_block_add(vmig_session *s, const struct vmig_ram_block 
 	b->npages = blk->size / VMIG_PAGE_SIZE;
 	b->fd = blk->fd;
 	b->fd_offset = blk->fd_offset;
+	b->prealloc = blk->flags & VMIG_RAM_PREALLOC;
 	words = vmig__bitmap_words(b->npages);
 	b->dirty = calloc(words, sizeof(uint64_t));
 	b->received = calloc(words, sizeof(uint64_t));

@@ -163,8 +163,10 @@ static int load_pages(struct vmig__loader *l, uint8_t type, uint32_t len, uint64
 		for (uint32_t i = 0; i < pg.npages; i++) {
 			uint64_t pfn = pg.first + i;
 
-			/* Pages that never held data are already zero: don't fault them in. */
-			if (vmig__bitmap_test(b->received, pfn) && !vmig__bitmap_test(b->zero, pfn))
+			/* A cleared page that never held data is zero already: don't
+			 * fault it in. */
+			if (b->stale || (vmig__bitmap_test(b->received, pfn) &&
+					 !vmig__bitmap_test(b->zero, pfn)))
 				memset(dst + (uint64_t)i * VMIG_PAGE_SIZE, 0, VMIG_PAGE_SIZE);
 			b->page_hash[pfn] = vmig__zero_page_hash();
 			vmig__bitmap_set(b->received, pfn);
@@ -337,6 +339,17 @@ int vmig__load_verify(struct vmig__loader *l)
 	for (unsigned i = 0; i < l->nblocks; i++) {
 		hashes[i] = l->blocks[i].page_hash;
 		npages[i] = l->blocks[i].npages;
+	}
+	for (unsigned i = 0; i < l->nblocks; i++) {
+		struct vmig__load_block *b = &l->blocks[i];
+		uint64_t p = b->stale ? vmig__bitmap_find_next_zero(b->received, b->npages, 0) : b->npages;
+
+		/* Not cleared, so its hash says nothing about what it holds. */
+		if (p < b->npages) {
+			vmig__err_set_first(l->err, "RAM block '%s' page %llu never arrived",
+					    b->name, (unsigned long long)p);
+			return -EBADMSG;
+		}
 	}
 	got = vmig__digest_of_hashes(hashes, npages, l->nblocks);
 	if (got != l->digest.page_digest) {

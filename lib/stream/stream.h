@@ -91,6 +91,8 @@ struct vmig__load_block {
 	uint64_t *page_hash; /* npages entries: XXH3-64 of each page as placed */
 	uint64_t *received;  /* bitmap: page content arrived (data or zero) */
 	uint64_t *zero;      /* bitmap: the last content that arrived was zero */
+	bool stale;          /* RAM was not cleared: a page not received may hold
+			      * anything, so zero pages are written, not skipped */
 };
 
 /*

@@ -80,6 +80,16 @@ def case_postcopy(procs, build, workload, switch_after):
     check("postcopy-blocktime" in dinfo, "no blocktime on the destination: %r" % dinfo)
 
 
+def case_prealloc_dest(procs, build):
+    """A --mem-prealloc destination gives up its pages for post-copy (it needs
+    holes to fault on), and the migration is exact."""
+    src, dst = pair(procs, build, "random", dst_args=("-S", "--mem-prealloc"))
+    time.sleep(0.3)
+    start(src, dst, "tcp:127.0.0.1:%d" % free_port(), 0)
+    info, dinfo = finish_and_compare(src, dst)
+    check(info["ram"]["postcopy-bytes"] > 0, "nothing was sent after the switch")
+
+
 def case_dest_runs(procs, build, workload):
     """The destination runs the workload at once; pages come on demand."""
     src, dst = pair(procs, build, workload,
@@ -211,6 +221,7 @@ def main():
     r.run("postcopy-recover-3-cuts", case_recovery, r.build, (0.2, 0.6, 0.4))
     r.run("postcopy-recover-immediate-cut", case_recovery, r.build, (0.0,))
     r.run("postcopy-pause-recover", case_pause_recover, r.build)
+    r.run("postcopy-prealloc-dest", case_prealloc_dest, r.build)
     r.run("postcopy-fail-before-switch", case_fail_before_switch, r.build)
     r.run("cli-postcopy", case_cli, r.build, ["--postcopy"])
     r.run("cli-postcopy-after", case_cli, r.build, ["--postcopy-after", "1"])

@@ -141,6 +141,43 @@ def case_cancel_then_remigrate(procs, build):
     assert_completed_and_equal(src, dst2, info, dinfo)
 
 
+def rss_shmem(vm):
+    """Bytes of shared memory the VM process has mapped in (its guest RAM)."""
+    with open("/proc/%d/status" % vm.proc.pid) as f:
+        for line in f:
+            if line.startswith("RssShmem:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssShmem in /proc/%d/status" % vm.proc.pid)
+
+
+def case_prealloc_dest(procs, build):
+    """--mem-prealloc: RAM is populated at start and stays so; pages are written
+    in place. The destination first receives part of a random-filled guest and
+    is cancelled, so its RAM holds stale data; then a mostly-zero guest (zero
+    pages must overwrite the stale ones) migrates into the same process."""
+    dst = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--incoming", "defer", "-S",
+             "--mem-prealloc", name="dst")
+    check(rss_shmem(dst) >= MEM, "RAM not preallocated: RssShmem %d" % rss_shmem(dst))
+    old = VM(procs, build, "--mem", MEM_ARG, "--fill", "random", "--seed", "77", name="old")
+    old.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 16 << 20})
+    port = free_port()
+    dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:%d" % port)
+    old.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % port)
+    time.sleep(1.0)
+    old.qmp.cmd("migrate_cancel")
+    check(old.wait_migration(30)["status"] == "cancelled", "cancel did not take")
+    d = dst.wait_migration(30)
+    check(d["status"] in ("failed", "cancelled"), "destination status %r" % d["status"])
+    old.kill()
+    src = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--workload", "random",
+             "--dirty-rate", "32M", "--wss", "32M", name="src")
+    time.sleep(0.3)
+    info, dinfo = migrate(src, dst, caps=("x-vmig-verify-memory",))
+    assert_completed_and_equal(src, dst, info, dinfo)
+    check(info["ram"]["duplicate"] > 0, "no zero pages were sent")
+    check(rss_shmem(dst) >= MEM, "RAM no longer populated: RssShmem %d" % rss_shmem(dst))
+
+
 def case_garbage_to_incoming(procs, build):
     dst = VM(procs, build, "--mem", "16M", "--incoming", "defer", "-S", name="dst")
     port = free_port()
@@ -246,6 +283,7 @@ def main():
     r.run("precopy-dest-runs-after-cont", case_dest_runs_after_cont, r.build)
     r.run("max-bandwidth", case_max_bandwidth, r.build)
     r.run("cancel-then-remigrate", case_cancel_then_remigrate, r.build)
+    r.run("prealloc-dest-reused", case_prealloc_dest, r.build)
     r.run("garbage-to-incoming", case_garbage_to_incoming, r.build)
     r.run("wrong-stream-version", case_wrong_version, r.build)
     r.run("truncated-stream", case_truncated_stream, r.build)
