@@ -100,6 +100,7 @@ struct vhost_avail {
 	uint16_t ring[]; /* num entries, then used_event (EVENT_IDX) */
 };
 #define VHOST_AVAIL_F_NO_INTERRUPT 1
+#define VHOST_USED_F_NO_NOTIFY 1
 
 struct vhost_used_elem {
 	uint32_t id;
@@ -169,11 +170,38 @@ void vhost_vq_push(struct vhost_vq *vq, uint16_t head, uint32_t len);
 /* Publish staged completions. Returns true if the guest must be notified. */
 bool vhost_vq_flush(struct vhost_vq *vq);
 /*
- * Tell the guest we will sleep (EVENT_IDX: avail_event = last_avail_idx)
- * and recheck. Returns true if more buffers are available, so the caller
- * must keep going instead of sleeping.
+ * Tell the guest we will sleep (EVENT_IDX: avail_event = last_avail_idx;
+ * otherwise clear VRING_USED_F_NO_NOTIFY) and recheck. Returns true if more
+ * buffers are available, so the caller must keep going instead of sleeping.
  */
 bool vhost_vq_enable_notify(struct vhost_vq *vq);
+/*
+ * Tell the guest it need not kick: we are polling the avail ring. Without
+ * EVENT_IDX this sets VRING_USED_F_NO_NOTIFY in used->flags; with EVENT_IDX
+ * it does nothing, because avail_event stays where the last
+ * vhost_vq_enable_notify() put it and the guest, which is past it already,
+ * only kicks again when its avail index crosses it (after 65536 buffers: one
+ * harmless extra kick). Only a hint: callers still handle kicks.
+ */
+void vhost_vq_disable_notify(struct vhost_vq *vq);
+/*
+ * Cheap poll: true if the guest has published buffers we have not fetched.
+ * One load of avail->idx, no side effects; vhost_vq_pop() does the checks.
+ */
+static inline bool vhost_vq_avail_pending(const struct vhost_vq *vq)
+{
+	return __atomic_load_n(&vq->avail->idx, __ATOMIC_RELAXED) != vq->last_avail_idx;
+}
+/*
+ * The EVENT_IDX rule (virtio 1.x, 2.7.10): after moving an index from old to
+ * new_idx, the other side asked to be notified iff its event index lies in
+ * [old, new_idx), modulo 2^16. Used for used_event (our interrupts) and by
+ * tests for avail_event (the guest's kicks).
+ */
+static inline bool vhost_need_event(uint16_t event, uint16_t new_idx, uint16_t old)
+{
+	return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
+}
 
 /* ---- device and message handling (dev.c) ---- */
 

@@ -223,25 +223,42 @@ bool vhost_vq_flush(struct vhost_vq *vq)
 		__atomic_store_n(&inf->used_idx, new_idx, __ATOMIC_RELEASE);
 	}
 	vq->published_idx = new_idx;
-	if (vq->event_idx) {
-		uint16_t ev = *used_event(vq);
-
-		/* Notify if used_event lies in [old, new_idx). */
-		return (uint16_t)(new_idx - ev - 1) < n;
-	}
+	if (vq->event_idx)
+		return vhost_need_event(*used_event(vq), new_idx, old);
 	return !(vq->avail->flags & VHOST_AVAIL_F_NO_INTERRUPT);
+}
+
+/* Store used->flags (only the bit we own) and log it when asked. */
+static void set_used_flags(struct vhost_vq *vq, uint16_t flags)
+{
+	if (vq->used->flags == flags)
+		return; /* already so: no store, no dirty cache line */
+	vq->used->flags = flags;
+	if (vq->log && vq->log_used)
+		vhost_log_write(vq->log, vq->used_gpa + offsetof(struct vhost_used, flags),
+				sizeof(uint16_t));
 }
 
 bool vhost_vq_enable_notify(struct vhost_vq *vq)
 {
-	if (!vq->event_idx)
-		return false; /* never suppressed: the guest always kicks */
-	*avail_event(vq) = vq->last_avail_idx;
-	if (vq->log && vq->log_used)
-		vhost_log_write(vq->log,
-				vq->used_gpa + offsetof(struct vhost_used, ring) +
-				    (uint64_t)vq->num * sizeof(struct vhost_used_elem),
-				sizeof(uint16_t));
+	if (vq->event_idx) {
+		*avail_event(vq) = vq->last_avail_idx;
+		if (vq->log && vq->log_used)
+			vhost_log_write(vq->log,
+					vq->used_gpa + offsetof(struct vhost_used, ring) +
+					    (uint64_t)vq->num * sizeof(struct vhost_used_elem),
+					sizeof(uint16_t));
+	} else {
+		set_used_flags(vq, 0);
+	}
+	/* Our store before the guest's index: either it sees that we sleep
+	 * and kicks, or we see its buffer here. */
 	__atomic_thread_fence(__ATOMIC_SEQ_CST);
 	return __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE) != vq->last_avail_idx;
+}
+
+void vhost_vq_disable_notify(struct vhost_vq *vq)
+{
+	if (!vq->event_idx)
+		set_used_flags(vq, VHOST_USED_F_NO_NOTIFY);
 }

@@ -4,8 +4,9 @@
  * built in memfd-backed fake guest RAM: chain resolution (direct, indirect,
  * across regions), every rejection a hostile guest can trigger (loops,
  * chains longer than the ring, out-of-table addresses, bad flags, too many
- * segments), used-ring publication, EVENT_IDX on both sides, and dirty
- * logging of what the back-end writes.
+ * segments), used-ring publication, EVENT_IDX on both sides (with the
+ * need-event rule across the 16-bit wrap), kick suppression while the
+ * back-end polls, and dirty logging of what the back-end writes.
  */
 #include <errno.h>
 #include <setjmp.h>
@@ -242,6 +243,82 @@ static void test_event_idx(void **state)
 	h_free(&h);
 }
 
+static void test_need_event_wraparound(void **state)
+{
+	/* Plain cases: the event index lies in [old, new). */
+	assert_true(vhost_need_event(5, 6, 5));
+	assert_false(vhost_need_event(6, 6, 5));
+	assert_false(vhost_need_event(4, 6, 5));
+	assert_true(vhost_need_event(3, 10, 0));
+	/* Across the 16-bit wrap: old 0xfffe, new 2 covers 0xfffe..1. */
+	assert_true(vhost_need_event(0xfffe, 2, 0xfffe));
+	assert_true(vhost_need_event(0xffff, 2, 0xfffe));
+	assert_true(vhost_need_event(0, 2, 0xfffe));
+	assert_true(vhost_need_event(1, 2, 0xfffe));
+	assert_false(vhost_need_event(2, 2, 0xfffe));
+	assert_false(vhost_need_event(0xfffd, 2, 0xfffe));
+	/* Nothing moved: never. A stale event far behind: not crossed. */
+	assert_false(vhost_need_event(7, 7, 7));
+	assert_false(vhost_need_event((uint16_t)(100 - 40000), 100, 90));
+}
+
+/* Without EVENT_IDX, polling suppresses kicks with VRING_USED_F_NO_NOTIFY. */
+static void test_poll_notify_flags(void **state)
+{
+	struct harness h;
+	uint16_t head;
+
+	h_init(&h, 8, false, false);
+	h_log(&h, true);
+	assert_false(vhost_vq_avail_pending(&h.vq));
+	vhost_vq_disable_notify(&h.vq);
+	assert_int_equal(h.used->flags, VHOST_USED_F_NO_NOTIFY);
+	assert_true(h_dirty(&h, H_USED)); /* logged: it is a guest-visible write */
+	h_post(&h, 0);
+	assert_true(vhost_vq_avail_pending(&h.vq));
+	/* A buffer posted while we polled: enabling finds it, keep going. */
+	assert_true(vhost_vq_enable_notify(&h.vq));
+	assert_int_equal(h.used->flags, 0);
+	assert_int_equal(vhost_vq_pop(&h.vq, &head), 1);
+	assert_false(vhost_vq_avail_pending(&h.vq));
+	assert_false(vhost_vq_enable_notify(&h.vq)); /* empty: sleep */
+	assert_int_equal(h.used->flags, 0);
+	h_free(&h);
+}
+
+/* With EVENT_IDX, polling leaves avail_event behind, so the driver (whose
+ * kick test is vhost_need_event(avail_event, new, old)) stays quiet. */
+static void test_poll_event_idx(void **state)
+{
+	struct harness h;
+	volatile uint16_t *avail_event;
+	uint16_t head;
+
+	h_init(&h, 8, true, false);
+	avail_event = (uint16_t *)&h.used->ring[8];
+	assert_false(vhost_vq_enable_notify(&h.vq));
+	assert_int_equal(*avail_event, 0);
+	/* Driver posts 0 -> 1: event 0 crossed, it kicks; we start polling. */
+	h_post(&h, 0);
+	assert_true(vhost_need_event(*avail_event, 1, 0));
+	vhost_vq_disable_notify(&h.vq);
+	assert_int_equal(h.used->flags, 0); /* flags are not used with EVENT_IDX */
+	assert_int_equal(vhost_vq_pop(&h.vq, &head), 1);
+	/* While we poll, the next posts (1 -> 2 -> 3) cross nothing. */
+	h_post(&h, 1);
+	assert_false(vhost_need_event(*avail_event, 2, 1));
+	h_post(&h, 2);
+	assert_false(vhost_need_event(*avail_event, 3, 2));
+	assert_int_equal(vhost_vq_pop(&h.vq, &head), 1);
+	assert_int_equal(vhost_vq_pop(&h.vq, &head), 1);
+	/* Going to sleep: avail_event = 3, the next post kicks again. */
+	assert_false(vhost_vq_enable_notify(&h.vq));
+	assert_int_equal(*avail_event, 3);
+	h_post(&h, 3);
+	assert_true(vhost_need_event(*avail_event, 4, 3));
+	h_free(&h);
+}
+
 static void test_dirty_log(void **state)
 {
 	struct harness h;
@@ -281,6 +358,9 @@ int main(void)
 	    cmocka_unit_test(test_broken_avail),
 	    cmocka_unit_test(test_used_and_notify),
 	    cmocka_unit_test(test_event_idx),
+	    cmocka_unit_test(test_need_event_wraparound),
+	    cmocka_unit_test(test_poll_notify_flags),
+	    cmocka_unit_test(test_poll_event_idx),
 	    cmocka_unit_test(test_dirty_log),
 	};
 

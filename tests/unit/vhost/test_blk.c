@@ -1,0 +1,220 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Unit tests of vmig-blk's queue thread (tools/vmig-blk/blk.c) on a ring in
+ * the harness's fake guest RAM, with the null back-end so nothing but the
+ * data path is involved: reads leave the buffer alone (or zero it with
+ * read_zeroes), writes and flushes succeed, and the busy-poll loop picks up
+ * buffers without a kick while its window is open, suppresses kicks
+ * (VRING_USED_F_NO_NOTIFY) meanwhile, and goes back to sleep, asking for
+ * kicks again, once the window has passed. With polling off, a buffer
+ * posted without a kick must wait for the kick.
+ */
+#include <errno.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+#include <linux/virtio_blk.h>
+#include <sys/eventfd.h>
+#include <time.h>
+
+#include "harness.h"
+#include "vmig-blk/blk.h"
+
+#define T_HDR (H_DATA)
+#define T_BUF (H_DATA + 0x1000)
+#define T_STATUS (H_DATA + 0x3000)
+
+struct fixture {
+	struct harness h;
+	struct vblk_disk disk;
+	struct vblk_queue q[1];
+	struct vhost_vring vr;
+};
+
+static uint64_t now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static void start(struct fixture *f, uint32_t poll_us, bool read_zeroes)
+{
+	memset(f, 0, sizeof(*f));
+	h_init(&f->h, 8, false, false);
+	f->disk = (struct vblk_disk){.backend = VBLK_BACKEND_NULL,
+				     .fd = -1,
+				     .size = 1 << 20,
+				     .read_zeroes = read_zeroes};
+	vblk_queue_init(&f->q[0], &f->disk, 0);
+	vblk_queue_set_poll(&f->q[0], poll_us);
+	f->vr.idx = 0;
+	f->vr.num = 8;
+	f->vr.vq = f->h.vq;
+	f->vr.kick_fd = eventfd(0, EFD_CLOEXEC);
+	f->vr.call_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	f->vr.err_fd = -1;
+	assert_true(f->vr.kick_fd >= 0 && f->vr.call_fd >= 0);
+	assert_int_equal(vblk_dev_ops.queue_start(f->q, &f->vr), 0);
+}
+
+static void stop(struct fixture *f)
+{
+	vblk_dev_ops.queue_stop(f->q, &f->vr);
+	vblk_queue_free(&f->q[0]);
+	close(f->vr.kick_fd);
+	close(f->vr.call_fd);
+	h_free(&f->h);
+}
+
+/* Post request `type` as chain 0-1-2 (head 0), optionally kicking. */
+static void post(struct fixture *f, uint32_t type, bool kick)
+{
+	struct virtio_blk_outhdr *hdr = h_gpa(&f->h, T_HDR);
+	uint16_t wr = type == VIRTIO_BLK_T_IN ? VHOST_DESC_F_WRITE : 0;
+
+	hdr->type = type;
+	hdr->ioprio = 0;
+	hdr->sector = 8;
+	*(uint8_t *)h_gpa(&f->h, T_STATUS) = 0xee;
+	h_set_desc(&f->h, f->h.desc, 0, T_HDR, sizeof(*hdr), VHOST_DESC_F_NEXT, 1);
+	h_set_desc(&f->h, f->h.desc, 1, T_BUF, 4096, VHOST_DESC_F_NEXT | wr, 2);
+	h_set_desc(&f->h, f->h.desc, 2, T_STATUS, 1, VHOST_DESC_F_WRITE, 0);
+	h_post(&f->h, 0);
+	if (kick)
+		eventfd_write(f->vr.kick_fd, 1);
+}
+
+/* Wait up to ms for used->idx to reach want. */
+static bool wait_used(struct fixture *f, uint16_t want, unsigned ms)
+{
+	uint64_t end = now_ms() + ms;
+
+	while (now_ms() < end) {
+		if (__atomic_load_n(&f->h.used->idx, __ATOMIC_ACQUIRE) == want)
+			return true;
+		usleep(200);
+	}
+	return false;
+}
+
+static uint8_t status(struct fixture *f)
+{
+	return *(volatile uint8_t *)h_gpa(&f->h, T_STATUS);
+}
+
+static void test_null_read_leaves_buffer(void **state)
+{
+	struct fixture f;
+	uint8_t *buf;
+
+	start(&f, 0, false);
+	buf = h_gpa(&f.h, T_BUF);
+	memset(buf, 0xaa, 4096);
+	post(&f, VIRTIO_BLK_T_IN, true);
+	assert_true(wait_used(&f, 1, 2000));
+	assert_int_equal(status(&f), VIRTIO_BLK_S_OK);
+	assert_int_equal(f.h.used->ring[0].id, 0);
+	assert_int_equal(f.h.used->ring[0].len, 4096 + 1);
+	assert_int_equal(buf[0], 0xaa);
+	assert_int_equal(buf[4095], 0xaa);
+	stop(&f);
+	assert_int_equal(f.q[0].stats.read_ops, 1);
+	assert_int_equal(f.q[0].stats.read_bytes, 4096);
+}
+
+static void test_null_read_zeroes(void **state)
+{
+	struct fixture f;
+	uint8_t *buf;
+
+	start(&f, 0, true);
+	buf = h_gpa(&f.h, T_BUF);
+	memset(buf, 0xaa, 4096);
+	post(&f, VIRTIO_BLK_T_IN, true);
+	assert_true(wait_used(&f, 1, 2000));
+	assert_int_equal(status(&f), VIRTIO_BLK_S_OK);
+	for (unsigned i = 0; i < 4096; i++)
+		assert_int_equal(buf[i], 0);
+	stop(&f);
+}
+
+static void test_null_write_flush(void **state)
+{
+	struct fixture f;
+
+	start(&f, 0, false);
+	post(&f, VIRTIO_BLK_T_OUT, true);
+	assert_true(wait_used(&f, 1, 2000));
+	assert_int_equal(status(&f), VIRTIO_BLK_S_OK);
+	assert_int_equal(f.h.used->ring[0].len, 1); /* only the status byte */
+	post(&f, VIRTIO_BLK_T_FLUSH, true);
+	assert_true(wait_used(&f, 2, 2000));
+	assert_int_equal(status(&f), VIRTIO_BLK_S_OK);
+	stop(&f);
+	assert_int_equal(f.q[0].stats.write_ops, 1);
+	assert_int_equal(f.q[0].stats.flush_ops, 1);
+	assert_int_equal(f.q[0].stats.errors, 0);
+}
+
+/* No polling: a buffer posted without a kick is not seen until the kick. */
+static void test_no_poll_needs_kick(void **state)
+{
+	struct fixture f;
+
+	start(&f, 0, false);
+	post(&f, VIRTIO_BLK_T_IN, true);
+	assert_true(wait_used(&f, 1, 2000));
+	usleep(20000);
+	assert_int_equal(f.h.used->flags, 0); /* never suppressed */
+	post(&f, VIRTIO_BLK_T_IN, false);
+	assert_false(wait_used(&f, 2, 100));
+	eventfd_write(f.vr.kick_fd, 1);
+	assert_true(wait_used(&f, 2, 2000));
+	stop(&f);
+	assert_int_equal(f.q[0].stats.poll_hits, 0);
+}
+
+/* Polling: within the window no kick is needed and kicks are suppressed;
+ * after it, the queue sleeps and asks for kicks again. */
+static void test_poll_window(void **state)
+{
+	struct fixture f;
+	uint64_t sleeps;
+
+	start(&f, 300000, false); /* 300 ms: wide enough for a loaded machine */
+	post(&f, VIRTIO_BLK_T_IN, true);
+	assert_true(wait_used(&f, 1, 2000));
+	/* Set right after the batch that started the polling is published. */
+	for (int i = 0; i < 1000 && f.h.used->flags != VHOST_USED_F_NO_NOTIFY; i++)
+		usleep(100);
+	assert_int_equal(f.h.used->flags, VHOST_USED_F_NO_NOTIFY);
+	sleeps = __atomic_load_n(&f.q[0].stats.sleeps, __ATOMIC_RELAXED);
+	post(&f, VIRTIO_BLK_T_IN, false);
+	assert_true(wait_used(&f, 2, 250));
+	assert_true(__atomic_load_n(&f.q[0].stats.poll_hits, __ATOMIC_RELAXED) >= 1);
+	/* Past the window: asleep, kicks wanted, and nothing more polled. */
+	usleep(700000);
+	assert_int_equal(f.h.used->flags, 0);
+	assert_true(__atomic_load_n(&f.q[0].stats.sleeps, __ATOMIC_RELAXED) > sleeps);
+	post(&f, VIRTIO_BLK_T_IN, false);
+	assert_false(wait_used(&f, 3, 100));
+	eventfd_write(f.vr.kick_fd, 1);
+	assert_true(wait_used(&f, 3, 2000));
+	stop(&f);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+	    cmocka_unit_test(test_null_read_leaves_buffer),
+	    cmocka_unit_test(test_null_read_zeroes),
+	    cmocka_unit_test(test_null_write_flush),
+	    cmocka_unit_test(test_no_poll_needs_kick),
+	    cmocka_unit_test(test_poll_window),
+	};
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
