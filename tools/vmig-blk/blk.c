@@ -1,12 +1,15 @@
 // SPDX-License-Identifier: MIT
 /*
  * The virtio-blk data path of vmig-blk: one thread and one io_uring per
- * queue. The thread waits on its kick eventfd and on request completions in
- * the same io_uring, turns descriptor chains into preadv/pwritev/fsync/
- * fallocate submissions (or memcpy for the RAM disk), and retires completed
- * requests in batches: one used-index store and at most one interrupt per
- * batch. Nothing is allocated per request: request slots, iovecs and guest
- * addresses live in arrays sized by the ring at queue start.
+ * queue. The thread turns descriptor chains into preadv/pwritev/fsync/
+ * fallocate submissions (the RAM disk copies inline, the null disk does
+ * nothing), and retires completed requests in batches: one used-index store
+ * and at most one interrupt per batch. After work it busy-polls the avail
+ * ring and the io_uring completion queue for poll_ns (guest kicks
+ * suppressed meanwhile), then re-enables kicks and sleeps on its io_uring,
+ * where a kick (a read on the kick eventfd), a stop request or a completion
+ * wakes it. Nothing is allocated per request: request slots, iovecs and
+ * guest addresses live in arrays sized by the ring at queue start.
  *
  * Threat model: request headers, segment descriptors and buffer layouts come
  * from the guest. Sectors and lengths are checked against the disk size
@@ -23,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <time.h>
 #include <unistd.h>
 
 #define TAG_KICK ((void *)1)
@@ -245,6 +249,33 @@ static void ram_rw(struct vblk_queue *q, struct vblk_req *req)
 	}
 }
 
+/*
+ * I/O on a memory file system, done here with preadv/pwritev. tmpfs cannot
+ * serve io_uring's non-blocking attempt, so io_uring would hand every request
+ * to a worker thread and wake us for its completion: several times the cost
+ * of the copy itself, which is all the work there is. Short transfers
+ * continue where they stopped; 0 bytes (the file shrank under us) is an error.
+ */
+static uint8_t inline_rw(struct vblk_queue *q, struct vblk_req *req, bool is_read)
+{
+	struct iovec *iov = req->data;
+	unsigned n = req->ndata;
+
+	while (req->done < req->bytes) {
+		off_t off = (off_t)(req->offset + req->done);
+		ssize_t w = is_read ? preadv(q->disk->fd, iov, (int)n, off)
+				    : pwritev(q->disk->fd, iov, (int)n, off);
+
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			return VIRTIO_BLK_S_IOERR;
+		req->done += (uint64_t)w;
+		iov_skip(&iov, &n, (uint64_t)w);
+	}
+	return VIRTIO_BLK_S_OK;
+}
+
 static uint8_t start_rw(struct vblk_queue *q, struct vblk_req *req, uint64_t sector)
 {
 	bool is_read = req->type == VIRTIO_BLK_T_IN;
@@ -261,10 +292,20 @@ static uint8_t start_rw(struct vblk_queue *q, struct vblk_req *req, uint64_t sec
 		req->written = (uint32_t)req->bytes;
 	if (req->bytes == 0)
 		return VIRTIO_BLK_S_OK;
+	if (q->disk->backend == VBLK_BACKEND_NULL) {
+		/* Like qsd's null-co and SPDK's null bdev: nothing is stored,
+		 * reads leave the buffer alone unless asked to zero it. */
+		if (is_read && q->disk->read_zeroes)
+			for (unsigned i = 0; i < req->ndata; i++)
+				memset(req->data[i].iov_base, 0, req->data[i].iov_len);
+		return VIRTIO_BLK_S_OK;
+	}
 	if (q->disk->ram) {
 		ram_rw(q, req);
 		return VIRTIO_BLK_S_OK;
 	}
+	if (q->disk->inline_io)
+		return inline_rw(q, req, is_read);
 	return submit_rw(q, req) ? VIRTIO_BLK_S_IOERR : 0xff;
 }
 
@@ -273,7 +314,7 @@ static uint8_t start_flush(struct vblk_queue *q, struct vblk_req *req)
 	struct io_uring_sqe *sqe;
 
 	stat_add(&q->stats.flush_ops, 1);
-	if (q->disk->ram)
+	if (q->disk->backend != VBLK_BACKEND_FILE)
 		return VIRTIO_BLK_S_OK;
 	sqe = get_sqe(q);
 	if (!sqe)
@@ -343,7 +384,7 @@ static uint8_t start_dwz(struct vblk_queue *q, struct vblk_req *req)
 		uint64_t bytes = (uint64_t)segs[i].num_sectors * VBLK_SECTOR;
 		struct io_uring_sqe *sqe;
 
-		if (bytes == 0)
+		if (bytes == 0 || q->disk->backend == VBLK_BACKEND_NULL)
 			continue;
 		if (q->disk->ram) {
 			memset(q->disk->ram + off, 0, bytes);
@@ -446,6 +487,21 @@ static void req_complete_op(struct vblk_queue *q, struct vblk_req *req, int res)
 
 /* ---- queue thread ---- */
 
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts); /* vDSO: no syscall */
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_ia32_pause(); /* lets the sibling hyperthread run */
+#endif
+}
+
 static void notify(struct vblk_queue *q)
 {
 	if (vhost_vq_flush(&q->vr->vq) && q->vr->call_fd >= 0)
@@ -462,29 +518,22 @@ static void arm_read(struct vblk_queue *q, int fd, uint64_t *buf, void *tag)
 	io_uring_sqe_set_data(sqe, tag);
 }
 
-/* Fetch and start up to one ring's worth; true if more may be waiting. */
-static bool process_avail(struct vblk_queue *q)
+/* Fetch and start up to one ring's worth; returns how many were started. */
+static unsigned process_avail(struct vblk_queue *q)
 {
 	struct vhost_vq *vq = &q->vr->vq;
-	unsigned budget = vq->num;
+	unsigned started = 0;
 	uint16_t head;
 
-	for (;;) {
-		while (budget && vhost_vq_pop(vq, &head) == 1) {
-			req_start(q, head);
-			budget--;
-		}
-		if (vq->broken) {
-			if (!q->warned_broken)
-				stat_add(&q->stats.errors, 1);
-			q->warned_broken = true;
-			return false;
-		}
-		if (!budget)
-			return true;
-		if (!vhost_vq_enable_notify(vq))
-			return false;
+	while (started < vq->num && vhost_vq_pop(vq, &head) == 1) {
+		req_start(q, head);
+		started++;
 	}
+	if (vq->broken && !q->warned_broken) {
+		stat_add(&q->stats.errors, 1);
+		q->warned_broken = true;
+	}
+	return started;
 }
 
 static void resubmit(struct vblk_queue *q)
@@ -498,10 +547,12 @@ static void resubmit(struct vblk_queue *q)
 	vr->nresubmit = 0;
 }
 
-static void handle_cqes(struct vblk_queue *q, bool *kicked, bool *stopping)
+/* Retire what the io_uring completed (no syscall); returns the number of
+ * request completions, not counting kicks and the stop request. */
+static unsigned handle_cqes(struct vblk_queue *q, bool *stopping)
 {
 	struct io_uring_cqe *cqe;
-	unsigned head, n = 0;
+	unsigned head, n = 0, done = 0;
 
 	io_uring_for_each_cqe(&q->ring, head, cqe)
 	{
@@ -509,47 +560,96 @@ static void handle_cqes(struct vblk_queue *q, bool *kicked, bool *stopping)
 
 		n++;
 		if (tag == TAG_KICK) {
-			*kicked = true;
 			arm_read(q, q->vr->kick_fd, &q->kick_buf, TAG_KICK);
 		} else if (tag == TAG_STOP) {
 			*stopping = true;
 		} else {
 			req_complete_op(q, tag, cqe->res);
+			done++;
 		}
 	}
 	io_uring_cq_advance(&q->ring, n);
+	return done;
 }
 
+/* One pass: start new requests, submit, retire completions, signal once.
+ * Returns how many requests were started or completed. */
+static unsigned run_once(struct vblk_queue *q, bool *stopping)
+{
+	unsigned work = 0;
+
+	if (!*stopping)
+		work += process_avail(q);
+	if (io_uring_sq_ready(&q->ring))
+		io_uring_submit(&q->ring); /* tmpfs reads complete right here */
+	work += handle_cqes(q, stopping);
+	notify(q);
+	return work;
+}
+
+/* Keep polling? Only within the window, and never once a stop is asked. */
+static bool keep_polling(struct vblk_queue *q, uint64_t last_work_ns)
+{
+	uint64_t poll_ns = __atomic_load_n(&q->poll_ns, __ATOMIC_RELAXED);
+
+	if (!poll_ns || __atomic_load_n(&q->stop_requested, __ATOMIC_ACQUIRE))
+		return false;
+	return mono_ns() - last_work_ns < poll_ns;
+}
+
+/*
+ * The loop. While polling, kicks are suppressed (vhost_vq_disable_notify)
+ * and each pass costs no syscall unless it finds work. Once the window has
+ * passed with nothing to do, kicks are re-enabled (with a recheck, so a
+ * buffer posted meanwhile is not missed) and the thread sleeps: an idle
+ * queue costs no CPU.
+ */
 static void *queue_thread(void *arg)
 {
 	struct vblk_queue *q = arg;
-	bool stopping = false, more;
+	struct vhost_vq *vq = &q->vr->vq;
+	bool stopping = false, notify_on = true;
+	uint64_t last_work_ns;
 
 	arm_read(q, q->vr->kick_fd, &q->kick_buf, TAG_KICK);
 	arm_read(q, q->stop_fd, &q->stop_buf, TAG_STOP);
 	resubmit(q);
-	more = process_avail(q);
-	vhost_vq_flush(&q->vr->vq);
-	/* One interrupt after every start: completions published just before
-	 * a crash or an upgrade may not have been signalled. */
-	if (q->vr->call_fd >= 0)
-		eventfd_write(q->vr->call_fd, 1);
-	for (;;) {
-		bool kicked = false;
+	last_work_ns = mono_ns();
+	for (bool first = true;; first = false) {
+		unsigned work = run_once(q, &stopping);
 
-		if (more)
-			io_uring_submit(&q->ring);
-		else
-			io_uring_submit_and_wait(&q->ring, 1);
-		handle_cqes(q, &kicked, &stopping);
-		if (!stopping && (kicked || more))
-			more = process_avail(q);
-		else
-			more = false;
-		notify(q);
+		/* One interrupt after every start: completions published just
+		 * before a crash or an upgrade may not have been signalled. */
+		if (first && q->vr->call_fd >= 0)
+			eventfd_write(q->vr->call_fd, 1);
+
 		if (stopping && q->outstanding == 0)
 			break;
+		if (work) {
+			if (!notify_on) {
+				stat_add(&q->stats.poll_hits, 1);
+			} else if (!stopping && __atomic_load_n(&q->poll_ns, __ATOMIC_RELAXED)) {
+				vhost_vq_disable_notify(vq);
+				notify_on = false;
+			}
+			last_work_ns = mono_ns();
+			continue;
+		}
+		if (!stopping && keep_polling(q, last_work_ns)) {
+			cpu_relax();
+			continue;
+		}
+		if (!stopping && !vq->broken) {
+			notify_on = true;
+			if (vhost_vq_enable_notify(vq))
+				continue; /* posted while we decided to sleep */
+		}
+		stat_add(&q->stats.sleeps, 1);
+		io_uring_submit_and_wait(&q->ring, 1);
+		last_work_ns = mono_ns();
 	}
+	/* Leave the ring asking for kicks, whoever serves it next. */
+	vhost_vq_enable_notify(vq);
 	return NULL;
 }
 
@@ -583,6 +683,11 @@ void vblk_queue_init(struct vblk_queue *q, struct vblk_disk *disk, unsigned idx)
 	q->stop_fd = -1;
 }
 
+void vblk_queue_set_poll(struct vblk_queue *q, uint32_t poll_us)
+{
+	__atomic_store_n(&q->poll_ns, (uint64_t)poll_us * 1000u, __ATOMIC_RELAXED);
+}
+
 void vblk_queue_free(struct vblk_queue *q)
 {
 	free(q->reqs);
@@ -605,6 +710,7 @@ static int queue_start(void *opaque, struct vhost_vring *vr)
 	q->vr = vr;
 	q->outstanding = 0;
 	q->warned_broken = false;
+	q->stop_requested = false;
 	q->stop_fd = eventfd(0, EFD_CLOEXEC);
 	if (q->stop_fd < 0)
 		return -errno;
@@ -630,6 +736,7 @@ static void queue_stop(void *opaque, struct vhost_vring *vr)
 
 	if (!q->running)
 		return;
+	__atomic_store_n(&q->stop_requested, true, __ATOMIC_RELEASE);
 	eventfd_write(q->stop_fd, 1);
 	pthread_join(q->thread, NULL);
 	io_uring_queue_exit(&q->ring);

@@ -27,6 +27,8 @@
 #define VBLK_MAX_DWZ_SECTORS (1u << 22) /* 2 GiB per segment */
 #define VBLK_SERIAL_LEN 20u		/* VIRTIO_BLK_ID_BYTES */
 #define VBLK_MAX_RPC_CLIENTS 8
+#define VBLK_DEFAULT_POLL_US 50u   /* see docs/vhost-user.md, "Polling" */
+#define VBLK_MAX_POLL_US 1000000u /* 1 s: longer is a configuration mistake */
 
 struct vblk_stats {
 	uint64_t read_ops, read_bytes;
@@ -37,13 +39,24 @@ struct vblk_stats {
 	uint64_t get_id_ops;
 	uint64_t errors;      /* requests completed with IOERR/UNSUPP or no status */
 	uint64_t resubmitted; /* requests redone from the in-flight region */
+	uint64_t sleeps;      /* times the queue thread went to sleep on its io_uring */
+	uint64_t poll_hits;   /* times polling found work that came without a kick */
+};
+
+enum vblk_backend {
+	VBLK_BACKEND_FILE,
+	VBLK_BACKEND_RAM,
+	VBLK_BACKEND_NULL,
 };
 
 struct vblk_disk {
-	int fd;	       /* the image file, or the RAM disk's memfd */
-	uint8_t *ram;  /* RAM disk mapping, NULL for a file */
+	enum vblk_backend backend;
+	int fd;	       /* the image file or the RAM disk's memfd; -1 for null */
+	uint8_t *ram;  /* RAM disk mapping, NULL otherwise */
 	uint64_t size; /* bytes, a multiple of 512 */
 	bool read_only;
+	bool read_zeroes;   /* null: reads fill the buffer with zeros */
+	bool inline_io;	    /* file on tmpfs/ramfs: preadv/pwritev on the queue thread */
 	char serial[VBLK_SERIAL_LEN];
 };
 
@@ -56,6 +69,10 @@ struct vblk_queue {
 	pthread_t thread;
 	bool running;
 	int stop_fd; /* eventfd: the control thread asks the queue to stop */
+	bool stop_requested; /* set (atomic) before stop_fd is written: ends polling */
+	/* Busy-poll window after the last work, ns; 0: sleep at once. Written
+	 * by the control thread, read by the queue thread (relaxed atomics). */
+	uint64_t poll_ns;
 	struct io_uring ring;
 	struct vblk_req *reqs; /* one per head: a head is in flight at most once */
 	struct iovec *iov_pool;
@@ -75,9 +92,12 @@ struct vblk_opts {
 	const char *rpc;
 	const char *serial;
 	uint64_t ram_size;
+	uint64_t null_size;
 	uint64_t size;
+	uint32_t poll_us;
 	unsigned queues;
 	bool read_only;
+	bool read_zeroes;
 	bool quiet;
 };
 
@@ -103,6 +123,7 @@ struct vblk_daemon {
 	struct vblk_rpc_client *clients[VBLK_MAX_RPC_CLIENTS];
 	uint64_t connections; /* vhost-user connections accepted, across upgrades */
 	uint64_t upgrades;
+	uint32_t poll_us; /* current busy-poll window (--poll-us, or set by RPC) */
 	bool stop;
 };
 
@@ -111,6 +132,8 @@ uint64_t vblk_device_features(const struct vblk_disk *disk, unsigned nqueues);
 extern const struct vhost_dev_ops vblk_dev_ops;
 void vblk_queue_init(struct vblk_queue *q, struct vblk_disk *disk, unsigned idx);
 void vblk_queue_free(struct vblk_queue *q);
+/* Change the busy-poll window of a queue (control thread, any time). */
+void vblk_queue_set_poll(struct vblk_queue *q, uint32_t poll_us);
 /* Stats of one queue, read from the control thread. */
 void vblk_stats_read(const struct vblk_queue *q, struct vblk_stats *out);
 

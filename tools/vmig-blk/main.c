@@ -19,6 +19,7 @@
 #include <fcntl.h>
 #include <getopt.h>
 #include <linux/fs.h>
+#include <linux/magic.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -30,6 +31,7 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -51,8 +53,9 @@ void vblk_log(const struct vblk_daemon *dm, const char *fmt, ...)
 static void usage(FILE *f)
 {
 	fputs(
-	    "usage: vmig-blk --socket PATH (--file PATH | --ram SIZE) [--queues N] [--read-only]\n"
-	    "                [--rpc PATH] [--serial ID] [--size SIZE] [--quiet]\n"
+	    "usage: vmig-blk --socket PATH (--file PATH | --ram SIZE | --null SIZE [--read-zeroes])\n"
+	    "                [--queues N] [--read-only] [--poll-us N] [--rpc PATH] [--serial ID]\n"
+	    "                [--size SIZE] [--quiet]\n"
 	    "       vmig-blk rpc --rpc PATH METHOD [JSON-PARAMS]\n"
 	    "       vmig-blk upgrade --socket PATH [--binary PATH]\n"
 	    "       vmig-blk --version\n",
@@ -67,12 +70,16 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 	    {"read-only", no_argument, NULL, 'R'},    {"rpc", required_argument, NULL, 'c'},
 	    {"serial", required_argument, NULL, 'i'}, {"size", required_argument, NULL, 'z'},
 	    {"quiet", no_argument, NULL, 'Q'},	      {"help", no_argument, NULL, 'h'},
-	    {"version", no_argument, NULL, 'V'},      {NULL, 0, NULL, 0},
+	    {"version", no_argument, NULL, 'V'},      {"null", required_argument, NULL, 'n'},
+	    {"read-zeroes", no_argument, NULL, 'Z'},  {"poll-us", required_argument, NULL, 'p'},
+	    {NULL, 0, NULL, 0},
 	};
+	unsigned long v;
 	char *end;
 	int c;
 
 	o->queues = 1;
+	o->poll_us = VBLK_DEFAULT_POLL_US;
 	while ((c = getopt_long(argc, argv, "", lopts, NULL)) != -1) {
 		switch (c) {
 		case 's':
@@ -86,6 +93,25 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 				fprintf(stderr, "vmig-blk: bad --ram size '%s'\n", optarg);
 				return -1;
 			}
+			break;
+		case 'n':
+			if (vmig__parse_size(optarg, &o->null_size) || o->null_size < VBLK_SECTOR) {
+				fprintf(stderr, "vmig-blk: bad --null size '%s'\n", optarg);
+				return -1;
+			}
+			break;
+		case 'Z':
+			o->read_zeroes = true;
+			break;
+		case 'p':
+			errno = 0;
+			v = strtoul(optarg, &end, 10);
+			if (errno || *end || end == optarg || v > VBLK_MAX_POLL_US) {
+				fprintf(stderr, "vmig-blk: --poll-us must be 0..%u\n",
+					VBLK_MAX_POLL_US);
+				return -1;
+			}
+			o->poll_us = (uint32_t)v;
 			break;
 		case 'q':
 			errno = 0;
@@ -118,16 +144,21 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 			usage(stdout);
 			exit(0);
 		case 'V':
-			printf("vmig-blk 0.1.0 state-v1\n");
+			printf("vmig-blk 0.1.0 state-v2\n"); /* upgrade.c VERSION_TAG */
 			exit(0);
 		default:
 			usage(stderr);
 			return -1;
 		}
 	}
-	if (optind != argc || !o->socket || (!o->file == !o->ram_size)) {
-		fprintf(stderr, "vmig-blk: need --socket and exactly one of --file / --ram\n");
+	if (optind != argc || !o->socket || !!o->file + !!o->ram_size + !!o->null_size != 1) {
+		fprintf(stderr,
+			"vmig-blk: need --socket and exactly one of --file / --ram / --null\n");
 		usage(stderr);
+		return -1;
+	}
+	if (o->read_zeroes && !o->null_size) {
+		fprintf(stderr, "vmig-blk: --read-zeroes goes with --null\n");
 		return -1;
 	}
 	if (strlen(o->socket) + 5 > sizeof(((struct sockaddr_un *)0)->sun_path)) {
@@ -156,6 +187,16 @@ static int disk_size(struct vblk_daemon *dm, int fd, uint64_t *size)
 	return 0;
 }
 
+/* A file whose pages live only in memory (tmpfs, ramfs): see inline_rw() in blk.c. */
+static bool on_memory_fs(int fd)
+{
+	struct statfs sf;
+
+	if (fstatfs(fd, &sf) < 0)
+		return false;
+	return sf.f_type == TMPFS_MAGIC || sf.f_type == RAMFS_MAGIC;
+}
+
 /* Open the disk, or take over an inherited fd (live upgrade). */
 int vblk_disk_open(struct vblk_daemon *dm, int inherited_fd)
 {
@@ -164,15 +205,38 @@ int vblk_disk_open(struct vblk_daemon *dm, int inherited_fd)
 	const char *serial = o->serial ? o->serial : "vmig-blk";
 	uint64_t size = o->ram_size;
 	int fd = inherited_fd, r;
+	bool populate = false; /* a fresh RAM disk: map its pages now */
 
 	disk->read_only = o->read_only;
+	disk->read_zeroes = o->read_zeroes;
+	disk->backend = o->file ? VBLK_BACKEND_FILE
+			: o->ram_size ? VBLK_BACKEND_RAM
+				      : VBLK_BACKEND_NULL;
 	/* virtio-blk serials are 20 bytes, NUL-padded, not NUL-terminated. */
 	memset(disk->serial, 0, sizeof(disk->serial));
 	memcpy(disk->serial, serial, VMIG_MIN(strlen(serial), sizeof(disk->serial)));
+	if (disk->backend == VBLK_BACKEND_NULL) {
+		/* Nothing to open: a size is all a null disk has. */
+		if (fd >= 0)
+			close(fd);
+		disk->fd = -1;
+		disk->size = o->null_size & ~(uint64_t)(VBLK_SECTOR - 1);
+		return 0;
+	}
 	if (fd < 0 && o->ram_size) {
 		fd = memfd_create("vmig-blk-ram", MFD_CLOEXEC);
-		if (fd < 0 || ftruncate(fd, (off_t)o->ram_size) < 0)
+		if (fd < 0)
 			return -errno;
+		/* Allocate the whole disk now: a page the kernel cannot supply
+		 * later would be a SIGBUS on the queue thread, and allocating
+		 * on first touch puts a page fault in the I/O path. */
+		if (ftruncate(fd, (off_t)o->ram_size) < 0 ||
+		    fallocate(fd, 0, 0, (off_t)o->ram_size) < 0) {
+			r = -errno;
+			close(fd);
+			return r;
+		}
+		populate = true;
 	} else if (fd < 0) {
 		int flags =
 		    (o->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC | (o->size ? O_CREAT : 0);
@@ -196,7 +260,10 @@ int vblk_disk_open(struct vblk_daemon *dm, int inherited_fd)
 		return -EINVAL;
 	}
 	if (o->ram_size) {
-		disk->ram = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+		/* Not after a live upgrade: mapping every page would lengthen
+		 * the pause; the pages exist, only page tables are rebuilt. */
+		disk->ram = mmap(NULL, size, PROT_READ | PROT_WRITE,
+				 MAP_SHARED | (populate ? MAP_POPULATE : 0), fd, 0);
 		if (disk->ram == MAP_FAILED) {
 			disk->ram = NULL;
 			close(fd);
@@ -205,6 +272,7 @@ int vblk_disk_open(struct vblk_daemon *dm, int inherited_fd)
 	}
 	disk->fd = fd;
 	disk->size = size;
+	disk->inline_io = disk->backend == VBLK_BACKEND_FILE && on_memory_fs(fd);
 	return 0;
 }
 
@@ -501,8 +569,11 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	dm.nqueues = dm.opts.queues;
-	for (unsigned i = 0; i < dm.nqueues; i++)
+	dm.poll_us = dm.opts.poll_us;
+	for (unsigned i = 0; i < dm.nqueues; i++) {
 		vblk_queue_init(&dm.q[i], &dm.disk, i);
+		vblk_queue_set_poll(&dm.q[i], dm.poll_us);
+	}
 	r = vblk_upgrade_resume(&dm);
 	if (r < 0) {
 		fprintf(stderr, "vmig-blk: cannot resume after upgrade: %s\n", strerror(-r));

@@ -136,26 +136,41 @@ static const char *recovery_name(const struct vhost_vring *vr)
 	return "none";
 }
 
+static const char *backend_name(const struct vblk_disk *disk)
+{
+	switch (disk->backend) {
+	case VBLK_BACKEND_RAM:
+		return "ram";
+	case VBLK_BACKEND_NULL:
+		return "null";
+	case VBLK_BACKEND_FILE:
+		break;
+	}
+	return "file";
+}
+
 static json_t *controllers(struct vblk_daemon *dm)
 {
 	const struct vhost_dev *d = &dm->dev;
-	const char *bdev = dm->opts.file ? dm->opts.file : "ram";
+	const char *bdev = dm->opts.file ? dm->opts.file : backend_name(&dm->disk);
 	json_t *queues = json_array();
 	json_t *c;
 
 	for (unsigned i = 0; i < dm->nqueues; i++) {
 		const struct vhost_vring *vr = &d->vring[i];
+		struct vblk_stats st;
 
-		json_array_append_new(queues,
-				      json_pack("{s:i,s:b,s:i,s:I,s:s,s:i}", "queue", i, "started",
-						vr->started, "size", vr->num, "starts",
-						(json_int_t)vr->starts, "inflight_recovery",
-						recovery_name(vr), "recovered_requests",
-						vr->recovery.nresubmit));
+		vblk_stats_read(&dm->q[i], &st);
+		json_array_append_new(
+		    queues, json_pack("{s:i,s:b,s:i,s:I,s:s,s:i,s:I,s:I}", "queue", i, "started",
+				      vr->started, "size", vr->num, "starts", (json_int_t)vr->starts,
+				      "inflight_recovery", recovery_name(vr), "recovered_requests",
+				      vr->recovery.nresubmit, "sleeps", (json_int_t)st.sleeps,
+				      "poll_hits", (json_int_t)st.poll_hits));
 	}
 	c = json_pack("{s:s,s:s,s:s,s:i,s:s,s:s?,s:I,s:i,s:b,s:i,s:b,s:I,s:I,s:{s:{s:b,s:s}}}",
 		      "ctrlr", "vmig-blk0", "socket", dm->opts.socket, "rpc", dm->rpc_path, "pid",
-		      (int)getpid(), "backend", dm->opts.file ? "file" : "ram", "file",
+		      (int)getpid(), "backend", backend_name(&dm->disk), "file",
 		      dm->opts.file, "size_bytes", (json_int_t)dm->disk.size, "block_size",
 		      VBLK_SECTOR, "read_only", dm->disk.read_only, "num_queues", dm->nqueues,
 		      "connected", dm->conn_fd >= 0, "connections", (json_int_t)dm->connections,
@@ -166,6 +181,9 @@ static json_t *controllers(struct vblk_daemon *dm)
 		return NULL;
 	}
 	json_object_set_new(c, "queues", queues);
+	json_object_set_new(c, "poll_us", json_integer(dm->poll_us));
+	if (dm->disk.backend == VBLK_BACKEND_NULL)
+		json_object_set_new(c, "read_zeroes", json_boolean(dm->disk.read_zeroes));
 	json_object_set_new(c, "features", hex(d->offered_features));
 	json_object_set_new(c, "negotiated_features", hex(d->features));
 	json_object_set_new(c, "protocol_features", hex(d->offered_protocol));
@@ -210,6 +228,22 @@ static json_t *iostat(struct vblk_daemon *dm)
 	return json_pack("{s:I,s:[o]}", "tick_rate", (json_int_t)1000000000, "bdevs", bdev);
 }
 
+/* {"poll_us": N}: change every queue's busy-poll window now. */
+static json_t *set_poll(struct vblk_daemon *dm, int fd, const char *id, json_t *params)
+{
+	json_t *p = json_is_object(params) ? json_object_get(params, "poll_us") : NULL;
+	json_int_t v = json_is_integer(p) ? json_integer_value(p) : -1;
+
+	if (v < 0 || v > VBLK_MAX_POLL_US) {
+		vblk_rpc_send(fd, id, NULL, RPC_INVALID_PARAMS, "poll_us must be 0..1000000");
+		return NULL;
+	}
+	dm->poll_us = (uint32_t)v;
+	for (unsigned i = 0; i < dm->nqueues; i++)
+		vblk_queue_set_poll(&dm->q[i], dm->poll_us);
+	return json_pack("{s:i}", "poll_us", (int)dm->poll_us);
+}
+
 /* Handle one request object; returns false if the client must be closed. */
 static bool dispatch(struct vblk_daemon *dm, int fd, json_t *req)
 {
@@ -232,6 +266,8 @@ static bool dispatch(struct vblk_daemon *dm, int fd, json_t *req)
 		result = controllers(dm);
 	} else if (!strcmp(method, "bdev_get_iostat")) {
 		result = iostat(dm);
+	} else if (!strcmp(method, "vmig_blk_set_poll")) {
+		result = set_poll(dm, fd, id, params);
 	} else if (!strcmp(method, "vmig_blk_upgrade")) {
 		json_t *b = json_is_object(params) ? json_object_get(params, "binary") : NULL;
 		char err[256];

@@ -34,9 +34,9 @@
 #include <unistd.h>
 
 #define STATE_MAGIC 0x3150554b4c42564dull /* "MVBLKUP1" */
-#define STATE_VERSION 1
+#define STATE_VERSION 2 /* 2: backend kind, poll window, poll statistics */
 #define STATE_ENV "VMIG_BLK_UPGRADE_FD"
-#define VERSION_TAG "state-v1"
+#define VERSION_TAG "state-v2"
 
 struct st_region {
 	struct vhost_user_mem_region d;
@@ -64,6 +64,8 @@ struct st {
 	int32_t listen_fd, conn_fd, rpc_fd, reply_fd, disk_fd, log_fd, inflight_fd;
 	uint32_t nqueues;
 	uint64_t disk_size;
+	uint32_t backend; /* enum vblk_backend: must match the new command line */
+	uint32_t poll_us; /* may have been changed by RPC since start */
 	uint64_t features, protocol;
 	uint32_t features_set, nregions;
 	struct st_region regions[VHOST_MAX_MEM_REGIONS];
@@ -136,6 +138,8 @@ static void save(struct vblk_daemon *dm, struct st *s, int reply_fd, const char 
 	s->reply_fd = reply_fd;
 	s->disk_fd = dm->disk.fd;
 	s->disk_size = dm->disk.size;
+	s->backend = dm->disk.backend;
+	s->poll_us = dm->poll_us;
 	s->nqueues = dm->nqueues;
 	s->features = d->features;
 	s->protocol = d->protocol;
@@ -347,8 +351,12 @@ int vblk_upgrade_resume(struct vblk_daemon *dm)
 	r = vblk_disk_open(dm, s.disk_fd);
 	if (r)
 		return r;
-	if (dm->disk.size != s.disk_size)
+	if (dm->disk.size != s.disk_size || (uint32_t)dm->disk.backend != s.backend ||
+	    s.poll_us > VBLK_MAX_POLL_US)
 		return -EPROTO;
+	dm->poll_us = s.poll_us;
+	for (unsigned i = 0; i < dm->nqueues; i++)
+		vblk_queue_set_poll(&dm->q[i], dm->poll_us);
 	dm->listen_fd = s.listen_fd;
 	dm->conn_fd = s.conn_fd;
 	dm->rpc_fd = s.rpc_fd;
