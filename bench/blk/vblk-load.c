@@ -10,7 +10,11 @@
  * and then keeps QD requests of 4 KiB in flight on a split virtqueue: random
  * reads and writes in a chosen mix, for a chosen time. It reports IOPS, the
  * p50/p99 request latency and the CPU time per I/O of the back-end process
- * (from /proc/PID/stat) and of itself, as one "key=value ..." line.
+ * (from /proc/PID/stat) and of itself, as one "key=value ..." line. With
+ * --hold S it then keeps the device connected and idle for S seconds and
+ * prints the back-end's CPU use over that time ("idle_backend_cpu_pct=...",
+ * after a line "holding" that marks the start), which shows whether a
+ * polling back-end goes back to sleep.
  *
  * Threat model: the back-end is a program under test, so its replies and its
  * used-ring entries are checked (reply id and size, descriptor ids that are
@@ -88,7 +92,7 @@ struct vu_msg {
 
 struct opts {
 	const char *sock;
-	unsigned qd, read_pct, seconds, warmup_s;
+	unsigned qd, read_pct, seconds, warmup_s, hold_s;
 	uint64_t range_bytes;
 	int pid;
 	int poll_mode;
@@ -530,6 +534,25 @@ static int run(struct load *l, const struct opts *o)
 	return l->errors ? -EIO : 0;
 }
 
+/* Keep the queue connected and idle; report the back-end's CPU meanwhile. */
+static int hold(const struct opts *o)
+{
+	uint64_t c0, c1, t0, t1;
+
+	printf("holding\n");
+	fflush(stdout);
+	t0 = now_ns();
+	if (proc_cpu_ns(o->pid, &c0))
+		return -ESRCH;
+	sleep(o->hold_s);
+	t1 = now_ns();
+	if (proc_cpu_ns(o->pid, &c1))
+		return -ESRCH;
+	printf("idle_backend_cpu_pct=%.2f idle_seconds=%.2f\n",
+	       (double)(c1 - c0) * 100.0 / (double)(t1 - t0), (double)(t1 - t0) / 1e9);
+	return 0;
+}
+
 static int parse_opts(int argc, char **argv, struct opts *o)
 {
 	for (int i = 1; i < argc; i++) {
@@ -556,10 +579,13 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 			o->range_bytes = strtoull(v, NULL, 0) << 20;
 		else if (!strcmp(a, "--pid"))
 			o->pid = atoi(v);
+		else if (!strcmp(a, "--hold"))
+			o->hold_s = (unsigned)strtoul(v, NULL, 0);
 		else
 			return -1;
 	}
-	if (!o->sock || o->qd == 0 || o->qd > 1024 || o->read_pct > 100 || o->seconds == 0)
+	if (!o->sock || o->qd == 0 || o->qd > 1024 || o->read_pct > 100 || o->seconds == 0 ||
+	    (o->hold_s && !o->pid) || o->hold_s > 600)
 		return -1;
 	return 0;
 }
@@ -575,7 +601,8 @@ int main(int argc, char **argv)
 		fprintf(
 		    stderr,
 		    "usage: vblk-load --socket PATH [--qd N] [--read-pct P] [--seconds S]\n"
-		    "                 [--warmup S] [--range-mb MB] [--pid BACKEND_PID] [--poll]\n");
+		    "                 [--warmup S] [--range-mb MB] [--pid BACKEND_PID] [--poll]\n"
+		    "                 [--hold S (needs --pid)]\n");
 		return 2;
 	}
 	for (l.num = 64; l.num < 3 * o.qd; l.num *= 2)
@@ -598,6 +625,9 @@ int main(int argc, char **argv)
 	if ((rc = setup_device(&l)))
 		goto out;
 	rc = run(&l, &o);
+	fflush(stdout);
+	if (rc == 0 && o.hold_s)
+		rc = hold(&o);
 out:
 	if (rc)
 		fprintf(stderr, "vblk-load: %s\n", strerror(-rc));
