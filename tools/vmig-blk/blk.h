@@ -27,7 +27,7 @@
 #define VBLK_MAX_DWZ_SECTORS (1u << 22) /* 2 GiB per segment */
 #define VBLK_SERIAL_LEN 20u		/* VIRTIO_BLK_ID_BYTES */
 #define VBLK_MAX_RPC_CLIENTS 8
-#define VBLK_DEFAULT_POLL_US 50u   /* see docs/vhost-user.md, "Polling" */
+#define VBLK_DEFAULT_POLL_US 50u  /* see docs/vhost-user.md, "Polling" */
 #define VBLK_MAX_POLL_US 1000000u /* 1 s: longer is a configuration mistake */
 
 struct vblk_stats {
@@ -55,8 +55,8 @@ struct vblk_disk {
 	uint8_t *ram;  /* RAM disk mapping, NULL otherwise */
 	uint64_t size; /* bytes, a multiple of 512 */
 	bool read_only;
-	bool read_zeroes;   /* null: reads fill the buffer with zeros */
-	bool inline_io;	    /* file on tmpfs/ramfs: preadv/pwritev on the queue thread */
+	bool read_zeroes; /* null: reads fill the buffer with zeros */
+	bool inline_io;	  /* file on tmpfs/ramfs: preadv/pwritev on the queue thread */
 	char serial[VBLK_SERIAL_LEN];
 };
 
@@ -68,7 +68,7 @@ struct vblk_queue {
 	unsigned idx;
 	pthread_t thread;
 	bool running;
-	int stop_fd; /* eventfd: the control thread asks the queue to stop */
+	int stop_fd;	     /* eventfd: the control thread asks the queue to stop */
 	bool stop_requested; /* set (atomic) before stop_fd is written: ends polling */
 	/* Busy-poll window after the last work, ns; 0: sleep at once. Written
 	 * by the control thread, read by the queue thread (relaxed atomics). */

@@ -53,7 +53,8 @@ void vblk_log(const struct vblk_daemon *dm, const char *fmt, ...)
 static void usage(FILE *f)
 {
 	fputs(
-	    "usage: vmig-blk --socket PATH (--file PATH | --ram SIZE | --null SIZE [--read-zeroes])\n"
+	    "usage: vmig-blk --socket PATH (--file PATH | --ram SIZE | --null SIZE "
+	    "[--read-zeroes])\n"
 	    "                [--queues N] [--read-only] [--poll-us N] [--rpc PATH] [--serial ID]\n"
 	    "                [--size SIZE] [--quiet]\n"
 	    "       vmig-blk rpc --rpc PATH METHOD [JSON-PARAMS]\n"
@@ -65,13 +66,20 @@ static void usage(FILE *f)
 static int parse_args(int argc, char **argv, struct vblk_opts *o)
 {
 	static const struct option lopts[] = {
-	    {"socket", required_argument, NULL, 's'}, {"file", required_argument, NULL, 'f'},
-	    {"ram", required_argument, NULL, 'r'},    {"queues", required_argument, NULL, 'q'},
-	    {"read-only", no_argument, NULL, 'R'},    {"rpc", required_argument, NULL, 'c'},
-	    {"serial", required_argument, NULL, 'i'}, {"size", required_argument, NULL, 'z'},
-	    {"quiet", no_argument, NULL, 'Q'},	      {"help", no_argument, NULL, 'h'},
-	    {"version", no_argument, NULL, 'V'},      {"null", required_argument, NULL, 'n'},
-	    {"read-zeroes", no_argument, NULL, 'Z'},  {"poll-us", required_argument, NULL, 'p'},
+	    {"socket", required_argument, NULL, 's'},
+	    {"file", required_argument, NULL, 'f'},
+	    {"ram", required_argument, NULL, 'r'},
+	    {"queues", required_argument, NULL, 'q'},
+	    {"read-only", no_argument, NULL, 'R'},
+	    {"rpc", required_argument, NULL, 'c'},
+	    {"serial", required_argument, NULL, 'i'},
+	    {"size", required_argument, NULL, 'z'},
+	    {"quiet", no_argument, NULL, 'Q'},
+	    {"help", no_argument, NULL, 'h'},
+	    {"version", no_argument, NULL, 'V'},
+	    {"null", required_argument, NULL, 'n'},
+	    {"read-zeroes", no_argument, NULL, 'Z'},
+	    {"poll-us", required_argument, NULL, 'p'},
 	    {NULL, 0, NULL, 0},
 	};
 	unsigned long v;
@@ -209,7 +217,7 @@ int vblk_disk_open(struct vblk_daemon *dm, int inherited_fd)
 
 	disk->read_only = o->read_only;
 	disk->read_zeroes = o->read_zeroes;
-	disk->backend = o->file ? VBLK_BACKEND_FILE
+	disk->backend = o->file	      ? VBLK_BACKEND_FILE
 			: o->ram_size ? VBLK_BACKEND_RAM
 				      : VBLK_BACKEND_NULL;
 	/* virtio-blk serials are 20 bytes, NUL-padded, not NUL-terminated. */

@@ -162,19 +162,20 @@ static json_t *controllers(struct vblk_daemon *dm)
 
 		vblk_stats_read(&dm->q[i], &st);
 		json_array_append_new(
-		    queues, json_pack("{s:i,s:b,s:i,s:I,s:s,s:i,s:I,s:I}", "queue", i, "started",
-				      vr->started, "size", vr->num, "starts", (json_int_t)vr->starts,
-				      "inflight_recovery", recovery_name(vr), "recovered_requests",
-				      vr->recovery.nresubmit, "sleeps", (json_int_t)st.sleeps,
-				      "poll_hits", (json_int_t)st.poll_hits));
+		    queues,
+		    json_pack("{s:i,s:b,s:i,s:I,s:s,s:i,s:I,s:I}", "queue", i, "started",
+			      vr->started, "size", vr->num, "starts", (json_int_t)vr->starts,
+			      "inflight_recovery", recovery_name(vr), "recovered_requests",
+			      vr->recovery.nresubmit, "sleeps", (json_int_t)st.sleeps, "poll_hits",
+			      (json_int_t)st.poll_hits));
 	}
 	c = json_pack("{s:s,s:s,s:s,s:i,s:s,s:s?,s:I,s:i,s:b,s:i,s:b,s:I,s:I,s:{s:{s:b,s:s}}}",
 		      "ctrlr", "vmig-blk0", "socket", dm->opts.socket, "rpc", dm->rpc_path, "pid",
-		      (int)getpid(), "backend", backend_name(&dm->disk), "file",
-		      dm->opts.file, "size_bytes", (json_int_t)dm->disk.size, "block_size",
-		      VBLK_SECTOR, "read_only", dm->disk.read_only, "num_queues", dm->nqueues,
-		      "connected", dm->conn_fd >= 0, "connections", (json_int_t)dm->connections,
-		      "upgrades", (json_int_t)dm->upgrades, "backend_specific", "block", "readonly",
+		      (int)getpid(), "backend", backend_name(&dm->disk), "file", dm->opts.file,
+		      "size_bytes", (json_int_t)dm->disk.size, "block_size", VBLK_SECTOR,
+		      "read_only", dm->disk.read_only, "num_queues", dm->nqueues, "connected",
+		      dm->conn_fd >= 0, "connections", (json_int_t)dm->connections, "upgrades",
+		      (json_int_t)dm->upgrades, "backend_specific", "block", "readonly",
 		      dm->disk.read_only, "bdev", bdev);
 	if (!c) {
 		json_decref(queues);

@@ -34,7 +34,8 @@
 #include <unistd.h>
 
 #define STATE_MAGIC 0x3150554b4c42564dull /* "MVBLKUP1" */
-#define STATE_VERSION 2 /* 2: backend kind, poll window, poll statistics */
+/* 2: adds the back-end kind, the poll window and the poll statistics. */
+#define STATE_VERSION 2
 #define STATE_ENV "VMIG_BLK_UPGRADE_FD"
 #define VERSION_TAG "state-v2"
 

@@ -44,10 +44,8 @@ static void start(struct fixture *f, uint32_t poll_us, bool read_zeroes)
 {
 	memset(f, 0, sizeof(*f));
 	h_init(&f->h, 8, false, false);
-	f->disk = (struct vblk_disk){.backend = VBLK_BACKEND_NULL,
-				     .fd = -1,
-				     .size = 1 << 20,
-				     .read_zeroes = read_zeroes};
+	f->disk = (struct vblk_disk){
+	    .backend = VBLK_BACKEND_NULL, .fd = -1, .size = 1 << 20, .read_zeroes = read_zeroes};
 	vblk_queue_init(&f->q[0], &f->disk, 0);
 	vblk_queue_set_poll(&f->q[0], poll_us);
 	f->vr.idx = 0;
