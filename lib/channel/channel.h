@@ -23,12 +23,13 @@ void vmig__chan_tune(int fd);
 int vmig__chan_local_port(int fd);
 
 /*
- * Token-bucket rate limiter over a 100 ms window, as QEMU's max-bandwidth.
- * bytes_per_s is read on every call, so changes apply at once; 0 = no limit.
+ * Rate limiter for max-bandwidth: a virtual clock that each send pushes on
+ * by its size at the configured rate; a send waits until the clock has
+ * caught up with it. bytes_per_s is read on every call, so changes apply at
+ * once; 0 = no limit. Not thread-safe: senders sharing one take a lock.
  */
 struct vmig__ratelimit {
-	uint64_t window_start_ns;
-	uint64_t window_bytes;
+	uint64_t next_ns; /* when the next byte may go */
 };
 /* Account bytes about to be sent; returns how long to wait first (ns). */
 uint64_t vmig__ratelimit_account(struct vmig__ratelimit *rl, uint64_t bytes_per_s, uint64_t bytes,

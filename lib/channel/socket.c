@@ -199,22 +199,20 @@ int vmig__chan_local_port(int fd)
 uint64_t vmig__ratelimit_account(struct vmig__ratelimit *rl, uint64_t bytes_per_s, uint64_t bytes,
 				 uint64_t now_ns)
 {
-	const uint64_t window_ns = 100000000ull;
-	uint64_t allowed_ns;
+	/* Unused time is banked for at most this long: a short burst after
+	 * a pause, never a flood. */
+	const uint64_t bank_ns = 10000000ull;
+	uint64_t wait_ns;
 
 	if (!bytes_per_s) {
-		rl->window_start_ns = now_ns;
-		rl->window_bytes = 0;
+		rl->next_ns = now_ns;
 		return 0;
 	}
-	if (now_ns - rl->window_start_ns >= window_ns) {
-		rl->window_start_ns = now_ns;
-		rl->window_bytes = 0;
-	}
-	rl->window_bytes += bytes;
-	/* Time these bytes may take at the configured rate, from window start. */
-	allowed_ns = (uint64_t)((double)rl->window_bytes * 1e9 / (double)bytes_per_s);
-	if (allowed_ns > now_ns - rl->window_start_ns)
-		return allowed_ns - (now_ns - rl->window_start_ns);
-	return 0;
+	if (rl->next_ns + bank_ns < now_ns)
+		rl->next_ns = now_ns - bank_ns;
+	wait_ns = rl->next_ns > now_ns ? rl->next_ns - now_ns : 0;
+	/* Every caller's bytes push the clock on, so several senders sharing
+	 * one limiter are spaced out together, debts included. */
+	rl->next_ns += (uint64_t)((double)bytes * 1e9 / (double)bytes_per_s);
+	return wait_ns;
 }

@@ -83,54 +83,84 @@ void vmig__dest_send_rp(struct vmig_session *s, uint8_t type, const void *payloa
 	pthread_mutex_unlock(&s->rp_lock);
 }
 
-static void publish_progress(struct vmig_session *s, struct vmig__loader *l, bool force,
-			     uint64_t *last_ns, uint64_t *last_bytes)
+static void publish_progress(struct vmig_session *s, struct vmig__loader *l,
+			     struct vmig__mf_dest *mf, bool force, uint64_t *last_ns,
+			     uint64_t *last_bytes)
 {
 	uint64_t now = vmig__now_ns();
+	uint64_t mf_bytes = 0, normal = l->pages_normal, zero = l->pages_zero, bytes;
 	struct vmig_stats st;
 
 	if (!force && now - *last_ns < 100000000ull)
 		return;
+	vmig__mf_dest_counts(mf, &mf_bytes, &normal, &zero);
+	bytes = l->r->bytes + mf_bytes;
 	pthread_mutex_lock(&s->lock);
 	st = s->stats;
 	pthread_mutex_unlock(&s->lock);
-	st.ram.transferred = l->r->bytes;
-	st.ram.normal = l->pages_normal;
-	st.ram.normal_bytes = l->pages_normal * VMIG_PAGE_SIZE;
-	st.ram.duplicate = l->pages_zero;
+	st.ram.transferred = bytes;
+	st.ram.multifd_bytes = mf_bytes;
+	st.ram.normal = normal;
+	st.ram.normal_bytes = normal * VMIG_PAGE_SIZE;
+	st.ram.duplicate = zero;
 	st.ram.dirty_sync_count = l->rounds;
 	if (now > *last_ns)
-		st.ram.mbps = (double)(l->r->bytes - *last_bytes) * 8.0 / ((double)(now - *last_ns) / 1e3);
+		st.ram.mbps = (double)(bytes - *last_bytes) * 8.0 / ((double)(now - *last_ns) / 1e3);
 	st.total_time_ms = (int64_t)((now - s->start_ns) / 1000000);
 	*last_ns = now;
-	*last_bytes = l->r->bytes;
+	*last_bytes = bytes;
 	vmig__publish(s, &st);
 }
 
-/* Load records until EOS (0) or the post-copy switch (1). */
-static int load_stream(struct vmig_session *s, struct vmig__loader *l)
+/* After a record of the main channel: acknowledge SYNC, start multifd. */
+static int after_record(struct vmig_session *s, struct vmig__loader *l, uint8_t type,
+			struct vmig__mf_dest **mf)
+{
+	if (type == VMIG_REC_MULTIFD)
+		return vmig__mf_dest_start(s, l, mf);
+	if (type == VMIG_REC_SYNC && *mf) {
+		vmig__mf_dest_sync(*mf, l->last_round);
+	} else if (type == VMIG_REC_SYNC) {
+		struct vmig_wire_sync_ack ack = {.round = l->last_round};
+
+		vmig__dest_send_rp(s, VMIG_RP_SYNC_ACK, &ack, sizeof(ack));
+	}
+	return 0;
+}
+
+/*
+ * Load records until EOS (0) or the post-copy switch (1). With multifd, EOS
+ * on the main channel also waits for the end of every data channel. A data
+ * channel's failure ends the main stream early (multifd.c): its own error
+ * is the one reported.
+ */
+static int load_stream(struct vmig_session *s, struct vmig__loader *l, struct vmig__mf_dest **mf)
 {
 	uint64_t last_ns = vmig__now_ns(), last_bytes = 0;
-	int ret;
+	int ret = 0;
 
 	vmig__set_status(s, VMIG_STATUS_ACTIVE);
-	while (!l->eos && !l->run) {
+	while (!ret && !l->eos && !l->run) {
 		uint8_t type;
 
 		if (vmig__cancelled(s))
 			return -ECANCELED;
 		ret = vmig__load_record(l, &type);
-		if (ret)
-			return ret;
-		if (type == VMIG_REC_SYNC) {
-			struct vmig_wire_sync_ack ack = {.round = l->last_round};
-
-			vmig__dest_send_rp(s, VMIG_RP_SYNC_ACK, &ack, sizeof(ack));
-		}
-		publish_progress(s, l, false, &last_ns, &last_bytes);
+		if (!ret)
+			ret = after_record(s, l, type, mf);
+		publish_progress(s, l, *mf, false, &last_ns, &last_bytes);
 	}
-	publish_progress(s, l, true, &last_ns, &last_bytes);
-	return l->run ? 1 : 0;
+	if (*mf) {
+		struct vmig__err err = {{0}};
+		int mret = vmig__mf_dest_finish(*mf, ret != 0, &err);
+
+		if (mret) {
+			*l->err = err;
+			ret = mret;
+		}
+	}
+	publish_progress(s, l, *mf, true, &last_ns, &last_bytes);
+	return ret ? ret : l->run ? 1 : 0;
 }
 
 /* Load the device state and start; then tell the source. */
@@ -207,6 +237,20 @@ static int run_postcopy(struct vmig_session *s, struct vmig__pc_dest *pc, struct
 	return ret;
 }
 
+void vmig__dest_keep_multifd(struct vmig_session *s, int fd, const struct vmig__loader *l)
+{
+	unsigned i = (l->pre_flags & VMIG_PRE_F_INDEX_MASK) >> VMIG_PRE_F_INDEX_SHIFT;
+
+	pthread_mutex_lock(&s->lock);
+	if (s->mf_fds[i] >= 0) /* an older one (a stray, or a retry): the newest wins */
+		close(s->mf_fds[i]);
+	s->mf_fds[i] = fd;
+	s->mf_session[i] = l->session;
+	if (s->mf_count < i + 1)
+		s->mf_count = i + 1;
+	pthread_mutex_unlock(&s->lock);
+}
+
 /* Keep an urgent channel that arrived; drop it if one is already kept. */
 static void keep_urgent(struct vmig_session *s, int fd)
 {
@@ -242,6 +286,13 @@ int vmig__dest_accept(struct vmig_session *s, struct vmig__loader *l, bool resum
 		if (ok && l->channel == VMIG_CHAN_URGENT) {
 			keep_urgent(s, fd);
 			urgent_session = l->session;
+			continue;
+		}
+		if (ok && l->channel == VMIG_CHAN_MULTIFD) {
+			if (resume)
+				close(fd);
+			else
+				vmig__dest_keep_multifd(s, fd, l);
 			continue;
 		}
 		if (!ok) {
@@ -310,6 +361,7 @@ void *vmig__dest_thread(void *arg)
 	struct vmig__err err = {{0}};
 	struct vmig__reader *r = NULL;
 	struct vmig__pc_dest *pc = NULL;
+	struct vmig__mf_dest *mf = NULL;
 	struct vmig__loader l = {0};
 	int ret;
 
@@ -333,7 +385,8 @@ void *vmig__dest_thread(void *arg)
 		goto fail;
 	if (pc)
 		vmig__pc_dest_hooks(pc, &l.hooks);
-	ret = load_stream(s, &l);
+	l.multifd_ok = s->caps[VMIG_CAP_MULTIFD];
+	ret = load_stream(s, &l, &mf);
 	if (ret == 1)
 		ret = run_postcopy(s, pc, &l);
 	else if (!ret) {
@@ -356,6 +409,7 @@ fail:
 			vmig__dest_send_rp(s, VMIG_RP_ERROR, err.msg, (uint32_t)strlen(err.msg));
 		vmig__fail(s, 0, "%s", ret == -ECANCELED ? "migration cancelled" : err.msg);
 	}
+	vmig__mf_dest_free(mf);
 	vmig__pc_dest_free(pc);
 	vmig__loader_release(&l);
 	free(l.bounce);

@@ -107,6 +107,11 @@ struct vmig_session {
 	bool pause_requested;        /* atomic: migrate-pause */
 	bool recover_requested;      /* under lock: vmig_resume/vmig_recover (uri in uri) */
 	struct vmig__pc_dest *pcd;   /* destination post-copy state */
+
+	/* multifd data connections by index, -1 if none; under lock */
+	int mf_fds[VMIG_MAX_MULTIFD];
+	uint64_t mf_session[VMIG_MAX_MULTIFD]; /* destination: each one's preamble */
+	unsigned mf_count;            /* entries in use: [0, mf_count) */
 	int vcpu_tid[VMIG_MAX_VCPUS];
 	unsigned nvcpus;
 };
@@ -121,6 +126,7 @@ struct vmig__source {
 	struct vmig__writer *uw; /* urgent channel writer (return-path thread) */
 	struct vmig__dirty *dirty;
 	struct vmig__ratelimit rl;
+	pthread_mutex_t rl_lock; /* rl: the senders of all channels share it */
 	struct vmig_stats st;  /* private working copy, published periodically */
 	uint64_t dirty_pages;  /* bits set in all dirty bitmaps (atomic in post-copy) */
 	uint64_t last_pub_ns;
@@ -134,6 +140,7 @@ struct vmig__source {
 	uint64_t urgent_requests; /* atomic */
 	bool vm_was_running;
 	bool stopped_vm;
+	struct vmig__mf_source *mf; /* multifd data channels, NULL without */
 };
 
 /* session.c */
@@ -160,6 +167,7 @@ void *vmig__dest_thread(void *arg);
 
 /* source.c, shared with lib/postcopy */
 uint64_t vmig__src_wire_bytes(struct vmig__source *src);
+int vmig__src_throttle(void *opaque, size_t bytes);
 void vmig__src_stats_tick(struct vmig__source *src, bool force);
 void vmig__src_send_run(struct vmig__source *src, struct vmig__writer *w, unsigned bi,
 			uint64_t first, uint64_t end);
@@ -173,9 +181,33 @@ void vmig__src_close_channels(struct vmig__source *src);
 int vmig__src_wait_rp(struct vmig_session *s, const bool *flag);
 void vmig__src_digest(struct vmig__source *src, struct vmig_wire_digest *d);
 
+/* multifd.c: pre-copy pages over several connections */
+struct vmig__mf_source;
+struct vmig__mf_dest;
+int vmig__mf_source_open(struct vmig__source *src, struct vmig__err *err);
+/* Send the dirty pages of this round on every channel, each ending with
+ * SYNC(round) (or EOS when final); returns once all are sent. */
+int vmig__mf_source_round(struct vmig__source *src, uint64_t round, bool final);
+void vmig__mf_source_collect(struct vmig__source *src); /* counters into src->st */
+uint64_t vmig__mf_source_bytes(struct vmig__source *src);
+void vmig__mf_source_close(struct vmig__source *src);
+/* Destination: after the MULTIFD record, take the data channels and start a
+ * loader thread on each. */
+int vmig__mf_dest_start(struct vmig_session *s, struct vmig__loader *main, struct vmig__mf_dest **out);
+/* The main channel loaded SYNC(main_round): acknowledge the lowest round
+ * every channel has reached, if that moved on. */
+void vmig__mf_dest_sync(struct vmig__mf_dest *mf, uint64_t main_round);
+/* Wait for every data channel's EOS (abort: stop them first); 0, or the
+ * error of the first channel that failed, with its message in err. */
+int vmig__mf_dest_finish(struct vmig__mf_dest *mf, bool abort, struct vmig__err *err);
+void vmig__mf_dest_counts(struct vmig__mf_dest *mf, uint64_t *bytes, uint64_t *normal, uint64_t *zero);
+void vmig__mf_dest_free(struct vmig__mf_dest *mf);
+
 /* dest.c, shared with lib/postcopy */
 int vmig__dest_accept(struct vmig_session *s, struct vmig__loader *l, bool resume);
 int vmig__dest_accept_urgent(struct vmig_session *s, struct vmig__err *err);
+/* Keep a multifd data connection whose preamble l has read. */
+void vmig__dest_keep_multifd(struct vmig_session *s, int fd, const struct vmig__loader *l);
 void vmig__dest_send_rp(struct vmig_session *s, uint8_t type, const void *payload, uint32_t len);
 
 #endif

@@ -45,6 +45,7 @@ static const bool cap_supported[VMIG_CAP__MAX] = {
 	[VMIG_CAP_POSTCOPY_BLOCKTIME] = true,
 	/* vmig always sends requested pages on their own channel */
 	[VMIG_CAP_POSTCOPY_PREEMPT] = true,
+	[VMIG_CAP_MULTIFD] = true,
 	[VMIG_CAP_VERIFY_MEMORY] = true,
 };
 
@@ -67,6 +68,18 @@ static const struct {
 	[VMIG_PARAM_DIRTY_TRACKING] = {VMIG_DIRTY_AUTO, VMIG_DIRTY_AUTO, VMIG_DIRTY_UFFD_SYNC, false},
 	[VMIG_PARAM_MAX_POSTCOPY_BANDWIDTH] = {0, 0, INT64_MAX, true},
 };
+
+/* Under s->lock: shut every connection of the migration down. */
+static void shutdown_all(struct vmig_session *s)
+{
+	if (s->fd >= 0)
+		shutdown(s->fd, SHUT_RDWR);
+	if (s->urgent_fd >= 0)
+		shutdown(s->urgent_fd, SHUT_RDWR);
+	for (unsigned i = 0; i < s->mf_count; i++)
+		if (s->mf_fds[i] >= 0)
+			shutdown(s->mf_fds[i], SHUT_RDWR);
+}
 
 VMIG_EXPORT const char *vmig_status_name(enum vmig_status status)
 {
@@ -97,6 +110,8 @@ VMIG_EXPORT int vmig_session_new(vmig_session **out, const struct vmig_vm_ops *o
 	s->ops = *ops;
 	s->opaque = opaque;
 	s->fd = s->listen_fd = s->urgent_fd = -1;
+	for (unsigned i = 0; i < VMIG_MAX_MULTIFD; i++)
+		s->mf_fds[i] = -1;
 	s->autostart = true;
 	s->cancel_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (s->cancel_efd < 0) {
@@ -377,6 +392,11 @@ static int begin(struct vmig_session *s, const char *uri, bool source)
 		vmig__err_set(&s->err, "a migration is already in progress");
 		return -EBUSY;
 	}
+	if (s->caps[VMIG_CAP_MULTIFD] && s->caps[VMIG_CAP_POSTCOPY_RAM]) {
+		/* As QEMU 7.2: post-copy pages have one path, the urgent one. */
+		vmig__err_set(&s->err, "multifd is not compatible with postcopy-ram");
+		return -EINVAL;
+	}
 	join_thread(s);
 	while (read(s->cancel_efd, &junk, sizeof(junk)) > 0)
 		;
@@ -484,10 +504,7 @@ VMIG_EXPORT int vmig_cancel(vmig_session *s)
 		pthread_mutex_lock(&s->lock);
 	}
 	/* Unblock any socket I/O of the migration threads. */
-	if (s->fd >= 0)
-		shutdown(s->fd, SHUT_RDWR);
-	if (s->urgent_fd >= 0)
-		shutdown(s->urgent_fd, SHUT_RDWR);
+	shutdown_all(s);
 	pthread_cond_broadcast(&s->cond);
 	pthread_mutex_unlock(&s->lock);
 	if (write(s->cancel_efd, &one, sizeof(one)) < 0) {
@@ -529,15 +546,12 @@ VMIG_EXPORT int vmig_start_postcopy(vmig_session *s)
 void vmig__break_channels(struct vmig_session *s)
 {
 	pthread_mutex_lock(&s->lock);
-	if (s->fd >= 0)
-		shutdown(s->fd, SHUT_RDWR);
-	if (s->urgent_fd >= 0)
-		shutdown(s->urgent_fd, SHUT_RDWR);
+	shutdown_all(s);
 	pthread_cond_broadcast(&s->cond);
 	pthread_mutex_unlock(&s->lock);
 }
 
-/* Detach both connections from the session and close them (the threads
+/* Detach all connections from the session and close them (the threads
  * that used them have been joined). */
 void vmig__close_channels(struct vmig_session *s)
 {
@@ -549,6 +563,12 @@ void vmig__close_channels(struct vmig_session *s)
 	ufd = s->urgent_fd;
 	s->fd = s->urgent_fd = -1;
 	pthread_mutex_unlock(&s->rp_lock);
+	for (unsigned i = 0; i < s->mf_count; i++) {
+		if (s->mf_fds[i] >= 0)
+			close(s->mf_fds[i]);
+		s->mf_fds[i] = -1;
+	}
+	s->mf_count = 0;
 	pthread_mutex_unlock(&s->lock);
 	if (fd >= 0)
 		close(fd);

@@ -31,7 +31,7 @@
 
 uint64_t vmig__src_wire_bytes(struct vmig__source *src)
 {
-	return src->w->bytes + src->w->pending;
+	return src->w->bytes + src->w->pending + (src->mf ? vmig__mf_source_bytes(src) : 0);
 }
 
 /* Update the working statistics and publish them every STATS_PERIOD_NS. */
@@ -43,6 +43,8 @@ void vmig__src_stats_tick(struct vmig__source *src, bool force)
 	uint64_t bytes = vmig__src_wire_bytes(src) + urgent;
 	uint64_t dirty = __atomic_load_n(&src->dirty_pages, __ATOMIC_RELAXED);
 
+	if (src->mf)
+		vmig__mf_source_collect(src);
 	src->st.ram.transferred = bytes;
 	src->st.ram.remaining = dirty * VMIG_PAGE_SIZE;
 	if (dt < STATS_PERIOD_NS && !force)
@@ -65,8 +67,9 @@ void vmig__src_stats_tick(struct vmig__source *src, bool force)
 	vmig__publish(src->s, &src->st);
 }
 
-/* Writer throttle: max-bandwidth and cancellation, checked once per flush. */
-static int throttle(void *opaque, size_t bytes)
+/* Writer throttle: max-bandwidth and cancellation, checked once per flush.
+ * Shared by the multifd channels' threads: the rate limit is for them all. */
+int vmig__src_throttle(void *opaque, size_t bytes)
 {
 	struct vmig__source *src = opaque;
 	uint64_t wait_ns;
@@ -81,7 +84,9 @@ static int throttle(void *opaque, size_t bytes)
 	/* As QEMU: post-copy's background push has its own limit. */
 	limit = vmig__param(src->s, src->s->in_postcopy ? VMIG_PARAM_MAX_POSTCOPY_BANDWIDTH
 							: VMIG_PARAM_MAX_BANDWIDTH);
+	pthread_mutex_lock(&src->rl_lock);
 	wait_ns = vmig__ratelimit_account(&src->rl, (uint64_t)limit, bytes, vmig__now_ns());
+	pthread_mutex_unlock(&src->rl_lock);
 	if (wait_ns) {
 		struct timespec ts = {.tv_sec = (time_t)(wait_ns / 1000000000ull),
 				      .tv_nsec = (long)(wait_ns % 1000000000ull)};
@@ -138,9 +143,12 @@ void vmig__src_send_run(struct vmig__source *src, struct vmig__writer *w, unsign
 
 /* Send every page whose dirty bit is set, clearing the bits as it goes.
  * Pre-copy only: post-copy's push claims pages atomically instead. */
-static int send_dirty(struct vmig__source *src)
+static int send_dirty(struct vmig__source *src, bool final)
 {
 	struct vmig_session *s = src->s;
+
+	if (src->mf) /* each channel ends its share with the coming SYNC, or EOS */
+		return vmig__mf_source_round(src, src->sync_marks + 1, final);
 
 	for (unsigned bi = 0; bi < s->nblocks; bi++) {
 		struct vmig__block *b = &s->blocks[bi];
@@ -212,6 +220,12 @@ static void send_blocks(struct vmig__source *src)
 		off += wb.name_len;
 	}
 	vmig__writer_rec(src->w, VMIG_REC_BLOCKS, buf, (uint32_t)off);
+	if (s->caps[VMIG_CAP_MULTIFD]) {
+		struct vmig_wire_multifd mf = {
+			.channels = (uint32_t)vmig__param(s, VMIG_PARAM_MULTIFD_CHANNELS)};
+
+		vmig__writer_rec(src->w, VMIG_REC_MULTIFD, &mf, sizeof(mf));
+	}
 }
 
 /* Handle one return-path message; under s->lock except PAGE_REQ. */
@@ -432,7 +446,7 @@ static int switch_over(struct vmig__source *src)
 		ret = vmig__src_sync_dirty(src);
 	if (ret)
 		return ret;
-	ret = send_dirty(src);
+	ret = send_dirty(src, true);
 	if (ret)
 		goto err_io;
 	ret = vmig__src_send_state(src);
@@ -494,12 +508,19 @@ int vmig__src_connect(struct vmig__source *src, bool resume)
 	vmig__writer_init(src->w, fd);
 	if (resume)
 		src->w->bytes = sent;
-	src->w->throttle = throttle;
+	src->w->throttle = vmig__src_throttle;
 	src->w->throttle_opaque = src;
 	vmig__writer_preamble(src->w, VMIG_CHAN_MAIN, flags, s->session_id);
 	if (!resume)
 		send_blocks(src);
 	ret = vmig__writer_flush(src->w);
+	if (!ret && s->caps[VMIG_CAP_MULTIFD]) {
+		ret = vmig__mf_source_open(src, &err);
+		if (ret) {
+			vmig__err_set_first(&s->err, "%s", err.msg);
+			return ret;
+		}
+	}
 	if (!ret && ufd >= 0) {
 		vmig__writer_init(src->uw, ufd);
 		vmig__writer_preamble(src->uw, VMIG_CHAN_URGENT, flags, s->session_id);
@@ -537,6 +558,7 @@ void vmig__src_close_channels(struct vmig__source *src)
 		pthread_join(s->rp_thread, NULL);
 		s->rp_started = false;
 	}
+	vmig__mf_source_close(src);
 	vmig__close_channels(s);
 }
 
@@ -594,7 +616,7 @@ static int iterate(struct vmig__source *src)
 	for (;;) {
 		uint64_t t0 = vmig__now_ns(), b0 = vmig__src_wire_bytes(src), dt;
 		struct vmig_wire_sync sy;
-		int ret = send_dirty(src);
+		int ret = send_dirty(src, false);
 
 		if (ret) {
 			vmig__fail(s, ret, "sending to the destination failed");
@@ -673,6 +695,7 @@ void *vmig__source_thread(void *arg)
 	struct vmig__source src = {.s = s};
 	int ret = -ENOMEM;
 
+	pthread_mutex_init(&src.rl_lock, NULL);
 	src.w = malloc(sizeof(*src.w));
 	src.uw = malloc(sizeof(*src.uw));
 	if (!src.w || !src.uw) {
@@ -706,5 +729,6 @@ void *vmig__source_thread(void *arg)
 out:
 	free(src.w);
 	free(src.uw);
+	pthread_mutex_destroy(&src.rl_lock);
 	return NULL;
 }

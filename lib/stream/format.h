@@ -34,9 +34,23 @@
 enum vmig_channel_kind {
 	VMIG_CHAN_MAIN = 0,
 	VMIG_CHAN_URGENT = 1,
+	VMIG_CHAN_MULTIFD = 2, /* one of the MULTIFD record's data channels */
 };
 
 #define VMIG_PRE_F_RESUME 0x1u /* reconnecting a paused post-copy migration */
+/* Multifd channels carry their index (0..254) in bits 8-15 of the flags. */
+#define VMIG_PRE_F_INDEX_SHIFT 8
+#define VMIG_PRE_F_INDEX_MASK 0xff00u
+#define VMIG_MAX_MULTIFD 255u
+
+/*
+ * Multifd: pages are dealt to the data channels in chunks of 64 pages (one
+ * dirty-bitmap word): chunk c = page / 64 of every block belongs to channel
+ * c % channels. A page therefore always travels on the same connection, so
+ * its copies arrive in order without any cross-channel sequencing, and no
+ * two receiving threads ever touch the same chunk.
+ */
+#define VMIG_MULTIFD_CHUNK_PAGES 64u
 
 struct vmig_wire_preamble {
 	char magic[8];
@@ -64,6 +78,7 @@ enum vmig_rec_type {
 	VMIG_REC_EOS = 0x07,    /* end of stream */
 	VMIG_REC_DISCARD = 0x08, /* post-copy: drop these pages, they are stale */
 	VMIG_REC_POSTCOPY_RUN = 0x09, /* post-copy: start now, pages follow */
+	VMIG_REC_MULTIFD = 0x0a, /* pages go on data channels from here on */
 
 	/* destination -> source (return path) */
 	VMIG_RP_READY = 0x40,   /* blocks accepted, go ahead */
@@ -121,6 +136,12 @@ struct vmig_wire_digest {
 	uint32_t reserved;
 	uint64_t page_digest; /* XXH3-64 over the array of per-page XXH3-64 */
 	uint64_t mem_digest;  /* same, recomputed from memory at switch-over */
+} __attribute__((packed));
+
+/* MULTIFD payload: main channel, right after BLOCKS */
+struct vmig_wire_multifd {
+	uint32_t channels; /* 1..VMIG_MAX_MULTIFD */
+	uint32_t reserved;
 } __attribute__((packed));
 
 /* RP_SYNC_ACK payload */

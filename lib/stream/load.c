@@ -43,7 +43,8 @@ static int read_error(struct vmig__loader *l, int ret, const char *what)
 int vmig__load_preamble(struct vmig__loader *l)
 {
 	struct vmig_wire_preamble pre;
-	int ret = vmig__reader_read(l->r, &pre, sizeof(pre));
+	/* Exact: the connection may be handed on to another reader. */
+	int ret = vmig__reader_read_exact(l->r, &pre, sizeof(pre));
 
 	if (ret)
 		return read_error(l, ret, "preamble");
@@ -55,7 +56,11 @@ int vmig__load_preamble(struct vmig__loader *l)
 				    pre.version, VMIG_STREAM_VERSION);
 		return -EPROTONOSUPPORT;
 	}
-	if (pre.flags & ~VMIG_PRE_F_RESUME || pre.channel > VMIG_CHAN_URGENT)
+	if (pre.flags & ~(VMIG_PRE_F_RESUME | VMIG_PRE_F_INDEX_MASK) ||
+	    pre.channel > VMIG_CHAN_MULTIFD ||
+	    ((pre.flags & VMIG_PRE_F_INDEX_MASK) &&
+	     (pre.channel != VMIG_CHAN_MULTIFD || pre.flags & VMIG_PRE_F_RESUME)) ||
+	    (pre.flags & VMIG_PRE_F_INDEX_MASK) >> VMIG_PRE_F_INDEX_SHIFT >= VMIG_MAX_MULTIFD)
 		return fail(l, -EPROTO, 12, "unknown channel kind or preamble flags");
 	l->channel = pre.channel;
 	l->pre_flags = pre.flags;
@@ -132,6 +137,17 @@ static struct vmig__load_block *check_run(struct vmig__loader *l, const struct v
 	    pg->npages > b->npages - pg->first) {
 		fail(l, -EPROTO, at, "page record outside its RAM block");
 		return NULL;
+	}
+	if (l->mf_channels) {
+		/* Multifd: each chunk on its own channel, and only there (the
+		 * receiving threads rely on it: no two share a bitmap word). */
+		uint64_t chunk = pg->first / VMIG_MULTIFD_CHUNK_PAGES;
+
+		if (!l->mf_data || chunk != (pg->first + pg->npages - 1) / VMIG_MULTIFD_CHUNK_PAGES ||
+		    chunk % l->mf_channels != l->mf_index) {
+			fail(l, -EPROTO, at, "page record on the wrong multifd channel");
+			return NULL;
+		}
 	}
 	return b;
 }
@@ -240,6 +256,26 @@ static int load_fixed(struct vmig__loader *l, uint32_t len, uint64_t at, void *d
 	return ret ? read_error(l, ret, what) : 0;
 }
 
+/* MULTIFD: from now on pages arrive on data channels, none on this one. */
+static int load_multifd(struct vmig__loader *l, uint32_t len, uint64_t at)
+{
+	struct vmig_wire_multifd mf;
+	int ret;
+
+	if (!l->multifd_ok)
+		return fail(l, -EPROTO, at,
+			    "multifd stream, but multifd is not enabled on the destination");
+	if (l->mf_channels || l->rounds || l->pages_normal || l->pages_zero)
+		return fail(l, -EPROTO, at, "multifd record out of order");
+	ret = load_fixed(l, len, at, &mf, sizeof(mf), "bad multifd record");
+	if (ret)
+		return ret;
+	if (!mf.channels || mf.channels > VMIG_MAX_MULTIFD || mf.reserved)
+		return fail(l, -EPROTO, at, "bad multifd channel count");
+	l->mf_channels = mf.channels;
+	return 0;
+}
+
 static int load_state(struct vmig__loader *l, uint32_t len, uint64_t at)
 {
 	int ret;
@@ -277,6 +313,9 @@ int vmig__load_record(struct vmig__loader *l, uint8_t *type)
 		return fail(l, -EPROTO, at, "stream does not start with the RAM block list");
 	if (l->urgent && rec.type != VMIG_REC_PAGES && rec.type != VMIG_REC_ZERO)
 		return fail(l, -EPROTO, at, "urgent channel carries page records only");
+	if (l->mf_data && rec.type != VMIG_REC_PAGES && rec.type != VMIG_REC_ZERO &&
+	    rec.type != VMIG_REC_SYNC && rec.type != VMIG_REC_EOS)
+		return fail(l, -EPROTO, at, "multifd channel carries pages, sync and end only");
 
 	switch (rec.type) {
 	case VMIG_REC_BLOCKS:
@@ -314,10 +353,12 @@ int vmig__load_record(struct vmig__loader *l, uint8_t *type)
 			return fail(l, -EPROTO, at, "post-copy switch out of order");
 		l->run = true;
 		return 0;
+	case VMIG_REC_MULTIFD:
+		return load_multifd(l, rec.len, at);
 	case VMIG_REC_EOS:
 		if (rec.len)
 			return fail(l, -EPROTO, at, "end-of-stream record with a payload");
-		if (!l->state || !l->have_digest)
+		if (!l->mf_data && (!l->state || !l->have_digest))
 			return fail(l, -EPROTO, at, "end of stream before device state and digest");
 		l->eos = true;
 		return 0;

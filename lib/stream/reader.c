@@ -85,6 +85,24 @@ int vmig__reader_read(struct vmig__reader *r, void *dst, size_t n)
 	return 0;
 }
 
+int vmig__reader_read_exact(struct vmig__reader *r, void *dst, size_t n)
+{
+	uint8_t *out = dst;
+	size_t take = r->len - r->pos < n ? r->len - r->pos : n;
+
+	memcpy(out, r->buf + r->pos, take);
+	r->pos += take;
+	for (size_t done = take; done < n;) {
+		ssize_t got = source_read(r, out + done, n - done);
+
+		if (got < 0)
+			return (int)got;
+		r->bytes += (uint64_t)got;
+		done += (size_t)got;
+	}
+	return 0;
+}
+
 int vmig__reader_skip(struct vmig__reader *r, size_t n)
 {
 	uint8_t scratch[4096];

@@ -36,6 +36,7 @@ struct vmig__writer {
 	uint64_t bytes;
 	vmig__throttle_fn throttle;
 	void *throttle_opaque;
+	uint64_t *counts; /* optional: [0] pages, [1] zero pages queued (atomic adds) */
 	int niov;
 	size_t pending;
 	size_t hdrlen;
@@ -78,6 +79,9 @@ void vmig__reader_init_mem(struct vmig__reader *r, const void *data, size_t len)
 /* Exactly n bytes into dst. 0, -EPIPE on end of stream, or -errno. Large
  * reads go straight into dst without passing through the buffer. */
 int vmig__reader_read(struct vmig__reader *r, void *dst, size_t n);
+/* As vmig__reader_read, but never reads ahead of n bytes from the source:
+ * for a preamble, when the connection may be handed to another reader. */
+int vmig__reader_read_exact(struct vmig__reader *r, void *dst, size_t n);
 /* Skip n bytes. */
 int vmig__reader_skip(struct vmig__reader *r, size_t n);
 
@@ -118,6 +122,10 @@ struct vmig__loader {
 	struct vmig__err *err;
 	struct vmig__load_hooks hooks;
 	bool urgent;       /* urgent channel: page records only */
+	bool multifd_ok;   /* main channel: the destination accepts a MULTIFD record */
+	bool mf_data;      /* a multifd data channel: pages, SYNC and EOS only */
+	uint32_t mf_index; /* data channel: its index */
+	uint32_t mf_channels; /* > 0: pages travel on this many data channels */
 	bool postcopy;     /* set by the caller after POSTCOPY_RUN: use hooks.place */
 	uint8_t *bounce;   /* VMIG_REC_MAX_PAGES pages, for hooks.fill and postcopy */
 

@@ -18,6 +18,7 @@ void vmig__writer_init(struct vmig__writer *w, int fd)
 	w->bytes = 0;
 	w->throttle = NULL;
 	w->throttle_opaque = NULL;
+	w->counts = NULL;
 	w->niov = 0;
 	w->pending = 0;
 	w->hdrlen = 0;
@@ -107,6 +108,8 @@ void vmig__writer_pages(struct vmig__writer *w, uint32_t block, uint64_t first, 
 	memcpy(put_hdr(w, VMIG_REC_PAGES, (uint32_t)(sizeof(pg) + data), sizeof(pg)), &pg,
 	       sizeof(pg));
 	push_iov(w, host, data);
+	if (w->counts)
+		__atomic_add_fetch(&w->counts[0], npages, __ATOMIC_RELAXED);
 }
 
 void vmig__writer_zero(struct vmig__writer *w, uint32_t block, uint64_t first, uint32_t npages)
@@ -116,6 +119,8 @@ void vmig__writer_zero(struct vmig__writer *w, uint32_t block, uint64_t first, u
 	if (w->err)
 		return;
 	memcpy(put_hdr(w, VMIG_REC_ZERO, sizeof(pg), sizeof(pg)), &pg, sizeof(pg));
+	if (w->counts)
+		__atomic_add_fetch(&w->counts[1], npages, __ATOMIC_RELAXED);
 }
 
 int vmig__writer_flush(struct vmig__writer *w)
@@ -131,8 +136,8 @@ int vmig__writer_flush(struct vmig__writer *w)
 		}
 	}
 	w->err = vmig__writev_full(w->fd, w->iov, w->niov);
-	if (!w->err)
-		w->bytes += w->pending;
+	if (!w->err) /* atomic: other threads read it for statistics */
+		__atomic_store_n(&w->bytes, w->bytes + w->pending, __ATOMIC_RELAXED);
 out:
 	w->niov = 0;
 	w->pending = 0;

@@ -62,6 +62,10 @@ def postcopy_run():
     return rec(0x09)
 
 
+def multifd(channels):
+    return rec(0x0a, struct.pack("<II", channels, 0))
+
+
 def page_of(byte):
     return bytes([byte]) * PAGE
 
@@ -92,6 +96,14 @@ def main():
             "postcopy-bad-discard": preamble(session=0x1235) + good_blocks + discard(0, 10, 7),
             "resume-preamble": preamble(flags=1) + good_blocks,
             "urgent-channel": preamble(channel=1) + pages(0, 3, [page_of(6)]),
+            # Main channel of a multifd stream: no pages after MULTIFD.
+            "multifd-main": (preamble() + good_blocks + multifd(2) + sync(1, 0) +
+                             state(b"vcpu") + digest() + eos()),
+            "multifd-main-page": preamble() + good_blocks + multifd(2) + pages(0, 0, [page_of(1)]),
+            # A data channel (index in flags bits 8-15): pages, SYNC, EOS.
+            "multifd-data": (preamble(channel=2) + pages(0, 0, [page_of(1), page_of(2)]) +
+                             zero(0, 2, 14) + sync(1, 0) + pages(1, 1, [page_of(3)]) + eos()),
+            "multifd-data-index1": preamble(channel=2, flags=1 << 8) + zero(0, 0, 4) + eos(),
         },
         "return_path": {
             "resumed": rec(0x41, struct.pack("<Q", 1234)),

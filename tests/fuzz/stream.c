@@ -4,6 +4,7 @@
  * whole stream (preamble and records) as a hostile source would send it. Two
  * small RAM blocks stand in for guest RAM; ASan catches any write outside
  * them. A stream that loads to the end is also run through verification.
+ * A preamble of kind multifd makes the input a data channel's stream.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -68,7 +69,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	recv0[0] = recv1[0] = zero0[0] = zero1[0] = 0;
 	vmig__reader_init_mem(r, data, size);
 	l.r = r;
+	l.multifd_ok = true;
 	if (!vmig__load_preamble(&l)) {
+		if (l.channel == VMIG_CHAN_MULTIFD) {
+			/* A data channel, set up as the destination does after the
+			 * main channel's MULTIFD record (byte 17 picks the count). */
+			l.mf_data = l.blocks_ok = true;
+			l.mf_index = (l.pre_flags & VMIG_PRE_F_INDEX_MASK) >> VMIG_PRE_F_INDEX_SHIFT;
+			l.mf_channels = l.mf_index + 1 + (size > 17 ? data[17] % 4u : 0);
+		}
 		/* Bounded: each record consumes at least its 8-byte header. */
 		while (!l.eos && !vmig__load_record(&l, &type))
 			if (l.run && !l.postcopy) {

@@ -68,14 +68,40 @@ static void test_ratelimit(void **state)
 	/* Unlimited never waits. */
 	assert_int_equal(vmig__ratelimit_account(&rl, 0, 1 << 30, now), 0);
 	/* Send 1 MiB chunks as fast as allowed for one simulated second. */
-	rl.window_start_ns = now;
-	rl.window_bytes = 0;
+	rl.next_ns = now;
 	while (now < 2000000000ull) {
 		now += vmig__ratelimit_account(&rl, rate, 1 << 20, now);
 		sent += 1 << 20;
 	}
 	/* Within one chunk of 100 MiB. */
 	assert_true(sent >= rate - (2 << 20) && sent <= rate + (2 << 20));
+}
+
+/* Four senders share one limiter (multifd): together they get the rate,
+ * not four times it, however their waits interleave. */
+static void test_ratelimit_shared(void **state)
+{
+	struct vmig__ratelimit rl = {0};
+	const uint64_t rate = 32ull << 20;
+	uint64_t ready[4] = {0}, sent = 0, start = 5000000000ull;
+
+	(void)state;
+	rl.next_ns = start;
+	for (;;) {
+		unsigned k = 0;
+
+		for (unsigned i = 1; i < 4; i++) /* the sender that is ready first */
+			if (ready[i] < ready[k])
+				k = i;
+		if (ready[k] < start)
+			ready[k] = start;
+		if (ready[k] >= start + 2000000000ull)
+			break;
+		ready[k] += vmig__ratelimit_account(&rl, rate, 1 << 20, ready[k]);
+		sent += 1 << 20;
+	}
+	/* Two simulated seconds: 64 MiB, give or take a chunk per sender. */
+	assert_true(sent >= 2 * rate - (4 << 20) && sent <= 2 * rate + (5 << 20));
 }
 
 static int cmp_u32(const void *a, const void *b)
@@ -114,6 +140,7 @@ int main(void)
 		cmocka_unit_test(test_parse_size),
 		cmocka_unit_test(test_uri),
 		cmocka_unit_test(test_ratelimit),
+		cmocka_unit_test(test_ratelimit_shared),
 		cmocka_unit_test(test_select_kth),
 	};
 

@@ -1,0 +1,520 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Multifd: pre-copy pages over several connections at once (QEMU's
+ * capability "multifd" and parameter "multifd-channels").
+ *
+ * The main connection keeps the control records (block list, SYNC, device
+ * state, digest, end) and the return path; after its MULTIFD record it
+ * carries no page. Each data channel has a thread on both sides. Pages are
+ * dealt by chunk (format.h: 64 pages, one dirty-bitmap word, chunk % N), so
+ * a page always takes the same connection: its copies arrive in the order
+ * they were sent, with no sequencing between channels, and the threads on
+ * either side never share a bitmap word.
+ *
+ * Source: for each round the migration thread syncs the dirty bitmap while
+ * the channel threads are idle, then lets them run; each one sends the
+ * dirty pages of its chunks, ends its share with SYNC(round) (or EOS after
+ * the final round) and reports back. Destination: a loader thread per
+ * channel reads until EOS. The destination acknowledges SYNC round k once
+ * every channel, the main one included, has loaded its SYNC(k).
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "migrate/migrate_int.h"
+#include "ram/bitmap.h"
+
+/* ---- source ------------------------------------------------------------ */
+
+struct mf_send {
+	struct vmig__mf_source *mf;
+	unsigned idx;
+	bool started;
+	pthread_t thread;
+	uint64_t counts[2]; /* atomic: pages, zero pages queued (writer.counts) */
+	struct vmig__writer w;
+};
+
+struct vmig__mf_source {
+	struct vmig__source *src;
+	unsigned n;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	/* under lock: the round the channels are asked to send */
+	uint64_t gen; /* bumped once per round */
+	uint64_t round;
+	bool final;
+	bool quit;
+	unsigned busy; /* channels still sending this round */
+	int err;       /* first channel error of this round */
+	/* migration thread only: counts already added to src->st */
+	uint64_t seen[2];
+	struct mf_send *ch;
+};
+
+/* Send the runs of dirty pages in one bitmap word, and clear it. */
+static void send_word(struct mf_send *c, unsigned bi, uint64_t wi)
+{
+	struct vmig__source *src = c->mf->src;
+	uint64_t *word = &src->s->blocks[bi].dirty[wi];
+	uint64_t bits = *word;
+
+	*word = 0;
+	__atomic_sub_fetch(&src->dirty_pages, (uint64_t)__builtin_popcountll(bits),
+			   __ATOMIC_RELAXED);
+	while (bits) {
+		unsigned lo = (unsigned)__builtin_ctzll(bits);
+		uint64_t rest = ~(bits >> lo);
+		unsigned len = rest ? (unsigned)__builtin_ctzll(rest) : 64;
+		uint64_t first = wi * 64 + lo;
+
+		vmig__src_send_run(src, &c->w, bi, first, first + len);
+		bits = lo + len >= 64 ? 0 : bits & (~0ull << (lo + len));
+	}
+}
+
+/* One channel's share of a round: its chunks, then SYNC or EOS. */
+static int send_share(struct mf_send *c, uint64_t round, bool final)
+{
+	struct vmig_session *s = c->mf->src->s;
+
+	for (unsigned bi = 0; bi < s->nblocks && !c->w.err; bi++) {
+		struct vmig__block *b = &s->blocks[bi];
+		size_t words = vmig__bitmap_words(b->npages);
+
+		for (uint64_t wi = c->idx; wi < words && !c->w.err; wi += c->mf->n)
+			if (b->dirty[wi])
+				send_word(c, bi, wi);
+	}
+	if (final) {
+		vmig__writer_rec(&c->w, VMIG_REC_EOS, NULL, 0);
+	} else {
+		struct vmig_wire_sync sy = {.round = round};
+
+		vmig__writer_rec(&c->w, VMIG_REC_SYNC, &sy, sizeof(sy));
+	}
+	return vmig__writer_flush(&c->w);
+}
+
+static void *send_thread(void *arg)
+{
+	struct mf_send *c = arg;
+	struct vmig__mf_source *mf = c->mf;
+	uint64_t gen = 0;
+
+	for (;;) {
+		uint64_t round;
+		bool final;
+		int ret;
+
+		pthread_mutex_lock(&mf->lock);
+		while (mf->gen == gen && !mf->quit)
+			pthread_cond_wait(&mf->cond, &mf->lock);
+		if (mf->quit) {
+			pthread_mutex_unlock(&mf->lock);
+			return NULL;
+		}
+		gen = mf->gen;
+		round = mf->round;
+		final = mf->final;
+		pthread_mutex_unlock(&mf->lock);
+
+		ret = send_share(c, round, final);
+
+		pthread_mutex_lock(&mf->lock);
+		if (ret && !mf->err)
+			mf->err = ret;
+		if (!--mf->busy)
+			pthread_cond_broadcast(&mf->cond);
+		pthread_mutex_unlock(&mf->lock);
+	}
+}
+
+/* Connect channel i and queue its preamble; the fd is kept in the session. */
+static int connect_one(struct vmig__mf_source *mf, unsigned i, const struct vmig__uri *u,
+		       struct vmig__err *err)
+{
+	struct vmig_session *s = mf->src->s;
+	struct mf_send *c = &mf->ch[i];
+	int fd, ret = vmig__chan_connect(u, &fd, err);
+
+	if (ret)
+		return ret;
+	pthread_mutex_lock(&s->lock);
+	s->mf_fds[i] = fd;
+	s->mf_count = i + 1;
+	pthread_mutex_unlock(&s->lock);
+	c->mf = mf;
+	c->idx = i;
+	vmig__writer_init(&c->w, fd);
+	c->w.throttle = vmig__src_throttle;
+	c->w.throttle_opaque = mf->src;
+	c->w.counts = c->counts;
+	vmig__writer_preamble(&c->w, VMIG_CHAN_MULTIFD, (uint16_t)(i << VMIG_PRE_F_INDEX_SHIFT),
+			      s->session_id);
+	ret = vmig__writer_flush(&c->w);
+	if (ret) {
+		vmig__err_set(err, "multifd channel %u: %s", i, strerror(-ret));
+		return ret;
+	}
+	ret = -pthread_create(&c->thread, NULL, send_thread, c);
+	if (ret) {
+		vmig__err_set(err, "cannot start multifd thread: %s", strerror(-ret));
+		return ret;
+	}
+	pthread_setname_np(c->thread, "vmig-mf-send");
+	c->started = true;
+	return 0;
+}
+
+int vmig__mf_source_open(struct vmig__source *src, struct vmig__err *err)
+{
+	struct vmig_session *s = src->s;
+	unsigned n = (unsigned)vmig__param(s, VMIG_PARAM_MULTIFD_CHANNELS);
+	struct vmig__mf_source *mf = calloc(1, sizeof(*mf));
+	struct vmig__uri u;
+	int ret;
+
+	if (!mf || !(mf->ch = calloc(n, sizeof(*mf->ch)))) {
+		free(mf);
+		vmig__err_set(err, "out of memory for %u multifd channels", n);
+		return -ENOMEM;
+	}
+	mf->src = src;
+	mf->n = n;
+	pthread_mutex_init(&mf->lock, NULL);
+	pthread_cond_init(&mf->cond, NULL);
+	src->mf = mf; /* from here on vmig__mf_source_close() cleans up */
+	ret = vmig__uri_parse(s->uri, &u, err);
+	for (unsigned i = 0; !ret && i < n; i++)
+		ret = connect_one(mf, i, &u, err);
+	return ret;
+}
+
+int vmig__mf_source_round(struct vmig__source *src, uint64_t round, bool final)
+{
+	struct vmig__mf_source *mf = src->mf;
+	int ret;
+
+	pthread_mutex_lock(&mf->lock);
+	mf->round = round;
+	mf->final = final;
+	mf->busy = mf->n;
+	mf->err = 0;
+	mf->gen++;
+	pthread_cond_broadcast(&mf->cond);
+	while (mf->busy) {
+		struct timespec ts;
+
+		/* Wake up now and then to publish progress. */
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_nsec += 50000000;
+		if (ts.tv_nsec >= 1000000000) {
+			ts.tv_sec++;
+			ts.tv_nsec -= 1000000000;
+		}
+		pthread_cond_timedwait(&mf->cond, &mf->lock, &ts);
+		if (!mf->busy)
+			break;
+		pthread_mutex_unlock(&mf->lock);
+		vmig__src_stats_tick(src, false);
+		pthread_mutex_lock(&mf->lock);
+	}
+	ret = mf->err;
+	pthread_mutex_unlock(&mf->lock);
+	return ret;
+}
+
+void vmig__mf_source_collect(struct vmig__source *src)
+{
+	struct vmig__mf_source *mf = src->mf;
+	uint64_t sum[2] = {0, 0};
+
+	for (unsigned i = 0; i < mf->n; i++)
+		for (int k = 0; k < 2; k++)
+			sum[k] += __atomic_load_n(&mf->ch[i].counts[k], __ATOMIC_RELAXED);
+	src->st.ram.normal += sum[0] - mf->seen[0];
+	src->st.ram.normal_bytes += (sum[0] - mf->seen[0]) * VMIG_PAGE_SIZE;
+	src->st.ram.duplicate += sum[1] - mf->seen[1];
+	mf->seen[0] = sum[0];
+	mf->seen[1] = sum[1];
+}
+
+uint64_t vmig__mf_source_bytes(struct vmig__source *src)
+{
+	struct vmig__mf_source *mf = src->mf;
+	uint64_t bytes = 0;
+
+	for (unsigned i = 0; i < mf->n; i++)
+		bytes += __atomic_load_n(&mf->ch[i].w.bytes, __ATOMIC_RELAXED);
+	src->st.ram.multifd_bytes = bytes;
+	return bytes;
+}
+
+/* The connections are shut down already (vmig__break_channels). */
+void vmig__mf_source_close(struct vmig__source *src)
+{
+	struct vmig__mf_source *mf = src->mf;
+
+	if (!mf)
+		return;
+	pthread_mutex_lock(&mf->lock);
+	mf->quit = true;
+	pthread_cond_broadcast(&mf->cond);
+	pthread_mutex_unlock(&mf->lock);
+	for (unsigned i = 0; i < mf->n; i++)
+		if (mf->ch[i].started)
+			pthread_join(mf->ch[i].thread, NULL);
+	vmig__mf_source_collect(src);
+	pthread_cond_destroy(&mf->cond);
+	pthread_mutex_destroy(&mf->lock);
+	free(mf->ch);
+	free(mf);
+	src->mf = NULL;
+}
+
+/* ---- destination ------------------------------------------------------- */
+
+struct mf_recv {
+	struct vmig__mf_dest *mf;
+	unsigned idx;
+	bool started;
+	pthread_t thread;
+	int ret;
+	struct vmig__err err;
+	struct vmig__reader *r;
+	struct vmig__loader l;
+	/* atomic: published for statistics and acknowledgements */
+	uint64_t round, bytes, normal, zero;
+};
+
+struct vmig__mf_dest {
+	struct vmig_session *s;
+	unsigned n;
+	pthread_mutex_t lock; /* acked, main_round, failed */
+	uint64_t main_round;
+	uint64_t acked;
+	int failed; /* index of the first channel that failed, or -1 */
+	struct mf_recv *ch;
+};
+
+/* Acknowledge the SYNC round every channel has reached, if it moved on. */
+static void ack(struct vmig__mf_dest *mf)
+{
+	uint64_t low;
+
+	pthread_mutex_lock(&mf->lock);
+	low = mf->main_round;
+	for (unsigned i = 0; i < mf->n; i++) {
+		uint64_t r = __atomic_load_n(&mf->ch[i].round, __ATOMIC_RELAXED);
+
+		low = r < low ? r : low;
+	}
+	if (low > mf->acked) {
+		struct vmig_wire_sync_ack a = {.round = low};
+
+		mf->acked = low;
+		vmig__dest_send_rp(mf->s, VMIG_RP_SYNC_ACK, &a, sizeof(a));
+	}
+	pthread_mutex_unlock(&mf->lock);
+}
+
+static void *recv_thread(void *arg)
+{
+	struct mf_recv *c = arg;
+	struct vmig_session *s = c->mf->s;
+
+	while (!c->l.eos) {
+		uint8_t type;
+
+		c->ret = vmig__load_record(&c->l, &type);
+		if (c->ret)
+			break;
+		__atomic_store_n(&c->bytes, c->r->bytes, __ATOMIC_RELAXED);
+		__atomic_store_n(&c->normal, c->l.pages_normal, __ATOMIC_RELAXED);
+		__atomic_store_n(&c->zero, c->l.pages_zero, __ATOMIC_RELAXED);
+		if (type == VMIG_REC_SYNC) {
+			__atomic_store_n(&c->round, c->l.last_round, __ATOMIC_RELAXED);
+			ack(c->mf);
+		}
+	}
+	if (c->ret) {
+		pthread_mutex_lock(&c->mf->lock);
+		if (c->mf->failed < 0)
+			c->mf->failed = (int)c->idx;
+		pthread_mutex_unlock(&c->mf->lock);
+		/* The main thread may be blocked reading: end its stream, so it
+		 * fails and reports this channel's error. */
+		pthread_mutex_lock(&s->lock);
+		if (s->fd >= 0)
+			shutdown(s->fd, SHUT_RD);
+		pthread_mutex_unlock(&s->lock);
+	}
+	return NULL;
+}
+
+/* Index of a kept data channel of this migration still missing, or n. */
+static unsigned missing(struct vmig__mf_dest *mf)
+{
+	struct vmig_session *s = mf->s;
+	unsigned i;
+
+	pthread_mutex_lock(&s->lock);
+	for (i = 0; i < mf->n; i++)
+		if (s->mf_fds[i] < 0 || s->mf_session[i] != s->session_id)
+			break;
+	pthread_mutex_unlock(&s->lock);
+	return i;
+}
+
+/* Accept connections until all n data channels of this migration are here. */
+static int gather(struct vmig__mf_dest *mf, struct vmig__err *err)
+{
+	struct vmig_session *s = mf->s;
+	struct vmig__reader *r = malloc(sizeof(*r));
+	int ret = 0;
+
+	if (!r)
+		return -ENOMEM;
+	while (!ret && missing(mf) < mf->n) {
+		struct vmig__loader l = {.r = r, .err = err};
+		int fd;
+
+		ret = vmig__chan_accept(s->listen_fd, s->cancel_efd, &fd, err);
+		if (ret)
+			break;
+		vmig__reader_init_fd(r, fd);
+		if (vmig__load_preamble(&l) || l.channel != VMIG_CHAN_MULTIFD) {
+			vmig__err_clear(err);
+			close(fd); /* a stray: not ours to judge */
+			continue;
+		}
+		vmig__dest_keep_multifd(s, fd, &l);
+	}
+	free(r);
+	return ret;
+}
+
+static int start_one(struct vmig__mf_dest *mf, unsigned i, const struct vmig__loader *main)
+{
+	struct mf_recv *c = &mf->ch[i];
+	int ret;
+
+	c->mf = mf;
+	c->idx = i;
+	c->r = malloc(sizeof(*c->r));
+	c->l.bounce = malloc(VMIG_REC_MAX_PAGES * VMIG_PAGE_SIZE);
+	if (!c->r || !c->l.bounce)
+		return -ENOMEM;
+	vmig__reader_init_fd(c->r, mf->s->mf_fds[i]);
+	c->l.r = c->r;
+	c->l.blocks = main->blocks;
+	c->l.nblocks = main->nblocks;
+	c->l.err = &c->err;
+	c->l.hooks = main->hooks;
+	c->l.blocks_ok = true;
+	c->l.mf_data = true;
+	c->l.mf_index = i;
+	c->l.mf_channels = mf->n;
+	ret = -pthread_create(&c->thread, NULL, recv_thread, c);
+	if (ret)
+		return ret;
+	pthread_setname_np(c->thread, "vmig-mf-recv");
+	c->started = true;
+	return 0;
+}
+
+int vmig__mf_dest_start(struct vmig_session *s, struct vmig__loader *main,
+			struct vmig__mf_dest **out)
+{
+	struct vmig__mf_dest *mf = calloc(1, sizeof(*mf));
+	int ret;
+
+	if (!mf || !(mf->ch = calloc(main->mf_channels, sizeof(*mf->ch)))) {
+		free(mf);
+		vmig__err_set_first(main->err, "out of memory for multifd");
+		return -ENOMEM;
+	}
+	mf->s = s;
+	mf->n = main->mf_channels;
+	mf->main_round = main->last_round;
+	mf->failed = -1;
+	pthread_mutex_init(&mf->lock, NULL);
+	*out = mf; /* from here on vmig__mf_dest_free() cleans up */
+	ret = gather(mf, main->err);
+	for (unsigned i = 0; !ret && i < mf->n; i++)
+		ret = start_one(mf, i, main);
+	if (ret)
+		vmig__err_set_first(main->err, "multifd channels: %s", strerror(-ret));
+	return ret;
+}
+
+void vmig__mf_dest_sync(struct vmig__mf_dest *mf, uint64_t main_round)
+{
+	pthread_mutex_lock(&mf->lock);
+	mf->main_round = main_round;
+	pthread_mutex_unlock(&mf->lock);
+	ack(mf);
+}
+
+/* Shut the data connections down, waking their threads. */
+static void stop_channels(struct vmig__mf_dest *mf)
+{
+	pthread_mutex_lock(&mf->s->lock);
+	for (unsigned i = 0; i < mf->n; i++)
+		if (mf->ch[i].started)
+			shutdown(mf->s->mf_fds[i], SHUT_RDWR);
+	pthread_mutex_unlock(&mf->s->lock);
+}
+
+int vmig__mf_dest_finish(struct vmig__mf_dest *mf, bool abort, struct vmig__err *err)
+{
+	int failed;
+
+	if (abort)
+		stop_channels(mf);
+	for (unsigned i = 0; i < mf->n; i++) {
+		if (mf->ch[i].started) {
+			pthread_join(mf->ch[i].thread, NULL);
+			mf->ch[i].started = false;
+		}
+	}
+	pthread_mutex_lock(&mf->lock);
+	failed = mf->failed;
+	pthread_mutex_unlock(&mf->lock);
+	if (failed < 0)
+		return 0;
+	vmig__err_set(err, "multifd channel %d: %s", failed, mf->ch[failed].err.msg);
+	return mf->ch[failed].ret;
+}
+
+void vmig__mf_dest_counts(struct vmig__mf_dest *mf, uint64_t *bytes, uint64_t *normal,
+			  uint64_t *zero)
+{
+	for (unsigned i = 0; mf && i < mf->n; i++) {
+		*bytes += __atomic_load_n(&mf->ch[i].bytes, __ATOMIC_RELAXED);
+		*normal += __atomic_load_n(&mf->ch[i].normal, __ATOMIC_RELAXED);
+		*zero += __atomic_load_n(&mf->ch[i].zero, __ATOMIC_RELAXED);
+	}
+}
+
+/* Stop the threads (their connections are shut down) and free it all. */
+void vmig__mf_dest_free(struct vmig__mf_dest *mf)
+{
+	if (!mf)
+		return;
+	stop_channels(mf);
+	for (unsigned i = 0; i < mf->n; i++) {
+		if (mf->ch[i].started)
+			pthread_join(mf->ch[i].thread, NULL);
+		free(mf->ch[i].r);
+		free(mf->ch[i].l.bounce);
+	}
+	pthread_mutex_destroy(&mf->lock);
+	free(mf->ch);
+	free(mf);
+}

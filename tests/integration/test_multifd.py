@@ -1,0 +1,235 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""Multifd pre-copy (capability "multifd", parameter "multifd-channels")
+between real vmig-vm processes over loopback.
+
+Every completed case compares guest memory on both sides through pmemsave
+and has the engine re-hash all of RAM at switch-over (x-vmig-verify-memory).
+Failure cases check that the source keeps running and that the destination
+says what was wrong.
+
+usage: test_multifd.py BUILD_DIR
+"""
+import os
+import socket
+import struct
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+from vmigtest import VM, QMPError, Runner, check, free_port  # noqa: E402
+
+MEM = 128 << 20
+MEM_ARG = "128M"
+
+
+def set_multifd(vm, channels, extra_caps=()):
+    caps = [{"capability": c, "state": True} for c in ("multifd",) + tuple(extra_caps)]
+    vm.qmp.cmd("migrate-set-capabilities", capabilities=caps)
+    vm.qmp.cmd("migrate-set-parameters", **{"multifd-channels": channels})
+
+
+def pair(procs, build, channels, workload="random", extra_dst=()):
+    src = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--workload", workload,
+             "--dirty-rate", "32M", "--fill", "random", name="src")
+    dst = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--incoming", "defer", "-S",
+             *extra_dst, name="dst")
+    for vm in (src, dst):
+        set_multifd(vm, channels, ("x-vmig-verify-memory",))
+    return src, dst
+
+
+def start(src, dst):
+    uri = "tcp:127.0.0.1:%d" % free_port()
+    dst.qmp.cmd("migrate-incoming", uri=uri)
+    src.qmp.cmd("migrate", uri=uri)
+
+
+def completed_and_equal(src, dst):
+    info = src.wait_migration(120)
+    dinfo = dst.wait_migration(30)
+    check(info["status"] == "completed", "source %r: %s" % (info["status"],
+                                                          info.get("error-desc")))
+    check(dinfo["status"] == "completed", "destination %r: %s" % (dinfo["status"],
+                                                               dinfo.get("error-desc")))
+    check(src.memory_digest(MEM) == dst.memory_digest(MEM), "guest memory differs")
+    ram = info["ram"]
+    check(ram["multifd-bytes"] >= MEM - (8 << 20),
+          "multifd-bytes %d for %d bytes of RAM" % (ram["multifd-bytes"], MEM))
+    check(ram["normal"] + ram["duplicate"] >= MEM // 4096, "not every page was sent")
+    check(ram["transferred"] >= ram["multifd-bytes"], "transferred < multifd-bytes")
+    for vm in (src, dst):
+        check(vm.guest()["inconsistencies"] == 0, "guest self-check failed")
+    return info
+
+
+def case_workload(procs, build, channels, workload):
+    src, dst = pair(procs, build, channels, workload)
+    time.sleep(0.5)
+    start(src, dst)
+    completed_and_equal(src, dst)
+    if workload != "idle":
+        check(src.guest()["pages-written"] > 0, "workload wrote nothing")
+
+
+def case_prealloc_dest(procs, build):
+    src, dst = pair(procs, build, 3, "hotset", extra_dst=("--mem-prealloc",))
+    start(src, dst)
+    completed_and_equal(src, dst)
+
+
+def case_shared_bandwidth(procs, build):
+    """max-bandwidth bounds all channels together: 64 MiB at 32 MiB/s > 1.5 s."""
+    src = VM(procs, build, "--mem", "64M", "--fill", "random", name="src")
+    dst = VM(procs, build, "--mem", "64M", "--incoming", "defer", "-S", name="dst")
+    for vm in (src, dst):
+        set_multifd(vm, 4)
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 32 << 20})
+    t0 = time.monotonic()
+    start(src, dst)
+    info = src.wait_migration(60)
+    elapsed = time.monotonic() - t0
+    check(info["status"] == "completed", "migration %r" % info)
+    check(elapsed > 1.5, "64 MiB moved in %.2fs over 4 channels despite 32 MiB/s" % elapsed)
+    check(src.memory_digest(64 << 20) == dst.memory_digest(64 << 20), "memory differs")
+
+
+def case_postcopy_refused(procs, build):
+    src = VM(procs, build, "--mem", "16M", name="src")
+    set_multifd(src, 2, ("postcopy-ram",))
+    try:
+        src.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % free_port())
+        raise AssertionError("migrate with multifd and postcopy-ram was accepted")
+    except QMPError as e:
+        check("multifd" in str(e) and "postcopy" in str(e), "unclear error: %s" % e)
+    check(src.status() == "running", "source not running")
+
+
+def case_dest_without_multifd(procs, build):
+    src = VM(procs, build, "--mem", "32M", "--fill", "random", name="src")
+    dst = VM(procs, build, "--mem", "32M", "--incoming", "defer", "-S", name="dst")
+    set_multifd(src, 2)
+    start(src, dst)
+    dinfo = dst.wait_migration(30)
+    info = src.wait_migration(30)
+    check(dinfo["status"] == "failed", "destination %r" % dinfo["status"])
+    check("multifd is not enabled" in dinfo.get("error-desc", ""), "unclear: %r" % dinfo)
+    check(info["status"] == "failed", "source %r" % info["status"])
+    check("multifd is not enabled" in info.get("error-desc", ""),
+          "source does not relay the reason: %r" % info.get("error-desc"))
+    check(src.status() == "running", "source not running")
+
+
+def case_dest_killed_then_remigrate(procs, build):
+    src, dst = pair(procs, build, 4, "stream")
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 16 << 20})
+    start(src, dst)
+    time.sleep(1.0)
+    dst.kill()
+    info = src.wait_migration(30)
+    check(info["status"] == "failed", "source %r after the destination died" % info["status"])
+    check(src.status() == "running", "source not running: %s" % src.status())
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+    dst2 = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--incoming", "defer", "-S",
+              name="dst2")
+    set_multifd(dst2, 4, ("x-vmig-verify-memory",))
+    start(src, dst2)
+    completed_and_equal(src, dst2)
+
+
+def case_cancel(procs, build):
+    src, dst = pair(procs, build, 2, "random")
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 20})
+    start(src, dst)
+    time.sleep(1.0)
+    src.qmp.cmd("migrate_cancel")
+    info = src.wait_migration(30)
+    check(info["status"] == "cancelled", "status after cancel: %r" % info["status"])
+    check(src.status() == "running", "source not running after cancel")
+    w0 = src.guest()["pages-written"]
+    time.sleep(0.5)
+    check(src.guest()["pages-written"] > w0, "source guest stopped writing after cancel")
+    d = dst.wait_migration(30)
+    check(d["status"] in ("failed", "cancelled"), "destination status %r" % d["status"])
+    check(dst.qmp.cmd("query-status") is not None, "destination stopped answering")
+
+
+# A hand-made hostile source (the framing of docs/stream-format.md).
+def rec(rtype, payload=b""):
+    return struct.pack("<BBHI", rtype, 0, 0, len(payload)) + payload
+
+
+def preamble(channel, flags, session):
+    return b"VMIGSTRM" + struct.pack("<IHHQ", 1, channel, flags, session)
+
+
+def case_page_on_wrong_channel(procs, build):
+    """A data channel that carries a chunk of another channel is refused."""
+    dst = VM(procs, build, "--mem", "1M", "--incoming", "defer", "-S", name="dst")
+    set_multifd(dst, 2)
+    port = free_port()
+    dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:%d" % port)
+    session = 0x5eed
+    main = socket.create_connection(("127.0.0.1", port), timeout=10)
+    data = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+    try:
+        name = b"pc.ram"
+        blocks = struct.pack("<IB3xIQ", 1, len(name), 4096, 1 << 20) + name
+        main.sendall(preamble(0, 0, session) + rec(0x01, blocks) +
+                     rec(0x0a, struct.pack("<II", 2, 0)))
+        data[1].sendall(preamble(2, 1 << 8, session))
+        # Page 64 is chunk 1, which belongs to channel 1, not 0.
+        data[0].sendall(preamble(2, 0 << 8, session) +
+                        rec(0x02, struct.pack("<IIQ", 0, 1, 64) + b"\x55" * 4096))
+        info = dst.wait_migration(30)
+    finally:
+        for s in [main] + data:
+            s.close()
+    check(info["status"] == "failed", "destination %r" % info["status"])
+    check("wrong multifd channel" in info.get("error-desc", ""),
+          "unclear error: %r" % info.get("error-desc"))
+    check(dst.alive() and dst.qmp.cmd("query-status") is not None, "destination unusable")
+
+
+def case_missing_channel_cancel(procs, build):
+    """A source that never opens its data channels leaves the destination
+    waiting for them, as QEMU does; migrate_cancel there ends the wait."""
+    dst = VM(procs, build, "--mem", "1M", "--incoming", "defer", "-S", name="dst")
+    set_multifd(dst, 2)
+    port = free_port()
+    dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:%d" % port)
+    main = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        name = b"pc.ram"
+        blocks = struct.pack("<IB3xIQ", 1, len(name), 4096, 1 << 20) + name
+        main.sendall(preamble(0, 0, 7) + rec(0x01, blocks) + rec(0x0a, struct.pack("<II", 2, 0)))
+        time.sleep(0.5)
+        check(dst.qmp.cmd("query-migrate")["status"] == "active", "not waiting")
+        dst.qmp.cmd("migrate_cancel")
+        info = dst.wait_migration(10)
+    finally:
+        main.close()
+    check(info["status"] in ("cancelled", "failed"), "destination %r" % info["status"])
+    check(dst.alive() and dst.qmp.cmd("query-status") is not None, "destination unusable")
+
+
+def main():
+    if len(sys.argv) != 2:
+        print(__doc__)
+        return 2
+    r = Runner(sys.argv[1])
+    for channels, wl in ((1, "idle"), (2, "random"), (3, "stream"), (4, "hotset")):
+        r.run("multifd-%d-%s" % (channels, wl), case_workload, r.build, channels, wl)
+    r.run("multifd-prealloc-dest", case_prealloc_dest, r.build)
+    r.run("multifd-shared-max-bandwidth", case_shared_bandwidth, r.build)
+    r.run("multifd-postcopy-refused", case_postcopy_refused, r.build)
+    r.run("multifd-dest-without-multifd", case_dest_without_multifd, r.build)
+    r.run("multifd-dest-killed-then-remigrate", case_dest_killed_then_remigrate, r.build)
+    r.run("multifd-cancel", case_cancel, r.build)
+    r.run("multifd-page-on-wrong-channel", case_page_on_wrong_channel, r.build)
+    r.run("multifd-missing-channel-cancel", case_missing_channel_cancel, r.build)
+    return r.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
