@@ -24,6 +24,8 @@
 #define STATE_MAGIC 0x3155504356474d56ull
 #define HOTSET_PERCENT 90
 #define BATCH_NS 1000000ull /* a vCPU checks for stop at least this often */
+/* A throttled vCPU runs this long, then sleeps its share (QEMU's timeslice). */
+#define THROTTLE_SLICE_NS 10000000ull
 
 struct vcpu_state {
 	uint64_t rng;
@@ -56,6 +58,8 @@ struct guest {
 	uint64_t pages_written; /* atomics */
 	uint64_t pages_verified;
 	uint64_t inconsistencies;
+
+	unsigned throttle; /* atomic: percent of the time vCPUs sleep (auto-converge) */
 
 	unsigned nvcpus;
 	struct vcpu *vcpus;
@@ -186,13 +190,32 @@ static void pace(struct guest *g, uint64_t ns)
 	pthread_mutex_unlock(&g->lock);
 }
 
+/*
+ * The throttle, as QEMU's: once a vCPU has run for a timeslice, it sleeps so
+ * that sleep / (run + sleep) is the throttle percentage. *ran counts the
+ * time run since the last sleep.
+ */
+static void throttle_point(struct guest *g, uint64_t *ran)
+{
+	unsigned pct = __atomic_load_n(&g->throttle, __ATOMIC_RELAXED);
+
+	if (!pct) {
+		*ran = 0;
+		return;
+	}
+	if (*ran < THROTTLE_SLICE_NS)
+		return;
+	pace(g, *ran * pct / (100 - pct));
+	*ran = 0;
+}
+
 static void *vcpu_main(void *arg)
 {
 	struct vcpu *v = arg;
 	struct guest *g = v->g;
 	/* Pages per second for this vCPU; 0 = as fast as it can. */
 	double rate = (double)g->cfg.dirty_rate / VMIG_PAGE_SIZE / g->nvcpus;
-	uint64_t t0 = 0, done = 0;
+	uint64_t t0 = 0, done = 0, ran = 0;
 
 	__atomic_store_n(&v->tid, (int)gettid(), __ATOMIC_RELEASE);
 
@@ -214,6 +237,8 @@ static void *vcpu_main(void *arg)
 			if (vmig__now_ns() - now > BATCH_NS)
 				break;
 		}
+		ran += vmig__now_ns() - now;
+		throttle_point(g, &ran);
 		if (rate > 0)
 			pace(g, BATCH_NS);
 	}
@@ -393,7 +418,13 @@ void guest_get_stats(struct guest *g, struct vm_guest_stats *out)
 	out->inconsistencies = __atomic_load_n(&g->inconsistencies, __ATOMIC_RELAXED);
 	out->mem_bytes = g->npages * VMIG_PAGE_SIZE;
 	out->vcpus = g->nvcpus;
+	out->throttle = __atomic_load_n(&g->throttle, __ATOMIC_RELAXED);
 	out->workload = guest_workload_name(g->cfg.workload);
+}
+
+void guest_set_throttle(struct guest *g, unsigned percent)
+{
+	__atomic_store_n(&g->throttle, percent > 99 ? 99 : percent, __ATOMIC_RELAXED);
 }
 
 int guest_vcpu_tid(struct guest *g, unsigned i)

@@ -36,5 +36,7 @@ void guest_get_stats(struct guest *g, struct vm_guest_stats *out);
 const char *guest_workload_name(enum vm_workload wl);
 /* Linux thread id of vCPU i. */
 int guest_vcpu_tid(struct guest *g, unsigned i);
+/* auto-converge: vCPUs sleep percent% of the time (0 = full speed). */
+void guest_set_throttle(struct guest *g, unsigned percent);
 
 #endif

@@ -152,6 +152,9 @@ static void format_info_migrate(FILE *f, const json_t *qm)
 			fprintf(f, "downtime: %" PRIu64 " ms\n", ju64(qm, "downtime"));
 		if (json_object_get(qm, "setup-time"))
 			fprintf(f, "setup: %" PRIu64 " ms\n", ju64(qm, "setup-time"));
+		if (json_object_get(qm, "cpu-throttle-percentage"))
+			fprintf(f, "cpu throttle percentage: %" PRIu64 "\n",
+				ju64(qm, "cpu-throttle-percentage"));
 	}
 	if (json_is_object(ram))
 		format_ram(f, ram);

@@ -394,6 +394,9 @@ json_t *qmp_stats_to_json(const struct vmig_stats *st)
 		if (running)
 			json_object_set_new(obj, "expected-downtime",
 					    json_integer(st->expected_downtime_ms));
+		if (running && st->cpu_throttle_percentage)
+			json_object_set_new(obj, "cpu-throttle-percentage",
+					    json_integer(st->cpu_throttle_percentage));
 		else
 			json_object_set_new(obj, "downtime", json_integer(st->downtime_ms));
 		json_object_set_new(obj, "ram", ram_json(st));
@@ -447,10 +450,11 @@ static int cmd_query_guest(struct qmp_cmd_ctx *ctx, const json_t *args)
 	memset(&gs, 0, sizeof(gs));
 	vm_guest_stats(ctx->vm, &gs);
 	ctx->ret =
-	    json_pack("{s:I,s:I,s:I,s:I,s:i,s:s}", "pages-written", (json_int_t)gs.pages_written,
+	    json_pack("{s:I,s:I,s:I,s:I,s:i,s:i,s:s}", "pages-written", (json_int_t)gs.pages_written,
 		      "pages-verified", (json_int_t)gs.pages_verified, "inconsistencies",
 		      (json_int_t)gs.inconsistencies, "mem-bytes", (json_int_t)gs.mem_bytes,
-		      "vcpus", (int)gs.vcpus, "workload", gs.workload ? gs.workload : "");
+		      "vcpus", (int)gs.vcpus, "throttle-percentage", (int)gs.throttle, "workload",
+		      gs.workload ? gs.workload : "");
 	return ctx->ret ? 0 : -ENOMEM;
 }
 

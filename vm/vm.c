@@ -117,6 +117,13 @@ static int ops_load_state(void *opaque, const void *buf, size_t len)
 	return ret;
 }
 
+static void ops_throttle(void *opaque, unsigned percent)
+{
+	struct vm *vm = opaque;
+
+	guest_set_throttle(vm->guest, percent);
+}
+
 static void ops_event(void *opaque, const struct vmig_event *ev)
 {
 	struct vm *vm = opaque;
@@ -146,6 +153,7 @@ static const struct vmig_vm_ops vm_ops = {
 	.save_state = ops_save_state,
 	.load_state = ops_load_state,
 	.event = ops_event,
+	.throttle = ops_throttle,
 };
 
 /* ---- RAM --------------------------------------------------------------- */

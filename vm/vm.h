@@ -74,6 +74,7 @@ struct vm_guest_stats {
 	uint64_t inconsistencies;
 	uint64_t mem_bytes;
 	unsigned vcpus;
+	unsigned throttle; /* percent, set by auto-converge */
 	const char *workload;
 };
 void vm_guest_stats(struct vm *vm, struct vm_guest_stats *out);

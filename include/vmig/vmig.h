@@ -107,6 +107,14 @@ struct vmig_vm_ops {
 	int (*load_state)(void *opaque, const void *buf, size_t len);
 	/* Status changes and other events. May be NULL. */
 	void (*event)(void *opaque, const struct vmig_event *ev);
+	/*
+	 * Slow the vCPUs down (capability "auto-converge"): from now on each
+	 * vCPU should sleep percent% of the time (0..99; 0 = full speed), as
+	 * QEMU's CPU throttle does. Called from libvmig's migration thread;
+	 * 0 again when the migration ends. May be NULL: auto-converge is then
+	 * refused.
+	 */
+	void (*throttle)(void *opaque, unsigned percent);
 };
 
 /* Create a session. ops is copied. */
@@ -123,9 +131,12 @@ int vmig_ram_block_add(vmig_session *s, const struct vmig_ram_block *blk);
 /*
  * Capabilities (booleans) and parameters (integers), by QEMU's names:
  *   capabilities: "postcopy-ram", "postcopy-blocktime", "postcopy-preempt",
- *     "multifd", "zero-copy-send", "auto-converge", "x-vmig-verify-memory"
+ *     "multifd", "auto-converge", "x-vmig-verify-memory"
  *   parameters: "max-bandwidth" (bytes/s, 0 = unlimited), "downtime-limit"
- *     (ms), "multifd-channels", "x-vmig-dirty-tracking" (see below) ...
+ *     (ms), "multifd-channels", "cpu-throttle-initial",
+ *     "cpu-throttle-increment", "max-cpu-throttle" (percent),
+ *     "throttle-trigger-threshold" (percent), "x-vmig-dirty-tracking"
+ *     (see below) ...
  * The lists are vmig_capability_names() and vmig_parameter_names(),
  * NULL-terminated. Setting fails with -EBUSY while a migration is running
  * for the ones that cannot change then, and -ENOENT for unknown names.
@@ -197,6 +208,7 @@ struct vmig_stats {
 	int64_t downtime_ms;       /* valid once completed */
 	int64_t expected_downtime_ms;
 	uint64_t downtime_us;      /* same as downtime_ms, finer */
+	unsigned cpu_throttle_percentage; /* auto-converge: current vCPU throttle */
 	struct {
 		uint64_t transferred;      /* bytes on the wire, all channels */
 		uint64_t remaining;        /* dirty bytes still to send */

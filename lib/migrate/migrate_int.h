@@ -47,6 +47,7 @@ enum vmig__cap {
 	VMIG_CAP_POSTCOPY_BLOCKTIME,
 	VMIG_CAP_POSTCOPY_PREEMPT,
 	VMIG_CAP_MULTIFD,
+	VMIG_CAP_AUTO_CONVERGE,
 	VMIG_CAP_VERIFY_MEMORY,
 	VMIG_CAP__MAX
 };
@@ -57,6 +58,10 @@ enum vmig__param {
 	VMIG_PARAM_MULTIFD_CHANNELS,
 	VMIG_PARAM_DIRTY_TRACKING,
 	VMIG_PARAM_MAX_POSTCOPY_BANDWIDTH,
+	VMIG_PARAM_CPU_THROTTLE_INITIAL,
+	VMIG_PARAM_CPU_THROTTLE_INCREMENT,
+	VMIG_PARAM_MAX_CPU_THROTTLE,
+	VMIG_PARAM_THROTTLE_TRIGGER_THRESHOLD,
 	VMIG_PARAM__MAX
 };
 
@@ -140,6 +145,13 @@ struct vmig__source {
 	uint64_t urgent_requests; /* atomic */
 	bool vm_was_running;
 	bool stopped_vm;
+	/* auto-converge: the throttle asked of the VMM (percent), how many
+	 * periods dirtied too much, and the current period (>= 1 s, as QEMU) */
+	unsigned throttle;
+	unsigned dirty_high;
+	uint64_t ac_start_ns;
+	uint64_t ac_sent;
+	uint64_t ac_dirtied;
 	struct vmig__mf_source *mf; /* multifd data channels, NULL without */
 };
 

@@ -35,6 +35,7 @@ static const char *const cap_names[VMIG_CAP__MAX + 1] = {
 	[VMIG_CAP_POSTCOPY_BLOCKTIME] = "postcopy-blocktime",
 	[VMIG_CAP_POSTCOPY_PREEMPT] = "postcopy-preempt",
 	[VMIG_CAP_MULTIFD] = "multifd",
+	[VMIG_CAP_AUTO_CONVERGE] = "auto-converge",
 	[VMIG_CAP_VERIFY_MEMORY] = "x-vmig-verify-memory",
 };
 
@@ -46,6 +47,7 @@ static const bool cap_supported[VMIG_CAP__MAX] = {
 	/* vmig always sends requested pages on their own channel */
 	[VMIG_CAP_POSTCOPY_PREEMPT] = true,
 	[VMIG_CAP_MULTIFD] = true,
+	[VMIG_CAP_AUTO_CONVERGE] = true, /* if the VMM can throttle: see below */
 	[VMIG_CAP_VERIFY_MEMORY] = true,
 };
 
@@ -56,6 +58,10 @@ static const char *const param_names[VMIG_PARAM__MAX + 1] = {
 	[VMIG_PARAM_MULTIFD_CHANNELS] = "multifd-channels",
 	[VMIG_PARAM_DIRTY_TRACKING] = "x-vmig-dirty-tracking",
 	[VMIG_PARAM_MAX_POSTCOPY_BANDWIDTH] = "max-postcopy-bandwidth",
+	[VMIG_PARAM_CPU_THROTTLE_INITIAL] = "cpu-throttle-initial",
+	[VMIG_PARAM_CPU_THROTTLE_INCREMENT] = "cpu-throttle-increment",
+	[VMIG_PARAM_MAX_CPU_THROTTLE] = "max-cpu-throttle",
+	[VMIG_PARAM_THROTTLE_TRIGGER_THRESHOLD] = "throttle-trigger-threshold",
 };
 
 static const struct {
@@ -67,6 +73,11 @@ static const struct {
 	[VMIG_PARAM_MULTIFD_CHANNELS] = {2, 1, 255, false},
 	[VMIG_PARAM_DIRTY_TRACKING] = {VMIG_DIRTY_AUTO, VMIG_DIRTY_AUTO, VMIG_DIRTY_UFFD_SYNC, false},
 	[VMIG_PARAM_MAX_POSTCOPY_BANDWIDTH] = {0, 0, INT64_MAX, true},
+	/* QEMU's defaults and ranges */
+	[VMIG_PARAM_CPU_THROTTLE_INITIAL] = {20, 1, 99, true},
+	[VMIG_PARAM_CPU_THROTTLE_INCREMENT] = {10, 1, 99, true},
+	[VMIG_PARAM_MAX_CPU_THROTTLE] = {99, 1, 99, true},
+	[VMIG_PARAM_THROTTLE_TRIGGER_THRESHOLD] = {50, 1, 100, true},
 };
 
 /* Under s->lock: shut every connection of the migration down. */
@@ -265,6 +276,10 @@ VMIG_EXPORT int vmig_capability_set(vmig_session *s, const char *name, bool on)
 		vmig__err_set(&s->err, "capability '%s' is not supported by this build", name);
 		return -ENOTSUP;
 	}
+	if (on && i == VMIG_CAP_AUTO_CONVERGE && !s->ops.throttle) {
+		vmig__err_set(&s->err, "auto-converge needs a VMM that can throttle its vCPUs");
+		return -ENOTSUP;
+	}
 	s->caps[i] = on;
 	return 0;
 }
@@ -375,6 +390,7 @@ void vmig__publish(struct vmig_session *s, const struct vmig_stats *st)
 	s->stats.downtime_ms = st->downtime_ms;
 	s->stats.downtime_us = st->downtime_us;
 	s->stats.expected_downtime_ms = st->expected_downtime_ms;
+	s->stats.cpu_throttle_percentage = st->cpu_throttle_percentage;
 	s->stats.ram = st->ram;
 	pthread_mutex_unlock(&s->lock);
 }

@@ -192,6 +192,7 @@ int vmig__src_sync_dirty(struct vmig__source *src)
 		added += n;
 	}
 	src->dirty_pages += added;
+	src->ac_dirtied += added * VMIG_PAGE_SIZE;
 	now = vmig__now_ns();
 	if (now > src->last_sync_ns)
 		src->st.ram.dirty_pages_rate =
@@ -593,8 +594,50 @@ static int setup(struct vmig__source *src)
 		vmig__bitmap_set_range(s->blocks[i].dirty, 0, s->blocks[i].npages);
 		src->dirty_pages += s->blocks[i].npages;
 	}
-	src->last_sync_ns = vmig__now_ns();
+	src->last_sync_ns = src->ac_start_ns = vmig__now_ns();
 	return 0;
+}
+
+/* Ask the VMM for a vCPU throttle (0 = none), if it changes. */
+static void set_throttle(struct vmig__source *src, unsigned percent)
+{
+	struct vmig_session *s = src->s;
+
+	if (percent == src->throttle)
+		return;
+	src->throttle = percent;
+	src->st.cpu_throttle_percentage = percent;
+	s->ops.throttle(s->opaque, percent);
+}
+
+/*
+ * auto-converge, as QEMU does it: over periods of at least a second, when
+ * the guest dirtied more than throttle-trigger-threshold percent of what was
+ * sent, twice, throttle the vCPUs (cpu-throttle-initial, then up by
+ * cpu-throttle-increment each time, up to max-cpu-throttle). A guest that
+ * writes faster than the link carries then slows down until it converges.
+ */
+static void auto_converge(struct vmig__source *src, uint64_t sent)
+{
+	struct vmig_session *s = src->s;
+	uint64_t now = vmig__now_ns();
+	unsigned max = (unsigned)vmig__param(s, VMIG_PARAM_MAX_CPU_THROTTLE), next;
+
+	src->ac_sent += sent;
+	if (!s->caps[VMIG_CAP_AUTO_CONVERGE] || now - src->ac_start_ns < 1000000000ull)
+		return;
+	if (src->ac_dirtied * 100 >
+		src->ac_sent * (uint64_t)vmig__param(s, VMIG_PARAM_THROTTLE_TRIGGER_THRESHOLD) &&
+	    ++src->dirty_high >= 2) {
+		src->dirty_high = 0;
+		next = src->throttle
+			   ? src->throttle +
+				 (unsigned)vmig__param(s, VMIG_PARAM_CPU_THROTTLE_INCREMENT)
+			   : (unsigned)vmig__param(s, VMIG_PARAM_CPU_THROTTLE_INITIAL);
+		set_throttle(src, next < max ? next : max);
+	}
+	src->ac_start_ns = now;
+	src->ac_sent = src->ac_dirtied = 0;
 }
 
 /* Time to send what is dirty at the measured bandwidth, in ms. */
@@ -638,6 +681,7 @@ static int iterate(struct vmig__source *src)
 		ret = vmig__src_sync_dirty(src);
 		if (ret)
 			return ret;
+		auto_converge(src, vmig__src_wire_bytes(src) - b0);
 		sy.round = ++src->sync_marks;
 		sy.dirty_pages = src->dirty_pages;
 		vmig__writer_rec(src->w, VMIG_REC_SYNC, &sy, sizeof(sy));
@@ -662,6 +706,7 @@ static void recover_source(struct vmig__source *src)
 {
 	struct vmig_session *s = src->s;
 
+	set_throttle(src, 0);
 	/* Restart first: unprotecting a large guest takes a while. */
 	if (src->stopped_vm && src->vm_was_running) {
 		s->ops.start(s->opaque);
@@ -675,6 +720,7 @@ static void finish(struct vmig__source *src, int ret)
 {
 	struct vmig_session *s = src->s;
 
+	set_throttle(src, 0);
 	vmig__src_stats_tick(src, true);
 	if (!ret)
 		src->st.ram.remaining = 0;

@@ -344,6 +344,8 @@ static void show_progress(const json_t *qm, double elapsed_s, bool tty)
 	double mib_s = mbps * 1e6 / 8 / 1048576.0;
 	double dirty_mib_s = (double)(ram_u64(qm, "dirty-pages-rate") * page) / 1048576.0;
 	const json_t *exp = json_object_get(qm, "expected-downtime");
+	const json_t *thr = json_object_get(qm, "cpu-throttle-percentage");
+	char throttle[32] = "";
 	unsigned pct = done + left ? (unsigned)(done * 100 / (done + left)) : 0;
 	char bar[21];
 
@@ -352,20 +354,23 @@ static void show_progress(const json_t *qm, double elapsed_s, bool tty)
 	for (unsigned i = 0; i < 20; i++)
 		bar[i] = i < pct / 5 ? '#' : '.';
 	bar[20] = '\0';
+	if (json_is_integer(thr)) /* auto-converge is slowing the guest down */
+		snprintf(throttle, sizeof(throttle), " throttle %lld%%",
+			 (long long)json_integer_value(thr));
 	if (tty)
 		fprintf(stderr,
 			"\r[%s] %3u%% %-16s %8.1f MiB/s  dirty %7.1f MiB/s  exp-down %4lld ms"
-			"  syncs %llu  %6.1fs\033[K",
+			"  syncs %llu%s  %6.1fs\033[K",
 			bar, pct, status, mib_s, dirty_mib_s,
 			(long long)(exp ? json_integer_value(exp) : 0),
-			(unsigned long long)ram_u64(qm, "dirty-sync-count"), elapsed_s);
+			(unsigned long long)ram_u64(qm, "dirty-sync-count"), throttle, elapsed_s);
 	else
 		fprintf(stderr,
 			"vmig: %s %u%% %.1f MiB/s dirty %.1f MiB/s expected-downtime %lld ms "
-			"dirty-syncs %llu elapsed %.1f s\n",
+			"dirty-syncs %llu%s elapsed %.1f s\n",
 			status, pct, mib_s, dirty_mib_s,
 			(long long)(exp ? json_integer_value(exp) : 0),
-			(unsigned long long)ram_u64(qm, "dirty-sync-count"), elapsed_s);
+			(unsigned long long)ram_u64(qm, "dirty-sync-count"), throttle, elapsed_s);
 }
 
 static bool terminal(const char *status)

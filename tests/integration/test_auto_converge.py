@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""auto-converge: a guest that dirties memory faster than the link carries
+only converges if its vCPUs are throttled (QEMU's capability "auto-converge"
+and its cpu-throttle-* parameters).
+
+The source guest writes flat out (several GiB/s) over 128 MiB, and
+max-bandwidth is 256 MiB/s. Without auto-converge that migration never ends;
+with it, the vCPU throttle rises until it does, and it is lifted again when
+the migration ends.
+
+usage: test_auto_converge.py BUILD_DIR
+"""
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+from vmigtest import VM, QMPError, Runner, check, free_port  # noqa: E402
+
+MEM = 128 << 20
+MEM_ARG = "128M"
+BANDWIDTH = 256 << 20
+
+
+def pair(procs, build, auto_converge, initial=90, increment=9, limit=99):
+    src = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--workload", "random",
+             "--dirty-rate", "0", "--fill", "random", name="src")
+    dst = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--incoming", "defer", "-S",
+             name="dst")
+    if auto_converge:
+        for vm in (src, dst):
+            vm.qmp.cmd("migrate-set-capabilities",
+                       capabilities=[{"capability": "auto-converge", "state": True}])
+    # Large steps, so the test needs two of them rather than nine.
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": BANDWIDTH,
+                                             "cpu-throttle-initial": initial,
+                                             "cpu-throttle-increment": increment,
+                                             "max-cpu-throttle": limit})
+    uri = "tcp:127.0.0.1:%d" % free_port()
+    dst.qmp.cmd("migrate-incoming", uri=uri)
+    src.qmp.cmd("migrate", uri=uri)
+    return src, dst
+
+
+def write_rate(vm, seconds):
+    """Pages per second the guest writes, over a short window."""
+    w0, t0 = vm.guest()["pages-written"], time.monotonic()
+    time.sleep(seconds)
+    return (vm.guest()["pages-written"] - w0) / (time.monotonic() - t0)
+
+
+def wait_throttle(src, timeout):
+    """The first throttle percentage query-migrate reports, or None."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = src.qmp.cmd("query-migrate")
+        if info.get("cpu-throttle-percentage"):
+            return info["cpu-throttle-percentage"]
+        if info.get("status") not in ("setup", "active"):
+            return None
+        time.sleep(0.05)
+    return None
+
+
+def case_converges(procs, build):
+    src, dst = pair(procs, build, True)
+    pct = wait_throttle(src, 30)
+    check(pct is not None and 90 <= pct <= 99, "no throttle reported: %r" % pct)
+    hmp = src.qmp.cmd("human-monitor-command", **{"command-line": "info migrate"})
+    check("cpu throttle percentage" in hmp or src.qmp.cmd("query-migrate")["status"] != "active",
+          "info migrate does not show the throttle: %r" % hmp[:400])
+    info = src.wait_migration(60)
+    dinfo = dst.wait_migration(30)
+    check(info["status"] == "completed", "source %r: %s" % (info["status"],
+                                                          info.get("error-desc")))
+    check(dinfo["status"] == "completed", "destination %r" % dinfo["status"])
+    check("cpu-throttle-percentage" not in info, "throttle still reported when completed")
+    check(src.guest()["throttle-percentage"] == 0, "source vCPUs left throttled")
+    check(src.memory_digest(MEM) == dst.memory_digest(MEM), "guest memory differs")
+    for vm in (src, dst):
+        check(vm.guest()["inconsistencies"] == 0, "guest self-check failed")
+
+
+def case_needs_throttle(procs, build):
+    """The control: without auto-converge the same migration does not end."""
+    src, dst = pair(procs, build, False)
+    time.sleep(8)
+    info = src.qmp.cmd("query-migrate")
+    check(info["status"] == "active", "converged without throttling (%r): the other "
+          "case would prove nothing" % info["status"])
+    check("cpu-throttle-percentage" not in info, "throttled without auto-converge")
+    src.qmp.cmd("migrate_cancel")
+    check(src.wait_migration(30)["status"] == "cancelled", "cancel did not take")
+
+
+def case_released_on_cancel(procs, build):
+    """max-cpu-throttle caps it (50% is too little to converge here), and
+    migrate_cancel gives the vCPUs their full speed back."""
+    src, dst = pair(procs, build, True, initial=40, increment=40, limit=50)
+    check(wait_throttle(src, 30) == 40, "first step is not cpu-throttle-initial")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and src.guest()["throttle-percentage"] != 50:
+        time.sleep(0.1)
+    check(src.guest()["throttle-percentage"] == 50, "throttle not capped at 50: %r" %
+          src.guest())
+    time.sleep(2.5)  # more periods: it must stay at the cap
+    check(src.qmp.cmd("query-migrate").get("cpu-throttle-percentage") == 50, "beyond the cap")
+    src.qmp.cmd("migrate_cancel")
+    info = src.wait_migration(30)
+    check(info["status"] == "cancelled", "status after cancel %r" % info["status"])
+    check(src.status() == "running", "source not running after cancel")
+    check(src.guest()["throttle-percentage"] == 0, "vCPUs still throttled after cancel")
+    check(write_rate(src, 0.5) > 0, "source guest stopped writing")
+
+
+def case_parameters(procs, build):
+    vm = VM(procs, build, "--mem", "16M", name="vm")
+    p = vm.qmp.cmd("query-migrate-parameters")
+    check((p["cpu-throttle-initial"], p["cpu-throttle-increment"], p["max-cpu-throttle"],
+           p["throttle-trigger-threshold"]) == (20, 10, 99, 50), "QEMU's defaults: %r" % p)
+    for name, bad in (("cpu-throttle-initial", 0), ("cpu-throttle-increment", 100),
+                      ("max-cpu-throttle", 100), ("throttle-trigger-threshold", 0)):
+        try:
+            vm.qmp.cmd("migrate-set-parameters", **{name: bad})
+            raise AssertionError("%s=%d accepted" % (name, bad))
+        except QMPError as e:
+            check("range" in str(e), "unclear error for %s=%d: %s" % (name, bad, e))
+
+
+def main():
+    if len(sys.argv) != 2:
+        print(__doc__)
+        return 2
+    r = Runner(sys.argv[1])
+    r.run("auto-converge-converges", case_converges, r.build)
+    r.run("auto-converge-control-without", case_needs_throttle, r.build)
+    r.run("auto-converge-released-on-cancel", case_released_on_cancel, r.build)
+    r.run("auto-converge-parameters", case_parameters, r.build)
+    return r.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
