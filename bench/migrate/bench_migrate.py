@@ -790,7 +790,20 @@ def parse_size(s):
     return int(s)
 
 
+def render(path, doc):
+    """Rewrite the migrate section of doc from a saved results.json."""
+    with open(path) as f:
+        saved = json.load(f)
+    scenarios = [SCENARIOS[k] for k in saved["results"]]
+    benchlib.replace_section(doc, "<!-- migrate:begin -->", "<!-- migrate:end -->",
+                             report.markdown(saved["meta"], scenarios, saved["results"]))
+    print("recorded in %s" % doc)
+    return 0
+
+
 def main():
+    if len(sys.argv) == 5 and sys.argv[1] == "--render" and sys.argv[3] == "--record":
+        return render(sys.argv[2], sys.argv[4])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--build-dir", required=True)
     ap.add_argument("--mem", default="4G")

@@ -314,6 +314,11 @@ METHOD_TEXT = """### How it is measured
   with `memory-backend-ram`, `-incoming defer -S`.
 - vmig source: `vmig-vm --mem SIZE --vcpus 1 --workload idle --fill FILE`; destination
   `vmig-vm --mem SIZE --vcpus 1 --incoming defer -S`.
+- "destination RAM preallocated" (`precopy-1ch-prealloc`): the QEMU destination gets
+  `memory-backend-ram,...,prealloc=on` and the vmig destination `--mem-prealloc`, so both
+  fault all guest RAM in at start-up, before QMP answers and outside the measured window.
+  Without it both destinations pay for the first touch of every page during the
+  migration, which on this VM costs 0.5 to 3 s per GiB (see the note after this section).
 - Both engines are driven by the same QMP sequence: `migrate-incoming` on the
   destination; `migrate-set-parameters` `max-bandwidth` on the source (QEMU: 100 GiB/s,
   as its default is 128 MiB/s; vmig: 0, which means unlimited there); `migrate`; then
@@ -340,10 +345,14 @@ METHOD_TEXT = """### How it is measured
   time from `/proc/stat` minus the measured processes' own CPU) is discarded and taken
   again, up to `BENCH_RETRIES` times.
 - Figures are per-column medians; x QEMU and x raw compare Gbit/s.
-- Further scenarios run with `BENCH_SCENARIOS` (comma-separated; the default is
-  `precopy-1ch,postcopy-wss`): `multifd-4` (4 multifd channels) and `postcopy`
+- `multifd-4`: capability `multifd` and `multifd-channels` 4 on both sides of both
+  engines (QEMU: no compression), destinations not preallocated.
+- Scenarios are chosen with `BENCH_SCENARIOS` (comma-separated; the default is
+  `precopy-1ch,postcopy-wss`): also `precopy-1ch-prealloc`, `multifd-4` and `postcopy`
   (capability `postcopy-ram`, `migrate-start-postcopy` as soon as the source is active,
   idle guest; blocktime is the destination's `postcopy-blocktime`).
+  `bench_migrate.py --render RESULTS_JSON --record DOC` rewrites the section from a
+  saved `results.json` without measuring again.
 """
 
 POSTCOPY_WSS_TEXT = """
