@@ -243,10 +243,38 @@ static int cmd_query_caps(struct qmp_cmd_ctx *ctx, const json_t *args)
 	return list ? 0 : -ENOMEM;
 }
 
+/*
+ * A parameter's value from JSON: an integer, or for QEMU's enum parameters
+ * (multifd-compression) one of the names. -1 with ctx->err set if neither.
+ */
+static int param_value(struct qmp_cmd_ctx *ctx, const char *key, const json_t *v, int64_t *out)
+{
+	const char *const *choices = vmig_parameter_choices(key);
+
+	if (!choices && json_is_integer(v)) {
+		*out = json_integer_value(v);
+		return 0;
+	}
+	for (int i = 0; choices && json_is_string(v) && choices[i]; i++) {
+		if (!strcmp(choices[i], json_string_value(v))) {
+			*out = i;
+			return 0;
+		}
+	}
+	if (choices && json_is_string(v))
+		vmig__err_set(&ctx->err, "Parameter '%.100s' does not accept value '%.100s'", key,
+			      json_string_value(v));
+	else
+		vmig__err_set(&ctx->err, "Invalid parameter type for '%.200s', expected: %s", key,
+			      choices ? "string" : "integer");
+	return -1;
+}
+
 /* migrate-set-parameters takes any subset of the names, as members. */
 static int cmd_set_params(struct qmp_cmd_ctx *ctx, const json_t *args)
 {
 	const char *key;
+	int64_t val;
 	json_t *v;
 	int ret;
 
@@ -256,19 +284,20 @@ static int cmd_set_params(struct qmp_cmd_ctx *ctx, const json_t *args)
 			vmig__err_set(&ctx->err, "Parameter '%.200s' is unexpected", key);
 			return -EINVAL;
 		}
-		if (!json_is_integer(v)) {
-			vmig__err_set(&ctx->err,
-				      "Invalid parameter type for '%.200s', expected: integer",
-				      key);
+		if (param_value(ctx, key, v, &val))
 			return -EINVAL;
-		}
 	}
 	json_object_foreach((json_t *)args, key, v)
 	{
-		ret = vmig_parameter_set(vm_session(ctx->vm), key, json_integer_value(v));
+		param_value(ctx, key, v, &val);
+		ret = vmig_parameter_set(vm_session(ctx->vm), key, val);
+		if (ret == -ENOTSUP) {
+			vmig__err_set(&ctx->err, "%.200s", vmig_session_error(vm_session(ctx->vm)));
+			return ret;
+		}
 		if (ret) {
 			vmig__err_set(&ctx->err, "Parameter '%.100s' cannot be set to %lld: %.100s",
-				      key, (long long)json_integer_value(v),
+				      key, (long long)val,
 				      ret == -EBUSY ? "not while a migration is running"
 				      : ret == -ERANGE || ret == -EINVAL ? "value out of range"
 									 : strerror(-ret));
@@ -283,9 +312,14 @@ static int cmd_query_params(struct qmp_cmd_ctx *ctx, const json_t *args)
 	json_t *obj = json_object();
 
 	for (const char *const *n = vmig_parameter_names(); obj && n && *n; n++) {
+		const char *const *choices = vmig_parameter_choices(*n);
 		int64_t val;
 
-		if (!vmig_parameter_get(vm_session(ctx->vm), *n, &val))
+		if (vmig_parameter_get(vm_session(ctx->vm), *n, &val))
+			continue;
+		if (choices) /* the value is an index into its names */
+			json_object_set_new(obj, *n, json_string(choices[val]));
+		else
 			json_object_set_new(obj, *n, json_integer(val));
 	}
 	ctx->ret = obj;
@@ -394,11 +428,11 @@ json_t *qmp_stats_to_json(const struct vmig_stats *st)
 		if (running)
 			json_object_set_new(obj, "expected-downtime",
 					    json_integer(st->expected_downtime_ms));
+		else
+			json_object_set_new(obj, "downtime", json_integer(st->downtime_ms));
 		if (running && st->cpu_throttle_percentage)
 			json_object_set_new(obj, "cpu-throttle-percentage",
 					    json_integer(st->cpu_throttle_percentage));
-		else
-			json_object_set_new(obj, "downtime", json_integer(st->downtime_ms));
 		json_object_set_new(obj, "ram", ram_json(st));
 	}
 	if (!st->is_source && st->postcopy.valid)

@@ -15,7 +15,8 @@ static const char *const cap_names[] = {
     "postcopy-ram",   "postcopy-blocktime", "postcopy-preempt",	    "multifd",
     "zero-copy-send", "auto-converge",	    "x-vmig-verify-memory", NULL};
 static const char *const param_names[] = {"max-bandwidth", "downtime-limit", "multifd-channels",
-					  "x-vmig-dirty-tracking", NULL};
+					  "x-vmig-dirty-tracking", "multifd-compression", NULL};
+static const char *const compression_names[] = {"none", "zlib", "zstd", NULL};
 
 static struct fakevm fake;
 /* Any non-NULL pointers do: the fake ignores them. */
@@ -165,6 +166,11 @@ static int find(const char *const *names, const char *name)
 	return -1;
 }
 
+const char *const *vmig_parameter_choices(const char *name)
+{
+	return !strcmp(name, "multifd-compression") ? compression_names : NULL;
+}
+
 int vmig_capability_set(vmig_session *s, const char *name, bool on)
 {
 	int i = find(cap_names, name), e = take_error();
@@ -195,7 +201,7 @@ int vmig_parameter_set(vmig_session *s, const char *name, int64_t value)
 		return e;
 	if (i < 0)
 		return -ENOENT;
-	if (value < 0)
+	if (value < 0 || (vmig_parameter_choices(name) && value > 2))
 		return -ERANGE;
 	fake.params[i] = value;
 	return 0;

@@ -135,8 +135,8 @@ int vmig_ram_block_add(vmig_session *s, const struct vmig_ram_block *blk);
  *   parameters: "max-bandwidth" (bytes/s, 0 = unlimited), "downtime-limit"
  *     (ms), "multifd-channels", "cpu-throttle-initial",
  *     "cpu-throttle-increment", "max-cpu-throttle" (percent),
- *     "throttle-trigger-threshold" (percent), "x-vmig-dirty-tracking"
- *     (see below) ...
+ *     "throttle-trigger-threshold" (percent), "multifd-compression",
+ *     "multifd-zstd-level", "x-vmig-dirty-tracking" (see below) ...
  * The lists are vmig_capability_names() and vmig_parameter_names(),
  * NULL-terminated. Setting fails with -EBUSY while a migration is running
  * for the ones that cannot change then, and -ENOENT for unknown names.
@@ -147,6 +147,18 @@ int vmig_capability_set(vmig_session *s, const char *name, bool on);
 int vmig_capability_get(const vmig_session *s, const char *name, bool *on);
 int vmig_parameter_set(vmig_session *s, const char *name, int64_t value);
 int vmig_parameter_get(const vmig_session *s, const char *name, int64_t *value);
+/* For a parameter whose values have names (QEMU's enums, such as
+ * "multifd-compression"): the names, indexed by value, NULL-terminated.
+ * NULL for plain integer parameters. */
+const char *const *vmig_parameter_choices(const char *name);
+
+/* Values of "multifd-compression" (QEMU's names: "none", "zlib", "zstd");
+ * "multifd-zstd-level" (0..20, default 1) applies to zstd. */
+enum vmig_compression {
+	VMIG_COMPRESS_NONE = 0,
+	VMIG_COMPRESS_ZLIB = 1, /* named for QEMU's tools; refused by this build */
+	VMIG_COMPRESS_ZSTD = 2,
+};
 
 /* Dirty-tracking backends, for "x-vmig-dirty-tracking". */
 enum vmig_dirty_tracking {

@@ -17,6 +17,10 @@
  * the final round) and reports back. Destination: a loader thread per
  * channel reads until EOS. The destination acknowledges SYNC round k once
  * every channel, the main one included, has loaded its SYNC(k).
+ *
+ * With multifd-compression zstd, each channel's writer compresses its runs
+ * of pages (writer.c) and each receiving loader decompresses them; a run
+ * that does not shrink goes uncompressed.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -154,6 +158,11 @@ static int connect_one(struct vmig__mf_source *mf, unsigned i, const struct vmig
 	c->w.throttle = vmig__src_throttle;
 	c->w.throttle_opaque = mf->src;
 	c->w.counts = c->counts;
+	if (vmig__param(s, VMIG_PARAM_MULTIFD_COMPRESSION) == VMIG_COMPRESS_ZSTD &&
+	    vmig__writer_compress(&c->w, (int)vmig__param(s, VMIG_PARAM_MULTIFD_ZSTD_LEVEL))) {
+		vmig__err_set(err, "cannot set up zstd compression");
+		return -ENOMEM;
+	}
 	vmig__writer_preamble(&c->w, VMIG_CHAN_MULTIFD, (uint16_t)(i << VMIG_PRE_F_INDEX_SHIFT),
 			      s->session_id);
 	ret = vmig__writer_flush(&c->w);
@@ -266,9 +275,11 @@ void vmig__mf_source_close(struct vmig__source *src)
 	mf->quit = true;
 	pthread_cond_broadcast(&mf->cond);
 	pthread_mutex_unlock(&mf->lock);
-	for (unsigned i = 0; i < mf->n; i++)
+	for (unsigned i = 0; i < mf->n; i++) {
 		if (mf->ch[i].started)
 			pthread_join(mf->ch[i].thread, NULL);
+		vmig__writer_release(&mf->ch[i].w);
+	}
 	vmig__mf_source_collect(src);
 	pthread_cond_destroy(&mf->cond);
 	pthread_mutex_destroy(&mf->lock);
@@ -511,6 +522,7 @@ void vmig__mf_dest_free(struct vmig__mf_dest *mf)
 	for (unsigned i = 0; i < mf->n; i++) {
 		if (mf->ch[i].started)
 			pthread_join(mf->ch[i].thread, NULL);
+		vmig__loader_release(&mf->ch[i].l);
 		free(mf->ch[i].r);
 		free(mf->ch[i].l.bounce);
 	}

@@ -62,11 +62,22 @@ static const char *const param_names[VMIG_PARAM__MAX + 1] = {
 	[VMIG_PARAM_CPU_THROTTLE_INCREMENT] = "cpu-throttle-increment",
 	[VMIG_PARAM_MAX_CPU_THROTTLE] = "max-cpu-throttle",
 	[VMIG_PARAM_THROTTLE_TRIGGER_THRESHOLD] = "throttle-trigger-threshold",
+	[VMIG_PARAM_MULTIFD_COMPRESSION] = "multifd-compression",
+	[VMIG_PARAM_MULTIFD_ZSTD_LEVEL] = "multifd-zstd-level",
+};
+
+/* QEMU's MultiFDCompression, by value; zlib is named but not built. */
+static const char *const compression_names[] = {
+	[VMIG_COMPRESS_NONE] = "none",
+	[VMIG_COMPRESS_ZLIB] = "zlib",
+	[VMIG_COMPRESS_ZSTD] = "zstd",
+	NULL,
 };
 
 static const struct {
 	int64_t def, min, max;
 	bool live; /* may change while a migration runs */
+	const char *const *choices; /* names of the values, for enum parameters */
 } param_info[VMIG_PARAM__MAX] = {
 	[VMIG_PARAM_MAX_BANDWIDTH] = {0, 0, INT64_MAX, true},
 	[VMIG_PARAM_DOWNTIME_LIMIT] = {300, 0, 2000000, true},
@@ -78,6 +89,9 @@ static const struct {
 	[VMIG_PARAM_CPU_THROTTLE_INCREMENT] = {10, 1, 99, true},
 	[VMIG_PARAM_MAX_CPU_THROTTLE] = {99, 1, 99, true},
 	[VMIG_PARAM_THROTTLE_TRIGGER_THRESHOLD] = {50, 1, 100, true},
+	[VMIG_PARAM_MULTIFD_COMPRESSION] = {VMIG_COMPRESS_NONE, VMIG_COMPRESS_NONE,
+					    VMIG_COMPRESS_ZSTD, false, compression_names},
+	[VMIG_PARAM_MULTIFD_ZSTD_LEVEL] = {1, 0, 20, false},
 };
 
 /* Under s->lock: shut every connection of the migration down. */
@@ -315,8 +329,20 @@ VMIG_EXPORT int vmig_parameter_set(vmig_session *s, const char *name, int64_t va
 		vmig__err_set(&s->err, "cannot change parameter '%s' during a migration", name);
 		return -EBUSY;
 	}
+	if (i == VMIG_PARAM_MULTIFD_COMPRESSION && value == VMIG_COMPRESS_ZLIB) {
+		vmig__err_set(&s->err, "multifd-compression 'zlib' is not supported by this "
+				       "build; 'zstd' is");
+		return -ENOTSUP;
+	}
 	__atomic_store_n(&s->params[i], value, __ATOMIC_RELAXED);
 	return 0;
+}
+
+VMIG_EXPORT const char *const *vmig_parameter_choices(const char *name)
+{
+	int i = name_index(param_names, name);
+
+	return i < 0 ? NULL : param_info[i].choices;
 }
 
 VMIG_EXPORT int vmig_parameter_get(const vmig_session *s, const char *name, int64_t *value)

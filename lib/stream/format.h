@@ -79,6 +79,7 @@ enum vmig_rec_type {
 	VMIG_REC_DISCARD = 0x08, /* post-copy: drop these pages, they are stale */
 	VMIG_REC_POSTCOPY_RUN = 0x09, /* post-copy: start now, pages follow */
 	VMIG_REC_MULTIFD = 0x0a, /* pages go on data channels from here on */
+	VMIG_REC_PAGES_ZSTD = 0x0b, /* multifd data channel: PAGES, zstd-compressed */
 
 	/* destination -> source (return path) */
 	VMIG_RP_READY = 0x40,   /* blocks accepted, go ahead */
@@ -116,7 +117,8 @@ struct vmig_wire_block {
 	uint64_t size;      /* bytes, multiple of page_size */
 } __attribute__((packed));
 
-/* PAGES and ZERO payload prefix; PAGES then carries npages * 4096 bytes. */
+/* PAGES and ZERO payload prefix; PAGES then carries npages * 4096 bytes,
+ * PAGES_ZSTD one zstd frame that decompresses to exactly that. */
 struct vmig_wire_pages {
 	uint32_t block;
 	uint32_t npages; /* 1..VMIG_REC_MAX_PAGES */

@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <zstd.h>
 
 #include "ram/bitmap.h"
 #include "stream/stream.h"
@@ -152,8 +153,38 @@ static struct vmig__load_block *check_run(struct vmig__loader *l, const struct v
 	return b;
 }
 
+/*
+ * PAGES_ZSTD payload: one zstd frame that must decompress to exactly the
+ * run's pages, into the bounce buffer. The compressed size is bounded by
+ * what the source's compressor can produce for that many pages.
+ */
+static int load_compressed(struct vmig__loader *l, const struct vmig_wire_pages *pg,
+			   uint32_t len, uint64_t at)
+{
+	size_t want = (size_t)pg->npages * VMIG_PAGE_SIZE, zlen = len - sizeof(*pg), got;
+	int ret;
+
+	if (!l->mf_data || !l->bounce)
+		return fail(l, -EPROTO, at, "compressed pages outside a multifd channel");
+	if (!zlen || zlen > ZSTD_COMPRESSBOUND(VMIG_REC_MAX_PAGES * VMIG_PAGE_SIZE))
+		return fail(l, -EPROTO, at, "bad compressed page record length");
+	if (!l->zctx && !(l->zctx = ZSTD_createDCtx()))
+		return fail(l, -ENOMEM, at, "out of memory for decompression");
+	if (!l->zbuf &&
+	    !(l->zbuf = malloc(ZSTD_COMPRESSBOUND(VMIG_REC_MAX_PAGES * VMIG_PAGE_SIZE))))
+		return fail(l, -ENOMEM, at, "out of memory for decompression");
+	ret = vmig__reader_read(l->r, l->zbuf, zlen);
+	if (ret)
+		return read_error(l, ret, "compressed page data");
+	got = ZSTD_decompressDCtx(l->zctx, l->bounce, want, l->zbuf, zlen);
+	if (ZSTD_isError(got) || got != want)
+		return fail(l, -EPROTO, at, "compressed page data does not decompress to its pages");
+	return 0;
+}
+
 static int load_pages(struct vmig__loader *l, uint8_t type, uint32_t len, uint64_t at)
 {
+	bool compressed = type == VMIG_REC_PAGES_ZSTD;
 	struct vmig_wire_pages pg;
 	struct vmig__load_block *b;
 	uint8_t *dst;
@@ -190,8 +221,13 @@ static int load_pages(struct vmig__loader *l, uint8_t type, uint32_t len, uint64
 		}
 		return 0;
 	}
-	if (len - sizeof(pg) != (uint64_t)pg.npages * VMIG_PAGE_SIZE)
+	if (compressed) { /* the pages are in the bounce buffer now */
+		ret = load_compressed(l, &pg, len, at);
+		if (ret)
+			return ret;
+	} else if (len - sizeof(pg) != (uint64_t)pg.npages * VMIG_PAGE_SIZE) {
 		return fail(l, -EPROTO, at, "page record length does not match its page count");
+	}
 	l->pages_normal += pg.npages;
 	if (l->postcopy) {
 		ret = vmig__reader_read(l->r, l->bounce, (size_t)pg.npages * VMIG_PAGE_SIZE);
@@ -201,7 +237,8 @@ static int load_pages(struct vmig__loader *l, uint8_t type, uint32_t len, uint64
 	}
 	if (l->hooks.fill) {
 		/* Through a bounce buffer, so pages can be installed whole. */
-		ret = vmig__reader_read(l->r, l->bounce, (size_t)pg.npages * VMIG_PAGE_SIZE);
+		ret = compressed ? 0 : vmig__reader_read(l->r, l->bounce,
+							 (size_t)pg.npages * VMIG_PAGE_SIZE);
 		if (ret)
 			return read_error(l, ret, "page data");
 		ret = l->hooks.fill(l->hooks.opaque, pg.block, pg.first, pg.npages, l->bounce);
@@ -211,6 +248,8 @@ static int load_pages(struct vmig__loader *l, uint8_t type, uint32_t len, uint64
 			return ret;
 		}
 		dst = l->bounce;
+	} else if (compressed) {
+		memcpy(dst, l->bounce, (size_t)pg.npages * VMIG_PAGE_SIZE);
 	} else {
 		ret = vmig__reader_read(l->r, dst, (size_t)pg.npages * VMIG_PAGE_SIZE);
 		if (ret)
@@ -313,14 +352,15 @@ int vmig__load_record(struct vmig__loader *l, uint8_t *type)
 		return fail(l, -EPROTO, at, "stream does not start with the RAM block list");
 	if (l->urgent && rec.type != VMIG_REC_PAGES && rec.type != VMIG_REC_ZERO)
 		return fail(l, -EPROTO, at, "urgent channel carries page records only");
-	if (l->mf_data && rec.type != VMIG_REC_PAGES && rec.type != VMIG_REC_ZERO &&
-	    rec.type != VMIG_REC_SYNC && rec.type != VMIG_REC_EOS)
+	if (l->mf_data && rec.type != VMIG_REC_PAGES && rec.type != VMIG_REC_PAGES_ZSTD &&
+	    rec.type != VMIG_REC_ZERO && rec.type != VMIG_REC_SYNC && rec.type != VMIG_REC_EOS)
 		return fail(l, -EPROTO, at, "multifd channel carries pages, sync and end only");
 
 	switch (rec.type) {
 	case VMIG_REC_BLOCKS:
 		return load_blocks(l, rec.len, at);
 	case VMIG_REC_PAGES:
+	case VMIG_REC_PAGES_ZSTD:
 	case VMIG_REC_ZERO:
 		return load_pages(l, rec.type, rec.len, at);
 	case VMIG_REC_SYNC:
@@ -428,6 +468,10 @@ void vmig__loader_release(struct vmig__loader *l)
 	free(l->state);
 	l->state = NULL;
 	l->state_len = 0;
+	ZSTD_freeDCtx(l->zctx);
+	l->zctx = NULL;
+	free(l->zbuf);
+	l->zbuf = NULL;
 }
 
 int vmig__rp_read(struct vmig__reader *r, uint8_t *type, void *payload, size_t cap, size_t *len,

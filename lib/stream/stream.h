@@ -37,6 +37,7 @@ struct vmig__writer {
 	vmig__throttle_fn throttle;
 	void *throttle_opaque;
 	uint64_t *counts; /* optional: [0] pages, [1] zero pages queued (atomic adds) */
+	struct vmig__zstd *z; /* optional: compress page runs (vmig__writer_compress) */
 	int niov;
 	size_t pending;
 	size_t hdrlen;
@@ -57,6 +58,11 @@ void vmig__writer_pages(struct vmig__writer *w, uint32_t block, uint64_t first, 
 void vmig__writer_zero(struct vmig__writer *w, uint32_t block, uint64_t first, uint32_t npages);
 /* Write out everything queued. Returns the sticky error. */
 int vmig__writer_flush(struct vmig__writer *w);
+/* From now on send page runs zstd-compressed (PAGES_ZSTD) at this level,
+ * except runs that do not shrink. -ENOMEM if the context cannot be made. */
+int vmig__writer_compress(struct vmig__writer *w, int level);
+/* Free what vmig__writer_compress allocated (no-op without it). */
+void vmig__writer_release(struct vmig__writer *w);
 
 /* ---- reader ---------------------------------------------------------- */
 
@@ -147,6 +153,10 @@ struct vmig__loader {
 	/* device state, kept until the digest is checked */
 	uint8_t *state;
 	size_t state_len;
+
+	/* PAGES_ZSTD: made on first use, freed by vmig__loader_release */
+	void *zctx;
+	uint8_t *zbuf;
 	struct vmig_wire_digest digest;
 };
 

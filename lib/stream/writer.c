@@ -5,11 +5,26 @@
  * writev() carries hundreds of records and the page bytes are copied once,
  * by the kernel. Errors are sticky: after the first failure every put is a
  * no-op and flush returns that error, so callers check once per batch.
+ *
+ * With compression on (multifd-compression zstd), each run of pages is
+ * compressed into a buffer owned by the writer, which the queued iovs point
+ * into until the next flush.
  */
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
+#include <zstd.h>
 
 #include "stream/stream.h"
+
+/* Room for this many bytes of compressed runs between two flushes. */
+#define ZBUF_BYTES (2u << 20)
+
+struct vmig__zstd {
+	ZSTD_CCtx *cctx;
+	size_t used;
+	uint8_t buf[ZBUF_BYTES];
+};
 
 void vmig__writer_init(struct vmig__writer *w, int fd)
 {
@@ -19,6 +34,7 @@ void vmig__writer_init(struct vmig__writer *w, int fd)
 	w->throttle = NULL;
 	w->throttle_opaque = NULL;
 	w->counts = NULL;
+	w->z = NULL;
 	w->niov = 0;
 	w->pending = 0;
 	w->hdrlen = 0;
@@ -97,6 +113,57 @@ void vmig__writer_rec(struct vmig__writer *w, uint8_t type, const void *payload,
 	vmig__writer_flush(w);
 }
 
+int vmig__writer_compress(struct vmig__writer *w, int level)
+{
+	struct vmig__zstd *z = malloc(sizeof(*z));
+
+	if (!z || !(z->cctx = ZSTD_createCCtx())) {
+		free(z);
+		return -ENOMEM;
+	}
+	if (ZSTD_isError(ZSTD_CCtx_setParameter(z->cctx, ZSTD_c_compressionLevel, level))) {
+		ZSTD_freeCCtx(z->cctx);
+		free(z);
+		return -EINVAL;
+	}
+	z->used = 0;
+	w->z = z;
+	return 0;
+}
+
+void vmig__writer_release(struct vmig__writer *w)
+{
+	if (!w->z)
+		return;
+	ZSTD_freeCCtx(w->z->cctx);
+	free(w->z);
+	w->z = NULL;
+}
+
+/* Queue the run compressed; false if it did not shrink (send it raw). */
+static bool put_compressed(struct vmig__writer *w, const struct vmig_wire_pages *pg,
+			   const void *host, size_t data)
+{
+	struct vmig__zstd *z = w->z;
+	size_t out;
+
+	/* Flush first if need be: put_hdr() below must not flush, as that
+	 * would hand the buffer space of this run to the next one. */
+	reserve(w, sizeof(struct vmig_wire_rec) + sizeof(*pg));
+	if (ZBUF_BYTES - z->used < ZSTD_compressBound(data))
+		vmig__writer_flush(w);
+	if (w->err)
+		return true; /* nothing more goes out anyway */
+	out = ZSTD_compress2(z->cctx, z->buf + z->used, ZBUF_BYTES - z->used, host, data);
+	if (ZSTD_isError(out) || out >= data)
+		return false;
+	memcpy(put_hdr(w, VMIG_REC_PAGES_ZSTD, (uint32_t)(sizeof(*pg) + out), sizeof(*pg)), pg,
+	       sizeof(*pg));
+	push_iov(w, z->buf + z->used, out);
+	z->used += out;
+	return true;
+}
+
 void vmig__writer_pages(struct vmig__writer *w, uint32_t block, uint64_t first, uint32_t npages,
 			const void *host)
 {
@@ -105,9 +172,12 @@ void vmig__writer_pages(struct vmig__writer *w, uint32_t block, uint64_t first, 
 
 	if (w->err)
 		return;
+	if (w->z && put_compressed(w, &pg, host, data))
+		goto count;
 	memcpy(put_hdr(w, VMIG_REC_PAGES, (uint32_t)(sizeof(pg) + data), sizeof(pg)), &pg,
 	       sizeof(pg));
 	push_iov(w, host, data);
+count:
 	if (w->counts)
 		__atomic_add_fetch(&w->counts[0], npages, __ATOMIC_RELAXED);
 }
@@ -142,5 +212,7 @@ out:
 	w->niov = 0;
 	w->pending = 0;
 	w->hdrlen = 0;
+	if (w->z)
+		w->z->used = 0;
 	return w->err;
 }

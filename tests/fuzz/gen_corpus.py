@@ -66,6 +66,18 @@ def multifd(channels):
     return rec(0x0a, struct.pack("<II", channels, 0))
 
 
+def zstd_rle_frame(byte, size):
+    """A zstd frame holding one RLE block: size copies of byte (RFC 8878)."""
+    fhd = 0xA0  # Frame_Content_Size_flag 2 (4 bytes), Single_Segment_flag
+    block = (size << 3) | (1 << 1) | 1  # Block_Size, Block_Type RLE, Last_Block
+    return (struct.pack("<IB", 0xFD2FB528, fhd) + struct.pack("<I", size) +
+            struct.pack("<I", block)[:3] + bytes([byte]))
+
+
+def pages_zstd(block, first, npages, frame):
+    return rec(0x0b, struct.pack("<IIQ", block, npages, first) + frame)
+
+
 def page_of(byte):
     return bytes([byte]) * PAGE
 
@@ -104,6 +116,9 @@ def main():
             "multifd-data": (preamble(channel=2) + pages(0, 0, [page_of(1), page_of(2)]) +
                              zero(0, 2, 14) + sync(1, 0) + pages(1, 1, [page_of(3)]) + eos()),
             "multifd-data-index1": preamble(channel=2, flags=1 << 8) + zero(0, 0, 4) + eos(),
+            "multifd-data-zstd": (preamble(channel=2) + pages_zstd(0, 0, 1, zstd_rle_frame(0x42, PAGE)) +
+                                  pages_zstd(0, 1, 2, zstd_rle_frame(0x17, 2 * PAGE)) +
+                                  pages_zstd(0, 3, 2, zstd_rle_frame(0x17, PAGE)) + eos()),
         },
         "return_path": {
             "resumed": rec(0x41, struct.pack("<Q", 1234)),

@@ -75,6 +75,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			/* A data channel, set up as the destination does after the
 			 * main channel's MULTIFD record (byte 17 picks the count). */
 			l.mf_data = l.blocks_ok = true;
+			l.bounce = bounce; /* as the destination gives every data channel */
 			l.mf_index = (l.pre_flags & VMIG_PRE_F_INDEX_MASK) >> VMIG_PRE_F_INDEX_SHIFT;
 			l.mf_channels = l.mf_index + 1 + (size > 17 ? data[17] % 4u : 0);
 		}

@@ -16,7 +16,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-from vmigtest import VM, QMPError, Runner, check, free_port  # noqa: E402
+from vmigtest import VM, QMPError, Runner, check, free_port, wait_completed  # noqa: E402
 
 MEM = 128 << 20
 MEM_ARG = "128M"
@@ -70,11 +70,7 @@ def case_converges(procs, build):
     hmp = src.qmp.cmd("human-monitor-command", **{"command-line": "info migrate"})
     check("cpu throttle percentage" in hmp or src.qmp.cmd("query-migrate")["status"] != "active",
           "info migrate does not show the throttle: %r" % hmp[:400])
-    info = src.wait_migration(60)
-    dinfo = dst.wait_migration(30)
-    check(info["status"] == "completed", "source %r: %s" % (info["status"],
-                                                          info.get("error-desc")))
-    check(dinfo["status"] == "completed", "destination %r" % dinfo["status"])
+    info, _ = wait_completed(src, dst, 60, 30)
     check("cpu-throttle-percentage" not in info, "throttle still reported when completed")
     check(src.guest()["throttle-percentage"] == 0, "source vCPUs left throttled")
     check(src.memory_digest(MEM) == dst.memory_digest(MEM), "guest memory differs")

@@ -17,7 +17,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-from vmigtest import VM, QMPError, Runner, check, free_port  # noqa: E402
+from vmigtest import VM, QMPError, Runner, check, free_port, wait_completed  # noqa: E402
 
 MEM = 128 << 20
 MEM_ARG = "128M"
@@ -46,12 +46,7 @@ def start(src, dst):
 
 
 def completed_and_equal(src, dst):
-    info = src.wait_migration(120)
-    dinfo = dst.wait_migration(30)
-    check(info["status"] == "completed", "source %r: %s" % (info["status"],
-                                                          info.get("error-desc")))
-    check(dinfo["status"] == "completed", "destination %r: %s" % (dinfo["status"],
-                                                               dinfo.get("error-desc")))
+    info, _ = wait_completed(src, dst)
     check(src.memory_digest(MEM) == dst.memory_digest(MEM), "guest memory differs")
     ram = info["ram"]
     check(ram["multifd-bytes"] >= MEM - (8 << 20),
@@ -70,6 +65,57 @@ def case_workload(procs, build, channels, workload):
     completed_and_equal(src, dst)
     if workload != "idle":
         check(src.guest()["pages-written"] > 0, "workload wrote nothing")
+
+
+def fill_file(procs, text):
+    """A fill file for --fill: text repeated over all of guest RAM."""
+    path = os.path.join(procs.tmpdir(), "fill.bin")
+    with open(path, "wb") as f:
+        f.write((text * (MEM // len(text) + 1))[:MEM])
+    return path
+
+
+def case_zstd(procs, build, compressible):
+    """multifd-compression zstd: exact memory either way; a compressible guest
+    moves far fewer bytes, an incompressible one goes raw (no worse)."""
+    fill = (fill_file(procs, b"vmig multifd zstd test pattern, page after page. ")
+            if compressible else "random")
+    src = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--workload", "hotset",
+             "--dirty-rate", "16M", "--fill", fill, name="src")
+    dst = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--incoming", "defer", "-S",
+             name="dst")
+    for vm in (src, dst):
+        set_multifd(vm, 3, ("x-vmig-verify-memory",))
+        vm.qmp.cmd("migrate-set-parameters", **{"multifd-compression": "zstd",
+                                                "multifd-zstd-level": 3})
+        p = vm.qmp.cmd("query-migrate-parameters")
+        check(p["multifd-compression"] == "zstd" and p["multifd-zstd-level"] == 3,
+              "parameters not kept: %r" % p)
+    start(src, dst)
+    info, _ = wait_completed(src, dst)
+    check(src.memory_digest(MEM) == dst.memory_digest(MEM), "guest memory differs")
+    for vm in (src, dst):
+        check(vm.guest()["inconsistencies"] == 0, "guest self-check failed")
+    sent = info["ram"]["transferred"]
+    if compressible:
+        check(sent < MEM // 4, "compressible RAM: %d bytes sent for %d" % (sent, MEM))
+    else:
+        check(sent >= MEM, "random RAM: only %d bytes sent for %d" % (sent, MEM))
+
+
+def case_compression_names(procs, build):
+    vm = VM(procs, build, "--mem", "16M", name="vm")
+    check(vm.qmp.cmd("query-migrate-parameters")["multifd-compression"] == "none",
+          "default is not none")
+    for value, want in (("zlib", "zstd"), ("lz5", "does not accept value"),
+                        (2, "expected: string")):
+        try:
+            vm.qmp.cmd("migrate-set-parameters", **{"multifd-compression": value})
+            raise AssertionError("multifd-compression %r accepted" % (value,))
+        except QMPError as e:
+            check(want in str(e), "unclear error for %r: %s" % (value, e))
+    check(vm.qmp.cmd("query-migrate-parameters")["multifd-compression"] == "none",
+          "a refused value changed the parameter")
 
 
 def case_prealloc_dest(procs, build):
@@ -221,6 +267,9 @@ def main():
     for channels, wl in ((1, "idle"), (2, "random"), (3, "stream"), (4, "hotset")):
         r.run("multifd-%d-%s" % (channels, wl), case_workload, r.build, channels, wl)
     r.run("multifd-prealloc-dest", case_prealloc_dest, r.build)
+    r.run("multifd-zstd-compressible", case_zstd, r.build, True)
+    r.run("multifd-zstd-random", case_zstd, r.build, False)
+    r.run("multifd-compression-names", case_compression_names, r.build)
     r.run("multifd-shared-max-bandwidth", case_shared_bandwidth, r.build)
     r.run("multifd-postcopy-refused", case_postcopy_refused, r.build)
     r.run("multifd-dest-without-multifd", case_dest_without_multifd, r.build)

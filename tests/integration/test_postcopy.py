@@ -17,7 +17,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-from vmigtest import VM, QMPError, Relay, Runner, check, free_port  # noqa: E402
+from vmigtest import VM, QMPError, Relay, Runner, check, free_port, wait_completed  # noqa: E402
 
 MEM_ARG = "128M"
 MEM = 128 << 20
@@ -54,12 +54,7 @@ def start(src, dst, uri, switch_after):
 
 
 def finish_and_compare(src, dst):
-    info = src.wait_migration(120)
-    dinfo = dst.wait_migration(60)
-    check(info["status"] == "completed", "source %r: %s" % (info["status"],
-                                                          info.get("error-desc")))
-    check(dinfo["status"] == "completed", "destination %r: %s" % (dinfo["status"],
-                                                               dinfo.get("error-desc")))
+    info, dinfo = wait_completed(src, dst)
     check(src.status() == "postmigrate", "source runstate %s" % src.status())
     check(src.memory_digest(MEM) == dst.memory_digest(MEM), "guest memory differs")
     check(dst.guest()["inconsistencies"] == 0, "destination self-check failed")

@@ -330,3 +330,15 @@ class Relay:
 def check(cond, msg):
     if not cond:
         raise AssertionError(msg)
+
+
+def wait_completed(src, dst, src_timeout=120, dst_timeout=60):
+    """Waits until both sides of a migration end, checks that both completed
+    (else fails with each side's error-desc), returns their query-migrate."""
+    info = src.wait_migration(src_timeout)
+    dinfo = dst.wait_migration(dst_timeout)
+    check(info["status"] == "completed", "source %r: %s" % (info["status"],
+                                                          info.get("error-desc")))
+    check(dinfo["status"] == "completed", "destination %r: %s" % (dinfo["status"],
+                                                               dinfo.get("error-desc")))
+    return info, dinfo

@@ -487,8 +487,29 @@ static void test_caps_params(void **state)
 	ret = ret_of(f, "{\"execute\":\"query-migrate-parameters\"}");
 	assert_int_equal(json_integer_value(json_object_get(ret, "max-bandwidth")), 1000000);
 	assert_int_equal(json_integer_value(json_object_get(ret, "downtime-limit")), 50);
-	assert_int_equal(json_object_size(ret), 4);
+	assert_int_equal(json_object_size(ret), 5);
+	assert_string_equal(json_string_value(json_object_get(ret, "multifd-compression")),
+			    "none");
 	json_decref(ret);
+
+	/* QEMU's enum parameters take and give names, not numbers. */
+	ret = ret_of(f, "{\"execute\":\"migrate-set-parameters\",\"arguments\":"
+			"{\"multifd-compression\":\"zstd\"}}");
+	json_decref(ret);
+	assert_int_equal(fv->params[4], 2);
+	ret = ret_of(f, "{\"execute\":\"query-migrate-parameters\"}");
+	assert_string_equal(json_string_value(json_object_get(ret, "multifd-compression")),
+			    "zstd");
+	json_decref(ret);
+	expect_error(f,
+		     "{\"execute\":\"migrate-set-parameters\",\"arguments\":{\"multifd-"
+		     "compression\":\"lz5\"}}",
+		     "does not accept value 'lz5'");
+	expect_error(f,
+		     "{\"execute\":\"migrate-set-parameters\",\"arguments\":{\"multifd-"
+		     "compression\":2}}",
+		     "expected: string");
+	assert_int_equal(fv->params[4], 2);
 }
 
 static void set_completed_stats(struct vmig_stats *st)
