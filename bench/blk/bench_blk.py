@@ -319,7 +319,12 @@ def record(lines):
         f.write(head + begin + "\n" + "\n".join(lines) + "\n" + end + tail)
 
 
-def record_text(t_rows, i_rows, below, p_rows):
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return f.read().split()[0]
+
+
+def record_text(t_rows, i_rows, below, p_rows, loads):
     env = "".join(" %s=%s" % (k, os.environ[k]) for k in
                   ("BENCH_BLK_RUNS", "BENCH_BLK_SECONDS", "BENCH_BLK_POLL_US")
                   if k in os.environ)
@@ -332,7 +337,11 @@ def record_text(t_rows, i_rows, below, p_rows):
             "back-end, interleaved (run i of every back-end before run i+1 of any, in a "
             "rotating order), medians; every run's IOPS is listed so the spread is "
             "visible. On this 2-core machine, shared with other jobs, single runs of the "
-            "same set-up differ by up to 3x." % (RUNS, SECONDS), "",
+            "same set-up differ by up to 3x. Jobs that do not take the benchmark lock "
+            "(tests, builds) may run meanwhile: the 1-minute load average was %s when the "
+            "throughput part started and %s when it ended (the benchmark's own "
+            "front-end and back-end account for up to 2)." %
+            (RUNS, SECONDS, loads[0], loads[1]), "",
             "Back-ends and storage, the same kind on both sides:", "",
             "- `null`: vmig-blk `--null 1G` vs qsd `null-co` with `read-zeroes=off`: "
             "neither stores nor copies anything.",
@@ -380,7 +389,10 @@ def main():
     tmp = tempfile.mkdtemp(prefix="vblk-bench.")
     print("throughput (%d runs x %d s each, poll window %d us):" % (RUNS, SECONDS, POLL_US),
           flush=True)
+    loads = [loadavg()]
     results, idle = throughput(load_bin, vmig_blk, tmp)
+    loads.append(loadavg())
+    print("load average at start / end: %s / %s" % tuple(loads), flush=True)
     t_rows, ratios = throughput_table(results)
     i_rows = idle_rows(idle)
     print("\n".join(t_rows + [""] + i_rows))
@@ -393,7 +405,7 @@ def main():
         print("\n".join(p_rows))
     subprocess.run(["rm", "-rf", tmp])
     if "--record" in sys.argv:
-        record(record_text(t_rows, i_rows, below, p_rows))
+        record(record_text(t_rows, i_rows, below, p_rows, loads))
     return 0 if vmig_blk is not None else 1
 
 

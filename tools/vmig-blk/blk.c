@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sched.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -496,13 +497,6 @@ static uint64_t mono_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-	__builtin_ia32_pause(); /* lets the sibling hyperthread run */
-#endif
-}
-
 static void notify(struct vblk_queue *q)
 {
 	if (vhost_vq_flush(&q->vr->vq) && q->vr->call_fd >= 0)
@@ -620,7 +614,7 @@ static bool keep_polling(struct vblk_queue *q, uint64_t last_work_ns)
 
 /*
  * The loop. While polling, kicks are suppressed (vhost_vq_disable_notify)
- * and each pass costs no syscall unless it finds work. Once the window has
+ * and a pass that finds nothing costs one sched_yield. Once the window has
  * passed with nothing to do, kicks are re-enabled (with a recheck, so a
  * buffer posted meanwhile is not missed) and the thread sleeps: an idle
  * queue costs no CPU.
@@ -657,7 +651,15 @@ static void *queue_thread(void *arg)
 			continue;
 		}
 		if (!stopping && keep_polling(q, last_work_ns)) {
-			cpu_relax();
+			/* Not a pause loop: on a host with more runnable threads
+			 * than cores, the front-end (or the guest's vCPU) may be
+			 * waiting for this very core, and spinning would keep it
+			 * from producing the work we poll for. sched_yield hands
+			 * the core over at once and returns at once when nothing
+			 * else wants it; measured here, it doubled QD32 IOPS with
+			 * front-end and back-end on one core and cost nothing
+			 * with a core each. */
+			sched_yield();
 			continue;
 		}
 		if (!stopping && !vq->broken) {
