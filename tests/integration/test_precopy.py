@@ -16,7 +16,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-from vmigtest import VM, Relay, Runner, check, free_port  # noqa: E402
+from vmigtest import VM, Relay, Runner, cancel_midway, check, free_port  # noqa: E402
 
 MEM = 128 << 20
 MEM_ARG = "128M"
@@ -118,21 +118,7 @@ def case_max_bandwidth(procs, build):
 
 def case_cancel_then_remigrate(procs, build):
     src, dst = pair(procs, build, "random")
-    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 20})
-    port = free_port()
-    dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:%d" % port)
-    src.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % port)
-    time.sleep(1.0)
-    src.qmp.cmd("migrate_cancel")
-    info = src.wait_migration(30)
-    check(info["status"] == "cancelled", "status after cancel: %r" % info["status"])
-    check(src.status() == "running", "source not running after cancel: %s" % src.status())
-    w0 = src.guest()["pages-written"]
-    time.sleep(0.5)
-    check(src.guest()["pages-written"] > w0, "source guest stopped writing after cancel")
-    d = dst.wait_migration(30)
-    check(d["status"] in ("failed", "cancelled"), "destination status %r" % d["status"])
-    check(dst.qmp.cmd("query-status") is not None, "destination stopped answering")
+    cancel_midway(src, dst, 8 << 20)
     # A fresh destination, full speed: must complete and match.
     src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
     dst2 = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--incoming", "defer", "-S",
@@ -159,15 +145,7 @@ def case_prealloc_dest(procs, build):
              "--mem-prealloc", name="dst")
     check(rss_shmem(dst) >= MEM, "RAM not preallocated: RssShmem %d" % rss_shmem(dst))
     old = VM(procs, build, "--mem", MEM_ARG, "--fill", "random", "--seed", "77", name="old")
-    old.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 16 << 20})
-    port = free_port()
-    dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:%d" % port)
-    old.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % port)
-    time.sleep(1.0)
-    old.qmp.cmd("migrate_cancel")
-    check(old.wait_migration(30)["status"] == "cancelled", "cancel did not take")
-    d = dst.wait_migration(30)
-    check(d["status"] in ("failed", "cancelled"), "destination status %r" % d["status"])
+    cancel_midway(old, dst, 16 << 20)
     old.kill()
     src = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--workload", "random",
              "--dirty-rate", "32M", "--wss", "32M", name="src")

@@ -332,6 +332,28 @@ def check(cond, msg):
         raise AssertionError(msg)
 
 
+def cancel_midway(src, dst, bandwidth):
+    """Starts a migration capped at bandwidth bytes/s, cancels it after a
+    second, and checks that the source is back to running and the guest
+    still writes, and that the destination ended the migration and answers."""
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": bandwidth})
+    uri = "tcp:127.0.0.1:%d" % free_port()
+    dst.qmp.cmd("migrate-incoming", uri=uri)
+    src.qmp.cmd("migrate", uri=uri)
+    time.sleep(1.0)
+    src.qmp.cmd("migrate_cancel")
+    info = src.wait_migration(30)
+    check(info["status"] == "cancelled", "status after cancel: %r" % info["status"])
+    check(src.status() == "running", "source not running after cancel: %s" % src.status())
+    w0 = src.guest()["pages-written"]
+    time.sleep(0.5)
+    if src.guest()["workload"] != "idle":
+        check(src.guest()["pages-written"] > w0, "source guest stopped writing after cancel")
+    d = dst.wait_migration(30)
+    check(d["status"] in ("failed", "cancelled"), "destination status %r" % d["status"])
+    check(dst.qmp.cmd("query-status") is not None, "destination stopped answering")
+
+
 def wait_completed(src, dst, src_timeout=120, dst_timeout=60):
     """Waits until both sides of a migration end, checks that both completed
     (else fails with each side's error-desc), returns their query-migrate."""
