@@ -119,7 +119,7 @@ void vhost_dev_stop_all(struct vhost_dev *d)
 static bool vring_ready(const struct vhost_dev *d, const struct vhost_vring *vr)
 {
 	return !vr->started && vr->num && vr->addr_set && vr->kick_fd >= 0 && vr->enabled &&
-	       d->features_set && d->mem.nregions;
+	       d->features_set && d->mem.nregions && !d->pc.mem_ack_pending;
 }
 
 /* Point vq at the guest's rings; -EFAULT if they are not all mapped. */
@@ -259,8 +259,30 @@ static int h_nop(struct vhost_dev *d, struct vhost_msg *m, struct vhost_msg *rep
 	return 0;
 }
 
+/*
+ * Post-copy mapping reply: the request's own layout with each userspace_addr
+ * replaced by our address of the region, which QEMU needs to turn our fault
+ * addresses into RAM block offsets. Rings wait for QEMU's ack (see
+ * vhost_pc_is_mem_ack) because before it QEMU cannot serve our faults.
+ */
+static int postcopy_map_reply(struct vhost_dev *d, struct vhost_msg *m, struct vhost_msg *reply,
+			      const struct vhost_mem_region *r, unsigned n)
+{
+	struct vhost_user_mem_region *out =
+	    m->hdr.request == VHOST_USER_ADD_MEM_REG ? &reply->p.mem_single.region
+						     : reply->p.mem.regions;
+
+	memcpy(&reply->p, &m->p, m->hdr.size);
+	for (unsigned i = 0; i < n; i++)
+		out[i].userspace_addr = (uint64_t)(uintptr_t)r[i].hva;
+	reply->hdr.size = m->hdr.size;
+	d->pc.mem_ack_pending = true;
+	return 1;
+}
+
 static int h_set_mem_table(struct vhost_dev *d, struct vhost_msg *m, struct vhost_msg *reply)
 {
+	bool postcopy = d->pc.state == VHOST_PC_LISTENING;
 	uint32_t n = m->p.mem.nregions;
 	int r = 0;
 
@@ -273,14 +295,23 @@ static int h_set_mem_table(struct vhost_dev *d, struct vhost_msg *m, struct vhos
 	vhost_mem_clear(&d->mem);
 	for (uint32_t i = 0; i < n && r == 0; i++) {
 		r = vhost_mem_add(&d->mem, &m->p.mem.regions[i], m->fds[i]);
-		if (r == 0)
-			m->fds[i] = -1;
+		if (r) {
+			dev_err(d, "SET_MEM_TABLE: region rejected: %s", strerror(-r));
+			break;
+		}
+		m->fds[i] = -1;
+		if (postcopy)
+			r = vhost_pc_register(d, &d->mem.r[i]); /* sets d->err */
 	}
 	if (r) {
-		dev_err(d, "SET_MEM_TABLE: region rejected: %s", strerror(-r));
 		vhost_mem_clear(&d->mem);
+		/* In post-copy QEMU waits for a reply of the request's size and
+		 * has no way to hear a failure: drop it rather than hang it. */
+		return postcopy ? -EPROTO : r;
 	}
-	return r;
+	if (postcopy)
+		return postcopy_map_reply(d, m, reply, d->mem.r, n);
+	return 0;
 }
 
 static int h_set_log_base(struct vhost_dev *d, struct vhost_msg *m, struct vhost_msg *reply)
@@ -534,30 +565,40 @@ static int h_get_max_mem_slots(struct vhost_dev *d, struct vhost_msg *m, struct 
 	return 1;
 }
 
-static bool region_present(const struct vhost_mem *mem, const struct vhost_user_mem_region *d)
+static int region_index(const struct vhost_mem *mem, const struct vhost_user_mem_region *d)
 {
 	for (uint32_t i = 0; i < mem->nregions; i++)
 		if (mem->r[i].gpa == d->guest_phys_addr && mem->r[i].size == d->memory_size &&
 		    mem->r[i].uva == d->userspace_addr)
-			return true;
-	return false;
+			return (int)i;
+	return -1;
 }
 
 static int h_add_mem_reg(struct vhost_dev *d, struct vhost_msg *m, struct vhost_msg *reply)
 {
 	const struct vhost_user_mem_region *reg = &m->p.mem_single.region;
+	bool postcopy = d->pc.state == VHOST_PC_LISTENING;
+	int i = region_index(&d->mem, reg);
 	int r;
 
-	if (region_present(&d->mem, reg))
-		return 0; /* idempotent: the front-end re-sent what we have */
+	if (i >= 0) /* idempotent: the front-end re-sent what we have */
+		return postcopy ? postcopy_map_reply(d, m, reply, &d->mem.r[i], 1) : 0;
 	vhost_dev_stop_all(d);
 	r = vhost_mem_add(&d->mem, reg, m->fds[0]);
 	if (r) {
 		dev_err(d, "ADD_MEM_REG: %s", strerror(-r));
-		return r;
+		return postcopy ? -EPROTO : r;
 	}
 	m->fds[0] = -1;
-	return 0;
+	if (!postcopy)
+		return 0;
+	i = (int)d->mem.nregions - 1;
+	r = vhost_pc_register(d, &d->mem.r[i]);
+	if (r) {
+		vhost_mem_remove(&d->mem, reg);
+		return -EPROTO; /* QEMU waits for a mapping reply: drop it */
+	}
+	return postcopy_map_reply(d, m, reply, &d->mem.r[i], 1);
 }
 
 static int h_rem_mem_reg(struct vhost_dev *d, struct vhost_msg *m, struct vhost_msg *reply)
@@ -567,7 +608,58 @@ static int h_rem_mem_reg(struct vhost_dev *d, struct vhost_msg *m, struct vhost_
 		dev_err(d, "REM_MEM_REG: no such region");
 		return -ENOENT;
 	}
+	/* In post-copy QEMU follows a batch of removals with its ack too. */
+	if (d->pc.state == VHOST_PC_LISTENING)
+		d->pc.mem_ack_pending = true;
 	return 0;
+}
+
+static int h_postcopy_advise(struct vhost_dev *d, struct vhost_msg *m, struct vhost_msg *reply)
+{
+	int fd;
+
+	/* QEMU expects an empty reply with the fd; without an fd it fails
+	 * the migration cleanly ("Failed to get ufd"). */
+	reply->hdr.size = 0;
+	if (vhost_pc_advise(d))
+		return -EIO;
+	/* The reply's fds are closed after sending: send a duplicate. */
+	fd = fcntl(d->pc.uffd, F_DUPFD_CLOEXEC, 0);
+	if (fd < 0) {
+		dev_err(d, "POSTCOPY_ADVISE: dup: %s", strerror(errno));
+		vhost_pc_end(d);
+		return -EIO;
+	}
+	reply->fds[0] = fd;
+	reply->nfds = 1;
+	return 0;
+}
+
+/* LISTEN and END: QEMU sets NEED_REPLY and waits for a u64 status even
+ * without REPLY_ACK, so answer whenever the flag asks for it. */
+static int postcopy_status(const struct vhost_msg *m, struct vhost_msg *reply, int r)
+{
+	if (!(m->hdr.flags & VHOST_USER_NEED_REPLY_MASK))
+		return r;
+	reply_u64(reply, r ? 1 : 0);
+	return 1;
+}
+
+static int h_postcopy_listen(struct vhost_dev *d, struct vhost_msg *m, struct vhost_msg *reply)
+{
+	return postcopy_status(m, reply, vhost_pc_listen(d));
+}
+
+static int h_postcopy_end(struct vhost_dev *d, struct vhost_msg *m, struct vhost_msg *reply)
+{
+	int r = 0;
+
+	if (d->pc.state == VHOST_PC_OFF) {
+		dev_err(d, "POSTCOPY_END without POSTCOPY_ADVISE");
+		r = -EPROTO;
+	}
+	vhost_pc_end(d);
+	return postcopy_status(m, reply, r);
 }
 
 #define P(bit) VHOST_USER_PROTOCOL_F_##bit
@@ -609,6 +701,11 @@ static const struct msg_spec msg_table[VHOST_USER_REQ_MAX] = {
 			       P(CONFIG)},
     [VHOST_USER_SET_CONFIG] = {"SET_CONFIG", h_set_config, VHOST_USER_CONFIG_HDR,
 			       VHOST_USER_CONFIG_HDR + VHOST_USER_CONFIG_MAX, 0, 0, 0, P(CONFIG)},
+    [VHOST_USER_POSTCOPY_ADVISE] = {"POSTCOPY_ADVISE", h_postcopy_advise, 0, 0, 0, 0, F_REPLY,
+				    P(PAGEFAULT)},
+    [VHOST_USER_POSTCOPY_LISTEN] = {"POSTCOPY_LISTEN", h_postcopy_listen, 0, 0, 0, 0, 0,
+				    P(PAGEFAULT)},
+    [VHOST_USER_POSTCOPY_END] = {"POSTCOPY_END", h_postcopy_end, 0, 0, 0, 0, 0, P(PAGEFAULT)},
     [VHOST_USER_GET_INFLIGHT_FD] = {"GET_INFLIGHT_FD", h_get_inflight, VHOST_USER_INFLIGHT_MIN,
 				    sizeof(struct vhost_user_inflight), 0, 0, F_REPLY,
 				    P(INFLIGHT_SHMFD)},
@@ -684,6 +781,15 @@ int vhost_dev_handle(struct vhost_dev *d, struct vhost_msg *m, struct vhost_msg 
 	reply->hdr.flags = VHOST_USER_VERSION | VHOST_USER_REPLY_MASK;
 	reply->nfds = 0;
 	d->msgs++;
+	if (vhost_pc_is_mem_ack(d, m)) {
+		/* QEMU can serve our faults from now on: rings may start. */
+		if (m->p.u64)
+			dev_err(d, "post-copy mapping ack carries error %llu",
+				(unsigned long long)m->p.u64);
+		d->pc.mem_ack_pending = false;
+		vhost_dev_start_ready(d);
+		return 0;
+	}
 	if (!s || !s->fn) {
 		d->msg_errors++;
 		dev_err(d, "unsupported request %u", req);
@@ -706,8 +812,8 @@ int vhost_dev_handle(struct vhost_dev *d, struct vhost_msg *m, struct vhost_msg 
 		if (r == -EPROTO)
 			return r;
 	}
-	if (s->flags & F_REPLY)
-		return 1;
+	if (r == 1 || (s->flags & F_REPLY))
+		return 1; /* the handler built a reply of its own */
 	return ack(d, m, reply, r);
 }
 
@@ -734,8 +840,10 @@ void vhost_dev_init(struct vhost_dev *d, unsigned nqueues, uint64_t features,
 	    (1ull << VHOST_USER_PROTOCOL_F_MQ) | (1ull << VHOST_USER_PROTOCOL_F_LOG_SHMFD) |
 	    (1ull << VHOST_USER_PROTOCOL_F_REPLY_ACK) | (1ull << VHOST_USER_PROTOCOL_F_CONFIG) |
 	    (1ull << VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) |
-	    (1ull << VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS);
+	    (1ull << VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS) |
+	    (1ull << VHOST_USER_PROTOCOL_F_PAGEFAULT);
 	vhost_mem_init(&d->mem);
+	vhost_pc_init(&d->pc);
 	d->log.fd = -1;
 	d->inflight.fd = -1;
 	for (unsigned i = 0; i < VHOST_MAX_QUEUES; i++)
@@ -747,6 +855,7 @@ void vhost_dev_reset(struct vhost_dev *d)
 	struct vhost_inflight_map *im = &d->inflight;
 
 	vhost_dev_stop_all(d);
+	vhost_pc_end(d);
 	for (unsigned i = 0; i < VHOST_MAX_QUEUES; i++) {
 		struct vhost_vring *vr = &d->vring[i];
 

@@ -246,6 +246,21 @@ struct vhost_inflight_map {
 	uint16_t queue_size;
 };
 
+/* Post-copy (postcopy.c). */
+enum vhost_pc_state {
+	VHOST_PC_OFF = 0,	/* no userfaultfd */
+	VHOST_PC_ADVISED,	/* uffd open and handed to the front-end */
+	VHOST_PC_LISTENING,	/* new mappings are registered on the uffd */
+};
+
+struct vhost_postcopy {
+	enum vhost_pc_state state;
+	int uffd;		/* owned; the front-end holds its own copy */
+	bool mem_ack_pending;	/* mapping replied, front-end's ack not yet seen */
+	uint64_t advises;
+	uint64_t registered;	/* regions registered on the uffd, ever */
+};
+
 struct vhost_dev {
 	const struct vhost_dev_ops *ops;
 	void *opaque;
@@ -259,6 +274,7 @@ struct vhost_dev {
 	struct vhost_log log;
 	struct vhost_inflight_map inflight;
 	struct vhost_vring vring[VHOST_MAX_QUEUES];
+	struct vhost_postcopy pc;
 	uint64_t msgs;
 	uint64_t msg_errors;
 	char err[256]; /* last error text */
@@ -290,6 +306,20 @@ void vhost_dev_start_ready(struct vhost_dev *d);
 /* Map the in-flight region of an inherited fd (live upgrade). */
 int vhost_dev_map_inflight(struct vhost_dev *d, int fd, uint64_t size, uint64_t offset,
 			   uint16_t nqueues, uint16_t queue_size);
+
+/* ---- post-copy (postcopy.c), called by dev.c's handlers ---- */
+
+void vhost_pc_init(struct vhost_postcopy *pc);
+/* Open a non-blocking userfaultfd into d->pc.uffd; state ADVISED. */
+int vhost_pc_advise(struct vhost_dev *d);
+/* ADVISED -> LISTENING; -EPROTO out of order, -EBUSY if memory is mapped. */
+int vhost_pc_listen(struct vhost_dev *d);
+/* Register a freshly mapped region on the uffd (MISSING mode). */
+int vhost_pc_register(struct vhost_dev *d, const struct vhost_mem_region *r);
+/* Unregister every region, close the uffd; state OFF. Idempotent. */
+void vhost_pc_end(struct vhost_dev *d);
+/* True if m is the front-end's u64 ack that follows a post-copy mapping reply. */
+bool vhost_pc_is_mem_ack(const struct vhost_dev *d, const struct vhost_msg *m);
 
 /* ---- socket I/O (msg.c) ---- */
 

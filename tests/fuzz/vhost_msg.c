@@ -16,6 +16,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -59,7 +60,10 @@ static int make_fd(bool event)
 	if (event)
 		return eventfd(0, EFD_CLOEXEC);
 	fd = memfd_create("fuzz", MFD_CLOEXEC);
-	if (fd >= 0 && ftruncate(fd, FUZZ_FD_MEM) < 0) {
+	/* Allocated, not just sized: after POSTCOPY_LISTEN the regions are
+	 * registered on a userfaultfd that nobody serves, and a ring start
+	 * touching a page missing from the memfd would sleep forever. */
+	if (fd >= 0 && fallocate(fd, 0, 0, FUZZ_FD_MEM) < 0) {
 		close(fd);
 		fd = -1;
 	}

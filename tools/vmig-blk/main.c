@@ -395,10 +395,23 @@ static void debug_reply(struct vblk_daemon *dm, const struct vhost_msg *r)
 		vblk_log(dm, "reply %s size %u", name ? name : "?", r->hdr.size);
 }
 
+/* Post-copy transitions are rare and matter when a migration goes wrong. */
+static void log_postcopy(struct vblk_daemon *dm, enum vhost_pc_state was)
+{
+	static const char *const names[] = {"off", "advised", "listening"};
+	const struct vhost_postcopy *pc = &dm->dev.pc;
+
+	if (pc->state == was)
+		return;
+	vblk_log(dm, "post-copy: %s -> %s (%llu regions registered on the userfaultfd)",
+		 names[was], names[pc->state], (unsigned long long)pc->registered);
+}
+
 static void handle_vhost(struct vblk_daemon *dm)
 {
 	struct vhost_msg m, reply;
 	uint64_t errors = dm->dev.msg_errors;
+	enum vhost_pc_state pc_was = dm->dev.pc.state;
 	int r = vhost_msg_recv(dm->conn_fd, &m);
 
 	if (r) {
@@ -412,6 +425,7 @@ static void handle_vhost(struct vblk_daemon *dm)
 		debug_reply(dm, &reply);
 	if (dm->dev.msg_errors != errors)
 		vblk_log(dm, "%s", dm->dev.err);
+	log_postcopy(dm, pc_was);
 	log_recoveries(dm);
 	if (r < 0) {
 		disconnect(dm, "protocol error");

@@ -219,6 +219,14 @@ int vblk_upgrade(struct vblk_daemon *dm, const char *binary, int reply_fd, const
 		snprintf(err, errlen, "request id too long");
 		return -EINVAL;
 	}
+	/* The userfaultfd of a post-copy migration is registered on our
+	 * mappings and its faults are served by QEMU; the new image would
+	 * have to re-register and tell QEMU new addresses, which the protocol
+	 * cannot do mid-migration. Refuse until POSTCOPY_END. */
+	if (dm->dev.pc.state != VHOST_PC_OFF) {
+		snprintf(err, errlen, "post-copy migration in progress");
+		return -EBUSY;
+	}
 	r = preflight(binary, err, errlen);
 	if (r)
 		return r;

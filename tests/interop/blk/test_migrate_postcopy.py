@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""QEMU post-copy migration of a guest whose disk is served by vhost-user-blk
+on both sides: two back-ends on one shared image, a source QEMU and a
+destination QEMU (-incoming defer), both with the postcopy-ram capability.
+The test starts `migrate`, waits a little while the guest writes, then
+switches to post-copy with migrate-start-postcopy: the guest runs on the
+destination before its RAM has arrived. From then on the destination
+back-end's own reads of guest memory (ring indices, descriptors, the data of
+guest writes) and its writes (the data of guest reads, used-ring entries)
+fault on missing pages; QEMU resolves those faults through the userfaultfd
+the back-end handed it in the POSTCOPY_ADVISE reply, using the addresses the
+back-end reported in its post-copy mapping reply. A back-end that does not
+register its mappings on that fd reads zero-filled pages where guest data
+should be (bad blocks, or a ring that looks empty and a hung guest); one
+that reports wrong addresses leaves QEMU unable to place the page and the
+guest hangs. The guest's last pass, on the destination, reads back every
+block: it must find 0 bad blocks and 0 I/O errors.
+
+Guests run with blkenv.GUEST_MEM_KB of RAM (QEMU 7.2 TCG bug with RAM sizes
+that are a multiple of 256 KiB; see blkenv).
+
+Usage: test_migrate_postcopy.py BUILD_DIR   (VBLK_BACKEND=qsd for the reference)
+"""
+import os
+import time
+
+import blkenv
+
+GUEST_SECONDS = 40
+POSTCOPY_AFTER_S = 1.5
+MIGRATE_TIMEOUT_S = 120
+
+
+def writes_of(text):
+    p = blkenv.parse_kv_lines(text, "PROGRESS")
+    return int(p[-1].get("writes", "0")) if p else 0
+
+
+def set_postcopy(qmp):
+    qmp.cmd("migrate-set-capabilities",
+            capabilities=[{"capability": "postcopy-ram", "state": True}])
+
+
+def migrate(env, src, dst):
+    """Migrates with a switch to post-copy; returns (src status, dst status,
+    seconds, the source's last query-migrate, whether post-copy started)."""
+    port = blkenv.free_port()
+    uri = "tcp:127.0.0.1:%d" % port
+    set_postcopy(dst.qmp)
+    set_postcopy(src.qmp)
+    dst.qmp.cmd("migrate-incoming", uri=uri)
+    # Slow pre-copy, so most of the RAM is still missing at the switch.
+    # The background stream of post-copy is capped too (max-postcopy-
+    # bandwidth), so the destination runs for several seconds with pages
+    # missing and the back-end's own accesses fault; requested pages jump
+    # the queue.
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 16 << 20,
+                                             "max-postcopy-bandwidth": 8 << 20})
+    t0 = time.monotonic()
+    src.qmp.cmd("migrate", uri=uri)
+    time.sleep(POSTCOPY_AFTER_S)
+    src.qmp.cmd("migrate-start-postcopy")
+    info, dinfo, saw_postcopy = {}, {}, False
+    while time.monotonic() - t0 < MIGRATE_TIMEOUT_S:
+        info = src.qmp.cmd("query-migrate")
+        dinfo = dst.qmp.cmd("query-migrate")
+        if str(info.get("status", "")).startswith("postcopy"):
+            saw_postcopy = True
+        if info.get("status") in ("failed", "cancelled"):
+            break
+        if info.get("status") == "completed" and dinfo.get("status") == "completed":
+            break
+        time.sleep(0.2)
+    return (info.get("status"), dinfo.get("status"), time.monotonic() - t0, info,
+            saw_postcopy)
+
+
+def body(env):
+    image = env.image()
+    sock_a = os.path.join(env.tmp, "src.sock")
+    sock_b = os.path.join(env.tmp, "dst.sock")
+    be_a = env.backend("backend-src", sock_a, image).start()
+    be_b = env.backend("backend-dst", sock_b, image).start()
+    args = ["--seconds", GUEST_SECONDS, "--blocks", 8192, "--write-pct", 60,
+            "--gap-ms", 100, "--progress-ms", 500]
+    src = blkenv.Guest(env, "qemu-src", sock_a, args).start()
+    dst = blkenv.Guest(env, "qemu-dst", sock_b, args, incoming=True).start()
+    src.wait_line(r"^VMIG-GUEST: READY", 60)
+    time.sleep(5)
+    writes_before = writes_of(src.serial())
+    status, dstatus, secs, info, saw_pc = migrate(env, src, dst)
+    ram = info.get("ram", {})
+    env.case("migration_completed", status == "completed" and dstatus == "completed",
+             "source %s, destination %s after %.1fs: %s" % (status, dstatus, secs, info))
+    env.case("postcopy_was_active", saw_pc and int(ram.get("postcopy-requests", 0)) > 0,
+             "post-copy seen %s, %s page requests from the destination" %
+             (saw_pc, ram.get("postcopy-requests")))
+    env.info("migration %.1fs, downtime %s ms, %s post-copy requests, %s MiB transferred" %
+             (secs, info.get("downtime"), ram.get("postcopy-requests"),
+              int(ram.get("transferred", 0)) >> 20))
+    writes_at_switch = writes_of(src.serial())
+    env.case("writes_before_switch", writes_at_switch > writes_before,
+             "guest writes %d before, %d at switch-over" % (writes_before, writes_at_switch))
+    if status != "completed":
+        return
+    result = dst.result(timeout_s=GUEST_SECONDS + 120)
+    env.case("guest_ran_on_destination", writes_of(dst.serial()) > writes_at_switch + 100,
+             "writes %d at switch-over, %d last seen on the destination" %
+             (writes_at_switch, writes_of(dst.serial())))
+    env.check_summary(dst, result, min_writes=1000)
+    if env.backend_kind != "qsd":
+        log = be_b.proc.text()
+        env.case("backend_saw_postcopy", "post-copy" in log,
+                 "destination back-end log: %s" % log.strip()[-300:])
+    src.proc.stop()
+    dst.proc.stop()
+    be_a.proc.stop()
+    be_b.proc.stop()
+    rc, scan, out = env.scan_image(image)
+    env.case("image_consistent", rc == 0 and int(scan.get("pattern", 0)) > 0,
+             "host scan: %s" % out.strip()[-300:])
+
+
+blkenv.run("migrate_postcopy", body)
