@@ -268,9 +268,9 @@ static int h_nop(struct vhost_dev *d, struct vhost_msg *m, struct vhost_msg *rep
 static int postcopy_map_reply(struct vhost_dev *d, struct vhost_msg *m, struct vhost_msg *reply,
 			      const struct vhost_mem_region *r, unsigned n)
 {
-	struct vhost_user_mem_region *out =
-	    m->hdr.request == VHOST_USER_ADD_MEM_REG ? &reply->p.mem_single.region
-						     : reply->p.mem.regions;
+	struct vhost_user_mem_region *out = m->hdr.request == VHOST_USER_ADD_MEM_REG
+						? &reply->p.mem_single.region
+						: reply->p.mem.regions;
 
 	memcpy(&reply->p, &m->p, m->hdr.size);
 	for (unsigned i = 0; i < n; i++)

@@ -92,8 +92,7 @@ int vhost_pc_advise(struct vhost_dev *d)
 	}
 	fd = uffd_open();
 	if (fd < 0) {
-		snprintf(d->err, sizeof(d->err), "POSTCOPY_ADVISE: userfaultfd: %s",
-			 strerror(-fd));
+		snprintf(d->err, sizeof(d->err), "POSTCOPY_ADVISE: userfaultfd: %s", strerror(-fd));
 		return fd;
 	}
 	/* A repeated ADVISE (a retried incoming migration) replaces the fd. */

@@ -248,17 +248,17 @@ struct vhost_inflight_map {
 
 /* Post-copy (postcopy.c). */
 enum vhost_pc_state {
-	VHOST_PC_OFF = 0,	/* no userfaultfd */
-	VHOST_PC_ADVISED,	/* uffd open and handed to the front-end */
-	VHOST_PC_LISTENING,	/* new mappings are registered on the uffd */
+	VHOST_PC_OFF = 0,   /* no userfaultfd */
+	VHOST_PC_ADVISED,   /* uffd open and handed to the front-end */
+	VHOST_PC_LISTENING, /* new mappings are registered on the uffd */
 };
 
 struct vhost_postcopy {
 	enum vhost_pc_state state;
-	int uffd;		/* owned; the front-end holds its own copy */
-	bool mem_ack_pending;	/* mapping replied, front-end's ack not yet seen */
+	int uffd;	      /* owned; the front-end holds its own copy */
+	bool mem_ack_pending; /* mapping replied, front-end's ack not yet seen */
 	uint64_t advises;
-	uint64_t registered;	/* regions registered on the uffd, ever */
+	uint64_t registered; /* regions registered on the uffd, ever */
 };
 
 struct vhost_dev {

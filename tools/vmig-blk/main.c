@@ -403,8 +403,8 @@ static void log_postcopy(struct vblk_daemon *dm, enum vhost_pc_state was)
 
 	if (pc->state == was)
 		return;
-	vblk_log(dm, "post-copy: %s -> %s (%llu regions registered on the userfaultfd)",
-		 names[was], names[pc->state], (unsigned long long)pc->registered);
+	vblk_log(dm, "post-copy: %s -> %s (%llu regions registered on the userfaultfd)", names[was],
+		 names[pc->state], (unsigned long long)pc->registered);
 }
 
 static void handle_vhost(struct vblk_daemon *dm)

@@ -213,13 +213,14 @@ static void harness_rings_present(struct harness *h)
 
 static void *toucher(void *arg)
 {
-	return (void *)(uintptr_t)*(volatile uint64_t *)arg;
+	uint64_t v = *(volatile uint64_t *)arg;
+
+	return (void *)(uintptr_t)v;
 }
 
 /* Play QEMU: take the fault from ufd, check its address, place the page
  * through the memfd and wake the faulting thread. */
-static void serve_fault(int ufd, uint64_t expect_addr, int memfd, uint64_t offset,
-			uint64_t value)
+static void serve_fault(int ufd, uint64_t expect_addr, int memfd, uint64_t offset, uint64_t value)
 {
 	struct pollfd p = {.fd = ufd, .events = POLLIN};
 	struct uffd_msg um;
