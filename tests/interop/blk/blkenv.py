@@ -452,8 +452,10 @@ class Env:
         for p in reversed(self.procs):
             p.stop()
         self._reap_strays()
-        if self.failed == 0:
+        if self.failed == 0 and not os.environ.get("VBLK_KEEP_LOGS"):
             shutil.rmtree(self.tmp, ignore_errors=True)
+        elif self.failed == 0:
+            self.info("logs kept in %s (VBLK_KEEP_LOGS)" % self.tmp)
         else:
             self.info("logs kept in %s" % self.tmp)
             for p in self.procs:
