@@ -328,6 +328,37 @@ def parse_kv_lines(text, tag):
     return out
 
 
+def writes_of(text):
+    """The guest program's write count in its last PROGRESS line of text."""
+    p = parse_kv_lines(text, "PROGRESS")
+    return int(p[-1].get("writes", "0")) if p else 0
+
+
+class MigrationPair:
+    """What the migration tests share: two back-ends on one image, a source
+    guest that writes and verifies blocks for `seconds`, and a destination
+    guest waiting for the migration (-incoming defer). Once started, the
+    source guest has been writing for 5 s, and writes_before holds its count."""
+
+    def __init__(self, env, seconds):
+        self.image = env.image()
+        self.sock_src = os.path.join(env.tmp, "src.sock")
+        self.sock_dst = os.path.join(env.tmp, "dst.sock")
+        self.be_src = env.backend("backend-src", self.sock_src, self.image).start()
+        self.be_dst = env.backend("backend-dst", self.sock_dst, self.image).start()
+        args = ["--seconds", seconds, "--blocks", 8192, "--write-pct", 60,
+                "--gap-ms", 100, "--progress-ms", 500]
+        self.src = Guest(env, "qemu-src", self.sock_src, args).start()
+        self.dst = Guest(env, "qemu-dst", self.sock_dst, args, incoming=True).start()
+        self.src.wait_line(r"^VMIG-GUEST: READY", 60)
+        time.sleep(5)
+        self.writes_before = writes_of(self.src.serial())
+
+    def stop_backends(self):
+        self.be_src.proc.stop()
+        self.be_dst.proc.stop()
+
+
 def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

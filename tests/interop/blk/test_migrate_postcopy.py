@@ -29,7 +29,6 @@ that are a multiple of 256 KiB; see blkenv).
 
 Usage: test_migrate_postcopy.py BUILD_DIR   (VBLK_BACKEND=qsd for the reference)
 """
-import os
 import re
 import subprocess
 import time
@@ -39,11 +38,6 @@ import blkenv
 GUEST_SECONDS = 40
 POSTCOPY_AFTER_S = 1.5
 MIGRATE_TIMEOUT_S = 120
-
-
-def writes_of(text):
-    p = blkenv.parse_kv_lines(text, "PROGRESS")
-    return int(p[-1].get("writes", "0")) if p else 0
 
 
 def set_postcopy(qmp):
@@ -100,23 +94,13 @@ def migrate(env, src, dst, during_postcopy=None):
 
 
 def body(env):
-    image = env.image()
-    sock_a = os.path.join(env.tmp, "src.sock")
-    sock_b = os.path.join(env.tmp, "dst.sock")
-    be_a = env.backend("backend-src", sock_a, image).start()
-    be_b = env.backend("backend-dst", sock_b, image).start()
-    args = ["--seconds", GUEST_SECONDS, "--blocks", 8192, "--write-pct", 60,
-            "--gap-ms", 100, "--progress-ms", 500]
-    src = blkenv.Guest(env, "qemu-src", sock_a, args).start()
-    dst = blkenv.Guest(env, "qemu-dst", sock_b, args, incoming=True).start()
-    src.wait_line(r"^VMIG-GUEST: READY", 60)
-    time.sleep(5)
-    writes_before = writes_of(src.serial())
+    pair = blkenv.MigrationPair(env, GUEST_SECONDS)
+    src, dst, writes_before = pair.src, pair.dst, pair.writes_before
     upgrade_result = []
 
     def during_postcopy():
         if env.backend_kind != "qsd":
-            upgrade_result.append(try_upgrade(env, sock_b))
+            upgrade_result.append(try_upgrade(env, pair.sock_dst))
 
     status, dstatus, secs, info, saw_pc = migrate(env, src, dst, during_postcopy)
     ram = info.get("ram", {})
@@ -128,15 +112,15 @@ def body(env):
     env.info("migration %.1fs, downtime %s ms, %s post-copy requests, %s MiB transferred" %
              (secs, info.get("downtime"), ram.get("postcopy-requests"),
               int(ram.get("transferred", 0)) >> 20))
-    writes_at_switch = writes_of(src.serial())
+    writes_at_switch = blkenv.writes_of(src.serial())
     env.case("writes_before_switch", writes_at_switch > writes_before,
              "guest writes %d before, %d at switch-over" % (writes_before, writes_at_switch))
     if status != "completed":
         return
     result = dst.result(timeout_s=GUEST_SECONDS + 120)
-    env.case("guest_ran_on_destination", writes_of(dst.serial()) > writes_at_switch + 100,
+    env.case("guest_ran_on_destination", blkenv.writes_of(dst.serial()) > writes_at_switch + 100,
              "writes %d at switch-over, %d last seen on the destination" %
-             (writes_at_switch, writes_of(dst.serial())))
+             (writes_at_switch, blkenv.writes_of(dst.serial())))
     env.check_summary(dst, result, min_writes=1000)
     if env.backend_kind != "qsd":
         env.case("upgrade_refused_in_postcopy", bool(upgrade_result) and upgrade_result[0][0],
@@ -145,15 +129,14 @@ def body(env):
         # The destination back-end went ADVISE -> LISTEN -> END and mapped
         # guest memory in post-copy mode (registered on the userfaultfd,
         # addresses reported to QEMU, which accepted them).
-        log = be_b.proc.text()
+        log = pair.be_dst.proc.text()
         m = re.search(r"post-copy: listening -> off \((\d+) regions registered", log)
         env.case("backend_mapped_in_postcopy", m is not None and int(m.group(1)) > 0,
                  "destination back-end log: %s" % log.strip()[-400:])
     src.proc.stop()
     dst.proc.stop()
-    be_a.proc.stop()
-    be_b.proc.stop()
-    rc, scan, out = env.scan_image(image)
+    pair.stop_backends()
+    rc, scan, out = env.scan_image(pair.image)
     env.case("image_consistent", rc == 0 and int(scan.get("pattern", 0)) > 0,
              "host scan: %s" % out.strip()[-300:])
 

@@ -22,18 +22,12 @@ avoided, qemu-storage-daemon 7.2 passes this test too.
 
 Usage: test_migrate_precopy.py BUILD_DIR   (VBLK_BACKEND=qsd for the reference)
 """
-import os
 import time
 
 import blkenv
 
 GUEST_SECONDS = 40
 MIGRATE_TIMEOUT_S = 90
-
-
-def writes_of(text):
-    p = blkenv.parse_kv_lines(text, "PROGRESS")
-    return int(p[-1].get("writes", "0")) if p else 0
 
 
 def migrate(env, src, dst):
@@ -55,18 +49,8 @@ def migrate(env, src, dst):
 
 
 def body(env):
-    image = env.image()
-    sock_a = os.path.join(env.tmp, "src.sock")
-    sock_b = os.path.join(env.tmp, "dst.sock")
-    be_a = env.backend("backend-src", sock_a, image).start()
-    be_b = env.backend("backend-dst", sock_b, image).start()
-    args = ["--seconds", GUEST_SECONDS, "--blocks", 8192, "--write-pct", 60,
-            "--gap-ms", 100, "--progress-ms", 500]
-    src = blkenv.Guest(env, "qemu-src", sock_a, args).start()
-    dst = blkenv.Guest(env, "qemu-dst", sock_b, args, incoming=True).start()
-    src.wait_line(r"^VMIG-GUEST: READY", 60)
-    time.sleep(5)
-    writes_before = writes_of(src.serial())
+    pair = blkenv.MigrationPair(env, GUEST_SECONDS)
+    src, dst, writes_before = pair.src, pair.dst, pair.writes_before
     status, secs, info = migrate(env, src, dst)
     ram = info.get("ram", {})
     env.case("migration_completed", status == "completed",
@@ -74,22 +58,21 @@ def body(env):
     env.info("migration %.1fs, downtime %s ms, %s dirty-sync rounds, %s MiB transferred" %
              (secs, info.get("downtime"), ram.get("dirty-sync-count"),
               int(ram.get("transferred", 0)) >> 20))
-    writes_at_switch = writes_of(src.serial())
+    writes_at_switch = blkenv.writes_of(src.serial())
     env.case("writes_during_migration", writes_at_switch > writes_before + 100,
              "guest writes %d before, %d at switch-over" % (writes_before, writes_at_switch))
     if status != "completed":
         return
     result = dst.result(timeout_s=GUEST_SECONDS + 90)
-    env.case("guest_ran_on_destination", writes_of(dst.serial()) > writes_at_switch + 100,
+    env.case("guest_ran_on_destination", blkenv.writes_of(dst.serial()) > writes_at_switch + 100,
              "writes %d at switch-over, %d last seen on the destination" %
-             (writes_at_switch, writes_of(dst.serial())))
+             (writes_at_switch, blkenv.writes_of(dst.serial())))
     s = env.check_summary(dst, result, min_writes=1000)
     env.info("guest maxgap_ms=%s (switch-over included)" % s.get("maxgap_ms"))
     src.proc.stop()
     dst.proc.stop()
-    be_a.proc.stop()
-    be_b.proc.stop()
-    rc, scan, out = env.scan_image(image)
+    pair.stop_backends()
+    rc, scan, out = env.scan_image(pair.image)
     env.case("image_consistent", rc == 0 and int(scan.get("pattern", 0)) > 0,
              "host scan: %s" % out.strip()[-300:])
 
