@@ -22,6 +22,13 @@
 #include "postcopy/postcopy.h"
 #include "ram/bitmap.h"
 
+/* A preallocated block stays populated for pre-copy (pages are written in
+ * place); post-copy needs holes to fault on, so it is freed all the same. */
+static bool keep_populated(const struct vmig_session *s, const struct vmig__block *b)
+{
+	return b->prealloc && !s->caps[VMIG_CAP_POSTCOPY_RAM];
+}
+
 /* Free a block's pages, so that it reads as zero and has holes to fill. */
 static void clear_block(struct vmig__block *b)
 {
@@ -49,10 +56,9 @@ static void reset_ram(struct vmig_session *s, struct vmig__load_block *lb)
 		struct vmig__block *b = &s->blocks[i];
 		size_t words = vmig__bitmap_words(b->npages);
 
-		/* A preallocated block stays populated for pre-copy: received
-		 * pages are written in place and every page arrives in the
-		 * bulk round, so old contents never survive. */
-		lb[i].stale = b->prealloc && !s->caps[VMIG_CAP_POSTCOPY_RAM];
+		/* Kept populated: every page arrives in the bulk round, so old
+		 * contents never survive (the loader checks that they all did). */
+		lb[i].stale = keep_populated(s, b);
 		if (!lb[i].stale)
 			clear_block(b);
 		memset(b->received, 0, words * sizeof(uint64_t));
@@ -198,7 +204,7 @@ static int register_ram(struct vmig_session *s, struct vmig__pc_dest **pc, struc
 	/* Populated RAM has no holes to install into (UFFDIO_COPY would fail
 	 * with EEXIST on every page): pages are read straight into it. */
 	for (unsigned i = 0; i < s->nblocks; i++)
-		if (s->blocks[i].prealloc && !s->caps[VMIG_CAP_POSTCOPY_RAM])
+		if (keep_populated(s, &s->blocks[i]))
 			ret = -EEXIST;
 	if (!ret)
 		ret = vmig__pc_dest_register(*pc, err);
@@ -315,32 +321,59 @@ int vmig__dest_accept(struct vmig_session *s, struct vmig__loader *l, bool resum
 	}
 }
 
-/* The urgent channel, if it has not arrived with the main one. */
-int vmig__dest_accept_urgent(struct vmig_session *s, struct vmig__err *err)
+/*
+ * Accept the side connections of this migration (urgent, multifd) until
+ * done(arg). Preambles are read exactly, so what follows them stays for the
+ * channel's own reader. A connection with a bad preamble, of another session
+ * or of the wrong kind is closed: strays are not ours to judge.
+ */
+int vmig__dest_accept_side(struct vmig_session *s, bool (*done)(void *arg), void *arg,
+			   struct vmig__err *err)
 {
 	struct vmig__reader *r = malloc(sizeof(*r));
-	struct vmig__loader l = {.r = r, .err = err};
 	bool resume = s->in_postcopy;
+	int ret = 0;
 
 	if (!r)
 		return -ENOMEM;
-	while (s->urgent_fd < 0) {
-		int fd, ret = vmig__chan_accept(s->listen_fd, s->cancel_efd, &fd, err);
+	while (!ret && !done(arg)) {
+		struct vmig__err scratch = {{0}};
+		struct vmig__loader l = {.r = r, .err = &scratch};
+		int fd;
 
-		if (ret) {
-			free(r);
-			return ret;
-		}
-		/* The source sends nothing after this preamble until asked. */
+		ret = vmig__chan_accept(s->listen_fd, s->cancel_efd, &fd, err);
+		if (ret)
+			break;
 		vmig__reader_init_fd(r, fd);
-		if (!vmig__load_preamble(&l) && l.channel == VMIG_CHAN_URGENT &&
-		    l.session == s->session_id && !(l.pre_flags & VMIG_PRE_F_RESUME) == !resume)
-			keep_urgent(s, fd);
-		else
-			close(fd);
+		if (!vmig__load_preamble(&l) && l.session == s->session_id &&
+		    !(l.pre_flags & VMIG_PRE_F_RESUME) == !resume) {
+			if (l.channel == VMIG_CHAN_URGENT) {
+				keep_urgent(s, fd);
+				continue;
+			}
+			if (l.channel == VMIG_CHAN_MULTIFD && !resume) {
+				vmig__dest_keep_multifd(s, fd, &l);
+				continue;
+			}
+		}
+		close(fd);
 	}
 	free(r);
-	return 0;
+	return ret;
+}
+
+static bool have_urgent(void *arg)
+{
+	struct vmig_session *s = arg;
+
+	return s->urgent_fd >= 0;
+}
+
+/* The urgent channel, if it has not arrived with the main one. The source
+ * sends nothing after its preamble until asked. */
+int vmig__dest_accept_urgent(struct vmig_session *s, struct vmig__err *err)
+{
+	return vmig__dest_accept_side(s, have_urgent, s, err);
 }
 
 static void close_all(struct vmig_session *s)

@@ -249,6 +249,7 @@ void vmig__mf_source_collect(struct vmig__source *src)
 	src->st.ram.normal += sum[0] - mf->seen[0];
 	src->st.ram.normal_bytes += (sum[0] - mf->seen[0]) * VMIG_PAGE_SIZE;
 	src->st.ram.duplicate += sum[1] - mf->seen[1];
+	src->st.ram.multifd_bytes = vmig__mf_source_bytes(src);
 	mf->seen[0] = sum[0];
 	mf->seen[1] = sum[1];
 }
@@ -260,7 +261,6 @@ uint64_t vmig__mf_source_bytes(struct vmig__source *src)
 
 	for (unsigned i = 0; i < mf->n; i++)
 		bytes += __atomic_load_n(&mf->ch[i].w.bytes, __ATOMIC_RELAXED);
-	src->st.ram.multifd_bytes = bytes;
 	return bytes;
 }
 
@@ -368,9 +368,10 @@ static void *recv_thread(void *arg)
 	return NULL;
 }
 
-/* Index of a kept data channel of this migration still missing, or n. */
-static unsigned missing(struct vmig__mf_dest *mf)
+/* For vmig__dest_accept_side: are all n data channels of this migration kept? */
+static bool all_here(void *arg)
 {
+	struct vmig__mf_dest *mf = arg;
 	struct vmig_session *s = mf->s;
 	unsigned i;
 
@@ -379,35 +380,7 @@ static unsigned missing(struct vmig__mf_dest *mf)
 		if (s->mf_fds[i] < 0 || s->mf_session[i] != s->session_id)
 			break;
 	pthread_mutex_unlock(&s->lock);
-	return i;
-}
-
-/* Accept connections until all n data channels of this migration are here. */
-static int gather(struct vmig__mf_dest *mf, struct vmig__err *err)
-{
-	struct vmig_session *s = mf->s;
-	struct vmig__reader *r = malloc(sizeof(*r));
-	int ret = 0;
-
-	if (!r)
-		return -ENOMEM;
-	while (!ret && missing(mf) < mf->n) {
-		struct vmig__loader l = {.r = r, .err = err};
-		int fd;
-
-		ret = vmig__chan_accept(s->listen_fd, s->cancel_efd, &fd, err);
-		if (ret)
-			break;
-		vmig__reader_init_fd(r, fd);
-		if (vmig__load_preamble(&l) || l.channel != VMIG_CHAN_MULTIFD) {
-			vmig__err_clear(err);
-			close(fd); /* a stray: not ours to judge */
-			continue;
-		}
-		vmig__dest_keep_multifd(s, fd, &l);
-	}
-	free(r);
-	return ret;
+	return i == mf->n;
 }
 
 static int start_one(struct vmig__mf_dest *mf, unsigned i, const struct vmig__loader *main)
@@ -456,7 +429,7 @@ int vmig__mf_dest_start(struct vmig_session *s, struct vmig__loader *main,
 	mf->failed = -1;
 	pthread_mutex_init(&mf->lock, NULL);
 	*out = mf; /* from here on vmig__mf_dest_free() cleans up */
-	ret = gather(mf, main->err);
+	ret = vmig__dest_accept_side(s, all_here, mf, main->err);
 	for (unsigned i = 0; !ret && i < mf->n; i++)
 		ret = start_one(mf, i, main);
 	if (ret)

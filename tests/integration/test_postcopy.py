@@ -35,16 +35,6 @@ def pair(procs, build, workload="random", dst_args=("-S",), rate="32M"):
     return src, dst
 
 
-def wait_status(vm, states, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = vm.qmp.cmd("query-migrate")
-        if info.get("status") in states:
-            return info
-        time.sleep(0.02)
-    raise TimeoutError("status %r not reached in %ds (now %r)" % (states, timeout, info))
-
-
 def start(src, dst, uri, switch_after):
     dst.qmp.cmd("migrate-incoming", uri=uri)
     src.qmp.cmd("migrate", uri=uri)
@@ -105,12 +95,7 @@ def case_dest_runs(procs, build, workload):
     check(sum(dinfo["postcopy-latency-dist"]) == dinfo["x-vmig-postcopy-faults"],
           "latency distribution does not add up: %r" % dinfo)
     check(dst.status() == "running", "destination runstate %s" % dst.status())
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and dst.guest()["pages-verified"] < 1000:
-        time.sleep(0.1)
-    g = dst.guest()
-    check(g["pages-verified"] >= 1000, "destination verified only %d pages" % g["pages-verified"])
-    check(g["inconsistencies"] == 0, "destination saw inconsistent pages: %r" % g)
+    dst.check_guest_verifies(1000)
     hmp = dst.hmp("info migrate")
     check("Postcopy Blocktime" in hmp, "info migrate lacks blocktime: %s" % hmp)
 
@@ -129,15 +114,15 @@ def case_recovery(procs, build, cuts):
     src.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % relay.port)
     time.sleep(0.5)
     src.qmp.cmd("migrate-start-postcopy")
-    wait_status(src, ("postcopy-active",))
+    src.wait_migration(60, ("postcopy-active",))
     for i, delay in enumerate(cuts):
         time.sleep(delay)
         if src.qmp.cmd("query-migrate")["status"] == "completed":
             raise AssertionError("migration completed before cut %d; slow it down" % i)
         relay.cut()
         relay.close()
-        wait_status(src, ("postcopy-paused",), 30)
-        wait_status(dst, ("postcopy-paused",), 30)
+        src.wait_migration(30, ("postcopy-paused",))
+        dst.wait_migration(30, ("postcopy-paused",))
         try:
             src.qmp.cmd("migrate_cancel")
             raise AssertionError("cancel was accepted during post-copy")
@@ -147,7 +132,7 @@ def case_recovery(procs, build, cuts):
         relay = Relay(port)
         dst.qmp.cmd("migrate-recover", uri="tcp:127.0.0.1:%d" % port)
         src.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % relay.port, resume=True)
-        wait_status(src, ("postcopy-active", "completed"), 30)
+        src.wait_migration(30, ("postcopy-active", "completed"))
     src.qmp.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
     finish_and_compare(src, dst)
     relay.close()
@@ -159,11 +144,11 @@ def case_pause_recover(procs, build):
     src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 64 << 20,
                                              "max-postcopy-bandwidth": 24 << 20})
     start(src, dst, "tcp:127.0.0.1:%d" % free_port(), 0.3)
-    wait_status(src, ("postcopy-active",))
+    src.wait_migration(60, ("postcopy-active",))
     time.sleep(0.5)
     src.qmp.cmd("migrate-pause")
-    wait_status(src, ("postcopy-paused",), 30)
-    wait_status(dst, ("postcopy-paused",), 30)
+    src.wait_migration(30, ("postcopy-paused",))
+    dst.wait_migration(30, ("postcopy-paused",))
     uri = "tcp:127.0.0.1:%d" % free_port()
     dst.qmp.cmd("migrate-recover", uri=uri)
     src.qmp.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})

@@ -157,6 +157,7 @@ class VM:
     """A vmig-vm process with its QMP connection."""
 
     def __init__(self, procs, build, *args, name="vm"):
+        self.name = name
         self.dir = procs.tmpdir()
         self.qmp_path = os.path.join(self.dir, name + ".qmp")
         self.log = os.path.join(self.dir, name + ".log")
@@ -189,13 +190,24 @@ class VM:
     def migrate_status(self):
         return self.qmp.cmd("query-migrate")
 
+    def check_guest_verifies(self, pages, timeout=20):
+        """Waits until the running guest has re-checked `pages` pages, and
+        fails unless it did, with no page found inconsistent."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.guest()["pages-verified"] < pages:
+            time.sleep(0.1)
+        g = self.guest()
+        check(g["pages-verified"] >= pages,
+              "%s verified only %d pages" % (self.name, g["pages-verified"]))
+        check(g["inconsistencies"] == 0, "%s saw inconsistent pages: %r" % (self.name, g))
+
     def wait_migration(self, timeout=120, states=("completed", "failed", "cancelled")):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             info = self.qmp.cmd("query-migrate")
             if info.get("status") in states:
                 return info
-            time.sleep(0.05)
+            time.sleep(0.02)  # short: some states (postcopy-active) can be brief
         raise TimeoutError("migration did not finish within %ds: %r" % (timeout, info))
 
     def memory_digest(self, size):
