@@ -354,9 +354,23 @@ class MigrationPair:
         time.sleep(5)
         self.writes_before = writes_of(self.src.serial())
 
-    def stop_backends(self):
-        self.be_src.proc.stop()
-        self.be_dst.proc.stop()
+    def check_destination(self, env, writes_at_switch, timeout_s):
+        """The destination guest went on writing, and its final pass read back
+        every block: no I/O error, no bad block. Returns its summary."""
+        result = self.dst.result(timeout_s=timeout_s)
+        env.case("guest_ran_on_destination",
+                 writes_of(self.dst.serial()) > writes_at_switch + 100,
+                 "writes %d at switch-over, %d last seen on the destination" %
+                 (writes_at_switch, writes_of(self.dst.serial())))
+        return env.check_summary(self.dst, result, min_writes=1000)
+
+    def finish(self, env):
+        """Stops everything, then checks the shared image from the host."""
+        for p in (self.src.proc, self.dst.proc, self.be_src.proc, self.be_dst.proc):
+            p.stop()
+        rc, scan, out = env.scan_image(self.image)
+        env.case("image_consistent", rc == 0 and int(scan.get("pattern", 0)) > 0,
+                 "host scan: %s" % out.strip()[-300:])
 
 
 def free_port():
@@ -502,12 +516,14 @@ def first_lines(text, tag, n=3):
     return " | ".join(lines[:n])
 
 
-def run(test_name, body):
+def run(test_name, body, prepare=True):
     """Runs body(env) and exits with the result; a Fail aborts the test
-    as one failed case named 'setup' (or whatever body was doing)."""
+    as one failed case named 'setup' (or whatever body was doing).
+    prepare=False: the test needs no QEMU guest, so none is set up."""
     env = Env(test_name)
     try:
-        env.prepare()
+        if prepare:
+            env.prepare()
         body(env)
     except Fail as e:
         env.case(getattr(e, "case", "setup"), False, str(e))

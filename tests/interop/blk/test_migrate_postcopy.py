@@ -117,11 +117,7 @@ def body(env):
              "guest writes %d before, %d at switch-over" % (writes_before, writes_at_switch))
     if status != "completed":
         return
-    result = dst.result(timeout_s=GUEST_SECONDS + 120)
-    env.case("guest_ran_on_destination", blkenv.writes_of(dst.serial()) > writes_at_switch + 100,
-             "writes %d at switch-over, %d last seen on the destination" %
-             (writes_at_switch, blkenv.writes_of(dst.serial())))
-    env.check_summary(dst, result, min_writes=1000)
+    pair.check_destination(env, writes_at_switch, GUEST_SECONDS + 120)
     if env.backend_kind != "qsd":
         env.case("upgrade_refused_in_postcopy", bool(upgrade_result) and upgrade_result[0][0],
                  upgrade_result[0][1] if upgrade_result else
@@ -133,12 +129,7 @@ def body(env):
         m = re.search(r"post-copy: listening -> off \((\d+) regions registered", log)
         env.case("backend_mapped_in_postcopy", m is not None and int(m.group(1)) > 0,
                  "destination back-end log: %s" % log.strip()[-400:])
-    src.proc.stop()
-    dst.proc.stop()
-    pair.stop_backends()
-    rc, scan, out = env.scan_image(pair.image)
-    env.case("image_consistent", rc == 0 and int(scan.get("pattern", 0)) > 0,
-             "host scan: %s" % out.strip()[-300:])
+    pair.finish(env)
 
 
 blkenv.run("migrate_postcopy", body)

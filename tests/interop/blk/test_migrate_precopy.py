@@ -63,18 +63,9 @@ def body(env):
              "guest writes %d before, %d at switch-over" % (writes_before, writes_at_switch))
     if status != "completed":
         return
-    result = dst.result(timeout_s=GUEST_SECONDS + 90)
-    env.case("guest_ran_on_destination", blkenv.writes_of(dst.serial()) > writes_at_switch + 100,
-             "writes %d at switch-over, %d last seen on the destination" %
-             (writes_at_switch, blkenv.writes_of(dst.serial())))
-    s = env.check_summary(dst, result, min_writes=1000)
+    s = pair.check_destination(env, writes_at_switch, GUEST_SECONDS + 90)
     env.info("guest maxgap_ms=%s (switch-over included)" % s.get("maxgap_ms"))
-    src.proc.stop()
-    dst.proc.stop()
-    pair.stop_backends()
-    rc, scan, out = env.scan_image(pair.image)
-    env.case("image_consistent", rc == 0 and int(scan.get("pattern", 0)) > 0,
-             "host scan: %s" % out.strip()[-300:])
+    pair.finish(env)
 
 
 blkenv.run("migrate_precopy", body)

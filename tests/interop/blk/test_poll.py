@@ -21,7 +21,6 @@ Usage: test_poll.py BUILD_DIR
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import blkenv
@@ -133,35 +132,24 @@ def upgrade_case(env):
     be.proc.stop()
 
 
-def main():
-    env = blkenv.Env("poll")
-    try:
-        env.vmig_blk = blkenv.find_vmig_blk(env.build_dir)
-        if env.vmig_blk is None:
-            raise blkenv.Fail("no vmig-blk binary in %s" % env.build_dir)
-        cc = os.environ.get("CC", "cc")
-        if shutil.which(cc) is None:
-            raise blkenv.Fail("%s not installed: needed to build vblk-load" % cc)
-        env.load_bin = os.path.join(env.tmp, "vblk-load")
-        r = subprocess.run([cc, "-O2", "-D_GNU_SOURCE", "-o", env.load_bin, LOAD_SRC],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
-        if r.returncode != 0:
-            raise blkenv.Fail("vblk-load build: %s" % r.stdout.decode(errors="replace")[-300:])
-        for step in (idle_case, no_poll_case, upgrade_case):
-            try:
-                step(env)
-            except blkenv.Fail as e:
-                env.case(step.__name__, False, str(e))
-    except blkenv.Fail as e:
-        env.case("setup", False, str(e))
-    except SystemExit:
-        env.case("interrupted", False, "signal")
-    except Exception as e:  # a harness bug still must not leak processes
-        env.case("harness", False, "%s: %s" % (type(e).__name__, e))
-    finally:
-        rc = env.finish()
-    sys.exit(rc)
+def body(env):
+    env.vmig_blk = blkenv.find_vmig_blk(env.build_dir)
+    if env.vmig_blk is None:
+        raise blkenv.Fail("no vmig-blk binary in %s" % env.build_dir)
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        raise blkenv.Fail("%s not installed: needed to build vblk-load" % cc)
+    env.load_bin = os.path.join(env.tmp, "vblk-load")
+    r = subprocess.run([cc, "-O2", "-D_GNU_SOURCE", "-o", env.load_bin, LOAD_SRC],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+    if r.returncode != 0:
+        raise blkenv.Fail("vblk-load build: %s" % r.stdout.decode(errors="replace")[-300:])
+    for step in (idle_case, no_poll_case, upgrade_case):
+        try:
+            step(env)
+        except blkenv.Fail as e:
+            env.case(step.__name__, False, str(e))
 
 
 if __name__ == "__main__":
-    main()
+    blkenv.run("poll", body, prepare=False)
