@@ -79,19 +79,23 @@ static const struct {
 	bool live; /* may change while a migration runs */
 	const char *const *choices; /* names of the values, for enum parameters */
 } param_info[VMIG_PARAM__MAX] = {
-	[VMIG_PARAM_MAX_BANDWIDTH] = {0, 0, INT64_MAX, true},
-	[VMIG_PARAM_DOWNTIME_LIMIT] = {300, 0, 2000000, true},
-	[VMIG_PARAM_MULTIFD_CHANNELS] = {2, 1, 255, false},
-	[VMIG_PARAM_DIRTY_TRACKING] = {VMIG_DIRTY_AUTO, VMIG_DIRTY_AUTO, VMIG_DIRTY_UFFD_SYNC, false},
-	[VMIG_PARAM_MAX_POSTCOPY_BANDWIDTH] = {0, 0, INT64_MAX, true},
+	[VMIG_PARAM_MAX_BANDWIDTH] = {.def = 0, .min = 0, .max = INT64_MAX, .live = true},
+	[VMIG_PARAM_DOWNTIME_LIMIT] = {.def = 300, .min = 0, .max = 2000000, .live = true},
+	[VMIG_PARAM_MULTIFD_CHANNELS] = {.def = 2, .min = 1, .max = 255},
+	[VMIG_PARAM_DIRTY_TRACKING] = {.def = VMIG_DIRTY_AUTO,
+				       .min = VMIG_DIRTY_AUTO,
+				       .max = VMIG_DIRTY_UFFD_SYNC},
+	[VMIG_PARAM_MAX_POSTCOPY_BANDWIDTH] = {.def = 0, .min = 0, .max = INT64_MAX, .live = true},
 	/* QEMU's defaults and ranges */
-	[VMIG_PARAM_CPU_THROTTLE_INITIAL] = {20, 1, 99, true},
-	[VMIG_PARAM_CPU_THROTTLE_INCREMENT] = {10, 1, 99, true},
-	[VMIG_PARAM_MAX_CPU_THROTTLE] = {99, 1, 99, true},
-	[VMIG_PARAM_THROTTLE_TRIGGER_THRESHOLD] = {50, 1, 100, true},
-	[VMIG_PARAM_MULTIFD_COMPRESSION] = {VMIG_COMPRESS_NONE, VMIG_COMPRESS_NONE,
-					    VMIG_COMPRESS_ZSTD, false, compression_names},
-	[VMIG_PARAM_MULTIFD_ZSTD_LEVEL] = {1, 0, 20, false},
+	[VMIG_PARAM_CPU_THROTTLE_INITIAL] = {.def = 20, .min = 1, .max = 99, .live = true},
+	[VMIG_PARAM_CPU_THROTTLE_INCREMENT] = {.def = 10, .min = 1, .max = 99, .live = true},
+	[VMIG_PARAM_MAX_CPU_THROTTLE] = {.def = 99, .min = 1, .max = 99, .live = true},
+	[VMIG_PARAM_THROTTLE_TRIGGER_THRESHOLD] = {.def = 50, .min = 1, .max = 100, .live = true},
+	[VMIG_PARAM_MULTIFD_COMPRESSION] = {.def = VMIG_COMPRESS_NONE,
+					    .min = VMIG_COMPRESS_NONE,
+					    .max = VMIG_COMPRESS_ZSTD,
+					    .choices = compression_names},
+	[VMIG_PARAM_MULTIFD_ZSTD_LEVEL] = {.def = 1, .min = 0, .max = 20},
 };
 
 /* Under s->lock: shut every connection of the migration down. */
