@@ -4,13 +4,27 @@
 only converges if its vCPUs are throttled (QEMU's capability "auto-converge"
 and its cpu-throttle-* parameters).
 
-The source guest writes flat out over all of its 64 MiB. The migration
-starts at 1 MiB/s; once dirty tracking runs, the rate at which the guest
-writes is measured, and max-bandwidth becomes an eighth of it, at most 128
-MiB/s (so that all of RAM never fits in the downtime limit). The cases so
-hold on a fast release build and a slow sanitizer build alike. Without
-auto-converge that migration never ends; with it, the vCPU throttle rises
-until it does, and it is lifted again when the migration ends.
+Whether a migration converges must not depend on how fast this machine, this
+build or its load lets the guest write, so the cases are sized to make the
+outcome follow from the throttle alone:
+
+- The source guest writes flat out over a working set of 128 pages (512 KiB)
+  in 64 MiB of otherwise zero RAM, so the bulk round is short.
+- max-bandwidth is 1 MiB/s: a round that carries the working set lasts half
+  a second, far longer than a throttle slice (10 ms), and the link carries
+  less than one page per millisecond.
+- downtime-limit is 0: a round only ends the migration if the pages dirtied
+  during it take no whole millisecond at the measured bandwidth, that is, if
+  the guest wrote next to nothing for a whole round.
+
+Unthrottled, or at 50%, both vCPUs run every other 10 ms and write thousands
+of pages a second, so every round finds the whole working set dirty again:
+the migration cannot end (and the guest dirtied as much as was sent, so the
+throttle rises). At 95-99% a vCPU sleeps 190-990 ms after each 10 ms slice,
+rounds shrink, and soon one passes in which neither vCPU ran: the migration
+ends. The guest's write rate is measured when the migration starts, and a
+guest too slow to keep its working set dirty fails the case with that figure
+instead of proving nothing.
 
 usage: test_auto_converge.py BUILD_DIR
 """
@@ -23,11 +37,13 @@ from vmigtest import VM, QMPError, Runner, check, free_port, wait_completed  # n
 
 MEM = 64 << 20
 MEM_ARG = "64M"
+LINK = 1 << 20  # max-bandwidth: less than a page per millisecond
+WSS = 128 * 4096  # half a second of the link
 
 
 def pair(procs, build, auto_converge, initial=95, increment=4, limit=99):
     src = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--workload", "random",
-             "--dirty-rate", "0", "--fill", "random", name="src")
+             "--dirty-rate", "0", "--wss", WSS, "--fill", "zero", name="src")
     dst = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--incoming", "defer", "-S",
              name="dst")
     if auto_converge:
@@ -35,17 +51,20 @@ def pair(procs, build, auto_converge, initial=95, increment=4, limit=99):
             vm.qmp.cmd("migrate-set-capabilities",
                        capabilities=[{"capability": "auto-converge", "state": True}])
     # Large steps, so the test needs two of them rather than nine.
-    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 20,
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": LINK,
+                                             "downtime-limit": 0,
                                              "cpu-throttle-initial": initial,
                                              "cpu-throttle-increment": increment,
                                              "max-cpu-throttle": limit})
     uri = "tcp:127.0.0.1:%d" % free_port()
     dst.qmp.cmd("migrate-incoming", uri=uri)
     src.qmp.cmd("migrate", uri=uri)
-    time.sleep(0.3)  # dirty tracking is on by now: it slows writes down
-    rate = write_rate(src, 0.5) * 4096
-    src.qmp.cmd("migrate-set-parameters",
-                **{"max-bandwidth": int(min(max(rate / 8, 4 << 20), 128 << 20))})
+    # With dirty tracking on, the unthrottled guest must write each page of
+    # its working set 16 times per round (WSS / LINK seconds), so that even
+    # halved it keeps them all dirty: else no case could show anything.
+    rate = write_rate(src, 0.5)
+    check(rate >= 16 * LINK / 4096, "the guest writes only %.0f pages/s: too slow to keep "
+          "%d pages dirty against a %d KiB/s link" % (rate, WSS // 4096, LINK >> 10))
     return src, dst
 
 
