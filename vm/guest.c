@@ -36,6 +36,7 @@ struct vcpu {
 	struct guest *g;
 	unsigned id;
 	int tid; /* Linux thread id, set by the thread before it first parks */
+	bool parked; /* under g->lock */
 	pthread_t thread;
 	struct vcpu_state st;
 };
@@ -60,6 +61,11 @@ struct guest {
 	uint64_t inconsistencies;
 
 	unsigned throttle; /* atomic: percent of the time vCPUs sleep (auto-converge) */
+
+	/* Set once before the guest first runs: is vCPU i blocked on a page
+	 * that has not arrived (post-copy)? */
+	bool (*blocked)(void *opaque, unsigned vcpu);
+	void *blocked_opaque;
 
 	unsigned nvcpus;
 	struct vcpu *vcpus;
@@ -160,19 +166,25 @@ static bool running(struct guest *g)
 }
 
 /* Park while stopped; returns false when the guest is being destroyed. */
-static bool wait_runnable(struct guest *g)
+static bool wait_runnable(struct vcpu *v)
 {
+	struct guest *g = v->g;
+	bool quit;
+
 	pthread_mutex_lock(&g->lock);
 	while (!g->run && !g->quit) {
 		g->parked++;
+		v->parked = true;
 		/* Only the controller listens here: waking the other parked
 		 * vCPUs would make them wake each other forever. */
 		pthread_cond_broadcast(&g->park_cond);
 		pthread_cond_wait(&g->run_cond, &g->lock);
+		v->parked = false;
 		g->parked--;
 	}
+	quit = g->quit;
 	pthread_mutex_unlock(&g->lock);
-	return !g->quit;
+	return !quit;
 }
 
 /* Sleep up to ns, waking early on stop or quit. */
@@ -219,7 +231,7 @@ static void *vcpu_main(void *arg)
 
 	__atomic_store_n(&v->tid, (int)gettid(), __ATOMIC_RELEASE);
 
-	while (wait_runnable(g)) {
+	while (wait_runnable(v)) {
 		uint64_t now = vmig__now_ns(), due;
 
 		if (g->cfg.workload == VM_WL_IDLE || g->npages <= g->meta_pages) {
@@ -339,13 +351,44 @@ void guest_destroy(struct guest *g)
 	free(g);
 }
 
+void guest_set_blocked_check(struct guest *g, bool (*blocked)(void *opaque, unsigned vcpu),
+			     void *opaque)
+{
+	g->blocked = blocked;
+	g->blocked_opaque = opaque;
+}
+
+/* Under g->lock: every vCPU is parked, or blocked on a missing page (it
+ * cannot run on before the page arrives, and parks right after). */
+static bool all_stopped(struct guest *g)
+{
+	if (g->parked == g->nvcpus || g->quit)
+		return true;
+	if (!g->blocked)
+		return false;
+	for (unsigned i = 0; i < g->nvcpus; i++)
+		if (!g->vcpus[i].parked && !g->blocked(g->blocked_opaque, i))
+			return false;
+	return true;
+}
+
 void guest_stop(struct guest *g)
 {
 	pthread_mutex_lock(&g->lock);
 	__atomic_store_n(&g->run, false, __ATOMIC_RELEASE);
 	pthread_cond_broadcast(&g->run_cond);
-	while (g->parked < g->nvcpus && !g->quit)
-		pthread_cond_wait(&g->park_cond, &g->lock);
+	while (!all_stopped(g)) {
+		struct timespec ts;
+
+		/* A blocked vCPU does not signal: look again every ms. */
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_nsec += 1000000;
+		if (ts.tv_nsec >= 1000000000) {
+			ts.tv_sec++;
+			ts.tv_nsec -= 1000000000;
+		}
+		pthread_cond_timedwait(&g->park_cond, &g->lock, &ts);
+	}
 	pthread_mutex_unlock(&g->lock);
 }
 

@@ -26,8 +26,11 @@ struct guest;
 int guest_create(struct guest **out, uint8_t *ram, uint64_t ram_size, const struct vm_config *cfg,
 		 bool init_layout, struct vmig__err *err);
 void guest_destroy(struct guest *g);
-/* Stop returns once no vCPU touches RAM; both are idempotent. */
+/* Stop returns once no vCPU touches RAM; both are idempotent. A vCPU that
+ * blocked() says waits on a post-copy page counts as stopped. */
 void guest_stop(struct guest *g);
+void guest_set_blocked_check(struct guest *g, bool (*blocked)(void *opaque, unsigned vcpu),
+			     void *opaque);
 void guest_start(struct guest *g);
 /* vCPU state (RNG, cursors) for migration. */
 int guest_save(struct guest *g, void *buf, size_t cap, size_t *len);

@@ -71,6 +71,12 @@ static int cmd_cont(struct qmp_cmd_ctx *ctx, const json_t *args)
 {
 	int ret = vm_cont(ctx->vm);
 
+	if (ret == -ENODATA) {
+		vmig__err_set(&ctx->err, "cont refused: post-copy failed after the guest started "
+					 "here, so some of its memory never arrived; the source "
+					 "holds the only complete copy");
+		return ret;
+	}
 	if (ret) {
 		vmig__err_set(&ctx->err, "cont is not possible in state '%s': %s",
 			      vm_runstate_name(vm_get_runstate(ctx->vm)), strerror(-ret));
@@ -145,6 +151,24 @@ static int cmd_migrate_pause(struct qmp_cmd_ctx *ctx, const json_t *args)
 	int ret = vmig_pause(vm_session(ctx->vm));
 
 	return ret ? fail(ctx, ret, "migrate-pause") : 0;
+}
+
+static const struct json_arg_spec continue_args[] = {{"state", JA_STR, true}, {.name = NULL}};
+
+/* QEMU's migrate-continue: only "pre-switchover" waits for it. */
+static int cmd_migrate_continue(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	const char *name = json_arg_str(args, "state", "");
+	int ret;
+
+	for (int st = 0; st < VMIG_STATUS__MAX; st++) {
+		if (strcmp(vmig_status_name((enum vmig_status)st), name))
+			continue;
+		ret = vmig_continue(vm_session(ctx->vm), (enum vmig_status)st);
+		return ret ? fail(ctx, ret, "migrate-continue") : 0;
+	}
+	vmig__err_set(&ctx->err, "migrate-continue: '%s' is not a migration status", name);
+	return -EINVAL;
 }
 
 static int cmd_migrate_recover(struct qmp_cmd_ctx *ctx, const json_t *args)
@@ -414,6 +438,7 @@ json_t *qmp_stats_to_json(const struct vmig_stats *st)
 	case VMIG_STATUS_POSTCOPY_PAUSED:
 	case VMIG_STATUS_POSTCOPY_RECOVER:
 	case VMIG_STATUS_DEVICE:
+	case VMIG_STATUS_PRE_SWITCHOVER:
 		running = true;
 		break;
 	case VMIG_STATUS_COMPLETED:
@@ -441,6 +466,11 @@ json_t *qmp_stats_to_json(const struct vmig_stats *st)
 		json_object_set_new(
 		    obj, "error-desc",
 		    json_stringn(st->error_desc, strnlen(st->error_desc, sizeof(st->error_desc))));
+	/* vmig's own: which side may run after a failure (docs/handover.md) */
+	if (st->status == VMIG_STATUS_FAILED && st->handover_unknown)
+		json_object_set_new(obj, "x-vmig-handover-unknown", json_true());
+	if (st->status == VMIG_STATUS_FAILED && st->ram_incomplete)
+		json_object_set_new(obj, "x-vmig-ram-incomplete", json_true());
 	return obj;
 }
 
@@ -530,6 +560,7 @@ static const struct qmp_command commands[] = {
     {"migrate-start-postcopy", cmd_start_postcopy, NULL, false},
     {"migrate-pause", cmd_migrate_pause, NULL, false},
     {"migrate-recover", cmd_migrate_recover, uri_args, false},
+    {"migrate-continue", cmd_migrate_continue, continue_args, false},
     {"pmemsave", cmd_pmemsave, pmemsave_args, false},
     {"human-monitor-command", cmd_hmp, hmp_args, false},
     {"x-vmig-query-guest", cmd_query_guest, NULL, false},

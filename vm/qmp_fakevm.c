@@ -298,6 +298,18 @@ static int fake_recover(const char *uri)
 	return 0;
 }
 
+int vmig_continue(vmig_session *s, enum vmig_status state)
+{
+	int e = take_error();
+
+	if (e)
+		return e;
+	if (fake.stats.status != VMIG_STATUS_PRE_SWITCHOVER || state != fake.stats.status)
+		return -EINVAL;
+	fake.stats.status = VMIG_STATUS_DEVICE;
+	return 0;
+}
+
 int vmig_recover(vmig_session *s, const char *uri)
 {
 	return fake_recover(uri);

@@ -141,9 +141,16 @@ static void ops_event(void *opaque, const struct vmig_event *ev)
 			vm->rs = VM_RS_PAUSED; /* was paused before; libvmig restarts a running VM */
 	} else if (ev->status == VMIG_STATUS_COMPLETED && vm->rs == VM_RS_INMIGRATE) {
 		vm->rs = VM_RS_PAUSED; /* -S: stay stopped until cont */
+	} else if (ev->status == VMIG_STATUS_FAILED && st.ram_incomplete) {
+		vm->rs = VM_RS_PAUSED; /* stopped for good: cont refuses (vm_cont) */
 	}
 	pthread_mutex_unlock(&vm->lock);
 	notify(vm, VM_EV_MIGRATION, vmig_status_name(ev->status));
+}
+
+static bool vcpu_blocked(void *opaque, unsigned index)
+{
+	return vmig_vcpu_blocked(opaque, index);
 }
 
 static const struct vmig_vm_ops vm_ops = {
@@ -329,9 +336,11 @@ int vm_create(struct vm **out, const struct vm_config *cfg, struct vmig__err *er
 		goto err;
 	}
 	vmig_set_autostart(vm->session, !cfg->start_paused);
-	/* So post-copy can charge page faults to the vCPU that waits. */
+	/* So post-copy can charge page faults to the vCPU that waits, and
+	 * stop can tell a vCPU that waits on a page from one that runs. */
 	for (unsigned i = 0; i < cfg->vcpus; i++)
 		vmig_vcpu_register(vm->session, i, guest_vcpu_tid(vm->guest, i));
+	guest_set_blocked_check(vm->guest, vcpu_blocked, vm->session);
 	if (cfg->incoming) {
 		vm->rs = VM_RS_INMIGRATE;
 	} else if (cfg->start_paused) {
@@ -351,6 +360,10 @@ void vm_destroy(struct vm *vm)
 {
 	if (!vm)
 		return;
+	/* Stopped first: freeing the session lets go of a failed post-copy's
+	 * userfaultfd, and a vCPU waiting on a page would then run on. */
+	if (vm->guest)
+		guest_stop(vm->guest);
 	vmig_session_free(vm->session);
 	guest_destroy(vm->guest);
 	if (vm->ram)
@@ -399,6 +412,13 @@ int vm_stop(struct vm *vm)
 int vm_cont(struct vm *vm)
 {
 	enum vm_runstate rs = vm_get_runstate(vm);
+	struct vmig_stats st;
+
+	/* Post-copy failed after the guest ran here: pages are missing, and
+	 * the source holds the only complete copy. */
+	vmig_query(vm->session, &st);
+	if (st.ram_incomplete)
+		return -ENODATA;
 
 	switch (rs) {
 	case VM_RS_RUNNING:
@@ -425,7 +445,15 @@ vmig_session *vm_session(struct vm *vm)
 int vm_pmemsave(struct vm *vm, uint64_t addr, uint64_t size, const char *path,
 		struct vmig__err *err)
 {
+	struct vmig_stats st;
 	int fd, ret;
+
+	/* Missing pages would block this thread for good (they never come). */
+	vmig_query(vm->session, &st);
+	if (st.ram_incomplete) {
+		vmig__err_set(err, "guest memory is incomplete after a failed post-copy migration");
+		return -ENODATA;
+	}
 
 	if (addr > vm->ram_size || size > vm->ram_size - addr) {
 		vmig__err_set(err, "Invalid addr 0x%llx/size %llu specified", (unsigned long long)addr,

@@ -44,6 +44,7 @@ enum vmig_status {
 	VMIG_STATUS_COMPLETED,
 	VMIG_STATUS_FAILED,
 	VMIG_STATUS_DEVICE,
+	VMIG_STATUS_PRE_SWITCHOVER, /* capability "pause-before-switchover" */
 	VMIG_STATUS__MAX
 };
 
@@ -91,7 +92,12 @@ struct vmig_event {
  * and must be thread-safe with respect to the embedder's own main loop.
  */
 struct vmig_vm_ops {
-	/* Stop all vCPUs and return once none of them touches guest RAM. */
+	/*
+	 * Stop all vCPUs and return once none of them touches guest RAM. On a
+	 * post-copy destination a vCPU may be blocked on a page that has not
+	 * arrived (vmig_vcpu_blocked()): it cannot run on, so it counts as
+	 * stopped; it must park as soon as its page is in place.
+	 */
 	int (*stop)(void *opaque);
 	/* Let the vCPUs run again. */
 	int (*start)(void *opaque);
@@ -121,7 +127,12 @@ struct vmig_vm_ops {
 int vmig_session_new(vmig_session **out, const struct vmig_vm_ops *ops, void *opaque);
 /* Cancel anything running, join libvmig's threads, free everything. */
 void vmig_session_free(vmig_session *s);
-/* Text of the last error (never NULL; "" if none). */
+/*
+ * Why the last call on this session from the embedder's thread failed
+ * (never NULL; "" if none). Only that thread writes it, so the pointer stays
+ * valid until its next call. A migration's own failure is reported in
+ * vmig_query()'s error_desc.
+ */
 const char *vmig_session_error(const vmig_session *s);
 
 /* Register a RAM block. Must be done before migrating; blocks are matched by
@@ -170,13 +181,34 @@ enum vmig_dirty_tracking {
 /*
  * Start an outgoing migration to uri ("tcp:HOST:PORT" or "unix:PATH").
  * Returns at once; progress is read with vmig_query() and reported through
- * ops->event(). On failure or cancel the source keeps running, unharmed.
+ * ops->event().
+ *
+ * The handover rule (docs/handover.md): exactly one side runs the guest. If
+ * the migration fails or is cancelled before the destination could start,
+ * the source VM keeps running, unharmed. Once the record that lets the
+ * destination start has gone out, the source never restarts its vCPUs by
+ * itself: unless the destination reports that it failed without starting,
+ * the migration fails with handover_unknown set, the vCPUs stay stopped, and
+ * the embedder (an operator, an orchestrator) decides which side runs.
  */
 int vmig_migrate(vmig_session *s, const char *uri);
 /* Start listening for an incoming migration on uri. Returns at once. */
 int vmig_incoming(vmig_session *s, const char *uri);
-/* Cancel an outgoing or incoming migration. */
+/*
+ * Cancel an outgoing or incoming migration. Refused (-EBUSY) once post-copy
+ * runs: the destination then holds the newest state of the guest. After the
+ * commit point of a pre-copy migration a cancel only stops the wait for the
+ * destination's answer: the outcome is unknown and the vCPUs stay stopped.
+ */
 int vmig_cancel(vmig_session *s);
+/*
+ * Capability "pause-before-switchover" (QEMU's): the source stops the vCPUs
+ * when pre-copy has converged (or post-copy is requested) and waits in
+ * status "pre-switchover", so an orchestrator can get the destination ready
+ * (e.g. its disks), until vmig_continue(s, VMIG_STATUS_PRE_SWITCHOVER).
+ * vmig_cancel() in that status restarts the vCPUs here.
+ */
+int vmig_continue(vmig_session *s, enum vmig_status state);
 /*
  * Destination only: whether to start the vCPUs (ops->start) once an incoming
  * migration completes. Default true; an embedder started paused (QEMU's -S)
@@ -206,6 +238,9 @@ int vmig_resume(vmig_session *s, const char *uri);
  */
 #define VMIG_MAX_VCPUS 64
 int vmig_vcpu_register(vmig_session *s, unsigned index, int tid);
+/* Destination, post-copy: true while vCPU `index` waits for a page that has
+ * not arrived. Any thread; for the embedder's ops->stop. */
+bool vmig_vcpu_blocked(vmig_session *s, unsigned index);
 
 /* Post-copy fault latency buckets: bucket i counts faults that took
  * [2^i, 2^(i+1)) microseconds (bucket 0 also takes anything faster). */
@@ -257,6 +292,19 @@ struct vmig_stats {
 		uint64_t latency_p99_ns;
 	} postcopy;
 	char error_desc[256];
+	/*
+	 * Source, failed: the final record had gone out when the connection
+	 * failed, so the destination may be running. The vCPUs here stay
+	 * stopped; start exactly one side.
+	 */
+	bool handover_unknown;
+	/*
+	 * Destination, failed after its vCPUs started in post-copy: some pages
+	 * never arrived. The vCPUs are stopped and guest RAM stays registered
+	 * with userfaultfd, so nothing ever reads a page that is missing; the
+	 * source holds the only complete copy. Never start this side.
+	 */
+	bool ram_incomplete;
 };
 
 int vmig_query(vmig_session *s, struct vmig_stats *out);

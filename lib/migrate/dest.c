@@ -9,9 +9,16 @@
  * A bad, truncated or hostile stream fails this migration with a message in
  * error-desc; the process and its control interface carry on, and the
  * source, which has not handed over yet, keeps running.
+ *
+ * After the post-copy switch the guest runs here on memory that is still
+ * arriving. A lost connection pauses (postcopy-paused); any other failure
+ * stops the vCPUs and leaves guest RAM registered with userfaultfd, so no
+ * vCPU ever reads a page that never came: the guest stays stopped for good
+ * here (ram_incomplete), and the source keeps the complete copy.
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -376,6 +383,24 @@ int vmig__dest_accept_urgent(struct vmig_session *s, struct vmig__err *err)
 	return vmig__dest_accept_side(s, have_urgent, s, err);
 }
 
+/*
+ * Post-copy failed after the vCPUs started: stop them. A vCPU waiting on a
+ * missing page stays blocked in its fault (the registration stays), which
+ * the embedder's stop counts as stopped (vmig_vcpu_blocked).
+ */
+static void stop_incomplete_guest(struct vmig_session *s, struct vmig__err *err)
+{
+	int ret = s->ops.stop(s->opaque);
+
+	if (ret && strlen(err->msg) < 180)
+		snprintf(err->msg + strlen(err->msg), sizeof(err->msg) - strlen(err->msg),
+			 "; cannot stop the vCPUs (%s)", strerror(-ret));
+	pthread_mutex_lock(&s->lock);
+	s->stats.ram_incomplete = true;
+	pthread_mutex_unlock(&s->lock);
+	vmig__emit(s, VMIG_EVENT_STOPPED);
+}
+
 static void close_all(struct vmig_session *s)
 {
 	/* close() sends a FIN after our last message, which the source reads. */
@@ -396,6 +421,7 @@ void *vmig__dest_thread(void *arg)
 	struct vmig__pc_dest *pc = NULL;
 	struct vmig__mf_dest *mf = NULL;
 	struct vmig__loader l = {0};
+	bool pc_keep = false;
 	int ret;
 
 	r = malloc(sizeof(*r));
@@ -434,16 +460,25 @@ void *vmig__dest_thread(void *arg)
 	}
 fail:
 	if (ret) {
+		bool started;
+
 		if (ret == -ECANCELED)
 			vmig__err_set(&err, "migration cancelled");
 		if (!err.msg[0])
 			vmig__err_set(&err, "%s", strerror(-ret));
+		pthread_mutex_lock(&s->lock);
+		started = s->in_postcopy;
+		pthread_mutex_unlock(&s->lock);
+		pc_keep = started;
+		if (started)
+			stop_incomplete_guest(s, &err);
 		if (!vmig__cancelled(s))
 			vmig__dest_send_rp(s, VMIG_RP_ERROR, err.msg, (uint32_t)strlen(err.msg));
 		vmig__fail(s, 0, "%s", ret == -ECANCELED ? "migration cancelled" : err.msg);
 	}
 	vmig__mf_dest_free(mf);
-	vmig__pc_dest_free(pc);
+	if (!pc_keep)
+		vmig__pc_dest_free(pc); /* else freed with the session */
 	vmig__loader_release(&l);
 	free(l.bounce);
 	free(r);

@@ -49,6 +49,7 @@ enum vmig__cap {
 	VMIG_CAP_MULTIFD,
 	VMIG_CAP_AUTO_CONVERGE,
 	VMIG_CAP_VERIFY_MEMORY,
+	VMIG_CAP_PAUSE_BEFORE_SWITCHOVER,
 	VMIG_CAP__MAX
 };
 
@@ -81,8 +82,9 @@ struct vmig_session {
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
 	pthread_mutex_t rp_lock; /* destination: serialises return-path writes */
-	enum vmig_status status;
-	struct vmig__err err;
+	enum vmig_status status;     /* under lock */
+	struct vmig__err mig_err;    /* under lock: the migration's first error */
+	struct vmig__err api_err;    /* control thread only: vmig_session_error() */
 	struct vmig_stats stats; /* published copy, under lock */
 
 	/* current migration */
@@ -90,8 +92,11 @@ struct vmig_session {
 	bool thread_started;
 	pthread_t thread;
 	char uri[256];
-	int fd;        /* migration connection, -1 if none */
-	int listen_fd; /* destination, until a connection arrives */
+	int fd;        /* migration connection, -1 if none; under lock */
+	/* destination: the listener. The control thread sets it before the
+	 * migration thread starts (or, for migrate-recover, under lock while
+	 * that thread waits); the migration thread then owns it. */
+	int listen_fd;
 	int cancel_efd;
 	bool cancel; /* atomic */
 	uint64_t start_ns;
@@ -103,6 +108,11 @@ struct vmig_session {
 	bool rp_failed;
 	bool rp_complete;
 	bool rp_error; /* the destination reported a failure (RP_ERROR) */
+	/* source, atomic: the record that lets the destination start (EOS,
+	 * POSTCOPY_RUN) may have gone out; from then on the vCPUs here are
+	 * never restarted by libvmig (docs/handover.md) */
+	bool committed;
+	bool continue_requested; /* under lock: migrate-continue */
 	uint64_t rp_acked_round;
 	uint64_t rp_load_us;
 
@@ -113,7 +123,10 @@ struct vmig_session {
 	bool in_postcopy;            /* past the switch: failures pause */
 	bool pause_requested;        /* atomic: migrate-pause */
 	bool recover_requested;      /* under lock: vmig_resume/vmig_recover (uri in uri) */
-	struct vmig__pc_dest *pcd;   /* destination post-copy state */
+	/* destination: the post-copy state while a migration thread uses it,
+	 * and after a post-copy failure (guest RAM stays registered with
+	 * userfaultfd until the session is freed); under lock */
+	struct vmig__pc_dest *pcd;
 
 	/* multifd data connections by index, -1 if none; under lock */
 	int mf_fds[VMIG_MAX_MULTIFD];
@@ -159,8 +172,18 @@ struct vmig__source {
 
 /* session.c */
 void vmig__set_status(struct vmig_session *s, enum vmig_status st);
+/* Under s->lock: change the status; true if it changed (then emit). */
+bool vmig__set_status_locked(struct vmig_session *s, enum vmig_status st);
 /* Record the first error and move to failed (or cancelled if cancelling). */
 void vmig__fail(struct vmig_session *s, int ret, const char *fmt, ...) VMIG_PRINTF(3, 4);
+/* Source, after the commit point: fail with the outcome unknown (the first
+ * error becomes the reason given), vCPUs left stopped. */
+void vmig__fail_unknown(struct vmig_session *s);
+/* The migration's error, under s->lock: note a first reason without failing
+ * yet, copy it out, clear it (post-copy resume). */
+void vmig__note_err(struct vmig_session *s, const char *fmt, ...) VMIG_PRINTF(2, 3);
+void vmig__get_err(struct vmig_session *s, struct vmig__err *out);
+void vmig__clear_err(struct vmig_session *s);
 void vmig__emit(struct vmig_session *s, enum vmig_event_type type);
 static inline bool vmig__cancelled(struct vmig_session *s)
 {
@@ -187,6 +210,8 @@ void vmig__src_send_run(struct vmig__source *src, struct vmig__writer *w, unsign
 			uint64_t first, uint64_t end);
 int vmig__src_sync_dirty(struct vmig__source *src);
 int vmig__src_stop_vm(struct vmig__source *src);
+int vmig__src_maybe_pause(struct vmig__source *src);
+void vmig__src_commit(struct vmig__source *src);
 int vmig__src_mark_and_drain(struct vmig__source *src);
 int vmig__src_send_state(struct vmig__source *src);
 int vmig__src_connect(struct vmig__source *src, bool resume);

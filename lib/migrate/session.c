@@ -10,10 +10,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include "migrate/migrate_int.h"
+#include "postcopy/postcopy.h"
 #include "ram/bitmap.h"
 
 static const char *const status_names[VMIG_STATUS__MAX] = {
@@ -28,6 +30,7 @@ static const char *const status_names[VMIG_STATUS__MAX] = {
 	[VMIG_STATUS_COMPLETED] = "completed",
 	[VMIG_STATUS_FAILED] = "failed",
 	[VMIG_STATUS_DEVICE] = "device",
+	[VMIG_STATUS_PRE_SWITCHOVER] = "pre-switchover",
 };
 
 static const char *const cap_names[VMIG_CAP__MAX + 1] = {
@@ -37,6 +40,7 @@ static const char *const cap_names[VMIG_CAP__MAX + 1] = {
 	[VMIG_CAP_MULTIFD] = "multifd",
 	[VMIG_CAP_AUTO_CONVERGE] = "auto-converge",
 	[VMIG_CAP_VERIFY_MEMORY] = "x-vmig-verify-memory",
+	[VMIG_CAP_PAUSE_BEFORE_SWITCHOVER] = "pause-before-switchover",
 };
 
 /* Capabilities this build can act on; the others are listed (so tools see
@@ -49,6 +53,7 @@ static const bool cap_supported[VMIG_CAP__MAX] = {
 	[VMIG_CAP_MULTIFD] = true,
 	[VMIG_CAP_AUTO_CONVERGE] = true, /* if the VMM can throttle: see below */
 	[VMIG_CAP_VERIFY_MEMORY] = true,
+	[VMIG_CAP_PAUSE_BEFORE_SWITCHOVER] = true,
 };
 
 /* Names by index, NULL-terminated, as vmig_parameter_names() returns them. */
@@ -175,7 +180,7 @@ static bool migration_running(struct vmig_session *s)
 	pthread_mutex_unlock(&s->lock);
 	return st == VMIG_STATUS_SETUP || st == VMIG_STATUS_ACTIVE ||
 	       st == VMIG_STATUS_CANCELLING || st == VMIG_STATUS_DEVICE ||
-	       st == VMIG_STATUS_POSTCOPY_ACTIVE || st == VMIG_STATUS_POSTCOPY_PAUSED ||
+	       st == VMIG_STATUS_PRE_SWITCHOVER || st == VMIG_STATUS_POSTCOPY_ACTIVE || st == VMIG_STATUS_POSTCOPY_PAUSED ||
 	       st == VMIG_STATUS_POSTCOPY_RECOVER;
 }
 
@@ -193,6 +198,9 @@ VMIG_EXPORT void vmig_session_free(vmig_session *s)
 		/* cannot fail: the counter is far from overflow */
 	}
 	join_thread(s);
+	/* A failed post-copy destination kept guest RAM registered: only now,
+	 * with the embedder tearing the VM down, is it let go. */
+	vmig__pc_dest_free(s->pcd);
 	for (unsigned i = 0; i < s->nblocks; i++) {
 		free(s->blocks[i].dirty);
 		free(s->blocks[i].page_hash);
@@ -212,7 +220,7 @@ VMIG_EXPORT void vmig_session_free(vmig_session *s)
 
 VMIG_EXPORT const char *vmig_session_error(const vmig_session *s)
 {
-	return s ? s->err.msg : "";
+	return s ? s->api_err.msg : "";
 }
 
 VMIG_EXPORT int vmig_ram_block_add(vmig_session *s, const struct vmig_ram_block *blk)
@@ -225,7 +233,7 @@ VMIG_EXPORT int vmig_ram_block_add(vmig_session *s, const struct vmig_ram_block 
 	if (!*blk->name || strlen(blk->name) > VMIG_BLOCK_NAME_MAX || !blk->size ||
 	    blk->size % VMIG_PAGE_SIZE || (uintptr_t)blk->host % VMIG_PAGE_SIZE ||
 	    blk->flags & ~VMIG_RAM_PREALLOC) {
-		vmig__err_set(&s->err, "RAM block '%s': bad name, size, alignment or flags",
+		vmig__err_set(&s->api_err, "RAM block '%s': bad name, size, alignment or flags",
 			      blk->name);
 		return -EINVAL;
 	}
@@ -283,19 +291,19 @@ VMIG_EXPORT int vmig_capability_set(vmig_session *s, const char *name, bool on)
 	if (!s)
 		return -EINVAL;
 	if (i < 0) {
-		vmig__err_set(&s->err, "unknown migration capability '%s'", name ? name : "");
+		vmig__err_set(&s->api_err, "unknown migration capability '%s'", name ? name : "");
 		return -ENOENT;
 	}
 	if (migration_running(s)) {
-		vmig__err_set(&s->err, "cannot change capability '%s' during a migration", name);
+		vmig__err_set(&s->api_err, "cannot change capability '%s' during a migration", name);
 		return -EBUSY;
 	}
 	if (on && !cap_supported[i]) {
-		vmig__err_set(&s->err, "capability '%s' is not supported by this build", name);
+		vmig__err_set(&s->api_err, "capability '%s' is not supported by this build", name);
 		return -ENOTSUP;
 	}
 	if (on && i == VMIG_CAP_AUTO_CONVERGE && !s->ops.throttle) {
-		vmig__err_set(&s->err, "auto-converge needs a VMM that can throttle its vCPUs");
+		vmig__err_set(&s->api_err, "auto-converge needs a VMM that can throttle its vCPUs");
 		return -ENOTSUP;
 	}
 	s->caps[i] = on;
@@ -321,20 +329,20 @@ VMIG_EXPORT int vmig_parameter_set(vmig_session *s, const char *name, int64_t va
 	if (!s)
 		return -EINVAL;
 	if (i < 0) {
-		vmig__err_set(&s->err, "unknown migration parameter '%s'", name ? name : "");
+		vmig__err_set(&s->api_err, "unknown migration parameter '%s'", name ? name : "");
 		return -ENOENT;
 	}
 	if (value < param_info[i].min || value > param_info[i].max) {
-		vmig__err_set(&s->err, "parameter '%s' must be between %lld and %lld", name,
+		vmig__err_set(&s->api_err, "parameter '%s' must be between %lld and %lld", name,
 			      (long long)param_info[i].min, (long long)param_info[i].max);
 		return -ERANGE;
 	}
 	if (!param_info[i].live && migration_running(s)) {
-		vmig__err_set(&s->err, "cannot change parameter '%s' during a migration", name);
+		vmig__err_set(&s->api_err, "cannot change parameter '%s' during a migration", name);
 		return -EBUSY;
 	}
 	if (i == VMIG_PARAM_MULTIFD_COMPRESSION && value == VMIG_COMPRESS_ZLIB) {
-		vmig__err_set(&s->err, "multifd-compression 'zlib' is not supported by this "
+		vmig__err_set(&s->api_err, "multifd-compression 'zlib' is not supported by this "
 				       "build; 'zstd' is");
 		return -ENOTSUP;
 	}
@@ -380,17 +388,24 @@ void vmig__emit(struct vmig_session *s, enum vmig_event_type type)
 		s->ops.event(s->opaque, &ev);
 }
 
-void vmig__set_status(struct vmig_session *s, enum vmig_status st)
+bool vmig__set_status_locked(struct vmig_session *s, enum vmig_status st)
 {
-	pthread_mutex_lock(&s->lock);
-	if (s->status == st) {
-		pthread_mutex_unlock(&s->lock);
-		return;
-	}
+	if (s->status == st)
+		return false;
 	s->status = st;
 	s->stats.status = st;
+	return true;
+}
+
+void vmig__set_status(struct vmig_session *s, enum vmig_status st)
+{
+	bool changed;
+
+	pthread_mutex_lock(&s->lock);
+	changed = vmig__set_status_locked(s, st);
 	pthread_mutex_unlock(&s->lock);
-	vmig__emit(s, VMIG_EVENT_STATUS);
+	if (changed)
+		vmig__emit(s, VMIG_EVENT_STATUS);
 }
 
 void vmig__fail(struct vmig_session *s, int ret, const char *fmt, ...)
@@ -399,17 +414,63 @@ void vmig__fail(struct vmig_session *s, int ret, const char *fmt, ...)
 	bool cancelled = vmig__cancelled(s);
 
 	pthread_mutex_lock(&s->lock);
-	if (!s->err.msg[0] && !cancelled) {
+	if (!s->mig_err.msg[0] && !cancelled) {
 		va_start(ap, fmt);
-		vmig__err_vset(&s->err, fmt, ap);
+		vmig__err_vset(&s->mig_err, fmt, ap);
 		va_end(ap);
-		if (ret && !strstr(s->err.msg, strerror(-ret)) && strlen(s->err.msg) < 200)
-			snprintf(s->err.msg + strlen(s->err.msg),
-				 sizeof(s->err.msg) - strlen(s->err.msg), " (%s)", strerror(-ret));
+		if (ret && !strstr(s->mig_err.msg, strerror(-ret)) && strlen(s->mig_err.msg) < 200)
+			snprintf(s->mig_err.msg + strlen(s->mig_err.msg),
+				 sizeof(s->mig_err.msg) - strlen(s->mig_err.msg), " (%s)",
+				 strerror(-ret));
 	}
-	snprintf(s->stats.error_desc, sizeof(s->stats.error_desc), "%s", s->err.msg);
+	snprintf(s->stats.error_desc, sizeof(s->stats.error_desc), "%s", s->mig_err.msg);
 	pthread_mutex_unlock(&s->lock);
 	vmig__set_status(s, cancelled ? VMIG_STATUS_CANCELLED : VMIG_STATUS_FAILED);
+}
+
+void vmig__fail_unknown(struct vmig_session *s)
+{
+	char why[256];
+
+	pthread_mutex_lock(&s->lock);
+	snprintf(why, sizeof(why), "%.100s",
+		 s->mig_err.msg[0] ? s->mig_err.msg : "the migration was cancelled");
+	vmig__err_set(&s->mig_err,
+		      "the connection failed after the final device state was sent (%s): the "
+		      "destination may be running, so the VM stays paused here; start it on "
+		      "exactly one side",
+		      why);
+	snprintf(s->stats.error_desc, sizeof(s->stats.error_desc), "%s", s->mig_err.msg);
+	s->stats.handover_unknown = true;
+	pthread_mutex_unlock(&s->lock);
+	vmig__set_status(s, VMIG_STATUS_FAILED);
+}
+
+void vmig__note_err(struct vmig_session *s, const char *fmt, ...)
+{
+	va_list ap;
+
+	pthread_mutex_lock(&s->lock);
+	if (!s->mig_err.msg[0]) {
+		va_start(ap, fmt);
+		vmig__err_vset(&s->mig_err, fmt, ap);
+		va_end(ap);
+	}
+	pthread_mutex_unlock(&s->lock);
+}
+
+void vmig__get_err(struct vmig_session *s, struct vmig__err *out)
+{
+	pthread_mutex_lock(&s->lock);
+	*out = s->mig_err;
+	pthread_mutex_unlock(&s->lock);
+}
+
+void vmig__clear_err(struct vmig_session *s)
+{
+	pthread_mutex_lock(&s->lock);
+	vmig__err_clear(&s->mig_err);
+	pthread_mutex_unlock(&s->lock);
 }
 
 void vmig__publish(struct vmig_session *s, const struct vmig_stats *st)
@@ -431,16 +492,16 @@ static int begin(struct vmig_session *s, const char *uri, bool source)
 	uint64_t junk;
 
 	if (!s->nblocks) {
-		vmig__err_set(&s->err, "no guest RAM registered");
+		vmig__err_set(&s->api_err, "no guest RAM registered");
 		return -EINVAL;
 	}
 	if (migration_running(s)) {
-		vmig__err_set(&s->err, "a migration is already in progress");
+		vmig__err_set(&s->api_err, "a migration is already in progress");
 		return -EBUSY;
 	}
 	if (s->caps[VMIG_CAP_MULTIFD] && s->caps[VMIG_CAP_POSTCOPY_RAM]) {
 		/* As QEMU 7.2: post-copy pages have one path, the urgent one. */
-		vmig__err_set(&s->err, "multifd is not compatible with postcopy-ram");
+		vmig__err_set(&s->api_err, "multifd is not compatible with postcopy-ram");
 		return -EINVAL;
 	}
 	join_thread(s);
@@ -452,13 +513,15 @@ static int begin(struct vmig_session *s, const char *uri, bool source)
 	s->start_ns = vmig__now_ns();
 	s->rp_started = s->rp_resumed = s->rp_failed = s->rp_complete = s->rp_error = false;
 	s->rp_acked_round = 0;
-	s->in_postcopy = s->recover_requested = false;
+	s->in_postcopy = s->recover_requested = s->continue_requested = false;
+	__atomic_store_n(&s->committed, false, __ATOMIC_RELEASE);
 	__atomic_store_n(&s->postcopy_requested, false, __ATOMIC_RELEASE);
 	__atomic_store_n(&s->pause_requested, false, __ATOMIC_RELEASE);
 	/* Ties the channels of this migration together (and a resumed one). */
-	s->session_id = vmig__now_ns() ^ ((uint64_t)getpid() << 40) ^ (uintptr_t)s;
+	if (getrandom(&s->session_id, sizeof(s->session_id), 0) != sizeof(s->session_id))
+		s->session_id = vmig__now_ns() ^ ((uint64_t)getpid() << 40) ^ (uintptr_t)s;
 	pthread_mutex_lock(&s->lock);
-	vmig__err_clear(&s->err);
+	vmig__err_clear(&s->mig_err);
 	memset(&s->stats, 0, sizeof(s->stats));
 	s->stats.is_source = source;
 	s->stats.ram.page_size = VMIG_PAGE_SIZE;
@@ -489,7 +552,7 @@ VMIG_EXPORT int vmig_migrate(vmig_session *s, const char *uri)
 
 	if (!s || !uri)
 		return -EINVAL;
-	ret = vmig__uri_parse(uri, &u, &s->err);
+	ret = vmig__uri_parse(uri, &u, &s->api_err);
 	if (ret)
 		return ret;
 	ret = begin(s, uri, true);
@@ -503,19 +566,27 @@ VMIG_EXPORT int vmig_incoming(vmig_session *s, const char *uri)
 
 	if (!s || !uri)
 		return -EINVAL;
-	ret = vmig__uri_parse(uri, &u, &s->err);
+	ret = vmig__uri_parse(uri, &u, &s->api_err);
 	if (ret)
 		return ret;
 	if (migration_running(s)) {
-		vmig__err_set(&s->err, "a migration is already in progress");
+		vmig__err_set(&s->api_err, "a migration is already in progress");
 		return -EBUSY;
 	}
+	if (s->pcd) {
+		vmig__err_set(&s->api_err, "guest memory is incomplete after a failed post-copy "
+					   "migration: this VM cannot take another one");
+		return -EBUSY;
+	}
+	/* The previous migration's thread owns listen_fd until it ends: it
+	 * may be closing it right now. */
+	join_thread(s);
 	/* Bind now, so a busy port is reported to the caller at once. */
 	if (s->listen_fd >= 0) {
 		close(s->listen_fd);
 		s->listen_fd = -1;
 	}
-	ret = vmig__chan_listen(&u, &s->listen_fd, &s->err);
+	ret = vmig__chan_listen(&u, &s->listen_fd, &s->api_err);
 	if (ret)
 		return ret;
 	ret = begin(s, uri, false);
@@ -534,16 +605,19 @@ VMIG_EXPORT int vmig_cancel(vmig_session *s)
 	if (!migration_running(s))
 		return 0;
 	pthread_mutex_lock(&s->lock);
+	/* After the switch the destination holds the newest state of the
+	 * guest (and may have written to its disks): going back to the source
+	 * is never a way out, so neither side gives up by itself. */
 	postcopy = s->in_postcopy;
 	pthread_mutex_unlock(&s->lock);
-	/* After the switch the destination holds the only running copy. */
 	if (postcopy) {
-		vmig__err_set(&s->err, "a post-copy migration cannot be cancelled");
+		vmig__err_set(&s->api_err, "a post-copy migration cannot be cancelled");
 		return -EBUSY;
 	}
 	__atomic_store_n(&s->cancel, true, __ATOMIC_RELEASE);
 	pthread_mutex_lock(&s->lock);
-	if (s->status == VMIG_STATUS_ACTIVE || s->status == VMIG_STATUS_SETUP) {
+	if (s->status == VMIG_STATUS_ACTIVE || s->status == VMIG_STATUS_SETUP ||
+	    s->status == VMIG_STATUS_PRE_SWITCHOVER) {
 		s->status = s->stats.status = VMIG_STATUS_CANCELLING;
 		pthread_mutex_unlock(&s->lock);
 		vmig__emit(s, VMIG_EVENT_STATUS);
@@ -577,11 +651,11 @@ VMIG_EXPORT int vmig_start_postcopy(vmig_session *s)
 		return -EINVAL;
 	st = get_status(s);
 	if (!s->is_source || (st != VMIG_STATUS_ACTIVE && st != VMIG_STATUS_SETUP)) {
-		vmig__err_set(&s->err, "post-copy must be started after migration has been started");
+		vmig__err_set(&s->api_err, "post-copy must be started after migration has been started");
 		return -EINVAL;
 	}
 	if (!s->caps[VMIG_CAP_POSTCOPY_RAM]) {
-		vmig__err_set(&s->err, "enable the postcopy-ram capability before migrating");
+		vmig__err_set(&s->api_err, "enable the postcopy-ram capability before migrating");
 		return -EINVAL;
 	}
 	__atomic_store_n(&s->postcopy_requested, true, __ATOMIC_RELEASE);
@@ -627,7 +701,7 @@ VMIG_EXPORT int vmig_pause(vmig_session *s)
 	if (!s)
 		return -EINVAL;
 	if (get_status(s) != VMIG_STATUS_POSTCOPY_ACTIVE) {
-		vmig__err_set(&s->err, "migrate-pause is only supported during post-copy");
+		vmig__err_set(&s->api_err, "migrate-pause is only supported during post-copy");
 		return -EINVAL;
 	}
 	__atomic_store_n(&s->pause_requested, true, __ATOMIC_RELEASE);
@@ -642,29 +716,33 @@ static int request_recovery(struct vmig_session *s, const char *uri, bool source
 
 	if (!s || !uri)
 		return -EINVAL;
-	if (get_status(s) != VMIG_STATUS_POSTCOPY_PAUSED || s->is_source != source) {
-		vmig__err_set(&s->err, "%s is only possible on a paused post-copy %s",
+	ret = vmig__uri_parse(uri, &u, &s->api_err);
+	if (ret)
+		return ret;
+	/* Under the lock: the migration thread takes the request (and then
+	 * listen_fd) and leaves postcopy-paused in one step. */
+	pthread_mutex_lock(&s->lock);
+	if (s->status != VMIG_STATUS_POSTCOPY_PAUSED || s->is_source != source ||
+	    s->recover_requested) {
+		pthread_mutex_unlock(&s->lock);
+		vmig__err_set(&s->api_err, "%s is only possible on a paused post-copy %s",
 			      source ? "resume" : "migrate-recover",
 			      source ? "source" : "destination");
 		return -EINVAL;
 	}
-	ret = vmig__uri_parse(uri, &u, &s->err);
-	if (ret)
-		return ret;
 	if (!source) {
 		if (s->listen_fd >= 0)
 			close(s->listen_fd);
 		s->listen_fd = -1;
-		ret = vmig__chan_listen(&u, &s->listen_fd, &s->err);
-		if (ret)
-			return ret;
+		ret = vmig__chan_listen(&u, &s->listen_fd, &s->api_err);
 	}
-	pthread_mutex_lock(&s->lock);
-	snprintf(s->uri, sizeof(s->uri), "%s", uri);
-	s->recover_requested = true;
-	pthread_cond_broadcast(&s->cond);
+	if (!ret) {
+		snprintf(s->uri, sizeof(s->uri), "%s", uri);
+		s->recover_requested = true;
+		pthread_cond_broadcast(&s->cond);
+	}
 	pthread_mutex_unlock(&s->lock);
-	return 0;
+	return ret;
 }
 
 VMIG_EXPORT int vmig_recover(vmig_session *s, const char *uri)
@@ -675,6 +753,36 @@ VMIG_EXPORT int vmig_recover(vmig_session *s, const char *uri)
 VMIG_EXPORT int vmig_resume(vmig_session *s, const char *uri)
 {
 	return request_recovery(s, uri, true);
+}
+
+VMIG_EXPORT int vmig_continue(vmig_session *s, enum vmig_status state)
+{
+	if (!s)
+		return -EINVAL;
+	pthread_mutex_lock(&s->lock);
+	if (s->status != state || state != VMIG_STATUS_PRE_SWITCHOVER) {
+		pthread_mutex_unlock(&s->lock);
+		vmig__err_set(&s->api_err, "migrate-continue: the migration is not in state '%s'",
+			      vmig_status_name(state));
+		return -EINVAL;
+	}
+	s->continue_requested = true;
+	pthread_cond_broadcast(&s->cond);
+	pthread_mutex_unlock(&s->lock);
+	return 0;
+}
+
+VMIG_EXPORT bool vmig_vcpu_blocked(vmig_session *s, unsigned index)
+{
+	bool blocked = false;
+
+	if (!s || index >= VMIG_MAX_VCPUS)
+		return false;
+	pthread_mutex_lock(&s->lock);
+	if (s->pcd)
+		blocked = vmig__pc_dest_vcpu_blocked(s->pcd, index);
+	pthread_mutex_unlock(&s->lock);
+	return blocked;
 }
 
 VMIG_EXPORT int vmig_vcpu_register(vmig_session *s, unsigned index, int tid)
@@ -695,7 +803,8 @@ VMIG_EXPORT int vmig_query(vmig_session *s, struct vmig_stats *out)
 	*out = s->stats;
 	out->status = s->status;
 	if (s->status == VMIG_STATUS_SETUP || s->status == VMIG_STATUS_ACTIVE ||
-	    s->status == VMIG_STATUS_CANCELLING || s->status == VMIG_STATUS_DEVICE)
+	    s->status == VMIG_STATUS_CANCELLING || s->status == VMIG_STATUS_DEVICE ||
+	    s->status == VMIG_STATUS_PRE_SWITCHOVER)
 		out->total_time_ms = (int64_t)((vmig__now_ns() - s->start_ns) / 1000000);
 	pthread_mutex_unlock(&s->lock);
 	return 0;

@@ -9,10 +9,17 @@
  * "sync the dirty bitmap, send the dirty pages" until the time to send what
  * is left at the measured bandwidth fits downtime-limit. Then it stops the
  * vCPUs, sends the last dirty pages, the device state and the memory digest,
- * and waits for the destination to say it is running. If anything fails
- * before that point, the vCPUs are (re)started and the VM carries on here:
- * the source never depends on the destination until the destination runs.
+ * and waits for the destination to say it is running.
+ *
+ * The handover rule (docs/handover.md): the destination starts only once it
+ * has read EOS (or POSTCOPY_RUN), so a failure before that record is queued
+ * restarts the vCPUs here and the VM carries on. From the moment it is
+ * queued ("committed") the destination may run, and the vCPUs here are
+ * restarted only if the destination says it failed without starting
+ * (RP_ERROR with no RESUMED before it: the return path is ordered). Any
+ * other failure leaves them stopped, with the outcome reported as unknown.
  */
+#include <assert.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -294,8 +301,8 @@ out:
 	if (!s->rp_resumed || s->in_postcopy) {
 		vmig__err_set_first(&err, "destination closed the connection");
 		/* Keep the destination's reason for the failure report. */
-		if (!s->err.msg[0])
-			s->err = err;
+		if (!s->mig_err.msg[0])
+			s->mig_err = err;
 	}
 	pthread_cond_broadcast(&s->cond);
 	pthread_mutex_unlock(&s->lock);
@@ -434,6 +441,43 @@ int vmig__src_send_state(struct vmig__source *src)
 	return ret;
 }
 
+/*
+ * Capability pause-before-switchover, with the vCPUs stopped: wait in
+ * status pre-switchover for migrate-continue (0) or a cancel (-ECANCELED).
+ */
+int vmig__src_maybe_pause(struct vmig__source *src)
+{
+	struct vmig_session *s = src->s;
+	bool changed;
+
+	if (!s->caps[VMIG_CAP_PAUSE_BEFORE_SWITCHOVER])
+		return 0;
+	pthread_mutex_lock(&s->lock);
+	changed = !vmig__cancelled(s) && vmig__set_status_locked(s, VMIG_STATUS_PRE_SWITCHOVER);
+	pthread_mutex_unlock(&s->lock);
+	if (changed)
+		vmig__emit(s, VMIG_EVENT_STATUS);
+	pthread_mutex_lock(&s->lock);
+	while (!s->continue_requested && !vmig__cancelled(s) && !s->rp_failed)
+		pthread_cond_wait(&s->cond, &s->lock);
+	pthread_mutex_unlock(&s->lock);
+	if (vmig__cancelled(s)) {
+		vmig__fail(s, -ECANCELED, "migration cancelled");
+		return -ECANCELED;
+	}
+	if (!s->continue_requested) {
+		vmig__fail(s, -EIO, "the destination went away during pre-switchover");
+		return -EIO;
+	}
+	return 0;
+}
+
+/* The record that lets the destination start is about to be queued. */
+void vmig__src_commit(struct vmig__source *src)
+{
+	__atomic_store_n(&src->s->committed, true, __ATOMIC_RELEASE);
+}
+
 /* Stop the VM, send the rest, and hand over. */
 static int switch_over(struct vmig__source *src)
 {
@@ -444,7 +488,11 @@ static int switch_over(struct vmig__source *src)
 
 	ret = vmig__src_stop_vm(src);
 	if (!ret)
-		ret = vmig__src_sync_dirty(src);
+		ret = vmig__src_maybe_pause(src);
+	if (ret)
+		return ret;
+	vmig__set_status(s, VMIG_STATUS_DEVICE);
+	ret = vmig__src_sync_dirty(src);
 	if (ret)
 		return ret;
 	ret = send_dirty(src, true);
@@ -456,6 +504,7 @@ static int switch_over(struct vmig__source *src)
 	ret = digest_record(src);
 	if (ret)
 		return ret;
+	vmig__src_commit(src);
 	vmig__writer_rec(src->w, VMIG_REC_EOS, NULL, 0);
 	ret = vmig__writer_flush(src->w);
 	if (ret)
@@ -463,8 +512,11 @@ static int switch_over(struct vmig__source *src)
 	src->st.ram.downtime_bytes = vmig__src_wire_bytes(src) - before;
 	ret = vmig__src_wait_rp(s, &s->rp_resumed);
 	if (ret) {
+		struct vmig__err why;
+
+		vmig__get_err(s, &why);
 		vmig__fail(s, ret, "destination did not start: %s",
-			   s->err.msg[0] ? s->err.msg : "no reply");
+			   why.msg[0] ? why.msg : "no reply");
 		return ret;
 	}
 	src->st.downtime_us = (vmig__now_ns() - stop_ns) / 1000;
@@ -496,7 +548,7 @@ int vmig__src_connect(struct vmig__source *src, bool resume)
 	if (ret) {
 		if (fd >= 0)
 			close(fd);
-		vmig__err_set_first(&s->err, "%s", err.msg);
+		vmig__note_err(s, "%s", err.msg);
 		return ret;
 	}
 	uint64_t sent = src->w->bytes; /* a resumed stream keeps counting */
@@ -518,7 +570,7 @@ int vmig__src_connect(struct vmig__source *src, bool resume)
 	if (!ret && s->caps[VMIG_CAP_MULTIFD]) {
 		ret = vmig__mf_source_open(src, &err);
 		if (ret) {
-			vmig__err_set_first(&s->err, "%s", err.msg);
+			vmig__note_err(s, "%s", err.msg);
 			return ret;
 		}
 	}
@@ -528,7 +580,7 @@ int vmig__src_connect(struct vmig__source *src, bool resume)
 		ret = vmig__writer_flush(src->uw);
 	}
 	if (ret) {
-		vmig__err_set_first(&s->err, "sending to the destination failed");
+		vmig__note_err(s, "sending to the destination failed");
 		return ret;
 	}
 	if (resume) /* the destination's bitmaps come first, read by the caller */
@@ -571,7 +623,7 @@ static int setup(struct vmig__source *src)
 
 	ret = vmig__src_connect(src, false);
 	if (ret) {
-		vmig__fail(s, ret, "%s", s->err.msg[0] ? s->err.msg : "cannot connect");
+		vmig__fail(s, ret, "cannot connect");
 		return ret;
 	}
 	if (vmig__cancelled(s)) /* cancelled while connecting */
@@ -701,6 +753,18 @@ static int iterate(struct vmig__source *src)
 	}
 }
 
+/* The destination said it failed, and had not said it runs before that:
+ * it never started (the return path is ordered), so the VM is ours. */
+static bool dest_refused(struct vmig_session *s)
+{
+	bool refused;
+
+	pthread_mutex_lock(&s->lock);
+	refused = s->rp_error && !s->rp_resumed;
+	pthread_mutex_unlock(&s->lock);
+	return refused;
+}
+
 /* After failure or cancel before the switch: keep the VM running here. */
 static void recover_source(struct vmig__source *src)
 {
@@ -767,10 +831,16 @@ void *vmig__source_thread(void *arg)
 		ret = switch_over(&src);
 	}
 	if (ret && !s->in_postcopy) {
-		if (vmig__cancelled(s))
-			vmig__fail(s, -ECANCELED, "migration cancelled");
-		recover_source(&src);
+		if (__atomic_load_n(&s->committed, __ATOMIC_ACQUIRE) && !dest_refused(s)) {
+			vmig__fail_unknown(s);
+		} else {
+			if (vmig__cancelled(s))
+				vmig__fail(s, -ECANCELED, "migration cancelled");
+			recover_source(&src);
+		}
 	}
+	/* Past the post-copy switch the destination may run: committed. */
+	assert(!s->in_postcopy || __atomic_load_n(&s->committed, __ATOMIC_ACQUIRE));
 	finish(&src, ret);
 out:
 	free(src.w);

@@ -20,6 +20,7 @@
  * may place pages; the bitmaps are updated atomically, the accounting under
  * acct_lock.
  */
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
@@ -56,6 +57,11 @@ struct vmig__pc_dest {
 	bool urgent_started;
 	pthread_t urgent_thread;
 	bool finishing; /* atomic: EOS seen, the urgent channel may close */
+	/* The urgent thread's failure other than a lost connection (a bad
+	 * record): written by it before it breaks the main channel (release),
+	 * read by the migration thread after that (acquire) or after the join. */
+	int urgent_err;
+	struct vmig__err urgent_msg;
 	/* atomic: faults are answered post-copy style (requests) from the
 	 * first DISCARD on; before that a fault can only be someone reading a
 	 * page that has not arrived yet, which is zero so far. */
@@ -452,6 +458,16 @@ static void *fault_main(void *arg)
 
 /* ---- setup ------------------------------------------------------------- */
 
+bool vmig__pc_dest_vcpu_blocked(struct vmig__pc_dest *pc, unsigned index)
+{
+	bool blocked;
+
+	pthread_mutex_lock(&pc->acct_lock);
+	blocked = index < pc->nvcpus && pc->vcpu[index].key;
+	pthread_mutex_unlock(&pc->acct_lock);
+	return blocked;
+}
+
 int vmig__pc_dest_new(struct vmig_session *s, struct vmig__pc_dest **out)
 {
 	struct vmig__pc_dest *pc = calloc(1, sizeof(*pc));
@@ -475,6 +491,10 @@ int vmig__pc_dest_new(struct vmig_session *s, struct vmig__pc_dest **out)
 	pc->nvcpus = s->nvcpus;
 	for (unsigned i = 0; i < pc->nvcpus; i++)
 		pc->vcpu[i].tid = s->vcpu_tid[i];
+	pthread_mutex_lock(&s->lock);
+	assert(!s->pcd);
+	s->pcd = pc;
+	pthread_mutex_unlock(&s->lock);
 	*out = pc;
 	return 0;
 }
@@ -504,6 +524,11 @@ void vmig__pc_dest_free(struct vmig__pc_dest *pc)
 {
 	if (!pc)
 		return;
+	assert(!pc->urgent_started);
+	pthread_mutex_lock(&pc->s->lock);
+	if (pc->s->pcd == pc)
+		pc->s->pcd = NULL;
+	pthread_mutex_unlock(&pc->s->lock);
 	stop_thread(pc);
 	if (pc->uffd >= 0)
 		close(pc->uffd); /* unregisters, waking anything still waiting */
@@ -602,11 +627,17 @@ static void *urgent_main(void *arg)
 	fd = s->urgent_fd;
 	pthread_mutex_unlock(&s->lock);
 	if (r && bounce && fd >= 0) {
+		int ret;
+
 		vmig__pc_dest_hooks(pc, &l.hooks);
 		vmig__reader_init_fd(r, fd);
 		l.r = r;
-		while (!vmig__load_record(&l, &type))
+		while (!(ret = vmig__load_record(&l, &type)))
 			;
+		if (!vmig__net_error(ret) && !__atomic_load_n(&pc->finishing, __ATOMIC_ACQUIRE)) {
+			pc->urgent_msg = err;
+			__atomic_store_n(&pc->urgent_err, ret, __ATOMIC_RELEASE);
+		}
 	}
 	/* Losing the urgent channel means the connection is gone: pause. */
 	pthread_mutex_lock(&s->lock);
@@ -616,6 +647,23 @@ static void *urgent_main(void *arg)
 	free(bounce);
 	free(r);
 	return NULL;
+}
+
+/* Shut the urgent channel and join its thread (its fd stays until closed
+ * with the others). */
+static void stop_urgent(struct vmig__pc_dest *pc)
+{
+	struct vmig_session *s = pc->s;
+
+	pthread_mutex_lock(&s->lock);
+	if (s->urgent_fd >= 0)
+		shutdown(s->urgent_fd, SHUT_RDWR);
+	pthread_mutex_unlock(&s->lock);
+	if (pc->urgent_started) {
+		pthread_join(pc->urgent_thread, NULL);
+		pc->urgent_started = false;
+	}
+	pc->lb = NULL;
 }
 
 static void close_channels(struct vmig__pc_dest *pc)
@@ -672,16 +720,23 @@ static int pause_and_recover(struct vmig__pc_dest *pc, struct vmig__loader *l)
 	struct vmig_session *s = pc->s;
 	int ret;
 
+	bool changed = false;
+
 	close_channels(pc);
 	vmig__set_status(s, VMIG_STATUS_POSTCOPY_PAUSED);
 	pthread_mutex_lock(&s->lock);
 	while (!s->recover_requested && !vmig__cancelled(s))
 		pthread_cond_wait(&s->cond, &s->lock);
-	s->recover_requested = false;
+	if (!vmig__cancelled(s)) {
+		/* In one step with the request: listen_fd is ours from here. */
+		s->recover_requested = false;
+		changed = vmig__set_status_locked(s, VMIG_STATUS_POSTCOPY_RECOVER);
+	}
 	pthread_mutex_unlock(&s->lock);
 	if (vmig__cancelled(s))
 		return -ECANCELED;
-	vmig__set_status(s, VMIG_STATUS_POSTCOPY_RECOVER);
+	if (changed)
+		vmig__emit(s, VMIG_EVENT_STATUS);
 	/* Both channels, in whatever order they come; strays are dropped. */
 	ret = vmig__dest_accept(s, l, true);
 	if (!ret && s->urgent_fd < 0)
@@ -725,42 +780,69 @@ static int check_complete(struct vmig__pc_dest *pc, struct vmig__err *err)
 	return 0;
 }
 
-int vmig__pc_dest_run(struct vmig__pc_dest *pc, struct vmig__loader *l)
+/* The urgent thread failed on a bad record: that is the error to report. */
+static int urgent_failure(struct vmig__pc_dest *pc, struct vmig__err *err)
 {
-	struct vmig_session *s = pc->s;
-	int ret;
+	int ret = __atomic_load_n(&pc->urgent_err, __ATOMIC_ACQUIRE);
 
-	pc->lb = l->blocks;
-	ret = start_urgent(pc);
-	if (ret)
-		return ret;
-	for (;;) {
+	if (ret) {
+		vmig__err_clear(err);
+		vmig__err_set(err, "urgent channel: %s", pc->urgent_msg.msg);
+	}
+	return ret;
+}
+
+/*
+ * Load the main stream after the switch until EOS. A lost connection pauses
+ * and waits for recovery; anything else (a bad record on either channel)
+ * is returned, with the urgent thread joined: nothing may use the loaders
+ * once this returns.
+ */
+static int load_rest(struct vmig__pc_dest *pc, struct vmig__loader *l)
+{
+	int ret = start_urgent(pc);
+
+	while (!ret) {
 		uint8_t type;
 
 		ret = vmig__load_record(l, &type);
-		if (!ret && !l->eos)
-			continue;
+		if (!ret && l->eos)
+			return 0;
 		if (!ret)
-			break;
-		if (ret != -EPIPE && ret != -ECONNRESET && ret != -ENOTCONN && ret != -ETIMEDOUT)
-			return ret; /* a protocol error is not a network failure */
-		vmig__err_clear(l->err);
-		ret = pause_and_recover(pc, l);
-		if (ret)
-			return ret;
+			continue;
+		if (urgent_failure(pc, l->err))
+			ret = pc->urgent_err;
+		else if (vmig__net_error(ret)) {
+			vmig__err_clear(l->err);
+			ret = pause_and_recover(pc, l);
+		}
 	}
+	stop_urgent(pc); /* the main channel stays, for RP_ERROR */
+	if (urgent_failure(pc, l->err)) /* it may have lost the race to say so */
+		ret = pc->urgent_err;
+	return ret;
+}
+
+int vmig__pc_dest_run(struct vmig__pc_dest *pc, struct vmig__loader *l)
+{
+	int ret;
+
+	pc->lb = l->blocks;
+	ret = load_rest(pc, l);
+	if (ret)
+		return ret;
 	/* Everything was sent on the main channel: the urgent one can go. */
 	__atomic_store_n(&pc->finishing, true, __ATOMIC_RELEASE);
-	pthread_mutex_lock(&s->lock);
-	if (s->urgent_fd >= 0)
-		shutdown(s->urgent_fd, SHUT_RDWR);
-	pthread_mutex_unlock(&s->lock);
-	pthread_join(pc->urgent_thread, NULL);
-	pc->urgent_started = false;
-	ret = check_complete(pc, l->err);
+	stop_urgent(pc);
+	ret = urgent_failure(pc, l->err);
+	if (!ret)
+		ret = check_complete(pc, l->err);
 	if (!ret)
 		ret = vmig__load_verify(l);
-	stop_thread(pc);
+	/* On failure the fault thread stays: a vCPU may wait on a page that
+	 * never came, and the embedder's stop must see it blocked. */
+	if (!ret)
+		stop_thread(pc);
 	publish_acct(pc);
 	return ret;
 }

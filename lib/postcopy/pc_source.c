@@ -114,24 +114,26 @@ int vmig__pc_source_switch(struct vmig__source *src)
 
 	ret = vmig__src_stop_vm(src);
 	if (!ret)
+		ret = vmig__src_maybe_pause(src);
+	if (!ret)
 		ret = discard_new(src, NULL);
 	if (ret)
 		return ret;
 	ret = vmig__src_send_state(src);
 	if (ret)
 		return ret;
-	vmig__writer_rec(src->w, VMIG_REC_POSTCOPY_RUN, NULL, 0);
-	__atomic_store_n(&src->hint, NO_HINT, __ATOMIC_RELAXED);
-	ret = vmig__writer_flush(src->w);
-	if (ret) {
-		vmig__fail(s, ret, "sending the post-copy switch failed");
-		return ret;
-	}
-	/* From here the destination may be running: failures pause, not fail. */
+	/* From here the destination may be running: failures pause, not fail
+	 * (a flush that fails part-way may still have delivered the record). */
+	vmig__src_commit(src);
 	pthread_mutex_lock(&s->lock);
 	s->in_postcopy = true;
 	pthread_mutex_unlock(&s->lock);
+	vmig__writer_rec(src->w, VMIG_REC_POSTCOPY_RUN, NULL, 0);
+	__atomic_store_n(&src->hint, NO_HINT, __ATOMIC_RELAXED);
+	ret = vmig__writer_flush(src->w);
 	vmig__set_status(s, VMIG_STATUS_POSTCOPY_ACTIVE);
+	if (ret)
+		return 0; /* a lost link: the push loop pauses */
 	src->st.ram.downtime_bytes = vmig__src_wire_bytes(src) - src->st.ram.precopy_bytes;
 	if (!vmig__src_wait_rp(s, &s->rp_resumed)) {
 		src->st.downtime_us = (vmig__now_ns() - stop_ns) / 1000;
@@ -277,16 +279,22 @@ static int pause_and_resume(struct vmig__source *src)
 	vmig__src_close_channels(src);
 	vmig__set_status(s, VMIG_STATUS_POSTCOPY_PAUSED);
 	for (;;) {
+		bool changed = false;
+
 		pthread_mutex_lock(&s->lock);
 		while (!s->recover_requested && !vmig__cancelled(s))
 			pthread_cond_wait(&s->cond, &s->lock);
-		s->recover_requested = false;
+		if (!vmig__cancelled(s)) {
+			s->recover_requested = false;
+			changed = vmig__set_status_locked(s, VMIG_STATUS_POSTCOPY_RECOVER);
+		}
 		pthread_mutex_unlock(&s->lock);
 		if (vmig__cancelled(s))
 			return -ECANCELED;
+		if (changed)
+			vmig__emit(s, VMIG_EVENT_STATUS);
 		__atomic_store_n(&s->pause_requested, false, __ATOMIC_RELEASE);
-		vmig__set_status(s, VMIG_STATUS_POSTCOPY_RECOVER);
-		vmig__err_clear(&s->err);
+		vmig__clear_err(s);
 		ret = vmig__src_connect(src, true);
 		if (!ret)
 			ret = read_bitmaps(src);
@@ -356,7 +364,9 @@ int vmig__pc_source_push(struct vmig__source *src)
 	}
 	src->st.ram.postcopy_bytes = vmig__src_wire_bytes(src) - src->st.ram.precopy_bytes +
 				     __atomic_load_n(&src->urgent_bytes, __ATOMIC_RELAXED);
-	if (ret)
+	if (ret == -ECANCELED) /* the session is being freed while paused */
+		vmig__fail_unknown(s);
+	else if (ret)
 		vmig__fail(s, ret, "post-copy failed");
 	return ret;
 }

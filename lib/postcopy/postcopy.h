@@ -32,6 +32,8 @@ struct vmig__pc_dest;
  * destination has postcopy-ram. */
 int vmig__pc_dest_new(struct vmig_session *s, struct vmig__pc_dest **out);
 void vmig__pc_dest_free(struct vmig__pc_dest *pc);
+/* True while vCPU index waits for a page (vmig_vcpu_blocked). */
+bool vmig__pc_dest_vcpu_blocked(struct vmig__pc_dest *pc, unsigned index);
 void vmig__pc_dest_hooks(struct vmig__pc_dest *pc, struct vmig__load_hooks *hooks);
 /* Incoming migration starts: register guest RAM with userfaultfd (pages are
  * installed with UFFDIO_COPY from then on) and start the fault thread.
@@ -43,7 +45,10 @@ int vmig__pc_dest_switch(struct vmig__pc_dest *pc, struct vmig__err *err);
 /*
  * The rest of the migration after the switch: load the main stream (l) and
  * the urgent channel, pause and recover as needed, verify, unregister.
- * Returns 0 when every page is in place and verified.
+ * Returns 0 when every page is in place and verified. On failure the
+ * guest RAM stays registered and the fault thread keeps running (faults
+ * wait, never read a missing page): the caller stops the vCPUs and keeps
+ * pc until the session ends.
  */
 int vmig__pc_dest_run(struct vmig__pc_dest *pc, struct vmig__loader *l);
 

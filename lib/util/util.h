@@ -6,6 +6,7 @@
 #ifndef VMIG_UTIL_H
 #define VMIG_UTIL_H
 
+#include <errno.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -56,6 +57,15 @@ struct vmig__uri {
 	char path[108]; /* unix (sun_path size) */
 };
 int vmig__uri_parse(const char *uri, struct vmig__uri *out, struct vmig__err *err);
+
+/* Errors that mean the connection is gone (a network failure, a peer that
+ * died), as opposed to a peer that sent something wrong. */
+static inline bool vmig__net_error(int ret)
+{
+	return ret == -EPIPE || ret == -ECONNRESET || ret == -ENOTCONN || ret == -ETIMEDOUT ||
+	       ret == -ECONNABORTED || ret == -EHOSTUNREACH || ret == -ENETUNREACH ||
+	       ret == -ENETDOWN || ret == -ESHUTDOWN;
+}
 
 /* Full-length I/O on blocking fds, retrying EINTR and short transfers.
  * Return 0, -errno, or -EPIPE for EOF in the middle of a read. */

@@ -263,15 +263,25 @@ class Runner:
 class Relay:
     """Forwards every TCP connection made to its port on to 127.0.0.1:target.
 
-    cut() breaks all current connections at once (a network failure). With
-    limit, the first connection is cut after `limit` bytes have gone from
-    the client to the target (a stream truncated at that offset). Bounded:
-    it stops accepting after 300 s or close().
+    Connections are numbered in the order they arrive (for vmig: 0 is the
+    main channel; then the urgent or multifd channels). The test controls
+    the link:
+    - cut() breaks all current connections at once (a network failure);
+    - with limit, the first connection is cut after `limit` bytes have gone
+      from the client to the target (a stream truncated at that offset);
+    - reverse_delay holds everything the target sends back for that many
+      seconds (a slow return path), and freeze_reverse() holds it for good;
+    - inject(i, data) puts data into connection i's forward stream before
+      its next chunk, flip(i) flips one byte in the middle of its next chunk
+      of at least min_chunk bytes, truncate(i) ends its forward stream.
+    Bounded: it stops accepting after 300 s or close().
     """
 
-    def __init__(self, target, limit=None):
+    def __init__(self, target, limit=None, reverse_delay=0.0):
         self.target = target
         self.limit = limit
+        self.reverse_delay = reverse_delay
+        self.frozen = False
         self.lsock = socket.socket()
         self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.lsock.bind(("127.0.0.1", 0))
@@ -279,21 +289,38 @@ class Relay:
         self.lsock.settimeout(0.2)
         self.port = self.lsock.getsockname()[1]
         self.socks = []
+        self.conns = []  # (client, target) sockets, by arrival
+        self.hooks = {}  # connection index -> function(chunk) -> chunk, used once
+        self.applied = threading.Event()
         self.lock = threading.Lock()
         self.stop = False
         self.accepted = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def _pump(self, a, b, limit):
+    def _hook(self, index, data):
+        with self.lock:
+            fn = self.hooks.get(index)
+            if fn is None:
+                return data
+            out = fn(data)
+            if out is None:
+                return data
+            del self.hooks[index]
+        self.applied.set()
+        return out
+
+    def _pump(self, a, b, limit, index=None):
         left = limit
         try:
             while left is None or left > 0:
                 d = a.recv(262144 if left is None else min(262144, left))
                 if not d:
                     break
-                b.sendall(d)
                 if left is not None:
                     left -= len(d)
+                if index is not None:
+                    d = self._hook(index, d)
+                b.sendall(d)
         except OSError:
             pass
         if limit is not None:
@@ -304,6 +331,48 @@ class Relay:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def _pump_back(self, b, a):
+        """Target to client, late by reverse_delay, or not at all once frozen."""
+        if not self.reverse_delay:
+            return self._pump(b, a, None)
+        queue = []
+        cond = threading.Condition()
+        done = []
+
+        def sender():
+            while True:
+                with cond:
+                    while not queue and not done:
+                        cond.wait(0.1)
+                    if not queue or self.stop:
+                        return
+                    due, d = queue[0]
+                    now = time.monotonic()
+                    if now < due or self.frozen:
+                        cond.wait(min(max(due - now, 0.005), 0.05))
+                        continue
+                    queue.pop(0)
+                try:
+                    a.sendall(d)
+                except OSError:
+                    return
+
+        t = threading.Thread(target=sender, daemon=True)
+        t.start()
+        try:
+            while True:
+                d = b.recv(262144)
+                if not d:
+                    break
+                with cond:
+                    queue.append((time.monotonic() + self.reverse_delay, d))
+                    cond.notify()
+        except OSError:
+            pass
+        with cond:
+            done.append(True)
+            cond.notify()
 
     def _accept(self):
         deadline = time.monotonic() + 300
@@ -319,10 +388,37 @@ class Relay:
             b.settimeout(None)
             with self.lock:
                 self.socks += [a, b]
+                self.conns.append((a, b))
+                index = self.accepted
             limit = self.limit if self.accepted == 0 else None
             self.accepted += 1
-            threading.Thread(target=self._pump, args=(a, b, limit), daemon=True).start()
-            threading.Thread(target=self._pump, args=(b, a, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(a, b, limit, index), daemon=True).start()
+            threading.Thread(target=self._pump_back, args=(b, a), daemon=True).start()
+
+    def freeze_reverse(self):
+        self.frozen = True
+
+    def inject(self, index, data):
+        with self.lock:
+            self.hooks[index] = lambda chunk: data + chunk
+
+    def flip(self, index, min_chunk=65536):
+        def fn(chunk):
+            if len(chunk) < min_chunk:
+                return None
+            mid = len(chunk) // 2
+            return chunk[:mid] + bytes([chunk[mid] ^ 0x5a]) + chunk[mid + 1:]
+        with self.lock:
+            self.hooks[index] = fn
+
+    def truncate(self, index):
+        with self.lock:
+            a, b = self.conns[index]
+        for s, how in ((a, socket.SHUT_RD), (b, socket.SHUT_WR)):
+            try:
+                s.shutdown(how)
+            except OSError:
+                pass
 
     def cut(self):
         with self.lock:
