@@ -1,7 +1,11 @@
 # Thin wrapper over meson: `make demo`, `make check`, `make bench`.
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
+FUZZ_BUILD ?= build-fuzz
 NINJA      ?= ninja
+# meson takes NINJA from the environment as the path of ninja itself: a
+# `make check NINJA="ninja -j2"` must not reach it there.
+unexport NINJA
 
 .PHONY: all deps build asan demo check bench clean format
 
@@ -26,7 +30,7 @@ demo: build
 	@scripts/demo.sh $(BUILD)
 
 check: build asan
-	@tests/run-all.sh $(BUILD) $(ASAN_BUILD)
+	@VMIG_NINJA="$(NINJA)" tests/run-all.sh $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD)
 
 bench: build
 	@bench/run.sh $(BUILD)
@@ -35,4 +39,4 @@ format:
 	clang-format -i $$(git ls-files '*.c' '*.h')
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD)
+	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD)

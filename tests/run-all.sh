@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # Runs every test: unit and fuzz-smoke (meson) in the release build and in the
-# ASan+UBSan build, then the integration tests (real processes over loopback)
-# and the interop tests (real QEMU, real Linux guest). Prints one line per
-# suite or case and ends with "N passed, N failed". A test that cannot run
-# because something is missing counts as failed: nothing is skipped silently.
+# ASan+UBSan build, then compiles the libFuzzer build, then the integration
+# tests (real processes over loopback) and the interop tests (real QEMU, real
+# Linux guest). Prints one line per suite or case and ends with "N passed, N
+# failed". A test that cannot run because something is missing counts as
+# failed: nothing is skipped silently.
 #
-# usage: tests/run-all.sh BUILD_DIR ASAN_BUILD_DIR
+# usage: tests/run-all.sh BUILD_DIR ASAN_BUILD_DIR [FUZZ_BUILD_DIR]
+#   FUZZ_BUILD_DIR      the libFuzzer build, configured here if it is not
+#                       (default: build-fuzz)
 #   VMIG_TESTS=pattern  only run integration/interop scripts whose path matches
+#   VMIG_NINJA=cmd      how to run ninja (default: ninja), e.g. "ninja -j2"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 build=$(realpath "$1")
 asan=$(realpath "$2")
+fuzz=$(realpath -m "${3:-build-fuzz}")
+ninja=${VMIG_NINJA:-ninja}
 passed=0
 failed=0
 logdir=$(mktemp -d /tmp/vmig-check.XXXXXX)
@@ -59,6 +65,61 @@ count_meson "$build" release
 echo "== unit + fuzz smoke (ASan+UBSan build)"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	count_meson "$asan" asan
+
+# The libFuzzer build, configured exactly as README.md documents it, so that
+# it never rots: compiled with clang and -Werror, and each target run once
+# over its checked-in corpus (which proves it links and starts; fuzzing for
+# real is a job of its own). One line, passed or failed.
+fuzz_configured() { # build-dir: with clang, -Dfuzz_libfuzzer=true and -Werror?
+	python3 - "$1" 2>/dev/null <<'EOF'
+import json, os, sys
+d = sys.argv[1]
+with open(os.path.join(d, "meson-info", "intro-buildoptions.json")) as f:
+    opts = {o["name"]: o["value"] for o in json.load(f)}
+with open(os.path.join(d, "compile_commands.json")) as f:
+    cc = json.load(f)[0]["command"].split()[0]
+sys.exit(0 if opts.get("fuzz_libfuzzer") is True and opts.get("werror") is True
+         and os.path.basename(cc).startswith("clang") else 1)
+EOF
+}
+
+fuzz_build() { # build-dir
+	local dir=$1 log="$logdir/fuzz-build.log" why="" f name
+	echo "== libFuzzer build (clang, -Dfuzz_libfuzzer=true)"
+	# A build directory configured otherwise (gcc, no libFuzzer, no -Werror)
+	# is not the documented build: start it again.
+	if [ -d "$dir/meson-private" ] && ! fuzz_configured "$dir"; then
+		echo "  $dir was configured otherwise: configuring it again"
+		rm -rf "$dir"
+	fi
+	if [ ! -f "$dir/build.ninja" ] &&
+		! CC=clang meson setup "$dir" -Dfuzz_libfuzzer=true >"$log" 2>&1; then
+		why="meson setup failed"
+	elif ! $ninja -C "$dir" >>"$log" 2>&1; then
+		why="compile failed"
+	else
+		for f in tests/fuzz/corpus/*/; do
+			name=$(basename "$f")
+			if [ ! -x "$dir/tests/fuzz/fuzz-$name" ]; then
+				why="no fuzz-$name was built"
+				break
+			fi
+			if ! timeout 120 "$dir/tests/fuzz/fuzz-$name" -runs=0 "$f"* >>"$log" 2>&1; then
+				why="fuzz-$name failed on its corpus"
+				break
+			fi
+		done
+	fi
+	if [ -z "$why" ]; then
+		echo "PASS: libFuzzer build compiles, each target replays its corpus"
+		passed=$((passed + 1))
+	else
+		echo "FAIL: libFuzzer build: $why"
+		tail -30 "$log"
+		failed=$((failed + 1))
+	fi
+}
+fuzz_build "$fuzz"
 
 for t in tests/integration/test_* tests/interop/*/test_*; do
 	[ -x "$t" ] || continue
