@@ -56,7 +56,11 @@ struct vblk_req {
 	int error;	  /* first failure */
 	bool busy;
 	bool zero_filled;
-	unsigned nsegs; /* discard / write-zeroes segments */
+	enum { VBLK_DELAY_NONE, VBLK_DELAY_WAITING, VBLK_DELAY_HELD } delay;
+	uint8_t held_status; /* status to return once the latency is over */
+	uint64_t sector;     /* from the request header */
+	uint64_t fetch_ns;   /* taken from the ring (only while a latency is set) */
+	unsigned nsegs;	     /* discard / write-zeroes segments */
 	struct vblk_dwz_seg segs[VBLK_MAX_DWZ_SEGS];
 };
 
@@ -186,7 +190,16 @@ static bool range_ok(const struct vblk_disk *disk, uint64_t sector, uint64_t byt
 
 /* ---- completion ---- */
 
-static void req_finish(struct vblk_queue *q, struct vblk_req *req, uint8_t status)
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts); /* vDSO: no syscall */
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* Hand the request back to the guest (visible at the next flush). */
+static void req_retire(struct vblk_queue *q, struct vblk_req *req, uint8_t status)
 {
 	struct vhost_vq *vq = &q->vr->vq;
 
@@ -199,6 +212,38 @@ static void req_finish(struct vblk_queue *q, struct vblk_req *req, uint8_t statu
 	}
 	vhost_vq_push(vq, req->chain.head, req->written + 1);
 	req->busy = false;
+}
+
+/* ---- added latency (vblk_queue_set_latency) ---- */
+
+/* Requests that only read: the rest change the disk or make it durable. */
+static bool req_reads(const struct vblk_req *req)
+{
+	return req->type == VIRTIO_BLK_T_IN || req->type == VIRTIO_BLK_T_GET_ID;
+}
+
+static uint64_t req_latency_ns(const struct vblk_queue *q, const struct vblk_req *req)
+{
+	return __atomic_load_n(req_reads(req) ? &q->read_latency_ns : &q->write_latency_ns,
+			       __ATOMIC_RELAXED);
+}
+
+/* Delay the request now? Never once a stop is asked. */
+static bool delaying(const struct vblk_queue *q, const struct vblk_req *req)
+{
+	return req_latency_ns(q, req) && !__atomic_load_n(&q->stop_requested, __ATOMIC_ACQUIRE);
+}
+
+/* The request's work is done: return it now, or hold it for the latency. */
+static void req_finish(struct vblk_queue *q, struct vblk_req *req, uint8_t status)
+{
+	if (delaying(q, req)) {
+		req->held_status = status;
+		req->delay = VBLK_DELAY_HELD;
+		q->ndelayed++;
+		return;
+	}
+	req_retire(q, req, status);
 }
 
 /* A chain we cannot even answer with a status: return it empty. */
@@ -405,34 +450,15 @@ static uint8_t start_dwz(struct vblk_queue *q, struct vblk_req *req)
 	return req->pending ? 0xff : VIRTIO_BLK_S_OK;
 }
 
-/* Start the request at head. */
-static void req_start(struct vblk_queue *q, uint16_t head)
+/* Start the request's work. */
+static void req_run(struct vblk_queue *q, struct vblk_req *req)
 {
-	struct vblk_req *req = &q->reqs[head];
-	struct virtio_blk_outhdr hdr;
 	uint8_t st;
 
-	if (req->busy) {
-		/* The guest posted a head we have not returned: it is broken,
-		 * and using the slot twice would corrupt our bookkeeping. */
-		q->vr->vq.broken = true;
-		return;
-	}
-	req->busy = true;
-	req->pending = 0;
-	req->error = 0;
-	req->done = 0;
-	req->written = 0;
-	req->zero_filled = false;
-	req->nsegs = 0;
-	if (vhost_vq_map_chain(&q->vr->vq, head, &req->chain) || req_layout(req, &hdr)) {
-		req_drop(q, req);
-		return;
-	}
 	switch (req->type) {
 	case VIRTIO_BLK_T_IN:
 	case VIRTIO_BLK_T_OUT:
-		st = start_rw(q, req, hdr.sector);
+		st = start_rw(q, req, req->sector);
 		break;
 	case VIRTIO_BLK_T_FLUSH:
 		st = start_flush(q, req);
@@ -450,6 +476,42 @@ static void req_start(struct vblk_queue *q, uint16_t head)
 	}
 	if (st != 0xff)
 		req_finish(q, req, st);
+}
+
+/* Take the request at head: parse it, and start it now or, with a latency,
+ * after half of it. */
+static void req_start(struct vblk_queue *q, uint16_t head)
+{
+	struct vblk_req *req = &q->reqs[head];
+	struct virtio_blk_outhdr hdr;
+
+	if (req->busy) {
+		/* The guest posted a head we have not returned: it is broken,
+		 * and using the slot twice would corrupt our bookkeeping. */
+		q->vr->vq.broken = true;
+		return;
+	}
+	req->busy = true;
+	req->pending = 0;
+	req->error = 0;
+	req->done = 0;
+	req->written = 0;
+	req->zero_filled = false;
+	req->nsegs = 0;
+	req->delay = VBLK_DELAY_NONE;
+	if (vhost_vq_map_chain(&q->vr->vq, head, &req->chain) || req_layout(req, &hdr)) {
+		req_drop(q, req);
+		return;
+	}
+	req->sector = hdr.sector;
+	if (delaying(q, req)) {
+		req->fetch_ns = mono_ns();
+		req->delay = VBLK_DELAY_WAITING;
+		q->ndelayed++;
+		return;
+	}
+	req->fetch_ns = 0;
+	req_run(q, req);
 }
 
 /* One io_uring completion for req. */
@@ -488,14 +550,6 @@ static void req_complete_op(struct vblk_queue *q, struct vblk_req *req, int res)
 }
 
 /* ---- queue thread ---- */
-
-static uint64_t mono_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts); /* vDSO: no syscall */
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 static void notify(struct vblk_queue *q)
 {
@@ -587,19 +641,88 @@ static unsigned handle_cqes(struct vblk_queue *q, bool *stopping)
 	return done;
 }
 
+/*
+ * Go on with delayed requests whose time has come (all of them when the
+ * queue stops): start those that waited half their latency, return those
+ * held for all of it. A scan of the request slots, done only while requests
+ * are delayed. Sets wake_ns to when the next one is due. Returns how many.
+ */
+static unsigned run_delayed(struct vblk_queue *q, bool all)
+{
+	uint64_t now = mono_ns();
+	unsigned n = 0;
+
+	q->wake_ns = 0;
+	for (unsigned i = 0; i < q->alloc_num && q->ndelayed; i++) {
+		struct vblk_req *req = &q->reqs[i];
+		uint64_t lat = req_latency_ns(q, req), due;
+
+		if (req->delay == VBLK_DELAY_NONE)
+			continue;
+		due = req->fetch_ns + (req->delay == VBLK_DELAY_WAITING ? lat / 2 : lat);
+		if (!all && due > now) {
+			if (!q->wake_ns || due < q->wake_ns)
+				q->wake_ns = due;
+			continue;
+		}
+		q->ndelayed--;
+		n++;
+		if (req->delay == VBLK_DELAY_HELD) {
+			req->delay = VBLK_DELAY_NONE;
+			req_retire(q, req, req->held_status);
+			publish_step(q);
+			continue;
+		}
+		req->delay = VBLK_DELAY_NONE;
+		req_run(q, req);
+		/* Done at once (RAM, null, tmpfs) and held: due at fetch + lat. */
+		if (req->delay == VBLK_DELAY_HELD &&
+		    (!q->wake_ns || req->fetch_ns + lat < q->wake_ns))
+			q->wake_ns = req->fetch_ns + lat;
+	}
+	return n;
+}
+
 /* One pass: start new requests, submit, retire completions, signal once.
  * Returns how many requests were started or completed. */
 static unsigned run_once(struct vblk_queue *q, bool *stopping)
 {
+	const struct vhost_vq *vq = &q->vr->vq;
 	unsigned work = 0;
 
 	if (!*stopping)
 		work += process_avail(q);
+	if (q->ndelayed)
+		work += run_delayed(q, *stopping);
 	if (io_uring_sq_ready(&q->ring))
 		io_uring_submit(&q->ring); /* tmpfs reads complete right here */
 	work += handle_cqes(q, stopping);
+	if (q->ndelayed)
+		work += run_delayed(q, *stopping);
 	notify(q);
+	__atomic_store_n(&q->inflight_now, (uint16_t)(vq->last_avail_idx - vq->published_idx),
+			 __ATOMIC_RELAXED);
 	return work;
+}
+
+/* Sleep until a kick, a stop request or a completion; with requests
+ * delayed, at most until the next is due, and never more than 10 ms, so
+ * that a latency lowered by the control thread is seen. */
+static void queue_sleep(struct vblk_queue *q)
+{
+	struct io_uring_cqe *cqe;
+	struct __kernel_timespec ts = {0, 1};
+	uint64_t now;
+
+	if (!q->ndelayed) {
+		io_uring_submit_and_wait(&q->ring, 1);
+		return;
+	}
+	now = mono_ns();
+	if (q->wake_ns > now)
+		ts.tv_nsec =
+		    (long long)(q->wake_ns - now < 10000000u ? q->wake_ns - now : 10000000u);
+	io_uring_submit_and_wait_timeout(&q->ring, &cqe, 1, &ts, NULL);
 }
 
 /* Keep polling? Only within the window, and never once a stop is asked. */
@@ -638,7 +761,7 @@ static void *queue_thread(void *arg)
 		if (first && q->vr->call_fd >= 0)
 			eventfd_write(q->vr->call_fd, 1);
 
-		if (stopping && q->outstanding == 0)
+		if (stopping && q->outstanding == 0 && q->ndelayed == 0)
 			break;
 		if (work) {
 			if (!notify_on) {
@@ -668,7 +791,7 @@ static void *queue_thread(void *arg)
 				continue; /* posted while we decided to sleep */
 		}
 		stat_add(&q->stats.sleeps, 1);
-		io_uring_submit_and_wait(&q->ring, 1);
+		queue_sleep(q);
 		last_work_ns = mono_ns();
 	}
 	/* Leave the ring asking for kicks, whoever serves it next. */
@@ -711,6 +834,17 @@ void vblk_queue_set_poll(struct vblk_queue *q, uint32_t poll_us)
 	__atomic_store_n(&q->poll_ns, (uint64_t)poll_us * 1000u, __ATOMIC_RELAXED);
 }
 
+void vblk_queue_set_latency(struct vblk_queue *q, uint32_t read_us, uint32_t write_us)
+{
+	__atomic_store_n(&q->read_latency_ns, (uint64_t)read_us * 1000u, __ATOMIC_RELAXED);
+	__atomic_store_n(&q->write_latency_ns, (uint64_t)write_us * 1000u, __ATOMIC_RELAXED);
+}
+
+uint32_t vblk_queue_inflight(const struct vblk_queue *q)
+{
+	return __atomic_load_n(&q->inflight_now, __ATOMIC_RELAXED);
+}
+
 void vblk_queue_free(struct vblk_queue *q)
 {
 	free(q->reqs);
@@ -732,6 +866,8 @@ static int queue_start(void *opaque, struct vhost_vring *vr)
 		return r;
 	q->vr = vr;
 	q->outstanding = 0;
+	q->ndelayed = 0;
+	q->wake_ns = 0;
 	q->warned_broken = false;
 	q->stop_requested = false;
 	q->stop_fd = eventfd(0, EFD_CLOEXEC);
@@ -769,6 +905,7 @@ static void queue_stop(void *opaque, struct vhost_vring *vr)
 	/* Nothing of ours is in flight: no slot may stay busy. */
 	for (unsigned i = 0; i < q->alloc_num; i++)
 		q->reqs[i].busy = false;
+	__atomic_store_n(&q->inflight_now, 0, __ATOMIC_RELAXED);
 }
 
 static void get_config(void *opaque, uint8_t *cfg)

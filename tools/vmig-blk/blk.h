@@ -27,8 +27,9 @@
 #define VBLK_MAX_DWZ_SECTORS (1u << 22) /* 2 GiB per segment */
 #define VBLK_SERIAL_LEN 20u		/* VIRTIO_BLK_ID_BYTES */
 #define VBLK_MAX_RPC_CLIENTS 8
-#define VBLK_DEFAULT_POLL_US 50u  /* see docs/vhost-user.md, "Polling" */
-#define VBLK_MAX_POLL_US 1000000u /* 1 s: longer is a configuration mistake */
+#define VBLK_DEFAULT_POLL_US 50u      /* see docs/vhost-user.md, "Polling" */
+#define VBLK_MAX_POLL_US 1000000u     /* 1 s: longer is a configuration mistake */
+#define VBLK_MAX_LATENCY_US 60000000u /* 60 s: see vblk_queue_set_latency */
 
 struct vblk_stats {
 	uint64_t read_ops, read_bytes;
@@ -73,8 +74,17 @@ struct vblk_queue {
 	/* Busy-poll window after the last work, ns; 0: sleep at once. Written
 	 * by the control thread, read by the queue thread (relaxed atomics). */
 	uint64_t poll_ns;
+	/* Added latency of reads and of the other requests, ns; 0: none.
+	 * Written by the control thread, read by the queue thread (relaxed
+	 * atomics). */
+	uint64_t read_latency_ns, write_latency_ns;
 	struct io_uring ring;
 	struct vblk_req *reqs; /* one per head: a head is in flight at most once */
+	unsigned ndelayed;     /* requests waiting or held for the latency */
+	uint64_t wake_ns;      /* when the first of them is due; 0: none */
+	/* Requests taken from the ring and not yet returned to the guest, as
+	 * of the queue thread's last pass (relaxed atomic; 0 when stopped). */
+	uint32_t inflight_now;
 	struct iovec *iov_pool;
 	uint64_t *gpa_pool;
 	uint16_t alloc_num;
@@ -124,6 +134,7 @@ struct vblk_daemon {
 	uint64_t connections; /* vhost-user connections accepted, across upgrades */
 	uint64_t upgrades;
 	uint32_t poll_us; /* current busy-poll window (--poll-us, or set by RPC) */
+	uint32_t read_latency_us, write_latency_us; /* added latency (set by RPC) */
 	bool stop;
 };
 
@@ -134,6 +145,22 @@ void vblk_queue_init(struct vblk_queue *q, struct vblk_disk *disk, unsigned idx)
 void vblk_queue_free(struct vblk_queue *q);
 /* Change the busy-poll window of a queue (control thread, any time). */
 void vblk_queue_set_poll(struct vblk_queue *q, uint32_t poll_us);
+/*
+ * Add latency to every request the queue takes from the ring from now on:
+ * read_us to reads (and GET_ID), write_us to the others (writes, flushes,
+ * discards, write-zeroes). A delayed request's I/O is issued half its
+ * latency after the request was taken, and the request is returned to the
+ * guest no earlier than all of it after. Like SPDK's delay bdev or null_blk's
+ * completion_nsec, it emulates a slower disk; and it lets a test be sure
+ * that requests are in flight when it kills the daemon, some before their
+ * I/O and some after it, as on a real disk where a write lands somewhere
+ * within its latency. 0 removes the delay, also from requests already
+ * delayed. A stopping queue starts and returns every delayed request at
+ * once.
+ */
+void vblk_queue_set_latency(struct vblk_queue *q, uint32_t read_us, uint32_t write_us);
+/* Requests taken from the ring and not yet returned (control thread). */
+uint32_t vblk_queue_inflight(const struct vblk_queue *q);
 /* Stats of one queue, read from the control thread. */
 void vblk_stats_read(const struct vblk_queue *q, struct vblk_stats *out);
 

@@ -163,11 +163,12 @@ static json_t *controllers(struct vblk_daemon *dm)
 		vblk_stats_read(&dm->q[i], &st);
 		json_array_append_new(
 		    queues,
-		    json_pack("{s:i,s:b,s:i,s:I,s:s,s:i,s:I,s:I}", "queue", i, "started",
+		    json_pack("{s:i,s:b,s:i,s:I,s:s,s:i,s:I,s:I,s:i}", "queue", i, "started",
 			      vr->started, "size", vr->num, "starts", (json_int_t)vr->starts,
 			      "inflight_recovery", recovery_name(vr), "recovered_requests",
 			      vr->recovery.nresubmit, "sleeps", (json_int_t)st.sleeps, "poll_hits",
-			      (json_int_t)st.poll_hits));
+			      (json_int_t)st.poll_hits, "inflight_requests",
+			      (int)vblk_queue_inflight(&dm->q[i])));
 	}
 	c = json_pack("{s:s,s:s,s:s,s:i,s:s,s:s?,s:I,s:i,s:b,s:i,s:b,s:I,s:I,s:{s:{s:b,s:s}}}",
 		      "ctrlr", "vmig-blk0", "socket", dm->opts.socket, "rpc", dm->rpc_path, "pid",
@@ -183,6 +184,9 @@ static json_t *controllers(struct vblk_daemon *dm)
 	}
 	json_object_set_new(c, "queues", queues);
 	json_object_set_new(c, "poll_us", json_integer(dm->poll_us));
+	json_object_set_new(c, "latency",
+			    json_pack("{s:i,s:i}", "read_us", (int)dm->read_latency_us, "write_us",
+				      (int)dm->write_latency_us));
 	if (dm->disk.backend == VBLK_BACKEND_NULL)
 		json_object_set_new(c, "read_zeroes", json_boolean(dm->disk.read_zeroes));
 	json_object_set_new(c, "features", hex(d->offered_features));
@@ -245,6 +249,32 @@ static json_t *set_poll(struct vblk_daemon *dm, int fd, const char *id, json_t *
 	return json_pack("{s:i}", "poll_us", (int)dm->poll_us);
 }
 
+/* {"read_us": R, "write_us": W} (each 0..60000000, absent: 0): the latency
+ * every queue adds to the requests it takes from now on
+ * (vblk_queue_set_latency). */
+static json_t *set_latency(struct vblk_daemon *dm, int fd, const char *id, json_t *params)
+{
+	static const char *const keys[2] = {"read_us", "write_us"};
+	json_int_t v[2];
+
+	for (int k = 0; k < 2; k++) {
+		json_t *p = json_is_object(params) ? json_object_get(params, keys[k]) : NULL;
+
+		v[k] = !p ? 0 : json_is_integer(p) ? json_integer_value(p) : -1;
+		if (v[k] < 0 || v[k] > VBLK_MAX_LATENCY_US) {
+			vblk_rpc_send(fd, id, NULL, RPC_INVALID_PARAMS,
+				      "read_us and write_us must be 0..60000000");
+			return NULL;
+		}
+	}
+	dm->read_latency_us = (uint32_t)v[0];
+	dm->write_latency_us = (uint32_t)v[1];
+	for (unsigned i = 0; i < dm->nqueues; i++)
+		vblk_queue_set_latency(&dm->q[i], dm->read_latency_us, dm->write_latency_us);
+	return json_pack("{s:i,s:i}", "read_us", (int)dm->read_latency_us, "write_us",
+			 (int)dm->write_latency_us);
+}
+
 /* Handle one request object; returns false if the client must be closed. */
 static bool dispatch(struct vblk_daemon *dm, int fd, json_t *req)
 {
@@ -269,6 +299,8 @@ static bool dispatch(struct vblk_daemon *dm, int fd, json_t *req)
 		result = iostat(dm);
 	} else if (!strcmp(method, "vmig_blk_set_poll")) {
 		result = set_poll(dm, fd, id, params);
+	} else if (!strcmp(method, "vmig_blk_set_latency")) {
+		result = set_latency(dm, fd, id, params);
 	} else if (!strcmp(method, "vmig_blk_upgrade")) {
 		json_t *b = json_is_object(params) ? json_object_get(params, "binary") : NULL;
 		char err[256];

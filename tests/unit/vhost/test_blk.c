@@ -85,6 +85,26 @@ static void post(struct fixture *f, uint32_t type, bool kick)
 		eventfd_write(f->vr.kick_fd, 1);
 }
 
+/* Post a read as chain 3-4-5 (head 3), with its own header and status, and
+ * kick: a second request while the one at head 0 is in flight. */
+#define T_HDR3 (H_DATA + 0x4000)
+#define T_BUF3 (H_DATA + 0x5000)
+#define T_STATUS3 (H_DATA + 0x6000)
+static void post_read3(struct fixture *f)
+{
+	struct virtio_blk_outhdr *hdr = h_gpa(&f->h, T_HDR3);
+
+	hdr->type = VIRTIO_BLK_T_IN;
+	hdr->ioprio = 0;
+	hdr->sector = 16;
+	*(uint8_t *)h_gpa(&f->h, T_STATUS3) = 0xee;
+	h_set_desc(&f->h, f->h.desc, 3, T_HDR3, sizeof(*hdr), VHOST_DESC_F_NEXT, 4);
+	h_set_desc(&f->h, f->h.desc, 4, T_BUF3, 4096, VHOST_DESC_F_NEXT | VHOST_DESC_F_WRITE, 5);
+	h_set_desc(&f->h, f->h.desc, 5, T_STATUS3, 1, VHOST_DESC_F_WRITE, 0);
+	h_post(&f->h, 3);
+	eventfd_write(f->vr.kick_fd, 1);
+}
+
 /* Wait up to ms for used->idx to reach want. */
 static bool wait_used(struct fixture *f, uint16_t want, unsigned ms)
 {
@@ -204,6 +224,74 @@ static void test_poll_window(void **state)
 	stop(&f);
 }
 
+/* Wait up to ms for the queue to report want requests in flight. */
+static bool wait_inflight(struct fixture *f, uint32_t want, unsigned ms)
+{
+	uint64_t end = now_ms() + ms;
+
+	while (now_ms() < end) {
+		if (vblk_queue_inflight(&f->q[0]) == want)
+			return true;
+		usleep(200);
+	}
+	return false;
+}
+
+/* A write latency holds writes for at least that long, not reads; the
+ * request counts as in flight meanwhile. Lowering the latency releases what
+ * is held, without a kick. */
+static void test_latency_holds_writes(void **state)
+{
+	struct fixture f;
+	uint64_t t0;
+
+	start(&f, 0, false);
+	vblk_queue_set_latency(&f.q[0], 0, 300000);
+	t0 = now_ms();
+	post(&f, VIRTIO_BLK_T_OUT, true);
+	assert_true(wait_used(&f, 1, 5000));
+	assert_true(now_ms() - t0 >= 300);
+	assert_int_equal(status(&f), VIRTIO_BLK_S_OK);
+	assert_true(wait_inflight(&f, 0, 2000));
+
+	vblk_queue_set_latency(&f.q[0], 0, 30000000);
+	post(&f, VIRTIO_BLK_T_OUT, true);
+	assert_true(wait_inflight(&f, 1, 2000));
+	post_read3(&f); /* returned while the write is held */
+	assert_true(wait_used(&f, 2, 2000));
+	assert_int_equal(f.h.used->ring[1].id, 3);
+	assert_int_equal(*(volatile uint8_t *)h_gpa(&f.h, T_STATUS3), VIRTIO_BLK_S_OK);
+	assert_true(wait_inflight(&f, 1, 2000));
+	vblk_queue_set_latency(&f.q[0], 0, 0);
+	assert_true(wait_used(&f, 3, 2000));
+	assert_int_equal(f.h.used->ring[2].id, 0);
+	assert_int_equal(status(&f), VIRTIO_BLK_S_OK);
+	stop(&f);
+	assert_int_equal(f.q[0].stats.write_ops, 2);
+	assert_int_equal(f.q[0].stats.read_ops, 1);
+}
+
+/* A stopping queue returns what it delays at once: stop waits for every
+ * request, and must not wait for the latency. */
+static void test_latency_stop(void **state)
+{
+	struct fixture f;
+	uint64_t t0;
+
+	start(&f, 0, false);
+	vblk_queue_set_latency(&f.q[0], 30000000, 30000000);
+	post(&f, VIRTIO_BLK_T_OUT, true);
+	assert_true(wait_inflight(&f, 1, 2000));
+	t0 = now_ms();
+	vblk_dev_ops.queue_stop(f.q, &f.vr);
+	assert_true(now_ms() - t0 < 5000);
+	assert_int_equal(f.h.used->idx, 1);
+	assert_int_equal(status(&f), VIRTIO_BLK_S_OK);
+	assert_int_equal(vblk_queue_inflight(&f.q[0]), 0);
+	stop(&f);
+	assert_int_equal(f.q[0].stats.write_ops, 1);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -212,6 +300,8 @@ int main(void)
 	    cmocka_unit_test(test_null_write_flush),
 	    cmocka_unit_test(test_no_poll_needs_kick),
 	    cmocka_unit_test(test_poll_window),
+	    cmocka_unit_test(test_latency_holds_writes),
+	    cmocka_unit_test(test_latency_stop),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
