@@ -12,6 +12,7 @@
 #   VMIG_TESTS=pattern  only run integration/interop scripts whose path matches
 #   VMIG_NINJA=cmd      how to run ninja (default: ninja), e.g. "ninja -j2"
 set -uo pipefail
+shopt -s nullglob # an empty folder yields no names, and is caught below
 cd "$(dirname "$0")/.."
 build=$(realpath "$1")
 asan=$(realpath "$2")
@@ -98,16 +99,19 @@ fuzz_build() { # build-dir
 	elif ! $ninja -C "$dir" >>"$log" 2>&1; then
 		why="compile failed"
 	else
-		for f in tests/fuzz/corpus/*/; do
+		local corpora=(tests/fuzz/corpus/*/) inputs
+		[ ${#corpora[@]} -gt 0 ] || why="no corpus in tests/fuzz/corpus"
+		for f in "${corpora[@]}"; do
 			name=$(basename "$f")
+			inputs=("$f"*)
 			if [ ! -x "$dir/tests/fuzz/fuzz-$name" ]; then
 				why="no fuzz-$name was built"
-				break
-			fi
-			if ! timeout 120 "$dir/tests/fuzz/fuzz-$name" -runs=0 "$f"* >>"$log" 2>&1; then
+			elif [ ${#inputs[@]} -eq 0 ]; then
+				why="corpus $f is empty"
+			elif ! timeout 120 "$dir/tests/fuzz/fuzz-$name" -runs=0 "${inputs[@]}" >>"$log" 2>&1; then
 				why="fuzz-$name failed on its corpus"
-				break
 			fi
+			[ -n "$why" ] && break
 		done
 	fi
 	if [ -z "$why" ]; then
@@ -121,10 +125,35 @@ fuzz_build() { # build-dir
 }
 fuzz_build "$fuzz"
 
+# These folders must hold tests: a missing or empty one fails the run.
+for d in tests/integration tests/interop/qemu tests/interop/blk; do
+	tests=("$d"/test_*)
+	if [ ${#tests[@]} -eq 0 ]; then
+		echo "FAIL: $d: no test_* scripts there (is the folder missing?)"
+		failed=$((failed + 1))
+	fi
+done
+
+# A test_* file that cannot run as a test script fails, with the reason: a
+# test is never skipped because of its mode or its name.
+runnable() { # path
+	local t=$1 why=""
+	case "$t" in
+	*.py | *.sh) ;;
+	*) why="named like a test, but not a .py or .sh script" ;;
+	esac
+	if [ -z "$why" ] && { [ ! -f "$t" ] || [ ! -x "$t" ]; }; then
+		why="not executable, so it would never run (chmod +x it)"
+	fi
+	[ -z "$why" ] && return 0
+	echo "FAIL: $t: $why"
+	failed=$((failed + 1))
+	return 1
+}
+
 for t in tests/integration/test_* tests/interop/*/test_*; do
-	[ -x "$t" ] || continue
-	case "$t" in *.py|*.sh) ;; *) continue ;; esac
 	[ -n "${VMIG_TESTS:-}" ] && [[ "$t" != *${VMIG_TESTS}* ]] && continue
+	runnable "$t" || continue
 	run_script "$t" "$build"
 done
 
@@ -132,8 +161,8 @@ done
 # error in any vmig-vm aborts it and fails its case.
 export ASAN_OPTIONS=abort_on_error=1:detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 for t in tests/integration/test_*; do
-	[ -x "$t" ] || continue
 	[ -n "${VMIG_TESTS:-}" ] && [[ "$t" != *${VMIG_TESTS}* ]] && continue
+	runnable "$t" || continue
 	run_script "$t" "$asan" asan
 done
 
