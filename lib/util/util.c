@@ -13,6 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -183,28 +185,37 @@ int vmig__read_full(int fd, void *buf, size_t len)
 	return 0;
 }
 
+/*
+ * One write of iov to fd. Sockets get MSG_NOSIGNAL: a peer that resets the
+ * connection must give this call -EPIPE, not kill an embedder that leaves
+ * SIGPIPE at its default. Other fds (files, pipes of tools) use writev.
+ */
+static ssize_t write_some(int fd, const struct iovec *iov, int iovcnt, bool *not_socket)
+{
+	if (!*not_socket) {
+		struct msghdr msg = {.msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)iovcnt};
+		ssize_t n = sendmsg(fd, &msg, MSG_NOSIGNAL);
+
+		if (n >= 0 || errno != ENOTSOCK)
+			return n;
+		*not_socket = true;
+	}
+	return writev(fd, iov, iovcnt);
+}
+
 int vmig__write_full(int fd, const void *buf, size_t len)
 {
-	const char *p = buf;
+	struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
 
-	while (len) {
-		ssize_t n = write(fd, p, len);
-
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		p += n;
-		len -= (size_t)n;
-	}
-	return 0;
+	return len ? vmig__writev_full(fd, &iov, 1) : 0;
 }
 
 int vmig__writev_full(int fd, struct iovec *iov, int iovcnt)
 {
+	bool not_socket = false;
+
 	while (iovcnt > 0) {
-		ssize_t n = writev(fd, iov, iovcnt > IOV_MAX ? IOV_MAX : iovcnt);
+		ssize_t n = write_some(fd, iov, iovcnt > IOV_MAX ? IOV_MAX : iovcnt, &not_socket);
 
 		if (n < 0) {
 			if (errno == EINTR)

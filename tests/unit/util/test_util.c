@@ -7,8 +7,11 @@
 #include <cmocka.h>
 
 #include <errno.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "channel/channel.h"
 #include "util/util.h"
@@ -134,6 +137,28 @@ static void test_select_kth(void **state)
 	}
 }
 
+/* A peer that went away gives -EPIPE, with SIGPIPE left at its default
+ * (which would kill the process): libvmig must never raise it. */
+static void test_write_to_closed_peer(void **state)
+{
+	char buf[4096] = {0};
+	struct iovec iov[2] = {{buf, sizeof(buf)}, {buf, sizeof(buf)}};
+	int sv[2];
+
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+	close(sv[1]);
+	signal(SIGPIPE, SIG_DFL);
+	assert_int_equal(vmig__write_full(sv[0], buf, sizeof(buf)), -EPIPE);
+	assert_int_equal(vmig__writev_full(sv[0], iov, 2), -EPIPE);
+	close(sv[0]);
+	/* Files and pipes still work (no sendmsg there). */
+	assert_int_equal(pipe(sv), 0);
+	assert_int_equal(vmig__write_full(sv[1], "ok", 2), 0);
+	assert_int_equal(read(sv[0], buf, sizeof(buf)), 2);
+	close(sv[0]);
+	close(sv[1]);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -142,6 +167,7 @@ int main(void)
 		cmocka_unit_test(test_ratelimit),
 		cmocka_unit_test(test_ratelimit_shared),
 		cmocka_unit_test(test_select_kth),
+		cmocka_unit_test(test_write_to_closed_peer),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
