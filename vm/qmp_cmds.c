@@ -466,6 +466,14 @@ json_t *qmp_stats_to_json(const struct vmig_stats *st)
 		json_object_set_new(
 		    obj, "error-desc",
 		    json_stringn(st->error_desc, strnlen(st->error_desc, sizeof(st->error_desc))));
+	if (!st->is_source && st->rejected_connections) {
+		json_object_set_new(obj, "x-vmig-rejected-connections",
+				    json_integer((json_int_t)st->rejected_connections));
+		json_object_set_new(obj, "x-vmig-last-rejection",
+				    json_stringn(st->last_rejection,
+						 strnlen(st->last_rejection,
+							 sizeof(st->last_rejection))));
+	}
 	/* vmig's own: which side may run after a failure (docs/handover.md) */
 	if (st->status == VMIG_STATUS_FAILED && st->handover_unknown)
 		json_object_set_new(obj, "x-vmig-handover-unknown", json_true());

@@ -305,6 +305,11 @@ struct vmig_stats {
 	 * source holds the only complete copy. Never start this side.
 	 */
 	bool ram_incomplete;
+	/* Destination: connections to the incoming port dropped before their
+	 * preamble was valid (strays, other versions, other sessions), and the
+	 * reason the last one was dropped. The migration goes on waiting. */
+	uint64_t rejected_connections;
+	char last_rejection[128];
 };
 
 int vmig_query(vmig_session *s, struct vmig_stats *out);

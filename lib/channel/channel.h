@@ -10,13 +10,14 @@
 
 #include "util/util.h"
 
-/* Connect to a migration URI. Blocking; *fd is a connected stream socket. */
-int vmig__chan_connect(const struct vmig__uri *u, int *fd, struct vmig__err *err);
+/* How long a connect may take before it fails with -ETIMEDOUT. */
+#define VMIG_CONNECT_TIMEOUT_MS 30000
+/* Connect to a migration URI; *fd is a connected, blocking stream socket.
+ * Gives up after VMIG_CONNECT_TIMEOUT_MS, or with -ECANCELED as soon as
+ * cancel_fd (if >= 0) becomes readable. */
+int vmig__chan_connect(const struct vmig__uri *u, int cancel_fd, int *fd, struct vmig__err *err);
 /* Listen on a migration URI (unix: a stale socket file is replaced). */
 int vmig__chan_listen(const struct vmig__uri *u, int *fd, struct vmig__err *err);
-/* Wait for a connection on lfd, or for cancel_fd to become readable
- * (returns -ECANCELED then). */
-int vmig__chan_accept(int lfd, int cancel_fd, int *fd, struct vmig__err *err);
 /* Socket options for bulk transfer (big buffers). */
 void vmig__chan_tune(int fd);
 /* Local port of a listening TCP socket, or 0. */

@@ -5,6 +5,7 @@
  * getaddrinfo with numeric-friendly flags.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -56,7 +57,47 @@ static int tcp_resolve(const struct vmig__uri *u, bool passive, struct addrinfo 
 	return 0;
 }
 
-int vmig__chan_connect(const struct vmig__uri *u, int *fd, struct vmig__err *err)
+/*
+ * Connect s to addr without blocking for longer than timeout_ms, and give up
+ * at once when cancel_fd becomes readable. s is left in blocking mode.
+ */
+static int connect_bounded(int s, const struct sockaddr *addr, socklen_t len, int cancel_fd,
+			   int timeout_ms)
+{
+	int flags = fcntl(s, F_GETFL), soerr = 0;
+	socklen_t optlen = sizeof(soerr);
+	struct pollfd pfd[2] = {{.fd = s, .events = POLLOUT}, {.fd = cancel_fd, .events = POLLIN}};
+	uint64_t deadline = vmig__now_ns() + (uint64_t)timeout_ms * 1000000ull;
+
+	if (flags < 0 || fcntl(s, F_SETFL, flags | O_NONBLOCK))
+		return -errno;
+	if (!connect(s, addr, len))
+		goto done;
+	if (errno != EINPROGRESS)
+		return -errno;
+	for (;;) {
+		uint64_t now = vmig__now_ns();
+		int n;
+
+		if (now >= deadline)
+			return -ETIMEDOUT;
+		n = poll(pfd, cancel_fd >= 0 ? 2 : 1, (int)((deadline - now) / 1000000 + 1));
+		if (n < 0 && errno != EINTR)
+			return -errno;
+		if (n > 0 && cancel_fd >= 0 && pfd[1].revents)
+			return -ECANCELED;
+		if (n > 0 && pfd[0].revents)
+			break;
+	}
+	if (getsockopt(s, SOL_SOCKET, SO_ERROR, &soerr, &optlen))
+		return -errno;
+	if (soerr)
+		return -soerr;
+done:
+	return fcntl(s, F_SETFL, flags) ? -errno : 0;
+}
+
+int vmig__chan_connect(const struct vmig__uri *u, int cancel_fd, int *fd, struct vmig__err *err)
 {
 	struct addrinfo *res = NULL, *ai;
 	int s = -1, ret = 0;
@@ -67,9 +108,11 @@ int vmig__chan_connect(const struct vmig__uri *u, int *fd, struct vmig__err *err
 		if (unix_addr(u, &sa))
 			return -ENAMETOOLONG;
 		s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-		if (s < 0 || connect(s, (struct sockaddr *)&sa, sizeof(sa))) {
-			ret = -errno;
-			vmig__err_set(err, "connect to unix:%s: %s", u->path, strerror(errno));
+		ret = s < 0 ? -errno
+			    : connect_bounded(s, (struct sockaddr *)&sa, sizeof(sa), cancel_fd,
+					      VMIG_CONNECT_TIMEOUT_MS);
+		if (ret) {
+			vmig__err_set(err, "connect to unix:%s: %s", u->path, strerror(-ret));
 			goto err_close;
 		}
 		vmig__chan_tune(s);
@@ -84,19 +127,23 @@ int vmig__chan_connect(const struct vmig__uri *u, int *fd, struct vmig__err *err
 		s = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
 		if (s < 0)
 			continue;
-		if (!connect(s, ai->ai_addr, ai->ai_addrlen)) {
-			ret = 0;
+		ret = connect_bounded(s, ai->ai_addr, ai->ai_addrlen, cancel_fd,
+				      VMIG_CONNECT_TIMEOUT_MS);
+		if (!ret)
 			break;
-		}
-		ret = -errno;
 		close(s);
 		s = -1;
+		if (ret == -ECANCELED)
+			break;
 	}
 	freeaddrinfo(res);
-	if (ret) {
+	if (ret == -ETIMEDOUT)
+		vmig__err_set(err, "connect to %s:%s: no answer within %d s", u->host, u->port,
+			      VMIG_CONNECT_TIMEOUT_MS / 1000);
+	else if (ret)
 		vmig__err_set(err, "connect to %s:%s: %s", u->host, u->port, strerror(-ret));
+	if (ret)
 		return ret;
-	}
 	vmig__chan_tune(s);
 	*fd = s;
 	return 0;
@@ -152,34 +199,6 @@ err_close:
 	if (s >= 0)
 		close(s);
 	return ret;
-}
-
-int vmig__chan_accept(int lfd, int cancel_fd, int *fd, struct vmig__err *err)
-{
-	struct pollfd pfd[2] = {{.fd = lfd, .events = POLLIN}, {.fd = cancel_fd, .events = POLLIN}};
-
-	for (;;) {
-		int s;
-
-		if (poll(pfd, cancel_fd >= 0 ? 2 : 1, -1) < 0) {
-			if (errno == EINTR)
-				continue;
-			vmig__err_set(err, "waiting for a connection: %s", strerror(errno));
-			return -errno;
-		}
-		if (cancel_fd >= 0 && pfd[1].revents)
-			return -ECANCELED;
-		s = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
-		if (s < 0) {
-			if (errno == EINTR || errno == EAGAIN || errno == ECONNABORTED)
-				continue;
-			vmig__err_set(err, "accept: %s", strerror(errno));
-			return -errno;
-		}
-		vmig__chan_tune(s);
-		*fd = s;
-		return 0;
-	}
 }
 
 int vmig__chan_local_port(int fd)

@@ -250,139 +250,6 @@ static int run_postcopy(struct vmig_session *s, struct vmig__pc_dest *pc, struct
 	return ret;
 }
 
-void vmig__dest_keep_multifd(struct vmig_session *s, int fd, const struct vmig__loader *l)
-{
-	unsigned i = (l->pre_flags & VMIG_PRE_F_INDEX_MASK) >> VMIG_PRE_F_INDEX_SHIFT;
-
-	pthread_mutex_lock(&s->lock);
-	if (s->mf_fds[i] >= 0) /* an older one (a stray, or a retry): the newest wins */
-		close(s->mf_fds[i]);
-	s->mf_fds[i] = fd;
-	s->mf_session[i] = l->session;
-	if (s->mf_count < i + 1)
-		s->mf_count = i + 1;
-	pthread_mutex_unlock(&s->lock);
-}
-
-/* Keep an urgent channel that arrived; drop it if one is already kept. */
-static void keep_urgent(struct vmig_session *s, int fd)
-{
-	pthread_mutex_lock(&s->lock);
-	if (s->urgent_fd >= 0)
-		close(s->urgent_fd);
-	s->urgent_fd = fd;
-	pthread_mutex_unlock(&s->lock);
-}
-
-/*
- * Accept connections until the main channel of this migration arrives, and
- * read its preamble through l (l->r is re-initialised on the new fd). An
- * urgent channel may arrive before it (connections can be reordered on the
- * way): it is kept in s->urgent_fd. A new migration takes the first main
- * channel and fails on garbage; a resume (resume = true) must carry the
- * session id of this migration, and anything else is dropped.
- */
-int vmig__dest_accept(struct vmig_session *s, struct vmig__loader *l, bool resume)
-{
-	uint64_t urgent_session = 0;
-
-	for (;;) {
-		int fd, ret = vmig__chan_accept(s->listen_fd, s->cancel_efd, &fd, l->err);
-		bool ok;
-
-		if (ret)
-			return ret;
-		vmig__reader_init_fd(l->r, fd);
-		ret = vmig__load_preamble(l);
-		ok = !ret && !(l->pre_flags & VMIG_PRE_F_RESUME) == !resume &&
-		     (!resume || l->session == s->session_id);
-		if (ok && l->channel == VMIG_CHAN_URGENT) {
-			keep_urgent(s, fd);
-			urgent_session = l->session;
-			continue;
-		}
-		if (ok && l->channel == VMIG_CHAN_MULTIFD) {
-			if (resume)
-				close(fd);
-			else
-				vmig__dest_keep_multifd(s, fd, l);
-			continue;
-		}
-		if (!ok) {
-			close(fd);
-			if (resume)
-				continue;
-			if (!ret) {
-				vmig__err_set_first(l->err, "expected a new migration, got a resume");
-				ret = -EPROTO;
-			}
-			return ret;
-		}
-		pthread_mutex_lock(&s->lock);
-		s->fd = fd;
-		pthread_mutex_unlock(&s->lock);
-		s->session_id = l->session;
-		if (s->urgent_fd >= 0 && urgent_session != s->session_id)
-			keep_urgent(s, -1); /* an urgent channel of someone else */
-		return 0;
-	}
-}
-
-/*
- * Accept the side connections of this migration (urgent, multifd) until
- * done(arg). Preambles are read exactly, so what follows them stays for the
- * channel's own reader. A connection with a bad preamble, of another session
- * or of the wrong kind is closed: strays are not ours to judge.
- */
-int vmig__dest_accept_side(struct vmig_session *s, bool (*done)(void *arg), void *arg,
-			   struct vmig__err *err)
-{
-	struct vmig__reader *r = malloc(sizeof(*r));
-	bool resume = s->in_postcopy;
-	int ret = 0;
-
-	if (!r)
-		return -ENOMEM;
-	while (!ret && !done(arg)) {
-		struct vmig__err scratch = {{0}};
-		struct vmig__loader l = {.r = r, .err = &scratch};
-		int fd;
-
-		ret = vmig__chan_accept(s->listen_fd, s->cancel_efd, &fd, err);
-		if (ret)
-			break;
-		vmig__reader_init_fd(r, fd);
-		if (!vmig__load_preamble(&l) && l.session == s->session_id &&
-		    !(l.pre_flags & VMIG_PRE_F_RESUME) == !resume) {
-			if (l.channel == VMIG_CHAN_URGENT) {
-				keep_urgent(s, fd);
-				continue;
-			}
-			if (l.channel == VMIG_CHAN_MULTIFD && !resume) {
-				vmig__dest_keep_multifd(s, fd, &l);
-				continue;
-			}
-		}
-		close(fd);
-	}
-	free(r);
-	return ret;
-}
-
-static bool have_urgent(void *arg)
-{
-	struct vmig_session *s = arg;
-
-	return s->urgent_fd >= 0;
-}
-
-/* The urgent channel, if it has not arrived with the main one. The source
- * sends nothing after its preamble until asked. */
-int vmig__dest_accept_urgent(struct vmig_session *s, struct vmig__err *err)
-{
-	return vmig__dest_accept_side(s, have_urgent, s, err);
-}
-
 /*
  * Post-copy failed after the vCPUs started: stop them. A vCPU waiting on a
  * missing page stays blocked in its fault (the registration stays), which
@@ -405,6 +272,7 @@ static void close_all(struct vmig_session *s)
 {
 	/* close() sends a FIN after our last message, which the source reads. */
 	vmig__close_channels(s);
+	vmig__close_pending(s);
 	/* One migration per migrate-incoming, as in QEMU. */
 	if (s->listen_fd >= 0) {
 		close(s->listen_fd);

@@ -26,6 +26,16 @@
 
 struct vmig__dirty;
 
+/* A connection to the incoming port that has not sent its whole preamble
+ * yet (accept.c). */
+#define VMIG_MAX_PENDING 16
+struct vmig__pending {
+	int fd;
+	uint8_t got;
+	uint64_t since_ns;
+	uint8_t buf[sizeof(struct vmig_wire_preamble)];
+};
+
 struct vmig__block {
 	char name[VMIG_BLOCK_NAME_MAX + 1];
 	uint8_t *host;
@@ -134,6 +144,11 @@ struct vmig_session {
 	unsigned mf_count;            /* entries in use: [0, mf_count) */
 	int vcpu_tid[VMIG_MAX_VCPUS];
 	unsigned nvcpus;
+
+	/* destination: connections still sending their preamble (accept.c);
+	 * the migration thread only */
+	struct vmig__pending pending[VMIG_MAX_PENDING];
+	unsigned npending;
 };
 
 /*
@@ -242,7 +257,8 @@ int vmig__mf_dest_finish(struct vmig__mf_dest *mf, bool abort, struct vmig__err 
 void vmig__mf_dest_counts(struct vmig__mf_dest *mf, uint64_t *bytes, uint64_t *normal, uint64_t *zero);
 void vmig__mf_dest_free(struct vmig__mf_dest *mf);
 
-/* dest.c, shared with lib/postcopy */
+/* accept.c: the incoming side's connections, shared with lib/postcopy */
+void vmig__close_pending(struct vmig_session *s);
 int vmig__dest_accept(struct vmig_session *s, struct vmig__loader *l, bool resume);
 int vmig__dest_accept_urgent(struct vmig_session *s, struct vmig__err *err);
 /* Accept urgent and multifd connections of this migration until done(arg). */

@@ -144,7 +144,7 @@ static int connect_one(struct vmig__mf_source *mf, unsigned i, const struct vmig
 {
 	struct vmig_session *s = mf->src->s;
 	struct mf_send *c = &mf->ch[i];
-	int fd, ret = vmig__chan_connect(u, &fd, err);
+	int fd, ret = vmig__chan_connect(u, s->cancel_efd, &fd, err);
 
 	if (ret)
 		return ret;

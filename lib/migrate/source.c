@@ -21,6 +21,7 @@
  */
 #include <assert.h>
 #include <errno.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -74,6 +75,40 @@ void vmig__src_stats_tick(struct vmig__source *src, bool force)
 	vmig__publish(src->s, &src->st);
 }
 
+/*
+ * Sleep wait_ns for the rate limit, in slices: at a low max-bandwidth one
+ * wait can be long (a 1 MiB flush at 1000 bytes/s is 17 minutes), and it
+ * must end at once on a cancel, a lost destination or a pause, and when
+ * the limit changes (the debt run up at the old rate is forgiven then).
+ */
+static int throttle_wait(struct vmig__source *src, uint64_t wait_ns, int64_t limit)
+{
+	struct vmig_session *s = src->s;
+	uint64_t end = vmig__now_ns() + wait_ns;
+	struct pollfd pfd = {.fd = s->cancel_efd, .events = POLLIN};
+
+	for (;;) {
+		uint64_t now = vmig__now_ns();
+		int64_t cur = vmig__param(s, s->in_postcopy ? VMIG_PARAM_MAX_POSTCOPY_BANDWIDTH
+							     : VMIG_PARAM_MAX_BANDWIDTH);
+
+		if (vmig__cancelled(s))
+			return -ECANCELED;
+		if (__atomic_load_n(&s->rp_failed, __ATOMIC_ACQUIRE) ||
+		    __atomic_load_n(&s->pause_requested, __ATOMIC_ACQUIRE))
+			return -ECONNRESET;
+		if (cur != limit) {
+			pthread_mutex_lock(&src->rl_lock);
+			src->rl.next_ns = now;
+			pthread_mutex_unlock(&src->rl_lock);
+			return 0;
+		}
+		if (now >= end)
+			return 0;
+		poll(&pfd, 1, (int)VMIG_MIN((end - now) / 1000000 + 1, 100));
+	}
+}
+
 /* Writer throttle: max-bandwidth and cancellation, checked once per flush.
  * Shared by the multifd channels' threads: the rate limit is for them all. */
 int vmig__src_throttle(void *opaque, size_t bytes)
@@ -94,12 +129,7 @@ int vmig__src_throttle(void *opaque, size_t bytes)
 	pthread_mutex_lock(&src->rl_lock);
 	wait_ns = vmig__ratelimit_account(&src->rl, (uint64_t)limit, bytes, vmig__now_ns());
 	pthread_mutex_unlock(&src->rl_lock);
-	if (wait_ns) {
-		struct timespec ts = {.tv_sec = (time_t)(wait_ns / 1000000000ull),
-				      .tv_nsec = (long)(wait_ns % 1000000000ull)};
-		nanosleep(&ts, NULL);
-	}
-	return 0;
+	return wait_ns ? throttle_wait(src, wait_ns, limit) : 0;
 }
 
 static void set_page_hash(struct vmig__block *b, uint64_t pfn, uint64_t h)
@@ -542,9 +572,9 @@ int vmig__src_connect(struct vmig__source *src, bool resume)
 
 	ret = vmig__uri_parse(s->uri, &u, &err);
 	if (!ret)
-		ret = vmig__chan_connect(&u, &fd, &err);
+		ret = vmig__chan_connect(&u, s->cancel_efd, &fd, &err);
 	if (!ret && s->caps[VMIG_CAP_POSTCOPY_RAM])
-		ret = vmig__chan_connect(&u, &ufd, &err);
+		ret = vmig__chan_connect(&u, s->cancel_efd, &ufd, &err);
 	if (ret) {
 		if (fd >= 0)
 			close(fd);

@@ -745,6 +745,7 @@ static int pause_and_recover(struct vmig__pc_dest *pc, struct vmig__loader *l)
 		return ret;
 	close(s->listen_fd);
 	s->listen_fd = -1;
+	vmig__close_pending(s);
 	l->have_digest = false;
 	l->eos = false;
 	ret = send_bitmaps(pc);
