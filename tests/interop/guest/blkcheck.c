@@ -701,6 +701,14 @@ static void aio_loop(struct state *st, const struct opts *o)
 			inflight--;
 			slot_done(st, (struct slot *)(uintptr_t)ev[i].data, ev[i].res, stopping);
 		}
+		if (st->io_errors && !stopping) {
+			/* A device that fails one request (a broken ring fails
+			 * them all) would otherwise be hammered until the end:
+			 * stop, so that the run ends with the error reported. */
+			printf("VMIG-GUEST: STOPPING io_errors=%" PRIu64 "\n", st->io_errors);
+			stopping = 1;
+			main_end = t;
+		}
 	}
 	if (main_end > st->t0_ns)
 		st->avg_inflight = area / (double)(main_end - st->t0_ns);
