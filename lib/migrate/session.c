@@ -573,14 +573,14 @@ VMIG_EXPORT int vmig_incoming(vmig_session *s, const char *uri)
 		vmig__err_set(&s->api_err, "a migration is already in progress");
 		return -EBUSY;
 	}
-	if (s->pcd) {
+	/* The previous migration's thread owns listen_fd until it ends: it
+	 * may be closing it right now. */
+	join_thread(s);
+	if (s->pcd) { /* kept by a post-copy that failed after the guest ran */
 		vmig__err_set(&s->api_err, "guest memory is incomplete after a failed post-copy "
 					   "migration: this VM cannot take another one");
 		return -EBUSY;
 	}
-	/* The previous migration's thread owns listen_fd until it ends: it
-	 * may be closing it right now. */
-	join_thread(s);
 	/* Bind now, so a busy port is reported to the caller at once. */
 	if (s->listen_fd >= 0) {
 		close(s->listen_fd);

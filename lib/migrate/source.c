@@ -294,7 +294,10 @@ static void rp_message(struct vmig__source *src, uint8_t type, const uint8_t *pa
 	} else if (type == VMIG_RP_COMPLETE && !len) {
 		s->rp_complete = true;
 	} else if (type == VMIG_RP_ERROR) {
+		/* Published now: the migration thread wakes up and reports it
+		 * before this thread has ended. */
 		vmig__err_set_first(err, "destination: %.*s", (int)len, (const char *)payload);
+		vmig__err_set_first(&s->mig_err, "%s", err->msg);
 		s->rp_failed = s->rp_error = true;
 	}
 	pthread_cond_broadcast(&s->cond);

@@ -56,7 +56,7 @@ struct vmig__pc_dest {
 	pthread_t fault_thread;
 	bool urgent_started;
 	pthread_t urgent_thread;
-	bool finishing; /* atomic: EOS seen, the urgent channel may close */
+	bool finishing; /* atomic: the urgent channel is closed on purpose */
 	/* The urgent thread's failure other than a lost connection (a bad
 	 * record): written by it before it breaks the main channel (release),
 	 * read by the migration thread after that (acquire) or after the join. */
@@ -639,10 +639,14 @@ static void *urgent_main(void *arg)
 			__atomic_store_n(&pc->urgent_err, ret, __ATOMIC_RELEASE);
 		}
 	}
-	/* Losing the urgent channel means the connection is gone: pause. */
+	/* Wake the main loader: losing the urgent channel means the connection
+	 * is gone (pause); a bad record on it fails the migration, and then
+	 * the main channel must still carry RP_ERROR (so only its reading side
+	 * is shut). */
 	pthread_mutex_lock(&s->lock);
 	if (s->fd >= 0 && !__atomic_load_n(&pc->finishing, __ATOMIC_ACQUIRE))
-		shutdown(s->fd, SHUT_RDWR);
+		shutdown(s->fd, __atomic_load_n(&pc->urgent_err, __ATOMIC_ACQUIRE) ? SHUT_RD
+										    : SHUT_RDWR);
 	pthread_mutex_unlock(&s->lock);
 	free(bounce);
 	free(r);
@@ -655,6 +659,9 @@ static void stop_urgent(struct vmig__pc_dest *pc)
 {
 	struct vmig_session *s = pc->s;
 
+	/* On purpose: the urgent thread must not take it for a lost link
+	 * and break the main channel, which still has to carry RP_ERROR. */
+	__atomic_store_n(&pc->finishing, true, __ATOMIC_RELEASE);
 	pthread_mutex_lock(&s->lock);
 	if (s->urgent_fd >= 0)
 		shutdown(s->urgent_fd, SHUT_RDWR);

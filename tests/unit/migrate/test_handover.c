@@ -1,0 +1,508 @@
+// SPDX-License-Identifier: MIT
+/*
+ * The migration state machines against a scripted peer, over a real unix
+ * socket: each test plays the other side byte for byte and fails it at one
+ * chosen moment, then checks who may run the guest (docs/handover.md).
+ *
+ * Source tests: the test is the destination. It reads the stream with the
+ * library's own loader, acknowledges SYNC marks, and at EOS answers (or
+ * not) as the script says. Destination tests: the test is the source; it
+ * writes the stream with the library's writer.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <vmig/vmig.h>
+
+#include "stream/stream.h"
+
+#define NPAGES 64
+#define RAM_SIZE (NPAGES * VMIG_PAGE_SIZE)
+
+/* ---- a fake VM -------------------------------------------------------- */
+
+struct fake_vm {
+	bool running; /* atomics: the test reads them while libvmig runs */
+	unsigned stops, starts;
+	uint8_t *ram;
+};
+
+static int fake_stop(void *opaque)
+{
+	struct fake_vm *vm = opaque;
+
+	__atomic_store_n(&vm->running, false, __ATOMIC_RELEASE);
+	__atomic_add_fetch(&vm->stops, 1, __ATOMIC_RELEASE);
+	return 0;
+}
+
+static int fake_start(void *opaque)
+{
+	struct fake_vm *vm = opaque;
+
+	__atomic_store_n(&vm->running, true, __ATOMIC_RELEASE);
+	__atomic_add_fetch(&vm->starts, 1, __ATOMIC_RELEASE);
+	return 0;
+}
+
+static bool fake_running(void *opaque)
+{
+	struct fake_vm *vm = opaque;
+
+	return __atomic_load_n(&vm->running, __ATOMIC_ACQUIRE);
+}
+
+static int fake_save(void *opaque, void *buf, size_t cap, size_t *len)
+{
+	memcpy(buf, "state", 5);
+	*len = 5;
+	return 0;
+}
+
+static int fake_load(void *opaque, const void *buf, size_t len)
+{
+	return len == 5 && !memcmp(buf, "state", 5) ? 0 : -EINVAL;
+}
+
+static const struct vmig_vm_ops fake_ops = {
+	.stop = fake_stop,
+	.start = fake_start,
+	.running = fake_running,
+	.save_state = fake_save,
+	.load_state = fake_load,
+};
+
+static vmig_session *new_session(struct fake_vm *vm, bool running)
+{
+	vmig_session *s;
+	struct vmig_ram_block blk = {.name = "pc.ram", .size = RAM_SIZE, .fd = -1};
+
+	memset(vm, 0, sizeof(*vm));
+	vm->running = running;
+	vm->ram = mmap(NULL, RAM_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	assert_true(vm->ram != MAP_FAILED);
+	for (unsigned i = 0; i < NPAGES; i++)
+		memset(vm->ram + i * VMIG_PAGE_SIZE, (int)(i + 1), VMIG_PAGE_SIZE);
+	assert_int_equal(vmig_session_new(&s, &fake_ops, vm), 0);
+	blk.host = vm->ram;
+	assert_int_equal(vmig_ram_block_add(s, &blk), 0);
+	return s;
+}
+
+static void free_session(vmig_session *s, struct fake_vm *vm)
+{
+	vmig_session_free(s);
+	munmap(vm->ram, RAM_SIZE);
+}
+
+/* Wait for one of the end states; returns the final statistics. */
+static struct vmig_stats wait_end(vmig_session *s, enum vmig_status also)
+{
+	struct vmig_stats st;
+
+	for (int i = 0; i < 10000; i++) {
+		vmig_query(s, &st);
+		if (st.status == VMIG_STATUS_COMPLETED || st.status == VMIG_STATUS_FAILED ||
+		    st.status == VMIG_STATUS_CANCELLED || st.status == also)
+			return st;
+		usleep(1000);
+	}
+	fail_msg("migration did not end: status %s", vmig_status_name(st.status));
+	return st;
+}
+
+/* ---- the test as destination ------------------------------------------ */
+
+static void sock_path(char *path, size_t len, const char *tag)
+{
+	snprintf(path, len, "/tmp/vmig-ut-%d-%s.sock", (int)getpid(), tag);
+	unlink(path);
+}
+
+static int listen_unix(const char *path)
+{
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+	assert_true(fd >= 0);
+	assert_int_equal(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+	assert_int_equal(listen(fd, 4), 0);
+	return fd;
+}
+
+static void send_rp(int fd, uint8_t type, const void *payload, uint32_t len)
+{
+	struct vmig_wire_rec rec = {.type = type, .len = len};
+
+	assert_int_equal(vmig__write_full(fd, &rec, sizeof(rec)), 0);
+	if (len)
+		assert_int_equal(vmig__write_full(fd, payload, len), 0);
+}
+
+enum at_eos { REPLY_RESUMED, REPLY_ERROR, REPLY_NOTHING_CLOSE, REPLY_NOTHING_CANCEL };
+
+struct dest_script {
+	int lfd;
+	enum at_eos at_eos;
+	bool close_after_blocks; /* fail before the commit point */
+	vmig_session *src;       /* for REPLY_NOTHING_CANCEL */
+	bool saw_eos;
+};
+
+/* Play the destination of one pre-copy migration. */
+static void *fake_dest(void *arg)
+{
+	struct dest_script *sc = arg;
+	struct vmig__reader *r = malloc(sizeof(*r));
+	uint8_t *ram = calloc(NPAGES, VMIG_PAGE_SIZE);
+	uint64_t hash[NPAGES], received[1] = {0}, zero[1] = {0};
+	struct vmig__load_block blk = {.host = ram, .size = RAM_SIZE, .npages = NPAGES,
+				       .page_hash = hash, .received = received, .zero = zero};
+	struct vmig__err err = {{0}};
+	struct vmig__loader l = {.r = r, .blocks = &blk, .nblocks = 1, .err = &err};
+	int fd = accept4(sc->lfd, NULL, NULL, SOCK_CLOEXEC);
+	uint8_t type;
+
+	strcpy(blk.name, "pc.ram");
+	for (unsigned i = 0; i < NPAGES; i++)
+		hash[i] = vmig__zero_page_hash();
+	assert_true(fd >= 0);
+	vmig__reader_init_fd(r, fd);
+	assert_int_equal(vmig__load_preamble(&l), 0);
+	while (!vmig__load_record(&l, &type)) {
+		if (type == VMIG_REC_BLOCKS && sc->close_after_blocks)
+			break;
+		if (type == VMIG_REC_SYNC) {
+			struct vmig_wire_sync_ack ack = {.round = l.last_round};
+
+			send_rp(fd, VMIG_RP_SYNC_ACK, &ack, sizeof(ack));
+		}
+		if (l.eos) {
+			sc->saw_eos = true;
+			break;
+		}
+	}
+	if (sc->saw_eos) {
+		struct vmig_wire_resumed res = {.load_us = 1};
+
+		assert_int_equal(vmig__load_verify(&l), 0);
+		if (sc->at_eos == REPLY_RESUMED)
+			send_rp(fd, VMIG_RP_RESUMED, &res, sizeof(res));
+		else if (sc->at_eos == REPLY_ERROR)
+			send_rp(fd, VMIG_RP_ERROR, "refused", 7);
+		else if (sc->at_eos == REPLY_NOTHING_CANCEL)
+			assert_int_equal(vmig_cancel(sc->src), 0);
+	}
+	if (sc->at_eos == REPLY_NOTHING_CANCEL) { /* hold the line until the source gives up */
+		char c;
+
+		while (read(fd, &c, 1) > 0)
+			;
+	}
+	close(fd);
+	vmig__loader_release(&l);
+	free(ram);
+	free(r);
+	return NULL;
+}
+
+/* Run one outgoing migration against the script; returns its end state. */
+static struct vmig_stats run_source(struct dest_script *sc, struct fake_vm *vm, bool pause,
+				    vmig_session **keep)
+{
+	char path[108], uri[120];
+	pthread_t t;
+	vmig_session *s = new_session(vm, true);
+	struct vmig_stats st;
+
+	sock_path(path, sizeof(path), "src");
+	snprintf(uri, sizeof(uri), "unix:%s", path);
+	sc->lfd = listen_unix(path);
+	sc->src = s;
+	if (pause)
+		assert_int_equal(vmig_capability_set(s, "pause-before-switchover", true), 0);
+	assert_int_equal(pthread_create(&t, NULL, fake_dest, sc), 0);
+	assert_int_equal(vmig_migrate(s, uri), 0);
+	st = wait_end(s, pause ? VMIG_STATUS_PRE_SWITCHOVER : VMIG_STATUS_NONE);
+	if (pause) {
+		*keep = s;
+		pthread_detach(t);
+		close(sc->lfd);
+		unlink(path);
+		return st;
+	}
+	pthread_join(t, NULL);
+	close(sc->lfd);
+	unlink(path);
+	free_session(s, vm);
+	return st;
+}
+
+static void test_resumed_completes(void **state)
+{
+	struct dest_script sc = {.at_eos = REPLY_RESUMED};
+	struct fake_vm vm;
+	struct vmig_stats st = run_source(&sc, &vm, false, NULL);
+
+	assert_int_equal(st.status, VMIG_STATUS_COMPLETED);
+	assert_int_equal(vm.stops, 1);
+	assert_int_equal(vm.starts, 0);
+	assert_false(st.handover_unknown);
+}
+
+static void test_lost_after_commit_stays_stopped(void **state)
+{
+	struct dest_script sc = {.at_eos = REPLY_NOTHING_CLOSE};
+	struct fake_vm vm;
+	struct vmig_stats st = run_source(&sc, &vm, false, NULL);
+
+	assert_true(sc.saw_eos);
+	assert_int_equal(st.status, VMIG_STATUS_FAILED);
+	assert_true(st.handover_unknown);
+	assert_non_null(strstr(st.error_desc, "may be running"));
+	assert_int_equal(vm.stops, 1);
+	assert_int_equal(vm.starts, 0);
+	assert_false(vm.running);
+}
+
+static void test_cancel_after_commit_stays_stopped(void **state)
+{
+	struct dest_script sc = {.at_eos = REPLY_NOTHING_CANCEL};
+	struct fake_vm vm;
+	struct vmig_stats st = run_source(&sc, &vm, false, NULL);
+
+	assert_int_equal(st.status, VMIG_STATUS_FAILED);
+	assert_true(st.handover_unknown);
+	assert_int_equal(vm.starts, 0);
+	assert_false(vm.running);
+}
+
+static void test_refused_resumes(void **state)
+{
+	struct dest_script sc = {.at_eos = REPLY_ERROR};
+	struct fake_vm vm;
+	struct vmig_stats st = run_source(&sc, &vm, false, NULL);
+
+	assert_int_equal(st.status, VMIG_STATUS_FAILED);
+	assert_false(st.handover_unknown);
+	if (!strstr(st.error_desc, "refused"))
+		fail_msg("error-desc: %s", st.error_desc);
+	assert_int_equal(vm.starts, 1);
+	assert_true(vm.running);
+}
+
+static void test_lost_before_commit_runs_on(void **state)
+{
+	struct dest_script sc = {.close_after_blocks = true};
+	struct fake_vm vm;
+	struct vmig_stats st = run_source(&sc, &vm, false, NULL);
+
+	assert_int_equal(st.status, VMIG_STATUS_FAILED);
+	assert_false(st.handover_unknown);
+	assert_true(vm.running);
+	assert_int_equal(vm.starts, vm.stops);
+}
+
+static void test_pause_before_switchover(void **state)
+{
+	for (int cancel = 0; cancel < 2; cancel++) {
+		struct dest_script sc = {.at_eos = REPLY_RESUMED};
+		struct fake_vm vm;
+		vmig_session *s = NULL;
+		struct vmig_stats st = run_source(&sc, &vm, true, &s);
+
+		assert_int_equal(st.status, VMIG_STATUS_PRE_SWITCHOVER);
+		assert_false(vm.running);
+		assert_int_equal(vmig_continue(s, VMIG_STATUS_ACTIVE), -EINVAL);
+		if (cancel)
+			assert_int_equal(vmig_cancel(s), 0);
+		else
+			assert_int_equal(vmig_continue(s, VMIG_STATUS_PRE_SWITCHOVER), 0);
+		st = wait_end(s, VMIG_STATUS_NONE);
+		assert_int_equal(st.status, cancel ? VMIG_STATUS_CANCELLED : VMIG_STATUS_COMPLETED);
+		assert_int_equal(vm.running, cancel);
+		free_session(s, &vm);
+	}
+}
+
+/* ---- the destination's listener ---------------------------------------- */
+
+/*
+ * A new migrate-incoming right after the previous one ended must get a
+ * listener of its own: the previous migration thread must not close it
+ * while it winds down.
+ */
+static void test_incoming_again_keeps_listener(void **state)
+{
+	struct fake_vm vm;
+	vmig_session *s = new_session(&vm, false);
+	char path[108], uri[120];
+
+	sock_path(path, sizeof(path), "dst");
+	snprintf(uri, sizeof(uri), "unix:%s", path);
+	for (int i = 0; i < 200; i++) {
+		struct sockaddr_un sa = {.sun_family = AF_UNIX};
+		int c = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+		assert_int_equal(vmig_incoming(s, uri), 0);
+		snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+		assert_int_equal(connect(c, (struct sockaddr *)&sa, sizeof(sa)), 0);
+		close(c);
+		assert_int_equal(vmig_cancel(s), 0);
+		/* Spin: the next incoming must come while the old thread may
+		 * still be winding down. */
+		for (struct vmig_stats st = {0}; st.status != VMIG_STATUS_CANCELLED;)
+			vmig_query(s, &st);
+	}
+	unlink(path);
+	free_session(s, &vm);
+}
+
+/* ---- the test as source, after the post-copy switch -------------------- */
+
+static int connect_unix(const char *path)
+{
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+	for (int i = 0; i < 1000 && connect(fd, (struct sockaddr *)&sa, sizeof(sa)); i++)
+		usleep(1000);
+	return fd;
+}
+
+enum pc_fault { PC_BAD_MAIN, PC_BAD_URGENT, PC_CUT };
+
+/*
+ * Bring a destination with postcopy-ram past the switch (it starts the
+ * guest), then break it as told. Returns the destination's end state.
+ */
+static struct vmig_stats run_postcopy_dest(enum pc_fault fault, struct fake_vm *vm,
+					   uint8_t *rp_type, unsigned *stops)
+{
+	vmig_session *s = new_session(vm, false);
+	struct vmig__writer *w = malloc(sizeof(*w)), *uw = malloc(sizeof(*uw));
+	uint8_t blocks[4 + sizeof(struct vmig_wire_block) + 6];
+	struct vmig_wire_block wb = {.name_len = 6, .page_size = VMIG_PAGE_SIZE, .size = RAM_SIZE};
+	uint8_t garbage[64];
+	char path[108], uri[120];
+	struct vmig_wire_rec rec;
+	struct vmig_stats st;
+	uint32_t one = 1;
+	int fd, ufd;
+
+	memset(garbage, 0xff, sizeof(garbage));
+	sock_path(path, sizeof(path), "pc");
+	snprintf(uri, sizeof(uri), "unix:%s", path);
+	assert_int_equal(vmig_capability_set(s, "postcopy-ram", true), 0);
+	assert_int_equal(vmig_incoming(s, uri), 0);
+	fd = connect_unix(path);
+	ufd = connect_unix(path);
+	memcpy(blocks, &one, 4);
+	memcpy(blocks + 4, &wb, sizeof(wb));
+	memcpy(blocks + 4 + sizeof(wb), "pc.ram", 6);
+	vmig__writer_init(w, fd);
+	vmig__writer_init(uw, ufd);
+	vmig__writer_preamble(uw, VMIG_CHAN_URGENT, 0, 7);
+	assert_int_equal(vmig__writer_flush(uw), 0);
+	vmig__writer_preamble(w, VMIG_CHAN_MAIN, 0, 7);
+	vmig__writer_rec(w, VMIG_REC_BLOCKS, blocks, sizeof(blocks));
+	vmig__writer_pages(w, 0, 0, NPAGES / 2, vm->ram); /* the rest never comes */
+	vmig__writer_rec(w, VMIG_REC_STATE, "state", 5);
+	vmig__writer_rec(w, VMIG_REC_POSTCOPY_RUN, NULL, 0);
+	assert_int_equal(vmig__writer_flush(w), 0);
+	for (int i = 0; i < 10000; i++) { /* the guest runs there now */
+		if (__atomic_load_n(&vm->starts, __ATOMIC_ACQUIRE))
+			break;
+		usleep(1000);
+	}
+	assert_int_equal(vm->starts, 1);
+	if (fault == PC_BAD_MAIN)
+		assert_int_equal(vmig__write_full(fd, garbage, sizeof(garbage)), 0);
+	else if (fault == PC_BAD_URGENT)
+		assert_int_equal(vmig__write_full(ufd, garbage, sizeof(garbage)), 0);
+	else
+		shutdown(fd, SHUT_WR);
+	st = wait_end(s, VMIG_STATUS_POSTCOPY_PAUSED);
+	*stops = __atomic_load_n(&vm->stops, __ATOMIC_ACQUIRE);
+	*rp_type = 0;
+	/* What the destination said last on the return path. */
+	while (fault != PC_CUT && vmig__read_full(fd, &rec, sizeof(rec)) == 0) {
+		char text[256];
+
+		*rp_type = rec.type;
+		if (rec.len > sizeof(text) || vmig__read_full(fd, text, rec.len))
+			break;
+	}
+	if (fault != PC_CUT) /* a failed destination takes no other migration */
+		assert_int_equal(vmig_incoming(s, uri), -EBUSY);
+	close(fd);
+	close(ufd);
+	free(w);
+	free(uw);
+	unlink(path);
+	free_session(s, vm); /* lets go of the registration: no use after free */
+	return st;
+}
+
+static void test_postcopy_bad_record_stops_guest(void **state)
+{
+	for (int f = PC_BAD_MAIN; f <= PC_BAD_URGENT; f++) {
+		struct fake_vm vm;
+		uint8_t rp;
+		unsigned stops;
+		struct vmig_stats st = run_postcopy_dest((enum pc_fault)f, &vm, &rp, &stops);
+
+		assert_int_equal(st.status, VMIG_STATUS_FAILED);
+		assert_true(st.ram_incomplete);
+		assert_int_equal(vm.starts, 1);
+		assert_int_equal(stops, 1); /* stopped after it had started */
+		assert_int_equal(rp, VMIG_RP_ERROR);
+		if (f == PC_BAD_URGENT && !strstr(st.error_desc, "urgent channel"))
+			fail_msg("error-desc: %s", st.error_desc);
+	}
+}
+
+static void test_postcopy_cut_pauses(void **state)
+{
+	struct fake_vm vm;
+	uint8_t rp;
+	unsigned stops;
+	struct vmig_stats st = run_postcopy_dest(PC_CUT, &vm, &rp, &stops);
+
+	assert_int_equal(st.status, VMIG_STATUS_POSTCOPY_PAUSED);
+	assert_false(st.ram_incomplete);
+	assert_int_equal(vm.starts, 1);
+	assert_int_equal(stops, 0); /* paused, not stopped: it waits for pages */
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_resumed_completes),
+		cmocka_unit_test(test_lost_after_commit_stays_stopped),
+		cmocka_unit_test(test_cancel_after_commit_stays_stopped),
+		cmocka_unit_test(test_refused_resumes),
+		cmocka_unit_test(test_lost_before_commit_runs_on),
+		cmocka_unit_test(test_pause_before_switchover),
+		cmocka_unit_test(test_incoming_again_keeps_listener),
+		cmocka_unit_test(test_postcopy_bad_record_stops_guest),
+		cmocka_unit_test(test_postcopy_cut_pauses),
+	};
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
