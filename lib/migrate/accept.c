@@ -251,7 +251,7 @@ int vmig__dest_accept_side(struct vmig_session *s, bool (*done)(void *arg), void
 			   struct vmig__err *err)
 {
 	struct vmig__reader *r = malloc(sizeof(*r));
-	bool resume = s->in_postcopy;
+	bool resume = vmig__in_postcopy(s);
 	int ret = 0;
 
 	if (!r)

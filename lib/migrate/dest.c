@@ -241,7 +241,7 @@ static int run_postcopy(struct vmig_session *s, struct vmig__pc_dest *pc, struct
 	if (ret)
 		return ret;
 	pthread_mutex_lock(&s->lock);
-	s->in_postcopy = true;
+	__atomic_store_n(&s->in_postcopy, true, __ATOMIC_RELEASE);
 	pthread_mutex_unlock(&s->lock);
 	vmig__set_status(s, VMIG_STATUS_POSTCOPY_ACTIVE);
 	ret = vmig__pc_dest_run(pc, l);
@@ -335,7 +335,7 @@ fail:
 		if (!err.msg[0])
 			vmig__err_set(&err, "%s", strerror(-ret));
 		pthread_mutex_lock(&s->lock);
-		started = s->in_postcopy;
+		started = vmig__in_postcopy(s);
 		pthread_mutex_unlock(&s->lock);
 		pc_keep = started;
 		if (started)

@@ -130,7 +130,7 @@ struct vmig_session {
 	uint64_t session_id;
 	int urgent_fd;               /* -1 if none; under lock */
 	bool postcopy_requested;     /* atomic: migrate-start-postcopy */
-	bool in_postcopy;            /* past the switch: failures pause */
+	bool in_postcopy;            /* atomic: past the switch (vmig__in_postcopy) */
 	bool pause_requested;        /* atomic: migrate-pause */
 	bool recover_requested;      /* under lock: vmig_resume/vmig_recover (uri in uri) */
 	/* destination: the post-copy state while a migration thread uses it,
@@ -204,6 +204,10 @@ static inline bool vmig__cancelled(struct vmig_session *s)
 {
 	return __atomic_load_n(&s->cancel, __ATOMIC_ACQUIRE);
 }
+static inline bool vmig__in_postcopy(struct vmig_session *s)
+{
+	return __atomic_load_n(&s->in_postcopy, __ATOMIC_ACQUIRE);
+}
 static inline int64_t vmig__param(struct vmig_session *s, enum vmig__param p)
 {
 	return __atomic_load_n(&s->params[p], __ATOMIC_RELAXED);
@@ -233,6 +237,9 @@ int vmig__src_connect(struct vmig__source *src, bool resume);
 int vmig__src_start_rp(struct vmig__source *src);
 void vmig__src_close_channels(struct vmig__source *src);
 int vmig__src_wait_rp(struct vmig_session *s, const bool *flag);
+/* One return-path message (the return-path thread; the fuzzer). */
+int vmig__src_rp_message(struct vmig__source *src, uint8_t type, const uint8_t *payload,
+			 size_t len, struct vmig__err *err);
 void vmig__src_digest(struct vmig__source *src, struct vmig_wire_digest *d);
 
 /* multifd.c: pre-copy pages over several connections */

@@ -513,7 +513,8 @@ static int begin(struct vmig_session *s, const char *uri, bool source)
 	s->start_ns = vmig__now_ns();
 	s->rp_started = s->rp_resumed = s->rp_failed = s->rp_complete = s->rp_error = false;
 	s->rp_acked_round = 0;
-	s->in_postcopy = s->recover_requested = s->continue_requested = false;
+	__atomic_store_n(&s->in_postcopy, false, __ATOMIC_RELEASE);
+	s->recover_requested = s->continue_requested = false;
 	__atomic_store_n(&s->committed, false, __ATOMIC_RELEASE);
 	__atomic_store_n(&s->postcopy_requested, false, __ATOMIC_RELEASE);
 	__atomic_store_n(&s->pause_requested, false, __ATOMIC_RELEASE);
@@ -608,7 +609,7 @@ VMIG_EXPORT int vmig_cancel(vmig_session *s)
 	/* After the switch the destination holds the newest state of the
 	 * guest (and may have written to its disks): going back to the source
 	 * is never a way out, so neither side gives up by itself. */
-	postcopy = s->in_postcopy;
+	postcopy = vmig__in_postcopy(s);
 	pthread_mutex_unlock(&s->lock);
 	if (postcopy) {
 		vmig__err_set(&s->api_err, "a post-copy migration cannot be cancelled");

@@ -89,7 +89,7 @@ static int throttle_wait(struct vmig__source *src, uint64_t wait_ns, int64_t lim
 
 	for (;;) {
 		uint64_t now = vmig__now_ns();
-		int64_t cur = vmig__param(s, s->in_postcopy ? VMIG_PARAM_MAX_POSTCOPY_BANDWIDTH
+		int64_t cur = vmig__param(s, vmig__in_postcopy(s) ? VMIG_PARAM_MAX_POSTCOPY_BANDWIDTH
 							     : VMIG_PARAM_MAX_BANDWIDTH);
 
 		if (vmig__cancelled(s))
@@ -124,7 +124,7 @@ int vmig__src_throttle(void *opaque, size_t bytes)
 	if (__atomic_load_n(&src->s->rp_failed, __ATOMIC_ACQUIRE))
 		return -ECONNRESET;
 	/* As QEMU: post-copy's background push has its own limit. */
-	limit = vmig__param(src->s, src->s->in_postcopy ? VMIG_PARAM_MAX_POSTCOPY_BANDWIDTH
+	limit = vmig__param(src->s, vmig__in_postcopy(src->s) ? VMIG_PARAM_MAX_POSTCOPY_BANDWIDTH
 							: VMIG_PARAM_MAX_BANDWIDTH);
 	pthread_mutex_lock(&src->rl_lock);
 	wait_ns = vmig__ratelimit_account(&src->rl, (uint64_t)limit, bytes, vmig__now_ns());
@@ -266,42 +266,83 @@ static void send_blocks(struct vmig__source *src)
 	}
 }
 
-/* Handle one return-path message; under s->lock except PAGE_REQ. */
-static void rp_message(struct vmig__source *src, uint8_t type, const uint8_t *payload, size_t len,
-		       struct vmig__err *err)
+/* Text from the peer, made printable (it ends up in error-desc). */
+static void peer_text(char *out, size_t cap, const uint8_t *text, size_t len)
 {
-	struct vmig_session *s = src->s;
+	size_t n = len < cap - 1 ? len : cap - 1;
 
-	if (type == VMIG_RP_PAGE_REQ && len == sizeof(struct vmig_wire_pages)) {
+	for (size_t i = 0; i < n; i++)
+		out[i] = text[i] >= 0x20 && text[i] < 0x7f ? (char)text[i] : '?';
+	out[n] = '\0';
+}
+
+/*
+ * One message of the return path, in the return-path thread. Every field
+ * is the destination's and untrusted: a message of the wrong size, or one
+ * that has no place now, is a protocol error (-EPROTO, with err set), and
+ * the return path ends.
+ */
+int vmig__src_rp_message(struct vmig__source *src, uint8_t type, const uint8_t *payload,
+			 size_t len, struct vmig__err *err)
+{
+	static const uint32_t sizes[] = {
+		[VMIG_RP_RESUMED - VMIG_RP_READY] = sizeof(struct vmig_wire_resumed),
+		[VMIG_RP_SYNC_ACK - VMIG_RP_READY] = sizeof(struct vmig_wire_sync_ack),
+		[VMIG_RP_PAGE_REQ - VMIG_RP_READY] = sizeof(struct vmig_wire_pages),
+		[VMIG_RP_COMPLETE - VMIG_RP_READY] = 0,
+	};
+	struct vmig_session *s = src->s;
+	char text[160];
+	int ret = 0;
+
+	if (type < VMIG_RP_READY || type > VMIG_RP_COMPLETE || type == VMIG_RP_READY ||
+	    type == VMIG_RP_RECV_BITMAP) {
+		vmig__err_set_first(err, "unexpected return-path message 0x%02x", type);
+		return -EPROTO;
+	}
+	if (type != VMIG_RP_ERROR && len != sizes[type - VMIG_RP_READY]) {
+		vmig__err_set_first(err, "return-path message 0x%02x has %zu bytes, not %u", type,
+				    len, sizes[type - VMIG_RP_READY]);
+		return -EPROTO;
+	}
+	if (type == VMIG_RP_PAGE_REQ) {
 		struct vmig_wire_pages req;
 
 		memcpy(&req, payload, sizeof(req));
-		vmig__pc_source_request(src, &req);
-		return;
+		return vmig__pc_source_request(src, &req, err);
 	}
 	pthread_mutex_lock(&s->lock);
-	if (type == VMIG_RP_RESUMED && len == sizeof(struct vmig_wire_resumed)) {
+	if (type == VMIG_RP_RESUMED) {
 		struct vmig_wire_resumed res;
 
 		memcpy(&res, payload, sizeof(res));
 		s->rp_load_us = res.load_us;
 		s->rp_resumed = true;
-	} else if (type == VMIG_RP_SYNC_ACK && len == sizeof(struct vmig_wire_sync_ack)) {
+	} else if (type == VMIG_RP_SYNC_ACK) {
 		struct vmig_wire_sync_ack ack;
 
 		memcpy(&ack, payload, sizeof(ack));
-		s->rp_acked_round = ack.round;
-	} else if (type == VMIG_RP_COMPLETE && !len) {
+		if (ack.round < s->rp_acked_round) {
+			vmig__err_set_first(err, "destination acknowledged round %llu after %llu",
+					    (unsigned long long)ack.round,
+					    (unsigned long long)s->rp_acked_round);
+			ret = -EPROTO;
+		} else {
+			s->rp_acked_round = ack.round;
+		}
+	} else if (type == VMIG_RP_COMPLETE) {
 		s->rp_complete = true;
-	} else if (type == VMIG_RP_ERROR) {
+	} else { /* VMIG_RP_ERROR */
 		/* Published now: the migration thread wakes up and reports it
 		 * before this thread has ended. */
-		vmig__err_set_first(err, "destination: %.*s", (int)len, (const char *)payload);
+		peer_text(text, sizeof(text), payload, len);
+		vmig__err_set_first(err, "destination: %s", text);
 		vmig__err_set_first(&s->mig_err, "%s", err->msg);
 		s->rp_failed = s->rp_error = true;
 	}
 	pthread_cond_broadcast(&s->cond);
 	pthread_mutex_unlock(&s->lock);
+	return ret;
 }
 
 /* Return path: the destination's acks, requests and verdict; runs until EOF. */
@@ -319,9 +360,9 @@ static void *rp_thread(void *arg)
 		uint8_t type, payload[256];
 		size_t len;
 
-		if (vmig__rp_read(r, &type, payload, sizeof(payload), &len, &err))
+		if (vmig__rp_read(r, &type, payload, sizeof(payload), &len, &err) ||
+		    vmig__src_rp_message(src, type, payload, len, &err))
 			break;
-		rp_message(src, type, payload, len, &err);
 	}
 	free(r);
 out:
@@ -331,7 +372,7 @@ out:
 	if (s->fd >= 0)
 		shutdown(s->fd, SHUT_RDWR);
 	s->rp_failed = true;
-	if (!s->rp_resumed || s->in_postcopy) {
+	if (!s->rp_resumed || vmig__in_postcopy(s)) {
 		vmig__err_set_first(&err, "destination closed the connection");
 		/* Keep the destination's reason for the failure report. */
 		if (!s->mig_err.msg[0])
@@ -863,7 +904,7 @@ void *vmig__source_thread(void *arg)
 	} else if (!ret) {
 		ret = switch_over(&src);
 	}
-	if (ret && !s->in_postcopy) {
+	if (ret && !vmig__in_postcopy(s)) {
 		if (__atomic_load_n(&s->committed, __ATOMIC_ACQUIRE) && !dest_refused(s)) {
 			vmig__fail_unknown(s);
 		} else {
@@ -873,7 +914,7 @@ void *vmig__source_thread(void *arg)
 		}
 	}
 	/* Past the post-copy switch the destination may run: committed. */
-	assert(!s->in_postcopy || __atomic_load_n(&s->committed, __ATOMIC_ACQUIRE));
+	assert(!vmig__in_postcopy(s) || __atomic_load_n(&s->committed, __ATOMIC_ACQUIRE));
 	finish(&src, ret);
 out:
 	free(src.w);

@@ -126,7 +126,7 @@ int vmig__pc_source_switch(struct vmig__source *src)
 	 * (a flush that fails part-way may still have delivered the record). */
 	vmig__src_commit(src);
 	pthread_mutex_lock(&s->lock);
-	s->in_postcopy = true;
+	__atomic_store_n(&s->in_postcopy, true, __ATOMIC_RELEASE);
 	pthread_mutex_unlock(&s->lock);
 	vmig__writer_rec(src->w, VMIG_REC_POSTCOPY_RUN, NULL, 0);
 	__atomic_store_n(&src->hint, NO_HINT, __ATOMIC_RELAXED);
@@ -147,7 +147,7 @@ int vmig__pc_source_switch(struct vmig__source *src)
 	pthread_mutex_lock(&s->lock);
 	if (s->rp_error) {
 		/* The destination refused before it started: the VM is still ours. */
-		s->in_postcopy = false;
+		__atomic_store_n(&s->in_postcopy, false, __ATOMIC_RELEASE);
 		ret = -EIO;
 	}
 	pthread_mutex_unlock(&s->lock);
@@ -157,17 +157,25 @@ int vmig__pc_source_switch(struct vmig__source *src)
 }
 
 /* Return-path thread: send the requested pages now, on the urgent channel. */
-void vmig__pc_source_request(struct vmig__source *src, const struct vmig_wire_pages *req)
+int vmig__pc_source_request(struct vmig__source *src, const struct vmig_wire_pages *req,
+			    struct vmig__err *err)
 {
 	struct vmig_session *s = src->s;
 	struct vmig__block *b;
 	uint64_t before, claimed = 0;
 
-	if (req->block >= s->nblocks || !req->npages || req->npages > VMIG_REC_MAX_PAGES)
-		return;
+	if (req->block >= s->nblocks || !req->npages || req->npages > VMIG_REC_MAX_PAGES ||
+	    req->first >= s->blocks[req->block].npages ||
+	    req->npages > s->blocks[req->block].npages - req->first) {
+		vmig__err_set_first(err, "destination requested pages outside guest RAM "
+					 "(block %u, page %llu, %u pages)",
+				    req->block, (unsigned long long)req->first, req->npages);
+		return -EPROTO;
+	}
 	b = &s->blocks[req->block];
-	if (req->first >= b->npages || req->npages > b->npages - req->first || !s->in_postcopy)
-		return;
+	/* Asked before the switch reached it: it asks again after. */
+	if (!vmig__in_postcopy(s))
+		return 0;
 	for (uint64_t p = req->first; p < req->first + req->npages; p++)
 		claimed += vmig__bitmap_test_and_clear_atomic(b->dirty, p);
 	if (claimed)
@@ -181,6 +189,7 @@ void vmig__pc_source_request(struct vmig__source *src, const struct vmig_wire_pa
 	/* Push the neighbourhood of the fault next. */
 	__atomic_store_n(&src->hint, (uint64_t)req->block << 48 | (req->first + req->npages),
 			 __ATOMIC_RELAXED);
+	return 0;
 }
 
 /* Find the next dirty page at or after (bi, pfn), wrapping once. */
@@ -232,14 +241,25 @@ static void push_some(struct vmig__source *src, unsigned bi, uint64_t *pfn)
 /* Read the destination's RECV_BITMAP for every block: dirty = what it lacks. */
 static int read_bitmaps(struct vmig__source *src)
 {
-	struct vmig_session *s = src->s;
 	struct vmig__reader *r = malloc(sizeof(*r));
-	uint64_t dirty = 0;
-	int ret = 0;
+	int ret;
 
 	if (!r)
 		return -ENOMEM;
-	vmig__reader_init_fd(r, s->fd);
+	vmig__reader_init_fd(r, src->s->fd);
+	ret = vmig__pc_source_read_bitmaps(src, r);
+	/* The destination sends nothing else until it hears from us, so no
+	 * buffered bytes are lost when this reader goes away. */
+	free(r);
+	return ret;
+}
+
+int vmig__pc_source_read_bitmaps(struct vmig__source *src, struct vmig__reader *r)
+{
+	struct vmig_session *s = src->s;
+	uint64_t dirty = 0;
+	int ret = 0;
+
 	for (unsigned i = 0; !ret && i < s->nblocks; i++) {
 		struct vmig_wire_rec rec;
 		struct vmig_wire_recv_bitmap hdr;
@@ -263,9 +283,6 @@ static int read_bitmaps(struct vmig__source *src)
 			b->dirty[words - 1] &= (1ull << (b->npages % 64)) - 1;
 		dirty += vmig__bitmap_count(b->dirty, b->npages);
 	}
-	/* The destination sends nothing else until it hears from us, so no
-	 * buffered bytes are lost when this reader goes away. */
-	free(r);
 	__atomic_store_n(&src->dirty_pages, dirty, __ATOMIC_RELAXED);
 	return ret;
 }

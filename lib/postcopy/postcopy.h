@@ -23,8 +23,13 @@
 int vmig__pc_source_prepare(struct vmig__source *src);
 int vmig__pc_source_switch(struct vmig__source *src);
 int vmig__pc_source_push(struct vmig__source *src);
-/* Source, return-path thread: a page request from the destination. */
-void vmig__pc_source_request(struct vmig__source *src, const struct vmig_wire_pages *req);
+/* Source, return-path thread: a page request from the destination. 0, or
+ * -EPROTO for a request outside guest RAM. */
+int vmig__pc_source_request(struct vmig__source *src, const struct vmig_wire_pages *req,
+			    struct vmig__err *err);
+/* Source, resuming: the destination's RECV_BITMAP of every block from r;
+ * the dirty bitmaps become what it lacks. */
+int vmig__pc_source_read_bitmaps(struct vmig__source *src, struct vmig__reader *r);
 
 /* Destination. */
 struct vmig__pc_dest;

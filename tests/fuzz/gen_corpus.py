@@ -50,6 +50,12 @@ def digest(flags=0, page=0, mem=0):
     return rec(0x06, struct.pack("<IIQQ", flags, 0, page, mem))
 
 
+def recv_bitmap(block, npages, bits):
+    words = (npages + 63) // 64
+    body = struct.pack("<IIQ", block, 0, npages) + struct.pack("<%dQ" % words, bits, *([0] * (words - 1)))
+    return rec(0x45, body)
+
+
 def eos():
     return rec(0x07)
 
@@ -120,14 +126,25 @@ def main():
                                   pages_zstd(0, 1, 2, zstd_rle_frame(0x17, 2 * PAGE)) +
                                   pages_zstd(0, 3, 2, zstd_rle_frame(0x17, PAGE)) + eos()),
         },
+        # The first byte selects the mode: even, messages only; odd, the
+        # RECV_BITMAP exchange of a post-copy resume first.
         "return_path": {
-            "resumed": rec(0x41, struct.pack("<Q", 1234)),
-            "error": rec(0x42, b"RAM block 'pc.ram' size mismatch"),
-            "ready-then-resumed": rec(0x40) + rec(0x41, struct.pack("<Q", 5)),
-            "oversized": struct.pack("<BBHI", 0x42, 0, 0, 1 << 20),
-            "page-request": rec(0x44, struct.pack("<IIQ", 0, 1, 7)),
-            "complete": rec(0x41, struct.pack("<Q", 1)) + rec(0x43, struct.pack("<Q", 3)) +
+            "resumed": b"\0" + rec(0x41, struct.pack("<Q", 1234)),
+            "error": b"\0" + rec(0x42, b"RAM block 'pc.ram' size mismatch"),
+            "error-binary": b"\0" + rec(0x42, bytes(range(0, 256, 7))),
+            "ready-then-resumed": b"\0" + rec(0x40) + rec(0x41, struct.pack("<Q", 5)),
+            "oversized": b"\0" + struct.pack("<BBHI", 0x42, 0, 0, 1 << 20),
+            "page-request": b"\0" + rec(0x44, struct.pack("<IIQ", 0, 1, 7)),
+            "page-requests": b"\0" + b"".join(rec(0x44, struct.pack("<IIQ", b, n, f))
+                                               for b, n, f in ((0, 4, 0), (1, 4, 0), (0, 16, 0),
+                                                               (0, 2, 15), (2, 1, 0), (0, 0, 3))),
+            "sync-acks": b"\0" + rec(0x43, struct.pack("<Q", 3)) + rec(0x43, struct.pack("<Q", 2)),
+            "wrong-size": b"\0" + rec(0x41, b"\1\2\3"),
+            "complete": b"\0" + rec(0x41, struct.pack("<Q", 1)) + rec(0x43, struct.pack("<Q", 3)) +
                         rec(0x46),
+            "resume-bitmaps": b"\1" + recv_bitmap(0, 16, 0x00ff) + recv_bitmap(1, 4, 0x5) +
+                              rec(0x44, struct.pack("<IIQ", 0, 1, 9)) + rec(0x46),
+            "resume-bad-bitmap": b"\1" + recv_bitmap(1, 16, 0) + recv_bitmap(0, 4, 0),
         },
     }
     for target, files in seeds.items():
