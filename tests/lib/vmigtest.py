@@ -282,6 +282,7 @@ class Relay:
         self.limit = limit
         self.reverse_delay = reverse_delay
         self.frozen = False
+        self.stalled_until = 0.0
         self.lsock = socket.socket()
         self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.lsock.bind(("127.0.0.1", 0))
@@ -320,6 +321,7 @@ class Relay:
                     left -= len(d)
                 if index is not None:
                     d = self._hook(index, d)
+                self._wait_stall()
                 b.sendall(d)
         except OSError:
             pass
@@ -331,6 +333,10 @@ class Relay:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def _wait_stall(self):
+        while time.monotonic() < self.stalled_until and not self.stop:
+            time.sleep(0.01)
 
     def _pump_back(self, b, a):
         """Target to client, late by reverse_delay, or not at all once frozen."""
@@ -353,6 +359,7 @@ class Relay:
                         cond.wait(min(max(due - now, 0.005), 0.05))
                         continue
                     queue.pop(0)
+                self._wait_stall()
                 try:
                     a.sendall(d)
                 except OSError:
@@ -419,6 +426,28 @@ class Relay:
                 s.shutdown(how)
             except OSError:
                 pass
+
+    def cut_conn(self, index, direction="both"):
+        """Breaks connection `index`: both ways, or only "forward" (client
+        to target) or "reverse" (target to client: for vmig's main channel,
+        the return path)."""
+        with self.lock:
+            if index >= len(self.conns):
+                return False
+            a, b = self.conns[index]
+        pairs = {"both": ((a, socket.SHUT_RDWR), (b, socket.SHUT_RDWR)),
+                 "forward": ((a, socket.SHUT_RD), (b, socket.SHUT_WR)),
+                 "reverse": ((b, socket.SHUT_RD), (a, socket.SHUT_WR))}[direction]
+        for s, how in pairs:
+            try:
+                s.shutdown(how)
+            except OSError:
+                pass
+        return True
+
+    def stall(self, seconds):
+        """Holds every byte, both ways, for `seconds` (a stalled link)."""
+        self.stalled_until = time.monotonic() + seconds
 
     def cut(self):
         with self.lock:
