@@ -92,6 +92,31 @@ def wait_writes(guest, than):
     wait_until("guest progress past %d writes" % than, cond)
 
 
+def gap_count(guest):
+    return len(blkenv.parse_kv_lines(guest.serial(), "GAP"))
+
+
+def wait_resumed(guest, gaps_before):
+    """Waits until the guest's I/O resumed after the kill and it completed
+    2 * QD more writes. The guest prints a GAP line at the first completion
+    after a stall (a kill stalls it for QEMU's 1 s reconnect timer), and
+    only PROGRESS lines after that line count: one printed just after the
+    kill may still show writes from before it."""
+    def cond():
+        wait_writes(guest, 0)  # for its check that the guest did not stop
+        gaps, before, after = 0, 0, None
+        for line in guest.serial().splitlines():
+            if line.startswith("VMIG-GUEST: GAP "):
+                gaps += 1
+            elif line.startswith("VMIG-GUEST: PROGRESS "):
+                if gaps > gaps_before:
+                    after = blkenv.writes_of(line)
+                else:
+                    before = blkenv.writes_of(line)
+        return after is not None and after > before + 2 * QD
+    wait_until("guest progress after the restart", cond)
+
+
 def queue0(be):
     """The daemon's controller and its queue 0, or (None, {}) if it does not
     answer yet."""
@@ -134,6 +159,7 @@ def kill_once(env, be, guest, kind, counters):
             # the first moment the daemon is seen with half the queue depth.
             wait_writes(guest, writes_now(guest) + QD)
             rec["seen_inflight"] = wait_inflight(be, QD // 2)
+    gaps = gap_count(guest)
     t_kill = time.monotonic()
     be.kill9()
     be.start()  # the same arguments, so no latency: a fresh process
@@ -142,7 +168,7 @@ def kill_once(env, be, guest, kind, counters):
         rec["recovery"] = q.get("inflight_recovery")
         rec["recovered"] = q.get("recovered_requests")
     rec["reconnect_s"] = time.monotonic() - t_kill
-    wait_writes(guest, writes_now(guest) + 2 * QD)
+    wait_resumed(guest, gaps)
     rec["progress_s"] = time.monotonic() - t_kill
     if counters:
         st = be.rpc_call("bdev_get_iostat")["bdevs"][0]
