@@ -189,7 +189,8 @@ struct vmig__source {
 void vmig__set_status(struct vmig_session *s, enum vmig_status st);
 /* Under s->lock: change the status; true if it changed (then emit). */
 bool vmig__set_status_locked(struct vmig_session *s, enum vmig_status st);
-/* Record the first error and move to failed (or cancelled if cancelling). */
+/* Record the first error and move to failed (or cancelled if cancelling);
+ * on the source the move waits for the end of the migration thread. */
 void vmig__fail(struct vmig_session *s, int ret, const char *fmt, ...) VMIG_PRINTF(3, 4);
 /* Source, after the commit point: fail with the outcome unknown (the first
  * error becomes the reason given), vCPUs left stopped. */

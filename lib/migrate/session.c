@@ -425,7 +425,11 @@ void vmig__fail(struct vmig_session *s, int ret, const char *fmt, ...)
 	}
 	snprintf(s->stats.error_desc, sizeof(s->stats.error_desc), "%s", s->mig_err.msg);
 	pthread_mutex_unlock(&s->lock);
-	vmig__set_status(s, cancelled ? VMIG_STATUS_CANCELLED : VMIG_STATUS_FAILED);
+	/* The source publishes its end state once it has decided who runs
+	 * the guest and restarted its vCPUs if they may run (source.c): a
+	 * "failed" seen by an orchestrator must mean the VM already runs. */
+	if (!s->is_source)
+		vmig__set_status(s, cancelled ? VMIG_STATUS_CANCELLED : VMIG_STATUS_FAILED);
 }
 
 void vmig__fail_unknown(struct vmig_session *s)

@@ -602,6 +602,28 @@ err_io:
 }
 
 /*
+ * A side connection failed while the main one is up: the destination may
+ * have refused this migration (and closed its listener), and its reason,
+ * on the return path, explains our symptom better. Wait a little for it.
+ */
+static void dest_reason(struct vmig__source *src, int fd)
+{
+	struct pollfd pfd = {.fd = fd, .events = POLLIN};
+	struct vmig__reader *r = malloc(sizeof(*r));
+	struct vmig__err err = {{0}};
+	uint8_t type, payload[256];
+	size_t len;
+
+	if (r && poll(&pfd, 1, 2000) == 1) {
+		vmig__reader_init_fd(r, fd);
+		if (!vmig__rp_read(r, &type, payload, sizeof(payload), &len, &err) &&
+		    type == VMIG_RP_ERROR)
+			vmig__src_rp_message(src, type, payload, len, &err);
+	}
+	free(r);
+}
+
+/*
  * Connect the main channel (and the urgent one for post-copy), send the
  * preambles and start the return-path thread. resume: reconnecting a
  * paused post-copy migration.
@@ -644,6 +666,7 @@ int vmig__src_connect(struct vmig__source *src, bool resume)
 	if (!ret && s->caps[VMIG_CAP_MULTIFD]) {
 		ret = vmig__mf_source_open(src, &err);
 		if (ret) {
+			dest_reason(src, fd);
 			vmig__note_err(s, "%s", err.msg);
 			return ret;
 		}
@@ -904,14 +927,15 @@ void *vmig__source_thread(void *arg)
 	} else if (!ret) {
 		ret = switch_over(&src);
 	}
-	if (ret && !vmig__in_postcopy(s)) {
-		if (__atomic_load_n(&s->committed, __ATOMIC_ACQUIRE) && !dest_refused(s)) {
-			vmig__fail_unknown(s);
-		} else {
-			if (vmig__cancelled(s))
-				vmig__fail(s, -ECANCELED, "migration cancelled");
+	if (ret && !vmig__in_postcopy(s) && __atomic_load_n(&s->committed, __ATOMIC_ACQUIRE) &&
+	    !dest_refused(s)) {
+		vmig__fail_unknown(s);
+	} else if (ret) {
+		vmig__fail(s, ret, "migration failed"); /* a reason, if none yet */
+		if (!vmig__in_postcopy(s))
 			recover_source(&src);
-		}
+		/* Only now: whoever sees "failed" finds the VM running again. */
+		vmig__set_status(s, vmig__cancelled(s) ? VMIG_STATUS_CANCELLED : VMIG_STATUS_FAILED);
 	}
 	/* Past the post-copy switch the destination may run: committed. */
 	assert(!vmig__in_postcopy(s) || __atomic_load_n(&s->committed, __ATOMIC_ACQUIRE));

@@ -381,9 +381,7 @@ int vmig__pc_source_push(struct vmig__source *src)
 	}
 	src->st.ram.postcopy_bytes = vmig__src_wire_bytes(src) - src->st.ram.precopy_bytes +
 				     __atomic_load_n(&src->urgent_bytes, __ATOMIC_RELAXED);
-	if (ret == -ECANCELED) /* the session is being freed while paused */
-		vmig__fail_unknown(s);
-	else if (ret)
+	if (ret)
 		vmig__fail(s, ret, "post-copy failed");
 	return ret;
 }

@@ -178,6 +178,12 @@ class Trial:
         while True:
             self.maybe_switch()
             states = {vm.name: vm.migrate_status().get("status") for vm in self.alive()}
+            # A destination that never got its peer (the connection was cut
+            # before its preamble) waits on, as it should, once the source
+            # has given up or died.
+            if states.get("dst") == "setup" and states.get("src", "failed") in TERMINAL:
+                states["dst"] = "setup (no peer)"
+                return states
             if all(st in TERMINAL + PAUSED for st in states.values()):
                 # A paused side waits for its peer: settled once the peer
                 # has settled too (or is dead).

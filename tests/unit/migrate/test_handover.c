@@ -37,6 +37,7 @@
 struct fake_vm {
 	bool running; /* atomics: the test reads them while libvmig runs */
 	unsigned stops, starts;
+	int running_when_ended; /* -1 until the status became failed/cancelled */
 	uint8_t *ram;
 };
 
@@ -77,7 +78,19 @@ static int fake_load(void *opaque, const void *buf, size_t len)
 	return len == 5 && !memcmp(buf, "state", 5) ? 0 : -EINVAL;
 }
 
+/* Whether the vCPUs ran at the moment the migration was reported over:
+ * whoever reacts to "failed" must find the VM as it will stay. */
+static void fake_event(void *opaque, const struct vmig_event *ev)
+{
+	struct fake_vm *vm = opaque;
+
+	if (ev->type == VMIG_EVENT_STATUS &&
+	    (ev->status == VMIG_STATUS_FAILED || ev->status == VMIG_STATUS_CANCELLED))
+		__atomic_store_n(&vm->running_when_ended, fake_running(vm), __ATOMIC_RELEASE);
+}
+
 static const struct vmig_vm_ops fake_ops = {
+	.event = fake_event,
 	.stop = fake_stop,
 	.start = fake_start,
 	.running = fake_running,
@@ -92,6 +105,7 @@ static vmig_session *new_session(struct fake_vm *vm, bool running)
 
 	memset(vm, 0, sizeof(*vm));
 	vm->running = running;
+	vm->running_when_ended = -1;
 	vm->ram = mmap(NULL, RAM_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	assert_true(vm->ram != MAP_FAILED);
 	for (unsigned i = 0; i < NPAGES; i++)
@@ -303,6 +317,7 @@ static void test_refused_resumes(void **state)
 		fail_msg("error-desc: %s", st.error_desc);
 	assert_int_equal(vm.starts, 1);
 	assert_true(vm.running);
+	assert_int_equal(vm.running_when_ended, 1);
 }
 
 static void test_lost_before_commit_runs_on(void **state)
@@ -315,6 +330,7 @@ static void test_lost_before_commit_runs_on(void **state)
 	assert_false(st.handover_unknown);
 	assert_true(vm.running);
 	assert_int_equal(vm.starts, vm.stops);
+	assert_int_equal(vm.running_when_ended, 1);
 }
 
 static void test_pause_before_switchover(void **state)
