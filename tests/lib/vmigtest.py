@@ -390,7 +390,11 @@ class Relay:
                 continue
             except OSError:
                 break
-            b = socket.create_connection(("127.0.0.1", self.target), timeout=30)
+            try:
+                b = socket.create_connection(("127.0.0.1", self.target), timeout=30)
+            except OSError:  # the target is gone: so is this connection
+                a.close()
+                continue
             a.settimeout(None)
             b.settimeout(None)
             with self.lock:

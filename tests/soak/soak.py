@@ -99,12 +99,15 @@ class Trial:
         self.relay = Relay(port)
         self.dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:%d" % port)
         self.src.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % self.relay.port)
+        self.switch_at = None
         if self.mode == "postcopy":
             self.switch_at = time.monotonic() + self.rng.uniform(0.2, 0.6)
 
     def maybe_switch(self):
         if self.mode == "postcopy" and self.switch_at and time.monotonic() >= self.switch_at:
             self.switch_at = None
+            if not self.src.alive():
+                return
             try:
                 self.src.qmp.cmd("migrate-start-postcopy")
             except QMPError:
