@@ -117,13 +117,15 @@ static int read_preamble(struct vmig_session *s, unsigned i, struct vmig__loader
 
 /*
  * The next connection with a valid preamble: its fd in *fd, its preamble in
- * l (l->r reads the rest of it). -ECANCELED on cancel.
+ * l (l->r reads the rest of it). -ECANCELED on cancel. watch_fd (or -1) is
+ * the main connection while side connections are awaited: if the source
+ * hangs up on it, they will never come (-EPIPE).
  */
-static int next_conn(struct vmig_session *s, struct vmig__loader *l, int *fd,
+static int next_conn(struct vmig_session *s, struct vmig__loader *l, int *fd, int watch_fd,
 		     struct vmig__err *err)
 {
 	for (;;) {
-		struct pollfd pfd[2 + VMIG_MAX_PENDING];
+		struct pollfd pfd[3 + VMIG_MAX_PENDING];
 		uint64_t now = vmig__now_ns(), first = UINT64_MAX;
 		unsigned n = s->npending;
 		int timeout_ms = -1;
@@ -144,7 +146,8 @@ static int next_conn(struct vmig_session *s, struct vmig__loader *l, int *fd,
 		pfd[1] = (struct pollfd){.fd = s->cancel_efd, .events = POLLIN};
 		for (unsigned i = 0; i < n; i++)
 			pfd[2 + i] = (struct pollfd){.fd = s->pending[i].fd, .events = POLLIN};
-		if (poll(pfd, 2 + n, timeout_ms) < 0) {
+		pfd[2 + n] = (struct pollfd){.fd = watch_fd, .events = POLLRDHUP};
+		if (poll(pfd, 3 + n, timeout_ms) < 0) {
 			if (errno == EINTR)
 				continue;
 			vmig__err_set(err, "waiting for a connection: %s", strerror(errno));
@@ -152,6 +155,11 @@ static int next_conn(struct vmig_session *s, struct vmig__loader *l, int *fd,
 		}
 		if (pfd[1].revents)
 			return -ECANCELED;
+		if (pfd[2 + n].revents & (POLLRDHUP | POLLHUP | POLLERR)) {
+			vmig__err_set(err, "the source closed the migration connection while its "
+					   "other connections were awaited");
+			return -EPIPE;
+		}
 		/* Back to front: dropping i moves the last entry into i. */
 		for (unsigned i = n; i-- > 0;) {
 			int fdi = s->pending[i].fd;
@@ -208,7 +216,7 @@ int vmig__dest_accept(struct vmig_session *s, struct vmig__loader *l, bool resum
 	uint64_t urgent_session = 0;
 
 	for (;;) {
-		int fd, ret = next_conn(s, l, &fd, l->err);
+		int fd, ret = next_conn(s, l, &fd, -1, l->err);
 
 		if (ret)
 			return ret;
@@ -261,7 +269,7 @@ int vmig__dest_accept_side(struct vmig_session *s, bool (*done)(void *arg), void
 		struct vmig__loader l = {.r = r, .err = &scratch};
 		int fd;
 
-		ret = next_conn(s, &l, &fd, err);
+		ret = next_conn(s, &l, &fd, s->fd, err);
 		if (ret)
 			break;
 		if (l.session == s->session_id && !(l.pre_flags & VMIG_PRE_F_RESUME) == !resume) {

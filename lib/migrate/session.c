@@ -612,8 +612,11 @@ VMIG_EXPORT int vmig_cancel(vmig_session *s)
 	pthread_mutex_lock(&s->lock);
 	/* After the switch the destination holds the newest state of the
 	 * guest (and may have written to its disks): going back to the source
-	 * is never a way out, so neither side gives up by itself. */
-	postcopy = vmig__in_postcopy(s);
+	 * is never a way out. Except on a source that lost the link before the
+	 * destination said it runs: there the outcome is unknown, as after a
+	 * pre-copy commit, and giving up leaves the choice to the operator. */
+	postcopy = vmig__in_postcopy(s) &&
+		   !(s->is_source && s->status == VMIG_STATUS_POSTCOPY_PAUSED && !s->rp_resumed);
 	pthread_mutex_unlock(&s->lock);
 	if (postcopy) {
 		vmig__err_set(&s->api_err, "a post-copy migration cannot be cancelled");

@@ -862,6 +862,18 @@ static bool dest_refused(struct vmig_session *s)
 	return refused;
 }
 
+/* The destination said it runs (RESUMED): from then on the guest's newest
+ * state is there, whatever happens. */
+static bool dest_ran(struct vmig_session *s)
+{
+	bool ran;
+
+	pthread_mutex_lock(&s->lock);
+	ran = s->rp_resumed;
+	pthread_mutex_unlock(&s->lock);
+	return ran;
+}
+
 /* After failure or cancel before the switch: keep the VM running here. */
 static void recover_source(struct vmig__source *src)
 {
@@ -927,8 +939,8 @@ void *vmig__source_thread(void *arg)
 	} else if (!ret) {
 		ret = switch_over(&src);
 	}
-	if (ret && !vmig__in_postcopy(s) && __atomic_load_n(&s->committed, __ATOMIC_ACQUIRE) &&
-	    !dest_refused(s)) {
+	if (ret && __atomic_load_n(&s->committed, __ATOMIC_ACQUIRE) && !dest_refused(s) &&
+	    (!vmig__in_postcopy(s) || !dest_ran(s))) {
 		vmig__fail_unknown(s);
 	} else if (ret) {
 		vmig__fail(s, ret, "migration failed"); /* a reason, if none yet */

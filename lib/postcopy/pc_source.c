@@ -315,6 +315,13 @@ static int pause_and_resume(struct vmig__source *src)
 		ret = vmig__src_connect(src, true);
 		if (!ret)
 			ret = read_bitmaps(src);
+		if (!ret) {
+			/* Only a destination that ran can be paused and resume:
+			 * its RESUMED may have been lost with the link. */
+			pthread_mutex_lock(&s->lock);
+			s->rp_resumed = true;
+			pthread_mutex_unlock(&s->lock);
+		}
 		if (!ret)
 			ret = vmig__src_start_rp(src);
 		if (!ret)

@@ -56,6 +56,7 @@ class Trial:
         self.mode = rng.choice(["precopy", "precopy", "multifd", "postcopy", "postcopy"])
         self.fault, self.phase = self.pick_fault()
         self.killed = {}  # name -> wall time of the kill
+        self.pre_kill = {}  # name -> (wall time, runstate) just before the kill
         self.outcome = None
 
     def pick_fault(self):
@@ -142,6 +143,10 @@ class Trial:
         time.sleep(self.rng.uniform(0, jitter[self.phase]))
 
     def kill(self, vm):
+        # Collect its events, and whether it ran, just before: a STOP it
+        # sent and nobody read would die with it.
+        status = vm.status()
+        self.pre_kill[vm.name] = (time.time(), status)
         self.killed[vm.name] = time.time()
         vm.kill()
 
@@ -217,6 +222,16 @@ class Trial:
         if src.alive() and src.status() == "running":
             self.outcome = self.outcome or "stayed on source"
             return src
+        if s in PAUSED and not (dst.alive() and dst.status() == "running"):
+            # Paused, but the destination does not run: if it never said
+            # it did, the source may give up and the operator decides.
+            try:
+                src.qmp.cmd("migrate_cancel")
+                states = self.settle()
+                s = states.get("src")
+            except QMPError:
+                self.outcome = "post-copy destination ran, then died (documented risk)"
+                return None
         sinfo = src.migrate_status() if src.alive() else {}
         dinfo = dst.migrate_status() if dst.alive() else {}
         if sinfo.get("x-vmig-handover-unknown"):
@@ -263,7 +278,11 @@ class Trial:
                     out.append((on, ts))
                     on = None
             if on is not None:
-                out.append((on, self.killed.get(vm.name, now)))
+                end = self.killed.get(vm.name, now)
+                seen = self.pre_kill.get(vm.name)
+                if seen and seen[1] != "running":
+                    end = min(end, seen[0])  # it had stopped before we killed it
+                out.append((on, end))
             spans[vm.name] = out
         for a0, a1 in spans["src"]:
             for b0, b1 in spans["dst"]:

@@ -38,6 +38,8 @@ struct fake_vm {
 	bool running; /* atomics: the test reads them while libvmig runs */
 	unsigned stops, starts;
 	int running_when_ended; /* -1 until the status became failed/cancelled */
+	bool dirtier_on;        /* atomic: dirty_ram() goes on */
+	pthread_t dirtier;
 	uint8_t *ram;
 };
 
@@ -76,6 +78,22 @@ static int fake_save(void *opaque, void *buf, size_t cap, size_t *len)
 static int fake_load(void *opaque, const void *buf, size_t len)
 {
 	return len == 5 && !memcmp(buf, "state", 5) ? 0 : -EINVAL;
+}
+
+/* The guest's writes, while its vCPUs run. */
+static void *dirty_ram(void *arg)
+{
+	struct fake_vm *vm = arg;
+	unsigned i = 0;
+
+	while (__atomic_load_n(&vm->dirtier_on, __ATOMIC_ACQUIRE)) {
+		if (fake_running(vm))
+			__atomic_add_fetch(&vm->ram[(i++ % NPAGES) * VMIG_PAGE_SIZE], 1,
+					   __ATOMIC_RELAXED);
+		else
+			usleep(100);
+	}
+	return NULL;
 }
 
 /* Whether the vCPUs ran at the moment the migration was reported over:
@@ -171,13 +189,26 @@ enum at_eos { REPLY_RESUMED, REPLY_ERROR, REPLY_NOTHING_CLOSE, REPLY_NOTHING_CAN
 
 struct dest_script {
 	int lfd;
+	bool postcopy;           /* an urgent channel; the end is POSTCOPY_RUN */
+	int held_fd;             /* post-copy: the main fd, closed by the test */
 	enum at_eos at_eos;
 	bool close_after_blocks; /* fail before the commit point */
 	vmig_session *src;       /* for REPLY_NOTHING_CANCEL */
 	bool saw_eos;
 };
 
-/* Play the destination of one pre-copy migration. */
+static int discard_nothing(void *opaque, unsigned block, uint64_t first, uint64_t npages)
+{
+	return 0;
+}
+
+static int place_nothing(void *opaque, unsigned block, uint64_t first, uint32_t npages,
+			 const uint8_t *buf)
+{
+	return 0;
+}
+
+/* Play the destination of one migration, to its end record. */
 static void *fake_dest(void *arg)
 {
 	struct dest_script *sc = arg;
@@ -189,6 +220,7 @@ static void *fake_dest(void *arg)
 	struct vmig__err err = {{0}};
 	struct vmig__loader l = {.r = r, .blocks = &blk, .nblocks = 1, .err = &err};
 	int fd = accept4(sc->lfd, NULL, NULL, SOCK_CLOEXEC);
+	int ufd = sc->postcopy ? accept4(sc->lfd, NULL, NULL, SOCK_CLOEXEC) : -1;
 	uint8_t type;
 
 	strcpy(blk.name, "pc.ram");
@@ -197,6 +229,8 @@ static void *fake_dest(void *arg)
 	assert_true(fd >= 0);
 	vmig__reader_init_fd(r, fd);
 	assert_int_equal(vmig__load_preamble(&l), 0);
+	l.hooks.discard = discard_nothing;
+	l.hooks.place = place_nothing;
 	while (!vmig__load_record(&l, &type)) {
 		if (type == VMIG_REC_BLOCKS && sc->close_after_blocks)
 			break;
@@ -205,7 +239,7 @@ static void *fake_dest(void *arg)
 
 			send_rp(fd, VMIG_RP_SYNC_ACK, &ack, sizeof(ack));
 		}
-		if (l.eos) {
+		if (l.eos || l.run) {
 			sc->saw_eos = true;
 			break;
 		}
@@ -213,7 +247,8 @@ static void *fake_dest(void *arg)
 	if (sc->saw_eos) {
 		struct vmig_wire_resumed res = {.load_us = 1};
 
-		assert_int_equal(vmig__load_verify(&l), 0);
+		if (!sc->postcopy)
+			assert_int_equal(vmig__load_verify(&l), 0);
 		if (sc->at_eos == REPLY_RESUMED)
 			send_rp(fd, VMIG_RP_RESUMED, &res, sizeof(res));
 		else if (sc->at_eos == REPLY_ERROR)
@@ -227,7 +262,16 @@ static void *fake_dest(void *arg)
 		while (read(fd, &c, 1) > 0)
 			;
 	}
-	close(fd);
+	if (sc->postcopy) {
+		/* Ends both ways at once, after what was sent: closing with
+		 * unread data would reset the link and could drop RESUMED. */
+		shutdown(fd, SHUT_RDWR);
+		sc->held_fd = fd;
+	} else {
+		close(fd);
+	}
+	if (ufd >= 0)
+		close(ufd);
 	vmig__loader_release(&l);
 	free(ram);
 	free(r);
@@ -351,6 +395,62 @@ static void test_pause_before_switchover(void **state)
 		st = wait_end(s, VMIG_STATUS_NONE);
 		assert_int_equal(st.status, cancel ? VMIG_STATUS_CANCELLED : VMIG_STATUS_COMPLETED);
 		assert_int_equal(vm.running, cancel);
+		free_session(s, &vm);
+	}
+}
+
+/*
+ * Post-copy: the link dies right after POSTCOPY_RUN. If the destination
+ * had said it runs, the source must never give up (cancel refused); if it
+ * had not, the outcome is unknown, and a cancel gives up with the vCPUs
+ * left stopped, for the operator to start exactly one side.
+ */
+static void test_postcopy_lost_at_switch(void **state)
+{
+	for (int resumed = 0; resumed < 2; resumed++) {
+		struct dest_script sc = {.postcopy = true,
+					 .at_eos = resumed ? REPLY_RESUMED : REPLY_NOTHING_CLOSE};
+		struct fake_vm vm;
+		vmig_session *s = new_session(&vm, true);
+		char path[108], uri[120];
+		struct vmig_stats st;
+		pthread_t t;
+
+		sock_path(path, sizeof(path), "pc-src");
+		snprintf(uri, sizeof(uri), "unix:%s", path);
+		sc.lfd = listen_unix(path);
+		assert_int_equal(vmig_capability_set(s, "postcopy-ram", true), 0);
+		/* A pre-copy that never converges: the guest writes all the time,
+		 * and no downtime is allowed. */
+		assert_int_equal(vmig_parameter_set(s, "downtime-limit", 0), 0);
+		__atomic_store_n(&vm.dirtier_on, true, __ATOMIC_RELEASE);
+		assert_int_equal(pthread_create(&vm.dirtier, NULL, dirty_ram, &vm), 0);
+		assert_int_equal(pthread_create(&t, NULL, fake_dest, &sc), 0);
+		assert_int_equal(vmig_migrate(s, uri), 0);
+		while (vmig_start_postcopy(s))
+			usleep(1000);
+		pthread_join(t, NULL);
+		st = wait_end(s, VMIG_STATUS_POSTCOPY_PAUSED);
+		assert_int_equal(st.status, VMIG_STATUS_POSTCOPY_PAUSED);
+		assert_false(vm.running);
+		if (resumed) {
+			assert_int_equal(vmig_cancel(s), -EBUSY);
+		} else {
+			assert_int_equal(vmig_cancel(s), 0);
+			for (int i = 0; i < 5000 && st.status == VMIG_STATUS_POSTCOPY_PAUSED; i++) {
+				usleep(1000);
+				vmig_query(s, &st);
+			}
+			assert_int_equal(st.status, VMIG_STATUS_FAILED);
+			assert_true(st.handover_unknown);
+		}
+		assert_int_equal(vm.starts, 0);
+		assert_false(vm.running);
+		close(sc.held_fd);
+		__atomic_store_n(&vm.dirtier_on, false, __ATOMIC_RELEASE);
+		pthread_join(vm.dirtier, NULL);
+		close(sc.lfd);
+		unlink(path);
 		free_session(s, &vm);
 	}
 }
@@ -515,6 +615,7 @@ int main(void)
 		cmocka_unit_test(test_refused_resumes),
 		cmocka_unit_test(test_lost_before_commit_runs_on),
 		cmocka_unit_test(test_pause_before_switchover),
+		cmocka_unit_test(test_postcopy_lost_at_switch),
 		cmocka_unit_test(test_incoming_again_keeps_listener),
 		cmocka_unit_test(test_postcopy_bad_record_stops_guest),
 		cmocka_unit_test(test_postcopy_cut_pauses),
