@@ -10,9 +10,9 @@ outcome follow from the throttle alone:
 
 - The source guest writes flat out over a working set of 128 pages (512 KiB)
   in 64 MiB of otherwise zero RAM, so the bulk round is short.
-- max-bandwidth is 1 MiB/s: a round that carries the working set lasts half
-  a second, far longer than a throttle slice (10 ms), and the link carries
-  less than one page per millisecond.
+- max-bandwidth is at most 1 MiB/s: a round that carries the working set
+  lasts half a second or more, far longer than a throttle slice (10 ms), and
+  the link carries less than one page per millisecond.
 - downtime-limit is 0: a round only ends the migration if the pages dirtied
   during it take no whole millisecond at the measured bandwidth, that is, if
   the guest wrote next to nothing for a whole round.
@@ -22,9 +22,10 @@ of pages a second, so every round finds the whole working set dirty again:
 the migration cannot end (and the guest dirtied as much as was sent, so the
 throttle rises). At 95-99% a vCPU sleeps 190-990 ms after each 10 ms slice,
 rounds shrink, and soon one passes in which neither vCPU ran: the migration
-ends. The guest's write rate is measured when the migration starts, and a
-guest too slow to keep its working set dirty fails the case with that figure
-instead of proving nothing.
+ends. The one figure that depends on speed is sized from a measurement: once
+the migration runs, the guest's write rate is measured, and max-bandwidth is
+lowered below 1 MiB/s if need be (a ThreadSanitizer build writes slowly) so
+that the guest writes each page of its working set 16 times per round.
 
 usage: test_auto_converge.py BUILD_DIR
 """
@@ -37,8 +38,8 @@ from vmigtest import VM, QMPError, Runner, check, free_port, wait_completed  # n
 
 MEM = 64 << 20
 MEM_ARG = "64M"
-LINK = 1 << 20  # max-bandwidth: less than a page per millisecond
-WSS = 128 * 4096  # half a second of the link
+LINK = 1 << 20  # max-bandwidth at most: less than a page per millisecond
+WSS = 128 * 4096  # half a second of that link
 
 
 def pair(procs, build, auto_converge, initial=95, increment=4, limit=99):
@@ -60,11 +61,14 @@ def pair(procs, build, auto_converge, initial=95, increment=4, limit=99):
     dst.qmp.cmd("migrate-incoming", uri=uri)
     src.qmp.cmd("migrate", uri=uri)
     # With dirty tracking on, the unthrottled guest must write each page of
-    # its working set 16 times per round (WSS / LINK seconds), so that even
-    # halved it keeps them all dirty: else no case could show anything.
-    rate = write_rate(src, 0.5)
-    check(rate >= 16 * LINK / 4096, "the guest writes only %.0f pages/s: too slow to keep "
-          "%d pages dirty against a %d KiB/s link" % (rate, WSS // 4096, LINK >> 10))
+    # its working set 16 times per round (WSS / max-bandwidth seconds), so
+    # that even at half speed it keeps them all dirty: slow the link down
+    # to that if need be, but not to rounds of more than 4 s.
+    rate = write_rate(src, 0.5) * 4096
+    link = int(min(LINK, rate / 16)) & ~1023
+    check(link >= WSS // 4, "the guest writes only %.1f MiB/s: too slow to keep %d pages "
+          "dirty against a link that carries them in 4 s" % (rate / 2**20, WSS // 4096))
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": link})
     return src, dst
 
 
