@@ -12,6 +12,7 @@
 #   TARGET              default: every target in tests/fuzz/meson.build
 #   FUZZ_BUILD=DIR      build directory (default build-fuzz-campaign)
 #   OUT=DIR             where logs and crashes go (default a temp dir)
+#   JOBS=N              targets fuzzed at once (default 1; each takes a core)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 budget=${1:-1200}
@@ -33,15 +34,13 @@ ninja -C "$build" >"$out/build.log" 2>&1 || { echo "campaign: build failed (see 
 
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
-status=0
-printf '%-12s %10s %8s %6s %7s %7s %s\n' target execs exec/s cov features corpus result
-for t in "${targets[@]}"; do
-	bin="$build/tests/fuzz/fuzz-$t"
-	corpus="tests/fuzz/corpus/$t"
-	work="$out/$t"
+# One target: fuzz, merge, print its line (into $out/$t.line).
+fuzz_one() {
+	local t=$1
+	local bin="$build/tests/fuzz/fuzz-$t" corpus="tests/fuzz/corpus/$t" work="$out/$t"
+	local log="$out/$t.log" rc execs rate cov ft result
 	rm -rf "$work" && mkdir -p "$work"
 	cp "$corpus"/* "$work"/
-	log="$out/$t.log"
 	"$bin" -max_total_time="$budget" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
 		-artifact_prefix="$out/crash-$t-" "$work" >"$log" 2>&1
 	rc=$?
@@ -50,16 +49,28 @@ for t in "${targets[@]}"; do
 	cov=$(grep -oE 'cov: [0-9]+' "$log" | tail -1 | cut -d' ' -f2)
 	ft=$(grep -oE 'ft: [0-9]+' "$log" | tail -1 | cut -d' ' -f2)
 	result=ok
-	if [ "$rc" -ne 0 ]; then
-		result="CRASH (exit $rc, see $log)"
-		status=1
-	fi
+	[ "$rc" -ne 0 ] && result="CRASH (exit $rc, see $log)"
 	# Into the checked-in corpus (its named seeds stay): only the new
 	# inputs that add coverage to it.
 	"$bin" -merge=1 "$corpus" "$work" >"$out/$t.merge.log" 2>&1 ||
 		echo "campaign: merging $t's corpus failed (see $out/$t.merge.log)"
 	printf '%-12s %10s %8s %6s %7s %7s %s\n' "$t" "${execs:-?}" "${rate:-?}" "${cov:-?}" \
-		"${ft:-?}" "$(ls "$corpus" | wc -l)" "$result"
+		"${ft:-?}" "$(ls "$corpus" | wc -l)" "$result" >"$out/$t.line"
+}
+
+jobs=${JOBS:-1}
+for t in "${targets[@]}"; do
+	while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do
+		wait -n
+	done
+	fuzz_one "$t" &
+done
+wait
+printf '%-12s %10s %8s %6s %7s %7s %s\n' target execs exec/s cov features corpus result
+status=0
+for t in "${targets[@]}"; do
+	cat "$out/$t.line"
+	grep -q CRASH "$out/$t.line" && status=1
 done
 echo "logs: $out"
 exit $status
