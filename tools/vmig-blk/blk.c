@@ -335,8 +335,8 @@ static uint8_t start_rw(struct vblk_queue *q, struct vblk_req *req, uint64_t sec
 	req->offset = sector * VBLK_SECTOR;
 	stat_add(is_read ? &q->stats.read_ops : &q->stats.write_ops, 1);
 	stat_add(is_read ? &q->stats.read_bytes : &q->stats.write_bytes, req->bytes);
-	if (is_read)
-		req->written = (uint32_t)req->bytes;
+	if (is_read) /* the used length is 32 bits: saturate, never wrap */
+		req->written = req->bytes < UINT32_MAX ? (uint32_t)req->bytes : UINT32_MAX - 1;
 	if (req->bytes == 0)
 		return VIRTIO_BLK_S_OK;
 	if (q->disk->backend == VBLK_BACKEND_NULL) {
@@ -405,13 +405,18 @@ static uint8_t start_dwz(struct vblk_queue *q, struct vblk_req *req)
 	bool discard = req->type == VIRTIO_BLK_T_DISCARD;
 	struct vblk_dwz_seg *segs = req->segs;
 	uint64_t len = iov_total(req->data, req->ndata);
-	unsigned n = (unsigned)(len / sizeof(segs[0]));
+	unsigned n;
 	uint64_t total = 0;
 
 	if (q->disk->read_only)
 		return VIRTIO_BLK_S_IOERR;
-	if (len % sizeof(segs[0]) || n == 0 || n > VBLK_MAX_DWZ_SEGS ||
-	    iov_gather(req->data, req->ndata, segs, len))
+	/* Bound the length in 64 bits before anything is derived from it:
+	 * the guest's descriptors can add up to far more than 4 GiB, and
+	 * 2^36 + 16 bytes would count as one segment in 32 bits. */
+	if (len == 0 || len > sizeof(req->segs) || len % sizeof(segs[0]))
+		return VIRTIO_BLK_S_UNSUPP;
+	n = (unsigned)(len / sizeof(segs[0]));
+	if (iov_gather(req->data, req->ndata, segs, (size_t)len))
 		return VIRTIO_BLK_S_UNSUPP;
 	for (unsigned i = 0; i < n; i++) {
 		uint64_t bytes = (uint64_t)segs[i].num_sectors * VBLK_SECTOR;
