@@ -9,7 +9,10 @@
  * Threat model: the peer is untrusted. A size larger than any message we
  * know drops the connection before we read it; fds are received with
  * MSG_CMSG_CLOEXEC and every fd of a rejected message is closed, so a peer
- * cannot make us leak descriptors.
+ * cannot make us leak descriptors. The caller bounds how long a message
+ * may take to arrive and a reply to leave (SO_RCVTIMEO, SO_SNDTIMEO):
+ * both then fail with -ETIMEDOUT, and a peer that stops mid-message or
+ * never reads cannot hold the caller's thread.
  */
 #include "vhost/vhost.h"
 
@@ -37,6 +40,9 @@ static int read_payload(int sock, void *buf, size_t len)
 
 		if (n < 0 && errno == EINTR)
 			continue;
+		/* SO_RCVTIMEO ran out: the rest of the message never came. */
+		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+			return -ETIMEDOUT;
 		if (n < 0)
 			return -errno;
 		if (n == 0)
@@ -92,6 +98,8 @@ int vhost_msg_recv(int sock, struct vhost_msg *m)
 	do {
 		n = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC);
 	} while (n < 0 && errno == EINTR);
+	if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+		return -ETIMEDOUT;
 	if (n < 0)
 		return -errno;
 	if (n == 0)
@@ -138,6 +146,9 @@ int vhost_msg_send(int sock, const struct vhost_msg *m)
 	do {
 		n = sendmsg(sock, &mh, MSG_NOSIGNAL);
 	} while (n < 0 && errno == EINTR);
+	/* SO_SNDTIMEO ran out: the peer does not read its replies. */
+	if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+		return -ETIMEDOUT;
 	if (n < 0)
 		return -errno;
 	/* Replies are small; a short write on a blocking unix socket means

@@ -323,8 +323,10 @@ bool vhost_pc_is_mem_ack(const struct vhost_dev *d, const struct vhost_msg *m);
 
 /* ---- socket I/O (msg.c) ---- */
 
-/* Read one message with its fds. 0, -EPIPE on EOF, -EBADMSG, -errno. */
+/* Read one message with its fds. 0, -EPIPE on EOF, -EBADMSG, -ETIMEDOUT
+ * (the socket's SO_RCVTIMEO ran out mid-message), -errno. */
 int vhost_msg_recv(int sock, struct vhost_msg *m);
+/* 0, -ETIMEDOUT (SO_SNDTIMEO ran out: the peer does not read), -errno. */
 int vhost_msg_send(int sock, const struct vhost_msg *m);
 void vhost_msg_close_fds(struct vhost_msg *m);
 

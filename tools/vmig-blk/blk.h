@@ -30,6 +30,7 @@
 #define VBLK_DEFAULT_POLL_US 50u      /* see docs/vhost-user.md, "Polling" */
 #define VBLK_MAX_POLL_US 1000000u     /* 1 s: longer is a configuration mistake */
 #define VBLK_MAX_LATENCY_US 60000000u /* 60 s: see vblk_queue_set_latency */
+#define VBLK_MSG_TIMEOUT_S 2	      /* to finish a vhost-user message or send a reply */
 
 struct vblk_stats {
 	uint64_t read_ops, read_bytes;
@@ -189,6 +190,8 @@ int vblk_upgrade_resume(struct vblk_daemon *dm);
 void vblk_log(const struct vblk_daemon *dm, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 int vblk_disk_open(struct vblk_daemon *dm, int inherited_fd);
+/* Bound the time a vhost-user connection may block the control thread. */
+void vblk_conn_setup(int fd);
 /* Listening unix socket at path (a stale file is replaced). fd or -errno. */
 int vblk_listen_unix(const char *path);
 

@@ -32,6 +32,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -415,7 +416,9 @@ static void handle_vhost(struct vblk_daemon *dm)
 	int r = vhost_msg_recv(dm->conn_fd, &m);
 
 	if (r) {
-		disconnect(dm, r == -EPIPE ? "peer closed" : strerror(-r));
+		disconnect(dm, r == -EPIPE	 ? "peer closed"
+			       : r == -ETIMEDOUT ? "message cut short"
+						 : strerror(-r));
 		return;
 	}
 	if (debug_msgs)
@@ -435,8 +438,24 @@ static void handle_vhost(struct vblk_daemon *dm)
 		r = vhost_msg_send(dm->conn_fd, &reply);
 		vhost_msg_close_fds(&reply);
 		if (r)
-			disconnect(dm, "reply failed");
+			disconnect(dm, r == -ETIMEDOUT ? "replies not read" : "reply failed");
 	}
+}
+
+/*
+ * The control thread reads a message whole once its first byte is there,
+ * and writes replies on a blocking socket: a front-end that stops in the
+ * middle of a message, or never reads its replies, would hold it (and the
+ * RPC socket and SIGTERM with it) forever. QEMU sends each message with
+ * one sendmsg and reads each reply at once, so a bound of a few seconds
+ * costs it nothing; when it runs out the connection is dropped.
+ */
+void vblk_conn_setup(int fd)
+{
+	struct timeval tv = {.tv_sec = VBLK_MSG_TIMEOUT_S};
+
+	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
 }
 
 static void accept_vhost(struct vblk_daemon *dm)
@@ -445,6 +464,7 @@ static void accept_vhost(struct vblk_daemon *dm)
 
 	if (fd < 0)
 		return;
+	vblk_conn_setup(fd);
 	dm->conn_fd = fd;
 	dm->connections++;
 	vblk_log(dm, "vhost-user connection %llu accepted", (unsigned long long)dm->connections);

@@ -368,6 +368,8 @@ int vblk_upgrade_resume(struct vblk_daemon *dm)
 		vblk_queue_set_poll(&dm->q[i], dm->poll_us);
 	dm->listen_fd = s.listen_fd;
 	dm->conn_fd = s.conn_fd;
+	if (dm->conn_fd >= 0) /* a connection from a binary that did not */
+		vblk_conn_setup(dm->conn_fd);
 	dm->rpc_fd = s.rpc_fd;
 	dm->connections = s.connections;
 	dm->upgrades = s.upgrades + 1;
