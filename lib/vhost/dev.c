@@ -101,6 +101,8 @@ static void replace_fd(int *slot, int fd)
 
 static void vring_stop(struct vhost_dev *d, struct vhost_vring *vr)
 {
+	/* Whatever made it stop may have fixed what kept it from starting. */
+	vr->start_failed = false;
 	if (!vr->started)
 		return;
 	d->ops->queue_stop(d->opaque, vr);
@@ -118,8 +120,8 @@ void vhost_dev_stop_all(struct vhost_dev *d)
 
 static bool vring_ready(const struct vhost_dev *d, const struct vhost_vring *vr)
 {
-	return !vr->started && vr->num && vr->addr_set && vr->kick_fd >= 0 && vr->enabled &&
-	       d->features_set && d->mem.nregions && !d->pc.mem_ack_pending;
+	return !vr->started && !vr->start_failed && vr->num && vr->addr_set && vr->kick_fd >= 0 &&
+	       vr->enabled && d->features_set && d->mem.nregions && !d->pc.mem_ack_pending;
 }
 
 /* Point vq at the guest's rings; -EFAULT if they are not all mapped. */
@@ -209,14 +211,19 @@ static int vring_start(struct vhost_dev *d, struct vhost_vring *vr)
 {
 	int r = vring_alloc(vr);
 
-	if (r == 0)
-		r = vring_map(d, vr);
 	if (r)
+		dev_err(d, "ring %u: %s", vr->idx, strerror(-r));
+	else
+		r = vring_map(d, vr);
+	if (r) {
+		vr->start_failed = true;
 		return r;
+	}
 	vring_position(d, vr);
 	r = d->ops->queue_start(d->opaque, vr);
 	if (r) {
 		dev_err(d, "ring %u: start failed: %s", vr->idx, strerror(-r));
+		vr->start_failed = true;
 		return r;
 	}
 	vr->started = true;
@@ -224,11 +231,18 @@ static int vring_start(struct vhost_dev *d, struct vhost_vring *vr)
 	return 0;
 }
 
-void vhost_dev_start_ready(struct vhost_dev *d)
+int vhost_dev_start_ready(struct vhost_dev *d)
 {
-	for (unsigned i = 0; i < d->nqueues; i++)
-		if (vring_ready(d, &d->vring[i]))
-			vring_start(d, &d->vring[i]);
+	int first = 0, r;
+
+	for (unsigned i = 0; i < d->nqueues; i++) {
+		if (!vring_ready(d, &d->vring[i]))
+			continue;
+		r = vring_start(d, &d->vring[i]);
+		if (r && !first)
+			first = r;
+	}
+	return first;
 }
 
 /* ---- handlers ---- */
@@ -774,7 +788,7 @@ int vhost_dev_handle(struct vhost_dev *d, struct vhost_msg *m, struct vhost_msg 
 	uint32_t req = m->hdr.request;
 	const struct msg_spec *s = req < VHOST_USER_REQ_MAX ? &msg_table[req] : NULL;
 	const char *why;
-	int r;
+	int r, sr;
 
 	memset(&reply->hdr, 0, sizeof(reply->hdr));
 	reply->hdr.request = req;
@@ -806,7 +820,14 @@ int vhost_dev_handle(struct vhost_dev *d, struct vhost_msg *m, struct vhost_msg 
 	}
 	r = s->fn(d, m, reply);
 	vhost_msg_close_fds(m);
-	vhost_dev_start_ready(d);
+	/* A ring that this message made ready but that cannot start (its
+	 * addresses are outside the memory table, say) is this message's
+	 * error: the front-end hears it through REPLY_ACK, the log shows it. */
+	sr = vhost_dev_start_ready(d);
+	if (sr && r == 0)
+		r = sr;
+	else if (sr)
+		d->msg_errors++;
 	if (r < 0) {
 		d->msg_errors++;
 		if (r == -EPROTO)

@@ -218,7 +218,8 @@ struct vhost_vring {
 	int call_fd;
 	int err_fd;
 	bool enabled;
-	bool started; /* the device's queue thread owns vq */
+	bool started;	   /* the device's queue thread owns vq */
+	bool start_failed; /* tried and failed; again once something changes */
 	struct vhost_vq vq;
 	uint16_t *batch;    /* num entries */
 	uint16_t *resubmit; /* heads to redo first, oldest first */
@@ -300,9 +301,10 @@ void vhost_dev_reset(struct vhost_dev *d);
 int vhost_dev_handle(struct vhost_dev *d, struct vhost_msg *m, struct vhost_msg *reply);
 /* Name of a request id, for logs ("SET_MEM_TABLE"), or NULL. */
 const char *vhost_req_name(uint32_t req);
-/* Stop / (re)start every ring: quiesce for live upgrade. */
+/* Stop / (re)start every ring: quiesce for live upgrade. Starting returns
+ * the error of the first ring that could not start (text in d->err). */
 void vhost_dev_stop_all(struct vhost_dev *d);
-void vhost_dev_start_ready(struct vhost_dev *d);
+int vhost_dev_start_ready(struct vhost_dev *d);
 /* Map the in-flight region of an inherited fd (live upgrade). */
 int vhost_dev_map_inflight(struct vhost_dev *d, int fd, uint64_t size, uint64_t offset,
 			   uint16_t nqueues, uint16_t queue_size);

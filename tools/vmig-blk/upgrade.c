@@ -254,7 +254,8 @@ int vblk_upgrade(struct vblk_daemon *dm, const char *binary, int reply_fd, const
 	}
 	close(fd);
 	snprintf(err, errlen, "exec %s: %s", binary, strerror(-r));
-	vhost_dev_start_ready(&dm->dev);
+	if (vhost_dev_start_ready(&dm->dev))
+		vblk_log(dm, "after a failed upgrade: %s", dm->dev.err);
 	return r;
 }
 
@@ -376,7 +377,8 @@ int vblk_upgrade_resume(struct vblk_daemon *dm)
 	r = restore_dev(dm, &s);
 	if (r)
 		return r;
-	vhost_dev_start_ready(&dm->dev);
+	if (vhost_dev_start_ready(&dm->dev))
+		vblk_log(dm, "after upgrade: %s", dm->dev.err);
 	reply(dm, &s, vmig__now_ns());
 	return 1;
 }

@@ -255,6 +255,56 @@ static void test_inflight_roundtrip(void **state)
 	h_free(&h);
 }
 
+/* A ring whose addresses are not in the memory table does not start, and
+ * the message that completed its set says why through REPLY_ACK; once the
+ * addresses are fixed it starts. */
+static void test_ring_start_failure_acked(void **state)
+{
+	struct harness h;
+	struct vhost_dev d;
+	struct stub s = {0};
+	struct vhost_msg m, reply;
+	struct vhost_user_vring_addr a = {
+	    .index = 0,
+	    .desc_user_addr = H_UVA_BASE + 4 * H_REGION, /* not mapped */
+	    .avail_user_addr = H_UVA_BASE + H_AVAIL,
+	    .used_user_addr = H_UVA_BASE + H_USED,
+	};
+
+	h_init(&h, 8, false, false);
+	vhost_dev_init(&d, 1, 0, &stub_ops, &s);
+	assert_int_equal(send_u64(&d, VHOST_USER_SET_PROTOCOL_FEATURES,
+				  1ull << VHOST_USER_PROTOCOL_F_REPLY_ACK, &reply),
+			 0);
+	send_mem_table(&d, &h);
+	assert_int_equal(send_u64(&d, VHOST_USER_SET_FEATURES, 0, &reply), 0);
+	assert_int_equal(send_state(&d, VHOST_USER_SET_VRING_NUM, 0, 8, &reply), 0);
+	m = msg(VHOST_USER_SET_VRING_ADDR, sizeof(a), &a);
+	assert_int_equal(vhost_dev_handle(&d, &m, &reply), 0);
+	m = msg(VHOST_USER_SET_VRING_KICK, 8, NULL);
+	m.hdr.flags |= VHOST_USER_NEED_REPLY_MASK;
+	m.fds[0] = eventfd(0, EFD_CLOEXEC);
+	m.nfds = 1;
+	assert_int_equal(vhost_dev_handle(&d, &m, &reply), 1);
+	assert_int_equal(reply.p.u64, EFAULT);
+	assert_non_null(strstr(d.err, "outside the memory table"));
+	assert_int_equal(s.starts, 0);
+	/* Not retried (nor reported) by messages that change nothing. */
+	m = msg(VHOST_USER_SET_OWNER, 0, NULL);
+	m.hdr.flags |= VHOST_USER_NEED_REPLY_MASK;
+	assert_int_equal(vhost_dev_handle(&d, &m, &reply), 1);
+	assert_int_equal(reply.p.u64, 0);
+	/* Fixed addresses: it starts. */
+	a.desc_user_addr = H_UVA_BASE + H_DESC;
+	m = msg(VHOST_USER_SET_VRING_ADDR, sizeof(a), &a);
+	m.hdr.flags |= VHOST_USER_NEED_REPLY_MASK;
+	assert_int_equal(vhost_dev_handle(&d, &m, &reply), 1);
+	assert_int_equal(reply.p.u64, 0);
+	assert_int_equal(s.starts, 1);
+	vhost_dev_reset(&d);
+	h_free(&h);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -262,6 +312,7 @@ int main(void)
 	    cmocka_unit_test(test_features_and_reply_ack),
 	    cmocka_unit_test(test_ring_order_independent),
 	    cmocka_unit_test(test_inflight_roundtrip),
+	    cmocka_unit_test(test_ring_start_failure_acked),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
