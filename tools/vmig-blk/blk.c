@@ -603,8 +603,14 @@ static unsigned process_avail(struct vblk_queue *q)
 		publish_step(q);
 	}
 	if (vq->broken && !q->warned_broken) {
+		/* Nothing more is taken from this ring until it restarts.
+		 * Say so where the front-end listens for ring errors
+		 * (SET_VRING_ERR; QEMU logs "vhost vring error"). */
 		stat_add(&q->stats.errors, 1);
 		q->warned_broken = true;
+		__atomic_store_n(&q->broken, true, __ATOMIC_RELAXED);
+		if (q->vr->err_fd >= 0)
+			eventfd_write(q->vr->err_fd, 1);
 	}
 	return started;
 }
@@ -874,6 +880,7 @@ static int queue_start(void *opaque, struct vhost_vring *vr)
 	q->ndelayed = 0;
 	q->wake_ns = 0;
 	q->warned_broken = false;
+	__atomic_store_n(&q->broken, false, __ATOMIC_RELAXED);
 	q->stop_requested = false;
 	q->stop_fd = eventfd(0, EFD_CLOEXEC);
 	if (q->stop_fd < 0)

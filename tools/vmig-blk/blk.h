@@ -93,6 +93,7 @@ struct vblk_queue {
 	uint64_t kick_buf;
 	uint64_t stop_buf;
 	bool warned_broken;
+	bool broken;		/* the guest broke the ring (relaxed atomic; until restart) */
 	uint64_t logged_starts; /* control thread: recovery already logged */
 	struct vblk_stats stats;
 };

@@ -163,12 +163,13 @@ static json_t *controllers(struct vblk_daemon *dm)
 		vblk_stats_read(&dm->q[i], &st);
 		json_array_append_new(
 		    queues,
-		    json_pack("{s:i,s:b,s:i,s:I,s:s,s:i,s:I,s:I,s:i}", "queue", i, "started",
+		    json_pack("{s:i,s:b,s:i,s:I,s:s,s:i,s:I,s:I,s:i,s:b}", "queue", i, "started",
 			      vr->started, "size", vr->num, "starts", (json_int_t)vr->starts,
 			      "inflight_recovery", recovery_name(vr), "recovered_requests",
 			      vr->recovery.nresubmit, "sleeps", (json_int_t)st.sleeps, "poll_hits",
 			      (json_int_t)st.poll_hits, "inflight_requests",
-			      (int)vblk_queue_inflight(&dm->q[i])));
+			      (int)vblk_queue_inflight(&dm->q[i]), "broken",
+			      __atomic_load_n(&dm->q[i].broken, __ATOMIC_RELAXED)));
 	}
 	c = json_pack("{s:s,s:s,s:s,s:i,s:s,s:s?,s:I,s:i,s:b,s:i,s:b,s:I,s:I,s:{s:{s:b,s:s}}}",
 		      "ctrlr", "vmig-blk0", "socket", dm->opts.socket, "rpc", dm->rpc_path, "pid",

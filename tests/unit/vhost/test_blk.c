@@ -15,6 +15,7 @@
 #include <stddef.h>
 #include <cmocka.h>
 #include <linux/virtio_blk.h>
+#include <poll.h>
 #include <sys/eventfd.h>
 #include <time.h>
 
@@ -292,6 +293,33 @@ static void test_latency_stop(void **state)
 	assert_int_equal(f.q[0].stats.write_ops, 1);
 }
 
+/* A ring the guest breaks (a head out of range) is reported on the ring's
+ * error eventfd, once, and nothing more is taken from it. */
+static void test_broken_ring_signalled(void **state)
+{
+	struct fixture f;
+	struct pollfd p;
+	uint64_t v;
+
+	start(&f, 0, false);
+	f.vr.err_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	assert_true(f.vr.err_fd >= 0);
+	post(&f, VIRTIO_BLK_T_IN, true);
+	assert_true(wait_used(&f, 1, 2000));
+	h_post(&f.h, 8); /* the ring has 8 entries: heads 0..7 */
+	eventfd_write(f.vr.kick_fd, 1);
+	p = (struct pollfd){.fd = f.vr.err_fd, .events = POLLIN};
+	assert_int_equal(poll(&p, 1, 2000), 1);
+	assert_int_equal(eventfd_read(f.vr.err_fd, &v), 0);
+	assert_int_equal(v, 1);
+	assert_true(__atomic_load_n(&f.q[0].broken, __ATOMIC_RELAXED));
+	post(&f, VIRTIO_BLK_T_IN, true);
+	assert_false(wait_used(&f, 2, 100));
+	stop(&f);
+	close(f.vr.err_fd);
+	assert_int_equal(f.q[0].stats.errors, 1);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -302,6 +330,7 @@ int main(void)
 	    cmocka_unit_test(test_poll_window),
 	    cmocka_unit_test(test_latency_holds_writes),
 	    cmocka_unit_test(test_latency_stop),
+	    cmocka_unit_test(test_broken_ring_signalled),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
