@@ -637,6 +637,8 @@ static void fe_close_sock(struct fe *f)
 	f->sock = -1;
 }
 
+/* Close, and wait until the daemon is done with the connection: a ring it
+ * still serves would write into the guest memory the next case resets. */
 static void fe_close(struct fe *f)
 {
 	fe_close_sock(f);
@@ -644,6 +646,8 @@ static void fe_close(struct fe *f)
 	close(f->call);
 	close(f->err);
 	f->sock = f->kick = f->call = f->err = -1;
+	if (T.pid > 0 && daemon_alive())
+		assert_true(wait_rpc("vhost_get_controllers", "\"connected\":false", WAIT_MS));
 }
 
 static void fe_drop_inflight(struct fe *f)
@@ -1406,9 +1410,10 @@ static void test_avail_jump(void **state)
 	 * word: fetching starts there. */
 	ring_reset();
 	used()->idx = 100;
+	T.avail_idx = 40000;
+	avail()->idx = 40000;
 	fe_up(&f, 0, 40000);
 	build_rw(0, VIRTIO_BLK_T_OUT, 0, G_DATA, 512);
-	T.avail_idx = 40000;
 	post(&f, 0);
 	assert_true(wait_used(101, WAIT_MS));
 	fe_close(&f);
