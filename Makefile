@@ -2,12 +2,17 @@
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
 FUZZ_BUILD ?= build-fuzz
+TSAN_BUILD ?= build-tsan
 NINJA      ?= ninja
+# 1: `make check` also runs the unit and integration tests under
+# ThreadSanitizer (tests/run-all.sh, VMIG_TSAN). `make tsan` runs only those.
+VMIG_TSAN  ?= 0
+export VMIG_TSAN
 # meson takes NINJA from the environment as the path of ninja itself: a
 # `make check NINJA="ninja -j2"` must not reach it there.
 unexport NINJA
 
-.PHONY: all deps build asan demo check bench clean format
+.PHONY: all deps build asan tsan-build tsan demo check bench clean format
 
 all: build
 
@@ -20,17 +25,28 @@ $(BUILD)/build.ninja:
 $(ASAN_BUILD)/build.ninja:
 	meson setup $(ASAN_BUILD) --buildtype=debug -Db_sanitize=address,undefined -Db_lundef=false
 
+# clang: gcc 12 refuses the atomic fences of lib/vhost under -fsanitize=thread
+# (-Werror=tsan).
+$(TSAN_BUILD)/build.ninja:
+	CC=clang meson setup $(TSAN_BUILD) --buildtype=debug -Db_sanitize=thread -Db_lundef=false
+
 build: deps $(BUILD)/build.ninja
 	$(NINJA) -C $(BUILD)
 
 asan: deps $(ASAN_BUILD)/build.ninja
 	$(NINJA) -C $(ASAN_BUILD)
 
+tsan-build: deps $(TSAN_BUILD)/build.ninja
+	$(NINJA) -C $(TSAN_BUILD)
+
+tsan: tsan-build
+	@VMIG_TSAN=only tests/run-all.sh $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD) $(TSAN_BUILD)
+
 demo: build
 	@scripts/demo.sh $(BUILD)
 
-check: build asan
-	@VMIG_NINJA="$(NINJA)" tests/run-all.sh $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD)
+check: build asan $(if $(filter 0,$(VMIG_TSAN)),,tsan-build)
+	@VMIG_NINJA="$(NINJA)" tests/run-all.sh $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD) $(TSAN_BUILD)
 
 bench: build
 	@bench/run.sh $(BUILD)
@@ -39,4 +55,4 @@ format:
 	clang-format -i $$(git ls-files '*.c' '*.h')
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD)
+	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD) $(TSAN_BUILD)
