@@ -135,6 +135,11 @@ static void *send_thread(void *arg)
 		if (!--mf->busy)
 			pthread_cond_broadcast(&mf->cond);
 		pthread_mutex_unlock(&mf->lock);
+		/* One channel down fails the migration (before any commit: this
+		 * is pre-copy). The others, and the main channel, may be blocked
+		 * on a destination that will never read them again: free them. */
+		if (ret)
+			vmig__break_channels(mf->src->s);
 	}
 }
 

@@ -17,7 +17,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-from vmigtest import (VM, QMPError, Runner, cancel_midway, check, free_port,  # noqa: E402
+from vmigtest import (VM, QMPError, Relay, Runner, cancel_midway, check, free_port,  # noqa: E402
                       wait_completed)
 
 MEM = 128 << 20
@@ -248,6 +248,25 @@ def case_missing_channel_cancel(procs, build):
     check(dst.alive() and dst.qmp.cmd("query-status") is not None, "destination unusable")
 
 
+def case_data_channel_lost_early(procs, build, which):
+    """A data connection is cut before its preamble reaches the destination,
+    which then waits for it while the source writes the others into a
+    destination that reads nothing: both must give up, the source running."""
+    src, dst = pair(procs, build, 2)
+    port = free_port()
+    relay = Relay(port)
+    relay.drop_first(which)
+    dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:%d" % port)
+    src.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % relay.port)
+    check(relay.applied.wait(20), "the data connection never came")
+    info = src.wait_migration(30)
+    d = dst.wait_migration(30)
+    check(info["status"] == "failed", "source %r" % info)
+    check(src.status() == "running", "source not running: %s" % src.status())
+    check(d["status"] == "failed", "destination %r" % d)
+    relay.close()
+
+
 def main():
     if len(sys.argv) != 2:
         print(__doc__)
@@ -266,6 +285,9 @@ def main():
     r.run("multifd-cancel", case_cancel, r.build)
     r.run("multifd-page-on-wrong-channel", case_page_on_wrong_channel, r.build)
     r.run("multifd-missing-channel-cancel", case_missing_channel_cancel, r.build)
+    for which in (1, 2):
+        r.run("multifd-data-channel-%d-lost-early" % which, case_data_channel_lost_early,
+              r.build, which)
     return r.finish()
 
 

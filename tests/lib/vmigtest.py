@@ -422,6 +422,15 @@ class Relay:
         with self.lock:
             self.hooks[index] = fn
 
+    def drop_first(self, index):
+        """Connection `index` is cut before its first byte reaches the
+        target (for vmig: before its preamble)."""
+        def fn(chunk):
+            threading.Thread(target=self.cut_conn, args=(index,), daemon=True).start()
+            return b""
+        with self.lock:
+            self.hooks[index] = fn
+
     def truncate(self, index):
         with self.lock:
             a, b = self.conns[index]
