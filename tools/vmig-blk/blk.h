@@ -17,6 +17,7 @@
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "vhost/vhost.h"
 
@@ -119,6 +120,13 @@ struct vblk_rpc_client {
 	char buf[65536];
 };
 
+/* Which file a socket path named when we bound it. */
+struct vblk_sock_id {
+	bool valid;
+	dev_t dev;
+	ino_t ino;
+};
+
 struct vblk_daemon {
 	struct vblk_opts opts;
 	char rpc_path[108];
@@ -131,6 +139,7 @@ struct vblk_daemon {
 	int listen_fd;
 	int conn_fd;
 	int rpc_fd;
+	struct vblk_sock_id sock_id, rpc_id; /* the socket files we created */
 	int signal_fd;
 	struct vblk_rpc_client *clients[VBLK_MAX_RPC_CLIENTS];
 	uint64_t connections; /* vhost-user connections accepted, across upgrades */
@@ -167,7 +176,8 @@ uint32_t vblk_queue_inflight(const struct vblk_queue *q);
 void vblk_stats_read(const struct vblk_queue *q, struct vblk_stats *out);
 
 /* rpc.c */
-int vblk_rpc_listen(struct vblk_daemon *dm);
+/* The RPC socket, owner-only (0600); clients are checked at accept. */
+int vblk_rpc_listen(struct vblk_daemon *dm, char *err, size_t errlen);
 void vblk_rpc_accept(struct vblk_daemon *dm);
 /* Handle input on client slot i; closes it on EOF or error. */
 void vblk_rpc_client_input(struct vblk_daemon *dm, int i);
@@ -193,7 +203,16 @@ void vblk_log(const struct vblk_daemon *dm, const char *fmt, ...)
 int vblk_disk_open(struct vblk_daemon *dm, int inherited_fd);
 /* Bound the time a vhost-user connection may block the control thread. */
 void vblk_conn_setup(int fd);
-/* Listening unix socket at path (a stale file is replaced). fd or -errno. */
-int vblk_listen_unix(const char *path);
+/*
+ * Listening unix socket at path, with the file mode given (0: as the umask
+ * says). An existing path is replaced only if it is a socket that no
+ * process listens on (checked by connecting to it); anything else is
+ * refused with the reason in err. fd or -errno; *id names the file made.
+ */
+int vblk_listen_unix(const char *path, mode_t mode, struct vblk_sock_id *id, char *err,
+		     size_t errlen);
+/* Remove the socket file at path if it is still the one id names. */
+void vblk_unlink_socket(const char *path, const struct vblk_sock_id *id);
+void vblk_sock_id_of(const char *path, struct vblk_sock_id *id);
 
 #endif

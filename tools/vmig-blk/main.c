@@ -9,8 +9,9 @@
  * clients of the RPC socket (rpc.c).
  *
  * Restart after kill -9 needs no state of ours: the stale socket file is
- * replaced, QEMU reconnects and hands back the in-flight region, and the
- * rings resume from it (lib/vhost/inflight.c).
+ * replaced (only a socket nobody listens on), QEMU reconnects and hands
+ * back the in-flight region, and the rings resume from it
+ * (lib/vhost/inflight.c).
  */
 #include "blk.h"
 #include "util/util.h"
@@ -170,7 +171,8 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 		fprintf(stderr, "vmig-blk: --read-zeroes goes with --null\n");
 		return -1;
 	}
-	if (strlen(o->socket) + 5 > sizeof(((struct sockaddr_un *)0)->sun_path)) {
+	if (strlen(o->socket) + (o->rpc ? 1 : 5) > sizeof(((struct sockaddr_un *)0)->sun_path) ||
+	    (o->rpc && strlen(o->rpc) + 1 > sizeof(((struct sockaddr_un *)0)->sun_path))) {
 		fprintf(stderr, "vmig-blk: socket path too long\n");
 		return -1;
 	}
@@ -285,24 +287,118 @@ int vblk_disk_open(struct vblk_daemon *dm, int inherited_fd)
 	return 0;
 }
 
-int vblk_listen_unix(const char *path)
+/* Does a process listen on the unix socket at path? 1 yes, 0 no (a file
+ * left by a killed process), -errno if we cannot tell. Non-blocking, so a
+ * listener whose backlog is full counts as one, and we never wait on it. A
+ * live daemon sees the probe as a connection that closes at once. */
+static int socket_in_use(const char *path)
 {
 	struct sockaddr_un sa = {.sun_family = AF_UNIX};
-	int fd;
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0), r;
 
-	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
-	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return -errno;
-	/* A file left by a killed instance would make bind fail. */
-	unlink(path);
-	if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, 4) < 0) {
-		int r = -errno;
+	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0 || errno == EAGAIN ||
+	    errno == EINPROGRESS)
+		r = 1;
+	else if (errno == ECONNREFUSED || errno == ENOENT)
+		r = 0;
+	else
+		r = -errno;
+	close(fd);
+	return r;
+}
 
+void vblk_sock_id_of(const char *path, struct vblk_sock_id *id)
+{
+	struct stat st;
+
+	id->valid = lstat(path, &st) == 0 && S_ISSOCK(st.st_mode);
+	id->dev = id->valid ? st.st_dev : 0;
+	id->ino = id->valid ? st.st_ino : 0;
+}
+
+int vblk_listen_unix(const char *path, mode_t mode, struct vblk_sock_id *id, char *err,
+		     size_t errlen)
+{
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	struct stat st;
+	mode_t old = 0;
+	int fd, r;
+
+	id->valid = false;
+	if (strlen(path) >= sizeof(sa.sun_path)) {
+		snprintf(err, errlen, "%s: path too long for a unix socket", path);
+		return -ENAMETOOLONG;
+	}
+	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+	/* Only a socket nobody listens on is replaced: never another kind of
+	 * file, never the socket of a daemon that still runs. */
+	if (lstat(path, &st) == 0) {
+		if (!S_ISSOCK(st.st_mode)) {
+			snprintf(err, errlen, "%s exists and is not a socket: not replacing it",
+				 path);
+			return -EEXIST;
+		}
+		r = socket_in_use(path);
+		if (r > 0) {
+			snprintf(
+			    err, errlen,
+			    "%s is already in use: a process listens on it (another vmig-blk?)",
+			    path);
+			return -EADDRINUSE;
+		}
+		if (r < 0) {
+			snprintf(err, errlen, "%s: cannot tell whether it is in use: %s", path,
+				 strerror(-r));
+			return r;
+		}
+		if (unlink(path) < 0 && errno != ENOENT) {
+			r = -errno;
+			snprintf(err, errlen, "cannot remove the stale socket %s: %s", path,
+				 strerror(-r));
+			return r;
+		}
+	} else if (errno != ENOENT) {
+		r = -errno;
+		snprintf(err, errlen, "%s: %s", path, strerror(-r));
+		return r;
+	}
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0) {
+		r = -errno;
+		snprintf(err, errlen, "socket: %s", strerror(-r));
+		return r;
+	}
+	/* The file gets its mode from the umask at bind: no moment when it
+	 * is more open than asked. Only the control thread runs here. */
+	if (mode)
+		old = umask(0777 & ~mode);
+	r = bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 ? -errno : 0;
+	if (mode)
+		umask(old);
+	if (r == 0 && listen(fd, 4) < 0)
+		r = -errno;
+	if (r) {
+		/* EADDRINUSE: another daemon bound it since we looked. */
+		snprintf(err, errlen, "%s: %s", path,
+			 r == -EADDRINUSE ? "already in use" : strerror(-r));
 		close(fd);
 		return r;
 	}
+	vblk_sock_id_of(path, id);
 	return fd;
+}
+
+void vblk_unlink_socket(const char *path, const struct vblk_sock_id *id)
+{
+	struct vblk_sock_id now;
+
+	/* Only the socket file we created: not whatever replaced it since. */
+	vblk_sock_id_of(path, &now);
+	if (id->valid && now.valid && now.dev == id->dev && now.ino == id->ino)
+		unlink(path);
 }
 
 static void disconnect(struct vblk_daemon *dm, const char *why)
@@ -461,13 +557,17 @@ void vblk_conn_setup(int fd)
 static void accept_vhost(struct vblk_daemon *dm)
 {
 	int fd = accept4(dm->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+	struct ucred cr = {.pid = 0, .uid = (uid_t)-1};
+	socklen_t len = sizeof(cr);
 
 	if (fd < 0)
 		return;
 	vblk_conn_setup(fd);
+	getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &len);
 	dm->conn_fd = fd;
 	dm->connections++;
-	vblk_log(dm, "vhost-user connection %llu accepted", (unsigned long long)dm->connections);
+	vblk_log(dm, "vhost-user connection %llu accepted (pid %d, uid %d)",
+		 (unsigned long long)dm->connections, (int)cr.pid, (int)cr.uid);
 }
 
 static void run(struct vblk_daemon *dm)
@@ -529,6 +629,7 @@ static int setup_signals(struct vblk_daemon *dm)
 
 static int start_fresh(struct vblk_daemon *dm)
 {
+	char err[512];
 	int r = vblk_disk_open(dm, -1);
 
 	if (r) {
@@ -536,15 +637,16 @@ static int start_fresh(struct vblk_daemon *dm)
 			dm->opts.file ? dm->opts.file : "(ram)", strerror(-r));
 		return r;
 	}
-	dm->listen_fd = vblk_listen_unix(dm->opts.socket);
+	/* The vhost-user socket gets the mode the umask gives: QEMU often
+	 * runs as a user of its own (docs/security.md). */
+	dm->listen_fd = vblk_listen_unix(dm->opts.socket, 0, &dm->sock_id, err, sizeof(err));
 	if (dm->listen_fd < 0) {
-		fprintf(stderr, "vmig-blk: cannot listen on %s: %s\n", dm->opts.socket,
-			strerror(-dm->listen_fd));
+		fprintf(stderr, "vmig-blk: cannot listen: %s\n", err);
 		return dm->listen_fd;
 	}
-	r = vblk_rpc_listen(dm);
+	r = vblk_rpc_listen(dm, err, sizeof(err));
 	if (r) {
-		fprintf(stderr, "vmig-blk: cannot listen on %s: %s\n", dm->rpc_path, strerror(-r));
+		fprintf(stderr, "vmig-blk: cannot listen: %s\n", err);
 		return r;
 	}
 	return 0;
@@ -581,11 +683,11 @@ static void shutdown_daemon(struct vblk_daemon *dm)
 		close(dm->conn_fd);
 	if (dm->listen_fd >= 0) {
 		close(dm->listen_fd);
-		unlink(dm->opts.socket);
+		vblk_unlink_socket(dm->opts.socket, &dm->sock_id);
 	}
 	if (dm->rpc_fd >= 0) {
 		close(dm->rpc_fd);
-		unlink(dm->rpc_path);
+		vblk_unlink_socket(dm->rpc_path, &dm->rpc_id);
 	}
 	if (dm->disk.ram)
 		munmap(dm->disk.ram, dm->disk.size);

@@ -6,12 +6,13 @@
  * and vmig_blk_upgrade. Also the two small clients behind "vmig-blk rpc"
  * and "vmig-blk upgrade".
  *
- * Threat model: any local process that can open the socket is a peer and
- * its bytes are untrusted. Each client has a fixed 64 KiB buffer; a request
- * that does not fit, or that is not valid JSON, gets a JSON-RPC error and
- * the connection is closed. Nothing from a request is used except the
- * method name, the id (echoed back) and the documented params, each
- * type-checked.
+ * Threat model: the socket is 0600 and a client whose uid (SO_PEERCRED)
+ * is neither ours nor root's is refused at accept. The bytes of an allowed
+ * client are still untrusted. Each client has a fixed 64 KiB buffer; a
+ * request that does not fit, or that is not valid JSON, gets a JSON-RPC
+ * error and the connection is closed. Nothing from a request is used
+ * except the method name, the id (echoed back) and the documented params,
+ * each type-checked; no request names a file the daemon opens or runs.
  *
  * Threads: the control thread only.
  */
@@ -36,11 +37,38 @@
 #define RPC_METHOD_NOT_FOUND -32601
 #define RPC_INVALID_PARAMS -32602
 #define RPC_SERVER_ERROR -32000
+#define RPC_PERMISSION_DENIED -32001
 
-int vblk_rpc_listen(struct vblk_daemon *dm)
+int vblk_rpc_listen(struct vblk_daemon *dm, char *err, size_t errlen)
 {
-	dm->rpc_fd = vblk_listen_unix(dm->rpc_path);
+	dm->rpc_fd = vblk_listen_unix(dm->rpc_path, 0600, &dm->rpc_id, err, errlen);
 	return dm->rpc_fd < 0 ? dm->rpc_fd : 0;
+}
+
+/*
+ * The socket file is 0600, but a file mode is only the first gate (a
+ * process with CAP_DAC_OVERRIDE, a chmod by mistake, a socket passed on):
+ * the peer's credentials, as the kernel recorded them at connect, decide.
+ * Our effective uid or root; everyone else gets an error and is dropped.
+ */
+static bool peer_allowed(struct vblk_daemon *dm, int fd)
+{
+	struct ucred cr;
+	socklen_t len = sizeof(cr);
+	char msg[160];
+
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &len) == 0 &&
+	    (cr.uid == 0 || cr.uid == geteuid()))
+		return true;
+	if (len != sizeof(cr))
+		cr = (struct ucred){.pid = 0, .uid = (uid_t)-1};
+	snprintf(msg, sizeof(msg),
+		 "permission denied: uid %d may not use this socket (only the daemon's uid %d and "
+		 "root may)",
+		 (int)cr.uid, (int)geteuid());
+	vblk_rpc_send(fd, "null", NULL, RPC_PERMISSION_DENIED, msg);
+	vblk_log(dm, "RPC client refused: pid %d, uid %d", (int)cr.pid, (int)cr.uid);
+	return false;
 }
 
 void vblk_rpc_accept(struct vblk_daemon *dm)
@@ -49,6 +77,10 @@ void vblk_rpc_accept(struct vblk_daemon *dm)
 
 	if (fd < 0)
 		return;
+	if (!peer_allowed(dm, fd)) {
+		close(fd);
+		return;
+	}
 	for (int i = 0; i < VBLK_MAX_RPC_CLIENTS; i++) {
 		if (dm->clients[i])
 			continue;
@@ -428,6 +460,10 @@ static int rpc_call(const char *path, const char *method, json_t *params, json_t
 	}
 	r = write_all(fd, text, strlen(text));
 	free(text);
+	/* A daemon that refuses us answers and closes before reading the
+	 * request: our write then fails, but the answer is there to read. */
+	if (r == -EPIPE)
+		r = 0;
 	*reply = NULL;
 	while (r == 0 && !*reply) {
 		struct pollfd p = {.fd = fd, .events = POLLIN};

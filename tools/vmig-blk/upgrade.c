@@ -372,6 +372,9 @@ int vblk_upgrade_resume(struct vblk_daemon *dm)
 	if (dm->conn_fd >= 0) /* a connection from a binary that did not */
 		vblk_conn_setup(dm->conn_fd);
 	dm->rpc_fd = s.rpc_fd;
+	/* The files our listening sockets are bound to, removed at exit. */
+	vblk_sock_id_of(dm->opts.socket, &dm->sock_id);
+	vblk_sock_id_of(dm->rpc_path, &dm->rpc_id);
 	dm->connections = s.connections;
 	dm->upgrades = s.upgrades + 1;
 	r = restore_dev(dm, &s);

@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""The local interfaces of vmig-blk, as docs/security.md describes them,
+checked on the daemon itself (no QEMU, no guest):
+
+- the RPC socket is created 0600; a client of another uid cannot connect
+  through the mode, and one that gets past it (the mode widened by
+  mistake) is refused by its SO_PEERCRED credentials with a JSON-RPC error
+  and disconnected, while the daemon's own uid keeps being served;
+- the daemon replaces a socket path only if it is a socket nobody listens
+  on: a regular file or a directory there, or the socket of a live daemon
+  (vhost-user or RPC), makes it refuse to start with a clear error and
+  leaves the path alone; a stale socket (its owner killed) is replaced;
+  at exit it removes only the socket file it created.
+
+Usage: test_security.py BUILD_DIR
+"""
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import blkenv
+
+NOBODY = 65534
+
+
+def rpc_raw(path, method, params=None, timeout_s=10.0):
+    """One JSON-RPC call; returns the whole reply object."""
+    req = {"jsonrpc": "2.0", "id": 1, "method": method}
+    if params is not None:
+        req["params"] = params
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout_s)
+    try:
+        s.connect(path)
+        s.sendall(json.dumps(req).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    finally:
+        s.close()
+    return json.loads(buf.decode())
+
+
+class Daemon:
+    """One vmig-blk with its own log; started, checked, stopped by pid."""
+
+    def __init__(self, env, name, sock, args, rpc=None):
+        self.env, self.sock = env, sock
+        self.rpc = rpc or sock + ".rpc"
+        self.proc = blkenv.Proc(env, name, [env.vmig_blk, "--socket", sock, "--rpc", self.rpc]
+                                + [str(a) for a in args])
+        env.procs.append(self.proc)
+
+    def start(self, timeout_s=20.0):
+        """Starts it and waits until its RPC socket answers with its pid."""
+        self.proc.start()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.proc.alive():
+                raise blkenv.Fail("%s exited at start: %s" %
+                                  (self.proc.name, self.proc.text()[-400:]))
+            try:
+                if self.controller().get("pid") == self.proc.pid:
+                    return self
+            except (OSError, ValueError, blkenv.Fail):
+                pass
+            time.sleep(0.05)
+        raise blkenv.Fail("%s did not come up" % self.proc.name)
+
+    def start_fails(self, timeout_s=20.0):
+        """Starts it and expects it to exit; returns (status, its output)."""
+        self.proc.start()
+        try:
+            rc = self.proc.p.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill9()
+            return None, "still running after %.0f s" % timeout_s
+        return rc, self.proc.text()
+
+    def call(self, method, params=None):
+        return rpc_raw(self.rpc, method, params)
+
+    def controller(self):
+        r = self.call("vhost_get_controllers")
+        if "result" not in r:
+            raise blkenv.Fail("vhost_get_controllers: %r" % r)
+        return r["result"][0]
+
+    def serves(self):
+        try:
+            return self.controller().get("pid") == self.proc.pid
+        except (OSError, ValueError, blkenv.Fail):
+            return False
+
+
+def as_nobody(code):
+    """Runs python code as uid/gid NOBODY; returns (status, stdout)."""
+    def drop():
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+    # The system's python: another uid may not be able to reach ours.
+    py = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    r = subprocess.run([py, "-c", code], stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, preexec_fn=drop, timeout=30)
+    return r.returncode, r.stdout.decode(errors="replace").strip()
+
+
+NOBODY_CLIENT = r"""
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+try:
+    s.connect(sys.argv[1])
+except OSError as e:
+    print("CONNECT-FAILED", e.errno)
+    sys.exit(0)
+try:
+    s.sendall(b'{"jsonrpc":"2.0","id":7,"method":"vhost_get_controllers"}\n')
+except OSError:
+    pass  # refused before it read: the answer is still there to read
+buf = b""
+while True:
+    try:
+        chunk = s.recv(65536)
+    except OSError:
+        break
+    if not chunk:
+        break
+    buf += chunk
+print("REPLY", buf.decode().strip())
+print("CLOSED")
+"""
+
+
+def image(env, name="disk.img", mb=16):
+    return env.image(name, size_mb=mb)
+
+
+def case_rpc_socket(env):
+    sock = os.path.join(env.tmp, "rpc-case.sock")
+    d = Daemon(env, "rpc-case", sock, ["--file", image(env, "rpc.img")]).start()
+    mode = stat.S_IMODE(os.stat(d.rpc).st_mode)
+    env.case("rpc_socket_mode_0600", mode == 0o600, "mode %o" % mode)
+    # Another uid cannot even connect through the mode (the parent
+    # directory is the test's 0700 temp dir: open it up for the check).
+    os.chmod(env.tmp, 0o755)
+    rc, out = as_nobody(NOBODY_CLIENT.replace("sys.argv[1]", repr(d.rpc)))
+    env.case("rpc_mode_keeps_other_uid_out", rc == 0 and out.startswith("CONNECT-FAILED 13"),
+             "as uid %d: %s" % (NOBODY, out[:300]))
+    # Mode widened by mistake: the peer check still refuses, with an error.
+    os.chmod(d.rpc, 0o666)
+    rc, out = as_nobody(NOBODY_CLIENT.replace("sys.argv[1]", repr(d.rpc)))
+    reply = {}
+    for line in out.splitlines():
+        if line.startswith("REPLY "):
+            try:
+                reply = json.loads(line[6:])
+            except ValueError:
+                pass
+    err = reply.get("error", {})
+    env.case("rpc_other_uid_refused",
+             rc == 0 and err.get("code") == -32001 and "permission denied" in
+             err.get("message", "") and "CLOSED" in out and "result" not in reply,
+             "as uid %d: %s" % (NOBODY, out[:400]))
+    env.case("rpc_refusal_logged", "RPC client refused" in d.proc.text(),
+             d.proc.text()[-300:])
+    os.chmod(d.rpc, 0o600)
+    os.chmod(env.tmp, 0o700)
+    env.case("rpc_owner_still_served", d.serves(), "the daemon stopped answering")
+    d.proc.stop()
+
+
+def case_socket_paths(env):
+    img = image(env, "paths.img")
+    # A regular file and a directory where the sockets go: refused, kept.
+    path = os.path.join(env.tmp, "file.sock")
+    with open(path, "w") as f:
+        f.write("not a socket\n")
+    rc, out = Daemon(env, "on-file", path, ["--null", "1M"]).start_fails()
+    with open(path) as f:
+        kept = f.read()
+    env.case("refuses_regular_file", rc == 1 and "is not a socket" in out and
+             kept == "not a socket\n", "status %s, file now %r: %s" % (rc, kept, out[-300:]))
+    rpc_file = os.path.join(env.tmp, "file.rpc")
+    with open(rpc_file, "w") as f:
+        f.write("keep me\n")
+    rc, out = Daemon(env, "on-rpc-file", os.path.join(env.tmp, "x.sock"), ["--null", "1M"],
+                     rpc=rpc_file).start_fails()
+    with open(rpc_file) as f:
+        kept = f.read()
+    env.case("refuses_regular_file_rpc", rc == 1 and "is not a socket" in out and
+             kept == "keep me\n", "status %s, file now %r: %s" % (rc, kept, out[-300:]))
+    dpath = os.path.join(env.tmp, "dir.sock")
+    os.mkdir(dpath)
+    rc, out = Daemon(env, "on-dir", dpath, ["--null", "1M"]).start_fails()
+    env.case("refuses_directory", rc == 1 and os.path.isdir(dpath) and "not a socket" in out,
+             "status %s: %s" % (rc, out[-300:]))
+
+    # A live daemon's sockets: a second daemon refuses, the first serves on
+    # with its socket files untouched.
+    sock = os.path.join(env.tmp, "live.sock")
+    first = Daemon(env, "live", sock, ["--file", img]).start()
+    ino = (os.stat(sock).st_ino, os.stat(first.rpc).st_ino)
+    rc, out = Daemon(env, "live-2", sock, ["--null", "1M"],
+                     rpc=os.path.join(env.tmp, "other.rpc")).start_fails()
+    env.case("refuses_live_vhost_socket", rc == 1 and "already in use" in out,
+             "status %s: %s" % (rc, out[-300:]))
+    rc, out = Daemon(env, "live-3", os.path.join(env.tmp, "other.sock"), ["--null", "1M"],
+                     rpc=first.rpc).start_fails()
+    env.case("refuses_live_rpc_socket", rc == 1 and "already in use" in out,
+             "status %s: %s" % (rc, out[-300:]))
+    env.case("live_daemon_untouched",
+             first.serves() and (os.stat(sock).st_ino, os.stat(first.rpc).st_ino) == ino,
+             "first daemon serves: %s" % first.serves())
+
+    # Killed: its sockets are stale and a restart replaces them.
+    first.proc.kill9()
+    again = Daemon(env, "live-again", sock, ["--file", img]).start()
+    env.case("replaces_stale_sockets", again.serves(), "restart after kill -9 failed")
+
+    # At exit only the socket file it made goes: one put in its place
+    # meanwhile stays.
+    os.rename(rpc_file, again.rpc)
+    again.proc.stop()
+    env.case("exit_removes_only_own_socket",
+             again.proc.p.returncode == 0 and not os.path.exists(sock) and
+             os.path.isfile(again.rpc),
+             "status %s, vhost socket exists %s, rpc path is file %s" %
+             (again.proc.p.returncode, os.path.exists(sock), os.path.isfile(again.rpc)))
+
+
+def body(env):
+    env.vmig_blk = blkenv.find_vmig_blk(env.build_dir)
+    if env.vmig_blk is None:
+        raise blkenv.Fail("no vmig-blk binary in %s" % env.build_dir)
+    if os.geteuid() != 0:
+        raise blkenv.Fail("needs root: the test switches to uid %d" % NOBODY)
+    for step in (case_rpc_socket, case_socket_paths):
+        try:
+            step(env)
+        except blkenv.Fail as e:
+            env.case(step.__name__, False, str(e))
+
+
+if __name__ == "__main__":
+    blkenv.run("security", body, prepare=False)
