@@ -122,11 +122,11 @@ static int read_preamble(struct vmig_session *s, unsigned i, struct vmig__loader
  * hangs up on it, they will never come (-EPIPE).
  */
 static int next_conn(struct vmig_session *s, struct vmig__loader *l, int *fd, int watch_fd,
-		     struct vmig__err *err)
+		     uint64_t deadline_ns, struct vmig__err *err)
 {
 	for (;;) {
 		struct pollfd pfd[3 + VMIG_MAX_PENDING];
-		uint64_t now = vmig__now_ns(), first = UINT64_MAX;
+		uint64_t now = vmig__now_ns(), first = UINT64_MAX, wake;
 		unsigned n = s->npending;
 		int timeout_ms = -1;
 
@@ -140,8 +140,15 @@ static int next_conn(struct vmig_session *s, struct vmig__loader *l, int *fd, in
 			i++;
 		}
 		n = s->npending;
-		if (first != UINT64_MAX)
-			timeout_ms = (int)((first + PREAMBLE_TIMEOUT_NS - now) / 1000000 + 1);
+		if (deadline_ns && now >= deadline_ns) {
+			vmig__err_set(err, "the source's other connections did not arrive in time");
+			return -ETIMEDOUT;
+		}
+		wake = first == UINT64_MAX ? UINT64_MAX : first + PREAMBLE_TIMEOUT_NS;
+		if (deadline_ns && deadline_ns < wake)
+			wake = deadline_ns;
+		if (wake != UINT64_MAX)
+			timeout_ms = (int)((wake - now) / 1000000 + 1);
 		pfd[0] = (struct pollfd){.fd = s->listen_fd, .events = POLLIN};
 		pfd[1] = (struct pollfd){.fd = s->cancel_efd, .events = POLLIN};
 		for (unsigned i = 0; i < n; i++)
@@ -216,7 +223,7 @@ int vmig__dest_accept(struct vmig_session *s, struct vmig__loader *l, bool resum
 	uint64_t urgent_session = 0;
 
 	for (;;) {
-		int fd, ret = next_conn(s, l, &fd, -1, l->err);
+		int fd, ret = next_conn(s, l, &fd, -1, 0, l->err);
 
 		if (ret)
 			return ret;
@@ -256,8 +263,9 @@ int vmig__dest_accept(struct vmig_session *s, struct vmig__loader *l, bool resum
  * kind is dropped.
  */
 int vmig__dest_accept_side(struct vmig_session *s, bool (*done)(void *arg), void *arg,
-			   struct vmig__err *err)
+			   unsigned timeout_ms, struct vmig__err *err)
 {
+	uint64_t deadline = vmig__now_ns() + (uint64_t)timeout_ms * 1000000ull;
 	struct vmig__reader *r = malloc(sizeof(*r));
 	bool resume = vmig__in_postcopy(s);
 	int ret = 0;
@@ -269,7 +277,7 @@ int vmig__dest_accept_side(struct vmig_session *s, bool (*done)(void *arg), void
 		struct vmig__loader l = {.r = r, .err = &scratch};
 		int fd;
 
-		ret = next_conn(s, &l, &fd, s->fd, err);
+		ret = next_conn(s, &l, &fd, s->fd, deadline, err);
 		if (ret)
 			break;
 		if (l.session == s->session_id && !(l.pre_flags & VMIG_PRE_F_RESUME) == !resume) {
@@ -297,8 +305,9 @@ static bool have_urgent(void *arg)
 }
 
 /* The urgent channel, if it has not arrived with the main one. The source
- * sends nothing after its preamble until asked. */
+ * connects it before it sends anything on the main channel, so by the time
+ * it is needed it is here, on its way, or lost: the wait is short. */
 int vmig__dest_accept_urgent(struct vmig_session *s, struct vmig__err *err)
 {
-	return vmig__dest_accept_side(s, have_urgent, s, err);
+	return vmig__dest_accept_side(s, have_urgent, s, 10000, err);
 }

@@ -269,9 +269,10 @@ void vmig__mf_dest_free(struct vmig__mf_dest *mf);
 void vmig__close_pending(struct vmig_session *s);
 int vmig__dest_accept(struct vmig_session *s, struct vmig__loader *l, bool resume);
 int vmig__dest_accept_urgent(struct vmig_session *s, struct vmig__err *err);
-/* Accept urgent and multifd connections of this migration until done(arg). */
+/* Accept urgent and multifd connections of this migration until done(arg);
+ * -ETIMEDOUT after timeout_ms, -EPIPE if the main connection closes. */
 int vmig__dest_accept_side(struct vmig_session *s, bool (*done)(void *arg), void *arg,
-			   struct vmig__err *err);
+			   unsigned timeout_ms, struct vmig__err *err);
 /* Keep a multifd data connection whose preamble l has read. */
 void vmig__dest_keep_multifd(struct vmig_session *s, int fd, const struct vmig__loader *l);
 void vmig__dest_send_rp(struct vmig_session *s, uint8_t type, const void *payload, uint32_t len);

@@ -434,7 +434,9 @@ int vmig__mf_dest_start(struct vmig_session *s, struct vmig__loader *main,
 	mf->failed = -1;
 	pthread_mutex_init(&mf->lock, NULL);
 	*out = mf; /* from here on vmig__mf_dest_free() cleans up */
-	ret = vmig__dest_accept_side(s, all_here, mf, main->err);
+	/* The source connects them after the MULTIFD record; its own connect
+	 * gives up after VMIG_CONNECT_TIMEOUT_MS. */
+	ret = vmig__dest_accept_side(s, all_here, mf, 2 * VMIG_CONNECT_TIMEOUT_MS, main->err);
 	for (unsigned i = 0; !ret && i < mf->n; i++)
 		ret = start_one(mf, i, main);
 	if (ret)

@@ -152,6 +152,35 @@ def case_source_killed(procs, build):
     relay.close()
 
 
+def case_urgent_lost_before_switch(procs, build):
+    """The urgent connection is cut before its preamble arrives. At the
+    switch the destination waits for it only briefly, then fails without
+    starting and says so: the source, which knows the destination never
+    ran, takes the guest back. Nobody waits forever on the other."""
+    src = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--workload", "random",
+             "--dirty-rate", "32M", "--fill", "random", name="src")
+    dst = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--incoming", "defer",
+             "--workload", "random", "--dirty-rate", "64M", name="dst")
+    for vm in (src, dst):
+        vm.qmp.cmd("migrate-set-capabilities", capabilities=CAPS)
+    port = free_port()
+    relay = Relay(port)
+    relay.drop_first(URGENT)
+    dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:%d" % port)
+    src.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % relay.port)
+    check(relay.applied.wait(20), "no urgent connection came")
+    src.qmp.cmd("migrate-start-postcopy")
+    info = src.wait_migration(60)
+    d = dst.wait_migration(30)
+    check(d["status"] == "failed", "destination %r" % d)
+    check(not d.get("x-vmig-ram-incomplete"), "destination started: %r" % d)
+    check(dst.status() != "running", "destination runs: %s" % dst.status())
+    check(info["status"] == "failed", "source %r" % info)
+    check(src.status() == "running", "source not running: %s" % src.status())
+    guest_clean(src)
+    relay.close()
+
+
 def main():
     if len(sys.argv) != 2:
         print(__doc__)
@@ -162,6 +191,7 @@ def main():
     r.run("postcopy-fail-digest-mismatch", case_digest_mismatch, r.build)
     r.run("postcopy-fail-truncated-recovers", case_truncated, r.build)
     r.run("postcopy-fail-source-killed", case_source_killed, r.build)
+    r.run("postcopy-urgent-lost-before-switch", case_urgent_lost_before_switch, r.build)
     return r.finish()
 
 
