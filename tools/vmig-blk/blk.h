@@ -104,6 +104,7 @@ struct vblk_opts {
 	const char *file;
 	const char *rpc;
 	const char *serial;
+	const char *upgrade_binary; /* --upgrade-binary; default: our executable */
 	uint64_t ram_size;
 	uint64_t null_size;
 	uint64_t size;
@@ -130,7 +131,8 @@ struct vblk_sock_id {
 struct vblk_daemon {
 	struct vblk_opts opts;
 	char rpc_path[108];
-	char exe[4096]; /* our binary at start: the default upgrade target */
+	char exe[4096];		   /* our binary at start (/proc/self/exe) */
+	char upgrade_binary[4096]; /* the only binary an upgrade runs */
 	char **argv;
 	struct vblk_disk disk;
 	unsigned nqueues;
@@ -188,11 +190,12 @@ int vblk_rpc_cli(int argc, char **argv);
 int vblk_upgrade_cli(int argc, char **argv);
 
 /* upgrade.c */
-/* Exec binary with every connection kept. On success it does not return:
- * the new process replies on reply_fd. On failure serving resumes here and
- * the error is returned (text in err). */
-int vblk_upgrade(struct vblk_daemon *dm, const char *binary, int reply_fd, const char *id_json,
-		 char *err, size_t errlen);
+/* Exec dm->upgrade_binary with every connection kept, once it passed the
+ * ownership checks. On success it does not return: the new process replies
+ * on reply_fd. On failure serving resumes here and the error is returned
+ * (text in err). */
+int vblk_upgrade(struct vblk_daemon *dm, int reply_fd, const char *id_json, char *err,
+		 size_t errlen);
 /* In a process started by an upgrade: take the state over. 1 if there was
  * an upgrade to resume, 0 if not, -errno on failure. */
 int vblk_upgrade_resume(struct vblk_daemon *dm);

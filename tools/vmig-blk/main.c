@@ -58,9 +58,9 @@ static void usage(FILE *f)
 	    "usage: vmig-blk --socket PATH (--file PATH | --ram SIZE | --null SIZE "
 	    "[--read-zeroes])\n"
 	    "                [--queues N] [--read-only] [--poll-us N] [--rpc PATH] [--serial ID]\n"
-	    "                [--size SIZE] [--quiet]\n"
+	    "                [--size SIZE] [--upgrade-binary PATH] [--quiet]\n"
 	    "       vmig-blk rpc --rpc PATH METHOD [JSON-PARAMS]\n"
-	    "       vmig-blk upgrade --socket PATH [--binary PATH]\n"
+	    "       vmig-blk upgrade (--socket PATH | --rpc PATH)\n"
 	    "       vmig-blk --version\n",
 	    f);
 }
@@ -82,6 +82,7 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 	    {"null", required_argument, NULL, 'n'},
 	    {"read-zeroes", no_argument, NULL, 'Z'},
 	    {"poll-us", required_argument, NULL, 'p'},
+	    {"upgrade-binary", required_argument, NULL, 'u'},
 	    {NULL, 0, NULL, 0},
 	};
 	unsigned long v;
@@ -149,6 +150,9 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 			break;
 		case 'Q':
 			o->quiet = true;
+			break;
+		case 'u':
+			o->upgrade_binary = optarg;
 			break;
 		case 'h':
 			usage(stdout);
@@ -666,6 +670,22 @@ static void daemon_init(struct vblk_daemon *dm, char **argv)
 		strncat(dm->rpc_path, ".rpc", sizeof(dm->rpc_path) - strlen(dm->rpc_path) - 1);
 	n = readlink("/proc/self/exe", dm->exe, sizeof(dm->exe) - 1);
 	dm->exe[n > 0 ? n : 0] = '\0';
+	/* Fixed now, for the life of the daemon: an upgrade runs this path and
+	 * nothing else (absolute, so that no later chdir changes it; symlinks
+	 * are followed at upgrade time, so a link can be pointed at a new
+	 * version). */
+	if (!dm->opts.upgrade_binary) {
+		snprintf(dm->upgrade_binary, sizeof(dm->upgrade_binary), "%s", dm->exe);
+	} else if (dm->opts.upgrade_binary[0] == '/') {
+		snprintf(dm->upgrade_binary, sizeof(dm->upgrade_binary), "%s",
+			 dm->opts.upgrade_binary);
+	} else {
+		char cwd[2048];
+
+		if (getcwd(cwd, sizeof(cwd)))
+			snprintf(dm->upgrade_binary, sizeof(dm->upgrade_binary), "%s/%s", cwd,
+				 dm->opts.upgrade_binary);
+	}
 }
 
 static void shutdown_daemon(struct vblk_daemon *dm)

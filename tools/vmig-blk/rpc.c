@@ -217,6 +217,7 @@ static json_t *controllers(struct vblk_daemon *dm)
 	}
 	json_object_set_new(c, "queues", queues);
 	json_object_set_new(c, "poll_us", json_integer(dm->poll_us));
+	json_object_set_new(c, "upgrade_binary", json_string(dm->upgrade_binary));
 	json_object_set_new(c, "latency",
 			    json_pack("{s:i,s:i}", "read_us", (int)dm->read_latency_us, "write_us",
 				      (int)dm->write_latency_us));
@@ -335,15 +336,22 @@ static bool dispatch(struct vblk_daemon *dm, int fd, json_t *req)
 	} else if (!strcmp(method, "vmig_blk_set_latency")) {
 		result = set_latency(dm, fd, id, params);
 	} else if (!strcmp(method, "vmig_blk_upgrade")) {
-		json_t *b = json_is_object(params) ? json_object_get(params, "binary") : NULL;
-		char err[256];
+		char err[512];
 
-		if (b && !json_is_string(b)) {
-			vblk_rpc_send(fd, id, NULL, RPC_INVALID_PARAMS, "binary must be a string");
+		/* The binary is fixed at start: a request may not name one. */
+		if (json_is_object(params) && json_object_get(params, "binary")) {
+			vblk_log(dm, "upgrade refused: the request named a binary");
+			vblk_rpc_send(fd, id, NULL, RPC_INVALID_PARAMS,
+				      "\"binary\" is not accepted: an upgrade only runs the binary "
+				      "fixed when the daemon started (--upgrade-binary, by default "
+				      "its own executable)");
+		} else if ((json_is_object(params) && json_object_size(params)) ||
+			   (json_is_array(params) && json_array_size(params))) {
+			vblk_rpc_send(fd, id, NULL, RPC_INVALID_PARAMS,
+				      "vmig_blk_upgrade takes no params");
 		} else {
 			/* Returns only on failure: the new process answers. */
-			vblk_upgrade(dm, b ? json_string_value(b) : dm->exe, fd, id, err,
-				     sizeof(err));
+			vblk_upgrade(dm, fd, id, err, sizeof(err));
 			vblk_rpc_send(fd, id, NULL, RPC_SERVER_ERROR, err);
 		}
 	} else {
@@ -529,27 +537,31 @@ int vblk_upgrade_cli(int argc, char **argv)
 	    {"rpc", required_argument, NULL, 'c'},
 	    {NULL, 0, NULL, 0},
 	};
-	const char *sock = NULL, *binary = NULL, *rpc = NULL;
+	const char *sock = NULL, *rpc = NULL;
 	char path[108];
 	json_t *params, *reply = NULL, *res;
 	int c, r;
 
 	while ((c = getopt_long(argc, argv, "", lopts, NULL)) != -1) {
-		if (c == 's')
+		if (c == 's') {
 			sock = optarg;
-		else if (c == 'b')
-			binary = optarg;
-		else if (c == 'c')
+		} else if (c == 'c') {
 			rpc = optarg;
-		else
+		} else if (c == 'b') {
+			fprintf(stderr,
+				"vmig-blk upgrade: --binary is not accepted: the daemon runs the "
+				"binary it was started with (vmig-blk --upgrade-binary PATH)\n");
 			return 1;
+		} else {
+			return 1;
+		}
 	}
-	if (!sock && !rpc) {
-		fprintf(stderr, "usage: vmig-blk upgrade --socket PATH [--binary PATH]\n");
+	if ((!sock && !rpc) || optind != argc) {
+		fprintf(stderr, "usage: vmig-blk upgrade (--socket PATH | --rpc PATH)\n");
 		return 1;
 	}
 	snprintf(path, sizeof(path), "%s%s", rpc ? rpc : sock, rpc ? "" : ".rpc");
-	params = binary ? json_pack("{s:s}", "binary", binary) : json_object();
+	params = json_object();
 	r = rpc_call(path, "vmig_blk_upgrade", params, &reply);
 	json_decref(params);
 	if (r) {

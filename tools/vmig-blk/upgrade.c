@@ -10,10 +10,16 @@
  * and answers the RPC client that asked for the upgrade. QEMU sees nothing:
  * same socket, same eventfds, same memory.
  *
- * Before quiescing, the target binary is run with --version; a binary that
- * is not a vmig-blk speaking this state format is refused while the old
- * process still serves. exec itself is the point of no return; if it fails,
- * the rings restart here and the caller gets the error.
+ * The target is the binary fixed at start (--upgrade-binary, by default our
+ * own executable as /proc/self/exe named it then), never one named by the
+ * request: whoever can reach the RPC socket must not be able to run code
+ * that inherits guest memory and the disk. Before quiescing, it is opened
+ * and checked (open_binary: only root or our user could have written it),
+ * then run with --version from that open file; a binary that fails either
+ * check, or is not a vmig-blk speaking this state format, is refused while
+ * the old process still serves. The exec runs the same open file. exec
+ * itself is the point of no return; if it fails, the rings restart here and
+ * the caller gets the error.
  *
  * The state blob comes from the previous process of the same daemon: it is
  * trusted to be well-meant, but still checked (magic, version, size, counts,
@@ -29,7 +35,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <limits.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -78,24 +86,128 @@ struct st {
 	char reply_id[512];
 };
 
-/* Run "binary --version" and check it is a vmig-blk with our state format. */
-static int preflight(const char *binary, char *err, size_t errlen)
+/* Is dir, a directory above the upgrade binary, safe from other users? */
+static int check_dir(const char *dir, const char *binary, char *err, size_t errlen)
+{
+	struct stat st;
+
+	if (stat(dir, &st) < 0) {
+		int r = -errno;
+
+		snprintf(err, errlen, "upgrade binary %s: cannot check directory %s: %s", binary,
+			 dir, strerror(-r));
+		return r;
+	}
+	if (st.st_uid != 0 && st.st_uid != geteuid()) {
+		snprintf(err, errlen,
+			 "upgrade binary %s: directory %s is owned by uid %d, not by root or the "
+			 "daemon's uid %d",
+			 binary, dir, (int)st.st_uid, (int)geteuid());
+		return -EPERM;
+	}
+	/* Others may not replace what is in it, unless the sticky bit keeps
+	 * them to their own files (/tmp). */
+	if ((st.st_mode & (S_IWGRP | S_IWOTH)) && !(st.st_mode & S_ISVTX)) {
+		snprintf(err, errlen,
+			 "upgrade binary %s: directory %s is writable by its group or others (mode "
+			 "%04o)",
+			 binary, dir, (unsigned)(st.st_mode & 07777));
+		return -EPERM;
+	}
+	return 0;
+}
+
+/*
+ * Open the binary fixed at start (--upgrade-binary, or our own executable)
+ * and check that only root or the daemon's own user could have put it
+ * there: a regular file owned by one of them, not writable by its group
+ * or others, and every directory above its real path the same (or sticky,
+ * like /tmp). The checks are on the open file, and the exec runs that very
+ * file (fexecve): replacing the path after the check changes nothing.
+ * Returns the fd (close-on-exec) or -errno with the reason in err.
+ */
+static int open_binary(const char *binary, char *err, size_t errlen)
+{
+	char proc[64], real[PATH_MAX];
+	struct stat st;
+	ssize_t n;
+	int fd, r;
+
+	if (!binary[0]) {
+		snprintf(err, errlen,
+			 "no upgrade binary: our executable was not readable at start "
+			 "(give --upgrade-binary)");
+		return -ENOENT;
+	}
+	fd = open(binary, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+	if (fd < 0) {
+		r = -errno;
+		snprintf(err, errlen, "upgrade binary %s: %s", binary, strerror(-r));
+		return r;
+	}
+	r = fstat(fd, &st) < 0 ? -errno : 0;
+	if (r)
+		snprintf(err, errlen, "upgrade binary %s: %s", binary, strerror(-r));
+	else if (!S_ISREG(st.st_mode))
+		r = -EPERM,
+		snprintf(err, errlen, "upgrade binary %s is not a regular file", binary);
+	else if (st.st_uid != 0 && st.st_uid != geteuid())
+		r = -EPERM, snprintf(err, errlen,
+				     "upgrade binary %s is owned by uid %d, not by root or the "
+				     "daemon's uid %d",
+				     binary, (int)st.st_uid, (int)geteuid());
+	else if (st.st_mode & (S_IWGRP | S_IWOTH))
+		r = -EPERM,
+		snprintf(err, errlen,
+			 "upgrade binary %s is writable by its group or others (mode %04o)", binary,
+			 (unsigned)(st.st_mode & 07777));
+	if (r == 0) {
+		snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
+		n = readlink(proc, real, sizeof(real) - 1);
+		if (n <= 0 || real[0] != '/') {
+			r = -ENOENT;
+			snprintf(err, errlen, "upgrade binary %s: cannot resolve its path", binary);
+		} else {
+			real[n] = '\0';
+		}
+	}
+	/* Every directory from the file's own up to the root. */
+	while (r == 0) {
+		char *slash = strrchr(real, '/');
+
+		if (slash == real)
+			slash[1] = '\0';
+		else
+			*slash = '\0';
+		r = check_dir(real, binary, err, errlen);
+		if (!strcmp(real, "/"))
+			break;
+	}
+	if (r) {
+		close(fd);
+		return r;
+	}
+	return fd;
+}
+
+/* Run the binary (open as fd) with --version and check it is a vmig-blk
+ * with our state format. */
+static int preflight(int bfd, const char *binary, char *err, size_t errlen)
 {
 	char out[256] = {0};
 	size_t len = 0;
 	int pfd[2], status;
 	pid_t pid;
 
-	if (access(binary, X_OK)) {
-		snprintf(err, errlen, "%s: %s", binary, strerror(errno));
-		return -errno;
-	}
 	if (pipe2(pfd, O_CLOEXEC))
 		return -errno;
 	pid = fork();
 	if (pid == 0) {
+		char *const args[] = {(char *)binary, "--version", NULL};
+
 		dup2(pfd[1], 1);
-		execl(binary, binary, "--version", (char *)NULL);
+		fexecve(bfd, args, environ);
+		dprintf(1, "cannot exec: %s", strerror(errno));
 		_exit(127);
 	}
 	close(pfd[1]);
@@ -207,13 +319,14 @@ static void set_cloexec(const struct st *s, bool on)
 			fcntl(fds[i], F_SETFD, on ? FD_CLOEXEC : 0);
 }
 
-int vblk_upgrade(struct vblk_daemon *dm, const char *binary, int reply_fd, const char *id_json,
-		 char *err, size_t errlen)
+int vblk_upgrade(struct vblk_daemon *dm, int reply_fd, const char *id_json, char *err,
+		 size_t errlen)
 {
 	static struct st s; /* not on the stack: it is a few KiB */
+	const char *binary = dm->upgrade_binary;
 	char env[32];
 	uint64_t t0;
-	int fd, r;
+	int fd, bfd, r;
 
 	if (strlen(id_json) >= sizeof(s.reply_id)) {
 		snprintf(err, errlen, "request id too long");
@@ -227,13 +340,22 @@ int vblk_upgrade(struct vblk_daemon *dm, const char *binary, int reply_fd, const
 		snprintf(err, errlen, "post-copy migration in progress");
 		return -EBUSY;
 	}
-	r = preflight(binary, err, errlen);
-	if (r)
+	bfd = open_binary(binary, err, errlen);
+	if (bfd < 0) {
+		vblk_log(dm, "upgrade refused: %s", err);
+		return bfd;
+	}
+	r = preflight(bfd, binary, err, errlen);
+	if (r) {
+		close(bfd);
 		return r;
+	}
 	fd = memfd_create("vmig-blk-state", 0); /* inherited on purpose */
 	if (fd < 0) {
-		snprintf(err, errlen, "memfd: %s", strerror(errno));
-		return -errno;
+		r = -errno;
+		snprintf(err, errlen, "memfd: %s", strerror(-r));
+		close(bfd);
+		return r;
 	}
 	/* The pause starts here: rings stop, in-flight requests finish. */
 	vblk_log(dm, "upgrading to %s", binary);
@@ -247,12 +369,13 @@ int vblk_upgrade(struct vblk_daemon *dm, const char *binary, int reply_fd, const
 		snprintf(env, sizeof(env), "%d", fd);
 		set_cloexec(&s, false);
 		setenv(STATE_ENV, env, 1);
-		execv(binary, dm->argv);
+		fexecve(bfd, dm->argv, environ);
 		r = -errno;
 		unsetenv(STATE_ENV);
 		set_cloexec(&s, true);
 	}
 	close(fd);
+	close(bfd);
 	snprintf(err, errlen, "exec %s: %s", binary, strerror(-r));
 	if (vhost_dev_start_ready(&dm->dev))
 		vblk_log(dm, "after a failed upgrade: %s", dm->dev.err);

@@ -11,7 +11,13 @@ checked on the daemon itself (no QEMU, no guest):
   on: a regular file or a directory there, or the socket of a live daemon
   (vhost-user or RPC), makes it refuse to start with a clear error and
   leaves the path alone; a stale socket (its owner killed) is replaced;
-  at exit it removes only the socket file it created.
+  at exit it removes only the socket file it created;
+- an upgrade only ever runs the binary fixed at start (--upgrade-binary):
+  a request naming another one is refused (RPC and CLI) and nothing is
+  run; the configured binary is refused at upgrade time, with the reason,
+  if it is writable by group or others, owned by another user, or in a
+  directory others may write (unless sticky), and the daemon serves on;
+  once it is right again the upgrade goes through;
 
 Usage: test_security.py BUILD_DIR
 """
@@ -239,13 +245,96 @@ def case_socket_paths(env):
              (again.proc.p.returncode, os.path.exists(sock), os.path.isfile(again.rpc)))
 
 
+def upgrade(env, d, *extra):
+    r = subprocess.run([env.vmig_blk, "upgrade", "--rpc", d.rpc] + list(extra),
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+    return r.returncode, r.stdout.decode(errors="replace").strip()
+
+
+def upgrades(d):
+    return d.controller().get("upgrades")
+
+
+def case_upgrade_binary(env):
+    bindir = os.path.join(env.tmp, "bin")
+    os.mkdir(bindir, 0o755)
+    binary = os.path.join(bindir, "vmig-blk")
+    with open(env.vmig_blk, "rb") as src, open(binary, "wb") as dst:
+        dst.write(src.read())
+    os.chmod(binary, 0o755)
+    marker = os.path.join(env.tmp, "ran")
+    evil = os.path.join(env.tmp, "evil")
+    with open(evil, "w") as f:
+        f.write("#!/bin/sh\ntouch %s\nexec %s \"$@\"\n" % (marker, env.vmig_blk))
+    os.chmod(evil, 0o755)
+    sock = os.path.join(env.tmp, "up.sock")
+    d = Daemon(env, "upgrade-case", sock, ["--null", "16M", "--upgrade-binary", binary]).start()
+    pid = d.proc.pid
+    env.case("upgrade_binary_reported", d.controller().get("upgrade_binary") == binary,
+             "upgrade_binary=%r" % d.controller().get("upgrade_binary"))
+
+    # A request naming a binary, over RPC or with the CLI: refused, and
+    # nothing is run.
+    r = d.call("vmig_blk_upgrade", {"binary": evil})
+    err = r.get("error", {})
+    env.case("rpc_binary_refused",
+             err.get("code") == -32602 and "not accepted" in err.get("message", ""),
+             "reply %r" % r)
+    r = d.call("vmig_blk_upgrade", {"force": True})
+    env.case("rpc_other_params_refused", r.get("error", {}).get("code") == -32602,
+             "reply %r" % r)
+    rc, out = upgrade(env, d, "--binary", evil)
+    env.case("cli_binary_refused", rc == 1 and "--binary is not accepted" in out,
+             "status %d: %s" % (rc, out))
+    env.case("nothing_else_ran",
+             not os.path.exists(marker) and d.serves() and upgrades(d) == 0,
+             "marker exists %s, serves %s, upgrades %s" %
+             (os.path.exists(marker), d.serves(), upgrades(d)))
+
+    # The configured binary, made unsafe in each way: refused at upgrade
+    # time with the reason, and the daemon serves on.
+    def refused(name, want):
+        rc, out = upgrade(env, d)
+        ok = rc == 1 and want in out and d.serves() and d.proc.pid == pid and \
+            upgrades(d) == 0
+        env.case(name, ok, "status %d: %s (serves %s)" % (rc, out, d.serves()))
+
+    os.chmod(binary, 0o775)
+    refused("refuses_group_writable_binary", "writable by its group or others")
+    os.chmod(binary, 0o757)
+    refused("refuses_world_writable_binary", "writable by its group or others")
+    os.chmod(binary, 0o755)
+    os.chown(binary, NOBODY, NOBODY)
+    refused("refuses_binary_of_other_user", "owned by uid %d" % NOBODY)
+    os.chown(binary, 0, 0)
+    os.chmod(binary, 0o755)
+    os.chmod(bindir, 0o777)
+    refused("refuses_binary_in_writable_dir", "directory %s is writable" % bindir)
+    os.chmod(bindir, 0o755)
+    os.chown(bindir, NOBODY, NOBODY)
+    refused("refuses_binary_in_dir_of_other_user", "directory %s is owned by uid" % bindir)
+    os.chown(bindir, 0, 0)
+
+    # A sticky, world-writable directory (like /tmp) is fine for a binary
+    # nobody else owns; and so is the usual setup: the upgrade goes through.
+    os.chmod(bindir, 0o1777)
+    rc, out = upgrade(env, d)
+    env.case("upgrade_in_sticky_dir", rc == 0 and "ok" in out and upgrades(d) == 1 and
+             d.controller().get("pid") == pid, "status %d: %s" % (rc, out))
+    os.chmod(bindir, 0o755)
+    rc, out = upgrade(env, d)
+    env.case("upgrade_of_safe_binary", rc == 0 and "binary=%s" % binary in out and
+             upgrades(d) == 2, "status %d: %s" % (rc, out))
+    d.proc.stop()
+
+
 def body(env):
     env.vmig_blk = blkenv.find_vmig_blk(env.build_dir)
     if env.vmig_blk is None:
         raise blkenv.Fail("no vmig-blk binary in %s" % env.build_dir)
     if os.geteuid() != 0:
         raise blkenv.Fail("needs root: the test switches to uid %d" % NOBODY)
-    for step in (case_rpc_socket, case_socket_paths):
+    for step in (case_rpc_socket, case_socket_paths, case_upgrade_binary):
         try:
             step(env)
         except blkenv.Fail as e:
