@@ -60,6 +60,7 @@ struct vblk_disk {
 	bool read_only;
 	bool read_zeroes; /* null: reads fill the buffer with zeros */
 	bool inline_io;	  /* file on tmpfs/ramfs: preadv/pwritev on the queue thread */
+	bool locked;	  /* we hold an OFD lock on the image (not --no-lock) */
 	char serial[VBLK_SERIAL_LEN];
 };
 
@@ -113,6 +114,7 @@ struct vblk_opts {
 	bool read_only;
 	bool read_zeroes;
 	bool quiet;
+	bool no_lock; /* --no-lock: no OFD lock on the image (shared storage) */
 };
 
 struct vblk_rpc_client {

@@ -58,7 +58,7 @@ static void usage(FILE *f)
 	    "usage: vmig-blk --socket PATH (--file PATH | --ram SIZE | --null SIZE "
 	    "[--read-zeroes])\n"
 	    "                [--queues N] [--read-only] [--poll-us N] [--rpc PATH] [--serial ID]\n"
-	    "                [--size SIZE] [--upgrade-binary PATH] [--quiet]\n"
+	    "                [--size SIZE] [--upgrade-binary PATH] [--no-lock] [--quiet]\n"
 	    "       vmig-blk rpc --rpc PATH METHOD [JSON-PARAMS]\n"
 	    "       vmig-blk upgrade (--socket PATH | --rpc PATH)\n"
 	    "       vmig-blk --version\n",
@@ -83,6 +83,7 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 	    {"read-zeroes", no_argument, NULL, 'Z'},
 	    {"poll-us", required_argument, NULL, 'p'},
 	    {"upgrade-binary", required_argument, NULL, 'u'},
+	    {"no-lock", no_argument, NULL, 'L'},
 	    {NULL, 0, NULL, 0},
 	};
 	unsigned long v;
@@ -154,6 +155,9 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 		case 'u':
 			o->upgrade_binary = optarg;
 			break;
+		case 'L':
+			o->no_lock = true;
+			break;
 		case 'h':
 			usage(stdout);
 			exit(0);
@@ -212,7 +216,28 @@ static bool on_memory_fs(int fd)
 	return sf.f_type == TMPFS_MAGIC || sf.f_type == RAMFS_MAGIC;
 }
 
-/* Open the disk, or take over an inherited fd (live upgrade). */
+/*
+ * Lock the image as QEMU's locking=on does: an OFD lock (fcntl
+ * F_OFD_SETLK) over the whole file, a write lock if we may write, a read
+ * lock if --read-only. It belongs to the open file description, not to the
+ * process: it stays held across a live upgrade (the new process inherits
+ * the very fd), and goes when the last fd does, so a kill -9 frees it. A
+ * conflict is -EBUSY. Taking it again on an inherited fd only confirms it.
+ */
+static int lock_image(const struct vblk_opts *o, int fd)
+{
+	struct flock fl = {.l_type = o->read_only ? F_RDLCK : F_WRLCK,
+			   .l_whence = SEEK_SET,
+			   .l_start = 0,
+			   .l_len = 0};
+
+	if (fcntl(fd, F_OFD_SETLK, &fl) == 0)
+		return 0;
+	return errno == EAGAIN || errno == EACCES ? -EBUSY : -errno;
+}
+
+/* Open the disk, or take over an inherited fd (live upgrade). -EBUSY: the
+ * image is locked by another process. */
 int vblk_disk_open(struct vblk_daemon *dm, int inherited_fd)
 {
 	struct vblk_disk *disk = &dm->disk;
@@ -256,9 +281,26 @@ int vblk_disk_open(struct vblk_daemon *dm, int inherited_fd)
 		int flags =
 		    (o->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC | (o->size ? O_CREAT : 0);
 
-		fd = open(o->file, flags, 0644);
+		/* A new image holds the guest's data: for our user only. */
+		fd = open(o->file, flags, 0600);
 		if (fd < 0)
 			return -errno;
+	}
+	disk->locked = false;
+	if (disk->backend == VBLK_BACKEND_FILE && !o->no_lock) {
+		/* Before anything is read or resized. */
+		r = lock_image(o, fd);
+		if (r && inherited_fd >= 0) {
+			/* A binary that did not lock handed over: keep serving
+			 * rather than drop the guest's disk. */
+			vblk_log(dm, "warning: cannot lock the image after the upgrade: %s",
+				 strerror(-r));
+		} else if (r) {
+			close(fd);
+			return r;
+		} else {
+			disk->locked = true;
+		}
 	}
 	if (!o->ram_size) {
 		r = disk_size(dm, fd, &size);
@@ -636,6 +678,15 @@ static int start_fresh(struct vblk_daemon *dm)
 	char err[512];
 	int r = vblk_disk_open(dm, -1);
 
+	if (r == -EBUSY && dm->opts.file) {
+		fprintf(stderr,
+			"vmig-blk: image %s is locked by another process (another vmig-blk, or "
+			"QEMU with locking=on, serves it): refusing to serve it too. Only if "
+			"every user of the image coordinates its writes (two back-ends on shared "
+			"storage during a migration), start both with --no-lock\n",
+			dm->opts.file);
+		return r;
+	}
 	if (r) {
 		fprintf(stderr, "vmig-blk: cannot open disk %s: %s\n",
 			dm->opts.file ? dm->opts.file : "(ram)", strerror(-r));

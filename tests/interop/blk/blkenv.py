@@ -95,7 +95,7 @@ class Proc:
 class Backend:
     """The vhost-user-blk server under test, restartable with identical args."""
 
-    def __init__(self, env, name, sock, image, serial):
+    def __init__(self, env, name, sock, image, serial, shared=False):
         self.env, self.sock, self.image, self.serial = env, sock, image, serial
         self.rpc = sock + ".rpc"
         self.kind = env.backend_kind
@@ -113,6 +113,11 @@ class Backend:
             # environment adds every vhost-user message).
             argv = [env.vmig_blk, "--socket", sock, "--file", image, "--rpc", self.rpc,
                     "--serial", serial]
+            if shared:
+                # Two back-ends on one image (a migration): vmig-blk locks
+                # its image like QEMU's locking=on, so the second would
+                # refuse to start. The test coordinates them instead.
+                argv.append("--no-lock")
         self.proc = Proc(env, name, argv)
         env.procs.append(self.proc)
         self.starts = 0
@@ -344,8 +349,8 @@ class MigrationPair:
         self.image = env.image()
         self.sock_src = os.path.join(env.tmp, "src.sock")
         self.sock_dst = os.path.join(env.tmp, "dst.sock")
-        self.be_src = env.backend("backend-src", self.sock_src, self.image).start()
-        self.be_dst = env.backend("backend-dst", self.sock_dst, self.image).start()
+        self.be_src = env.backend("backend-src", self.sock_src, self.image, shared=True).start()
+        self.be_dst = env.backend("backend-dst", self.sock_dst, self.image, shared=True).start()
         args = ["--seconds", seconds, "--blocks", 8192, "--write-pct", 60,
                 "--gap-ms", 100, "--progress-ms", 500]
         self.src = Guest(env, "qemu-src", self.sock_src, args).start()
@@ -446,8 +451,8 @@ class Env:
             f.truncate(size_mb << 20)
         return path
 
-    def backend(self, name, sock, image, serial="vmig-test-disk"):
-        return Backend(self, name, sock, image, serial)
+    def backend(self, name, sock, image, serial="vmig-test-disk", shared=False):
+        return Backend(self, name, sock, image, serial, shared)
 
     def scan_image(self, image):
         """Host-side check: every block zero or a valid, well-placed pattern."""

@@ -18,6 +18,10 @@ checked on the daemon itself (no QEMU, no guest):
   if it is writable by group or others, owned by another user, or in a
   directory others may write (unless sticky), and the daemon serves on;
   once it is right again the upgrade goes through;
+- the image is locked (OFD write lock): a second daemon on it refuses to
+  start, unless --no-lock; two --read-only daemons share it; the lock
+  stays held across a live upgrade (same open file description, seen in
+  /proc/locks) and goes with a kill -9, so a restart works at once.
 
 Usage: test_security.py BUILD_DIR
 """
@@ -328,13 +332,67 @@ def case_upgrade_binary(env):
     d.proc.stop()
 
 
+def proc_locks_for(path):
+    """The /proc/locks lines on path's inode."""
+    ino = os.stat(path).st_ino
+    with open("/proc/locks") as f:
+        return [l.strip() for l in f if l.split()[5].split(":")[-1] == str(ino)]
+
+
+def case_image_lock(env):
+    img = image(env, "locked.img")
+    s = lambda n: os.path.join(env.tmp, "lock-%s.sock" % n)
+    first = Daemon(env, "lock-1", s(1), ["--file", img]).start()
+    locks = proc_locks_for(img)
+    env.case("image_write_locked",
+             first.controller().get("image_locked") is True and
+             any("OFDLCK" in l and "WRITE" in l for l in locks), "locks: %s" % locks)
+    rc, out = Daemon(env, "lock-2", s(2), ["--file", img]).start_fails()
+    env.case("second_daemon_refused", rc == 1 and "is locked by another process" in out,
+             "status %s: %s" % (rc, out[-300:]))
+    second = Daemon(env, "lock-3", s(3), ["--file", img, "--no-lock"]).start()
+    env.case("no_lock_starts", second.controller().get("image_locked") is False,
+             "image_locked=%r" % second.controller().get("image_locked"))
+    second.proc.stop()
+
+    # Across a live upgrade the new process holds the same lock.
+    rc, out = upgrade(env, first)
+    locks = proc_locks_for(img)
+    rc2, out2 = Daemon(env, "lock-4", s(4), ["--file", img]).start_fails()
+    env.case("lock_kept_across_upgrade",
+             rc == 0 and upgrades(first) == 1 and first.controller().get("image_locked") and
+             any("OFDLCK" in l and "WRITE" in l for l in locks) and rc2 == 1 and
+             "is locked" in out2,
+             "upgrade %d: %s; locks %s; second daemon: %s %s" %
+             (rc, out, locks, rc2, out2[-200:]))
+
+    # kill -9: the lock goes with the process; a restart takes it at once.
+    first.proc.kill9()
+    again = Daemon(env, "lock-5", s(5), ["--file", img]).start()
+    env.case("restart_after_kill9_locks", again.controller().get("image_locked") is True,
+             "image_locked=%r" % again.controller().get("image_locked"))
+    again.proc.stop()
+    env.case("lock_released_at_exit", proc_locks_for(img) == [],
+             "locks: %s" % proc_locks_for(img))
+
+    # Read-only daemons share a read lock; a writer is kept out.
+    ro1 = Daemon(env, "lock-ro1", s(6), ["--file", img, "--read-only"]).start()
+    ro2 = Daemon(env, "lock-ro2", s(7), ["--file", img, "--read-only"]).start()
+    rc, out = Daemon(env, "lock-rw", s(8), ["--file", img]).start_fails()
+    env.case("read_only_share_writer_refused",
+             ro1.serves() and ro2.serves() and rc == 1 and "is locked" in out,
+             "status %s: %s" % (rc, out[-200:]))
+    ro1.proc.stop()
+    ro2.proc.stop()
+
+
 def body(env):
     env.vmig_blk = blkenv.find_vmig_blk(env.build_dir)
     if env.vmig_blk is None:
         raise blkenv.Fail("no vmig-blk binary in %s" % env.build_dir)
     if os.geteuid() != 0:
         raise blkenv.Fail("needs root: the test switches to uid %d" % NOBODY)
-    for step in (case_rpc_socket, case_socket_paths, case_upgrade_binary):
+    for step in (case_rpc_socket, case_socket_paths, case_upgrade_binary, case_image_lock):
         try:
             step(env)
         except blkenv.Fail as e:
