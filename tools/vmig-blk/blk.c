@@ -55,12 +55,14 @@ struct vblk_req {
 	int pending;	  /* io_uring operations outstanding */
 	int error;	  /* first failure */
 	bool busy;
-	bool zero_filled;
 	enum { VBLK_DELAY_NONE, VBLK_DELAY_WAITING, VBLK_DELAY_HELD } delay;
 	uint8_t held_status; /* status to return once the latency is over */
 	uint64_t sector;     /* from the request header */
 	uint64_t fetch_ns;   /* taken from the ring (only while a latency is set) */
 	unsigned nsegs;	     /* discard / write-zeroes segments */
+	unsigned seg;	     /* the segment being worked on (one at a time) */
+	uint64_t seg_done;   /* bytes of it zeroed so far (VBLK_DWZ_WRITE) */
+	enum { VBLK_DWZ_PUNCH, VBLK_DWZ_ZERO_RANGE, VBLK_DWZ_WRITE } seg_mode;
 	struct vblk_dwz_seg segs[VBLK_MAX_DWZ_SEGS];
 };
 
@@ -381,23 +383,120 @@ static uint8_t start_get_id(struct vblk_queue *q, struct vblk_req *req)
 	return VIRTIO_BLK_S_OK;
 }
 
-/* Zero a range the slow way when the file system cannot punch holes. */
-static int zero_fill(int fd, uint64_t off, uint64_t len)
+/*
+ * Discard and write-zeroes. The virtio rule: write-zeroes without the
+ * UNMAP flag must leave the range allocated, so it is written with zeros
+ * (a regular file), or zeroed with FALLOC_FL_ZERO_RANGE (a block device,
+ * where the kernel turns it into a write-zeroes that does not unmap);
+ * never a hole. With UNMAP, and for discard, a hole is punched
+ * (FALLOC_FL_PUNCH_HOLE reads back as zeros); where the file system cannot,
+ * write-zeroes writes zeros instead and discard, a hint, does nothing. Not
+ * FALLOC_FL_ZERO_RANGE on a file: ext4 and XFS make the range unwritten
+ * extents, which SEEK_HOLE reports as a hole and copies lose.
+ *
+ * A request's segments are done one after the other, one io_uring
+ * operation at a time; zeros are written in chunks of up to
+ * VBLK_ZERO_CHUNK from one shared buffer of zeros.
+ */
+#define VBLK_ZERO_BUF (256u << 10)
+#define VBLK_ZERO_IOVS 16u
+#define VBLK_ZERO_CHUNK ((uint64_t)VBLK_ZERO_BUF * VBLK_ZERO_IOVS)
+
+static const struct iovec *zero_iovs(void)
 {
-	static const uint8_t zeros[65536];
+	static uint8_t zeros[VBLK_ZERO_BUF]; /* never written: reads as zeros */
+	static struct iovec iov[VBLK_ZERO_IOVS];
 
-	while (len) {
-		size_t n = len < sizeof(zeros) ? (size_t)len : sizeof(zeros);
-		ssize_t w = pwrite(fd, zeros, n, (off_t)off);
+	if (!iov[0].iov_base)
+		for (unsigned i = 0; i < VBLK_ZERO_IOVS; i++)
+			iov[i] = (struct iovec){zeros, sizeof(zeros)};
+	return iov;
+}
 
-		if (w < 0 && errno == EINTR)
+static void dwz_seg_begin(const struct vblk_queue *q, struct vblk_req *req)
+{
+	bool unmap = req->type == VIRTIO_BLK_T_DISCARD ||
+		     (req->segs[req->seg].flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+
+	req->seg_done = 0;
+	req->seg_mode = unmap		     ? VBLK_DWZ_PUNCH
+			: q->disk->is_blkdev ? VBLK_DWZ_ZERO_RANGE
+					     : VBLK_DWZ_WRITE;
+}
+
+/* Issue the request's next operation: 0xff while one is in flight, else
+ * the final status. */
+static uint8_t dwz_next(struct vblk_queue *q, struct vblk_req *req)
+{
+	while (req->seg < req->nsegs) {
+		const struct vblk_dwz_seg *s = &req->segs[req->seg];
+		uint64_t off = s->sector * VBLK_SECTOR + req->seg_done;
+		uint64_t left = (uint64_t)s->num_sectors * VBLK_SECTOR - req->seg_done;
+		struct io_uring_sqe *sqe;
+
+		if (left == 0 || q->disk->backend == VBLK_BACKEND_NULL) {
+			if (++req->seg < req->nsegs)
+				dwz_seg_begin(q, req);
 			continue;
-		if (w <= 0)
-			return w < 0 ? -errno : -EIO;
-		off += (uint64_t)w;
-		len -= (uint64_t)w;
+		}
+		if (q->disk->ram) {
+			memset(q->disk->ram + off, 0, left);
+			req->seg_done += left;
+			continue;
+		}
+		sqe = get_sqe(q);
+		if (!sqe)
+			return VIRTIO_BLK_S_IOERR;
+		if (req->seg_mode == VBLK_DWZ_WRITE) {
+			uint64_t n = left < VBLK_ZERO_CHUNK ? left : VBLK_ZERO_CHUNK;
+
+			/* Whole buffers, or what is left of less than one: a
+			 * remainder goes with the next chunk. */
+			if (n >= VBLK_ZERO_BUF)
+				io_uring_prep_writev(sqe, q->disk->fd, zero_iovs(),
+						     (unsigned)(n / VBLK_ZERO_BUF), off);
+			else
+				io_uring_prep_write(sqe, q->disk->fd, zero_iovs()[0].iov_base,
+						    (unsigned)n, off);
+		} else {
+			io_uring_prep_fallocate(sqe, q->disk->fd,
+						(req->seg_mode == VBLK_DWZ_PUNCH
+						     ? FALLOC_FL_PUNCH_HOLE
+						     : FALLOC_FL_ZERO_RANGE) |
+						    FALLOC_FL_KEEP_SIZE,
+						off, left);
+		}
+		io_uring_sqe_set_data(sqe, req);
+		req->pending++;
+		q->outstanding++;
+		return 0xff;
 	}
-	return 0;
+	return VIRTIO_BLK_S_OK;
+}
+
+/* One completion of a discard / write-zeroes operation: 0xff while the
+ * request goes on, else its final status. */
+static uint8_t dwz_complete(struct vblk_queue *q, struct vblk_req *req, int res)
+{
+	const struct vblk_dwz_seg *s = &req->segs[req->seg];
+
+	if (res == -EOPNOTSUPP && req->seg_mode != VBLK_DWZ_WRITE) {
+		/* No holes (or no zero range) here. Discard is a hint: done.
+		 * Write-zeroes: write the zeros. */
+		if (req->type == VIRTIO_BLK_T_DISCARD)
+			req->seg_done = (uint64_t)s->num_sectors * VBLK_SECTOR;
+		else
+			req->seg_mode = VBLK_DWZ_WRITE;
+	} else if (res < 0) {
+		return VIRTIO_BLK_S_IOERR;
+	} else if (req->seg_mode == VBLK_DWZ_WRITE) {
+		if (res == 0)
+			return VIRTIO_BLK_S_IOERR; /* the file shrank under us */
+		req->seg_done += (uint64_t)res;
+	} else {
+		req->seg_done = (uint64_t)s->num_sectors * VBLK_SECTOR;
+	}
+	return dwz_next(q, req);
 }
 
 static uint8_t start_dwz(struct vblk_queue *q, struct vblk_req *req)
@@ -429,30 +528,11 @@ static uint8_t start_dwz(struct vblk_queue *q, struct vblk_req *req)
 		total += bytes;
 	}
 	req->nsegs = n;
+	req->seg = 0;
+	dwz_seg_begin(q, req);
 	stat_add(discard ? &q->stats.discard_ops : &q->stats.write_zeroes_ops, 1);
 	stat_add(discard ? &q->stats.discard_bytes : &q->stats.write_zeroes_bytes, total);
-	for (unsigned i = 0; i < n; i++) {
-		uint64_t off = segs[i].sector * VBLK_SECTOR;
-		uint64_t bytes = (uint64_t)segs[i].num_sectors * VBLK_SECTOR;
-		struct io_uring_sqe *sqe;
-
-		if (bytes == 0 || q->disk->backend == VBLK_BACKEND_NULL)
-			continue;
-		if (q->disk->ram) {
-			memset(q->disk->ram + off, 0, bytes);
-			continue;
-		}
-		sqe = get_sqe(q);
-		if (!sqe)
-			return req->pending ? 0xff : VIRTIO_BLK_S_IOERR;
-		/* A punched hole reads back as zeros: right for both. */
-		io_uring_prep_fallocate(sqe, q->disk->fd,
-					FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, bytes);
-		io_uring_sqe_set_data(sqe, req);
-		req->pending++;
-		q->outstanding++;
-	}
-	return req->pending ? 0xff : VIRTIO_BLK_S_OK;
+	return dwz_next(q, req);
 }
 
 /* Start the request's work. */
@@ -501,8 +581,8 @@ static void req_start(struct vblk_queue *q, uint16_t head)
 	req->error = 0;
 	req->done = 0;
 	req->written = 0;
-	req->zero_filled = false;
 	req->nsegs = 0;
+	req->seg = 0;
 	req->delay = VBLK_DELAY_NONE;
 	if (vhost_vq_map_chain(&q->vr->vq, head, &req->chain) || req_layout(req, &hdr)) {
 		req_drop(q, req);
@@ -538,15 +618,12 @@ static void req_complete_op(struct vblk_queue *q, struct vblk_req *req, int res)
 		} else if (res == 0 && req->bytes) {
 			res = -EIO;
 		}
-	} else if (req->type == VIRTIO_BLK_T_WRITE_ZEROES && res == -EOPNOTSUPP) {
-		/* No hole punching here: write zeros (rare, blocks this queue). */
-		res = 0;
-		for (unsigned i = 0; i < req->nsegs && !req->zero_filled && !res; i++)
-			res = zero_fill(q->disk->fd, req->segs[i].sector * VBLK_SECTOR,
-					(uint64_t)req->segs[i].num_sectors * VBLK_SECTOR);
-		req->zero_filled = true;
-	} else if (req->type == VIRTIO_BLK_T_DISCARD && res == -EOPNOTSUPP) {
-		res = 0; /* discard is a hint */
+	} else if (req->type == VIRTIO_BLK_T_DISCARD || req->type == VIRTIO_BLK_T_WRITE_ZEROES) {
+		uint8_t st = dwz_complete(q, req, res);
+
+		if (st == 0xff)
+			return; /* its next operation is in flight */
+		res = st == VIRTIO_BLK_S_OK ? 0 : res < 0 ? res : -EIO;
 	}
 	if (res < 0 && !req->error)
 		req->error = res;

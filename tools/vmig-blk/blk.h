@@ -61,6 +61,7 @@ struct vblk_disk {
 	bool read_zeroes; /* null: reads fill the buffer with zeros */
 	bool inline_io;	  /* file on tmpfs/ramfs: preadv/pwritev on the queue thread */
 	bool locked;	  /* we hold an OFD lock on the image (not --no-lock) */
+	bool is_blkdev;	  /* a block device, not a regular file */
 	char serial[VBLK_SERIAL_LEN];
 };
 

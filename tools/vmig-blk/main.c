@@ -330,6 +330,11 @@ int vblk_disk_open(struct vblk_daemon *dm, int inherited_fd)
 	disk->fd = fd;
 	disk->size = size;
 	disk->inline_io = disk->backend == VBLK_BACKEND_FILE && on_memory_fs(fd);
+	{
+		struct stat st;
+
+		disk->is_blkdev = fstat(fd, &st) == 0 && S_ISBLK(st.st_mode);
+	}
 	return 0;
 }
 

@@ -15,8 +15,10 @@
 #include <stddef.h>
 #include <cmocka.h>
 #include <linux/virtio_blk.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #include "harness.h"
@@ -320,6 +322,115 @@ static void test_broken_ring_signalled(void **state)
 	assert_int_equal(f.q[0].stats.errors, 1);
 }
 
+/* A file-backed queue: the disk is fd, size bytes. */
+static void start_file(struct fixture *f, int fd, uint64_t size)
+{
+	memset(f, 0, sizeof(*f));
+	h_init(&f->h, 8, false, false);
+	f->disk = (struct vblk_disk){.backend = VBLK_BACKEND_FILE, .fd = fd, .size = size};
+	vblk_queue_init(&f->q[0], &f->disk, 0);
+	f->vr.idx = 0;
+	f->vr.num = 8;
+	f->vr.vq = f->h.vq;
+	f->vr.kick_fd = eventfd(0, EFD_CLOEXEC);
+	f->vr.call_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	f->vr.err_fd = -1;
+	assert_int_equal(vblk_dev_ops.queue_start(f->q, &f->vr), 0);
+}
+
+/* Post a discard or write-zeroes of n segments as chain 0-1-2, and wait. */
+static void post_dwz(struct fixture *f, uint32_t type,
+		     const struct virtio_blk_discard_write_zeroes *segs, unsigned n, uint16_t want)
+{
+	struct virtio_blk_outhdr *hdr = h_gpa(&f->h, T_HDR);
+
+	hdr->type = type;
+	hdr->ioprio = 0;
+	hdr->sector = 0;
+	memcpy(h_gpa(&f->h, T_BUF), segs, n * sizeof(*segs));
+	*(uint8_t *)h_gpa(&f->h, T_STATUS) = 0xee;
+	h_set_desc(&f->h, f->h.desc, 0, T_HDR, sizeof(*hdr), VHOST_DESC_F_NEXT, 1);
+	h_set_desc(&f->h, f->h.desc, 1, T_BUF, (uint32_t)(n * sizeof(*segs)), VHOST_DESC_F_NEXT, 2);
+	h_set_desc(&f->h, f->h.desc, 2, T_STATUS, 1, VHOST_DESC_F_WRITE, 0);
+	h_post(&f->h, 0);
+	eventfd_write(f->vr.kick_fd, 1);
+	assert_true(wait_used(f, want, 10000));
+	assert_int_equal(status(f), VIRTIO_BLK_S_OK);
+}
+
+static bool range_is(int fd, uint64_t off, uint64_t len, uint8_t v)
+{
+	static uint8_t buf[65536];
+
+	while (len) {
+		size_t n = len < sizeof(buf) ? (size_t)len : sizeof(buf);
+
+		if (pread(fd, buf, n, (off_t)off) != (ssize_t)n)
+			return false;
+		for (size_t i = 0; i < n; i++)
+			if (buf[i] != v)
+				return false;
+		off += n;
+		len -= n;
+	}
+	return true;
+}
+
+/* Write-zeroes without UNMAP zero-fills and leaves the range allocated: no
+ * hole appears (SEEK_HOLE finds none before the end, st_blocks does not
+ * drop), on ranges longer and shorter than one write of zeros. With UNMAP,
+ * and for discard, the range reads back as zeros (it may be a hole). */
+static void test_write_zeroes_allocates(void **state)
+{
+	const uint64_t size = 4u << 20;
+	char path[] = "/tmp/vmig-blk-wz.XXXXXX";
+	struct virtio_blk_discard_write_zeroes segs[2];
+	struct fixture f;
+	struct stat before, after;
+	uint8_t buf[65536];
+	int fd = mkstemp(path);
+
+	assert_true(fd >= 0);
+	unlink(path);
+	memset(buf, 0xab, sizeof(buf));
+	for (uint64_t off = 0; off < size; off += sizeof(buf))
+		assert_int_equal(pwrite(fd, buf, sizeof(buf), (off_t)off), (ssize_t)sizeof(buf));
+	assert_int_equal(fsync(fd), 0);
+	assert_int_equal(fstat(fd, &before), 0);
+	start_file(&f, fd, size);
+
+	/* 1 MiB + 1.5 KiB at 4 KiB (more than one buffer of zeros, and a
+	 * remainder), and 64 KiB at 2 MiB. */
+	segs[0] = (struct virtio_blk_discard_write_zeroes){
+	    .sector = 8, .num_sectors = ((1u << 20) + 1536) / 512, .flags = 0};
+	segs[1] = (struct virtio_blk_discard_write_zeroes){
+	    .sector = 4096, .num_sectors = 128, .flags = 0};
+	post_dwz(&f, VIRTIO_BLK_T_WRITE_ZEROES, segs, 2, 1);
+	assert_true(range_is(fd, 4096, (1u << 20) + 1536, 0));
+	assert_true(range_is(fd, 0, 4096, 0xab));
+	assert_true(range_is(fd, 4096 + (1u << 20) + 1536, 4096, 0xab));
+	assert_true(range_is(fd, 2u << 20, 65536, 0));
+	assert_true(range_is(fd, (2u << 20) + 65536, 4096, 0xab));
+	assert_int_equal(fsync(fd), 0);
+	assert_int_equal(fstat(fd, &after), 0);
+	assert_int_equal(lseek(fd, 0, SEEK_HOLE), (off_t)size); /* no hole at all */
+	assert_true(after.st_blocks >= before.st_blocks);
+
+	/* With UNMAP (a hole is allowed), and a discard: zeros either way. */
+	segs[0] = (struct virtio_blk_discard_write_zeroes){
+	    .sector = 6144, .num_sectors = 512, .flags = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP};
+	post_dwz(&f, VIRTIO_BLK_T_WRITE_ZEROES, segs, 1, 2);
+	assert_true(range_is(fd, 3u << 20, 256u << 10, 0));
+	assert_true(range_is(fd, (3u << 20) + (256u << 10), 4096, 0xab));
+	segs[0] = (struct virtio_blk_discard_write_zeroes){.sector = 7168, .num_sectors = 8};
+	post_dwz(&f, VIRTIO_BLK_T_DISCARD, segs, 1, 3);
+	stop(&f);
+	assert_int_equal(f.q[0].stats.write_zeroes_ops, 2);
+	assert_int_equal(f.q[0].stats.discard_ops, 1);
+	assert_int_equal(f.q[0].stats.errors, 0);
+	close(fd);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -331,6 +442,7 @@ int main(void)
 	    cmocka_unit_test(test_latency_holds_writes),
 	    cmocka_unit_test(test_latency_stop),
 	    cmocka_unit_test(test_broken_ring_signalled),
+	    cmocka_unit_test(test_write_zeroes_allocates),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
