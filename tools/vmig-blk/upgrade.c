@@ -117,14 +117,34 @@ static int check_dir(const char *dir, const char *binary, char *err, size_t errl
 	return 0;
 }
 
+/* check_dir() on every directory above path (an absolute path, which is
+ * cut down in place). */
+static int check_dirs_above(char *path, const char *binary, char *err, size_t errlen)
+{
+	for (;;) {
+		char *slash = strrchr(path, '/');
+		int r;
+
+		if (!slash)
+			return 0;
+		if (slash == path)
+			slash[1] = '\0';
+		else
+			*slash = '\0';
+		r = check_dir(path, binary, err, errlen);
+		if (r || !strcmp(path, "/"))
+			return r;
+	}
+}
+
 /*
  * Open the binary fixed at start (--upgrade-binary, or our own executable)
  * and check that only root or the daemon's own user could have put it
  * there: a regular file owned by one of them, not writable by its group
- * or others, and every directory above its real path the same (or sticky,
- * like /tmp). The checks are on the open file, and the exec runs that very
- * file (fexecve): replacing the path after the check changes nothing.
- * Returns the fd (close-on-exec) or -errno with the reason in err.
+ * or others, and every directory above it (along its real path and along
+ * the path as configured) the same, or sticky like /tmp. The checks are on the open file, and the
+ * exec runs that very file (fexecve): replacing the path after the check changes nothing. Returns
+ * the fd (close-on-exec) or -errno with the reason in err.
  */
 static int open_binary(const char *binary, char *err, size_t errlen)
 {
@@ -171,17 +191,14 @@ static int open_binary(const char *binary, char *err, size_t errlen)
 			real[n] = '\0';
 		}
 	}
-	/* Every directory from the file's own up to the root. */
-	while (r == 0) {
-		char *slash = strrchr(real, '/');
-
-		if (slash == real)
-			slash[1] = '\0';
-		else
-			*slash = '\0';
-		r = check_dir(real, binary, err, errlen);
-		if (!strcmp(real, "/"))
-			break;
+	/* Every directory from the file's own up to the root: those of its
+	 * real path, and those of the path as configured, where a symlink
+	 * that leads to it may live. */
+	if (r == 0)
+		r = check_dirs_above(real, binary, err, errlen);
+	if (r == 0) {
+		snprintf(real, sizeof(real), "%s", binary);
+		r = check_dirs_above(real, binary, err, errlen);
 	}
 	if (r) {
 		close(fd);

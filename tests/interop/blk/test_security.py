@@ -16,7 +16,8 @@ checked on the daemon itself (no QEMU, no guest):
   a request naming another one is refused (RPC and CLI) and nothing is
   run; the configured binary is refused at upgrade time, with the reason,
   if it is writable by group or others, owned by another user, or in a
-  directory others may write (unless sticky), and the daemon serves on;
+  directory others may write (unless sticky; along its real path and along
+  the configured one, where a symlink to it lives), and the daemon serves on;
   once it is right again the upgrade goes through;
 - the image is locked (OFD write lock): a second daemon on it refuses to
   start, unless --no-lock; two --read-only daemons share it; the lock
@@ -329,6 +330,25 @@ def case_upgrade_binary(env):
     rc, out = upgrade(env, d)
     env.case("upgrade_of_safe_binary", rc == 0 and "binary=%s" % binary in out and
              upgrades(d) == 2, "status %d: %s" % (rc, out))
+    d.proc.stop()
+
+    # Configured as a symlink: the directory the link lives in counts too
+    # (whoever may write there may point the link elsewhere).
+    linkdir = os.path.join(env.tmp, "links")
+    os.mkdir(linkdir, 0o755)
+    link = os.path.join(linkdir, "vmig-blk")
+    os.symlink(binary, link)
+    d = Daemon(env, "upgrade-link", os.path.join(env.tmp, "up2.sock"),
+               ["--null", "16M", "--upgrade-binary", link]).start()
+    os.chmod(linkdir, 0o777)
+    rc, out = upgrade(env, d)
+    env.case("refuses_link_in_writable_dir",
+             rc == 1 and "directory %s is writable" % linkdir in out and d.serves(),
+             "status %d: %s" % (rc, out))
+    os.chmod(linkdir, 0o755)
+    rc, out = upgrade(env, d)
+    env.case("upgrade_through_safe_link", rc == 0 and "binary=%s" % binary in out,
+             "status %d: %s" % (rc, out))
     d.proc.stop()
 
 
