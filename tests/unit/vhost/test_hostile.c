@@ -798,13 +798,14 @@ static void fe_up(struct fe *f, unsigned flags, uint16_t base)
 
 /* ---- the driver's side of the ring ---- */
 
+/* Relaxed atomic stores: the scribbler thread writes descriptors too. */
 static void set_desc(volatile struct vhost_desc *t, unsigned i, uint64_t addr, uint32_t len,
 		     uint16_t flags, uint16_t next)
 {
-	t[i].addr = addr;
-	t[i].len = len;
-	t[i].flags = flags;
-	t[i].next = next;
+	__atomic_store_n(&t[i].addr, addr, __ATOMIC_RELAXED);
+	__atomic_store_n(&t[i].len, len, __ATOMIC_RELAXED);
+	__atomic_store_n(&t[i].flags, flags, __ATOMIC_RELAXED);
+	__atomic_store_n(&t[i].next, next, __ATOMIC_RELAXED);
 }
 
 static void post_raw(uint16_t head)
@@ -1852,14 +1853,17 @@ static void *scribbler(void *arg)
 		i = (unsigned)(s % NUM);
 		switch ((s >> 8) % 4) {
 		case 0:
-			desc_table()[i].addr = s >> 16;
+			__atomic_store_n(&desc_table()[i].addr, s >> 16, __ATOMIC_RELAXED);
 			break;
 		case 1:
-			desc_table()[i].len = (uint32_t)(s >> 20);
+			__atomic_store_n(&desc_table()[i].len, (uint32_t)(s >> 20),
+					 __ATOMIC_RELAXED);
 			break;
 		case 2:
-			desc_table()[i].flags = (uint16_t)(s >> 24);
-			desc_table()[i].next = (uint16_t)(s >> 40);
+			__atomic_store_n(&desc_table()[i].flags, (uint16_t)(s >> 24),
+					 __ATOMIC_RELAXED);
+			__atomic_store_n(&desc_table()[i].next, (uint16_t)(s >> 40),
+					 __ATOMIC_RELAXED);
 			break;
 		case 3:
 			if (f->inflight)
