@@ -137,14 +137,38 @@ static int check_dirs_above(char *path, const char *binary, char *err, size_t er
 	}
 }
 
+/* The upgrade binary itself: a regular file of root or ours, that its
+ * group and others may not write. */
+static int check_file(const struct stat *st, const char *binary, char *err, size_t errlen)
+{
+	if (!S_ISREG(st->st_mode)) {
+		snprintf(err, errlen, "upgrade binary %s is not a regular file", binary);
+		return -EPERM;
+	}
+	if (st->st_uid != 0 && st->st_uid != geteuid()) {
+		snprintf(err, errlen,
+			 "upgrade binary %s is owned by uid %d, not by root or the daemon's uid %d",
+			 binary, (int)st->st_uid, (int)geteuid());
+		return -EPERM;
+	}
+	if (st->st_mode & (S_IWGRP | S_IWOTH)) {
+		snprintf(err, errlen,
+			 "upgrade binary %s is writable by its group or others (mode %04o)", binary,
+			 (unsigned)(st->st_mode & 07777));
+		return -EPERM;
+	}
+	return 0;
+}
+
 /*
  * Open the binary fixed at start (--upgrade-binary, or our own executable)
  * and check that only root or the daemon's own user could have put it
  * there: a regular file owned by one of them, not writable by its group
  * or others, and every directory above it (along its real path and along
- * the path as configured) the same, or sticky like /tmp. The checks are on the open file, and the
- * exec runs that very file (fexecve): replacing the path after the check changes nothing. Returns
- * the fd (close-on-exec) or -errno with the reason in err.
+ * the path as configured) the same, or sticky like /tmp. The checks are
+ * on the open file, and the exec runs that very file (fexecve): replacing
+ * the path after the check changes nothing. Returns the fd (close-on-exec)
+ * or -errno with the reason in err.
  */
 static int open_binary(const char *binary, char *err, size_t errlen)
 {
@@ -168,19 +192,8 @@ static int open_binary(const char *binary, char *err, size_t errlen)
 	r = fstat(fd, &st) < 0 ? -errno : 0;
 	if (r)
 		snprintf(err, errlen, "upgrade binary %s: %s", binary, strerror(-r));
-	else if (!S_ISREG(st.st_mode))
-		r = -EPERM,
-		snprintf(err, errlen, "upgrade binary %s is not a regular file", binary);
-	else if (st.st_uid != 0 && st.st_uid != geteuid())
-		r = -EPERM, snprintf(err, errlen,
-				     "upgrade binary %s is owned by uid %d, not by root or the "
-				     "daemon's uid %d",
-				     binary, (int)st.st_uid, (int)geteuid());
-	else if (st.st_mode & (S_IWGRP | S_IWOTH))
-		r = -EPERM,
-		snprintf(err, errlen,
-			 "upgrade binary %s is writable by its group or others (mode %04o)", binary,
-			 (unsigned)(st.st_mode & 07777));
+	else
+		r = check_file(&st, binary, err, errlen);
 	if (r == 0) {
 		snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
 		n = readlink(proc, real, sizeof(real) - 1);
