@@ -56,8 +56,8 @@ static void start(struct fixture *f, uint32_t poll_us, bool read_zeroes)
 	f->vr.vq = f->h.vq;
 	f->vr.kick_fd = eventfd(0, EFD_CLOEXEC);
 	f->vr.call_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-	f->vr.err_fd = -1;
-	assert_true(f->vr.kick_fd >= 0 && f->vr.call_fd >= 0);
+	f->vr.err_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	assert_true(f->vr.kick_fd >= 0 && f->vr.call_fd >= 0 && f->vr.err_fd >= 0);
 	assert_int_equal(vblk_dev_ops.queue_start(f->q, &f->vr), 0);
 }
 
@@ -67,6 +67,8 @@ static void stop(struct fixture *f)
 	vblk_queue_free(&f->q[0]);
 	close(f->vr.kick_fd);
 	close(f->vr.call_fd);
+	if (f->vr.err_fd >= 0)
+		close(f->vr.err_fd);
 	h_free(&f->h);
 }
 
@@ -304,8 +306,6 @@ static void test_broken_ring_signalled(void **state)
 	uint64_t v;
 
 	start(&f, 0, false);
-	f.vr.err_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-	assert_true(f.vr.err_fd >= 0);
 	post(&f, VIRTIO_BLK_T_IN, true);
 	assert_true(wait_used(&f, 1, 2000));
 	h_post(&f.h, 8); /* the ring has 8 entries: heads 0..7 */
@@ -318,7 +318,6 @@ static void test_broken_ring_signalled(void **state)
 	post(&f, VIRTIO_BLK_T_IN, true);
 	assert_false(wait_used(&f, 2, 100));
 	stop(&f);
-	close(f.vr.err_fd);
 	assert_int_equal(f.q[0].stats.errors, 1);
 }
 
