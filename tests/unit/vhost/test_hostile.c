@@ -1908,6 +1908,39 @@ static void test_concurrent_scribble(void **state)
 	after_case();
 }
 
+/* kill -9 while a flush of many dirty pages runs on an io_uring worker,
+ * then restart at once: the image lock must already be free (the daemon
+ * holds it on a file description of its own, which no I/O keeps alive),
+ * and the restarted daemon must serve. Repeated, since the flush may or
+ * may not have been taken when the kill comes. */
+static void test_restart_during_flush(void **state)
+{
+	struct fe f;
+	uint8_t *buf = gp(GPA_B);
+
+	for (int round = 0; round < 3; round++) {
+		ring_reset();
+		fe_up(&f, 0, 0);
+		memset(buf, 0x40 + round, R_SIZE / 2);
+		/* 16 MiB of dirty pages: the whole image, 512 KiB at a time. */
+		for (uint64_t sector = 0; sector < IMG_SIZE / 512; sector += 1024) {
+			build_rw(0, VIRTIO_BLK_T_OUT, sector, GPA_B, R_SIZE / 2);
+			expect_status(&f, 0, VIRTIO_BLK_S_OK);
+		}
+		build_rw(3, VIRTIO_BLK_T_FLUSH, 0, G_DATA, 0);
+		set_desc(desc_table(), 3, hdr_gpa(3), 16, VHOST_DESC_F_NEXT, 5);
+		post(&f, 3);
+		usleep(1000 * (unsigned)round);
+		daemon_kill9();
+		fe_close_sock(&f);
+		close(f.kick);
+		close(f.call);
+		close(f.err);
+		daemon_start(); /* fails if the image is still locked */
+	}
+	after_case();
+}
+
 /* Nothing from outside guest memory ever reached the disk. */
 static void test_image_clean(void **state)
 {
@@ -2005,6 +2038,7 @@ int main(int argc, char **argv)
 	    cmocka_unit_test_setup(test_random_messages, case_setup),
 	    cmocka_unit_test_setup(test_inflight_corrupted, case_setup),
 	    cmocka_unit_test_setup(test_concurrent_scribble, case_setup),
+	    cmocka_unit_test_setup(test_restart_during_flush, case_setup),
 	    cmocka_unit_test_setup(test_image_clean, case_setup),
 	};
 
