@@ -60,7 +60,7 @@ struct vblk_disk {
 	bool read_only;
 	bool read_zeroes; /* null: reads fill the buffer with zeros */
 	bool inline_io;	  /* file on tmpfs/ramfs: preadv/pwritev on the queue thread */
-	bool locked;	  /* we hold an OFD lock on the image (not --no-lock) */
+	int lock_fd;	  /* the image's OFD lock is on this fd (see lock_image); -1: none */
 	bool is_blkdev;	  /* a block device, not a regular file */
 	char serial[VBLK_SERIAL_LEN];
 };
@@ -206,7 +206,7 @@ int vblk_upgrade_resume(struct vblk_daemon *dm);
 /* main.c */
 void vblk_log(const struct vblk_daemon *dm, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
-int vblk_disk_open(struct vblk_daemon *dm, int inherited_fd);
+int vblk_disk_open(struct vblk_daemon *dm, int inherited_fd, int inherited_lock_fd);
 /* Bound the time a vhost-user connection may block the control thread. */
 void vblk_conn_setup(int fd);
 /*

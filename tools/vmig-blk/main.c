@@ -219,26 +219,60 @@ static bool on_memory_fs(int fd)
 /*
  * Lock the image as QEMU's locking=on does: an OFD lock (fcntl
  * F_OFD_SETLK) over the whole file, a write lock if we may write, a read
- * lock if --read-only. It belongs to the open file description, not to the
- * process: it stays held across a live upgrade (the new process inherits
- * the very fd), and goes when the last fd does, so a kill -9 frees it. A
- * conflict is -EBUSY. Taking it again on an inherited fd only confirms it.
+ * lock if --read-only. A conflict is -EBUSY.
+ *
+ * The lock is held by a file description of its own, opened again through
+ * /proc/self/fd (so the same file, whatever happened to its path), through
+ * which no I/O ever goes. An OFD lock lasts as long as its file description:
+ * the disk fd's one can outlive a kill -9 by the time io_uring takes to
+ * drop the requests that were in flight, and a restart at once would find
+ * the image still locked; this one goes with the process's fd table, before
+ * the process can even be reaped. A live upgrade hands it over
+ * (inherited_lock_fd, checked to be the same file); taking the lock again
+ * through it only confirms it.
  */
-static int lock_image(const struct vblk_opts *o, int fd)
+static void disk_unlock(struct vblk_disk *disk)
 {
+	if (disk->lock_fd >= 0)
+		close(disk->lock_fd);
+	disk->lock_fd = -1;
+}
+
+static int lock_image(struct vblk_daemon *dm, int fd, int inherited_lock_fd)
+{
+	const struct vblk_opts *o = &dm->opts;
 	struct flock fl = {.l_type = o->read_only ? F_RDLCK : F_WRLCK,
 			   .l_whence = SEEK_SET,
 			   .l_start = 0,
 			   .l_len = 0};
+	struct stat a, b;
+	char path[64];
+	int lfd = inherited_lock_fd, r;
 
-	if (fcntl(fd, F_OFD_SETLK, &fl) == 0)
-		return 0;
-	return errno == EAGAIN || errno == EACCES ? -EBUSY : -errno;
+	if (lfd >= 0 && (fstat(fd, &a) < 0 || fstat(lfd, &b) < 0 || a.st_dev != b.st_dev ||
+			 a.st_ino != b.st_ino)) {
+		close(lfd);
+		lfd = -1;
+	}
+	if (lfd < 0) {
+		snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+		lfd = open(path, (o->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NOCTTY);
+		if (lfd < 0)
+			return -errno;
+	}
+	if (fcntl(lfd, F_OFD_SETLK, &fl) < 0) {
+		r = errno == EAGAIN || errno == EACCES ? -EBUSY : -errno;
+		close(lfd);
+		return r;
+	}
+	fcntl(lfd, F_SETFD, FD_CLOEXEC);
+	dm->disk.lock_fd = lfd;
+	return 0;
 }
 
-/* Open the disk, or take over an inherited fd (live upgrade). -EBUSY: the
- * image is locked by another process. */
-int vblk_disk_open(struct vblk_daemon *dm, int inherited_fd)
+/* Open the disk, or take over an inherited fd and lock fd (live upgrade;
+ * -1 if none). -EBUSY: the image is locked by another process. */
+int vblk_disk_open(struct vblk_daemon *dm, int inherited_fd, int inherited_lock_fd)
 {
 	struct vblk_disk *disk = &dm->disk;
 	const struct vblk_opts *o = &dm->opts;
@@ -286,10 +320,10 @@ int vblk_disk_open(struct vblk_daemon *dm, int inherited_fd)
 		if (fd < 0)
 			return -errno;
 	}
-	disk->locked = false;
+	disk->lock_fd = -1;
 	if (disk->backend == VBLK_BACKEND_FILE && !o->no_lock) {
 		/* Before anything is read or resized. */
-		r = lock_image(o, fd);
+		r = lock_image(dm, fd, inherited_lock_fd);
 		if (r && inherited_fd >= 0) {
 			/* A binary that did not lock handed over: keep serving
 			 * rather than drop the guest's disk. */
@@ -298,13 +332,14 @@ int vblk_disk_open(struct vblk_daemon *dm, int inherited_fd)
 		} else if (r) {
 			close(fd);
 			return r;
-		} else {
-			disk->locked = true;
 		}
+	} else if (inherited_lock_fd >= 0) {
+		close(inherited_lock_fd);
 	}
 	if (!o->ram_size) {
 		r = disk_size(dm, fd, &size);
 		if (r) {
+			disk_unlock(disk);
 			close(fd);
 			return r;
 		}
@@ -313,6 +348,7 @@ int vblk_disk_open(struct vblk_daemon *dm, int inherited_fd)
 	}
 	size &= ~(uint64_t)(VBLK_SECTOR - 1);
 	if (size == 0) {
+		disk_unlock(disk);
 		close(fd);
 		return -EINVAL;
 	}
@@ -681,7 +717,7 @@ static int setup_signals(struct vblk_daemon *dm)
 static int start_fresh(struct vblk_daemon *dm)
 {
 	char err[512];
-	int r = vblk_disk_open(dm, -1);
+	int r = vblk_disk_open(dm, -1, -1);
 
 	if (r == -EBUSY && dm->opts.file) {
 		fprintf(stderr,
@@ -719,6 +755,7 @@ static void daemon_init(struct vblk_daemon *dm, char **argv)
 	dm->argv = argv;
 	dm->listen_fd = dm->conn_fd = dm->rpc_fd = dm->signal_fd = -1;
 	dm->disk.fd = -1;
+	dm->disk.lock_fd = -1;
 	dm->disk.read_only = dm->opts.read_only;
 	snprintf(dm->rpc_path, sizeof(dm->rpc_path), "%s",
 		 dm->opts.rpc ? dm->opts.rpc : dm->opts.socket);
@@ -769,6 +806,7 @@ static void shutdown_daemon(struct vblk_daemon *dm)
 		munmap(dm->disk.ram, dm->disk.size);
 	if (dm->disk.fd >= 0)
 		close(dm->disk.fd);
+	disk_unlock(&dm->disk);
 }
 
 int main(int argc, char **argv)

@@ -218,7 +218,7 @@ static json_t *controllers(struct vblk_daemon *dm)
 	json_object_set_new(c, "queues", queues);
 	json_object_set_new(c, "poll_us", json_integer(dm->poll_us));
 	json_object_set_new(c, "upgrade_binary", json_string(dm->upgrade_binary));
-	json_object_set_new(c, "image_locked", json_boolean(dm->disk.locked));
+	json_object_set_new(c, "image_locked", json_boolean(dm->disk.lock_fd >= 0));
 	json_object_set_new(c, "latency",
 			    json_pack("{s:i,s:i}", "read_us", (int)dm->read_latency_us, "write_us",
 				      (int)dm->write_latency_us));

@@ -45,6 +45,9 @@
 /* 2: adds the back-end kind, the poll window and the poll statistics. */
 #define STATE_VERSION 2
 #define STATE_ENV "VMIG_BLK_UPGRADE_FD"
+/* The fd that holds the image's lock (main.c, lock_image). Passed beside
+ * the state rather than in it, so that the state format stays state-v2. */
+#define LOCK_ENV "VMIG_BLK_LOCK_FD"
 #define VERSION_TAG "state-v2"
 
 struct st_region {
@@ -399,9 +402,17 @@ int vblk_upgrade(struct vblk_daemon *dm, int reply_fd, const char *id_json, char
 		snprintf(env, sizeof(env), "%d", fd);
 		set_cloexec(&s, false);
 		setenv(STATE_ENV, env, 1);
+		if (dm->disk.lock_fd >= 0) {
+			snprintf(env, sizeof(env), "%d", dm->disk.lock_fd);
+			fcntl(dm->disk.lock_fd, F_SETFD, 0);
+			setenv(LOCK_ENV, env, 1);
+		}
 		fexecve(bfd, dm->argv, environ);
 		r = -errno;
 		unsetenv(STATE_ENV);
+		unsetenv(LOCK_ENV);
+		if (dm->disk.lock_fd >= 0)
+			fcntl(dm->disk.lock_fd, F_SETFD, FD_CLOEXEC);
 		set_cloexec(&s, true);
 	}
 	close(fd);
@@ -490,16 +501,36 @@ static void reply(struct vblk_daemon *dm, const struct st *s, uint64_t ready_ns)
 		 pause_ms);
 }
 
+/* The lock fd the previous process handed over, or -1. */
+static int take_lock_fd(void)
+{
+	const char *env = getenv(LOCK_ENV);
+	char *end;
+	long fd;
+
+	if (!env)
+		return -1;
+	fd = strtol(env, &end, 10);
+	unsetenv(LOCK_ENV);
+	if (*end || end == env || fd < 0 || fd > 1 << 20 || fcntl((int)fd, F_GETFD) < 0)
+		return -1;
+	fcntl((int)fd, F_SETFD, FD_CLOEXEC);
+	return (int)fd;
+}
+
 int vblk_upgrade_resume(struct vblk_daemon *dm)
 {
 	static struct st s;
 	const char *env = getenv(STATE_ENV);
 	char *end;
 	long fd;
-	int r;
+	int r, lock_fd = take_lock_fd();
 
-	if (!env)
+	if (!env) {
+		if (lock_fd >= 0)
+			close(lock_fd);
 		return 0;
+	}
 	fd = strtol(env, &end, 10);
 	unsetenv(STATE_ENV);
 	if (*end || fd < 0 || fd > 1 << 20)
@@ -511,7 +542,7 @@ int vblk_upgrade_resume(struct vblk_daemon *dm)
 	set_cloexec(&s, true);
 	if (s.nqueues != dm->nqueues)
 		return -EPROTO;
-	r = vblk_disk_open(dm, s.disk_fd);
+	r = vblk_disk_open(dm, s.disk_fd, lock_fd);
 	if (r)
 		return r;
 	if (dm->disk.size != s.disk_size || (uint32_t)dm->disk.backend != s.backend ||
