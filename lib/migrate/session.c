@@ -720,6 +720,7 @@ VMIG_EXPORT int vmig_pause(vmig_session *s)
 static int request_recovery(struct vmig_session *s, const char *uri, bool source)
 {
 	struct vmig__uri u;
+	bool changed = false;
 	int ret;
 
 	if (!s || !uri)
@@ -747,9 +748,14 @@ static int request_recovery(struct vmig_session *s, const char *uri, bool source
 	if (!ret) {
 		snprintf(s->uri, sizeof(s->uri), "%s", uri);
 		s->recover_requested = true;
+		/* At once, as the command returns: whoever looks next must not
+		 * take the old pause for a new one. */
+		changed = vmig__set_status_locked(s, VMIG_STATUS_POSTCOPY_RECOVER);
 		pthread_cond_broadcast(&s->cond);
 	}
 	pthread_mutex_unlock(&s->lock);
+	if (changed)
+		vmig__emit(s, VMIG_EVENT_STATUS);
 	return ret;
 }
 

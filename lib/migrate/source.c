@@ -841,6 +841,12 @@ static int iterate(struct vmig__source *src)
 				ret = wait_drained(s, sy.round);
 			if (ret)
 				vmig__fail(s, ret, "destination stopped acknowledging the stream");
+			/* Asked for while the last round drained: the user's
+			 * choice wins over a switch the engine had picked. */
+			if (!ret && __atomic_load_n(&s->postcopy_requested, __ATOMIC_ACQUIRE)) {
+				ret = vmig__pc_source_prepare(src);
+				return ret ? ret : 1;
+			}
 			return ret;
 		}
 		if (vmig__cancelled(s)) {

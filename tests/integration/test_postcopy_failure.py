@@ -129,8 +129,12 @@ def case_truncated(procs, build):
     guest_clean(dst)
     port = free_port()
     dst.qmp.cmd("migrate-recover", uri="tcp:127.0.0.1:%d" % port)
+    # Each side leaves the pause as its command returns, so that an
+    # orchestrator never takes the old pause for a new failure.
+    check(dst.migrate_status()["status"] != "postcopy-paused", "destination still paused")
     src.qmp.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
     src.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % port, resume=True)
+    check(src.migrate_status()["status"] != "postcopy-paused", "source still paused")
     wait_completed(src, dst, 60, 60)
     check(dst.status() == "running", "destination %s" % dst.status())
     dst.check_guest_verifies(1000)
@@ -181,6 +185,40 @@ def case_urgent_lost_before_switch(procs, build):
     relay.close()
 
 
+def case_urgent_cut_before_switch(procs, build):
+    """The urgent connection dies during pre-copy, after its preamble: the
+    switch finds it gone, both sides pause, and a recovery completes."""
+    src = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--workload", "random",
+             "--dirty-rate", "32M", "--fill", "random", name="src")
+    dst = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--incoming", "defer",
+             "--workload", "random", "--dirty-rate", "64M", name="dst")
+    for vm in (src, dst):
+        vm.qmp.cmd("migrate-set-capabilities", capabilities=CAPS)
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 64 << 20})
+    port = free_port()
+    relay = Relay(port)
+    dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:%d" % port)
+    src.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % relay.port)
+    deadline = time.monotonic() + 20
+    while src.migrate_status().get("ram", {}).get("transferred", 0) < (8 << 20):
+        check(time.monotonic() < deadline, "pre-copy did not start")
+        time.sleep(0.01)
+    check(relay.cut_conn(URGENT), "no urgent connection to cut")
+    src.qmp.cmd("migrate-start-postcopy")
+    dst.wait_migration(30, ("postcopy-paused", "failed", "completed"))
+    src.wait_migration(30, ("postcopy-paused", "failed", "completed"))
+    check(src.migrate_status()["status"] == "postcopy-paused", "source %r" % src.migrate_status())
+    check(dst.migrate_status()["status"] == "postcopy-paused", "dest %r" % dst.migrate_status())
+    guest_clean(dst)
+    port = free_port()
+    dst.qmp.cmd("migrate-recover", uri="tcp:127.0.0.1:%d" % port)
+    src.qmp.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
+    src.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % port, resume=True)
+    wait_completed(src, dst, 60, 60)
+    dst.check_guest_verifies(1000)
+    relay.close()
+
+
 def main():
     if len(sys.argv) != 2:
         print(__doc__)
@@ -192,6 +230,7 @@ def main():
     r.run("postcopy-fail-truncated-recovers", case_truncated, r.build)
     r.run("postcopy-fail-source-killed", case_source_killed, r.build)
     r.run("postcopy-urgent-lost-before-switch", case_urgent_lost_before_switch, r.build)
+    r.run("postcopy-urgent-cut-before-switch", case_urgent_cut_before_switch, r.build)
     return r.finish()
 
 
