@@ -1,4 +1,4 @@
-# Thin wrapper over meson: `make demo`, `make check`, `make bench`.
+# Thin wrapper over meson: `make demo`, `make check`, `make bench`, `make soak`.
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
 FUZZ_BUILD ?= build-fuzz
@@ -12,7 +12,7 @@ export VMIG_TSAN
 # `make check NINJA="ninja -j2"` must not reach it there.
 unexport NINJA
 
-.PHONY: all deps build asan tsan-build tsan demo check bench clean format
+.PHONY: all deps build asan tsan-build tsan demo check bench soak fuzz-campaign clean format
 
 all: build
 
@@ -50,6 +50,15 @@ check: build asan $(if $(filter 0,$(VMIG_TSAN)),,tsan-build)
 
 bench: build
 	@bench/run.sh $(BUILD)
+
+# Fault injection: SOAK_FAULTS migrations (500), each broken once, bounded by
+# SOAK_MINUTES (60); see docs/reliability.md.
+soak: build
+	@tests/soak/soak.py $(BUILD)
+
+# Every libFuzzer target for FUZZ_SECONDS (1200) each, JOBS (1) at a time.
+fuzz-campaign: deps
+	@tests/fuzz/campaign.sh $${FUZZ_SECONDS:-1200}
 
 format:
 	clang-format -i $$(git ls-files '*.c' '*.h')

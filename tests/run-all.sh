@@ -97,13 +97,14 @@ with open(os.path.join(d, "meson-info", "intro-buildoptions.json")) as f:
 with open(os.path.join(d, "compile_commands.json")) as f:
     cc = json.load(f)[0]["command"].split()[0]
 sys.exit(0 if opts.get("fuzz_libfuzzer") is True and opts.get("werror") is True
+         and "address" in opts.get("b_sanitize", "")
          and os.path.basename(cc).startswith("clang") else 1)
 EOF
 }
 
 fuzz_build() { # build-dir
 	local dir=$1 log="$logdir/fuzz-build.log" why="" f name
-	echo "== libFuzzer build (clang, -Dfuzz_libfuzzer=true)"
+	echo "== libFuzzer build (clang, -Dfuzz_libfuzzer=true, ASan+UBSan)"
 	# A build directory configured otherwise (gcc, no libFuzzer, no -Werror)
 	# is not the documented build: start it again.
 	if [ -d "$dir/meson-private" ] && ! fuzz_configured "$dir"; then
@@ -111,7 +112,8 @@ fuzz_build() { # build-dir
 		rm -rf "$dir"
 	fi
 	if [ ! -f "$dir/build.ninja" ] &&
-		! CC=clang meson setup "$dir" -Dfuzz_libfuzzer=true >"$log" 2>&1; then
+		! CC=clang meson setup "$dir" -Dfuzz_libfuzzer=true -Db_sanitize=address,undefined \
+			-Db_lundef=false >"$log" 2>&1; then
 		why="meson setup failed"
 	elif ! $ninja -C "$dir" >>"$log" 2>&1; then
 		why="compile failed"

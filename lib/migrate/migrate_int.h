@@ -115,7 +115,7 @@ struct vmig_session {
 	bool rp_started;
 	pthread_t rp_thread;
 	bool rp_resumed;
-	bool rp_failed;
+	bool rp_failed; /* atomic (written under lock too): the senders poll it */
 	bool rp_complete;
 	bool rp_error; /* the destination reported a failure (RP_ERROR) */
 	/* source, atomic: the record that lets the destination start (EOS,

@@ -515,7 +515,8 @@ static int begin(struct vmig_session *s, const char *uri, bool source)
 	snprintf(s->uri, sizeof(s->uri), "%s", uri);
 	s->is_source = source;
 	s->start_ns = vmig__now_ns();
-	s->rp_started = s->rp_resumed = s->rp_failed = s->rp_complete = s->rp_error = false;
+	s->rp_started = s->rp_resumed = s->rp_complete = s->rp_error = false;
+	__atomic_store_n(&s->rp_failed, false, __ATOMIC_RELEASE);
 	s->rp_acked_round = 0;
 	__atomic_store_n(&s->in_postcopy, false, __ATOMIC_RELEASE);
 	s->recover_requested = s->continue_requested = false;
@@ -625,7 +626,7 @@ VMIG_EXPORT int vmig_cancel(vmig_session *s)
 	__atomic_store_n(&s->cancel, true, __ATOMIC_RELEASE);
 	pthread_mutex_lock(&s->lock);
 	if (s->status == VMIG_STATUS_ACTIVE || s->status == VMIG_STATUS_SETUP ||
-	    s->status == VMIG_STATUS_PRE_SWITCHOVER) {
+	    s->status == VMIG_STATUS_PRE_SWITCHOVER || s->status == VMIG_STATUS_POSTCOPY_PAUSED) {
 		s->status = s->stats.status = VMIG_STATUS_CANCELLING;
 		pthread_mutex_unlock(&s->lock);
 		vmig__emit(s, VMIG_EVENT_STATUS);

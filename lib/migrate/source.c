@@ -338,7 +338,8 @@ int vmig__src_rp_message(struct vmig__source *src, uint8_t type, const uint8_t *
 		peer_text(text, sizeof(text), payload, len);
 		vmig__err_set_first(err, "destination: %s", text);
 		vmig__err_set_first(&s->mig_err, "%s", err->msg);
-		s->rp_failed = s->rp_error = true;
+		s->rp_error = true;
+		__atomic_store_n(&s->rp_failed, true, __ATOMIC_RELEASE);
 	}
 	pthread_cond_broadcast(&s->cond);
 	pthread_mutex_unlock(&s->lock);
@@ -371,7 +372,7 @@ out:
 	 * no longer reads would otherwise wait for TCP's own timeout. */
 	if (s->fd >= 0)
 		shutdown(s->fd, SHUT_RDWR);
-	s->rp_failed = true;
+	__atomic_store_n(&s->rp_failed, true, __ATOMIC_RELEASE);
 	if (!s->rp_resumed || vmig__in_postcopy(s)) {
 		vmig__err_set_first(&err, "destination closed the connection");
 		/* Keep the destination's reason for the failure report. */
@@ -392,7 +393,7 @@ int vmig__src_wait_rp(struct vmig_session *s, const bool *flag)
 	int ret;
 
 	pthread_mutex_lock(&s->lock);
-	while (!*flag && !s->rp_failed && !vmig__cancelled(s) &&
+	while (!*flag && !__atomic_load_n(&s->rp_failed, __ATOMIC_ACQUIRE) && !vmig__cancelled(s) &&
 	       !__atomic_load_n(&s->pause_requested, __ATOMIC_ACQUIRE))
 		pthread_cond_wait(&s->cond, &s->lock);
 	ret = *flag ? 0 : -EIO;
@@ -427,7 +428,7 @@ static int wait_drained(struct vmig_session *s, uint64_t round)
 	int ret;
 
 	pthread_mutex_lock(&s->lock);
-	while (s->rp_acked_round < round && !s->rp_failed && !vmig__cancelled(s))
+	while (s->rp_acked_round < round && !__atomic_load_n(&s->rp_failed, __ATOMIC_ACQUIRE) && !vmig__cancelled(s))
 		pthread_cond_wait(&s->cond, &s->lock);
 	ret = s->rp_acked_round >= round ? 0 : -EIO;
 	pthread_mutex_unlock(&s->lock);
@@ -532,7 +533,7 @@ int vmig__src_maybe_pause(struct vmig__source *src)
 	if (changed)
 		vmig__emit(s, VMIG_EVENT_STATUS);
 	pthread_mutex_lock(&s->lock);
-	while (!s->continue_requested && !vmig__cancelled(s) && !s->rp_failed)
+	while (!s->continue_requested && !vmig__cancelled(s) && !__atomic_load_n(&s->rp_failed, __ATOMIC_ACQUIRE))
 		pthread_cond_wait(&s->cond, &s->lock);
 	pthread_mutex_unlock(&s->lock);
 	if (vmig__cancelled(s)) {
@@ -652,7 +653,7 @@ int vmig__src_connect(struct vmig__source *src, bool resume)
 	pthread_mutex_lock(&s->lock);
 	s->fd = fd;
 	s->urgent_fd = ufd;
-	s->rp_failed = false;
+	__atomic_store_n(&s->rp_failed, false, __ATOMIC_RELEASE);
 	pthread_mutex_unlock(&s->lock);
 	vmig__writer_init(src->w, fd);
 	if (resume)

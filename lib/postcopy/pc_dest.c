@@ -111,33 +111,31 @@ static void update_percentiles(struct vmig__pc_dest *pc);
 static void publish_acct(struct vmig__pc_dest *pc)
 {
 	struct vmig_session *s = pc->s;
-	uint64_t vf = 0, vl = 0;
+	__typeof__(s->stats.postcopy) st = {0};
 
+	/* The counters are acct_lock's (any placing thread updates them):
+	 * copied under it, published under the session lock. */
 	pthread_mutex_lock(&pc->acct_lock);
 	update_percentiles(pc);
+	st.valid = s->caps[VMIG_CAP_POSTCOPY_BLOCKTIME];
+	st.blocktime_ms = pc->blocktime_ns / 1000000;
+	st.nvcpus = pc->nvcpus;
+	for (unsigned i = 0; i < pc->nvcpus; i++) {
+		st.vcpu_blocktime_ms[i] = pc->vcpu_blocked_ns[i] / 1000000;
+		st.vcpu_latency_ns[i] =
+			pc->vcpu_faults[i] ? pc->vcpu_blocked_ns[i] / pc->vcpu_faults[i] : 0;
+	}
+	st.faults = pc->faults;
+	st.requests = pc->requests;
+	st.latency_ns = pc->faults ? pc->latency_sum_ns / pc->faults : 0;
+	st.non_vcpu_latency_ns = pc->other_faults ? pc->other_latency_ns / pc->other_faults : 0;
+	memcpy(st.latency_dist, pc->dist, sizeof(pc->dist));
+	st.latency_p50_ns = pc->p50_ns;
+	st.latency_p99_ns = pc->p99_ns;
 	pthread_mutex_unlock(&pc->acct_lock);
 	pthread_mutex_lock(&s->lock);
-	s->stats.postcopy.valid = s->caps[VMIG_CAP_POSTCOPY_BLOCKTIME];
-	s->stats.postcopy.blocktime_ms = pc->blocktime_ns / 1000000;
-	s->stats.postcopy.nvcpus = pc->nvcpus;
-	for (unsigned i = 0; i < pc->nvcpus; i++) {
-		s->stats.postcopy.vcpu_blocktime_ms[i] = pc->vcpu_blocked_ns[i] / 1000000;
-		s->stats.postcopy.vcpu_latency_ns[i] =
-			pc->vcpu_faults[i] ? pc->vcpu_blocked_ns[i] / pc->vcpu_faults[i] : 0;
-		vf += pc->vcpu_faults[i];
-		vl += pc->vcpu_blocked_ns[i];
-	}
-	s->stats.postcopy.faults = pc->faults;
-	s->stats.postcopy.requests = pc->requests;
-	s->stats.postcopy.latency_ns = pc->faults ? pc->latency_sum_ns / pc->faults : 0;
-	s->stats.postcopy.non_vcpu_latency_ns =
-		pc->other_faults ? pc->other_latency_ns / pc->other_faults : 0;
-	memcpy(s->stats.postcopy.latency_dist, pc->dist, sizeof(pc->dist));
-	s->stats.postcopy.latency_p50_ns = pc->p50_ns;
-	s->stats.postcopy.latency_p99_ns = pc->p99_ns;
+	s->stats.postcopy = st;
 	pthread_mutex_unlock(&s->lock);
-	(void)vf;
-	(void)vl;
 }
 
 /* Under acct_lock: refresh p50/p99 if new faults came in. */

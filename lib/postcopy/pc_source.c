@@ -339,7 +339,7 @@ static bool connection_lost(struct vmig__source *src)
 	bool failed;
 
 	pthread_mutex_lock(&s->lock);
-	failed = s->rp_failed;
+	failed = __atomic_load_n(&s->rp_failed, __ATOMIC_ACQUIRE);
 	pthread_mutex_unlock(&s->lock);
 	return failed || src->w->err || __atomic_load_n(&s->pause_requested, __ATOMIC_ACQUIRE);
 }

@@ -21,7 +21,10 @@ static inline uint64_t mask_below(uint64_t hi)
 
 /*
  * Shared search: invert flips every word so that looking for a zero becomes
- * looking for a one.
+ * looking for a one. Words are read with relaxed atomic loads (plain loads
+ * on the CPUs we run on): some bitmaps are searched by one thread while
+ * another sets or clears bits atomically (post-copy's dirty and requested
+ * maps), and a search needs a word as it was at some point, nothing more.
  */
 static uint64_t find_next(const uint64_t *map, uint64_t nbits, uint64_t from, uint64_t invert)
 {
@@ -31,7 +34,8 @@ static uint64_t find_next(const uint64_t *map, uint64_t nbits, uint64_t from, ui
 	if (from >= nbits)
 		return nbits;
 	w = from / VMIG__BITS_PER_WORD;
-	word = (map[w] ^ invert) & mask_from(from % VMIG__BITS_PER_WORD);
+	word = (__atomic_load_n(&map[w], __ATOMIC_RELAXED) ^ invert) &
+	       mask_from(from % VMIG__BITS_PER_WORD);
 	for (;;) {
 		if (word) {
 			bit = w * VMIG__BITS_PER_WORD + (uint64_t)__builtin_ctzll(word);
@@ -39,7 +43,7 @@ static uint64_t find_next(const uint64_t *map, uint64_t nbits, uint64_t from, ui
 		}
 		if (++w >= nwords)
 			return nbits;
-		word = map[w] ^ invert;
+		word = __atomic_load_n(&map[w], __ATOMIC_RELAXED) ^ invert;
 	}
 }
 

@@ -267,7 +267,7 @@ static void *fake_dest(void *arg)
 
 /* Run one outgoing migration against the script; returns its end state. */
 static struct vmig_stats run_source(struct dest_script *sc, struct fake_vm *vm, bool pause,
-				    vmig_session **keep)
+				    vmig_session **keep, pthread_t *thread)
 {
 	char path[108], uri[120];
 	pthread_t t;
@@ -283,9 +283,9 @@ static struct vmig_stats run_source(struct dest_script *sc, struct fake_vm *vm, 
 	assert_int_equal(pthread_create(&t, NULL, fake_dest, sc), 0);
 	assert_int_equal(vmig_migrate(s, uri), 0);
 	st = wait_end(s, pause ? VMIG_STATUS_PRE_SWITCHOVER : VMIG_STATUS_NONE);
-	if (pause) {
+	if (pause) { /* the caller goes on, then joins the destination */
 		*keep = s;
-		pthread_detach(t);
+		*thread = t;
 		close(sc->lfd);
 		unlink(path);
 		return st;
@@ -301,7 +301,7 @@ static void test_resumed_completes(void **state)
 {
 	struct dest_script sc = {.at_eos = REPLY_RESUMED};
 	struct fake_vm vm;
-	struct vmig_stats st = run_source(&sc, &vm, false, NULL);
+	struct vmig_stats st = run_source(&sc, &vm, false, NULL, NULL);
 
 	assert_int_equal(st.status, VMIG_STATUS_COMPLETED);
 	assert_int_equal(vm.stops, 1);
@@ -313,7 +313,7 @@ static void test_lost_after_commit_stays_stopped(void **state)
 {
 	struct dest_script sc = {.at_eos = REPLY_NOTHING_CLOSE};
 	struct fake_vm vm;
-	struct vmig_stats st = run_source(&sc, &vm, false, NULL);
+	struct vmig_stats st = run_source(&sc, &vm, false, NULL, NULL);
 
 	assert_true(sc.saw_eos);
 	assert_int_equal(st.status, VMIG_STATUS_FAILED);
@@ -328,7 +328,7 @@ static void test_cancel_after_commit_stays_stopped(void **state)
 {
 	struct dest_script sc = {.at_eos = REPLY_NOTHING_CANCEL};
 	struct fake_vm vm;
-	struct vmig_stats st = run_source(&sc, &vm, false, NULL);
+	struct vmig_stats st = run_source(&sc, &vm, false, NULL, NULL);
 
 	assert_int_equal(st.status, VMIG_STATUS_FAILED);
 	assert_true(st.handover_unknown);
@@ -340,7 +340,7 @@ static void test_refused_resumes(void **state)
 {
 	struct dest_script sc = {.at_eos = REPLY_ERROR};
 	struct fake_vm vm;
-	struct vmig_stats st = run_source(&sc, &vm, false, NULL);
+	struct vmig_stats st = run_source(&sc, &vm, false, NULL, NULL);
 
 	assert_int_equal(st.status, VMIG_STATUS_FAILED);
 	assert_false(st.handover_unknown);
@@ -355,7 +355,7 @@ static void test_lost_before_commit_runs_on(void **state)
 {
 	struct dest_script sc = {.close_after_blocks = true};
 	struct fake_vm vm;
-	struct vmig_stats st = run_source(&sc, &vm, false, NULL);
+	struct vmig_stats st = run_source(&sc, &vm, false, NULL, NULL);
 
 	assert_int_equal(st.status, VMIG_STATUS_FAILED);
 	assert_false(st.handover_unknown);
@@ -370,7 +370,8 @@ static void test_pause_before_switchover(void **state)
 		struct dest_script sc = {.at_eos = REPLY_RESUMED};
 		struct fake_vm vm;
 		vmig_session *s = NULL;
-		struct vmig_stats st = run_source(&sc, &vm, true, &s);
+		pthread_t t;
+		struct vmig_stats st = run_source(&sc, &vm, true, &s, &t);
 
 		assert_int_equal(st.status, VMIG_STATUS_PRE_SWITCHOVER);
 		assert_false(vm.running);
@@ -380,6 +381,7 @@ static void test_pause_before_switchover(void **state)
 		else
 			assert_int_equal(vmig_continue(s, VMIG_STATUS_PRE_SWITCHOVER), 0);
 		st = wait_end(s, VMIG_STATUS_NONE);
+		pthread_join(t, NULL);
 		assert_int_equal(st.status, cancel ? VMIG_STATUS_CANCELLED : VMIG_STATUS_COMPLETED);
 		assert_int_equal(vm.running, cancel);
 		free_session(s, &vm);
@@ -419,7 +421,10 @@ static void test_postcopy_lost_at_switch(void **state)
 			assert_int_equal(vmig_cancel(s), -EBUSY);
 		} else {
 			assert_int_equal(vmig_cancel(s), 0);
-			for (int i = 0; i < 5000 && st.status == VMIG_STATUS_POSTCOPY_PAUSED; i++) {
+			/* Out of the pause as the call returns. */
+			vmig_query(s, &st);
+			assert_int_not_equal(st.status, VMIG_STATUS_POSTCOPY_PAUSED);
+			for (int i = 0; i < 5000 && st.status == VMIG_STATUS_CANCELLING; i++) {
 				usleep(1000);
 				vmig_query(s, &st);
 			}
