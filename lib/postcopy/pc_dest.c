@@ -770,7 +770,9 @@ static int check_complete(struct vmig__pc_dest *pc, struct vmig__err *err)
 		struct vmig__block *b = &s->blocks[bi];
 
 		for (size_t w = 0; w < vmig__bitmap_words(b->npages); w++) {
-			uint64_t have = b->placed[w] | (b->received[w] & b->zero[w]);
+			/* The fault thread may still place known zero pages. */
+			uint64_t have = __atomic_load_n(&b->placed[w], __ATOMIC_ACQUIRE) |
+					(b->received[w] & b->zero[w]);
 			uint64_t want = w == b->npages / 64 && b->npages % 64
 						? (1ull << (b->npages % 64)) - 1
 						: ~0ull;
