@@ -6,7 +6,7 @@ TSAN_BUILD ?= build-tsan
 NINJA      ?= ninja
 # 1: `make check` also runs the unit and integration tests under
 # ThreadSanitizer (tests/run-all.sh, VMIG_TSAN). `make tsan` runs only those.
-VMIG_TSAN  ?= 0
+VMIG_TSAN  ?= 1
 export VMIG_TSAN
 # meson takes NINJA from the environment as the path of ninja itself: a
 # `make check NINJA="ninja -j2"` must not reach it there.

@@ -500,6 +500,7 @@ static struct vmig_stats run_postcopy_dest(enum pc_fault fault, struct fake_vm *
 	uint8_t blocks[4 + sizeof(struct vmig_wire_block) + 6];
 	struct vmig_wire_block wb = {.name_len = 6, .page_size = VMIG_PAGE_SIZE, .size = RAM_SIZE};
 	uint8_t garbage[64];
+	uint8_t *pages = malloc(NPAGES / 2 * VMIG_PAGE_SIZE);
 	char path[108], uri[120];
 	struct vmig_wire_rec rec;
 	struct vmig_stats st;
@@ -522,7 +523,9 @@ static struct vmig_stats run_postcopy_dest(enum pc_fault fault, struct fake_vm *
 	assert_int_equal(vmig__writer_flush(uw), 0);
 	vmig__writer_preamble(w, VMIG_CHAN_MAIN, 0, 7);
 	vmig__writer_rec(w, VMIG_REC_BLOCKS, blocks, sizeof(blocks));
-	vmig__writer_pages(w, 0, 0, NPAGES / 2, vm->ram); /* the rest never comes */
+	/* From a copy: the destination writes vm->ram as these pages land. */
+	memcpy(pages, vm->ram, NPAGES / 2 * VMIG_PAGE_SIZE);
+	vmig__writer_pages(w, 0, 0, NPAGES / 2, pages); /* the rest never comes */
 	vmig__writer_rec(w, VMIG_REC_STATE, "state", 5);
 	vmig__writer_rec(w, VMIG_REC_POSTCOPY_RUN, NULL, 0);
 	assert_int_equal(vmig__writer_flush(w), 0);
@@ -565,6 +568,7 @@ static struct vmig_stats run_postcopy_dest(enum pc_fault fault, struct fake_vm *
 	close(ufd);
 	free(w);
 	free(uw);
+	free(pages);
 	unlink(path);
 	free_session(s, vm); /* lets go of the registration: no use after free */
 	return st;
