@@ -30,9 +30,9 @@ CAPS = [{"capability": "postcopy-ram", "state": True}]
 MAIN, URGENT = 0, 1  # the relay numbers connections as they arrive
 
 
-def start(procs, build, dst_runs=True):
-    """A post-copy migration through a relay, switched at once, with a slow
-    background push so that post-copy lasts a few seconds."""
+def vm_pair(procs, build, dst_runs=True):
+    """A writing source and a destination with post-copy on, the destination
+    running its own writer on arrival (or -S)."""
     src = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--workload", "random",
              "--dirty-rate", "32M", "--fill", "random", name="src")
     dargs = ("--workload", "random", "--dirty-rate", "64M") if dst_runs else ("-S",)
@@ -40,11 +40,26 @@ def start(procs, build, dst_runs=True):
              name="dst")
     for vm in (src, dst):
         vm.qmp.cmd("migrate-set-capabilities", capabilities=CAPS)
-    src.qmp.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 16 << 20})
+    return src, dst
+
+
+def through_relay(src, dst, prepare=None):
+    """Starts the migration through a new relay; prepare(relay) runs first."""
     port = free_port()
     relay = Relay(port)
+    if prepare:
+        prepare(relay)
     dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:%d" % port)
     src.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % relay.port)
+    return relay
+
+
+def start(procs, build, dst_runs=True):
+    """A post-copy migration through a relay, switched at once, with a slow
+    background push so that post-copy lasts a few seconds."""
+    src, dst = vm_pair(procs, build, dst_runs)
+    src.qmp.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 16 << 20})
+    relay = through_relay(src, dst)
     src.qmp.cmd("migrate-start-postcopy")
     src.wait_migration(60, ("postcopy-active",))
     dst.wait_migration(60, ("postcopy-active",))
@@ -161,17 +176,8 @@ def case_urgent_lost_before_switch(procs, build):
     switch the destination waits for it only briefly, then fails without
     starting and says so: the source, which knows the destination never
     ran, takes the guest back. Nobody waits forever on the other."""
-    src = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--workload", "random",
-             "--dirty-rate", "32M", "--fill", "random", name="src")
-    dst = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--incoming", "defer",
-             "--workload", "random", "--dirty-rate", "64M", name="dst")
-    for vm in (src, dst):
-        vm.qmp.cmd("migrate-set-capabilities", capabilities=CAPS)
-    port = free_port()
-    relay = Relay(port)
-    relay.drop_first(URGENT)
-    dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:%d" % port)
-    src.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % relay.port)
+    src, dst = vm_pair(procs, build)
+    relay = through_relay(src, dst, lambda r: r.drop_first(URGENT))
     check(relay.applied.wait(20), "no urgent connection came")
     src.qmp.cmd("migrate-start-postcopy")
     info = src.wait_migration(60)
@@ -188,17 +194,9 @@ def case_urgent_lost_before_switch(procs, build):
 def case_urgent_cut_before_switch(procs, build):
     """The urgent connection dies during pre-copy, after its preamble: the
     switch finds it gone, both sides pause, and a recovery completes."""
-    src = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--workload", "random",
-             "--dirty-rate", "32M", "--fill", "random", name="src")
-    dst = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--incoming", "defer",
-             "--workload", "random", "--dirty-rate", "64M", name="dst")
-    for vm in (src, dst):
-        vm.qmp.cmd("migrate-set-capabilities", capabilities=CAPS)
+    src, dst = vm_pair(procs, build)
     src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 64 << 20})
-    port = free_port()
-    relay = Relay(port)
-    dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:%d" % port)
-    src.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % relay.port)
+    relay = through_relay(src, dst)
     deadline = time.monotonic() + 20
     while src.migrate_status().get("ram", {}).get("transferred", 0) < (8 << 20):
         check(time.monotonic() < deadline, "pre-copy did not start")

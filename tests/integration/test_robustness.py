@@ -117,13 +117,19 @@ def case_silent_dropped(procs, build):
     wait_completed(src, dst, 60, 30)
 
 
-def case_slow_limit_cancel(procs, build):
+def slow_limit(procs, build):
+    """A migration at 1000 bytes/s, a second in: one flush there waits long."""
     src, dst = pair(procs, build)
     src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 1000})
     uri = "tcp:127.0.0.1:%d" % free_port()
     dst.qmp.cmd("migrate-incoming", uri=uri)
     src.qmp.cmd("migrate", uri=uri)
     time.sleep(1.0)
+    return src, dst
+
+
+def case_slow_limit_cancel(procs, build):
+    src, dst = slow_limit(procs, build)
     src.qmp.cmd("migrate_cancel")
     info = src.wait_migration(10)
     check(info["status"] == "cancelled", "source %r" % info)
@@ -131,12 +137,7 @@ def case_slow_limit_cancel(procs, build):
 
 
 def case_slow_limit_raised(procs, build):
-    src, dst = pair(procs, build)
-    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 1000})
-    uri = "tcp:127.0.0.1:%d" % free_port()
-    dst.qmp.cmd("migrate-incoming", uri=uri)
-    src.qmp.cmd("migrate", uri=uri)
-    time.sleep(1.0)
+    src, dst = slow_limit(procs, build)
     src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
     wait_completed(src, dst, 30, 30)
     check(src.memory_digest(MEM) == dst.memory_digest(MEM), "guest memory differs")
