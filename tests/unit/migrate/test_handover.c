@@ -440,6 +440,59 @@ static void test_postcopy_lost_at_switch(void **state)
 	}
 }
 
+/*
+ * The embedder's errors and the migration's are apart: the control thread
+ * makes API calls fail (and reads vmig_session_error) while a migration
+ * fails on its own threads. ThreadSanitizer (make check) checks that no
+ * byte of either is shared; the texts must not mix either.
+ */
+struct api_caller {
+	vmig_session *s;
+	bool stop; /* atomic */
+	unsigned calls;
+};
+
+static void *call_api(void *arg)
+{
+	struct api_caller *c = arg;
+
+	while (!__atomic_load_n(&c->stop, __ATOMIC_ACQUIRE)) {
+		assert_int_equal(vmig_parameter_set(c->s, "no-such-parameter", 1), -ENOENT);
+		assert_non_null(strstr(vmig_session_error(c->s), "no-such-parameter"));
+		c->calls++;
+	}
+	return NULL;
+}
+
+static void test_errors_apart(void **state)
+{
+	struct dest_script sc = {.at_eos = REPLY_ERROR};
+	struct fake_vm vm;
+	vmig_session *s = new_session(&vm, true);
+	struct api_caller c = {.s = s};
+	char path[108], uri[120];
+	struct vmig_stats st;
+	pthread_t t, caller;
+
+	sock_path(path, sizeof(path), "err");
+	snprintf(uri, sizeof(uri), "unix:%s", path);
+	sc.lfd = listen_unix(path);
+	assert_int_equal(pthread_create(&t, NULL, fake_dest, &sc), 0);
+	assert_int_equal(pthread_create(&caller, NULL, call_api, &c), 0);
+	assert_int_equal(vmig_migrate(s, uri), 0);
+	st = wait_end(s, VMIG_STATUS_NONE);
+	__atomic_store_n(&c.stop, true, __ATOMIC_RELEASE);
+	pthread_join(caller, NULL);
+	pthread_join(t, NULL);
+	assert_int_equal(st.status, VMIG_STATUS_FAILED);
+	assert_non_null(strstr(st.error_desc, "refused"));
+	assert_null(strstr(st.error_desc, "no-such-parameter"));
+	assert_true(c.calls > 0);
+	close(sc.lfd);
+	unlink(path);
+	free_session(s, &vm);
+}
+
 /* ---- the destination's listener ---------------------------------------- */
 
 /*
@@ -615,6 +668,7 @@ int main(void)
 		cmocka_unit_test(test_lost_before_commit_runs_on),
 		cmocka_unit_test(test_pause_before_switchover),
 		cmocka_unit_test(test_postcopy_lost_at_switch),
+		cmocka_unit_test(test_errors_apart),
 		cmocka_unit_test(test_incoming_again_keeps_listener),
 		cmocka_unit_test(test_postcopy_bad_record_stops_guest),
 		cmocka_unit_test(test_postcopy_cut_pauses),
