@@ -139,11 +139,10 @@ int vhost_vq_map_chain(const struct vhost_vq *vq, uint16_t head, struct vhost_ch
 			return -EINVAL;
 		if (budget-- == 0)
 			return -ELOOP;
-		/* One copy: the guest may change the descriptor under us. */
-		d.addr = table[idx].addr;
-		d.len = table[idx].len;
-		d.flags = table[idx].flags;
-		d.next = table[idx].next;
+		/* One copy: the guest may change the descriptor under us. Byte
+		 * by byte as far as C knows: an indirect table may sit at any
+		 * address the guest likes, aligned or not. */
+		memcpy(&d, (const void *)(uintptr_t)&table[idx], sizeof(d));
 		if (d.flags & VHOST_DESC_F_INDIRECT) {
 			if (indirect)
 				return -EINVAL; /* no nested tables */
