@@ -926,6 +926,7 @@ void *vmig__source_thread(void *arg)
 	src.uw = malloc(sizeof(*src.uw));
 	if (!src.w || !src.uw) {
 		vmig__fail(s, -ENOMEM, "out of memory");
+		vmig__set_status(s, VMIG_STATUS_FAILED); /* nothing was stopped */
 		goto out;
 	}
 	src.vm_was_running = s->ops.running ? s->ops.running(s->opaque) : true;
