@@ -544,6 +544,7 @@ static int spawn(struct vmig_session *s, void *(*fn)(void *))
 
 	if (ret) {
 		vmig__fail(s, -ret, "cannot start the migration thread");
+		vmig__set_status(s, VMIG_STATUS_FAILED); /* no thread to do it */
 		return -ret;
 	}
 	pthread_setname_np(s->thread, s->is_source ? "vmig-send" : "vmig-recv");
