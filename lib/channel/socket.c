@@ -71,10 +71,20 @@ static int connect_bounded(int s, const struct sockaddr *addr, socklen_t len, in
 
 	if (flags < 0 || fcntl(s, F_SETFL, flags | O_NONBLOCK))
 		return -errno;
-	if (!connect(s, addr, len))
-		goto done;
-	if (errno != EINPROGRESS)
-		return -errno;
+	/* A unix socket whose listen backlog is full says EAGAIN at once
+	 * (where TCP would wait): try again until the deadline. */
+	while (connect(s, addr, len)) {
+		if (errno == EINPROGRESS)
+			goto wait;
+		if (errno != EAGAIN || vmig__now_ns() >= deadline)
+			return -errno;
+		if (cancel_fd >= 0 && poll(&pfd[1], 1, 10) > 0)
+			return -ECANCELED;
+		if (cancel_fd < 0)
+			poll(NULL, 0, 10);
+	}
+	goto done;
+wait:
 	for (;;) {
 		uint64_t now = vmig__now_ns();
 		int n;

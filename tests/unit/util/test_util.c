@@ -8,9 +8,12 @@
 
 #include <errno.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "channel/channel.h"
@@ -159,6 +162,43 @@ static void test_write_to_closed_peer(void **state)
 	close(sv[1]);
 }
 
+/* A unix listener with a full backlog: the connect waits for room (as a TCP
+ * one would) instead of failing with EAGAIN at once. */
+static void test_connect_full_backlog(void **state)
+{
+	struct vmig__uri u = {.kind = VMIG_URI_UNIX};
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	struct vmig__err err = {{0}};
+	int l, fillers[4], fd = -1, n = 0;
+	pid_t child;
+
+	snprintf(u.path, sizeof(u.path), "/tmp/vmig-ut-backlog-%d.sock", (int)getpid());
+	strcpy(sa.sun_path, u.path);
+	unlink(u.path);
+	l = socket(AF_UNIX, SOCK_STREAM, 0);
+	assert_int_equal(bind(l, (struct sockaddr *)&sa, sizeof(sa)), 0);
+	assert_int_equal(listen(l, 0), 0);
+	for (int i = 0; i < 4; i++) { /* fill the backlog */
+		fillers[i] = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0);
+		n += !connect(fillers[i], (struct sockaddr *)&sa, sizeof(sa));
+	}
+	assert_true(n >= 1);
+	child = fork();
+	if (child == 0) { /* room for one more comes in 200 ms */
+		usleep(200000);
+		close(accept(l, NULL, NULL));
+		_exit(0);
+	}
+	assert_int_equal(vmig__chan_connect(&u, -1, &fd, &err), 0);
+	assert_int_equal(waitpid(child, NULL, 0), child);
+	assert_true(fd >= 0);
+	close(fd);
+	for (int i = 0; i < 4; i++)
+		close(fillers[i]);
+	close(l);
+	unlink(u.path);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -168,6 +208,7 @@ int main(void)
 		cmocka_unit_test(test_ratelimit_shared),
 		cmocka_unit_test(test_select_kth),
 		cmocka_unit_test(test_write_to_closed_peer),
+		cmocka_unit_test(test_connect_full_backlog),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
