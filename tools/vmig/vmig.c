@@ -32,7 +32,8 @@ static void usage(FILE *f)
 	fprintf(f, "usage: vmig COMMAND ...\n"
 		   "  vmig migrate SRC_QMP URI [--dest DST_QMP] [--max-bandwidth RATE]\n"
 		   "        [--downtime-limit MS] [--capability NAME=on|off]...\n"
-		   "        [--parameter NAME=VALUE]... [--postcopy] [--postcopy-after SECONDS]\n"
+		   "        [--parameter NAME=VALUE]... [--tls-creds ID] [--tls-hostname NAME]\n"
+		   "        [--tls-authz ID] [--postcopy] [--postcopy-after SECONDS]\n"
 		   "        [--no-progress]\n"
 		   "  vmig info QMP              print 'info migrate'\n"
 		   "  vmig status QMP            print the VM's run state\n"
@@ -40,7 +41,13 @@ static void usage(FILE *f)
 		   "  vmig cancel QMP            cancel the running migration\n"
 		   "  vmig help\n"
 		   "QMP is unix:PATH or PATH. URI is tcp:HOST:PORT or unix:PATH. RATE takes\n"
-		   "K/M/G suffixes (bytes/s, powers of 1024).\n");
+		   "K/M/G suffixes (bytes/s, powers of 1024). --parameter goes to both sides\n"
+		   "(an integer VALUE as a number, else a string). The TLS options set QEMU's\n"
+		   "parameters: --tls-creds the id of a tls-creds-* object, on both sides\n"
+		   "(give them the same id); --tls-hostname the name the destination's\n"
+		   "certificate carries (source); --tls-authz an authz-simple object of the\n"
+		   "destination (needs --dest). \"\" unsets any of them. With TLS, start the\n"
+		   "destination with --incoming defer.\n");
 }
 
 static int connect_or_say(struct qmpc **q, const char *addr)
@@ -181,6 +188,8 @@ struct mig_opts {
 	unsigned ncaps;
 	const char *params[MAX_SETTINGS];
 	unsigned nparams;
+	/* migrate-set-parameters tls-*: NULL when not given, "" unsets */
+	const char *tls_creds, *tls_hostname, *tls_authz;
 	bool postcopy, no_progress;
 	double postcopy_after_s; /* < 0: never */
 };
@@ -192,6 +201,9 @@ static int parse_migrate_opts(int argc, char **argv, struct mig_opts *o)
 						 {"downtime-limit", required_argument, NULL, 't'},
 						 {"capability", required_argument, NULL, 'c'},
 						 {"parameter", required_argument, NULL, 'p'},
+						 {"tls-creds", required_argument, NULL, 'C'},
+						 {"tls-hostname", required_argument, NULL, 'H'},
+						 {"tls-authz", required_argument, NULL, 'Z'},
 						 {"postcopy", no_argument, NULL, 'P'},
 						 {"postcopy-after", required_argument, NULL, 'A'},
 						 {"no-progress", no_argument, NULL, 'n'},
@@ -223,6 +235,15 @@ static int parse_migrate_opts(int argc, char **argv, struct mig_opts *o)
 				return -1;
 			o->params[o->nparams++] = optarg;
 			break;
+		case 'C':
+			o->tls_creds = optarg;
+			break;
+		case 'H':
+			o->tls_hostname = optarg;
+			break;
+		case 'Z':
+			o->tls_authz = optarg;
+			break;
 		case 'P':
 			o->postcopy = true;
 			break;
@@ -240,13 +261,17 @@ static int parse_migrate_opts(int argc, char **argv, struct mig_opts *o)
 	}
 	if (argc - optind != 2)
 		return -1;
+	if (o->tls_authz && !o->dest) {
+		fprintf(stderr, "vmig: --tls-authz applies to the destination: it needs --dest\n");
+		return -1;
+	}
 	o->src = argv[optind];
 	o->uri = argv[optind + 1];
 	return 0;
 }
 
-/* "NAME=VALUE": integers stay integers, on/off/true/false become booleans,
- * anything else is a string (QEMU has string parameters too). */
+/* A capability's "NAME=VALUE": integers stay integers, on/off/true/false
+ * become booleans, anything else is a string (and refused by build_caps). */
 static json_t *setting_value(const char *v)
 {
 	char *end;
@@ -260,6 +285,20 @@ static json_t *setting_value(const char *v)
 		return json_true();
 	if (!strcmp(v, "off") || !strcmp(v, "false"))
 		return json_false();
+	return json_string(v);
+}
+
+/* A migration parameter: an integer when VALUE reads as one, else a string
+ * (tls-creds, multifd-compression, ...), which the VM checks. */
+static json_t *param_value(const char *v)
+{
+	char *end;
+	long long n;
+
+	errno = 0;
+	n = strtoll(v, &end, 0);
+	if (!errno && *v && !*end)
+		return json_integer(n);
 	return json_string(v);
 }
 
@@ -306,13 +345,24 @@ static int build_params(const struct mig_opts *o, json_t **src, json_t **dst)
 	}
 	for (unsigned i = 0; i < o->nparams; i++) {
 		const char *eq = strchr(o->params[i], '=');
-		char name[128];
+		size_t len = (size_t)(eq - o->params[i]);
 
-		snprintf(name, sizeof(name), "%.*s", (int)(eq - o->params[i]), o->params[i]);
-		json_object_set_new(*src, name, setting_value(eq + 1));
-		/* Settings such as multifd-channels must match on both sides. */
-		json_object_set_new(*dst, name, setting_value(eq + 1));
+		/* Settings such as multifd-channels must match on both sides.
+		 * A value that is no valid UTF-8 cannot be sent: refused. */
+		if (!len || json_object_setn_new(*src, o->params[i], len, param_value(eq + 1)) ||
+		    json_object_setn_new(*dst, o->params[i], len, param_value(eq + 1)))
+			return -1;
 	}
+	/* Each side resolves the ids among its own objects; only the source
+	 * checks a host name, only the destination authorizes. */
+	if (o->tls_creds && (json_object_set_new(*src, "tls-creds", json_string(o->tls_creds)) ||
+			     json_object_set_new(*dst, "tls-creds", json_string(o->tls_creds))))
+		return -1;
+	if (o->tls_hostname &&
+	    json_object_set_new(*src, "tls-hostname", json_string(o->tls_hostname)))
+		return -1;
+	if (o->tls_authz && json_object_set_new(*dst, "tls-authz", json_string(o->tls_authz)))
+		return -1;
 	return 0;
 }
 
@@ -471,8 +521,8 @@ static int start_migration(struct qmpc *src, struct qmpc *dst, const struct mig_
 	int ret = -1;
 
 	if (!caps || build_params(o, &sp, &dp)) {
-		fprintf(stderr, "vmig: bad --capability, --max-bandwidth, --downtime-limit or "
-				"--parameter value\n");
+		fprintf(stderr, "vmig: bad --capability, --max-bandwidth, --downtime-limit, "
+				"--parameter or --tls-* value\n");
 		ret = -2;
 		goto out;
 	}
