@@ -7,17 +7,25 @@
 # docs/benchmarks.md. The exit status is the first non-zero suite status, but
 # a failing suite does not stop the next one from running.
 #
-# Usage: bench/run.sh BUILD_DIR [--record]
+# With --tls, only the migration suite's TLS comparison runs (each engine in
+# clear and over TLS, side by side; see bench/migrate/run.sh).
+#
+# Usage: bench/run.sh BUILD_DIR [--tls] [--record]
 set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 if [ $# -lt 1 ]; then
-	echo "usage: $0 BUILD_DIR [--record]" >&2
+	echo "usage: $0 BUILD_DIR [--tls] [--record]" >&2
 	exit 2
 fi
 
+suites=(migrate blk)
+for arg in "$@"; do
+	[ "$arg" = --tls ] && suites=(migrate)
+done
+
 rc=0
-for suite in migrate blk; do
+for suite in "${suites[@]}"; do
 	script="$here/$suite/run.sh"
 	[ -x "$script" ] || continue
 	echo "== bench/$suite"

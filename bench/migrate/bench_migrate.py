@@ -15,6 +15,10 @@ capabilities and parameters to set and may act while the migration runs
 source and a destination. Post-copy and multifd are meant to be added as
 further Scenario subclasses in SCENARIOS.
 
+--tls runs the TLS comparison instead (TlsPrecopy): every engine both in
+clear and with x509 TLS on all its connections (TlsRuntime), in the same
+rounds, and --record then rewrites the tls section of the document.
+
 Invoked by bench/migrate/run.sh, which builds tcp_raw and the fill file.
 """
 
@@ -31,7 +35,10 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests",
+                                "lib"))
 import benchlib  # noqa: E402
+import tlscerts  # noqa: E402
 from benchlib import BenchError, Qmp  # noqa: E402
 import report  # noqa: E402
 
@@ -134,6 +141,54 @@ class VmigRuntime(Runtime):
             (["--mem-prealloc"] if prealloc else [])
 
 
+class TlsRuntime(Runtime):
+    """An engine with TLS on every migration connection, as QEMU sets it up:
+    x509 credentials "tls0" on each side (verify-peer on, so the destination
+    checks the source's client cert too), tls-creds on both sides and
+    tls-hostname on the source. The credentials are cfg.tls_creds, one set
+    of tests/lib/tlscerts.py (EC P-256 keys)."""
+
+    def __init__(self, base):
+        self.base = base
+        self.key = base.key + "-tls"
+        self.label = base.label + " TLS"
+        self.unlimited_bandwidth = base.unlimited_bandwidth
+        self.binary = base.binary
+        self.version = getattr(base, "version", None)
+
+    def unavailable_reason(self):
+        why = self.base.unavailable_reason()
+        if why or self.base.key != "vmig":
+            return why
+        try:
+            out = subprocess.run([self.binary, "--help"], capture_output=True, text=True,
+                                 timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return "vmig-vm --help: %s" % e
+        if "--object" not in out.stdout + out.stderr:
+            return "this vmig-vm has no --object, so no TLS credentials"
+        return None
+
+    def _object(self, cfg, endpoint):
+        creds = cfg.tls_creds
+        if creds is None:
+            raise BenchError("no TLS credentials were made")
+        d = creds.server if endpoint == "server" else creds.client
+        flag = "--object" if self.base.key == "vmig" else "-object"
+        return [flag, "tls-creds-x509,id=tls0,endpoint=%s,dir=%s,verify-peer=on" % (endpoint, d)]
+
+    def src_argv(self, cfg, qmp_path):
+        return self.base.src_argv(cfg, qmp_path) + self._object(cfg, "client")
+
+    def dst_argv(self, cfg, qmp_path, prealloc=False):
+        return self.base.dst_argv(cfg, qmp_path, prealloc) + self._object(cfg, "server")
+
+    def side_params(self, side):
+        if side == "src":
+            return {"tls-creds": "tls0", "tls-hostname": tlscerts.SERVER_NAME}
+        return {"tls-creds": "tls0"}
+
+
 class Scenario:
     """One way of migrating. Subclasses add capabilities and in-flight actions.
 
@@ -212,6 +267,42 @@ class PrecopyMultifd(Scenario):
         self.title = "pre-copy, multifd with %d channels" % channels
         self.capabilities = {"multifd": True}
         self.parameters = {"multifd-channels": channels}
+
+
+class TlsPrecopy(Scenario):
+    """What TLS costs: each engine migrates both in clear and over TLS, side
+    by side in the same run, pre-copy over one channel or over multifd.
+    Both destinations preallocate guest RAM (QEMU prealloc=on, vmig-vm
+    --mem-prealloc), so the first touch of every page, which costs more than
+    the whole transfer on this machine, stays out of the measured window and
+    the engines' own per-byte work (now including encryption) is what is
+    compared."""
+
+    tls = True
+    ratios = [("x QEMU TLS", "ram_gbps", "qemu-tls"), ("x vmig plain", "ram_gbps", "vmig")]
+
+    def __init__(self, channels):
+        if channels == 1:
+            self.key = "tls-precopy-1ch"
+            self.title = "TLS: pre-copy, one channel, destination RAM preallocated"
+            self.capabilities = {}
+            self.parameters = {}
+        else:
+            self.key = "tls-multifd-%d" % channels
+            self.title = ("TLS: pre-copy, multifd with %d channels, destination RAM "
+                          "preallocated" % channels)
+            self.capabilities = {"multifd": True}
+            self.parameters = {"multifd-channels": channels}
+
+    def engines(self, runtimes):
+        out = []
+        for rt in runtimes:
+            tls = TlsRuntime(rt)
+            out += [(rt.key, rt.label, rt, {}), (tls.key, tls.label, tls, {})]
+        return out
+
+    def dst_argv(self, rt, cfg, qmp_path, tmpdir):
+        return rt.dst_argv(cfg, qmp_path, prealloc=True)
 
 
 class Postcopy(Scenario):
@@ -430,7 +521,8 @@ class PostcopyWss(Scenario):
 # Scenario objects are shared by all runs: per-run state lives in the run
 # dict passed to on_poll() and extra_metrics().
 SCENARIOS = {s.key: s for s in (Precopy1ch(), Precopy1chPrealloc(), PrecopyMultifd(4), Postcopy(),
-                                PostcopyWss())}
+                                PostcopyWss(), TlsPrecopy(1), TlsPrecopy(4))}
+TLS_SCENARIOS = "tls-precopy-1ch,tls-multifd-4"  # what --tls runs by default
 
 
 class Config:
@@ -448,6 +540,10 @@ class Config:
         self.max_foreign = args.max_foreign
         self.perf_dir = os.environ.get("BENCH_PERF_DIR")  # optional profiling
         self.run_tag = ""
+        # No new measurement starts after this moment (monotonic; None: no limit).
+        self.deadline = time.monotonic() + args.deadline if args.deadline > 0 else None
+        self.deadline_s = args.deadline
+        self.tls_creds = None  # tlscerts.TLSDirs, made when a scenario uses TLS
 
 
 def set_caps_and_params(qmp, scenario, extra_params=None, caps=None):
@@ -573,10 +669,13 @@ def migrate_once(cfg, engine, scenario, procs, tmpdir):
         qs, qd = Qmp(src_qmp, timeout_s=300), Qmp(dst_qmp, timeout_s=300)
         wait_status(qs, {"running"}, 30)
         uri = "tcp:127.0.0.1:%d" % benchlib.free_tcp_port()
-        set_caps_and_params(qd, scenario, caps=extra_caps)
+        # Parameters of one side only (TLS: tls-hostname is the source's).
+        side_params = getattr(runtime, "side_params", lambda side: {})
+        set_caps_and_params(qd, scenario, side_params("dst"), caps=extra_caps)
         qd.execute("migrate-incoming", {"uri": uri})
-        set_caps_and_params(qs, scenario, {"max-bandwidth": runtime.unlimited_bandwidth},
-                            caps=extra_caps)
+        src_params = {"max-bandwidth": runtime.unlimited_bandwidth}
+        src_params.update(side_params("src"))
+        set_caps_and_params(qs, scenario, src_params, caps=extra_caps)
         params = qs.execute("query-migrate-parameters")
         run = {"src": qs, "dst": qd}
         scenario.wait_ready(run, runtime, cfg, tmpdir)
@@ -709,7 +808,19 @@ def keep_logs(tmpdir, dest_dir, tag):
             shutil.copy(p, os.path.join(dest_dir, "%s-%s" % (tag, name)))
 
 
+def past_deadline(cfg, entry, what):
+    """True (and noted in the entry) once the run's deadline has passed."""
+    if cfg.deadline is None or time.monotonic() < cfg.deadline:
+        return False
+    entry["errors"].append("not measured: the run's deadline of %d s had passed" % cfg.deadline_s)
+    print("  %s: not measured, the run's deadline of %d s has passed" % (what, cfg.deadline_s),
+          flush=True)
+    return True
+
+
 def raw_run(cfg, entry, i):
+    if past_deadline(cfg, entry, "run %d raw" % (i + 1)):
+        return
     try:
         m = measure(cfg, entry, "run %d raw" % (i + 1), lambda: raw_once(cfg))
         print("  run %d raw: %.2f Gbit/s, others %.2f s" %
@@ -721,12 +832,15 @@ def raw_run(cfg, entry, i):
 
 def engine_run(cfg, sc, engine, entry, procs, i):
     key, label = engine[0], engine[1]
+    if past_deadline(cfg, entry, "run %d %s" % (i + 1, label)):
+        return
     tmpdir = tempfile.mkdtemp(prefix="vmig-bench-")
     tag = "%s-%s-run%d" % (sc.key, key, i + 1)
     cfg.run_tag = tag
     try:
         m = measure(cfg, entry, "run %d %s" % (i + 1, label),
                     lambda: migrate_once(cfg, engine, sc, procs, tmpdir))
+        m["run"] = i + 1  # pairs the engines' runs of one round (report.py)
         line = "  run %d %s: %.2f s, %.2f Gbit/s, downtime %.1f ms" % (
             i + 1, label, m["total_s"], m["ram_gbps"], m["downtime_ms"])
         if "blocktime_ms" in m:
@@ -790,14 +904,24 @@ def parse_size(s):
     return int(s)
 
 
+def record(doc, meta, scenarios, results):
+    """Rewrites the section of doc these scenarios belong to: the TLS
+    comparison has a section of its own, everything else the migrate one."""
+    if all(getattr(sc, "tls", False) for sc in scenarios):
+        benchlib.replace_section(doc, "<!-- tls:begin -->", "<!-- tls:end -->",
+                                 report.tls_markdown(meta, scenarios, results))
+    else:
+        benchlib.replace_section(doc, "<!-- migrate:begin -->", "<!-- migrate:end -->",
+                                 report.markdown(meta, scenarios, results))
+    print("recorded in %s" % doc)
+
+
 def render(path, doc):
-    """Rewrite the migrate section of doc from a saved results.json."""
+    """Rewrite the section of doc from a saved results.json."""
     with open(path) as f:
         saved = json.load(f)
     scenarios = [SCENARIOS[k] for k in saved["results"]]
-    benchlib.replace_section(doc, "<!-- migrate:begin -->", "<!-- migrate:end -->",
-                             report.markdown(saved["meta"], scenarios, saved["results"]))
-    print("recorded in %s" % doc)
+    record(doc, saved["meta"], scenarios, saved["results"])
     return 0
 
 
@@ -811,7 +935,13 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--timeout", type=int, default=600, help="per migration, seconds")
     ap.add_argument("--tcp-raw", required=True)
-    ap.add_argument("--scenarios", default="precopy-1ch,postcopy-wss")
+    ap.add_argument("--scenarios", default=None,
+                    help="comma-separated (default: precopy-1ch,postcopy-wss; with --tls: %s)"
+                    % TLS_SCENARIOS)
+    ap.add_argument("--tls", action="store_true",
+                    help="the TLS comparison: each engine in clear and over TLS, side by side")
+    ap.add_argument("--deadline", type=float, default=0,
+                    help="seconds after which no new measurement starts (0: none)")
     ap.add_argument("--runtimes", default="qemu,vmig")
     ap.add_argument("--qemu", default="qemu-system-x86_64")
     ap.add_argument("--results-dir", required=True)
@@ -823,7 +953,8 @@ def main():
                     help="CPUs other processes may use on average during a measurement")
     ap.add_argument("--quiet-wait", type=float, default=120,
                     help="seconds to wait for a quiet host before measuring anyway")
-    ap.add_argument("--record", metavar="DOC", help="rewrite the migrate section of DOC")
+    ap.add_argument("--record", metavar="DOC",
+                    help="rewrite the migrate section of DOC (with --tls: the tls section)")
     ap.add_argument("--command", default="", help="command line to quote in the record")
     args = ap.parse_args()
     args.mem_bytes = parse_size(args.mem)
@@ -834,10 +965,17 @@ def main():
     cfg = Config(args)
 
     scenarios = []
-    for k in args.scenarios.split(","):
+    names = args.scenarios or (TLS_SCENARIOS if args.tls else "precopy-1ch,postcopy-wss")
+    for k in names.split(","):
         if k not in SCENARIOS:
             ap.error("unknown scenario %r (known: %s)" % (k, ", ".join(SCENARIOS)))
         scenarios.append(SCENARIOS[k])
+    tls = [getattr(sc, "tls", False) for sc in scenarios]
+    if args.tls and not all(tls):
+        ap.error("--tls runs only the tls-* scenarios")
+    if args.record and any(tls) and not all(tls):
+        ap.error("--record: the tls-* scenarios have a section of their own; record them "
+                 "apart from the others")
     all_rt = {"qemu": QemuRuntime(args.qemu), "vmig": VmigRuntime(cfg.build_dir)}
     runtimes = []
     for k in args.runtimes.split(","):
@@ -855,13 +993,22 @@ def main():
     facts = benchlib.host_facts()
     print("migration benchmark: %d MiB guest, %d run(s), %s" %
           (cfg.mem_bytes // MIB, cfg.runs, facts["date"]), flush=True)
+    tls_dir = None
     try:
+        if any(tls):
+            tls_dir = tempfile.mkdtemp(prefix="vmig-bench-tls-")
+            cfg.tls_creds = tlscerts.x509_good(tls_dir)
         results = run_matrix(cfg, scenarios, runtimes, procs)
     except KeyboardInterrupt:
         print("interrupted: tearing down", file=sys.stderr)
         return 130
+    except tlscerts.CertError as e:
+        print("cannot make the TLS credentials: %s" % e, file=sys.stderr)
+        return 1
     finally:
         procs.kill_all()
+        if tls_dir:
+            shutil.rmtree(tls_dir, ignore_errors=True)
 
     meta = dict(facts, mem_bytes=cfg.mem_bytes, runs=cfg.runs, fill_file=cfg.fill_file,
                 command=args.command, qemu_version=all_rt["qemu"].version,
@@ -870,9 +1017,7 @@ def main():
         json.dump({"meta": meta, "results": results}, f, indent=1, default=str)
     status = report.print_tables(meta, scenarios, results)
     if args.record:
-        benchlib.replace_section(args.record, "<!-- migrate:begin -->", "<!-- migrate:end -->",
-                                 report.markdown(meta, scenarios, results))
-        print("recorded in %s" % args.record)
+        record(args.record, meta, scenarios, results)
     return status
 
 

@@ -32,7 +32,7 @@ COLUMNS = [
     ("dst_cpu_s", "dst CPU s", "%.2f"),
 ]
 
-ORDER = ["raw", "qemu", "qemu-preempt", "vmig"]
+ORDER = ["raw", "qemu", "qemu-preempt", "qemu-tls", "vmig", "vmig-tls"]
 
 
 def git_commit(path):
@@ -109,6 +109,8 @@ def _targets(res, sc):
     """Lines stating whether vmig met the issue's targets, or why unknown."""
     if getattr(sc, "key", "") == "postcopy-wss":
         return _postcopy_targets(res, sc)
+    if getattr(sc, "tls", False):
+        return _tls_ratios(res)
     if not sc.has_targets:
         return []
     med = {k: _medians(e) for k, e in res.items() if e.get("runs")}
@@ -167,6 +169,36 @@ def _postcopy_targets(res, sc):
             lines.append("%s destination guest self-check: bad pages per run %s -> %s" % (
                 res[key]["label"], ", ".join(str(b) for b in bad),
                 "clean" if all(b == 0 for b in bad) else "NOT clean"))
+    return lines
+
+
+def _paired_ratios(res, key, base, metric="ram_gbps"):
+    """key / base for each round both were measured in (runs of one round
+    ran back to back, so drift of the machine hits both alike)."""
+    a = {r.get("run"): r.get(metric) for r in res.get(key, {}).get("runs", [])}
+    b = {r.get("run"): r.get(metric) for r in res.get(base, {}).get("runs", [])}
+    return [a[i] / b[i] for i in sorted(k for k in a if k is not None)
+            if b.get(i) and a[i] is not None]
+
+
+def _tls_ratios(res):
+    """The TLS comparison's ratios of throughput: of medians, and the median
+    of the ratios of each round."""
+    med = {k: _medians(e) for k, e in res.items() if e.get("runs")}
+    lines = []
+    for key, base, what in (("vmig-tls", "qemu-tls", "vmig TLS / QEMU TLS"),
+                            ("vmig-tls", "vmig", "vmig TLS / vmig plain"),
+                            ("qemu-tls", "qemu", "QEMU TLS / QEMU plain")):
+        if key not in med or base not in med:
+            lines.append("%s: not evaluated (no result for %s)" %
+                         (what, key if key not in med else base))
+            continue
+        paired = _paired_ratios(res, key, base)
+        lines.append("%s throughput: %.2fx (medians %.2f / %.2f Gbit/s); per round %s, "
+                     "median %s" % (what, _ratio(med[key]["ram_gbps"], med[base]["ram_gbps"]),
+                                    med[key]["ram_gbps"], med[base]["ram_gbps"],
+                                    ", ".join("%.2f" % x for x in paired) or "-",
+                                    _fmt("%.2fx", benchlib.median(paired))))
     return lines
 
 
@@ -296,6 +328,56 @@ def markdown(meta, scenarios, results):
     if any(sc.key == "postcopy-wss" for sc in scenarios):
         out += POSTCOPY_WSS_TEXT.split("\n")
     return "\n".join(out)
+
+
+def tls_markdown(meta, scenarios, results):
+    """The text that goes between the tls markers of docs/benchmarks.md."""
+    out = ["## TLS: vmig vs QEMU %s, each in clear and over TLS" % (meta["qemu_version"] or ""),
+           "",
+           "Recorded by `%s` on %s." % (meta["command"], meta["date"]),
+           "Host: %s, %s CPUs, %.0f GiB RAM, Linux %s. QEMU %s (TCG). Tree: %s." %
+           (meta["cpu"], meta["cpus"], meta["mem_gib"], meta["kernel"],
+            meta["qemu_version"] or "?", meta["commit"] or "?"),
+           ""]
+    for sc in scenarios:
+        res = results[sc.key]
+        out.append("### %s, %s, median of %d runs" % (sc.title, _guest_text(sc, meta),
+                                                     meta["runs"]))
+        out.append("")
+        out += _md_table(res, sc)
+        out.append("")
+        out += ["- " + t for t in _targets(res, sc)]
+        out.append("")
+        out.append("Individual runs:")
+        out.append("")
+        out += _md_runs(res, sc)
+        out.append("")
+    out += TLS_METHOD_TEXT.format(gib=meta["mem_bytes"] / (1 << 30)).split("\n")
+    return "\n".join(out)
+
+
+TLS_METHOD_TEXT = """### How the TLS comparison is measured
+
+- Same guests, fill file, QMP sequence, timing, CPU accounting and checks as the
+  migration benchmark above (its "How it is measured"), {gib:.0f} GiB idle guest filled
+  with random data. Both destinations preallocate guest RAM (QEMU
+  `memory-backend-ram,...,prealloc=on`, vmig-vm `--mem-prealloc`), outside the measured
+  window, so that the first touch of each page, which on this machine costs more than the
+  transfer itself, does not hide the cost of encryption.
+- Each engine runs twice per round, in clear and over TLS, and the rounds interleave
+  (raw, QEMU, QEMU TLS, vmig, vmig TLS, raw, ...), so all four are measured under the
+  same conditions.
+- TLS: x509 credentials made for the run by `tests/lib/tlscerts.py` (EC P-256 keys, one
+  CA; the server cert is for localhost and 127.0.0.1). Source: `-object` (QEMU) or
+  `--object` (vmig-vm) `tls-creds-x509,id=tls0,endpoint=client,dir=DIR,verify-peer=on`,
+  `migrate-set-parameters` `tls-creds` `tls0` and `tls-hostname` `localhost`;
+  destination: `tls-creds-x509,id=tls0,endpoint=server,dir=DIR,verify-peer=on` and
+  `tls-creds` `tls0`. So both sides authenticate, and every connection (the main one and
+  each multifd channel) is encrypted. Both engines use the system's GnuTLS; the CPU has
+  AES-NI and VAES, and there is no kernel TLS here, so all of it runs in user space.
+- x QEMU TLS and x vmig plain in the tables divide medians of Gbit/s. Below each table,
+  the same ratios per round (the two runs of a round ran back to back) and their median.
+"""
 
 
 METHOD_TEXT = """### How it is measured

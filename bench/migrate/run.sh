@@ -8,15 +8,23 @@
 # VM. Prints a table; with --record (or BENCH_RECORD=1) it also rewrites the
 # migrate section of docs/benchmarks.md.
 #
-# Usage: bench/migrate/run.sh BUILD_DIR [--record]
+# With --tls it runs the TLS comparison instead: each engine in clear and with
+# x509 TLS on every connection, side by side, destinations preallocated, one
+# channel and multifd (scenarios tls-precopy-1ch,tls-multifd-4), bounded by
+# BENCH_DEADLINE (default 3600 s); --record then rewrites the tls section.
+#
+# Usage: bench/migrate/run.sh BUILD_DIR [--tls] [--record]
 # Environment (all optional):
 #   BENCH_RUNS=3            runs per engine (medians are reported)
 #   BENCH_MEM=4G            guest RAM size
 #   BENCH_FILL_FILE=PATH    cached random file (default /var/tmp/vmig-bench-<MEM>.bin)
 #   BENCH_SCENARIOS=precopy-1ch,postcopy-wss   comma-separated scenarios
-#                           (also multifd-4, postcopy)
+#                           (also multifd-4, postcopy; with --tls the default is
+#                           tls-precopy-1ch,tls-multifd-4)
 #   BENCH_RUNTIMES=qemu,vmig      comma-separated engines (raw TCP always runs)
 #   BENCH_TIMEOUT=600       seconds allowed per migration
+#   BENCH_DEADLINE=0        no measurement starts after this many seconds
+#                           (0: no limit; with --tls the default is 3600)
 #   BENCH_QUIET_BUSY=0.15   wait until the host's CPUs are at most this busy...
 #   BENCH_QUIET_WAIT=120    ...for up to this many seconds before each measurement
 #   BENCH_RETRIES=2         re-measure a run that other processes disturbed...
@@ -29,21 +37,29 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
 
 if [ $# -lt 1 ]; then
-	echo "usage: $0 BUILD_DIR [--record]" >&2
+	echo "usage: $0 BUILD_DIR [--tls] [--record]" >&2
 	exit 2
 fi
 build_dir=$(cd "$1" && pwd)
 shift
 record=${BENCH_RECORD:-0}
+tls=0
 for arg in "$@"; do
 	case "$arg" in
 	--record) record=1 ;;
+	--tls) tls=1 ;;
 	*) echo "$0: unknown argument $arg" >&2; exit 2 ;;
 	esac
 done
 
 mem=${BENCH_MEM:-4G}
-scenarios=${BENCH_SCENARIOS:-precopy-1ch,postcopy-wss}
+if [ "$tls" = 1 ]; then
+	scenarios=${BENCH_SCENARIOS:-tls-precopy-1ch,tls-multifd-4}
+	deadline=${BENCH_DEADLINE:-3600}
+else
+	scenarios=${BENCH_SCENARIOS:-precopy-1ch,postcopy-wss}
+	deadline=${BENCH_DEADLINE:-0}
+fi
 runs=${BENCH_RUNS:-3}
 fill=${BENCH_FILL_FILE:-/var/tmp/vmig-bench-$mem.bin}
 mem_bytes=$(python3 -c '
@@ -52,7 +68,9 @@ s = sys.argv[1].upper()
 m = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 print(int(float(s[:-1]) * m[s[-1]]) if s[-1] in m else int(s))' "$mem")
 
-for tool in cc python3 qemu-system-x86_64; do
+tools=(cc python3 qemu-system-x86_64)
+[ "$tls" = 1 ] && tools+=(openssl) # tests/lib/tlscerts.py makes the credentials
+for tool in "${tools[@]}"; do
 	if ! command -v "$tool" >/dev/null; then
 		echo "bench/migrate: $tool not found (run scripts/install-deps.sh)" >&2
 		exit 1
@@ -81,11 +99,15 @@ mkdir -p "$results"
 args=(--build-dir "$build_dir" --mem "$mem" --runs "$runs" --fill-file "$fill"
       --tcp-raw "$bin_dir/tcp_raw" --results-dir "$results"
       --scenarios "$scenarios" --runtimes "${BENCH_RUNTIMES:-qemu,vmig}"
-      --timeout "${BENCH_TIMEOUT:-600}"
+      --timeout "${BENCH_TIMEOUT:-600}" --deadline "$deadline"
       --quiet-busy "${BENCH_QUIET_BUSY:-0.15}" --quiet-wait "${BENCH_QUIET_WAIT:-120}"
       --retries "${BENCH_RETRIES:-2}" --max-foreign "${BENCH_MAX_FOREIGN:-0.25}")
 # The command quoted in the record: what `make bench` runs for this suite.
 cmd="BENCH_RUNS=$runs BENCH_MEM=$mem BENCH_SCENARIOS=$scenarios bench/migrate/run.sh $(basename "$build_dir")"
+if [ "$tls" = 1 ]; then
+	args+=(--tls)
+	cmd="$cmd --tls"
+fi
 if [ "$record" = 1 ]; then
 	doc="$root/docs/benchmarks.md"
 	if [ ! -f "$doc" ]; then
