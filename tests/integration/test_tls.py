@@ -341,21 +341,23 @@ def case_authz_right_dn(procs, build):
 
 
 def case_cli(procs, build):
-    """`vmig migrate --tls-creds --tls-hostname` drives both sides."""
+    """`vmig migrate --tls-creds --tls-hostname --tls-authz` drives both sides."""
     g = tlscerts.x509_good(CERTS)
     src = source(procs, build, x509_opt("tls0", "client", g.client))
-    dst = destination(procs, build, x509_opt("tls0", "server", g.server, True))
+    dst = destination(procs, build, x509_opt("tls0", "server", g.server, True),
+                      authz_opt("authz0", g.client_dn))
     cli = os.path.join(build, "tools", "vmig", "vmig")
     argv = [cli, "migrate", "unix:" + src.qmp_path, "tcp:127.0.0.1:%d" % free_port(),
             "--dest", "unix:" + dst.qmp_path, "--no-progress",
-            "--tls-creds", "tls0", "--tls-hostname", "localhost"]
+            "--tls-creds", "tls0", "--tls-hostname", "localhost", "--tls-authz", "authz0"]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     check(r.returncode == 0, "vmig migrate exited %d: %s %s" % (r.returncode, r.stdout[-500:],
                                                                r.stderr[-500:]))
     sp, dp = (vm.qmp.cmd("query-migrate-parameters") for vm in (src, dst))
     check(sp.get("tls-creds") == "tls0" and sp.get("tls-hostname") == "localhost",
           "source parameters %r" % sp)
-    check(dp.get("tls-creds") == "tls0", "destination parameters %r" % dp)
+    check(dp.get("tls-creds") == "tls0" and dp.get("tls-authz") == "authz0",
+          "destination parameters %r" % dp)
     completed_and_equal(src, dst)
 
 
