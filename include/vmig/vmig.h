@@ -179,6 +179,66 @@ enum vmig_dirty_tracking {
 };
 
 /*
+ * TLS for every connection of a migration (main, return path, urgent,
+ * multifd), with QEMU's credential objects. TLS 1.3 only, AEAD ciphers.
+ *
+ * Credentials are loaded from a directory laid out as QEMU's are, so a set
+ * made for QEMU or libvirt works unchanged:
+ *   x509: ca-cert.pem, and server-cert.pem + server-key.pem (server) or
+ *         client-cert.pem + client-key.pem (client; optional unless the
+ *         server verifies peers); ca-crl.pem if present.
+ *   psk:  keys.psk, lines "username:hexkey"; a client uses the line of its
+ *         username (default "qemu").
+ * Files are read and checked when the credentials are made, as QEMU's
+ * object-add does; a failure returns -errno with the reason in err.
+ *
+ * The credentials are reference-counted: a session keeps a reference while
+ * it may use them, so the embedder may drop its own at any time.
+ */
+typedef struct vmig_tls_creds vmig_tls_creds;
+
+enum vmig_tls_endpoint {
+	VMIG_TLS_ENDPOINT_CLIENT = 0, /* the source */
+	VMIG_TLS_ENDPOINT_SERVER = 1, /* the destination */
+};
+
+struct vmig_tls_creds_opts {
+	size_t size; /* sizeof(struct vmig_tls_creds_opts): fields may be added */
+	enum vmig_tls_endpoint endpoint;
+	const char *dir;
+	/* x509: check the peer's certificate (QEMU's verify-peer, default on).
+	 * A server then requires a client certificate signed by its CA. */
+	bool verify_peer;
+	/* psk, client: the line of keys.psk to use (NULL: "qemu") */
+	const char *username;
+};
+
+int vmig_tls_creds_new_x509(vmig_tls_creds **out, const struct vmig_tls_creds_opts *opts, char *err,
+			    size_t errlen);
+int vmig_tls_creds_new_psk(vmig_tls_creds **out, const struct vmig_tls_creds_opts *opts, char *err,
+			   size_t errlen);
+/* Drop a reference (NULL is a no-op). */
+void vmig_tls_creds_unref(vmig_tls_creds *creds);
+
+/*
+ * Use TLS for the migrations this session starts from now on (vmig_migrate,
+ * vmig_incoming, vmig_recover, vmig_resume), as QEMU's parameters
+ * tls-creds, tls-hostname and tls-authz:
+ *  - creds: NULL turns TLS off. Its endpoint must match the side: client on
+ *    the source, server on the destination (checked when the migration
+ *    starts).
+ *  - hostname (source, x509): the name the destination's certificate must
+ *    carry. NULL: the host of a tcp: URI; a unix: URI then checks no name.
+ *  - authz_identity (destination): the only peer identity let in, the
+ *    client certificate's distinguished name (x509) or the username (psk),
+ *    as QEMU's authz-simple. NULL: any peer with valid credentials.
+ * The session takes its own reference to creds. -EBUSY while a migration
+ * runs.
+ */
+int vmig_session_set_tls(vmig_session *s, vmig_tls_creds *creds, const char *hostname,
+			 const char *authz_identity);
+
+/*
  * Start an outgoing migration to uri ("tcp:HOST:PORT" or "unix:PATH").
  * Returns at once; progress is read with vmig_query() and reported through
  * ops->event().

@@ -1,27 +1,108 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * Transports for migration channels: TCP and unix sockets behind one small
- * set of calls, and a rate limiter. The engine sees only fds. Internal.
+ * Channels: every connection of a migration (main with its return path,
+ * urgent, multifd) is a struct vmig__chan, plain or TLS. This layer owns the
+ * sockets: connect, accept, the TLS handshake and peer checks, timeouts,
+ * MSG_NOSIGNAL and shutdown. The engine reads and writes channels, never a
+ * raw fd. Internal.
+ *
+ * Threads: a channel may have one reading thread and one writing thread at
+ * a time (GnuTLS allows that much; the return path relies on it). Any
+ * thread may call vmig__chan_shutdown() to wake both. Only the owner frees
+ * it, after both have stopped.
  */
 #ifndef VMIG_CHANNEL_H
 #define VMIG_CHANNEL_H
 
 #include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+#include <vmig/vmig.h>
 
 #include "util/util.h"
 
-/* How long a connect may take before it fails with -ETIMEDOUT. */
+/* How long a connect (with its TLS handshake) may take before it fails. */
 #define VMIG_CONNECT_TIMEOUT_MS 30000
-/* Connect to a migration URI; *fd is a connected, blocking stream socket.
- * Gives up after VMIG_CONNECT_TIMEOUT_MS, or with -ECANCELED as soon as
- * cancel_fd (if >= 0) becomes readable. */
-int vmig__chan_connect(const struct vmig__uri *u, int cancel_fd, int *fd, struct vmig__err *err);
-/* Listen on a migration URI (unix: a stale socket file is replaced). */
+
+/*
+ * TLS settings of one side of one migration (vmig_session_set_tls): the
+ * credentials (a reference is held), the name the server's certificate must
+ * carry (client) and the one identity let in (server). A zeroed struct is
+ * plain TCP.
+ */
+struct vmig__tls {
+	struct vmig_tls_creds *creds; /* NULL: no TLS */
+	char hostname[256];	      /* "" : the URI's host (tcp) or none */
+	char authz[512];	      /* "" : anyone with valid credentials */
+};
+/* Replace t's settings (references creds, drops the old one). */
+int vmig__tls_set(struct vmig__tls *t, struct vmig_tls_creds *creds, const char *hostname,
+		  const char *authz, struct vmig__err *err);
+void vmig__tls_clear(struct vmig__tls *t);
+/* 0 if t may serve as endpoint (client: the source); else a reason. */
+int vmig__tls_check_endpoint(const struct vmig__tls *t, enum vmig_tls_endpoint endpoint,
+			     struct vmig__err *err);
+
+struct vmig__chan;
+
+/*
+ * Connect to a migration URI; with t->creds, also run the TLS handshake and
+ * check the server. *out is a blocking channel. Gives up after
+ * VMIG_CONNECT_TIMEOUT_MS, or with -ECANCELED as soon as cancel_fd (if >= 0)
+ * becomes readable.
+ */
+int vmig__chan_connect(const struct vmig__uri *u, const struct vmig__tls *t, int cancel_fd,
+		       struct vmig__chan **out, struct vmig__err *err);
+/* Listen on a migration URI: only on the address it names (tcp::PORT is
+ * every address). A stale unix socket file is replaced. */
 int vmig__chan_listen(const struct vmig__uri *u, int *fd, struct vmig__err *err);
-/* Socket options for bulk transfer (big buffers). */
-void vmig__chan_tune(int fd);
 /* Local port of a listening TCP socket, or 0. */
 int vmig__chan_local_port(int fd);
+
+/*
+ * The incoming side. Accept one connection from listen_fd, non-blocking:
+ * 0 with *out, -EAGAIN if none is waiting, or -errno. The new channel then
+ * goes through vmig__chan_handshake() (a no-op without TLS) and
+ * vmig__chan_recv_nb() (its preamble) without blocking, and becomes a
+ * blocking channel with vmig__chan_set_blocking() once it is trusted.
+ */
+int vmig__chan_accept(int listen_fd, const struct vmig__tls *t, struct vmig__chan **out);
+/* 0 when the handshake is done and the peer passed every check; -EAGAIN to
+ * be called again when vmig__chan_events() are ready; -EPROTONOSUPPORT if
+ * the peer speaks plain vmig; else the peer failed (the reason in err). */
+int vmig__chan_handshake(struct vmig__chan *c, struct vmig__err *err);
+/* For a peer that turned out to speak plain vmig where TLS was required:
+ * one best-effort, non-blocking write outside TLS (its refusal). */
+void vmig__chan_reply_plain(struct vmig__chan *c, const struct iovec *iov, int iovcnt);
+/* The poll events the channel waits for (POLLIN or POLLOUT). */
+short vmig__chan_events(const struct vmig__chan *c);
+/* A read that never blocks: bytes (> 0), -EAGAIN, -EPIPE at end, -errno. */
+ssize_t vmig__chan_recv_nb(struct vmig__chan *c, void *buf, size_t n);
+int vmig__chan_set_blocking(struct vmig__chan *c);
+
+/* Blocking I/O. A read returns bytes (> 0), -EPIPE at end of stream or
+ * -errno; a write writes everything (iov is modified) or returns -errno.
+ * A TLS failure is -ECONNABORTED with its text in vmig__chan_strerror(). */
+ssize_t vmig__chan_read(struct vmig__chan *c, void *buf, size_t n);
+int vmig__chan_writev(struct vmig__chan *c, struct iovec *iov, int iovcnt);
+int vmig__chan_write(struct vmig__chan *c, const void *buf, size_t n);
+/* Wait up to timeout_ms for something to read (or the end): 1, 0 on
+ * timeout, -errno. Data TLS has already decrypted counts. */
+int vmig__chan_wait_readable(struct vmig__chan *c, int timeout_ms);
+/* The reading thread: why its last read on c failed with ret, TLS's reason
+ * if it was TLS's doing, else strerror(-ret). c may be NULL. */
+const char *vmig__chan_strerror(const struct vmig__chan *c, int ret);
+/* The fd, for poll() only (hang-up detection); never read or write it. */
+int vmig__chan_fd(const struct vmig__chan *c);
+bool vmig__chan_is_tls(const struct vmig__chan *c);
+/* Wake any thread blocked on c (shutdown(2)); any thread, any time. */
+void vmig__chan_shutdown(struct vmig__chan *c, int how);
+/* A plain channel over a connected stream socket (or another fd), which it
+ * then owns: for tests, tools and the fuzzer. NULL without memory. */
+struct vmig__chan *vmig__chan_from_fd(int fd);
+/* Close and free (NULL is a no-op). */
+void vmig__chan_free(struct vmig__chan *c);
 
 /*
  * Rate limiter for max-bandwidth: a virtual clock that each send pushes on

@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: MIT
 /*
- * TCP and unix-socket transports for migration channels, and the rate
- * limiter. Addresses come from vmig__uri_parse(); name resolution uses
- * getaddrinfo with numeric-friendly flags.
+ * The channel object, TCP and unix-socket transports, plain I/O, and the
+ * rate limiter. Addresses come from vmig__uri_parse(); name resolution uses
+ * getaddrinfo. TLS is in tls.c: a channel with c->tls set goes there.
  */
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netdb.h>
@@ -11,15 +12,16 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
-#include "channel/channel.h"
+#include "channel/chan_int.h"
 
-void vmig__chan_tune(int fd)
+static void tune(int fd)
 {
 	int one = 1;
 	int buf = 4 << 20;
@@ -107,7 +109,7 @@ done:
 	return fcntl(s, F_SETFL, flags) ? -errno : 0;
 }
 
-int vmig__chan_connect(const struct vmig__uri *u, int cancel_fd, int *fd, struct vmig__err *err)
+static int connect_fd(const struct vmig__uri *u, int cancel_fd, int *fd, struct vmig__err *err)
 {
 	struct addrinfo *res = NULL, *ai;
 	int s = -1, ret = 0;
@@ -125,7 +127,7 @@ int vmig__chan_connect(const struct vmig__uri *u, int cancel_fd, int *fd, struct
 			vmig__err_set(err, "connect to unix:%s: %s", u->path, strerror(-ret));
 			goto err_close;
 		}
-		vmig__chan_tune(s);
+		tune(s);
 		*fd = s;
 		return 0;
 	}
@@ -154,7 +156,7 @@ int vmig__chan_connect(const struct vmig__uri *u, int cancel_fd, int *fd, struct
 		vmig__err_set(err, "connect to %s:%s: %s", u->host, u->port, strerror(-ret));
 	if (ret)
 		return ret;
-	vmig__chan_tune(s);
+	tune(s);
 	*fd = s;
 	return 0;
 err_close:
@@ -223,6 +225,186 @@ int vmig__chan_local_port(int fd)
 	if (ss.ss_family == AF_INET6)
 		return ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
 	return 0;
+}
+
+static struct vmig__chan *chan_new(int fd)
+{
+	struct vmig__chan *c = calloc(1, sizeof(*c));
+
+	if (c)
+		c->fd = fd;
+	return c;
+}
+
+struct vmig__chan *vmig__chan_from_fd(int fd)
+{
+	return chan_new(fd);
+}
+
+int vmig__chan_connect(const struct vmig__uri *u, const struct vmig__tls *t, int cancel_fd,
+		       struct vmig__chan **out, struct vmig__err *err)
+{
+	uint64_t deadline = vmig__now_ns() + (uint64_t)VMIG_CONNECT_TIMEOUT_MS * 1000000ull;
+	struct vmig__chan *c;
+	int fd, ret = connect_fd(u, cancel_fd, &fd, err);
+
+	if (ret)
+		return ret;
+	c = chan_new(fd);
+	if (!c) {
+		close(fd);
+		vmig__err_set(err, "out of memory for a channel");
+		return -ENOMEM;
+	}
+	if (t && t->creds) {
+		ret =
+		    vmig__tls_conn_new(c, t, false, u->kind == VMIG_URI_TCP ? u->host : NULL, err);
+		if (!ret)
+			ret = vmig__tls_client_handshake(c, cancel_fd, deadline, err);
+		if (ret) {
+			vmig__chan_free(c);
+			return ret;
+		}
+	}
+	*out = c;
+	return 0;
+}
+
+int vmig__chan_accept(int listen_fd, const struct vmig__tls *t, struct vmig__chan **out)
+{
+	struct vmig__err scratch;
+	struct vmig__chan *c;
+	int fd = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+
+	if (fd < 0)
+		return errno == EINTR || errno == EAGAIN || errno == ECONNABORTED || errno == EPERM
+			   ? -EAGAIN
+			   : -errno;
+	tune(fd);
+	c = chan_new(fd);
+	if (!c || (t && t->creds && vmig__tls_conn_new(c, t, true, NULL, &scratch))) {
+		if (c)
+			vmig__chan_free(c);
+		else
+			close(fd);
+		return -ENOMEM;
+	}
+	c->nonblock = true;
+	*out = c;
+	return 0;
+}
+
+int vmig__chan_handshake(struct vmig__chan *c, struct vmig__err *err)
+{
+	return c->tls ? vmig__tls_handshake_step(c, err) : 0;
+}
+
+short vmig__chan_events(const struct vmig__chan *c)
+{
+	return c->tls ? vmig__tls_events(c) : POLLIN;
+}
+
+ssize_t vmig__chan_recv_nb(struct vmig__chan *c, void *buf, size_t n)
+{
+	ssize_t got;
+
+	assert(c->nonblock);
+	if (c->tls)
+		return vmig__tls_read(c, buf, n);
+	got = recv(c->fd, buf, n, MSG_DONTWAIT);
+	if (got < 0)
+		return errno == EINTR ? -EAGAIN : -errno;
+	return got ? got : -EPIPE;
+}
+
+void vmig__chan_reply_plain(struct vmig__chan *c, const struct iovec *iov, int iovcnt)
+{
+	struct msghdr msg = {.msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)iovcnt};
+
+	if (sendmsg(c->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT) < 0) {
+		/* best effort: the peer learns less, nothing else changes */
+	}
+}
+
+int vmig__chan_set_blocking(struct vmig__chan *c)
+{
+	int flags = fcntl(c->fd, F_GETFL);
+
+	if (flags < 0 || fcntl(c->fd, F_SETFL, flags & ~O_NONBLOCK))
+		return -errno;
+	c->nonblock = false;
+	return 0;
+}
+
+ssize_t vmig__chan_read(struct vmig__chan *c, void *buf, size_t n)
+{
+	ssize_t got;
+
+	if (c->tls)
+		return vmig__tls_read(c, buf, n);
+	do {
+		got = read(c->fd, buf, n);
+	} while (got < 0 && errno == EINTR);
+	if (got < 0)
+		return -errno;
+	return got ? got : -EPIPE;
+}
+
+int vmig__chan_writev(struct vmig__chan *c, struct iovec *iov, int iovcnt)
+{
+	return c->tls ? vmig__tls_writev(c, iov, iovcnt) : vmig__writev_full(c->fd, iov, iovcnt);
+}
+
+int vmig__chan_write(struct vmig__chan *c, const void *buf, size_t n)
+{
+	struct iovec iov = {.iov_base = (void *)buf, .iov_len = n};
+
+	return n ? vmig__chan_writev(c, &iov, 1) : 0;
+}
+
+int vmig__chan_wait_readable(struct vmig__chan *c, int timeout_ms)
+{
+	struct pollfd pfd = {.fd = c->fd, .events = POLLIN};
+	int n;
+
+	if (c->tls && vmig__tls_buffered(c))
+		return 1;
+	do {
+		n = poll(&pfd, 1, timeout_ms);
+	} while (n < 0 && errno == EINTR);
+	return n < 0 ? -errno : n;
+}
+
+const char *vmig__chan_strerror(const struct vmig__chan *c, int ret)
+{
+	const char *why = c && c->tls && ret == -ECONNABORTED ? vmig__tls_strerror(c) : NULL;
+
+	return why ? why : strerror(-ret);
+}
+
+int vmig__chan_fd(const struct vmig__chan *c)
+{
+	return c->fd;
+}
+
+bool vmig__chan_is_tls(const struct vmig__chan *c)
+{
+	return c->tls;
+}
+
+void vmig__chan_shutdown(struct vmig__chan *c, int how)
+{
+	shutdown(c->fd, how);
+}
+
+void vmig__chan_free(struct vmig__chan *c)
+{
+	if (!c)
+		return;
+	if (c->tls)
+		vmig__tls_conn_free(c->tls);
+	close(c->fd);
+	free(c);
 }
 
 uint64_t vmig__ratelimit_account(struct vmig__ratelimit *rl, uint64_t bytes_per_s, uint64_t bytes,

@@ -91,8 +91,8 @@ void vmig__dest_send_rp(struct vmig_session *s, uint8_t type, const void *payloa
 	struct iovec iov[2] = {{&rec, sizeof(rec)}, {(void *)payload, len}};
 
 	pthread_mutex_lock(&s->rp_lock);
-	if (s->fd >= 0)
-		vmig__writev_full(s->fd, iov, len ? 2 : 1);
+	if (s->ch)
+		vmig__chan_writev(s->ch, iov, len ? 2 : 1);
 	pthread_mutex_unlock(&s->rp_lock);
 }
 
@@ -231,7 +231,7 @@ static int run_postcopy(struct vmig_session *s, struct vmig__pc_dest *pc, struct
 	uint64_t t0 = vmig__now_ns();
 	int ret;
 
-	ret = s->urgent_fd >= 0 ? 0 : vmig__dest_accept_urgent(s, l->err);
+	ret = s->urgent ? 0 : vmig__dest_accept_urgent(s, l->err);
 	if (!ret)
 		ret = vmig__pc_dest_switch(pc, l->err);
 	if (ret)

@@ -26,11 +26,13 @@
 
 struct vmig__dirty;
 
-/* A connection to the incoming port that has not sent its whole preamble
- * yet (accept.c). */
+/* A connection to the incoming port that has not finished its TLS
+ * handshake or sent its whole preamble yet (accept.c). */
 #define VMIG_MAX_PENDING 16
 struct vmig__pending {
-	int fd;
+	struct vmig__chan *c;
+	bool trusted; /* handshake done, peer accepted (always, without TLS) */
+	bool closing; /* refused: its TLS alert goes out, then it closes */
 	uint8_t got;
 	uint64_t since_ns;
 	uint8_t buf[sizeof(struct vmig_wire_preamble)];
@@ -102,7 +104,11 @@ struct vmig_session {
 	bool thread_started;
 	pthread_t thread;
 	char uri[256];
-	int fd;        /* migration connection, -1 if none; under lock */
+	struct vmig__chan *ch; /* main connection, NULL if none; under lock */
+	/* TLS of the next connections (vmig_session_set_tls): the control
+	 * thread writes it under lock while no migration thread may connect or
+	 * accept; those threads read it when they do. */
+	struct vmig__tls tls;
 	/* destination: the listener. The control thread sets it before the
 	 * migration thread starts (or, for migrate-recover, under lock while
 	 * that thread waits); the migration thread then owns it. */
@@ -127,8 +133,8 @@ struct vmig_session {
 	uint64_t rp_load_us;
 
 	/* post-copy */
-	uint64_t session_id;
-	int urgent_fd;               /* -1 if none; under lock */
+	struct vmig_wire_sid session_id;
+	struct vmig__chan *urgent;   /* NULL if none; under lock */
 	bool postcopy_requested;     /* atomic: migrate-start-postcopy */
 	bool in_postcopy;            /* atomic: past the switch (vmig__in_postcopy) */
 	bool pause_requested;        /* atomic: migrate-pause */
@@ -138,9 +144,9 @@ struct vmig_session {
 	 * userfaultfd until the session is freed); under lock */
 	struct vmig__pc_dest *pcd;
 
-	/* multifd data connections by index, -1 if none; under lock */
-	int mf_fds[VMIG_MAX_MULTIFD];
-	uint64_t mf_session[VMIG_MAX_MULTIFD]; /* destination: each one's preamble */
+	/* multifd data connections by index, NULL if none; under lock */
+	struct vmig__chan *mf_chans[VMIG_MAX_MULTIFD];
+	struct vmig_wire_sid mf_session[VMIG_MAX_MULTIFD]; /* destination: each one's preamble */
 	unsigned mf_count;            /* entries in use: [0, mf_count) */
 	int vcpu_tid[VMIG_MAX_VCPUS];
 	unsigned nvcpus;
@@ -274,7 +280,8 @@ int vmig__dest_accept_urgent(struct vmig_session *s, struct vmig__err *err);
 int vmig__dest_accept_side(struct vmig_session *s, bool (*done)(void *arg), void *arg,
 			   unsigned timeout_ms, struct vmig__err *err);
 /* Keep a multifd data connection whose preamble l has read. */
-void vmig__dest_keep_multifd(struct vmig_session *s, int fd, const struct vmig__loader *l);
+void vmig__dest_keep_multifd(struct vmig_session *s, struct vmig__chan *c,
+			     const struct vmig__loader *l);
 void vmig__dest_send_rp(struct vmig_session *s, uint8_t type, const void *payload, uint32_t len);
 
 #endif

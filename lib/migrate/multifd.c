@@ -143,23 +143,25 @@ static void *send_thread(void *arg)
 	}
 }
 
-/* Connect channel i and queue its preamble; the fd is kept in the session. */
+/* Connect channel i and queue its preamble; the channel is kept in the
+ * session. */
 static int connect_one(struct vmig__mf_source *mf, unsigned i, const struct vmig__uri *u,
 		       struct vmig__err *err)
 {
 	struct vmig_session *s = mf->src->s;
 	struct mf_send *c = &mf->ch[i];
-	int fd, ret = vmig__chan_connect(u, s->cancel_efd, &fd, err);
+	struct vmig__chan *ch;
+	int ret = vmig__chan_connect(u, &s->tls, s->cancel_efd, &ch, err);
 
 	if (ret)
 		return ret;
 	pthread_mutex_lock(&s->lock);
-	s->mf_fds[i] = fd;
+	s->mf_chans[i] = ch;
 	s->mf_count = i + 1;
 	pthread_mutex_unlock(&s->lock);
 	c->mf = mf;
 	c->idx = i;
-	vmig__writer_init(&c->w, fd);
+	vmig__writer_init(&c->w, ch);
 	c->w.throttle = vmig__src_throttle;
 	c->w.throttle_opaque = mf->src;
 	c->w.counts = c->counts;
@@ -366,8 +368,8 @@ static void *recv_thread(void *arg)
 		/* The main thread may be blocked reading: end its stream, so it
 		 * fails and reports this channel's error. */
 		pthread_mutex_lock(&s->lock);
-		if (s->fd >= 0)
-			shutdown(s->fd, SHUT_RD);
+		if (s->ch)
+			vmig__chan_shutdown(s->ch, SHUT_RD);
 		pthread_mutex_unlock(&s->lock);
 	}
 	return NULL;
@@ -382,7 +384,7 @@ static bool all_here(void *arg)
 
 	pthread_mutex_lock(&s->lock);
 	for (i = 0; i < mf->n; i++)
-		if (s->mf_fds[i] < 0 || s->mf_session[i] != s->session_id)
+		if (!s->mf_chans[i] || !vmig__sid_eq(s->mf_session[i], s->session_id))
 			break;
 	pthread_mutex_unlock(&s->lock);
 	return i == mf->n;
@@ -399,7 +401,7 @@ static int start_one(struct vmig__mf_dest *mf, unsigned i, const struct vmig__lo
 	c->l.bounce = malloc(VMIG_REC_MAX_PAGES * VMIG_PAGE_SIZE);
 	if (!c->r || !c->l.bounce)
 		return -ENOMEM;
-	vmig__reader_init_fd(c->r, mf->s->mf_fds[i]);
+	vmig__reader_init_chan(c->r, mf->s->mf_chans[i]);
 	c->l.r = c->r;
 	c->l.blocks = main->blocks;
 	c->l.nblocks = main->nblocks;
@@ -458,7 +460,7 @@ static void stop_channels(struct vmig__mf_dest *mf)
 	pthread_mutex_lock(&mf->s->lock);
 	for (unsigned i = 0; i < mf->n; i++)
 		if (mf->ch[i].started)
-			shutdown(mf->s->mf_fds[i], SHUT_RDWR);
+			vmig__chan_shutdown(mf->s->mf_chans[i], SHUT_RDWR);
 	pthread_mutex_unlock(&mf->s->lock);
 }
 

@@ -106,13 +106,13 @@ static const struct {
 /* Under s->lock: shut every connection of the migration down. */
 static void shutdown_all(struct vmig_session *s)
 {
-	if (s->fd >= 0)
-		shutdown(s->fd, SHUT_RDWR);
-	if (s->urgent_fd >= 0)
-		shutdown(s->urgent_fd, SHUT_RDWR);
+	if (s->ch)
+		vmig__chan_shutdown(s->ch, SHUT_RDWR);
+	if (s->urgent)
+		vmig__chan_shutdown(s->urgent, SHUT_RDWR);
 	for (unsigned i = 0; i < s->mf_count; i++)
-		if (s->mf_fds[i] >= 0)
-			shutdown(s->mf_fds[i], SHUT_RDWR);
+		if (s->mf_chans[i])
+			vmig__chan_shutdown(s->mf_chans[i], SHUT_RDWR);
 }
 
 VMIG_EXPORT const char *vmig_status_name(enum vmig_status status)
@@ -143,9 +143,7 @@ VMIG_EXPORT int vmig_session_new(vmig_session **out, const struct vmig_vm_ops *o
 		return -ENOMEM;
 	s->ops = *ops;
 	s->opaque = opaque;
-	s->fd = s->listen_fd = s->urgent_fd = -1;
-	for (unsigned i = 0; i < VMIG_MAX_MULTIFD; i++)
-		s->mf_fds[i] = -1;
+	s->listen_fd = -1;
 	s->autostart = true;
 	s->cancel_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (s->cancel_efd < 0) {
@@ -171,6 +169,14 @@ static void join_thread(struct vmig_session *s)
 	s->thread_started = false;
 }
 
+static bool status_running(enum vmig_status st)
+{
+	return st == VMIG_STATUS_SETUP || st == VMIG_STATUS_ACTIVE ||
+	       st == VMIG_STATUS_CANCELLING || st == VMIG_STATUS_DEVICE ||
+	       st == VMIG_STATUS_PRE_SWITCHOVER || st == VMIG_STATUS_POSTCOPY_ACTIVE ||
+	       st == VMIG_STATUS_POSTCOPY_PAUSED || st == VMIG_STATUS_POSTCOPY_RECOVER;
+}
+
 static bool migration_running(struct vmig_session *s)
 {
 	enum vmig_status st;
@@ -178,10 +184,7 @@ static bool migration_running(struct vmig_session *s)
 	pthread_mutex_lock(&s->lock);
 	st = s->status;
 	pthread_mutex_unlock(&s->lock);
-	return st == VMIG_STATUS_SETUP || st == VMIG_STATUS_ACTIVE ||
-	       st == VMIG_STATUS_CANCELLING || st == VMIG_STATUS_DEVICE ||
-	       st == VMIG_STATUS_PRE_SWITCHOVER || st == VMIG_STATUS_POSTCOPY_ACTIVE || st == VMIG_STATUS_POSTCOPY_PAUSED ||
-	       st == VMIG_STATUS_POSTCOPY_RECOVER;
+	return status_running(st);
 }
 
 VMIG_EXPORT void vmig_session_free(vmig_session *s)
@@ -211,6 +214,7 @@ VMIG_EXPORT void vmig_session_free(vmig_session *s)
 	}
 	if (s->listen_fd >= 0)
 		close(s->listen_fd);
+	vmig__tls_clear(&s->tls);
 	close(s->cancel_efd);
 	pthread_cond_destroy(&s->cond);
 	pthread_mutex_destroy(&s->rp_lock);
@@ -523,9 +527,13 @@ static int begin(struct vmig_session *s, const char *uri, bool source)
 	__atomic_store_n(&s->committed, false, __ATOMIC_RELEASE);
 	__atomic_store_n(&s->postcopy_requested, false, __ATOMIC_RELEASE);
 	__atomic_store_n(&s->pause_requested, false, __ATOMIC_RELEASE);
-	/* Ties the channels of this migration together (and a resumed one). */
-	if (getrandom(&s->session_id, sizeof(s->session_id), 0) != sizeof(s->session_id))
-		s->session_id = vmig__now_ns() ^ ((uint64_t)getpid() << 40) ^ (uintptr_t)s;
+	/* Ties the channels of this migration together (and a resumed one).
+	 * It must be unguessable: without it, nothing else could tell a side
+	 * channel of ours from one of an intruder's (without TLS). */
+	if (getrandom(&s->session_id, sizeof(s->session_id), 0) != sizeof(s->session_id)) {
+		vmig__err_set(&s->api_err, "no random session id: %s", strerror(errno));
+		return -EIO;
+	}
 	pthread_mutex_lock(&s->lock);
 	vmig__err_clear(&s->mig_err);
 	memset(&s->stats, 0, sizeof(s->stats));
@@ -552,6 +560,36 @@ static int spawn(struct vmig_session *s, void *(*fn)(void *))
 	return 0;
 }
 
+VMIG_EXPORT int vmig_session_set_tls(vmig_session *s, vmig_tls_creds *creds, const char *hostname,
+				     const char *authz_identity)
+{
+	struct vmig__err err = {{0}};
+	int ret;
+
+	if (!s)
+		return -EINVAL;
+	/* A paused post-copy may come back with other credentials: nothing
+	 * connects or accepts until vmig_recover/vmig_resume, under lock. */
+	pthread_mutex_lock(&s->lock);
+	if (status_running(s->status) && s->status != VMIG_STATUS_POSTCOPY_PAUSED) {
+		pthread_mutex_unlock(&s->lock);
+		vmig__err_set(&s->api_err, "TLS settings cannot change while a migration runs");
+		return -EBUSY;
+	}
+	ret = vmig__tls_set(&s->tls, creds, hostname, authz_identity, &err);
+	pthread_mutex_unlock(&s->lock);
+	if (ret)
+		vmig__err_set(&s->api_err, "%s", err.msg);
+	return ret;
+}
+
+/* The TLS credentials must be made for this side (as QEMU checks). */
+static int check_tls(struct vmig_session *s, bool source)
+{
+	return vmig__tls_check_endpoint(
+	    &s->tls, source ? VMIG_TLS_ENDPOINT_CLIENT : VMIG_TLS_ENDPOINT_SERVER, &s->api_err);
+}
+
 VMIG_EXPORT int vmig_migrate(vmig_session *s, const char *uri)
 {
 	struct vmig__uri u;
@@ -560,6 +598,8 @@ VMIG_EXPORT int vmig_migrate(vmig_session *s, const char *uri)
 	if (!s || !uri)
 		return -EINVAL;
 	ret = vmig__uri_parse(uri, &u, &s->api_err);
+	if (!ret)
+		ret = check_tls(s, true);
 	if (ret)
 		return ret;
 	ret = begin(s, uri, true);
@@ -574,6 +614,8 @@ VMIG_EXPORT int vmig_incoming(vmig_session *s, const char *uri)
 	if (!s || !uri)
 		return -EINVAL;
 	ret = vmig__uri_parse(uri, &u, &s->api_err);
+	if (!ret)
+		ret = check_tls(s, false);
 	if (ret)
 		return ret;
 	if (migration_running(s)) {
@@ -685,25 +727,22 @@ void vmig__break_channels(struct vmig_session *s)
  * that used them have been joined). */
 void vmig__close_channels(struct vmig_session *s)
 {
-	int fd, ufd;
+	struct vmig__chan *ch, *uch;
 
 	pthread_mutex_lock(&s->lock);
 	pthread_mutex_lock(&s->rp_lock);
-	fd = s->fd;
-	ufd = s->urgent_fd;
-	s->fd = s->urgent_fd = -1;
+	ch = s->ch;
+	uch = s->urgent;
+	s->ch = s->urgent = NULL;
 	pthread_mutex_unlock(&s->rp_lock);
 	for (unsigned i = 0; i < s->mf_count; i++) {
-		if (s->mf_fds[i] >= 0)
-			close(s->mf_fds[i]);
-		s->mf_fds[i] = -1;
+		vmig__chan_free(s->mf_chans[i]);
+		s->mf_chans[i] = NULL;
 	}
 	s->mf_count = 0;
 	pthread_mutex_unlock(&s->lock);
-	if (fd >= 0)
-		close(fd);
-	if (ufd >= 0)
-		close(ufd);
+	vmig__chan_free(ch);
+	vmig__chan_free(uch);
 }
 
 VMIG_EXPORT int vmig_pause(vmig_session *s)
@@ -728,6 +767,8 @@ static int request_recovery(struct vmig_session *s, const char *uri, bool source
 	if (!s || !uri)
 		return -EINVAL;
 	ret = vmig__uri_parse(uri, &u, &s->api_err);
+	if (!ret)
+		ret = check_tls(s, source);
 	if (ret)
 		return ret;
 	/* Under the lock: the migration thread takes the request (and then

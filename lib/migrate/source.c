@@ -356,7 +356,7 @@ static void *rp_thread(void *arg)
 
 	if (!r)
 		goto out;
-	vmig__reader_init_fd(r, s->fd);
+	vmig__reader_init_chan(r, s->ch);
 	for (;;) {
 		uint8_t type, payload[256];
 		size_t len;
@@ -370,8 +370,8 @@ out:
 	pthread_mutex_lock(&s->lock);
 	/* The destination is gone (or done): a send blocked on a peer that
 	 * no longer reads would otherwise wait for TCP's own timeout. */
-	if (s->fd >= 0)
-		shutdown(s->fd, SHUT_RDWR);
+	if (s->ch)
+		vmig__chan_shutdown(s->ch, SHUT_RDWR);
 	__atomic_store_n(&s->rp_failed, true, __ATOMIC_RELEASE);
 	if (!s->rp_resumed || vmig__in_postcopy(s)) {
 		vmig__err_set_first(&err, "destination closed the connection");
@@ -399,6 +399,27 @@ int vmig__src_wait_rp(struct vmig_session *s, const bool *flag)
 	ret = *flag ? 0 : -EIO;
 	pthread_mutex_unlock(&s->lock);
 	return ret;
+}
+
+/*
+ * A send failed. The destination may have said why on the return path just
+ * before it closed (a TLS alert, RP_ERROR): give the return-path thread a
+ * moment to read it, so that reason, not our "broken pipe", is reported.
+ */
+static void send_failed(struct vmig__source *src, int ret)
+{
+	struct vmig_session *s = src->s;
+	struct timespec until;
+
+	clock_gettime(CLOCK_REALTIME, &until);
+	until.tv_sec += 2;
+	pthread_mutex_lock(&s->lock);
+	while (s->rp_started && !__atomic_load_n(&s->rp_failed, __ATOMIC_ACQUIRE) &&
+	       !vmig__cancelled(s) && ret != -ECANCELED &&
+	       pthread_cond_timedwait(&s->cond, &s->lock, &until) != ETIMEDOUT)
+		;
+	pthread_mutex_unlock(&s->lock);
+	vmig__fail(s, ret, "sending to the destination failed");
 }
 
 /*
@@ -598,7 +619,7 @@ static int switch_over(struct vmig__source *src)
 	src->st.downtime_ms = (int64_t)((src->st.downtime_us + 500) / 1000);
 	return 0;
 err_io:
-	vmig__fail(s, ret, "sending to the destination failed");
+	send_failed(src, ret);
 	return ret;
 }
 
@@ -607,16 +628,15 @@ err_io:
  * have refused this migration (and closed its listener), and its reason,
  * on the return path, explains our symptom better. Wait a little for it.
  */
-static void dest_reason(struct vmig__source *src, int fd)
+static void dest_reason(struct vmig__source *src, struct vmig__chan *c)
 {
-	struct pollfd pfd = {.fd = fd, .events = POLLIN};
 	struct vmig__reader *r = malloc(sizeof(*r));
 	struct vmig__err err = {{0}};
 	uint8_t type, payload[256];
 	size_t len;
 
-	if (r && poll(&pfd, 1, 2000) == 1) {
-		vmig__reader_init_fd(r, fd);
+	if (r && vmig__chan_wait_readable(c, 2000) == 1) {
+		vmig__reader_init_chan(r, c);
 		if (!vmig__rp_read(r, &type, payload, sizeof(payload), &len, &err) &&
 		    type == VMIG_RP_ERROR)
 			vmig__src_rp_message(src, type, payload, len, &err);
@@ -635,27 +655,27 @@ int vmig__src_connect(struct vmig__source *src, bool resume)
 	uint16_t flags = resume ? VMIG_PRE_F_RESUME : 0;
 	struct vmig__uri u;
 	struct vmig__err err = {{0}};
-	int fd = -1, ufd = -1, ret;
+	struct vmig__chan *ch = NULL, *uch = NULL;
+	int ret;
 
 	ret = vmig__uri_parse(s->uri, &u, &err);
 	if (!ret)
-		ret = vmig__chan_connect(&u, s->cancel_efd, &fd, &err);
+		ret = vmig__chan_connect(&u, &s->tls, s->cancel_efd, &ch, &err);
 	if (!ret && s->caps[VMIG_CAP_POSTCOPY_RAM])
-		ret = vmig__chan_connect(&u, s->cancel_efd, &ufd, &err);
+		ret = vmig__chan_connect(&u, &s->tls, s->cancel_efd, &uch, &err);
 	if (ret) {
-		if (fd >= 0)
-			close(fd);
+		vmig__chan_free(ch);
 		vmig__note_err(s, "%s", err.msg);
 		return ret;
 	}
 	uint64_t sent = src->w->bytes; /* a resumed stream keeps counting */
 
 	pthread_mutex_lock(&s->lock);
-	s->fd = fd;
-	s->urgent_fd = ufd;
+	s->ch = ch;
+	s->urgent = uch;
 	__atomic_store_n(&s->rp_failed, false, __ATOMIC_RELEASE);
 	pthread_mutex_unlock(&s->lock);
-	vmig__writer_init(src->w, fd);
+	vmig__writer_init(src->w, ch);
 	if (resume)
 		src->w->bytes = sent;
 	src->w->throttle = vmig__src_throttle;
@@ -667,13 +687,13 @@ int vmig__src_connect(struct vmig__source *src, bool resume)
 	if (!ret && s->caps[VMIG_CAP_MULTIFD]) {
 		ret = vmig__mf_source_open(src, &err);
 		if (ret) {
-			dest_reason(src, fd);
+			dest_reason(src, ch);
 			vmig__note_err(s, "%s", err.msg);
 			return ret;
 		}
 	}
-	if (!ret && ufd >= 0) {
-		vmig__writer_init(src->uw, ufd);
+	if (!ret && uch) {
+		vmig__writer_init(src->uw, uch);
 		vmig__writer_preamble(src->uw, VMIG_CHAN_URGENT, flags, s->session_id);
 		ret = vmig__writer_flush(src->uw);
 	}
@@ -812,7 +832,7 @@ static int iterate(struct vmig__source *src)
 		int ret = send_dirty(src, false);
 
 		if (ret) {
-			vmig__fail(s, ret, "sending to the destination failed");
+			send_failed(src, ret);
 			return ret;
 		}
 		if (__atomic_load_n(&s->postcopy_requested, __ATOMIC_ACQUIRE)) {

@@ -618,17 +618,17 @@ static void *urgent_main(void *arg)
 	struct vmig__loader l = {.blocks = pc->lb, .nblocks = s->nblocks, .err = &err,
 				 .urgent = true, .postcopy = true, .blocks_ok = true,
 				 .bounce = bounce};
+	struct vmig__chan *uch;
 	uint8_t type;
-	int fd;
 
 	pthread_mutex_lock(&s->lock);
-	fd = s->urgent_fd;
+	uch = s->urgent;
 	pthread_mutex_unlock(&s->lock);
-	if (r && bounce && fd >= 0) {
+	if (r && bounce && uch) {
 		int ret;
 
 		vmig__pc_dest_hooks(pc, &l.hooks);
-		vmig__reader_init_fd(r, fd);
+		vmig__reader_init_chan(r, uch);
 		l.r = r;
 		while (!(ret = vmig__load_record(&l, &type)))
 			;
@@ -642,17 +642,18 @@ static void *urgent_main(void *arg)
 	 * the main channel must still carry RP_ERROR (so only its reading side
 	 * is shut). */
 	pthread_mutex_lock(&s->lock);
-	if (s->fd >= 0 && !__atomic_load_n(&pc->finishing, __ATOMIC_ACQUIRE))
-		shutdown(s->fd, __atomic_load_n(&pc->urgent_err, __ATOMIC_ACQUIRE) ? SHUT_RD
-										    : SHUT_RDWR);
+	if (s->ch && !__atomic_load_n(&pc->finishing, __ATOMIC_ACQUIRE))
+		vmig__chan_shutdown(s->ch, __atomic_load_n(&pc->urgent_err, __ATOMIC_ACQUIRE)
+					       ? SHUT_RD
+					       : SHUT_RDWR);
 	pthread_mutex_unlock(&s->lock);
 	free(bounce);
 	free(r);
 	return NULL;
 }
 
-/* Shut the urgent channel and join its thread (its fd stays until closed
- * with the others). */
+/* Shut the urgent channel and join its thread (the channel stays until
+ * closed with the others). */
 static void stop_urgent(struct vmig__pc_dest *pc)
 {
 	struct vmig_session *s = pc->s;
@@ -661,8 +662,8 @@ static void stop_urgent(struct vmig__pc_dest *pc)
 	 * and break the main channel, which still has to carry RP_ERROR. */
 	__atomic_store_n(&pc->finishing, true, __ATOMIC_RELEASE);
 	pthread_mutex_lock(&s->lock);
-	if (s->urgent_fd >= 0)
-		shutdown(s->urgent_fd, SHUT_RDWR);
+	if (s->urgent)
+		vmig__chan_shutdown(s->urgent, SHUT_RDWR);
 	pthread_mutex_unlock(&s->lock);
 	if (pc->urgent_started) {
 		pthread_join(pc->urgent_thread, NULL);
@@ -744,7 +745,7 @@ static int pause_and_recover(struct vmig__pc_dest *pc, struct vmig__loader *l)
 		vmig__emit(s, VMIG_EVENT_STATUS);
 	/* Both channels, in whatever order they come; strays are dropped. */
 	ret = vmig__dest_accept(s, l, true);
-	if (!ret && s->urgent_fd < 0)
+	if (!ret && !s->urgent)
 		ret = vmig__dest_accept_urgent(s, l->err);
 	if (ret)
 		return ret;

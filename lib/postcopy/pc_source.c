@@ -246,7 +246,7 @@ static int read_bitmaps(struct vmig__source *src)
 
 	if (!r)
 		return -ENOMEM;
-	vmig__reader_init_fd(r, src->s->fd);
+	vmig__reader_init_chan(r, src->s->ch);
 	ret = vmig__pc_source_read_bitmaps(src, r);
 	/* The destination sends nothing else until it hears from us, so no
 	 * buffered bytes are lost when this reader goes away. */

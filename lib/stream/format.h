@@ -3,7 +3,7 @@
  * The vmig migration stream, on the wire. docs/stream-format.md describes the
  * same thing as byte tables; keep the two in step.
  *
- * Everything is little-endian. A stream starts with a 24-byte preamble, then
+ * Everything is little-endian. A stream starts with a 32-byte preamble, then
  * a sequence of records. Each record is an 8-byte header (type, flags,
  * reserved, payload length) followed by its payload. A record never guesses:
  * an unknown type, a reserved bit set, or a length outside the bounds of its
@@ -13,10 +13,11 @@
 #ifndef VMIG_STREAM_FORMAT_H
 #define VMIG_STREAM_FORMAT_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #define VMIG_STREAM_MAGIC "VMIGSTRM" /* 8 bytes, no NUL on the wire */
-#define VMIG_STREAM_VERSION 1u
+#define VMIG_STREAM_VERSION 2u	     /* 2: 128-bit session ids */
 
 /* Pages per PAGES/ZERO record at most: 64 pages = 256 KiB of payload. */
 #define VMIG_REC_MAX_PAGES 64u
@@ -52,12 +53,24 @@ enum vmig_channel_kind {
  */
 #define VMIG_MULTIFD_CHUNK_PAGES 64u
 
+/* A migration's session id: 128 random bits chosen by the source, the same
+ * on every connection of the migration (and of its resumes), so a side
+ * channel or a resume cannot be guessed into it. */
+struct vmig_wire_sid {
+	uint64_t lo, hi;
+} __attribute__((packed));
+
+static inline bool vmig__sid_eq(struct vmig_wire_sid a, struct vmig_wire_sid b)
+{
+	return !((a.lo ^ b.lo) | (a.hi ^ b.hi)); /* no early exit on a prefix */
+}
+
 struct vmig_wire_preamble {
 	char magic[8];
 	uint32_t version;
 	uint16_t channel; /* enum vmig_channel_kind */
 	uint16_t flags;   /* VMIG_PRE_F_* */
-	uint64_t session; /* chosen by the source, same on every channel */
+	struct vmig_wire_sid session;
 } __attribute__((packed));
 
 struct vmig_wire_rec {

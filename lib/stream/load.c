@@ -37,7 +37,7 @@ static int read_error(struct vmig__loader *l, int ret, const char *what)
 				    (unsigned long long)l->r->bytes, what);
 	else
 		vmig__err_set_first(l->err, "reading migration stream (%s): %s", what,
-				    strerror(-ret));
+				    vmig__reader_strerror(l->r, ret));
 	return ret;
 }
 
@@ -484,8 +484,15 @@ int vmig__rp_read(struct vmig__reader *r, uint8_t *type, void *payload, size_t c
 		if (ret == -EPIPE)
 			vmig__err_set_first(err, "destination closed the connection");
 		else
-			vmig__err_set_first(err, "reading return path: %s", strerror(-ret));
+			vmig__err_set_first(err, "reading return path: %s",
+					    vmig__reader_strerror(r, ret));
 		return ret;
+	}
+	/* A TLS record (alert or handshake) where a plain one was expected. */
+	if ((rec.type == 0x15 || rec.type == 0x16) && rec.flags == 0x03 && r->c &&
+	    !vmig__chan_is_tls(r->c)) {
+		vmig__err_set_first(err, "the destination requires TLS (set tls-creds here)");
+		return -EPROTO;
 	}
 	if (rec.type < VMIG_RP_READY || rec.type > VMIG_RP_COMPLETE || rec.flags || rec.reserved ||
 	    rec.len > cap) {

@@ -2,18 +2,17 @@
 /*
  * Buffered reader for the migration stream. Small reads (record headers) are
  * served from a 64 KiB buffer; large reads (page payloads) go straight from
- * the socket into their destination, so received pages are copied once.
+ * the channel into their destination, so received pages are copied once.
  * The same reader can read from memory, which is how the fuzzer feeds it.
  */
 #include <errno.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "stream/stream.h"
 
-void vmig__reader_init_fd(struct vmig__reader *r, int fd)
+void vmig__reader_init_chan(struct vmig__reader *r, struct vmig__chan *c)
 {
-	r->fd = fd;
+	r->c = c;
 	r->mem = NULL;
 	r->mem_len = r->mem_pos = 0;
 	r->bytes = 0;
@@ -22,7 +21,7 @@ void vmig__reader_init_fd(struct vmig__reader *r, int fd)
 
 void vmig__reader_init_mem(struct vmig__reader *r, const void *data, size_t len)
 {
-	vmig__reader_init_fd(r, -1);
+	vmig__reader_init_chan(r, NULL);
 	r->mem = data;
 	r->mem_len = len;
 }
@@ -32,7 +31,7 @@ static ssize_t source_read(struct vmig__reader *r, void *dst, size_t n)
 {
 	ssize_t got;
 
-	if (r->fd < 0) {
+	if (!r->c) {
 		size_t left = r->mem_len - r->mem_pos;
 
 		if (!left)
@@ -42,12 +41,7 @@ static ssize_t source_read(struct vmig__reader *r, void *dst, size_t n)
 		r->mem_pos += (size_t)got;
 		return got;
 	}
-	do {
-		got = read(r->fd, dst, n);
-	} while (got < 0 && errno == EINTR);
-	if (got < 0)
-		return -errno;
-	return got ? got : -EPIPE;
+	return vmig__chan_read(r->c, dst, n);
 }
 
 int vmig__reader_read(struct vmig__reader *r, void *dst, size_t n)
@@ -116,4 +110,9 @@ int vmig__reader_skip(struct vmig__reader *r, size_t n)
 		n -= take;
 	}
 	return 0;
+}
+
+const char *vmig__reader_strerror(const struct vmig__reader *r, int ret)
+{
+	return vmig__chan_strerror(r->c, ret);
 }

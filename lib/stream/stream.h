@@ -3,8 +3,8 @@
  * Record framing for the migration stream: a batching writer (source side),
  * a buffered reader, and the record loader (destination side). Internal.
  *
- * Ownership and threads: a writer or reader belongs to one thread. The fd is
- * owned by the caller; these objects never close it.
+ * Ownership and threads: a writer or reader belongs to one thread. The
+ * channel is owned by the caller; these objects never close it.
  */
 #ifndef VMIG_STREAM_H
 #define VMIG_STREAM_H
@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include <sys/uio.h>
 
+#include "channel/channel.h"
 #include "stream/format.h"
 #include "util/util.h"
 
@@ -31,7 +32,7 @@
 typedef int (*vmig__throttle_fn)(void *opaque, size_t bytes);
 
 struct vmig__writer {
-	int fd;
+	struct vmig__chan *c;
 	int err; /* sticky: first error, -errno; puts after it are no-ops */
 	uint64_t bytes;
 	vmig__throttle_fn throttle;
@@ -45,10 +46,10 @@ struct vmig__writer {
 	uint8_t hdrbuf[VMIG_WRITER_HDRBUF];
 };
 
-void vmig__writer_init(struct vmig__writer *w, int fd);
+void vmig__writer_init(struct vmig__writer *w, struct vmig__chan *c);
 /* Preamble: magic, version, channel kind, flags, session id. */
 void vmig__writer_preamble(struct vmig__writer *w, uint16_t channel, uint16_t flags,
-			   uint64_t session);
+			   struct vmig_wire_sid session);
 /* A record whose payload is copied now (payload may be reused at once). */
 void vmig__writer_rec(struct vmig__writer *w, uint8_t type, const void *payload, uint32_t len);
 /* A run of npages whole pages at host (referenced, not copied: host must
@@ -68,9 +69,9 @@ void vmig__writer_release(struct vmig__writer *w);
 
 #define VMIG_READER_BUF (64u << 10)
 
-/* Reads from an fd, or from a memory buffer (fd < 0) for the fuzzer. */
+/* Reads from a channel, or from a memory buffer (c NULL) for the fuzzer. */
 struct vmig__reader {
-	int fd;
+	struct vmig__chan *c;
 	const uint8_t *mem;
 	size_t mem_len;
 	size_t mem_pos;
@@ -80,7 +81,7 @@ struct vmig__reader {
 	uint8_t buf[VMIG_READER_BUF];
 };
 
-void vmig__reader_init_fd(struct vmig__reader *r, int fd);
+void vmig__reader_init_chan(struct vmig__reader *r, struct vmig__chan *c);
 void vmig__reader_init_mem(struct vmig__reader *r, const void *data, size_t len);
 /* Exactly n bytes into dst. 0, -EPIPE on end of stream, or -errno. Large
  * reads go straight into dst without passing through the buffer. */
@@ -90,6 +91,8 @@ int vmig__reader_read(struct vmig__reader *r, void *dst, size_t n);
 int vmig__reader_read_exact(struct vmig__reader *r, void *dst, size_t n);
 /* Skip n bytes. */
 int vmig__reader_skip(struct vmig__reader *r, size_t n);
+/* Text for a failed read: the channel's (TLS) reason, or strerror. */
+const char *vmig__reader_strerror(const struct vmig__reader *r, int ret);
 
 /* ---- loader (destination) -------------------------------------------- */
 
@@ -138,7 +141,7 @@ struct vmig__loader {
 	/* from the preamble */
 	uint16_t channel;
 	uint16_t pre_flags;
-	uint64_t session;
+	struct vmig_wire_sid session;
 
 	/* progress */
 	bool blocks_ok;

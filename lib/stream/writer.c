@@ -26,9 +26,9 @@ struct vmig__zstd {
 	uint8_t buf[ZBUF_BYTES];
 };
 
-void vmig__writer_init(struct vmig__writer *w, int fd)
+void vmig__writer_init(struct vmig__writer *w, struct vmig__chan *c)
 {
-	w->fd = fd;
+	w->c = c;
 	w->err = 0;
 	w->bytes = 0;
 	w->throttle = NULL;
@@ -77,7 +77,7 @@ static void *put_hdr(struct vmig__writer *w, uint8_t type, uint32_t len, size_t 
 }
 
 void vmig__writer_preamble(struct vmig__writer *w, uint16_t channel, uint16_t flags,
-			   uint64_t session)
+			   struct vmig_wire_sid session)
 {
 	struct vmig_wire_preamble pre;
 	uint8_t *p;
@@ -205,7 +205,7 @@ int vmig__writer_flush(struct vmig__writer *w)
 			goto out;
 		}
 	}
-	w->err = vmig__writev_full(w->fd, w->iov, w->niov);
+	w->err = vmig__chan_writev(w->c, w->iov, w->niov);
 	if (!w->err) /* atomic: other threads read it for statistics */
 		__atomic_store_n(&w->bytes, w->bytes + w->pending, __ATOMIC_RELAXED);
 out:

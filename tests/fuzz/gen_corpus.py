@@ -18,8 +18,8 @@ def rec(rtype, payload=b""):
     return struct.pack("<BBHI", rtype, 0, 0, len(payload)) + payload
 
 
-def preamble(version=1, channel=0, flags=0, session=0x1234):
-    return b"VMIGSTRM" + struct.pack("<IHHQ", version, channel, flags, session)
+def preamble(version=2, channel=0, flags=0, session=0x1234):
+    return b"VMIGSTRM" + struct.pack("<IHHQQ", version, channel, flags, session, ~session & (2**64 - 1))
 
 
 def blocks(entries):
@@ -100,7 +100,7 @@ def main():
             "full-verify": full.replace(digest(), digest(1, 5, 5)),
             "blocks-only": preamble() + good_blocks,
             "wrong-size": preamble() + blocks([(b"pc.ram", 8 * PAGE), (b"vga.vram", 4 * PAGE)]),
-            "wrong-version": preamble(2) + good_blocks,
+            "wrong-version": preamble(3) + good_blocks,
             "many-pages": preamble() + good_blocks +
                           pages(0, 0, [page_of(i) for i in range(16)]) + eos(),
             "oob-run": preamble() + good_blocks + zero(0, 15, 2),

@@ -46,7 +46,7 @@ static const struct vmig_vm_ops ops = {
 static struct {
 	vmig_session *s;
 	uint8_t *ram;
-	int null_fd;
+	struct vmig__chan *null_chan; /* the urgent channel's writes go nowhere */
 } g;
 
 static void setup(void)
@@ -70,8 +70,8 @@ static void setup(void)
 			abort();
 		off += b.size;
 	}
-	g.null_fd = open("/dev/null", O_WRONLY | O_CLOEXEC);
-	if (g.null_fd < 0)
+	g.null_chan = vmig__chan_from_fd(open("/dev/null", O_WRONLY | O_CLOEXEC));
+	if (!g.null_chan || vmig__chan_fd(g.null_chan) < 0)
 		abort();
 }
 
@@ -88,7 +88,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	src.s = s;
 	src.uw = malloc(sizeof(*src.uw));
 	if (src.uw)
-		vmig__writer_init(src.uw, g.null_fd);
+		vmig__writer_init(src.uw, g.null_chan);
 	if (!r || !src.uw || !size)
 		goto out;
 	/* Fresh per input: past the switch, nothing acknowledged yet. */

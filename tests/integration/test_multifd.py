@@ -195,7 +195,7 @@ def rec(rtype, payload=b""):
 
 
 def preamble(channel, flags, session):
-    return b"VMIGSTRM" + struct.pack("<IHHQ", 1, channel, flags, session)
+    return b"VMIGSTRM" + struct.pack("<IHHQQ", 2, channel, flags, session, session)
 
 
 def case_page_on_wrong_channel(procs, build):

@@ -72,7 +72,7 @@ def case_strays(procs, build):
     strays = [
         (os.urandom(65536), "magic"),
         (b"", "closed before"),
-        (b"VMIGSTRM" + (99).to_bytes(4, "little") + bytes(12), "version 99"),
+        (b"VMIGSTRM" + (99).to_bytes(4, "little") + bytes(20), "version 99"),
     ]
     for i, (data, why) in enumerate(strays):
         s = conn()

@@ -210,7 +210,7 @@ static void *fake_dest(void *arg)
 	for (unsigned i = 0; i < NPAGES; i++)
 		hash[i] = vmig__zero_page_hash();
 	assert_true(fd >= 0);
-	vmig__reader_init_fd(r, fd);
+	vmig__reader_init_chan(r, vmig__chan_from_fd(dup(fd)));
 	assert_int_equal(vmig__load_preamble(&l), 0);
 	l.hooks.discard = discard_nothing;
 	l.hooks.place = place_nothing;
@@ -259,6 +259,7 @@ static void *fake_dest(void *arg)
 	}
 	if (ufd >= 0)
 		close(ufd);
+	vmig__chan_free(r->c);
 	vmig__loader_release(&l);
 	free(ram);
 	free(r);
@@ -570,11 +571,11 @@ static struct vmig_stats run_postcopy_dest(enum pc_fault fault, struct fake_vm *
 	memcpy(blocks, &one, 4);
 	memcpy(blocks + 4, &wb, sizeof(wb));
 	memcpy(blocks + 4 + sizeof(wb), "pc.ram", 6);
-	vmig__writer_init(w, fd);
-	vmig__writer_init(uw, ufd);
-	vmig__writer_preamble(uw, VMIG_CHAN_URGENT, 0, 7);
+	vmig__writer_init(w, vmig__chan_from_fd(fd));
+	vmig__writer_init(uw, vmig__chan_from_fd(ufd));
+	vmig__writer_preamble(uw, VMIG_CHAN_URGENT, 0, (struct vmig_wire_sid){7, 7});
 	assert_int_equal(vmig__writer_flush(uw), 0);
-	vmig__writer_preamble(w, VMIG_CHAN_MAIN, 0, 7);
+	vmig__writer_preamble(w, VMIG_CHAN_MAIN, 0, (struct vmig_wire_sid){7, 7});
 	vmig__writer_rec(w, VMIG_REC_BLOCKS, blocks, sizeof(blocks));
 	/* From a copy: the destination writes vm->ram as these pages land. */
 	memcpy(pages, vm->ram, NPAGES / 2 * VMIG_PAGE_SIZE);
@@ -617,8 +618,8 @@ static struct vmig_stats run_postcopy_dest(enum pc_fault fault, struct fake_vm *
 		assert_int_equal(now.status, VMIG_STATUS_POSTCOPY_RECOVER);
 		assert_int_equal(vmig_recover(s, uri), -EINVAL); /* once */
 	}
-	close(fd);
-	close(ufd);
+	vmig__chan_free(w->c);
+	vmig__chan_free(uw->c);
 	free(w);
 	free(uw);
 	free(pages);

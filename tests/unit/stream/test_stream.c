@@ -65,8 +65,8 @@ static size_t build_stream(uint8_t **out, struct side *src, bool with_state)
 	memcpy(blocks, &one, 4);
 	memcpy(blocks + 4, &wb, sizeof(wb));
 	memcpy(blocks + 4 + sizeof(wb), "pc.ram", 6);
-	vmig__writer_init(w, fd);
-	vmig__writer_preamble(w, VMIG_CHAN_MAIN, 0, 42);
+	vmig__writer_init(w, vmig__chan_from_fd(dup(fd)));
+	vmig__writer_preamble(w, VMIG_CHAN_MAIN, 0, (struct vmig_wire_sid){42, 0});
 	vmig__writer_rec(w, VMIG_REC_BLOCKS, blocks, sizeof(blocks));
 	for (int i = 0; i < 8; i++) {
 		memset(src->ram + i * VMIG_PAGE_SIZE, 0x10 + i, VMIG_PAGE_SIZE);
@@ -85,6 +85,7 @@ static size_t build_stream(uint8_t **out, struct side *src, bool with_state)
 	assert_int_equal(pread(fd, *out, (size_t)len, 0), len);
 	assert_int_equal(w->bytes, (uint64_t)len);
 	close(fd);
+	vmig__chan_free(w->c);
 	free(w);
 	return (size_t)len;
 }
@@ -225,7 +226,7 @@ static void test_missing_state_rejected(void **state)
 static void test_out_of_range_run(void **state)
 {
 	uint8_t buf[sizeof(struct vmig_wire_preamble) + 256];
-	struct vmig_wire_preamble pre = {.version = 1};
+	struct vmig_wire_preamble pre = {.version = VMIG_STREAM_VERSION};
 	struct vmig_wire_rec rec = {.type = VMIG_REC_BLOCKS};
 	struct vmig_wire_block wb = {.name_len = 6, .page_size = VMIG_PAGE_SIZE,
 				     .size = NPAGES * VMIG_PAGE_SIZE};
@@ -313,9 +314,9 @@ static size_t build_compressed(uint8_t **out, struct side *src)
 		x ^= x << 13, x ^= x >> 7, x ^= x << 17;
 		src->ram[k] = (uint8_t)x;
 	}
-	vmig__writer_init(w, fd);
+	vmig__writer_init(w, vmig__chan_from_fd(dup(fd)));
 	assert_int_equal(vmig__writer_compress(w, 3), 0);
-	vmig__writer_preamble(w, VMIG_CHAN_MULTIFD, 0, 42);
+	vmig__writer_preamble(w, VMIG_CHAN_MULTIFD, 0, (struct vmig_wire_sid){42, 0});
 	vmig__writer_pages(w, 0, 0, 16, src->ram);
 	vmig__writer_pages(w, 0, 16, 1, src->ram + 16 * VMIG_PAGE_SIZE);
 	vmig__writer_rec(w, VMIG_REC_EOS, NULL, 0);
@@ -325,6 +326,7 @@ static size_t build_compressed(uint8_t **out, struct side *src)
 	*out = malloc((size_t)len);
 	assert_int_equal(pread(fd, *out, (size_t)len, 0), len);
 	close(fd);
+	vmig__chan_free(w->c);
 	free(w);
 	return (size_t)len;
 }
@@ -363,7 +365,7 @@ static void test_compressed_data_channel(void **state)
 	 * page hashes, checked at switch-over, catch that. */
 	free(dst.ram);
 	side_init(&dst);
-	data[24 + 8 + 16] ^= 0x40;
+	data[sizeof(struct vmig_wire_preamble) + 8 + 16] ^= 0x40;
 	assert_int_not_equal(load_data_channel(data, len, &dst, &err), 0);
 	assert_non_null(strstr(err.msg, "decompress"));
 	free(data);

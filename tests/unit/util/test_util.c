@@ -169,7 +169,8 @@ static void test_connect_full_backlog(void **state)
 	struct vmig__uri u = {.kind = VMIG_URI_UNIX};
 	struct sockaddr_un sa = {.sun_family = AF_UNIX};
 	struct vmig__err err = {{0}};
-	int l, fillers[4], fd = -1, n = 0;
+	struct vmig__chan *c = NULL;
+	int l, fillers[4], n = 0;
 	pid_t child;
 
 	snprintf(u.path, sizeof(u.path), "/tmp/vmig-ut-backlog-%d.sock", (int)getpid());
@@ -189,10 +190,10 @@ static void test_connect_full_backlog(void **state)
 		close(accept(l, NULL, NULL));
 		_exit(0);
 	}
-	assert_int_equal(vmig__chan_connect(&u, -1, &fd, &err), 0);
+	assert_int_equal(vmig__chan_connect(&u, NULL, -1, &c, &err), 0);
 	assert_int_equal(waitpid(child, NULL, 0), child);
-	assert_true(fd >= 0);
-	close(fd);
+	assert_non_null(c);
+	vmig__chan_free(c);
 	for (int i = 0; i < 4; i++)
 		close(fillers[i]);
 	close(l);

@@ -1,0 +1,761 @@
+// SPDX-License-Identifier: MIT
+/*
+ * TLS for migration channels, with GnuTLS (as QEMU): credentials laid out
+ * as QEMU's tls-creds-x509 and tls-creds-psk objects, TLS 1.3 only, and a
+ * peer check on every connection.
+ *
+ * Who is let in. A client (the source) checks the server's certificate
+ * chain, dates and name during the handshake (verify-peer=on). A server
+ * (the destination) with verify-peer=on requires a client certificate
+ * signed by its CA; with PSK, a peer without the key cannot finish the
+ * handshake. Then, if tls-authz names an identity (the client
+ * certificate's DN, or the PSK username), nobody else gets in. Only after
+ * all of this does the engine read a byte of the peer's stream.
+ *
+ * I/O. The transport functions are ours: reads go through a 64 KiB buffer
+ * (one recv() serves several records), writes use sendmsg(MSG_NOSIGNAL).
+ * A writev is cut into whole 16 KiB records: large pieces (page runs) are
+ * encrypted straight from guest memory, small ones (record headers) are
+ * gathered first, so headers never cost a record each.
+ *
+ * Threads: one reader and one writer at a time, which GnuTLS supports once
+ * the handshake is over. rbuf and the read-side error belong to the reader,
+ * wbuf and the write-side error to the writer.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <gnutls/gnutls.h>
+#include <gnutls/x509.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "channel/chan_int.h"
+
+#define TLS_RBUF (64u << 10)
+#define TLS_RECORD (16u << 10)
+
+/* TLS 1.3 only; its cipher suites are all AEAD. PSK also needs the PSK key
+ * exchanges (with (EC)DHE first, for forward secrecy). */
+#define PRIO_X509 "NORMAL:-VERS-ALL:+VERS-TLS1.3"
+#define PRIO_PSK "NORMAL:-VERS-ALL:+VERS-TLS1.3:+ECDHE-PSK:+DHE-PSK:+PSK"
+
+struct vmig_tls_creds {
+	int refs; /* atomic */
+	enum vmig_tls_endpoint endpoint;
+	bool psk;
+	bool verify_peer;
+	gnutls_certificate_credentials_t x509;
+	gnutls_psk_client_credentials_t psk_client;
+	gnutls_psk_server_credentials_t psk_server;
+	char dir[256];
+};
+
+struct vmig__tls_conn {
+	gnutls_session_t s;
+	struct vmig_tls_creds *creds; /* a reference */
+	bool server;
+	bool done;	 /* handshake finished and peer accepted */
+	char authz[512]; /* server: the one identity let in, or "" */
+	/* reader thread (and the handshake) */
+	uint8_t *rbuf;
+	size_t rpos, rlen;
+	bool got_bytes; /* something arrived: its first bytes are rbuf's */
+	int rerrno;	/* errno of the last failed recv */
+	char rmsg[128]; /* why the last read failed, if TLS's fault */
+	/* writer thread */
+	uint8_t *wbuf;
+	size_t wlen;
+	int werrno;
+	char wmsg[128];
+};
+
+/* ---- credentials ------------------------------------------------------ */
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...) VMIG_PRINTF(3, 4);
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (!err || !errlen)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(err, errlen, fmt, ap);
+	va_end(ap);
+}
+
+static int path_in(char *out, size_t len, const char *dir, const char *name)
+{
+	return snprintf(out, len, "%s/%s", dir, name) < (int)len ? 0 : -ENAMETOOLONG;
+}
+
+static bool exists(const char *dir, const char *name)
+{
+	char p[512];
+
+	return !path_in(p, sizeof(p), dir, name) && !access(p, F_OK);
+}
+
+static int creds_alloc(struct vmig_tls_creds **out, const struct vmig_tls_creds_opts *o, char *err,
+		       size_t errlen)
+{
+	struct vmig_tls_creds *c;
+	struct stat st;
+
+	if (!o || o->size < offsetof(struct vmig_tls_creds_opts, username) + sizeof(o->username)) {
+		set_err(err, errlen, "TLS credentials: bad options");
+		return -EINVAL;
+	}
+	if (o->endpoint != VMIG_TLS_ENDPOINT_CLIENT && o->endpoint != VMIG_TLS_ENDPOINT_SERVER) {
+		set_err(err, errlen, "TLS credentials: endpoint must be 'server' or 'client'");
+		return -EINVAL;
+	}
+	if (!o->dir || !o->dir[0]) {
+		set_err(err, errlen, "TLS credentials: 'dir' is required");
+		return -EINVAL;
+	}
+	if (strlen(o->dir) >= sizeof(c->dir)) {
+		set_err(err, errlen, "TLS credentials: dir '%s' is too long", o->dir);
+		return -ENAMETOOLONG;
+	}
+	if (stat(o->dir, &st) || !S_ISDIR(st.st_mode)) {
+		set_err(err, errlen, "TLS credentials: cannot use dir '%s': %s", o->dir,
+			errno && !S_ISDIR(st.st_mode) ? strerror(errno) : "not a directory");
+		return -ENOENT;
+	}
+	c = calloc(1, sizeof(*c));
+	if (!c) {
+		set_err(err, errlen, "out of memory");
+		return -ENOMEM;
+	}
+	c->refs = 1;
+	c->endpoint = o->endpoint;
+	c->verify_peer = o->verify_peer;
+	strcpy(c->dir, o->dir);
+	*out = c;
+	return 0;
+}
+
+/* Load dir/name into the x509 credentials with fn; a missing required
+ * file or a bad one is an error naming it. */
+static int load_pair(struct vmig_tls_creds *c, const char *cert, const char *key, bool required,
+		     char *err, size_t errlen)
+{
+	char pc[512], pk[512];
+	int ret;
+
+	if (!exists(c->dir, cert) && !exists(c->dir, key) && !required)
+		return 0;
+	if (path_in(pc, sizeof(pc), c->dir, cert) || path_in(pk, sizeof(pk), c->dir, key))
+		return -ENAMETOOLONG;
+	ret = gnutls_certificate_set_x509_key_file(c->x509, pc, pk, GNUTLS_X509_FMT_PEM);
+	if (ret < 0) {
+		set_err(err, errlen, "TLS credentials: cannot load %s and %s: %s", pc, pk,
+			gnutls_strerror(ret));
+		return -EINVAL;
+	}
+	return 0;
+}
+
+VMIG_EXPORT int vmig_tls_creds_new_x509(vmig_tls_creds **out,
+					const struct vmig_tls_creds_opts *opts, char *err,
+					size_t errlen)
+{
+	bool server = opts && opts->endpoint == VMIG_TLS_ENDPOINT_SERVER;
+	struct vmig_tls_creds *c;
+	char p[512];
+	int ret = creds_alloc(&c, opts, err, errlen);
+
+	if (ret)
+		return ret;
+	if (gnutls_certificate_allocate_credentials(&c->x509) < 0) {
+		set_err(err, errlen, "out of memory");
+		ret = -ENOMEM;
+		goto fail;
+	}
+	/* The CA: to check the peer, and always on a client (as QEMU). */
+	if (c->verify_peer || !server || exists(c->dir, "ca-cert.pem")) {
+		path_in(p, sizeof(p), c->dir, "ca-cert.pem");
+		ret = gnutls_certificate_set_x509_trust_file(c->x509, p, GNUTLS_X509_FMT_PEM);
+		if (ret <= 0) {
+			set_err(err, errlen, "TLS credentials: cannot load CA certificate %s: %s",
+				p, ret ? gnutls_strerror(ret) : "no certificate in it");
+			ret = -EINVAL;
+			goto fail;
+		}
+	}
+	if (exists(c->dir, "ca-crl.pem")) {
+		path_in(p, sizeof(p), c->dir, "ca-crl.pem");
+		ret = gnutls_certificate_set_x509_crl_file(c->x509, p, GNUTLS_X509_FMT_PEM);
+		if (ret < 0) {
+			set_err(err, errlen, "TLS credentials: cannot load %s: %s", p,
+				gnutls_strerror(ret));
+			ret = -EINVAL;
+			goto fail;
+		}
+	}
+	ret = server ? load_pair(c, "server-cert.pem", "server-key.pem", true, err, errlen)
+		     : load_pair(c, "client-cert.pem", "client-key.pem", false, err, errlen);
+	if (ret)
+		goto fail;
+	*out = c;
+	return 0;
+fail:
+	vmig_tls_creds_unref(c);
+	return ret;
+}
+
+/* Whether s is a username:hexkey line of keys.psk; the key goes to *key. */
+static bool psk_line(char *s, const char **user, const char **key)
+{
+	char *colon = strchr(s, ':');
+	size_t n;
+
+	s[strcspn(s, "\r\n")] = '\0';
+	if (!colon || colon == s)
+		return false;
+	*colon = '\0';
+	*user = s;
+	*key = colon + 1;
+	n = strlen(*key);
+	if (!n || n % 2)
+		return false;
+	return strspn(*key, "0123456789abcdefABCDEF") == n;
+}
+
+VMIG_EXPORT int vmig_tls_creds_new_psk(vmig_tls_creds **out, const struct vmig_tls_creds_opts *opts,
+				       char *err, size_t errlen)
+{
+	const char *want = opts && opts->username && opts->username[0] ? opts->username : "qemu";
+	bool server = opts && opts->endpoint == VMIG_TLS_ENDPOINT_SERVER;
+	struct vmig_tls_creds *c;
+	char p[512], line[1024];
+	unsigned good = 0;
+	bool found = false;
+	FILE *f;
+	int ret = creds_alloc(&c, opts, err, errlen);
+
+	if (ret)
+		return ret;
+	c->psk = true;
+	path_in(p, sizeof(p), c->dir, "keys.psk");
+	f = fopen(p, "re");
+	if (!f) {
+		ret = -errno;
+		set_err(err, errlen, "TLS credentials: cannot open %s: %s", p, strerror(errno));
+		goto fail;
+	}
+	while (fgets(line, sizeof(line), f)) {
+		const char *user, *key;
+
+		if (!psk_line(line, &user, &key))
+			continue;
+		good++;
+		if (server || strcmp(user, want))
+			continue;
+		found = true;
+		if (gnutls_psk_allocate_client_credentials(&c->psk_client) < 0 ||
+		    gnutls_psk_set_client_credentials(
+			c->psk_client, user,
+			&(gnutls_datum_t){.data = (unsigned char *)key,
+					  .size = (unsigned)strlen(key)},
+			GNUTLS_PSK_KEY_HEX) < 0) {
+			set_err(err, errlen, "TLS credentials: cannot use the key of '%s' in %s",
+				user, p);
+			ret = -EINVAL;
+			break;
+		}
+		break;
+	}
+	explicit_bzero(line, sizeof(line));
+	fclose(f);
+	if (ret)
+		goto fail;
+	if (!good) {
+		set_err(err, errlen, "TLS credentials: %s has no 'username:hexkey' line", p);
+		ret = -EINVAL;
+		goto fail;
+	}
+	if (!server && !found) {
+		set_err(err, errlen, "TLS credentials: %s has no key for username '%s'", p, want);
+		ret = -ENOENT;
+		goto fail;
+	}
+	if (server && (gnutls_psk_allocate_server_credentials(&c->psk_server) < 0 ||
+		       gnutls_psk_set_server_credentials_file(c->psk_server, p) < 0)) {
+		set_err(err, errlen, "TLS credentials: cannot use %s", p);
+		ret = -EINVAL;
+		goto fail;
+	}
+	*out = c;
+	return 0;
+fail:
+	vmig_tls_creds_unref(c);
+	return ret;
+}
+
+static struct vmig_tls_creds *creds_ref(struct vmig_tls_creds *c)
+{
+	if (c)
+		__atomic_add_fetch(&c->refs, 1, __ATOMIC_RELAXED);
+	return c;
+}
+
+VMIG_EXPORT void vmig_tls_creds_unref(vmig_tls_creds *c)
+{
+	if (!c || __atomic_sub_fetch(&c->refs, 1, __ATOMIC_ACQ_REL))
+		return;
+	if (c->x509)
+		gnutls_certificate_free_credentials(c->x509);
+	if (c->psk_client)
+		gnutls_psk_free_client_credentials(c->psk_client);
+	if (c->psk_server)
+		gnutls_psk_free_server_credentials(c->psk_server);
+	free(c);
+}
+
+int vmig__tls_set(struct vmig__tls *t, struct vmig_tls_creds *creds, const char *hostname,
+		  const char *authz, struct vmig__err *err)
+{
+	if ((hostname && strlen(hostname) >= sizeof(t->hostname)) ||
+	    (authz && strlen(authz) >= sizeof(t->authz))) {
+		vmig__err_set(err, "tls-hostname or tls-authz identity too long");
+		return -ENAMETOOLONG;
+	}
+	vmig__tls_clear(t);
+	t->creds = creds_ref(creds);
+	snprintf(t->hostname, sizeof(t->hostname), "%s", hostname ? hostname : "");
+	snprintf(t->authz, sizeof(t->authz), "%s", authz ? authz : "");
+	return 0;
+}
+
+void vmig__tls_clear(struct vmig__tls *t)
+{
+	vmig_tls_creds_unref(t->creds);
+	memset(t, 0, sizeof(*t));
+}
+
+int vmig__tls_check_endpoint(const struct vmig__tls *t, enum vmig_tls_endpoint endpoint,
+			     struct vmig__err *err)
+{
+	if (!t->creds || t->creds->endpoint == endpoint)
+		return 0;
+	vmig__err_set(err, "Expected TLS credentials for a %s endpoint (tls-creds is a %s's)",
+		      endpoint == VMIG_TLS_ENDPOINT_SERVER ? "server" : "client",
+		      endpoint == VMIG_TLS_ENDPOINT_SERVER ? "client" : "server");
+	return -EINVAL;
+}
+
+/* ---- transport ------------------------------------------------------- */
+
+static ssize_t pull(gnutls_transport_ptr_t p, void *buf, size_t n)
+{
+	struct vmig__chan *c = p;
+	struct vmig__tls_conn *tc = c->tls;
+	size_t take;
+
+	if (tc->rpos == tc->rlen) {
+		ssize_t got;
+
+		do {
+			got = recv(c->fd, tc->rbuf, TLS_RBUF, 0);
+		} while (got < 0 && errno == EINTR);
+		if (got < 0) {
+			tc->rerrno = errno;
+			gnutls_transport_set_errno(tc->s, errno);
+			return -1;
+		}
+		if (!got)
+			return 0;
+		tc->rpos = 0;
+		tc->rlen = (size_t)got;
+		tc->got_bytes = true;
+	}
+	take = VMIG_MIN(n, tc->rlen - tc->rpos);
+	memcpy(buf, tc->rbuf + tc->rpos, take);
+	tc->rpos += take;
+	return (ssize_t)take;
+}
+
+static int pull_timeout(gnutls_transport_ptr_t p, unsigned ms)
+{
+	struct vmig__chan *c = p;
+	struct pollfd pfd = {.fd = c->fd, .events = POLLIN};
+
+	if (c->tls->rpos < c->tls->rlen)
+		return 1;
+	return poll(&pfd, 1, ms == GNUTLS_INDEFINITE_TIMEOUT ? -1 : (int)ms);
+}
+
+static ssize_t vec_push(gnutls_transport_ptr_t p, const giovec_t *iov, int iovcnt)
+{
+	struct vmig__chan *c = p;
+	struct msghdr msg = {.msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)iovcnt};
+	ssize_t n;
+
+	do {
+		n = sendmsg(c->fd, &msg, MSG_NOSIGNAL);
+	} while (n < 0 && errno == EINTR);
+	if (n < 0) {
+		c->tls->werrno = errno;
+		gnutls_transport_set_errno(c->tls->s, errno);
+	}
+	return n;
+}
+
+int vmig__tls_conn_new(struct vmig__chan *c, const struct vmig__tls *t, bool server,
+		       const char *uri_host, struct vmig__err *err)
+{
+	struct vmig_tls_creds *cr = t->creds;
+	struct vmig__tls_conn *tc = calloc(1, sizeof(*tc));
+	const char *host = t->hostname[0] ? t->hostname : uri_host;
+	int ret;
+
+	if (!tc || !(tc->rbuf = malloc(TLS_RBUF)) || !(tc->wbuf = malloc(TLS_RECORD))) {
+		vmig__err_set(err, "out of memory for TLS");
+		ret = -ENOMEM;
+		goto fail_mem;
+	}
+	ret = gnutls_init(&tc->s, (server ? GNUTLS_SERVER : GNUTLS_CLIENT) | GNUTLS_NO_TICKETS);
+	if (ret < 0) {
+		vmig__err_set(err, "TLS: %s", gnutls_strerror(ret));
+		goto fail_mem;
+	}
+	tc->creds = creds_ref(cr);
+	tc->server = server;
+	snprintf(tc->authz, sizeof(tc->authz), "%s", t->authz);
+	c->tls = tc;
+	ret = gnutls_priority_set_direct(tc->s, cr->psk ? PRIO_PSK : PRIO_X509, NULL);
+	if (ret >= 0 && cr->psk)
+		ret = server ? gnutls_credentials_set(tc->s, GNUTLS_CRD_PSK, cr->psk_server)
+			     : gnutls_credentials_set(tc->s, GNUTLS_CRD_PSK, cr->psk_client);
+	else if (ret >= 0)
+		ret = gnutls_credentials_set(tc->s, GNUTLS_CRD_CERTIFICATE, cr->x509);
+	if (ret < 0) {
+		vmig__err_set(err, "TLS: %s", gnutls_strerror(ret));
+		goto fail;
+	}
+	if (!cr->psk && cr->verify_peer) {
+		if (server)
+			gnutls_certificate_server_set_request(tc->s, GNUTLS_CERT_REQUIRE);
+		/* Chain, dates and (client) name, checked inside the handshake:
+		 * a failure sends the peer the matching alert. */
+		gnutls_session_set_verify_cert(tc->s, server || !host || !host[0] ? NULL : host, 0);
+	}
+	if (!server && !cr->psk && host && host[0])
+		gnutls_server_name_set(tc->s, GNUTLS_NAME_DNS, host, strlen(host));
+	gnutls_transport_set_ptr(tc->s, c);
+	gnutls_transport_set_pull_function(tc->s, pull);
+	gnutls_transport_set_pull_timeout_function(tc->s, pull_timeout);
+	gnutls_transport_set_vec_push_function(tc->s, vec_push);
+	gnutls_handshake_set_timeout(tc->s, 0); /* our own deadlines */
+	return 0;
+fail_mem:
+	if (tc) {
+		free(tc->rbuf);
+		free(tc->wbuf);
+		free(tc);
+	}
+	return -ENOMEM;
+fail:
+	c->tls = NULL;
+	vmig__tls_conn_free(tc);
+	return -EINVAL;
+}
+
+void vmig__tls_conn_free(struct vmig__tls_conn *tc)
+{
+	gnutls_deinit(tc->s);
+	vmig_tls_creds_unref(tc->creds);
+	free(tc->rbuf);
+	free(tc->wbuf);
+	free(tc);
+}
+
+/* ---- handshake and peer checks --------------------------------------- */
+
+/* The peer's identity for tls-authz: its certificate's DN, or its PSK
+ * username. */
+static int peer_identity(struct vmig__tls_conn *tc, char *out, size_t len)
+{
+	const gnutls_datum_t *certs;
+	gnutls_x509_crt_t crt;
+	unsigned n = 0;
+	size_t sz = len;
+	int ret;
+
+	if (tc->creds->psk) {
+		const char *user = gnutls_psk_server_get_username(tc->s);
+
+		if (!user)
+			return -ENOENT;
+		snprintf(out, len, "%s", user);
+		return 0;
+	}
+	certs = gnutls_certificate_get_peers(tc->s, &n);
+	if (!certs || !n || gnutls_x509_crt_init(&crt) < 0)
+		return -ENOENT;
+	ret = gnutls_x509_crt_import(crt, &certs[0], GNUTLS_X509_FMT_DER);
+	if (ret >= 0)
+		ret = gnutls_x509_crt_get_dn(crt, out, &sz);
+	gnutls_x509_crt_deinit(crt);
+	return ret < 0 ? -EINVAL : 0;
+}
+
+/* A server whose peer opened with a plain vmig preamble. */
+static bool plain_peer(const struct vmig__tls_conn *tc)
+{
+	return tc->server && tc->got_bytes && tc->rlen >= 4 && !memcmp(tc->rbuf, "VMIG", 4);
+}
+
+static const char *peer_name(const struct vmig__tls_conn *tc)
+{
+	return tc->server ? "source" : "destination";
+}
+
+/* Why the handshake failed, in words that point at the cause. */
+static void describe(struct vmig__chan *c, int ret, struct vmig__err *err)
+{
+	struct vmig__tls_conn *tc = c->tls;
+	const char *who = peer_name(tc);
+	const char *hint = "";
+
+	if (ret == GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR) {
+		gnutls_datum_t txt = {0};
+		unsigned st = gnutls_session_get_verify_cert_status(tc->s);
+
+		gnutls_certificate_verification_status_print(st, GNUTLS_CRT_X509, &txt, 0);
+		vmig__err_set(err, "TLS: the %s's certificate was refused: %s", who,
+			      txt.data ? (char *)txt.data : "verification failed");
+		gnutls_free(txt.data);
+		return;
+	}
+	if (ret == GNUTLS_E_NO_CERTIFICATE_FOUND || ret == GNUTLS_E_CERTIFICATE_REQUIRED) {
+		vmig__err_set(err, "TLS: the %s sent no certificate, and verify-peer is on here",
+			      who);
+		return;
+	}
+	if (ret == GNUTLS_E_FATAL_ALERT_RECEIVED) {
+		gnutls_alert_description_t a = gnutls_alert_get(tc->s);
+
+		if (tc->creds->psk &&
+		    (a == GNUTLS_A_DECRYPT_ERROR || a == GNUTLS_A_BAD_RECORD_MAC ||
+		     a == GNUTLS_A_ILLEGAL_PARAMETER || a == GNUTLS_A_UNKNOWN_PSK_IDENTITY))
+			hint = " (do both sides have the same PSK username and key?)";
+		else if (a == GNUTLS_A_CERTIFICATE_REQUIRED)
+			hint = " (the destination verifies peers: give this side "
+			       "client-cert.pem and client-key.pem)";
+		vmig__err_set(err, "TLS: the %s refused the handshake: %s%s", who,
+			      gnutls_alert_get_name(a), hint);
+		return;
+	}
+	if (plain_peer(tc)) {
+		vmig__err_set(err, "a connection without TLS, but this side requires TLS");
+		return;
+	}
+	if (ret == GNUTLS_E_PREMATURE_TERMINATION || ret == GNUTLS_E_PULL_ERROR ||
+	    ret == GNUTLS_E_PUSH_ERROR) {
+		if (!tc->server)
+			hint = " (does the destination use TLS, with matching credentials?)";
+		vmig__err_set(err, "TLS: the %s closed the connection during the handshake%s", who,
+			      hint);
+		return;
+	}
+	if (tc->creds->psk &&
+	    (ret == GNUTLS_E_DECRYPTION_FAILED || ret == GNUTLS_E_INSUFFICIENT_CREDENTIALS ||
+	     ret == GNUTLS_E_KEY_USAGE_VIOLATION))
+		hint = " (do both sides have the same PSK username and key?)";
+	vmig__err_set(err, "TLS handshake with the %s failed: %s%s", who, gnutls_strerror(ret),
+		      hint);
+}
+
+/* After the handshake: the one identity tls-authz lets in. */
+static int check_authz(struct vmig__chan *c, struct vmig__err *err)
+{
+	struct vmig__tls_conn *tc = c->tls;
+	char id[512];
+
+	if (!tc->server || !tc->authz[0])
+		return 0;
+	if (peer_identity(tc, id, sizeof(id))) {
+		gnutls_alert_send(tc->s, GNUTLS_AL_FATAL, GNUTLS_A_ACCESS_DENIED);
+		vmig__err_set(err, "TLS: the source has no identity for tls-authz%s",
+			      tc->creds->psk ? "" : " (tls-authz needs verify-peer=on)");
+		return -EACCES;
+	}
+	if (strcmp(id, tc->authz)) {
+		gnutls_alert_send(tc->s, GNUTLS_AL_FATAL, GNUTLS_A_ACCESS_DENIED);
+		vmig__err_set(err, "TLS: the source's identity '%s' is not allowed by tls-authz",
+			      id);
+		return -EACCES;
+	}
+	return 0;
+}
+
+int vmig__tls_handshake_step(struct vmig__chan *c, struct vmig__err *err)
+{
+	struct vmig__tls_conn *tc = c->tls;
+	int ret;
+
+	if (tc->done)
+		return 0;
+	ret = gnutls_handshake(tc->s);
+	if (ret == GNUTLS_E_AGAIN || ret == GNUTLS_E_INTERRUPTED)
+		return -EAGAIN;
+	if (ret < 0) {
+		describe(c, ret, err);
+		if (plain_peer(tc)) /* it would not understand an alert */
+			return -EPROTONOSUPPORT;
+		/* Tell the peer why, unless it told us (or is gone). */
+		if (ret != GNUTLS_E_FATAL_ALERT_RECEIVED && ret != GNUTLS_E_PREMATURE_TERMINATION &&
+		    ret != GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR)
+			gnutls_alert_send_appropriate(tc->s, ret);
+		return -ECONNABORTED;
+	}
+	ret = check_authz(c, err);
+	if (ret)
+		return ret;
+	tc->done = true;
+	return 0;
+}
+
+short vmig__tls_events(const struct vmig__chan *c)
+{
+	return gnutls_record_get_direction(c->tls->s) ? POLLOUT : POLLIN;
+}
+
+int vmig__tls_client_handshake(struct vmig__chan *c, int cancel_fd, uint64_t deadline_ns,
+			       struct vmig__err *err)
+{
+	int flags = fcntl(c->fd, F_GETFL), ret;
+
+	if (flags < 0 || fcntl(c->fd, F_SETFL, flags | O_NONBLOCK))
+		return -errno;
+	while ((ret = vmig__tls_handshake_step(c, err)) == -EAGAIN) {
+		struct pollfd pfd[2] = {{.fd = c->fd, .events = vmig__tls_events(c)},
+					{.fd = cancel_fd, .events = POLLIN}};
+		uint64_t now = vmig__now_ns();
+
+		if (now >= deadline_ns) {
+			vmig__err_set(err, "TLS: no handshake with the destination within %d s",
+				      VMIG_CONNECT_TIMEOUT_MS / 1000);
+			return -ETIMEDOUT;
+		}
+		if (poll(pfd, cancel_fd >= 0 ? 2 : 1, (int)((deadline_ns - now) / 1000000 + 1)) >
+			0 &&
+		    cancel_fd >= 0 && pfd[1].revents) {
+			vmig__err_set(err, "cancelled during the TLS handshake");
+			return -ECANCELED;
+		}
+	}
+	if (ret)
+		return ret;
+	return fcntl(c->fd, F_SETFL, flags) ? -errno : 0;
+}
+
+/* ---- records ---------------------------------------------------------- */
+
+/* A GnuTLS failure as -errno: the socket's own error if it had one, else
+ * -ECONNABORTED with the reason in msg for vmig__chan_strerror(). A record
+ * that fails its check (tampering) ends the connection like a network
+ * failure: nothing of it was used, and post-copy can recover. */
+static int io_error(struct vmig__tls_conn *tc, int ret, int sock_errno, char *msg, size_t len)
+{
+	if ((ret == GNUTLS_E_PULL_ERROR || ret == GNUTLS_E_PUSH_ERROR) && sock_errno)
+		return -sock_errno;
+	if (ret == GNUTLS_E_PREMATURE_TERMINATION)
+		return -EPIPE;
+	if (ret == GNUTLS_E_FATAL_ALERT_RECEIVED)
+		snprintf(msg, len, "the %s ended TLS: %s", peer_name(tc),
+			 gnutls_alert_get_name(gnutls_alert_get(tc->s)));
+	else
+		snprintf(msg, len, "TLS: %s", gnutls_strerror(ret));
+	return -ECONNABORTED;
+}
+
+ssize_t vmig__tls_read(struct vmig__chan *c, void *buf, size_t n)
+{
+	struct vmig__tls_conn *tc = c->tls;
+	ssize_t got;
+
+	for (;;) {
+		got = gnutls_record_recv(tc->s, buf, n);
+		if (got > 0)
+			return got;
+		if (!got) /* close_notify */
+			return -EPIPE;
+		if (got == GNUTLS_E_INTERRUPTED || (got == GNUTLS_E_AGAIN && !c->nonblock))
+			continue;
+		if (got == GNUTLS_E_AGAIN)
+			return -EAGAIN;
+		return io_error(tc, (int)got, tc->rerrno, tc->rmsg, sizeof(tc->rmsg));
+	}
+}
+
+/* Send exactly n bytes as records. */
+static int send_all(struct vmig__tls_conn *tc, const uint8_t *p, size_t n)
+{
+	while (n) {
+		ssize_t put = gnutls_record_send(tc->s, p, VMIG_MIN(n, TLS_RECORD));
+
+		if (put == GNUTLS_E_INTERRUPTED || put == GNUTLS_E_AGAIN) {
+			/* the same data again, as GnuTLS asks */
+			continue;
+		}
+		if (put < 0)
+			return io_error(tc, (int)put, tc->werrno, tc->wmsg, sizeof(tc->wmsg));
+		p += put;
+		n -= (size_t)put;
+	}
+	return 0;
+}
+
+int vmig__tls_writev(struct vmig__chan *c, const struct iovec *iov, int iovcnt)
+{
+	struct vmig__tls_conn *tc = c->tls;
+	int ret = 0;
+
+	tc->wlen = 0;
+	for (int i = 0; i < iovcnt && !ret; i++) {
+		const uint8_t *p = iov[i].iov_base;
+		size_t n = iov[i].iov_len;
+
+		while (n && !ret) {
+			size_t take;
+
+			if (!tc->wlen && n >= TLS_RECORD) { /* whole records, no copy */
+				take = n - n % TLS_RECORD;
+				ret = send_all(tc, p, take);
+			} else {
+				take = VMIG_MIN(n, TLS_RECORD - tc->wlen);
+				memcpy(tc->wbuf + tc->wlen, p, take);
+				tc->wlen += take;
+				if (tc->wlen == TLS_RECORD) {
+					ret = send_all(tc, tc->wbuf, tc->wlen);
+					tc->wlen = 0;
+				}
+			}
+			p += take;
+			n -= take;
+		}
+	}
+	if (!ret && tc->wlen)
+		ret = send_all(tc, tc->wbuf, tc->wlen);
+	tc->wlen = 0;
+	return ret;
+}
+
+bool vmig__tls_buffered(const struct vmig__chan *c)
+{
+	return gnutls_record_check_pending(c->tls->s) > 0 || c->tls->rpos < c->tls->rlen;
+}
+
+/* The reading thread, after a failed read. */
+const char *vmig__tls_strerror(const struct vmig__chan *c)
+{
+	return c->tls->rmsg[0] ? c->tls->rmsg : NULL;
+}
