@@ -20,7 +20,7 @@ from vmigtest import VM, Relay, Runner, cancel_midway, check, free_port  # noqa:
 
 MEM = 128 << 20
 MEM_ARG = "128M"
-PREAMBLE = 24  # bytes: a connection is not a peer before it has sent them
+PREAMBLE = 32  # bytes: a connection is not a peer before it has sent them
 
 
 def pair(procs, build, workload="random", rate="32M", extra_src=(), extra_dst=(), vcpus=2):

@@ -13,6 +13,8 @@
   effect at once.
 - A connect that nobody answers (a full listen backlog drops the SYN) is
   cancelled at once.
+- The incoming side listens only on the address its URI names: tcp:127.0.0.1:P
+  is not reachable on 127.0.0.2; tcp::P listens on every IPv4 address.
 
 usage: test_robustness.py BUILD_DIR
 """
@@ -27,7 +29,7 @@ from vmigtest import VM, Runner, check, free_port, wait_completed  # noqa: E402
 
 MEM = 32 << 20
 MEM_ARG = "32M"
-PREAMBLE = 24
+PREAMBLE = 32
 
 
 def pair(procs, build):
@@ -174,6 +176,37 @@ def case_connect_cancel(procs, build):
     lsock.close()
 
 
+def listening_on(port):
+    """Local addresses (hex, as /proc/net/tcp writes them) listening on port."""
+    found = []
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            addr, hexport = fields[1].split(":")
+            if int(hexport, 16) == port and fields[3] == "0A":  # TCP_LISTEN
+                found.append(addr)
+    return found
+
+
+def case_bind_named_address(procs, build):
+    dst = VM(procs, build, "--mem", MEM_ARG, "--incoming", "defer", "-S", name="dst")
+    port = free_port()
+    dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:%d" % port)
+    check(listening_on(port) == ["0100007F"], "listening on %r" % listening_on(port))
+    try:
+        socket.create_connection(("127.0.0.2", port), timeout=5).close()
+        check(False, "127.0.0.2 reached a listener bound to 127.0.0.1")
+    except ConnectionRefusedError:
+        pass
+    check(dst.migrate_status()["status"] == "setup", "destination gave up")
+    dst.qmp.cmd("migrate_cancel")
+    dst.wait_migration(10)
+    other = VM(procs, build, "--mem", MEM_ARG, "--incoming", "defer", "-S", name="any")
+    port = free_port()
+    other.qmp.cmd("migrate-incoming", uri="tcp::%d" % port)
+    check(listening_on(port) == ["00000000"], "tcp::P listening on %r" % listening_on(port))
+
+
 def main():
     if len(sys.argv) != 2:
         print(__doc__)
@@ -184,6 +217,7 @@ def main():
     r.run("slow-limit-cancels-at-once", case_slow_limit_cancel, r.build)
     r.run("slow-limit-raised-takes-effect", case_slow_limit_raised, r.build)
     r.run("connect-cancels-at-once", case_connect_cancel, r.build)
+    r.run("incoming-binds-named-address", case_bind_named_address, r.build)
     return r.finish()
 
 
