@@ -926,6 +926,11 @@ static void finish(struct vmig__source *src, int ret)
 		src->st.ram.remaining = 0;
 	src->st.expected_downtime_ms = 0;
 	src->st.total_time_ms = (int64_t)((vmig__now_ns() - s->start_ns) / 1000000);
+	if (!ret) { /* as QEMU: the average over the time after setup */
+		int64_t ms = VMIG_MAX(src->st.total_time_ms - src->st.setup_time_ms, 1);
+
+		src->st.ram.mbps = (double)src->st.ram.transferred * 8.0 / (double)ms / 1000.0;
+	}
 	vmig__publish(s, &src->st);
 	/* The destination runs: report that now, then release what is left. */
 	if (!ret)

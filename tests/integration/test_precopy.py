@@ -62,6 +62,12 @@ def assert_completed_and_equal(src, dst, info, dinfo):
     check(ram["dirty-sync-count"] >= 1, "no dirty sync")
     check(ram["page-size"] == 4096, "page-size")
     check("downtime" in info and info["downtime"] >= 0, "no downtime reported")
+    # As QEMU: after completion, mbps is the whole migration's average
+    # (bytes over the time after setup), not the last period's rate.
+    ms = max(info["total-time"] - info.get("setup-time", 0), 1)
+    avg = ram["transferred"] * 8.0 / ms / 1000
+    check(abs(ram["mbps"] - avg) <= 0.02 * avg + 0.01,
+          "ram.mbps %.3f after completion, but the average was %.3f" % (ram["mbps"], avg))
     for vm in (src, dst):
         g = vm.guest()
         check(g["inconsistencies"] == 0, "guest self-check failed: %r" % g)
