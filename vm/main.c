@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: MIT
 /*
  * vmig-vm: command line, then the QMP main loop. Options follow QEMU where
- * QEMU has a name (-S, --incoming, --qmp); the guest options (--workload,
- * --dirty-rate, --wss, --fill) are vmig's own.
+ * QEMU has a name (-S, --incoming, --qmp, --object); the guest options
+ * (--workload, --dirty-rate, --wss, --fill) are vmig's own.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -12,6 +12,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "objects.h"
 #include "qmp.h"
 #include "vm.h"
 
@@ -41,6 +42,13 @@ static void usage(FILE *f)
 		"  --seed N                seed for --fill random and the workloads\n"
 		"  --qmp unix:PATH         QMP control socket\n"
 		"  --incoming URI          tcp:HOST:PORT | unix:PATH | defer: receive a migration\n"
+		"                          (a URI listens at once; for TLS use defer, then QMP\n"
+		"                          migrate-set-parameters and migrate-incoming)\n"
+		"  --object TYPE,id=ID,... tls-creds-x509,id=ID,endpoint=server|client,dir=DIR\n"
+		"                          [,verify-peer=on|off] | tls-creds-psk,id=ID,\n"
+		"                          endpoint=server|client,dir=DIR[,username=NAME] |\n"
+		"                          authz-simple,id=ID,identity=NAME; repeatable; write a\n"
+		"                          comma inside a value as ',,' (QEMU's -object)\n"
 		"  --dirty-tracking MODE   auto | async | sync (x-vmig-dirty-tracking)\n"
 		"  -S, --paused            do not start the vCPUs (also after an incoming migration)\n"
 		"  -h, --help\n");
@@ -51,7 +59,31 @@ struct opts {
 	const char *qmp;
 	const char *incoming;
 	int64_t dirty_tracking;
+	const char **objects; /* --object arguments, in order (malloc'ed) */
+	unsigned nobjects;
 };
+
+/* --object: only its syntax now; the objects are created once the VM is. */
+static int add_object_opt(struct opts *o, const char *arg)
+{
+	struct vmig__err err = {{0}};
+	const char **list;
+	json_t *props;
+
+	if (vm_objects_parse_opt(arg, &props, &err)) {
+		fprintf(stderr, "vmig-vm: --object %s: %s\n", arg, err.msg);
+		return -1;
+	}
+	json_decref(props);
+	list = realloc(o->objects, (o->nobjects + 1) * sizeof(*list));
+	if (!list) {
+		fprintf(stderr, "vmig-vm: --object: %s\n", strerror(ENOMEM));
+		return -1;
+	}
+	list[o->nobjects++] = arg;
+	o->objects = list;
+	return 0;
+}
 
 static int parse_size_opt(const char *name, const char *arg, uint64_t *out)
 {
@@ -125,6 +157,8 @@ static int parse_one(struct opts *o, int c, const char *arg)
 	case 'p':
 		o->cfg.prealloc = true;
 		return 0;
+	case 'o':
+		return add_object_opt(o, arg);
 	default:
 		return -1;
 	}
@@ -145,6 +179,7 @@ static int parse_args(int argc, char **argv, struct opts *o)
 		{"dirty-tracking", required_argument, NULL, 't'},
 		{"paused", no_argument, NULL, 'S'},
 		{"mem-prealloc", no_argument, NULL, 'p'},
+		{"object", required_argument, NULL, 'o'},
 		{"help", no_argument, NULL, 'h'},
 		{0},
 	};
@@ -174,6 +209,27 @@ static int parse_args(int argc, char **argv, struct opts *o)
 	return 0;
 }
 
+/* Create the --object objects, in order, as QEMU does with -object. */
+static int create_objects(struct vm *vm, const struct opts *o)
+{
+	struct vmig__err err = {{0}};
+	json_t *props;
+	int ret;
+
+	for (unsigned i = 0; i < o->nobjects; i++) {
+		ret = vm_objects_parse_opt(o->objects[i], &props, &err);
+		if (!ret) {
+			ret = vm_objects_add(vm_objects(vm), props, &err);
+			json_decref(props);
+		}
+		if (ret) {
+			fprintf(stderr, "vmig-vm: --object %s: %s\n", o->objects[i], err.msg);
+			return -1;
+		}
+	}
+	return 0;
+}
+
 /* The signal handler must not see a freed server. */
 static void free_server(void)
 {
@@ -200,16 +256,21 @@ int main(int argc, char **argv)
 	struct vm *vm = NULL;
 	int ret;
 
-	if (parse_args(argc, argv, &o))
+	if (parse_args(argc, argv, &o)) {
+		free(o.objects);
 		return 2;
+	}
 	signal(SIGPIPE, SIG_IGN);
 	sigaction(SIGINT, &sa, NULL);
 	sigaction(SIGTERM, &sa, NULL);
 
 	if (vm_create(&vm, &o.cfg, &err)) {
 		fprintf(stderr, "vmig-vm: %s\n", err.msg);
+		free(o.objects);
 		return 1;
 	}
+	if (create_objects(vm, &o))
+		goto fail;
 	if (o.dirty_tracking &&
 	    vmig_parameter_set(vm_session(vm), "x-vmig-dirty-tracking", o.dirty_tracking)) {
 		fprintf(stderr, "vmig-vm: %s\n", vmig_session_error(vm_session(vm)));
@@ -219,6 +280,12 @@ int main(int argc, char **argv)
 		fprintf(stderr, "vmig-vm: %s\n", err.msg);
 		goto fail;
 	}
+	if (o.incoming && strcmp(o.incoming, "defer") && vm_objects_have_tls_creds(vm_objects(vm)))
+		fprintf(stderr,
+			"vmig-vm: warning: --incoming %s listens at once, before tls-creds can "
+			"be set: this migration will not use TLS (use --incoming defer, then "
+			"migrate-set-parameters and migrate-incoming)\n",
+			o.incoming);
 	if (o.incoming && strcmp(o.incoming, "defer") &&
 	    (ret = vmig_incoming(vm_session(vm), o.incoming))) {
 		fprintf(stderr, "vmig-vm: --incoming %s: %s\n", o.incoming,
@@ -233,9 +300,11 @@ int main(int argc, char **argv)
 	vm_set_event_cb(vm, NULL, NULL);
 	free_server();
 	vm_destroy(vm);
+	free(o.objects);
 	return ret ? 1 : 0;
 fail:
 	free_server();
 	vm_destroy(vm);
+	free(o.objects);
 	return 1;
 }

@@ -15,6 +15,7 @@
 
 #include <vmig/vmig.h>
 
+#include "objects.h"
 #include "qmp_int.h"
 #include "vm.h"
 
@@ -350,6 +351,23 @@ static int cmd_query_params(struct qmp_cmd_ctx *ctx, const json_t *args)
 	return obj ? 0 : -ENOMEM;
 }
 
+/* ---- objects ---- */
+
+/* QEMU 6's flat form: qom-type, id and the type's properties as members. */
+static int cmd_object_add(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	return vm_objects_add(vm_objects(ctx->vm), args, &ctx->err);
+}
+
+static const struct json_arg_spec object_del_args[] = {{"id", JA_STR, true}, {.name = NULL}};
+
+/* An object a TLS parameter names may go: a running migration holds its
+ * own reference, and the next one reports the id as unknown. */
+static int cmd_object_del(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	return vm_objects_del(vm_objects(ctx->vm), json_arg_str(args, "id", ""), &ctx->err);
+}
+
 /* ---- query-migrate ---- */
 
 static json_t *ram_json(const struct vmig_stats *st)
@@ -564,6 +582,8 @@ static const struct qmp_command commands[] = {
     {"query-migrate-capabilities", cmd_query_caps, NULL, false},
     {"migrate-set-parameters", cmd_set_params, NULL, true},
     {"query-migrate-parameters", cmd_query_params, NULL, false},
+    {"object-add", cmd_object_add, NULL, true},
+    {"object-del", cmd_object_del, object_del_args, false},
     {"query-migrate", cmd_query_migrate, NULL, false},
     {"migrate-start-postcopy", cmd_start_postcopy, NULL, false},
     {"migrate-pause", cmd_migrate_pause, NULL, false},

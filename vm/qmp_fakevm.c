@@ -7,8 +7,10 @@
  */
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include "objects.h"
 #include "qmp_fakevm.h"
 
 static const char *const cap_names[] = {
@@ -29,7 +31,9 @@ struct fakevm *fakevm_get(void)
 
 void fakevm_reset(void)
 {
+	vm_objects_free(fake.objects);
 	memset(&fake, 0, sizeof(fake));
+	vm_objects_new(&fake.objects); /* NULL on ENOMEM: commands then crash the test */
 	fake.runstate = VM_RS_RUNNING;
 	fake.params[0] = 128 << 20;
 	fake.params[1] = 300;
@@ -111,6 +115,11 @@ int vm_cont(struct vm *vm)
 vmig_session *vm_session(struct vm *vm)
 {
 	return (vmig_session *)&session_token;
+}
+
+struct vm_objects *vm_objects(struct vm *vm)
+{
+	return fake.objects;
 }
 
 int vm_pmemsave(struct vm *vm, uint64_t addr, uint64_t size, const char *path,
@@ -318,4 +327,54 @@ int vmig_recover(vmig_session *s, const char *uri)
 int vmig_resume(vmig_session *s, const char *uri)
 {
 	return fake_recover(uri);
+}
+
+/* ---- TLS: credentials that read no file ---- */
+
+struct vmig_tls_creds {
+	unsigned refs;
+};
+
+/* fake.creds_error makes them fail, as a missing file would. */
+static int fake_creds_new(vmig_tls_creds **out, const struct vmig_tls_creds_opts *opts, char *err,
+			  size_t errlen)
+{
+	int e = fake.creds_error;
+
+	*out = NULL;
+	fake.tls_opts = *opts;
+	fake.tls_opts.dir = fake.tls_opts.username = NULL;
+	snprintf(fake.tls_dir, sizeof(fake.tls_dir), "%s", opts->dir ? opts->dir : "");
+	snprintf(fake.tls_username, sizeof(fake.tls_username), "%s",
+		 opts->username ? opts->username : "");
+	if (e) {
+		snprintf(err, errlen, "cannot read %s/ca-cert.pem: %s", opts->dir, strerror(-e));
+		return e;
+	}
+	*out = calloc(1, sizeof(**out));
+	if (!*out)
+		return -ENOMEM;
+	(*out)->refs = 1;
+	fake.tls_creds_live++;
+	return 0;
+}
+
+int vmig_tls_creds_new_x509(vmig_tls_creds **out, const struct vmig_tls_creds_opts *opts, char *err,
+			    size_t errlen)
+{
+	return fake_creds_new(out, opts, err, errlen);
+}
+
+int vmig_tls_creds_new_psk(vmig_tls_creds **out, const struct vmig_tls_creds_opts *opts, char *err,
+			   size_t errlen)
+{
+	return fake_creds_new(out, opts, err, errlen);
+}
+
+void vmig_tls_creds_unref(vmig_tls_creds *creds)
+{
+	if (creds && !--creds->refs) {
+		free(creds);
+		fake.tls_creds_live--;
+	}
 }

@@ -36,11 +36,20 @@ struct fakevm {
 	uint64_t pmem_addr, pmem_size;
 	char pmem_path[256];
 	struct vm_guest_stats guest;
+	/* objects and TLS: the registry is the real one (objects.c); the
+	 * credentials are fakes that read no file */
+	struct vm_objects *objects;
+	int creds_error;	 /* if non-zero, creating credentials fails with it */
+	unsigned tls_creds_live; /* fake credentials not yet freed */
+	char tls_dir[256];		     /* the dir of the last credentials created */
+	char tls_username[256];		     /* and their username, "" for NULL */
+	struct vmig_tls_creds_opts tls_opts; /* the last ones (dir and username cleared) */
 };
 
 /* The single fake (the real VM has no global state; this test double may). */
 struct fakevm *fakevm_get(void);
-/* Reset to a running VM with default parameters and no migration. */
+/* Reset to a running VM with default parameters, no migration and no
+ * objects. */
 void fakevm_reset(void);
 /* The struct vm pointer to hand to the QMP server. */
 struct vm *fakevm_vm(void);

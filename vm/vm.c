@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "guest.h"
+#include "objects.h"
 #include "util/compat.h"
 #include "vm.h"
 
@@ -26,6 +27,7 @@ struct vm {
 	uint64_t ram_size;
 	struct guest *guest;
 	vmig_session *session;
+	struct vm_objects *objects; /* main thread only */
 
 	pthread_mutex_t lock; /* protects rs and the callback */
 	enum vm_runstate rs;
@@ -316,6 +318,11 @@ int vm_create(struct vm **out, const struct vm_config *cfg, struct vmig__err *er
 	vm->memfd = -1;
 	vm->ram_size = cfg->mem_bytes;
 	pthread_mutex_init(&vm->lock, NULL);
+	ret = vm_objects_new(&vm->objects);
+	if (ret) {
+		vmig__err_set(err, "cannot create the object registry");
+		goto err;
+	}
 	ret = ram_create(vm, err);
 	if (ret)
 		goto err;
@@ -365,6 +372,7 @@ void vm_destroy(struct vm *vm)
 	if (vm->guest)
 		guest_stop(vm->guest);
 	vmig_session_free(vm->session);
+	vm_objects_free(vm->objects);
 	guest_destroy(vm->guest);
 	if (vm->ram)
 		munmap(vm->ram, vm->ram_size);
@@ -440,6 +448,11 @@ int vm_cont(struct vm *vm)
 vmig_session *vm_session(struct vm *vm)
 {
 	return vm->session;
+}
+
+struct vm_objects *vm_objects(struct vm *vm)
+{
+	return vm->objects;
 }
 
 int vm_pmemsave(struct vm *vm, uint64_t addr, uint64_t size, const char *path,

@@ -33,6 +33,7 @@ struct vm_config {
 };
 
 struct vm;
+struct vm_objects;
 
 /* QEMU RunState names as query-status reports them. */
 enum vm_runstate {
@@ -62,6 +63,9 @@ int vm_cont(struct vm *vm);     /* QMP cont: resume vCPUs */
 
 /* The migration session of this VM (for migrate, query-migrate, ...). */
 vmig_session *vm_session(struct vm *vm);
+/* Its objects (--object, object-add) and TLS migration parameters
+ * (objects.h); owned by the VM, main thread only. */
+struct vm_objects *vm_objects(struct vm *vm);
 
 /* QMP pmemsave: write size bytes of guest-physical memory at addr to path. */
 int vm_pmemsave(struct vm *vm, uint64_t addr, uint64_t size, const char *path,
