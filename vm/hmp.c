@@ -21,6 +21,7 @@
 
 #include <vmig/vmig.h>
 
+#include "objects.h"
 #include "qmp_int.h"
 #include "vm.h"
 
@@ -244,7 +245,15 @@ static void info_params(struct qmp_cmd_ctx *ctx, FILE *f)
 	json_t *v;
 
 	json_object_foreach(params, key, v)
-	    fprintf(f, "%s: %lld%s\n", key, (long long)json_integer_value(v), param_unit(key));
+	{
+		if (vm_tls_param_is(key)) /* quoted, as QEMU prints them */
+			fprintf(f, "%s: '%s'\n", key, json_string_value(v));
+		else if (json_is_string(v)) /* a named value: multifd-compression */
+			fprintf(f, "%s: %s\n", key, json_string_value(v));
+		else
+			fprintf(f, "%s: %lld%s\n", key, (long long)json_integer_value(v),
+				param_unit(key));
+	}
 	json_decref(params);
 }
 
@@ -316,19 +325,30 @@ static void hmp_set_capability(struct qmp_cmd_ctx *ctx, FILE *f, const struct hm
 		json_pack("{s:[{s:s,s:b}]}", "capabilities", "capability", hl->w[1], "state", on)));
 }
 
+/*
+ * The value goes to migrate-set-parameters as an integer when it reads as
+ * one (sizes included), else as a string, which the QMP command checks: the
+ * TLS parameters and named values such as multifd-compression. '' (or "")
+ * is the empty string, to unset a TLS parameter.
+ */
 static void hmp_set_parameter(struct qmp_cmd_ctx *ctx, FILE *f, const struct hmp_line *hl)
 {
+	const char *word;
 	int64_t val;
 
 	if (hl->n != 3) {
 		fprintf(f, "Error: usage: migrate_set_parameter NAME VALUE\n");
 		return;
 	}
-	if (parse_value(hl->w[2], &val)) {
-		fprintf(f, "Error: invalid parameter value: %s\n", hl->w[2]);
-		return;
-	}
-	json_decref(run(ctx, f, "migrate-set-parameters", json_pack("{s:I}", hl->w[1], val)));
+	word = hl->w[2];
+	if (!strcmp(word, "''") || !strcmp(word, "\"\""))
+		word = "";
+	if (!vm_tls_param_is(hl->w[1]) && !parse_value(word, &val))
+		json_decref(
+		    run(ctx, f, "migrate-set-parameters", json_pack("{s:I}", hl->w[1], val)));
+	else
+		json_decref(
+		    run(ctx, f, "migrate-set-parameters", json_pack("{s:s}", hl->w[1], word)));
 }
 
 static void hmp_migrate(struct qmp_cmd_ctx *ctx, FILE *f, const struct hmp_line *hl)

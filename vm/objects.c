@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: MIT
 /*
  * The object registry of vmig-vm (tls-creds-x509, tls-creds-psk,
- * authz-simple). See objects.h for what it is for; the engine's side is
- * vmig_tls_creds_new_*().
+ * authz-simple) and the TLS migration parameters that name its objects.
+ * See objects.h for what it is for; the engine's side is
+ * vmig_tls_creds_new_*() and vmig_session_set_tls().
  *
  * Threat model: properties come from a QMP client or the command line and
  * are untrusted. Every member's name and JSON type is checked against its
@@ -11,6 +12,7 @@
  * Loading credentials reads files the client named; a failure there is an
  * error reply with the library's reason, never fatal. Main thread only.
  */
+#include <assert.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -37,6 +39,9 @@ struct vm_object {
 struct vm_objects {
 	struct vm_object *head; /* newest first */
 	unsigned count;
+	/* tls-creds, tls-hostname, tls-authz (vm_tls_param_names order):
+	 * never NULL, "" when unset */
+	char *tls_param[3];
 };
 
 static const struct json_arg_spec x509_props[] = {
@@ -67,6 +72,13 @@ static const struct obj_class {
     [OBJ_AUTHZ_SIMPLE] = {"authz-simple", authz_props, NULL},
 };
 
+const char *const vm_tls_param_names[] = {"tls-creds", "tls-hostname", "tls-authz", NULL};
+
+static const char *endpoint_name(enum vmig_tls_endpoint ep)
+{
+	return ep == VMIG_TLS_ENDPOINT_SERVER ? "server" : "client";
+}
+
 static const struct obj_class *class_find(const char *name)
 {
 	for (size_t i = 0; i < VMIG_ARRAY_SIZE(classes); i++)
@@ -96,6 +108,13 @@ int vm_objects_new(struct vm_objects **out)
 
 	if (!objs)
 		return -ENOMEM;
+	for (size_t i = 0; i < VMIG_ARRAY_SIZE(objs->tls_param); i++) {
+		objs->tls_param[i] = strdup("");
+		if (!objs->tls_param[i]) {
+			vm_objects_free(objs);
+			return -ENOMEM;
+		}
+	}
 	*out = objs;
 	return 0;
 }
@@ -110,6 +129,8 @@ void vm_objects_free(struct vm_objects *objs)
 		next = o->next;
 		object_free(o);
 	}
+	for (size_t i = 0; i < VMIG_ARRAY_SIZE(objs->tls_param); i++)
+		free(objs->tls_param[i]);
 	free(objs);
 }
 
@@ -458,4 +479,116 @@ int vm_objects_parse_opt(const char *opt, json_t **props, struct vmig__err *err)
 	}
 	*props = obj;
 	return 0;
+}
+
+/* ---- migration parameters ---- */
+
+static int tls_param_index(const char *name)
+{
+	for (int i = 0; vm_tls_param_names[i]; i++)
+		if (!strcmp(vm_tls_param_names[i], name))
+			return i;
+	return -1;
+}
+
+bool vm_tls_param_is(const char *name)
+{
+	return tls_param_index(name) >= 0;
+}
+
+int vm_tls_param_check(const char *name, const json_t *value, struct vmig__err *err)
+{
+	if (json_is_null(value))
+		return 0;
+	if (!json_is_string(value)) {
+		vmig__err_set(err, "Invalid parameter type for '%s', expected: string", name);
+		return -EINVAL;
+	}
+	return check_str_value(value, name, NAME_MAX_LEN, false, err);
+}
+
+int vm_tls_param_set(struct vm_objects *objs, const char *name, const json_t *value)
+{
+	int i = tls_param_index(name);
+	char *s;
+
+	assert(i >= 0);
+	s = strdup(json_is_string(value) ? json_string_value(value) : "");
+	if (!s)
+		return -ENOMEM;
+	free(objs->tls_param[i]);
+	objs->tls_param[i] = s;
+	return 0;
+}
+
+const char *vm_tls_param_get(const struct vm_objects *objs, const char *name)
+{
+	int i = tls_param_index(name);
+
+	return i >= 0 ? objs->tls_param[i] : NULL;
+}
+
+/* The tls-authz object for a server, or NULL with err set. */
+static const struct vm_object *authz_find(const struct vm_objects *objs, const char *id,
+					  struct vmig__err *err)
+{
+	const struct vm_object *a = find(objs, id);
+
+	if (!a)
+		vmig__err_set(err, "tls-authz: no authz-simple object with id '%.100s'", id);
+	else if (a->type != OBJ_AUTHZ_SIMPLE)
+		vmig__err_set(err, "tls-authz: object '%.100s' is a %s, not an authz-simple", id,
+			      classes[a->type].name);
+	return a && a->type == OBJ_AUTHZ_SIMPLE ? a : NULL;
+}
+
+int vm_objects_apply_tls(const struct vm_objects *objs, vmig_session *s,
+			 enum vmig_tls_endpoint endpoint, struct vmig__err *err)
+{
+	const char *creds_id = objs->tls_param[0], *host = objs->tls_param[1];
+	const char *authz_id = objs->tls_param[2];
+	const bool server = endpoint == VMIG_TLS_ENDPOINT_SERVER;
+	const struct vm_object *c = NULL, *a = NULL;
+	const char *detail;
+	int ret;
+
+	if (*creds_id) {
+		c = find(objs, creds_id);
+		if (!c) {
+			vmig__err_set(err, "No TLS credentials with id '%.100s'", creds_id);
+			return -ENOENT;
+		}
+		if (!c->creds) {
+			vmig__err_set(err,
+				      "No TLS credentials with id '%.100s': it is an %s object",
+				      creds_id, classes[c->type].name);
+			return -EINVAL;
+		}
+		if (c->endpoint != endpoint) {
+			vmig__err_set(err,
+				      "Expected TLS credentials for a %s endpoint: '%.100s' has "
+				      "endpoint=%s",
+				      endpoint_name(endpoint), creds_id,
+				      endpoint_name(c->endpoint));
+			return -EINVAL;
+		}
+	}
+	/* Only the server authorizes its peer. Without TLS there is nobody to
+	 * authorize: refuse rather than let anyone in unauthenticated. */
+	if (server && *authz_id && !c) {
+		vmig__err_set(err,
+			      "tls-authz '%.100s' is set but tls-creds is not: set tls-creds "
+			      "too, or tls-authz to \"\"",
+			      authz_id);
+		return -EINVAL;
+	}
+	if (server && *authz_id && !(a = authz_find(objs, authz_id, err)))
+		return -ENOENT;
+	ret = vmig_session_set_tls(s, c ? c->creds : NULL, c && !server && *host ? host : NULL,
+				   a ? a->identity : NULL);
+	if (!ret || ret == -EBUSY)
+		return 0;
+	detail = vmig_session_error(s);
+	vmig__err_set(err, "TLS: %.200s", detail && *detail ? detail : strerror(-ret));
+	return ret;
 }

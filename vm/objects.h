@@ -3,9 +3,16 @@
  * QEMU's user-creatable objects that migration needs, with QEMU's names:
  * tls-creds-x509, tls-creds-psk and authz-simple. They are created by
  * --object on the command line or QMP object-add, removed by object-del, and
- * to be named by id from the migration parameters tls-creds and tls-authz.
+ * named by id from the migration parameters tls-creds and tls-authz.
  *
- * Not thread-safe: everything here runs on the main (QMP) thread.
+ * Those parameters and tls-hostname are kept here too: they are strings the
+ * engine never sees. vm_objects_apply_tls() resolves them into
+ * vmig_session_set_tls() when a migration starts, as QEMU resolves its
+ * parameters at that moment, not when they are set.
+ *
+ * Not thread-safe: everything here runs on the main (QMP) thread. The engine
+ * holds its own reference to the credentials it was given, so object-del
+ * never pulls them from under a running migration.
  */
 #ifndef VMIG_VM_OBJECTS_H
 #define VMIG_VM_OBJECTS_H
@@ -50,5 +57,31 @@ bool vm_objects_have_tls_creds(const struct vm_objects *objs);
  * Only the syntax is checked here; vm_objects_add() checks the rest.
  */
 int vm_objects_parse_opt(const char *opt, json_t **props, struct vmig__err *err);
+
+/* ---- the migration parameters tls-creds, tls-hostname, tls-authz ---- */
+
+/* NULL-terminated, in the order query-migrate-parameters lists them. */
+extern const char *const vm_tls_param_names[];
+bool vm_tls_param_is(const char *name);
+/* Check a migrate-set-parameters value: a string, or null meaning "" as
+ * QEMU's StrOrNull. Returns 0 or -EINVAL with text in err. */
+int vm_tls_param_check(const char *name, const json_t *value, struct vmig__err *err);
+/* Set a value that passed vm_tls_param_check(). Returns 0 or -ENOMEM. */
+int vm_tls_param_set(struct vm_objects *objs, const char *name, const json_t *value);
+/* The current value, "" when unset (never NULL for a name of the list). */
+const char *vm_tls_param_get(const struct vm_objects *objs, const char *name);
+
+/*
+ * Resolve the parameters for a migration about to start on the side that
+ * uses endpoint (client: migrate, migrate with resume; server:
+ * migrate-incoming, migrate-recover) and hand them to the session. With
+ * tls-creds "" TLS is turned off. Errors (with QEMU's wording where QEMU
+ * has one): an unknown tls-creds id, an object of another type, credentials
+ * for the other endpoint, a tls-authz that names no authz-simple object.
+ * -EBUSY from the session (a migration runs) is not an error here: the
+ * engine call that follows refuses with its own reason.
+ */
+int vm_objects_apply_tls(const struct vm_objects *objs, vmig_session *s,
+			 enum vmig_tls_endpoint endpoint, struct vmig__err *err);
 
 #endif

@@ -98,6 +98,15 @@ static const struct json_arg_spec migrate_args[] = {
     {"uri", JA_STR, true},   {"detach", JA_BOOL, false}, {"blk", JA_BOOL, false},
     {"inc", JA_BOOL, false}, {"resume", JA_BOOL, false}, {.name = NULL}};
 
+/*
+ * The TLS parameters are ids, resolved now that a migration starts on the
+ * side that uses endpoint (as QEMU does), and handed to the session.
+ */
+static int apply_tls(struct qmp_cmd_ctx *ctx, enum vmig_tls_endpoint endpoint)
+{
+	return vm_objects_apply_tls(vm_objects(ctx->vm), vm_session(ctx->vm), endpoint, &ctx->err);
+}
+
 static int cmd_migrate(struct qmp_cmd_ctx *ctx, const json_t *args)
 {
 	int ret;
@@ -106,6 +115,9 @@ static int cmd_migrate(struct qmp_cmd_ctx *ctx, const json_t *args)
 		vmig__err_set(&ctx->err, "Block migration (blk, inc) is not supported by vmig");
 		return -EOPNOTSUPP;
 	}
+	ret = apply_tls(ctx, VMIG_TLS_ENDPOINT_CLIENT);
+	if (ret)
+		return ret;
 	if (json_arg_bool(args, "resume", false)) {
 		ret = vmig_resume(vm_session(ctx->vm), json_arg_str(args, "uri", ""));
 		return ret ? fail(ctx, ret, "migrate (resume)") : 0;
@@ -129,6 +141,9 @@ static int cmd_migrate_incoming(struct qmp_cmd_ctx *ctx, const json_t *args)
 			      vm_runstate_name(rs));
 		return -EINVAL;
 	}
+	ret = apply_tls(ctx, VMIG_TLS_ENDPOINT_SERVER);
+	if (ret)
+		return ret;
 	ret = vmig_incoming(vm_session(ctx->vm), json_arg_str(args, "uri", ""));
 	return ret ? fail(ctx, ret, "migrate-incoming") : 0;
 }
@@ -174,8 +189,11 @@ static int cmd_migrate_continue(struct qmp_cmd_ctx *ctx, const json_t *args)
 
 static int cmd_migrate_recover(struct qmp_cmd_ctx *ctx, const json_t *args)
 {
-	int ret = vmig_recover(vm_session(ctx->vm), json_arg_str(args, "uri", ""));
+	int ret = apply_tls(ctx, VMIG_TLS_ENDPOINT_SERVER);
 
+	if (ret)
+		return ret;
+	ret = vmig_recover(vm_session(ctx->vm), json_arg_str(args, "uri", ""));
 	return ret ? fail(ctx, ret, "migrate-recover") : 0;
 }
 
@@ -295,6 +313,32 @@ static int param_value(struct qmp_cmd_ctx *ctx, const char *key, const json_t *v
 	return -1;
 }
 
+/* Every member is checked before anything is set, as QEMU does. The TLS
+ * parameters (strings the engine does not keep) are set last, once the
+ * engine's have all been accepted. */
+static int check_params(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	const char *key;
+	int64_t val;
+	json_t *v;
+
+	json_object_foreach((json_t *)args, key, v)
+	{
+		if (vm_tls_param_is(key)) {
+			if (vm_tls_param_check(key, v, &ctx->err))
+				return -EINVAL;
+			continue;
+		}
+		if (!name_in(vmig_parameter_names(), key)) {
+			vmig__err_set(&ctx->err, "Parameter '%.200s' is unexpected", key);
+			return -EINVAL;
+		}
+		if (param_value(ctx, key, v, &val))
+			return -EINVAL;
+	}
+	return 0;
+}
+
 /* migrate-set-parameters takes any subset of the names, as members. */
 static int cmd_set_params(struct qmp_cmd_ctx *ctx, const json_t *args)
 {
@@ -303,17 +347,13 @@ static int cmd_set_params(struct qmp_cmd_ctx *ctx, const json_t *args)
 	json_t *v;
 	int ret;
 
+	ret = check_params(ctx, args);
+	if (ret)
+		return ret;
 	json_object_foreach((json_t *)args, key, v)
 	{
-		if (!name_in(vmig_parameter_names(), key)) {
-			vmig__err_set(&ctx->err, "Parameter '%.200s' is unexpected", key);
-			return -EINVAL;
-		}
-		if (param_value(ctx, key, v, &val))
-			return -EINVAL;
-	}
-	json_object_foreach((json_t *)args, key, v)
-	{
+		if (vm_tls_param_is(key))
+			continue;
 		param_value(ctx, key, v, &val);
 		ret = vmig_parameter_set(vm_session(ctx->vm), key, val);
 		if (ret == -ENOTSUP) {
@@ -328,6 +368,11 @@ static int cmd_set_params(struct qmp_cmd_ctx *ctx, const json_t *args)
 									 : strerror(-ret));
 			return ret;
 		}
+	}
+	json_object_foreach((json_t *)args, key, v)
+	{
+		if (vm_tls_param_is(key) && vm_tls_param_set(vm_objects(ctx->vm), key, v))
+			return -ENOMEM;
 	}
 	return 0;
 }
@@ -347,6 +392,10 @@ static int cmd_query_params(struct qmp_cmd_ctx *ctx, const json_t *args)
 		else
 			json_object_set_new(obj, *n, json_integer(val));
 	}
+	/* QEMU lists these always, "" when unset. */
+	for (const char *const *n = vm_tls_param_names; obj && *n; n++)
+		json_object_set_new(obj, *n,
+				    json_string(vm_tls_param_get(vm_objects(ctx->vm), *n)));
 	ctx->ret = obj;
 	return obj ? 0 : -ENOMEM;
 }

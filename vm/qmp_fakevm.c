@@ -32,6 +32,7 @@ struct fakevm *fakevm_get(void)
 void fakevm_reset(void)
 {
 	vm_objects_free(fake.objects);
+	vmig_tls_creds_unref(fake.tls_creds);
 	memset(&fake, 0, sizeof(fake));
 	vm_objects_new(&fake.objects); /* NULL on ENOMEM: commands then crash the test */
 	fake.runstate = VM_RS_RUNNING;
@@ -377,4 +378,20 @@ void vmig_tls_creds_unref(vmig_tls_creds *creds)
 		free(creds);
 		fake.tls_creds_live--;
 	}
+}
+
+int vmig_session_set_tls(vmig_session *s, vmig_tls_creds *creds, const char *hostname,
+			 const char *authz_identity)
+{
+	fake.set_tls_calls++;
+	if (fake.set_tls_error)
+		return fake.set_tls_error;
+	if (creds)
+		creds->refs++;
+	vmig_tls_creds_unref(fake.tls_creds);
+	fake.tls_creds = creds;
+	snprintf(fake.tls_hostname, sizeof(fake.tls_hostname), "%s", hostname ? hostname : "");
+	snprintf(fake.tls_authz, sizeof(fake.tls_authz), "%s",
+		 authz_identity ? authz_identity : "");
+	return 0;
 }

@@ -40,7 +40,12 @@ struct fakevm {
 	 * credentials are fakes that read no file */
 	struct vm_objects *objects;
 	int creds_error;	 /* if non-zero, creating credentials fails with it */
+	int set_tls_error;	 /* if non-zero, vmig_session_set_tls fails with it */
 	unsigned tls_creds_live; /* fake credentials not yet freed */
+	unsigned set_tls_calls;
+	vmig_tls_creds *tls_creds;	     /* the session's reference, as set_tls left it */
+	char tls_hostname[256];		     /* "" for NULL */
+	char tls_authz[256];		     /* "" for NULL */
 	char tls_dir[256];		     /* the dir of the last credentials created */
 	char tls_username[256];		     /* and their username, "" for NULL */
 	struct vmig_tls_creds_opts tls_opts; /* the last ones (dir and username cleared) */

@@ -2,8 +2,9 @@
 /*
  * Unit tests of vmig-vm's objects (vm/objects.c) through QMP, over the fake
  * VM: object-add and object-del for tls-creds-x509, tls-creds-psk and
- * authz-simple with every kind of bad input, and the --object command-line
- * syntax.
+ * authz-simple with every kind of bad input, the --object command-line
+ * syntax, the migration parameters tls-creds, tls-hostname and tls-authz,
+ * and what the migrate commands hand to vmig_session_set_tls().
  */
 #include <errno.h>
 #include <setjmp.h>
@@ -45,6 +46,19 @@ static void bad(struct fixture *f, const char *req, const char *needle)
 
 	expect_error(f, r, needle);
 	free(r);
+}
+
+static json_t *params(struct fixture *f)
+{
+	return ret_of(f, "{\"execute\":\"query-migrate-parameters\"}");
+}
+
+static const char *param(const json_t *p, const char *name)
+{
+	const char *v = json_string_value(json_object_get(p, name));
+
+	assert_non_null(v);
+	return v;
 }
 
 /* ---- object-add, object-del ---- */
@@ -312,6 +326,210 @@ static void test_opt_add(void **state)
 	assert_int_equal(vm_objects_del(objs, "t0", &err), -ENOENT);
 }
 
+/* ---- parameters ---- */
+
+static void test_params(void **state)
+{
+	struct fixture *f = *state;
+	struct fakevm *fv = fakevm_get();
+	json_t *p;
+	char *t;
+
+	negotiate(f);
+	p = params(f);
+	assert_string_equal(param(p, "tls-creds"), "");
+	assert_string_equal(param(p, "tls-hostname"), "");
+	assert_string_equal(param(p, "tls-authz"), "");
+	json_decref(p);
+
+	ok(f, "{'execute':'migrate-set-parameters','arguments':{'tls-creds':'tls0',"
+	      "'tls-hostname':'dst.example','tls-authz':'auth0','downtime-limit':42}}");
+	p = params(f);
+	assert_string_equal(param(p, "tls-creds"), "tls0");
+	assert_string_equal(param(p, "tls-hostname"), "dst.example");
+	assert_string_equal(param(p, "tls-authz"), "auth0");
+	assert_int_equal(json_integer_value(json_object_get(p, "downtime-limit")), 42);
+	json_decref(p);
+
+	/* A bad member changes nothing, the engine's parameters included. */
+	bad(f,
+	    "{'execute':'migrate-set-parameters','arguments':{'downtime-limit':7,"
+	    "'tls-creds':5}}",
+	    "'tls-creds', expected: string");
+	bad(f, "{'execute':'migrate-set-parameters','arguments':{'tls-hostname':true}}",
+	    "expected: string");
+	bad(f, "{'execute':'migrate-set-parameters','arguments':{'tls-authz':['a']}}",
+	    "expected: string");
+	bad(f,
+	    "{'execute':'migrate-set-parameters','arguments':{'tls-creds':'x',"
+	    "'downtime-limit':'fast'}}",
+	    "expected: integer");
+	fv->next_error = -EBUSY; /* the engine refuses: the TLS ones stay too */
+	bad(f,
+	    "{'execute':'migrate-set-parameters','arguments':{'tls-creds':'y',"
+	    "'downtime-limit':8}}",
+	    "while a migration is running");
+	p = params(f);
+	assert_string_equal(param(p, "tls-creds"), "tls0");
+	assert_string_equal(param(p, "tls-hostname"), "dst.example");
+	assert_int_equal(json_integer_value(json_object_get(p, "downtime-limit")), 42);
+	json_decref(p);
+
+	/* "" and null (QEMU's StrOrNull) unset. */
+	ok(f, "{'execute':'migrate-set-parameters','arguments':{'tls-creds':null,"
+	      "'tls-hostname':''}}");
+	p = params(f);
+	assert_string_equal(param(p, "tls-creds"), "");
+	assert_string_equal(param(p, "tls-hostname"), "");
+	assert_string_equal(param(p, "tls-authz"), "auth0");
+	json_decref(p);
+
+	/* The human monitor: QEMU's quoted lines, and words as values. */
+	t = hmp(f, "migrate_set_parameter tls-creds tls9");
+	assert_string_equal(t, "");
+	free(t);
+	t = hmp(f, "migrate_set_parameter multifd-compression zstd");
+	assert_string_equal(t, "");
+	free(t);
+	t = hmp(f, "info migrate_parameters");
+	assert_non_null(strstr(t, "tls-creds: 'tls9'\r\n"));
+	assert_non_null(strstr(t, "tls-hostname: ''\r\n"));
+	assert_non_null(strstr(t, "tls-authz: 'auth0'\r\n"));
+	assert_non_null(strstr(t, "multifd-compression: zstd\r\n"));
+	free(t);
+	t = hmp(f, "migrate_set_parameter tls-authz ''");
+	assert_string_equal(t, "");
+	free(t);
+	t = hmp(f, "migrate_set_parameter downtime-limit soon");
+	assert_non_null(strstr(t, "Error: "));
+	free(t);
+	p = params(f);
+	assert_string_equal(param(p, "tls-authz"), "");
+	json_decref(p);
+}
+
+/* ---- what a migration start hands to the session ---- */
+
+static void add_standard_objects(struct fixture *f)
+{
+	ok(f, "{'execute':'object-add','arguments':{'qom-type':'tls-creds-x509','id':'cli',"
+	      "'dir':'/d','endpoint':'client'}}");
+	ok(f, "{'execute':'object-add','arguments':{'qom-type':'tls-creds-psk','id':'srv',"
+	      "'dir':'/d','endpoint':'server'}}");
+	ok(f, "{'execute':'object-add','arguments':{'qom-type':'authz-simple','id':'auth',"
+	      "'identity':'CN=src'}}");
+}
+
+static void test_apply_source(void **state)
+{
+	struct fixture *f = *state;
+	struct fakevm *fv = fakevm_get();
+
+	negotiate(f);
+	add_standard_objects(f);
+	/* No TLS: the session is told so at every start. */
+	ok(f, "{'execute':'migrate','arguments':{'uri':'tcp:h:1'}}");
+	assert_int_equal(fv->set_tls_calls, 1);
+	assert_null(fv->tls_creds);
+	assert_int_equal(fv->migrate_calls, 1);
+	fv->stats.status = VMIG_STATUS_NONE;
+
+	ok(f, "{'execute':'migrate-set-parameters','arguments':{'tls-creds':'nope'}}");
+	bad(f, "{'execute':'migrate','arguments':{'uri':'tcp:h:1'}}",
+	    "No TLS credentials with id 'nope'");
+	ok(f, "{'execute':'migrate-set-parameters','arguments':{'tls-creds':'auth'}}");
+	bad(f, "{'execute':'migrate','arguments':{'uri':'tcp:h:1'}}", "authz-simple");
+	ok(f, "{'execute':'migrate-set-parameters','arguments':{'tls-creds':'srv'}}");
+	bad(f, "{'execute':'migrate','arguments':{'uri':'tcp:h:1'}}",
+	    "Expected TLS credentials for a client endpoint: 'srv' has endpoint=server");
+	bad(f, "{'execute':'migrate','arguments':{'uri':'tcp:h:1','resume':true}}",
+	    "client endpoint");
+	assert_int_equal(fv->migrate_calls, 1);
+
+	/* tls-authz is the destination's: the source ignores it. */
+	ok(f, "{'execute':'migrate-set-parameters','arguments':{'tls-creds':'cli',"
+	      "'tls-hostname':'dst','tls-authz':'whatever'}}");
+	ok(f, "{'execute':'migrate','arguments':{'uri':'tcp:h:1'}}");
+	assert_non_null(fv->tls_creds);
+	assert_string_equal(fv->tls_hostname, "dst");
+	assert_string_equal(fv->tls_authz, "");
+	assert_int_equal(fv->migrate_calls, 2);
+
+	/* Deleting the object leaves the session its own reference; the next
+	 * start no longer finds the id. */
+	ok(f, "{'execute':'object-del','arguments':{'id':'cli'}}");
+	assert_int_equal(fv->tls_creds_live, 2); /* srv, and cli held by the session */
+	fv->stats.status = VMIG_STATUS_NONE;
+	bad(f, "{'execute':'migrate','arguments':{'uri':'tcp:h:1'}}",
+	    "No TLS credentials with id 'cli'");
+
+	/* Empty tls-hostname: NULL, the engine takes the URI's host. */
+	ok(f, "{'execute':'object-add','arguments':{'qom-type':'tls-creds-x509','id':'cli',"
+	      "'dir':'/d'}}");
+	ok(f, "{'execute':'migrate-set-parameters','arguments':{'tls-hostname':''}}");
+	ok(f, "{'execute':'migrate','arguments':{'uri':'tcp:h:1'}}");
+	assert_string_equal(fv->tls_hostname, "");
+	assert_int_equal(fv->tls_creds_live, 2); /* the old cli went with set_tls */
+
+	/* -EBUSY (a migration runs): the engine call answers; other errors
+	 * stop the start. */
+	fv->set_tls_error = -EBUSY;
+	ok(f, "{'execute':'migrate','arguments':{'uri':'tcp:h:1'}}");
+	assert_int_equal(fv->migrate_calls, 4);
+	fv->set_tls_error = -EINVAL;
+	snprintf(fv->error_text, sizeof(fv->error_text), "creds are for a server");
+	bad(f, "{'execute':'migrate','arguments':{'uri':'tcp:h:1'}}",
+	    "TLS: creds are for a server");
+	assert_int_equal(fv->migrate_calls, 4);
+}
+
+static void test_apply_destination(void **state)
+{
+	struct fixture *f = *state;
+	struct fakevm *fv = fakevm_get();
+
+	negotiate(f);
+	add_standard_objects(f);
+	fv->runstate = VM_RS_INMIGRATE;
+	ok(f, "{'execute':'migrate-set-parameters','arguments':{'tls-creds':'cli'}}");
+	bad(f, "{'execute':'migrate-incoming','arguments':{'uri':'tcp:h:1'}}",
+	    "Expected TLS credentials for a server endpoint");
+	/* Without TLS nobody could be authorized: refused, not ignored. */
+	ok(f, "{'execute':'migrate-set-parameters','arguments':{'tls-creds':'',"
+	      "'tls-authz':'auth'}}");
+	bad(f, "{'execute':'migrate-incoming','arguments':{'uri':'tcp:h:1'}}",
+	    "tls-authz 'auth' is set but tls-creds is not");
+	ok(f, "{'execute':'migrate-set-parameters','arguments':{'tls-creds':'srv',"
+	      "'tls-authz':'nobody'}}");
+	bad(f, "{'execute':'migrate-incoming','arguments':{'uri':'tcp:h:1'}}",
+	    "no authz-simple object with id 'nobody'");
+	ok(f, "{'execute':'migrate-set-parameters','arguments':{'tls-authz':'srv'}}");
+	bad(f, "{'execute':'migrate-incoming','arguments':{'uri':'tcp:h:1'}}",
+	    "'srv' is a tls-creds-psk, not an authz-simple");
+	assert_int_equal(fv->incoming_calls, 0);
+	assert_int_equal(fv->set_tls_calls, 0);
+
+	/* tls-hostname is the source's: the destination ignores it. */
+	ok(f, "{'execute':'migrate-set-parameters','arguments':{'tls-authz':'auth',"
+	      "'tls-hostname':'h'}}");
+	ok(f, "{'execute':'migrate-incoming','arguments':{'uri':'tcp:h:1'}}");
+	assert_int_equal(fv->incoming_calls, 1);
+	assert_non_null(fv->tls_creds);
+	assert_string_equal(fv->tls_authz, "CN=src");
+	assert_string_equal(fv->tls_hostname, "");
+
+	/* migrate-recover is the destination too. */
+	ok(f, "{'execute':'migrate-set-parameters','arguments':{'tls-authz':''}}");
+	fv->stats.status = VMIG_STATUS_POSTCOPY_PAUSED;
+	ok(f, "{'execute':'migrate-recover','arguments':{'uri':'tcp:h:2'}}");
+	assert_int_equal(fv->set_tls_calls, 2);
+	assert_string_equal(fv->tls_authz, "");
+	ok(f, "{'execute':'migrate-set-parameters','arguments':{'tls-creds':'gone'}}");
+	fv->stats.status = VMIG_STATUS_POSTCOPY_PAUSED;
+	bad(f, "{'execute':'migrate-recover','arguments':{'uri':'tcp:h:2'}}",
+	    "No TLS credentials with id 'gone'");
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -321,6 +539,9 @@ int main(void)
 	    cmocka_unit_test_setup_teardown(test_add_limit, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_opt_syntax, setup, teardown),
 	    cmocka_unit_test_setup_teardown(test_opt_add, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_params, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_apply_source, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_apply_destination, setup, teardown),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
