@@ -9,8 +9,10 @@ destination (--incoming defer -S) with QMP sockets in a fresh temp dir, and
 checks the wire protocol: greeting, negotiation, the reply shape of every
 command, errors for malformed JSON, binary garbage, huge input, unknown
 commands and wrong argument types (with the server still answering other
-clients), pmemsave sizes, STOP/RESUME/MIGRATION events, a migration between
-the two and quit. Prints PASS/FAIL per case; exits 0 only if all passed.
+clients), pmemsave sizes, the TLS objects (object-add, object-del, --object)
+and parameters (tls-creds, tls-hostname, tls-authz) with their errors,
+STOP/RESUME/MIGRATION events, a migration between the two and quit. Prints
+PASS/FAIL per case; exits 0 only if all passed.
 """
 import json
 import os
@@ -23,6 +25,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+import tlscerts  # noqa: E402
 from vmigtest import free_port  # noqa: E402
 
 RESULTS = []
@@ -341,6 +344,285 @@ def t_huge(env):
     still_answers(env)
 
 
+# ---- TLS objects and parameters ----
+
+def certs(env):
+    """The x509 and PSK sets of tests/lib/tlscerts.py, made once per run."""
+    if not hasattr(env, "x509"):
+        base = os.path.join(env.tmp, "certs")
+        env.x509 = tlscerts.x509_good(base)
+        env.psk = tlscerts.psk(base)
+    return env.x509, env.psk
+
+
+def error_says(r, *words):
+    return is_error(r) and all(w in r["error"]["desc"] for w in words)
+
+
+@case("object-add and object-del: x509, psk, authz-simple")
+def t_objects(env):
+    x509, psk = certs(env)
+    q = QMP(env.src)
+    objs = [
+        {"qom-type": "tls-creds-x509", "id": "tls-srv", "endpoint": "server", "dir": x509.server,
+         "verify-peer": True},
+        {"qom-type": "tls-creds-x509", "id": "tls-cli", "endpoint": "client", "dir": x509.client},
+        {"qom-type": "tls-creds-x509", "id": "tls-noverify", "endpoint": "client",
+         "dir": x509.client, "verify-peer": False},
+        {"qom-type": "tls-creds-psk", "id": "psk-cli", "endpoint": "client", "dir": psk.client,
+         "username": tlscerts.PSK_USERNAME},
+        {"qom-type": "tls-creds-psk", "id": "psk-srv", "endpoint": "server", "dir": psk.server},
+        {"qom-type": "authz-simple", "id": "authz0", "identity": x509.client_dn},
+    ]
+    for o in objs:
+        check(q.ret("object-add", o) == {}, f"object-add {o}")
+    for o in objs:
+        r = q.cmd("object-add", dict(o))
+        check(error_says(r, "duplicate", o["id"]), f"duplicate {o['id']} accepted: {r}")
+    # one id space for every type
+    r = q.cmd("object-add", {"qom-type": "authz-simple", "id": "tls-srv", "identity": "x"})
+    check(error_says(r, "duplicate", "tls-srv"), str(r))
+    for o in objs:
+        check(q.ret("object-del", {"id": o["id"]}) == {}, f"object-del {o['id']}")
+    r = q.cmd("object-del", {"id": "tls-srv"})
+    check(error_says(r, "tls-srv", "not found"), str(r))
+    # freed ids can be taken again
+    check(q.ret("object-add", objs[0]) == {}, "re-add after del")
+    check(q.ret("object-del", {"id": objs[0]["id"]}) == {}, "del")
+    q.close()
+
+
+@case("object-add and object-del refuse bad input, and create nothing")
+def t_objects_bad(env):
+    x509, _ = certs(env)
+    q = QMP(env.src)
+    good = {"qom-type": "tls-creds-x509", "id": "t0", "endpoint": "server", "dir": x509.server}
+    bad = [
+        ({}, ("'qom-type' is missing",)),
+        ({"qom-type": None, "id": "t0"}, ("'qom-type'", "expected: string")),
+        ({"qom-type": "memory-backend-ram", "id": "t0", "size": 1},
+         ("'qom-type' does not accept value 'memory-backend-ram'",)),
+        ({"qom-type": "tls-creds-anon", "id": "t0"}, ("tls-creds-x509",)),
+        (dict(good, id=5), ("'id'", "expected: string")),
+        (dict(good, id="0bad"), ("'id' expects an identifier",)),
+        ({k: v for k, v in good.items() if k != "id"}, ("'id' is missing",)),
+        ({k: v for k, v in good.items() if k != "dir"}, ("'dir' is missing",)),
+        (dict(good, dir=[x509.server]), ("'dir'", "expected: string")),
+        (dict(good, dir=""), ("'dir' must not be empty",)),
+        (dict(good, endpoint="both"), ("'endpoint' does not accept value 'both'",)),
+        (dict(good, endpoint=1), ("'endpoint'", "expected: string")),
+        (dict(good, **{"verify-peer": "on"}), ("'verify-peer'", "expected: boolean")),
+        (dict(good, **{"verify-peer": 1}), ("'verify-peer'", "expected: boolean")),
+        (dict(good, username="u"), ("'username' is unexpected",)),
+        (dict(good, priority="NORMAL"), ("'priority'", "not supported")),
+        (dict(good, extra={"a": [1]}), ("'extra' is unexpected",)),
+        ({"qom-type": "tls-creds-psk", "id": "t0", "dir": "/x", "username": 7},
+         ("'username'", "expected: string")),
+        ({"qom-type": "authz-simple", "id": "t0"}, ("'identity' is missing",)),
+        ({"qom-type": "authz-simple", "id": "t0", "identity": ["CN=x"]},
+         ("'identity'", "expected: string")),
+        # credentials are loaded at creation: a missing file says which
+        (dict(good, dir=os.path.join(env.tmp, "no-such-dir")), ("tls-creds-x509 't0'",)),
+        (dict(good, dir=x509.client), ("tls-creds-x509 't0'",)),  # client files, server role
+    ]
+    for args, words in bad:
+        r = q.cmd("object-add", args)
+        check(error_says(r, *words), f"object-add {args}: {r}")
+    r = q.cmd("object-add")
+    check(error_says(r, "'qom-type' is missing"), str(r))
+    r = q.cmd("object-add", [1])
+    check(is_error(r), str(r))
+    for args, words in (({"id": "nosuch"}, ("object 'nosuch' not found",)),
+                        ({"id": 3}, ("'id'", "expected: string")),
+                        ({}, ("'id' is missing",)),
+                        ({"id": "t0", "force": True}, ("'force' is unexpected",))):
+        r = q.cmd("object-del", args)
+        check(error_says(r, *words), f"object-del {args}: {r}")
+    # none of the above created t0
+    check(q.ret("object-add", good) == {}, "t0 taken by a failed object-add")
+    check(q.ret("object-del", {"id": "t0"}) == {}, "object-del t0")
+    q.close()
+    still_answers(env)
+
+
+def tls_params(q):
+    p = q.ret("query-migrate-parameters")
+    return {k: p.get(k) for k in ("tls-creds", "tls-hostname", "tls-authz")}
+
+
+def unset_tls(q):
+    check(q.ret("migrate-set-parameters",
+                {"tls-creds": "", "tls-hostname": "", "tls-authz": ""}) == {}, "unset TLS")
+
+
+@case("tls-creds, tls-hostname, tls-authz round-trip through query-migrate-parameters")
+def t_tls_params(env):
+    q = QMP(env.src)
+    empty = {"tls-creds": "", "tls-hostname": "", "tls-authz": ""}
+    check(tls_params(q) == empty, f"defaults {tls_params(q)}")
+    dt = q.ret("query-migrate-parameters")["downtime-limit"]
+    want = {"tls-creds": "tls0", "tls-hostname": "dst.example", "tls-authz": "authz0"}
+    check(q.ret("migrate-set-parameters", want) == {}, "set")
+    check(tls_params(q) == want, f"after set {tls_params(q)}")
+    for bad in ({"tls-creds": 5}, {"tls-hostname": True}, {"tls-authz": ["a"]},
+                {"tls-creds": {}}, {"tls-creds": "x" * 300},
+                {"downtime-limit": dt + 1, "tls-creds": 1},
+                {"tls-creds": "other", "downtime-limit": "soon"}):
+        r = q.cmd("migrate-set-parameters", bad)
+        check(is_error(r), f"accepted {bad}: {r}")
+    check(tls_params(q) == want, f"changed by a refused request: {tls_params(q)}")
+    check(q.ret("query-migrate-parameters")["downtime-limit"] == dt, "downtime-limit changed")
+    text = q.ret("human-monitor-command", {"command-line": "info migrate_parameters"})
+    for line in ("tls-creds: 'tls0'\r\n", "tls-hostname: 'dst.example'\r\n",
+                 "tls-authz: 'authz0'\r\n"):
+        check(line in text, f"{line!r} not in {text!r}")
+    check(q.ret("human-monitor-command",
+                {"command-line": "migrate_set_parameter tls-hostname other.example"}) == "",
+          "HMP set")
+    check(tls_params(q)["tls-hostname"] == "other.example", str(tls_params(q)))
+    # null (QEMU's StrOrNull) and "" unset
+    check(q.ret("migrate-set-parameters", {"tls-creds": None, "tls-hostname": ""}) == {}, "unset")
+    check(tls_params(q) == {"tls-creds": "", "tls-hostname": "", "tls-authz": "authz0"},
+          str(tls_params(q)))
+    unset_tls(q)
+    check(tls_params(q) == empty, str(tls_params(q)))
+    q.close()
+
+
+def running_without_migration(q, what):
+    s = q.ret("query-status")
+    check(s["status"] == "running" and s["running"], f"{what}: VM {s}")
+    check(q.ret("query-migrate") == {}, f"{what}: a migration started")
+
+
+@case("migrate with bad TLS parameters fails with QEMU's message; the VM runs on")
+def t_tls_migrate_errors(env):
+    x509, _ = certs(env)
+    q = QMP(env.src)
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    check(q.ret("migrate-set-parameters", {"tls-creds": "nosuch"}) == {}, "set")
+    r = q.cmd("migrate", {"uri": uri})
+    check(is_error(r) and r["error"]["desc"] == "No TLS credentials with id 'nosuch'", str(r))
+    running_without_migration(q, "unknown id")
+    r = q.cmd("migrate", {"uri": uri, "resume": True})
+    check(error_says(r, "No TLS credentials with id 'nosuch'"), str(r))
+    q.ret("object-add", {"qom-type": "tls-creds-x509", "id": "srv", "endpoint": "server",
+                         "dir": x509.server})
+    q.ret("object-add", {"qom-type": "authz-simple", "id": "authz0", "identity": "CN=x"})
+    for creds, words in (("srv", ("Expected TLS credentials for a client endpoint", "'srv'")),
+                         ("authz0", ("No TLS credentials with id 'authz0'", "authz-simple"))):
+        q.ret("migrate-set-parameters", {"tls-creds": creds})
+        r = q.cmd("migrate", {"uri": uri})
+        check(error_says(r, *words), f"tls-creds {creds}: {r}")
+        running_without_migration(q, creds)
+    # deleting an object a parameter names is allowed; the id is then unknown
+    q.ret("object-del", {"id": "srv"})
+    q.ret("migrate-set-parameters", {"tls-creds": "srv"})
+    r = q.cmd("migrate", {"uri": uri})
+    check(error_says(r, "No TLS credentials with id 'srv'"), str(r))
+    running_without_migration(q, "deleted id")
+    q.ret("object-del", {"id": "authz0"})
+    unset_tls(q)
+    q.close()
+
+
+@case("migrate-incoming with bad TLS parameters fails; the destination still waits")
+def t_tls_incoming_errors(env):
+    x509, _ = certs(env)
+    q = QMP(env.dst)
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    q.ret("object-add", {"qom-type": "tls-creds-x509", "id": "cli", "endpoint": "client",
+                         "dir": x509.client})
+    q.ret("object-add", {"qom-type": "tls-creds-x509", "id": "srv", "endpoint": "server",
+                         "dir": x509.server})
+    cases = (({"tls-creds": "nosuch"}, ("No TLS credentials with id 'nosuch'",)),
+             ({"tls-creds": "cli"}, ("Expected TLS credentials for a server endpoint",)),
+             ({"tls-creds": "", "tls-authz": "srv"}, ("tls-authz 'srv'", "tls-creds")),
+             ({"tls-creds": "srv", "tls-authz": "nosuch"}, ("tls-authz", "'nosuch'")),
+             ({"tls-creds": "srv", "tls-authz": "cli"}, ("tls-authz", "not an authz-simple")))
+    for params, words in cases:
+        q.ret("migrate-set-parameters", params)
+        r = q.cmd("migrate-incoming", {"uri": uri})
+        check(error_says(r, *words), f"{params}: {r}")
+        s = q.ret("query-status")
+        check(s["status"] == "inmigrate", f"{params}: destination {s}")
+        check(q.ret("query-migrate") == {}, f"{params}: destination started listening")
+    for oid in ("cli", "srv"):
+        q.ret("object-del", {"id": oid})
+    unset_tls(q)
+    q.close()
+
+
+def run_vm(env, *args, timeout=20):
+    """vmig-vm with args and no QMP: returns (exit status, stderr). It must
+    exit by itself, never by a signal."""
+    p = subprocess.run([env.binary, "--mem", "4M"] + list(args), capture_output=True,
+                       text=True, timeout=timeout)
+    return p.returncode, p.stderr
+
+
+@case("--object errors on the command line: a message, an exit status, no crash")
+def t_object_cmdline(env):
+    x509, _ = certs(env)
+    srv = f"tls-creds-x509,id=t0,endpoint=server,dir={x509.server}"
+    bad = [
+        ("", ("'qom-type' is missing",)),
+        ("tls-creds-anon,id=t0", ("'qom-type' does not accept value 'tls-creds-anon'",)),
+        ("tls-creds-x509,id=t0,endpoint=server", ("'dir' is missing",)),
+        (srv.replace("server", "sideways", 1), ("'endpoint' does not accept value 'sideways'",)),
+        (srv + ",verify-peer=maybe", ("'verify-peer' expects 'on' or 'off'",)),
+        (srv + ",dir", ("Expected '=' after parameter 'dir'",)),
+        (srv + ",id=t1", ("'id' is given more than once",)),
+        (srv + ",", ("Empty property",)),
+        (srv + ",bogus=1", ("'bogus' is unexpected",)),
+        ("tls-creds-x509,id=9,dir=/x", ("'id' expects an identifier",)),
+        ("authz-simple,id=a0", ("'identity' is missing",)),
+        (f"tls-creds-x509,id=t0,endpoint=server,dir={env.tmp}/none", ("tls-creds-x509 't0'",)),
+        (f"tls-creds-psk,id=p0,endpoint=server,dir={env.tmp}/none", ("tls-creds-psk 'p0'",)),
+        ('{"qom-type": "authz-simple", "id": 5}', ("'id'", "expected: string")),
+        ('{"qom-type": ', ("JSON parse error",)),
+    ]
+    for opt, words in bad:
+        rc, err = run_vm(env, "--object", opt)
+        check(rc > 0, f"--object {opt!r}: exit status {rc}: {err[-300:]}")
+        check("vmig-vm: --object" in err and all(w in err for w in words),
+              f"--object {opt!r}: unclear message {err[-400:]!r}")
+    rc, err = run_vm(env, "--object", srv, "--object",
+                     "authz-simple,id=t0,identity=x")
+    check(rc > 0 and "duplicate object id 't0'" in err, f"duplicate id: {rc} {err[-300:]!r}")
+
+
+@case("--object: good objects are created; --incoming URI warns that it has no TLS")
+def t_object_cmdline_good(env):
+    x509, psk = certs(env)
+    path = os.path.join(env.tmp, "objs.qmp")
+    log = os.path.join(env.tmp, "objs.log")
+    port = free_port()
+    with open(log, "w") as f:
+        p = subprocess.Popen(
+            [env.binary, "--mem", "4M", "--qmp", "unix:" + path,
+             "--incoming", f"tcp:127.0.0.1:{port}",
+             "--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={x509.server},verify-peer=on",
+             "--object", f"tls-creds-psk,id=psk0,endpoint=server,dir={psk.server}",
+             "--object", "authz-simple,id=authz0,identity=" + x509.client_dn.replace(",", ",,"),
+             "--object", '{"qom-type": "authz-simple", "id": "authz1", "identity": "CN=a,O=b"}'],
+            stdout=f, stderr=subprocess.STDOUT)
+    try:
+        err = wait_socket(path, p)
+        check(err is None, f"vmig-vm with good objects: {err}: {open(log).read()[-500:]}")
+        q = QMP(path)
+        for oid in ("tls0", "psk0", "authz0", "authz1"):
+            r = q.cmd("object-add", {"qom-type": "authz-simple", "id": oid, "identity": "x"})
+            check(error_says(r, "duplicate", oid), f"{oid} not created: {r}")
+        q.close()
+        with open(log) as f:
+            text = f.read()
+        check("listens at once" in text and "defer" in text, f"no TLS warning: {text[-500:]!r}")
+    finally:
+        p.kill()
+        p.wait()
+
+
 @case("migration: MIGRATION events, query-migrate fields, destination runs")
 def t_migrate(env):
     src = QMP(env.src)
@@ -428,6 +710,7 @@ def main():
         report("setup", False, f"{binary} not found or not executable")
         return 1
     env = Env()
+    env.binary = binary
     env.tmp = tempfile.mkdtemp(prefix="vmig-qmp-")
     env.src = os.path.join(env.tmp, "src.qmp")
     env.dst = os.path.join(env.tmp, "dst.qmp")
@@ -446,6 +729,8 @@ def main():
                 return 1
         cases = [t_greeting, t_negotiation, t_status, t_caps_params, t_query_migrate_empty,
                  t_hmp, t_misc, t_pmemsave, t_postcopy_cmds, t_bad_input, t_framing, t_huge,
+                 t_objects, t_objects_bad, t_tls_params, t_tls_migrate_errors,
+                 t_tls_incoming_errors, t_object_cmdline, t_object_cmdline_good,
                  t_migrate, t_quit]
         for fn in cases:
             try:
