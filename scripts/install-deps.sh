@@ -5,7 +5,7 @@ set -euo pipefail
 
 pkgs=(
   build-essential meson ninja-build pkg-config clang libclang-rt-14-dev
-  liburing-dev libzstd-dev libxxhash-dev libjansson-dev libcmocka-dev
+  liburing-dev libzstd-dev zlib1g-dev libxxhash-dev libjansson-dev libcmocka-dev
   libgnutls28-dev openssl
   python3 iproute2 cpio gzip procps psmisc
   qemu-system-x86 qemu-utils busybox-static linux-image-amd64

@@ -147,7 +147,7 @@ int vmig_ram_block_add(vmig_session *s, const struct vmig_ram_block *blk);
  *     (ms), "multifd-channels", "cpu-throttle-initial",
  *     "cpu-throttle-increment", "max-cpu-throttle" (percent),
  *     "throttle-trigger-threshold" (percent), "multifd-compression",
- *     "multifd-zstd-level", "x-vmig-dirty-tracking" (see below) ...
+ *     "multifd-zstd-level", "multifd-zlib-level", "x-vmig-dirty-tracking" (see below) ...
  * The lists are vmig_capability_names() and vmig_parameter_names(),
  * NULL-terminated. Setting fails with -EBUSY while a migration is running
  * for the ones that cannot change then, and -ENOENT for unknown names.
@@ -164,10 +164,11 @@ int vmig_parameter_get(const vmig_session *s, const char *name, int64_t *value);
 const char *const *vmig_parameter_choices(const char *name);
 
 /* Values of "multifd-compression" (QEMU's names: "none", "zlib", "zstd");
- * "multifd-zstd-level" (0..20, default 1) applies to zstd. */
+ * "multifd-zstd-level" (0..20, default 1) applies to zstd,
+ * "multifd-zlib-level" (0..9, default 1) to zlib. */
 enum vmig_compression {
 	VMIG_COMPRESS_NONE = 0,
-	VMIG_COMPRESS_ZLIB = 1, /* named for QEMU's tools; refused by this build */
+	VMIG_COMPRESS_ZLIB = 1,
 	VMIG_COMPRESS_ZSTD = 2,
 };
 

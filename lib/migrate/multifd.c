@@ -165,10 +165,19 @@ static int connect_one(struct vmig__mf_source *mf, unsigned i, const struct vmig
 	c->w.throttle = vmig__src_throttle;
 	c->w.throttle_opaque = mf->src;
 	c->w.counts = c->counts;
-	if (vmig__param(s, VMIG_PARAM_MULTIFD_COMPRESSION) == VMIG_COMPRESS_ZSTD &&
-	    vmig__writer_compress(&c->w, (int)vmig__param(s, VMIG_PARAM_MULTIFD_ZSTD_LEVEL))) {
-		vmig__err_set(err, "cannot set up zstd compression");
-		return -ENOMEM;
+	switch (vmig__param(s, VMIG_PARAM_MULTIFD_COMPRESSION)) {
+	case VMIG_COMPRESS_ZSTD:
+		ret = vmig__writer_compress(&c->w, false,
+					    (int)vmig__param(s, VMIG_PARAM_MULTIFD_ZSTD_LEVEL));
+		break;
+	case VMIG_COMPRESS_ZLIB:
+		ret = vmig__writer_compress(&c->w, true,
+					    (int)vmig__param(s, VMIG_PARAM_MULTIFD_ZLIB_LEVEL));
+		break;
+	}
+	if (ret) {
+		vmig__err_set(err, "cannot set up multifd compression");
+		return ret;
 	}
 	vmig__writer_preamble(&c->w, VMIG_CHAN_MULTIFD, (uint16_t)(i << VMIG_PRE_F_INDEX_SHIFT),
 			      s->session_id);

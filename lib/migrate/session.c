@@ -58,20 +58,21 @@ static const bool cap_supported[VMIG_CAP__MAX] = {
 
 /* Names by index, NULL-terminated, as vmig_parameter_names() returns them. */
 static const char *const param_names[VMIG_PARAM__MAX + 1] = {
-	[VMIG_PARAM_MAX_BANDWIDTH] = "max-bandwidth",
-	[VMIG_PARAM_DOWNTIME_LIMIT] = "downtime-limit",
-	[VMIG_PARAM_MULTIFD_CHANNELS] = "multifd-channels",
-	[VMIG_PARAM_DIRTY_TRACKING] = "x-vmig-dirty-tracking",
-	[VMIG_PARAM_MAX_POSTCOPY_BANDWIDTH] = "max-postcopy-bandwidth",
-	[VMIG_PARAM_CPU_THROTTLE_INITIAL] = "cpu-throttle-initial",
-	[VMIG_PARAM_CPU_THROTTLE_INCREMENT] = "cpu-throttle-increment",
-	[VMIG_PARAM_MAX_CPU_THROTTLE] = "max-cpu-throttle",
-	[VMIG_PARAM_THROTTLE_TRIGGER_THRESHOLD] = "throttle-trigger-threshold",
-	[VMIG_PARAM_MULTIFD_COMPRESSION] = "multifd-compression",
-	[VMIG_PARAM_MULTIFD_ZSTD_LEVEL] = "multifd-zstd-level",
+    [VMIG_PARAM_MAX_BANDWIDTH] = "max-bandwidth",
+    [VMIG_PARAM_DOWNTIME_LIMIT] = "downtime-limit",
+    [VMIG_PARAM_MULTIFD_CHANNELS] = "multifd-channels",
+    [VMIG_PARAM_DIRTY_TRACKING] = "x-vmig-dirty-tracking",
+    [VMIG_PARAM_MAX_POSTCOPY_BANDWIDTH] = "max-postcopy-bandwidth",
+    [VMIG_PARAM_CPU_THROTTLE_INITIAL] = "cpu-throttle-initial",
+    [VMIG_PARAM_CPU_THROTTLE_INCREMENT] = "cpu-throttle-increment",
+    [VMIG_PARAM_MAX_CPU_THROTTLE] = "max-cpu-throttle",
+    [VMIG_PARAM_THROTTLE_TRIGGER_THRESHOLD] = "throttle-trigger-threshold",
+    [VMIG_PARAM_MULTIFD_COMPRESSION] = "multifd-compression",
+    [VMIG_PARAM_MULTIFD_ZSTD_LEVEL] = "multifd-zstd-level",
+    [VMIG_PARAM_MULTIFD_ZLIB_LEVEL] = "multifd-zlib-level",
 };
 
-/* QEMU's MultiFDCompression, by value; zlib is named but not built. */
+/* QEMU's MultiFDCompression, by value. */
 static const char *const compression_names[] = {
 	[VMIG_COMPRESS_NONE] = "none",
 	[VMIG_COMPRESS_ZLIB] = "zlib",
@@ -84,23 +85,24 @@ static const struct {
 	bool live; /* may change while a migration runs */
 	const char *const *choices; /* names of the values, for enum parameters */
 } param_info[VMIG_PARAM__MAX] = {
-	[VMIG_PARAM_MAX_BANDWIDTH] = {.def = 0, .min = 0, .max = INT64_MAX, .live = true},
-	[VMIG_PARAM_DOWNTIME_LIMIT] = {.def = 300, .min = 0, .max = 2000000, .live = true},
-	[VMIG_PARAM_MULTIFD_CHANNELS] = {.def = 2, .min = 1, .max = 255},
-	[VMIG_PARAM_DIRTY_TRACKING] = {.def = VMIG_DIRTY_AUTO,
-				       .min = VMIG_DIRTY_AUTO,
-				       .max = VMIG_DIRTY_UFFD_SYNC},
-	[VMIG_PARAM_MAX_POSTCOPY_BANDWIDTH] = {.def = 0, .min = 0, .max = INT64_MAX, .live = true},
-	/* QEMU's defaults and ranges */
-	[VMIG_PARAM_CPU_THROTTLE_INITIAL] = {.def = 20, .min = 1, .max = 99, .live = true},
-	[VMIG_PARAM_CPU_THROTTLE_INCREMENT] = {.def = 10, .min = 1, .max = 99, .live = true},
-	[VMIG_PARAM_MAX_CPU_THROTTLE] = {.def = 99, .min = 1, .max = 99, .live = true},
-	[VMIG_PARAM_THROTTLE_TRIGGER_THRESHOLD] = {.def = 50, .min = 1, .max = 100, .live = true},
-	[VMIG_PARAM_MULTIFD_COMPRESSION] = {.def = VMIG_COMPRESS_NONE,
-					    .min = VMIG_COMPRESS_NONE,
-					    .max = VMIG_COMPRESS_ZSTD,
-					    .choices = compression_names},
-	[VMIG_PARAM_MULTIFD_ZSTD_LEVEL] = {.def = 1, .min = 0, .max = 20},
+    [VMIG_PARAM_MAX_BANDWIDTH] = {.def = 0, .min = 0, .max = INT64_MAX, .live = true},
+    [VMIG_PARAM_DOWNTIME_LIMIT] = {.def = 300, .min = 0, .max = 2000000, .live = true},
+    [VMIG_PARAM_MULTIFD_CHANNELS] = {.def = 2, .min = 1, .max = 255},
+    [VMIG_PARAM_DIRTY_TRACKING] = {.def = VMIG_DIRTY_AUTO,
+				   .min = VMIG_DIRTY_AUTO,
+				   .max = VMIG_DIRTY_UFFD_SYNC},
+    [VMIG_PARAM_MAX_POSTCOPY_BANDWIDTH] = {.def = 0, .min = 0, .max = INT64_MAX, .live = true},
+    /* QEMU's defaults and ranges */
+    [VMIG_PARAM_CPU_THROTTLE_INITIAL] = {.def = 20, .min = 1, .max = 99, .live = true},
+    [VMIG_PARAM_CPU_THROTTLE_INCREMENT] = {.def = 10, .min = 1, .max = 99, .live = true},
+    [VMIG_PARAM_MAX_CPU_THROTTLE] = {.def = 99, .min = 1, .max = 99, .live = true},
+    [VMIG_PARAM_THROTTLE_TRIGGER_THRESHOLD] = {.def = 50, .min = 1, .max = 100, .live = true},
+    [VMIG_PARAM_MULTIFD_COMPRESSION] = {.def = VMIG_COMPRESS_NONE,
+					.min = VMIG_COMPRESS_NONE,
+					.max = VMIG_COMPRESS_ZSTD,
+					.choices = compression_names},
+    [VMIG_PARAM_MULTIFD_ZSTD_LEVEL] = {.def = 1, .min = 0, .max = 20},
+    [VMIG_PARAM_MULTIFD_ZLIB_LEVEL] = {.def = 1, .min = 0, .max = 9},
 };
 
 /* Under s->lock: shut every connection of the migration down. */
@@ -344,11 +346,6 @@ VMIG_EXPORT int vmig_parameter_set(vmig_session *s, const char *name, int64_t va
 	if (!param_info[i].live && migration_running(s)) {
 		vmig__err_set(&s->api_err, "cannot change parameter '%s' during a migration", name);
 		return -EBUSY;
-	}
-	if (i == VMIG_PARAM_MULTIFD_COMPRESSION && value == VMIG_COMPRESS_ZLIB) {
-		vmig__err_set(&s->api_err, "multifd-compression 'zlib' is not supported by this "
-				       "build; 'zstd' is");
-		return -ENOTSUP;
 	}
 	__atomic_store_n(&s->params[i], value, __ATOMIC_RELAXED);
 	return 0;

@@ -82,26 +82,27 @@ struct vmig_wire_rec {
 
 enum vmig_rec_type {
 	/* source -> destination */
-	VMIG_REC_BLOCKS = 0x01, /* RAM block list: must be first */
-	VMIG_REC_PAGES = 0x02,  /* run of whole pages */
-	VMIG_REC_ZERO = 0x03,   /* run of zero pages, no data */
-	VMIG_REC_SYNC = 0x04,   /* end of a dirty-sync round */
-	VMIG_REC_STATE = 0x05,  /* device/vCPU state blob */
-	VMIG_REC_DIGEST = 0x06, /* memory digest at switch-over */
-	VMIG_REC_EOS = 0x07,    /* end of stream */
-	VMIG_REC_DISCARD = 0x08, /* post-copy: drop these pages, they are stale */
+	VMIG_REC_BLOCKS = 0x01,	      /* RAM block list: must be first */
+	VMIG_REC_PAGES = 0x02,	      /* run of whole pages */
+	VMIG_REC_ZERO = 0x03,	      /* run of zero pages, no data */
+	VMIG_REC_SYNC = 0x04,	      /* end of a dirty-sync round */
+	VMIG_REC_STATE = 0x05,	      /* device/vCPU state blob */
+	VMIG_REC_DIGEST = 0x06,	      /* memory digest at switch-over */
+	VMIG_REC_EOS = 0x07,	      /* end of stream */
+	VMIG_REC_DISCARD = 0x08,      /* post-copy: drop these pages, they are stale */
 	VMIG_REC_POSTCOPY_RUN = 0x09, /* post-copy: start now, pages follow */
-	VMIG_REC_MULTIFD = 0x0a, /* pages go on data channels from here on */
-	VMIG_REC_PAGES_ZSTD = 0x0b, /* multifd data channel: PAGES, zstd-compressed */
+	VMIG_REC_MULTIFD = 0x0a,      /* pages go on data channels from here on */
+	VMIG_REC_PAGES_ZSTD = 0x0b,   /* multifd data channel: PAGES, zstd-compressed */
+	VMIG_REC_PAGES_ZLIB = 0x0c,   /* multifd data channel: PAGES, zlib-compressed */
 
 	/* destination -> source (return path) */
-	VMIG_RP_READY = 0x40,   /* blocks accepted, go ahead */
-	VMIG_RP_RESUMED = 0x41, /* destination verified and started */
-	VMIG_RP_ERROR = 0x42,   /* destination failed: UTF-8 text */
-	VMIG_RP_SYNC_ACK = 0x43, /* all records up to SYNC round N are placed */
-	VMIG_RP_PAGE_REQ = 0x44, /* post-copy: send these pages now */
+	VMIG_RP_READY = 0x40,	    /* blocks accepted, go ahead */
+	VMIG_RP_RESUMED = 0x41,	    /* destination verified and started */
+	VMIG_RP_ERROR = 0x42,	    /* destination failed: UTF-8 text */
+	VMIG_RP_SYNC_ACK = 0x43,    /* all records up to SYNC round N are placed */
+	VMIG_RP_PAGE_REQ = 0x44,    /* post-copy: send these pages now */
 	VMIG_RP_RECV_BITMAP = 0x45, /* recovery: the pages the destination has */
-	VMIG_RP_COMPLETE = 0x46, /* post-copy: every page placed and verified */
+	VMIG_RP_COMPLETE = 0x46,    /* post-copy: every page placed and verified */
 };
 
 /* DISCARD payload: a run of pages, possibly long. */
@@ -131,7 +132,8 @@ struct vmig_wire_block {
 } __attribute__((packed));
 
 /* PAGES and ZERO payload prefix; PAGES then carries npages * 4096 bytes,
- * PAGES_ZSTD one zstd frame that decompresses to exactly that. */
+ * PAGES_ZSTD one zstd frame and PAGES_ZLIB one zlib stream (RFC 1950) that
+ * decompress to exactly that. */
 struct vmig_wire_pages {
 	uint32_t block;
 	uint32_t npages; /* 1..VMIG_REC_MAX_PAGES */

@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <zlib.h>
 #include <zstd.h>
 
 #include "ram/bitmap.h"
@@ -153,29 +154,65 @@ static struct vmig__load_block *check_run(struct vmig__loader *l, const struct v
 	return b;
 }
 
+/* The most a compressor may produce for one run: zstd's bound (zlib's is
+ * smaller for a run's size). */
+#define ZMAX ZSTD_COMPRESSBOUND(VMIG_REC_MAX_PAGES *VMIG_PAGE_SIZE)
+
+/* One whole zlib stream in src that inflates to exactly want bytes. */
+static bool inflate_exact(struct vmig__loader *l, const uint8_t *src, size_t len, size_t want)
+{
+	z_stream *zs = l->zlib;
+
+	if (inflateReset(zs) != Z_OK)
+		return false;
+	zs->next_in = (Bytef *)src;
+	zs->avail_in = (uInt)len;
+	zs->next_out = l->bounce;
+	zs->avail_out = (uInt)want;
+	/* The end of the stream, all input used, all output filled: nothing
+	 * more, nothing less. */
+	return inflate(zs, Z_FINISH) == Z_STREAM_END && !zs->avail_in && !zs->avail_out;
+}
+
 /*
- * PAGES_ZSTD payload: one zstd frame that must decompress to exactly the
- * run's pages, into the bounce buffer. The compressed size is bounded by
- * what the source's compressor can produce for that many pages.
+ * PAGES_ZSTD or PAGES_ZLIB payload: one zstd frame or zlib stream that
+ * must decompress to exactly the run's pages, into the bounce buffer. The
+ * compressed size is bounded by what a compressor can produce for that
+ * many pages.
  */
-static int load_compressed(struct vmig__loader *l, const struct vmig_wire_pages *pg,
+static int load_compressed(struct vmig__loader *l, uint8_t type, const struct vmig_wire_pages *pg,
 			   uint32_t len, uint64_t at)
 {
 	size_t want = (size_t)pg->npages * VMIG_PAGE_SIZE, zlen = len - sizeof(*pg), got;
+	bool zlib = type == VMIG_REC_PAGES_ZLIB;
 	int ret;
 
 	if (!l->mf_data || !l->bounce)
 		return fail(l, -EPROTO, at, "compressed pages outside a multifd channel");
-	if (!zlen || zlen > ZSTD_COMPRESSBOUND(VMIG_REC_MAX_PAGES * VMIG_PAGE_SIZE))
+	if (!zlen || zlen > ZMAX)
 		return fail(l, -EPROTO, at, "bad compressed page record length");
-	if (!l->zctx && !(l->zctx = ZSTD_createDCtx()))
+	if (!zlib && !l->zctx && !(l->zctx = ZSTD_createDCtx()))
 		return fail(l, -ENOMEM, at, "out of memory for decompression");
-	if (!l->zbuf &&
-	    !(l->zbuf = malloc(ZSTD_COMPRESSBOUND(VMIG_REC_MAX_PAGES * VMIG_PAGE_SIZE))))
+	if (zlib && !l->zlib) {
+		z_stream *zs = calloc(1, sizeof(*zs));
+
+		if (!zs || inflateInit(zs) != Z_OK) {
+			free(zs);
+			return fail(l, -ENOMEM, at, "out of memory for decompression");
+		}
+		l->zlib = zs;
+	}
+	if (!l->zbuf && !(l->zbuf = malloc(ZMAX)))
 		return fail(l, -ENOMEM, at, "out of memory for decompression");
 	ret = vmig__reader_read(l->r, l->zbuf, zlen);
 	if (ret)
 		return read_error(l, ret, "compressed page data");
+	if (zlib) {
+		if (!inflate_exact(l, l->zbuf, zlen, want))
+			return fail(l, -EPROTO, at,
+				    "compressed page data does not decompress to its pages");
+		return 0;
+	}
 	got = ZSTD_decompressDCtx(l->zctx, l->bounce, want, l->zbuf, zlen);
 	if (ZSTD_isError(got) || got != want)
 		return fail(l, -EPROTO, at, "compressed page data does not decompress to its pages");
@@ -184,7 +221,7 @@ static int load_compressed(struct vmig__loader *l, const struct vmig_wire_pages 
 
 static int load_pages(struct vmig__loader *l, uint8_t type, uint32_t len, uint64_t at)
 {
-	bool compressed = type == VMIG_REC_PAGES_ZSTD;
+	bool compressed = type == VMIG_REC_PAGES_ZSTD || type == VMIG_REC_PAGES_ZLIB;
 	struct vmig_wire_pages pg;
 	struct vmig__load_block *b;
 	uint8_t *dst;
@@ -222,7 +259,7 @@ static int load_pages(struct vmig__loader *l, uint8_t type, uint32_t len, uint64
 		return 0;
 	}
 	if (compressed) { /* the pages are in the bounce buffer now */
-		ret = load_compressed(l, &pg, len, at);
+		ret = load_compressed(l, type, &pg, len, at);
 		if (ret)
 			return ret;
 	} else if (len - sizeof(pg) != (uint64_t)pg.npages * VMIG_PAGE_SIZE) {
@@ -353,7 +390,8 @@ int vmig__load_record(struct vmig__loader *l, uint8_t *type)
 	if (l->urgent && rec.type != VMIG_REC_PAGES && rec.type != VMIG_REC_ZERO)
 		return fail(l, -EPROTO, at, "urgent channel carries page records only");
 	if (l->mf_data && rec.type != VMIG_REC_PAGES && rec.type != VMIG_REC_PAGES_ZSTD &&
-	    rec.type != VMIG_REC_ZERO && rec.type != VMIG_REC_SYNC && rec.type != VMIG_REC_EOS)
+	    rec.type != VMIG_REC_PAGES_ZLIB && rec.type != VMIG_REC_ZERO &&
+	    rec.type != VMIG_REC_SYNC && rec.type != VMIG_REC_EOS)
 		return fail(l, -EPROTO, at, "multifd channel carries pages, sync and end only");
 
 	switch (rec.type) {
@@ -361,6 +399,7 @@ int vmig__load_record(struct vmig__loader *l, uint8_t *type)
 		return load_blocks(l, rec.len, at);
 	case VMIG_REC_PAGES:
 	case VMIG_REC_PAGES_ZSTD:
+	case VMIG_REC_PAGES_ZLIB:
 	case VMIG_REC_ZERO:
 		return load_pages(l, rec.type, rec.len, at);
 	case VMIG_REC_SYNC:
@@ -470,6 +509,10 @@ void vmig__loader_release(struct vmig__loader *l)
 	l->state_len = 0;
 	ZSTD_freeDCtx(l->zctx);
 	l->zctx = NULL;
+	if (l->zlib)
+		inflateEnd(l->zlib);
+	free(l->zlib);
+	l->zlib = NULL;
 	free(l->zbuf);
 	l->zbuf = NULL;
 }

@@ -59,9 +59,10 @@ void vmig__writer_pages(struct vmig__writer *w, uint32_t block, uint64_t first, 
 void vmig__writer_zero(struct vmig__writer *w, uint32_t block, uint64_t first, uint32_t npages);
 /* Write out everything queued. Returns the sticky error. */
 int vmig__writer_flush(struct vmig__writer *w);
-/* From now on send page runs zstd-compressed (PAGES_ZSTD) at this level,
- * except runs that do not shrink. -ENOMEM if the context cannot be made. */
-int vmig__writer_compress(struct vmig__writer *w, int level);
+/* From now on send page runs compressed at this level, zstd (PAGES_ZSTD)
+ * or zlib (PAGES_ZLIB), except runs that do not shrink. -ENOMEM or -EINVAL
+ * if the context cannot be made. */
+int vmig__writer_compress(struct vmig__writer *w, bool zlib, int level);
 /* Free what vmig__writer_compress allocated (no-op without it). */
 void vmig__writer_release(struct vmig__writer *w);
 
@@ -157,8 +158,10 @@ struct vmig__loader {
 	uint8_t *state;
 	size_t state_len;
 
-	/* PAGES_ZSTD: made on first use, freed by vmig__loader_release */
+	/* PAGES_ZSTD, PAGES_ZLIB: made on first use, freed by
+	 * vmig__loader_release */
 	void *zctx;
+	void *zlib;
 	uint8_t *zbuf;
 	struct vmig_wire_digest digest;
 };

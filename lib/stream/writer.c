@@ -6,13 +6,14 @@
  * by the kernel. Errors are sticky: after the first failure every put is a
  * no-op and flush returns that error, so callers check once per batch.
  *
- * With compression on (multifd-compression zstd), each run of pages is
- * compressed into a buffer owned by the writer, which the queued iovs point
- * into until the next flush.
+ * With compression on (multifd-compression zstd or zlib), each run of pages
+ * is compressed into a buffer owned by the writer, which the queued iovs
+ * point into until the next flush.
  */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <zlib.h>
 #include <zstd.h>
 
 #include "stream/stream.h"
@@ -21,7 +22,8 @@
 #define ZBUF_BYTES (2u << 20)
 
 struct vmig__zstd {
-	ZSTD_CCtx *cctx;
+	ZSTD_CCtx *cctx; /* zstd, or NULL for zlib */
+	z_stream zs;	 /* zlib */
 	size_t used;
 	uint8_t buf[ZBUF_BYTES];
 };
@@ -113,20 +115,23 @@ void vmig__writer_rec(struct vmig__writer *w, uint8_t type, const void *payload,
 	vmig__writer_flush(w);
 }
 
-int vmig__writer_compress(struct vmig__writer *w, int level)
+int vmig__writer_compress(struct vmig__writer *w, bool zlib, int level)
 {
-	struct vmig__zstd *z = malloc(sizeof(*z));
+	struct vmig__zstd *z = calloc(1, sizeof(*z));
 
-	if (!z || !(z->cctx = ZSTD_createCCtx())) {
+	if (!z)
+		return -ENOMEM;
+	if (zlib) {
+		if (deflateInit(&z->zs, level) != Z_OK) {
+			free(z);
+			return -EINVAL;
+		}
+	} else if (!(z->cctx = ZSTD_createCCtx()) ||
+		   ZSTD_isError(ZSTD_CCtx_setParameter(z->cctx, ZSTD_c_compressionLevel, level))) {
+		ZSTD_freeCCtx(z->cctx);
 		free(z);
 		return -ENOMEM;
 	}
-	if (ZSTD_isError(ZSTD_CCtx_setParameter(z->cctx, ZSTD_c_compressionLevel, level))) {
-		ZSTD_freeCCtx(z->cctx);
-		free(z);
-		return -EINVAL;
-	}
-	z->used = 0;
 	w->z = z;
 	return 0;
 }
@@ -135,9 +140,34 @@ void vmig__writer_release(struct vmig__writer *w)
 {
 	if (!w->z)
 		return;
-	ZSTD_freeCCtx(w->z->cctx);
+	if (w->z->cctx)
+		ZSTD_freeCCtx(w->z->cctx);
+	else
+		deflateEnd(&w->z->zs);
 	free(w->z);
 	w->z = NULL;
+}
+
+/* Compress data into out (cap bytes); the size, or 0 if it did not fit. */
+static size_t compress_run(struct vmig__zstd *z, uint8_t *out, size_t cap, const void *data,
+			   size_t len)
+{
+	size_t n;
+
+	if (z->cctx) {
+		n = ZSTD_compress2(z->cctx, out, cap, data, len);
+		return ZSTD_isError(n) ? 0 : n;
+	}
+	/* One whole zlib stream per run: each record stands on its own. */
+	if (deflateReset(&z->zs) != Z_OK)
+		return 0;
+	z->zs.next_in = (Bytef *)data;
+	z->zs.avail_in = (uInt)len;
+	z->zs.next_out = out;
+	z->zs.avail_out = (uInt)cap;
+	if (deflate(&z->zs, Z_FINISH) != Z_STREAM_END)
+		return 0;
+	return cap - z->zs.avail_out;
 }
 
 /* Queue the run compressed; false if it did not shrink (send it raw). */
@@ -150,15 +180,16 @@ static bool put_compressed(struct vmig__writer *w, const struct vmig_wire_pages 
 	/* Flush first if need be: put_hdr() below must not flush, as that
 	 * would hand the buffer space of this run to the next one. */
 	reserve(w, sizeof(struct vmig_wire_rec) + sizeof(*pg));
-	if (ZBUF_BYTES - z->used < ZSTD_compressBound(data))
+	if (ZBUF_BYTES - z->used < VMIG_MAX(ZSTD_compressBound(data), compressBound(data)))
 		vmig__writer_flush(w);
 	if (w->err)
 		return true; /* nothing more goes out anyway */
-	out = ZSTD_compress2(z->cctx, z->buf + z->used, ZBUF_BYTES - z->used, host, data);
-	if (ZSTD_isError(out) || out >= data)
+	out = compress_run(z, z->buf + z->used, ZBUF_BYTES - z->used, host, data);
+	if (!out || out >= data)
 		return false;
-	memcpy(put_hdr(w, VMIG_REC_PAGES_ZSTD, (uint32_t)(sizeof(*pg) + out), sizeof(*pg)), pg,
-	       sizeof(*pg));
+	memcpy(put_hdr(w, z->cctx ? VMIG_REC_PAGES_ZSTD : VMIG_REC_PAGES_ZLIB,
+		       (uint32_t)(sizeof(*pg) + out), sizeof(*pg)),
+	       pg, sizeof(*pg));
 	push_iov(w, z->buf + z->used, out);
 	z->used += out;
 	return true;

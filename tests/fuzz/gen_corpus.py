@@ -9,6 +9,7 @@ docs/stream-format.md, for the two RAM blocks the fuzz target declares
 import os
 import struct
 import sys
+import zlib
 
 PAGE = 4096
 here = os.path.dirname(os.path.abspath(__file__))
@@ -80,6 +81,10 @@ def zstd_rle_frame(byte, size):
             struct.pack("<I", block)[:3] + bytes([byte]))
 
 
+def pages_zlib(block, first, npages, stream):
+    return rec(0x0c, struct.pack("<IIQ", block, npages, first) + stream)
+
+
 def pages_zstd(block, first, npages, frame):
     return rec(0x0b, struct.pack("<IIQ", block, npages, first) + frame)
 
@@ -122,6 +127,11 @@ def main():
             "multifd-data": (preamble(channel=2) + pages(0, 0, [page_of(1), page_of(2)]) +
                              zero(0, 2, 14) + sync(1, 0) + pages(1, 1, [page_of(3)]) + eos()),
             "multifd-data-index1": preamble(channel=2, flags=1 << 8) + zero(0, 0, 4) + eos(),
+            "multifd-data-zlib": (preamble(channel=2) +
+                                  pages_zlib(0, 0, 1, zlib.compress(b"\x42" * PAGE)) +
+                                  pages_zlib(0, 1, 2, zlib.compress(b"\x17" * PAGE)) +
+                                  pages_zlib(0, 3, 1, zlib.compress(b"\x17" * PAGE) + b"x") +
+                                  eos()),
             "multifd-data-zstd": (preamble(channel=2) + pages_zstd(0, 0, 1, zstd_rle_frame(0x42, PAGE)) +
                                   pages_zstd(0, 1, 2, zstd_rle_frame(0x17, 2 * PAGE)) +
                                   pages_zstd(0, 3, 2, zstd_rle_frame(0x17, PAGE)) + eos()),

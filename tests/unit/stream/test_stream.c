@@ -295,10 +295,11 @@ static void test_zero_detection(void **state)
 }
 
 /*
- * A multifd data channel with zstd: compressible runs go as PAGES_ZSTD, a run
- * that does not shrink goes raw, and the loader puts back the exact bytes.
+ * A multifd data channel with zstd or zlib: compressible runs go as
+ * PAGES_ZSTD or PAGES_ZLIB, a run that does not shrink goes raw, and the
+ * loader puts back the exact bytes.
  */
-static size_t build_compressed(uint8_t **out, struct side *src)
+static size_t build_compressed(uint8_t **out, struct side *src, bool zlib)
 {
 	int fd = memfd_create("stream", 0);
 	struct vmig__writer *w = malloc(sizeof(*w));
@@ -315,7 +316,7 @@ static size_t build_compressed(uint8_t **out, struct side *src)
 		src->ram[k] = (uint8_t)x;
 	}
 	vmig__writer_init(w, vmig__chan_from_fd(dup(fd)));
-	assert_int_equal(vmig__writer_compress(w, 3), 0);
+	assert_int_equal(vmig__writer_compress(w, zlib, 3), 0);
 	vmig__writer_preamble(w, VMIG_CHAN_MULTIFD, 0, (struct vmig_wire_sid){42, 0});
 	vmig__writer_pages(w, 0, 0, 16, src->ram);
 	vmig__writer_pages(w, 0, 16, 1, src->ram + 16 * VMIG_PAGE_SIZE);
@@ -341,17 +342,18 @@ static int load_data_channel(const uint8_t *data, size_t len, struct side *dst,
 	return load_with(data, len, &l, false);
 }
 
-static void test_compressed_data_channel(void **state)
+static void compressed_data_channel(bool zlib)
 {
 	struct side src, dst;
 	struct vmig__err err = {{0}};
 	uint8_t *data;
 	size_t len;
 
-	(void)state;
 	side_init(&src);
 	side_init(&dst);
-	len = build_compressed(&data, &src);
+	len = build_compressed(&data, &src, zlib);
+	assert_int_equal(data[sizeof(struct vmig_wire_preamble)],
+			 zlib ? VMIG_REC_PAGES_ZLIB : VMIG_REC_PAGES_ZSTD);
 	/* 16 pages shrank to a few hundred bytes; the random page went raw. */
 	assert_true(len < 2 * VMIG_PAGE_SIZE);
 	assert_true(len > VMIG_PAGE_SIZE);
@@ -373,18 +375,29 @@ static void test_compressed_data_channel(void **state)
 	free(dst.ram);
 }
 
+static void test_compressed_data_channel(void **state)
+{
+	compressed_data_channel(false);
+}
+
+static void test_zlib_data_channel(void **state)
+{
+	compressed_data_channel(true);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_roundtrip),
-		cmocka_unit_test(test_truncated_everywhere),
-		cmocka_unit_test(test_corrupt_page_detected),
-		cmocka_unit_test(test_bad_preamble),
-		cmocka_unit_test(test_missing_state_rejected),
-		cmocka_unit_test(test_out_of_range_run),
-		cmocka_unit_test(test_zero_record_clears_received_page),
-		cmocka_unit_test(test_zero_detection),
-		cmocka_unit_test(test_compressed_data_channel),
+	    cmocka_unit_test(test_roundtrip),
+	    cmocka_unit_test(test_truncated_everywhere),
+	    cmocka_unit_test(test_corrupt_page_detected),
+	    cmocka_unit_test(test_bad_preamble),
+	    cmocka_unit_test(test_missing_state_rejected),
+	    cmocka_unit_test(test_out_of_range_run),
+	    cmocka_unit_test(test_zero_record_clears_received_page),
+	    cmocka_unit_test(test_zero_detection),
+	    cmocka_unit_test(test_compressed_data_channel),
+	    cmocka_unit_test(test_zlib_data_channel),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
