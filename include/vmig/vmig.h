@@ -191,7 +191,9 @@ enum vmig_dirty_tracking {
  *   psk:  keys.psk, lines "username:hexkey"; a client uses the line of its
  *         username (default "qemu").
  * Files are read and checked when the credentials are made, as QEMU's
- * object-add does; a failure returns -errno with the reason in err.
+ * object-add does (a certificate of this side or of the CA that has
+ * expired or is not yet valid is refused there); a failure returns -errno
+ * with the reason in err.
  *
  * The credentials are reference-counted: a session keeps a reference while
  * it may use them, so the embedder may drop its own at any time.

@@ -32,6 +32,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "channel/chan_int.h"
@@ -64,6 +65,7 @@ struct vmig__tls_conn {
 	struct vmig_tls_creds *creds; /* a reference */
 	bool server;
 	bool done;	 /* handshake finished and peer accepted */
+	char host[256];	 /* client: the name the server's certificate must carry */
 	char authz[512]; /* server: the one identity let in, or "" */
 	/* reader thread (and the handshake) */
 	uint8_t *rbuf;
@@ -144,6 +146,40 @@ static int creds_alloc(struct vmig_tls_creds **out, const struct vmig_tls_creds_
 	return 0;
 }
 
+/*
+ * As QEMU's sanity check of its own certificates: every certificate in
+ * dir/name must be valid now. A peer would refuse it anyway, with a
+ * vaguer message, and only once a migration is under way.
+ */
+static int check_dates(const char *dir, const char *name, char *err, size_t errlen)
+{
+	gnutls_datum_t data = {0};
+	gnutls_x509_crt_t *crts = NULL;
+	unsigned n = 0;
+	time_t now = time(NULL);
+	char p[512];
+	int ret = 0;
+
+	if (path_in(p, sizeof(p), dir, name) || gnutls_load_file(p, &data) < 0)
+		return 0; /* not there (optional), or the loader says why */
+	if (gnutls_x509_crt_list_import2(&crts, &n, &data, GNUTLS_X509_FMT_PEM, 0) < 0)
+		n = 0;
+	for (unsigned i = 0; i < n; i++) {
+		if (!ret && gnutls_x509_crt_get_expiration_time(crts[i]) < now) {
+			set_err(err, errlen, "TLS credentials: the certificate %s has expired", p);
+			ret = -EKEYEXPIRED;
+		} else if (!ret && gnutls_x509_crt_get_activation_time(crts[i]) > now) {
+			set_err(err, errlen,
+				"TLS credentials: the certificate %s is not yet active", p);
+			ret = -EKEYEXPIRED;
+		}
+		gnutls_x509_crt_deinit(crts[i]);
+	}
+	gnutls_free(crts);
+	gnutls_free(data.data);
+	return ret;
+}
+
 /* Load dir/name into the x509 credentials with fn; a missing required
  * file or a bad one is an error naming it. */
 static int load_pair(struct vmig_tls_creds *c, const char *cert, const char *key, bool required,
@@ -162,7 +198,7 @@ static int load_pair(struct vmig_tls_creds *c, const char *cert, const char *key
 			gnutls_strerror(ret));
 		return -EINVAL;
 	}
-	return 0;
+	return check_dates(c->dir, cert, err, errlen);
 }
 
 VMIG_EXPORT int vmig_tls_creds_new_x509(vmig_tls_creds **out,
@@ -191,6 +227,9 @@ VMIG_EXPORT int vmig_tls_creds_new_x509(vmig_tls_creds **out,
 			ret = -EINVAL;
 			goto fail;
 		}
+		ret = check_dates(c->dir, "ca-cert.pem", err, errlen);
+		if (ret)
+			goto fail;
 	}
 	if (exists(c->dir, "ca-crl.pem")) {
 		path_in(p, sizeof(p), c->dir, "ca-crl.pem");
@@ -431,6 +470,7 @@ int vmig__tls_conn_new(struct vmig__chan *c, const struct vmig__tls *t, bool ser
 	}
 	tc->creds = creds_ref(cr);
 	tc->server = server;
+	snprintf(tc->host, sizeof(tc->host), "%s", host ? host : "");
 	snprintf(tc->authz, sizeof(tc->authz), "%s", t->authz);
 	c->tls = tc;
 	ret = gnutls_priority_set_direct(tc->s, cr->psk ? PRIO_PSK : PRIO_X509, NULL);
@@ -533,8 +573,12 @@ static void describe(struct vmig__chan *c, int ret, struct vmig__err *err)
 		unsigned st = gnutls_session_get_verify_cert_status(tc->s);
 
 		gnutls_certificate_verification_status_print(st, GNUTLS_CRT_X509, &txt, 0);
-		vmig__err_set(err, "TLS: the %s's certificate was refused: %s", who,
-			      txt.data ? (char *)txt.data : "verification failed");
+		vmig__err_set(err, "TLS: the %s's certificate was refused: %s%s%s%s", who,
+			      txt.data ? (char *)txt.data : "verification failed",
+			      st & GNUTLS_CERT_UNEXPECTED_OWNER ? " (the hostname expected was '"
+								: "",
+			      st & GNUTLS_CERT_UNEXPECTED_OWNER ? tc->host : "",
+			      st & GNUTLS_CERT_UNEXPECTED_OWNER ? "': see tls-hostname)" : "");
 		gnutls_free(txt.data);
 		return;
 	}
@@ -569,12 +613,24 @@ static void describe(struct vmig__chan *c, int ret, struct vmig__err *err)
 			      hint);
 		return;
 	}
-	if (tc->creds->psk &&
-	    (ret == GNUTLS_E_DECRYPTION_FAILED || ret == GNUTLS_E_INSUFFICIENT_CREDENTIALS ||
-	     ret == GNUTLS_E_KEY_USAGE_VIOLATION))
+	if (tc->creds->psk) /* what else a PSK handshake can fail on */
 		hint = " (do both sides have the same PSK username and key?)";
 	vmig__err_set(err, "TLS handshake with the %s failed: %s%s", who, gnutls_strerror(ret),
 		      hint);
+}
+
+/* The alert that names why the peer's certificate was refused. */
+static gnutls_alert_description_t verify_alert(struct vmig__tls_conn *tc)
+{
+	unsigned st = gnutls_session_get_verify_cert_status(tc->s);
+
+	if (st & GNUTLS_CERT_EXPIRED)
+		return GNUTLS_A_CERTIFICATE_EXPIRED;
+	if (st & (GNUTLS_CERT_SIGNER_NOT_FOUND | GNUTLS_CERT_SIGNER_NOT_CA))
+		return GNUTLS_A_UNKNOWN_CA;
+	if (st & GNUTLS_CERT_REVOKED)
+		return GNUTLS_A_CERTIFICATE_REVOKED;
+	return GNUTLS_A_BAD_CERTIFICATE;
 }
 
 /* After the handshake: the one identity tls-authz lets in. */
@@ -615,8 +671,10 @@ int vmig__tls_handshake_step(struct vmig__chan *c, struct vmig__err *err)
 		if (plain_peer(tc)) /* it would not understand an alert */
 			return -EPROTONOSUPPORT;
 		/* Tell the peer why, unless it told us (or is gone). */
-		if (ret != GNUTLS_E_FATAL_ALERT_RECEIVED && ret != GNUTLS_E_PREMATURE_TERMINATION &&
-		    ret != GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR)
+		if (ret == GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR)
+			gnutls_alert_send(tc->s, GNUTLS_AL_FATAL, verify_alert(tc));
+		else if (ret != GNUTLS_E_FATAL_ALERT_RECEIVED &&
+			 ret != GNUTLS_E_PREMATURE_TERMINATION)
 			gnutls_alert_send_appropriate(tc->s, ret);
 		return -ECONNABORTED;
 	}
