@@ -4,7 +4,8 @@
  * source to connect, loads records into guest RAM, checks the memory digest,
  * loads the device state, starts the vCPUs (unless told not to) and tells
  * the source it is running. With post-copy, the switch hands over to
- * lib/postcopy, which loads the rest while the guest runs.
+ * pc_dest_run.c, which loads the rest while the guest runs; lib/postcopy
+ * places the pages.
  *
  * A bad, truncated or hostile stream fails this migration with a message in
  * error-desc; the process and its control interface carry on, and the
@@ -201,7 +202,7 @@ static int start_guest(struct vmig_session *s, struct vmig__loader *l, uint64_t 
 
 /*
  * Register guest RAM with userfaultfd for the whole incoming migration (see
- * pc_dest.c: pages are installed whole, faster than faulting them in). A
+ * lib/postcopy: pages are installed whole, faster than faulting them in). A
  * kernel without it still does pre-copy, writing RAM directly.
  */
 static int register_ram(struct vmig_session *s, struct vmig__pc_dest **pc, struct vmig__err *err)
@@ -220,7 +221,7 @@ static int register_ram(struct vmig_session *s, struct vmig__pc_dest **pc, struc
 	if (s->caps[VMIG_CAP_POSTCOPY_RAM])
 		return ret; /* post-copy cannot work without it */
 	vmig__err_clear(err);
-	vmig__pc_dest_free(*pc);
+	vmig__dest_pc_free(s, *pc);
 	*pc = NULL;
 	return 0;
 }
@@ -244,7 +245,7 @@ static int run_postcopy(struct vmig_session *s, struct vmig__pc_dest *pc, struct
 	__atomic_store_n(&s->in_postcopy, true, __ATOMIC_RELEASE);
 	pthread_mutex_unlock(&s->lock);
 	vmig__set_status(s, VMIG_STATUS_POSTCOPY_ACTIVE);
-	ret = vmig__pc_dest_run(pc, l);
+	ret = vmig__dest_pc_run(s, pc, l);
 	if (!ret)
 		vmig__dest_send_rp(s, VMIG_RP_COMPLETE, NULL, 0);
 	return ret;
@@ -294,7 +295,7 @@ void *vmig__dest_thread(void *arg)
 
 	r = malloc(sizeof(*r));
 	l.bounce = malloc(VMIG_REC_MAX_PAGES * VMIG_PAGE_SIZE);
-	if (!r || !l.bounce || vmig__pc_dest_new(s, &pc)) {
+	if (!r || !l.bounce || vmig__dest_pc_new(s, &pc)) {
 		vmig__err_set(&err, "out of memory");
 		ret = -ENOMEM;
 		goto fail;
@@ -321,7 +322,7 @@ void *vmig__dest_thread(void *arg)
 
 		ret = vmig__load_verify(&l);
 		/* Unregister before the vCPUs run: they must not fault to us. */
-		vmig__pc_dest_free(pc);
+		vmig__dest_pc_free(s, pc);
 		pc = NULL;
 		if (!ret)
 			ret = start_guest(s, &l, t0);
@@ -346,7 +347,7 @@ fail:
 	}
 	vmig__mf_dest_free(mf);
 	if (!pc_keep)
-		vmig__pc_dest_free(pc); /* else freed with the session */
+		vmig__dest_pc_free(s, pc); /* else freed with the session */
 	vmig__loader_release(&l);
 	free(l.bounce);
 	free(r);

@@ -21,10 +21,14 @@
 #include <vmig/vmig.h>
 
 #include "channel/channel.h"
+#include "ram/ram.h"
 #include "stream/stream.h"
 #include "util/util.h"
 
 struct vmig__dirty;
+
+_Static_assert(sizeof(((struct vmig__block *)0)->name) == VMIG_BLOCK_NAME_MAX + 1,
+	       "a block name of the stream format fits struct vmig__block");
 
 /* A connection to the incoming port that has not finished its TLS
  * handshake or sent its whole preamble yet (accept.c). */
@@ -36,22 +40,6 @@ struct vmig__pending {
 	uint8_t got;
 	uint64_t since_ns;
 	uint8_t buf[sizeof(struct vmig_wire_preamble)];
-};
-
-struct vmig__block {
-	char name[VMIG_BLOCK_NAME_MAX + 1];
-	uint8_t *host;
-	uint64_t size;
-	uint64_t npages;
-	int fd;
-	uint64_t fd_offset;
-	bool prealloc;       /* VMIG_RAM_PREALLOC: keep populated, write in place */
-	uint64_t *dirty;     /* source: pages still to send */
-	uint64_t *page_hash; /* hash of each page as last sent / placed */
-	uint64_t *received;  /* destination: page content arrived (data or zero) */
-	uint64_t *zero;      /* destination: the content that arrived was zero */
-	uint64_t *placed;    /* destination, post-copy: page is in place */
-	uint64_t *requested; /* destination, post-copy: page asked for */
 };
 
 enum vmig__cap {
@@ -229,7 +217,7 @@ void vmig__publish(struct vmig_session *s, const struct vmig_stats *st);
 void *vmig__source_thread(void *arg);
 void *vmig__dest_thread(void *arg);
 
-/* source.c, shared with lib/postcopy */
+/* source.c, shared with pc_source.c */
 uint64_t vmig__src_wire_bytes(struct vmig__source *src);
 int vmig__src_throttle(void *opaque, size_t bytes);
 void vmig__src_stats_tick(struct vmig__source *src, bool force);
@@ -272,7 +260,41 @@ int vmig__mf_dest_finish(struct vmig__mf_dest *mf, bool abort, struct vmig__err 
 void vmig__mf_dest_counts(struct vmig__mf_dest *mf, uint64_t *bytes, uint64_t *normal, uint64_t *zero);
 void vmig__mf_dest_free(struct vmig__mf_dest *mf);
 
-/* accept.c: the incoming side's connections, shared with lib/postcopy */
+/*
+ * pc_source.c: post-copy, source side. At the switch, stop the vCPUs, tell
+ * the destination which of its pages are stale (DISCARD), send the device
+ * state and POSTCOPY_RUN; then push every page not yet in place, preferring
+ * the area of recent faults, while the return-path thread answers page
+ * requests on the urgent channel. A broken connection pauses the migration
+ * until vmig_resume(); the source's memory is frozen, so nothing is lost.
+ */
+int vmig__pc_source_prepare(struct vmig__source *src);
+int vmig__pc_source_switch(struct vmig__source *src);
+int vmig__pc_source_push(struct vmig__source *src);
+/* Return-path thread: a page request from the destination. 0, or -EPROTO
+ * for a request outside guest RAM. */
+int vmig__pc_source_request(struct vmig__source *src, const struct vmig_wire_pages *req,
+			    struct vmig__err *err);
+/* Resuming: the destination's RECV_BITMAP of every block from r; the dirty
+ * bitmaps become what it lacks. */
+int vmig__pc_source_read_bitmaps(struct vmig__source *src, struct vmig__reader *r);
+
+/*
+ * pc_dest_run.c: post-copy, destination side, around lib/postcopy's placer.
+ * vmig__dest_pc_new makes the placer for this session (s->pcd);
+ * vmig__dest_pc_run is the rest of the migration after the switch: load the
+ * main stream and the urgent channel, pause and recover as needed, verify.
+ * It returns 0 when every page is in place and verified. On failure guest
+ * RAM stays registered and the fault thread keeps running (faults wait,
+ * never read a missing page): the caller stops the vCPUs and keeps the
+ * placer until the session ends.
+ */
+struct vmig__pc_dest;
+int vmig__dest_pc_new(struct vmig_session *s, struct vmig__pc_dest **out);
+void vmig__dest_pc_free(struct vmig_session *s, struct vmig__pc_dest *pc);
+int vmig__dest_pc_run(struct vmig_session *s, struct vmig__pc_dest *pc, struct vmig__loader *l);
+
+/* accept.c: the incoming side's connections */
 void vmig__close_pending(struct vmig_session *s);
 int vmig__dest_accept(struct vmig_session *s, struct vmig__loader *l, bool resume);
 int vmig__dest_accept_urgent(struct vmig_session *s, struct vmig__err *err);

@@ -205,7 +205,7 @@ VMIG_EXPORT void vmig_session_free(vmig_session *s)
 	join_thread(s);
 	/* A failed post-copy destination kept guest RAM registered: only now,
 	 * with the embedder tearing the VM down, is it let go. */
-	vmig__pc_dest_free(s->pcd);
+	vmig__dest_pc_free(s, s->pcd);
 	for (unsigned i = 0; i < s->nblocks; i++) {
 		free(s->blocks[i].dirty);
 		free(s->blocks[i].page_hash);

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 /*
  * Outgoing migration: the migration thread and the return-path thread of
- * the source. Post-copy's own steps live in lib/postcopy/; this file runs
+ * the source. Post-copy's own steps live in pc_source.c; this file runs
  * pre-copy and calls into post-copy when asked to switch.
  *
  * The migration thread connects, sends the RAM block list, starts dirty
@@ -29,7 +29,6 @@
 #include <unistd.h>
 
 #include "migrate/migrate_int.h"
-#include "postcopy/postcopy.h"
 #include "ram/bitmap.h"
 #include "ram/ram.h"
 

@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: MIT
 /*
  * Post-copy on the destination: userfaultfd registration, the fault thread,
- * page placement, the urgent channel, pause and recovery, and the blocktime
- * and latency accounting.
+ * page placement, and the blocktime and latency accounting. The state
+ * machine around it (the urgent channel, pause and recovery) is
+ * lib/migrate's; this file knows guest RAM and userfaultfd only, and talks
+ * back through the callbacks of its config.
  *
  * Page state, per page, in bitmaps of the block:
  *   received/zero  what pre-copy delivered (zero: delivered as a zero page,
@@ -16,15 +18,16 @@
  * the guest has changed since.
  *
  * Threads: the migration thread loads the main stream, an urgent thread
- * loads the urgent channel, the fault thread reads userfaultfd. All three
- * may place pages; the bitmaps are updated atomically, the accounting under
- * acct_lock.
+ * loads the urgent channel (both through the loader hooks given here), the
+ * fault thread reads userfaultfd. All three may place pages; the bitmaps
+ * are updated atomically, the accounting under acct_lock.
  */
 #include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -48,20 +51,11 @@ struct fault_slot {
 };
 
 struct vmig__pc_dest {
-	struct vmig_session *s;
-	struct vmig__load_block *lb; /* the main loader's block views */
+	struct vmig__pc_config cfg; /* read-only after vmig__pc_dest_new */
 	int uffd;
 	int stop_efd;
 	bool fault_started;
 	pthread_t fault_thread;
-	bool urgent_started;
-	pthread_t urgent_thread;
-	bool finishing; /* atomic: the urgent channel is closed on purpose */
-	/* The urgent thread's failure other than a lost connection (a bad
-	 * record): written by it before it breaks the main channel (release),
-	 * read by the migration thread after that (acquire) or after the join. */
-	int urgent_err;
-	struct vmig__err urgent_msg;
 	/* atomic: faults are answered post-copy style (requests) from the
 	 * first DISCARD on; before that a fault can only be someone reading a
 	 * page that has not arrived yet, which is zero so far. */
@@ -108,16 +102,15 @@ static inline uint64_t slot_key(unsigned bi, uint64_t pfn)
 
 static void update_percentiles(struct vmig__pc_dest *pc);
 
-static void publish_acct(struct vmig__pc_dest *pc)
+void vmig__pc_dest_publish(struct vmig__pc_dest *pc)
 {
-	struct vmig_session *s = pc->s;
-	__typeof__(s->stats.postcopy) st = {0};
+	vmig__pc_stats st = {0};
 
 	/* The counters are acct_lock's (any placing thread updates them):
 	 * copied under it, published under the session lock. */
 	pthread_mutex_lock(&pc->acct_lock);
 	update_percentiles(pc);
-	st.valid = s->caps[VMIG_CAP_POSTCOPY_BLOCKTIME];
+	st.valid = pc->cfg.blocktime;
 	st.blocktime_ms = pc->blocktime_ns / 1000000;
 	st.nvcpus = pc->nvcpus;
 	for (unsigned i = 0; i < pc->nvcpus; i++) {
@@ -133,9 +126,7 @@ static void publish_acct(struct vmig__pc_dest *pc)
 	st.latency_p50_ns = pc->p50_ns;
 	st.latency_p99_ns = pc->p99_ns;
 	pthread_mutex_unlock(&pc->acct_lock);
-	pthread_mutex_lock(&s->lock);
-	s->stats.postcopy = st;
-	pthread_mutex_unlock(&s->lock);
+	pc->cfg.publish(pc->cfg.opaque, &st);
 }
 
 /* Under acct_lock: refresh p50/p99 if new faults came in. */
@@ -277,7 +268,7 @@ static int pc_place(void *opaque, unsigned bi, uint64_t first, uint32_t npages,
 		    const uint8_t *buf)
 {
 	struct vmig__pc_dest *pc = opaque;
-	struct vmig__block *b = &pc->s->blocks[bi];
+	struct vmig__block *b = &pc->cfg.blocks[bi];
 	uint32_t i = 0;
 
 	while (i < npages) {
@@ -325,7 +316,7 @@ static int pc_place(void *opaque, unsigned bi, uint64_t first, uint32_t npages,
 static int pc_fill(void *opaque, unsigned bi, uint64_t first, uint32_t npages, const uint8_t *buf)
 {
 	struct vmig__pc_dest *pc = opaque;
-	struct vmig__block *b = &pc->s->blocks[bi];
+	struct vmig__block *b = &pc->cfg.blocks[bi];
 	uint8_t *dst = b->host + first * VMIG_PAGE_SIZE;
 	uint64_t len = (uint64_t)npages * VMIG_PAGE_SIZE, done = 0;
 
@@ -354,7 +345,7 @@ static int pc_fill(void *opaque, unsigned bi, uint64_t first, uint32_t npages, c
 static int pc_discard(void *opaque, unsigned bi, uint64_t first, uint64_t npages)
 {
 	struct vmig__pc_dest *pc = opaque;
-	struct vmig__block *b = &pc->s->blocks[bi];
+	struct vmig__block *b = &pc->cfg.blocks[bi];
 	uint64_t off = first * VMIG_PAGE_SIZE, len = npages * VMIG_PAGE_SIZE;
 	int ret;
 
@@ -373,23 +364,21 @@ static int pc_discard(void *opaque, unsigned bi, uint64_t first, uint64_t npages
 
 static void send_request(struct vmig__pc_dest *pc, unsigned bi, uint64_t pfn)
 {
-	struct vmig_wire_pages req = {.block = bi, .npages = 1, .first = pfn};
-
-	vmig__dest_send_rp(pc->s, VMIG_RP_PAGE_REQ, &req, sizeof(req));
+	pc->cfg.request(pc->cfg.opaque, bi, pfn);
 }
 
 static void handle_fault(struct vmig__pc_dest *pc, uint64_t addr, int tid)
 {
-	struct vmig_session *s = pc->s;
+	const struct vmig__pc_config *c = &pc->cfg;
 	unsigned bi;
 
-	for (bi = 0; bi < s->nblocks; bi++)
-		if (addr >= (uintptr_t)s->blocks[bi].host &&
-		    addr - (uintptr_t)s->blocks[bi].host < s->blocks[bi].size)
+	for (bi = 0; bi < c->nblocks; bi++)
+		if (addr >= (uintptr_t)c->blocks[bi].host &&
+		    addr - (uintptr_t)c->blocks[bi].host < c->blocks[bi].size)
 			break;
-	if (bi == s->nblocks)
+	if (bi == c->nblocks)
 		return; /* not guest RAM: cannot happen, we registered only that */
-	struct vmig__block *b = &s->blocks[bi];
+	struct vmig__block *b = &c->blocks[bi];
 	uint64_t pfn = (addr - (uintptr_t)b->host) / VMIG_PAGE_SIZE;
 	uint64_t key = slot_key(bi, pfn);
 	struct uffdio_range wake = {.start = (uintptr_t)b->host + pfn * VMIG_PAGE_SIZE,
@@ -446,11 +435,11 @@ static void *fault_main(void *arg)
 				handle_fault(pc, msgs[i].arg.pagefault.address,
 					     (int)msgs[i].arg.pagefault.feat.ptid);
 		if (vmig__now_ns() - last_pub > 100000000ull) {
-			publish_acct(pc);
+			vmig__pc_dest_publish(pc);
 			last_pub = vmig__now_ns();
 		}
 	}
-	publish_acct(pc);
+	vmig__pc_dest_publish(pc);
 	return NULL;
 }
 
@@ -466,13 +455,14 @@ bool vmig__pc_dest_vcpu_blocked(struct vmig__pc_dest *pc, unsigned index)
 	return blocked;
 }
 
-int vmig__pc_dest_new(struct vmig_session *s, struct vmig__pc_dest **out)
+int vmig__pc_dest_new(const struct vmig__pc_config *cfg, struct vmig__pc_dest **out)
 {
 	struct vmig__pc_dest *pc = calloc(1, sizeof(*pc));
 
+	assert(cfg->nvcpus <= VMIG_MAX_VCPUS && cfg->request && cfg->publish);
 	if (!pc)
 		return -ENOMEM;
-	pc->s = s;
+	pc->cfg = *cfg;
 	pc->uffd = -1;
 	pc->lat_ns = malloc(LAT_SAMPLES * sizeof(uint32_t));
 	pc->lat_tmp = malloc(LAT_SAMPLES * sizeof(uint32_t));
@@ -486,13 +476,9 @@ int vmig__pc_dest_new(struct vmig_session *s, struct vmig__pc_dest **out)
 		return -ENOMEM;
 	}
 	pthread_mutex_init(&pc->acct_lock, NULL);
-	pc->nvcpus = s->nvcpus;
+	pc->nvcpus = cfg->nvcpus;
 	for (unsigned i = 0; i < pc->nvcpus; i++)
-		pc->vcpu[i].tid = s->vcpu_tid[i];
-	pthread_mutex_lock(&s->lock);
-	assert(!s->pcd);
-	s->pcd = pc;
-	pthread_mutex_unlock(&s->lock);
+		pc->vcpu[i].tid = cfg->vcpu_tid[i];
 	*out = pc;
 	return 0;
 }
@@ -500,12 +486,12 @@ int vmig__pc_dest_new(struct vmig_session *s, struct vmig__pc_dest **out)
 void vmig__pc_dest_hooks(struct vmig__pc_dest *pc, struct vmig__load_hooks *hooks)
 {
 	hooks->fill = pc_fill;
-	hooks->place = pc->s->caps[VMIG_CAP_POSTCOPY_RAM] ? pc_place : NULL;
-	hooks->discard = pc->s->caps[VMIG_CAP_POSTCOPY_RAM] ? pc_discard : NULL;
+	hooks->place = pc->cfg.postcopy_ram ? pc_place : NULL;
+	hooks->discard = pc->cfg.postcopy_ram ? pc_discard : NULL;
 	hooks->opaque = pc;
 }
 
-static void stop_thread(struct vmig__pc_dest *pc)
+void vmig__pc_dest_stop_faults(struct vmig__pc_dest *pc)
 {
 	uint64_t one = 1;
 
@@ -522,12 +508,7 @@ void vmig__pc_dest_free(struct vmig__pc_dest *pc)
 {
 	if (!pc)
 		return;
-	assert(!pc->urgent_started);
-	pthread_mutex_lock(&pc->s->lock);
-	if (pc->s->pcd == pc)
-		pc->s->pcd = NULL;
-	pthread_mutex_unlock(&pc->s->lock);
-	stop_thread(pc);
+	vmig__pc_dest_stop_faults(pc);
 	if (pc->uffd >= 0)
 		close(pc->uffd); /* unregisters, waking anything still waiting */
 	close(pc->stop_efd);
@@ -537,13 +518,10 @@ void vmig__pc_dest_free(struct vmig__pc_dest *pc)
 	free(pc);
 }
 
-/* Ask again for pages that faults are still waiting for. */
-static void rerequest(struct vmig__pc_dest *pc)
+void vmig__pc_dest_rerequest(struct vmig__pc_dest *pc)
 {
-	struct vmig_session *s = pc->s;
-
-	for (unsigned bi = 0; bi < s->nblocks; bi++) {
-		struct vmig__block *b = &s->blocks[bi];
+	for (unsigned bi = 0; bi < pc->cfg.nblocks; bi++) {
+		struct vmig__block *b = &pc->cfg.blocks[bi];
 
 		for (uint64_t p = vmig__bitmap_find_next(b->requested, b->npages, 0); p < b->npages;
 		     p = vmig__bitmap_find_next(b->requested, b->npages, p + 1))
@@ -554,11 +532,9 @@ static void rerequest(struct vmig__pc_dest *pc)
 
 int vmig__pc_dest_switch(struct vmig__pc_dest *pc, struct vmig__err *err)
 {
-	struct vmig_session *s = pc->s;
-
 	/* Pages with data from pre-copy that were not discarded are final. */
-	for (unsigned i = 0; i < s->nblocks; i++) {
-		struct vmig__block *b = &s->blocks[i];
+	for (unsigned i = 0; i < pc->cfg.nblocks; i++) {
+		struct vmig__block *b = &pc->cfg.blocks[i];
 
 		for (size_t w = 0; w < vmig__bitmap_words(b->npages); w++)
 			__atomic_fetch_or(&b->placed[w], b->received[w] & ~b->zero[w],
@@ -566,13 +542,13 @@ int vmig__pc_dest_switch(struct vmig__pc_dest *pc, struct vmig__err *err)
 	}
 	__atomic_store_n(&pc->postcopy_faults, true, __ATOMIC_RELEASE);
 	/* Requests made before the switch were ignored by the source. */
-	rerequest(pc);
+	vmig__pc_dest_rerequest(pc);
 	return 0;
 }
 
 int vmig__pc_dest_register(struct vmig__pc_dest *pc, struct vmig__err *err)
 {
-	struct vmig_session *s = pc->s;
+	const struct vmig__pc_config *s = &pc->cfg;
 	struct uffdio_api api = {.api = UFFD_API,
 				 .features = UFFD_FEATURE_THREAD_ID | UFFD_FEATURE_MISSING_SHMEM};
 	int ret;
@@ -604,254 +580,4 @@ int vmig__pc_dest_register(struct vmig__pc_dest *pc, struct vmig__err *err)
 	pthread_setname_np(pc->fault_thread, "vmig-fault");
 	pc->fault_started = true;
 	return 0;
-}
-
-/* ---- after the switch: main stream, urgent channel, pause, recovery ---- */
-
-static void *urgent_main(void *arg)
-{
-	struct vmig__pc_dest *pc = arg;
-	struct vmig_session *s = pc->s;
-	struct vmig__reader *r = malloc(sizeof(*r));
-	uint8_t *bounce = malloc(VMIG_REC_MAX_PAGES * VMIG_PAGE_SIZE);
-	struct vmig__err err = {{0}};
-	struct vmig__loader l = {.blocks = pc->lb, .nblocks = s->nblocks, .err = &err,
-				 .urgent = true, .postcopy = true, .blocks_ok = true,
-				 .bounce = bounce};
-	struct vmig__chan *uch;
-	uint8_t type;
-
-	pthread_mutex_lock(&s->lock);
-	uch = s->urgent;
-	pthread_mutex_unlock(&s->lock);
-	if (r && bounce && uch) {
-		int ret;
-
-		vmig__pc_dest_hooks(pc, &l.hooks);
-		vmig__reader_init_chan(r, uch);
-		l.r = r;
-		while (!(ret = vmig__load_record(&l, &type)))
-			;
-		if (!vmig__net_error(ret) && !__atomic_load_n(&pc->finishing, __ATOMIC_ACQUIRE)) {
-			pc->urgent_msg = err;
-			__atomic_store_n(&pc->urgent_err, ret, __ATOMIC_RELEASE);
-		}
-	}
-	/* Wake the main loader: losing the urgent channel means the connection
-	 * is gone (pause); a bad record on it fails the migration, and then
-	 * the main channel must still carry RP_ERROR (so only its reading side
-	 * is shut). */
-	pthread_mutex_lock(&s->lock);
-	if (s->ch && !__atomic_load_n(&pc->finishing, __ATOMIC_ACQUIRE))
-		vmig__chan_shutdown(s->ch, __atomic_load_n(&pc->urgent_err, __ATOMIC_ACQUIRE)
-					       ? SHUT_RD
-					       : SHUT_RDWR);
-	pthread_mutex_unlock(&s->lock);
-	free(bounce);
-	free(r);
-	return NULL;
-}
-
-/* Shut the urgent channel and join its thread (the channel stays until
- * closed with the others). */
-static void stop_urgent(struct vmig__pc_dest *pc)
-{
-	struct vmig_session *s = pc->s;
-
-	/* On purpose: the urgent thread must not take it for a lost link
-	 * and break the main channel, which still has to carry RP_ERROR. */
-	__atomic_store_n(&pc->finishing, true, __ATOMIC_RELEASE);
-	pthread_mutex_lock(&s->lock);
-	if (s->urgent)
-		vmig__chan_shutdown(s->urgent, SHUT_RDWR);
-	pthread_mutex_unlock(&s->lock);
-	if (pc->urgent_started) {
-		pthread_join(pc->urgent_thread, NULL);
-		pc->urgent_started = false;
-	}
-	pc->lb = NULL;
-}
-
-static void close_channels(struct vmig__pc_dest *pc)
-{
-	vmig__break_channels(pc->s);
-	if (pc->urgent_started) {
-		pthread_join(pc->urgent_thread, NULL);
-		pc->urgent_started = false;
-	}
-	vmig__close_channels(pc->s);
-}
-
-static int start_urgent(struct vmig__pc_dest *pc)
-{
-	int ret = pthread_create(&pc->urgent_thread, NULL, urgent_main, pc);
-
-	if (ret)
-		return -ret;
-	pthread_setname_np(pc->urgent_thread, "vmig-urgent");
-	pc->urgent_started = true;
-	return 0;
-}
-
-static int send_bitmaps(struct vmig__pc_dest *pc)
-{
-	struct vmig_session *s = pc->s;
-
-	for (unsigned bi = 0; bi < s->nblocks; bi++) {
-		struct vmig__block *b = &s->blocks[bi];
-		size_t words = vmig__bitmap_words(b->npages);
-		size_t len = sizeof(struct vmig_wire_recv_bitmap) + words * 8;
-		uint8_t *buf = malloc(len);
-		struct vmig_wire_recv_bitmap hdr = {.block = bi, .npages = b->npages};
-
-		if (!buf)
-			return -ENOMEM;
-		memcpy(buf, &hdr, sizeof(hdr));
-		for (size_t w = 0; w < words; w++) {
-			uint64_t have = __atomic_load_n(&b->placed[w], __ATOMIC_ACQUIRE) |
-					(b->received[w] & b->zero[w]);
-			memcpy(buf + sizeof(hdr) + w * 8, &have, 8);
-		}
-		vmig__dest_send_rp(s, VMIG_RP_RECV_BITMAP, buf, (uint32_t)len);
-		free(buf);
-	}
-	/* Faults still waiting: ask again on the new connection. */
-	rerequest(pc);
-	return 0;
-}
-
-/* Connection lost after the switch: wait for migrate-recover, reconnect. */
-static int pause_and_recover(struct vmig__pc_dest *pc, struct vmig__loader *l)
-{
-	struct vmig_session *s = pc->s;
-	int ret;
-
-	bool changed = false;
-
-	close_channels(pc);
-	vmig__set_status(s, VMIG_STATUS_POSTCOPY_PAUSED);
-	pthread_mutex_lock(&s->lock);
-	while (!s->recover_requested && !vmig__cancelled(s))
-		pthread_cond_wait(&s->cond, &s->lock);
-	if (!vmig__cancelled(s)) {
-		/* In one step with the request: listen_fd is ours from here. */
-		s->recover_requested = false;
-		changed = vmig__set_status_locked(s, VMIG_STATUS_POSTCOPY_RECOVER);
-	}
-	pthread_mutex_unlock(&s->lock);
-	if (vmig__cancelled(s))
-		return -ECANCELED;
-	if (changed)
-		vmig__emit(s, VMIG_EVENT_STATUS);
-	/* Both channels, in whatever order they come; strays are dropped. */
-	ret = vmig__dest_accept(s, l, true);
-	if (!ret && !s->urgent)
-		ret = vmig__dest_accept_urgent(s, l->err);
-	if (ret)
-		return ret;
-	close(s->listen_fd);
-	s->listen_fd = -1;
-	vmig__close_pending(s);
-	l->have_digest = false;
-	l->eos = false;
-	ret = send_bitmaps(pc);
-	if (!ret)
-		ret = start_urgent(pc);
-	if (!ret)
-		vmig__set_status(s, VMIG_STATUS_POSTCOPY_ACTIVE);
-	return ret;
-}
-
-/* Every page must now be in place or a known zero page. */
-static int check_complete(struct vmig__pc_dest *pc, struct vmig__err *err)
-{
-	struct vmig_session *s = pc->s;
-
-	for (unsigned bi = 0; bi < s->nblocks; bi++) {
-		struct vmig__block *b = &s->blocks[bi];
-
-		for (size_t w = 0; w < vmig__bitmap_words(b->npages); w++) {
-			/* The fault thread may still place known zero pages. */
-			uint64_t have = __atomic_load_n(&b->placed[w], __ATOMIC_ACQUIRE) |
-					(b->received[w] & b->zero[w]);
-			uint64_t want = w == b->npages / 64 && b->npages % 64
-						? (1ull << (b->npages % 64)) - 1
-						: ~0ull;
-
-			if ((have & want) != want) {
-				vmig__err_set(err, "RAM block '%s' page %llu never arrived", b->name,
-					      (unsigned long long)(w * 64 +
-								   (unsigned)__builtin_ctzll(~have & want)));
-				return -EIO;
-			}
-		}
-	}
-	return 0;
-}
-
-/* The urgent thread failed on a bad record: that is the error to report. */
-static int urgent_failure(struct vmig__pc_dest *pc, struct vmig__err *err)
-{
-	int ret = __atomic_load_n(&pc->urgent_err, __ATOMIC_ACQUIRE);
-
-	if (ret) {
-		vmig__err_clear(err);
-		vmig__err_set(err, "urgent channel: %s", pc->urgent_msg.msg);
-	}
-	return ret;
-}
-
-/*
- * Load the main stream after the switch until EOS. A lost connection pauses
- * and waits for recovery; anything else (a bad record on either channel)
- * is returned, with the urgent thread joined: nothing may use the loaders
- * once this returns.
- */
-static int load_rest(struct vmig__pc_dest *pc, struct vmig__loader *l)
-{
-	int ret = start_urgent(pc);
-
-	while (!ret) {
-		uint8_t type;
-
-		ret = vmig__load_record(l, &type);
-		if (!ret && l->eos)
-			return 0;
-		if (!ret)
-			continue;
-		if (urgent_failure(pc, l->err))
-			ret = pc->urgent_err;
-		else if (vmig__net_error(ret)) {
-			vmig__err_clear(l->err);
-			ret = pause_and_recover(pc, l);
-		}
-	}
-	stop_urgent(pc); /* the main channel stays, for RP_ERROR */
-	if (urgent_failure(pc, l->err)) /* it may have lost the race to say so */
-		ret = pc->urgent_err;
-	return ret;
-}
-
-int vmig__pc_dest_run(struct vmig__pc_dest *pc, struct vmig__loader *l)
-{
-	int ret;
-
-	pc->lb = l->blocks;
-	ret = load_rest(pc, l);
-	if (ret)
-		return ret;
-	/* Everything was sent on the main channel: the urgent one can go. */
-	__atomic_store_n(&pc->finishing, true, __ATOMIC_RELEASE);
-	stop_urgent(pc);
-	ret = urgent_failure(pc, l->err);
-	if (!ret)
-		ret = check_complete(pc, l->err);
-	if (!ret)
-		ret = vmig__load_verify(l);
-	/* On failure the fault thread stays: a vCPU may wait on a page that
-	 * never came, and the embedder's stop must see it blocked. */
-	if (!ret)
-		stop_thread(pc);
-	publish_acct(pc);
-	return ret;
 }

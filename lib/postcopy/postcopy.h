@@ -1,44 +1,52 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * Post-copy, both sides. Internal to libvmig.
+ * Post-copy placement on the destination: guest RAM registered with
+ * userfaultfd (MISSING), a fault thread that turns faults into page
+ * requests, every arriving page placed exactly once with UFFDIO_COPY or
+ * UFFDIO_ZEROPAGE, and the blocktime and fault-latency accounting.
+ * Internal to libvmig.
  *
- * Source (pc_source.c): at the switch, stop the vCPUs, tell the destination
- * which of its pages are stale (DISCARD), send the device state and
- * POSTCOPY_RUN; then push every page not yet in place, preferring the area
- * of recent faults, while the return-path thread answers page requests on
- * the urgent channel. A broken connection pauses the migration until
- * vmig_resume(); the source's memory is frozen, so nothing is lost.
- *
- * Destination (pc_dest.c): on POSTCOPY_RUN, register guest RAM with
- * userfaultfd (MISSING), start a fault thread that turns faults into page
- * requests, and place every arriving page with UFFDIO_COPY / UFFDIO_ZEROPAGE
- * exactly once. Blocktime and fault latency are accounted here.
+ * This is a layer below lib/migrate: it knows guest RAM blocks and
+ * userfaultfd, not sessions, sockets or the stream. The migration state
+ * machine (lib/migrate: pc_dest_run.c on the destination, pc_source.c on
+ * the source) drives it and hears back through the callbacks of
+ * struct vmig__pc_config.
  */
 #ifndef VMIG_POSTCOPY_H
 #define VMIG_POSTCOPY_H
 
-#include "migrate/migrate_int.h"
+#include <stdbool.h>
+#include <stdint.h>
 
-/* Source: called by the migration thread after a pre-copy round. */
-int vmig__pc_source_prepare(struct vmig__source *src);
-int vmig__pc_source_switch(struct vmig__source *src);
-int vmig__pc_source_push(struct vmig__source *src);
-/* Source, return-path thread: a page request from the destination. 0, or
- * -EPROTO for a request outside guest RAM. */
-int vmig__pc_source_request(struct vmig__source *src, const struct vmig_wire_pages *req,
-			    struct vmig__err *err);
-/* Source, resuming: the destination's RECV_BITMAP of every block from r;
- * the dirty bitmaps become what it lacks. */
-int vmig__pc_source_read_bitmaps(struct vmig__source *src, struct vmig__reader *r);
+#include <vmig/vmig.h>
 
-/* Destination. */
+#include "ram/ram.h"
+#include "stream/stream.h"
+#include "util/util.h"
+
+/* The post-copy part of query-migrate (struct vmig_stats.postcopy). */
+typedef __typeof__(((struct vmig_stats *)0)->postcopy) vmig__pc_stats;
+
+struct vmig__pc_config {
+	/* guest RAM; the blocks and their bitmaps outlive the placer */
+	struct vmig__block *blocks;
+	unsigned nblocks;
+	bool postcopy_ram;   /* place and discard hooks (else pre-copy fill only) */
+	bool blocktime;	     /* capability postcopy-blocktime: stats are valid */
+	const int *vcpu_tid; /* Linux thread id of each vCPU, copied at creation */
+	unsigned nvcpus;
+	/* Called from the fault thread and the placing threads. */
+	void (*request)(void *opaque, unsigned block, uint64_t pfn); /* ask the source */
+	void (*publish)(void *opaque, const vmig__pc_stats *st);     /* new statistics */
+	void *opaque;
+};
+
 struct vmig__pc_dest;
-/* Hooks for the loader before the switch (discard), created when the
- * destination has postcopy-ram. */
-int vmig__pc_dest_new(struct vmig_session *s, struct vmig__pc_dest **out);
+
+int vmig__pc_dest_new(const struct vmig__pc_config *cfg, struct vmig__pc_dest **out);
+/* Stop the fault thread and unregister guest RAM (waking any waiter). */
 void vmig__pc_dest_free(struct vmig__pc_dest *pc);
-/* True while vCPU index waits for a page (vmig_vcpu_blocked). */
-bool vmig__pc_dest_vcpu_blocked(struct vmig__pc_dest *pc, unsigned index);
+/* Loader hooks: fill (pre-copy), place and discard (post-copy). */
 void vmig__pc_dest_hooks(struct vmig__pc_dest *pc, struct vmig__load_hooks *hooks);
 /* Incoming migration starts: register guest RAM with userfaultfd (pages are
  * installed with UFFDIO_COPY from then on) and start the fault thread.
@@ -47,14 +55,14 @@ void vmig__pc_dest_hooks(struct vmig__pc_dest *pc, struct vmig__load_hooks *hook
 int vmig__pc_dest_register(struct vmig__pc_dest *pc, struct vmig__err *err);
 /* POSTCOPY_RUN arrived: faults become page requests. */
 int vmig__pc_dest_switch(struct vmig__pc_dest *pc, struct vmig__err *err);
-/*
- * The rest of the migration after the switch: load the main stream (l) and
- * the urgent channel, pause and recover as needed, verify, unregister.
- * Returns 0 when every page is in place and verified. On failure the
- * guest RAM stays registered and the fault thread keeps running (faults
- * wait, never read a missing page): the caller stops the vCPUs and keeps
- * pc until the session ends.
- */
-int vmig__pc_dest_run(struct vmig__pc_dest *pc, struct vmig__loader *l);
+/* Ask again for every page a fault still waits for (a new connection). */
+void vmig__pc_dest_rerequest(struct vmig__pc_dest *pc);
+/* Everything is in place: stop the fault thread (RAM stays registered
+ * until vmig__pc_dest_free). */
+void vmig__pc_dest_stop_faults(struct vmig__pc_dest *pc);
+/* Publish the statistics now (they are also published every 100 ms). */
+void vmig__pc_dest_publish(struct vmig__pc_dest *pc);
+/* True while vCPU index waits for a page (vmig_vcpu_blocked). */
+bool vmig__pc_dest_vcpu_blocked(struct vmig__pc_dest *pc, unsigned index);
 
 #endif

@@ -31,6 +31,28 @@
 #include "util/util.h"
 #include "vmig/vmig.h"
 
+/*
+ * A registered guest RAM block and its per-page state, as the migration
+ * state machines (lib/migrate) and post-copy placement (lib/postcopy) see
+ * it. The bitmaps have one bit per 4 KiB page; who writes which is said
+ * where they are used.
+ */
+struct vmig__block {
+	char name[64 + 1]; /* VMIG_BLOCK_NAME_MAX of the stream format, checked there */
+	uint8_t *host;
+	uint64_t size;
+	uint64_t npages;
+	int fd;
+	uint64_t fd_offset;
+	bool prealloc;	     /* VMIG_RAM_PREALLOC: keep populated, write in place */
+	uint64_t *dirty;     /* source: pages still to send */
+	uint64_t *page_hash; /* hash of each page as last sent / placed */
+	uint64_t *received;  /* destination: page content arrived (data or zero) */
+	uint64_t *zero;	     /* destination: the content that arrived was zero */
+	uint64_t *placed;    /* destination, post-copy: page is in place */
+	uint64_t *requested; /* destination, post-copy: page asked for */
+};
+
 /* Ranges per tracker. Guest RAM comes in a handful of blocks. */
 #define VMIG__DIRTY_MAX_RANGES 32
 

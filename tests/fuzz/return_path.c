@@ -19,7 +19,6 @@
 #include <unistd.h>
 
 #include "migrate/migrate_int.h"
-#include "postcopy/postcopy.h"
 #include "ram/bitmap.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);

@@ -16,7 +16,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "postcopy/postcopy.h"
+#include "migrate/migrate_int.h"
 #include "ram/bitmap.h"
 #include "ram/ram.h"
 
@@ -167,8 +167,9 @@ int vmig__pc_source_request(struct vmig__source *src, const struct vmig_wire_pag
 	if (req->block >= s->nblocks || !req->npages || req->npages > VMIG_REC_MAX_PAGES ||
 	    req->first >= s->blocks[req->block].npages ||
 	    req->npages > s->blocks[req->block].npages - req->first) {
-		vmig__err_set_first(err, "destination requested pages outside guest RAM "
-					 "(block %u, page %llu, %u pages)",
+		vmig__err_set_first(err,
+				    "destination requested pages outside guest RAM "
+				    "(block %u, page %llu, %u pages)",
 				    req->block, (unsigned long long)req->first, req->npages);
 		return -EPROTO;
 	}

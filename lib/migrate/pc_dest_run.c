@@ -1,0 +1,343 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Post-copy on the destination, the state machine: after the switch, the
+ * main stream and the urgent channel are loaded side by side while the
+ * guest runs, a lost connection pauses until migrate-recover and resumes
+ * on new connections, and the end checks that every page arrived. Pages
+ * are placed by lib/postcopy (userfaultfd), through the loader hooks.
+ *
+ * Threads: the migration thread runs all of this; an urgent thread loads
+ * the urgent channel. struct pc_run is the migration thread's, except the
+ * fields marked otherwise.
+ */
+#include <assert.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "migrate/migrate_int.h"
+#include "postcopy/postcopy.h"
+#include "ram/bitmap.h"
+
+struct pc_run {
+	struct vmig_session *s;
+	struct vmig__pc_dest *placer;
+	struct vmig__load_block *lb; /* the main loader's block views */
+	bool urgent_started;
+	pthread_t urgent_thread;
+	bool finishing; /* atomic: the urgent channel is closed on purpose */
+	/* The urgent thread's failure other than a lost connection (a bad
+	 * record): written by it before it breaks the main channel (release),
+	 * read by the migration thread after that (acquire) or after the join. */
+	int urgent_err;
+	struct vmig__err urgent_msg;
+};
+
+/* ---- the placer's callbacks -------------------------------------------- */
+
+static void request_page(void *opaque, unsigned block, uint64_t pfn)
+{
+	struct vmig_wire_pages req = {.block = block, .npages = 1, .first = pfn};
+
+	vmig__dest_send_rp(opaque, VMIG_RP_PAGE_REQ, &req, sizeof(req));
+}
+
+static void publish_stats(void *opaque, const vmig__pc_stats *st)
+{
+	struct vmig_session *s = opaque;
+
+	pthread_mutex_lock(&s->lock);
+	s->stats.postcopy = *st;
+	pthread_mutex_unlock(&s->lock);
+}
+
+int vmig__dest_pc_new(struct vmig_session *s, struct vmig__pc_dest **out)
+{
+	struct vmig__pc_config cfg = {.blocks = s->blocks,
+				      .nblocks = s->nblocks,
+				      .postcopy_ram = s->caps[VMIG_CAP_POSTCOPY_RAM],
+				      .blocktime = s->caps[VMIG_CAP_POSTCOPY_BLOCKTIME],
+				      .vcpu_tid = s->vcpu_tid,
+				      .nvcpus = s->nvcpus,
+				      .request = request_page,
+				      .publish = publish_stats,
+				      .opaque = s};
+	int ret = vmig__pc_dest_new(&cfg, out);
+
+	if (ret)
+		return ret;
+	pthread_mutex_lock(&s->lock);
+	assert(!s->pcd);
+	s->pcd = *out;
+	pthread_mutex_unlock(&s->lock);
+	return 0;
+}
+
+void vmig__dest_pc_free(struct vmig_session *s, struct vmig__pc_dest *pc)
+{
+	if (!pc)
+		return;
+	pthread_mutex_lock(&s->lock);
+	if (s->pcd == pc)
+		s->pcd = NULL;
+	pthread_mutex_unlock(&s->lock);
+	vmig__pc_dest_free(pc);
+}
+
+/* ---- after the switch: main stream, urgent channel, pause, recovery ---- */
+
+static void *urgent_main(void *arg)
+{
+	struct pc_run *pc = arg;
+	struct vmig_session *s = pc->s;
+	struct vmig__reader *r = malloc(sizeof(*r));
+	uint8_t *bounce = malloc(VMIG_REC_MAX_PAGES * VMIG_PAGE_SIZE);
+	struct vmig__err err = {{0}};
+	struct vmig__loader l = {.blocks = pc->lb,
+				 .nblocks = s->nblocks,
+				 .err = &err,
+				 .urgent = true,
+				 .postcopy = true,
+				 .blocks_ok = true,
+				 .bounce = bounce};
+	struct vmig__chan *uch;
+	uint8_t type;
+
+	pthread_mutex_lock(&s->lock);
+	uch = s->urgent;
+	pthread_mutex_unlock(&s->lock);
+	if (r && bounce && uch) {
+		int ret;
+
+		vmig__pc_dest_hooks(pc->placer, &l.hooks);
+		vmig__reader_init_chan(r, uch);
+		l.r = r;
+		while (!(ret = vmig__load_record(&l, &type)))
+			;
+		if (!vmig__net_error(ret) && !__atomic_load_n(&pc->finishing, __ATOMIC_ACQUIRE)) {
+			pc->urgent_msg = err;
+			__atomic_store_n(&pc->urgent_err, ret, __ATOMIC_RELEASE);
+		}
+	}
+	/* Wake the main loader: losing the urgent channel means the connection
+	 * is gone (pause); a bad record on it fails the migration, and then
+	 * the main channel must still carry RP_ERROR (so only its reading side
+	 * is shut). */
+	pthread_mutex_lock(&s->lock);
+	if (s->ch && !__atomic_load_n(&pc->finishing, __ATOMIC_ACQUIRE))
+		vmig__chan_shutdown(s->ch, __atomic_load_n(&pc->urgent_err, __ATOMIC_ACQUIRE)
+					       ? SHUT_RD
+					       : SHUT_RDWR);
+	pthread_mutex_unlock(&s->lock);
+	free(bounce);
+	free(r);
+	return NULL;
+}
+
+/* Shut the urgent channel and join its thread (the channel stays until
+ * closed with the others). */
+static void stop_urgent(struct pc_run *pc)
+{
+	struct vmig_session *s = pc->s;
+
+	/* On purpose: the urgent thread must not take it for a lost link
+	 * and break the main channel, which still has to carry RP_ERROR. */
+	__atomic_store_n(&pc->finishing, true, __ATOMIC_RELEASE);
+	pthread_mutex_lock(&s->lock);
+	if (s->urgent)
+		vmig__chan_shutdown(s->urgent, SHUT_RDWR);
+	pthread_mutex_unlock(&s->lock);
+	if (pc->urgent_started) {
+		pthread_join(pc->urgent_thread, NULL);
+		pc->urgent_started = false;
+	}
+	pc->lb = NULL;
+}
+
+static void close_channels(struct pc_run *pc)
+{
+	vmig__break_channels(pc->s);
+	if (pc->urgent_started) {
+		pthread_join(pc->urgent_thread, NULL);
+		pc->urgent_started = false;
+	}
+	vmig__close_channels(pc->s);
+}
+
+static int start_urgent(struct pc_run *pc)
+{
+	int ret = pthread_create(&pc->urgent_thread, NULL, urgent_main, pc);
+
+	if (ret)
+		return -ret;
+	pthread_setname_np(pc->urgent_thread, "vmig-urgent");
+	pc->urgent_started = true;
+	return 0;
+}
+
+static int send_bitmaps(struct pc_run *pc)
+{
+	struct vmig_session *s = pc->s;
+
+	for (unsigned bi = 0; bi < s->nblocks; bi++) {
+		struct vmig__block *b = &s->blocks[bi];
+		size_t words = vmig__bitmap_words(b->npages);
+		size_t len = sizeof(struct vmig_wire_recv_bitmap) + words * 8;
+		uint8_t *buf = malloc(len);
+		struct vmig_wire_recv_bitmap hdr = {.block = bi, .npages = b->npages};
+
+		if (!buf)
+			return -ENOMEM;
+		memcpy(buf, &hdr, sizeof(hdr));
+		for (size_t w = 0; w < words; w++) {
+			uint64_t have = __atomic_load_n(&b->placed[w], __ATOMIC_ACQUIRE) |
+					(b->received[w] & b->zero[w]);
+			memcpy(buf + sizeof(hdr) + w * 8, &have, 8);
+		}
+		vmig__dest_send_rp(s, VMIG_RP_RECV_BITMAP, buf, (uint32_t)len);
+		free(buf);
+	}
+	/* Faults still waiting: ask again on the new connection. */
+	vmig__pc_dest_rerequest(pc->placer);
+	return 0;
+}
+
+/* Connection lost after the switch: wait for migrate-recover, reconnect. */
+static int pause_and_recover(struct pc_run *pc, struct vmig__loader *l)
+{
+	struct vmig_session *s = pc->s;
+	int ret;
+
+	bool changed = false;
+
+	close_channels(pc);
+	vmig__set_status(s, VMIG_STATUS_POSTCOPY_PAUSED);
+	pthread_mutex_lock(&s->lock);
+	while (!s->recover_requested && !vmig__cancelled(s))
+		pthread_cond_wait(&s->cond, &s->lock);
+	if (!vmig__cancelled(s)) {
+		/* In one step with the request: listen_fd is ours from here. */
+		s->recover_requested = false;
+		changed = vmig__set_status_locked(s, VMIG_STATUS_POSTCOPY_RECOVER);
+	}
+	pthread_mutex_unlock(&s->lock);
+	if (vmig__cancelled(s))
+		return -ECANCELED;
+	if (changed)
+		vmig__emit(s, VMIG_EVENT_STATUS);
+	/* Both channels, in whatever order they come; strays are dropped. */
+	ret = vmig__dest_accept(s, l, true);
+	if (!ret && !s->urgent)
+		ret = vmig__dest_accept_urgent(s, l->err);
+	if (ret)
+		return ret;
+	close(s->listen_fd);
+	s->listen_fd = -1;
+	vmig__close_pending(s);
+	l->have_digest = false;
+	l->eos = false;
+	ret = send_bitmaps(pc);
+	if (!ret)
+		ret = start_urgent(pc);
+	if (!ret)
+		vmig__set_status(s, VMIG_STATUS_POSTCOPY_ACTIVE);
+	return ret;
+}
+
+/* Every page must now be in place or a known zero page. */
+static int check_complete(struct pc_run *pc, struct vmig__err *err)
+{
+	struct vmig_session *s = pc->s;
+
+	for (unsigned bi = 0; bi < s->nblocks; bi++) {
+		struct vmig__block *b = &s->blocks[bi];
+
+		for (size_t w = 0; w < vmig__bitmap_words(b->npages); w++) {
+			/* The fault thread may still place known zero pages. */
+			uint64_t have = __atomic_load_n(&b->placed[w], __ATOMIC_ACQUIRE) |
+					(b->received[w] & b->zero[w]);
+			uint64_t want = w == b->npages / 64 && b->npages % 64
+					    ? (1ull << (b->npages % 64)) - 1
+					    : ~0ull;
+
+			if ((have & want) != want) {
+				vmig__err_set(
+				    err, "RAM block '%s' page %llu never arrived", b->name,
+				    (unsigned long long)(w * 64 +
+							 (unsigned)__builtin_ctzll(~have & want)));
+				return -EIO;
+			}
+		}
+	}
+	return 0;
+}
+
+/* The urgent thread failed on a bad record: that is the error to report. */
+static int urgent_failure(struct pc_run *pc, struct vmig__err *err)
+{
+	int ret = __atomic_load_n(&pc->urgent_err, __ATOMIC_ACQUIRE);
+
+	if (ret) {
+		vmig__err_clear(err);
+		vmig__err_set(err, "urgent channel: %s", pc->urgent_msg.msg);
+	}
+	return ret;
+}
+
+/*
+ * Load the main stream after the switch until EOS. A lost connection pauses
+ * and waits for recovery; anything else (a bad record on either channel)
+ * is returned, with the urgent thread joined: nothing may use the loaders
+ * once this returns.
+ */
+static int load_rest(struct pc_run *pc, struct vmig__loader *l)
+{
+	int ret = start_urgent(pc);
+
+	while (!ret) {
+		uint8_t type;
+
+		ret = vmig__load_record(l, &type);
+		if (!ret && l->eos)
+			return 0;
+		if (!ret)
+			continue;
+		if (urgent_failure(pc, l->err))
+			ret = pc->urgent_err;
+		else if (vmig__net_error(ret)) {
+			vmig__err_clear(l->err);
+			ret = pause_and_recover(pc, l);
+		}
+	}
+	stop_urgent(pc);		/* the main channel stays, for RP_ERROR */
+	if (urgent_failure(pc, l->err)) /* it may have lost the race to say so */
+		ret = pc->urgent_err;
+	return ret;
+}
+
+int vmig__dest_pc_run(struct vmig_session *s, struct vmig__pc_dest *placer, struct vmig__loader *l)
+{
+	struct pc_run run = {.s = s, .placer = placer, .lb = l->blocks}, *pc = &run;
+	int ret;
+
+	ret = load_rest(pc, l);
+	if (ret)
+		return ret;
+	/* Everything was sent on the main channel: the urgent one can go. */
+	__atomic_store_n(&pc->finishing, true, __ATOMIC_RELEASE);
+	stop_urgent(pc);
+	ret = urgent_failure(pc, l->err);
+	if (!ret)
+		ret = check_complete(pc, l->err);
+	if (!ret)
+		ret = vmig__load_verify(l);
+	/* On failure the fault thread stays: a vCPU may wait on a page that
+	 * never came, and the embedder's stop must see it blocked. */
+	if (!ret)
+		vmig__pc_dest_stop_faults(placer);
+	vmig__pc_dest_publish(placer);
+	return ret;
+}
