@@ -25,6 +25,8 @@ struct qmpc {
 	size_t len, cap;
 	json_t *greeting;
 	json_int_t next_id;
+	qmpc_event_fn *on_event; /* may be NULL */
+	void *event_opaque;
 };
 
 static int sock_connect(const char *addr, struct vmig__err *err)
@@ -160,6 +162,12 @@ const json_t *qmpc_greeting(const struct qmpc *q)
 	return q->greeting;
 }
 
+void qmpc_set_event_handler(struct qmpc *q, qmpc_event_fn *fn, void *opaque)
+{
+	q->on_event = fn;
+	q->event_opaque = opaque;
+}
+
 static int send_command(struct qmpc *q, const char *cmd, json_t *args, json_int_t id)
 {
 	json_t *req = json_pack("{s:s,s:I}", "execute", cmd, "id", id);
@@ -203,6 +211,8 @@ int qmpc_execute(struct qmpc *q, const char *cmd, json_t *args, json_t **ret, in
 		if (!msg)
 			return rc;
 		mid = json_object_get(msg, "id");
+		if (json_object_get(msg, "event") && q->on_event)
+			q->on_event(q->event_opaque, msg);
 		if (json_object_get(msg, "event") || (mid && json_integer_value(mid) != id)) {
 			json_decref(msg);
 			continue;

@@ -21,8 +21,16 @@ void qmpc_close(struct qmpc *q);
 const json_t *qmpc_greeting(const struct qmpc *q);
 
 /*
+ * Events arrive only while qmpc_execute waits for a reply: each one is passed
+ * to fn (the message is borrowed for the call), in the order received. With
+ * no handler (the default) they are dropped.
+ */
+typedef void qmpc_event_fn(void *opaque, const json_t *event);
+void qmpc_set_event_handler(struct qmpc *q, qmpc_event_fn *fn, void *opaque);
+
+/*
  * Run cmd with args (stolen; may be NULL) and wait up to timeout_ms for its
- * reply; events that arrive meanwhile are skipped. On success *ret (may be
+ * reply; events that arrive meanwhile go to the event handler. On success *ret (may be
  * NULL if the caller does not want it) is the "return" value, owned by the
  * caller. A QMP error returns -EREMOTEIO with "Class: desc" in err; I/O
  * problems and timeouts return other -errno values.
