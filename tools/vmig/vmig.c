@@ -2,12 +2,14 @@
 /*
  * vmig: the command-line client. It speaks only QMP, so every subcommand
  * works against vmig-vm and real QEMU alike: migrate (with a progress bar,
- * optional destination setup and post-copy switch-over), info, status, a
- * raw QMP command, and cancel. Exit codes: 0 success, 1 failure (a failed
- * or cancelled migration, a QMP error), 2 usage errors.
+ * optional destination setup, post-copy switch-over and a timeline picture),
+ * info, status, a raw QMP command, cancel, and timeline (redraw a recorded
+ * timeline). Exit codes: 0 success, 1 failure (a failed or cancelled
+ * migration, a QMP error, a bad timeline log), 2 usage errors.
  */
 #include <errno.h>
 #include <getopt.h>
+#include <math.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,6 +18,7 @@
 #include <unistd.h>
 
 #include "qmpc.h"
+#include "timeline.h"
 
 #define CMD_TIMEOUT_MS 30000
 #define MAX_SETTINGS 32
@@ -34,11 +37,12 @@ static void usage(FILE *f)
 		   "        [--downtime-limit MS] [--capability NAME=on|off]...\n"
 		   "        [--parameter NAME=VALUE]... [--tls-creds ID] [--tls-hostname NAME]\n"
 		   "        [--tls-authz ID] [--postcopy] [--postcopy-after SECONDS]\n"
-		   "        [--no-progress]\n"
+		   "        [--no-progress] [--timeline FILE.svg [--timeline-log LOG]]\n"
 		   "  vmig info QMP              print 'info migrate'\n"
 		   "  vmig status QMP            print the VM's run state\n"
 		   "  vmig qmp QMP COMMAND [JSON-ARGS]   run a raw QMP command, print the reply\n"
 		   "  vmig cancel QMP            cancel the running migration\n"
+		   "  vmig timeline LOG -o FILE.svg   draw a recorded timeline again\n"
 		   "  vmig help\n"
 		   "QMP is unix:PATH or PATH. URI is tcp:HOST:PORT or unix:PATH. RATE takes\n"
 		   "K/M/G suffixes (bytes/s, powers of 1024). --parameter goes to both sides\n"
@@ -47,7 +51,10 @@ static void usage(FILE *f)
 		   "(give them the same id); --tls-hostname the name the destination's\n"
 		   "certificate carries (source); --tls-authz an authz-simple object of the\n"
 		   "destination (needs --dest). \"\" unsets any of them. With TLS, start the\n"
-		   "destination with --incoming defer.\n");
+		   "destination with --incoming defer. --timeline polls the source every\n"
+		   "100 ms and draws the run (rates, remaining RAM, expected downtime,\n"
+		   "dirty syncs, post-copy switch and requests, downtime) as an SVG at the\n"
+		   "end; the samples go to LOG as JSON lines (default: FILE.svg.log).\n");
 }
 
 static int connect_or_say(struct qmpc **q, const char *addr)
@@ -192,6 +199,7 @@ struct mig_opts {
 	const char *tls_creds, *tls_hostname, *tls_authz;
 	bool postcopy, no_progress;
 	double postcopy_after_s; /* < 0: never */
+	const char *timeline_svg, *timeline_log; /* NULL: no timeline */
 };
 
 static int parse_migrate_opts(int argc, char **argv, struct mig_opts *o)
@@ -207,6 +215,8 @@ static int parse_migrate_opts(int argc, char **argv, struct mig_opts *o)
 						 {"postcopy", no_argument, NULL, 'P'},
 						 {"postcopy-after", required_argument, NULL, 'A'},
 						 {"no-progress", no_argument, NULL, 'n'},
+						 {"timeline", required_argument, NULL, 'T'},
+						 {"timeline-log", required_argument, NULL, 'L'},
 						 {NULL, 0, NULL, 0}};
 	char *end;
 	int c;
@@ -255,12 +265,22 @@ static int parse_migrate_opts(int argc, char **argv, struct mig_opts *o)
 		case 'n':
 			o->no_progress = true;
 			break;
+		case 'T':
+			o->timeline_svg = optarg;
+			break;
+		case 'L':
+			o->timeline_log = optarg;
+			break;
 		default:
 			return -1;
 		}
 	}
 	if (argc - optind != 2)
 		return -1;
+	if (o->timeline_log && !o->timeline_svg) {
+		fprintf(stderr, "vmig: --timeline-log goes with --timeline\n");
+		return -1;
+	}
 	if (o->tls_authz && !o->dest) {
 		fprintf(stderr, "vmig: --tls-authz applies to the destination: it needs --dest\n");
 		return -1;
@@ -436,8 +456,123 @@ static void sleep_ms(unsigned ms)
 	nanosleep(&ts, NULL); /* EINTR (Ctrl-C) just ends the nap early */
 }
 
-/* Poll query-migrate until a final status; returns its reply (owned). */
-static json_t *watch(struct qmpc *src, const struct mig_opts *o)
+/* ---- timeline recording (--timeline) ---- */
+
+/* Times of the run: t = 0 when the migration is started. */
+struct recorder {
+	struct timeline *tl;
+	uint64_t start_ms;   /* monotonic, for polled samples */
+	double start_wall_s; /* CLOCK_REALTIME, for events' timestamps */
+};
+
+static double wall_now_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static double rec_now_s(const struct recorder *rec)
+{
+	return (double)(vmig__now_ms() - rec->start_ms) / 1000.0;
+}
+
+/*
+ * Events reach us only when the next poll reads them, up to a period late,
+ * so their own timestamp (the server's wall clock; QMP sockets are local)
+ * places them; one that is missing or far off is placed on arrival.
+ */
+static void rec_on_event(void *opaque, const json_t *event)
+{
+	const struct recorder *rec = opaque;
+	const json_t *ts = json_object_get(event, "timestamp");
+	const json_t *sec = json_object_get(ts, "seconds"),
+		     *usec = json_object_get(ts, "microseconds");
+	double now = rec_now_s(rec), t = now;
+
+	if (json_is_integer(sec) && json_is_integer(usec)) {
+		double at = (double)json_integer_value(sec) +
+			    (double)json_integer_value(usec) / 1e6 - rec->start_wall_s;
+
+		if (at >= -1 && at <= now + 1)
+			t = fmax(at, 0);
+	}
+	timeline_add_event(rec->tl, t, event);
+}
+
+/*
+ * QEMU sends MIGRATION and MIGRATION_PASS only with the "events" capability
+ * on, so the timeline turns it on where the source lists it (vmig-vm has no
+ * such capability: it always sends them). Without it, statuses and dirty
+ * syncs come from polling alone: a failure here is only a warning.
+ */
+static void rec_enable_events(struct qmpc *src)
+{
+	json_t *caps;
+
+	if (run(src, "query-migrate-capabilities", NULL, &caps, "source"))
+		return;
+	for (size_t i = 0; i < json_array_size(caps); i++) {
+		const json_t *c = json_array_get(caps, i);
+		const char *name = json_string_value(json_object_get(c, "capability"));
+
+		if (name && !strcmp(name, "events") && json_is_false(json_object_get(c, "state")))
+			run(src, "migrate-set-capabilities",
+			    json_pack("{s:[{s:s,s:b}]}", "capabilities", "capability", "events",
+				      "state", 1),
+			    NULL, "source (timeline events)");
+	}
+	json_decref(caps);
+}
+
+/* Creates the timeline and its log; 0, or -1 after saying why. */
+static int rec_open(struct recorder *rec, struct qmpc *src, const struct mig_opts *o,
+		    char **log_path)
+{
+	struct vmig__err err;
+
+	vmig__err_clear(&err);
+	*log_path = o->timeline_log ? strdup(o->timeline_log) : NULL;
+	if (!o->timeline_log && asprintf(log_path, "%s.log", o->timeline_svg) < 0)
+		*log_path = NULL;
+	if (!*log_path || timeline_new(&rec->tl)) {
+		fprintf(stderr, "vmig: out of memory\n");
+		return -1;
+	}
+	if (timeline_log_open(rec->tl, *log_path, o->uri, &err)) {
+		fprintf(stderr, "vmig: %s\n", err.msg);
+		return -1;
+	}
+	rec_enable_events(src);
+	qmpc_set_event_handler(src, rec_on_event, rec);
+	rec->start_ms = vmig__now_ms();
+	rec->start_wall_s = wall_now_s();
+	return 0;
+}
+
+/* Draws the picture and closes the log; 0, or -1 after saying why. */
+static int rec_finish(struct recorder *rec, const struct mig_opts *o, const char *log_path)
+{
+	struct vmig__err err;
+	int ret = 0;
+
+	vmig__err_clear(&err);
+	if (timeline_log_close(rec->tl, &err)) {
+		fprintf(stderr, "vmig: %s: %s\n", log_path, err.msg);
+		ret = -1;
+	}
+	if (timeline_write_svg(rec->tl, o->timeline_svg, &err)) {
+		fprintf(stderr, "vmig: timeline: %s\n", err.msg);
+		return -1;
+	}
+	fprintf(stderr, "vmig: timeline drawn in %s (samples in %s)\n", o->timeline_svg, log_path);
+	return ret;
+}
+
+/* Poll query-migrate until a final status; returns its reply (owned).
+ * Every reply also goes to the timeline, if rec has one. */
+static json_t *watch(struct qmpc *src, const struct mig_opts *o, struct recorder *rec)
 {
 	bool tty = isatty(STDERR_FILENO) && !o->no_progress, cancel_sent = false;
 	bool switched = o->postcopy;
@@ -457,6 +592,8 @@ static json_t *watch(struct qmpc *src, const struct mig_opts *o)
 		}
 		if (run(src, "query-migrate", NULL, &qm, "source"))
 			return NULL;
+		if (rec->tl)
+			timeline_add_sample(rec->tl, rec_now_s(rec), qm);
 		status = json_string_value(json_object_get(qm, "status")) ?: "none";
 		if (terminal(status) || (cancel_sent && now - cancel_at > 15000) ||
 		    (!strcmp(status, "none") && now - start > 10000)) {
@@ -546,9 +683,12 @@ out:
 static int cmd_migrate(int argc, char **argv)
 {
 	struct qmpc *src = NULL, *dst = NULL;
+	struct recorder rec = {0};
+	char *log_path = NULL;
 	struct mig_opts o;
 	const char *status;
-	json_t *qm = NULL;
+	json_t *qm = NULL, *params;
+	bool timeline_failed;
 	int rc = 1, r;
 
 	if (parse_migrate_opts(argc, argv, &o)) {
@@ -559,18 +699,27 @@ static int cmd_migrate(int argc, char **argv)
 	signal(SIGTERM, on_sigint);
 	if (connect_or_say(&src, o.src) || (o.dest && connect_or_say(&dst, o.dest)))
 		goto out;
+	if (o.timeline_svg && rec_open(&rec, src, &o, &log_path))
+		goto out;
 	r = start_migration(src, dst, &o);
 	if (r) {
 		rc = r == -2 ? 2 : 1;
 		goto out;
 	}
-	qm = watch(src, &o);
+	if (rec.tl && !run(src, "query-migrate-parameters", NULL, &params, "source")) {
+		timeline_add_parameters(rec.tl, rec_now_s(&rec), params);
+		json_decref(params);
+	}
+	qm = watch(src, &o, &rec);
+	/* Drawn whatever the outcome: a failed run is worth a picture too. A
+	 * picture asked for and not drawn fails the command. */
+	timeline_failed = rec.tl && rec_finish(&rec, &o, log_path);
 	if (!qm)
 		goto out;
 	print_hmp(src, "info migrate", stdout);
 	status = json_string_value(json_object_get(qm, "status")) ?: "none";
 	if (!strcmp(status, "completed")) {
-		rc = dst && wait_dest(dst) ? 1 : 0;
+		rc = (dst && wait_dest(dst)) || timeline_failed ? 1 : 0;
 	} else {
 		fprintf(stderr, "vmig: migration %s%s%s\n", status,
 			json_object_get(qm, "error-desc") ? ": " : "",
@@ -580,6 +729,43 @@ out:
 	json_decref(qm);
 	qmpc_close(dst);
 	qmpc_close(src);
+	timeline_free(rec.tl);
+	free(log_path);
+	return rc;
+}
+
+/* ---- timeline: redraw from a log ---- */
+
+static int cmd_timeline(int argc, char **argv)
+{
+	static const struct option longopts[] = {{"output", required_argument, NULL, 'o'},
+						 {NULL, 0, NULL, 0}};
+	const char *svg = NULL;
+	struct vmig__err err;
+	struct timeline *tl;
+	int c, rc;
+
+	optind = 2; /* after "vmig timeline" */
+	while ((c = getopt_long(argc, argv, "o:", longopts, NULL)) != -1) {
+		if (c != 'o') {
+			usage(stderr);
+			return 2;
+		}
+		svg = optarg;
+	}
+	if (!svg || argc - optind != 1) {
+		usage(stderr);
+		return 2;
+	}
+	vmig__err_clear(&err);
+	if (timeline_load(&tl, argv[optind], &err)) {
+		fprintf(stderr, "vmig: %s\n", err.msg);
+		return 1;
+	}
+	rc = timeline_write_svg(tl, svg, &err) ? 1 : 0;
+	if (rc)
+		fprintf(stderr, "vmig: %s\n", err.msg);
+	timeline_free(tl);
 	return rc;
 }
 
@@ -588,11 +774,8 @@ int main(int argc, char **argv)
 	static const struct {
 		const char *name;
 		int (*fn)(int argc, char **argv);
-	} cmds[] = {{"migrate", cmd_migrate},
-		    {"info", cmd_info},
-		    {"status", cmd_status},
-		    {"qmp", cmd_qmp},
-		    {"cancel", cmd_cancel}};
+	} cmds[] = {{"migrate", cmd_migrate}, {"info", cmd_info},     {"status", cmd_status},
+		    {"qmp", cmd_qmp},	      {"cancel", cmd_cancel}, {"timeline", cmd_timeline}};
 
 	signal(SIGPIPE, SIG_IGN);
 	if (argc < 2) {
