@@ -9,6 +9,7 @@ pkgs=(
   libgnutls28-dev openssl
   python3 iproute2 cpio gzip procps psmisc
   qemu-system-x86 qemu-utils busybox-static linux-image-amd64
+  chromium # test_timeline.py renders the timeline SVG headless
 )
 
 missing=()
