@@ -18,7 +18,9 @@
  * broken rather than corrupting our slot.
  */
 #include "blk.h"
+#include "util/util.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
@@ -26,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sched.h>
 #include <time.h>
 #include <unistd.h>
@@ -33,6 +36,13 @@
 #define TAG_KICK ((void *)1)
 #define TAG_STOP ((void *)2)
 #define VBLK_PUBLISH_STEP 4u /* see publish_step() */
+
+/* A block device's discard through io_uring (Linux 6.12+), as BLKDISCARD
+ * without blocking the queue thread; the uapi headers we build with may
+ * predate it. */
+#ifndef BLOCK_URING_CMD_DISCARD
+#define BLOCK_URING_CMD_DISCARD _IO(0x12, 0)
+#endif
 
 struct vblk_dwz_seg {
 	uint64_t sector;
@@ -62,7 +72,8 @@ struct vblk_req {
 	unsigned nsegs;	     /* discard / write-zeroes segments */
 	unsigned seg;	     /* the segment being worked on (one at a time) */
 	uint64_t seg_done;   /* bytes of it zeroed so far (VBLK_DWZ_WRITE) */
-	enum { VBLK_DWZ_PUNCH, VBLK_DWZ_ZERO_RANGE, VBLK_DWZ_WRITE } seg_mode;
+	enum { VBLK_DWZ_DISCARD, VBLK_DWZ_PUNCH, VBLK_DWZ_ZERO_RANGE, VBLK_DWZ_WRITE } seg_mode;
+	uint8_t *bounce; /* the bounce buffer it holds (see bounce_start); or NULL */
 	struct vblk_dwz_seg segs[VBLK_MAX_DWZ_SEGS];
 };
 
@@ -85,8 +96,8 @@ uint64_t vblk_device_features(const struct vblk_disk *disk, unsigned nqueues)
 {
 	uint64_t f = (1ull << VIRTIO_BLK_F_SEG_MAX) | (1ull << VIRTIO_BLK_F_BLK_SIZE) |
 		     (1ull << VIRTIO_BLK_F_FLUSH) | (1ull << VIRTIO_BLK_F_MQ) |
-		     (1ull << VIRTIO_RING_F_INDIRECT_DESC) | (1ull << VIRTIO_RING_F_EVENT_IDX) |
-		     (1ull << VIRTIO_F_VERSION_1);
+		     (1ull << VIRTIO_BLK_F_TOPOLOGY) | (1ull << VIRTIO_RING_F_INDIRECT_DESC) |
+		     (1ull << VIRTIO_RING_F_EVENT_IDX) | (1ull << VIRTIO_F_VERSION_1);
 
 	(void)nqueues;
 	if (disk->read_only)
@@ -181,13 +192,15 @@ static int req_layout(struct vblk_req *req, struct virtio_blk_outhdr *hdr)
 	return 0;
 }
 
-/* Is [sector, sector + bytes) inside the disk? Overflow-safe. */
+/* Is [sector, sector + bytes) inside the disk, and whole logical blocks
+ * (QEMU's virtio-blk refuses the rest with IOERR too)? Overflow-safe. */
 static bool range_ok(const struct vblk_disk *disk, uint64_t sector, uint64_t bytes)
 {
 	uint64_t sectors = disk->size / VBLK_SECTOR;
+	uint32_t block_sectors = disk->block_size / VBLK_SECTOR;
 
 	return sector <= sectors && bytes / VBLK_SECTOR <= sectors - sector &&
-	       bytes % VBLK_SECTOR == 0;
+	       bytes % disk->block_size == 0 && sector % block_sectors == 0;
 }
 
 /* ---- completion ---- */
@@ -325,6 +338,94 @@ static uint8_t inline_rw(struct vblk_queue *q, struct vblk_req *req, bool is_rea
 	return VIRTIO_BLK_S_OK;
 }
 
+/*
+ * Bounced I/O (O_DIRECT, guest buffers it cannot take): the request holds
+ * one of the queue's bounce buffers and moves its data through it in
+ * chunks of up to VBLK_BOUNCE_BYTES, one io_uring operation at a time.
+ * Writes copy each chunk in before it is written, reads copy it out once
+ * read. A chunk is whole logical blocks at a block-aligned offset, in an
+ * aligned buffer: O_DIRECT takes it whatever the guest's layout was.
+ */
+static int bounce_submit(struct vblk_queue *q, struct vblk_req *req)
+{
+	uint64_t chunk = VMIG_MIN(req->bytes - req->done, (uint64_t)VBLK_BOUNCE_BYTES);
+	struct io_uring_sqe *sqe = get_sqe(q);
+
+	assert(req->bounce && chunk);
+	if (!sqe)
+		return -EBUSY;
+	if (req->type == VIRTIO_BLK_T_IN) {
+		io_uring_prep_read(sqe, q->disk->fd, req->bounce, (unsigned)chunk,
+				   req->offset + req->done);
+	} else {
+		vblk_iov_to_buf(req->data, req->ndata, req->done, req->bounce, (size_t)chunk);
+		io_uring_prep_write(sqe, q->disk->fd, req->bounce, (unsigned)chunk,
+				    req->offset + req->done);
+	}
+	io_uring_sqe_set_data(sqe, req);
+	req->pending++;
+	q->outstanding++;
+	return 0;
+}
+
+/* Take a bounce buffer and start, or wait in line for one: a buffer is
+ * held only by a request with an operation in flight, so one comes back. */
+static uint8_t bounce_start(struct vblk_queue *q, struct vblk_req *req)
+{
+	struct vblk_bounce_pool *p = &q->bounce;
+
+	__atomic_store_n(&q->bounced, q->bounced + 1, __ATOMIC_RELAXED);
+	req->bounce = vblk_bounce_get(p);
+	if (!req->bounce) {
+		assert(p->nwaiting < q->alloc_num && q->outstanding > 0);
+		p->waiters[(p->wait_head + p->nwaiting) % q->alloc_num] = req->chain.head;
+		p->nwaiting++;
+		return 0xff;
+	}
+	return bounce_submit(q, req) ? VIRTIO_BLK_S_IOERR : 0xff;
+}
+
+/* Give the request's bounce buffer back, to the first in line if any. */
+static void bounce_release(struct vblk_queue *q, struct vblk_req *req)
+{
+	struct vblk_bounce_pool *p = &q->bounce;
+
+	vblk_bounce_put(p, req->bounce);
+	req->bounce = NULL;
+	while (p->nwaiting) {
+		struct vblk_req *next = &q->reqs[p->waiters[p->wait_head]];
+
+		p->wait_head = (uint16_t)((p->wait_head + 1) % q->alloc_num);
+		p->nwaiting--;
+		next->bounce = vblk_bounce_get(p);
+		assert(next->bounce);
+		if (bounce_submit(q, next) == 0)
+			return;
+		vblk_bounce_put(p, next->bounce);
+		next->bounce = NULL;
+		req_finish(q, next, VIRTIO_BLK_S_IOERR);
+	}
+}
+
+/* One completed chunk of a bounced request: 0 if the next is in flight,
+ * else the request's result (0 done, -errno failed), its buffer returned. */
+static int bounce_complete(struct vblk_queue *q, struct vblk_req *req, int res)
+{
+	if (res > 0) {
+		if (req->type == VIRTIO_BLK_T_IN)
+			vblk_iov_from_buf(req->data, req->ndata, req->done, req->bounce,
+					  (size_t)res);
+		req->done += (uint64_t)res;
+		if (req->done < req->bytes && bounce_submit(q, req) == 0)
+			return 1;
+		res = req->done < req->bytes ? -EIO : 0;
+	} else if (res == 0) {
+		res = -EIO; /* the image shrank under us */
+	}
+	bounce_release(q, req);
+	return res;
+}
+
 static uint8_t start_rw(struct vblk_queue *q, struct vblk_req *req, uint64_t sector)
 {
 	bool is_read = req->type == VIRTIO_BLK_T_IN;
@@ -355,6 +456,9 @@ static uint8_t start_rw(struct vblk_queue *q, struct vblk_req *req, uint64_t sec
 	}
 	if (q->disk->inline_io)
 		return inline_rw(q, req, is_read);
+	if (q->disk->direct &&
+	    !vblk_iov_direct_ok(req->data, req->ndata, q->disk->mem_align, q->disk->block_size))
+		return bounce_start(q, req);
 	return submit_rw(q, req) ? VIRTIO_BLK_S_IOERR : 0xff;
 }
 
@@ -387,12 +491,17 @@ static uint8_t start_get_id(struct vblk_queue *q, struct vblk_req *req)
  * Discard and write-zeroes. The virtio rule: write-zeroes without the
  * UNMAP flag must leave the range allocated, so it is written with zeros
  * (a regular file), or zeroed with FALLOC_FL_ZERO_RANGE (a block device,
- * where the kernel turns it into a write-zeroes that does not unmap);
- * never a hole. With UNMAP, and for discard, a hole is punched
- * (FALLOC_FL_PUNCH_HOLE reads back as zeros); where the file system cannot,
- * write-zeroes writes zeros instead and discard, a hint, does nothing. Not
- * FALLOC_FL_ZERO_RANGE on a file: ext4 and XFS make the range unwritten
- * extents, which SEEK_HOLE reports as a hole and copies lose.
+ * where the kernel turns it into a write-zeroes that does not unmap, and
+ * writes zeros itself where the device cannot); never a hole. With UNMAP a
+ * hole is punched (FALLOC_FL_PUNCH_HOLE reads back as zeros; on a block
+ * device the kernel makes it a write-zeroes that may unmap); where that
+ * cannot be done, zeros are written (ZERO_RANGE on a block device). A
+ * discard punches a hole in a file; on a block device it is a real discard
+ * (BLKDISCARD, issued through io_uring; where the kernel cannot, Linux
+ * before 6.12, a punch as above). Where neither works, discard, a hint,
+ * does nothing. Not FALLOC_FL_ZERO_RANGE on a file: ext4 and XFS make the
+ * range unwritten extents, which SEEK_HOLE reports as a hole and copies
+ * lose.
  *
  * A request's segments are done one after the other, one io_uring
  * operation at a time; zeros are written in chunks of up to
@@ -404,7 +513,8 @@ static uint8_t start_get_id(struct vblk_queue *q, struct vblk_req *req)
 
 static const struct iovec *zero_iovs(void)
 {
-	static uint8_t zeros[VBLK_ZERO_BUF]; /* never written: reads as zeros */
+	/* Never written: reads as zeros. Aligned for O_DIRECT. */
+	static uint8_t zeros[VBLK_ZERO_BUF] __attribute__((aligned(VBLK_MAX_BLOCK_SIZE)));
 	static struct iovec iov[VBLK_ZERO_IOVS];
 
 	if (!iov[0].iov_base)
@@ -419,9 +529,12 @@ static void dwz_seg_begin(const struct vblk_queue *q, struct vblk_req *req)
 		     (req->segs[req->seg].flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
 
 	req->seg_done = 0;
-	req->seg_mode = unmap		     ? VBLK_DWZ_PUNCH
-			: q->disk->is_blkdev ? VBLK_DWZ_ZERO_RANGE
-					     : VBLK_DWZ_WRITE;
+	if (req->type == VIRTIO_BLK_T_DISCARD && q->disk->is_blkdev && !q->no_uring_discard)
+		req->seg_mode = VBLK_DWZ_DISCARD;
+	else if (unmap)
+		req->seg_mode = VBLK_DWZ_PUNCH;
+	else
+		req->seg_mode = q->disk->is_blkdev ? VBLK_DWZ_ZERO_RANGE : VBLK_DWZ_WRITE;
 }
 
 /* Issue the request's next operation: 0xff while one is in flight, else
@@ -458,6 +571,11 @@ static uint8_t dwz_next(struct vblk_queue *q, struct vblk_req *req)
 			else
 				io_uring_prep_write(sqe, q->disk->fd, zero_iovs()[0].iov_base,
 						    (unsigned)n, off);
+		} else if (req->seg_mode == VBLK_DWZ_DISCARD) {
+			io_uring_prep_rw(IORING_OP_URING_CMD, sqe, q->disk->fd, NULL, 0, 0);
+			sqe->cmd_op = BLOCK_URING_CMD_DISCARD;
+			sqe->addr = off;
+			sqe->addr3 = left;
 		} else {
 			io_uring_prep_fallocate(sqe, q->disk->fd,
 						(req->seg_mode == VBLK_DWZ_PUNCH
@@ -480,11 +598,19 @@ static uint8_t dwz_complete(struct vblk_queue *q, struct vblk_req *req, int res)
 {
 	const struct vblk_dwz_seg *s = &req->segs[req->seg];
 
-	if (res == -EOPNOTSUPP && req->seg_mode != VBLK_DWZ_WRITE) {
+	if (req->seg_mode == VBLK_DWZ_DISCARD && (res == -EOPNOTSUPP || res == -EINVAL)) {
+		/* No discard through io_uring here (an older kernel, or a
+		 * device without discard): punch, from now on. The range was
+		 * checked, so EINVAL is the kernel's unknown command. */
+		q->no_uring_discard = true;
+		req->seg_mode = VBLK_DWZ_PUNCH;
+	} else if (res == -EOPNOTSUPP && req->seg_mode != VBLK_DWZ_WRITE) {
 		/* No holes (or no zero range) here. Discard is a hint: done.
-		 * Write-zeroes: write the zeros. */
+		 * Write-zeroes: zero the range another way, never a hole. */
 		if (req->type == VIRTIO_BLK_T_DISCARD)
 			req->seg_done = (uint64_t)s->num_sectors * VBLK_SECTOR;
+		else if (req->seg_mode == VBLK_DWZ_PUNCH && q->disk->is_blkdev)
+			req->seg_mode = VBLK_DWZ_ZERO_RANGE;
 		else
 			req->seg_mode = VBLK_DWZ_WRITE;
 	} else if (res < 0) {
@@ -604,7 +730,11 @@ static void req_complete_op(struct vblk_queue *q, struct vblk_req *req, int res)
 {
 	q->outstanding--;
 	req->pending--;
-	if (req->type == VIRTIO_BLK_T_IN || req->type == VIRTIO_BLK_T_OUT) {
+	if (req->bounce) {
+		res = bounce_complete(q, req, res);
+		if (res > 0)
+			return; /* its next chunk is in flight */
+	} else if (req->type == VIRTIO_BLK_T_IN || req->type == VIRTIO_BLK_T_OUT) {
 		if (res > 0 && req->done + (uint64_t)res < req->bytes) {
 			/* Short transfer: continue where it stopped. */
 			unsigned n = req->ndata;
@@ -849,8 +979,12 @@ static void *queue_thread(void *arg)
 		if (first && q->vr->call_fd >= 0)
 			eventfd_write(q->vr->call_fd, 1);
 
-		if (stopping && q->outstanding == 0 && q->ndelayed == 0)
+		/* A request waiting for a bounce buffer gets one when one of
+		 * the outstanding ones completes. */
+		if (stopping && q->outstanding == 0 && q->ndelayed == 0) {
+			assert(q->bounce.nwaiting == 0);
 			break;
+		}
 		if (work) {
 			if (!notify_on) {
 				stat_add(&q->stats.poll_hits, 1);
@@ -895,7 +1029,8 @@ static int queue_alloc(struct vblk_queue *q, uint16_t num)
 	q->reqs = calloc(num, sizeof(*q->reqs));
 	q->iov_pool = calloc((size_t)num * VBLK_MAX_IOV, sizeof(*q->iov_pool));
 	q->gpa_pool = calloc((size_t)num * VBLK_MAX_IOV, sizeof(*q->gpa_pool));
-	if (!q->reqs || !q->iov_pool || !q->gpa_pool) {
+	if (!q->reqs || !q->iov_pool || !q->gpa_pool ||
+	    (q->disk->direct && vblk_bounce_alloc(&q->bounce, num))) {
 		vblk_queue_free(q);
 		return -ENOMEM;
 	}
@@ -938,6 +1073,7 @@ void vblk_queue_free(struct vblk_queue *q)
 	free(q->reqs);
 	free(q->iov_pool);
 	free(q->gpa_pool);
+	vblk_bounce_free(&q->bounce);
 	q->reqs = NULL;
 	q->iov_pool = NULL;
 	q->gpa_pool = NULL;
@@ -952,6 +1088,8 @@ static int queue_start(void *opaque, struct vhost_vring *vr)
 
 	if (r)
 		return r;
+	assert(q->disk->block_size >= VBLK_SECTOR && q->disk->mem_align);
+	assert(!q->disk->direct || q->bounce.free_mask == (1u << VBLK_BOUNCE_SLOTS) - 1);
 	q->vr = vr;
 	q->outstanding = 0;
 	q->ndelayed = 0;
@@ -1009,11 +1147,17 @@ static void get_config(void *opaque, uint8_t *cfg)
 	memset(&c, 0, sizeof(c));
 	c.capacity = disk->size / VBLK_SECTOR;
 	c.seg_max = VBLK_SEG_MAX;
-	c.blk_size = VBLK_SECTOR;
+	/* The logical block size the guest must use (range_ok holds it to
+	 * it), and the topology behind it, counted in logical blocks. */
+	c.blk_size = disk->block_size;
+	c.physical_block_exp = (uint8_t)__builtin_ctz(disk->physical_block_size / disk->block_size);
+	c.min_io_size = (uint16_t)VMIG_MIN(VMIG_MAX(disk->min_io_size / disk->block_size, 1u),
+					   (uint32_t)UINT16_MAX);
+	c.opt_io_size = disk->opt_io_size / disk->block_size;
 	c.num_queues = (uint16_t)nq;
 	c.max_discard_sectors = VBLK_MAX_DWZ_SECTORS;
 	c.max_discard_seg = VBLK_MAX_DWZ_SEGS;
-	c.discard_sector_alignment = 4096 / VBLK_SECTOR;
+	c.discard_sector_alignment = VMIG_MAX(4096u, disk->block_size) / VBLK_SECTOR;
 	c.max_write_zeroes_sectors = VBLK_MAX_DWZ_SECTORS;
 	c.max_write_zeroes_seg = VBLK_MAX_DWZ_SEGS;
 	c.write_zeroes_may_unmap = 1;

@@ -17,7 +17,9 @@
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <stddef.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 
 #include "vhost/vhost.h"
 
@@ -32,6 +34,9 @@
 #define VBLK_MAX_POLL_US 1000000u     /* 1 s: longer is a configuration mistake */
 #define VBLK_MAX_LATENCY_US 60000000u /* 60 s: see vblk_queue_set_latency */
 #define VBLK_MSG_TIMEOUT_S 2	      /* to finish a vhost-user message or send a reply */
+#define VBLK_MAX_BLOCK_SIZE 65536u    /* largest logical block size we serve */
+#define VBLK_BOUNCE_SLOTS 4u	      /* bounce buffers per queue (--cache none) */
+#define VBLK_BOUNCE_BYTES (256u << 10) /* each: a bounced request moves in such chunks */
 
 struct vblk_stats {
 	uint64_t read_ops, read_bytes;
@@ -62,7 +67,35 @@ struct vblk_disk {
 	bool inline_io;	  /* file on tmpfs/ramfs: preadv/pwritev on the queue thread */
 	int lock_fd;	  /* the image's OFD lock is on this fd (see lock_image); -1: none */
 	bool is_blkdev;	  /* a block device, not a regular file */
+	bool direct;	  /* opened O_DIRECT (--cache none): see vblk_disk_probe */
+	/*
+	 * Geometry, from vblk_disk_probe. block_size is the logical block size
+	 * the guest is told (virtio-blk blk_size) and every request must be
+	 * aligned to, in offset and length. With direct, a guest buffer is used
+	 * as it is only if each iovec starts at a multiple of mem_align and is a
+	 * multiple of block_size long; otherwise the request is bounced.
+	 */
+	uint32_t block_size;
+	uint32_t mem_align;
+	uint32_t physical_block_size;	   /* >= block_size */
+	uint32_t min_io_size, opt_io_size; /* bytes; 0: not known */
 	char serial[VBLK_SERIAL_LEN];
+};
+
+/*
+ * Bounce buffers of one queue, for guest buffers that O_DIRECT cannot take:
+ * VBLK_BOUNCE_SLOTS buffers of VBLK_BOUNCE_BYTES, aligned for any device,
+ * allocated once when the queue is first set up for a direct disk. A request
+ * holds at most one slot and moves its data through it chunk by chunk;
+ * requests that find no free slot wait, in ring order, for one. Queue thread
+ * only.
+ */
+struct vblk_bounce_pool {
+	uint8_t *mem;	    /* VBLK_BOUNCE_SLOTS * VBLK_BOUNCE_BYTES; NULL: none */
+	uint32_t free_mask; /* bit i: slot i is free */
+	uint16_t *waiters;  /* heads waiting for a slot, a ring of alloc_num */
+	uint16_t wait_head; /* index of the oldest waiter */
+	uint16_t nwaiting;
 };
 
 struct vblk_req;
@@ -97,6 +130,12 @@ struct vblk_queue {
 	uint64_t stop_buf;
 	bool warned_broken;
 	bool broken;		/* the guest broke the ring (relaxed atomic; until restart) */
+	struct vblk_bounce_pool bounce;
+	bool no_uring_discard; /* the kernel cannot discard through io_uring */
+	/* Requests that went through a bounce buffer since the daemon started
+	 * (relaxed atomic; queue thread writes). Not in struct vblk_stats,
+	 * whose layout is part of the live-upgrade state. */
+	uint64_t bounced;
 	uint64_t logged_starts; /* control thread: recovery already logged */
 	struct vblk_stats stats;
 };
@@ -116,6 +155,7 @@ struct vblk_opts {
 	bool read_zeroes;
 	bool quiet;
 	bool no_lock; /* --no-lock: no OFD lock on the image (shared storage) */
+	bool cache_none; /* --cache none: O_DIRECT; default --cache writeback */
 };
 
 struct vblk_rpc_client {
@@ -138,6 +178,7 @@ struct vblk_daemon {
 	char upgrade_binary[4096]; /* the only binary an upgrade runs */
 	char **argv;
 	struct vblk_disk disk;
+	char disk_err[512]; /* why vblk_disk_open failed, if it says; "" if not */
 	unsigned nqueues;
 	struct vblk_queue q[VHOST_MAX_QUEUES];
 	struct vhost_dev dev;
@@ -179,6 +220,29 @@ void vblk_queue_set_latency(struct vblk_queue *q, uint32_t read_us, uint32_t wri
 uint32_t vblk_queue_inflight(const struct vblk_queue *q);
 /* Stats of one queue, read from the control thread. */
 void vblk_stats_read(const struct vblk_queue *q, struct vblk_stats *out);
+
+/* bounce.c: bounce buffers and iovec helpers for O_DIRECT */
+int vblk_bounce_alloc(struct vblk_bounce_pool *p, uint16_t num);
+void vblk_bounce_free(struct vblk_bounce_pool *p);
+/* A free slot's buffer, or NULL if all are taken. */
+uint8_t *vblk_bounce_get(struct vblk_bounce_pool *p);
+void vblk_bounce_put(struct vblk_bounce_pool *p, uint8_t *buf);
+/* Can O_DIRECT take these iovecs as they are? */
+bool vblk_iov_direct_ok(const struct iovec *iov, unsigned n, uint32_t mem_align,
+			uint32_t len_align);
+/* Copy len bytes between iov[0..n), from byte skip on, and buf. */
+void vblk_iov_to_buf(const struct iovec *iov, unsigned n, uint64_t skip, uint8_t *buf, size_t len);
+void vblk_iov_from_buf(const struct iovec *iov, unsigned n, uint64_t skip, const uint8_t *buf,
+		       size_t len);
+
+/* disk.c */
+/*
+ * Fill in the geometry of disk (block_size, mem_align, physical block and
+ * I/O sizes) from its open fd: a block device's logical block size
+ * (BLKSSZGET) and topology, a direct file's statx DIO alignment, else 512.
+ * 0, or -errno with the reason in err (a block size we cannot serve).
+ */
+int vblk_disk_probe(struct vblk_disk *disk, char *err, size_t errlen);
 
 /* rpc.c */
 /* The RPC socket, owner-only (0600); clients are checked at accept. */

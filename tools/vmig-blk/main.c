@@ -58,10 +58,19 @@ static void usage(FILE *f)
 	    "usage: vmig-blk --socket PATH (--file PATH | --ram SIZE | --null SIZE "
 	    "[--read-zeroes])\n"
 	    "                [--queues N] [--read-only] [--poll-us N] [--rpc PATH] [--serial ID]\n"
-	    "                [--size SIZE] [--upgrade-binary PATH] [--no-lock] [--quiet]\n"
+	    "                [--size SIZE] [--cache none|writeback] [--upgrade-binary PATH]\n"
+	    "                [--no-lock] [--quiet]\n"
 	    "       vmig-blk rpc --rpc PATH METHOD [JSON-PARAMS]\n"
 	    "       vmig-blk upgrade (--socket PATH | --rpc PATH)\n"
-	    "       vmig-blk --version\n",
+	    "       vmig-blk --version\n"
+	    "\n"
+	    "  --cache writeback  (default) I/O goes through the host's page cache, as\n"
+	    "                     QEMU's cache=writeback\n"
+	    "  --cache none       the image is opened O_DIRECT, as QEMU's cache=none: the\n"
+	    "                     host's page cache is bypassed; guest flushes are\n"
+	    "                     fdatasync() in both modes. A file system without\n"
+	    "                     O_DIRECT is refused at start. Misaligned guest buffers\n"
+	    "                     go through bounce buffers\n",
 	    f);
 }
 
@@ -84,6 +93,7 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 	    {"poll-us", required_argument, NULL, 'p'},
 	    {"upgrade-binary", required_argument, NULL, 'u'},
 	    {"no-lock", no_argument, NULL, 'L'},
+	    {"cache", required_argument, NULL, 'C'},
 	    {NULL, 0, NULL, 0},
 	};
 	unsigned long v;
@@ -158,6 +168,15 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 		case 'L':
 			o->no_lock = true;
 			break;
+		case 'C':
+			if (strcmp(optarg, "none") && strcmp(optarg, "writeback")) {
+				fprintf(stderr,
+					"vmig-blk: --cache must be none or writeback, not '%s'\n",
+					optarg);
+				return -1;
+			}
+			o->cache_none = !strcmp(optarg, "none");
+			break;
 		case 'h':
 			usage(stdout);
 			exit(0);
@@ -173,6 +192,10 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 		fprintf(stderr,
 			"vmig-blk: need --socket and exactly one of --file / --ram / --null\n");
 		usage(stderr);
+		return -1;
+	}
+	if (o->cache_none && !o->file) {
+		fprintf(stderr, "vmig-blk: --cache none goes with --file\n");
 		return -1;
 	}
 	if (o->read_zeroes && !o->null_size) {
@@ -270,8 +293,52 @@ static int lock_image(struct vblk_daemon *dm, int fd, int inherited_lock_fd)
 	return 0;
 }
 
+/*
+ * Open the image file or block device; --cache none opens it O_DIRECT, as
+ * QEMU's cache=none does. A file system that refuses O_DIRECT (open fails
+ * with EINVAL: ramfs, or tmpfs before Linux 6.6) makes the daemon refuse
+ * to start, as QEMU does ("filesystem does not support O_DIRECT"), rather
+ * than serve through the page cache the user asked to bypass. fd or -errno.
+ */
+static int open_image(struct vblk_daemon *dm)
+{
+	const struct vblk_opts *o = &dm->opts;
+	int flags = (o->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC | (o->size ? O_CREAT : 0);
+	int fd, r;
+
+	/* A new image holds the guest's data: for our user only. */
+	fd = open(o->file, flags | (o->cache_none ? O_DIRECT : 0), 0600);
+	if (fd >= 0)
+		return fd;
+	r = -errno;
+	if (r == -EINVAL && o->cache_none) {
+		/* Is it O_DIRECT that was refused? */
+		fd = open(o->file, flags & ~O_CREAT);
+		if (fd >= 0) {
+			close(fd);
+			snprintf(dm->disk_err, sizeof(dm->disk_err),
+				 "the file system does not support O_DIRECT, which --cache none "
+				 "needs (--cache writeback serves it through the page cache)");
+		}
+	}
+	return r;
+}
+
+/* Make an inherited disk fd's O_DIRECT what the command line says. */
+static int set_direct(int fd, bool direct)
+{
+	int fl = fcntl(fd, F_GETFL);
+
+	if (fl < 0)
+		return -errno;
+	if (!!(fl & O_DIRECT) == direct)
+		return 0;
+	return fcntl(fd, F_SETFL, direct ? fl | O_DIRECT : fl & ~O_DIRECT) < 0 ? -errno : 0;
+}
+
 /* Open the disk, or take over an inherited fd and lock fd (live upgrade;
- * -1 if none). -EBUSY: the image is locked by another process. */
+ * -1 if none). -EBUSY: the image is locked by another process. Other
+ * errors may leave their reason in dm->disk_err. */
 int vblk_disk_open(struct vblk_daemon *dm, int inherited_fd, int inherited_lock_fd)
 {
 	struct vblk_disk *disk = &dm->disk;
@@ -295,7 +362,7 @@ int vblk_disk_open(struct vblk_daemon *dm, int inherited_fd, int inherited_lock_
 			close(fd);
 		disk->fd = -1;
 		disk->size = o->null_size & ~(uint64_t)(VBLK_SECTOR - 1);
-		return 0;
+		return vblk_disk_probe(disk, dm->disk_err, sizeof(dm->disk_err));
 	}
 	if (fd < 0 && o->ram_size) {
 		fd = memfd_create("vmig-blk-ram", MFD_CLOEXEC);
@@ -312,13 +379,18 @@ int vblk_disk_open(struct vblk_daemon *dm, int inherited_fd, int inherited_lock_
 		}
 		populate = true;
 	} else if (fd < 0) {
-		int flags =
-		    (o->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC | (o->size ? O_CREAT : 0);
-
-		/* A new image holds the guest's data: for our user only. */
-		fd = open(o->file, flags, 0600);
+		fd = open_image(dm);
 		if (fd < 0)
-			return -errno;
+			return fd;
+	} else if (disk->backend == VBLK_BACKEND_FILE) {
+		r = set_direct(fd, o->cache_none);
+		if (r) {
+			snprintf(dm->disk_err, sizeof(dm->disk_err),
+				 "cannot %s O_DIRECT on the inherited disk: %s",
+				 o->cache_none ? "set" : "clear", strerror(-r));
+			close(fd);
+			return r;
+		}
 	}
 	disk->lock_fd = -1;
 	if (disk->backend == VBLK_BACKEND_FILE && !o->no_lock) {
@@ -366,10 +438,21 @@ int vblk_disk_open(struct vblk_daemon *dm, int inherited_fd, int inherited_lock_
 	disk->fd = fd;
 	disk->size = size;
 	disk->inline_io = disk->backend == VBLK_BACKEND_FILE && on_memory_fs(fd);
+	disk->direct = disk->backend == VBLK_BACKEND_FILE && o->cache_none;
 	{
 		struct stat st;
 
 		disk->is_blkdev = fstat(fd, &st) == 0 && S_ISBLK(st.st_mode);
+	}
+	r = vblk_disk_probe(disk, dm->disk_err, sizeof(dm->disk_err));
+	if (r) {
+		if (disk->ram)
+			munmap(disk->ram, size);
+		disk->ram = NULL;
+		disk_unlock(disk);
+		close(fd);
+		disk->fd = -1;
+		return r;
 	}
 	return 0;
 }
@@ -728,6 +811,11 @@ static int start_fresh(struct vblk_daemon *dm)
 			dm->opts.file);
 		return r;
 	}
+	if (r && dm->disk_err[0]) {
+		fprintf(stderr, "vmig-blk: cannot open disk %s: %s\n",
+			dm->opts.file ? dm->opts.file : "(ram)", dm->disk_err);
+		return r;
+	}
 	if (r) {
 		fprintf(stderr, "vmig-blk: cannot open disk %s: %s\n",
 			dm->opts.file ? dm->opts.file : "(ram)", strerror(-r));
@@ -834,7 +922,8 @@ int main(int argc, char **argv)
 	}
 	r = vblk_upgrade_resume(&dm);
 	if (r < 0) {
-		fprintf(stderr, "vmig-blk: cannot resume after upgrade: %s\n", strerror(-r));
+		fprintf(stderr, "vmig-blk: cannot resume after upgrade: %s\n",
+			dm.disk_err[0] ? dm.disk_err : strerror(-r));
 		return 1;
 	}
 	if (r == 0) {

@@ -202,11 +202,14 @@ static json_t *controllers(struct vblk_daemon *dm)
 			      (json_int_t)st.poll_hits, "inflight_requests",
 			      (int)vblk_queue_inflight(&dm->q[i]), "broken",
 			      __atomic_load_n(&dm->q[i].broken, __ATOMIC_RELAXED)));
+		json_object_set_new(
+		    json_array_get(queues, json_array_size(queues) - 1), "bounced_requests",
+		    json_integer((json_int_t)__atomic_load_n(&dm->q[i].bounced, __ATOMIC_RELAXED)));
 	}
 	c = json_pack("{s:s,s:s,s:s,s:i,s:s,s:s?,s:I,s:i,s:b,s:i,s:b,s:I,s:I,s:{s:{s:b,s:s}}}",
 		      "ctrlr", "vmig-blk0", "socket", dm->opts.socket, "rpc", dm->rpc_path, "pid",
 		      (int)getpid(), "backend", backend_name(&dm->disk), "file", dm->opts.file,
-		      "size_bytes", (json_int_t)dm->disk.size, "block_size", VBLK_SECTOR,
+		      "size_bytes", (json_int_t)dm->disk.size, "block_size", dm->disk.block_size,
 		      "read_only", dm->disk.read_only, "num_queues", dm->nqueues, "connected",
 		      dm->conn_fd >= 0, "connections", (json_int_t)dm->connections, "upgrades",
 		      (json_int_t)dm->upgrades, "backend_specific", "block", "readonly",
@@ -219,6 +222,9 @@ static json_t *controllers(struct vblk_daemon *dm)
 	json_object_set_new(c, "poll_us", json_integer(dm->poll_us));
 	json_object_set_new(c, "upgrade_binary", json_string(dm->upgrade_binary));
 	json_object_set_new(c, "image_locked", json_boolean(dm->disk.lock_fd >= 0));
+	json_object_set_new(c, "cache", json_string(dm->disk.direct ? "none" : "writeback"));
+	json_object_set_new(c, "mem_align", json_integer(dm->disk.mem_align));
+	json_object_set_new(c, "physical_block_size", json_integer(dm->disk.physical_block_size));
 	json_object_set_new(c, "latency",
 			    json_pack("{s:i,s:i}", "read_us", (int)dm->read_latency_us, "write_us",
 				      (int)dm->write_latency_us));

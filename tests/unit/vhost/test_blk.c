@@ -47,8 +47,13 @@ static void start(struct fixture *f, uint32_t poll_us, bool read_zeroes)
 {
 	memset(f, 0, sizeof(*f));
 	h_init(&f->h, 8, false, false);
-	f->disk = (struct vblk_disk){
-	    .backend = VBLK_BACKEND_NULL, .fd = -1, .size = 1 << 20, .read_zeroes = read_zeroes};
+	f->disk = (struct vblk_disk){.backend = VBLK_BACKEND_NULL,
+				     .fd = -1,
+				     .size = 1 << 20,
+				     .read_zeroes = read_zeroes,
+				     .block_size = 512,
+				     .mem_align = 1,
+				     .physical_block_size = 512};
 	vblk_queue_init(&f->q[0], &f->disk, 0);
 	vblk_queue_set_poll(&f->q[0], poll_us);
 	f->vr.idx = 0;
@@ -326,7 +331,12 @@ static void start_file(struct fixture *f, int fd, uint64_t size)
 {
 	memset(f, 0, sizeof(*f));
 	h_init(&f->h, 8, false, false);
-	f->disk = (struct vblk_disk){.backend = VBLK_BACKEND_FILE, .fd = fd, .size = size};
+	f->disk = (struct vblk_disk){.backend = VBLK_BACKEND_FILE,
+				     .fd = fd,
+				     .size = size,
+				     .block_size = 512,
+				     .mem_align = 1,
+				     .physical_block_size = 512};
 	vblk_queue_init(&f->q[0], &f->disk, 0);
 	f->vr.idx = 0;
 	f->vr.num = 8;
