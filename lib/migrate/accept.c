@@ -346,8 +346,12 @@ int vmig__dest_accept(struct vmig_session *s, struct vmig__loader *l, bool resum
 				vmig__dest_keep_multifd(s, c, l);
 			continue;
 		}
+		/* Under rp_lock too: in a post-copy resume the fault thread
+		 * sends page requests on it as soon as it is there. */
 		pthread_mutex_lock(&s->lock);
+		pthread_mutex_lock(&s->rp_lock);
 		s->ch = c;
+		pthread_mutex_unlock(&s->rp_lock);
 		pthread_mutex_unlock(&s->lock);
 		s->session_id = l->session;
 		if (s->urgent && !vmig__sid_eq(urgent_session, s->session_id))

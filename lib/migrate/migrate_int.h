@@ -93,7 +93,8 @@ struct vmig_session {
 	bool thread_started;
 	pthread_t thread;
 	char uri[256];
-	struct vmig__chan *ch; /* main connection, NULL if none; under lock */
+	struct vmig__chan *ch; /* main connection, NULL if none; written under lock and
+				* rp_lock, read under either */
 	/* TLS of the next connections (vmig_session_set_tls): the control
 	 * thread writes it under lock while no migration thread may connect or
 	 * accept; those threads read it when they do. */
