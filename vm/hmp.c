@@ -446,8 +446,11 @@ int hmp_execute(struct qmp_cmd_ctx *ctx, const char *line, char **text)
 	}
 	if (split_words(line, hl))
 		fprintf(f, "Error: command line too long\n");
-	else if (hl->n)
+	else if (hl->n) {
+		ctx->hmp_out = f;
 		hmp_dispatch(ctx, f, hl);
+		ctx->hmp_out = NULL;
+	}
 	free(hl);
 	if (fclose(f)) {
 		free(buf);

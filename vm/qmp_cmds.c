@@ -10,6 +10,8 @@
  * nothing. Runs on the QMP thread only.
  */
 #include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -212,6 +214,74 @@ static int cmd_query_migrate(struct qmp_cmd_ctx *ctx, const json_t *args)
 
 /* ---- capabilities and parameters ---- */
 
+/*
+ * QEMU 2.11's experimental multifd names, which tutorials of that time
+ * still show: accepted for the current ones, with a deprecation warning
+ * where QEMU prints its warnings (the HMP output, else stderr). The page
+ * count has no equivalent: vmig deals pages to channels in chunks of 64
+ * (one dirty-bitmap word), so the value is checked as QEMU 2.11 did and
+ * then ignored.
+ */
+static const struct {
+	const char *old, *now; /* now NULL: accepted and ignored */
+} name_aliases[] = {
+    {"x-multifd", "multifd"},
+    {"x-multifd-channels", "multifd-channels"},
+    {"x-multifd-page-count", NULL},
+};
+#define PAGE_COUNT_MIN 1 /* QEMU 2.11's bounds for x-multifd-page-count */
+#define PAGE_COUNT_MAX 10000
+
+static bool is_alias(const char *name)
+{
+	for (size_t i = 0; i < VMIG_ARRAY_SIZE(name_aliases); i++)
+		if (!strcmp(name, name_aliases[i].old))
+			return true;
+	return false;
+}
+
+/* The current name for name: itself if it is not an old one, NULL for an
+ * old name that is accepted and ignored. */
+static const char *current_name(const char *name)
+{
+	for (size_t i = 0; i < VMIG_ARRAY_SIZE(name_aliases); i++)
+		if (!strcmp(name, name_aliases[i].old))
+			return name_aliases[i].now;
+	return name;
+}
+
+static void warn_report(struct qmp_cmd_ctx *ctx, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+static void warn_report(struct qmp_cmd_ctx *ctx, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	if (ctx->hmp_out) {
+		fputs("warning: ", ctx->hmp_out);
+		vfprintf(ctx->hmp_out, fmt, ap);
+		fputc('\n', ctx->hmp_out);
+	} else {
+		fputs("vmig-vm: warning: ", stderr);
+		vfprintf(stderr, fmt, ap);
+		fputc('\n', stderr);
+	}
+	va_end(ap);
+}
+
+static void warn_alias(struct qmp_cmd_ctx *ctx, const char *kind, const char *old)
+{
+	const char *now = current_name(old);
+
+	if (now)
+		warn_report(ctx, "%s '%s' is deprecated, use '%s'", kind, old, now);
+	else
+		warn_report(
+		    ctx, "%s '%s' is deprecated and ignored: vmig sends pages in runs of up to 64",
+		    kind, old);
+}
+
 static const struct json_arg_spec set_caps_args[] = {{"capabilities", JA_ARRAY, true}, {.name = NULL}};
 
 /* Validate every element before changing anything, as QEMU does. */
@@ -236,7 +306,7 @@ static int check_caps(struct qmp_cmd_ctx *ctx, const json_t *list)
 		if (json_args_check(v, elem, &ctx->err))
 			return -EINVAL;
 		name = json_arg_str(v, "capability", "");
-		if (!name_in(vmig_capability_names(), name)) {
+		if (!current_name(name) || !name_in(vmig_capability_names(), current_name(name))) {
 			vmig__err_set(&ctx->err,
 				      "Parameter 'capability' does not accept value '%.200s'",
 				      name);
@@ -260,6 +330,9 @@ static int cmd_set_caps(struct qmp_cmd_ctx *ctx, const json_t *args)
 	{
 		const char *name = json_arg_str(v, "capability", "");
 
+		if (is_alias(name))
+			warn_alias(ctx, "capability", name);
+		name = current_name(name);
 		ret = vmig_capability_set(vm_session(ctx->vm), name, json_arg_bool(v, "state", 0));
 		if (ret) {
 			vmig__err_set(&ctx->err, "Cannot set capability '%.100s': %.120s", name,
@@ -329,11 +402,23 @@ static int check_params(struct qmp_cmd_ctx *ctx, const json_t *args)
 				return -EINVAL;
 			continue;
 		}
-		if (!name_in(vmig_parameter_names(), key)) {
+		if (!current_name(key)) { /* x-multifd-page-count */
+			if (param_value(ctx, key, v, &val))
+				return -EINVAL;
+			if (val < PAGE_COUNT_MIN || val > PAGE_COUNT_MAX) {
+				vmig__err_set(
+				    &ctx->err,
+				    "Parameter '%.100s' expects a value between %d and %d", key,
+				    PAGE_COUNT_MIN, PAGE_COUNT_MAX);
+				return -EINVAL;
+			}
+			continue;
+		}
+		if (!name_in(vmig_parameter_names(), current_name(key))) {
 			vmig__err_set(&ctx->err, "Parameter '%.200s' is unexpected", key);
 			return -EINVAL;
 		}
-		if (param_value(ctx, key, v, &val))
+		if (param_value(ctx, current_name(key), v, &val))
 			return -EINVAL;
 	}
 	return 0;
@@ -342,7 +427,7 @@ static int check_params(struct qmp_cmd_ctx *ctx, const json_t *args)
 /* migrate-set-parameters takes any subset of the names, as members. */
 static int cmd_set_params(struct qmp_cmd_ctx *ctx, const json_t *args)
 {
-	const char *key;
+	const char *key, *name;
 	int64_t val;
 	json_t *v;
 	int ret;
@@ -354,8 +439,14 @@ static int cmd_set_params(struct qmp_cmd_ctx *ctx, const json_t *args)
 	{
 		if (vm_tls_param_is(key))
 			continue;
-		param_value(ctx, key, v, &val);
-		ret = vmig_parameter_set(vm_session(ctx->vm), key, val);
+		if (is_alias(key))
+			warn_alias(ctx, "parameter", key);
+		/* Not key itself: json_object_foreach steps on from it. */
+		name = current_name(key);
+		if (!name)
+			continue;
+		param_value(ctx, name, v, &val);
+		ret = vmig_parameter_set(vm_session(ctx->vm), name, val);
 		if (ret == -ENOTSUP) {
 			vmig__err_set(&ctx->err, "%.200s", vmig_session_error(vm_session(ctx->vm)));
 			return ret;

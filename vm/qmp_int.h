@@ -35,6 +35,9 @@ struct qmp_cmd_ctx {
 	json_t *ret;
 	const char *err_class; /* NULL means "GenericError" */
 	struct vmig__err err;
+	/* While a human monitor command runs: its output, where warnings go
+	 * (QEMU prints them on the HMP monitor); NULL: warnings go to stderr. */
+	FILE *hmp_out;
 };
 
 typedef int (*qmp_handler_fn)(struct qmp_cmd_ctx *ctx, const json_t *args);

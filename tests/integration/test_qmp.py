@@ -218,6 +218,51 @@ def t_hmp(env):
     q.close()
 
 
+@case("QEMU 2.11's x-multifd names, over HMP and QMP")
+def t_old_multifd_names(env):
+    q = QMP(env.src)
+    hmp = lambda line: q.ret("human-monitor-command", {"command-line": line})
+    before = q.ret("query-migrate-parameters")["multifd-channels"]
+    # A session from a QEMU 2.11 tutorial: works, each line with a warning.
+    out = hmp("migrate_set_capability x-multifd on")
+    check(out == "warning: capability 'x-multifd' is deprecated, use 'multifd'\r\n", repr(out))
+    out = hmp("migrate_set_parameter x-multifd-channels 4")
+    check(out == "warning: parameter 'x-multifd-channels' is deprecated, use "
+          "'multifd-channels'\r\n", repr(out))
+    out = hmp("migrate_set_parameter x-multifd-page-count 20")
+    check(out.startswith("warning: parameter 'x-multifd-page-count' is deprecated and ignored")
+          and out.count("\r\n") == 1, repr(out))
+    caps = {c["capability"]: c["state"] for c in q.ret("query-migrate-capabilities")}
+    check(caps.get("multifd") is True and "x-multifd" not in caps, str(caps))
+    params = q.ret("query-migrate-parameters")
+    check(params["multifd-channels"] == 4 and "x-multifd-page-count" not in params, str(params))
+    check("multifd: on\r\n" in hmp("info migrate_capabilities"), "info migrate_capabilities")
+    check("multifd-channels: 4\r\n" in hmp("info migrate_parameters"), "info migrate_parameters")
+    # Out of QEMU 2.11's range, or not a number: refused, nothing changed.
+    check(hmp("migrate_set_parameter x-multifd-page-count 0").startswith("Error: "), "0 accepted")
+    check(hmp("migrate_set_parameter x-multifd-page-count lots").startswith("Error: "),
+          "a word accepted")
+    # Over QMP the same names work; the warning goes to stderr, as QEMU's.
+    check(q.ret("migrate-set-parameters", {"x-multifd-channels": 3, "x-multifd-page-count": 64})
+          == {}, "QMP set")
+    check(q.ret("query-migrate-parameters")["multifd-channels"] == 3, "QMP alias not applied")
+    check(q.ret("migrate-set-capabilities",
+                {"capabilities": [{"capability": "x-multifd", "state": False}]}) == {}, "QMP cap")
+    caps = {c["capability"]: c["state"] for c in q.ret("query-migrate-capabilities")}
+    check(caps.get("multifd") is False, str(caps))
+    r = q.cmd("migrate-set-capabilities",
+              {"capabilities": [{"capability": "x-multifd-page-count", "state": True}]})
+    check(is_error(r), str(r))
+    with open(os.path.join(env.tmp, "src.qmp.log")) as f:
+        log = f.read()
+    check("vmig-vm: warning: parameter 'x-multifd-channels' is deprecated, use "
+          "'multifd-channels'\n" in log and
+          "vmig-vm: warning: capability 'x-multifd' is deprecated, use 'multifd'\n" in log,
+          "stderr: %r" % log[-500:])
+    check(q.ret("migrate-set-parameters", {"multifd-channels": before}) == {}, "restore")
+    q.close()
+
+
 @case("x-vmig-query-guest, query-version, query-commands")
 def t_misc(env):
     q = QMP(env.src)
@@ -728,7 +773,7 @@ def main():
                 report("setup", False, f"{binary} ({os.path.basename(path)}): {err}")
                 return 1
         cases = [t_greeting, t_negotiation, t_status, t_caps_params, t_query_migrate_empty,
-                 t_hmp, t_misc, t_pmemsave, t_postcopy_cmds, t_bad_input, t_framing, t_huge,
+                 t_hmp, t_old_multifd_names, t_misc, t_pmemsave, t_postcopy_cmds, t_bad_input, t_framing, t_huge,
                  t_objects, t_objects_bad, t_tls_params, t_tls_migrate_errors,
                  t_tls_incoming_errors, t_object_cmdline, t_object_cmdline_good,
                  t_migrate, t_quit]
