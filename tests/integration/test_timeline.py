@@ -8,6 +8,7 @@ points in it, the marks (dirty syncs, downtime, post-copy switch) where the
 run had them, and that headless Chromium loads it without an XML error and
 paints it (a screenshot that is not blank and shows the series' colours).
 The log is drawn again with `vmig timeline` and must give the same picture.
+Runs that end badly (Ctrl-C, a dead destination) are drawn too.
 Bad logs (truncated, garbage, empty, hostile values) must give a clear error
 or a well-formed picture, never a crash.
 
@@ -20,9 +21,11 @@ import json
 import os
 import random
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 import zlib
 
@@ -254,6 +257,58 @@ def case_postcopy(procs, build):
     render(svg, d, {"throughput": COLOURS["throughput"], "remaining": COLOURS["remaining"]})
 
 
+def case_cancel_and_failure(procs, build):
+    """A run that ends badly is drawn too: cancelled by Ctrl-C, or failed
+    because the destination died (its error in the subtitle). A timeline
+    that cannot be written stops the command before any migration."""
+    src, dst = pair(procs, build)
+    d = procs.tmpdir()
+    svg = os.path.join(d, "cancel.svg")
+    argv = [cli(build), "migrate", "unix:" + src.qmp_path, "tcp:127.0.0.1:%d" % free_port(),
+            "--dest", "unix:" + dst.qmp_path, "--no-progress", "--max-bandwidth", "8M",
+            "--timeline", svg]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    check(p.returncode == 1, "exit %d after Ctrl-C: %s" % (p.returncode, err[-500:]))
+    root = parse_svg(svg)
+    check_series(root, {"throughput": 5})
+    check(statuses(root)[-1] == "cancelled", "status spans %r" % statuses(root))
+
+    src2, dst2 = pair(procs, build)
+    svg = os.path.join(d, "failed.svg")
+    argv[2], argv[5] = "unix:" + src2.qmp_path, "unix:" + dst2.qmp_path
+    argv[-1] = svg
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        dst2.kill()
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    check(p.returncode == 1, "exit %d with the destination dead: %s" % (p.returncode, err[-500:]))
+    root = parse_svg(svg)
+    check(statuses(root)[-1] == "failed", "status spans %r" % statuses(root))
+    texts = " ".join(t.text or "" for t in root.iter(SVG_NS + "text"))
+    check("error: " in texts, "the failure's error-desc is not shown: %r" % texts[:400])
+    render(svg, d, {"throughput": COLOURS["throughput"]})
+
+    r = subprocess.run([cli(build), "migrate", "unix:" + src.qmp_path, "tcp:127.0.0.1:1",
+                        "--timeline", os.path.join(d, "no", "such", "dir.svg")],
+                       capture_output=True, text=True, timeout=60)
+    check(r.returncode == 1 and "cannot create the timeline log" in r.stderr,
+          "unwritable timeline: exit %d: %s" % (r.returncode, r.stderr))
+    check(src.migrate_status().get("status") == "cancelled", "a migration was started anyway")
+
+
 def write(path, text):
     with open(path, "w" if isinstance(text, str) else "wb") as f:
         f.write(text)
@@ -356,6 +411,7 @@ def main():
     r = Runner(sys.argv[1])
     r.run("timeline-precopy", case_precopy, r.build)
     r.run("timeline-postcopy", case_postcopy, r.build)
+    r.run("timeline-cancel-and-failure", case_cancel_and_failure, r.build)
     r.run("timeline-bad-logs", case_bad_logs, r.build)
     r.run("timeline-hostile-values", case_hostile_values, r.build)
     return r.finish()
