@@ -202,6 +202,20 @@ struct mig_opts {
 	const char *timeline_svg, *timeline_log; /* NULL: no timeline */
 };
 
+/* Options that only make sense with another one; says which. */
+static int check_migrate_opts(const struct mig_opts *o)
+{
+	if (o->timeline_log && !o->timeline_svg) {
+		fprintf(stderr, "vmig: --timeline-log goes with --timeline\n");
+		return -1;
+	}
+	if (o->tls_authz && !o->dest) {
+		fprintf(stderr, "vmig: --tls-authz applies to the destination: it needs --dest\n");
+		return -1;
+	}
+	return 0;
+}
+
 static int parse_migrate_opts(int argc, char **argv, struct mig_opts *o)
 {
 	static const struct option longopts[] = {{"dest", required_argument, NULL, 'd'},
@@ -275,16 +289,8 @@ static int parse_migrate_opts(int argc, char **argv, struct mig_opts *o)
 			return -1;
 		}
 	}
-	if (argc - optind != 2)
+	if (argc - optind != 2 || check_migrate_opts(o))
 		return -1;
-	if (o->timeline_log && !o->timeline_svg) {
-		fprintf(stderr, "vmig: --timeline-log goes with --timeline\n");
-		return -1;
-	}
-	if (o->tls_authz && !o->dest) {
-		fprintf(stderr, "vmig: --tls-authz applies to the destination: it needs --dest\n");
-		return -1;
-	}
 	o->src = argv[optind];
 	o->uri = argv[optind + 1];
 	return 0;
