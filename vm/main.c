@@ -29,29 +29,34 @@ static void on_signal(int sig)
 
 static void usage(FILE *f)
 {
-	fprintf(f,
-		"usage: vmig-vm [options]\n"
-		"  --mem SIZE              guest RAM (K/M/G suffixes, powers of 1024; default 512M)\n"
-		"  --vcpus N               vCPU threads (default 1)\n"
-		"  --workload KIND         idle | random | stream | hotset (default idle)\n"
-		"  --dirty-rate RATE       bytes/s written by all vCPUs together (K/M/G; 0 = flat out)\n"
-		"  --wss SIZE              working set of random/stream/hotset (default: all RAM;\n"
-		"                          hotset: 1/16 of RAM, 90%% of its writes go there)\n"
-		"  --fill zero|random|PATH initial RAM contents (default zero)\n"
-		"  --mem-prealloc          allocate all guest RAM at start-up (QEMU's -mem-prealloc)\n"
-		"  --seed N                seed for --fill random and the workloads\n"
-		"  --qmp unix:PATH         QMP control socket\n"
-		"  --incoming URI          tcp:HOST:PORT | unix:PATH | defer: receive a migration\n"
-		"                          (a URI listens at once; for TLS use defer, then QMP\n"
-		"                          migrate-set-parameters and migrate-incoming)\n"
-		"  --object TYPE,id=ID,... tls-creds-x509,id=ID,endpoint=server|client,dir=DIR\n"
-		"                          [,verify-peer=on|off] | tls-creds-psk,id=ID,\n"
-		"                          endpoint=server|client,dir=DIR[,username=NAME] |\n"
-		"                          authz-simple,id=ID,identity=NAME; repeatable; write a\n"
-		"                          comma inside a value as ',,' (QEMU's -object)\n"
-		"  --dirty-tracking MODE   auto | async | sync (x-vmig-dirty-tracking)\n"
-		"  -S, --paused            do not start the vCPUs (also after an incoming migration)\n"
-		"  -h, --help\n");
+	fprintf(
+	    f,
+	    "usage: vmig-vm [options]\n"
+	    "  --mem SIZE              guest RAM (K/M/G suffixes, powers of 1024; default 512M)\n"
+	    "  --vcpus N               vCPU threads (default 1)\n"
+	    "  --workload KIND         idle | random | stream | hotset (default idle)\n"
+	    "  --dirty-rate RATE       bytes/s written by all vCPUs together (K/M/G; 0 = flat "
+	    "out)\n"
+	    "  --wss SIZE              working set of random/stream/hotset (default: all RAM;\n"
+	    "                          hotset: 1/16 of RAM, 90%% of its writes go there)\n"
+	    "  --fill zero|random|PATH initial RAM contents (default zero)\n"
+	    "  --mem-prealloc          allocate all guest RAM at start-up (QEMU's -mem-prealloc)\n"
+	    "  --hugetlb               back guest RAM with 2 MiB huge pages (QEMU's\n"
+	    "                          memory-backend-memfd,hugetlb=on); reserve them first in\n"
+	    "                          /proc/sys/vm/nr_hugepages\n"
+	    "  --seed N                seed for --fill random and the workloads\n"
+	    "  --qmp unix:PATH         QMP control socket\n"
+	    "  --incoming URI          tcp:HOST:PORT | unix:PATH | defer: receive a migration\n"
+	    "                          (a URI listens at once; for TLS use defer, then QMP\n"
+	    "                          migrate-set-parameters and migrate-incoming)\n"
+	    "  --object TYPE,id=ID,... tls-creds-x509,id=ID,endpoint=server|client,dir=DIR\n"
+	    "                          [,verify-peer=on|off] | tls-creds-psk,id=ID,\n"
+	    "                          endpoint=server|client,dir=DIR[,username=NAME] |\n"
+	    "                          authz-simple,id=ID,identity=NAME; repeatable; write a\n"
+	    "                          comma inside a value as ',,' (QEMU's -object)\n"
+	    "  --dirty-tracking MODE   auto | async | sync (x-vmig-dirty-tracking)\n"
+	    "  -S, --paused            do not start the vCPUs (also after an incoming migration)\n"
+	    "  -h, --help\n");
 }
 
 struct opts {
@@ -157,6 +162,9 @@ static int parse_one(struct opts *o, int c, const char *arg)
 	case 'p':
 		o->cfg.prealloc = true;
 		return 0;
+	case 'H':
+		o->cfg.hugetlb = true;
+		return 0;
 	case 'o':
 		return add_object_opt(o, arg);
 	default:
@@ -167,21 +175,22 @@ static int parse_one(struct opts *o, int c, const char *arg)
 static int parse_args(int argc, char **argv, struct opts *o)
 {
 	static const struct option longopts[] = {
-		{"mem", required_argument, NULL, 'm'},
-		{"vcpus", required_argument, NULL, 'c'},
-		{"workload", required_argument, NULL, 'w'},
-		{"dirty-rate", required_argument, NULL, 'r'},
-		{"wss", required_argument, NULL, 's'},
-		{"fill", required_argument, NULL, 'f'},
-		{"seed", required_argument, NULL, 'e'},
-		{"qmp", required_argument, NULL, 'q'},
-		{"incoming", required_argument, NULL, 'i'},
-		{"dirty-tracking", required_argument, NULL, 't'},
-		{"paused", no_argument, NULL, 'S'},
-		{"mem-prealloc", no_argument, NULL, 'p'},
-		{"object", required_argument, NULL, 'o'},
-		{"help", no_argument, NULL, 'h'},
-		{0},
+	    {"mem", required_argument, NULL, 'm'},
+	    {"vcpus", required_argument, NULL, 'c'},
+	    {"workload", required_argument, NULL, 'w'},
+	    {"dirty-rate", required_argument, NULL, 'r'},
+	    {"wss", required_argument, NULL, 's'},
+	    {"fill", required_argument, NULL, 'f'},
+	    {"seed", required_argument, NULL, 'e'},
+	    {"qmp", required_argument, NULL, 'q'},
+	    {"incoming", required_argument, NULL, 'i'},
+	    {"dirty-tracking", required_argument, NULL, 't'},
+	    {"paused", no_argument, NULL, 'S'},
+	    {"mem-prealloc", no_argument, NULL, 'p'},
+	    {"hugetlb", no_argument, NULL, 'H'},
+	    {"object", required_argument, NULL, 'o'},
+	    {"help", no_argument, NULL, 'h'},
+	    {0},
 	};
 	int c;
 

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/memfd.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -270,19 +271,37 @@ static int ram_prealloc(struct vm *vm, struct vmig__err *err)
 	return ret;
 }
 
+#define HUGE_2M (2ull << 20)
+
 static int ram_create(struct vm *vm, struct vmig__err *err)
 {
-	vm->memfd = memfd_create("vmig-guest-ram", MFD_CLOEXEC);
+	unsigned flags = MFD_CLOEXEC | (vm->cfg.hugetlb ? MFD_HUGETLB | MFD_HUGE_2MB : 0);
+
+	if (vm->cfg.hugetlb && vm->ram_size % HUGE_2M) {
+		vmig__err_set(err, "--hugetlb: --mem must be a multiple of 2M");
+		return -EINVAL;
+	}
+	vm->memfd = memfd_create("vmig-guest-ram", flags);
 	if (vm->memfd < 0 || ftruncate(vm->memfd, (off_t)vm->ram_size)) {
-		vmig__err_set(err, "cannot create %llu bytes of guest RAM: %s",
-			      (unsigned long long)vm->ram_size, strerror(errno));
+		vmig__err_set(err, "cannot create %llu bytes of guest RAM%s: %s",
+			      (unsigned long long)vm->ram_size,
+			      vm->cfg.hugetlb ? " in huge pages" : "", strerror(errno));
 		return -errno;
 	}
+	/* hugetlb: the pages are reserved here, so a shortage shows now. */
 	vm->ram = mmap(NULL, vm->ram_size, PROT_READ | PROT_WRITE, MAP_SHARED, vm->memfd, 0);
 	if (vm->ram == MAP_FAILED) {
+		int e = errno;
+
 		vm->ram = NULL;
-		vmig__err_set(err, "cannot map guest RAM: %s", strerror(errno));
-		return -errno;
+		if (vm->cfg.hugetlb && e == ENOMEM)
+			vmig__err_set(err,
+				      "not enough free 2 MiB huge pages for %llu MiB of guest "
+				      "RAM (reserve them in /proc/sys/vm/nr_hugepages)",
+				      (unsigned long long)(vm->ram_size >> 20));
+		else
+			vmig__err_set(err, "cannot map guest RAM: %s", strerror(e));
+		return -e;
 	}
 	if (vm->cfg.prealloc) {
 		int ret = ram_prealloc(vm, err);

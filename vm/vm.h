@@ -29,6 +29,7 @@ struct vm_config {
 	bool start_paused; /* -S */
 	bool incoming;     /* --incoming given: RAM arrives by migration */
 	bool prealloc;     /* --mem-prealloc: populate RAM at start-up */
+	bool hugetlb;	   /* --hugetlb: 2 MiB huge pages (memory-backend-memfd,hugetlb=on) */
 	uint64_t seed;
 };
 

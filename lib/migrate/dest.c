@@ -210,9 +210,10 @@ static int register_ram(struct vmig_session *s, struct vmig__pc_dest **pc, struc
 	int ret = 0;
 
 	/* Populated RAM has no holes to install into (UFFDIO_COPY would fail
-	 * with EEXIST on every page): pages are read straight into it. */
+	 * with EEXIST on every page), and huge pages take no 4 KiB
+	 * UFFDIO_COPY: pages are read straight into it. */
 	for (unsigned i = 0; i < s->nblocks; i++)
-		if (keep_populated(s, &s->blocks[i]))
+		if (keep_populated(s, &s->blocks[i]) || s->blocks[i].hpage)
 			ret = -EEXIST;
 	if (!ret)
 		ret = vmig__pc_dest_register(*pc, err);

@@ -11,7 +11,9 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/random.h>
+#include <linux/magic.h>
 #include <sys/socket.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include "migrate/migrate_int.h"
@@ -257,6 +259,19 @@ VMIG_EXPORT int vmig_ram_block_add(vmig_session *s, const struct vmig_ram_block 
 	b->fd = blk->fd;
 	b->fd_offset = blk->fd_offset;
 	b->prealloc = blk->flags & VMIG_RAM_PREALLOC;
+	if (blk->fd >= 0) { /* huge pages: QEMU's memory-backend-*,hugetlb=on */
+		struct statfs st;
+
+		if (!fstatfs(blk->fd, &st) && st.f_type == HUGETLBFS_MAGIC)
+			b->hpage = (uint64_t)st.f_bsize;
+		if (b->hpage && (blk->size % b->hpage || (uintptr_t)blk->host % b->hpage ||
+				 blk->fd_offset % b->hpage)) {
+			vmig__err_set(&s->api_err,
+				      "RAM block '%s': not aligned to its %llu KiB huge pages",
+				      blk->name, (unsigned long long)(b->hpage >> 10));
+			return -EINVAL;
+		}
+	}
 	words = vmig__bitmap_words(b->npages);
 	b->dirty = calloc(words, sizeof(uint64_t));
 	b->received = calloc(words, sizeof(uint64_t));
@@ -626,6 +641,16 @@ VMIG_EXPORT int vmig_incoming(vmig_session *s, const char *uri)
 		vmig__err_set(&s->api_err, "guest memory is incomplete after a failed post-copy "
 					   "migration: this VM cannot take another one");
 		return -EBUSY;
+	}
+	for (unsigned i = 0; i < s->nblocks && s->caps[VMIG_CAP_POSTCOPY_RAM]; i++) {
+		if (!s->blocks[i].hpage)
+			continue;
+		/* Its pages would have to be placed whole (2 MiB at a time). */
+		vmig__err_set(&s->api_err,
+			      "postcopy-ram is not supported on huge pages yet (RAM block '%s'): "
+			      "migrate it with pre-copy",
+			      s->blocks[i].name);
+		return -ENOTSUP;
 	}
 	/* Bind now, so a busy port is reported to the caller at once. */
 	if (s->listen_fd >= 0) {

@@ -285,26 +285,37 @@ static int range_arm(struct vmig__dirty *d, struct vmig__dirty_range *r, struct 
 }
 
 /*
- * True if the mapping containing addr is MAP_SHARED, from /proc/self/maps
- * (the kernel's own text, one line per mapping: "start-end perms ...").
+ * Whether the mapping containing addr is MAP_SHARED, and its page size
+ * (4 KiB, or a huge page), from /proc/self/smaps: the kernel's own text, a
+ * "start-end perms ..." line per mapping followed by its fields, among them
+ * "KernelPageSize: N kB".
  */
-static bool mapping_is_shared(uintptr_t addr)
+static void mapping_info(uintptr_t addr, bool *shared, uint64_t *page)
 {
-	FILE *f = fopen("/proc/self/maps", "re");
+	FILE *f = fopen("/proc/self/smaps", "re");
 	char line[512], perms[8];
-	unsigned long lo, hi;
-	bool shared = false;
+	unsigned long lo, hi, kb;
+	bool in = false;
 
+	*shared = false;
+	*page = VMIG_PAGE_SIZE;
 	if (!f)
-		return false;
+		return;
 	while (fgets(line, sizeof(line), f)) {
-		if (sscanf(line, "%lx-%lx %7s", &lo, &hi, perms) == 3 && addr >= lo && addr < hi) {
-			shared = perms[3] == 's';
+		if (sscanf(line, "%lx-%lx %7s", &lo, &hi, perms) == 3 && strchr(line, '-')) {
+			if (in)
+				break;
+			in = addr >= lo && addr < hi;
+			*shared = in && perms[3] == 's';
+			continue;
+		}
+		if (in && sscanf(line, "KernelPageSize: %lu kB", &kb) == 1) {
+			if (kb << 10 > VMIG_PAGE_SIZE && !((kb << 10) & ((kb << 10) - 1)))
+				*page = (uint64_t)kb << 10;
 			break;
 		}
 	}
 	fclose(f);
-	return shared;
 }
 
 /*
@@ -382,7 +393,13 @@ int vmig__dirty_add_range(struct vmig__dirty *d, void *host, uint64_t size, stru
 	r->start = start;
 	r->size = size;
 	r->npages = size / VMIG_PAGE_SIZE;
-	r->shared = mapping_is_shared(start);
+	mapping_info(start, &r->shared, &r->unit);
+	if (start % r->unit || size % r->unit) {
+		vmig__err_set(err,
+			      "dirty tracking: range %p+%llu is not aligned to its %llu KiB pages",
+			      host, (unsigned long long)size, (unsigned long long)(r->unit >> 10));
+		return -EINVAL;
+	}
 	if (d->mode == VMIG_DIRTY_UFFD_SYNC) {
 		r->pending = calloc(vmig__bitmap_words(r->npages), sizeof(uint64_t));
 		if (!r->pending) {

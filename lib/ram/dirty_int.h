@@ -20,6 +20,9 @@ struct vmig__dirty_range {
 	uint64_t npages;
 	bool registered; /* UFFDIO_REGISTER done (start() .. stop()) */
 	bool shared;	 /* MAP_SHARED (memfd): write access restored at stop() */
+	/* The unit of write protection: 4 KiB, or the huge page of a hugetlbfs
+	 * mapping, which the kernel protects and reports only whole. */
+	uint64_t unit;
 	/*
 	 * Sync backend only: pages the tracker thread un-protected since the
 	 * last sync. Set by the tracker, cleared by sync(), both under

@@ -83,22 +83,29 @@ static void handle_batch(struct vmig__dirty *d, const struct uffd_msg *msgs, siz
 
 	pthread_mutex_lock(&d->lock);
 	for (size_t i = 0; i < n; i++) {
+		uintptr_t addr = (uintptr_t)msgs[i].arg.pagefault.address;
+		uint64_t unit = VMIG_PAGE_SIZE;
+
 		if (msgs[i].event != UFFD_EVENT_PAGEFAULT ||
 		    !(msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP))
 			continue;
-		page = (uintptr_t)msgs[i].arg.pagefault.address & ~(uintptr_t)(VMIG_PAGE_SIZE - 1);
-		r = range_of(d, page);
-		/* Outside every range cannot happen; un-protect anyway so no writer hangs. */
+		r = range_of(d, addr);
 		if (r)
-			vmig__bitmap_set_atomic(r->pending, (page - r->start) / VMIG_PAGE_SIZE);
+			unit = r->unit;
+		/* A huge page is protected whole: all of its 4 KiB pages
+		 * count as written. */
+		page = addr & ~(uintptr_t)(unit - 1);
+		/* Outside every range cannot happen; un-protect anyway so no writer hangs. */
+		for (uint64_t k = 0; r && k < unit / VMIG_PAGE_SIZE; k++)
+			vmig__bitmap_set_atomic(r->pending, (page - r->start) / VMIG_PAGE_SIZE + k);
 		d->thread_faults++;
 		if (page == run_end) {
-			run_end += VMIG_PAGE_SIZE;
+			run_end += unit;
 			continue;
 		}
 		unprotect_run(d, run_start, run_end);
 		run_start = page;
-		run_end = page + VMIG_PAGE_SIZE;
+		run_end = page + unit;
 	}
 	unprotect_run(d, run_start, run_end);
 	pthread_mutex_unlock(&d->lock);

@@ -45,6 +45,8 @@ struct vmig__block {
 	int fd;
 	uint64_t fd_offset;
 	bool prealloc;	     /* VMIG_RAM_PREALLOC: keep populated, write in place */
+	uint64_t hpage;	     /* hugetlbfs page size (dirty tracking and placement
+			      * granularity), or 0 for normal pages */
 	uint64_t *dirty;     /* source: pages still to send */
 	uint64_t *page_hash; /* hash of each page as last sent / placed */
 	uint64_t *received;  /* destination: page content arrived (data or zero) */

@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/memfd.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -490,6 +491,106 @@ static void test_auto_and_args(void **state)
 	assert_int_equal(vmig__dirty_open(&d, (enum vmig_dirty_tracking)42, &err), -EINVAL);
 }
 
+/*
+ * Huge pages (hugetlbfs, 2 MiB): the kernel protects and reports them only
+ * whole, so a write anywhere in one reports its 512 pages, and nothing
+ * else. The test reserves the huge pages it needs and gives them back.
+ */
+#define HP (2u << 20)
+#define HP_NR "/proc/sys/vm/nr_hugepages"
+#define HP_FREE "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages"
+
+static long read_long(const char *path)
+{
+	FILE *f = fopen(path, "r");
+	long v = -1;
+
+	if (f && fscanf(f, "%ld", &v) != 1)
+		v = -1;
+	if (f)
+		fclose(f);
+	return v;
+}
+
+static bool write_long(const char *path, long v)
+{
+	FILE *f = fopen(path, "w");
+	bool ok = f && fprintf(f, "%ld\n", v) > 0;
+
+	if (f)
+		ok = !fclose(f) && ok;
+	return ok;
+}
+
+static long hp_saved = -1; /* nr_hugepages before the test raised it */
+
+/* Give the huge pages back, even after a failed assertion. */
+static int hp_restore(void **state)
+{
+	if (hp_saved >= 0 && read_long(HP_NR) != hp_saved && !write_long(HP_NR, hp_saved))
+		return -1;
+	return 0;
+}
+
+static void hugetlb_case(enum vmig_dirty_tracking mode)
+{
+	long nr = read_long(HP_NR), want = 4;
+	struct vmig__err err = {{0}};
+	uint64_t bitmap[4 * HP / PAGE / 64], count = 0;
+	struct vmig__dirty *d;
+	uint8_t *mem;
+	int fd;
+
+	if (hp_saved < 0)
+		hp_saved = nr;
+	if (nr < 0 || (read_long(HP_FREE) < want && !write_long(HP_NR, nr + want)))
+		fail_msg("cannot reserve %ld huge pages in " HP_NR " (run as root)", want);
+	fd = memfd_create("vmig-test-huge", MFD_CLOEXEC | MFD_HUGETLB | MFD_HUGE_2MB);
+	assert_true(fd >= 0);
+	assert_int_equal(ftruncate(fd, 4 * HP), 0);
+	mem = mmap(NULL, 4 * HP, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	close(fd);
+	assert_true(mem != MAP_FAILED);
+	memset(mem, 1, 4 * HP);
+	assert_int_equal(vmig__dirty_open(&d, mode, &err), 0);
+	assert_int_equal(vmig__dirty_add_range(d, mem, 4 * HP, &err), 0);
+	/* Not aligned to its huge pages: refused, with the reason. */
+	assert_int_equal(vmig__dirty_add_range(d, mem + PAGE, HP, &err), -EINVAL);
+	assert_non_null(strstr(err.msg, "2048 KiB"));
+	assert_int_equal(vmig__dirty_start(d, &err), 0);
+	memset(bitmap, 0, sizeof(bitmap));
+	assert_int_equal(vmig__dirty_sync(d, 0, bitmap, &count, &err), 0);
+	assert_int_equal(count, 0);
+	mem[HP + 7 * PAGE + 3] = 2; /* one byte in huge page 1 */
+	count = 0;
+	assert_int_equal(vmig__dirty_sync(d, 0, bitmap, &count, &err), 0);
+	assert_int_equal(count, HP / PAGE);
+	for (uint64_t p = 0; p < 4 * HP / PAGE; p++)
+		assert_int_equal(vmig__bitmap_test(bitmap, p), p >= HP / PAGE && p < 2 * HP / PAGE);
+	memset(bitmap, 0, sizeof(bitmap));
+	count = 0;
+	assert_int_equal(vmig__dirty_sync(d, 0, bitmap, &count, &err), 0);
+	assert_int_equal(count, 0);
+	mem[3 * HP] = 3; /* huge page 3, twice */
+	mem[4 * HP - 1] = 3;
+	assert_int_equal(vmig__dirty_sync(d, 0, bitmap, &count, &err), 0);
+	assert_int_equal(count, HP / PAGE);
+	assert_true(vmig__bitmap_test(bitmap, 3 * HP / PAGE));
+	assert_int_equal(vmig__dirty_stop(d), 0);
+	vmig__dirty_close(d);
+	munmap(mem, 4 * HP);
+}
+
+static void test_hugetlb_async(void **state)
+{
+	hugetlb_case(VMIG_DIRTY_UFFD_ASYNC);
+}
+
+static void test_hugetlb_sync(void **state)
+{
+	hugetlb_case(VMIG_DIRTY_UFFD_SYNC);
+}
+
 /* clang-format off */
 #define WITH(fn, v) cmocka_unit_test_prestate_setup_teardown(fn, setup, teardown, (void *)&(v))
 #define VARIANTS(fn) \
@@ -511,6 +612,8 @@ int main(void)
 		OLD_KERNEL(test_exact),
 		OLD_KERNEL(test_unpopulated),
 		OLD_KERNEL(test_concurrent_no_loss),
+		cmocka_unit_test_teardown(test_hugetlb_async, hp_restore),
+		cmocka_unit_test_teardown(test_hugetlb_sync, hp_restore),
 	};
 	/* clang-format on */
 
