@@ -221,6 +221,15 @@ def case_precopy(procs, build):
     check(len(samples) >= 10 and samples[-1]["query-migrate"]["status"] == "completed",
           "%d samples in the log" % len(samples))
     check(any("event" in x for x in log), "no QMP event in the log")
+    # One point per running sample that had the field: none invented, none lost.
+    running = [x["query-migrate"] for x in samples
+               if x["query-migrate"]["status"] not in ("completed", "failed", "cancelled")]
+    for series, field in (("throughput", "mbps"), ("remaining", "remaining")):
+        want = sum(1 for q in running if field in q.get("ram", {}))
+        if series == "remaining":
+            want += 1  # the completed sample's remaining, 0
+        got = int(ids["series-" + series].get("data-points"))
+        check(got == want, "%s: %d points for %d samples" % (series, got, want))
     render(svg, d)
     # Drawn again from the log: the same picture.
     again = os.path.join(d, "again.svg")
