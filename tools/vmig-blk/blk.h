@@ -1,9 +1,11 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * vmig-blk: a vhost-user-blk back-end. This header ties its parts together:
- * the disk (a file or a RAM memfd), the per-queue data path (blk.c, one
- * thread and one io_uring per queue), the daemon's control loop (main.c), the
- * JSON-RPC control socket (rpc.c) and the live upgrade by exec (upgrade.c).
+ * the disk (a file, a block device, a RAM memfd or nothing) and its geometry
+ * (disk.c), the per-queue data path (blk.c, one thread and one io_uring per
+ * queue; dwz.c for discard and write-zeroes, bounce.c for the O_DIRECT bounce
+ * buffers), the daemon's control loop (main.c), the JSON-RPC control socket
+ * (rpc.c) and the live upgrade by exec (upgrade.c).
  *
  * Threads: the control thread owns struct vblk_daemon and everything in it
  * except a started queue, which its queue thread owns until queue_stop
