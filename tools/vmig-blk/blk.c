@@ -314,8 +314,9 @@ static void bounce_release(struct vblk_queue *q, struct vblk_req *req)
 	}
 }
 
-/* One completed chunk of a bounced request: 0 if the next is in flight,
- * else the request's result (0 done, -errno failed), its buffer returned. */
+/* One completed chunk of a bounced request: 1 if its next chunk is in
+ * flight, else the request's result (0 done, -errno failed), its buffer
+ * returned. */
 static int bounce_complete(struct vblk_queue *q, struct vblk_req *req, int res)
 {
 	if (res > 0) {
