@@ -223,7 +223,7 @@ def t_old_multifd_names(env):
     q = QMP(env.src)
     hmp = lambda line: q.ret("human-monitor-command", {"command-line": line})
     before = q.ret("query-migrate-parameters")["multifd-channels"]
-    # A session from a QEMU 2.11 tutorial: works, each line with a warning.
+    # Lines from a QEMU 2.11 tutorial: they work, each with a warning.
     out = hmp("migrate_set_capability x-multifd on")
     check(out == "warning: capability 'x-multifd' is deprecated, use 'multifd'\r\n", repr(out))
     out = hmp("migrate_set_parameter x-multifd-channels 4")
