@@ -38,9 +38,9 @@ struct pc_run {
 
 /* ---- the placer's callbacks -------------------------------------------- */
 
-static void request_page(void *opaque, unsigned block, uint64_t pfn)
+static void request_page(void *opaque, unsigned block, uint64_t first, uint32_t npages)
 {
-	struct vmig_wire_pages req = {.block = block, .npages = 1, .first = pfn};
+	struct vmig_wire_pages req = {.block = block, .npages = npages, .first = first};
 
 	vmig__dest_send_rp(opaque, VMIG_RP_PAGE_REQ, &req, sizeof(req));
 }
@@ -193,8 +193,11 @@ static int send_bitmaps(struct pc_run *pc)
 			return -ENOMEM;
 		memcpy(buf, &hdr, sizeof(hdr));
 		for (size_t w = 0; w < words; w++) {
+			/* A huge page's received pages wait in the file for the
+			 * rest of it (lib/postcopy): they are here too. */
 			uint64_t have = __atomic_load_n(&b->placed[w], __ATOMIC_ACQUIRE) |
-					(b->received[w] & b->zero[w]);
+					(__atomic_load_n(&b->received[w], __ATOMIC_ACQUIRE) &
+					 (b->hpage ? ~0ull : b->zero[w]));
 			memcpy(buf + sizeof(hdr) + w * 8, &have, 8);
 		}
 		vmig__dest_send_rp(s, VMIG_RP_RECV_BITMAP, buf, (uint32_t)len);

@@ -642,16 +642,6 @@ VMIG_EXPORT int vmig_incoming(vmig_session *s, const char *uri)
 					   "migration: this VM cannot take another one");
 		return -EBUSY;
 	}
-	for (unsigned i = 0; i < s->nblocks && s->caps[VMIG_CAP_POSTCOPY_RAM]; i++) {
-		if (!s->blocks[i].hpage)
-			continue;
-		/* Its pages would have to be placed whole (2 MiB at a time). */
-		vmig__err_set(&s->api_err,
-			      "postcopy-ram is not supported on huge pages yet (RAM block '%s'): "
-			      "migrate it with pre-copy",
-			      s->blocks[i].name);
-		return -ENOTSUP;
-	}
 	/* Bind now, so a busy port is reported to the caller at once. */
 	if (s->listen_fd >= 0) {
 		close(s->listen_fd);

@@ -42,6 +42,7 @@
 #include "util/compat.h"
 
 #define OTHER_SLOTS 16 /* non-vCPU faults (e.g. the monitor reading RAM) in flight */
+#define HLOCKS 64      /* striped locks for huge pages being assembled */
 #define LAT_SAMPLES 65536 /* recent fault latencies kept for exact percentiles */
 
 struct fault_slot {
@@ -60,6 +61,12 @@ struct vmig__pc_dest {
 	 * first DISCARD on; before that a fault can only be someone reading a
 	 * page that has not arrived yet, which is zero so far. */
 	bool postcopy_faults;
+	/* Huge-page blocks: a second mapping of each one's fd (NULL for other
+	 * blocks), made at register, unmapped at free; and the locks that
+	 * make "write a piece into a huge page" and "map the huge page into
+	 * the guest" exclusive, striped by huge page. */
+	uint8_t **alias;
+	pthread_mutex_t hlock[HLOCKS];
 
 	pthread_mutex_t acct_lock;
 	uint64_t waiting; /* atomic: faults being waited on */
@@ -263,6 +270,175 @@ static int uffd_install(int uffd, uint8_t *host, const uint8_t *src, uint64_t le
 	return 0;
 }
 
+/* ---- huge pages -------------------------------------------------------
+ *
+ * A huge page can only be mapped whole, but the stream carries 4 KiB pages,
+ * and only some of a huge page's pages may be stale after pre-copy. So
+ * huge pages are assembled where they live, in the block's file (the
+ * page cache of hugetlbfs), through a second mapping that userfaultfd does
+ * not watch, and mapped into the guest's view whole with UFFDIO_CONTINUE
+ * once every one of their pages is there (MINOR faults):
+ *  - before the switch, a DISCARD unmaps the huge pages it touches from the
+ *    guest's view (MADV_DONTNEED keeps their data in the file) and clears
+ *    the discarded pages' received bits;
+ *  - at the switch, the block is registered for MISSING and MINOR faults,
+ *    and the huge pages with every page received are placed;
+ *  - a page arriving for a huge page not placed yet is written through the
+ *    second mapping and marked received; the last one places the huge page;
+ *  - a fault on a huge page not placed asks the source for its missing
+ *    pages, and waits for that.
+ * "placed" is set for all the pages of a huge page at once, under its lock,
+ * and nothing writes into a placed huge page any more: after that the guest
+ * owns it. Blocktime keys and "requested" use the huge page's first page.
+ */
+
+static inline uint64_t hp_pages(const struct vmig__block *b)
+{
+	return b->hpage / VMIG_PAGE_SIZE;
+}
+
+static pthread_mutex_t *hp_lock(struct vmig__pc_dest *pc, unsigned bi, uint64_t h)
+{
+	return &pc->hlock[(h * 31 + bi) % HLOCKS];
+}
+
+static bool hp_complete(const struct vmig__block *b, uint64_t h)
+{
+	for (uint64_t p = h * hp_pages(b); p < (h + 1) * hp_pages(b); p++)
+		if (!bitmap_test_atomic(b->received, p))
+			return false;
+	return true;
+}
+
+/* Map huge page h into the guest's view from the file, waking whoever
+ * waits on it. A huge page that is still a hole (all zero pages, never
+ * written) gets its file page made first. */
+static int hp_map(struct vmig__pc_dest *pc, unsigned bi, uint64_t h)
+{
+	struct vmig__block *b = &pc->cfg.blocks[bi];
+	uint64_t off = h * b->hpage;
+	struct uffdio_continue c = {.range = {.start = (uintptr_t)b->host + off, .len = b->hpage}};
+
+	/* Allocates the (zeroed) page if the file has none there. */
+	__atomic_fetch_add(pc->alias[bi] + off, 0, __ATOMIC_RELAXED);
+	while (ioctl(pc->uffd, UFFDIO_CONTINUE, &c)) {
+		if (errno == EEXIST) /* mapped already */
+			return 0;
+		if (errno != EAGAIN && errno != EINTR)
+			return -errno;
+	}
+	return 0;
+}
+
+/* Huge page h is complete: map it, under its lock; from now on it is the
+ * guest's. */
+static int hp_place(struct vmig__pc_dest *pc, unsigned bi, uint64_t h)
+{
+	struct vmig__block *b = &pc->cfg.blocks[bi];
+	int ret;
+
+	/* The content as it arrived: hashed before the guest can write it. */
+	for (uint64_t p = h * hp_pages(b); p < (h + 1) * hp_pages(b); p++)
+		b->page_hash[p] = vmig__page_hash(pc->alias[bi] + p * VMIG_PAGE_SIZE);
+	ret = hp_map(pc, bi, h);
+	if (ret)
+		return ret;
+	for (uint64_t p = h * hp_pages(b); p < (h + 1) * hp_pages(b); p++)
+		__atomic_fetch_or(&b->placed[p / 64], 1ull << (p % 64), __ATOMIC_RELEASE);
+	if (bitmap_test_atomic(b->requested, h * hp_pages(b)))
+		fault_end(pc, slot_key(bi, h * hp_pages(b)));
+	return 0;
+}
+
+/* Pages [first, first + n) of a huge-page block arrive (buf NULL: zeros). */
+static int hp_fill(struct vmig__pc_dest *pc, unsigned bi, uint64_t first, uint32_t n,
+		   const uint8_t *buf)
+{
+	struct vmig__block *b = &pc->cfg.blocks[bi];
+	uint64_t end = first + n;
+	int ret = 0;
+
+	while (!ret && first < end) {
+		uint64_t h = first / hp_pages(b), stop = VMIG_MIN(end, (h + 1) * hp_pages(b));
+		pthread_mutex_t *lk = hp_lock(pc, bi, h);
+
+		pthread_mutex_lock(lk);
+		if (!bitmap_test_atomic(b->placed, h * hp_pages(b))) { /* else a late copy */
+			uint8_t *dst = pc->alias[bi] + first * VMIG_PAGE_SIZE;
+			uint64_t len = (stop - first) * VMIG_PAGE_SIZE;
+
+			if (buf)
+				memcpy(dst, buf, len);
+			else
+				memset(dst, 0, len);
+			for (uint64_t p = first; p < stop; p++)
+				__atomic_fetch_or(&b->received[p / 64], 1ull << (p % 64),
+						  __ATOMIC_RELEASE);
+			if (hp_complete(b, h))
+				ret = hp_place(pc, bi, h);
+		}
+		pthread_mutex_unlock(lk);
+		if (buf)
+			buf += (stop - first) * VMIG_PAGE_SIZE;
+		first = stop;
+	}
+	return ret;
+}
+
+/* Ask for the pages huge page h still lacks, in runs. */
+static void hp_request(struct vmig__pc_dest *pc, unsigned bi, uint64_t h)
+{
+	struct vmig__block *b = &pc->cfg.blocks[bi];
+	uint64_t p = h * hp_pages(b), end = p + hp_pages(b);
+
+	while (p < end) {
+		uint64_t q;
+
+		if (bitmap_test_atomic(b->received, p)) {
+			p++;
+			continue;
+		}
+		for (q = p + 1;
+		     q < end && q - p < VMIG_REC_MAX_PAGES && !bitmap_test_atomic(b->received, q);
+		     q++)
+			;
+		pc->cfg.request(pc->cfg.opaque, bi, p, (uint32_t)(q - p));
+		p = q;
+	}
+}
+
+/* A fault on huge page h (the fault thread). */
+static void hp_fault(struct vmig__pc_dest *pc, unsigned bi, uint64_t h, int tid)
+{
+	struct vmig__block *b = &pc->cfg.blocks[bi];
+	uint64_t key = slot_key(bi, h * hp_pages(b));
+	pthread_mutex_t *lk = hp_lock(pc, bi, h);
+	struct uffdio_range wake = {.start = (uintptr_t)b->host + h * b->hpage, .len = b->hpage};
+	bool ask = false;
+
+	fault_begin(pc, tid, key, vmig__now_ns());
+	pthread_mutex_lock(lk);
+	if (bitmap_test_atomic(b->placed, h * hp_pages(b)) || hp_complete(b, h)) {
+		/* Placed (mapped meanwhile, or a hole of zeros that needs its
+		 * page made), or complete: map it now. */
+		int ret = bitmap_test_atomic(b->placed, h * hp_pages(b)) ? hp_map(pc, bi, h)
+									 : hp_place(pc, bi, h);
+
+		if (ret)
+			ioctl(pc->uffd, UFFDIO_WAKE, &wake);
+		fault_end(pc, key);
+	} else {
+		ask = bitmap_claim(b->requested, h * hp_pages(b));
+	}
+	pthread_mutex_unlock(lk);
+	if (ask) {
+		pthread_mutex_lock(&pc->acct_lock);
+		pc->requests++;
+		pthread_mutex_unlock(&pc->acct_lock);
+		hp_request(pc, bi, h);
+	}
+}
+
 /* Loader hook: pages arriving after the switch (any channel). */
 static int pc_place(void *opaque, unsigned bi, uint64_t first, uint32_t npages,
 		    const uint8_t *buf)
@@ -270,6 +446,9 @@ static int pc_place(void *opaque, unsigned bi, uint64_t first, uint32_t npages,
 	struct vmig__pc_dest *pc = opaque;
 	struct vmig__block *b = &pc->cfg.blocks[bi];
 	uint32_t i = 0;
+
+	if (b->hpage)
+		return hp_fill(pc, bi, first, npages, buf);
 
 	while (i < npages) {
 		uint32_t j;
@@ -320,6 +499,10 @@ static int pc_fill(void *opaque, unsigned bi, uint64_t first, uint32_t npages, c
 	uint8_t *dst = b->host + first * VMIG_PAGE_SIZE;
 	uint64_t len = (uint64_t)npages * VMIG_PAGE_SIZE, done = 0;
 
+	if (b->hpage) { /* not registered until the switch */
+		memcpy(dst, buf, len);
+		return 0;
+	}
 	while (done < len) {
 		struct uffdio_copy c = {.dst = (uintptr_t)dst + done,
 					.src = (uintptr_t)buf + done,
@@ -352,6 +535,12 @@ static int pc_discard(void *opaque, unsigned bi, uint64_t first, uint64_t npages
 	__atomic_store_n(&pc->postcopy_faults, true, __ATOMIC_RELEASE);
 	vmig__bitmap_clear_range(b->received, first, npages);
 	vmig__bitmap_clear_range(b->zero, first, npages);
+	if (b->hpage) { /* out of the guest's view; the file keeps the rest */
+		uint64_t lo = VMIG_ALIGN_DOWN(off, b->hpage),
+			 hi = VMIG_ALIGN_UP(off + len, b->hpage);
+
+		return madvise(b->host + lo, hi - lo, MADV_DONTNEED) ? -errno : 0;
+	}
 	if (b->fd >= 0)
 		ret = fallocate(b->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
 				(off_t)(b->fd_offset + off), (off_t)len);
@@ -364,7 +553,7 @@ static int pc_discard(void *opaque, unsigned bi, uint64_t first, uint64_t npages
 
 static void send_request(struct vmig__pc_dest *pc, unsigned bi, uint64_t pfn)
 {
-	pc->cfg.request(pc->cfg.opaque, bi, pfn);
+	pc->cfg.request(pc->cfg.opaque, bi, pfn, 1);
 }
 
 static void handle_fault(struct vmig__pc_dest *pc, uint64_t addr, int tid)
@@ -380,6 +569,13 @@ static void handle_fault(struct vmig__pc_dest *pc, uint64_t addr, int tid)
 		return; /* not guest RAM: cannot happen, we registered only that */
 	struct vmig__block *b = &c->blocks[bi];
 	uint64_t pfn = (addr - (uintptr_t)b->host) / VMIG_PAGE_SIZE;
+
+	/* Registered at the switch, which stored postcopy_faults after all
+	 * that came before (acquire: the DISCARDs' bitmaps are seen). */
+	if (b->hpage && __atomic_load_n(&pc->postcopy_faults, __ATOMIC_ACQUIRE)) {
+		hp_fault(pc, bi, pfn / hp_pages(b), tid);
+		return;
+	}
 	uint64_t key = slot_key(bi, pfn);
 	struct uffdio_range wake = {.start = (uintptr_t)b->host + pfn * VMIG_PAGE_SIZE,
 				    .len = VMIG_PAGE_SIZE};
@@ -476,6 +672,8 @@ int vmig__pc_dest_new(const struct vmig__pc_config *cfg, struct vmig__pc_dest **
 		return -ENOMEM;
 	}
 	pthread_mutex_init(&pc->acct_lock, NULL);
+	for (unsigned i = 0; i < HLOCKS; i++)
+		pthread_mutex_init(&pc->hlock[i], NULL);
 	pc->nvcpus = cfg->nvcpus;
 	for (unsigned i = 0; i < pc->nvcpus; i++)
 		pc->vcpu[i].tid = cfg->vcpu_tid[i];
@@ -511,6 +709,12 @@ void vmig__pc_dest_free(struct vmig__pc_dest *pc)
 	vmig__pc_dest_stop_faults(pc);
 	if (pc->uffd >= 0)
 		close(pc->uffd); /* unregisters, waking anything still waiting */
+	for (unsigned i = 0; pc->alias && i < pc->cfg.nblocks; i++)
+		if (pc->alias[i])
+			munmap(pc->alias[i], pc->cfg.blocks[i].size);
+	free(pc->alias);
+	for (unsigned i = 0; i < HLOCKS; i++)
+		pthread_mutex_destroy(&pc->hlock[i]);
 	close(pc->stop_efd);
 	pthread_mutex_destroy(&pc->acct_lock);
 	free(pc->lat_ns);
@@ -524,10 +728,46 @@ void vmig__pc_dest_rerequest(struct vmig__pc_dest *pc)
 		struct vmig__block *b = &pc->cfg.blocks[bi];
 
 		for (uint64_t p = vmig__bitmap_find_next(b->requested, b->npages, 0); p < b->npages;
-		     p = vmig__bitmap_find_next(b->requested, b->npages, p + 1))
-			if (!bitmap_test_atomic(b->placed, p))
+		     p = vmig__bitmap_find_next(b->requested, b->npages, p + 1)) {
+			if (bitmap_test_atomic(b->placed, p))
+				continue;
+			if (b->hpage)
+				hp_request(pc, bi, p / hp_pages(b));
+			else
 				send_request(pc, bi, p);
+		}
 	}
+}
+
+/*
+ * A huge-page block at the switch: watch it for MISSING and MINOR faults;
+ * its huge pages with every page received are final (placed), the others
+ * are out of the guest's view until they are complete.
+ */
+static int hp_switch(struct vmig__pc_dest *pc, unsigned bi, struct vmig__err *err)
+{
+	struct vmig__block *b = &pc->cfg.blocks[bi];
+	struct uffdio_register reg = {.range = {.start = (uintptr_t)b->host, .len = b->size},
+				      .mode = UFFDIO_REGISTER_MODE_MISSING |
+					      UFFDIO_REGISTER_MODE_MINOR};
+
+	if (ioctl(pc->uffd, UFFDIO_REGISTER, &reg) || !(reg.ioctls & (1ull << _UFFDIO_CONTINUE))) {
+		int ret = errno ? -errno : -EOPNOTSUPP;
+
+		vmig__err_set(err, "registering huge-page RAM block '%s' with userfaultfd: %s",
+			      b->name, strerror(-ret));
+		return ret;
+	}
+	for (uint64_t h = 0; h < b->size / b->hpage; h++) {
+		if (!hp_complete(b, h)) {
+			if (madvise(b->host + h * b->hpage, b->hpage, MADV_DONTNEED))
+				return -errno;
+			continue;
+		}
+		for (uint64_t p = h * hp_pages(b); p < (h + 1) * hp_pages(b); p++)
+			__atomic_fetch_or(&b->placed[p / 64], 1ull << (p % 64), __ATOMIC_RELEASE);
+	}
+	return 0;
 }
 
 int vmig__pc_dest_switch(struct vmig__pc_dest *pc, struct vmig__err *err)
@@ -535,8 +775,11 @@ int vmig__pc_dest_switch(struct vmig__pc_dest *pc, struct vmig__err *err)
 	/* Pages with data from pre-copy that were not discarded are final. */
 	for (unsigned i = 0; i < pc->cfg.nblocks; i++) {
 		struct vmig__block *b = &pc->cfg.blocks[i];
+		int ret = b->hpage ? hp_switch(pc, i, err) : 0;
 
-		for (size_t w = 0; w < vmig__bitmap_words(b->npages); w++)
+		if (ret)
+			return ret;
+		for (size_t w = 0; !b->hpage && w < vmig__bitmap_words(b->npages); w++)
 			__atomic_fetch_or(&b->placed[w], b->received[w] & ~b->zero[w],
 					  __ATOMIC_RELEASE);
 	}
@@ -553,13 +796,41 @@ int vmig__pc_dest_register(struct vmig__pc_dest *pc, struct vmig__err *err)
 				 .features = UFFD_FEATURE_THREAD_ID | UFFD_FEATURE_MISSING_SHMEM};
 	int ret;
 
+	for (unsigned i = 0; i < s->nblocks; i++) {
+		struct vmig__block *b = &s->blocks[i];
+
+		if (!b->hpage)
+			continue;
+		/* Huge pages are assembled in the file, through a second
+		 * mapping (see "huge pages" above). */
+		api.features |= UFFD_FEATURE_MISSING_HUGETLBFS | UFFD_FEATURE_MINOR_HUGETLBFS;
+		if (!pc->alias && !(pc->alias = calloc(s->nblocks, sizeof(*pc->alias))))
+			return -ENOMEM;
+		pc->alias[i] = b->fd < 0 ? MAP_FAILED
+					 : mmap(NULL, b->size, PROT_READ | PROT_WRITE, MAP_SHARED,
+						b->fd, (off_t)b->fd_offset);
+		if (pc->alias[i] == MAP_FAILED) {
+			ret = b->fd < 0 ? -EBADF : -errno;
+			pc->alias[i] = NULL;
+			vmig__err_set(err,
+				      "post-copy on huge pages needs a second mapping of RAM "
+				      "block '%s': %s",
+				      b->name, b->fd < 0 ? "the block has no fd" : strerror(-ret));
+			return ret;
+		}
+	}
 	pc->uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
 	if (pc->uffd < 0 || ioctl(pc->uffd, UFFDIO_API, &api)) {
 		ret = -errno;
-		vmig__err_set(err, "userfaultfd for incoming RAM: %s", strerror(errno));
+		vmig__err_set(err, "userfaultfd for incoming RAM: %s%s", strerror(errno),
+			      pc->alias ? " (post-copy on huge pages needs MINOR faults on "
+					  "hugetlbfs, Linux 5.13)"
+					: "");
 		return ret;
 	}
 	for (unsigned i = 0; i < s->nblocks; i++) {
+		if (s->blocks[i].hpage) /* registered at the switch */
+			continue;
 		struct uffdio_register reg = {.range = {.start = (uintptr_t)s->blocks[i].host,
 							.len = s->blocks[i].size},
 					      .mode = UFFDIO_REGISTER_MODE_MISSING};

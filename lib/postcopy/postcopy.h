@@ -36,7 +36,8 @@ struct vmig__pc_config {
 	const int *vcpu_tid; /* Linux thread id of each vCPU, copied at creation */
 	unsigned nvcpus;
 	/* Called from the fault thread and the placing threads. */
-	void (*request)(void *opaque, unsigned block, uint64_t pfn); /* ask the source */
+	/* ask the source for pages [first, first + npages), npages <= 64 */
+	void (*request)(void *opaque, unsigned block, uint64_t first, uint32_t npages);
 	void (*publish)(void *opaque, const vmig__pc_stats *st);     /* new statistics */
 	void *opaque;
 };

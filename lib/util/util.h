@@ -21,6 +21,7 @@
 #define VMIG_MAX(a, b) ((a) > (b) ? (a) : (b))
 #define VMIG_DIV_ROUND_UP(n, d) (((n) + (d)-1) / (d))
 #define VMIG_ALIGN_UP(n, a) (((n) + (a)-1) & ~((__typeof__(n))(a)-1))
+#define VMIG_ALIGN_DOWN(n, a) ((n) & ~((__typeof__(n))(a)-1))
 
 #define VMIG_EXPORT __attribute__((visibility("default")))
 #define VMIG_PRINTF(f, a) __attribute__((format(printf, f, a)))

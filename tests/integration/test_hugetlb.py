@@ -8,8 +8,10 @@ memory-backend-memfd,hugetlb=on).
   over one channel and over multifd, and from huge pages to normal ones:
   guest memory compares equal through pmemsave and the guest's self-checks
   pass on the destination after cont.
-- post-copy is refused on a huge-page destination with a clear reason, and
-  the source keeps running.
+- Post-copy into a running destination on huge pages: faults fetch the
+  missing pages of their huge page, which is mapped whole once complete;
+  the migration's memory digest checks every page, and the guest's
+  self-checks pass. Also after a cut and a recovery.
 - Too few huge pages: vmig-vm says so and how to reserve them.
 
 The test reserves the huge pages it needs in /proc/sys/vm/nr_hugepages and
@@ -22,7 +24,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-from vmigtest import VM, QMPError, Runner, check, free_port, wait_completed  # noqa: E402
+from vmigtest import VM, Relay, Runner, check, free_port, wait_completed  # noqa: E402
 
 MEM = 64 << 20
 MEM_ARG = "64M"
@@ -84,18 +86,60 @@ def case_to_normal_pages(procs, build):
     migrate_and_verify(src, dst)
 
 
-def case_postcopy_refused(procs, build):
-    src, dst = pair(procs, build)
-    caps = [{"capability": "postcopy-ram", "state": True}]
-    dst.qmp.cmd("migrate-set-capabilities", capabilities=caps)
-    try:
-        dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:%d" % free_port())
-        raise AssertionError("migrate-incoming took postcopy-ram on huge pages")
-    except QMPError as e:
-        check("huge pages" in e.desc and "pre-copy" in e.desc, "unclear refusal: %s" % e.desc)
-    check(src.status() == "running", "source not running")
-    check(dst.migrate_status().get("status") in (None, "none"), "destination %r"
-          % dst.migrate_status())
+def postcopy_pair(procs, build, dst_runs=True):
+    """A post-copy migration through a relay, switched at once, with a slow
+    background push, into a destination that runs its own writer (its
+    faults fetch their huge pages), or that stays paused (post-copy then
+    lasts seconds)."""
+    src = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--workload", "random",
+             "--dirty-rate", "16M", "--fill", "random", "--hugetlb", name="src")
+    dst = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--incoming", "defer",
+             "--workload", "random", "--dirty-rate", "32M", *(() if dst_runs else ("-S",)),
+             "--hugetlb", name="dst")
+    for vm in (src, dst):
+        vm.qmp.cmd("migrate-set-capabilities",
+                   capabilities=[{"capability": "postcopy-ram", "state": True}])
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 16 << 20,
+                                             "max-postcopy-bandwidth": 8 << 20})
+    port = free_port()
+    relay = Relay(port)
+    dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:%d" % port)
+    src.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % relay.port)
+    src.wait_migration(30, ("active",))
+    src.qmp.cmd("migrate-start-postcopy")
+    src.wait_migration(60, ("postcopy-active",))
+    dst.wait_migration(60, ("postcopy-active",))
+    return src, dst, relay
+
+
+def finish_postcopy(src, dst, dst_ran=True):
+    info, _ = wait_completed(src, dst, 120, 60)
+    if dst_ran:
+        check(info["ram"]["postcopy-requests"] > 0, "the guest never waited for a page: %r"
+              % info["ram"])
+    else:
+        dst.qmp.cmd("cont")
+    check(dst.status() == "running", "destination %s" % dst.status())
+    dst.check_guest_verifies(500)
+
+
+def case_postcopy(procs, build):
+    src, dst, relay = postcopy_pair(procs, build)
+    finish_postcopy(src, dst)
+    relay.close()
+
+
+def case_postcopy_recover(procs, build):
+    src, dst, relay = postcopy_pair(procs, build, dst_runs=False)
+    relay.cut()
+    dst.wait_migration(30, ("postcopy-paused",))
+    src.wait_migration(30, ("postcopy-paused",))
+    port = free_port()
+    dst.qmp.cmd("migrate-recover", uri="tcp:127.0.0.1:%d" % port)
+    src.qmp.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
+    src.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % port, resume=True)
+    finish_postcopy(src, dst, dst_ran=False)
+    relay.close()
 
 
 def case_too_few_pages(procs, build):
@@ -125,7 +169,8 @@ def main():
         r.run("hugetlb-precopy-sync", case_precopy, r.build, "sync")
         r.run("hugetlb-multifd", case_multifd, r.build)
         r.run("hugetlb-to-normal-pages", case_to_normal_pages, r.build)
-        r.run("hugetlb-postcopy-refused", case_postcopy_refused, r.build)
+        r.run("hugetlb-postcopy", case_postcopy, r.build)
+        r.run("hugetlb-postcopy-recover", case_postcopy_recover, r.build)
         r.run("hugetlb-too-few-pages", case_too_few_pages, r.build)
         return r.finish()
     finally:
