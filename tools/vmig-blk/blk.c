@@ -532,7 +532,7 @@ static void arm_read(struct vblk_queue *q, int fd, uint64_t *buf, void *tag)
 }
 
 /* Fetch and start up to one ring's worth; returns how many were started. */
-static unsigned process_avail(struct vblk_queue *q)
+unsigned vblk_process_avail(struct vblk_queue *q)
 {
 	struct vhost_vq *vq = &q->vr->vq;
 	unsigned started = 0;
@@ -643,7 +643,7 @@ static unsigned run_once(struct vblk_queue *q, bool *stopping)
 	unsigned work = 0;
 
 	if (!*stopping)
-		work += process_avail(q);
+		work += vblk_process_avail(q);
 	if (q->ndelayed)
 		work += run_delayed(q, *stopping);
 	if (io_uring_sq_ready(&q->ring))

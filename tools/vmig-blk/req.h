@@ -97,6 +97,11 @@ static inline struct io_uring_sqe *get_sqe(struct vblk_queue *q)
 	return sqe;
 }
 
+/* blk.c: fetch and start up to one ring's worth of requests; returns how
+ * many were started. The queue thread's step, not static so that the fuzz
+ * target (tests/fuzz/blk_req.c) runs the request parsing on its own. */
+unsigned vblk_process_avail(struct vblk_queue *q);
+
 /* dwz.c: discard and write-zeroes. Both return a virtio status, or 0xff
  * while the request's next operation is in flight. */
 uint8_t vblk_dwz_start(struct vblk_queue *q, struct vblk_req *req);
