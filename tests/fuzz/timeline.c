@@ -6,14 +6,16 @@
  * a QMP server in the first place.
  *
  * Input: the bytes of a log (JSON lines, timeline.h). They go through
- * timeline_load as a file (a memfd, named by /proc/self/fd), and a log that
- * loads is drawn with timeline_write_svg into a second memfd. The picture is
- * then checked: balanced elements, every '&' an entity the escaper writes,
+ * timeline_load as a file (a memfd, named by /proc/self/fd). A log that
+ * loads must keep the reader's promises (bounded, samples in time order,
+ * values in range or missing), and is drawn with timeline_write_svg into a
+ * second memfd. The picture is then checked: balanced elements, every '&' an entity the escaper writes,
  * valid UTF-8 without control characters, numeric attributes made only of
  * numbers (no nan or inf), and the document ends with </svg>. A check that
  * fails aborts, like a sanitizer report.
  */
 #include <errno.h>
+#include <math.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -23,7 +25,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "vmig/timeline.h"
+#include "vmig/timeline_int.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -223,6 +225,25 @@ static void check_svg(const char *svg, size_t len)
 	CHECK(depth == 0 && root_seen);
 }
 
+/* What the reader promises about a loaded timeline (timeline_int.h):
+ * bounded, samples in time order, values in range or missing. */
+static void check_loaded(const struct timeline *tl)
+{
+	CHECK(tl->nsamples >= 1 && tl->nsamples <= TL_MAX_SAMPLES);
+	CHECK(tl->nmarks <= TL_MAX_MARKS);
+	for (unsigned i = 0; i < tl->nsamples; i++) {
+		const struct tl_sample *s = &tl->samples[i];
+
+		CHECK(s->t_s >= 0 && s->t_s <= tl->t_end_s && tl->t_end_s <= 1e7);
+		CHECK(i == 0 || s->t_s >= s[-1].t_s);
+		for (unsigned k = 0; k < TL__SERIES; k++)
+			CHECK(isnan(s->v[k]) || (s->v[k] >= 0 && isfinite(s->v[k])));
+	}
+	for (unsigned i = 0; i < tl->nmarks; i++)
+		CHECK(tl->marks[i].t_s >= 0 && tl->marks[i].t_s <= tl->t_end_s &&
+		      memchr(tl->marks[i].status, '\0', sizeof(tl->marks[i].status)));
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	struct vmig__err err = {0};
@@ -241,6 +262,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		CHECK(!tl && err.msg[0]);
 		return 0;
 	}
+	check_loaded(tl);
 	ret = timeline_write_svg(tl, svg_path, &err);
 	CHECK(ret == 0); /* a loaded log has a sample, so it draws */
 	timeline_free(tl);
