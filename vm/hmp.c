@@ -257,6 +257,59 @@ static void info_params(struct qmp_cmd_ctx *ctx, FILE *f)
 	json_decref(params);
 }
 
+static int parse_value(const char *s, int64_t *out);
+
+/* QEMU's `info dirty_rate`. */
+static void info_dirty_rate(struct qmp_cmd_ctx *ctx, FILE *f)
+{
+	json_t *v = run(ctx, f, "query-dirty-rate", NULL);
+	const json_t *rate;
+
+	if (!v)
+		return;
+	rate = json_object_get(v, "dirty-rate");
+	fprintf(f, "Status: %s\n", json_string_value(json_object_get(v, "status")));
+	fprintf(f, "Start Time: %" PRIu64 " (s)\n", ju64(v, "start-time"));
+	if (!strcmp(json_string_value(json_object_get(v, "mode")), "page-sampling"))
+		fprintf(f, "Sample Pages: %" PRIu64 " (per GB)\n", ju64(v, "sample-pages"));
+	fprintf(f, "Period: %" PRIu64 " (sec)\n", ju64(v, "calc-time"));
+	fprintf(f, "Mode: %s\n", json_string_value(json_object_get(v, "mode")));
+	if (json_is_integer(rate))
+		fprintf(f, "Dirty rate: %" PRId64 " (MB/s)\n", (int64_t)json_integer_value(rate));
+	else
+		fprintf(f, "Dirty rate: (not ready)\n");
+	json_decref(v);
+}
+
+/* QEMU's `calc_dirty_rate [-b] SECONDS [SAMPLE_PAGES]` (-r, the dirty ring,
+ * is refused by calc-dirty-rate itself). */
+static void hmp_calc_dirty_rate(struct qmp_cmd_ctx *ctx, FILE *f, const struct hmp_line *hl)
+{
+	const char *mode = "page-sampling";
+	unsigned i = 1;
+	int64_t secs, pages = 0;
+	json_t *args;
+
+	for (; i < hl->n && hl->w[i][0] == '-'; i++) {
+		if (!strcmp(hl->w[i], "-b"))
+			mode = "dirty-bitmap";
+		else if (!strcmp(hl->w[i], "-r"))
+			mode = "dirty-ring";
+		else
+			break;
+	}
+	if (i >= hl->n || i + 2 < hl->n || parse_value(hl->w[i], &secs) ||
+	    (i + 1 < hl->n && parse_value(hl->w[i + 1], &pages))) {
+		fprintf(f,
+			"Error: usage: calc_dirty_rate [-r] [-b] SECONDS [SAMPLE_PAGES_PER_GB]\n");
+		return;
+	}
+	args = json_pack("{s:I,s:s}", "calc-time", (json_int_t)secs, "mode", mode);
+	if (args && i + 1 < hl->n)
+		json_object_set_new(args, "sample-pages", json_integer(pages));
+	json_decref(run(ctx, f, "calc-dirty-rate", args));
+}
+
 static void hmp_info(struct qmp_cmd_ctx *ctx, FILE *f, const struct hmp_line *hl)
 {
 	const char *what = hl->n > 1 ? hl->w[1] : "";
@@ -273,6 +326,8 @@ static void hmp_info(struct qmp_cmd_ctx *ctx, FILE *f, const struct hmp_line *hl
 		info_caps(ctx, f);
 	} else if (!strcmp(what, "migrate_parameters")) {
 		info_params(ctx, f);
+	} else if (!strcmp(what, "dirty_rate")) {
+		info_dirty_rate(ctx, f);
 	} else if (!strcmp(what, "version")) {
 		fprintf(f, "7.2.0 (vmig %s)\n", VMIG_VERSION);
 	} else {
@@ -411,6 +466,10 @@ static void hmp_dispatch(struct qmp_cmd_ctx *ctx, FILE *f, const struct hmp_line
 	}
 	if (!strcmp(cmd, "migrate_set_parameter")) {
 		hmp_set_parameter(ctx, f, hl);
+		return;
+	}
+	if (!strcmp(cmd, "calc_dirty_rate")) {
+		hmp_calc_dirty_rate(ctx, f, hl);
 		return;
 	}
 	for (size_t i = 0; i < VMIG_ARRAY_SIZE(simple_cmds); i++) {

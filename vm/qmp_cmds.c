@@ -706,6 +706,61 @@ static int cmd_query_commands(struct qmp_cmd_ctx *ctx, const json_t *args)
 	return list ? 0 : -ENOMEM;
 }
 
+/* ---- calc-dirty-rate, query-dirty-rate (QEMU's names and fields) ---- */
+
+static const char *const dirty_rate_modes[] = {"page-sampling", "dirty-bitmap", NULL};
+static const char *const dirty_rate_status[] = {"unstarted", "measuring", "measured", NULL};
+
+static const struct json_arg_spec calc_dirty_rate_args[] = {{"calc-time", JA_INT, true},
+							    {"sample-pages", JA_INT, false},
+							    {"mode", JA_STR, false},
+							    {.name = NULL}};
+
+static int cmd_calc_dirty_rate(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	const char *mode = json_arg_str(args, "mode", "page-sampling");
+	int64_t secs = json_arg_int(args, "calc-time", 0);
+	int64_t sample = json_arg_int(args, "sample-pages", 0);
+	int ret, m;
+
+	if (!strcmp(mode, "dirty-ring")) { /* needs KVM's dirty ring */
+		vmig__err_set(&ctx->err,
+			      "mode dirty-ring is not enabled, use other method instead.");
+		return -EINVAL;
+	}
+	for (m = 0; dirty_rate_modes[m] && strcmp(dirty_rate_modes[m], mode); m++)
+		;
+	if (!dirty_rate_modes[m]) {
+		vmig__err_set(&ctx->err, "Parameter 'mode' does not accept value '%s'", mode);
+		return -EINVAL;
+	}
+	if (json_object_get(args, "sample-pages") && sample <= 0) {
+		vmig__err_set(&ctx->err, "sample-pages is out of range [128, 16384]");
+		return -EINVAL;
+	}
+	if (secs < 1 || secs > 60) {
+		vmig__err_set(&ctx->err, "calc-time is out of range [1, 60].");
+		return -EINVAL;
+	}
+	ret = vmig_calc_dirty_rate(vm_session(ctx->vm), secs * 1000, (enum vmig_dirty_rate_mode)m,
+				   (uint64_t)sample);
+	return ret ? fail(ctx, ret, "calc-dirty-rate") : 0;
+}
+
+static int cmd_query_dirty_rate(struct qmp_cmd_ctx *ctx, const json_t *args)
+{
+	struct vmig_dirty_rate dr;
+
+	vmig_query_dirty_rate(vm_session(ctx->vm), &dr);
+	ctx->ret = json_pack("{s:s,s:I,s:I,s:I,s:s}", "status", dirty_rate_status[dr.status],
+			     "start-time", (json_int_t)dr.start_time, "calc-time",
+			     (json_int_t)(dr.calc_time_ms / 1000), "sample-pages",
+			     (json_int_t)dr.sample_pages, "mode", dirty_rate_modes[dr.mode]);
+	if (ctx->ret && dr.status == VMIG_DIRTY_RATE_MEASURED)
+		json_object_set_new(ctx->ret, "dirty-rate", json_integer(dr.dirty_rate));
+	return ctx->ret ? 0 : -ENOMEM;
+}
+
 /* ---- table and dispatch ---- */
 
 static const struct qmp_command commands[] = {
@@ -730,6 +785,8 @@ static const struct qmp_command commands[] = {
     {"migrate-recover", cmd_migrate_recover, uri_args, false},
     {"migrate-continue", cmd_migrate_continue, continue_args, false},
     {"pmemsave", cmd_pmemsave, pmemsave_args, false},
+    {"calc-dirty-rate", cmd_calc_dirty_rate, calc_dirty_rate_args, false},
+    {"query-dirty-rate", cmd_query_dirty_rate, NULL, false},
     {"human-monitor-command", cmd_hmp, hmp_args, false},
     {"x-vmig-query-guest", cmd_query_guest, NULL, false},
     {"query-version", cmd_query_version, NULL, false},

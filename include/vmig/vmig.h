@@ -305,6 +305,40 @@ int vmig_vcpu_register(vmig_session *s, unsigned index, int tid);
  * not arrived. Any thread; for the embedder's ops->stop. */
 bool vmig_vcpu_blocked(vmig_session *s, unsigned index);
 
+/*
+ * QEMU's calc-dirty-rate and query-dirty-rate: how fast the guest dirties
+ * its memory, measured over calc_time_ms (1 s to 60 s), outside any
+ * migration (page-sampling also during one).
+ *  - page-sampling: hash sample_pages random pages per GiB (128..16384,
+ *    default 512) at the start and the end; the share that changed,
+ *    times all of RAM, over the time. Cheap, statistical, and blind to a
+ *    page rewritten with the same bytes.
+ *  - dirty-bitmap: write-protect all of RAM with the dirty tracker and
+ *    count the pages written (exact, per 4 KiB; 2 MiB on huge pages).
+ * vmig_calc_dirty_rate returns at once; vmig_query_dirty_rate tells the
+ * status and, once measured, the rate in MB/s (MiB, as QEMU).
+ */
+enum vmig_dirty_rate_mode {
+	VMIG_DIRTY_RATE_PAGE_SAMPLING = 0,
+	VMIG_DIRTY_RATE_DIRTY_BITMAP = 1,
+};
+enum vmig_dirty_rate_status {
+	VMIG_DIRTY_RATE_UNSTARTED = 0,
+	VMIG_DIRTY_RATE_MEASURING = 1,
+	VMIG_DIRTY_RATE_MEASURED = 2,
+};
+struct vmig_dirty_rate {
+	enum vmig_dirty_rate_status status;
+	enum vmig_dirty_rate_mode mode;
+	int64_t start_time; /* when the last measurement started, s since the epoch */
+	int64_t calc_time_ms;
+	uint64_t sample_pages; /* per GiB, page-sampling */
+	int64_t dirty_rate;    /* MB/s, once measured */
+};
+int vmig_calc_dirty_rate(vmig_session *s, int64_t calc_time_ms, enum vmig_dirty_rate_mode mode,
+			 uint64_t sample_pages);
+int vmig_query_dirty_rate(vmig_session *s, struct vmig_dirty_rate *out);
+
 /* Post-copy fault latency buckets: bucket i counts faults that took
  * [2^i, 2^(i+1)) microseconds (bucket 0 also takes anything faster). */
 #define VMIG_LATENCY_BUCKETS 26

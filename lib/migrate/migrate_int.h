@@ -141,6 +141,13 @@ struct vmig_session {
 	int vcpu_tid[VMIG_MAX_VCPUS];
 	unsigned nvcpus;
 
+	/* calc-dirty-rate (dirtyrate.c): one measurement at a time, on its own
+	 * thread; dr is written under lock, dr_thread by the control thread */
+	struct vmig_dirty_rate dr;
+	bool dr_started;
+	pthread_t dr_thread;
+	bool dr_stop; /* atomic: the session is going away */
+
 	/* destination: connections still sending their preamble (accept.c);
 	 * the migration thread only */
 	struct vmig__pending pending[VMIG_MAX_PENDING];
@@ -294,6 +301,11 @@ struct vmig__pc_dest;
 int vmig__dest_pc_new(struct vmig_session *s, struct vmig__pc_dest **out);
 void vmig__dest_pc_free(struct vmig_session *s, struct vmig__pc_dest *pc);
 int vmig__dest_pc_run(struct vmig_session *s, struct vmig__pc_dest *pc, struct vmig__loader *l);
+
+/* dirtyrate.c: join a measurement's thread (vmig_session_free). */
+void vmig__dirty_rate_stop(struct vmig_session *s);
+/* session.c, for dirtyrate.c: is a migration running? */
+bool vmig__migration_running(struct vmig_session *s);
 
 /* accept.c: the incoming side's connections */
 void vmig__close_pending(struct vmig_session *s);

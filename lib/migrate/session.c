@@ -181,7 +181,7 @@ static bool status_running(enum vmig_status st)
 	       st == VMIG_STATUS_POSTCOPY_PAUSED || st == VMIG_STATUS_POSTCOPY_RECOVER;
 }
 
-static bool migration_running(struct vmig_session *s)
+bool vmig__migration_running(struct vmig_session *s)
 {
 	enum vmig_status st;
 
@@ -205,6 +205,7 @@ VMIG_EXPORT void vmig_session_free(vmig_session *s)
 		/* cannot fail: the counter is far from overflow */
 	}
 	join_thread(s);
+	vmig__dirty_rate_stop(s);
 	/* A failed post-copy destination kept guest RAM registered: only now,
 	 * with the embedder tearing the VM down, is it let go. */
 	vmig__dest_pc_free(s, s->pcd);
@@ -315,7 +316,7 @@ VMIG_EXPORT int vmig_capability_set(vmig_session *s, const char *name, bool on)
 		vmig__err_set(&s->api_err, "unknown migration capability '%s'", name ? name : "");
 		return -ENOENT;
 	}
-	if (migration_running(s)) {
+	if (vmig__migration_running(s)) {
 		vmig__err_set(&s->api_err, "cannot change capability '%s' during a migration", name);
 		return -EBUSY;
 	}
@@ -358,7 +359,7 @@ VMIG_EXPORT int vmig_parameter_set(vmig_session *s, const char *name, int64_t va
 			      (long long)param_info[i].min, (long long)param_info[i].max);
 		return -ERANGE;
 	}
-	if (!param_info[i].live && migration_running(s)) {
+	if (!param_info[i].live && vmig__migration_running(s)) {
 		vmig__err_set(&s->api_err, "cannot change parameter '%s' during a migration", name);
 		return -EBUSY;
 	}
@@ -510,13 +511,23 @@ void vmig__publish(struct vmig_session *s, const struct vmig_stats *st)
 static int begin(struct vmig_session *s, const char *uri, bool source)
 {
 	uint64_t junk;
+	bool busy;
 
 	if (!s->nblocks) {
 		vmig__err_set(&s->api_err, "no guest RAM registered");
 		return -EINVAL;
 	}
-	if (migration_running(s)) {
+	if (vmig__migration_running(s)) {
 		vmig__err_set(&s->api_err, "a migration is already in progress");
+		return -EBUSY;
+	}
+	pthread_mutex_lock(&s->lock);
+	busy =
+	    s->dr.status == VMIG_DIRTY_RATE_MEASURING && s->dr.mode == VMIG_DIRTY_RATE_DIRTY_BITMAP;
+	pthread_mutex_unlock(&s->lock);
+	if (busy) {
+		vmig__err_set(&s->api_err, "a dirty-rate measurement in dirty-bitmap mode holds "
+					   "guest RAM until it ends");
 		return -EBUSY;
 	}
 	if (s->caps[VMIG_CAP_MULTIFD] && s->caps[VMIG_CAP_POSTCOPY_RAM]) {
@@ -630,7 +641,7 @@ VMIG_EXPORT int vmig_incoming(vmig_session *s, const char *uri)
 		ret = check_tls(s, false);
 	if (ret)
 		return ret;
-	if (migration_running(s)) {
+	if (vmig__migration_running(s)) {
 		vmig__err_set(&s->api_err, "a migration is already in progress");
 		return -EBUSY;
 	}
@@ -663,7 +674,7 @@ VMIG_EXPORT int vmig_cancel(vmig_session *s)
 
 	if (!s)
 		return -EINVAL;
-	if (!migration_running(s))
+	if (!vmig__migration_running(s))
 		return 0;
 	pthread_mutex_lock(&s->lock);
 	/* After the switch the destination holds the newest state of the
