@@ -395,3 +395,29 @@ int vmig_session_set_tls(vmig_session *s, vmig_tls_creds *creds, const char *hos
 		 authz_identity ? authz_identity : "");
 	return 0;
 }
+
+/* calc-dirty-rate on the fake: the library's checks of the arguments, and
+ * a measurement that ends at once (the fake guest writes nothing). */
+static struct vmig_dirty_rate fake_dr;
+
+int vmig_calc_dirty_rate(vmig_session *s, int64_t calc_time_ms, enum vmig_dirty_rate_mode mode,
+			 uint64_t sample_pages)
+{
+	if (calc_time_ms < 1000 || calc_time_ms > 60000 ||
+	    (mode == VMIG_DIRTY_RATE_PAGE_SAMPLING && sample_pages &&
+	     (sample_pages < 128 || sample_pages > 16384)))
+		return -ERANGE;
+	if (mode != VMIG_DIRTY_RATE_PAGE_SAMPLING && mode != VMIG_DIRTY_RATE_DIRTY_BITMAP)
+		return -EINVAL;
+	fake_dr = (struct vmig_dirty_rate){.status = VMIG_DIRTY_RATE_MEASURED,
+					   .mode = mode,
+					   .calc_time_ms = calc_time_ms,
+					   .sample_pages = sample_pages ? sample_pages : 512};
+	return 0;
+}
+
+int vmig_query_dirty_rate(vmig_session *s, struct vmig_dirty_rate *out)
+{
+	*out = fake_dr;
+	return 0;
+}
