@@ -167,9 +167,25 @@ static bool delaying(const struct vblk_queue *q, const struct vblk_req *req)
 	return req_latency_ns(q, req) && !__atomic_load_n(&q->stop_requested, __ATOMIC_ACQUIRE);
 }
 
+/*
+ * Mark what the request may have changed as dirty: after its I/O (done or
+ * failed, a failed write may have changed part of its range), before the
+ * guest sees it. Why after and not before: dirty.c.
+ */
+static void req_mark_dirty(struct vblk_queue *q, const struct vblk_req *req)
+{
+	if (req->dirty_len)
+		vblk_queue_mark_dirty(q, req->dirty_off, req->dirty_len);
+	if (req->type == VIRTIO_BLK_T_DISCARD || req->type == VIRTIO_BLK_T_WRITE_ZEROES)
+		for (unsigned i = 0; i < req->nsegs; i++)
+			vblk_queue_mark_dirty(q, req->segs[i].sector * VBLK_SECTOR,
+					      (uint64_t)req->segs[i].num_sectors * VBLK_SECTOR);
+}
+
 /* The request's work is done: return it now, or hold it for the latency. */
 static void req_finish(struct vblk_queue *q, struct vblk_req *req, uint8_t status)
 {
+	req_mark_dirty(q, req);
 	if (delaying(q, req)) {
 		req->held_status = status;
 		req->delay = VBLK_DELAY_HELD;
@@ -344,6 +360,10 @@ static uint8_t start_rw(struct vblk_queue *q, struct vblk_req *req, uint64_t sec
 	if (!is_read && q->disk->read_only)
 		return VIRTIO_BLK_S_IOERR;
 	req->offset = sector * VBLK_SECTOR;
+	if (!is_read) {
+		req->dirty_off = req->offset;
+		req->dirty_len = req->bytes;
+	}
 	stat_add(is_read ? &q->stats.read_ops : &q->stats.write_ops, 1);
 	stat_add(is_read ? &q->stats.read_bytes : &q->stats.write_bytes, req->bytes);
 	if (is_read) /* the used length is 32 bits: saturate, never wrap */
@@ -443,6 +463,7 @@ static void req_start(struct vblk_queue *q, uint16_t head)
 	req->written = 0;
 	req->nsegs = 0;
 	req->seg = 0;
+	req->dirty_len = 0;
 	req->delay = VBLK_DELAY_NONE;
 	if (vhost_vq_map_chain(&q->vr->vq, head, &req->chain) || req_layout(req, &hdr)) {
 		req_drop(q, req);

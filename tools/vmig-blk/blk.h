@@ -4,8 +4,9 @@
  * the disk (a file, a block device, a RAM memfd or nothing) and its geometry
  * (disk.c), the per-queue data path (blk.c, one thread and one io_uring per
  * queue; dwz.c for discard and write-zeroes, bounce.c for the O_DIRECT bounce
- * buffers), the daemon's control loop (main.c), the JSON-RPC control socket
- * (rpc.c) and the live upgrade by exec (upgrade.c).
+ * buffers), dirty-block tracking (dirty.c), the daemon's control loop
+ * (main.c), the JSON-RPC control socket (rpc.c) and the live upgrade by
+ * exec (upgrade.c).
  *
  * Threads: the control thread owns struct vblk_daemon and everything in it
  * except a started queue, which its queue thread owns until queue_stop
@@ -59,6 +60,8 @@ enum vblk_backend {
 	VBLK_BACKEND_NULL,
 };
 
+struct vblk_dirty;
+
 struct vblk_disk {
 	enum vblk_backend backend;
 	int fd;	       /* the image file or the RAM disk's memfd; -1 for null */
@@ -82,6 +85,49 @@ struct vblk_disk {
 	uint32_t physical_block_size;	   /* >= block_size */
 	uint32_t min_io_size, opt_io_size; /* bytes; 0: not known */
 	char serial[VBLK_SERIAL_LEN];
+	/* Dirty-block tracking (dirty.c), NULL while off. Written by the
+	 * control thread, read by queue threads (atomics; see dirty.c for
+	 * when it may be freed). */
+	struct vblk_dirty *dirty;
+};
+
+/*
+ * Dirty-block bitmap (dirty.c). The default granularity is 64 KiB, as
+ * QEMU's mirror job's: a 1 TiB disk needs a 2 MiB bitmap, and a 4 KiB write
+ * costs the copier at most 64 KiB, where 4 KiB granules would need a 32 MiB
+ * bitmap and 16 times the words to scan and take for a sequential writer.
+ */
+#define VBLK_DIRTY_DEFAULT_GRANULARITY (64u << 10)
+#define VBLK_DIRTY_MIN_GRANULARITY 4096u
+#define VBLK_DIRTY_MAX_GRANULARITY (64u << 20)
+
+struct vblk_dirty {
+	uint64_t *words; /* bit b: bytes [b, b + 1) * granularity; atomics */
+	uint64_t nbits;	 /* granules, the last one maybe partly past the disk */
+	uint64_t nwords;
+	uint64_t disk_size; /* bytes */
+	uint32_t granularity;
+	unsigned shift; /* log2(granularity) */
+	/* The rest: control thread only. */
+	uint64_t cursor;	     /* the word the next take starts at */
+	uint64_t start_ns;	     /* when tracking started */
+	uint64_t base_bits;	     /* sum of the queues' dirtied_bits at start */
+	uint64_t rate_ns, rate_bits; /* the start of the dirty-rate window */
+	uint64_t rate_bytes_per_s;   /* as of the last window */
+};
+
+struct vblk_extent {
+	uint64_t offset, length; /* bytes */
+};
+
+struct vblk_dirty_info {
+	bool active;
+	uint32_t granularity;
+	uint64_t total;		   /* bytes of the disk */
+	uint64_t dirty;		   /* bytes dirty now (granules, the last clipped) */
+	uint64_t dirtied;	   /* bytes newly made dirty since start */
+	uint64_t rate_bytes_per_s; /* of newly dirty bytes */
+	uint64_t active_ms;
 };
 
 /*
@@ -139,6 +185,11 @@ struct vblk_queue {
 	 * whose layout is part of the live-upgrade state. */
 	uint64_t bounced;
 	uint64_t logged_starts; /* control thread: recovery already logged */
+	/* Up while the queue thread may use disk->dirty (SEQ_CST; dirty.c). */
+	bool dirty_busy;
+	/* Dirty bits this queue turned from 0 to 1 since the daemon started
+	 * (relaxed atomic; queue thread writes, control thread reads). */
+	uint64_t dirtied_bits;
 	struct vblk_stats stats;
 };
 
@@ -245,6 +296,34 @@ void vblk_iov_from_buf(const struct iovec *iov, unsigned n, uint64_t skip, const
  * 0, or -errno with the reason in err (a block size we cannot serve).
  */
 int vblk_disk_probe(struct vblk_disk *disk, char *err, size_t errlen);
+
+/* dirty.c: the bitmap itself (any thread, see dirty.c) */
+/* A bitmap for disk_size bytes; granularity a power of two in
+ * [VBLK_DIRTY_MIN_GRANULARITY, VBLK_DIRTY_MAX_GRANULARITY]. 0 or -errno. */
+int vblk_dirty_new(uint64_t disk_size, uint32_t granularity, bool all_dirty,
+		   struct vblk_dirty **out);
+void vblk_dirty_free(struct vblk_dirty *d);
+/* Set the bits of [offset, offset + len) (clipped to the disk); returns how
+ * many were newly set. */
+uint64_t vblk_dirty_mark(struct vblk_dirty *d, uint64_t offset, uint64_t len);
+/* Dirty bytes now (a snapshot: bits may change meanwhile). */
+uint64_t vblk_dirty_bytes(const struct vblk_dirty *d);
+/* Clear and return up to max_bytes (at least one granule) of dirty extents,
+ * at most max_ext of them: disjoint, in disk order from where the previous
+ * take stopped, wrapping around to the start of the disk at most once.
+ * Returns the number of extents; *taken_bytes their total. One taker at a
+ * time (the control thread). */
+size_t vblk_dirty_take(struct vblk_dirty *d, uint64_t max_bytes, struct vblk_extent *ext,
+		       size_t max_ext, uint64_t *taken_bytes);
+/* Queue thread: a request changed [offset, offset + len); call once its
+ * I/O has completed, before the guest sees it. */
+void vblk_queue_mark_dirty(struct vblk_queue *q, uint64_t offset, uint64_t len);
+/* Control thread: start tracking (-EBUSY: already on; -EINVAL: bad
+ * granularity, or smaller than the disk's block size), stop it, and read
+ * its counters (also when off: active false). */
+int vblk_dirty_start(struct vblk_daemon *dm, uint32_t granularity, bool all_dirty);
+void vblk_dirty_stop(struct vblk_daemon *dm);
+void vblk_dirty_query(struct vblk_daemon *dm, struct vblk_dirty_info *info);
 
 /* rpc.c */
 /* The RPC socket, owner-only (0600); clients are checked at accept. */

@@ -872,6 +872,7 @@ static void daemon_init(struct vblk_daemon *dm, char **argv)
 static void shutdown_daemon(struct vblk_daemon *dm)
 {
 	vhost_dev_reset(&dm->dev);
+	vblk_dirty_stop(dm);
 	for (unsigned i = 0; i < dm->nqueues; i++)
 		vblk_queue_free(&dm->q[i]);
 	for (int i = 0; i < VBLK_MAX_RPC_CLIENTS; i++) {

@@ -42,6 +42,9 @@ struct vblk_req {
 	uint64_t seg_done;   /* bytes of it zeroed so far (VBLK_DWZ_WRITE) */
 	enum { VBLK_DWZ_DISCARD, VBLK_DWZ_PUNCH, VBLK_DWZ_ZERO_RANGE, VBLK_DWZ_WRITE } seg_mode;
 	uint8_t *bounce; /* the bounce buffer it holds (see bounce_start); or NULL */
+	/* A write's range, once checked: marked dirty when the request is
+	 * done (req_finish). Discard and write-zeroes mark their segments. */
+	uint64_t dirty_off, dirty_len;
 	struct vblk_dwz_seg segs[VBLK_MAX_DWZ_SEGS];
 };
 

@@ -316,6 +316,175 @@ static json_t *set_latency(struct vblk_daemon *dm, int fd, const char *id, json_
 			 (int)dm->write_latency_us);
 }
 
+/* ---- dirty-block tracking (dirty.c; docs/vhost-user.md) ---- */
+
+#define RPC_TAKE_DEFAULT_BYTES (64ull << 20)
+#define RPC_TAKE_MAX_BYTES (1ull << 30)
+#define RPC_TAKE_MAX_EXTENTS 4096u /* ~200 KiB of JSON at most */
+
+/*
+ * An optional unsigned integer param: *out keeps its default if absent.
+ * False (and the error sent) if present but not an integer in [lo, hi].
+ */
+static bool param_u64(int fd, const char *id, json_t *params, const char *key, uint64_t lo,
+		      uint64_t hi, uint64_t *out)
+{
+	json_t *p = json_is_object(params) ? json_object_get(params, key) : NULL;
+	char msg[160];
+
+	if (!p)
+		return true;
+	if (json_is_integer(p) && json_integer_value(p) >= 0 &&
+	    (uint64_t)json_integer_value(p) >= lo && (uint64_t)json_integer_value(p) <= hi) {
+		*out = (uint64_t)json_integer_value(p);
+		return true;
+	}
+	snprintf(msg, sizeof(msg), "%s must be an integer in %llu..%llu", key,
+		 (unsigned long long)lo, (unsigned long long)hi);
+	vblk_rpc_send(fd, id, NULL, RPC_INVALID_PARAMS, msg);
+	return false;
+}
+
+/* Params must be absent, an object, or an empty array, and an object may
+ * hold only the keys named. */
+static bool params_only(int fd, const char *id, json_t *params, const char *const *keys,
+			unsigned nkeys)
+{
+	const char *key;
+	json_t *v;
+
+	if (json_is_array(params) && json_array_size(params) == 0)
+		return true;
+	if (json_is_array(params)) {
+		vblk_rpc_send(fd, id, NULL, RPC_INVALID_PARAMS, "params must be an object");
+		return false;
+	}
+	json_object_foreach(params, key, v)
+	{
+		bool known = false;
+		char msg[160];
+
+		for (unsigned i = 0; i < nkeys; i++)
+			known = known || !strcmp(key, keys[i]);
+		if (!known) {
+			snprintf(msg, sizeof(msg), "unknown param \"%.64s\"", key);
+			vblk_rpc_send(fd, id, NULL, RPC_INVALID_PARAMS, msg);
+			return false;
+		}
+	}
+	return true;
+}
+
+static json_t *dirty_query(struct vblk_daemon *dm)
+{
+	struct vblk_dirty_info in;
+	json_t *o;
+
+	vblk_dirty_query(dm, &in);
+	o = json_pack("{s:b,s:I,s:I}", "active", in.active, "total", (json_int_t)in.total, "dirty",
+		      (json_int_t)in.dirty);
+	if (!o || !in.active)
+		return o;
+	json_object_set_new(o, "granularity", json_integer(in.granularity));
+	json_object_set_new(o, "count", json_integer((json_int_t)in.dirty));
+	json_object_set_new(o, "dirtied", json_integer((json_int_t)in.dirtied));
+	json_object_set_new(o, "dirty-rate", json_integer((json_int_t)in.rate_bytes_per_s));
+	json_object_set_new(o, "active_ms", json_integer((json_int_t)in.active_ms));
+	return o;
+}
+
+/* {"granularity": G, "all_dirty": B}: start tracking. */
+static json_t *dirty_start(struct vblk_daemon *dm, int fd, const char *id, json_t *params)
+{
+	static const char *const keys[] = {"granularity", "all_dirty"};
+	uint64_t gran = VBLK_DIRTY_DEFAULT_GRANULARITY;
+	json_t *all = json_is_object(params) ? json_object_get(params, "all_dirty") : NULL;
+	char msg[200];
+	int r;
+
+	if (!params_only(fd, id, params, keys, 2) ||
+	    !param_u64(fd, id, params, "granularity", VBLK_DIRTY_MIN_GRANULARITY,
+		       VBLK_DIRTY_MAX_GRANULARITY, &gran))
+		return NULL;
+	if (all && !json_is_boolean(all)) {
+		vblk_rpc_send(fd, id, NULL, RPC_INVALID_PARAMS, "all_dirty must be a boolean");
+		return NULL;
+	}
+	r = vblk_dirty_start(dm, (uint32_t)gran, json_is_true(all));
+	if (r == -EBUSY) {
+		vblk_rpc_send(fd, id, NULL, RPC_SERVER_ERROR,
+			      "dirty tracking is already on (dirty_bitmap_stop first)");
+		return NULL;
+	}
+	if (r == -EINVAL) {
+		snprintf(msg, sizeof(msg),
+			 "granularity must be a power of two, at least the disk's block size "
+			 "(%u)",
+			 dm->disk.block_size);
+		vblk_rpc_send(fd, id, NULL, RPC_INVALID_PARAMS, msg);
+		return NULL;
+	}
+	if (r) {
+		vblk_rpc_send(fd, id, NULL, RPC_SERVER_ERROR, strerror(-r));
+		return NULL;
+	}
+	vblk_log(dm, "dirty tracking on, granularity %llu%s", (unsigned long long)gran,
+		 json_is_true(all) ? ", all dirty" : "");
+	return dirty_query(dm);
+}
+
+static json_t *dirty_stop(struct vblk_daemon *dm, int fd, const char *id, json_t *params)
+{
+	json_t *res;
+
+	if (!params_only(fd, id, params, NULL, 0))
+		return NULL;
+	if (!dm->disk.dirty) {
+		vblk_rpc_send(fd, id, NULL, RPC_SERVER_ERROR, "dirty tracking is not on");
+		return NULL;
+	}
+	res = dirty_query(dm); /* what it stood at, as it stops */
+	vblk_dirty_stop(dm);
+	vblk_log(dm, "dirty tracking off");
+	return res;
+}
+
+/* {"max_bytes": N}: clear and return dirty extents, N bytes at most. */
+static json_t *dirty_take(struct vblk_daemon *dm, int fd, const char *id, json_t *params)
+{
+	static const char *const keys[] = {"max_bytes"};
+	uint64_t max = RPC_TAKE_DEFAULT_BYTES, bytes;
+	struct vblk_extent *ext;
+	json_t *list, *res;
+	size_t n;
+
+	if (!params_only(fd, id, params, keys, 1) ||
+	    !param_u64(fd, id, params, "max_bytes", 1, RPC_TAKE_MAX_BYTES, &max))
+		return NULL;
+	if (!dm->disk.dirty) {
+		vblk_rpc_send(fd, id, NULL, RPC_SERVER_ERROR, "dirty tracking is not on");
+		return NULL;
+	}
+	ext = malloc(RPC_TAKE_MAX_EXTENTS * sizeof(*ext));
+	list = json_array();
+	if (!ext || !list) {
+		free(ext);
+		json_decref(list);
+		vblk_rpc_send(fd, id, NULL, RPC_SERVER_ERROR, "out of memory");
+		return NULL;
+	}
+	n = vblk_dirty_take(dm->disk.dirty, max, ext, RPC_TAKE_MAX_EXTENTS, &bytes);
+	for (size_t i = 0; i < n; i++)
+		json_array_append_new(list,
+				      json_pack("{s:I,s:I}", "offset", (json_int_t)ext[i].offset,
+						"length", (json_int_t)ext[i].length));
+	free(ext);
+	res = json_pack("{s:o,s:I,s:I,s:i}", "extents", list, "bytes", (json_int_t)bytes, "dirty",
+			(json_int_t)vblk_dirty_bytes(dm->disk.dirty), "granularity",
+			(int)dm->disk.dirty->granularity);
+	return res;
+}
+
 /* Handle one request object; returns false if the client must be closed. */
 static bool dispatch(struct vblk_daemon *dm, int fd, json_t *req)
 {
@@ -342,6 +511,14 @@ static bool dispatch(struct vblk_daemon *dm, int fd, json_t *req)
 		result = set_poll(dm, fd, id, params);
 	} else if (!strcmp(method, "vmig_blk_set_latency")) {
 		result = set_latency(dm, fd, id, params);
+	} else if (!strcmp(method, "dirty_bitmap_start")) {
+		result = dirty_start(dm, fd, id, params);
+	} else if (!strcmp(method, "dirty_bitmap_stop")) {
+		result = dirty_stop(dm, fd, id, params);
+	} else if (!strcmp(method, "dirty_bitmap_query")) {
+		result = params_only(fd, id, params, NULL, 0) ? dirty_query(dm) : NULL;
+	} else if (!strcmp(method, "dirty_bitmap_take")) {
+		result = dirty_take(dm, fd, id, params);
 	} else if (!strcmp(method, "vmig_blk_upgrade")) {
 		char err[512];
 

@@ -49,6 +49,10 @@
  * the state rather than in it, so that the state format stays state-v2. */
 #define LOCK_ENV "VMIG_BLK_LOCK_FD"
 #define VERSION_TAG "state-v2"
+/* Dirty tracking's granularity, when it was on: the new process turns it
+ * on again with every block dirty (see take_dirty). Beside the state, like
+ * the lock fd: a binary that knows nothing of it simply does not track. */
+#define DIRTY_ENV "VMIG_BLK_DIRTY_GRANULARITY"
 
 struct st_region {
 	struct vhost_user_mem_region d;
@@ -407,10 +411,15 @@ int vblk_upgrade(struct vblk_daemon *dm, int reply_fd, const char *id_json, char
 			fcntl(dm->disk.lock_fd, F_SETFD, 0);
 			setenv(LOCK_ENV, env, 1);
 		}
+		if (dm->disk.dirty) {
+			snprintf(env, sizeof(env), "%u", dm->disk.dirty->granularity);
+			setenv(DIRTY_ENV, env, 1);
+		}
 		fexecve(bfd, dm->argv, environ);
 		r = -errno;
 		unsetenv(STATE_ENV);
 		unsetenv(LOCK_ENV);
+		unsetenv(DIRTY_ENV);
 		if (dm->disk.lock_fd >= 0)
 			fcntl(dm->disk.lock_fd, F_SETFD, FD_CLOEXEC);
 		set_cloexec(&s, true);
@@ -518,6 +527,36 @@ static int take_lock_fd(void)
 	return (int)fd;
 }
 
+/*
+ * Dirty tracking was on before the upgrade: turn it on again, before any
+ * ring restarts, with every block dirty. The bitmap itself is not handed
+ * over: the old process's bits are a subset of "all", a copier that
+ * takes everything again loses nothing, and passing it would need its own
+ * memfd and format for a case (an upgrade in the middle of a storage
+ * migration) where one more full pass is cheap next to being wrong. The
+ * same holds after a crash, where there is no bitmap to hand over at all:
+ * a copier that finds tracking off must start over.
+ */
+static void take_dirty(struct vblk_daemon *dm)
+{
+	const char *env = getenv(DIRTY_ENV);
+	unsigned long gran;
+	char *end;
+	int r;
+
+	if (!env)
+		return;
+	gran = strtoul(env, &end, 10);
+	unsetenv(DIRTY_ENV);
+	r = *end || end == env || gran > UINT32_MAX ? -EINVAL
+						    : vblk_dirty_start(dm, (uint32_t)gran, true);
+	if (r)
+		vblk_log(dm, "warning: dirty tracking not resumed after the upgrade: %s",
+			 strerror(-r));
+	else
+		vblk_log(dm, "dirty tracking resumed after the upgrade, every block dirty");
+}
+
 int vblk_upgrade_resume(struct vblk_daemon *dm)
 {
 	static struct st s;
@@ -551,6 +590,7 @@ int vblk_upgrade_resume(struct vblk_daemon *dm)
 	dm->poll_us = s.poll_us;
 	for (unsigned i = 0; i < dm->nqueues; i++)
 		vblk_queue_set_poll(&dm->q[i], dm->poll_us);
+	take_dirty(dm);
 	dm->listen_fd = s.listen_fd;
 	dm->conn_fd = s.conn_fd;
 	if (dm->conn_fd >= 0) /* a connection from a binary that did not */

@@ -1,0 +1,784 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Dirty-block tracking of vmig-blk (tools/vmig-blk/dirty.c), end to end:
+ * the daemon named by argv[1] runs on a file image, a small front-end here
+ * (the same framing as test_hostile.c) brings a ring up over its vhost-user
+ * socket and writes, discards and zeroes as a guest driver would, and the
+ * bitmap is checked through the JSON-RPC methods dirty_bitmap_start, _stop,
+ * _query and _take: what each request marks, that reads mark nothing,
+ * bounds of a take, errors for bad params, a copier that takes and copies
+ * while a writer runs and must end with an exact copy (no write lost), and
+ * tracking turned on again, all dirty, after a live upgrade.
+ *
+ * Usage: vhost-test_dirty PATH-TO-VMIG-BLK
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <linux/virtio_blk.h>
+#include <poll.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#include <cmocka.h>
+
+#include "vhost/vhost.h"
+
+#define MIB (1u << 20)
+#define GM_SIZE (2u * MIB) /* guest memory: one region, guest physical 0 */
+#define UVA 0x7f1000000000ull
+#define NUM 16
+#define G_DESC 0x1000ull
+#define G_AVAIL 0x2000ull
+#define G_USED 0x3000ull
+#define G_HDR 0x8000ull
+#define G_STATUS 0x9000ull
+#define G_SEG 0xa000ull
+#define G_DATA 0x10000ull /* up to 1 MiB of data */
+#define IMG_SIZE (16u * MIB)
+#define GRAN (64u << 10)
+#define WAIT_MS 10000
+
+#define PROTO_WANTED                                                                               \
+	((1ull << VHOST_USER_PROTOCOL_F_MQ) | (1ull << VHOST_USER_PROTOCOL_F_REPLY_ACK) |          \
+	 (1ull << VHOST_USER_PROTOCOL_F_CONFIG))
+#define FEATURES ((1ull << VIRTIO_F_VERSION_1) | (1ull << VHOST_USER_F_PROTOCOL_FEATURES))
+
+struct wire {
+	struct vhost_user_hdr hdr;
+	union vhost_user_payload p;
+} __attribute__((packed));
+
+static struct {
+	const char *bin;
+	char dir[256];
+	char sock[300], rpc[300], image[300], log[300];
+	pid_t pid;
+	int gm_fd;
+	uint8_t *gm;
+	int sock_fd, kick, call, err;
+	uint16_t avail_idx;
+} T;
+
+static uint64_t now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static void *gp(uint64_t gpa)
+{
+	assert_true(gpa < GM_SIZE);
+	return T.gm + gpa;
+}
+
+static int connect_path(const char *path)
+{
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+	if (fd < 0)
+		return -errno;
+	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+		int r = -errno;
+
+		close(fd);
+		return r;
+	}
+	return fd;
+}
+
+/* ---- JSON-RPC ---- */
+
+/* One call; the parsed reply (NULL if none came in time). */
+static json_t *rpc_raw(const char *method, const char *params)
+{
+	static char buf[1 << 20];
+	char req[512];
+	size_t len = 0;
+	uint64_t end = now_ms() + WAIT_MS;
+	int fd = connect_path(T.rpc), n;
+	json_t *reply = NULL;
+
+	if (fd < 0)
+		return NULL;
+	n = snprintf(req, sizeof(req), "{\"jsonrpc\":\"2.0\",\"id\":7,\"method\":\"%s\"%s%s}\n",
+		     method, params ? ",\"params\":" : "", params ? params : "");
+	if (send(fd, req, (size_t)n, MSG_NOSIGNAL) != n) {
+		close(fd);
+		return NULL;
+	}
+	while (len + 1 < sizeof(buf) && !memchr(buf, '\n', len)) {
+		struct pollfd p = {.fd = fd, .events = POLLIN};
+		int64_t left = (int64_t)(end - now_ms());
+		ssize_t r;
+
+		if (left <= 0 || poll(&p, 1, (int)left) <= 0)
+			break;
+		r = recv(fd, buf + len, sizeof(buf) - 1 - len, 0);
+		if (r <= 0)
+			break;
+		len += (size_t)r;
+	}
+	close(fd);
+	if (memchr(buf, '\n', len))
+		reply = json_loadb(buf, len, JSON_DISABLE_EOF_CHECK, NULL);
+	return reply;
+}
+
+/* A call that must succeed: its result (caller decrefs). */
+static json_t *rpc_ok(const char *method, const char *params)
+{
+	json_t *reply = rpc_raw(method, params), *res;
+
+	assert_non_null(reply);
+	res = json_object_get(reply, "result");
+	if (!res) {
+		char *t = json_dumps(reply, JSON_COMPACT);
+
+		fail_msg("%s %s failed: %s", method, params ? params : "", t);
+	}
+	json_incref(res);
+	json_decref(reply);
+	return res;
+}
+
+/* A call that must fail with the JSON-RPC error code given. */
+static void rpc_fails(const char *method, const char *params, int code)
+{
+	json_t *reply = rpc_raw(method, params), *e;
+
+	assert_non_null(reply);
+	e = json_object_get(reply, "error");
+	if (!e || json_integer_value(json_object_get(e, "code")) != code) {
+		char *t = json_dumps(reply, JSON_COMPACT);
+
+		fail_msg("%s %s: expected error %d, got %s", method, params ? params : "", code, t);
+	}
+	assert_non_null(json_string_value(json_object_get(e, "message")));
+	json_decref(reply);
+}
+
+static uint64_t field(json_t *o, const char *key)
+{
+	json_t *v = json_object_get(o, key);
+
+	if (!json_is_integer(v))
+		fail_msg("no integer \"%s\"", key);
+	return (uint64_t)json_integer_value(v);
+}
+
+static uint64_t query_dirty(void)
+{
+	json_t *q = rpc_ok("dirty_bitmap_query", NULL);
+	uint64_t d = field(q, "dirty");
+
+	json_decref(q);
+	return d;
+}
+
+/* Take, with max_bytes, into ext[] (offset, length pairs); returns count. */
+static size_t take(uint64_t max_bytes, uint64_t (*ext)[2], size_t max_ext, uint64_t *bytes)
+{
+	char params[64];
+	json_t *res, *list, *e;
+	size_t i, total = 0, wraps = 0;
+
+	snprintf(params, sizeof(params), "{\"max_bytes\":%llu}", (unsigned long long)max_bytes);
+	res = rpc_ok("dirty_bitmap_take", params);
+	list = json_object_get(res, "extents");
+	assert_true(json_is_array(list));
+	assert_true(json_array_size(list) <= max_ext);
+	json_array_foreach(list, i, e)
+	{
+		ext[i][0] = field(e, "offset");
+		ext[i][1] = field(e, "length");
+		assert_true(ext[i][1] > 0 && ext[i][0] + ext[i][1] <= IMG_SIZE);
+		/* In disk order from where the last take stopped, wrapping
+		 * around at most once; disjoint, and not touching (touching
+		 * extents are returned as one). */
+		if (i && ext[i][0] < ext[i - 1][0])
+			wraps++;
+		else if (i)
+			assert_true(ext[i][0] > ext[i - 1][0] + ext[i - 1][1]);
+		total += ext[i][1];
+	}
+	assert_true(wraps <= 1);
+	if (wraps)
+		assert_true(ext[i - 1][0] + ext[i - 1][1] <= ext[0][0]);
+	assert_int_equal(total, field(res, "bytes"));
+	assert_true(total <= (max_bytes < GRAN ? GRAN : max_bytes));
+	*bytes = total;
+	json_decref(res);
+	return json_array_size(list) <= max_ext ? i : 0;
+}
+
+/* Take everything; all must be one extent [off, off + len). */
+static void expect_one_extent(uint64_t off, uint64_t len)
+{
+	uint64_t ext[8][2], bytes;
+	size_t n = take(1ull << 30, ext, 8, &bytes);
+
+	if (n != 1 || ext[0][0] != off || ext[0][1] != len)
+		fail_msg("expected [%llu, +%llu), got %zu extents, first [%llu, +%llu)",
+			 (unsigned long long)off, (unsigned long long)len, n,
+			 (unsigned long long)(n ? ext[0][0] : 0),
+			 (unsigned long long)(n ? ext[0][1] : 0));
+	assert_int_equal(query_dirty(), 0);
+}
+
+/* ---- the daemon ---- */
+
+static void daemon_start(void)
+{
+	uint64_t end;
+	pid_t pid = fork();
+
+	assert_true(pid >= 0);
+	if (pid == 0) {
+		int lfd = open(T.log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+
+		if (lfd >= 0) {
+			dup2(lfd, 1);
+			dup2(lfd, 2);
+		}
+		execl(T.bin, T.bin, "--socket", T.sock, "--file", T.image, "--rpc", T.rpc,
+		      "--poll-us", "0", (char *)NULL);
+		_exit(127);
+	}
+	T.pid = pid;
+	end = now_ms() + WAIT_MS;
+	while (now_ms() < end) {
+		json_t *r = rpc_raw("dirty_bitmap_query", NULL);
+
+		if (r) {
+			json_decref(r);
+			return;
+		}
+		usleep(10000);
+	}
+	fail_msg("daemon did not come up");
+}
+
+static int daemon_stop(void)
+{
+	int st;
+
+	if (T.pid <= 0)
+		return 0;
+	kill(T.pid, SIGTERM);
+	waitpid(T.pid, &st, 0);
+	T.pid = -1;
+	return WIFEXITED(st) && WEXITSTATUS(st) == 0 ? 0 : -1;
+}
+
+/* ---- vhost-user front-end ---- */
+
+static int fe_send(uint32_t req, uint32_t flags, const void *p, uint32_t size, const int *fds,
+		   unsigned nfds)
+{
+	char ctl[CMSG_SPACE(sizeof(int) * 8)];
+	struct wire w;
+	struct iovec iov = {&w, sizeof(w.hdr) + size};
+	struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
+
+	memset(&w, 0, sizeof(w));
+	w.hdr.request = req;
+	w.hdr.flags = VHOST_USER_VERSION | flags;
+	w.hdr.size = size;
+	if (size)
+		memcpy(&w.p, p, size);
+	if (nfds) {
+		struct cmsghdr *c;
+
+		memset(ctl, 0, sizeof(ctl));
+		mh.msg_control = ctl;
+		mh.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+		c = CMSG_FIRSTHDR(&mh);
+		c->cmsg_level = SOL_SOCKET;
+		c->cmsg_type = SCM_RIGHTS;
+		c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+		memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
+	}
+	return sendmsg(T.sock_fd, &mh, MSG_NOSIGNAL) == (ssize_t)iov.iov_len ? 0 : -EIO;
+}
+
+static void fe_recv(struct wire *w)
+{
+	struct pollfd pf = {.fd = T.sock_fd, .events = POLLIN};
+
+	assert_int_equal(poll(&pf, 1, WAIT_MS), 1);
+	assert_int_equal(recv(T.sock_fd, &w->hdr, sizeof(w->hdr), MSG_WAITALL), sizeof(w->hdr));
+	assert_true(w->hdr.size <= sizeof(w->p));
+	if (w->hdr.size)
+		assert_int_equal(recv(T.sock_fd, &w->p, w->hdr.size, MSG_WAITALL), w->hdr.size);
+}
+
+/* Send with NEED_REPLY; the ack must say success. */
+static void fe_ack(uint32_t req, const void *p, uint32_t size, const int *fds, unsigned nfds)
+{
+	struct wire w;
+
+	assert_int_equal(fe_send(req, VHOST_USER_NEED_REPLY_MASK, p, size, fds, nfds), 0);
+	fe_recv(&w);
+	assert_int_equal(w.hdr.request, req);
+	assert_int_equal(w.p.u64, 0);
+}
+
+static void fe_state(uint32_t req, uint32_t num)
+{
+	struct vhost_user_vring_state s = {0, num};
+
+	fe_ack(req, &s, sizeof(s), NULL, 0);
+}
+
+/* Connect and bring ring 0 up, as QEMU would. */
+static void fe_up(void)
+{
+	struct vhost_user_mem_table t = {.nregions = 1};
+	struct vhost_user_vring_addr a = {.index = 0,
+					  .desc_user_addr = UVA + G_DESC,
+					  .avail_user_addr = UVA + G_AVAIL,
+					  .used_user_addr = UVA + G_USED};
+	uint64_t v = PROTO_WANTED, zero = 0;
+	struct wire w;
+	uint64_t end = now_ms() + WAIT_MS;
+
+	memset(T.gm, 0, 0x10000);
+	T.avail_idx = 0;
+	do
+		T.sock_fd = connect_path(T.sock);
+	while (T.sock_fd < 0 && now_ms() < end && usleep(10000) == 0);
+	assert_true(T.sock_fd >= 0);
+	T.kick = eventfd(0, EFD_CLOEXEC);
+	T.call = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	T.err = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	assert_int_equal(fe_send(VHOST_USER_GET_FEATURES, 0, NULL, 0, NULL, 0), 0);
+	fe_recv(&w);
+	assert_int_equal(fe_send(VHOST_USER_GET_PROTOCOL_FEATURES, 0, NULL, 0, NULL, 0), 0);
+	fe_recv(&w);
+	assert_int_equal(w.p.u64 & PROTO_WANTED, PROTO_WANTED);
+	assert_int_equal(fe_send(VHOST_USER_SET_PROTOCOL_FEATURES, 0, &v, 8, NULL, 0), 0);
+	fe_ack(VHOST_USER_SET_OWNER, NULL, 0, NULL, 0);
+	v = FEATURES;
+	fe_ack(VHOST_USER_SET_FEATURES, &v, 8, NULL, 0);
+	t.regions[0] = (struct vhost_user_mem_region){0, GM_SIZE, UVA, 0};
+	fe_ack(VHOST_USER_SET_MEM_TABLE, &t, 8 + 32, &T.gm_fd, 1);
+	fe_state(VHOST_USER_SET_VRING_NUM, NUM);
+	fe_state(VHOST_USER_SET_VRING_BASE, 0);
+	fe_ack(VHOST_USER_SET_VRING_ADDR, &a, sizeof(a), NULL, 0);
+	fe_ack(VHOST_USER_SET_VRING_CALL, &zero, 8, &T.call, 1);
+	fe_ack(VHOST_USER_SET_VRING_ERR, &zero, 8, &T.err, 1);
+	fe_ack(VHOST_USER_SET_VRING_KICK, &zero, 8, &T.kick, 1);
+}
+
+static void fe_down(void)
+{
+	close(T.sock_fd);
+	close(T.kick);
+	close(T.call);
+	close(T.err);
+	/* Wait until the daemon let go of the ring (its next query answers
+	 * only after the disconnect was handled, but make sure). */
+	usleep(20000);
+}
+
+/* ---- requests: one at a time, head 0, chain 0-1-2 ---- */
+
+static void set_desc(unsigned i, uint64_t addr, uint32_t len, uint16_t flags, uint16_t next)
+{
+	struct vhost_desc *t = gp(G_DESC);
+
+	t[i] = (struct vhost_desc){.addr = addr, .len = len, .flags = flags, .next = next};
+}
+
+/* Run one request; returns its status. */
+static uint8_t request(uint32_t type, uint64_t sector, uint64_t data_gpa, uint32_t len)
+{
+	struct virtio_blk_outhdr *h = gp(G_HDR);
+	struct vhost_avail *av = gp(G_AVAIL);
+	struct vhost_used *u = gp(G_USED);
+	uint64_t end = now_ms() + WAIT_MS;
+	uint16_t want = (uint16_t)(T.avail_idx + 1);
+
+	h->type = type;
+	h->ioprio = 0;
+	h->sector = sector;
+	*(volatile uint8_t *)gp(G_STATUS) = 0xee;
+	set_desc(0, G_HDR, sizeof(*h), VHOST_DESC_F_NEXT, 1);
+	set_desc(1, data_gpa, len,
+		 VHOST_DESC_F_NEXT | (type == VIRTIO_BLK_T_IN ? VHOST_DESC_F_WRITE : 0), 2);
+	set_desc(2, G_STATUS, 1, VHOST_DESC_F_WRITE, 0);
+	av->ring[T.avail_idx % NUM] = 0;
+	T.avail_idx = want;
+	__atomic_store_n(&av->idx, want, __ATOMIC_RELEASE);
+	eventfd_write(T.kick, 1);
+	while (__atomic_load_n(&u->idx, __ATOMIC_ACQUIRE) != want) {
+		if (now_ms() > end)
+			fail_msg("request type %u never completed", type);
+		usleep(50);
+	}
+	return *(volatile uint8_t *)gp(G_STATUS);
+}
+
+static void write_at(uint64_t off, uint32_t len, uint8_t fill)
+{
+	memset(gp(G_DATA), fill, len);
+	assert_int_equal(request(VIRTIO_BLK_T_OUT, off / 512, G_DATA, len), VIRTIO_BLK_S_OK);
+}
+
+/* Discard or write-zeroes of one segment. */
+static void dwz_at(uint32_t type, uint64_t off, uint64_t len, uint32_t flags)
+{
+	struct virtio_blk_discard_write_zeroes *s = gp(G_SEG);
+
+	s->sector = off / 512;
+	s->num_sectors = (uint32_t)(len / 512);
+	s->flags = flags;
+	assert_int_equal(request(type, 0, G_SEG, sizeof(*s)), VIRTIO_BLK_S_OK);
+}
+
+/* ---- cases ---- */
+
+static void test_rpc_errors(void **state)
+{
+	json_t *q;
+
+	/* Off: a query says so, take and stop are errors. */
+	q = rpc_ok("dirty_bitmap_query", NULL);
+	assert_true(json_is_false(json_object_get(q, "active")));
+	assert_int_equal(field(q, "total"), IMG_SIZE);
+	json_decref(q);
+	rpc_fails("dirty_bitmap_take", NULL, -32000);
+	rpc_fails("dirty_bitmap_stop", NULL, -32000);
+	/* Bad params never start it. */
+	rpc_fails("dirty_bitmap_start", "{\"granularity\":3000}", -32602);
+	rpc_fails("dirty_bitmap_start", "{\"granularity\":12288}", -32602); /* not 2^n */
+	rpc_fails("dirty_bitmap_start", "{\"granularity\":2048}", -32602);
+	rpc_fails("dirty_bitmap_start", "{\"granularity\":1099511627776}", -32602);
+	rpc_fails("dirty_bitmap_start", "{\"granularity\":-65536}", -32602);
+	rpc_fails("dirty_bitmap_start", "{\"granularity\":\"64k\"}", -32602);
+	rpc_fails("dirty_bitmap_start", "{\"granularity\":65536.0}", -32602);
+	rpc_fails("dirty_bitmap_start", "{\"all_dirty\":1}", -32602);
+	rpc_fails("dirty_bitmap_start", "{\"granularit\":65536}", -32602);
+	rpc_fails("dirty_bitmap_start", "[65536]", -32602);
+	rpc_fails("dirty_bitmap_query", "{\"x\":1}", -32602);
+	q = rpc_ok("dirty_bitmap_query", NULL);
+	assert_true(json_is_false(json_object_get(q, "active")));
+	json_decref(q);
+	/* On: fields in the style of QEMU's block-dirty-bitmap. */
+	q = rpc_ok("dirty_bitmap_start", "{}");
+	assert_true(json_is_true(json_object_get(q, "active")));
+	assert_int_equal(field(q, "granularity"), GRAN);
+	assert_int_equal(field(q, "total"), IMG_SIZE);
+	assert_int_equal(field(q, "dirty"), 0);
+	assert_int_equal(field(q, "count"), 0);
+	(void)field(q, "dirty-rate");
+	json_decref(q);
+	rpc_fails("dirty_bitmap_start", NULL, -32000); /* already on */
+	rpc_fails("dirty_bitmap_take", "{\"max_bytes\":0}", -32602);
+	rpc_fails("dirty_bitmap_take", "{\"max_bytes\":-1}", -32602);
+	rpc_fails("dirty_bitmap_take", "{\"max_bytes\":true}", -32602);
+	rpc_fails("dirty_bitmap_take", "{\"max_bytes\":2147483648}", -32602);
+	rpc_fails("dirty_bitmap_take", "{\"max_bytes\":1,\"x\":1}", -32602);
+	json_decref(rpc_ok("dirty_bitmap_stop", NULL));
+	rpc_fails("dirty_bitmap_stop", NULL, -32000);
+}
+
+static void test_requests_marked(void **state)
+{
+	json_t *q;
+	uint64_t ext[8][2], bytes;
+
+	fe_up();
+	json_decref(rpc_ok("dirty_bitmap_start", "{\"granularity\":65536}"));
+	/* One 4 KiB write inside a granule: that granule. */
+	write_at(2 * GRAN + 4096, 4096, 0x11);
+	assert_int_equal(query_dirty(), GRAN);
+	expect_one_extent(2 * GRAN, GRAN);
+	/* Across a granule boundary: both. */
+	write_at(5 * GRAN - 4096, 8192, 0x22);
+	expect_one_extent(4 * GRAN, 2 * GRAN);
+	/* Reads, flushes and a refused write (past the end) mark nothing. */
+	assert_int_equal(request(VIRTIO_BLK_T_IN, 0, G_DATA, 65536), VIRTIO_BLK_S_OK);
+	assert_int_equal(request(VIRTIO_BLK_T_FLUSH, 0, G_DATA, 0), VIRTIO_BLK_S_OK);
+	assert_int_equal(request(VIRTIO_BLK_T_OUT, IMG_SIZE / 512, G_DATA, 4096),
+			 VIRTIO_BLK_S_IOERR);
+	assert_int_equal(query_dirty(), 0);
+	/* Discard and write-zeroes (with and without unmap). */
+	dwz_at(VIRTIO_BLK_T_DISCARD, 8 * GRAN, 3 * GRAN, 0);
+	expect_one_extent(8 * GRAN, 3 * GRAN);
+	dwz_at(VIRTIO_BLK_T_WRITE_ZEROES, 20 * GRAN + 512, 1024, 0);
+	expect_one_extent(20 * GRAN, GRAN);
+	dwz_at(VIRTIO_BLK_T_WRITE_ZEROES, 30 * GRAN, GRAN, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+	expect_one_extent(30 * GRAN, GRAN);
+	/* The last granule of the disk. */
+	write_at(IMG_SIZE - 4096, 4096, 0x33);
+	expect_one_extent(IMG_SIZE - GRAN, GRAN);
+	/* Two writes far apart: two extents, in disk order. */
+	write_at(40 * GRAN, 4096, 0x44);
+	write_at(10 * GRAN, 4096, 0x44);
+	assert_int_equal(take(1ull << 30, ext, 8, &bytes), 2);
+	assert_int_equal(ext[0][0], 10 * GRAN);
+	assert_int_equal(ext[1][0], 40 * GRAN);
+	/* A granule written many times is dirty once; dirtied counts each
+	 * time it turned dirty. */
+	for (int i = 0; i < 5; i++)
+		write_at(50 * GRAN, 512, (uint8_t)i);
+	q = rpc_ok("dirty_bitmap_query", NULL);
+	assert_int_equal(field(q, "dirty"), GRAN);
+	assert_int_equal(field(q, "count"), GRAN);
+	assert_true(field(q, "dirtied") >= 10 * GRAN);
+	json_decref(q);
+	/* Stopped: writes are no longer tracked, and a new start is clean. */
+	json_decref(rpc_ok("dirty_bitmap_stop", NULL));
+	write_at(60 * GRAN, 4096, 0x55);
+	json_decref(rpc_ok("dirty_bitmap_start", "{\"granularity\":4096}"));
+	assert_int_equal(query_dirty(), 0);
+	write_at(60 * GRAN + 8192, 4096, 0x55);
+	expect_one_extent(60 * GRAN + 8192, 4096);
+	json_decref(rpc_ok("dirty_bitmap_stop", NULL));
+	fe_down();
+}
+
+static void test_take_bounds(void **state)
+{
+	static uint64_t ext[4096][2];
+	uint64_t bytes, total = 0;
+	json_t *q = rpc_ok("dirty_bitmap_start", "{\"all_dirty\":true}");
+
+	assert_int_equal(field(q, "dirty"), IMG_SIZE);
+	json_decref(q);
+	/* Less than a granule still takes one. */
+	assert_int_equal(take(1, ext, 4096, &bytes), 1);
+	assert_int_equal(ext[0][0], 0);
+	assert_int_equal(bytes, GRAN);
+	assert_int_equal(query_dirty(), IMG_SIZE - GRAN);
+	/* 1 MiB at a time, in order, until nothing is left. */
+	total = GRAN;
+	for (int i = 0; i < 100 && total < IMG_SIZE; i++) {
+		assert_int_equal(take(MIB, ext, 4096, &bytes), 1);
+		assert_int_equal(ext[0][0], total);
+		assert_true(bytes == MIB || total + bytes == IMG_SIZE);
+		total += bytes;
+	}
+	assert_int_equal(total, IMG_SIZE);
+	assert_int_equal(take(MIB, ext, 4096, &bytes), 0);
+	assert_int_equal(bytes, 0);
+	json_decref(rpc_ok("dirty_bitmap_stop", NULL));
+	/* Every other granule dirty: a take is bounded by its extent count
+	 * as well, and what it leaves comes in the next one. */
+	fe_up();
+	json_decref(rpc_ok("dirty_bitmap_start", "{\"granularity\":4096}"));
+	for (uint64_t off = 0; off < 2 * MIB; off += 2 * 4096) {
+		memset(gp(G_DATA), 0x5a, 4096);
+		assert_int_equal(request(VIRTIO_BLK_T_OUT, off / 512, G_DATA, 4096),
+				 VIRTIO_BLK_S_OK);
+	}
+	assert_int_equal(query_dirty(), MIB);
+	assert_int_equal(take(1ull << 30, ext, 4096, &bytes), 256);
+	assert_int_equal(bytes, MIB);
+	assert_int_equal(query_dirty(), 0);
+	json_decref(rpc_ok("dirty_bitmap_stop", NULL));
+	fe_down();
+}
+
+/*
+ * A writer (the guest) and a copier (a storage migration) at once. The
+ * copier takes a few extents at a time and copies them from the image into
+ * a shadow disk; the writer writes, discards and zeroes random blocks.
+ * Once the writer is done, the copier takes until nothing is dirty: the
+ * shadow must then be the image, byte for byte, or a write was lost.
+ */
+#define RACE_AREA (4u * MIB)
+#define RACE_WRITES 3000
+
+static volatile bool writer_done;
+
+static void *writer(void *arg)
+{
+	uint64_t rng = 0x9e3779b97f4a7c15ull;
+
+	(void)arg;
+	for (int i = 0; i < RACE_WRITES; i++) {
+		uint64_t off, len;
+
+		rng ^= rng << 13;
+		rng ^= rng >> 7;
+		rng ^= rng << 17;
+		off = (rng % (RACE_AREA / 4096)) * 4096;
+		len = 4096 * (1 + (rng >> 40) % 4);
+		if (off + len > RACE_AREA)
+			len = RACE_AREA - off;
+		if ((rng >> 50) % 8 == 0) {
+			dwz_at((rng >> 53) & 1 ? VIRTIO_BLK_T_DISCARD : VIRTIO_BLK_T_WRITE_ZEROES,
+			       off, len, 0);
+		} else {
+			uint8_t *p = gp(G_DATA);
+
+			for (uint64_t k = 0; k < len; k += 8)
+				memcpy(p + k, &(uint64_t){rng + k * 0x100000001b3ull}, 8);
+			assert_int_equal(
+			    request(VIRTIO_BLK_T_OUT, off / 512, G_DATA, (uint32_t)len),
+			    VIRTIO_BLK_S_OK);
+		}
+	}
+	__atomic_store_n(&writer_done, true, __ATOMIC_RELEASE);
+	return NULL;
+}
+
+static unsigned copy_round(int img, uint8_t *shadow, uint64_t max_bytes)
+{
+	static uint64_t ext[4096][2];
+	uint64_t bytes;
+	size_t n = take(max_bytes, ext, 4096, &bytes);
+
+	for (size_t i = 0; i < n; i++)
+		assert_int_equal(pread(img, shadow + ext[i][0], ext[i][1], (off_t)ext[i][0]),
+				 (ssize_t)ext[i][1]);
+	return (unsigned)n;
+}
+
+static void test_race_take(void **state)
+{
+	uint8_t *shadow = calloc(1, IMG_SIZE), *image = malloc(IMG_SIZE);
+	int img = open(T.image, O_RDONLY | O_CLOEXEC);
+	unsigned rounds = 0, final_rounds = 0;
+	pthread_t th;
+
+	assert_true(shadow && image && img >= 0);
+	fe_up();
+	/* All dirty: the first takes are the background copy. */
+	json_decref(rpc_ok("dirty_bitmap_start", "{\"all_dirty\":true}"));
+	writer_done = false;
+	assert_int_equal(pthread_create(&th, NULL, writer, NULL), 0);
+	while (!__atomic_load_n(&writer_done, __ATOMIC_ACQUIRE) && rounds < 100000) {
+		copy_round(img, shadow, 4 * GRAN);
+		rounds++;
+	}
+	pthread_join(th, NULL);
+	/* Converge: nothing writes now, so this ends. */
+	while (copy_round(img, shadow, 64 * MIB) && final_rounds < 10)
+		final_rounds++;
+	assert_true(final_rounds < 10);
+	assert_int_equal(query_dirty(), 0);
+	assert_int_equal(pread(img, image, IMG_SIZE, 0), IMG_SIZE);
+	for (uint64_t off = 0; off < IMG_SIZE; off += 4096)
+		if (memcmp(shadow + off, image + off, 4096))
+			fail_msg("the copy differs at %llu: a write was lost (after %u rounds)",
+				 (unsigned long long)off, rounds);
+	fprintf(stderr, "race: %u takes while %d requests ran\n", rounds, RACE_WRITES);
+	assert_true(rounds > 1);
+	json_decref(rpc_ok("dirty_bitmap_stop", NULL));
+	fe_down();
+	close(img);
+	free(shadow);
+	free(image);
+}
+
+/* After a live upgrade tracking is on again, every block dirty. */
+static void test_upgrade_all_dirty(void **state)
+{
+	uint64_t ext[4][2], bytes;
+	json_t *res, *q;
+
+	json_decref(rpc_ok("dirty_bitmap_start", "{\"granularity\":131072}"));
+	while (take(1ull << 30, ext, 4, &bytes))
+		;
+	assert_int_equal(query_dirty(), 0);
+	res = rpc_ok("vmig_blk_upgrade", NULL);
+	json_decref(res);
+	q = rpc_ok("dirty_bitmap_query", NULL);
+	assert_true(json_is_true(json_object_get(q, "active")));
+	assert_int_equal(field(q, "granularity"), 131072);
+	assert_int_equal(field(q, "dirty"), IMG_SIZE);
+	json_decref(q);
+	json_decref(rpc_ok("dirty_bitmap_stop", NULL));
+}
+
+/* ---- setup ---- */
+
+/* Each case starts with tracking off, whatever the one before left. */
+static int case_setup(void **state)
+{
+	json_t *r = rpc_raw("dirty_bitmap_stop", NULL);
+
+	json_decref(r);
+	return r ? 0 : -1;
+}
+
+static int group_setup(void **state)
+{
+	const char *tmpdir = getenv("TMPDIR");
+	int fd;
+
+	snprintf(T.dir, sizeof(T.dir), "%s/vhost-dirty.XXXXXX",
+		 tmpdir && strlen(tmpdir) < 100 ? tmpdir : "/tmp");
+	if (!mkdtemp(T.dir))
+		return -1;
+	snprintf(T.sock, sizeof(T.sock), "%s/vblk.sock", T.dir);
+	snprintf(T.rpc, sizeof(T.rpc), "%s/vblk.rpc", T.dir);
+	snprintf(T.image, sizeof(T.image), "%s/disk.img", T.dir);
+	snprintf(T.log, sizeof(T.log), "%s/daemon.log", T.dir);
+	fd = open(T.image, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	if (fd < 0 || ftruncate(fd, IMG_SIZE) < 0)
+		return -1;
+	close(fd);
+	T.gm_fd = memfd_create("dirty-guest", MFD_CLOEXEC);
+	if (T.gm_fd < 0 || ftruncate(T.gm_fd, GM_SIZE) < 0)
+		return -1;
+	T.gm = mmap(NULL, GM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, T.gm_fd, 0);
+	if (T.gm == MAP_FAILED)
+		return -1;
+	signal(SIGPIPE, SIG_IGN);
+	daemon_start();
+	return 0;
+}
+
+static int group_teardown(void **state)
+{
+	int r = daemon_stop();
+
+	if (r == 0) {
+		unlink(T.image);
+		unlink(T.log);
+		rmdir(T.dir);
+	} else {
+		fprintf(stderr, "the daemon did not exit cleanly; files kept in %s\n", T.dir);
+	}
+	return r;
+}
+
+int main(int argc, char **argv)
+{
+	const struct CMUnitTest tests[] = {
+	    cmocka_unit_test_setup(test_rpc_errors, case_setup),
+	    cmocka_unit_test_setup(test_requests_marked, case_setup),
+	    cmocka_unit_test_setup(test_take_bounds, case_setup),
+	    cmocka_unit_test_setup(test_race_take, case_setup),
+	    cmocka_unit_test_setup(test_upgrade_all_dirty, case_setup),
+	};
+
+	if (argc != 2) {
+		fprintf(stderr, "usage: %s PATH-TO-VMIG-BLK\n", argv[0]);
+		return 2;
+	}
+	T.bin = argv[1];
+	T.pid = -1;
+	return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}
