@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 /*
  * Fuzz target: vmig-blk's virtio-blk requests from a hostile guest
- * (tools/vmig-blk/blk.c and dwz.c): the request header (type, sector), how
+ * (tools/vmig-blk/blk.c, dwz.c and dirty.c): the request header (type, sector), how
  * a chain splits into header, data and status, read and write lengths and
  * their bounds against the disk, flush, get-id, and the segments of discard
  * and write-zeroes. The ring walk itself is lib/vhost's and has a target of
@@ -24,11 +24,14 @@
  *  - the disk changed only by a successful write, discard or write-zeroes,
  *    only inside its range, with what was written (zeros for the other two);
  *  - a successful read returns the disk's bytes (the null disk: zeros or
- *    the buffer untouched), get-id the serial.
+ *    the buffer untouched), get-id the serial;
+ *  - with dirty-block tracking on, every granule the request changed is
+ *    marked, and none it could not have changed.
  *
  * Input: byte 0 = disk flags (bit 0 the null back-end, else RAM; bit 1
  * read-only; bit 2 read_zeroes; bit 3 4 KiB logical blocks, else 512; bit 4
- * EVENT_IDX; bit 5 dirty logging), byte 1 = the disk size in 4 KiB units,
+ * EVENT_IDX; bit 5 dirty logging; bit 6 dirty-block tracking, in 64 KiB
+ * granules with bit 7, else 4 KiB), byte 1 = the disk size in 4 KiB units,
  * less one (mod 64). Then requests, each: a flags byte (bit 0: through an
  * indirect table), a descriptor count (0 counts as 1), then per descriptor:
  * a flags byte (bit 0 device-writable, bit 1 an address follows), a length
@@ -475,6 +478,39 @@ segs:
 	}
 }
 
+static bool overlap(uint64_t a, uint64_t a_len, uint64_t b, uint64_t b_len)
+{
+	return a_len && b_len && a < b + b_len && b < a + a_len;
+}
+
+/* Dirty-block tracking (cleared before each request): every granule whose
+ * bytes changed is marked, and a marked granule meets what the request
+ * could change (ok: it completed with OK). */
+NO_COVERAGE static void check_dirty(const struct vblk_disk *disk, const uint8_t *before,
+				    const struct request *r, bool ok)
+{
+	const struct vblk_dirty *d = disk->dirty;
+	bool dwz = r->type == VIRTIO_BLK_T_DISCARD || r->type == VIRTIO_BLK_T_WRITE_ZEROES;
+
+	for (uint64_t g = 0; g < d->nbits; g++) {
+		uint64_t lo = g << d->shift,
+			 len = VMIG_MIN((uint64_t)d->granularity, disk->size - lo);
+		bool set = d->words[g / 64] >> (g % 64) & 1, may = false;
+
+		if (disk->ram && memcmp(disk->ram + lo, before + lo, len))
+			CHECK(set); /* a change the copier would never see */
+		if (!set)
+			continue;
+		if (ok && r->type == VIRTIO_BLK_T_OUT)
+			may =
+			    overlap(lo, len, r->sector * VBLK_SECTOR, r->readable_total - HDR_LEN);
+		for (uint64_t off = HDR_LEN; ok && dwz && off < r->readable_total; off += 16)
+			may |= overlap(lo, len, le_at(r->front + off, 8) * VBLK_SECTOR,
+				       le_at(r->front + off + 8, 4) * VBLK_SECTOR);
+		CHECK(may);
+	}
+}
+
 /* What a retired request (status written) must have done. */
 NO_COVERAGE static void check_retired(const struct vblk_disk *disk, const uint8_t *before,
 				      const struct request *r, uint32_t used_len)
@@ -503,6 +539,8 @@ NO_COVERAGE static void check_retired(const struct vblk_disk *disk, const uint8_
 	else
 		CHECK(used_len == 1);
 	check_disk(disk, before, r, want);
+	if (disk->dirty)
+		check_dirty(disk, before, r, want == VIRTIO_BLK_S_OK);
 	if (!clean || want != VIRTIO_BLK_S_OK)
 		return;
 	if (r->type == VIRTIO_BLK_T_IN && disk->ram)
@@ -543,6 +581,8 @@ static bool run_request(struct vblk_queue *q, struct input *in)
 	if (q->disk->ram)
 		memcpy(disk_before, q->disk->ram, q->disk->size);
 	memset(log_bits, 0, sizeof(log_bits));
+	if (q->disk->dirty)
+		memset(q->disk->dirty->words, 0, q->disk->dirty->nwords * sizeof(uint64_t));
 
 	started = vblk_process_avail(q);
 	vhost_vq_flush(vq); /* what the queue thread's pass ends with */
@@ -559,6 +599,8 @@ static bool run_request(struct vblk_queue *q, struct input *in)
 		check_retired(q->disk, disk_before, &r, used_len);
 	else if (q->disk->ram) /* dropped: nothing done */
 		CHECK(!memcmp(q->disk->ram, disk_before, q->disk->size));
+	if (!used_len && q->disk->dirty)
+		check_dirty(q->disk, disk_before, &r, false);
 	return true;
 }
 
@@ -617,10 +659,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			abort();
 		memcpy(disk.ram, disk_pattern, disk.size);
 	}
+	if ((flags & 0x40) &&
+	    vblk_dirty_new(disk.size, flags & 0x80 ? 64u << 10 : 4096u, false, &disk.dirty))
+		abort();
 	memset(ram, 0, MEM_SIZE);
 	setup_queue(&q, &vr, &disk, flags);
 	for (unsigned i = 0; i < MAX_REQS && run_request(&q, &in); i++)
 		;
+	vblk_dirty_free(disk.dirty);
 	free(disk.ram);
 	return 0;
 }

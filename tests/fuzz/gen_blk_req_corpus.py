@@ -14,7 +14,7 @@ import struct
 here = os.path.dirname(os.path.abspath(__file__))
 
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WZ = 0, 1, 4, 8, 11, 13
-F_NULL, F_RO, F_ZEROES, F_4K, F_EVENT_IDX, F_LOG = 1, 2, 4, 8, 16, 32
+F_NULL, F_RO, F_ZEROES, F_4K, F_EVENT_IDX, F_LOG, F_DIRTY, F_DIRTY_64K = 1, 2, 4, 8, 16, 32, 64, 128
 UNMAP = 1
 
 
@@ -100,6 +100,14 @@ SEEDS = {
     "null-zeroes": disk(F_NULL | F_ZEROES) + simple(T_IN, 0, 4096),
     "event-idx-log": disk(F_EVENT_IDX | F_LOG) + simple(T_OUT, 0, 4096, b"logged")
     + simple(T_IN, 0, 8192) + simple(T_GET_ID, 0, 20),
+    # dirty-block tracking: what each request marks
+    "dirty-4k": disk(F_DIRTY, 64) + simple(T_OUT, 9, 1024, b"dirty") + simple(T_IN, 0, 4096)
+    + simple(T_DISCARD, 0, 0, seg(64, 8) + seg(200, 1)) + simple(T_WZ, 0, 0, seg(300, 16, UNMAP))
+    + simple(T_OUT, 511, 1024) + simple(T_OUT, 100, 0),
+    "dirty-64k": disk(F_DIRTY | F_DIRTY_64K | F_4K, 40) + simple(T_OUT, 120, 8192, b"x")
+    + simple(T_WZ, 0, 0, seg(256, 8)) + simple(T_DISCARD, 0, 0, seg(3, 8)),
+    "dirty-null": disk(F_DIRTY | F_NULL) + simple(T_OUT, 0, 512) + simple(T_WZ, 0, 0, seg(8, 8)),
+    "dirty-read-only": disk(F_DIRTY | F_RO) + simple(T_OUT, 0, 512) + simple(T_DISCARD, 0, 0, seg(8, 8)),
     # chain layouts
     "header-split": disk() + req(rd(8, hdr(T_IN, 4)[:8]), rd(8, hdr(T_IN, 4)[8:]), wr(512), wr(1)),
     "header-with-data": disk() + req(rd(16 + 512, hdr(T_OUT, 2) + b"inline"), wr(1)),
