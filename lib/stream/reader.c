@@ -1,8 +1,11 @@
 // SPDX-License-Identifier: MIT
 /*
  * Buffered reader for the migration stream. Small reads (record headers) are
- * served from a 64 KiB buffer; large reads (page payloads) go straight from
- * the channel into their destination, so received pages are copied once.
+ * served from an 8 KiB buffer; reads of a page or more (page payloads) go
+ * straight from the channel into their destination, so received pages are
+ * copied once. The buffer is small on purpose: a refill for a header also
+ * takes whatever follows it, up to the buffer's size, and page data taken
+ * that way is copied twice (with 64 KiB, a quarter of every 256 KiB run).
  * The same reader can read from memory, which is how the fuzzer feeds it.
  */
 #include <errno.h>

@@ -68,7 +68,9 @@ void vmig__writer_release(struct vmig__writer *w);
 
 /* ---- reader ---------------------------------------------------------- */
 
-#define VMIG_READER_BUF (64u << 10)
+/* Small: what a refill takes beyond a record header is page data, which
+ * then costs a second copy; reads of a page or more bypass the buffer. */
+#define VMIG_READER_BUF (8u << 10)
 
 /* Reads from a channel, or from a memory buffer (c NULL) for the fuzzer. */
 struct vmig__reader {
