@@ -873,6 +873,7 @@ def run_matrix(cfg, scenarios, runtimes, procs):
     subprocess.run([cfg.tcp_raw, "--bytes", str(GIB), "--no-memcpy"], capture_output=True,
                    timeout=cfg.timeout_s)
     results = {}
+    plans = []
     for sc in scenarios:
         res = results.setdefault(sc.key, {})
         engines = sc.engines(runtimes)
@@ -881,18 +882,27 @@ def run_matrix(cfg, scenarios, runtimes, procs):
         for key, label, rt, _ in engines:
             res[key] = {"label": label, "runs": [], "errors": [],
                         "pending": rt.unavailable_reason()}
+        plans.append((sc, res, engines))
+    # The TLS comparison goes round by round across its scenarios, so that a
+    # deadline cuts every scenario short alike instead of starving the last;
+    # the others keep scenario after scenario.
+    rounds_first = all(getattr(sc, "tls", False) for sc in scenarios)
+    for n, (sc, res, engines) in enumerate(plans):
         try:
             sc.prepare(cfg)
         except (BenchError, OSError, subprocess.TimeoutExpired) as e:
             for key, _, _, _ in engines:
                 res[key]["errors"].append("prepare: %s" % e)
             print("  %s: prepare FAILED: %s" % (sc.key, e), flush=True)
+        if rounds_first and n < len(plans) - 1:
+            continue
         for i in range(cfg.runs):
-            if sc.with_raw:
-                raw_run(cfg, res["raw"], i)
-            for engine in engines:
-                if not res[engine[0]]["pending"]:
-                    engine_run(cfg, sc, engine, res[engine[0]], procs, i)
+            for sc2, res2, engines2 in (plans if rounds_first else [(sc, res, engines)]):
+                if sc2.with_raw:
+                    raw_run(cfg, res2["raw"], i)
+                for engine in engines2:
+                    if not res2[engine[0]]["pending"]:
+                        engine_run(cfg, sc2, engine, res2[engine[0]], procs, i)
     return results
 
 

@@ -364,9 +364,10 @@ TLS_METHOD_TEXT = """### How the TLS comparison is measured
   `memory-backend-ram,...,prealloc=on`, vmig-vm `--mem-prealloc`), outside the measured
   window, so that the first touch of each page, which on this machine costs more than the
   transfer itself, does not hide the cost of encryption.
-- Each engine runs twice per round, in clear and over TLS, and the rounds interleave
-  (raw, QEMU, QEMU TLS, vmig, vmig TLS, raw, ...), so all four are measured under the
-  same conditions.
+- Each engine runs twice per round, in clear and over TLS, one after the other (raw,
+  QEMU, QEMU TLS, vmig, vmig TLS), and each round covers both scenarios before the next
+  starts, so all four are measured under the same conditions and a deadline
+  (`BENCH_DEADLINE`) shortens every scenario alike.
 - TLS: x509 credentials made for the run by `tests/lib/tlscerts.py` (EC P-256 keys, one
   CA; the server cert is for localhost and 127.0.0.1). Source: `-object` (QEMU) or
   `--object` (vmig-vm) `tls-creds-x509,id=tls0,endpoint=client,dir=DIR,verify-peer=on`,
