@@ -361,9 +361,10 @@ TLS_METHOD_TEXT = """### How the TLS comparison is measured
 - Same guests, fill file, QMP sequence, timing, CPU accounting and checks as the
   migration benchmark above (its "How it is measured"), {gib:.0f} GiB idle guest filled
   with random data. Both destinations preallocate guest RAM (QEMU
-  `memory-backend-ram,...,prealloc=on`, vmig-vm `--mem-prealloc`), outside the measured
-  window, so that the first touch of each page, which on this machine costs more than the
-  transfer itself, does not hide the cost of encryption.
+  `memory-backend-ram,...,prealloc=on`, vmig-vm `--mem-prealloc`) before the measured
+  window, to keep the first touch of each page, which on this machine costs more than the
+  transfer itself, from hiding the cost of encryption. The destinations' CPU figures show
+  how far that worked.
 - Each engine runs twice per round, in clear and over TLS, one after the other (raw,
   QEMU, QEMU TLS, vmig, vmig TLS), and each round covers both scenarios before the next
   starts, so all four are measured under the same conditions and a deadline
