@@ -22,6 +22,10 @@
 #include "postcopy/postcopy.h"
 #include "ram/bitmap.h"
 
+/* How long the end of the main stream waits for answers still on the
+ * urgent channel. */
+#define URGENT_DRAIN_NS (10ull * 1000000000ull)
+
 struct pc_run {
 	struct vmig_session *s;
 	struct vmig__pc_dest *placer;
@@ -329,7 +333,20 @@ int vmig__dest_pc_run(struct vmig_session *s, struct vmig__pc_dest *placer, stru
 	ret = load_rest(pc, l);
 	if (ret)
 		return ret;
-	/* Everything was sent on the main channel: the urgent one can go. */
+	/*
+	 * The main channel ended, but pages the source sent in answer to
+	 * requests travel on the urgent channel, which the push skips: some
+	 * may still be on their way (many, after a resume re-asks for every
+	 * page a fault waits on). Let the urgent thread place them before
+	 * that channel goes; bounded, in case the link is gone.
+	 */
+	for (uint64_t end = vmig__now_ns() + URGENT_DRAIN_NS; vmig__now_ns() < end;) {
+		struct vmig__err scratch = {{0}};
+
+		if (!check_complete(pc, &scratch) || __atomic_load_n(&pc->urgent_err, __ATOMIC_ACQUIRE))
+			break;
+		usleep(1000);
+	}
 	__atomic_store_n(&pc->finishing, true, __ATOMIC_RELEASE);
 	stop_urgent(pc);
 	ret = urgent_failure(pc, l->err);
