@@ -343,7 +343,8 @@ int vmig__dest_pc_run(struct vmig_session *s, struct vmig__pc_dest *placer, stru
 	for (uint64_t end = vmig__now_ns() + URGENT_DRAIN_NS; vmig__now_ns() < end;) {
 		struct vmig__err scratch = {{0}};
 
-		if (!check_complete(pc, &scratch) || __atomic_load_n(&pc->urgent_err, __ATOMIC_ACQUIRE))
+		if (!check_complete(pc, &scratch) ||
+		    __atomic_load_n(&pc->urgent_err, __ATOMIC_ACQUIRE))
 			break;
 		usleep(1000);
 	}
