@@ -192,6 +192,9 @@ struct vmig__source {
 void vmig__set_status(struct vmig_session *s, enum vmig_status st);
 /* Under s->lock: change the status; true if it changed (then emit). */
 bool vmig__set_status_locked(struct vmig_session *s, enum vmig_status st);
+/* A paused post-copy, either side: wait for migrate-recover / resume (or a
+ * cancel, -ECANCELED), then move to postcopy-recover. */
+int vmig__wait_recover(struct vmig_session *s);
 /* Record the first error and move to failed (or cancelled if cancelling);
  * on the source the move waits for the end of the migration thread. */
 void vmig__fail(struct vmig_session *s, int ret, const char *fmt, ...) VMIG_PRINTF(3, 4);

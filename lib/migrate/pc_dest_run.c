@@ -218,23 +218,11 @@ static int pause_and_recover(struct pc_run *pc, struct vmig__loader *l)
 	struct vmig_session *s = pc->s;
 	int ret;
 
-	bool changed = false;
-
 	close_channels(pc);
 	vmig__set_status(s, VMIG_STATUS_POSTCOPY_PAUSED);
-	pthread_mutex_lock(&s->lock);
-	while (!s->recover_requested && !vmig__cancelled(s))
-		pthread_cond_wait(&s->cond, &s->lock);
-	if (!vmig__cancelled(s)) {
-		/* In one step with the request: listen_fd is ours from here. */
-		s->recover_requested = false;
-		changed = vmig__set_status_locked(s, VMIG_STATUS_POSTCOPY_RECOVER);
-	}
-	pthread_mutex_unlock(&s->lock);
-	if (vmig__cancelled(s))
-		return -ECANCELED;
-	if (changed)
-		vmig__emit(s, VMIG_EVENT_STATUS);
+	ret = vmig__wait_recover(s); /* listen_fd is ours from here */
+	if (ret)
+		return ret;
 	/* Both channels, in whatever order they come; strays are dropped. */
 	ret = vmig__dest_accept(s, l, true);
 	if (!ret && !s->urgent)

@@ -297,20 +297,9 @@ static int pause_and_resume(struct vmig__source *src)
 	vmig__src_close_channels(src);
 	vmig__set_status(s, VMIG_STATUS_POSTCOPY_PAUSED);
 	for (;;) {
-		bool changed = false;
-
-		pthread_mutex_lock(&s->lock);
-		while (!s->recover_requested && !vmig__cancelled(s))
-			pthread_cond_wait(&s->cond, &s->lock);
-		if (!vmig__cancelled(s)) {
-			s->recover_requested = false;
-			changed = vmig__set_status_locked(s, VMIG_STATUS_POSTCOPY_RECOVER);
-		}
-		pthread_mutex_unlock(&s->lock);
-		if (vmig__cancelled(s))
-			return -ECANCELED;
-		if (changed)
-			vmig__emit(s, VMIG_EVENT_STATUS);
+		ret = vmig__wait_recover(s);
+		if (ret)
+			return ret;
 		__atomic_store_n(&s->pause_requested, false, __ATOMIC_RELEASE);
 		vmig__clear_err(s);
 		ret = vmig__src_connect(src, true);

@@ -425,6 +425,27 @@ void vmig__set_status(struct vmig_session *s, enum vmig_status st)
 		vmig__emit(s, VMIG_EVENT_STATUS);
 }
 
+int vmig__wait_recover(struct vmig_session *s)
+{
+	bool changed = false;
+
+	pthread_mutex_lock(&s->lock);
+	while (!s->recover_requested && !vmig__cancelled(s))
+		pthread_cond_wait(&s->cond, &s->lock);
+	if (!vmig__cancelled(s)) {
+		/* In one step with the request: what it set up (the URI, the
+		 * destination's listen_fd) is the caller's from here. */
+		s->recover_requested = false;
+		changed = vmig__set_status_locked(s, VMIG_STATUS_POSTCOPY_RECOVER);
+	}
+	pthread_mutex_unlock(&s->lock);
+	if (vmig__cancelled(s))
+		return -ECANCELED;
+	if (changed)
+		vmig__emit(s, VMIG_EVENT_STATUS);
+	return 0;
+}
+
 void vmig__fail(struct vmig_session *s, int ret, const char *fmt, ...)
 {
 	va_list ap;
