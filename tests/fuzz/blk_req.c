@@ -56,7 +56,7 @@
 #include "util/util.h"
 #include "vmig-blk/req.h"
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+#include "fuzz.h"
 
 #define REGION (64u * 1024)
 #define MEM_SIZE (2u * REGION)
@@ -72,24 +72,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 #define HDR_LEN 16u
 #define SERIAL "vmig-fuzz-serial-42"
 #define MAX_DISK (64u * 4096)
-
-/* Not assert(): the checks must hold in a build with NDEBUG too. */
-#define CHECK(cond)                                                                                \
-	do {                                                                                       \
-		if (!(cond)) {                                                                     \
-			fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);   \
-			abort();                                                                   \
-		}                                                                                  \
-	} while (0)
-
-/* The checks are an oracle, not code under test: kept out of the coverage
- * that guides libFuzzer, where their per-byte loops only cost time (and
- * not inlined, which would instrument them in their caller). */
-#ifdef __clang__
-#define NO_COVERAGE __attribute__((no_sanitize("coverage"), noinline))
-#else
-#define NO_COVERAGE
-#endif
 
 struct input {
 	const uint8_t *p;

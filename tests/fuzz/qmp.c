@@ -15,7 +15,7 @@
 #include "qmp_fakevm.h"
 #include "qmp_int.h"
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+#include "fuzz.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {

@@ -21,7 +21,7 @@
 #include "migrate/migrate_int.h"
 #include "ram/bitmap.h"
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+#include "fuzz.h"
 
 static int nop(void *opaque)
 {

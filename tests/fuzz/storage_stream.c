@@ -16,9 +16,9 @@
 
 #include "vmig-blk/sstream.h"
 
-#define FAKE_DISK_MAX (4u << 20)
+#include "fuzz.h"
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+#define FAKE_DISK_MAX (4u << 20)
 
 struct src {
 	const uint8_t *p;

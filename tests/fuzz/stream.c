@@ -12,10 +12,10 @@
 
 #include "stream/stream.h"
 
+#include "fuzz.h"
+
 #define PAGES0 16
 #define PAGES1 4
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 static const uint64_t npages_of[2] = {PAGES0, PAGES1};
 

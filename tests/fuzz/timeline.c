@@ -26,27 +26,9 @@
 
 #include "vmig/timeline_int.h"
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+#include "fuzz.h"
 
 #define MAX_DEPTH 16
-
-/* Not assert(): the checks must hold in a build with NDEBUG too. */
-#define CHECK(cond)                                                                                \
-	do {                                                                                       \
-		if (!(cond)) {                                                                     \
-			fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);   \
-			abort();                                                                   \
-		}                                                                                  \
-	} while (0)
-
-/* The checks are an oracle, not code under test: kept out of the coverage
- * that guides libFuzzer, where their per-byte loops only cost time (and
- * not inlined, which would instrument them in their caller). */
-#ifdef __clang__
-#define NO_COVERAGE __attribute__((no_sanitize("coverage"), noinline))
-#else
-#define NO_COVERAGE
-#endif
 
 static int log_fd = -1, svg_fd = -1;
 static char log_path[64], svg_path[64];

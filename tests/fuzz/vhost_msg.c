@@ -23,10 +23,10 @@
 
 #include "vhost/vhost.h"
 
+#include "fuzz.h"
+
 #define FUZZ_FD_MEM (1u << 20)
 #define FUZZ_MAX_MSGS 64
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 static void fuzz_config(void *opaque, uint8_t *cfg)
 {

@@ -20,10 +20,10 @@
 
 #include "vhost/vhost.h"
 
+#include "fuzz.h"
+
 #define REGION (64u * 1024)
 #define UVA 0x10000000ull
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 static struct vhost_mem mem;
 static uint8_t *ram;
