@@ -8,20 +8,23 @@
 # a failing suite does not stop the next one from running.
 #
 # With --tls, only the migration suite's TLS comparison runs (each engine in
-# clear and over TLS, side by side; see bench/migrate/run.sh).
+# clear and over TLS, side by side; see bench/migrate/run.sh). With
+# --two-host, only the migration suite runs, in its two-host model.
 #
-# Usage: bench/run.sh BUILD_DIR [--tls] [--record]
+# Usage: bench/run.sh BUILD_DIR [--tls] [--two-host] [--record]
 set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 if [ $# -lt 1 ]; then
-	echo "usage: $0 BUILD_DIR [--tls] [--record]" >&2
+	echo "usage: $0 BUILD_DIR [--tls] [--two-host] [--record]" >&2
 	exit 2
 fi
 
 suites=(migrate blk)
 for arg in "$@"; do
-	[ "$arg" = --tls ] && suites=(migrate)
+	case "$arg" in
+	--tls | --two-host) suites=(migrate) ;;
+	esac
 done
 
 rc=0

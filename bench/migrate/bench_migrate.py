@@ -25,6 +25,7 @@ Invoked by bench/migrate/run.sh, which builds tcp_raw and the fill file.
 import argparse
 import hashlib
 import json
+import mmap
 import os
 import resource
 import shutil
@@ -46,6 +47,99 @@ MIB = 1 << 20
 GIB = 1 << 30
 POLL_S = 0.05
 VERIFY_BYTES = 64 * MIB
+
+
+class Loopback:
+    """Both sides on this host's loopback, unpinned (the second table)."""
+
+    key = "loopback"
+
+    def setup(self):
+        pass
+
+    def teardown(self):
+        pass
+
+    def wrap(self, argv, side):
+        return argv
+
+    def uri(self):
+        return "tcp:127.0.0.1:%d" % benchlib.free_tcp_port()
+
+    def raw_args(self):
+        return []
+
+
+class TwoHosts:
+    """The two-host model: source and destination each in a network namespace
+    of their own, joined by a veth pair, the source pinned to one CPU and the
+    destination to the other, so each side has a core to itself and every
+    byte crosses a network device, as between two hosts. The raw stream gets
+    the same namespaces, address and CPUs (tcp_raw --src-netns ...).
+
+    The namespaces and the veth are made here and removed in teardown(); the
+    only addresses used are the two ends of that veth (10.231.0.1 and .2).
+    Needs root and iproute2's `ip`; without them setup() raises BenchError,
+    it never falls back to loopback."""
+
+    key = "two-host"
+    SRC_ADDR = "10.231.0.1"
+    DST_ADDR = "10.231.0.2"
+
+    def __init__(self):
+        tag = "vmigb%d" % os.getpid()
+        self.ns = {"src": tag + "s", "dst": tag + "d"}
+        self.dev = {"src": tag + "a", "dst": tag + "b"}
+        self.cpu = {}
+        self.made = []
+
+    @staticmethod
+    def _ip(*args):
+        out = subprocess.run(["ip"] + list(args), capture_output=True, text=True, timeout=30)
+        if out.returncode != 0:
+            raise BenchError("ip %s: %s" % (" ".join(args), out.stderr.strip()))
+
+    def setup(self):
+        if os.geteuid() != 0:
+            raise BenchError("the two-host model makes network namespaces: run as root")
+        for tool in ("ip", "taskset"):
+            if not shutil.which(tool):
+                raise BenchError("the two-host model needs %s (iproute2, util-linux)" % tool)
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            raise BenchError("the two-host model needs 2 CPUs, this process may use %d"
+                             % len(cpus))
+        self.cpu = {"src": cpus[0], "dst": cpus[1]}
+        for side in ("src", "dst"):
+            self._ip("netns", "add", self.ns[side])
+            self.made.append(self.ns[side])
+        self._ip("link", "add", self.dev["src"], "netns", self.ns["src"], "type", "veth",
+                 "peer", "name", self.dev["dst"], "netns", self.ns["dst"])
+        for side, addr in (("src", self.SRC_ADDR), ("dst", self.DST_ADDR)):
+            self._ip("-n", self.ns[side], "addr", "add", addr + "/30", "dev", self.dev[side])
+            self._ip("-n", self.ns[side], "link", "set", "lo", "up")
+            self._ip("-n", self.ns[side], "link", "set", self.dev[side], "up")
+
+    def teardown(self):
+        # Deleting a namespace deletes its end of the veth, and so the pair.
+        for ns in self.made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        self.made = []
+
+    def wrap(self, argv, side):
+        # Both exec in place, so the pid the harness sees is the engine's.
+        return ["ip", "netns", "exec", self.ns[side], "taskset", "-c",
+                str(self.cpu[side])] + argv
+
+    def uri(self):
+        # A fresh namespace has every port free; a new one per run keeps
+        # a lingering socket of the previous run out of the way.
+        return "tcp:%s:%d" % (self.DST_ADDR, 20000 + int.from_bytes(os.urandom(2), "big") % 40000)
+
+    def raw_args(self):
+        return ["--src-netns", self.ns["src"], "--dst-netns", self.ns["dst"],
+                "--addr", self.DST_ADDR, "--src-cpu", str(self.cpu["src"]),
+                "--dst-cpu", str(self.cpu["dst"])]
 
 
 class Runtime:
@@ -213,8 +307,20 @@ class Scenario:
         """[(result key, label, runtime, extra capabilities)] measured per run."""
         return [(rt.key, rt.label, rt, {}) for rt in runtimes]
 
+    raw_args = []       # extra tcp_raw arguments for this scenario's raw stream
+
     def prepare(self, cfg):
         """Called once before the first run (build guests and the like)."""
+
+    def finish(self, cfg):
+        """Called once at the end, even after a failure: undo prepare()."""
+
+    def after_run(self, cfg):
+        """Called after each engine run, once its VMs are gone."""
+
+    def mem_needed(self, cfg):
+        """Free RAM a run needs: two guests and some room."""
+        return 2 * self.guest_mem_bytes(cfg) + GIB
 
     def guest_mem_bytes(self, cfg):
         return cfg.mem_bytes
@@ -259,6 +365,132 @@ class Precopy1chPrealloc(Precopy1ch):
         return rt.dst_argv(cfg, qmp_path, prealloc=True)
 
 
+class HugePages:
+    """2 MiB huge pages for the hugetlb scenario: reserved in
+    /proc/sys/vm/nr_hugepages on top of what the host had, plus a hugetlbfs
+    mount of our own for the QEMU source's guest RAM file. Both are undone by
+    release(). Needs root."""
+
+    PAGE = 2 * MIB
+
+    def __init__(self):
+        self.old_nr = None
+        self.mnt = None
+
+    @staticmethod
+    def _nr():
+        with open("/proc/sys/vm/nr_hugepages") as f:
+            return int(f.read())
+
+    @staticmethod
+    def _set_nr(n):
+        with open("/proc/sys/vm/nr_hugepages", "w") as f:
+            f.write("%d\n" % n)
+
+    def reserve(self, nbytes):
+        if os.geteuid() != 0:
+            raise BenchError("huge pages: reserving them needs root")
+        want = -(-nbytes // self.PAGE)
+        self.old_nr = self._nr()
+        self._set_nr(self.old_nr + want)
+        got = self._nr() - self.old_nr
+        if got < want:
+            self.release()
+            raise BenchError("huge pages: asked the kernel for %d more 2 MiB pages, got %d"
+                             % (want, got))
+        self.mnt = tempfile.mkdtemp(prefix="vmig-bench-huge-")
+        out = subprocess.run(["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "none",
+                              self.mnt], capture_output=True, text=True, timeout=30)
+        if out.returncode != 0:
+            self.release()
+            raise BenchError("huge pages: mount hugetlbfs: %s" % out.stderr.strip())
+
+    def release(self):
+        if self.mnt:
+            subprocess.run(["umount", self.mnt], capture_output=True, timeout=30)
+            shutil.rmtree(self.mnt, ignore_errors=True)
+            self.mnt = None
+        if self.old_nr is not None:
+            self._set_nr(self.old_nr)
+            self.old_nr = None
+
+    def guest_file(self, fill_file, size):
+        """A file of the fill data on hugetlbfs (written through a mapping,
+        as hugetlbfs has no write())."""
+        path = os.path.join(self.mnt, "guest-ram")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            with mmap.mmap(fd, size) as m, open(fill_file, "rb") as f:
+                off = 0
+                while off < size:
+                    chunk = f.read(64 * MIB)
+                    if not chunk:
+                        break
+                    m[off:off + len(chunk)] = chunk
+                    off += len(chunk)
+        except OSError as e:
+            os.close(fd)
+            os.unlink(path)
+            raise BenchError("huge pages: cannot fill %s: %s" % (path, e))
+        os.close(fd)
+        return path
+
+
+class PrecopyHugetlb(Scenario):
+    """Pre-copy, one channel, guest RAM on 2 MiB huge pages on both sides of
+    both engines, as production hosts run VMs. QEMU: the source's RAM is a
+    hugetlbfs file holding the fill data (memory-backend-file,share=on,
+    written before each run), the destination's memory-backend-memfd with
+    hugetlb=on. vmig-vm: --hugetlb on both sides (a hugetlb memfd). The raw
+    stream is sent from huge pages too (tcp_raw --hugetlb). Destinations are
+    not preallocated: the first touch of a 2 MiB page is what is measured."""
+
+    key = "precopy-1ch-hugetlb"
+    title = "pre-copy, one channel, guest RAM on 2 MiB huge pages"
+    has_targets = True
+    target_x_raw = 0.9
+    raw_args = ["--hugetlb"]
+
+    def __init__(self):
+        self.huge = HugePages()
+        self.qemu_file = None
+
+    def prepare(self, cfg):
+        # At most two guests at a time; the QEMU source's file is removed
+        # after each run.
+        self.huge.reserve(2 * cfg.mem_bytes)
+
+    def finish(self, cfg):
+        self.huge.release()
+
+    def mem_needed(self, cfg):
+        return GIB  # the guests live in the reserved pool
+
+    def src_argv(self, rt, cfg, qmp_path, tmpdir):
+        if rt.key == "qemu":
+            self.qemu_file = self.huge.guest_file(cfg.fill_file, cfg.mem_bytes)
+            backend = ("memory-backend-file,id=mem,size=%dM,mem-path=%s,share=on,prealloc=on"
+                       % (cfg.mem_bytes // MIB, self.qemu_file))
+            return rt._common(cfg, qmp_path, backend)
+        return rt.src_argv(cfg, qmp_path) + ["--hugetlb"]
+
+    def dst_argv(self, rt, cfg, qmp_path, tmpdir):
+        if rt.key == "qemu":
+            backend = ("memory-backend-memfd,id=mem,size=%dM,hugetlb=on,hugetlbsize=2M"
+                       % (cfg.mem_bytes // MIB))
+            return rt._common(cfg, qmp_path, backend) + ["-incoming", "defer", "-S"]
+        return rt.dst_argv(cfg, qmp_path) + ["--hugetlb"]
+
+    def after_run(self, cfg):
+        if self.qemu_file:
+            try:
+                os.unlink(self.qemu_file)
+            except OSError:
+                pass
+            self.qemu_file = None
+
+
 class PrecopyMultifd(Scenario):
     """Pre-copy over N multifd data channels (QEMU's names on both engines)."""
 
@@ -267,6 +499,7 @@ class PrecopyMultifd(Scenario):
         self.title = "pre-copy, multifd with %d channels" % channels
         self.capabilities = {"multifd": True}
         self.parameters = {"multifd-channels": channels}
+        self.has_targets = True
 
 
 class TlsPrecopy(Scenario):
@@ -520,8 +753,9 @@ class PostcopyWss(Scenario):
 
 # Scenario objects are shared by all runs: per-run state lives in the run
 # dict passed to on_poll() and extra_metrics().
-SCENARIOS = {s.key: s for s in (Precopy1ch(), Precopy1chPrealloc(), PrecopyMultifd(4), Postcopy(),
-                                PostcopyWss(), TlsPrecopy(1), TlsPrecopy(4))}
+SCENARIOS = {s.key: s for s in (Precopy1ch(), Precopy1chPrealloc(), PrecopyHugetlb(),
+                                PrecopyMultifd(4), Postcopy(), PostcopyWss(), TlsPrecopy(1),
+                                TlsPrecopy(4))}
 TLS_SCENARIOS = "tls-precopy-1ch,tls-multifd-4"  # what --tls runs by default
 
 
@@ -544,6 +778,7 @@ class Config:
         self.deadline = time.monotonic() + args.deadline if args.deadline > 0 else None
         self.deadline_s = args.deadline
         self.tls_creds = None  # tlscerts.TLSDirs, made when a scenario uses TLS
+        self.place = TwoHosts() if args.two_host else Loopback()
 
 
 def set_caps_and_params(qmp, scenario, extra_params=None, caps=None):
@@ -652,7 +887,7 @@ def stop_perf(procs, perfs):
 def migrate_once(cfg, engine, scenario, procs, tmpdir):
     """One measured migration; returns a dict of metrics or raises BenchError."""
     _, _, runtime, extra_caps = engine
-    need = 2 * scenario.guest_mem_bytes(cfg) + GIB
+    need = scenario.mem_needed(cfg)
     if benchlib.mem_available_bytes() < need:
         raise BenchError("only %.1f GiB RAM available, need %.1f" %
                          (benchlib.mem_available_bytes() / GIB, need / GIB))
@@ -660,15 +895,15 @@ def migrate_once(cfg, engine, scenario, procs, tmpdir):
         # Busy guests keep the host busy once started, so wait before.
         busy = benchlib.wait_quiet(cfg.quiet_busy, cfg.quiet_wait_s)
     src_qmp, dst_qmp = os.path.join(tmpdir, "src.qmp"), os.path.join(tmpdir, "dst.qmp")
-    src = procs.start(scenario.src_argv(runtime, cfg, src_qmp, tmpdir),
+    src = procs.start(cfg.place.wrap(scenario.src_argv(runtime, cfg, src_qmp, tmpdir), "src"),
                       os.path.join(tmpdir, "src.log"))
-    dst = procs.start(scenario.dst_argv(runtime, cfg, dst_qmp, tmpdir),
+    dst = procs.start(cfg.place.wrap(scenario.dst_argv(runtime, cfg, dst_qmp, tmpdir), "dst"),
                       os.path.join(tmpdir, "dst.log"))
     qs = qd = None
     try:
         qs, qd = Qmp(src_qmp, timeout_s=300), Qmp(dst_qmp, timeout_s=300)
         wait_status(qs, {"running"}, 30)
-        uri = "tcp:127.0.0.1:%d" % benchlib.free_tcp_port()
+        uri = cfg.place.uri()
         # Parameters of one side only (TLS: tls-hostname is the source's).
         side_params = getattr(runtime, "side_params", lambda side: {})
         set_caps_and_params(qd, scenario, side_params("dst"), caps=extra_caps)
@@ -749,6 +984,7 @@ def migrate_once(cfg, engine, scenario, procs, tmpdir):
                 q.close()
         procs.stop(src)
         procs.stop(dst)
+        scenario.after_run(cfg)
 
 
 def _children_cpu_s():
@@ -756,11 +992,12 @@ def _children_cpu_s():
     return ru.ru_utime + ru.ru_stime
 
 
-def raw_once(cfg):
+def raw_once(cfg, sc):
     busy = benchlib.wait_quiet(cfg.quiet_busy, cfg.quiet_wait_s)
     host0, own0, t0 = benchlib.host_busy_cpu_seconds(), _children_cpu_s(), time.monotonic()
-    out = subprocess.run([cfg.tcp_raw, "--file", cfg.fill_file, "--bytes", str(cfg.mem_bytes)],
-                         capture_output=True, text=True, timeout=cfg.timeout_s)
+    out = subprocess.run([cfg.tcp_raw, "--file", cfg.fill_file, "--bytes", str(cfg.mem_bytes)]
+                         + cfg.place.raw_args() + sc.raw_args, capture_output=True, text=True,
+                         timeout=cfg.timeout_s)
     wall = time.monotonic() - t0
     foreign = benchlib.host_busy_cpu_seconds() - host0 - (_children_cpu_s() - own0)
     if out.returncode != 0:
@@ -818,11 +1055,11 @@ def past_deadline(cfg, entry, what):
     return True
 
 
-def raw_run(cfg, entry, i):
+def raw_run(cfg, sc, entry, i):
     if past_deadline(cfg, entry, "run %d raw" % (i + 1)):
         return
     try:
-        m = measure(cfg, entry, "run %d raw" % (i + 1), lambda: raw_once(cfg))
+        m = measure(cfg, entry, "run %d raw" % (i + 1), lambda: raw_once(cfg, sc))
         print("  run %d raw: %.2f Gbit/s, others %.2f s" %
               (i + 1, m["ram_gbps"], m["foreign_cpu_s"]), flush=True)
     except (BenchError, subprocess.TimeoutExpired, KeyError, ValueError) as e:
@@ -870,8 +1107,8 @@ def run_matrix(cfg, scenarios, runtimes, procs):
     os.makedirs(cfg.results_dir, exist_ok=True)
     # One unmeasured transfer first: the first loopback stream after a quiet
     # spell was repeatedly several times slower than the ones after it.
-    subprocess.run([cfg.tcp_raw, "--bytes", str(GIB), "--no-memcpy"], capture_output=True,
-                   timeout=cfg.timeout_s)
+    subprocess.run([cfg.tcp_raw, "--bytes", str(GIB), "--no-memcpy"] + cfg.place.raw_args(),
+                   capture_output=True, timeout=cfg.timeout_s)
     results = {}
     plans = []
     for sc in scenarios:
@@ -899,7 +1136,7 @@ def run_matrix(cfg, scenarios, runtimes, procs):
         for i in range(cfg.runs):
             for sc2, res2, engines2 in (plans if rounds_first else [(sc, res, engines)]):
                 if sc2.with_raw:
-                    raw_run(cfg, res2["raw"], i)
+                    raw_run(cfg, sc2, res2["raw"], i)
                 for engine in engines2:
                     if not res2[engine[0]]["pending"]:
                         engine_run(cfg, sc2, engine, res2[engine[0]], procs, i)
@@ -916,12 +1153,15 @@ def parse_size(s):
 
 def record(doc, meta, scenarios, results):
     """Rewrites the section of doc these scenarios belong to: the TLS
-    comparison has a section of its own, everything else the migrate one."""
+    comparison has a section of its own, everything else the migrate one,
+    and the two-host model has its own of each."""
+    two = "-twohost" if meta.get("placement") == TwoHosts.key else ""
     if all(getattr(sc, "tls", False) for sc in scenarios):
-        benchlib.replace_section(doc, "<!-- tls:begin -->", "<!-- tls:end -->",
+        benchlib.replace_section(doc, "<!-- tls%s:begin -->" % two, "<!-- tls%s:end -->" % two,
                                  report.tls_markdown(meta, scenarios, results))
     else:
-        benchlib.replace_section(doc, "<!-- migrate:begin -->", "<!-- migrate:end -->",
+        benchlib.replace_section(doc, "<!-- migrate%s:begin -->" % two,
+                                 "<!-- migrate%s:end -->" % two,
                                  report.markdown(meta, scenarios, results))
     print("recorded in %s" % doc)
 
@@ -950,6 +1190,9 @@ def main():
                     % TLS_SCENARIOS)
     ap.add_argument("--tls", action="store_true",
                     help="the TLS comparison: each engine in clear and over TLS, side by side")
+    ap.add_argument("--two-host", action="store_true",
+                    help="the two-host model: each side in its own network namespace, "
+                    "joined by a veth, pinned to a CPU of its own")
     ap.add_argument("--deadline", type=float, default=0,
                     help="seconds after which no new measurement starts (0: none)")
     ap.add_argument("--runtimes", default="qemu,vmig")
@@ -1008,6 +1251,7 @@ def main():
         if any(tls):
             tls_dir = tempfile.mkdtemp(prefix="vmig-bench-tls-")
             cfg.tls_creds = tlscerts.x509_good(tls_dir)
+        cfg.place.setup()
         results = run_matrix(cfg, scenarios, runtimes, procs)
     except KeyboardInterrupt:
         print("interrupted: tearing down", file=sys.stderr)
@@ -1015,12 +1259,19 @@ def main():
     except tlscerts.CertError as e:
         print("cannot make the TLS credentials: %s" % e, file=sys.stderr)
         return 1
+    except BenchError as e:
+        print("bench/migrate: %s" % e, file=sys.stderr)
+        return 1
     finally:
         procs.kill_all()
+        for sc in scenarios:
+            sc.finish(cfg)
+        cfg.place.teardown()
         if tls_dir:
             shutil.rmtree(tls_dir, ignore_errors=True)
 
     meta = dict(facts, mem_bytes=cfg.mem_bytes, runs=cfg.runs, fill_file=cfg.fill_file,
+                placement=cfg.place.key,
                 command=args.command, qemu_version=all_rt["qemu"].version,
                 commit=report.git_commit(os.path.dirname(os.path.abspath(__file__))))
     with open(os.path.join(cfg.results_dir, "results.json"), "w") as f:

@@ -13,7 +13,12 @@
 # channel and multifd (scenarios tls-precopy-1ch,tls-multifd-4), bounded by
 # BENCH_DEADLINE (default 3600 s); --record then rewrites the tls section.
 #
-# Usage: bench/migrate/run.sh BUILD_DIR [--tls] [--record]
+# With --two-host every scenario runs in the two-host model instead of on
+# loopback: source and destination each in a network namespace of their own,
+# joined by a veth pair, each pinned to a CPU of its own (needs root;
+# see TwoHosts in bench_migrate.py). Its results go to their own sections.
+#
+# Usage: bench/migrate/run.sh BUILD_DIR [--tls] [--two-host] [--record]
 # Environment (all optional):
 #   BENCH_RUNS=3            runs per engine (medians are reported)
 #   BENCH_MEM=4G            guest RAM size
@@ -37,17 +42,19 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
 
 if [ $# -lt 1 ]; then
-	echo "usage: $0 BUILD_DIR [--tls] [--record]" >&2
+	echo "usage: $0 BUILD_DIR [--tls] [--two-host] [--record]" >&2
 	exit 2
 fi
 build_dir=$(cd "$1" && pwd)
 shift
 record=${BENCH_RECORD:-0}
 tls=0
+two_host=0
 for arg in "$@"; do
 	case "$arg" in
 	--record) record=1 ;;
 	--tls) tls=1 ;;
+	--two-host) two_host=1 ;;
 	*) echo "$0: unknown argument $arg" >&2; exit 2 ;;
 	esac
 done
@@ -107,6 +114,10 @@ cmd="BENCH_RUNS=$runs BENCH_MEM=$mem BENCH_SCENARIOS=$scenarios bench/migrate/ru
 if [ "$tls" = 1 ]; then
 	args+=(--tls)
 	cmd="$cmd --tls"
+fi
+if [ "$two_host" = 1 ]; then
+	args+=(--two-host)
+	cmd="$cmd --two-host"
 fi
 if [ "$record" = 1 ]; then
 	doc="$root/docs/benchmarks.md"

@@ -12,9 +12,18 @@
  * otherwise it sends one 64 MiB buffer over and over (cache-friendlier, a
  * slightly optimistic bound).
  *
+ * With --hugetlb the file is first copied into 2 MiB huge pages (a hugetlb
+ * memfd; the pages must be reserved in /proc/sys/vm/nr_hugepages), so the
+ * stream is sent from the same kind of memory as a guest on huge pages.
+ *
  * Output is one "key=value" per line on stdout, for bench/migrate to parse.
- * Sender and receiver are two threads of this process; the socket never
- * leaves 127.0.0.1.
+ * Sender and receiver are two threads of this process. By default the socket
+ * never leaves 127.0.0.1. The two-host model of bench/migrate gives
+ * --src-netns and --dst-netns (names from `ip netns`, namespaces the
+ * benchmark made), --addr (the destination's address on the veth between
+ * them) and --src-cpu/--dst-cpu: the receiver then listens in the
+ * destination's namespace, the sender connects from the source's, and each
+ * thread runs on its own CPU, as the two migration processes do.
  */
 #define _GNU_SOURCE /* accept4, RUSAGE_THREAD */
 #include <arpa/inet.h>
@@ -22,7 +31,9 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <netinet/in.h>
+#include <linux/memfd.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -41,6 +52,7 @@
 
 struct side {
 	int fd;
+	int cpu; /* pinned to this CPU, or -1 */
 	const uint8_t *src; /* sender only */
 	uint64_t src_len;   /* sender: bytes in src */
 	uint64_t bytes;     /* bytes to send / bytes received */
@@ -67,12 +79,30 @@ static double thread_cpu_s(void)
 	       (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
 }
 
+static int pin_self(int cpu)
+{
+	cpu_set_t set;
+
+	if (cpu < 0)
+		return 0;
+	CPU_ZERO(&set);
+	CPU_SET(cpu, &set);
+	return -pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+}
+
 /* Receiver thread: reads until EOF into one recycled buffer. */
 static void *receiver_main(void *arg)
 {
 	struct side *rx = arg;
+	int pinned = pin_self(rx->cpu);
 	double cpu0 = thread_cpu_s();
 	uint8_t *buf = malloc(RECV_BUF_BYTES);
+
+	if (pinned < 0) {
+		free(buf);
+		rx->err = pinned;
+		return NULL;
+	}
 
 	if (!buf) {
 		rx->err = -ENOMEM;
@@ -127,19 +157,47 @@ static void sender_run(struct side *tx)
 	tx->cpu_s = thread_cpu_s() - cpu0;
 }
 
-static int listen_loopback(int *port_out)
-{
-	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = 0};
-	socklen_t len = sizeof(sa);
-	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+/* Where the two ends live: loopback in this namespace, or a two-host model. */
+struct placement {
+	const char *src_netns, *dst_netns; /* NULL: this process's namespace */
+	struct in_addr addr;		   /* the receiver's address */
+};
 
+/* Moves the calling thread into the named network namespace (NULL: stay). */
+static int enter_netns(const char *name)
+{
+	char path[256];
+	int fd, ret = 0;
+
+	if (!name)
+		return 0;
+	if (strchr(name, '/'))
+		snprintf(path, sizeof(path), "%s", name);
+	else
+		snprintf(path, sizeof(path), "/var/run/netns/%s", name);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
 		return -errno;
-	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	if (setns(fd, CLONE_NEWNET) < 0)
+		ret = -errno;
+	close(fd);
+	return ret;
+}
+
+static int listen_on(const struct placement *pl, int *port_out)
+{
+	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = 0, .sin_addr = pl->addr};
+	socklen_t len = sizeof(sa);
+	int fd, ret = enter_netns(pl->dst_netns);
+
+	if (ret < 0)
+		return ret;
+	fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -errno;
 	if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, 1) < 0 ||
 	    getsockname(fd, (struct sockaddr *)&sa, &len) < 0) {
-		int ret = -errno;
-
+		ret = -errno;
 		close(fd);
 		return ret;
 	}
@@ -147,17 +205,19 @@ static int listen_loopback(int *port_out)
 	return fd;
 }
 
-static int connect_loopback(int port)
+static int connect_to(const struct placement *pl, int port)
 {
-	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+				 .sin_addr = pl->addr};
+	int fd, ret = enter_netns(pl->src_netns);
 
+	if (ret < 0)
+		return ret;
+	fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return -errno;
-	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
 	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
-		int ret = -errno;
-
+		ret = -errno;
 		close(fd);
 		return ret;
 	}
@@ -165,17 +225,17 @@ static int connect_loopback(int port)
 }
 
 /* One timed transfer of tx->bytes; prints the results. Returns 0 or -errno. */
-static int run_tcp(struct side *tx)
+static int run_tcp(struct side *tx, const struct placement *pl, int rx_cpu)
 {
-	struct side rx = {.fd = -1};
+	struct side rx = {.fd = -1, .cpu = rx_cpu};
 	pthread_t thr;
 	int lfd, port = 0, ret;
 	double t0, t1;
 
-	lfd = listen_loopback(&port);
+	lfd = listen_on(pl, &port);
 	if (lfd < 0)
 		return lfd;
-	tx->fd = connect_loopback(port);
+	tx->fd = connect_to(pl, port);
 	if (tx->fd < 0) {
 		ret = tx->fd;
 		goto err_listen;
@@ -185,6 +245,9 @@ static int run_tcp(struct side *tx)
 		ret = -errno;
 		goto err_tx;
 	}
+	ret = pin_self(tx->cpu);
+	if (ret < 0)
+		goto err_rx;
 	t0 = now_s();
 	ret = -pthread_create(&thr, NULL, receiver_main, &rx);
 	if (ret < 0)
@@ -266,6 +329,31 @@ static void read_through(const uint8_t *p, uint64_t len)
 	(void)sink;
 }
 
+/* Copies the len bytes at p into a hugetlb memfd mapping, which replaces it. */
+static int to_huge_pages(struct side *tx)
+{
+	uint64_t len = (tx->src_len + (2u << 20) - 1) & ~((uint64_t)(2u << 20) - 1);
+	int fd = memfd_create("tcp_raw", MFD_CLOEXEC | MFD_HUGETLB | MFD_HUGE_2MB);
+	void *p;
+
+	if (fd < 0)
+		return -errno;
+	if (ftruncate(fd, (off_t)len) < 0) {
+		int ret = -errno;
+
+		close(fd);
+		return ret;
+	}
+	p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+	close(fd);
+	if (p == MAP_FAILED)
+		return -errno; /* ENOMEM: not enough huge pages reserved */
+	memcpy(p, tx->src, tx->src_len);
+	munmap((void *)tx->src, tx->src_len);
+	tx->src = p;
+	return 0;
+}
+
 /* Maps PATH read-only and populated, or allocates a filled anonymous buffer. */
 static int map_source(const char *path, struct side *tx)
 {
@@ -304,16 +392,19 @@ static int map_source(const char *path, struct side *tx)
 static void usage(const char *argv0)
 {
 	fprintf(stderr,
-		"usage: %s [--bytes N] [--file PATH] [--chunk N] [--no-memcpy]\n"
-		"  sends N bytes (default: size of PATH, else 4 GiB) over loopback TCP\n",
+		"usage: %s [--bytes N] [--file PATH [--hugetlb]] [--chunk N] [--no-memcpy]\n"
+		"          [--src-netns NS --dst-netns NS --addr IPV4] [--src-cpu N] [--dst-cpu N]\n"
+		"  sends N bytes (default: size of PATH, else 4 GiB) over one TCP stream,\n"
+		"  on loopback unless given two namespaces and the receiver's address\n",
 		argv0);
 }
 
 int main(int argc, char **argv)
 {
-	struct side tx = {.fd = -1, .chunk_bytes = 1u << 20};
+	struct side tx = {.fd = -1, .cpu = -1, .chunk_bytes = 1u << 20};
+	struct placement pl = {.addr = {htonl(INADDR_LOOPBACK)}};
 	const char *path = NULL;
-	int do_memcpy = 1, ret;
+	int do_memcpy = 1, hugetlb = 0, rx_cpu = -1, ret;
 
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--bytes") && i + 1 < argc) {
@@ -324,12 +415,27 @@ int main(int argc, char **argv)
 			tx.chunk_bytes = (size_t)strtoull(argv[++i], NULL, 0);
 		} else if (!strcmp(argv[i], "--no-memcpy")) {
 			do_memcpy = 0;
+		} else if (!strcmp(argv[i], "--hugetlb")) {
+			hugetlb = 1;
+		} else if (!strcmp(argv[i], "--src-netns") && i + 1 < argc) {
+			pl.src_netns = argv[++i];
+		} else if (!strcmp(argv[i], "--dst-netns") && i + 1 < argc) {
+			pl.dst_netns = argv[++i];
+		} else if (!strcmp(argv[i], "--addr") && i + 1 < argc) {
+			if (inet_pton(AF_INET, argv[++i], &pl.addr) != 1) {
+				usage(argv[0]);
+				return 2;
+			}
+		} else if (!strcmp(argv[i], "--src-cpu") && i + 1 < argc) {
+			tx.cpu = atoi(argv[++i]);
+		} else if (!strcmp(argv[i], "--dst-cpu") && i + 1 < argc) {
+			rx_cpu = atoi(argv[++i]);
 		} else {
 			usage(argv[0]);
 			return 2;
 		}
 	}
-	if (tx.chunk_bytes == 0) {
+	if (tx.chunk_bytes == 0 || (hugetlb && !path) || !pl.src_netns != !pl.dst_netns) {
 		usage(argv[0]);
 		return 2;
 	}
@@ -338,9 +444,17 @@ int main(int argc, char **argv)
 		fprintf(stderr, "tcp_raw: source %s: %s\n", path ? path : "buffer", strerror(-ret));
 		return 1;
 	}
+	if (hugetlb) {
+		ret = to_huge_pages(&tx);
+		if (ret < 0) {
+			fprintf(stderr, "tcp_raw: copy into huge pages: %s\n", strerror(-ret));
+			return 1;
+		}
+		read_through(tx.src, tx.src_len);
+	}
 	if (tx.bytes == 0)
 		tx.bytes = path ? tx.src_len : 4ull << 30;
-	ret = run_tcp(&tx);
+	ret = run_tcp(&tx, &pl, rx_cpu);
 	if (ret < 0) {
 		fprintf(stderr, "tcp_raw: transfer failed: %s\n", strerror(-ret));
 		return 1;
