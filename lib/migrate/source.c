@@ -867,6 +867,17 @@ static int iterate(struct vmig__source *src)
 				ret = vmig__pc_source_prepare(src);
 				return ret ? ret : 1;
 			}
+			/* The guest kept writing while the round drained, and
+			 * what it wrote is part of the switch-over too: count
+			 * it, and iterate on if the rest no longer fits. A
+			 * write-heavy guest otherwise overran downtime-limit. */
+			if (!ret)
+				ret = vmig__src_sync_dirty(src);
+			if (!ret && expected_downtime_ms(src) >
+					(uint64_t)vmig__param(s, VMIG_PARAM_DOWNTIME_LIMIT)) {
+				vmig__src_stats_tick(src, true);
+				continue;
+			}
 			return ret;
 		}
 		if (vmig__cancelled(s)) {
