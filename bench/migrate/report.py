@@ -109,6 +109,8 @@ def _targets(res, sc):
     """Lines stating whether vmig met the issue's targets, or why unknown."""
     if getattr(sc, "key", "") == "postcopy-wss":
         return _postcopy_targets(res, sc)
+    if getattr(sc, "key", "") == "precopy-write-heavy":
+        return _write_heavy_targets(res, sc)
     if getattr(sc, "tls", False):
         return _tls_ratios(res)
     if not sc.has_targets:
@@ -137,6 +139,31 @@ def _targets(res, sc):
 
 def _met(ok):
     return "met" if ok else "NOT met"
+
+
+def _write_heavy_targets(res, sc):
+    """Every run within its downtime-limit, and ahead of QEMU in total time."""
+    lines = []
+    for key in ("vmig", "qemu"):
+        runs = res.get(key, {}).get("runs", [])
+        if not runs:
+            lines.append("%s: no result" % key)
+            continue
+        over = [r for r in runs if r.get("downtime_limit_ms") is not None and
+                r["downtime_ms"] > r["downtime_limit_ms"]]
+        lines.append("%s: %d of %d runs within downtime-limit (downtime %s ms)%s" % (
+            res[key]["label"], len(runs) - len(over), len(runs),
+            ", ".join("%.0f" % r["downtime_ms"] for r in runs),
+            " -> met" if key == "vmig" and not over else
+            " -> NOT met" if key == "vmig" else ""))
+    v, q = (res.get(k, {}).get("runs", []) for k in ("vmig", "qemu"))
+    if v and q:
+        vt = [r["total_s"] for r in v]
+        qt = [r["total_s"] for r in q]
+        lines.append("total time: vmig %.2f to %.2f s, QEMU %.2f to %.2f s; every vmig run "
+                     "ahead of the fastest QEMU run -> %s"
+                     % (min(vt), max(vt), min(qt), max(qt), _met(max(vt) < min(qt))))
+    return lines
 
 
 def _postcopy_targets(res, sc):
