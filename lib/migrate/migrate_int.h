@@ -162,6 +162,8 @@ struct vmig__source {
 	struct vmig_session *s;
 	struct vmig__writer *w;
 	struct vmig__writer *uw; /* urgent channel writer (return-path thread) */
+	void *state;		 /* device state buffer, STATE_MAX bytes: made before the
+				  * guest stops, so the downtime neither maps nor unmaps it */
 	struct vmig__dirty *dirty;
 	struct vmig__ratelimit rl;
 	pthread_mutex_t rl_lock; /* rl: the senders of all channels share it */

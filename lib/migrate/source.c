@@ -518,19 +518,13 @@ int vmig__src_send_state(struct vmig__source *src)
 {
 	struct vmig_session *s = src->s;
 	size_t state_len = 0;
-	void *state = malloc(STATE_MAX);
 	int ret;
 
-	if (!state) {
-		vmig__fail(s, -ENOMEM, "out of memory for device state");
-		return -ENOMEM;
-	}
-	ret = s->ops.save_state(s->opaque, state, STATE_MAX, &state_len);
+	ret = s->ops.save_state(s->opaque, src->state, STATE_MAX, &state_len);
 	if (!ret && state_len > STATE_MAX)
 		ret = -EOVERFLOW;
 	if (!ret)
-		vmig__writer_rec(src->w, VMIG_REC_STATE, state, (uint32_t)state_len);
-	free(state);
+		vmig__writer_rec(src->w, VMIG_REC_STATE, src->state, (uint32_t)state_len);
 	if (ret)
 		vmig__fail(s, ret, "saving device state failed");
 	return ret;
@@ -959,7 +953,10 @@ void *vmig__source_thread(void *arg)
 	pthread_mutex_init(&src.rl_lock, NULL);
 	src.w = malloc(sizeof(*src.w));
 	src.uw = malloc(sizeof(*src.uw));
-	if (!src.w || !src.uw) {
+	/* Here, not at the switch: unmapping 16 MiB once took 20 to 85 ms of
+	 * the downtime, with each side pinned to one CPU. */
+	src.state = malloc(STATE_MAX);
+	if (!src.w || !src.uw || !src.state) {
 		vmig__fail(s, -ENOMEM, "out of memory");
 		vmig__set_status(s, VMIG_STATUS_FAILED); /* nothing was stopped */
 		goto out;
@@ -998,6 +995,7 @@ void *vmig__source_thread(void *arg)
 out:
 	free(src.w);
 	free(src.uw);
+	free(src.state);
 	pthread_mutex_destroy(&src.rl_lock);
 	return NULL;
 }
