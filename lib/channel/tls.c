@@ -21,15 +21,25 @@
  * system call per 16 KiB record cost more than the copy that gathering
  * takes (and a system call costs a lot more where the host is a guest).
  *
- * Threads: one reader and one writer at a time, which GnuTLS supports once
- * the handshake is over. rbuf and the read-side error belong to the reader,
- * wbuf and the write-side error to the writer.
+ * Threads: one reader and one writer at a time. GnuTLS 3.7 cannot take a
+ * TLS 1.3 KeyUpdate on one thread while another encrypts or decrypts: the
+ * new epoch copies the other direction's sequence number, so records went
+ * out with a stale one (the peer fails to decrypt them, or worse, a nonce
+ * repeats under the same key). A peer may ask for one at any time, and
+ * GnuTLS rekeys by itself after 2^24 records. So once the handshake is
+ * over every call into the session holds glock, a record at a time, and
+ * none of them blocks: the reader's pull never waits for the socket (the
+ * reader polls outside the lock), the writer's pushes go to pbuf, which it
+ * sends outside the lock. rbuf and the read-side error belong to the
+ * reader, wbuf and the write-side error to the writer; pbuf and the
+ * sending side of the socket to whoever holds wlock.
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <gnutls/gnutls.h>
 #include <gnutls/x509.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,6 +53,9 @@
 #define TLS_RBUF (64u << 10)
 #define TLS_RECORD (16u << 10)
 #define TLS_PBUF (256u << 10)
+/* Room one locked send may add to pbuf: its record, a KeyUpdate before it
+ * and their overhead. */
+#define TLS_PBUF_ROOM (2 * TLS_RECORD + 1024)
 
 /* TLS 1.3 only; its cipher suites are all AEAD, AES-GCM first (the CPUs
  * that move guests have AES instructions; ChaCha20 runs at a fraction of
@@ -64,11 +77,41 @@ struct vmig_tls_creds {
 	char dir[256];
 };
 
+/* A lock that serves in turn: a reader waiting for it gets it after the
+ * writer's current record, however fast the writer comes back. */
+struct turn_lock {
+	pthread_mutex_t m;
+	pthread_cond_t cv;
+	unsigned next, serving; /* m */
+};
+
+static void turn_lock(struct turn_lock *l)
+{
+	unsigned me;
+
+	pthread_mutex_lock(&l->m);
+	me = l->next++;
+	while (me != l->serving)
+		pthread_cond_wait(&l->cv, &l->m);
+	pthread_mutex_unlock(&l->m);
+}
+
+static void turn_unlock(struct turn_lock *l)
+{
+	pthread_mutex_lock(&l->m);
+	l->serving++;
+	if (l->next != l->serving)
+		pthread_cond_broadcast(&l->cv);
+	pthread_mutex_unlock(&l->m);
+}
+
 struct vmig__tls_conn {
 	gnutls_session_t s;
 	struct vmig_tls_creds *creds; /* a reference */
 	bool server;
 	bool done;	 /* handshake finished and peer accepted */
+	struct turn_lock glock; /* every call into s once done */
+	pthread_mutex_t wlock;	/* pbuf, plen, and sending on the socket */
 	char host[256];	 /* client: the name the server's certificate must carry */
 	char authz[512]; /* server: the one identity let in, or "" */
 	/* reader thread (and the handshake) */
@@ -80,10 +123,11 @@ struct vmig__tls_conn {
 	/* writer thread */
 	uint8_t *wbuf;
 	size_t wlen;
+	bool gather; /* the writer, in a gnutls_record_send under glock */
+	/* wlock */
 	uint8_t *pbuf; /* encrypted records waiting for one sendmsg() */
 	size_t plen;
-	bool gather; /* inside vmig__tls_writev: push into pbuf */
-	int werrno;
+	int werrno; /* wlock */
 	char wmsg[128];
 };
 
@@ -411,8 +455,8 @@ static ssize_t pull(gnutls_transport_ptr_t p, void *buf, size_t n)
 	if (tc->rpos == tc->rlen) {
 		ssize_t got;
 
-		do {
-			got = recv(c->fd, tc->rbuf, TLS_RBUF, 0);
+		do { /* under glock (done): the reader waits in poll, not here */
+			got = recv(c->fd, tc->rbuf, TLS_RBUF, tc->done ? MSG_DONTWAIT : 0);
 		} while (got < 0 && errno == EINTR);
 		if (got < 0) {
 			tc->rerrno = errno;
@@ -449,14 +493,12 @@ static ssize_t vec_send(struct vmig__chan *c, const giovec_t *iov, int iovcnt)
 	do {
 		n = sendmsg(c->fd, &msg, MSG_NOSIGNAL);
 	} while (n < 0 && errno == EINTR);
-	if (n < 0) {
+	if (n < 0)
 		c->tls->werrno = errno;
-		gnutls_transport_set_errno(c->tls->s, errno);
-	}
 	return n;
 }
 
-/* Writer: sends all of pbuf (the socket is blocking while gathering). */
+/* Sends all of pbuf, under wlock (the socket is blocking once done). */
 static int flush_pbuf(struct vmig__chan *c)
 {
 	struct vmig__tls_conn *tc = c->tls;
@@ -474,26 +516,45 @@ static int flush_pbuf(struct vmig__chan *c)
 	return 0;
 }
 
+/* The writer's own, outside glock: pbuf out if it has less than room
+ * left (all of it for room TLS_PBUF). */
+static int flush_for(struct vmig__chan *c, size_t room)
+{
+	struct vmig__tls_conn *tc = c->tls;
+	int ret = 0;
+
+	pthread_mutex_lock(&tc->wlock);
+	if (tc->plen && tc->plen + room > TLS_PBUF)
+		ret = flush_pbuf(c);
+	pthread_mutex_unlock(&tc->wlock);
+	return ret;
+}
+
 static ssize_t vec_push(gnutls_transport_ptr_t p, const giovec_t *iov, int iovcnt)
 {
 	struct vmig__chan *c = p;
 	struct vmig__tls_conn *tc = c->tls;
 	size_t total = 0;
+	ssize_t ret;
 
-	/* Outside a writev (the handshake, alerts, close_notify): at once. */
-	if (!tc->gather)
-		return vec_send(c, iov, iovcnt);
 	for (int i = 0; i < iovcnt; i++)
 		total += iov[i].iov_len;
-	if (tc->plen + total > TLS_PBUF && flush_pbuf(c))
-		return -1;
-	if (total > TLS_PBUF) /* never: a record is at most 16 KiB and change */
-		return vec_send(c, iov, iovcnt);
-	for (int i = 0; i < iovcnt; i++) {
-		memcpy(tc->pbuf + tc->plen, iov[i].iov_base, iov[i].iov_len);
-		tc->plen += iov[i].iov_len;
+	pthread_mutex_lock(&tc->wlock);
+	if (!tc->gather || tc->plen + total > TLS_PBUF) {
+		/* Outside the writer's records (the handshake, an alert from the
+		 * reader), or no room: what was gathered goes first, this at once. */
+		ret = flush_pbuf(c) ? -1 : vec_send(c, iov, iovcnt);
+		if (ret < 0) /* inside a GnuTLS call: it may be told */
+			gnutls_transport_set_errno(tc->s, tc->werrno);
+	} else {
+		for (int i = 0; i < iovcnt; i++) {
+			memcpy(tc->pbuf + tc->plen, iov[i].iov_base, iov[i].iov_len);
+			tc->plen += iov[i].iov_len;
+		}
+		ret = (ssize_t)total;
 	}
-	return (ssize_t)total;
+	pthread_mutex_unlock(&tc->wlock);
+	return ret;
 }
 
 int vmig__tls_conn_new(struct vmig__chan *c, const struct vmig__tls *t, bool server,
@@ -510,6 +571,9 @@ int vmig__tls_conn_new(struct vmig__chan *c, const struct vmig__tls *t, bool ser
 		ret = -ENOMEM;
 		goto fail_mem;
 	}
+	pthread_mutex_init(&tc->glock.m, NULL);
+	pthread_cond_init(&tc->glock.cv, NULL);
+	pthread_mutex_init(&tc->wlock, NULL);
 	ret = gnutls_init(&tc->s, (server ? GNUTLS_SERVER : GNUTLS_CLIENT) | GNUTLS_NO_TICKETS);
 	if (ret < 0) {
 		vmig__err_set(err, "TLS: %s", gnutls_strerror(ret));
@@ -562,6 +626,9 @@ fail:
 void vmig__tls_conn_free(struct vmig__tls_conn *tc)
 {
 	gnutls_deinit(tc->s);
+	pthread_mutex_destroy(&tc->glock.m);
+	pthread_cond_destroy(&tc->glock.cv);
+	pthread_mutex_destroy(&tc->wlock);
 	vmig_tls_creds_unref(tc->creds);
 	free(tc->rbuf);
 	free(tc->wbuf);
@@ -794,31 +861,70 @@ ssize_t vmig__tls_read(struct vmig__chan *c, void *buf, size_t n)
 	ssize_t got;
 
 	for (;;) {
+		turn_lock(&tc->glock);
 		got = gnutls_record_recv(tc->s, buf, n);
+		turn_unlock(&tc->glock);
 		if (got > 0)
 			return got;
 		if (!got) /* close_notify */
 			return -EPIPE;
-		if (got == GNUTLS_E_INTERRUPTED || (got == GNUTLS_E_AGAIN && !c->nonblock))
+		if (got == GNUTLS_E_INTERRUPTED)
 			continue;
+		if (got == GNUTLS_E_AGAIN && !c->nonblock) {
+			struct pollfd pfd = {.fd = c->fd, .events = POLLIN};
+
+			/* GnuTLS says so after a record that was not data (a
+			 * KeyUpdate) too: wait only when rbuf is empty. A
+			 * shutdown() of the socket wakes the poll. */
+			if (tc->rpos == tc->rlen && poll(&pfd, 1, -1) < 0 && errno != EINTR)
+				return -errno;
+			continue;
+		}
 		if (got == GNUTLS_E_AGAIN)
 			return -EAGAIN;
 		return io_error(tc, (int)got, tc->rerrno, tc->rmsg, sizeof(tc->rmsg));
 	}
 }
 
-/* Send exactly n bytes as records. */
-static int send_all(struct vmig__tls_conn *tc, const uint8_t *p, size_t n)
+/* The writer's failure: the socket's errno if sending failed. */
+static int write_error(struct vmig__tls_conn *tc, int ret)
 {
+	int e;
+
+	pthread_mutex_lock(&tc->wlock);
+	e = tc->werrno;
+	pthread_mutex_unlock(&tc->wlock);
+	return io_error(tc, ret, e, tc->wmsg, sizeof(tc->wmsg));
+}
+
+static int push_error(struct vmig__tls_conn *tc)
+{
+	return write_error(tc, GNUTLS_E_PUSH_ERROR);
+}
+
+/* Send exactly n bytes as records, one at a time under glock. Gathered
+ * ones go out, outside it, when pbuf has no room for another. */
+static int send_all(struct vmig__chan *c, const uint8_t *p, size_t n, bool gather)
+{
+	struct vmig__tls_conn *tc = c->tls;
+
 	while (n) {
-		ssize_t put = gnutls_record_send(tc->s, p, VMIG_MIN(n, TLS_RECORD));
+		ssize_t put;
+
+		if (gather && flush_for(c, TLS_PBUF_ROOM))
+			return push_error(tc);
+		turn_lock(&tc->glock);
+		tc->gather = gather;
+		put = gnutls_record_send(tc->s, p, VMIG_MIN(n, TLS_RECORD));
+		tc->gather = false;
+		turn_unlock(&tc->glock);
 
 		if (put == GNUTLS_E_INTERRUPTED || put == GNUTLS_E_AGAIN) {
 			/* the same data again, as GnuTLS asks */
 			continue;
 		}
 		if (put < 0)
-			return io_error(tc, (int)put, tc->werrno, tc->wmsg, sizeof(tc->wmsg));
+			return write_error(tc, (int)put);
 		p += put;
 		n -= (size_t)put;
 	}
@@ -830,8 +936,9 @@ int vmig__tls_writev(struct vmig__chan *c, const struct iovec *iov, int iovcnt)
 	struct vmig__tls_conn *tc = c->tls;
 	int ret = 0;
 
+	bool gather = !c->nonblock; /* a blocking socket: pbuf, then one sendmsg() */
+
 	tc->wlen = 0;
-	tc->gather = !c->nonblock;
 	for (int i = 0; i < iovcnt && !ret; i++) {
 		const uint8_t *p = iov[i].iov_base;
 		size_t n = iov[i].iov_len;
@@ -841,13 +948,13 @@ int vmig__tls_writev(struct vmig__chan *c, const struct iovec *iov, int iovcnt)
 
 			if (!tc->wlen && n >= TLS_RECORD) { /* whole records, no copy */
 				take = n - n % TLS_RECORD;
-				ret = send_all(tc, p, take);
+				ret = send_all(c, p, take, gather);
 			} else {
 				take = VMIG_MIN(n, TLS_RECORD - tc->wlen);
 				memcpy(tc->wbuf + tc->wlen, p, take);
 				tc->wlen += take;
 				if (tc->wlen == TLS_RECORD) {
-					ret = send_all(tc, tc->wbuf, tc->wlen);
+					ret = send_all(c, tc->wbuf, tc->wlen, gather);
 					tc->wlen = 0;
 				}
 			}
@@ -856,18 +963,22 @@ int vmig__tls_writev(struct vmig__chan *c, const struct iovec *iov, int iovcnt)
 		}
 	}
 	if (!ret && tc->wlen)
-		ret = send_all(tc, tc->wbuf, tc->wlen);
+		ret = send_all(c, tc->wbuf, tc->wlen, gather);
 	tc->wlen = 0;
-	tc->gather = false;
-	if (!ret && tc->plen && flush_pbuf(c))
-		ret = io_error(tc, GNUTLS_E_PUSH_ERROR, tc->werrno, tc->wmsg, sizeof(tc->wmsg));
-	tc->plen = 0;
+	if (!ret && flush_for(c, TLS_PBUF))
+		ret = push_error(tc);
 	return ret;
 }
 
 bool vmig__tls_buffered(const struct vmig__chan *c)
 {
-	return gnutls_record_check_pending(c->tls->s) > 0 || c->tls->rpos < c->tls->rlen;
+	struct vmig__tls_conn *tc = c->tls;
+	bool pending;
+
+	turn_lock(&tc->glock);
+	pending = gnutls_record_check_pending(tc->s) > 0;
+	turn_unlock(&tc->glock);
+	return pending || tc->rpos < tc->rlen;
 }
 
 /* The reading thread, after a failed read. */

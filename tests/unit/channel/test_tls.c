@@ -5,9 +5,11 @@
  * socket (the server side driven without blocking, as the incoming side
  * does), data that crosses intact whatever the iovec shape, and every
  * refusal with its reason. PSK keys are made here; the x509 cases run end
- * to end in tests/integration/test_tls.py.
+ * to end in tests/integration/test_tls.py. A peer of bare GnuTLS plays the
+ * part of a peer that does what vmig never does (TLS 1.3 KeyUpdate).
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -18,9 +20,11 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <cmocka.h>
+#include <gnutls/gnutls.h>
 
 #include "channel/channel.h"
 
@@ -330,6 +334,234 @@ static void test_tls_and_plain_do_not_mix(void **state)
 	peers_free(&cli, &srv);
 }
 
+/* ---- a peer of bare GnuTLS that asks for a KeyUpdate ------------------ */
+
+#define KU_KEY "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+
+struct ku_peer {
+	gnutls_session_t s;
+	gnutls_psk_client_credentials_t cred;
+	int fd;
+	int ret;
+	const uint8_t *out; /* what it writes, out_len bytes */
+	size_t out_len;
+	uint8_t *in; /* what it reads, in_len bytes */
+	size_t in_len;
+	size_t got;	  /* bytes read so far */
+	size_t off;	  /* bytes written so far */
+	unsigned sent;	  /* KeyUpdates sent so far */
+	unsigned updates; /* KeyUpdates it sends, each asking for one back */
+};
+
+static void *ku_handshake(void *arg)
+{
+	struct ku_peer *k = arg;
+	gnutls_datum_t key = {.data = (unsigned char *)KU_KEY, .size = sizeof(KU_KEY) - 1};
+
+	k->ret = gnutls_psk_allocate_client_credentials(&k->cred);
+	if (!k->ret)
+		k->ret =
+		    gnutls_psk_set_client_credentials(k->cred, "qemu", &key, GNUTLS_PSK_KEY_HEX);
+	if (!k->ret)
+		k->ret = gnutls_init(&k->s, GNUTLS_CLIENT);
+	if (!k->ret)
+		k->ret = gnutls_priority_set_direct(
+		    k->s, "NORMAL:-VERS-ALL:+VERS-TLS1.3:-KX-ALL:+ECDHE-PSK", NULL);
+	if (!k->ret)
+		k->ret = gnutls_credentials_set(k->s, GNUTLS_CRD_PSK, k->cred);
+	if (k->ret)
+		return NULL;
+	gnutls_transport_set_int(k->s, k->fd);
+	do {
+		k->ret = gnutls_handshake(k->s);
+	} while (k->ret == GNUTLS_E_AGAIN || k->ret == GNUTLS_E_INTERRUPTED);
+	return NULL;
+}
+
+/* The peer runs on one thread (GnuTLS 3.7 cannot change keys on one
+ * thread while another reads or writes): a poll loop over a non-blocking
+ * socket that reads all it is sent and writes out in records; after each
+ * quarter, once vmig's writer is busy (some of its bytes arrived), it asks
+ * for a KeyUpdate. A flood asks ten times at once and stops writing
+ * (GnuTLS takes eight a second). Returns
+ * 0 when everything went both ways, else the first GnuTLS error. */
+static int ku_run(struct ku_peer *k, bool flood)
+{
+	size_t step = k->out_len / (k->updates + 1);
+	bool updating = false, stopped = false, sending = false;
+
+	fcntl(k->fd, F_SETFL, fcntl(k->fd, F_GETFL) | O_NONBLOCK);
+	while (k->got < k->in_len || (k->off < k->out_len && !stopped)) {
+		struct pollfd pfd = {.fd = k->fd, .events = POLLIN};
+		/* an update is due here: no more writing until it went */
+		bool due = k->sent < k->updates && k->off >= step * (flood ? 1 : k->sent + 1);
+		bool can_write = k->off < k->out_len && !stopped && !updating && (!due || sending);
+		ssize_t n;
+
+		if (updating || (due && !sending && k->got >= k->in_len / 8)) {
+			n = gnutls_session_key_update(k->s, GNUTLS_KU_PEER);
+			updating = n == GNUTLS_E_AGAIN || n == GNUTLS_E_INTERRUPTED;
+			if (n < 0 && !updating)
+				return (int)n;
+			if (!updating)
+				stopped = ++k->sent == k->updates && flood;
+			continue;
+		}
+		if (can_write) { /* after GNUTLS_E_AGAIN, the same record again */
+			n = gnutls_record_send(k->s, k->out + k->off,
+					       VMIG_MIN(k->out_len - k->off, 16384));
+			sending = n == GNUTLS_E_AGAIN || n == GNUTLS_E_INTERRUPTED;
+			if (n < 0 && !sending)
+				return (int)n;
+			if (!sending) {
+				k->off += (size_t)n;
+				continue;
+			}
+		}
+		if (k->got >= k->in_len)
+			pfd.events = 0;
+		if (gnutls_record_check_pending(k->s) == 0) {
+			if (can_write || updating)
+				pfd.events |= POLLOUT;
+			if (poll(&pfd, 1, 10000) != 1)
+				return -ETIMEDOUT;
+		}
+		if (k->got >= k->in_len)
+			continue;
+		n = gnutls_record_recv(k->s, k->in + k->got, k->in_len - k->got);
+		if (n == GNUTLS_E_AGAIN || n == GNUTLS_E_INTERRUPTED)
+			continue;
+		if (n <= 0)
+			return n ? (int)n : -EPIPE;
+		k->got += (size_t)n;
+	}
+	return 0;
+}
+
+struct writer {
+	struct vmig__chan *c;
+	const uint8_t *data;
+	size_t len;
+	int ret;
+};
+
+/* Runs of 64 KiB, each a header and a page run as the RAM stream writes
+ * them: four whole records per run. */
+static void *writer_thread(void *arg)
+{
+	struct writer *w = arg;
+
+	for (size_t off = 0; off < w->len && !w->ret;) {
+		size_t run = VMIG_MIN(w->len - off, 64u << 10);
+		struct iovec iov[2] = {{(void *)(w->data + off), 8},
+				       {(void *)(w->data + off + 8), run - 8}};
+
+		w->ret = vmig__chan_writev(w->c, iov, 2);
+		off += run;
+	}
+	return NULL;
+}
+
+/* A peer asks for KeyUpdates while vmig reads on one thread and writes on
+ * another. GnuTLS takes the request on the reading thread and sends its
+ * answer from the writing thread, ahead of its next record: the gathered
+ * records must keep their order around it, and both directions must
+ * arrive whole, under new keys. vmig writes half its data while the
+ * requests come, and the other half after they all arrived, so the answer
+ * has records to go before. More than eight requests in a second are a
+ * flood: the reader fails with a clear error and nothing hangs. */
+static void key_update_case(unsigned updates, bool flood)
+{
+	struct peer srv = {0};
+	struct vmig__uri u = {.kind = VMIG_URI_UNIX};
+	struct vmig__err err = {{0}};
+	size_t len = 16u << 20;
+	uint8_t *a = malloc(len), *b = malloc(len), *ra = malloc(len), *rb = malloc(len);
+	struct ku_peer k = {.out = a, .out_len = len, .in = rb, .in_len = len, .updates = updates};
+	struct writer w = {.data = b, .len = len / 2};
+	struct blob r = {.data = ra, .len = len};
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	gnutls_datum_t unused[3];
+	unsigned char seq[8];
+	pthread_t th, tr, tw;
+	uint64_t records;
+	int lfd;
+
+	assert_true(a && b && ra && rb);
+	for (size_t i = 0; i < len; i++) {
+		a[i] = (uint8_t)(i * 131 + (i >> 12));
+		b[i] = (uint8_t)(i * 37 + (i >> 13) + 1);
+	}
+	set_tls(&srv, psk("good", VMIG_TLS_ENDPOINT_SERVER, NULL), "qemu");
+	snprintf(u.path, sizeof(u.path), "%s/sock", base);
+	assert_int_equal(vmig__chan_listen(&u, &lfd, &err), 0);
+	k.fd = socket(AF_UNIX, SOCK_STREAM, 0);
+	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", u.path);
+	assert_int_equal(connect(k.fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+	assert_int_equal(pthread_create(&th, NULL, ku_handshake, &k), 0);
+	assert_int_equal(serve(lfd, &srv), 0);
+	pthread_join(th, NULL);
+	assert_int_equal(k.ret, 0);
+	close(lfd);
+
+	assert_int_equal(vmig__chan_set_blocking(srv.c), 0);
+	r.c = w.c = srv.c;
+	assert_int_equal(pthread_create(&tr, NULL, reader_thread, &r), 0);
+	assert_int_equal(pthread_create(&tw, NULL, writer_thread, &w), 0);
+	k.in_len = len / 2; /* vmig's first half */
+	k.ret = ku_run(&k, flood);
+	pthread_join(tw, NULL);
+	assert_int_equal(w.ret, 0);
+	if (flood) {
+		/* the second request ended it: vmig's reader says why */
+		pthread_join(tr, NULL);
+		assert_int_equal(k.ret, 0);
+		assert_int_equal(r.ret, -ECONNABORTED);
+		assert_non_null(strstr(vmig__chan_strerror(srv.c, r.ret), "TLS"));
+		assert_memory_equal(rb, b, len / 2);
+	} else {
+		assert_int_equal(k.ret, 0);
+		pthread_join(tr, NULL);
+		assert_int_equal(r.ret, 0);
+		assert_memory_equal(ra, a, len);
+		w.data = b + len / 2;
+		assert_int_equal(pthread_create(&tw, NULL, writer_thread, &w), 0);
+		k.in_len = len;
+		k.ret = ku_run(&k, false);
+		pthread_join(tw, NULL);
+		assert_int_equal(w.ret, 0);
+		assert_int_equal(k.ret, 0);
+		assert_memory_equal(rb, b, len);
+		/* vmig answered: its records count from 0 again under a new key,
+		 * so the peer's read sequence is below the records it took */
+		assert_int_equal(
+		    gnutls_record_get_state(k.s, 1, &unused[0], &unused[1], &unused[2], seq), 0);
+		records = 0;
+		for (int i = 0; i < 8; i++)
+			records = records << 8 | seq[i];
+		assert_true(records < len / 16384);
+	}
+	gnutls_deinit(k.s);
+	gnutls_psk_free_client_credentials(k.cred);
+	close(k.fd);
+	vmig__chan_free(srv.c);
+	vmig__tls_clear(&srv.tls);
+	free(a);
+	free(b);
+	free(ra);
+	free(rb);
+}
+
+static void test_peer_key_update(void **state)
+{
+	key_update_case(8, false);
+}
+
+static void test_peer_key_update_flood(void **state)
+{
+	key_update_case(10, true);
+}
+
 /* Credentials for the wrong side are refused when the migration starts. */
 static void test_endpoint_checked(void **state)
 {
@@ -354,6 +586,8 @@ int main(void)
 	    cmocka_unit_test(test_authz_refuses_other_identity),
 	    cmocka_unit_test(test_tls_and_plain_do_not_mix),
 	    cmocka_unit_test(test_endpoint_checked),
+	    cmocka_unit_test(test_peer_key_update),
+	    cmocka_unit_test(test_peer_key_update_flood),
 	};
 
 	return cmocka_run_group_tests(tests, setup, teardown);
