@@ -108,7 +108,8 @@ struct vblk_dirty {
 	uint64_t disk_size; /* bytes */
 	uint32_t granularity;
 	unsigned shift; /* log2(granularity) */
-	/* The rest: control thread only. */
+	/* The rest: control thread only, but for cursor: the one taker's (the
+	 * RPC's dirty_bitmap_take, or a mirror's copier thread). */
 	uint64_t cursor;	     /* the word the next take starts at */
 	uint64_t start_ns;	     /* when tracking started */
 	uint64_t base_bits;	     /* sum of the queues' dirtied_bits at start */
@@ -209,6 +210,7 @@ struct vblk_opts {
 	bool quiet;
 	bool no_lock; /* --no-lock: no OFD lock on the image (shared storage) */
 	bool cache_none; /* --cache none: O_DIRECT; default --cache writeback */
+	const char *incoming; /* --incoming URI: receive the disk first (mirror.c) */
 };
 
 struct vblk_rpc_client {
@@ -246,6 +248,10 @@ struct vblk_daemon {
 	uint32_t poll_us; /* current busy-poll window (--poll-us, or set by RPC) */
 	uint32_t read_latency_us, write_latency_us; /* added latency (set by RPC) */
 	bool stop;
+	/* Storage migration (mirror.c): the source's mirror, the destination's
+	 * receiver; control thread. */
+	struct vblk_mirror *mirror;
+	struct vblk_incoming *incoming;
 };
 
 /* blk.c: the device */

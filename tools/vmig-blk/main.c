@@ -14,6 +14,7 @@
  * (lib/vhost/inflight.c).
  */
 #include "blk.h"
+#include "mirror.h"
 #include "util/util.h"
 
 #include <errno.h>
@@ -59,7 +60,7 @@ static void usage(FILE *f)
 	    "[--read-zeroes])\n"
 	    "                [--queues N] [--read-only] [--poll-us N] [--rpc PATH] [--serial ID]\n"
 	    "                [--size SIZE] [--cache none|writeback] [--upgrade-binary PATH]\n"
-	    "                [--no-lock] [--quiet]\n"
+	    "                [--no-lock] [--incoming URI] [--quiet]\n"
 	    "       vmig-blk rpc --rpc PATH METHOD [JSON-PARAMS]\n"
 	    "       vmig-blk upgrade (--socket PATH | --rpc PATH)\n"
 	    "       vmig-blk --version\n"
@@ -70,7 +71,11 @@ static void usage(FILE *f)
 	    "                     host's page cache is bypassed; guest flushes are\n"
 	    "                     fdatasync() in both modes. A file system without\n"
 	    "                     O_DIRECT is refused at start. Misaligned guest buffers\n"
-	    "                     go through bounce buffers\n",
+	    "                     go through bounce buffers\n"
+	    "  --incoming URI     the destination of a storage migration: receive the\n"
+	    "                     disk from the source's vmig-blk on URI (tcp:HOST:PORT\n"
+	    "                     or unix:PATH) and serve the guest only once all of it\n"
+	    "                     arrived (docs/storage-migration.md)\n",
 	    f);
 }
 
@@ -94,6 +99,7 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 	    {"upgrade-binary", required_argument, NULL, 'u'},
 	    {"no-lock", no_argument, NULL, 'L'},
 	    {"cache", required_argument, NULL, 'C'},
+	    {"incoming", required_argument, NULL, 'I'},
 	    {NULL, 0, NULL, 0},
 	};
 	unsigned long v;
@@ -177,6 +183,9 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 			}
 			o->cache_none = !strcmp(optarg, "none");
 			break;
+		case 'I':
+			o->incoming = optarg;
+			break;
 		case 'h':
 			usage(stdout);
 			exit(0);
@@ -196,6 +205,10 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 	}
 	if (o->cache_none && !o->file) {
 		fprintf(stderr, "vmig-blk: --cache none goes with --file\n");
+		return -1;
+	}
+	if (o->incoming && (o->null_size || o->read_only)) {
+		fprintf(stderr, "vmig-blk: --incoming needs a writable --file or --ram disk\n");
 		return -1;
 	}
 	if (o->read_zeroes && !o->null_size) {
@@ -743,8 +756,8 @@ static void accept_vhost(struct vblk_daemon *dm)
 static void run(struct vblk_daemon *dm)
 {
 	while (!dm->stop) {
-		struct pollfd pfd[3 + VBLK_MAX_RPC_CLIENTS];
-		int slot[3 + VBLK_MAX_RPC_CLIENTS];
+		struct pollfd pfd[4 + VBLK_MAX_RPC_CLIENTS];
+		int slot[4 + VBLK_MAX_RPC_CLIENTS];
 		nfds_t n = 0;
 
 		pfd[n] = (struct pollfd){.fd = dm->signal_fd, .events = POLLIN};
@@ -754,6 +767,10 @@ static void run(struct vblk_daemon *dm)
 		slot[n++] = -2;
 		pfd[n] = (struct pollfd){.fd = dm->rpc_fd, .events = POLLIN};
 		slot[n++] = -3;
+		if (vblk_incoming_fd(dm) >= 0) {
+			pfd[n] = (struct pollfd){.fd = vblk_incoming_fd(dm), .events = POLLIN};
+			slot[n++] = -4;
+		}
 		for (int i = 0; i < VBLK_MAX_RPC_CLIENTS; i++) {
 			if (!dm->clients[i])
 				continue;
@@ -776,6 +793,8 @@ static void run(struct vblk_daemon *dm)
 				accept_vhost(dm);
 			else if (slot[i] == -3)
 				vblk_rpc_accept(dm);
+			else if (slot[i] == -4)
+				vblk_incoming_event(dm);
 			else
 				vblk_rpc_client_input(dm, slot[i]);
 		}
@@ -871,6 +890,8 @@ static void daemon_init(struct vblk_daemon *dm, char **argv)
 
 static void shutdown_daemon(struct vblk_daemon *dm)
 {
+	vblk_mirror_free(dm);
+	vblk_incoming_free(dm);
 	vhost_dev_reset(&dm->dev);
 	vblk_dirty_stop(dm);
 	for (unsigned i = 0; i < dm->nqueues; i++)
@@ -929,10 +950,19 @@ int main(int argc, char **argv)
 	}
 	if (r == 0) {
 		vhost_dev_init(&dm.dev, dm.nqueues, vblk_device_features(&dm.disk, dm.nqueues),
-			       &vblk_dev_ops, dm.q);
+			       dm.opts.incoming ? &vblk_incoming_ops : &vblk_dev_ops, dm.q);
 		if (start_fresh(&dm)) {
 			shutdown_daemon(&dm);
 			return 1;
+		}
+		if (dm.opts.incoming) {
+			char err[512];
+
+			if (vblk_incoming_start(&dm, dm.opts.incoming, err, sizeof(err))) {
+				fprintf(stderr, "vmig-blk: %s\n", err);
+				shutdown_daemon(&dm);
+				return 1;
+			}
 		}
 		vblk_log(&dm, "listening on %s", dm.opts.socket);
 	}

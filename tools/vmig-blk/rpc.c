@@ -17,6 +17,7 @@
  * Threads: the control thread only.
  */
 #include "blk.h"
+#include "mirror.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -485,6 +486,109 @@ static json_t *dirty_take(struct vblk_daemon *dm, int fd, const char *id, json_t
 	return res;
 }
 
+/* ---- storage migration (mirror.c) ---- */
+
+static json_t *mirror_info(struct vblk_daemon *dm)
+{
+	struct vblk_mirror_info in;
+	json_t *o;
+
+	vblk_mirror_query(dm, &in);
+	if (!in.exists)
+		return json_pack("{s:b}", "active", false);
+	o = json_pack("{s:s,s:s,s:s,s:I,s:I,s:I,s:I,s:b,s:b,s:I,s:I}", "type", "mirror", "uri",
+		      in.uri, "status", in.status, "len", (json_int_t)in.len, "offset",
+		      (json_int_t)in.offset, "remaining", (json_int_t)in.remaining, "speed",
+		      (json_int_t)in.speed, "ready", in.ready, "completing", in.completing,
+		      "dirty-rate", (json_int_t)in.dirty_rate, "rounds", (json_int_t)in.rounds);
+	if (o && in.error[0])
+		json_object_set_new(o, "error", json_string(in.error));
+	return o;
+}
+
+static json_t *mirror_reply(struct vblk_daemon *dm, int fd, const char *id, int r, const char *err)
+{
+	if (r) {
+		vblk_rpc_send(fd, id, NULL, r == -EINVAL ? RPC_INVALID_PARAMS : RPC_SERVER_ERROR,
+			      err);
+		return NULL;
+	}
+	return mirror_info(dm);
+}
+
+/* {"uri": S, "granularity": N, "speed": N}: copy the disk to uri. */
+static json_t *mirror_start(struct vblk_daemon *dm, int fd, const char *id, json_t *params)
+{
+	static const char *const keys[] = {"uri", "granularity", "speed"};
+	json_t *ju = json_is_object(params) ? json_object_get(params, "uri") : NULL;
+	uint64_t gran = 0, speed = 0;
+	char err[512];
+
+	if (!params_only(fd, id, params, keys, 3) ||
+	    !param_u64(fd, id, params, "granularity", VBLK_DIRTY_MIN_GRANULARITY,
+		       VBLK_DIRTY_MAX_GRANULARITY, &gran) ||
+	    !param_u64(fd, id, params, "speed", 0, UINT64_MAX / 2, &speed))
+		return NULL;
+	if (!json_is_string(ju)) {
+		vblk_rpc_send(fd, id, NULL, RPC_INVALID_PARAMS,
+			      "uri (tcp:HOST:PORT or unix:PATH) is required");
+		return NULL;
+	}
+	return mirror_reply(
+	    dm, fd, id,
+	    vblk_mirror_start(dm, json_string_value(ju), (uint32_t)gran, speed, err, sizeof(err)),
+	    err);
+}
+
+static json_t *mirror_simple(struct vblk_daemon *dm, int fd, const char *id, json_t *params,
+			     int (*op)(struct vblk_daemon *, char *, size_t))
+{
+	char err[512];
+
+	if (!params_only(fd, id, params, NULL, 0))
+		return NULL;
+	return mirror_reply(dm, fd, id, op(dm, err, sizeof(err)), err);
+}
+
+static json_t *mirror_speed(struct vblk_daemon *dm, int fd, const char *id, json_t *params)
+{
+	static const char *const keys[] = {"speed"};
+	uint64_t speed = 0;
+	char err[512];
+
+	if (!params_only(fd, id, params, keys, 1) ||
+	    !param_u64(fd, id, params, "speed", 0, UINT64_MAX / 2, &speed))
+		return NULL;
+	return mirror_reply(dm, fd, id, vblk_mirror_set_speed(dm, speed, err, sizeof(err)), err);
+}
+
+static json_t *incoming_info(struct vblk_daemon *dm)
+{
+	struct vblk_incoming_info in;
+	json_t *o;
+
+	vblk_incoming_query(dm, &in);
+	if (!in.exists)
+		return json_pack("{s:b}", "active", false);
+	o = json_pack("{s:s,s:I,s:I,s:I}", "status", in.status, "received", (json_int_t)in.received,
+		      "rounds", (json_int_t)in.rounds, "connections", (json_int_t)in.connections);
+	if (o && in.port)
+		json_object_set_new(o, "port", json_integer(in.port));
+	if (o && in.error[0])
+		json_object_set_new(o, "error", json_string(in.error));
+	return o;
+}
+
+/* A mirror owns the bitmap: nobody else may change it. */
+static bool bitmap_free(struct vblk_daemon *dm, int fd, const char *id)
+{
+	if (!vblk_mirror_active(dm))
+		return true;
+	vblk_rpc_send(fd, id, NULL, RPC_SERVER_ERROR,
+		      "a mirror owns dirty tracking (vmig_blk_mirror_cancel first)");
+	return false;
+}
+
 /* Handle one request object; returns false if the client must be closed. */
 static bool dispatch(struct vblk_daemon *dm, int fd, json_t *req)
 {
@@ -512,18 +616,33 @@ static bool dispatch(struct vblk_daemon *dm, int fd, json_t *req)
 	} else if (!strcmp(method, "vmig_blk_set_latency")) {
 		result = set_latency(dm, fd, id, params);
 	} else if (!strcmp(method, "dirty_bitmap_start")) {
-		result = dirty_start(dm, fd, id, params);
+		result = bitmap_free(dm, fd, id) ? dirty_start(dm, fd, id, params) : NULL;
 	} else if (!strcmp(method, "dirty_bitmap_stop")) {
-		result = dirty_stop(dm, fd, id, params);
+		result = bitmap_free(dm, fd, id) ? dirty_stop(dm, fd, id, params) : NULL;
 	} else if (!strcmp(method, "dirty_bitmap_query")) {
 		result = params_only(fd, id, params, NULL, 0) ? dirty_query(dm) : NULL;
 	} else if (!strcmp(method, "dirty_bitmap_take")) {
-		result = dirty_take(dm, fd, id, params);
+		result = bitmap_free(dm, fd, id) ? dirty_take(dm, fd, id, params) : NULL;
+	} else if (!strcmp(method, "vmig_blk_mirror_start")) {
+		result = mirror_start(dm, fd, id, params);
+	} else if (!strcmp(method, "vmig_blk_mirror_query")) {
+		result = params_only(fd, id, params, NULL, 0) ? mirror_info(dm) : NULL;
+	} else if (!strcmp(method, "vmig_blk_mirror_complete")) {
+		result = mirror_simple(dm, fd, id, params, vblk_mirror_complete);
+	} else if (!strcmp(method, "vmig_blk_mirror_cancel")) {
+		result = mirror_simple(dm, fd, id, params, vblk_mirror_cancel);
+	} else if (!strcmp(method, "vmig_blk_mirror_set_speed")) {
+		result = mirror_speed(dm, fd, id, params);
+	} else if (!strcmp(method, "vmig_blk_incoming_query")) {
+		result = params_only(fd, id, params, NULL, 0) ? incoming_info(dm) : NULL;
 	} else if (!strcmp(method, "vmig_blk_upgrade")) {
 		char err[512];
 
 		/* The binary is fixed at start: a request may not name one. */
-		if (json_is_object(params) && json_object_get(params, "binary")) {
+		if (vblk_mirror_active(dm) || dm->incoming) {
+			vblk_rpc_send(fd, id, NULL, RPC_SERVER_ERROR,
+				      "a storage migration is running: upgrade after it");
+		} else if (json_is_object(params) && json_object_get(params, "binary")) {
 			vblk_log(dm, "upgrade refused: the request named a binary");
 			vblk_rpc_send(fd, id, NULL, RPC_INVALID_PARAMS,
 				      "\"binary\" is not accepted: an upgrade only runs the binary "

@@ -65,7 +65,9 @@ static struct {
 	const char *bin;
 	char dir[256];
 	char sock[300], rpc[300], image[300], log[300];
-	pid_t pid;
+	/* the destination of a storage migration */
+	char sock2[300], rpc2[300], image2[300], log2[300], stor[300], uri[320];
+	pid_t pid, pid2;
 	int gm_fd;
 	uint8_t *gm;
 	int sock_fd, kick, call, err;
@@ -105,14 +107,15 @@ static int connect_path(const char *path)
 
 /* ---- JSON-RPC ---- */
 
-/* One call; the parsed reply (NULL if none came in time). */
-static json_t *rpc_raw(const char *method, const char *params)
+/* One call to the daemon at path; the parsed reply (NULL if none came in
+ * time). */
+static json_t *rpc_raw_at(const char *path, const char *method, const char *params)
 {
 	static char buf[1 << 20];
 	char req[512];
 	size_t len = 0;
 	uint64_t end = now_ms() + WAIT_MS;
-	int fd = connect_path(T.rpc), n;
+	int fd = connect_path(path), n;
 	json_t *reply = NULL;
 
 	if (fd < 0)
@@ -141,10 +144,15 @@ static json_t *rpc_raw(const char *method, const char *params)
 	return reply;
 }
 
-/* A call that must succeed: its result (caller decrefs). */
-static json_t *rpc_ok(const char *method, const char *params)
+static json_t *rpc_raw(const char *method, const char *params)
 {
-	json_t *reply = rpc_raw(method, params), *res;
+	return rpc_raw_at(T.rpc, method, params);
+}
+
+/* A call that must succeed: its result (caller decrefs). */
+static json_t *rpc_ok_at(const char *path, const char *method, const char *params)
+{
+	json_t *reply = rpc_raw_at(path, method, params), *res;
 
 	assert_non_null(reply);
 	res = json_object_get(reply, "result");
@@ -156,6 +164,11 @@ static json_t *rpc_ok(const char *method, const char *params)
 	json_incref(res);
 	json_decref(reply);
 	return res;
+}
+
+static json_t *rpc_ok(const char *method, const char *params)
+{
+	return rpc_ok_at(T.rpc, method, params);
 }
 
 /* A call that must fail with the JSON-RPC error code given. */
@@ -244,35 +257,43 @@ static void expect_one_extent(uint64_t off, uint64_t len)
 
 /* ---- the daemon ---- */
 
-static void daemon_start(void)
+/* Start a vmig-blk writing its output to log; returns once it answers on
+ * rpc. */
+static pid_t spawn(const char *log, const char *rpc, char *const argv[])
 {
 	uint64_t end;
 	pid_t pid = fork();
 
 	assert_true(pid >= 0);
 	if (pid == 0) {
-		int lfd = open(T.log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+		int lfd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
 
 		if (lfd >= 0) {
 			dup2(lfd, 1);
 			dup2(lfd, 2);
 		}
-		execl(T.bin, T.bin, "--socket", T.sock, "--file", T.image, "--rpc", T.rpc,
-		      "--poll-us", "0", (char *)NULL);
+		execv(T.bin, argv);
 		_exit(127);
 	}
-	T.pid = pid;
 	end = now_ms() + WAIT_MS;
 	while (now_ms() < end) {
-		json_t *r = rpc_raw("dirty_bitmap_query", NULL);
+		json_t *r = rpc_raw_at(rpc, "dirty_bitmap_query", NULL);
 
 		if (r) {
 			json_decref(r);
-			return;
+			return pid;
 		}
 		usleep(10000);
 	}
 	fail_msg("daemon did not come up");
+	return -1;
+}
+
+static void daemon_start(void)
+{
+	T.pid = spawn(T.log, T.rpc,
+		      (char *const[]){(char *)T.bin, "--socket", T.sock, "--file", T.image, "--rpc",
+				      T.rpc, "--poll-us", "0", NULL});
 }
 
 static int daemon_stop(void)
@@ -715,6 +736,180 @@ static void test_upgrade_all_dirty(void **state)
 	json_decref(rpc_ok("dirty_bitmap_stop", NULL));
 }
 
+/* ---- storage migration to a second daemon (tools/vmig-blk/mirror.c) ---- */
+
+#define RPC_SERVER_ERROR (-32000)
+
+static void dest_start(bool fresh)
+{
+	if (fresh) {
+		int fd = open(T.image2, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+
+		assert_true(fd >= 0);
+		assert_int_equal(ftruncate(fd, IMG_SIZE), 0);
+		close(fd);
+	}
+	T.pid2 = spawn(T.log2, T.rpc2,
+		       (char *const[]){(char *)T.bin, "--socket", T.sock2, "--file", T.image2,
+				       "--rpc", T.rpc2, "--incoming", T.uri, NULL});
+}
+
+static void dest_stop(bool hard)
+{
+	int st;
+
+	kill(T.pid2, hard ? SIGKILL : SIGTERM);
+	waitpid(T.pid2, &st, 0);
+	T.pid2 = -1;
+	if (!hard)
+		assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+}
+
+static bool has_status(json_t *q, const char *status)
+{
+	const char *s = json_string_value(json_object_get(q, "status"));
+
+	return s && !strcmp(s, status);
+}
+
+/* Poll vmig_blk_mirror_query until it says status (and ready, if asked),
+ * or offset reaches min_offset; the last answer. */
+static json_t *mirror_wait(const char *status, bool ready, uint64_t min_offset)
+{
+	uint64_t end = now_ms() + 6 * WAIT_MS;
+
+	for (;;) {
+		json_t *q = rpc_ok("vmig_blk_mirror_query", NULL);
+
+		if ((status && has_status(q, status)) ||
+		    (ready && json_is_true(json_object_get(q, "ready"))) ||
+		    (min_offset && field(q, "offset") >= min_offset))
+			return q;
+		if (has_status(q, "concluded") || now_ms() > end) {
+			char *t = json_dumps(q, JSON_COMPACT);
+
+			fail_msg("mirror: waited for %s, got %s", status ? status : "progress", t);
+		}
+		json_decref(q);
+		usleep(5000);
+	}
+}
+
+/* The destination's image is the source's, byte for byte. */
+static void expect_same_images(void)
+{
+	uint8_t *a = malloc(IMG_SIZE), *b = malloc(IMG_SIZE);
+	int fa = open(T.image, O_RDONLY | O_CLOEXEC), fb = open(T.image2, O_RDONLY | O_CLOEXEC);
+
+	assert_true(a && b && fa >= 0 && fb >= 0);
+	assert_int_equal(pread(fa, a, IMG_SIZE, 0), IMG_SIZE);
+	assert_int_equal(pread(fb, b, IMG_SIZE, 0), IMG_SIZE);
+	for (uint64_t off = 0; off < IMG_SIZE; off += 4096)
+		if (memcmp(a + off, b + off, 4096))
+			fail_msg("the destination differs at %llu", (unsigned long long)off);
+	close(fa);
+	close(fb);
+	free(a);
+	free(b);
+}
+
+/* Complete once the front-end (the VM) stopped: the last round, then both
+ * sides say so, and the images match. */
+static void complete_and_check(void)
+{
+	json_t *q;
+
+	fe_down();
+	json_decref(rpc_ok("vmig_blk_mirror_complete", NULL));
+	q = mirror_wait("concluded", false, 0);
+	if (json_object_get(q, "error"))
+		fail_msg("mirror failed: %s", json_string_value(json_object_get(q, "error")));
+	assert_int_equal(field(q, "remaining"), 0);
+	json_decref(q);
+	q = rpc_ok_at(T.rpc2, "vmig_blk_incoming_query", NULL);
+	assert_true(has_status(q, "completed"));
+	json_decref(q);
+	expect_same_images();
+	/* tracking went off with the mirror's end */
+	q = rpc_ok("dirty_bitmap_query", NULL);
+	assert_true(json_is_false(json_object_get(q, "active")));
+	json_decref(q);
+}
+
+/*
+ * The guest writes, discards and zeroes 3000 random blocks while the disk
+ * is mirrored; once the VM stopped, the last round makes the destination
+ * the source byte for byte. 4 KiB granules, as in test_race_take, so a
+ * lost write is rarely hidden by a later one.
+ */
+static void test_mirror_while_writing(void **state)
+{
+	char params[512];
+	pthread_t th;
+	json_t *q;
+
+	fe_up();
+	dest_start(true);
+	writer_done = false;
+	assert_int_equal(pthread_create(&th, NULL, writer, NULL), 0);
+	snprintf(params, sizeof(params), "{\"uri\":\"%s\",\"granularity\":4096}", T.uri);
+	json_decref(rpc_ok("vmig_blk_mirror_start", params));
+	/* the mirror owns tracking; the guest still runs, so no completion */
+	rpc_fails("dirty_bitmap_take", NULL, RPC_SERVER_ERROR);
+	rpc_fails("dirty_bitmap_stop", NULL, RPC_SERVER_ERROR);
+	rpc_fails("vmig_blk_mirror_complete", NULL, RPC_SERVER_ERROR);
+	rpc_fails("vmig_blk_mirror_start", params, RPC_SERVER_ERROR);
+	pthread_join(th, NULL);
+	q = mirror_wait(NULL, true, 0);
+	json_decref(q);
+	complete_and_check();
+	dest_stop(false);
+}
+
+/*
+ * The destination is killed (-9) twice: during the first pass, and after
+ * it, while the guest writes. Each time the source keeps serving, the
+ * mirror ends with an error, and a new start resumes from the bitmap: the
+ * second resume sends only what was dirtied, not the disk again.
+ */
+static void test_mirror_resumes(void **state)
+{
+	char params[512];
+	json_t *q;
+
+	fe_up();
+	dest_start(true);
+	/* slow enough to cut it during the first pass */
+	snprintf(params, sizeof(params), "{\"uri\":\"%s\",\"speed\":%u}", T.uri, 4 * MIB);
+	json_decref(rpc_ok("vmig_blk_mirror_start", params));
+	json_decref(mirror_wait(NULL, false, MIB));
+	dest_stop(true);
+	q = mirror_wait("concluded", false, 0);
+	assert_non_null(json_object_get(q, "error"));
+	assert_false(json_is_true(json_object_get(q, "ready")));
+	json_decref(q);
+	write_at(5 * MIB, 8192, 0x5a); /* the source still serves */
+
+	dest_start(false);
+	snprintf(params, sizeof(params), "{\"uri\":\"%s\"}", T.uri);
+	json_decref(rpc_ok("vmig_blk_mirror_start", params));
+	json_decref(mirror_wait(NULL, true, 0));
+	write_at(7 * MIB, 4096, 0x6b);
+	write_at(IMG_SIZE - 4096, 4096, 0x7c);
+	dest_stop(true);
+	json_decref(mirror_wait("concluded", false, 0));
+
+	dest_start(false);
+	json_decref(rpc_ok("vmig_blk_mirror_start", params));
+	q = mirror_wait(NULL, true, 0);
+	/* only the blocks written since the last acknowledged round */
+	assert_true(field(q, "len") > 0);
+	assert_true(field(q, "len") <= 4 * (64u << 10));
+	json_decref(q);
+	complete_and_check();
+	dest_stop(false);
+}
+
 /* ---- setup ---- */
 
 /* Each case starts with tracking off, whatever the one before left. */
@@ -739,6 +934,12 @@ static int group_setup(void **state)
 	snprintf(T.rpc, sizeof(T.rpc), "%s/vblk.rpc", T.dir);
 	snprintf(T.image, sizeof(T.image), "%s/disk.img", T.dir);
 	snprintf(T.log, sizeof(T.log), "%s/daemon.log", T.dir);
+	snprintf(T.sock2, sizeof(T.sock2), "%s/vblk2.sock", T.dir);
+	snprintf(T.rpc2, sizeof(T.rpc2), "%s/vblk2.rpc", T.dir);
+	snprintf(T.image2, sizeof(T.image2), "%s/disk2.img", T.dir);
+	snprintf(T.log2, sizeof(T.log2), "%s/daemon2.log", T.dir);
+	snprintf(T.stor, sizeof(T.stor), "%s/storage.sock", T.dir);
+	snprintf(T.uri, sizeof(T.uri), "unix:%s", T.stor);
 	fd = open(T.image, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
 	if (fd < 0 || ftruncate(fd, IMG_SIZE) < 0)
 		return -1;
@@ -761,6 +962,9 @@ static int group_teardown(void **state)
 	if (r == 0) {
 		unlink(T.image);
 		unlink(T.log);
+		unlink(T.image2);
+		unlink(T.log2);
+		unlink(T.stor);
 		rmdir(T.dir);
 	} else {
 		fprintf(stderr, "the daemon did not exit cleanly; files kept in %s\n", T.dir);
@@ -776,6 +980,8 @@ int main(int argc, char **argv)
 	    cmocka_unit_test_setup(test_take_bounds, case_setup),
 	    cmocka_unit_test_setup(test_race_take, case_setup),
 	    cmocka_unit_test_setup(test_upgrade_all_dirty, case_setup),
+	    cmocka_unit_test_setup(test_mirror_while_writing, case_setup),
+	    cmocka_unit_test_setup(test_mirror_resumes, case_setup),
 	};
 
 	if (argc != 2) {
@@ -783,6 +989,6 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	T.bin = argv[1];
-	T.pid = -1;
+	T.pid = T.pid2 = -1;
 	return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -1,0 +1,1051 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Storage migration in mirror mode, both ends (docs/storage-migration.md).
+ *
+ * The source. vmig_blk_mirror_start turns dirty tracking on with every
+ * block dirty and starts a copier thread, which connects to the
+ * destination and sends rounds: a round takes what is dirty when it
+ * begins (the first round is the whole disk), sends it as DATA (or ZERO
+ * where the block reads as zeros), ends with SYNC(k), and waits for ACK(k)
+ * before the next. A return thread reads the ACKs. Taking a block clears
+ * its bit before the block is read, and a guest write sets it after its
+ * data landed (dirty.c), so a block written during its copy is taken again.
+ * Until ACK(k), the blocks of round k are also kept in `unacked`: if the
+ * connection fails they go back into the dirty bitmap, which stays on, and
+ * a new vmig_blk_mirror_start resumes from it.
+ *
+ * The hand-over: once the guest can no longer write (every queue stopped,
+ * which QEMU does when it stops the VM), vmig_blk_mirror_complete asks for
+ * the last round: everything still dirty, FLUSH, SYNC, and after its ACK
+ * EOS; the destination answers DONE once all of it is durable.
+ *
+ * The destination (vmig-blk --incoming URI). A receiver thread accepts the
+ * source's connection, checks its preamble against this disk, writes DATA
+ * and ZERO to the disk, acknowledges each SYNC (after fdatasync if a FLUSH
+ * came first), and on EOS syncs, answers DONE and stops listening. A
+ * connection that fails is logged and the next one accepted: the source
+ * resumes. Until DONE, the queues the front-end starts are held (their
+ * kicks wait in the eventfd); the main loop starts them when the receiver
+ * signals. So the destination's guest never sees a block before its last
+ * copy arrived.
+ *
+ * Threads. The control thread creates, starts, queries, cancels and frees;
+ * the copier and return threads (source) and the receiver thread
+ * (destination) run the streams. Fields say who owns them; the mutex of
+ * each side guards those marked `lock`.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "blk.h"
+#include "channel/channel.h"
+#include "mirror.h"
+#include "sstream.h"
+
+/* A round's takes go this many bytes at a time, so that a round's extents
+ * fit the array. */
+#define TAKE_BYTES (64ull << 20)
+#define TAKE_EXTENTS 4096
+/* An idle mirror (nothing dirty) looks again after this long. */
+#define IDLE_MS 20
+/* How long the last round may wait for the destination's DONE. */
+#define DONE_TIMEOUT_MS 60000
+
+/* ---- shared ---------------------------------------------------------- */
+
+static ssize_t chan_get(void *opaque, void *buf, size_t n)
+{
+	return vmig__chan_read(opaque, buf, n);
+}
+
+static int chan_put(void *opaque, const void *buf, size_t n)
+{
+	return vmig__chan_write(opaque, buf, n);
+}
+
+static bool all_zero(const uint8_t *p, size_t n)
+{
+	static const uint8_t zero[64];
+
+	if (n <= sizeof(zero))
+		return !memcmp(p, zero, n);
+	return !memcmp(p, zero, sizeof(zero)) && !memcmp(p, p + sizeof(zero), n - sizeof(zero));
+}
+
+static void *alloc_buf(void)
+{
+	void *p = NULL;
+
+	/* aligned for O_DIRECT on any device */
+	return posix_memalign(&p, 4096, VBLK_SS_MAX_DATA) ? NULL : p;
+}
+
+static void fmt_err(char *err, size_t len, const char *fmt, ...) VMIG_PRINTF(3, 4);
+static void fmt_err(char *err, size_t len, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(err, len, fmt, ap);
+	va_end(ap);
+}
+
+static void add_ms(struct timespec *ts, unsigned ms)
+{
+	clock_gettime(CLOCK_MONOTONIC, ts);
+	ts->tv_sec += ms / 1000;
+	ts->tv_nsec += (long)(ms % 1000) * 1000000L;
+	if (ts->tv_nsec >= 1000000000L) {
+		ts->tv_sec++;
+		ts->tv_nsec -= 1000000000L;
+	}
+}
+
+static void cond_init_mono(pthread_cond_t *cv)
+{
+	pthread_condattr_t a;
+
+	pthread_condattr_init(&a);
+	pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+	pthread_cond_init(cv, &a);
+	pthread_condattr_destroy(&a);
+}
+
+/* ---- the source ------------------------------------------------------ */
+
+struct vblk_mirror {
+	struct vblk_daemon *dm;
+	struct vmig__uri uri;
+	char uri_text[160];
+	struct vblk_ss_geom geom;
+	pthread_t copier, reader;
+	bool copier_running; /* control thread */
+	int cancel_fd;	     /* eventfd: ends a connect in progress */
+	pthread_mutex_t lock;
+	pthread_cond_t cv;
+	/* lock */
+	struct vmig__chan *chan; /* the copier sets it; freed after the copier ends */
+	bool ready, completing, cancel, concluded, done;
+	uint64_t acked;	 /* the last round the destination acknowledged */
+	uint64_t speed;	 /* bytes/s, 0: none */
+	char error[256]; /* concluded with an error */
+	/* atomics: the copier writes, the control thread reads */
+	uint64_t offset;	/* bytes sent */
+	uint64_t unacked_bytes; /* bytes sent in the round not yet acknowledged */
+	/* copier thread */
+	struct vblk_ss_writer w;
+	struct vblk_dirty *unacked;
+	uint8_t *buf;
+	struct vblk_extent *ext;
+	struct vmig__ratelimit rl;
+};
+
+/* Under lock: wake every thread of the mirror, wherever it waits. */
+static void m_wake(struct vblk_mirror *m)
+{
+	pthread_cond_broadcast(&m->cv);
+	if (m->concluded) {
+		if (m->chan)
+			vmig__chan_shutdown(m->chan, SHUT_RDWR);
+		eventfd_write(m->cancel_fd, 1);
+	}
+}
+
+/* End the mirror with an error (the first one is kept); wakes everyone. */
+static void m_fail(struct vblk_mirror *m, const char *fmt, ...) VMIG_PRINTF(2, 3);
+static void m_fail(struct vblk_mirror *m, const char *fmt, ...)
+{
+	va_list ap;
+
+	pthread_mutex_lock(&m->lock);
+	if (!m->concluded) {
+		va_start(ap, fmt);
+		vsnprintf(m->error, sizeof(m->error), fmt, ap);
+		va_end(ap);
+		m->concluded = true;
+	}
+	m_wake(m);
+	pthread_mutex_unlock(&m->lock);
+}
+
+/* The return path: ACKs, and the destination's ERROR or DONE. */
+static void *m_reader(void *arg)
+{
+	struct vblk_mirror *m = arg;
+	struct vblk_ss_reader r;
+	struct vblk_ss_rec rec;
+
+	vblk_ss_reader_init(&r, VBLK_SS_TO_SOURCE, chan_get, m->w.opaque, NULL);
+	vblk_ss_reader_set_geom(&r, &m->geom);
+	for (;;) {
+		int ret = vblk_ss_read_record(&r, &rec);
+
+		if (ret) {
+			m_fail(m, "the connection to the destination failed: %s", r.err);
+			return NULL;
+		}
+		pthread_mutex_lock(&m->lock);
+		if (rec.type == VBLK_SS_ACK)
+			m->acked = rec.round;
+		else if (rec.type == VBLK_SS_DONE)
+			m->done = true;
+		pthread_cond_broadcast(&m->cv);
+		pthread_mutex_unlock(&m->lock);
+		if (rec.type == VBLK_SS_ERROR) {
+			m_fail(m, "the destination gave up: %s", rec.text);
+			return NULL;
+		}
+		if (rec.type == VBLK_SS_READ_REQ) {
+			m_fail(m, "the destination asked for blocks on demand, which a mirror does "
+				  "not serve");
+			return NULL;
+		}
+		if (rec.type == VBLK_SS_DONE)
+			return NULL;
+	}
+}
+
+/* Send [off, off + len) of the disk as DATA and ZERO records. */
+static int m_send_extent(struct vblk_mirror *m, uint64_t off, uint64_t len)
+{
+	struct vblk_disk *disk = &m->dm->disk;
+	struct vblk_ss_writer *w = &m->w;
+
+	while (len) {
+		uint32_t n = (uint32_t)VMIG_MIN(len, (uint64_t)VBLK_SS_MAX_DATA);
+		const uint8_t *p = m->buf;
+		uint64_t wait_ns, speed;
+		int r;
+
+		if (disk->ram) {
+			p = disk->ram + off;
+		} else {
+			for (uint32_t got = 0; got < n;) {
+				ssize_t k =
+				    pread(disk->fd, m->buf + got, n - got, (off_t)(off + got));
+
+				if (k < 0 && errno == EINTR)
+					continue;
+				if (k <= 0) {
+					m_fail(m, "cannot read the disk at %llu: %s",
+					       (unsigned long long)(off + got),
+					       k < 0 ? strerror(errno) : "end of file");
+					return -EIO;
+				}
+				got += (uint32_t)k;
+			}
+		}
+		r = all_zero(p, n) ? vblk_ss_put_zero(w, off, n, false)
+				   : vblk_ss_put_data(w, off, p, n);
+		if (r) {
+			m_fail(m, "cannot send to the destination: %s", strerror(-r));
+			return r;
+		}
+		__atomic_fetch_add(&m->offset, n, __ATOMIC_RELAXED);
+		pthread_mutex_lock(&m->lock);
+		speed = m->completing ? 0 : m->speed; /* the guest is stopped: no limit */
+		pthread_mutex_unlock(&m->lock);
+		wait_ns = vmig__ratelimit_account(&m->rl, speed, n, vmig__now_ns());
+		if (wait_ns) {
+			struct timespec ts = {(time_t)(wait_ns / 1000000000u),
+					      (long)(wait_ns % 1000000000u)};
+
+			nanosleep(&ts, NULL);
+		}
+		off += n;
+		len -= n;
+	}
+	return 0;
+}
+
+/* What is dirty now goes back in the bitmap: the round in flight failed. */
+static void m_requeue(struct vblk_mirror *m)
+{
+	struct vblk_dirty *d = m->dm->disk.dirty, *u = m->unacked;
+
+	if (d && u)
+		for (uint64_t i = 0; i < u->nwords; i++)
+			if (u->words[i])
+				__atomic_fetch_or(&d->words[i], u->words[i], __ATOMIC_RELEASE);
+}
+
+/* Wait for the destination to acknowledge round k (or DONE with done). */
+static bool m_wait(struct vblk_mirror *m, uint64_t k, bool done)
+{
+	struct timespec until;
+	bool ok;
+
+	add_ms(&until, DONE_TIMEOUT_MS);
+	pthread_mutex_lock(&m->lock);
+	while (!m->concluded && !m->cancel && (done ? !m->done : m->acked < k))
+		if (pthread_cond_timedwait(&m->cv, &m->lock, &until) == ETIMEDOUT)
+			break;
+	ok = !m->concluded && !m->cancel && (done ? m->done : m->acked >= k);
+	pthread_mutex_unlock(&m->lock);
+	return ok;
+}
+
+/* One round: what is dirty as it begins (everything, with last). */
+static int m_round(struct vblk_mirror *m, uint64_t k, bool last, bool *sent)
+{
+	struct vblk_dirty *d = m->dm->disk.dirty;
+	uint64_t budget = last ? UINT64_MAX : vblk_dirty_bytes(d);
+
+	*sent = false;
+	while (budget) {
+		uint64_t bytes;
+		size_t n =
+		    vblk_dirty_take(d, VMIG_MIN(budget, TAKE_BYTES), m->ext, TAKE_EXTENTS, &bytes);
+
+		if (!n)
+			break;
+		*sent = true;
+		budget -= VMIG_MIN(budget, bytes);
+		for (size_t i = 0; i < n; i++) {
+			vblk_dirty_mark(m->unacked, m->ext[i].offset, m->ext[i].length);
+			__atomic_fetch_add(&m->unacked_bytes, m->ext[i].length, __ATOMIC_RELAXED);
+			if (m_send_extent(m, m->ext[i].offset, m->ext[i].length))
+				return -EIO;
+		}
+	}
+	if (!*sent && !last)
+		return 0;
+	if ((last && vblk_ss_put_flush(&m->w)) || vblk_ss_put_sync(&m->w, k, vblk_dirty_bytes(d))) {
+		m_fail(m, "cannot send to the destination: %s", strerror(-m->w.error));
+		return -EIO;
+	}
+	if (!m_wait(m, k, false)) {
+		m_fail(m, "the destination did not acknowledge round %llu", (unsigned long long)k);
+		return -EIO;
+	}
+	memset(m->unacked->words, 0, m->unacked->nwords * sizeof(uint64_t));
+	__atomic_store_n(&m->unacked_bytes, 0, __ATOMIC_RELAXED);
+	return 0;
+}
+
+static void *m_copier(void *arg)
+{
+	struct vblk_mirror *m = arg;
+	struct vmig__tls none = {0};
+	struct vmig__err err = {{0}};
+	struct vmig__chan *c;
+	bool reader = false;
+	uint64_t k = 0;
+	int r;
+
+	r = vmig__chan_connect(&m->uri, &none, m->cancel_fd, &c, &err);
+	if (r) {
+		m_fail(m, "cannot connect to %s: %s", m->uri_text, err.msg);
+		return NULL;
+	}
+	pthread_mutex_lock(&m->lock);
+	m->chan = c;
+	if (m->concluded) /* cancelled meanwhile */
+		vmig__chan_shutdown(c, SHUT_RDWR);
+	pthread_mutex_unlock(&m->lock);
+	vblk_ss_writer_init(&m->w, chan_put, c, &m->geom);
+	if (vblk_ss_put_preamble(&m->w)) {
+		m_fail(m, "cannot send to the destination: %s", strerror(-m->w.error));
+		goto out;
+	}
+	if (pthread_create(&m->reader, NULL, m_reader, m)) {
+		m_fail(m, "cannot start the return path's thread");
+		goto out;
+	}
+	reader = true;
+	vblk_log(m->dm, "mirror: copying to %s", m->uri_text);
+	for (;;) {
+		bool last, cancel, sent;
+
+		pthread_mutex_lock(&m->lock);
+		last = m->completing;
+		cancel = m->cancel || m->concluded;
+		pthread_mutex_unlock(&m->lock);
+		if (cancel)
+			break;
+		if (m_round(m, k + 1, last, &sent))
+			break;
+		if (sent || last)
+			k++;
+		pthread_mutex_lock(&m->lock);
+		if (!m->ready) /* every block is on the destination at least once */
+			vblk_log(m->dm, "mirror: the first pass is on the destination (ready)");
+		m->ready = true;
+		pthread_mutex_unlock(&m->lock);
+		if (last) {
+			if (vblk_ss_put_eos(&m->w) || !m_wait(m, 0, true)) {
+				m_fail(m, "the destination did not confirm the end of the copy");
+				break;
+			}
+			pthread_mutex_lock(&m->lock);
+			m->concluded = true;
+			m_wake(m);
+			pthread_mutex_unlock(&m->lock);
+			vblk_log(m->dm, "mirror: complete, %llu rounds", (unsigned long long)k);
+			break;
+		}
+		if (!sent) { /* nothing dirty: look again soon, or at once when asked */
+			struct timespec until;
+
+			add_ms(&until, IDLE_MS);
+			pthread_mutex_lock(&m->lock);
+			if (!m->completing && !m->cancel && !m->concluded)
+				pthread_cond_timedwait(&m->cv, &m->lock, &until);
+			pthread_mutex_unlock(&m->lock);
+		}
+	}
+out:
+	pthread_mutex_lock(&m->lock);
+	if (m->error[0] || m->cancel)
+		m_requeue(m);
+	pthread_mutex_unlock(&m->lock);
+	vmig__chan_shutdown(c, SHUT_RDWR);
+	if (reader)
+		pthread_join(m->reader, NULL);
+	return NULL;
+}
+
+/* Control thread: wait for the copier (it ends by itself once concluded). */
+static void m_join(struct vblk_mirror *m)
+{
+	if (!m->copier_running)
+		return;
+	pthread_join(m->copier, NULL);
+	m->copier_running = false;
+	pthread_mutex_lock(&m->lock);
+	vmig__chan_free(m->chan);
+	m->chan = NULL;
+	pthread_mutex_unlock(&m->lock);
+}
+
+static void m_free(struct vblk_mirror *m)
+{
+	if (!m)
+		return;
+	m_join(m);
+	vblk_dirty_free(m->unacked);
+	free(m->buf);
+	free(m->ext);
+	if (m->cancel_fd >= 0)
+		close(m->cancel_fd);
+	pthread_mutex_destroy(&m->lock);
+	pthread_cond_destroy(&m->cv);
+	free(m);
+}
+
+bool vblk_mirror_active(const struct vblk_daemon *dm)
+{
+	struct vblk_mirror *m = dm->mirror;
+	bool active;
+
+	if (!m)
+		return false;
+	pthread_mutex_lock(&m->lock);
+	/* a failed one keeps the bitmap for the next */
+	active = (!m->concluded || m->error[0]) && !m->cancel;
+	pthread_mutex_unlock(&m->lock);
+	return active;
+}
+
+int vblk_mirror_start(struct vblk_daemon *dm, const char *uri, uint32_t granularity, uint64_t speed,
+		      char *err, size_t errlen)
+{
+	struct vblk_mirror *m, *old = dm->mirror;
+	struct vmig__err e = {{0}};
+	bool resume = false;
+	int r;
+
+	if (old) {
+		pthread_mutex_lock(&old->lock);
+		r = old->concluded ? 0 : -EBUSY;
+		resume = old->concluded && old->error[0] && !old->cancel;
+		pthread_mutex_unlock(&old->lock);
+		if (r) {
+			fmt_err(err, errlen, "a mirror is already running (to %s)", old->uri_text);
+			return r;
+		}
+		m_join(old);
+	}
+	if (dm->disk.backend == VBLK_BACKEND_NULL) {
+		fmt_err(err, errlen, "a null disk has nothing to copy");
+		return -EINVAL;
+	}
+	if (dm->disk.dirty && !resume) {
+		fmt_err(err, errlen,
+			"dirty tracking is on for another user (dirty_bitmap_stop first)");
+		return -EBUSY;
+	}
+	if (resume && granularity && granularity != dm->disk.dirty->granularity) {
+		fmt_err(err, errlen,
+			"a resumed mirror keeps the granularity of the one that failed (%u)",
+			dm->disk.dirty->granularity);
+		return -EINVAL;
+	}
+	m = calloc(1, sizeof(*m));
+	if (!m) {
+		fmt_err(err, errlen, "out of memory");
+		return -ENOMEM;
+	}
+	pthread_mutex_init(&m->lock, NULL);
+	cond_init_mono(&m->cv);
+	m->dm = dm;
+	m->cancel_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (m->cancel_fd < 0) {
+		fmt_err(err, errlen, "eventfd: %s", strerror(errno));
+		r = -errno;
+		goto fail;
+	}
+	m->speed = speed;
+	snprintf(m->uri_text, sizeof(m->uri_text), "%s", uri);
+	r = vmig__uri_parse(uri, &m->uri, &e);
+	if (r) {
+		fmt_err(err, errlen, "%s", e.msg);
+		goto fail;
+	}
+	if (!granularity)
+		granularity = resume ? dm->disk.dirty->granularity : VBLK_DIRTY_DEFAULT_GRANULARITY;
+	if (!resume) {
+		r = vblk_dirty_start(dm, granularity, true);
+		if (r) {
+			fmt_err(err, errlen,
+				r == -EINVAL ? "granularity must be a power of two, at least the "
+					       "disk's block size"
+					     : "cannot start dirty tracking: %s",
+				strerror(-r));
+			goto fail;
+		}
+	}
+	m->geom = (struct vblk_ss_geom){.disk_size = dm->disk.size,
+					.block_size = dm->disk.block_size,
+					.granularity = granularity};
+	while (getrandom(m->geom.session, sizeof(m->geom.session), 0) < 0 && errno == EINTR)
+		;
+	m->geom.session[0] |= 1; /* never all zero */
+	r = vblk_dirty_new(dm->disk.size, granularity, false, &m->unacked);
+	m->buf = alloc_buf();
+	m->ext = calloc(TAKE_EXTENTS, sizeof(*m->ext));
+	if (r || !m->buf || !m->ext) {
+		fmt_err(err, errlen, "out of memory");
+		r = -ENOMEM;
+		goto fail_tracking;
+	}
+	r = -pthread_create(&m->copier, NULL, m_copier, m);
+	if (r) {
+		fmt_err(err, errlen, "cannot start the copier thread: %s", strerror(-r));
+		goto fail_tracking;
+	}
+	m->copier_running = true;
+	m_free(old);
+	dm->mirror = m;
+	vblk_log(dm, "mirror: %s to %s, granularity %u", resume ? "resuming" : "starting", uri,
+		 granularity);
+	return 0;
+fail_tracking:
+	if (!resume)
+		vblk_dirty_stop(dm);
+fail:
+	m_free(m);
+	return r;
+}
+
+int vblk_mirror_complete(struct vblk_daemon *dm, char *err, size_t errlen)
+{
+	struct vblk_mirror *m = dm->mirror;
+	int r = 0;
+
+	for (unsigned i = 0; i < dm->nqueues; i++) {
+		if (dm->q[i].running) {
+			fmt_err(err, errlen,
+				"the guest can still write (queue %u is running): complete the "
+				"mirror once the VM is stopped for switch-over",
+				i);
+			return -EBUSY;
+		}
+	}
+	if (!m) {
+		fmt_err(err, errlen, "no mirror is running");
+		return -ENOENT;
+	}
+	pthread_mutex_lock(&m->lock);
+	if (m->concluded) {
+		fmt_err(err, errlen, "the mirror has ended%s%s", m->error[0] ? ": " : "", m->error);
+		r = -ENOENT;
+	} else if (!m->ready) {
+		fmt_err(err, errlen,
+			"the mirror is not ready yet (its first pass is not on the "
+			"destination)");
+		r = -EAGAIN;
+	} else {
+		m->completing = true;
+		m_wake(m);
+	}
+	pthread_mutex_unlock(&m->lock);
+	return r;
+}
+
+int vblk_mirror_cancel(struct vblk_daemon *dm, char *err, size_t errlen)
+{
+	struct vblk_mirror *m = dm->mirror;
+
+	if (!m) {
+		fmt_err(err, errlen, "no mirror is running");
+		return -ENOENT;
+	}
+	pthread_mutex_lock(&m->lock);
+	m->cancel = true;
+	if (!m->concluded)
+		snprintf(m->error, sizeof(m->error), "cancelled");
+	m->concluded = true;
+	m_wake(m);
+	pthread_mutex_unlock(&m->lock);
+	m_join(m);
+	vblk_dirty_stop(dm);
+	vblk_log(dm, "mirror: cancelled");
+	return 0;
+}
+
+int vblk_mirror_set_speed(struct vblk_daemon *dm, uint64_t speed, char *err, size_t errlen)
+{
+	struct vblk_mirror *m = dm->mirror;
+
+	if (!m) {
+		fmt_err(err, errlen, "no mirror is running");
+		return -ENOENT;
+	}
+	pthread_mutex_lock(&m->lock);
+	m->speed = speed;
+	pthread_mutex_unlock(&m->lock);
+	return 0;
+}
+
+void vblk_mirror_query(struct vblk_daemon *dm, struct vblk_mirror_info *in)
+{
+	struct vblk_mirror *m = dm->mirror;
+	struct vblk_dirty_info di;
+	bool ok_end;
+
+	memset(in, 0, sizeof(*in));
+	if (!m)
+		return;
+	in->exists = true;
+	pthread_mutex_lock(&m->lock);
+	in->ready = m->ready;
+	in->completing = m->completing;
+	in->speed = m->speed;
+	in->rounds = m->acked;
+	snprintf(in->error, sizeof(in->error), "%s", m->error);
+	in->status = m->concluded ? "concluded" : m->ready ? "ready" : "running";
+	ok_end = m->concluded && !m->error[0];
+	pthread_mutex_unlock(&m->lock);
+	snprintf(in->uri, sizeof(in->uri), "%s", m->uri_text);
+	in->offset = __atomic_load_n(&m->offset, __ATOMIC_RELAXED);
+	vblk_dirty_query(dm, &di);
+	in->dirty_rate = di.rate_bytes_per_s;
+	in->remaining =
+	    ok_end ? 0 : di.dirty + __atomic_load_n(&m->unacked_bytes, __ATOMIC_RELAXED);
+	in->len = in->offset + in->remaining;
+	if (ok_end && dm->disk.dirty) { /* done with the bitmap */
+		m_join(m);
+		vblk_dirty_stop(dm);
+	}
+}
+
+void vblk_mirror_free(struct vblk_daemon *dm)
+{
+	struct vblk_mirror *m = dm->mirror;
+
+	if (!m)
+		return;
+	pthread_mutex_lock(&m->lock);
+	m->cancel = true;
+	m->concluded = true;
+	m_wake(m);
+	pthread_mutex_unlock(&m->lock);
+	m_free(m);
+	dm->mirror = NULL;
+}
+
+/* ---- the destination ------------------------------------------------- */
+
+enum in_status { IN_LISTENING, IN_RECEIVING, IN_COMPLETED };
+
+struct vblk_incoming {
+	struct vblk_daemon *dm;
+	int listen_fd;
+	int stop_fd;  /* eventfd: the control thread stops the receiver */
+	int event_fd; /* eventfd: the receiver says the stream completed */
+	int port;
+	char unix_path[108]; /* unix: the socket file we made */
+	pthread_t thread;
+	bool thread_started;
+	pthread_mutex_t lock;
+	/* lock */
+	enum in_status status;
+	struct vmig__chan *chan; /* the connection being received */
+	uint64_t received, rounds, connections;
+	char error[256];
+	/* receiver thread */
+	uint8_t session[16];
+	bool have_session;
+	uint8_t *buf;
+	/* control thread */
+	struct vhost_vring *held[VHOST_MAX_QUEUES];
+	bool released; /* the stream completed: queues start as they come */
+};
+
+static int in_write(struct vblk_disk *disk, uint64_t off, const uint8_t *p, uint64_t len)
+{
+	if (disk->ram) {
+		memcpy(disk->ram + off, p, len);
+		return 0;
+	}
+	for (uint64_t done = 0; done < len;) {
+		ssize_t k = pwrite(disk->fd, p + done, len - done, (off_t)(off + done));
+
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k <= 0)
+			return k < 0 ? -errno : -EIO;
+		done += (uint64_t)k;
+	}
+	return 0;
+}
+
+static int in_zero(struct vblk_incoming *in, uint64_t off, uint64_t len, bool unmap)
+{
+	struct vblk_disk *disk = &in->dm->disk;
+	int mode = unmap ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+			 : FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
+
+	if (disk->ram) {
+		memset(disk->ram + off, 0, len);
+		return 0;
+	}
+	if (!fallocate(disk->fd, mode, (off_t)off, (off_t)len))
+		return 0;
+	if (errno != EOPNOTSUPP && errno != EINVAL && errno != ENODEV)
+		return -errno;
+	/* no such fallocate here: write the zeros */
+	memset(in->buf, 0, VBLK_SS_MAX_DATA);
+	while (len) {
+		uint64_t n = VMIG_MIN(len, (uint64_t)VBLK_SS_MAX_DATA);
+		int r = in_write(disk, off, in->buf, n);
+
+		if (r)
+			return r;
+		off += n;
+		len -= n;
+	}
+	return 0;
+}
+
+static int in_sync(struct vblk_disk *disk)
+{
+	return disk->ram || !fdatasync(disk->fd) ? 0 : -errno;
+}
+
+/* Receive one connection's stream. 0: it ended with EOS and DONE went out;
+ * else why not, in err. */
+static int in_receive(struct vblk_incoming *in, struct vmig__chan *c, char *err, size_t len)
+{
+	struct vblk_disk *disk = &in->dm->disk;
+	struct vblk_ss_geom want = {.disk_size = disk->size, .block_size = disk->block_size}, g;
+	struct vblk_ss_reader r;
+	struct vblk_ss_writer w;
+	struct vblk_ss_rec rec;
+	bool flush = false;
+	int ret;
+
+	vblk_ss_reader_init(&r, VBLK_SS_TO_DEST, chan_get, c, in->buf);
+	if (vblk_ss_read_preamble(&r, &want, &g)) {
+		fmt_err(err, len, "%s", r.err);
+		return -EPROTO;
+	}
+	if (in->have_session && memcmp(in->session, g.session, sizeof(g.session))) {
+		fmt_err(err, len,
+			"a stream of another migration (its session differs from the "
+			"first one's)");
+		return -EPROTO;
+	}
+	memcpy(in->session, g.session, sizeof(g.session));
+	in->have_session = true;
+	vblk_ss_writer_init(&w, chan_put, c, &g);
+	for (;;) {
+		ret = vblk_ss_read_record(&r, &rec);
+		if (ret) {
+			fmt_err(err, len, "%s", r.err);
+			return ret;
+		}
+		switch (rec.type) {
+		case VBLK_SS_DATA:
+			ret = in_write(disk, rec.offset, rec.data, rec.length);
+			break;
+		case VBLK_SS_ZERO:
+			ret = in_zero(in, rec.offset, rec.length, rec.flags & VBLK_SS_ZERO_F_UNMAP);
+			break;
+		case VBLK_SS_FLUSH:
+			flush = true;
+			break;
+		case VBLK_SS_SYNC:
+			if (flush && (ret = in_sync(disk)))
+				break;
+			flush = false;
+			pthread_mutex_lock(&in->lock);
+			in->rounds = rec.round;
+			pthread_mutex_unlock(&in->lock);
+			if (vblk_ss_put_ack(&w, rec.round)) {
+				fmt_err(err, len, "cannot answer the source: %s",
+					strerror(-w.error));
+				return w.error;
+			}
+			break;
+		case VBLK_SS_EOS:
+			if ((ret = in_sync(disk)))
+				break;
+			if (vblk_ss_put_done(&w)) {
+				fmt_err(err, len, "cannot answer the source: %s",
+					strerror(-w.error));
+				return w.error;
+			}
+			return 0;
+		default: /* the reader lets only the source's types through */
+			break;
+		}
+		if (ret) {
+			fmt_err(err, len, "cannot write the disk at %llu: %s",
+				(unsigned long long)rec.offset, strerror(-ret));
+			vblk_ss_put_error(&w, err);
+			return ret;
+		}
+		if (rec.type == VBLK_SS_DATA || rec.type == VBLK_SS_ZERO) {
+			pthread_mutex_lock(&in->lock);
+			in->received += rec.length;
+			pthread_mutex_unlock(&in->lock);
+		}
+	}
+}
+
+/* Accept one connection, or stop: NULL when asked to stop. */
+static struct vmig__chan *in_accept(struct vblk_incoming *in)
+{
+	for (;;) {
+		struct pollfd pfd[2] = {{.fd = in->listen_fd, .events = POLLIN},
+					{.fd = in->stop_fd, .events = POLLIN}};
+		struct vmig__tls none = {0};
+		struct vmig__err err = {{0}};
+		struct vmig__chan *c;
+
+		if (poll(pfd, 2, -1) < 0 && errno != EINTR)
+			return NULL;
+		if (pfd[1].revents)
+			return NULL;
+		if (!pfd[0].revents || vmig__chan_accept(in->listen_fd, &none, &c))
+			continue;
+		if (vmig__chan_handshake(c, &err) || vmig__chan_set_blocking(c)) {
+			vmig__chan_free(c);
+			continue;
+		}
+		return c;
+	}
+}
+
+static void *in_thread(void *arg)
+{
+	struct vblk_incoming *in = arg;
+
+	for (;;) {
+		struct vmig__chan *c = in_accept(in);
+		char err[256] = "";
+		int r;
+
+		if (!c)
+			return NULL;
+		pthread_mutex_lock(&in->lock);
+		in->chan = c;
+		in->status = IN_RECEIVING;
+		in->connections++;
+		pthread_mutex_unlock(&in->lock);
+		vblk_log(in->dm, "incoming: receiving the disk");
+		r = in_receive(in, c, err, sizeof(err));
+		pthread_mutex_lock(&in->lock);
+		in->chan = NULL;
+		in->status = r ? IN_LISTENING : IN_COMPLETED;
+		if (r)
+			snprintf(in->error, sizeof(in->error), "%s", err);
+		pthread_mutex_unlock(&in->lock);
+		vmig__chan_free(c);
+		if (!r) {
+			vblk_log(in->dm, "incoming: the disk is complete; serving it");
+			eventfd_write(in->event_fd, 1);
+			return NULL;
+		}
+		vblk_log(in->dm,
+			 "incoming: the stream ended early (%s); waiting for the source "
+			 "to resume",
+			 err);
+	}
+}
+
+int vblk_incoming_start(struct vblk_daemon *dm, const char *uri, char *err, size_t errlen)
+{
+	struct vblk_incoming *in = calloc(1, sizeof(*in));
+	struct vmig__uri u;
+	struct vmig__err e = {{0}};
+	int r;
+
+	if (!in || !(in->buf = alloc_buf())) {
+		free(in);
+		fmt_err(err, errlen, "out of memory");
+		return -ENOMEM;
+	}
+	in->dm = dm;
+	in->listen_fd = in->stop_fd = in->event_fd = -1;
+	pthread_mutex_init(&in->lock, NULL);
+	dm->incoming = in;
+	r = vmig__uri_parse(uri, &u, &e);
+	if (!r)
+		r = vmig__chan_listen(&u, &in->listen_fd, &e);
+	if (r) {
+		fmt_err(err, errlen, "--incoming %s: %s", uri, e.msg);
+		return r;
+	}
+	in->port = vmig__chan_local_port(in->listen_fd);
+	if (u.kind == VMIG_URI_UNIX)
+		snprintf(in->unix_path, sizeof(in->unix_path), "%s", u.path);
+	in->stop_fd = eventfd(0, EFD_CLOEXEC);
+	in->event_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (in->stop_fd < 0 || in->event_fd < 0) {
+		fmt_err(err, errlen, "eventfd: %s", strerror(errno));
+		return -errno;
+	}
+	r = -pthread_create(&in->thread, NULL, in_thread, in);
+	if (r) {
+		fmt_err(err, errlen, "cannot start the receiver thread: %s", strerror(-r));
+		return r;
+	}
+	in->thread_started = true;
+	vblk_log(dm, "incoming: waiting for the disk on %s", uri);
+	return 0;
+}
+
+int vblk_incoming_fd(const struct vblk_daemon *dm)
+{
+	return dm->incoming ? dm->incoming->event_fd : -1;
+}
+
+static struct vblk_daemon *dm_of(void *opaque)
+{
+	return (struct vblk_daemon *)((char *)opaque - offsetof(struct vblk_daemon, q));
+}
+
+void vblk_incoming_event(struct vblk_daemon *dm)
+{
+	struct vblk_incoming *in = dm->incoming;
+	eventfd_t v;
+
+	if (!in || eventfd_read(in->event_fd, &v))
+		return;
+	in->released = true;
+	for (unsigned i = 0; i < VHOST_MAX_QUEUES; i++) {
+		struct vhost_vring *vr = in->held[i];
+
+		if (!vr)
+			continue;
+		in->held[i] = NULL;
+		if (vblk_dev_ops.queue_start(dm->q, vr))
+			vblk_log(dm, "incoming: queue %u cannot start", i);
+	}
+}
+
+static void in_get_config(void *opaque, uint8_t *cfg)
+{
+	vblk_dev_ops.get_config(opaque, cfg);
+}
+
+/* Until the stream completed, a queue the front-end starts is held. */
+static int in_queue_start(void *opaque, struct vhost_vring *vr)
+{
+	struct vblk_incoming *in = dm_of(opaque)->incoming;
+
+	if (in->released)
+		return vblk_dev_ops.queue_start(opaque, vr);
+	in->held[vr->idx] = vr;
+	return 0;
+}
+
+static void in_queue_stop(void *opaque, struct vhost_vring *vr)
+{
+	struct vblk_incoming *in = dm_of(opaque)->incoming;
+
+	if (in->held[vr->idx] == vr) {
+		in->held[vr->idx] = NULL;
+		return;
+	}
+	vblk_dev_ops.queue_stop(opaque, vr);
+}
+
+const struct vhost_dev_ops vblk_incoming_ops = {
+    .get_config = in_get_config,
+    .queue_start = in_queue_start,
+    .queue_stop = in_queue_stop,
+};
+
+void vblk_incoming_query(struct vblk_daemon *dm, struct vblk_incoming_info *info)
+{
+	static const char *const names[] = {"listening", "receiving", "completed"};
+	struct vblk_incoming *in = dm->incoming;
+
+	memset(info, 0, sizeof(*info));
+	if (!in)
+		return;
+	info->exists = true;
+	info->port = in->port;
+	pthread_mutex_lock(&in->lock);
+	info->status = names[in->status];
+	info->received = in->received;
+	info->rounds = in->rounds;
+	info->connections = in->connections;
+	snprintf(info->error, sizeof(info->error), "%s", in->error);
+	pthread_mutex_unlock(&in->lock);
+}
+
+void vblk_incoming_free(struct vblk_daemon *dm)
+{
+	struct vblk_incoming *in = dm->incoming;
+
+	if (!in)
+		return;
+	if (in->thread_started) {
+		eventfd_write(in->stop_fd, 1);
+		pthread_mutex_lock(&in->lock);
+		if (in->chan)
+			vmig__chan_shutdown(in->chan, SHUT_RDWR);
+		pthread_mutex_unlock(&in->lock);
+		pthread_join(in->thread, NULL);
+	}
+	if (in->listen_fd >= 0) {
+		close(in->listen_fd);
+		if (in->unix_path[0])
+			unlink(in->unix_path);
+	}
+	if (in->stop_fd >= 0)
+		close(in->stop_fd);
+	if (in->event_fd >= 0)
+		close(in->event_fd);
+	pthread_mutex_destroy(&in->lock);
+	free(in->buf);
+	free(in);
+	dm->incoming = NULL;
+}

@@ -1,0 +1,84 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Storage migration between two vmig-blk daemons, mirror mode
+ * (docs/storage-migration.md): the source's copier sends the disk and then
+ * the blocks the guest dirtied, round after round, over the storage stream
+ * (sstream.h); the destination's receiver writes them to its own disk and
+ * holds its guest's requests until the source's last round arrived.
+ *
+ * Every function here runs on the control thread (the RPC handlers, the
+ * vhost-user message handlers and the main loop).
+ */
+#ifndef VMIG_BLK_MIRROR_H
+#define VMIG_BLK_MIRROR_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct vblk_daemon;
+struct vhost_dev_ops;
+
+/* What vmig_blk_mirror_query reports, with query-block-jobs' names. */
+struct vblk_mirror_info {
+	bool exists;	     /* a mirror was started (and not dismissed by a new one) */
+	const char *status;  /* "running", "ready" or "concluded" */
+	bool ready;	     /* the first pass is on the destination */
+	bool completing;     /* vmig_blk_mirror_complete asked for the last round */
+	uint64_t len;	     /* offset + remaining */
+	uint64_t offset;     /* bytes sent (DATA and ZERO ranges) */
+	uint64_t remaining;  /* dirty, or sent but not acknowledged */
+	uint64_t speed;	     /* bytes/s limit, 0: none */
+	uint64_t dirty_rate; /* bytes/s the guest dirties */
+	uint64_t rounds;     /* rounds the destination acknowledged */
+	char error[256];     /* concluded: why it failed; "" if it did not */
+	char uri[160];
+};
+
+/*
+ * Start copying the disk to the vmig-blk listening at uri (tcp:HOST:PORT or
+ * unix:PATH). Dirty tracking must be off, or left on by a mirror that
+ * failed: then the new one resumes from that bitmap (what the old one had
+ * sent and the destination had not acknowledged is dirty again).
+ * granularity 0: the default. 0, or -errno with err set.
+ */
+int vblk_mirror_start(struct vblk_daemon *dm, const char *uri, uint32_t granularity, uint64_t speed,
+		      char *err, size_t errlen);
+/* The last round: only once the guest can no longer write (every queue
+ * stopped, as QEMU does when the VM stops for switch-over). */
+int vblk_mirror_complete(struct vblk_daemon *dm, char *err, size_t errlen);
+/* Stop copying; the disk stays served here. Tracking goes off. */
+int vblk_mirror_cancel(struct vblk_daemon *dm, char *err, size_t errlen);
+int vblk_mirror_set_speed(struct vblk_daemon *dm, uint64_t speed, char *err, size_t errlen);
+void vblk_mirror_query(struct vblk_daemon *dm, struct vblk_mirror_info *info);
+/* A mirror owns the dirty bitmap: nobody else may take from or stop it. */
+bool vblk_mirror_active(const struct vblk_daemon *dm);
+void vblk_mirror_free(struct vblk_daemon *dm);
+
+/* What vmig_blk_incoming_query reports. */
+struct vblk_incoming_info {
+	bool exists;
+	const char *status; /* "listening", "receiving" or "completed" */
+	uint64_t received;  /* bytes of DATA and ZERO applied */
+	uint64_t rounds;    /* rounds acknowledged */
+	uint64_t connections;
+	int port;	 /* tcp: the port listened on */
+	char error[256]; /* why the last connection ended early; "" if none did */
+};
+
+/*
+ * The destination: listen on uri for the source's storage stream, and hold
+ * every queue the front-end starts until the stream ended with EOS (so no
+ * guest request sees a block before its last copy arrived). The ops to
+ * give vhost_dev_init while incoming.
+ */
+int vblk_incoming_start(struct vblk_daemon *dm, const char *uri, char *err, size_t errlen);
+extern const struct vhost_dev_ops vblk_incoming_ops;
+/* An fd for the main loop's poll: readable when the stream completed. */
+int vblk_incoming_fd(const struct vblk_daemon *dm);
+/* Readable: start the queues that were held. */
+void vblk_incoming_event(struct vblk_daemon *dm);
+void vblk_incoming_query(struct vblk_daemon *dm, struct vblk_incoming_info *info);
+void vblk_incoming_free(struct vblk_daemon *dm);
+
+#endif
