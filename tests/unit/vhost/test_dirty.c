@@ -429,12 +429,11 @@ static void set_desc(unsigned i, uint64_t addr, uint32_t len, uint16_t flags, ui
 }
 
 /* Run one request; returns its status. */
-static uint8_t request(uint32_t type, uint64_t sector, uint64_t data_gpa, uint32_t len)
+/* Put a request on the ring and kick; the used index that means done. */
+static uint16_t post(uint32_t type, uint64_t sector, uint64_t data_gpa, uint32_t len)
 {
 	struct virtio_blk_outhdr *h = gp(G_HDR);
 	struct vhost_avail *av = gp(G_AVAIL);
-	struct vhost_used *u = gp(G_USED);
-	uint64_t end = now_ms() + WAIT_MS;
 	uint16_t want = (uint16_t)(T.avail_idx + 1);
 
 	h->type = type;
@@ -449,7 +448,20 @@ static uint8_t request(uint32_t type, uint64_t sector, uint64_t data_gpa, uint32
 	T.avail_idx = want;
 	__atomic_store_n(&av->idx, want, __ATOMIC_RELEASE);
 	eventfd_write(T.kick, 1);
-	while (__atomic_load_n(&u->idx, __ATOMIC_ACQUIRE) != want) {
+	return want;
+}
+
+static bool used(uint16_t want)
+{
+	return __atomic_load_n(&((struct vhost_used *)gp(G_USED))->idx, __ATOMIC_ACQUIRE) == want;
+}
+
+static uint8_t request(uint32_t type, uint64_t sector, uint64_t data_gpa, uint32_t len)
+{
+	uint64_t end = now_ms() + WAIT_MS;
+	uint16_t want = post(type, sector, data_gpa, len);
+
+	while (!used(want)) {
 		if (now_ms() > end)
 			fail_msg("request type %u never completed", type);
 		usleep(50);
@@ -910,6 +922,48 @@ static void test_mirror_resumes(void **state)
 	dest_stop(false);
 }
 
+/*
+ * The destination holds its guest's requests until the stream completed:
+ * a read posted there after the source stopped, but before the last round,
+ * waits, and then returns the block the last round carried.
+ */
+static void test_incoming_holds_requests(void **state)
+{
+	char params[512], sock[300];
+	uint16_t want;
+
+	fe_up();
+	dest_start(true);
+	snprintf(params, sizeof(params), "{\"uri\":\"%s\"}", T.uri);
+	json_decref(rpc_ok("vmig_blk_mirror_start", params));
+	json_decref(mirror_wait(NULL, true, 0));
+	write_at(3 * MIB, 4096, 0xab);
+	fe_down(); /* the VM stopped on the source */
+	/* its twin starts on the destination and reads that block */
+	memcpy(sock, T.sock, sizeof(sock));
+	memcpy(T.sock, T.sock2, sizeof(T.sock));
+	fe_up();
+	memset(gp(G_DATA), 0, 4096);
+	want = post(VIRTIO_BLK_T_IN, 3 * MIB / 512, G_DATA, 4096);
+	usleep(300000);
+	assert_false(used(want));
+	json_decref(rpc_ok("vmig_blk_mirror_complete", NULL));
+	json_decref(mirror_wait("concluded", false, 0));
+	for (uint64_t end = now_ms() + WAIT_MS; !used(want);) {
+		if (now_ms() > end)
+			fail_msg("the held read never completed");
+		usleep(100);
+	}
+	assert_int_equal(*(volatile uint8_t *)gp(G_STATUS), VIRTIO_BLK_S_OK);
+	for (unsigned i = 0; i < 4096; i++)
+		if (((uint8_t *)gp(G_DATA))[i] != 0xab)
+			fail_msg("the destination returned a stale block (byte %u)", i);
+	fe_down();
+	memcpy(T.sock, sock, sizeof(T.sock));
+	expect_same_images();
+	dest_stop(false);
+}
+
 /* ---- setup ---- */
 
 /* Each case starts with tracking off, whatever the one before left. */
@@ -982,6 +1036,7 @@ int main(int argc, char **argv)
 	    cmocka_unit_test_setup(test_upgrade_all_dirty, case_setup),
 	    cmocka_unit_test_setup(test_mirror_while_writing, case_setup),
 	    cmocka_unit_test_setup(test_mirror_resumes, case_setup),
+	    cmocka_unit_test_setup(test_incoming_holds_requests, case_setup),
 	};
 
 	if (argc != 2) {
