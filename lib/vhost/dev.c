@@ -108,7 +108,7 @@ static void vring_stop(struct vhost_dev *d, struct vhost_vring *vr)
 	d->ops->queue_stop(d->opaque, vr);
 	vr->started = false;
 	/* We now hold the exact position; nothing is in flight. */
-	vr->base = vr->vq.last_avail_idx;
+	vr->base = vr->vq.packed ? vhost_packed_base(&vr->vq) : vr->vq.last_avail_idx;
 	vr->need_recover = false;
 }
 
@@ -124,8 +124,35 @@ static bool vring_ready(const struct vhost_dev *d, const struct vhost_vring *vr)
 	       vr->enabled && d->features_set && d->mem.nregions && !d->pc.mem_ack_pending;
 }
 
-/* Point vq at the guest's rings; -EFAULT if they are not all mapped. */
-static int vring_map(struct vhost_dev *d, struct vhost_vring *vr)
+/* Packed ring: the descriptor ring and the driver and device event areas
+ * come in the three addresses of SET_VRING_ADDR. */
+static int vring_map_packed(struct vhost_dev *d, struct vhost_vring *vr)
+{
+	struct vhost_packed *pk = &vr->vq.pk;
+	void *ring = vhost_mem_uva(&d->mem, vr->addr.desc_user_addr, 16ull * vr->num);
+	void *driver = vhost_mem_uva(&d->mem, vr->addr.avail_user_addr, 4);
+	void *device = vhost_mem_uva(&d->mem, vr->addr.used_user_addr, 4);
+	uint64_t ring_gpa;
+
+	if (!ring || !driver || !device ||
+	    vhost_mem_uva_to_gpa(&d->mem, vr->addr.desc_user_addr, &ring_gpa)) {
+		dev_err(d, "ring %u: packed ring addresses outside the memory table", vr->idx);
+		return -EFAULT;
+	}
+	if (((uintptr_t)ring & 15) || ((uintptr_t)driver & 3) || ((uintptr_t)device & 3)) {
+		dev_err(d, "ring %u: misaligned packed ring addresses", vr->idx);
+		return -EINVAL;
+	}
+	pk->ring = ring;
+	pk->driver_event = driver;
+	pk->device_event = device;
+	pk->ring_gpa = ring_gpa;
+	pk->device_event_gpa = vr->addr.log_guest_addr;
+	return 0;
+}
+
+/* Split ring: descriptor table, avail ring, used ring. */
+static int vring_map_split(struct vhost_dev *d, struct vhost_vring *vr)
 {
 	struct vhost_vq *vq = &vr->vq;
 	uint64_t num = vr->num;
@@ -141,10 +168,26 @@ static int vring_map(struct vhost_dev *d, struct vhost_vring *vr)
 		dev_err(d, "ring %u: misaligned ring addresses", vr->idx);
 		return -EINVAL;
 	}
-	vq->num = vr->num;
 	vq->desc = desc;
 	vq->avail = avail;
 	vq->used = used;
+	return 0;
+}
+
+/* Point vq at the guest's rings; -EFAULT if they are not all mapped. */
+static int vring_map(struct vhost_dev *d, struct vhost_vring *vr)
+{
+	struct vhost_vq *vq = &vr->vq;
+	int r;
+
+	vq->packed = has_bit(d->features, VIRTIO_F_RING_PACKED);
+	vq->desc = NULL;
+	vq->avail = NULL;
+	vq->used = NULL;
+	r = vq->packed ? vring_map_packed(d, vr) : vring_map_split(d, vr);
+	if (r)
+		return r;
+	vq->num = vr->num;
 	vq->mem = &d->mem;
 	vq->event_idx = has_bit(d->features, VIRTIO_RING_F_EVENT_IDX);
 	vq->indirect = has_bit(d->features, VIRTIO_RING_F_INDIRECT_DESC);
@@ -153,20 +196,39 @@ static int vring_map(struct vhost_dev *d, struct vhost_vring *vr)
 	vq->used_gpa = vr->addr.log_guest_addr;
 	vq->batch = vr->batch;
 	vq->broken = false;
+	vq->broken_why = NULL;
 	return 0;
 }
 
-static struct vhost_inflight_queue *vring_inflight(struct vhost_dev *d, struct vhost_vring *vr)
+/*
+ * Bytes per queue in the region: the packed layout's when the region is big
+ * enough for it (GET_INFLIGHT_FD sizes it so once RING_PACKED is
+ * negotiated), else the split layout's. Derived from the size alone, so a
+ * live upgrade maps an inherited region the way its creator laid it out.
+ */
+static size_t inflight_stride(const struct vhost_inflight_map *im)
+{
+	size_t packed = vhost_inflight_packed_queue_size(im->queue_size);
+
+	if (im->size >= (uint64_t)im->nqueues * packed)
+		return packed;
+	return vhost_inflight_queue_size(im->queue_size);
+}
+
+static void *vring_inflight(struct vhost_dev *d, struct vhost_vring *vr)
 {
 	struct vhost_inflight_map *im = &d->inflight;
+	size_t stride;
 
 	if (!im->map || vr->idx >= im->nqueues || im->queue_size != vr->num)
 		return NULL;
-	return (struct vhost_inflight_queue *)((uint8_t *)im->map + (im->map_len - im->size) +
-					       vr->idx * vhost_inflight_queue_size(vr->num));
+	stride = inflight_stride(im);
+	if (vr->vq.packed && stride < vhost_inflight_packed_queue_size(vr->num))
+		return NULL; /* a split-sized region: no room for packed tracking */
+	return (uint8_t *)im->map + (im->map_len - im->size) + vr->idx * stride;
 }
 
-static int vring_alloc(struct vhost_vring *vr)
+static int vring_alloc(struct vhost_dev *d, struct vhost_vring *vr)
 {
 	uint16_t *batch = realloc(vr->batch, vr->num * sizeof(uint16_t));
 	uint16_t *resubmit;
@@ -178,17 +240,60 @@ static int vring_alloc(struct vhost_vring *vr)
 	if (!resubmit)
 		return -ENOMEM;
 	vr->resubmit = resubmit;
+	if (has_bit(d->features, VIRTIO_F_RING_PACKED))
+		return vhost_packed_alloc(&vr->vq.pk, vr->num);
+	return 0;
+}
+
+/* Packed ring: where fetching resumes, and what to redo first. */
+static int vring_position_packed(struct vhost_dev *d, struct vhost_vring *vr)
+{
+	struct vhost_vq *vq = &vr->vq;
+	struct vhost_inflight_recovery *rc = &vr->recovery;
+
+	if (!vhost_packed_base_ok(vr->num, vr->base)) {
+		dev_err(d, "ring %u: base %#x is not a position in a packed ring of %u", vr->idx,
+			vr->base, vr->num);
+		return -EINVAL;
+	}
+	vq->inflight = NULL;
+	vq->pk.inflight = vring_inflight(d, vr);
+	vr->nresubmit = 0;
+	if (vr->need_recover && vq->pk.inflight) {
+		vhost_packed_recover(vq, d->features, vr->base, vr->resubmit, rc);
+		vq->counter = rc->next_counter - 1;
+		vr->nresubmit = rc->nresubmit;
+		vr->position_lost = rc->outcome == VHOST_INFLIGHT_INVALID;
+	} else {
+		vhost_packed_reset(vq, vr->base, d->features);
+		if (vr->need_recover)
+			vq->counter = 0;
+	}
+	if (vr->position_lost) {
+		/* After a crash the front-end's base is where the ring stood at
+		 * its previous start: resuming there would read stale slots. */
+		vq->broken = true;
+		vq->broken_why = "in-flight region not trusted, ring position unknown";
+	}
+	/* Buffer counts, not positions, on a packed ring. */
+	vq->last_avail_idx = vr->nresubmit;
+	vq->used_idx = 0;
+	vq->published_idx = 0;
+	vr->need_recover = false;
 	return 0;
 }
 
 /* Decide where fetching resumes: from the in-flight region after a
  * (re)connect, else from our own position. */
-static void vring_position(struct vhost_dev *d, struct vhost_vring *vr)
+static int vring_position(struct vhost_dev *d, struct vhost_vring *vr)
 {
 	struct vhost_vq *vq = &vr->vq;
-	uint16_t used_idx = __atomic_load_n(&vq->used->idx, __ATOMIC_ACQUIRE);
-	uint16_t avail_idx = __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE);
+	uint16_t used_idx, avail_idx;
 
+	if (vq->packed)
+		return vring_position_packed(d, vr);
+	used_idx = __atomic_load_n(&vq->used->idx, __ATOMIC_ACQUIRE);
+	avail_idx = __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE);
 	vq->inflight = vring_inflight(d, vr);
 	vr->nresubmit = 0;
 	vq->last_avail_idx = vr->base;
@@ -205,21 +310,23 @@ static void vring_position(struct vhost_dev *d, struct vhost_vring *vr)
 	vq->used_idx = used_idx;
 	vq->published_idx = used_idx;
 	vr->need_recover = false;
+	return 0;
 }
 
 static int vring_start(struct vhost_dev *d, struct vhost_vring *vr)
 {
-	int r = vring_alloc(vr);
+	int r = vring_alloc(d, vr);
 
 	if (r)
 		dev_err(d, "ring %u: %s", vr->idx, strerror(-r));
 	else
 		r = vring_map(d, vr);
+	if (!r)
+		r = vring_position(d, vr);
 	if (r) {
 		vr->start_failed = true;
 		return r;
 	}
-	vring_position(d, vr);
 	r = d->ops->queue_start(d->opaque, vr);
 	if (r) {
 		dev_err(d, "ring %u: start failed: %s", vr->idx, strerror(-r));
@@ -376,8 +483,11 @@ static int h_set_vring_base(struct vhost_dev *d, struct vhost_msg *m, struct vho
 		return -EINVAL;
 	}
 	vring_stop(d, vr);
+	/* A packed ring's base is its position with the wrap counter in bit
+	 * 15; it is checked against the ring size when the ring starts. */
 	vr->base = (uint16_t)m->p.state.num;
 	vr->need_recover = true;
+	vr->position_lost = false;
 	return 0;
 }
 
@@ -498,7 +608,9 @@ static bool inflight_geometry_ok(uint16_t nqueues, uint16_t queue_size)
 static int h_get_inflight(struct vhost_dev *d, struct vhost_msg *m, struct vhost_msg *reply)
 {
 	uint16_t nq = m->p.inflight.num_queues, qs = m->p.inflight.queue_size;
-	uint64_t size = (uint64_t)nq * vhost_inflight_queue_size(qs);
+	uint64_t size = (uint64_t)nq * (has_bit(d->features, VIRTIO_F_RING_PACKED)
+					    ? vhost_inflight_packed_queue_size(qs)
+					    : vhost_inflight_queue_size(qs));
 	int fd = -1;
 
 	memset(&reply->p.inflight, 0, sizeof(reply->p.inflight));
@@ -885,6 +997,7 @@ void vhost_dev_reset(struct vhost_dev *d)
 		replace_fd(&vr->err_fd, -1);
 		free(vr->batch);
 		free(vr->resubmit);
+		vhost_packed_free(&vr->vq.pk);
 		vring_init(vr, i);
 	}
 	vhost_mem_clear(&d->mem);

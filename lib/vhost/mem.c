@@ -154,6 +154,20 @@ void *vhost_mem_uva(const struct vhost_mem *m, uint64_t uva, uint64_t len)
 	return NULL;
 }
 
+int vhost_mem_uva_to_gpa(const struct vhost_mem *m, uint64_t uva, uint64_t *gpa)
+{
+	for (uint32_t i = 0; i < m->nregions; i++) {
+		const struct vhost_mem_region *r = &m->r[i];
+		uint64_t off = uva - r->uva;
+
+		if (off >= r->size)
+			continue;
+		*gpa = r->gpa + off;
+		return 0;
+	}
+	return -EFAULT;
+}
+
 int vhost_log_map(struct vhost_log *l, int fd, uint64_t size, uint64_t offset)
 {
 	uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);

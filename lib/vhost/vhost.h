@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * The vhost-user back-end library used by vmig-blk: guest memory table,
- * dirty log, split virtqueues with in-flight tracking, and the device state
+ * dirty log, split and packed virtqueues with in-flight tracking, and the
+ * device state
  * machine that handles the front-end's messages. It knows nothing about
  * block devices: a device plugs in through struct vhost_dev_ops (config
  * space, queue start/stop) and runs its own data path on struct vhost_vq.
@@ -64,6 +65,8 @@ void vhost_mem_clear(struct vhost_mem *m);
 void *vhost_mem_gpa(const struct vhost_mem *m, uint64_t gpa, uint64_t *len);
 /* Host address of front-end virtual [uva, uva + len), all in one region. */
 void *vhost_mem_uva(const struct vhost_mem *m, uint64_t uva, uint64_t len);
+/* Guest physical address of front-end virtual uva: 0 or -EFAULT. */
+int vhost_mem_uva_to_gpa(const struct vhost_mem *m, uint64_t uva, uint64_t *gpa);
 
 /* ---- dirty log (mem.c) ---- */
 
@@ -115,6 +118,69 @@ struct vhost_used {
 #define VIRTIO_RING_F_INDIRECT_DESC 28
 #define VIRTIO_RING_F_EVENT_IDX 29
 #define VIRTIO_F_VERSION_1 32
+#define VIRTIO_F_RING_PACKED 34
+
+/* The packed ring layout (virtio 1.1, 2.7): one descriptor ring that the
+ * driver and the device both write, and two event suppression areas. */
+struct vhost_pdesc {
+	uint64_t addr;
+	uint32_t len;
+	uint16_t id;
+	uint16_t flags; /* VHOST_DESC_F_* and the two below */
+};
+#define VHOST_PDESC_F_AVAIL (1u << 7)
+#define VHOST_PDESC_F_USED (1u << 15)
+
+/* Driver area (the driver says when it wants interrupts) and device area
+ * (we say when we want kicks). off_wrap: position in bits 0-14, wrap
+ * counter in bit 15; only read with VHOST_PEVENT_DESC, which needs
+ * EVENT_IDX. */
+struct vhost_pevent {
+	uint16_t off_wrap;
+	uint16_t flags;
+};
+#define VHOST_PEVENT_ENABLE 0
+#define VHOST_PEVENT_DISABLE 1
+#define VHOST_PEVENT_DESC 2
+
+/* A packed ring descriptor as we fetched it: our own copy, because the
+ * driver may reuse the ring slot as soon as we have read it. */
+struct vhost_packed_slot {
+	uint64_t addr;
+	uint32_t len;
+	uint16_t flags;
+	uint16_t next; /* next slot of the same buffer */
+};
+
+/*
+ * Packed ring state. Positions are ring slots (0..num-1) with a wrap
+ * counter that starts at 1 and flips each time the position passes the end.
+ * The private arrays (num entries each, one allocation made by
+ * vhost_packed_alloc()) are what the data path trusts; the in-flight region,
+ * when there is one, gets a copy of every change (inflight.h) and is read
+ * only when the ring starts after a crash.
+ */
+struct vhost_packed {
+	volatile struct vhost_pdesc *ring;
+	volatile struct vhost_pevent *driver_event;
+	volatile struct vhost_pevent *device_event;
+	uint64_t ring_gpa;	   /* guest address of ring, for the dirty log */
+	uint64_t device_event_gpa; /* guest address of device_event */
+	uint16_t avail_pos;	   /* next slot to fetch */
+	bool avail_wrap;
+	uint16_t used_pos; /* next slot to write a used descriptor into */
+	bool used_wrap;
+	struct vhost_inflight_packed *inflight; /* NULL without a region */
+	struct vhost_packed_slot *slot;		/* fetched descriptors */
+	uint16_t *free_slots;			/* stack of unused slot numbers */
+	uint16_t nfree;
+	uint16_t *id_head;    /* first slot of buffer id */
+	uint16_t *id_ndesc;   /* ring descriptors of buffer id; 0: not ours */
+	uint64_t *id_counter; /* fetch order of buffer id */
+	uint32_t *staged_len; /* lengths of the completions in vq->batch */
+	uint16_t alloc_num;   /* entries the arrays were allocated for */
+	void *alloc;
+};
 
 /* Longest indirect table we accept (entries); Linux uses at most ~seg_max+2. */
 #define VHOST_MAX_INDIRECT 1024
@@ -123,6 +189,7 @@ struct vhost_vq {
 	uint16_t num;
 	bool event_idx;
 	bool indirect;
+	bool packed; /* VIRTIO_F_RING_PACKED: pk, not desc/avail/used */
 	volatile struct vhost_desc *desc;
 	volatile struct vhost_avail *avail;
 	volatile struct vhost_used *used;
@@ -137,6 +204,8 @@ struct vhost_vq {
 	uint64_t counter;		       /* last fetch counter handed out */
 	uint16_t *batch;		       /* heads staged since the last flush */
 	bool broken;			       /* guest broke the ring: stop using it */
+	const char *broken_why;		       /* packed rings: what broke it */
+	struct vhost_packed pk;
 };
 
 /* A descriptor chain resolved to host memory. iov/gpa are caller storage of
@@ -153,7 +222,8 @@ struct vhost_chain {
 /*
  * Fetch the next available head (marks it in flight). Returns 1 with *head
  * set, 0 if the ring is empty, -EIO if the guest broke the ring (the queue
- * is then marked broken and must not be used until restarted).
+ * is then marked broken and must not be used until restarted). On a packed
+ * ring the "head" is the buffer id, and every function below takes it so.
  */
 int vhost_vq_pop(struct vhost_vq *vq, uint16_t *head);
 /*
@@ -188,8 +258,16 @@ void vhost_vq_disable_notify(struct vhost_vq *vq);
  * Cheap poll: true if the guest has published buffers we have not fetched.
  * One load of avail->idx, no side effects; vhost_vq_pop() does the checks.
  */
+static inline bool vhost_pdesc_avail(uint16_t flags, bool wrap)
+{
+	return !!(flags & VHOST_PDESC_F_AVAIL) == wrap && !!(flags & VHOST_PDESC_F_USED) != wrap;
+}
 static inline bool vhost_vq_avail_pending(const struct vhost_vq *vq)
 {
+	if (vq->packed)
+		return vhost_pdesc_avail(
+		    __atomic_load_n(&vq->pk.ring[vq->pk.avail_pos].flags, __ATOMIC_RELAXED),
+		    vq->pk.avail_wrap);
 	return __atomic_load_n(&vq->avail->idx, __ATOMIC_RELAXED) != vq->last_avail_idx;
 }
 /*
@@ -203,6 +281,45 @@ static inline bool vhost_need_event(uint16_t event, uint16_t new_idx, uint16_t o
 	return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
 }
 
+/* Append guest [gpa, gpa + len) to c, split at region boundaries (both
+ * ring types use it). -EINVAL if readable after writable, -EFAULT, -E2BIG. */
+int vhost_vq_chain_add(const struct vhost_vq *vq, struct vhost_chain *c, uint64_t gpa, uint32_t len,
+		       bool writable);
+
+/* ---- packed virtqueue data path (packed.c), reached through vhost_vq_* ---- */
+
+/* Allocate pk's private arrays for num entries (kept if already big enough). */
+int vhost_packed_alloc(struct vhost_packed *pk, uint16_t num);
+void vhost_packed_free(struct vhost_packed *pk);
+/* True if base (SET_VRING_BASE: position | wrap << 15) names a slot. */
+static inline bool vhost_packed_base_ok(uint16_t num, uint32_t base)
+{
+	return base <= 0xffff && (base & 0x7fff) < num;
+}
+/* Encode where fetching continues the way GET_VRING_BASE answers it. */
+static inline uint16_t vhost_packed_base(const struct vhost_vq *vq)
+{
+	return (uint16_t)(vq->pk.avail_pos | (vq->pk.avail_wrap ? 0x8000u : 0));
+}
+/* Nothing in flight, both positions at base (which must be base_ok); the
+ * in-flight region, if any, is initialised to match (with features). */
+void vhost_packed_reset(struct vhost_vq *vq, uint16_t base, uint64_t features);
+int vhost_packed_pop(struct vhost_vq *vq, uint16_t *id);
+int vhost_packed_map_chain(const struct vhost_vq *vq, uint16_t id, struct vhost_chain *c);
+void vhost_packed_push(struct vhost_vq *vq, uint16_t id, uint32_t len);
+bool vhost_packed_flush(struct vhost_vq *vq);
+bool vhost_packed_enable_notify(struct vhost_vq *vq);
+void vhost_packed_disable_notify(struct vhost_vq *vq);
+/*
+ * Recover a packed ring from vq->pk.inflight after the back-end restarted
+ * (inflight_packed.c; the protocol is in inflight.h). Sets the positions,
+ * the private copies and vq->counter, and fills resubmit (num entries) with
+ * the buffer ids to redo, oldest first. For INVALID, nothing is trusted and
+ * the region is left as it is: the caller marks the ring broken.
+ */
+void vhost_packed_recover(struct vhost_vq *vq, uint64_t features, uint16_t base, uint16_t *resubmit,
+			  struct vhost_inflight_recovery *out);
+
 /* ---- device and message handling (dev.c) ---- */
 
 struct vhost_dev;
@@ -214,6 +331,8 @@ struct vhost_vring {
 	struct vhost_user_vring_addr addr;
 	uint16_t base;	   /* last_avail_idx while stopped */
 	bool need_recover; /* base came from the front-end: consult inflight */
+	bool position_lost; /* packed ring whose region was not trusted: stays
+			     * broken until the front-end sets a new base */
 	int kick_fd;
 	int call_fd;
 	int err_fd;

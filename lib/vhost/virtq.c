@@ -3,7 +3,8 @@
  * Split virtqueue data path: fetching available heads (with in-flight
  * marking), resolving descriptor chains to host iovecs, staging and
  * publishing used entries, EVENT_IDX notification suppression on both sides,
- * and dirty logging of what we write into guest memory.
+ * and dirty logging of what we write into guest memory. Each entry point
+ * hands a packed ring to packed.c instead.
  *
  * Threat model: the rings and descriptors are guest memory and every field is
  * hostile. Each descriptor is copied once before use (no double fetch),
@@ -39,6 +40,8 @@ int vhost_vq_pop(struct vhost_vq *vq, uint16_t *head)
 {
 	uint16_t avail_idx, h;
 
+	if (vq->packed)
+		return vhost_packed_pop(vq, head);
 	if (vq->broken)
 		return -EIO;
 	avail_idx = __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE);
@@ -71,8 +74,8 @@ int vhost_vq_pop(struct vhost_vq *vq, uint16_t *head)
 }
 
 /* Append [gpa, gpa + len) to the chain, split at region boundaries. */
-static int chain_add(const struct vhost_vq *vq, struct vhost_chain *c, uint64_t gpa, uint32_t len,
-		     bool writable)
+int vhost_vq_chain_add(const struct vhost_vq *vq, struct vhost_chain *c, uint64_t gpa, uint32_t len,
+		       bool writable)
 {
 	uint64_t left = len;
 
@@ -129,6 +132,8 @@ int vhost_vq_map_chain(const struct vhost_vq *vq, uint16_t head, struct vhost_ch
 	bool indirect = false;
 	int r;
 
+	if (vq->packed)
+		return vhost_packed_map_chain(vq, head, c);
 	c->head = head;
 	c->nout = 0;
 	c->nin = 0;
@@ -154,7 +159,7 @@ int vhost_vq_map_chain(const struct vhost_vq *vq, uint16_t head, struct vhost_ch
 			idx = 0;
 			continue;
 		}
-		r = chain_add(vq, c, d.addr, d.len, d.flags & VHOST_DESC_F_WRITE);
+		r = vhost_vq_chain_add(vq, c, d.addr, d.len, d.flags & VHOST_DESC_F_WRITE);
 		if (r)
 			return r;
 		if (!(d.flags & VHOST_DESC_F_NEXT))
@@ -173,8 +178,13 @@ void vhost_vq_log_chain(const struct vhost_vq *vq, const struct vhost_chain *c)
 
 void vhost_vq_push(struct vhost_vq *vq, uint16_t head, uint32_t len)
 {
-	volatile struct vhost_used_elem *e = &vq->used->ring[vq->used_idx % vq->num];
+	volatile struct vhost_used_elem *e;
 
+	if (vq->packed) {
+		vhost_packed_push(vq, head, len);
+		return;
+	}
+	e = &vq->used->ring[vq->used_idx % vq->num];
 	e->id = head;
 	e->len = len;
 	vq->batch[(uint16_t)(vq->used_idx - vq->published_idx)] = head;
@@ -202,6 +212,8 @@ bool vhost_vq_flush(struct vhost_vq *vq)
 	uint16_t n = (uint16_t)(new_idx - old);
 	struct vhost_inflight_queue *inf = vq->inflight;
 
+	if (vq->packed)
+		return vhost_packed_flush(vq);
 	if (n == 0)
 		return false;
 	if (inf) {
@@ -240,6 +252,8 @@ static void set_used_flags(struct vhost_vq *vq, uint16_t flags)
 
 bool vhost_vq_enable_notify(struct vhost_vq *vq)
 {
+	if (vq->packed)
+		return vhost_packed_enable_notify(vq);
 	if (vq->event_idx) {
 		*avail_event(vq) = vq->last_avail_idx;
 		if (vq->log && vq->log_used)
@@ -258,6 +272,8 @@ bool vhost_vq_enable_notify(struct vhost_vq *vq)
 
 void vhost_vq_disable_notify(struct vhost_vq *vq)
 {
-	if (!vq->event_idx)
+	if (vq->packed)
+		vhost_packed_disable_notify(vq);
+	else if (!vq->event_idx)
 		set_used_flags(vq, VHOST_USED_F_NO_NOTIFY);
 }
