@@ -251,9 +251,10 @@ static int vring_position_packed(struct vhost_dev *d, struct vhost_vring *vr)
 	struct vhost_vq *vq = &vr->vq;
 	struct vhost_inflight_recovery *rc = &vr->recovery;
 
-	if (!vhost_packed_base_ok(vr->num, vr->base)) {
+	if (!vhost_packed_base_ok(vr->num, vr->base) ||
+	    (vr->base_used && !vhost_packed_base_ok(vr->num, vr->base_used))) {
 		dev_err(d, "ring %u: base %#x is not a position in a packed ring of %u", vr->idx,
-			vr->base, vr->num);
+			(unsigned)vr->base | (unsigned)vr->base_used << 16, vr->num);
 		return -EINVAL;
 	}
 	vq->inflight = NULL;
@@ -477,15 +478,23 @@ static int h_set_vring_addr(struct vhost_dev *d, struct vhost_msg *m, struct vho
 static int h_set_vring_base(struct vhost_dev *d, struct vhost_msg *m, struct vhost_msg *reply)
 {
 	struct vhost_vring *vr = state_ring(d, m);
+	uint32_t num = m->p.state.num;
 
-	if (m->p.state.num > 0xffff) {
-		dev_err(d, "SET_VRING_BASE: %u is not a split-ring index", m->p.state.num);
+	if (num > 0xffff && !has_bit(d->features, VIRTIO_F_RING_PACKED)) {
+		dev_err(d, "SET_VRING_BASE: %u is not a split-ring index", num);
 		return -EINVAL;
 	}
 	vring_stop(d, vr);
-	/* A packed ring's base is its position with the wrap counter in bit
-	 * 15; it is checked against the ring size when the ring starts. */
-	vr->base = (uint16_t)m->p.state.num;
+	/*
+	 * A packed ring's base is the avail position with its wrap counter in
+	 * bit 15, and QEMU (7.2) puts the used position, encoded the same way,
+	 * in bits 16-31. Both are checked against the ring size when the ring
+	 * starts. Fetching resumes at the avail position: a front-end that
+	 * stopped us cleanly got both equal, nothing being in flight, and after
+	 * a crash the in-flight region, not the base, says where the ring is.
+	 */
+	vr->base = (uint16_t)num;
+	vr->base_used = (uint16_t)(num >> 16);
 	vr->need_recover = true;
 	vr->position_lost = false;
 	return 0;
@@ -500,6 +509,10 @@ static int h_get_vring_base(struct vhost_dev *d, struct vhost_msg *m, struct vho
 	vring_stop(d, vr);
 	reply->p.state.index = vr->idx;
 	reply->p.state.num = vr->base;
+	/* Packed: nothing is in flight after a stop, so the used position,
+	 * which QEMU reads from bits 16-31, is the avail position. */
+	if (has_bit(d->features, VIRTIO_F_RING_PACKED))
+		reply->p.state.num |= (uint32_t)vr->base << 16;
 	reply->hdr.size = sizeof(reply->p.state);
 	/* The ring stays stopped until a new SET_VRING_KICK. */
 	replace_fd(&vr->kick_fd, -1);

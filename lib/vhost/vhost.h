@@ -330,6 +330,7 @@ struct vhost_vring {
 	bool addr_set;
 	struct vhost_user_vring_addr addr;
 	uint16_t base;	   /* last_avail_idx while stopped */
+	uint16_t base_used; /* packed: bits 16-31 of SET_VRING_BASE (used position) */
 	bool need_recover; /* base came from the front-end: consult inflight */
 	bool position_lost; /* packed ring whose region was not trusted: stays
 			     * broken until the front-end sets a new base */
