@@ -50,7 +50,8 @@ uint64_t vblk_device_features(const struct vblk_disk *disk, unsigned nqueues)
 	uint64_t f = (1ull << VIRTIO_BLK_F_SEG_MAX) | (1ull << VIRTIO_BLK_F_BLK_SIZE) |
 		     (1ull << VIRTIO_BLK_F_FLUSH) | (1ull << VIRTIO_BLK_F_MQ) |
 		     (1ull << VIRTIO_BLK_F_TOPOLOGY) | (1ull << VIRTIO_RING_F_INDIRECT_DESC) |
-		     (1ull << VIRTIO_RING_F_EVENT_IDX) | (1ull << VIRTIO_F_VERSION_1);
+		     (1ull << VIRTIO_RING_F_EVENT_IDX) | (1ull << VIRTIO_F_VERSION_1) |
+		     (1ull << VIRTIO_F_RING_PACKED);
 
 	(void)nqueues;
 	if (disk->read_only)
