@@ -80,6 +80,9 @@ void vhost_packed_reset(struct vhost_vq *vq, uint16_t base, uint64_t features)
 	struct vhost_packed *pk = &vq->pk;
 
 	assert(vhost_packed_base_ok(vq->num, base) && pk->alloc_num >= vq->num);
+	/* seq_of() counts modulo 2 * num inside a uint16_t: powers of two only
+	 * (SET_VRING_NUM refuses the rest). */
+	assert(vq->num && !(vq->num & (vq->num - 1)));
 	pk->avail_pos = pk->used_pos = base & 0x7fff;
 	pk->avail_wrap = pk->used_wrap = base >> 15;
 	memset(pk->id_ndesc, 0, vq->num * sizeof(uint16_t));

@@ -969,6 +969,28 @@ static void test_device_crash_and_base(void **state)
 	hp_free(&p);
 }
 
+/* Bits 16-31 of SET_VRING_BASE are only a packed ring's. */
+static void test_base_halves(void **state)
+{
+	struct vhost_dev d;
+	struct stub s = {0};
+	struct vhost_msg reply;
+
+	vhost_dev_init(&d, 1, 1ull << VIRTIO_F_RING_PACKED, &stub_ops, &s);
+	assert_int_equal(send_u64(&d, VHOST_USER_SET_FEATURES, 0), 0);
+	assert_int_equal(send_state(&d, VHOST_USER_SET_VRING_BASE, 0x80008000u, &reply), 0);
+	assert_int_equal(d.vring[0].base, 0);
+	assert_non_null(strstr(d.err, "not a split-ring index"));
+	assert_int_equal(send_u64(&d, VHOST_USER_SET_FEATURES, 1ull << VIRTIO_F_RING_PACKED), 0);
+	assert_int_equal(send_state(&d, VHOST_USER_SET_VRING_BASE, 0x80058003u, &reply), 0);
+	assert_int_equal(d.vring[0].base, 0x8003);
+	assert_int_equal(d.vring[0].base_used, 0x8005);
+	/* A ring that never ran answers what it was given, used = avail. */
+	assert_int_equal(send_state(&d, VHOST_USER_GET_VRING_BASE, 0, &reply), 1);
+	assert_int_equal(reply.p.state.num, 0x80038003u);
+	vhost_dev_reset(&d);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -987,6 +1009,7 @@ int main(void)
 	    cmocka_unit_test(test_corrupt_region),
 	    cmocka_unit_test(test_random_region),
 	    cmocka_unit_test(test_device_crash_and_base),
+	    cmocka_unit_test(test_base_halves),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
