@@ -26,7 +26,13 @@ While it writes:
 After each restart the ring must be "recovered", recovered_requests must
 equal num_resubmitted, and the guest must write again. At the end: no I/O
 error, no bad block in the guest's check, and the host's scan of the image
-finds only well-placed patterns. The ring wraps hundreds of times over the
+finds only well-placed patterns.
+
+Then a pre-copy migration of a second packed=on guest between two vmig-blk
+on one image (as test_migrate_precopy.py does for split rings): QEMU carries
+the ring position it got from the source's GET_VRING_BASE to the
+destination's SET_VRING_BASE, and the destination guest must go on writing
+and verifying with no error. The ring wraps hundreds of times over the
 run (QEMU's ring of 128 descriptors, tens of thousands of requests).
 
 Usage: test_packed.py BUILD_DIR
@@ -49,6 +55,7 @@ GUEST_CAP_S = 900
 HOLD_US = 30 * 1000 * 1000
 MID_LATENCY_US = 10 * 1000
 WAIT_S = 120
+MIG_GUEST_SECONDS = 40
 RING_PACKED = 1 << 34
 
 
@@ -129,21 +136,72 @@ def kill_once(be, guest, kind):
     return rec
 
 
+def packed_guest(env, name, sock, args, incoming=False):
+    """A blkenv.Guest whose vhost-user-blk-pci device has packed=on."""
+    guest = blkenv.Guest(env, name, sock, args, incoming=incoming)
+    dev = [i for i, a in enumerate(guest.proc.argv) if a.startswith("vhost-user-blk-pci,")]
+    if len(dev) != 1:
+        raise blkenv.Fail("no vhost-user-blk-pci device in %s" % guest.proc.argv)
+    guest.proc.argv[dev[0]] += ",packed=on"
+    return guest
+
+
+def migrate_phase(env):
+    image = env.image("mig.img")
+    sock_src = os.path.join(env.tmp, "src.sock")
+    sock_dst = os.path.join(env.tmp, "dst.sock")
+    be_src = env.backend("backend-src", sock_src, image, shared=True).start()
+    be_dst = env.backend("backend-dst", sock_dst, image, shared=True).start()
+    args = ["--seconds", MIG_GUEST_SECONDS, "--blocks", BLOCKS, "--write-pct", 60,
+            "--gap-ms", 100, "--progress-ms", 500]
+    src = packed_guest(env, "qemu-src", sock_src, args).start()
+    dst = packed_guest(env, "qemu-dst", sock_dst, args, incoming=True).start()
+    src.wait_line(r"^VMIG-GUEST: READY", 60)
+    wait_writes(src, 200)
+    uri = "tcp:127.0.0.1:%d" % blkenv.free_port()
+    dst.qmp.cmd("migrate-incoming", uri=uri)
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 24 << 20})
+    t0 = time.monotonic()
+    src.qmp.cmd("migrate", uri=uri)
+    info = {}
+    while time.monotonic() - t0 < WAIT_S:
+        info = src.qmp.cmd("query-migrate")
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            break
+        time.sleep(0.2)
+    secs = time.monotonic() - t0
+    env.case("migration_completed", info.get("status") == "completed",
+             "status %s: %s" % (info.get("status"), info))
+    if info.get("status") != "completed":
+        return
+    at_switch = writes_now(src)
+    c, _ = queue0(be_dst)
+    feats = int((c or {}).get("negotiated_features", "0"), 16)
+    env.case("packed_on_destination", feats & RING_PACKED != 0,
+             "destination negotiated %#x" % feats)
+    result = dst.result(timeout_s=MIG_GUEST_SECONDS + 90)
+    env.case("guest_ran_on_destination", writes_now(dst) > at_switch + 100,
+             "writes %d at switch-over, %d on the destination" % (at_switch, writes_now(dst)))
+    s = env.check_summary(dst, result, min_writes=1000)
+    env.info("migration %.1f s, downtime %s ms; destination guest: %s writes, %s reads" %
+             (secs, info.get("downtime"), s.get("writes"), s.get("reads")))
+    for p in (src.proc, dst.proc, be_src.proc, be_dst.proc):
+        p.stop()
+    rc, scan, out = env.scan_image(image)
+    env.case("migrated_image_consistent", rc == 0 and int(scan.get("pattern", 0)) > 0,
+             "host scan: %s" % out.strip()[-300:])
+
+
 def body(env):
     if env.backend_kind != "vmig-blk":
         raise blkenv.Fail("this test reads vmig-blk's counters")
     image = env.image()
     sock = os.path.join(env.tmp, "blk.sock")
     be = env.backend("backend", sock, image).start()
-    guest = blkenv.Guest(env, "qemu", sock,
+    guest = packed_guest(env, "qemu", sock,
                          ["--qd", QD, "--seconds", GUEST_CAP_S, "--blocks", BLOCKS,
                           "--write-pct", 100, "--gap-ms", 200, "--progress-ms", 250,
-                          "--stop-block", STOP_BLOCK])
-    dev = [i for i, a in enumerate(guest.proc.argv) if a.startswith("vhost-user-blk-pci,")]
-    if len(dev) != 1:
-        raise blkenv.Fail("no vhost-user-blk-pci device in %s" % guest.proc.argv)
-    guest.proc.argv[dev[0]] += ",packed=on"
-    guest.start()
+                          "--stop-block", STOP_BLOCK]).start()
     guest.wait_line(r"^VMIG-GUEST: READY .*qd=%d" % QD, 60)
     wait_writes(guest, 4 * QD)
     c, q = queue0(be)
@@ -218,6 +276,7 @@ def body(env):
     rc, scan, out = env.scan_image(image)
     env.case("image_consistent", rc == 0 and int(scan.get("pattern", 0)) > 0,
              "host scan: %s" % out.strip()[-300:])
+    migrate_phase(env)
 
 
 blkenv.run("packed", body)
