@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "qmpc.h"
+#include "storage.h"
 #include "timeline.h"
 
 #define CMD_TIMEOUT_MS 30000
@@ -38,6 +39,8 @@ static void usage(FILE *f)
 		   "        [--parameter NAME=VALUE]... [--tls-creds ID] [--tls-hostname NAME]\n"
 		   "        [--tls-authz ID] [--postcopy] [--postcopy-after SECONDS]\n"
 		   "        [--no-progress] [--timeline FILE.svg [--timeline-log LOG]]\n"
+		   "        [--storage-src RPC --storage-dst RPC --storage-uri URI\n"
+		   "         [--storage-mode mirror] [--storage-speed RATE]]\n"
 		   "  vmig info QMP              print 'info migrate'\n"
 		   "  vmig status QMP            print the VM's run state\n"
 		   "  vmig qmp QMP COMMAND [JSON-ARGS]   run a raw QMP command, print the reply\n"
@@ -54,7 +57,12 @@ static void usage(FILE *f)
 		   "destination with --incoming defer. --timeline polls the source every\n"
 		   "100 ms and draws the run (rates, remaining RAM, expected downtime,\n"
 		   "dirty syncs, post-copy switch and requests, downtime) as an SVG at the\n"
-		   "end; the samples go to LOG as JSON lines (default: FILE.svg.log).\n");
+		   "end; the samples go to LOG as JSON lines (default: FILE.svg.log).\n"
+		   "--storage-* moves a local disk with the VM: RPC are the control sockets\n"
+		   "of the source's vmig-blk and of the destination's, started with\n"
+		   "--incoming URI; the disk is mirrored first, the RAM then, and the\n"
+		   "destination runs only once it has the whole disk (needs --dest for a\n"
+		   "clean failure, and a VM with pause-before-switchover).\n");
 }
 
 static int connect_or_say(struct qmpc **q, const char *addr)
@@ -200,6 +208,8 @@ struct mig_opts {
 	bool postcopy, no_progress;
 	double postcopy_after_s; /* < 0: never */
 	const char *timeline_svg, *timeline_log; /* NULL: no timeline */
+	struct storage storage;			 /* src_rpc NULL: no storage migration */
+	const char *storage_speed;
 };
 
 /* Options that only make sense with another one; says which. */
@@ -207,6 +217,12 @@ static int check_migrate_opts(const struct mig_opts *o)
 {
 	if (o->timeline_log && !o->timeline_svg) {
 		fprintf(stderr, "vmig: --timeline-log goes with --timeline\n");
+		return -1;
+	}
+	if (storage_check(&o->storage))
+		return -1;
+	if (o->storage_speed && !o->storage.src_rpc) {
+		fprintf(stderr, "vmig: --storage-speed goes with --storage-src\n");
 		return -1;
 	}
 	if (o->tls_authz && !o->dest) {
@@ -231,6 +247,11 @@ static int parse_migrate_opts(int argc, char **argv, struct mig_opts *o)
 						 {"no-progress", no_argument, NULL, 'n'},
 						 {"timeline", required_argument, NULL, 'T'},
 						 {"timeline-log", required_argument, NULL, 'L'},
+						 {"storage-src", required_argument, NULL, 's'},
+						 {"storage-dst", required_argument, NULL, 'D'},
+						 {"storage-uri", required_argument, NULL, 'U'},
+						 {"storage-mode", required_argument, NULL, 'M'},
+						 {"storage-speed", required_argument, NULL, 'S'},
 						 {NULL, 0, NULL, 0}};
 	char *end;
 	int c;
@@ -284,6 +305,23 @@ static int parse_migrate_opts(int argc, char **argv, struct mig_opts *o)
 			break;
 		case 'L':
 			o->timeline_log = optarg;
+			break;
+		case 's':
+			o->storage.src_rpc = optarg;
+			break;
+		case 'D':
+			o->storage.dst_rpc = optarg;
+			break;
+		case 'U':
+			o->storage.uri = optarg;
+			break;
+		case 'M':
+			o->storage.mode = optarg;
+			break;
+		case 'S':
+			o->storage_speed = optarg;
+			if (vmig__parse_size(optarg, &o->storage.speed))
+				return -1;
 			break;
 		default:
 			return -1;
@@ -347,6 +385,11 @@ static json_t *build_caps(const struct mig_opts *o)
 	if (o->postcopy || o->postcopy_after_s >= 0)
 		json_array_append_new(
 		    list, json_pack("{s:s,s:b}", "capability", "postcopy-ram", "state", 1));
+	/* the disk's last round runs while the VM is stopped, before it may
+	 * run on the destination */
+	if (o->storage.src_rpc)
+		json_array_append_new(list, json_pack("{s:s,s:b}", "capability",
+						      "pause-before-switchover", "state", 1));
 	return list;
 }
 
@@ -410,7 +453,7 @@ static uint64_t ram_u64(const json_t *qm, const char *key)
 	return json_is_integer(v) ? (uint64_t)json_integer_value(v) : 0;
 }
 
-static void show_progress(const json_t *qm, double elapsed_s, bool tty)
+static void show_progress(const json_t *qm, double elapsed_s, bool tty, const char *disk)
 {
 	const char *status = json_string_value(json_object_get(qm, "status")) ?: "none";
 	uint64_t done = ram_u64(qm, "transferred"), left = ram_u64(qm, "remaining");
@@ -436,17 +479,19 @@ static void show_progress(const json_t *qm, double elapsed_s, bool tty)
 	if (tty)
 		fprintf(stderr,
 			"\r[%s] %3u%% %-16s %8.1f MiB/s  dirty %7.1f MiB/s  exp-down %4lld ms"
-			"  syncs %llu%s  %6.1fs\033[K",
+			"  syncs %llu%s%s%s  %6.1fs\033[K",
 			bar, pct, status, mib_s, dirty_mib_s,
 			(long long)(exp ? json_integer_value(exp) : 0),
-			(unsigned long long)ram_u64(qm, "dirty-sync-count"), throttle, elapsed_s);
+			(unsigned long long)ram_u64(qm, "dirty-sync-count"), throttle,
+			disk ? "  | " : "", disk ? disk : "", elapsed_s);
 	else
 		fprintf(stderr,
 			"vmig: %s %u%% %.1f MiB/s dirty %.1f MiB/s expected-downtime %lld ms "
-			"dirty-syncs %llu%s elapsed %.1f s\n",
+			"dirty-syncs %llu%s%s%s elapsed %.1f s\n",
 			status, pct, mib_s, dirty_mib_s,
 			(long long)(exp ? json_integer_value(exp) : 0),
-			(unsigned long long)ram_u64(qm, "dirty-sync-count"), throttle, elapsed_s);
+			(unsigned long long)ram_u64(qm, "dirty-sync-count"), throttle,
+			disk ? ", " : "", disk ? disk : "", elapsed_s);
 }
 
 static bool terminal(const char *status)
@@ -578,8 +623,19 @@ static int rec_finish(struct recorder *rec, const struct mig_opts *o, const char
 
 /* Poll query-migrate until a final status; returns its reply (owned).
  * Every reply also goes to the timeline, if rec has one. */
-static json_t *watch(struct qmpc *src, const struct mig_opts *o, struct recorder *rec)
+/* Cancel the RAM migration, once; at is when (the loop's now). */
+static void cancel_once(struct qmpc *src, bool *sent, uint64_t *at, uint64_t now)
 {
+	if (*sent)
+		return;
+	run(src, "migrate_cancel", NULL, NULL, "source");
+	*sent = true;
+	*at = now;
+}
+
+static json_t *watch(struct qmpc *src, struct mig_opts *o, struct recorder *rec)
+{
+	struct storage *st = o->storage.src_rpc ? &o->storage : NULL;
 	bool tty = isatty(STDERR_FILENO) && !o->no_progress, cancel_sent = false;
 	bool switched = o->postcopy;
 	uint64_t start = vmig__now_ms(), last_line = 0, cancel_at = 0;
@@ -592,9 +648,11 @@ static json_t *watch(struct qmpc *src, const struct mig_opts *o, struct recorder
 
 		if (interrupted && !cancel_sent) {
 			fprintf(stderr, "\nvmig: interrupted, cancelling the migration\n");
-			run(src, "migrate_cancel", NULL, NULL, "source");
-			cancel_sent = true;
-			cancel_at = now;
+			cancel_once(src, &cancel_sent, &cancel_at, now);
+		}
+		if (st && !cancel_sent && storage_poll(st)) {
+			fprintf(stderr, "vmig: cancelling the migration: the disk cannot follow\n");
+			cancel_once(src, &cancel_sent, &cancel_at, now);
 		}
 		if (run(src, "query-migrate", NULL, &qm, "source"))
 			return NULL;
@@ -607,6 +665,16 @@ static json_t *watch(struct qmpc *src, const struct mig_opts *o, struct recorder
 				fputc('\n', stderr);
 			return qm;
 		}
+		if (st && !cancel_sent && !strcmp(status, "pre-switchover")) {
+			/* the VM is stopped: the disk's last round, then go on */
+			if (storage_complete(st))
+				cancel_once(src, &cancel_sent, &cancel_at, now);
+			else
+				run(src, "migrate-continue",
+				    json_pack("{s:s}", "state", "pre-switchover"), NULL, "source");
+			json_decref(qm);
+			continue;
+		}
 		if (!switched && o->postcopy_after_s >= 0 && elapsed >= o->postcopy_after_s &&
 		    !strcmp(status, "active")) {
 			fprintf(stderr,
@@ -616,7 +684,11 @@ static json_t *watch(struct qmpc *src, const struct mig_opts *o, struct recorder
 			switched = true;
 		}
 		if (tty || (!o->no_progress && now - last_line >= 1000)) {
-			show_progress(qm, elapsed, tty);
+			char disk[160];
+
+			if (st)
+				storage_progress(st, disk, sizeof(disk));
+			show_progress(qm, elapsed, tty, st ? disk : NULL);
 			last_line = now;
 		}
 		json_decref(qm);
@@ -707,9 +779,13 @@ static int cmd_migrate(int argc, char **argv)
 		goto out;
 	if (o.timeline_svg && rec_open(&rec, src, &o, &log_path))
 		goto out;
+	if (o.storage.src_rpc && storage_start(&o.storage, isatty(STDERR_FILENO) && !o.no_progress))
+		goto out;
 	r = start_migration(src, dst, &o);
 	if (r) {
 		rc = r == -2 ? 2 : 1;
+		if (o.storage.src_rpc)
+			storage_cancel(&o.storage);
 		goto out;
 	}
 	if (rec.tl && !run(src, "query-migrate-parameters", NULL, &params, "source")) {
@@ -720,10 +796,12 @@ static int cmd_migrate(int argc, char **argv)
 	/* Drawn whatever the outcome: a failed run is worth a picture too. A
 	 * picture asked for and not drawn fails the command. */
 	timeline_failed = rec.tl && rec_finish(&rec, &o, log_path);
+	status = qm ? json_string_value(json_object_get(qm, "status")) ?: "none" : "none";
+	if (o.storage.src_rpc && strcmp(status, "completed"))
+		storage_cancel(&o.storage);
 	if (!qm)
 		goto out;
 	print_hmp(src, "info migrate", stdout);
-	status = json_string_value(json_object_get(qm, "status")) ?: "none";
 	if (!strcmp(status, "completed")) {
 		rc = (dst && wait_dest(dst)) || timeline_failed ? 1 : 0;
 	} else {

@@ -95,7 +95,7 @@ class Proc:
 class Backend:
     """The vhost-user-blk server under test, restartable with identical args."""
 
-    def __init__(self, env, name, sock, image, serial, shared=False):
+    def __init__(self, env, name, sock, image, serial, shared=False, extra=()):
         self.env, self.sock, self.image, self.serial = env, sock, image, serial
         self.rpc = sock + ".rpc"
         self.kind = env.backend_kind
@@ -118,6 +118,7 @@ class Backend:
                 # its image like QEMU's locking=on, so the second would
                 # refuse to start. The test coordinates them instead.
                 argv.append("--no-lock")
+            argv += list(extra)
         self.proc = Proc(env, name, argv)
         env.procs.append(self.proc)
         self.starts = 0
@@ -269,6 +270,9 @@ class Guest:
         self.env, self.name = env, name
         self.serial_log = os.path.join(env.tmp, name + ".serial")
         self.qmp_path = os.path.join(env.tmp, name + ".qmp")
+        # A second monitor, for a client such as `vmig migrate` while the
+        # test holds the first (a QMP socket serves one client at a time).
+        self.qmp2_path = os.path.join(env.tmp, name + ".qmp2")
         append = "console=ttyS0 quiet panic=-1 vmig.test=blkcheck vmig.args=" + \
             ",".join(str(a) for a in guest_args)
         argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", "%dK" % mem_kb,
@@ -277,6 +281,7 @@ class Guest:
                 "-kernel", env.kernel, "-initrd", env.initrd, "-append", append,
                 "-display", "none", "-nodefaults", "-serial", "file:" + self.serial_log,
                 "-no-reboot", "-qmp", "unix:%s,server=on,wait=off" % self.qmp_path,
+                "-qmp", "unix:%s,server=on,wait=off" % self.qmp2_path,
                 "-chardev", "socket,id=c0,path=%s,reconnect=1" % sock,
                 "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"]
         if incoming:
@@ -343,21 +348,36 @@ class MigrationPair:
     """What the migration tests share: two back-ends on one image, a source
     guest that writes and verifies blocks for `seconds`, and a destination
     guest waiting for the migration (-incoming defer). Once started, the
-    source guest has been writing for 5 s, and writes_before holds its count."""
+    source guest has been writing for 5 s, and writes_before holds its count.
+    With storage_uri, each back-end has a local image of its own instead,
+    the destination's empty and waiting for the disk on storage_uri
+    (vmig-blk --incoming)."""
 
-    def __init__(self, env, seconds):
-        self.image = env.image()
-        self.sock_src = os.path.join(env.tmp, "src.sock")
-        self.sock_dst = os.path.join(env.tmp, "dst.sock")
-        self.be_src = env.backend("backend-src", self.sock_src, self.image, shared=True).start()
-        self.be_dst = env.backend("backend-dst", self.sock_dst, self.image, shared=True).start()
+    def __init__(self, env, seconds, storage_uri=None, prefix=""):
+        self.image = env.image(prefix + "disk.img")
+        self.sock_src = os.path.join(env.tmp, prefix + "src.sock")
+        self.sock_dst = os.path.join(env.tmp, prefix + "dst.sock")
+        self.be_src = env.backend(prefix + "backend-src", self.sock_src, self.image,
+                                  shared=not storage_uri).start()
+        if storage_uri:
+            self.image_dst = env.image(prefix + "disk-dst.img")
+            self.be_dst = env.backend(prefix + "backend-dst", self.sock_dst, self.image_dst,
+                                      extra=["--incoming", storage_uri]).start()
+        else:
+            self.image_dst = self.image
+            self.be_dst = env.backend(prefix + "backend-dst", self.sock_dst, self.image,
+                                      shared=True).start()
         args = ["--seconds", seconds, "--blocks", 8192, "--write-pct", 60,
                 "--gap-ms", 100, "--progress-ms", 500]
-        self.src = Guest(env, "qemu-src", self.sock_src, args).start()
-        self.dst = Guest(env, "qemu-dst", self.sock_dst, args, incoming=True).start()
+        self.src = Guest(env, prefix + "qemu-src", self.sock_src, args).start()
+        self.dst = Guest(env, prefix + "qemu-dst", self.sock_dst, args, incoming=True).start()
         self.src.wait_line(r"^VMIG-GUEST: READY", 60)
         time.sleep(5)
         self.writes_before = writes_of(self.src.serial())
+
+    def stop(self):
+        for p in (self.src.proc, self.dst.proc, self.be_src.proc, self.be_dst.proc):
+            p.stop()
 
     def check_destination(self, env, writes_at_switch, timeout_s):
         """The destination guest went on writing, and its final pass read back
@@ -370,10 +390,10 @@ class MigrationPair:
         return env.check_summary(self.dst, result, min_writes=1000)
 
     def finish(self, env):
-        """Stops everything, then checks the shared image from the host."""
-        for p in (self.src.proc, self.dst.proc, self.be_src.proc, self.be_dst.proc):
-            p.stop()
-        rc, scan, out = env.scan_image(self.image)
+        """Stops everything, then checks the image (the destination's) from
+        the host."""
+        self.stop()
+        rc, scan, out = env.scan_image(self.image_dst)
         env.case("image_consistent", rc == 0 and int(scan.get("pattern", 0)) > 0,
                  "host scan: %s" % out.strip()[-300:])
 
@@ -451,8 +471,8 @@ class Env:
             f.truncate(size_mb << 20)
         return path
 
-    def backend(self, name, sock, image, serial="vmig-test-disk", shared=False):
-        return Backend(self, name, sock, image, serial, shared)
+    def backend(self, name, sock, image, serial="vmig-test-disk", shared=False, extra=()):
+        return Backend(self, name, sock, image, serial, shared, extra)
 
     def scan_image(self, image):
         """Host-side check: every block zero or a valid, well-placed pattern."""

@@ -174,6 +174,15 @@ def t_usage(build, pair):
                  ("qmp", pair.src, "query-status", "[1]")):
         r = vmig(build, *args)
         check(r.returncode == 2, f"vmig {' '.join(args)}: exit {r.returncode}")
+    # storage options go together, and only the modes that exist are taken
+    base = ("migrate", pair.src, "tcp:127.0.0.1:1")
+    for extra, words in ((("--storage-src", "a.rpc"), "go together"),
+                         (("--storage-src", "a", "--storage-dst", "b", "--storage-uri",
+                           "unix:c", "--storage-mode", "write-blocking"), "not available"),
+                         (("--storage-speed", "1M"), "goes with")):
+        r = vmig(build, *(base + extra))
+        check(r.returncode == 2 and words in r.stderr,
+              f"vmig {' '.join(extra)}: exit {r.returncode}: {r.stderr.strip()[-200:]}")
     check(vmig(build, "help").returncode == 0, "help")
 
 

@@ -1,0 +1,290 @@
+// SPDX-License-Identifier: MIT
+/*
+ * vmig migrate --storage-*: the orchestration of a storage migration in
+ * mirror mode between two vmig-blk daemons, next to QEMU's (or vmig-vm's)
+ * RAM migration. The order, as libvirt does with a drive-mirror to NBD:
+ *
+ *   1. the destination daemon was started with --incoming and listens;
+ *   2. the source daemon's mirror starts and copies the disk while the guest
+ *      runs; the RAM migration starts only once the mirror is ready (its
+ *      first pass is on the destination), so the two do not fight for the
+ *      link from the start;
+ *   3. the RAM migration runs with pause-before-switchover; when the source
+ *      VM has stopped (status pre-switchover: vCPUs and devices stopped, so
+ *      the daemon's queues are stopped and every guest write is marked),
+ *      the mirror's last round runs, and only once the destination daemon
+ *      has the whole disk does migrate-continue let the destination run;
+ *   4. a failure of either ends both: a failed mirror cancels the RAM
+ *      migration (the source VM resumes on its own disk), a failed RAM
+ *      migration cancels the mirror.
+ *
+ * The control sockets speak JSON-RPC 2.0, one request per connection here.
+ */
+#include <errno.h>
+#include <jansson.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "storage.h"
+#include "util/util.h"
+
+#define RPC_TIMEOUT_MS 30000
+#define READY_TIMEOUT_MS (24 * 3600 * 1000)
+#define COMPLETE_TIMEOUT_MS 120000
+
+static void nap_ms(unsigned ms)
+{
+	struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000};
+
+	nanosleep(&ts, NULL);
+}
+
+/* One JSON-RPC call: 0 with *result (the caller's), or -1 with the reason
+ * in err. */
+static int rpc(const char *path, const char *method, json_t *params, json_t **result, char *err,
+	       size_t errlen)
+{
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	json_t *req = json_pack("{s:s,s:i,s:s}", "jsonrpc", "2.0", "id", 1, "method", method);
+	uint64_t end = vmig__now_ms() + RPC_TIMEOUT_MS;
+	char *text = NULL, *line = NULL, buf[65536];
+	json_t *reply = NULL, *e;
+	size_t len = 0;
+	int fd = -1, ret = -1;
+
+	*result = NULL;
+	if (params)
+		json_object_set_new(req, "params", params);
+	if (strlen(path) >= sizeof(sa.sun_path)) {
+		snprintf(err, errlen, "%s: path too long", path);
+		goto out;
+	}
+	strcpy(sa.sun_path, path);
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof(sa))) {
+		snprintf(err, errlen, "%s: %s", path, strerror(errno));
+		goto out;
+	}
+	text = json_dumps(req, JSON_COMPACT);
+	if (!text || asprintf(&line, "%s\n", text) < 0) {
+		line = NULL;
+		snprintf(err, errlen, "out of memory");
+		goto out;
+	}
+	ret = vmig__write_full(fd, line, strlen(line)); /* one write: one request */
+	if (ret) {
+		snprintf(err, errlen, "%s: cannot send: %s", path, strerror(-ret));
+		ret = -1;
+		goto out;
+	}
+	ret = -1;
+	while (!memchr(buf, '\n', len)) {
+		struct pollfd p = {.fd = fd, .events = POLLIN};
+		int64_t left = (int64_t)(end - vmig__now_ms());
+		ssize_t n;
+
+		if (len == sizeof(buf) || left <= 0 || poll(&p, 1, (int)left) <= 0) {
+			snprintf(err, errlen, "%s: no answer to %s", path, method);
+			goto out;
+		}
+		n = recv(fd, buf + len, sizeof(buf) - len, 0);
+		if (n <= 0) {
+			snprintf(err, errlen, "%s: the daemon closed the connection", path);
+			goto out;
+		}
+		len += (size_t)n;
+	}
+	reply = json_loadb(buf, len, JSON_DISABLE_EOF_CHECK, NULL);
+	e = json_object_get(reply, "error");
+	if (e || !json_object_get(reply, "result")) {
+		snprintf(err, errlen, "%s",
+			 e ? json_string_value(json_object_get(e, "message")) ?: "error"
+			   : "a reply without a result");
+		goto out;
+	}
+	*result = json_incref(json_object_get(reply, "result"));
+	ret = 0;
+out:
+	if (fd >= 0)
+		close(fd);
+	free(text);
+	free(line);
+	json_decref(req);
+	json_decref(reply);
+	return ret;
+}
+
+static uint64_t u64(const json_t *o, const char *key)
+{
+	const json_t *v = json_object_get(o, key);
+
+	return json_is_integer(v) ? (uint64_t)json_integer_value(v) : 0;
+}
+
+int storage_check(const struct storage *st)
+{
+	int given = !!st->src_rpc + !!st->dst_rpc + !!st->uri;
+
+	if (given && given != 3) {
+		fprintf(stderr,
+			"vmig: --storage-src, --storage-dst and --storage-uri go together\n");
+		return -1;
+	}
+	if (st->mode && !given) {
+		fprintf(stderr, "vmig: --storage-mode needs --storage-src, --storage-dst and "
+				"--storage-uri\n");
+		return -1;
+	}
+	if (st->mode && strcmp(st->mode, "mirror")) {
+		fprintf(stderr,
+			"vmig: --storage-mode %s is not available yet; mirror is the only mode\n",
+			st->mode);
+		return -1;
+	}
+	return 0;
+}
+
+int storage_poll(struct storage *st)
+{
+	uint64_t now = vmig__now_ms();
+	char err[512];
+	json_t *q;
+	const char *status;
+
+	if (rpc(st->src_rpc, "vmig_blk_mirror_query", NULL, &q, err, sizeof(err))) {
+		fprintf(stderr, "vmig: storage source: %s\n", err);
+		return -1;
+	}
+	status = json_string_value(json_object_get(q, "status")) ?: "none";
+	snprintf(st->status, sizeof(st->status), "%s", status);
+	st->ready = json_is_true(json_object_get(q, "ready"));
+	st->len = u64(q, "len");
+	st->offset = u64(q, "offset");
+	st->remaining = u64(q, "remaining");
+	st->dirty_rate = u64(q, "dirty-rate");
+	if (now - st->last_ms >= 500 || !st->last_ms) {
+		if (st->last_ms && now > st->last_ms)
+			st->rate = (double)(st->offset - st->last_offset) * 1000.0 /
+				   (double)(now - st->last_ms);
+		st->last_ms = now;
+		st->last_offset = st->offset;
+	}
+	if (json_object_get(q, "error")) {
+		fprintf(stderr, "\nvmig: storage: the mirror failed: %s\n",
+			json_string_value(json_object_get(q, "error")));
+		json_decref(q);
+		return -1;
+	}
+	json_decref(q);
+	return 0;
+}
+
+void storage_progress(const struct storage *st, char *buf, size_t len)
+{
+	unsigned pct = st->len ? (unsigned)((st->len - st->remaining) * 100 / st->len) : 0;
+
+	snprintf(buf, len, "disk %3u%% %s %7.1f MiB/s dirty %5.1f MiB/s", pct, st->status,
+		 st->rate / 1048576.0, (double)st->dirty_rate / 1048576.0);
+}
+
+int storage_start(struct storage *st, bool tty)
+{
+	uint64_t last_line = 0;
+	json_t *q, *params;
+	char err[512], line[160];
+
+	if (rpc(st->dst_rpc, "vmig_blk_incoming_query", NULL, &q, err, sizeof(err))) {
+		fprintf(stderr, "vmig: storage destination: %s\n", err);
+		return -1;
+	}
+	if (!json_object_get(q, "status") ||
+	    strcmp(json_string_value(json_object_get(q, "status")) ?: "", "listening")) {
+		fprintf(stderr,
+			"vmig: storage destination: not waiting for a disk (start it with "
+			"--incoming %s)\n",
+			st->uri);
+		json_decref(q);
+		return -1;
+	}
+	json_decref(q);
+	params = json_pack("{s:s}", "uri", st->uri);
+	if (st->speed)
+		json_object_set_new(params, "speed", json_integer((json_int_t)st->speed));
+	if (rpc(st->src_rpc, "vmig_blk_mirror_start", params, &q, err, sizeof(err))) {
+		fprintf(stderr, "vmig: storage source: vmig_blk_mirror_start: %s\n", err);
+		return -1;
+	}
+	json_decref(q);
+	st->t0_ms = vmig__now_ms();
+	fprintf(stderr, "vmig: storage: mirroring the disk to %s\n", st->uri);
+	for (;;) {
+		uint64_t now = vmig__now_ms();
+
+		if (storage_poll(st))
+			return -1;
+		if (st->ready)
+			break;
+		if (now - st->t0_ms > READY_TIMEOUT_MS) {
+			fprintf(stderr, "vmig: storage: the mirror did not get ready\n");
+			storage_cancel(st);
+			return -1;
+		}
+		if (tty || now - last_line >= 1000) {
+			storage_progress(st, line, sizeof(line));
+			fprintf(stderr, tty ? "\r%s  %6.1fs\033[K" : "vmig: %s elapsed %.1f s\n",
+				line, (double)(now - st->t0_ms) / 1000.0);
+			last_line = now;
+		}
+		nap_ms(100);
+	}
+	fprintf(stderr,
+		"%svmig: storage: the disk is on the destination after %.1f s; now the "
+		"RAM\n",
+		tty ? "\n" : "", (double)(vmig__now_ms() - st->t0_ms) / 1000.0);
+	return 0;
+}
+
+int storage_complete(struct storage *st)
+{
+	uint64_t t0 = vmig__now_ms();
+	char err[512];
+	json_t *q;
+
+	if (rpc(st->src_rpc, "vmig_blk_mirror_complete", NULL, &q, err, sizeof(err))) {
+		fprintf(stderr, "\nvmig: storage source: vmig_blk_mirror_complete: %s\n", err);
+		return -1;
+	}
+	json_decref(q);
+	while (vmig__now_ms() - t0 < COMPLETE_TIMEOUT_MS) {
+		if (storage_poll(st))
+			return -1;
+		if (!strcmp(st->status, "concluded")) {
+			fprintf(stderr, "\nvmig: storage: hand-over in %llu ms\n",
+				(unsigned long long)(vmig__now_ms() - t0));
+			return 0;
+		}
+		nap_ms(1);
+	}
+	fprintf(stderr, "\nvmig: storage: the last round did not end within %d s\n",
+		COMPLETE_TIMEOUT_MS / 1000);
+	storage_cancel(st);
+	return -1;
+}
+
+void storage_cancel(struct storage *st)
+{
+	char err[512];
+	json_t *q;
+
+	if (rpc(st->src_rpc, "vmig_blk_mirror_cancel", NULL, &q, err, sizeof(err)))
+		fprintf(stderr, "vmig: storage source: vmig_blk_mirror_cancel: %s\n", err);
+	else
+		fprintf(stderr, "vmig: storage: mirror cancelled; the source's disk serves on\n");
+	json_decref(q);
+}

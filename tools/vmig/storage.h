@@ -1,0 +1,40 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * vmig migrate --storage-*: the disk of a vmig-blk moves with the VM, by
+ * the two daemons' mirror (docs/storage-migration.md), driven over their
+ * JSON-RPC control sockets.
+ */
+#ifndef VMIG_TOOL_STORAGE_H
+#define VMIG_TOOL_STORAGE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct storage {
+	const char *src_rpc, *dst_rpc, *uri, *mode; /* from the command line */
+	uint64_t speed;				    /* bytes/s, 0: no limit */
+	/* from the last poll */
+	char status[16]; /* running, ready, concluded */
+	bool ready;
+	uint64_t len, offset, remaining, dirty_rate;
+	uint64_t t0_ms, last_ms, last_offset;
+	double rate; /* bytes/s sent, over the last poll interval */
+};
+
+/* 0 if the options go together; else says why on stderr. */
+int storage_check(const struct storage *st);
+/* Check the destination waits for the disk, start the mirror, and wait
+ * (showing progress) until its first pass is on the destination. */
+int storage_start(struct storage *st, bool tty);
+/* Query the mirror: 0 while it runs, -1 if it ended with an error (said). */
+int storage_poll(struct storage *st);
+/* One progress line's worth: "disk 45% 120.0 MiB/s dirty 1.0 MiB/s". */
+void storage_progress(const struct storage *st, char *buf, size_t len);
+/* The VM is stopped for switch-over: the last round. 0 once the
+ * destination has the whole disk; else -1 (said). */
+int storage_complete(struct storage *st);
+/* The migration failed: stop copying; the source's disk serves on. */
+void storage_cancel(struct storage *st);
+
+#endif
