@@ -119,10 +119,13 @@ uint64_t vblk_dirty_mark(struct vblk_dirty *d, uint64_t offset, uint64_t len)
 		uint64_t mask = (hi == 63 ? ~0ull : (1ull << (hi + 1)) - 1) & ~((1ull << lo) - 1);
 		uint64_t old;
 
-		/* Already all set: no store, so an often-written block costs
-		 * no cache-line ping-pong with the other queues. */
-		if ((__atomic_load_n(&d->words[w], __ATOMIC_RELAXED) & mask) == mask)
-			continue;
+		/* Always the atomic OR, even where the bits look set already: a
+		 * plain load here may run before this thread's writes of the
+		 * data are visible (x86 lets a load pass earlier stores), see
+		 * bits that a copier clears a moment later, and skip the mark;
+		 * the copier then reads the old data and the write is lost.
+		 * The OR is a release that the copier's take acquires, or comes
+		 * after the take and leaves the bits set. */
 		old = __atomic_fetch_or(&d->words[w], mask, __ATOMIC_RELEASE);
 		added += (uint64_t)__builtin_popcountll(mask & ~old);
 	}
