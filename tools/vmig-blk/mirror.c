@@ -102,15 +102,21 @@ static void fmt_err(char *err, size_t len, const char *fmt, ...)
 	va_end(ap);
 }
 
-static void add_ms(struct timespec *ts, unsigned ms)
+/* ts = now (CLOCK_MONOTONIC, the clock of our condition variables) + ns. */
+static void deadline_ns(struct timespec *ts, uint64_t ns)
 {
 	clock_gettime(CLOCK_MONOTONIC, ts);
-	ts->tv_sec += ms / 1000;
-	ts->tv_nsec += (long)(ms % 1000) * 1000000L;
+	ts->tv_sec += (time_t)(ns / 1000000000u);
+	ts->tv_nsec += (long)(ns % 1000000000u);
 	if (ts->tv_nsec >= 1000000000L) {
 		ts->tv_sec++;
 		ts->tv_nsec -= 1000000000L;
 	}
+}
+
+static void add_ms(struct timespec *ts, unsigned ms)
+{
+	deadline_ns(ts, (uint64_t)ms * 1000000u);
 }
 
 static void cond_init_mono(pthread_cond_t *cv)
@@ -256,14 +262,16 @@ static int m_send_extent(struct vblk_mirror *m, uint64_t off, uint64_t len)
 		__atomic_fetch_add(&m->offset, n, __ATOMIC_RELAXED);
 		pthread_mutex_lock(&m->lock);
 		speed = m->completing ? 0 : m->speed; /* the guest is stopped: no limit */
-		pthread_mutex_unlock(&m->lock);
 		wait_ns = vmig__ratelimit_account(&m->rl, speed, n, vmig__now_ns());
-		if (wait_ns) {
-			struct timespec ts = {(time_t)(wait_ns / 1000000000u),
-					      (long)(wait_ns % 1000000000u)};
+		if (wait_ns) { /* the limit's wait ends at once for the last round */
+			struct timespec until;
 
-			nanosleep(&ts, NULL);
+			deadline_ns(&until, wait_ns);
+			while (!m->completing && !m->concluded &&
+			       pthread_cond_timedwait(&m->cv, &m->lock, &until) != ETIMEDOUT)
+				;
 		}
+		pthread_mutex_unlock(&m->lock);
 		off += n;
 		len -= n;
 	}
@@ -342,7 +350,7 @@ static void *m_copier(void *arg)
 	struct vmig__err err = {{0}};
 	struct vmig__chan *c;
 	bool reader = false;
-	uint64_t k = 0;
+	uint64_t k = 0, t_last, sent_before;
 	int r;
 
 	r = vmig__chan_connect(&m->uri, &none, m->cancel_fd, &c, &err);
@@ -375,6 +383,8 @@ static void *m_copier(void *arg)
 		pthread_mutex_unlock(&m->lock);
 		if (cancel)
 			break;
+		t_last = vmig__now_ns();
+		sent_before = __atomic_load_n(&m->offset, __ATOMIC_RELAXED);
 		if (m_round(m, k + 1, last, &sent))
 			break;
 		if (sent || last)
@@ -393,7 +403,15 @@ static void *m_copier(void *arg)
 			m->concluded = true;
 			m_wake(m);
 			pthread_mutex_unlock(&m->lock);
-			vblk_log(m->dm, "mirror: complete, %llu rounds", (unsigned long long)k);
+			vblk_log(
+			    m->dm,
+			    "mirror: complete, %llu rounds; the last one sent %llu KiB in "
+			    "%.1f ms, the destination's sync included",
+			    (unsigned long long)k,
+			    (unsigned long long)(__atomic_load_n(&m->offset, __ATOMIC_RELAXED) -
+						 sent_before) >>
+				10,
+			    (double)(vmig__now_ns() - t_last) / 1e6);
 			break;
 		}
 		if (!sent) { /* nothing dirty: look again soon, or at once when asked */
