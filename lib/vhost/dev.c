@@ -368,6 +368,14 @@ static int h_set_features(struct vhost_dev *d, struct vhost_msg *m, struct vhost
 			(unsigned long long)(m->p.u64 & ~d->offered_features));
 		return -EINVAL;
 	}
+	/* QEMU 7.2, reconnecting to a back-end it set up but never started
+	 * (a paused VM, an incoming migration), skips the protocol features'
+	 * negotiation and goes on with what the last connection agreed: what
+	 * we offer, as every connection of this daemon offers the same. */
+	if (has_bit(m->p.u64, VHOST_USER_F_PROTOCOL_FEATURES) && !d->protocol_set) {
+		d->protocol = d->offered_protocol;
+		d->protocol_set = true;
+	}
 	if (d->features_set && d->features == m->p.u64)
 		return 0;
 	vhost_dev_stop_all(d); /* EVENT_IDX / LOG_ALL change the data path */
@@ -563,6 +571,7 @@ static int h_set_protocol(struct vhost_dev *d, struct vhost_msg *m, struct vhost
 		return -EINVAL;
 	}
 	d->protocol = m->p.u64;
+	d->protocol_set = true;
 	return 0;
 }
 
@@ -1023,5 +1032,6 @@ void vhost_dev_reset(struct vhost_dev *d)
 	im->fd = -1;
 	d->features = 0;
 	d->protocol = 0;
+	d->protocol_set = false;
 	d->features_set = false;
 }

@@ -389,7 +389,8 @@ struct vhost_dev {
 	uint64_t offered_features;
 	uint64_t offered_protocol;
 	uint64_t features; /* acked by SET_FEATURES */
-	uint64_t protocol; /* acked by SET_PROTOCOL_FEATURES */
+	uint64_t protocol; /* acked by SET_PROTOCOL_FEATURES (or implied, see h_set_features) */
+	bool protocol_set; /* SET_PROTOCOL_FEATURES came on this connection */
 	bool features_set;
 	struct vhost_mem mem;
 	struct vhost_log log;

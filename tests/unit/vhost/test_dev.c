@@ -305,6 +305,43 @@ static void test_ring_start_failure_acked(void **state)
 	h_free(&h);
 }
 
+/*
+ * QEMU 7.2, reconnecting to a back-end it had set up but never started (a
+ * VM paused, or waiting for an incoming migration), skips GET_ and
+ * SET_PROTOCOL_FEATURES and goes on with what the last connection
+ * negotiated: SET_FEATURES with VHOST_USER_F_PROTOCOL_FEATURES, then
+ * GET_INFLIGHT_FD. The offered protocol features then stand for the ones
+ * never acked. An explicit SET_PROTOCOL_FEATURES still rules, and without
+ * VHOST_USER_F_PROTOCOL_FEATURES nothing is implied.
+ */
+static void test_protocol_features_implied(void **state)
+{
+	struct vhost_dev d;
+	struct stub s = {0};
+	struct vhost_msg m, reply;
+	struct vhost_user_inflight inf = {.num_queues = 1, .queue_size = 8};
+	uint64_t f = 1ull << VHOST_USER_F_PROTOCOL_FEATURES;
+
+	vhost_dev_init(&d, 1, 0, &stub_ops, &s);
+	assert_int_equal(send_u64(&d, VHOST_USER_SET_FEATURES, f, &reply), 0);
+	m = msg(VHOST_USER_GET_INFLIGHT_FD, sizeof(inf), &inf);
+	assert_int_equal(vhost_dev_handle(&d, &m, &reply), 1);
+	assert_int_equal(reply.nfds, 1);
+	close(reply.fds[0]);
+	vhost_dev_reset(&d);
+
+	assert_int_equal(send_u64(&d, VHOST_USER_SET_PROTOCOL_FEATURES, 0, &reply), 0);
+	assert_int_equal(send_u64(&d, VHOST_USER_SET_FEATURES, f, &reply), 0);
+	m = msg(VHOST_USER_GET_INFLIGHT_FD, sizeof(inf), &inf);
+	assert_int_equal(vhost_dev_handle(&d, &m, &reply), -EPROTO);
+	vhost_dev_reset(&d);
+
+	assert_int_equal(send_u64(&d, VHOST_USER_SET_FEATURES, 0, &reply), 0);
+	m = msg(VHOST_USER_GET_INFLIGHT_FD, sizeof(inf), &inf);
+	assert_int_equal(vhost_dev_handle(&d, &m, &reply), -EPROTO);
+	vhost_dev_reset(&d);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -313,6 +350,7 @@ int main(void)
 	    cmocka_unit_test(test_ring_order_independent),
 	    cmocka_unit_test(test_inflight_roundtrip),
 	    cmocka_unit_test(test_ring_start_failure_acked),
+	    cmocka_unit_test(test_protocol_features_implied),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
