@@ -548,9 +548,14 @@ int vblk_mirror_start(struct vblk_daemon *dm, const char *uri, uint32_t granular
 	m->geom = (struct vblk_ss_geom){.disk_size = dm->disk.size,
 					.block_size = dm->disk.block_size,
 					.granularity = granularity};
-	while (getrandom(m->geom.session, sizeof(m->geom.session), 0) < 0 && errno == EINTR)
-		;
-	m->geom.session[0] |= 1; /* never all zero */
+	if (resume) { /* the destination knows this session: it goes on with it */
+		memcpy(m->geom.session, old->geom.session, sizeof(m->geom.session));
+	} else { /* every block follows: a destination may take it from anyone */
+		m->geom.flags = VBLK_SS_F_FULL;
+		while (getrandom(m->geom.session, sizeof(m->geom.session), 0) < 0 && errno == EINTR)
+			;
+		m->geom.session[0] |= 1; /* never all zero */
+	}
 	r = vblk_dirty_new(dm->disk.size, granularity, false, &m->unacked);
 	m->buf = alloc_buf();
 	m->ext = calloc(TAKE_EXTENTS, sizeof(*m->ext));
@@ -783,7 +788,7 @@ static int in_receive(struct vblk_incoming *in, struct vmig__chan *c, char *err,
 	struct vblk_ss_reader r;
 	struct vblk_ss_writer w;
 	struct vblk_ss_rec rec;
-	bool flush = false;
+	bool flush = false, synced;
 	int ret;
 
 	vblk_ss_reader_init(&r, VBLK_SS_TO_DEST, chan_get, c, in->buf);
@@ -791,10 +796,14 @@ static int in_receive(struct vblk_incoming *in, struct vmig__chan *c, char *err,
 		fmt_err(err, len, "%s", r.err);
 		return -EPROTO;
 	}
-	if (in->have_session && memcmp(in->session, g.session, sizeof(g.session))) {
+	/* A resumed stream must be the same session's (its source sends only
+	 * what we lack); a full copy may come from a new one, as after the
+	 * source daemon restarted: it overwrites every block. */
+	if (in->have_session && memcmp(in->session, g.session, sizeof(g.session)) &&
+	    !(g.flags & VBLK_SS_F_FULL)) {
 		fmt_err(err, len,
-			"a stream of another migration (its session differs from the "
-			"first one's)");
+			"a resumed stream of another migration (its session differs "
+			"from the one this disk was receiving)");
 		return -EPROTO;
 	}
 	memcpy(in->session, g.session, sizeof(g.session));
@@ -817,6 +826,7 @@ static int in_receive(struct vblk_incoming *in, struct vmig__chan *c, char *err,
 			flush = true;
 			break;
 		case VBLK_SS_SYNC:
+			synced = flush;
 			if (flush && (ret = in_sync(disk)))
 				break;
 			flush = false;
@@ -828,6 +838,11 @@ static int in_receive(struct vblk_incoming *in, struct vmig__chan *c, char *err,
 					strerror(-w.error));
 				return w.error;
 			}
+			/* While the source works on its next round: so the last
+			 * round's sync, inside the VM's downtime, has only that
+			 * round's blocks to write back. */
+			if (!synced)
+				ret = in_sync(disk);
 			break;
 		case VBLK_SS_EOS:
 			if ((ret = in_sync(disk)))

@@ -69,7 +69,7 @@ bool vblk_ss_geom_ok(const struct vblk_ss_geom *g)
 	       g->disk_size && g->disk_size % g->block_size == 0 && pow2(g->granularity) &&
 	       g->granularity >= VBLK_SS_MIN_GRANULARITY &&
 	       g->granularity <= VBLK_SS_MAX_GRANULARITY && g->granularity >= g->block_size &&
-	       memcmp(g->session, zero, sizeof(zero)) != 0;
+	       !(g->flags & ~VBLK_SS_F_FULL) && memcmp(g->session, zero, sizeof(zero)) != 0;
 }
 
 /* Is [offset, offset + len) a non-empty range of whole blocks inside the
@@ -144,8 +144,9 @@ int vblk_ss_read_preamble(struct vblk_ss_reader *r, const struct vblk_ss_geom *w
 		snprintf(msg, sizeof(msg), "unsupported storage stream version %u", get32(p + 8));
 		return fail(r, 8, msg);
 	}
-	if (get16(p + 12) || get16(p + 14))
-		return fail(r, 12, "preamble flags or reserved bits set");
+	if ((get16(p + 12) & ~VBLK_SS_F_FULL) || get16(p + 14))
+		return fail(r, 12, "unknown preamble flags or reserved bits set");
+	g->flags = get16(p + 12);
 	g->disk_size = get64(p + 16);
 	g->block_size = get32(p + 24);
 	g->granularity = get32(p + 28);
@@ -354,7 +355,7 @@ int vblk_ss_put_preamble(struct vblk_ss_writer *w)
 		return bad(w);
 	memcpy(p, VBLK_SS_MAGIC, 8);
 	put32(p + 8, VBLK_SS_VERSION);
-	put16(p + 12, 0);
+	put16(p + 12, w->geom.flags);
 	put16(p + 14, 0);
 	put64(p + 16, w->geom.disk_size);
 	put32(p + 24, w->geom.block_size);

@@ -44,6 +44,10 @@ enum vblk_ss_type {
 };
 
 #define VBLK_SS_ZERO_F_UNMAP 0x01u /* ZERO: the range may become a hole */
+/* Preamble flag: the stream starts with every block of the disk (a fresh
+ * copy, not a resumed one), so a destination may take it from a new
+ * session. */
+#define VBLK_SS_F_FULL 0x0001u
 
 /* Which way a stream runs: which record types it may carry. */
 enum vblk_ss_dir {
@@ -56,6 +60,7 @@ struct vblk_ss_geom {
 	uint32_t block_size;  /* 512..65536, a power of two: every offset and length */
 	uint32_t granularity; /* the source's dirty granularity, a power of two */
 	uint8_t session[16];  /* 128 random bits, the same for every connection */
+	uint16_t flags;	      /* preamble flags: VBLK_SS_F_FULL or 0 */
 };
 
 /* One record, checked. Pointers stay valid until the next read. */

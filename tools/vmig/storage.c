@@ -37,6 +37,9 @@
 #define RPC_TIMEOUT_MS 30000
 #define READY_TIMEOUT_MS (24 * 3600 * 1000)
 #define COMPLETE_TIMEOUT_MS 120000
+/* A stopped mirror is restarted every RETRY_EVERY_MS, for RETRY_FOR_MS. */
+#define RETRY_EVERY_MS 500
+#define RETRY_FOR_MS 60000
 
 static void nap_ms(unsigned ms)
 {
@@ -150,36 +153,83 @@ int storage_check(const struct storage *st)
 	return 0;
 }
 
-int storage_poll(struct storage *st)
+/* Start (or resume) the source's mirror; 0 or -1 with err. */
+static int mirror_start(struct storage *st, char *err, size_t errlen)
+{
+	json_t *params = json_pack("{s:s}", "uri", st->uri), *q;
+
+	if (st->speed)
+		json_object_set_new(params, "speed", json_integer((json_int_t)st->speed));
+	if (rpc(st->src_rpc, "vmig_blk_mirror_start", params, &q, err, errlen))
+		return -1;
+	json_decref(q);
+	return 0;
+}
+
+/* The mirror stopped (why): restart it now and then; -1 once that failed
+ * for RETRY_FOR_MS. */
+static int recover(struct storage *st, const char *why)
 {
 	uint64_t now = vmig__now_ms();
 	char err[512];
+
+	if (!st->broken_ms) {
+		st->broken_ms = now;
+		st->retry_ms = 0;
+		fprintf(stderr, "\nvmig: storage: the mirror stopped (%s); restarting it\n", why);
+	}
+	snprintf(st->status, sizeof(st->status), "recovering");
+	if (now - st->broken_ms > RETRY_FOR_MS) {
+		fprintf(stderr,
+			"vmig: storage: the mirror could not be restarted within %d s: %s\n",
+			RETRY_FOR_MS / 1000, why);
+		return -1;
+	}
+	if (now - st->retry_ms < RETRY_EVERY_MS)
+		return 0;
+	st->retry_ms = now;
+	if (mirror_start(st, err, sizeof(err)))
+		return 0; /* the daemon may still be starting: again later */
+	fprintf(stderr, "vmig: storage: the mirror runs again after %.1f s\n",
+		(double)(now - st->broken_ms) / 1000.0);
+	st->broken_ms = 0;
+	st->restarts++;
+	return 0;
+}
+
+int storage_poll(struct storage *st)
+{
+	uint64_t now = vmig__now_ms();
+	char err[512], why[600];
 	json_t *q;
 	const char *status;
 
 	if (rpc(st->src_rpc, "vmig_blk_mirror_query", NULL, &q, err, sizeof(err))) {
-		fprintf(stderr, "vmig: storage source: %s\n", err);
-		return -1;
+		snprintf(why, sizeof(why), "source daemon: %s", err);
+		return recover(st, why);
 	}
-	status = json_string_value(json_object_get(q, "status")) ?: "none";
+	status = json_string_value(json_object_get(q, "status"));
+	if (!status) { /* a daemon that restarted has no mirror */
+		json_decref(q);
+		return recover(st, "the source daemon has no mirror: it restarted");
+	}
+	if (json_object_get(q, "error")) {
+		snprintf(why, sizeof(why), "%s", json_string_value(json_object_get(q, "error")));
+		json_decref(q);
+		return recover(st, why);
+	}
 	snprintf(st->status, sizeof(st->status), "%s", status);
 	st->ready = json_is_true(json_object_get(q, "ready"));
 	st->len = u64(q, "len");
 	st->offset = u64(q, "offset");
 	st->remaining = u64(q, "remaining");
 	st->dirty_rate = u64(q, "dirty-rate");
-	if (now - st->last_ms >= 500 || !st->last_ms) {
-		if (st->last_ms && now > st->last_ms)
+	if (now - st->last_ms >= 500 || !st->last_ms || st->offset < st->last_offset) {
+		if (st->last_ms && now > st->last_ms && st->offset >= st->last_offset)
 			st->rate = (double)(st->offset - st->last_offset) * 1000.0 /
 				   (double)(now - st->last_ms);
 		st->last_ms = now;
 		st->last_offset = st->offset;
-	}
-	if (json_object_get(q, "error")) {
-		fprintf(stderr, "\nvmig: storage: the mirror failed: %s\n",
-			json_string_value(json_object_get(q, "error")));
-		json_decref(q);
-		return -1;
 	}
 	json_decref(q);
 	return 0;
@@ -196,7 +246,7 @@ void storage_progress(const struct storage *st, char *buf, size_t len)
 int storage_start(struct storage *st, bool tty)
 {
 	uint64_t last_line = 0;
-	json_t *q, *params;
+	json_t *q;
 	char err[512], line[160];
 
 	if (rpc(st->dst_rpc, "vmig_blk_incoming_query", NULL, &q, err, sizeof(err))) {
@@ -213,14 +263,10 @@ int storage_start(struct storage *st, bool tty)
 		return -1;
 	}
 	json_decref(q);
-	params = json_pack("{s:s}", "uri", st->uri);
-	if (st->speed)
-		json_object_set_new(params, "speed", json_integer((json_int_t)st->speed));
-	if (rpc(st->src_rpc, "vmig_blk_mirror_start", params, &q, err, sizeof(err))) {
+	if (mirror_start(st, err, sizeof(err))) {
 		fprintf(stderr, "vmig: storage source: vmig_blk_mirror_start: %s\n", err);
 		return -1;
 	}
-	json_decref(q);
 	st->t0_ms = vmig__now_ms();
 	fprintf(stderr, "vmig: storage: mirroring the disk to %s\n", st->uri);
 	for (;;) {
@@ -228,7 +274,7 @@ int storage_start(struct storage *st, bool tty)
 
 		if (storage_poll(st))
 			return -1;
-		if (st->ready)
+		if (st->ready && !st->broken_ms)
 			break;
 		if (now - st->t0_ms > READY_TIMEOUT_MS) {
 			fprintf(stderr, "vmig: storage: the mirror did not get ready\n");
@@ -256,17 +302,28 @@ int storage_complete(struct storage *st)
 	char err[512];
 	json_t *q;
 
+	/* a mirror that is being restarted must be ready again first */
+	while (st->broken_ms || !st->ready) {
+		if (storage_poll(st))
+			return -1;
+		if (!st->broken_ms && st->ready)
+			break;
+		nap_ms(20);
+	}
 	if (rpc(st->src_rpc, "vmig_blk_mirror_complete", NULL, &q, err, sizeof(err))) {
 		fprintf(stderr, "\nvmig: storage source: vmig_blk_mirror_complete: %s\n", err);
 		return -1;
 	}
 	json_decref(q);
 	while (vmig__now_ms() - t0 < COMPLETE_TIMEOUT_MS) {
-		if (storage_poll(st))
+		if (storage_poll(st) || st->broken_ms) {
+			fprintf(stderr, "vmig: storage: the last round failed\n");
 			return -1;
+		}
 		if (!strcmp(st->status, "concluded")) {
-			fprintf(stderr, "\nvmig: storage: hand-over in %llu ms\n",
-				(unsigned long long)(vmig__now_ms() - t0));
+			fprintf(stderr, "\nvmig: storage: hand-over in %llu ms%s\n",
+				(unsigned long long)(vmig__now_ms() - t0),
+				st->restarts ? " (after restarts of the mirror)" : "");
 			return 0;
 		}
 		nap_ms(1);

@@ -20,6 +20,10 @@ struct storage {
 	uint64_t len, offset, remaining, dirty_rate;
 	uint64_t t0_ms, last_ms, last_offset;
 	double rate; /* bytes/s sent, over the last poll interval */
+	/* recovery: the mirror stopped (a daemon restarted, the link broke) */
+	uint64_t broken_ms; /* since when; 0: it runs */
+	uint64_t retry_ms;  /* the last restart tried */
+	unsigned restarts;  /* restarts that worked */
 };
 
 /* 0 if the options go together; else says why on stderr. */
@@ -27,7 +31,10 @@ int storage_check(const struct storage *st);
 /* Check the destination waits for the disk, start the mirror, and wait
  * (showing progress) until its first pass is on the destination. */
 int storage_start(struct storage *st, bool tty);
-/* Query the mirror: 0 while it runs, -1 if it ended with an error (said). */
+/* Query the mirror: 0 while it runs or is being restarted (a daemon
+ * restarted, the link broke: it resumes from the source's bitmap, or
+ * starts over if that is gone), -1 once it could not be restarted within
+ * a minute (said). */
 int storage_poll(struct storage *st);
 /* One progress line's worth: "disk 45% 120.0 MiB/s dirty 1.0 MiB/s". */
 void storage_progress(const struct storage *st, char *buf, size_t len);

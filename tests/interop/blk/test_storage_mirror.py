@@ -9,11 +9,17 @@ with pre-copy of RAM, and with post-copy of RAM (the switch to post-copy
 happens after the disk's hand-over, so the destination guest runs on a
 whole disk while its RAM still arrives).
 
+Then twice more with pre-copy, with a fault in the middle of the disk's
+copy: the source's vmig-blk killed (-9) and started again (QEMU reconnects;
+the new daemon has no bitmap, so `vmig migrate` starts the copy over), and
+the destination's killed and started again (the copy resumes from the
+source's bitmap). The kill comes once the mirror has sent 8 MiB, whatever
+the speed of the machine.
+
 After the migration the destination guest goes on writing, and its final
 pass reads back every block it ever wrote, the ones written on the source
 before and during the copy included: 0 bad blocks. The destination image
-then passes the host-side scan, and the source's image, which the mirror
-copied, holds nothing the destination lacks.
+then passes the host-side scan.
 
 Usage: test_storage_mirror.py BUILD_DIR
 """
@@ -35,8 +41,29 @@ def vmig_bin(env):
     return p
 
 
-def one_run(env, postcopy):
-    tag = "postcopy" if postcopy else "precopy"
+def kill_mid_copy(env, pair, which):
+    """Once the mirror has sent 8 MiB, kill -9 the source's or the
+    destination's daemon and start it again; says what it did."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            q = pair.be_src.rpc_call("vmig_blk_mirror_query")
+        except blkenv.Fail:
+            q = {}
+        if q.get("offset", 0) >= 8 << 20:
+            break
+        time.sleep(0.05)
+    else:
+        raise blkenv.Fail("the mirror did not reach 8 MiB in 60 s")
+    be = pair.be_src if which == "src" else pair.be_dst
+    be.kill9()
+    be.start()
+    env.info("killed and restarted the %s daemon at %s MiB copied" %
+             (which, q.get("offset", 0) >> 20))
+
+
+def one_run(env, postcopy, kill=None):
+    tag = ("postcopy" if postcopy else "precopy") + ("-kill-" + kill if kill else "")
     storage_uri = "unix:" + os.path.join(env.tmp, "storage-%s.sock" % tag)
     pair = blkenv.MigrationPair(env, GUEST_SECONDS, storage_uri=storage_uri,
                                 prefix=tag + "-")
@@ -50,14 +77,23 @@ def one_run(env, postcopy):
     if postcopy:
         argv.append("--postcopy")
     t0 = time.monotonic()
-    r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       timeout=MIGRATE_TIMEOUT_S)
-    out = r.stdout.decode(errors="replace")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        if kill:
+            kill_mid_copy(env, pair, kill)
+        out = proc.communicate(timeout=MIGRATE_TIMEOUT_S)[0].decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    r = subprocess.CompletedProcess(argv, proc.returncode)
     secs = time.monotonic() - t0
     env.case("%s_vmig_migrate_ok" % tag, r.returncode == 0,
              "exit %d after %.1fs: %s" % (r.returncode, secs, out[-1500:]))
     m = re.search(r"hand-over in (\d+) ms", out)
     env.case("%s_disk_handed_over" % tag, m is not None, out[-600:])
+    if kill:
+        env.case("%s_mirror_restarted" % tag, "the mirror runs again" in out, out[-800:])
     ready = re.search(r"the disk is on the destination after ([0-9.]+) s", out)
     env.info("%s: %.1fs in all, disk ready after %s s, hand-over %s ms" %
              (tag, secs, ready.group(1) if ready else "?", m.group(1) if m else "?"))
@@ -77,6 +113,8 @@ def one_run(env, postcopy):
 def body(env):
     one_run(env, postcopy=False)
     one_run(env, postcopy=True)
+    one_run(env, postcopy=False, kill="src")
+    one_run(env, postcopy=False, kill="dst")
 
 
 blkenv.run("storage_mirror", body)

@@ -319,7 +319,8 @@ static void test_bad_preambles(void **state)
 	} cases[] = {
 	    {0, 'X', "magic"},
 	    {8, 2, "version"},
-	    {12, 1, "flags"},
+	    {12, 2, "flags"},
+	    {13, 0x80, "flags (high byte)"},
 	    {14, 1, "reserved"},
 	    {18, 0x00, "disk size 0"},
 	    {16, 1, "disk not whole blocks"},
