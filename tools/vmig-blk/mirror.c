@@ -792,8 +792,11 @@ static int in_receive(struct vblk_incoming *in, struct vmig__chan *c, char *err,
 	int ret;
 
 	vblk_ss_reader_init(&r, VBLK_SS_TO_DEST, chan_get, c, in->buf);
+	/* A refusal goes back to the source too, as an ERROR record. */
+	vblk_ss_writer_init(&w, chan_put, c, &want);
 	if (vblk_ss_read_preamble(&r, &want, &g)) {
 		fmt_err(err, len, "%s", r.err);
+		vblk_ss_put_error(&w, err);
 		return -EPROTO;
 	}
 	/* A resumed stream must be the same session's (its source sends only
@@ -804,6 +807,7 @@ static int in_receive(struct vblk_incoming *in, struct vmig__chan *c, char *err,
 		fmt_err(err, len,
 			"a resumed stream of another migration (its session differs "
 			"from the one this disk was receiving)");
+		vblk_ss_put_error(&w, err);
 		return -EPROTO;
 	}
 	memcpy(in->session, g.session, sizeof(g.session));

@@ -964,6 +964,143 @@ static void test_incoming_holds_requests(void **state)
 	dest_stop(false);
 }
 
+/*
+ * A link between the two daemons that the test can cut: a forwarder
+ * between a unix socket of its own and the destination's. A cut closes
+ * both sides of the current connection; the next one is forwarded again.
+ */
+static struct {
+	char path[300], uri[320];
+	int lfd, cut_fd;
+	pthread_t th;
+	bool stop;     /* atomic */
+	unsigned cuts; /* atomic: connections the forwarder cut */
+} L;
+
+static void *link_thread(void *arg)
+{
+	while (!__atomic_load_n(&L.stop, __ATOMIC_ACQUIRE)) {
+		struct pollfd a = {.fd = L.lfd, .events = POLLIN};
+		int src, dst;
+
+		if (poll(&a, 1, 50) != 1)
+			continue;
+		src = accept4(L.lfd, NULL, NULL, SOCK_CLOEXEC);
+		dst = src >= 0 ? connect_path(T.stor) : -1;
+		while (src >= 0 && dst >= 0 && !__atomic_load_n(&L.stop, __ATOMIC_ACQUIRE)) {
+			struct pollfd p[3] = {{.fd = src, .events = POLLIN},
+					      {.fd = dst, .events = POLLIN},
+					      {.fd = L.cut_fd, .events = POLLIN}};
+			char buf[65536];
+			ssize_t n;
+
+			if (poll(p, 3, 50) <= 0)
+				continue;
+			if (p[2].revents) {
+				eventfd_t v;
+
+				eventfd_read(L.cut_fd, &v);
+				__atomic_fetch_add(&L.cuts, 1, __ATOMIC_RELEASE);
+				break;
+			}
+			for (int i = 0; i < 2; i++) {
+				if (!p[i].revents)
+					continue;
+				n = read(p[i].fd, buf, sizeof(buf));
+				if (n <= 0 || write(p[1 - i].fd, buf, (size_t)n) != n)
+					goto close;
+			}
+		}
+	close:
+		if (src >= 0)
+			close(src);
+		if (dst >= 0)
+			close(dst);
+	}
+	return NULL;
+}
+
+static void link_up(void)
+{
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+
+	snprintf(L.path, sizeof(L.path), "%s/link.sock", T.dir);
+	snprintf(L.uri, sizeof(L.uri), "unix:%s", L.path);
+	assert_true(strlen(L.path) < sizeof(sa.sun_path));
+	memcpy(sa.sun_path, L.path, strlen(L.path) + 1);
+	unlink(L.path);
+	L.lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	assert_true(L.lfd >= 0);
+	assert_int_equal(bind(L.lfd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+	assert_int_equal(listen(L.lfd, 4), 0);
+	L.cut_fd = eventfd(0, EFD_CLOEXEC);
+	L.stop = false;
+	L.cuts = 0;
+	assert_int_equal(pthread_create(&L.th, NULL, link_thread, NULL), 0);
+}
+
+static void link_down(void)
+{
+	__atomic_store_n(&L.stop, true, __ATOMIC_RELEASE);
+	pthread_join(L.th, NULL);
+	close(L.lfd);
+	close(L.cut_fd);
+	unlink(L.path);
+}
+
+/*
+ * The link breaks twice while both daemons live: during the first pass
+ * and after it. The source goes on serving, the destination waits, and a
+ * new start resumes with the same session (the destination refuses any
+ * other for a resumed copy); the last resume sends only what was dirtied.
+ */
+static void test_mirror_link_cut(void **state)
+{
+	char params[512];
+	json_t *q;
+
+	fe_up();
+	dest_start(true);
+	link_up();
+	snprintf(params, sizeof(params), "{\"uri\":\"%s\",\"speed\":%u}", L.uri, 4 * MIB);
+	json_decref(rpc_ok("vmig_blk_mirror_start", params));
+	json_decref(mirror_wait(NULL, false, MIB));
+	eventfd_write(L.cut_fd, 1);
+	q = mirror_wait("concluded", false, 0);
+	assert_non_null(json_object_get(q, "error"));
+	json_decref(q);
+	write_at(5 * MIB, 8192, 0x3c); /* the source still serves */
+
+	snprintf(params, sizeof(params), "{\"uri\":\"%s\"}", L.uri);
+	json_decref(rpc_ok("vmig_blk_mirror_start", params));
+	json_decref(mirror_wait(NULL, true, 0));
+	write_at(9 * MIB, 4096, 0x4d);
+	eventfd_write(L.cut_fd, 1);
+	json_decref(mirror_wait("concluded", false, 0));
+	assert_int_equal(__atomic_load_n(&L.cuts, __ATOMIC_ACQUIRE), 2);
+	for (uint64_t end = now_ms() + WAIT_MS;; usleep(5000)) { /* it saw the end too */
+		q = rpc_ok_at(T.rpc2, "vmig_blk_incoming_query", NULL);
+		if (has_status(q, "listening"))
+			break;
+		if (now_ms() > end)
+			fail_msg("the destination did not see the link break");
+		json_decref(q);
+	}
+	assert_non_null(json_object_get(q, "error"));
+	json_decref(q);
+
+	json_decref(rpc_ok("vmig_blk_mirror_start", params));
+	q = mirror_wait(NULL, true, 0);
+	assert_true(field(q, "len") <= 2 * (64u << 10));
+	json_decref(q);
+	complete_and_check();
+	q = rpc_ok_at(T.rpc2, "vmig_blk_incoming_query", NULL);
+	assert_int_equal(field(q, "connections"), 3);
+	json_decref(q);
+	link_down();
+	dest_stop(false);
+}
+
 /* ---- setup ---- */
 
 /* Each case starts with tracking off, whatever the one before left. */
@@ -1037,6 +1174,7 @@ int main(int argc, char **argv)
 	    cmocka_unit_test_setup(test_mirror_while_writing, case_setup),
 	    cmocka_unit_test_setup(test_mirror_resumes, case_setup),
 	    cmocka_unit_test_setup(test_incoming_holds_requests, case_setup),
+	    cmocka_unit_test_setup(test_mirror_link_cut, case_setup),
 	};
 
 	if (argc != 2) {
