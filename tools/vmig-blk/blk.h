@@ -211,6 +211,7 @@ struct vblk_opts {
 	bool no_lock; /* --no-lock: no OFD lock on the image (shared storage) */
 	bool cache_none; /* --cache none: O_DIRECT; default --cache writeback */
 	const char *incoming; /* --incoming URI: receive the disk first (mirror.c) */
+	const char *tls_creds, *tls_hostname, *tls_authz; /* the storage stream's TLS */
 };
 
 struct vblk_rpc_client {
@@ -252,6 +253,7 @@ struct vblk_daemon {
 	 * receiver; control thread. */
 	struct vblk_mirror *mirror;
 	struct vblk_incoming *incoming;
+	struct vmig__tls *tls; /* NULL: plain; set at start, read-only after */
 };
 
 /* blk.c: the device */

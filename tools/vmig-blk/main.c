@@ -60,7 +60,8 @@ static void usage(FILE *f)
 	    "[--read-zeroes])\n"
 	    "                [--queues N] [--read-only] [--poll-us N] [--rpc PATH] [--serial ID]\n"
 	    "                [--size SIZE] [--cache none|writeback] [--upgrade-binary PATH]\n"
-	    "                [--no-lock] [--incoming URI] [--quiet]\n"
+	    "                [--no-lock] [--incoming URI] [--tls-creds SPEC]\n"
+	    "                [--tls-hostname NAME] [--tls-authz ID] [--quiet]\n"
 	    "       vmig-blk rpc --rpc PATH METHOD [JSON-PARAMS]\n"
 	    "       vmig-blk upgrade (--socket PATH | --rpc PATH)\n"
 	    "       vmig-blk --version\n"
@@ -75,7 +76,15 @@ static void usage(FILE *f)
 	    "  --incoming URI     the destination of a storage migration: receive the\n"
 	    "                     disk from the source's vmig-blk on URI (tcp:HOST:PORT\n"
 	    "                     or unix:PATH) and serve the guest only once all of it\n"
-	    "                     arrived (docs/storage-migration.md)\n",
+	    "                     arrived (docs/storage-migration.md)\n"
+	    "  --tls-creds x509|psk,dir=DIR,endpoint=client|server[,username=U]\n"
+	    "                     [,verify-peer=on|off]\n"
+	    "                     TLS 1.3 for the storage stream, credentials laid out as\n"
+	    "                     QEMU's tls-creds-x509 / tls-creds-psk objects:\n"
+	    "                     endpoint=server with --incoming, client on the source\n"
+	    "  --tls-hostname N   source: the name the destination's certificate carries\n"
+	    "  --tls-authz ID     destination: the one client identity let in (the\n"
+	    "                     certificate's DN or the PSK username)\n",
 	    f);
 }
 
@@ -100,6 +109,9 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 	    {"no-lock", no_argument, NULL, 'L'},
 	    {"cache", required_argument, NULL, 'C'},
 	    {"incoming", required_argument, NULL, 'I'},
+	    {"tls-creds", required_argument, NULL, 'T'},
+	    {"tls-hostname", required_argument, NULL, 'H'},
+	    {"tls-authz", required_argument, NULL, 'A'},
 	    {NULL, 0, NULL, 0},
 	};
 	unsigned long v;
@@ -186,6 +198,15 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 		case 'I':
 			o->incoming = optarg;
 			break;
+		case 'T':
+			o->tls_creds = optarg;
+			break;
+		case 'H':
+			o->tls_hostname = optarg;
+			break;
+		case 'A':
+			o->tls_authz = optarg;
+			break;
 		case 'h':
 			usage(stdout);
 			exit(0);
@@ -205,6 +226,10 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 	}
 	if (o->cache_none && !o->file) {
 		fprintf(stderr, "vmig-blk: --cache none goes with --file\n");
+		return -1;
+	}
+	if ((o->tls_hostname || o->tls_authz) && !o->tls_creds) {
+		fprintf(stderr, "vmig-blk: --tls-hostname and --tls-authz go with --tls-creds\n");
 		return -1;
 	}
 	if (o->incoming && (o->null_size || o->read_only)) {
@@ -892,6 +917,7 @@ static void shutdown_daemon(struct vblk_daemon *dm)
 {
 	vblk_mirror_free(dm);
 	vblk_incoming_free(dm);
+	vblk_storage_tls_free(dm);
 	vhost_dev_reset(&dm->dev);
 	vblk_dirty_stop(dm);
 	for (unsigned i = 0; i < dm->nqueues; i++)
@@ -941,6 +967,17 @@ int main(int argc, char **argv)
 	for (unsigned i = 0; i < dm.nqueues; i++) {
 		vblk_queue_init(&dm.q[i], &dm.disk, i);
 		vblk_queue_set_poll(&dm.q[i], dm.poll_us);
+	}
+	/* Credentials first: a bad one fails the start, not a later migration
+	 * (and an upgraded process needs them as much as a fresh one). */
+	{
+		char err[512];
+
+		if (vblk_storage_tls(&dm, dm.opts.tls_creds, dm.opts.tls_hostname,
+				     dm.opts.tls_authz, err, sizeof(err))) {
+			fprintf(stderr, "vmig-blk: %s\n", err);
+			return 1;
+		}
 	}
 	r = vblk_upgrade_resume(&dm);
 	if (r < 0) {

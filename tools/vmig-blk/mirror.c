@@ -129,6 +129,95 @@ static void cond_init_mono(pthread_cond_t *cv)
 	pthread_condattr_destroy(&a);
 }
 
+/* ---- TLS -------------------------------------------------------------- */
+
+/* "key=value" in a comma-separated list: the value, or NULL. */
+static const char *opt_value(char *const *items, int n, const char *key)
+{
+	size_t k = strlen(key);
+
+	for (int i = 1; i < n; i++)
+		if (!strncmp(items[i], key, k) && items[i][k] == '=')
+			return items[i] + k + 1;
+	return NULL;
+}
+
+int vblk_storage_tls(struct vblk_daemon *dm, const char *spec, const char *hostname,
+		     const char *authz, char *err, size_t errlen)
+{
+	static const char *const known[] = {"dir", "endpoint", "username", "verify-peer"};
+	struct vmig_tls_creds_opts o = {.size = sizeof(o), .verify_peer = true};
+	char copy[1024], *items[8], *save = NULL, *tok;
+	const char *ep, *vp;
+	struct vmig__err e = {{0}};
+	vmig_tls_creds *creds = NULL;
+	int n = 0, r;
+
+	if (!spec)
+		return 0;
+	if (snprintf(copy, sizeof(copy), "%s", spec) >= (int)sizeof(copy)) {
+		fmt_err(err, errlen, "--tls-creds: too long");
+		return -EINVAL;
+	}
+	for (tok = strtok_r(copy, ",", &save); tok && n < 8; tok = strtok_r(NULL, ",", &save))
+		items[n++] = tok;
+	for (int i = 1; i < n; i++) {
+		bool ok = false;
+
+		for (size_t k = 0; k < VMIG_ARRAY_SIZE(known); k++)
+			ok |= !strncmp(items[i], known[k], strlen(known[k])) &&
+			      items[i][strlen(known[k])] == '=';
+		if (!ok) {
+			fmt_err(err, errlen, "--tls-creds: unknown setting '%s'", items[i]);
+			return -EINVAL;
+		}
+	}
+	ep = n ? opt_value(items, n, "endpoint") : NULL;
+	vp = n ? opt_value(items, n, "verify-peer") : NULL;
+	o.dir = n ? opt_value(items, n, "dir") : NULL;
+	o.username = n ? opt_value(items, n, "username") : NULL;
+	if (!n || (strcmp(items[0], "x509") && strcmp(items[0], "psk")) || !o.dir || !ep ||
+	    (strcmp(ep, "client") && strcmp(ep, "server")) ||
+	    (vp && strcmp(vp, "on") && strcmp(vp, "off"))) {
+		fmt_err(err, errlen,
+			"--tls-creds wants x509|psk,dir=DIR,endpoint=client|server"
+			"[,username=U][,verify-peer=on|off]");
+		return -EINVAL;
+	}
+	o.endpoint = strcmp(ep, "server") ? VMIG_TLS_ENDPOINT_CLIENT : VMIG_TLS_ENDPOINT_SERVER;
+	o.verify_peer = !vp || !strcmp(vp, "on");
+	if ((o.endpoint == VMIG_TLS_ENDPOINT_SERVER) != !!dm->opts.incoming) {
+		fmt_err(err, errlen,
+			"--tls-creds: a destination (--incoming) needs endpoint=server, a source "
+			"endpoint=client");
+		return -EINVAL;
+	}
+	r = strcmp(items[0], "psk") ? vmig_tls_creds_new_x509(&creds, &o, err, errlen)
+				    : vmig_tls_creds_new_psk(&creds, &o, err, errlen);
+	if (r)
+		return r;
+	dm->tls = calloc(1, sizeof(*dm->tls));
+	if (!dm->tls) {
+		vmig_tls_creds_unref(creds);
+		fmt_err(err, errlen, "out of memory");
+		return -ENOMEM;
+	}
+	r = vmig__tls_set(dm->tls, creds, hostname, authz, &e);
+	vmig_tls_creds_unref(creds); /* dm->tls holds its own */
+	if (r)
+		fmt_err(err, errlen, "--tls-creds: %s", e.msg);
+	return r;
+}
+
+void vblk_storage_tls_free(struct vblk_daemon *dm)
+{
+	if (!dm->tls)
+		return;
+	vmig__tls_clear(dm->tls);
+	free(dm->tls);
+	dm->tls = NULL;
+}
+
 /* ---- the source ------------------------------------------------------ */
 
 struct vblk_mirror {
@@ -353,7 +442,7 @@ static void *m_copier(void *arg)
 	uint64_t k = 0, t_last, sent_before;
 	int r;
 
-	r = vmig__chan_connect(&m->uri, &none, m->cancel_fd, &c, &err);
+	r = vmig__chan_connect(&m->uri, m->dm->tls ? m->dm->tls : &none, m->cancel_fd, &c, &err);
 	if (r) {
 		m_fail(m, "cannot connect to %s: %s", m->uri_text, err.msg);
 		return NULL;
@@ -874,6 +963,37 @@ static int in_receive(struct vblk_incoming *in, struct vmig__chan *c, char *err,
 	}
 }
 
+#define HANDSHAKE_MS 10000
+
+/* Run an accepted connection's handshake (a no-op without TLS) without
+ * blocking, within HANDSHAKE_MS; false if it failed, took too long, or we
+ * were asked to stop. */
+static bool in_handshake(struct vblk_incoming *in, struct vmig__chan *c)
+{
+	uint64_t end = vmig__now_ms() + HANDSHAKE_MS;
+	struct vmig__err err = {{0}};
+	int r;
+
+	while ((r = vmig__chan_handshake(c, &err)) == -EAGAIN) {
+		struct pollfd pfd[2] = {{.fd = vmig__chan_fd(c), .events = vmig__chan_events(c)},
+					{.fd = in->stop_fd, .events = POLLIN}};
+		int64_t left = (int64_t)(end - vmig__now_ms());
+
+		if (left <= 0 || poll(pfd, 2, (int)left) <= 0 || pfd[1].revents) {
+			snprintf(err.msg, sizeof(err.msg), "the handshake took too long");
+			r = -ETIMEDOUT;
+			break;
+		}
+	}
+	if (r) {
+		pthread_mutex_lock(&in->lock);
+		snprintf(in->error, sizeof(in->error), "a connection was refused: %.200s", err.msg);
+		pthread_mutex_unlock(&in->lock);
+		vblk_log(in->dm, "incoming: a connection was refused: %s", err.msg);
+	}
+	return !r;
+}
+
 /* Accept one connection, or stop: NULL when asked to stop. */
 static struct vmig__chan *in_accept(struct vblk_incoming *in)
 {
@@ -881,16 +1001,17 @@ static struct vmig__chan *in_accept(struct vblk_incoming *in)
 		struct pollfd pfd[2] = {{.fd = in->listen_fd, .events = POLLIN},
 					{.fd = in->stop_fd, .events = POLLIN}};
 		struct vmig__tls none = {0};
-		struct vmig__err err = {{0}};
 		struct vmig__chan *c;
 
 		if (poll(pfd, 2, -1) < 0 && errno != EINTR)
 			return NULL;
 		if (pfd[1].revents)
 			return NULL;
-		if (!pfd[0].revents || vmig__chan_accept(in->listen_fd, &none, &c))
+		if (!pfd[0].revents ||
+		    vmig__chan_accept(in->listen_fd, in->dm->tls ? in->dm->tls : &none, &c))
 			continue;
-		if (vmig__chan_handshake(c, &err) || vmig__chan_set_blocking(c)) {
+		if (!in_handshake(in, c) || vmig__chan_set_blocking(c)) {
+			vmig__chan_shutdown(c, SHUT_RDWR);
 			vmig__chan_free(c);
 			continue;
 		}

@@ -19,6 +19,19 @@
 struct vblk_daemon;
 struct vhost_dev_ops;
 
+/*
+ * TLS of the storage stream, from --tls-creds TYPE,dir=DIR,endpoint=E
+ * [,username=U][,verify-peer=on|off] (TYPE x509 or psk, as QEMU's
+ * tls-creds-x509 / tls-creds-psk objects), --tls-hostname (the name the
+ * destination's certificate must carry; default the URI's host) and
+ * --tls-authz (the one client identity a destination lets in). A
+ * destination (--incoming) needs endpoint=server, a source endpoint=client.
+ * 0, or -errno with err set. NULL spec: plain streams.
+ */
+int vblk_storage_tls(struct vblk_daemon *dm, const char *spec, const char *hostname,
+		     const char *authz, char *err, size_t errlen);
+void vblk_storage_tls_free(struct vblk_daemon *dm);
+
 /* What vmig_blk_mirror_query reports, with query-block-jobs' names. */
 struct vblk_mirror_info {
 	bool exists;	     /* a mirror was started (and not dismissed by a new one) */

@@ -28,6 +28,7 @@
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -289,11 +290,18 @@ static pid_t spawn(const char *log, const char *rpc, char *const argv[])
 	return -1;
 }
 
-static void daemon_start(void)
+/* The source daemon; tls: its --tls-creds, or NULL. */
+static void daemon_start_tls(const char *tls)
 {
 	T.pid = spawn(T.log, T.rpc,
 		      (char *const[]){(char *)T.bin, "--socket", T.sock, "--file", T.image, "--rpc",
-				      T.rpc, "--poll-us", "0", NULL});
+				      T.rpc, "--poll-us", "0", tls ? "--tls-creds" : NULL,
+				      (char *)tls, NULL});
+}
+
+static void daemon_start(void)
+{
+	daemon_start_tls(NULL);
 }
 
 static int daemon_stop(void)
@@ -752,7 +760,9 @@ static void test_upgrade_all_dirty(void **state)
 
 #define RPC_SERVER_ERROR (-32000)
 
-static void dest_start(bool fresh)
+/* The destination daemon; tls: its --tls-creds (with --tls-authz qemu), or
+ * NULL. */
+static void dest_start_tls(bool fresh, const char *tls)
 {
 	if (fresh) {
 		int fd = open(T.image2, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
@@ -761,9 +771,16 @@ static void dest_start(bool fresh)
 		assert_int_equal(ftruncate(fd, IMG_SIZE), 0);
 		close(fd);
 	}
-	T.pid2 = spawn(T.log2, T.rpc2,
-		       (char *const[]){(char *)T.bin, "--socket", T.sock2, "--file", T.image2,
-				       "--rpc", T.rpc2, "--incoming", T.uri, NULL});
+	T.pid2 =
+	    spawn(T.log2, T.rpc2,
+		  (char *const[]){(char *)T.bin, "--socket", T.sock2, "--file", T.image2, "--rpc",
+				  T.rpc2, "--incoming", T.uri, tls ? "--tls-creds" : NULL,
+				  (char *)tls, "--tls-authz", "qemu", NULL});
+}
+
+static void dest_start(bool fresh)
+{
+	dest_start_tls(fresh, NULL);
 }
 
 static void dest_stop(bool hard)
@@ -1101,6 +1118,76 @@ static void test_mirror_link_cut(void **state)
 	dest_stop(false);
 }
 
+/*
+ * TLS 1.3 with a pre-shared key between the daemons: the mirror works as
+ * in the clear; a destination with another key refuses the source, whose
+ * mirror ends saying why; a plain source cannot feed a TLS destination.
+ */
+static void write_psk(const char *sub, const char *key)
+{
+	char dir[400], path[420];
+	FILE *f;
+
+	snprintf(dir, sizeof(dir), "%s/%s", T.dir, sub);
+	mkdir(dir, 0700);
+	snprintf(path, sizeof(path), "%s/keys.psk", dir);
+	f = fopen(path, "w");
+	assert_non_null(f);
+	fprintf(f, "qemu:%s\n", key);
+	fclose(f);
+}
+
+static void test_mirror_tls(void **state)
+{
+	char params[512], cli[512], srv[512], bad[512];
+	json_t *q;
+	const char *e;
+
+	write_psk("psk", "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff");
+	write_psk("psk-bad", "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100");
+	snprintf(cli, sizeof(cli), "psk,dir=%s/psk,endpoint=client", T.dir);
+	snprintf(srv, sizeof(srv), "psk,dir=%s/psk,endpoint=server", T.dir);
+	snprintf(bad, sizeof(bad), "psk,dir=%s/psk-bad,endpoint=server", T.dir);
+	assert_int_equal(daemon_stop(), 0);
+	daemon_start_tls(cli);
+	snprintf(params, sizeof(params), "{\"uri\":\"%s\"}", T.uri);
+
+	/* another key: refused, and the source says it was TLS */
+	dest_start_tls(true, bad);
+	json_decref(rpc_ok("vmig_blk_mirror_start", params));
+	q = mirror_wait("concluded", false, 0);
+	e = json_string_value(json_object_get(q, "error"));
+	if (!e || !strstr(e, "TLS"))
+		fail_msg("mirror with the wrong key: %s", e ? e : "no error");
+	json_decref(q);
+	json_decref(rpc_ok("vmig_blk_mirror_cancel", NULL));
+	dest_stop(false);
+
+	/* the same key: a whole mirror, while the guest writes */
+	fe_up();
+	dest_start_tls(true, srv);
+	json_decref(rpc_ok("vmig_blk_mirror_start", params));
+	json_decref(mirror_wait(NULL, true, 0));
+	write_at(2 * MIB, 8192, 0x61);
+	complete_and_check();
+	dest_stop(false);
+
+	/* a source in the clear: the TLS destination refuses it */
+	assert_int_equal(daemon_stop(), 0);
+	daemon_start();
+	dest_start_tls(true, srv);
+	json_decref(rpc_ok("vmig_blk_mirror_start", params));
+	q = mirror_wait("concluded", false, 0);
+	assert_non_null(json_object_get(q, "error"));
+	json_decref(q);
+	json_decref(rpc_ok("vmig_blk_mirror_cancel", NULL));
+	q = rpc_ok_at(T.rpc2, "vmig_blk_incoming_query", NULL);
+	assert_true(has_status(q, "listening"));
+	assert_int_equal(field(q, "received"), 0);
+	json_decref(q);
+	dest_stop(false);
+}
+
 /* ---- setup ---- */
 
 /* Each case starts with tracking off, whatever the one before left. */
@@ -1156,6 +1243,15 @@ static int group_teardown(void **state)
 		unlink(T.image2);
 		unlink(T.log2);
 		unlink(T.stor);
+		for (int i = 0; i < 2; i++) {
+			char path[420];
+
+			snprintf(path, sizeof(path), "%s/%s/keys.psk", T.dir,
+				 i ? "psk-bad" : "psk");
+			unlink(path);
+			*strrchr(path, '/') = '\0';
+			rmdir(path);
+		}
 		rmdir(T.dir);
 	} else {
 		fprintf(stderr, "the daemon did not exit cleanly; files kept in %s\n", T.dir);
@@ -1175,6 +1271,7 @@ int main(int argc, char **argv)
 	    cmocka_unit_test_setup(test_mirror_resumes, case_setup),
 	    cmocka_unit_test_setup(test_incoming_holds_requests, case_setup),
 	    cmocka_unit_test_setup(test_mirror_link_cut, case_setup),
+	    cmocka_unit_test_setup(test_mirror_tls, case_setup),
 	};
 
 	if (argc != 2) {
