@@ -177,6 +177,7 @@ struct dest_script {
 	enum at_eos at_eos;
 	bool close_after_blocks; /* fail before the commit point */
 	vmig_session *src;       /* for REPLY_NOTHING_CANCEL */
+	const unsigned *calls;	 /* atomic; if set, the reply waits until it grew */
 	bool saw_eos;
 };
 
@@ -236,6 +237,16 @@ static void *fake_dest(void *arg)
 
 		if (!sc->postcopy)
 			assert_int_equal(vmig__load_verify(&l), 0);
+		if (sc->calls) {
+			/* The source waits for this reply: let the other thread's
+			 * calls happen while the migration is still on (bounded). */
+			unsigned from = __atomic_load_n(sc->calls, __ATOMIC_ACQUIRE);
+
+			for (int i = 0;
+			     i < 10000 && __atomic_load_n(sc->calls, __ATOMIC_ACQUIRE) < from + 100;
+			     i++)
+				usleep(1000);
+		}
 		if (sc->at_eos == REPLY_RESUMED)
 			send_rp(fd, VMIG_RP_RESUMED, &res, sizeof(res));
 		else if (sc->at_eos == REPLY_ERROR)
@@ -460,7 +471,7 @@ static void *call_api(void *arg)
 	while (!__atomic_load_n(&c->stop, __ATOMIC_ACQUIRE)) {
 		assert_int_equal(vmig_parameter_set(c->s, "no-such-parameter", 1), -ENOENT);
 		assert_non_null(strstr(vmig_session_error(c->s), "no-such-parameter"));
-		c->calls++;
+		__atomic_add_fetch(&c->calls, 1, __ATOMIC_RELEASE);
 	}
 	return NULL;
 }
@@ -474,7 +485,9 @@ static void test_errors_apart(void **state)
 	char path[108], uri[120];
 	struct vmig_stats st;
 	pthread_t t, caller;
+	unsigned at_end;
 
+	sc.calls = &c.calls;
 	sock_path(path, sizeof(path), "err");
 	snprintf(uri, sizeof(uri), "unix:%s", path);
 	sc.lfd = listen_unix(path);
@@ -482,13 +495,16 @@ static void test_errors_apart(void **state)
 	assert_int_equal(pthread_create(&caller, NULL, call_api, &c), 0);
 	assert_int_equal(vmig_migrate(s, uri), 0);
 	st = wait_end(s, VMIG_STATUS_NONE);
+	at_end = __atomic_load_n(&c.calls, __ATOMIC_ACQUIRE);
 	__atomic_store_n(&c.stop, true, __ATOMIC_RELEASE);
 	pthread_join(caller, NULL);
 	pthread_join(t, NULL);
 	assert_int_equal(st.status, VMIG_STATUS_FAILED);
 	assert_non_null(strstr(st.error_desc, "refused"));
 	assert_null(strstr(st.error_desc, "no-such-parameter"));
-	assert_true(c.calls > 0);
+	/* The destination held its reply until 100 calls had been made: they
+	 * ran while the migration was on. */
+	assert_true(at_end >= 100);
 	close(sc.lfd);
 	unlink(path);
 	free_session(s, &vm);
