@@ -34,6 +34,7 @@
 
 #define TAG_KICK ((void *)1)
 #define TAG_STOP ((void *)2)
+#define TAG_WAKE ((void *)3)
 #define VBLK_PUBLISH_STEP 4u /* see publish_step() */
 
 void vblk_stats_read(const struct vblk_queue *q, struct vblk_stats *out)
@@ -183,10 +184,9 @@ static void req_mark_dirty(struct vblk_queue *q, const struct vblk_req *req)
 					      (uint64_t)req->segs[i].num_sectors * VBLK_SECTOR);
 }
 
-/* The request's work is done: return it now, or hold it for the latency. */
-static void req_finish(struct vblk_queue *q, struct vblk_req *req, uint8_t status)
+/* Return the request now, or hold it for the latency. */
+static void req_return(struct vblk_queue *q, struct vblk_req *req, uint8_t status)
 {
-	req_mark_dirty(q, req);
 	if (delaying(q, req)) {
 		req->held_status = status;
 		req->delay = VBLK_DELAY_HELD;
@@ -194,6 +194,72 @@ static void req_finish(struct vblk_queue *q, struct vblk_req *req, uint8_t statu
 		return;
 	}
 	req_retire(q, req, status);
+}
+
+/*
+ * A storage migration in write-blocking mode (struct vblk_wgate): hold a
+ * request that changed the disk until the destination has it. Never once
+ * a stop is asked: the VM stops for the hand-over, whose last round
+ * carries every block still dirty, these included.
+ */
+static bool gate_hold(struct vblk_queue *q, struct vblk_req *req, uint8_t status)
+{
+	struct vblk_wgate *g = &q->disk->gate;
+
+	if (req_reads(req) || req->type == VIRTIO_BLK_T_FLUSH ||
+	    !__atomic_load_n(&g->on, __ATOMIC_ACQUIRE) ||
+	    __atomic_load_n(&q->stop_requested, __ATOMIC_ACQUIRE))
+		return false;
+	__atomic_thread_fence(__ATOMIC_SEQ_CST); /* the marks, then begun */
+	req->gate_round = __atomic_load_n(&g->begun, __ATOMIC_SEQ_CST) + 1;
+	req->gate_status = status;
+	q->nmirror++;
+	__atomic_fetch_add(&g->held, 1, __ATOMIC_RELAXED);
+	/* An idle copier sleeps until a block is dirty: wake it (its
+	 * idle, then a look at the bitmap, pairs with our marks, then idle). */
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	if (__atomic_load_n(&g->idle, __ATOMIC_SEQ_CST))
+		eventfd_write(g->kick_fd, 1);
+	return true;
+}
+
+static void publish_step(struct vblk_queue *q);
+
+/* Return the requests the gate let go (all of them when the queue stops,
+ * or when the gate is off: the migration ended or failed, and the blocks
+ * stay dirty for the next). Returns how many. */
+static unsigned gate_release(struct vblk_queue *q, bool all)
+{
+	struct vblk_wgate *g = &q->disk->gate;
+	uint64_t acked = __atomic_load_n(&g->acked, __ATOMIC_ACQUIRE);
+	unsigned n = 0;
+
+	all |= !__atomic_load_n(&g->on, __ATOMIC_ACQUIRE);
+	if (!all && acked == q->mirror_seen)
+		return 0;
+	q->mirror_seen = acked;
+	for (unsigned i = 0; i < q->alloc_num && q->nmirror; i++) {
+		struct vblk_req *req = &q->reqs[i];
+
+		if (!req->gate_round || (!all && req->gate_round > acked))
+			continue;
+		req->gate_round = 0;
+		q->nmirror--;
+		n++;
+		req_return(q, req, req->gate_status);
+		publish_step(q);
+	}
+	return n;
+}
+
+/* The request's work is done: mark what it changed, and return it (now,
+ * once the destination has it, or after the latency). */
+static void req_finish(struct vblk_queue *q, struct vblk_req *req, uint8_t status)
+{
+	req_mark_dirty(q, req);
+	if (gate_hold(q, req, status))
+		return;
+	req_return(q, req, status);
 }
 
 /* A chain we cannot even answer with a status: return it empty. */
@@ -466,6 +532,7 @@ static void req_start(struct vblk_queue *q, uint16_t head)
 	req->seg = 0;
 	req->dirty_len = 0;
 	req->delay = VBLK_DELAY_NONE;
+	req->gate_round = 0;
 	if (vhost_vq_map_chain(&q->vr->vq, head, &req->chain) || req_layout(req, &hdr)) {
 		req_drop(q, req);
 		return;
@@ -605,6 +672,8 @@ static unsigned handle_cqes(struct vblk_queue *q, bool *stopping)
 			arm_read(q, q->vr->kick_fd, &q->kick_buf, TAG_KICK);
 		} else if (tag == TAG_STOP) {
 			*stopping = true;
+		} else if (tag == TAG_WAKE) {
+			arm_read(q, q->wake_fd, &q->wake_buf, TAG_WAKE);
 		} else {
 			req_complete_op(q, tag, cqe->res);
 			publish_step(q);
@@ -673,6 +742,8 @@ static unsigned run_once(struct vblk_queue *q, bool *stopping)
 	work += handle_cqes(q, stopping);
 	if (q->ndelayed)
 		work += run_delayed(q, *stopping);
+	if (q->nmirror)
+		work += gate_release(q, *stopping);
 	notify(q);
 	__atomic_store_n(&q->inflight_now, (uint16_t)(vq->last_avail_idx - vq->published_idx),
 			 __ATOMIC_RELAXED);
@@ -725,6 +796,7 @@ static void *queue_thread(void *arg)
 
 	arm_read(q, q->vr->kick_fd, &q->kick_buf, TAG_KICK);
 	arm_read(q, q->stop_fd, &q->stop_buf, TAG_STOP);
+	arm_read(q, q->wake_fd, &q->wake_buf, TAG_WAKE);
 	resubmit(q);
 	last_work_ns = mono_ns();
 	for (bool first = true;; first = false) {
@@ -737,7 +809,7 @@ static void *queue_thread(void *arg)
 
 		/* A request waiting for a bounce buffer gets one when one of
 		 * the outstanding ones completes. */
-		if (stopping && q->outstanding == 0 && q->ndelayed == 0) {
+		if (stopping && q->outstanding == 0 && q->ndelayed == 0 && q->nmirror == 0) {
 			assert(q->bounce.nwaiting == 0);
 			break;
 		}
@@ -806,6 +878,7 @@ void vblk_queue_init(struct vblk_queue *q, struct vblk_disk *disk, unsigned idx)
 	q->disk = disk;
 	q->idx = idx;
 	q->stop_fd = -1;
+	q->wake_fd = -1;
 }
 
 void vblk_queue_set_poll(struct vblk_queue *q, uint32_t poll_us)
@@ -849,10 +922,19 @@ static int queue_start(void *opaque, struct vhost_vring *vr)
 	q->vr = vr;
 	q->outstanding = 0;
 	q->ndelayed = 0;
+	q->nmirror = 0;
 	q->wake_ns = 0;
 	q->warned_broken = false;
 	__atomic_store_n(&q->broken, false, __ATOMIC_RELAXED);
 	q->stop_requested = false;
+	if (q->wake_fd < 0) {
+		/* blocking: io_uring's read of it waits for a write */
+		int fd = eventfd(0, EFD_CLOEXEC);
+
+		if (fd < 0)
+			return -errno;
+		__atomic_store_n(&q->wake_fd, fd, __ATOMIC_RELEASE);
+	}
 	q->stop_fd = eventfd(0, EFD_CLOEXEC);
 	if (q->stop_fd < 0)
 		return -errno;

@@ -62,6 +62,32 @@ enum vblk_backend {
 
 struct vblk_dirty;
 
+/*
+ * The write-blocking gate of a storage migration (mirror.c, copy-mode
+ * "write-blocking"). While `on`, a request that changed the disk is
+ * returned to the guest only once the destination acknowledged a round
+ * that began after the request marked its blocks dirty: both copies have
+ * it. Lives as long as the daemon; every field is an atomic.
+ *
+ * Why a round that *began* after the mark: the copier clears a block's bit
+ * before it reads the block (dirty.c), so a take that starts after the
+ * mark finds the bit, or found it cleared by an earlier take that read the
+ * block after the write landed. The queue thread marks, then reads begun;
+ * the copier raises begun, then takes: with a SEQ_CST fence between the
+ * two steps on each side, at least one of them sees the other's first
+ * step, so a request that read begun = k is on the destination once round
+ * k + 1 is acknowledged.
+ */
+struct vblk_wgate {
+	bool on;	/* the mirror (copier, return and control threads) sets it */
+	bool idle;	/* the copier waits for dirty blocks: a holding queue kicks it */
+	uint64_t begun; /* rounds whose takes began (copier) */
+	uint64_t acked; /* rounds the destination acknowledged (return thread) */
+	int kick_fd;	/* eventfd the idle copier polls; valid once on was set */
+	bool kick_made; /* control thread: kick_fd exists (kept for the daemon's life) */
+	uint64_t held;	/* requests held so far, all queues (statistics) */
+};
+
 struct vblk_disk {
 	enum vblk_backend backend;
 	int fd;	       /* the image file or the RAM disk's memfd; -1 for null */
@@ -89,6 +115,7 @@ struct vblk_disk {
 	 * control thread, read by queue threads (atomics; see dirty.c for
 	 * when it may be freed). */
 	struct vblk_dirty *dirty;
+	struct vblk_wgate gate;
 };
 
 /*
@@ -167,6 +194,14 @@ struct vblk_queue {
 	struct io_uring ring;
 	struct vblk_req *reqs; /* one per head: a head is in flight at most once */
 	unsigned ndelayed;     /* requests waiting or held for the latency */
+	unsigned nmirror;      /* requests held by the write-blocking gate */
+	uint64_t mirror_seen;  /* disk->gate.acked when they were last looked at */
+	/* eventfd: the mirror's return thread says a round was acknowledged.
+	 * Created by the first queue_start, kept for the daemon's life (so the
+	 * return thread never writes to a closed fd); -1: none yet. Atomic:
+	 * the control thread sets it, the return thread reads it. */
+	int wake_fd;
+	uint64_t wake_buf;
 	uint64_t wake_ns;      /* when the first of them is due; 0: none */
 	/* Requests taken from the ring and not yet returned to the guest, as
 	 * of the queue thread's last pass (relaxed atomic; 0 when stopped). */

@@ -236,10 +236,14 @@ struct vblk_mirror {
 	uint64_t acked;	 /* the last round the destination acknowledged */
 	uint64_t speed;	 /* bytes/s, 0: none */
 	char error[256]; /* concluded with an error */
+	bool write_blocking; /* copy-mode "write-blocking" (the gate, blk.h) */
+	bool synced;	     /* the gate is on and everything dirty before it was acked */
 	/* atomics: the copier writes, the control thread reads */
 	uint64_t offset;	/* bytes sent */
 	uint64_t unacked_bytes; /* bytes sent in the round not yet acknowledged */
 	/* copier thread */
+	bool gate_on;	    /* we turned disk.gate on (under lock, which turns it off) */
+	uint64_t gate_from; /* the first round that began with the gate on */
 	struct vblk_ss_writer w;
 	struct vblk_dirty *unacked;
 	uint8_t *buf;
@@ -247,11 +251,34 @@ struct vblk_mirror {
 	struct vmig__ratelimit rl;
 };
 
+/* The queues look at their held requests again. */
+static void gate_wake_queues(struct vblk_daemon *dm)
+{
+	for (unsigned i = 0; i < dm->nqueues; i++) {
+		int fd = __atomic_load_n(&dm->q[i].wake_fd, __ATOMIC_ACQUIRE);
+
+		if (fd >= 0)
+			eventfd_write(fd, 1);
+	}
+}
+
+/* Under lock: writes wait for nothing any more; those held are returned
+ * (their blocks stay dirty, for the last round or the next mirror). */
+static void gate_off(struct vblk_mirror *m)
+{
+	m->gate_on = false;
+	m->synced = false;
+	if (__atomic_exchange_n(&m->dm->disk.gate.on, false, __ATOMIC_ACQ_REL))
+		gate_wake_queues(m->dm);
+}
+
 /* Under lock: wake every thread of the mirror, wherever it waits. */
 static void m_wake(struct vblk_mirror *m)
 {
 	pthread_cond_broadcast(&m->cv);
+	eventfd_write(m->dm->disk.gate.kick_fd, 1); /* an idle copier */
 	if (m->concluded) {
+		gate_off(m);
 		if (m->chan)
 			vmig__chan_shutdown(m->chan, SHUT_RDWR);
 		eventfd_write(m->cancel_fd, 1);
@@ -350,7 +377,9 @@ static int m_send_extent(struct vblk_mirror *m, uint64_t off, uint64_t len)
 		}
 		__atomic_fetch_add(&m->offset, n, __ATOMIC_RELAXED);
 		pthread_mutex_lock(&m->lock);
-		speed = m->completing ? 0 : m->speed; /* the guest is stopped: no limit */
+		/* No limit once the guest is stopped, nor while it waits for
+		 * the rounds (write-blocking). */
+		speed = m->completing || m->gate_on ? 0 : m->speed;
 		wait_ns = vmig__ratelimit_account(&m->rl, speed, n, vmig__now_ns());
 		if (wait_ns) { /* the limit's wait ends at once for the last round */
 			struct timespec until;
@@ -394,10 +423,53 @@ static bool m_wait(struct vblk_mirror *m, uint64_t k, bool done)
 	return ok;
 }
 
+/*
+ * The start of a round: turn the gate on if the mode asks for it and the
+ * first pass is on the destination, or off if it no longer does; then
+ * raise gate.begun, before any take (struct vblk_wgate). Returns the
+ * round's number on the gate.
+ */
+static uint64_t gate_round_begins(struct vblk_mirror *m)
+{
+	struct vblk_wgate *g = &m->dm->disk.gate;
+	uint64_t b;
+	bool want;
+
+	pthread_mutex_lock(&m->lock);
+	want = m->write_blocking && m->ready && !m->completing && !m->concluded;
+	if (want && !m->gate_on) {
+		m->gate_on = true;
+		m->gate_from = __atomic_load_n(&g->begun, __ATOMIC_RELAXED) + 1;
+		__atomic_store_n(&g->on, true, __ATOMIC_SEQ_CST);
+		vblk_log(m->dm, "mirror: write-blocking: guest writes now wait for the "
+				"destination");
+	} else if (!want && m->gate_on) {
+		gate_off(m);
+	}
+	pthread_mutex_unlock(&m->lock);
+	b = __atomic_add_fetch(&g->begun, 1, __ATOMIC_SEQ_CST);
+	__atomic_thread_fence(__ATOMIC_SEQ_CST); /* begun, then the takes */
+	return b;
+}
+
+/* Every block taken up to gate round b is on the destination: the writes
+ * held for it go back to the guest. */
+static void gate_round_acked(struct vblk_mirror *m, uint64_t b)
+{
+	__atomic_store_n(&m->dm->disk.gate.acked, b, __ATOMIC_RELEASE);
+	pthread_mutex_lock(&m->lock);
+	if (m->gate_on) {
+		m->synced |= b >= m->gate_from;
+		gate_wake_queues(m->dm);
+	}
+	pthread_mutex_unlock(&m->lock);
+}
+
 /* One round: what is dirty as it begins (everything, with last). */
 static int m_round(struct vblk_mirror *m, uint64_t k, bool last, bool *sent)
 {
 	struct vblk_dirty *d = m->dm->disk.dirty;
+	uint64_t gate_b = gate_round_begins(m);
 	uint64_t budget = last ? UINT64_MAX : vblk_dirty_bytes(d);
 
 	*sent = false;
@@ -417,8 +489,12 @@ static int m_round(struct vblk_mirror *m, uint64_t k, bool last, bool *sent)
 				return -EIO;
 		}
 	}
-	if (!*sent && !last)
+	if (!*sent && !last) {
+		/* Nothing dirty: every earlier round was acknowledged (they go
+		 * one at a time), so whatever a held write marked is there. */
+		gate_round_acked(m, gate_b);
 		return 0;
+	}
 	if ((last && vblk_ss_put_flush(&m->w)) || vblk_ss_put_sync(&m->w, k, vblk_dirty_bytes(d))) {
 		m_fail(m, "cannot send to the destination: %s", strerror(-m->w.error));
 		return -EIO;
@@ -429,7 +505,32 @@ static int m_round(struct vblk_mirror *m, uint64_t k, bool last, bool *sent)
 	}
 	memset(m->unacked->words, 0, m->unacked->nwords * sizeof(uint64_t));
 	__atomic_store_n(&m->unacked_bytes, 0, __ATOMIC_RELAXED);
+	gate_round_acked(m, gate_b);
 	return 0;
+}
+
+/*
+ * Nothing was dirty: sleep until a queue holds a write (write-blocking),
+ * something asks (m_wake), or IDLE_MS passed. A queue that holds a write
+ * marked its blocks, then looks at idle; we set idle, then look at the
+ * blocks: with a fence on each side, one of us sees the other.
+ */
+static void m_idle(struct vblk_mirror *m)
+{
+	struct vblk_wgate *g = &m->dm->disk.gate;
+	struct pollfd pfd = {.fd = g->kick_fd, .events = POLLIN};
+	eventfd_t v;
+	bool stop;
+
+	__atomic_store_n(&g->idle, true, __ATOMIC_SEQ_CST);
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	pthread_mutex_lock(&m->lock);
+	stop = m->completing || m->cancel || m->concluded;
+	pthread_mutex_unlock(&m->lock);
+	if (!stop && !vblk_dirty_bytes(m->dm->disk.dirty))
+		poll(&pfd, 1, IDLE_MS);
+	__atomic_store_n(&g->idle, false, __ATOMIC_RELAXED);
+	eventfd_read(g->kick_fd, &v); /* non-blocking: empty it */
 }
 
 static void *m_copier(void *arg)
@@ -503,15 +604,8 @@ static void *m_copier(void *arg)
 			    (double)(vmig__now_ns() - t_last) / 1e6);
 			break;
 		}
-		if (!sent) { /* nothing dirty: look again soon, or at once when asked */
-			struct timespec until;
-
-			add_ms(&until, IDLE_MS);
-			pthread_mutex_lock(&m->lock);
-			if (!m->completing && !m->cancel && !m->concluded)
-				pthread_cond_timedwait(&m->cv, &m->lock, &until);
-			pthread_mutex_unlock(&m->lock);
-		}
+		if (!sent)
+			m_idle(m);
 	}
 out:
 	pthread_mutex_lock(&m->lock);
@@ -567,7 +661,7 @@ bool vblk_mirror_active(const struct vblk_daemon *dm)
 }
 
 int vblk_mirror_start(struct vblk_daemon *dm, const char *uri, uint32_t granularity, uint64_t speed,
-		      char *err, size_t errlen)
+		      bool write_blocking, char *err, size_t errlen)
 {
 	struct vblk_mirror *m, *old = dm->mirror;
 	struct vmig__err e = {{0}};
@@ -614,7 +708,17 @@ int vblk_mirror_start(struct vblk_daemon *dm, const char *uri, uint32_t granular
 		r = -errno;
 		goto fail;
 	}
+	if (!dm->disk.gate.kick_made) { /* kept for the daemon's life: queues use it */
+		dm->disk.gate.kick_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+		if (dm->disk.gate.kick_fd < 0) {
+			fmt_err(err, errlen, "eventfd: %s", strerror(errno));
+			r = -errno;
+			goto fail;
+		}
+		dm->disk.gate.kick_made = true;
+	}
 	m->speed = speed;
+	m->write_blocking = write_blocking;
 	snprintf(m->uri_text, sizeof(m->uri_text), "%s", uri);
 	r = vmig__uri_parse(uri, &m->uri, &e);
 	if (r) {
@@ -661,8 +765,9 @@ int vblk_mirror_start(struct vblk_daemon *dm, const char *uri, uint32_t granular
 	m->copier_running = true;
 	m_free(old);
 	dm->mirror = m;
-	vblk_log(dm, "mirror: %s to %s, granularity %u", resume ? "resuming" : "starting", uri,
-		 granularity);
+	vblk_log(dm, "mirror: %s to %s, granularity %u, copy-mode %s",
+		 resume ? "resuming" : "starting", uri, granularity,
+		 write_blocking ? "write-blocking" : "background");
 	return 0;
 fail_tracking:
 	if (!resume)
@@ -728,6 +833,29 @@ int vblk_mirror_cancel(struct vblk_daemon *dm, char *err, size_t errlen)
 	return 0;
 }
 
+int vblk_mirror_change(struct vblk_daemon *dm, bool write_blocking, char *err, size_t errlen)
+{
+	struct vblk_mirror *m = dm->mirror;
+	int r = 0;
+
+	if (!m) {
+		fmt_err(err, errlen, "no mirror is running");
+		return -ENOENT;
+	}
+	pthread_mutex_lock(&m->lock);
+	if (m->concluded) {
+		fmt_err(err, errlen, "the mirror has ended");
+		r = -ENOENT;
+	} else if (m->write_blocking != write_blocking) {
+		m->write_blocking = write_blocking;
+		m_wake(m); /* the copier's next round turns the gate on or off */
+		vblk_log(dm, "mirror: copy-mode %s",
+			 write_blocking ? "write-blocking" : "background");
+	}
+	pthread_mutex_unlock(&m->lock);
+	return r;
+}
+
 int vblk_mirror_set_speed(struct vblk_daemon *dm, uint64_t speed, char *err, size_t errlen)
 {
 	struct vblk_mirror *m = dm->mirror;
@@ -757,12 +885,15 @@ void vblk_mirror_query(struct vblk_daemon *dm, struct vblk_mirror_info *in)
 	in->completing = m->completing;
 	in->speed = m->speed;
 	in->rounds = m->acked;
+	in->write_blocking = m->write_blocking;
+	in->actively_synced = m->synced;
 	snprintf(in->error, sizeof(in->error), "%s", m->error);
 	in->status = m->concluded ? "concluded" : m->ready ? "ready" : "running";
 	ok_end = m->concluded && !m->error[0];
 	pthread_mutex_unlock(&m->lock);
 	snprintf(in->uri, sizeof(in->uri), "%s", m->uri_text);
 	in->offset = __atomic_load_n(&m->offset, __ATOMIC_RELAXED);
+	in->held_writes = __atomic_load_n(&dm->disk.gate.held, __ATOMIC_RELAXED);
 	vblk_dirty_query(dm, &di);
 	in->dirty_rate = di.rate_bytes_per_s;
 	in->remaining =

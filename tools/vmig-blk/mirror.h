@@ -44,6 +44,12 @@ struct vblk_mirror_info {
 	uint64_t speed;	     /* bytes/s limit, 0: none */
 	uint64_t dirty_rate; /* bytes/s the guest dirties */
 	uint64_t rounds;     /* rounds the destination acknowledged */
+	bool write_blocking; /* copy-mode: "write-blocking" (else "background") */
+	/* Write-blocking, and every block dirty when the gate went on is on
+	 * the destination: from here on, both copies have every write the
+	 * guest saw complete (QEMU's actively-synced). */
+	bool actively_synced;
+	uint64_t held_writes; /* requests the gate held, since the daemon started */
 	char error[256];     /* concluded: why it failed; "" if it did not */
 	char uri[160];
 };
@@ -53,10 +59,16 @@ struct vblk_mirror_info {
  * unix:PATH). Dirty tracking must be off, or left on by a mirror that
  * failed: then the new one resumes from that bitmap (what the old one had
  * sent and the destination had not acknowledged is dirty again).
- * granularity 0: the default. 0, or -errno with err set.
+ * granularity 0: the default. write_blocking: once the first pass is on
+ * the destination, every guest write completes only when the destination
+ * has it (QEMU's copy-mode "write-blocking"; else "background"), so a
+ * guest that writes faster than the copy still converges. 0, or -errno
+ * with err set.
  */
 int vblk_mirror_start(struct vblk_daemon *dm, const char *uri, uint32_t granularity, uint64_t speed,
-		      char *err, size_t errlen);
+		      bool write_blocking, char *err, size_t errlen);
+/* Change the copy-mode of a running mirror (QEMU's block-job-change). */
+int vblk_mirror_change(struct vblk_daemon *dm, bool write_blocking, char *err, size_t errlen);
 /* The last round: only once the guest can no longer write (every queue
  * stopped, as QEMU does when the VM stops for switch-over). */
 int vblk_mirror_complete(struct vblk_daemon *dm, char *err, size_t errlen);

@@ -35,6 +35,8 @@ struct vblk_req {
 	bool busy;
 	enum { VBLK_DELAY_NONE, VBLK_DELAY_WAITING, VBLK_DELAY_HELD } delay;
 	uint8_t held_status; /* status to return once the latency is over */
+	uint64_t gate_round; /* held until the gate's acked reaches it; 0: not held */
+	uint8_t gate_status; /* the status to return then */
 	uint64_t sector;     /* from the request header */
 	uint64_t fetch_ns;   /* taken from the ring (only while a latency is set) */
 	unsigned nsegs;	     /* discard / write-zeroes segments */

@@ -501,9 +501,33 @@ static json_t *mirror_info(struct vblk_daemon *dm)
 		      (json_int_t)in.offset, "remaining", (json_int_t)in.remaining, "speed",
 		      (json_int_t)in.speed, "ready", in.ready, "completing", in.completing,
 		      "dirty-rate", (json_int_t)in.dirty_rate, "rounds", (json_int_t)in.rounds);
+	if (o) {
+		json_object_set_new(
+		    o, "copy-mode",
+		    json_string(in.write_blocking ? "write-blocking" : "background"));
+		json_object_set_new(o, "actively-synced", json_boolean(in.actively_synced));
+		json_object_set_new(o, "held-writes", json_integer((json_int_t)in.held_writes));
+	}
 	if (o && in.error[0])
 		json_object_set_new(o, "error", json_string(in.error));
 	return o;
+}
+
+/* "copy-mode" of params (absent: background). 0 or 1, or -1 after an
+ * error reply. */
+static int param_copy_mode(int fd, const char *id, json_t *params, bool required)
+{
+	json_t *j = json_object_get(params, "copy-mode");
+	const char *v = json_string_value(j);
+
+	if (!j && !required)
+		return 0;
+	if (!v || (strcmp(v, "background") && strcmp(v, "write-blocking"))) {
+		vblk_rpc_send(fd, id, NULL, RPC_INVALID_PARAMS,
+			      "copy-mode must be \"background\" or \"write-blocking\"");
+		return -1;
+	}
+	return !strcmp(v, "write-blocking");
 }
 
 static json_t *mirror_reply(struct vblk_daemon *dm, int fd, const char *id, int r, const char *err)
@@ -516,15 +540,17 @@ static json_t *mirror_reply(struct vblk_daemon *dm, int fd, const char *id, int 
 	return mirror_info(dm);
 }
 
-/* {"uri": S, "granularity": N, "speed": N}: copy the disk to uri. */
+/* {"uri": S, "granularity": N, "speed": N, "copy-mode": S}: copy the disk
+ * to uri. */
 static json_t *mirror_start(struct vblk_daemon *dm, int fd, const char *id, json_t *params)
 {
-	static const char *const keys[] = {"uri", "granularity", "speed"};
+	static const char *const keys[] = {"uri", "granularity", "speed", "copy-mode"};
 	json_t *ju = json_is_object(params) ? json_object_get(params, "uri") : NULL;
 	uint64_t gran = 0, speed = 0;
 	char err[512];
+	int wb;
 
-	if (!params_only(fd, id, params, keys, 3) ||
+	if (!params_only(fd, id, params, keys, 4) ||
 	    !param_u64(fd, id, params, "granularity", VBLK_DIRTY_MIN_GRANULARITY,
 		       VBLK_DIRTY_MAX_GRANULARITY, &gran) ||
 	    !param_u64(fd, id, params, "speed", 0, UINT64_MAX / 2, &speed))
@@ -534,10 +560,26 @@ static json_t *mirror_start(struct vblk_daemon *dm, int fd, const char *id, json
 			      "uri (tcp:HOST:PORT or unix:PATH) is required");
 		return NULL;
 	}
-	return mirror_reply(
-	    dm, fd, id,
-	    vblk_mirror_start(dm, json_string_value(ju), (uint32_t)gran, speed, err, sizeof(err)),
-	    err);
+	wb = param_copy_mode(fd, id, params, false);
+	if (wb < 0)
+		return NULL;
+	return mirror_reply(dm, fd, id,
+			    vblk_mirror_start(dm, json_string_value(ju), (uint32_t)gran, speed, wb,
+					      err, sizeof(err)),
+			    err);
+}
+
+/* {"copy-mode": S}: QEMU's block-job-change for a running mirror. */
+static json_t *mirror_change(struct vblk_daemon *dm, int fd, const char *id, json_t *params)
+{
+	static const char *const keys[] = {"copy-mode"};
+	char err[512];
+	int wb;
+
+	if (!params_only(fd, id, params, keys, 1) ||
+	    (wb = param_copy_mode(fd, id, params, true)) < 0)
+		return NULL;
+	return mirror_reply(dm, fd, id, vblk_mirror_change(dm, wb, err, sizeof(err)), err);
 }
 
 static json_t *mirror_simple(struct vblk_daemon *dm, int fd, const char *id, json_t *params,
@@ -633,6 +675,8 @@ static bool dispatch(struct vblk_daemon *dm, int fd, json_t *req)
 		result = mirror_simple(dm, fd, id, params, vblk_mirror_cancel);
 	} else if (!strcmp(method, "vmig_blk_mirror_set_speed")) {
 		result = mirror_speed(dm, fd, id, params);
+	} else if (!strcmp(method, "vmig_blk_mirror_change")) {
+		result = mirror_change(dm, fd, id, params);
 	} else if (!strcmp(method, "vmig_blk_incoming_query")) {
 		result = params_only(fd, id, params, NULL, 0) ? incoming_info(dm) : NULL;
 	} else if (!strcmp(method, "vmig_blk_upgrade")) {

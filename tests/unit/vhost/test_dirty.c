@@ -939,6 +939,109 @@ static void test_mirror_resumes(void **state)
 	dest_stop(false);
 }
 
+/* The destination's image at off: len bytes of fill? */
+static bool dest_has(uint64_t off, uint32_t len, uint8_t fill)
+{
+	uint8_t buf[16384];
+	int fd = open(T.image2, O_RDONLY | O_CLOEXEC);
+	bool same = true;
+
+	assert_true(fd >= 0 && len <= sizeof(buf));
+	assert_int_equal(pread(fd, buf, len, (off_t)off), (ssize_t)len);
+	for (uint32_t i = 0; i < len; i++)
+		same &= buf[i] == fill;
+	close(fd);
+	return same;
+}
+
+/* Poll the mirror until actively-synced (write-blocking, the backlog on the
+ * destination). */
+static void wait_synced(void)
+{
+	uint64_t end = now_ms() + 6 * WAIT_MS;
+
+	for (;;) {
+		json_t *q = rpc_ok("vmig_blk_mirror_query", NULL);
+		bool synced = json_is_true(json_object_get(q, "actively-synced"));
+
+		if (!synced && (has_status(q, "concluded") || now_ms() > end)) {
+			char *t = json_dumps(q, JSON_COMPACT);
+
+			fail_msg("mirror: never actively synced: %s", t);
+		}
+		json_decref(q);
+		if (synced)
+			return;
+		usleep(5000);
+	}
+}
+
+/*
+ * copy-mode write-blocking: once the mirror is actively synced, a write the
+ * guest saw complete is already on the destination, every time, even with
+ * a copy speed far below the guest's writes (the rounds that carry held
+ * writes are not limited). A destination killed (-9) while writes wait
+ * lets them go: the source serves on, and a resumed mirror completes with
+ * both images the same. Without the gate, the destination lags behind the
+ * completions and the first check fails.
+ */
+static void test_mirror_write_blocking(void **state)
+{
+	char params[512];
+	uint64_t rng = 0x2545f4914f6cdd1dull;
+	json_t *q;
+
+	fe_up();
+	dest_start(true);
+	rpc_fails("vmig_blk_mirror_start", "{\"uri\":\"unix:/x\",\"copy-mode\":\"eager\"}", -32602);
+	snprintf(params, sizeof(params),
+		 "{\"uri\":\"%s\",\"granularity\":4096,\"copy-mode\":\"write-blocking\"}", T.uri);
+	q = rpc_ok("vmig_blk_mirror_start", params);
+	assert_string_equal(json_string_value(json_object_get(q, "copy-mode")), "write-blocking");
+	json_decref(q);
+	rpc_fails("vmig_blk_mirror_change", NULL, -32602);
+	rpc_fails("vmig_blk_mirror_change", "{\"copy-mode\":1}", -32602);
+	json_decref(mirror_wait(NULL, true, 0));
+	wait_synced();
+	json_decref(rpc_ok("vmig_blk_mirror_set_speed", "{\"speed\":4096}"));
+	for (int i = 0; i < 300; i++) {
+		uint32_t len = 4096u * (1 + (uint32_t)(i % 4));
+		uint64_t off;
+
+		rng ^= rng << 13;
+		rng ^= rng >> 7;
+		rng ^= rng << 17;
+		off = (rng % (IMG_SIZE / 4096 - 4)) * 4096;
+		write_at(off, len, (uint8_t)(i + 1));
+		if (!dest_has(off, len, (uint8_t)(i + 1)))
+			fail_msg("write %d at %llu completed before the destination had it", i,
+				 (unsigned long long)off);
+	}
+	q = rpc_ok("vmig_blk_mirror_query", NULL);
+	assert_true(field(q, "held-writes") >= 300);
+	json_decref(q);
+
+	/* The destination dies with writes held: they complete, here. */
+	dest_stop(true);
+	for (int i = 0; i < 20; i++)
+		write_at((uint64_t)i * 65536, 4096, 0xa0);
+	json_decref(mirror_wait("concluded", false, 0));
+
+	/* A resumed mirror, background then write-blocking again. */
+	dest_start(false);
+	snprintf(params, sizeof(params), "{\"uri\":\"%s\"}", T.uri);
+	json_decref(rpc_ok("vmig_blk_mirror_start", params));
+	json_decref(mirror_wait(NULL, true, 0));
+	q = rpc_ok("vmig_blk_mirror_change", "{\"copy-mode\":\"write-blocking\"}");
+	assert_string_equal(json_string_value(json_object_get(q, "copy-mode")), "write-blocking");
+	json_decref(q);
+	wait_synced();
+	write_at(3 * MIB, 8192, 0xc3);
+	assert_true(dest_has(3 * MIB, 8192, 0xc3));
+	complete_and_check();
+	dest_stop(false);
+}
+
 /*
  * The destination holds its guest's requests until the stream completed:
  * a read posted there after the source stopped, but before the last round,
@@ -1272,6 +1375,7 @@ int main(int argc, char **argv)
 	    cmocka_unit_test_setup(test_incoming_holds_requests, case_setup),
 	    cmocka_unit_test_setup(test_mirror_link_cut, case_setup),
 	    cmocka_unit_test_setup(test_mirror_tls, case_setup),
+	    cmocka_unit_test_setup(test_mirror_write_blocking, case_setup),
 	};
 
 	if (argc != 2) {
