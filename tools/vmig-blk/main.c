@@ -267,12 +267,20 @@ static int disk_size(struct vblk_daemon *dm, int fd, uint64_t *size)
 	return 0;
 }
 
-/* A file whose pages live only in memory (tmpfs, ramfs): see inline_rw() in blk.c. */
+/*
+ * A regular file whose pages live only in memory (tmpfs, ramfs): see
+ * inline_rw() in blk.c. Only a regular file: fstatfs on a device node
+ * describes the file system the node sits in, and /dev is devtmpfs, whose
+ * f_type is TMPFS_MAGIC. Taking a block device for a tmpfs file would serve
+ * it with blocking preadv/pwritev on the queue thread, one request at a
+ * time, whatever the guest's queue depth.
+ */
 static bool on_memory_fs(int fd)
 {
 	struct statfs sf;
+	struct stat st;
 
-	if (fstatfs(fd, &sf) < 0)
+	if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) || fstatfs(fd, &sf) < 0)
 		return false;
 	return sf.f_type == TMPFS_MAGIC || sf.f_type == RAMFS_MAGIC;
 }
