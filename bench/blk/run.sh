@@ -25,5 +25,5 @@ done
 out=$build/bench-blk
 mkdir -p "$out"
 ${CC:-cc} -O2 -D_GNU_SOURCE -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes \
-	-Wmissing-prototypes -o "$out/vblk-load" "$here/vblk-load.c"
+	-Wmissing-prototypes -pthread -o "$out/vblk-load" "$here/vblk-load.c"
 exec python3 "$here/bench_blk.py" "$build" "$out/vblk-load" $record
