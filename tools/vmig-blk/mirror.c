@@ -62,6 +62,9 @@
 #define IDLE_MS 20
 /* How long the last round may wait for the destination's DONE. */
 #define DONE_TIMEOUT_MS 60000
+/* How long guest writes may wait for an acknowledgement (write-blocking)
+ * before they are let go: a stalled link must not hang the guest. */
+#define GATE_STALL_MS 1000
 
 /* ---- shared ---------------------------------------------------------- */
 
@@ -377,15 +380,18 @@ static int m_send_extent(struct vblk_mirror *m, uint64_t off, uint64_t len)
 		}
 		__atomic_fetch_add(&m->offset, n, __ATOMIC_RELAXED);
 		pthread_mutex_lock(&m->lock);
-		/* No limit once the guest is stopped, nor while it waits for
-		 * the rounds (write-blocking). */
-		speed = m->completing || m->gate_on ? 0 : m->speed;
+		/* No limit once the guest is stopped, nor in write-blocking
+		 * mode after the first pass: the guest waits for the rounds
+		 * (and a mirror switched to it mid-round must get to the next
+		 * round, where the gate goes on, at once). */
+		speed = m->completing || (m->write_blocking && m->ready) ? 0 : m->speed;
 		wait_ns = vmig__ratelimit_account(&m->rl, speed, n, vmig__now_ns());
-		if (wait_ns) { /* the limit's wait ends at once for the last round */
+		if (wait_ns) { /* ends at once when the limit no longer applies */
 			struct timespec until;
 
 			deadline_ns(&until, wait_ns);
 			while (!m->completing && !m->concluded &&
+			       !(m->write_blocking && m->ready) &&
 			       pthread_cond_timedwait(&m->cv, &m->lock, &until) != ETIMEDOUT)
 				;
 		}
@@ -407,17 +413,33 @@ static void m_requeue(struct vblk_mirror *m)
 				__atomic_fetch_or(&d->words[i], u->words[i], __ATOMIC_RELEASE);
 }
 
-/* Wait for the destination to acknowledge round k (or DONE with done). */
+/*
+ * Wait for the destination to acknowledge round k (or DONE with done).
+ * With the gate on, guest writes wait too: after GATE_STALL_MS they are
+ * let go (their blocks stay dirty) and the gate stays off until the next
+ * round, so a stalled link stalls the guest's writes for a bounded time.
+ */
 static bool m_wait(struct vblk_mirror *m, uint64_t k, bool done)
 {
-	struct timespec until;
+	struct timespec until, stall;
 	bool ok;
 
 	add_ms(&until, DONE_TIMEOUT_MS);
+	add_ms(&stall, GATE_STALL_MS);
 	pthread_mutex_lock(&m->lock);
-	while (!m->concluded && !m->cancel && (done ? !m->done : m->acked < k))
-		if (pthread_cond_timedwait(&m->cv, &m->lock, &until) == ETIMEDOUT)
+	while (!m->concluded && !m->cancel && (done ? !m->done : m->acked < k)) {
+		bool gate = m->gate_on;
+
+		if (pthread_cond_timedwait(&m->cv, &m->lock, gate ? &stall : &until) != ETIMEDOUT)
+			continue;
+		if (!gate)
 			break;
+		gate_off(m);
+		vblk_log(m->dm,
+			 "mirror: write-blocking: no acknowledgement in %d ms; guest writes "
+			 "no longer wait for this round",
+			 GATE_STALL_MS);
+	}
 	ok = !m->concluded && !m->cancel && (done ? m->done : m->acked >= k);
 	pthread_mutex_unlock(&m->lock);
 	return ok;

@@ -18,6 +18,14 @@
  *      migration (the source VM resumes on its own disk), a failed RAM
  *      migration cancels the mirror.
  *
+ * Convergence. In mode write-blocking the mirror holds each guest write
+ * until the destination has it, from its first pass on. In mode mirror it
+ * copies in the background, and if its backlog stays above what the copy
+ * clears in BEHIND_S for BEHIND_FOR_MS after the first pass (the guest
+ * writes faster than the copy), it is switched to write-blocking, and the
+ * run says so: without that, the last round, inside the VM's downtime,
+ * would carry whatever the guest dirtied meanwhile.
+ *
  * The control sockets speak JSON-RPC 2.0, one request per connection here.
  */
 #include <errno.h>
@@ -40,6 +48,11 @@
 /* A stopped mirror is restarted every RETRY_EVERY_MS, for RETRY_FOR_MS. */
 #define RETRY_EVERY_MS 500
 #define RETRY_FOR_MS 60000
+/* Convergence in mode mirror: the backlog may stay above what the copy
+ * sends in BEHIND_S (at least BEHIND_MIN bytes) for BEHIND_FOR_MS. */
+#define BEHIND_S 0.1
+#define BEHIND_MIN (4ull << 20)
+#define BEHIND_FOR_MS 3000
 
 static void nap_ms(unsigned ms)
 {
@@ -144,9 +157,9 @@ int storage_check(const struct storage *st)
 				"--storage-uri\n");
 		return -1;
 	}
-	if (st->mode && strcmp(st->mode, "mirror")) {
+	if (st->mode && strcmp(st->mode, "mirror") && strcmp(st->mode, "write-blocking")) {
 		fprintf(stderr,
-			"vmig: --storage-mode %s is not available yet; mirror is the only mode\n",
+			"vmig: --storage-mode %s: the modes are mirror and write-blocking\n",
 			st->mode);
 		return -1;
 	}
@@ -156,7 +169,9 @@ int storage_check(const struct storage *st)
 /* Start (or resume) the source's mirror; 0 or -1 with err. */
 static int mirror_start(struct storage *st, char *err, size_t errlen)
 {
-	json_t *params = json_pack("{s:s}", "uri", st->uri), *q;
+	json_t *params = json_pack("{s:s,s:s}", "uri", st->uri, "copy-mode",
+				   st->write_blocking ? "write-blocking" : "background"),
+	       *q;
 
 	if (st->speed)
 		json_object_set_new(params, "speed", json_integer((json_int_t)st->speed));
@@ -197,6 +212,38 @@ static int recover(struct storage *st, const char *why)
 	return 0;
 }
 
+/* Mode mirror after its first pass: switch to write-blocking once the
+ * backlog stayed too long above what the copy clears in a moment. */
+static int converge(struct storage *st, uint64_t now)
+{
+	uint64_t bound = VMIG_MAX(BEHIND_MIN, (uint64_t)(st->peak_rate * BEHIND_S));
+	char err[512];
+	json_t *q;
+
+	if (st->write_blocking || !st->ready || st->broken_ms || st->remaining <= bound) {
+		st->behind_ms = 0;
+		return 0;
+	}
+	if (!st->behind_ms)
+		st->behind_ms = now;
+	if (now - st->behind_ms < BEHIND_FOR_MS)
+		return 0;
+	if (rpc(st->src_rpc, "vmig_blk_mirror_change",
+		json_pack("{s:s}", "copy-mode", "write-blocking"), &q, err, sizeof(err))) {
+		fprintf(stderr, "\nvmig: storage source: vmig_blk_mirror_change: %s\n", err);
+		return 0; /* a mirror that stopped is restarted by the next poll */
+	}
+	json_decref(q);
+	st->write_blocking = st->switched = true;
+	fprintf(stderr,
+		"\nvmig: storage: the guest dirties %.1f MiB/s and the copy's backlog stayed "
+		"above %.1f MiB for %.1f s: switching the mirror to write-blocking (each guest "
+		"write now waits for the destination)\n",
+		(double)st->dirty_rate / 1048576.0, (double)bound / 1048576.0,
+		BEHIND_FOR_MS / 1000.0);
+	return 0;
+}
+
 int storage_poll(struct storage *st)
 {
 	uint64_t now = vmig__now_ms();
@@ -232,15 +279,18 @@ int storage_poll(struct storage *st)
 		st->last_offset = st->offset;
 	}
 	json_decref(q);
-	return 0;
+	if (st->rate > st->peak_rate)
+		st->peak_rate = st->rate;
+	return converge(st, now);
 }
 
 void storage_progress(const struct storage *st, char *buf, size_t len)
 {
 	unsigned pct = st->len ? (unsigned)((st->len - st->remaining) * 100 / st->len) : 0;
 
-	snprintf(buf, len, "disk %3u%% %s %7.1f MiB/s dirty %5.1f MiB/s", pct, st->status,
-		 st->rate / 1048576.0, (double)st->dirty_rate / 1048576.0);
+	snprintf(buf, len, "disk %3u%% %s%s %7.1f MiB/s dirty %5.1f MiB/s", pct, st->status,
+		 st->write_blocking ? " write-blocking" : "", st->rate / 1048576.0,
+		 (double)st->dirty_rate / 1048576.0);
 }
 
 int storage_start(struct storage *st, bool tty)
@@ -263,12 +313,14 @@ int storage_start(struct storage *st, bool tty)
 		return -1;
 	}
 	json_decref(q);
+	st->write_blocking = st->mode && !strcmp(st->mode, "write-blocking");
 	if (mirror_start(st, err, sizeof(err))) {
 		fprintf(stderr, "vmig: storage source: vmig_blk_mirror_start: %s\n", err);
 		return -1;
 	}
 	st->t0_ms = vmig__now_ms();
-	fprintf(stderr, "vmig: storage: mirroring the disk to %s\n", st->uri);
+	fprintf(stderr, "vmig: storage: mirroring the disk to %s (copy-mode %s)\n", st->uri,
+		st->write_blocking ? "write-blocking" : "background");
 	for (;;) {
 		uint64_t now = vmig__now_ms();
 
@@ -321,9 +373,12 @@ int storage_complete(struct storage *st)
 			return -1;
 		}
 		if (!strcmp(st->status, "concluded")) {
-			fprintf(stderr, "\nvmig: storage: hand-over in %llu ms%s\n",
+			fprintf(stderr, "\nvmig: storage: hand-over in %llu ms%s%s\n",
 				(unsigned long long)(vmig__now_ms() - t0),
-				st->restarts ? " (after restarts of the mirror)" : "");
+				st->restarts ? " (after restarts of the mirror)" : "",
+				st->switched ? "; converged by write-blocking (the guest "
+					       "outwrote the background copy)"
+					     : "");
 			return 0;
 		}
 		nap_ms(1);

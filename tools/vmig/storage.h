@@ -24,6 +24,12 @@ struct storage {
 	uint64_t broken_ms; /* since when; 0: it runs */
 	uint64_t retry_ms;  /* the last restart tried */
 	unsigned restarts;  /* restarts that worked */
+	/* convergence: in mirror mode, a backlog that stays above what the
+	 * copy clears in a moment switches the mirror to write-blocking */
+	bool write_blocking; /* the copy-mode asked for (or switched to) */
+	bool switched;	     /* switched to it because the guest outwrote the copy */
+	double peak_rate;    /* the best copy rate seen, bytes/s */
+	uint64_t behind_ms;  /* since when the backlog stays above it; 0: it does not */
 };
 
 /* 0 if the options go together; else says why on stderr. */
@@ -34,7 +40,9 @@ int storage_start(struct storage *st, bool tty);
 /* Query the mirror: 0 while it runs or is being restarted (a daemon
  * restarted, the link broke: it resumes from the source's bitmap, or
  * starts over if that is gone), -1 once it could not be restarted within
- * a minute (said). */
+ * a minute (said). In mirror mode, a mirror whose backlog does not come
+ * down (the guest writes faster than the copy) is switched to
+ * write-blocking here (said). */
 int storage_poll(struct storage *st);
 /* One progress line's worth: "disk 45% 120.0 MiB/s dirty 1.0 MiB/s". */
 void storage_progress(const struct storage *st, char *buf, size_t len);

@@ -40,7 +40,7 @@ static void usage(FILE *f)
 		   "        [--tls-authz ID] [--postcopy] [--postcopy-after SECONDS]\n"
 		   "        [--no-progress] [--timeline FILE.svg [--timeline-log LOG]]\n"
 		   "        [--storage-src RPC --storage-dst RPC --storage-uri URI\n"
-		   "         [--storage-mode mirror] [--storage-speed RATE]]\n"
+		   "         [--storage-mode mirror|write-blocking] [--storage-speed RATE]]\n"
 		   "  vmig info QMP              print 'info migrate'\n"
 		   "  vmig status QMP            print the VM's run state\n"
 		   "  vmig qmp QMP COMMAND [JSON-ARGS]   run a raw QMP command, print the reply\n"
@@ -62,7 +62,10 @@ static void usage(FILE *f)
 		   "of the source's vmig-blk and of the destination's, started with\n"
 		   "--incoming URI; the disk is mirrored first, the RAM then, and the\n"
 		   "destination runs only once it has the whole disk (needs --dest for a\n"
-		   "clean failure, and a VM with pause-before-switchover).\n");
+		   "clean failure, and a VM with pause-before-switchover). --storage-mode\n"
+		   "write-blocking makes each guest write wait for the destination once the\n"
+		   "first pass is there; mirror (the default) copies in the background and\n"
+		   "switches to write-blocking if the guest writes faster than the copy.\n");
 }
 
 static int connect_or_say(struct qmpc **q, const char *addr)

@@ -9,6 +9,14 @@ with pre-copy of RAM, and with post-copy of RAM (the switch to post-copy
 happens after the disk's hand-over, so the destination guest runs on a
 whole disk while its RAM still arrives).
 
+The same two runs again with --storage-mode write-blocking: once the
+first pass is on the destination, each guest write completes only when
+the destination has it. Then a guest that writes faster than the copy: in
+the default mode, once the disk is ready the test throttles the copy to
+64 KiB/s (far below what the guest dirties, whatever the machine's speed),
+and `vmig migrate` must see the backlog stay up, switch the mirror to
+write-blocking and say so, and hand over.
+
 Then twice more with pre-copy, with a fault in the middle of the disk's
 copy: the source's vmig-blk killed (-9) and started again (QEMU reconnects;
 the new daemon has no bitmap, so `vmig migrate` starts the copy over), and
@@ -62,8 +70,27 @@ def kill_mid_copy(env, pair, which):
              (which, q.get("offset", 0) >> 20))
 
 
-def one_run(env, postcopy, kill=None):
-    tag = ("postcopy" if postcopy else "precopy") + ("-kill-" + kill if kill else "")
+def throttle_when_ready(env, pair):
+    """Once the mirror is ready, cut its speed to 64 KiB/s: the guest now
+    outwrites the copy."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            q = pair.be_src.rpc_call("vmig_blk_mirror_query")
+        except blkenv.Fail:
+            q = {}
+        if q.get("ready"):
+            pair.be_src.rpc_call("vmig_blk_mirror_set_speed", {"speed": 65536})
+            env.info("mirror ready, throttled to 64 KiB/s (dirty rate %.1f MiB/s)" %
+                     (q.get("dirty-rate", 0) / 1048576.0))
+            return
+        time.sleep(0.05)
+    raise blkenv.Fail("the mirror was not ready within 120 s")
+
+
+def one_run(env, postcopy, kill=None, mode=None, outwrite=False):
+    tag = (("postcopy" if postcopy else "precopy") + ("-kill-" + kill if kill else "") +
+           ("-" + mode if mode else "") + ("-outwritten" if outwrite else ""))
     storage_uri = "unix:" + os.path.join(env.tmp, "storage-%s.sock" % tag)
     pair = blkenv.MigrationPair(env, GUEST_SECONDS, storage_uri=storage_uri,
                                 prefix=tag + "-")
@@ -76,11 +103,17 @@ def one_run(env, postcopy, kill=None):
             "--storage-speed", "16M", "--max-bandwidth", "32M"]
     if postcopy:
         argv.append("--postcopy")
+    if mode:
+        argv += ["--storage-mode", mode]
+    if outwrite:  # the RAM must not finish before the switch can happen
+        argv[argv.index("--max-bandwidth") + 1] = "8M"
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         if kill:
             kill_mid_copy(env, pair, kill)
+        if outwrite:
+            throttle_when_ready(env, pair)
         out = proc.communicate(timeout=MIGRATE_TIMEOUT_S)[0].decode(errors="replace")
     finally:
         if proc.poll() is None:
@@ -94,6 +127,17 @@ def one_run(env, postcopy, kill=None):
     env.case("%s_disk_handed_over" % tag, m is not None, out[-600:])
     if kill:
         env.case("%s_mirror_restarted" % tag, "the mirror runs again" in out, out[-800:])
+    q = pair.be_src.rpc_call("vmig_blk_mirror_query")
+    if mode == "write-blocking" or outwrite:
+        env.case("%s_write_blocking" % tag,
+                 q.get("copy-mode") == "write-blocking" and q.get("held-writes", 0) > 0,
+                 "the source's mirror at the end: %s" % q)
+    if outwrite:
+        env.case("%s_switch_said" % tag,
+                 "switching the mirror to write-blocking" in out and
+                 "converged by write-blocking" in out, out[-1500:])
+    elif not mode:
+        env.info("%s: the mirror ended in copy-mode %s" % (tag, q.get("copy-mode")))
     ready = re.search(r"the disk is on the destination after ([0-9.]+) s", out)
     env.info("%s: %.1fs in all, disk ready after %s s, hand-over %s ms" %
              (tag, secs, ready.group(1) if ready else "?", m.group(1) if m else "?"))
@@ -113,6 +157,9 @@ def one_run(env, postcopy, kill=None):
 def body(env):
     one_run(env, postcopy=False)
     one_run(env, postcopy=True)
+    one_run(env, postcopy=False, mode="write-blocking")
+    one_run(env, postcopy=True, mode="write-blocking")
+    one_run(env, postcopy=False, outwrite=True)
     one_run(env, postcopy=False, kill="src")
     one_run(env, postcopy=False, kill="dst")
 

@@ -988,7 +988,7 @@ static void wait_synced(void)
 static void test_mirror_write_blocking(void **state)
 {
 	char params[512];
-	uint64_t rng = 0x2545f4914f6cdd1dull;
+	uint64_t rng = 0x2545f4914f6cdd1dull, sent;
 	json_t *q;
 
 	fe_up();
@@ -1027,17 +1027,27 @@ static void test_mirror_write_blocking(void **state)
 		write_at((uint64_t)i * 65536, 4096, 0xa0);
 	json_decref(mirror_wait("concluded", false, 0));
 
-	/* A resumed mirror, background then write-blocking again. */
+	/* A resumed mirror, background then write-blocking again, switched
+	 * while a round crawls at 4 KiB/s through 2 MiB: that round must end
+	 * at full speed (else syncing would take minutes). */
 	dest_start(false);
 	snprintf(params, sizeof(params), "{\"uri\":\"%s\"}", T.uri);
 	json_decref(rpc_ok("vmig_blk_mirror_start", params));
-	json_decref(mirror_wait(NULL, true, 0));
+	q = mirror_wait(NULL, true, 0);
+	sent = field(q, "offset");
+	json_decref(q);
+	json_decref(rpc_ok("vmig_blk_mirror_set_speed", "{\"speed\":4096}"));
+	for (int i = 0; i < 2; i++)
+		write_at(8 * MIB + (uint64_t)i * MIB, MIB, (uint8_t)(0xd0 + i));
+	/* the round's first MiB went out: the second waits for the limit */
+	json_decref(mirror_wait(NULL, false, sent + MIB));
 	q = rpc_ok("vmig_blk_mirror_change", "{\"copy-mode\":\"write-blocking\"}");
 	assert_string_equal(json_string_value(json_object_get(q, "copy-mode")), "write-blocking");
 	json_decref(q);
 	wait_synced();
 	write_at(3 * MIB, 8192, 0xc3);
 	assert_true(dest_has(3 * MIB, 8192, 0xc3));
+	assert_true(dest_has(9 * MIB, 4096, 0xd1));
 	complete_and_check();
 	dest_stop(false);
 }
@@ -1094,6 +1104,7 @@ static struct {
 	int lfd, cut_fd;
 	pthread_t th;
 	bool stop;     /* atomic */
+	bool hold;     /* atomic: forward nothing (a stalled link) while set */
 	unsigned cuts; /* atomic: connections the forwarder cut */
 } L;
 
@@ -1114,6 +1125,10 @@ static void *link_thread(void *arg)
 			char buf[65536];
 			ssize_t n;
 
+			if (__atomic_load_n(&L.hold, __ATOMIC_ACQUIRE)) {
+				usleep(5000);
+				continue;
+			}
 			if (poll(p, 3, 50) <= 0)
 				continue;
 			if (p[2].revents) {
@@ -1155,6 +1170,7 @@ static void link_up(void)
 	assert_int_equal(listen(L.lfd, 4), 0);
 	L.cut_fd = eventfd(0, EFD_CLOEXEC);
 	L.stop = false;
+	L.hold = false;
 	L.cuts = 0;
 	assert_int_equal(pthread_create(&L.th, NULL, link_thread, NULL), 0);
 }
@@ -1217,6 +1233,42 @@ static void test_mirror_link_cut(void **state)
 	q = rpc_ok_at(T.rpc2, "vmig_blk_incoming_query", NULL);
 	assert_int_equal(field(q, "connections"), 3);
 	json_decref(q);
+	link_down();
+	dest_stop(false);
+}
+
+/*
+ * Write-blocking over a link that stalls (nothing passes, nothing is
+ * closed): the guest's writes wait a bounded time, then complete on the
+ * source (their blocks stay dirty); once the link moves again the mirror
+ * goes on, writes wait for the destination again, and completion makes
+ * the images the same. Without the bound, a write would wait the 60 s a
+ * round may take, and the request here would time out after 10 s.
+ */
+static void test_mirror_write_blocking_stall(void **state)
+{
+	char params[512];
+	uint64_t t0;
+
+	fe_up();
+	dest_start(true);
+	link_up();
+	snprintf(params, sizeof(params), "{\"uri\":\"%s\",\"copy-mode\":\"write-blocking\"}",
+		 L.uri);
+	json_decref(rpc_ok("vmig_blk_mirror_start", params));
+	wait_synced();
+	__atomic_store_n(&L.hold, true, __ATOMIC_RELEASE);
+	t0 = now_ms();
+	for (int i = 0; i < 4; i++)
+		write_at((uint64_t)(i + 1) * MIB, 4096, (uint8_t)(0x10 + i));
+	printf("stalled link: 4 writes completed in %llu ms\n",
+	       (unsigned long long)(now_ms() - t0));
+	__atomic_store_n(&L.hold, false, __ATOMIC_RELEASE);
+	wait_synced();
+	write_at(6 * MIB, 4096, 0x77);
+	assert_true(dest_has(6 * MIB, 4096, 0x77));
+	assert_true(dest_has(1 * MIB, 4096, 0x10));
+	complete_and_check();
 	link_down();
 	dest_stop(false);
 }
@@ -1376,6 +1428,7 @@ int main(int argc, char **argv)
 	    cmocka_unit_test_setup(test_mirror_link_cut, case_setup),
 	    cmocka_unit_test_setup(test_mirror_tls, case_setup),
 	    cmocka_unit_test_setup(test_mirror_write_blocking, case_setup),
+	    cmocka_unit_test_setup(test_mirror_write_blocking_stall, case_setup),
 	};
 
 	if (argc != 2) {
