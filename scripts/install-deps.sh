@@ -10,6 +10,10 @@ pkgs=(
   python3 iproute2 cpio gzip procps psmisc
   qemu-system-x86 qemu-utils busybox-static linux-image-amd64
   chromium # test_timeline.py renders the timeline SVG headless
+  # test_libvirt.py: libvirtd and virsh. libvirt-daemon-system, not only
+  # libvirt-daemon: libvirtd 9.0 will not start without the libvirt-qemu
+  # user that it creates, even when qemu.conf says user = "root".
+  libvirt-daemon-system libvirt-clients
 )
 
 missing=()

@@ -559,3 +559,11 @@ def run(test_name, body, prepare=True):
     finally:
         rc = env.finish()
     sys.exit(rc)
+
+
+def guest_cmdline(guest_args):
+    """The kernel command line that runs the test guest's blkcheck with
+    guest_args, as Guest passes it (for a front-end started another way,
+    such as a libvirt domain's <cmdline>)."""
+    return "console=ttyS0 quiet panic=-1 vmig.test=blkcheck vmig.args=" + \
+        ",".join(str(a) for a in guest_args)
