@@ -52,7 +52,7 @@
  * sends in BEHIND_S (at least BEHIND_MIN bytes) for BEHIND_FOR_MS. */
 #define BEHIND_S 0.1
 #define BEHIND_MIN (4ull << 20)
-#define BEHIND_FOR_MS 3000
+#define BEHIND_FOR_MS 1000
 
 static void nap_ms(unsigned ms)
 {
