@@ -500,7 +500,7 @@ def main():
     if "--record" in sys.argv and (ONLY or os.environ.get("BENCH_BLK_PAUSE", "1") == "0"):
         raise SystemExit("bench_blk: --record needs the full run "
                          "(no BENCH_BLK_ONLY, no BENCH_BLK_PAUSE=0)")
-    if os.geteuid() != 0 and "loop" in STORAGES:
+    if os.geteuid() != 0 and any(selected("loop", w[0]) for w in WORKLOADS["loop"]):
         raise SystemExit("bench_blk: needs root (it makes a loop device)")
     vmig_blk = blkenv.find_vmig_blk(build_dir)
     if vmig_blk is None:
