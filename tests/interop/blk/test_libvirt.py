@@ -27,15 +27,22 @@ After each step the guest must keep writing, and its final pass must read
 back every block with 0 I/O errors and 0 bad blocks. The serial console is
 one file (append='on') that both hosts' QEMUs write, so it reads as one log.
 
+QEMU runs as libvirt-qemu, as on a default Debian install: vmig-blk's socket
+is in a setgid directory of that group and made under umask 007. For the
+post-copy step the test sets vm.unprivileged_userfaultfd to 1 and puts it
+back afterwards (see UnprivilegedUserfaultfd). The domain's <emulator> is a
+wrapper that works around a QEMU 7.2 TCG bug (see WRAPPER).
+
 Missing libvirt is installed through scripts/install-deps.sh (root only);
 if it is still missing, or anything else the test needs is, that is a FAIL.
-Everything the test started (domains, QEMUs, daemons, namespaces) is
-stopped or removed at the end whatever happened; the mounts live only in the
+Everything the test started or changed (domains, QEMUs, daemons,
+namespaces, the sysctl) is stopped, removed or put back whatever happened; the mounts live only in the
 namespaces, which die with their last process.
 
 Usage: test_libvirt.py BUILD_DIR
 """
 import os
+import grp
 import pwd
 import re
 import shlex
@@ -59,6 +66,8 @@ VIRSH_TIMEOUT_S = 30
 DISK_SOCK = "/var/lib/libvirt/vmig/disk.sock"
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..")
 INSTALL_DEPS = os.path.join(ROOT, "scripts", "install-deps.sh")
+# QEMU runs as Debian's libvirt user, not root: the socket must let it in.
+QEMU_USER = QEMU_GROUP = "libvirt-qemu"
 TOOLS = ("virsh", "libvirtd", "ip", "unshare", "qemu-system-x86_64")
 
 
@@ -119,7 +128,8 @@ class Host:
                     'auth_tcp = "none"\nauth_unix_rw = "none"\n'
                     'unix_sock_rw_perms = "0700"\nhost_uuid = "%s"\n' % (addr, uuid))
         with open(os.path.join(etc, "qemu.conf"), "w") as f:
-            f.write('user = "root"\ngroup = "root"\ndynamic_ownership = 0\n'
+            f.write('user = "%s"\ngroup = "%s"\ndynamic_ownership = 0\n' %
+                    (QEMU_USER, QEMU_GROUP) +
                     'remember_owner = 0\nsecurity_driver = "none"\n'
                     'cgroup_controllers = [ ]\nnamespaces = [ ]\n'
                     'stdio_handler = "file"\n'
@@ -128,6 +138,11 @@ class Host:
         self.uri = "qemu+unix:///system?socket=" + self.sock
         self.tcp_uri = "qemu+tcp://%s/system" % addr
         self.disk_sock = os.path.join(var, DISK_SOCK[len("/var/"):])
+        # The socket's directory: QEMU's group, setgid, so that vmig-blk's
+        # socket (made under umask 007, see start_backend) is in that group.
+        sock_dir = os.path.dirname(self.disk_sock)
+        os.chown(sock_dir, 0, grp.getgrnam(QEMU_GROUP).gr_gid)
+        os.chmod(sock_dir, 0o2770)
         self.qemu_log_dir = os.path.join(var, "log/libvirt/qemu")
         self.pid_dir = os.path.join(run, "libvirt/qemu")
         script = ("mount --bind {etc} /etc/libvirt && mount --bind {var} /var && "
@@ -198,6 +213,16 @@ class Host:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+
+
+def start_backend(be):
+    """Starts (or restarts) a vmig-blk so that its vhost-user socket is
+    rw for its group (the directory's, QEMU's) and nothing for others."""
+    old = os.umask(0o007)
+    try:
+        return be.start()
+    finally:
+        os.umask(old)
 
 
 def qemu_of(pid, dom):
@@ -391,24 +416,34 @@ class Console:
             time.sleep(0.2)
 
 
-def guest_goes_on(env, name, console, since, state):
+def guest_goes_on(env, name, console, since, state, text_from):
+    """The guest wrote WRITES_AFTER_STEP more blocks after the step ended.
+    Also reports its longest I/O stall (GAP line) since text_from, the
+    console's length when the step began."""
     ok, n, finished = console.wait_writes(since + WRITES_AFTER_STEP)
     env.case(name, ok, "guest writes %d at the step, %d %s; domain %s" %
              (since, n, "when it finished its run" if finished else
               "%ds later" % STEP_TIMEOUT_S, state))
+    gaps = [float(g.get("gap_ms", 0)) for g in
+            blkenv.parse_kv_lines(console.serial()[text_from:], "GAP")]
+    env.info("%s: longest guest I/O stall %s" %
+             (name, "%.0f ms" % max(gaps) if gaps else "under the 50 ms threshold"))
     return ok
 
 
 def step_kill_restart(env, host, be, console, dom):
     """SIGKILL of vmig-blk, 1 s without it, then the same arguments again."""
+    text_from = len(console.serial())
     be.kill9()
     time.sleep(1)
-    be.start()
+    start_backend(be)
     since = console.writes()
-    guest_goes_on(env, "kill9_restart_guest_goes_on", console, since, host.domstate(dom))
+    guest_goes_on(env, "kill9_restart_guest_goes_on", console, since, host.domstate(dom),
+                  text_from)
 
 
 def step_upgrade(env, host, console, dom):
+    text_from = len(console.serial())
     rc, out = run_cmd([env.vmig_blk, "upgrade", "--socket", host.disk_sock])
     since = console.writes()
     m = re.search(r'"pause_ms":\s*([0-9.]+)|pause_ms=([0-9.]+)', out)
@@ -416,7 +451,8 @@ def step_upgrade(env, host, console, dom):
              "exit %d: %s" % (rc, out.strip()[-300:]))
     if m:
         env.info("live upgrade: daemon-measured pause %s ms" % (m.group(1) or m.group(2)))
-    guest_goes_on(env, "live_upgrade_guest_goes_on", console, since, host.domstate(dom))
+    guest_goes_on(env, "live_upgrade_guest_goes_on", console, since, host.domstate(dom),
+                  text_from)
 
 
 def moved(src, dst, dom):
@@ -427,6 +463,7 @@ def moved(src, dst, dom):
 
 
 def step_precopy(env, src, dst, console, dom):
+    text_from = len(console.serial())
     t0 = time.monotonic()
     rc, out = run_cmd(src.virsh_argv_in_ns("migrate", "--live", "--persistent",
                                            "--undefinesource", dom, dst.tcp_uri),
@@ -434,15 +471,63 @@ def step_precopy(env, src, dst, console, dom):
     secs = time.monotonic() - t0
     since = console.writes()
     where_ok, where = moved(src, dst, dom)
-    if where_ok:
+    if rc == 0:
         console.host = dst
     env.case("precopy_migrate_%s_to_%s" % (src.name, dst.name), rc == 0 and where_ok,
              "virsh migrate exit %d after %.1fs: %s; %s" % (rc, secs, out.strip()[-300:],
                                                            where))
     env.info("pre-copy migration %s -> %s took %.1f s" % (src.name, dst.name, secs))
-    guest_goes_on(env, "precopy_guest_goes_on_%s" % dst.name, console, since,
-                  dst.domstate(dom))
-    return rc == 0 and where_ok
+    if rc != 0 or not where_ok:
+        return False
+    report_job(env, dst, dom)
+    return guest_goes_on(env, "precopy_guest_goes_on_%s" % dst.name, console, since,
+                         dst.domstate(dom), text_from)
+
+
+def report_job(env, host, dom):
+    """libvirt's statistics of the migration that just ended, as the
+    destination keeps them."""
+    rc, out = host.virsh("domjobinfo", dom, "--completed", timeout_s=10)
+    keep = ("Time elapsed:", "Total downtime:", "Memory processed:", "Memory bandwidth:",
+            "Postcopy requests:")
+    lines = [" ".join(l.split()) for l in out.splitlines() if l.strip().startswith(keep)]
+    env.info("domjobinfo --completed on %s: %s" %
+             (host.name, "; ".join(lines) if rc == 0 else out.strip()[-200:]))
+
+
+class UnprivilegedUserfaultfd:
+    """vm.unprivileged_userfaultfd=1 for a while, put back afterwards.
+
+    The destination QEMU of a post-copy migration needs a userfaultfd. As
+    QEMU_USER, with no capabilities, QEMU 7.2 gets one only when this
+    sysctl is 1 (it does not ask for UFFD_USER_MODE_ONLY, and only QEMU 8.1
+    and later try /dev/userfaultfd); with 0, the destination QEMU answers
+    libvirt's migrate-set-capabilities with "Postcopy is not supported" and
+    logs "userfaultfd not available: Operation not permitted". Only the
+    creation of the fd needs it, so it is put back once the migration ended.
+    """
+
+    PATH = "/proc/sys/vm/unprivileged_userfaultfd"
+
+    def __init__(self, env):
+        self.env, self.old = env, None
+
+    def __enter__(self):
+        with open(self.PATH) as f:
+            value = f.read().strip()
+        if value != "1":
+            with open(self.PATH, "w") as f:
+                f.write("1")
+            self.old = value
+            self.env.info("vm.unprivileged_userfaultfd: %s -> 1 for the post-copy step" %
+                          value)
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            with open(self.PATH, "w") as f:
+                f.write(self.old)
+            self.env.info("vm.unprivileged_userfaultfd put back to %s" % self.old)
 
 
 def wait_outgoing_job(src, dom, timeout_s=30):
@@ -466,6 +551,7 @@ def step_postcopy(env, src, dst, be_dst, console, dom):
     its pages arrive (at most 32 MiB/s in the background, faulted pages
     first)."""
     log_from = len(be_dst.proc.text())
+    text_from = len(console.serial())
     argv = src.virsh_argv_in_ns("migrate", "--live", "--postcopy", "--bandwidth", "16",
                                 "--postcopy-bandwidth", "32", "--persistent",
                                 "--undefinesource", dom, dst.tcp_uri)
@@ -482,9 +568,20 @@ def step_postcopy(env, src, dst, be_dst, console, dom):
         env.case("postcopy_switch_accepted", running and rc_pc == 0,
                  "outgoing job seen %s (%s); migrate-postcopy exit %d: %s" %
                  (running, job.strip()[-200:], rc_pc, out_pc.strip()[-300:]))
-        try:
-            rc = mig.wait(timeout=MIGRATE_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
+        # The source's view of the post-copy phase: its last job report
+        # before the domain leaves it holds the pages the destination
+        # asked for (libvirt keeps no completed statistics of it here).
+        rc, last_job = None, ""
+        deadline = time.monotonic() + MIGRATE_TIMEOUT_S
+        while rc is None and time.monotonic() < deadline:
+            jrc, jout = src.virsh("domjobinfo", dom, timeout_s=10)
+            if jrc == 0 and "Postcopy requests:" in jout:
+                last_job = jout
+            try:
+                rc = mig.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+        if rc is None:
             rc = 124
     finally:
         if mig.poll() is None:
@@ -495,21 +592,27 @@ def step_postcopy(env, src, dst, be_dst, console, dom):
     with open(out_path, errors="replace") as f:
         out = f.read()
     where_ok, where = moved(src, dst, dom)
-    if where_ok:
+    if rc == 0:
         console.host = dst
     env.case("postcopy_migrate_%s_to_%s" % (src.name, dst.name), rc == 0 and where_ok,
              "virsh migrate --postcopy exit %d after %.1fs: %s; %s" %
              (rc, secs, out.strip()[-300:], where))
     env.info("post-copy migration %s -> %s took %.1f s (switched at %.1f s)" %
              (src.name, dst.name, secs, t_switch))
+    m = re.search(r"^Postcopy requests:\s+(\d+)", last_job, re.M)
+    env.case("postcopy_pages_requested", m is not None and int(m.group(1)) > 0,
+             "last domjobinfo of the source: %s" % " ".join(last_job.split())[-400:])
+    if m:
+        env.info("post-copy: %s pages requested by the destination, last seen" % m.group(1))
     # The destination daemon saw QEMU's post-copy (ADVISE, LISTEN, END) and
     # registered its mappings of guest memory on QEMU's userfaultfd.
     log = be_dst.proc.text()[log_from:]
     m = re.search(r"post-copy: listening -> off \((\d+) regions registered", log)
     env.case("backend_%s_served_postcopy" % dst.name, m is not None and int(m.group(1)) > 0,
              "vmig-blk log on %s since the migration: %s" % (dst.name, log.strip()[-400:]))
-    guest_goes_on(env, "postcopy_guest_goes_on_%s" % dst.name, console, since,
-                  dst.domstate(dom))
+    if rc == 0 and where_ok:
+        guest_goes_on(env, "postcopy_guest_goes_on_%s" % dst.name, console, since,
+                      dst.domstate(dom), text_from)
 
 
 def body(env):
@@ -519,6 +622,9 @@ def body(env):
         e.case = "libvirt_installed"
         raise
     env.case("libvirt_installed", True)
+    # QEMU (as QEMU_USER) runs the <emulator> wrapper from the temp dir:
+    # it may pass through, not list it.
+    os.chmod(env.tmp, 0o711)
     tag = "%d" % os.getpid()
     # Unique to this run: reaping by name never hits another run's QEMU.
     dom = "vblk-lv-" + re.sub(r"[^A-Za-z0-9]", "", os.path.basename(env.tmp))[-8:]
@@ -544,8 +650,8 @@ def body(env):
 
 def run_guest(env, a, b, dom):
     image = env.image("disk.img")
-    be_a = env.backend("vmig-blk-a", a.disk_sock, image, shared=True).start()
-    be_b = env.backend("vmig-blk-b", b.disk_sock, image, shared=True).start()
+    be_a = start_backend(env.backend("vmig-blk-a", a.disk_sock, image, shared=True))
+    be_b = start_backend(env.backend("vmig-blk-b", b.disk_sock, image, shared=True))
     console = Console(os.path.join(env.tmp, "guest.serial"))
     xml = os.path.join(env.tmp, "domain.xml")
     with open(xml, "w") as f:
@@ -566,6 +672,11 @@ def run_guest(env, a, b, dom):
         ram = "unknown"
     env.info("domain %s runs on host a, QEMU pid %s with -m %s" % (dom, pid, ram))
     console.host, console.dom = a, dom
+    uid = pwd.getpwnam(QEMU_USER).pw_uid
+    env.case("qemu_runs_as_%s" % QEMU_USER.replace("-", "_"),
+             re.search(r"connection \d+ accepted \(pid \d+, uid %d\)" % uid,
+                       be_a.proc.text()) is not None,
+             "vmig-blk on a: %s" % be_a.proc.text().strip()[-300:])
     console.wait_line(r"^VMIG-GUEST: READY", 90)
     ok, _, _ = console.wait_writes(WRITES_AFTER_STEP)
     env.case("guest_writes_on_a", ok, "guest writes: %d" % console.writes())
@@ -573,7 +684,8 @@ def run_guest(env, a, b, dom):
     step_kill_restart(env, a, be_a, console, dom)
     step_upgrade(env, a, console, dom)
     if step_precopy(env, a, b, console, dom):
-        step_postcopy(env, b, a, be_a, console, dom)
+        with UnprivilegedUserfaultfd(env):
+            step_postcopy(env, b, a, be_a, console, dom)
     ran_out = "VMIG-GUEST: SUMMARY" in console.serial()
     env.case("steps_done_while_guest_ran", not ran_out,
              "the guest finished its %d s run before the last step" % GUEST_SECONDS)
