@@ -89,13 +89,11 @@ def ensure_libvirt(env):
     missing = missing_libvirt()
     if missing:
         env.info("missing %s: running scripts/install-deps.sh" % " ".join(missing))
-        r = subprocess.run([INSTALL_DEPS], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           timeout=900)
+        rc, out = run_cmd([INSTALL_DEPS], timeout_s=900)
         missing = missing_libvirt()
         if missing:
-            raise blkenv.Fail("not installed: %s; install-deps.sh said: %s" %
-                              (" ".join(missing),
-                               r.stdout.decode(errors="replace").strip()[-300:]))
+            raise blkenv.Fail("not installed: %s; install-deps.sh (exit %d) said: %s" %
+                              (" ".join(missing), rc, out.strip()[-300:]))
 
 
 def run_cmd(argv, timeout_s=VIRSH_TIMEOUT_S):
@@ -113,7 +111,7 @@ class Host:
     """One libvirt host: a libvirtd in its own network and mount namespaces,
     with /etc/libvirt, /var and /run bound to directories under root."""
 
-    def __init__(self, env, name, ns, addr, peer_addr, uuid):
+    def __init__(self, env, name, ns, addr, uuid):
         self.env, self.name, self.ns, self.addr = env, name, ns, addr
         self.root = os.path.join(env.tmp, "host-" + name)
         etc, var, run = (os.path.join(self.root, d) for d in ("etc", "var", "run"))
@@ -203,7 +201,7 @@ class Host:
         outlives libvirtd by design, so a QEMU that is still there is
         killed by its pid (from the pid file libvirt wrote)."""
         if self.proc.alive():
-            rc, out = self.virsh("list", "--all", "--name", timeout_s=10)
+            rc, out = self.virsh("list", "--name", timeout_s=10)
             for d in out.split() if rc == 0 else []:
                 self.virsh("destroy", d, timeout_s=20)
         pid = self.qemu_pid(dom)
@@ -632,9 +630,9 @@ def body(env):
     hosts = []
     try:
         net.create()
-        a = Host(env, "a", net.ns[0], net.addr[0], net.addr[1],
+        a = Host(env, "a", net.ns[0], net.addr[0],
                  "5a1e0000-0000-4000-8000-%012d" % (2 * os.getpid()))
-        b = Host(env, "b", net.ns[1], net.addr[1], net.addr[0],
+        b = Host(env, "b", net.ns[1], net.addr[1],
                  "5a1e0000-0000-4000-8000-%012d" % (2 * os.getpid() + 1))
         hosts = [a, b]
         for h in hosts:
