@@ -342,7 +342,44 @@ static void *m_reader(void *arg)
 	}
 }
 
-/* Send [off, off + len) of the disk as DATA and ZERO records. */
+/*
+ * How many bytes from off (at most len, whole blocks) are a hole of the
+ * image file: nothing to read there, it reads as zeros. 0 where the file
+ * system cannot say (a block device, no SEEK_DATA). Like a read, this may
+ * race with a guest write; the write's dirty bit, set after it landed,
+ * sends the block again.
+ */
+static uint64_t m_hole(struct vblk_disk *disk, uint64_t off, uint64_t len)
+{
+	off_t d;
+
+	if (disk->ram || disk->is_blkdev)
+		return 0;
+	d = lseek(disk->fd, (off_t)off, SEEK_DATA);
+	if (d < 0)
+		return errno == ENXIO ? len : 0; /* ENXIO: only a hole up to the end */
+	if ((uint64_t)d >= off + len)
+		return len;
+	return ((uint64_t)d - off) / disk->block_size * disk->block_size;
+}
+
+/* How many bytes from off (at most len, whole blocks) to read: up to the
+ * next hole, if the file system says where it is. */
+static uint64_t m_data(struct vblk_disk *disk, uint64_t off, uint64_t len)
+{
+	off_t h;
+
+	if (disk->ram || disk->is_blkdev)
+		return len;
+	h = lseek(disk->fd, (off_t)off, SEEK_HOLE);
+	if (h < 0 || (uint64_t)h <= off || (uint64_t)h - off >= len)
+		return len;
+	return VMIG_MIN(len, ((uint64_t)h - off + disk->block_size - 1) / disk->block_size *
+				 disk->block_size);
+}
+
+/* Send [off, off + len) of the disk as DATA and ZERO records; holes of the
+ * image go as ZERO without being read (and cost no rate-limit budget). */
 static int m_send_extent(struct vblk_mirror *m, uint64_t off, uint64_t len)
 {
 	struct vblk_disk *disk = &m->dm->disk;
@@ -350,10 +387,22 @@ static int m_send_extent(struct vblk_mirror *m, uint64_t off, uint64_t len)
 
 	while (len) {
 		uint32_t n = (uint32_t)VMIG_MIN(len, (uint64_t)VBLK_SS_MAX_DATA);
+		uint64_t wait_ns, speed, hole = m_hole(disk, off, len);
 		const uint8_t *p = m->buf;
-		uint64_t wait_ns, speed;
 		int r;
 
+		if (hole) {
+			r = vblk_ss_put_zero(w, off, hole, true);
+			if (r) {
+				m_fail(m, "cannot send to the destination: %s", strerror(-r));
+				return r;
+			}
+			__atomic_fetch_add(&m->offset, hole, __ATOMIC_RELAXED);
+			off += hole;
+			len -= hole;
+			continue;
+		}
+		n = (uint32_t)m_data(disk, off, n);
 		if (disk->ram) {
 			p = disk->ram + off;
 		} else {

@@ -824,7 +824,18 @@ static json_t *mirror_wait(const char *status, bool ready, uint64_t min_offset)
 	}
 }
 
-/* The destination's image is the source's, byte for byte. */
+/* Bytes the file system allocated to the image at path. */
+static uint64_t allocated(const char *path)
+{
+	struct stat st;
+
+	assert_int_equal(stat(path, &st), 0);
+	return (uint64_t)st.st_blocks * 512;
+}
+
+/* The destination's image is the source's, byte for byte, and no less
+ * sparse: the source's holes travel as ZERO with UNMAP, not as zeros read
+ * and written. */
 static void expect_same_images(void)
 {
 	uint8_t *a = malloc(IMG_SIZE), *b = malloc(IMG_SIZE);
@@ -836,6 +847,10 @@ static void expect_same_images(void)
 	for (uint64_t off = 0; off < IMG_SIZE; off += 4096)
 		if (memcmp(a + off, b + off, 4096))
 			fail_msg("the destination differs at %llu", (unsigned long long)off);
+	if (allocated(T.image2) > allocated(T.image) + 4 * GRAN)
+		fail_msg("the destination allocated %llu bytes, the source %llu",
+			 (unsigned long long)allocated(T.image2),
+			 (unsigned long long)allocated(T.image));
 	close(fa);
 	close(fb);
 	free(a);
