@@ -172,7 +172,10 @@ def kill_once(be, guest, held):
     """Kill -9 with requests in the daemon, restart at once, wait for the
     guest to write again; (requests seen in flight, recovery, resubmitted)."""
     if held:
-        be.rpc_call("vmig_blk_set_latency", {"write_us": HOLD_US})
+        # reads too: with --qd each write follows a read of its block, and
+        # reads through io_uring complete on their own, so holding writes
+        # only would leave fewer than QD requests to resubmit
+        be.rpc_call("vmig_blk_set_latency", {"read_us": HOLD_US, "write_us": HOLD_US})
         seen = wait_inflight(be, QD)
     else:
         be.rpc_call("vmig_blk_set_latency",
