@@ -132,7 +132,7 @@ class Host:
             f.write('user = "%s"\ngroup = "%s"\ndynamic_ownership = 0\n' %
                     (QEMU_USER, QEMU_GROUP) +
                     'remember_owner = 0\nsecurity_driver = "none"\n'
-                    'cgroup_controllers = [ ]\nnamespaces = [ ]\n'
+                    'cgroup_controllers = [ ]\n'
                     'stdio_handler = "file"\n'
                     'migration_host = "%s"\nmigration_address = "%s"\n' % (addr, addr))
         self.sock = os.path.join(run, "libvirt", "libvirt-sock")
