@@ -7,7 +7,8 @@
  *   1. the destination daemon was started with --incoming and listens;
  *   2. the source daemon's mirror starts and copies the disk while the guest
  *      runs; the RAM migration starts only once the mirror is ready (its
- *      first pass is on the destination), so the two do not fight for the
+ *      first pass is on the destination) and keeps up (its backlog is
+ *      small, or it is write-blocking), so the two do not fight for the
  *      link from the start;
  *   3. the RAM migration runs with pause-before-switchover; when the source
  *      VM has stopped (status pre-switchover: vCPUs and devices stopped, so
@@ -212,11 +213,24 @@ static int recover(struct storage *st, const char *why)
 	return 0;
 }
 
+/* The backlog the copy clears in a moment. */
+static uint64_t backlog_bound(const struct storage *st)
+{
+	return VMIG_MAX(BEHIND_MIN, (uint64_t)(st->peak_rate * BEHIND_S));
+}
+
+/* Ready, and either write-blocking or with a backlog that small. */
+static bool converged(const struct storage *st)
+{
+	return st->ready && !st->broken_ms &&
+	       (st->write_blocking || st->remaining <= backlog_bound(st));
+}
+
 /* Mode mirror after its first pass: switch to write-blocking once the
  * backlog stayed too long above what the copy clears in a moment. */
 static int converge(struct storage *st, uint64_t now)
 {
-	uint64_t bound = VMIG_MAX(BEHIND_MIN, (uint64_t)(st->peak_rate * BEHIND_S));
+	uint64_t bound = backlog_bound(st);
 	char err[512];
 	json_t *q;
 
@@ -326,7 +340,7 @@ int storage_start(struct storage *st, bool tty)
 
 		if (storage_poll(st))
 			return -1;
-		if (st->ready && !st->broken_ms)
+		if (converged(st)) /* the RAM goes when the disk keeps up */
 			break;
 		if (now - st->t0_ms > READY_TIMEOUT_MS) {
 			fprintf(stderr, "vmig: storage: the mirror did not get ready\n");

@@ -12,17 +12,20 @@ whole disk while its RAM still arrives).
 The same two runs again with --storage-mode write-blocking: once the
 first pass is on the destination, each guest write completes only when
 the destination has it. Then a guest that writes faster than the copy: in
-the default mode, once the disk is ready the test throttles the copy to
-64 KiB/s (far below what the guest dirties, whatever the machine's speed),
-and `vmig migrate` must see the backlog stay up, switch the mirror to
-write-blocking and say so, and hand over.
+the default mode, with the copy capped at 2 MiB/s, the guest has dirtied
+its whole 32 MiB working set (at 64 KiB granules) by the time the first
+pass is there, and the next round would take 16 s: `vmig migrate` must see
+the backlog stay up, switch the mirror to write-blocking before it starts
+the RAM, say so, and hand over.
 
-Then twice more with pre-copy, with a fault in the middle of the disk's
-copy: the source's vmig-blk killed (-9) and started again (QEMU reconnects;
-the new daemon has no bitmap, so `vmig migrate` starts the copy over), and
-the destination's killed and started again (the copy resumes from the
-source's bitmap). The kill comes once the mirror has sent 8 MiB, whatever
-the speed of the machine.
+Then three more times with pre-copy, with a fault in the middle of the
+disk's copy: the source's vmig-blk killed (-9) and started again (QEMU
+reconnects; the new daemon has no bitmap, so `vmig migrate` starts the copy
+over), the destination's killed and started again (the copy resumes from
+the source's bitmap), and the network cut: the storage stream goes through
+a forwarder of the test, which closes both ends of the connection (the
+copy resumes from the source's bitmap over a new one). The fault comes
+once the mirror has sent 8 MiB, whatever the speed of the machine.
 
 After the migration the destination guest goes on writing, and its final
 pass reads back every block it ever wrote, the ones written on the source
@@ -33,7 +36,9 @@ Usage: test_storage_mirror.py BUILD_DIR
 """
 import os
 import re
+import socket
 import subprocess
+import threading
 import time
 
 import blkenv
@@ -49,43 +54,105 @@ def vmig_bin(env):
     return p
 
 
-def kill_mid_copy(env, pair, which):
-    """Once the mirror has sent 8 MiB, kill -9 the source's or the
-    destination's daemon and start it again; says what it did."""
+class Link:
+    """A forwarder between a unix socket of its own and the destination
+    daemon's storage socket, which the test can cut: cut() closes both ends
+    of the connection it carries; later connections are forwarded again."""
+
+    def __init__(self, path, target):
+        self.path, self.target = path, target
+        self.lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.lsock.bind(path)
+        self.lsock.listen(4)
+        self.lsock.settimeout(0.2)
+        self.stop_flag = False
+        self.conns = []
+        self.lock = threading.Lock()
+        self.cuts = 0
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _pump(self, a, b):
+        try:
+            while True:
+                data = a.recv(65536)
+                if not data:
+                    break
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _accept(self):
+        while not self.stop_flag:
+            try:
+                c, _ = self.lsock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            d = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                d.connect(self.target)
+            except OSError:
+                c.close()
+                d.close()
+                continue
+            with self.lock:
+                self.conns += [c, d]
+            for a, b in ((c, d), (d, c)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def cut(self):
+        with self.lock:
+            conns, self.conns = self.conns, []
+            self.cuts += 1
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self):
+        self.stop_flag = True
+        self.cut()
+        self.lsock.close()
+        self.thread.join(timeout=5)
+
+
+def wait_copied(pair, nbytes):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
             q = pair.be_src.rpc_call("vmig_blk_mirror_query")
         except blkenv.Fail:
             q = {}
-        if q.get("offset", 0) >= 8 << 20:
-            break
+        if q.get("offset", 0) >= nbytes:
+            return q
         time.sleep(0.05)
-    else:
-        raise blkenv.Fail("the mirror did not reach 8 MiB in 60 s")
+    raise blkenv.Fail("the mirror did not reach %d MiB in 60 s" % (nbytes >> 20))
+
+
+def kill_mid_copy(env, pair, which):
+    """Once the mirror has sent 8 MiB, kill -9 the source's or the
+    destination's daemon and start it again (or, for "link", cut the
+    storage stream's connection); says what it did."""
+    q = wait_copied(pair, 8 << 20)
+    if which == "link":
+        pair.link.cut()
+        env.info("cut the storage stream's connection at %s MiB copied" %
+                 (q.get("offset", 0) >> 20))
+        return
     be = pair.be_src if which == "src" else pair.be_dst
     be.kill9()
     be.start()
     env.info("killed and restarted the %s daemon at %s MiB copied" %
              (which, q.get("offset", 0) >> 20))
-
-
-def throttle_when_ready(env, pair):
-    """Once the mirror is ready, cut its speed to 64 KiB/s: the guest now
-    outwrites the copy."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            q = pair.be_src.rpc_call("vmig_blk_mirror_query")
-        except blkenv.Fail:
-            q = {}
-        if q.get("ready"):
-            pair.be_src.rpc_call("vmig_blk_mirror_set_speed", {"speed": 65536})
-            env.info("mirror ready, throttled to 64 KiB/s (dirty rate %.1f MiB/s)" %
-                     (q.get("dirty-rate", 0) / 1048576.0))
-            return
-        time.sleep(0.05)
-    raise blkenv.Fail("the mirror was not ready within 120 s")
 
 
 def one_run(env, postcopy, kill=None, mode=None, outwrite=False):
@@ -95,6 +162,11 @@ def one_run(env, postcopy, kill=None, mode=None, outwrite=False):
     pair = blkenv.MigrationPair(env, GUEST_SECONDS, storage_uri=storage_uri,
                                 prefix=tag + "-")
     src, dst, writes_before = pair.src, pair.dst, pair.writes_before
+    pair.link = None
+    if kill == "link":  # the source reaches the destination through the forwarder
+        link_path = os.path.join(env.tmp, "link-%s.sock" % tag)
+        pair.link = Link(link_path, storage_uri[len("unix:"):])
+        storage_uri = "unix:" + link_path
     port = blkenv.free_port()
     argv = [vmig_bin(env), "migrate", "unix:" + src.qmp2_path, "tcp:127.0.0.1:%d" % port,
             "--dest", "unix:" + dst.qmp2_path, "--storage-src", pair.be_src.rpc,
@@ -105,20 +177,20 @@ def one_run(env, postcopy, kill=None, mode=None, outwrite=False):
         argv.append("--postcopy")
     if mode:
         argv += ["--storage-mode", mode]
-    if outwrite:  # the RAM must not finish before the switch can happen
-        argv[argv.index("--max-bandwidth") + 1] = "8M"
+    if outwrite:
+        argv[argv.index("--storage-speed") + 1] = "2M"
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         if kill:
             kill_mid_copy(env, pair, kill)
-        if outwrite:
-            throttle_when_ready(env, pair)
         out = proc.communicate(timeout=MIGRATE_TIMEOUT_S)[0].decode(errors="replace")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if pair.link:
+            pair.link.close()
     r = subprocess.CompletedProcess(argv, proc.returncode)
     secs = time.monotonic() - t0
     env.case("%s_vmig_migrate_ok" % tag, r.returncode == 0,
@@ -162,6 +234,7 @@ def body(env):
     one_run(env, postcopy=False, outwrite=True)
     one_run(env, postcopy=False, kill="src")
     one_run(env, postcopy=False, kill="dst")
+    one_run(env, postcopy=False, kill="link")
 
 
 blkenv.run("storage_mirror", body)
