@@ -224,6 +224,13 @@ static json_t *controllers(struct vblk_daemon *dm)
 	json_object_set_new(c, "upgrade_binary", json_string(dm->upgrade_binary));
 	json_object_set_new(c, "image_locked", json_boolean(dm->disk.lock_fd >= 0));
 	json_object_set_new(c, "cache", json_string(dm->disk.direct ? "none" : "writeback"));
+	/* How requests reach the disk: through each queue's io_uring, or
+	 * served on the queue thread itself (a file on tmpfs or ramfs; RAM
+	 * and null disks have no I/O). */
+	json_object_set_new(c, "io",
+			    json_string(dm->disk.backend != VBLK_BACKEND_FILE ? "memory"
+					: dm->disk.inline_io		      ? "inline"
+									      : "io_uring"));
 	json_object_set_new(c, "mem_align", json_integer(dm->disk.mem_align));
 	json_object_set_new(c, "physical_block_size", json_integer(dm->disk.physical_block_size));
 	json_object_set_new(c, "latency",
