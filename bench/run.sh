@@ -2,7 +2,8 @@
 # SPDX-License-Identifier: MIT
 # Entry point of `make bench`: runs every benchmark suite in turn against one
 # build directory. Migration (bench/migrate) first, then the vhost-user-blk
-# suite (bench/blk) when it exists. Each suite prints its own table; with
+# suite (bench/blk), then storage migration (bench/storage: a VM and its
+# local disk, vmig against QEMU's mirror to NBD). Each suite prints its own table; with
 # --record (or BENCH_RECORD=1) each rewrites only its own section of
 # docs/benchmarks.md. The exit status is the first non-zero suite status, but
 # a failing suite does not stop the next one from running.
@@ -20,7 +21,7 @@ if [ $# -lt 1 ]; then
 	exit 2
 fi
 
-suites=(migrate blk)
+suites=(migrate blk storage)
 for arg in "$@"; do
 	case "$arg" in
 	--tls | --two-host) suites=(migrate) ;;
