@@ -178,7 +178,8 @@ def t_usage(build, pair):
     base = ("migrate", pair.src, "tcp:127.0.0.1:1")
     for extra, words in ((("--storage-src", "a.rpc"), "go together"),
                          (("--storage-src", "a", "--storage-dst", "b", "--storage-uri",
-                           "unix:c", "--storage-mode", "write-blocking"), "not available"),
+                           "unix:c", "--storage-mode", "eager"),
+                          "the modes are mirror and write-blocking"),
                          (("--storage-speed", "1M"), "goes with")):
         r = vmig(build, *(base + extra))
         check(r.returncode == 2 and words in r.stderr,
