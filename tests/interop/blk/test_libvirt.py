@@ -321,6 +321,15 @@ def emulator(env):
     return path
 
 
+def readable_copy(env, path):
+    """A copy of path in the temp dir that QEMU_USER can read: the build
+    tree may sit in a directory only root can enter (a mktemp -d clone)."""
+    dst = os.path.join(env.tmp, "guest-" + os.path.basename(path))
+    shutil.copyfile(path, dst)
+    os.chmod(dst, 0o644)
+    return dst
+
+
 def domain_xml(env, dom, serial_log):
     return """<domain type='qemu'>
   <name>{dom}</name>
@@ -356,7 +365,8 @@ def domain_xml(env, dom, serial_log):
     <memballoon model='none'/>
   </devices>
 </domain>
-""".format(dom=dom, mem=blkenv.GUEST_MEM_KB, kernel=env.kernel, initrd=env.initrd,
+""".format(dom=dom, mem=blkenv.GUEST_MEM_KB, kernel=readable_copy(env, env.kernel),
+           initrd=readable_copy(env, env.initrd),
            cmdline=blkenv.guest_cmdline(GUEST_ARGS), sock=DISK_SOCK, serial=serial_log,
            emulator=emulator(env))
 
