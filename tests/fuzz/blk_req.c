@@ -57,10 +57,11 @@
 #include "vmig-blk/req.h"
 
 #include "fuzz.h"
+#include "guestmem.h"
 
-#define REGION (64u * 1024)
-#define MEM_SIZE (2u * REGION)
-#define UVA 0x10000000ull
+#define REGION FUZZ_REGION
+#define MEM_SIZE FUZZ_MEM_SIZE
+#define UVA FUZZ_UVA
 #define NUM 256u
 #define AVAIL_GPA 0x1000u
 #define USED_GPA 0x2000u
@@ -116,24 +117,9 @@ static uint8_t disk_before[MAX_DISK];
 
 static void setup_once(void)
 {
-	int fd;
-
 	if (ram)
 		return;
-	fd = memfd_create("fuzz-blk-req", MFD_CLOEXEC);
-	if (fd < 0 || ftruncate(fd, MEM_SIZE) < 0)
-		abort();
-	ram = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	if (ram == MAP_FAILED)
-		abort();
-	vhost_mem_init(&mem);
-	for (unsigned i = 0; i < 2; i++) {
-		struct vhost_user_mem_region d = {i * REGION, REGION, UVA + i * REGION, i * REGION};
-
-		if (vhost_mem_add(&mem, &d, dup(fd)))
-			abort();
-	}
-	close(fd);
+	ram = fuzz_guest_mem(&mem, "fuzz-blk-req");
 	/* What queue_alloc gives a queue of NUM entries. */
 	reqs = calloc(NUM, sizeof(*reqs));
 	iov_pool = calloc((size_t)NUM * VBLK_MAX_IOV, sizeof(*iov_pool));

@@ -21,9 +21,10 @@
 #include "vhost/vhost.h"
 
 #include "fuzz.h"
+#include "guestmem.h"
 
-#define REGION (64u * 1024)
-#define UVA 0x10000000ull
+#define REGION FUZZ_REGION
+#define UVA FUZZ_UVA
 
 static struct vhost_mem mem;
 static uint8_t *ram;
@@ -31,35 +32,8 @@ static uint8_t log_bits[(2 * REGION / VHOST_LOG_PAGE + 7) / 8];
 
 static void setup_once(void)
 {
-	int fd;
-
-	if (ram)
-		return;
-	fd = memfd_create("fuzz-virtq", MFD_CLOEXEC);
-	if (fd < 0 || ftruncate(fd, 2 * REGION) < 0)
-		abort();
-	ram = mmap(NULL, 2 * REGION, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	if (ram == MAP_FAILED)
-		abort();
-	vhost_mem_init(&mem);
-	for (unsigned i = 0; i < 2; i++) {
-		struct vhost_user_mem_region d = {i * REGION, REGION, UVA + i * REGION, i * REGION};
-
-		if (vhost_mem_add(&mem, &d, dup(fd)))
-			abort();
-	}
-	close(fd);
-}
-
-static size_t take(const uint8_t **data, size_t *size, void *dst, size_t n)
-{
-	size_t c = n < *size ? n : *size;
-
-	memset(dst, 0, n);
-	memcpy(dst, *data, c);
-	*data += c;
-	*size -= c;
-	return c;
+	if (!ram)
+		ram = fuzz_guest_mem(&mem, "fuzz-virtq");
 }
 
 static void run_queue(struct vhost_vq *vq)
@@ -102,15 +76,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	size_t inf_size;
 
 	setup_once();
-	take(&data, &size, hdr, sizeof(hdr));
+	fuzz_take(&data, &size, hdr, sizeof(hdr));
 	num = (uint16_t)(1u << (hdr[1] % 9));
 	base = (uint16_t)(hdr[2] | hdr[3] << 8);
 	inf_size = vhost_inflight_queue_size(num);
 	if (hdr[0] & 4) {
 		inf = malloc(inf_size);
-		take(&data, &size, inf, inf_size);
+		fuzz_take(&data, &size, inf, inf_size);
 	}
-	take(&data, &size, ram, 2 * REGION);
+	fuzz_take(&data, &size, ram, 2 * REGION);
 
 	memset(&vq, 0, sizeof(vq));
 	vq.num = num;
