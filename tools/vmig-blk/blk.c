@@ -747,6 +747,9 @@ static unsigned run_once(struct vblk_queue *q, bool *stopping)
 	notify(q);
 	__atomic_store_n(&q->inflight_now, (uint16_t)(vq->last_avail_idx - vq->published_idx),
 			 __ATOMIC_RELAXED);
+	__atomic_store_n(&q->last_avail_now, vq->last_avail_idx, __ATOMIC_RELAXED);
+	__atomic_store_n(&q->used_now, vq->published_idx, __ATOMIC_RELAXED);
+	__atomic_store_n(&q->outstanding_now, q->outstanding, __ATOMIC_RELAXED);
 	return work;
 }
 
@@ -892,6 +895,24 @@ void vblk_queue_set_latency(struct vblk_queue *q, uint32_t read_us, uint32_t wri
 	__atomic_store_n(&q->write_latency_ns, (uint64_t)write_us * 1000u, __ATOMIC_RELAXED);
 }
 
+void vblk_queue_ring_view(const struct vblk_queue *q, struct vblk_ring_view *v)
+{
+	const struct vhost_vq *vq = q->vr ? &q->vr->vq : NULL;
+
+	memset(v, 0, sizeof(*v));
+	if (!q->running || !vq || vq->packed || !vq->avail)
+		return;
+	v->valid = true;
+	/* guest memory: the guest writes these, we only read them */
+	v->avail_idx = __atomic_load_n(&vq->avail->idx, __ATOMIC_RELAXED);
+	v->event_idx = vq->event_idx;
+	if (vq->event_idx)
+		v->used_event = __atomic_load_n(&vq->avail->ring[vq->num], __ATOMIC_RELAXED);
+	v->last_avail = __atomic_load_n(&q->last_avail_now, __ATOMIC_RELAXED);
+	v->used_idx = __atomic_load_n(&q->used_now, __ATOMIC_RELAXED);
+	v->io_outstanding = __atomic_load_n(&q->outstanding_now, __ATOMIC_RELAXED);
+}
+
 uint32_t vblk_queue_inflight(const struct vblk_queue *q)
 {
 	return __atomic_load_n(&q->inflight_now, __ATOMIC_RELAXED);
@@ -941,6 +962,9 @@ static int queue_start(void *opaque, struct vhost_vring *vr)
 	r = io_uring_queue_init(entries, &q->ring, 0);
 	if (r)
 		goto err_close;
+	__atomic_store_n(&q->last_avail_now, vr->vq.last_avail_idx, __ATOMIC_RELAXED);
+	__atomic_store_n(&q->used_now, vr->vq.published_idx, __ATOMIC_RELAXED);
+	__atomic_store_n(&q->outstanding_now, 0, __ATOMIC_RELAXED);
 	r = -pthread_create(&q->thread, NULL, queue_thread, q);
 	if (r)
 		goto err_ring;

@@ -206,6 +206,13 @@ struct vblk_queue {
 	/* Requests taken from the ring and not yet returned to the guest, as
 	 * of the queue thread's last pass (relaxed atomic; 0 when stopped). */
 	uint32_t inflight_now;
+	/* The same pass's view of the ring and the io_uring, for the control
+	 * socket: the next avail entry to take, the used index published, and
+	 * I/O operations waiting for the kernel (relaxed atomics; a sleeping
+	 * queue's last pass). With the guest's own avail index next to them,
+	 * a stalled queue shows where it stalled. */
+	uint16_t last_avail_now, used_now;
+	uint32_t outstanding_now;
 	struct iovec *iov_pool;
 	uint64_t *gpa_pool;
 	uint16_t alloc_num;
@@ -314,6 +321,17 @@ void vblk_queue_set_poll(struct vblk_queue *q, uint32_t poll_us);
 void vblk_queue_set_latency(struct vblk_queue *q, uint32_t read_us, uint32_t write_us);
 /* Requests taken from the ring and not yet returned (control thread). */
 uint32_t vblk_queue_inflight(const struct vblk_queue *q);
+/* Where the queue's ring stands (control thread): see vblk_queue. */
+struct vblk_ring_view {
+	bool valid;	     /* a started split ring */
+	uint16_t avail_idx;  /* the guest's: entries it posted */
+	uint16_t last_avail; /* ours: entries taken */
+	uint16_t used_idx;   /* ours: entries returned and published */
+	uint16_t used_event; /* the guest's (EVENT_IDX): when it wants a call */
+	bool event_idx;
+	uint32_t io_outstanding;
+};
+void vblk_queue_ring_view(const struct vblk_queue *q, struct vblk_ring_view *v);
 /* Stats of one queue, read from the control thread. */
 void vblk_stats_read(const struct vblk_queue *q, struct vblk_stats *out);
 

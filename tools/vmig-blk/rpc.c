@@ -191,6 +191,7 @@ static json_t *controllers(struct vblk_daemon *dm)
 
 	for (unsigned i = 0; i < dm->nqueues; i++) {
 		const struct vhost_vring *vr = &d->vring[i];
+		struct vblk_ring_view rv;
 		struct vblk_stats st;
 
 		vblk_stats_read(&dm->q[i], &st);
@@ -206,6 +207,14 @@ static json_t *controllers(struct vblk_daemon *dm)
 		json_object_set_new(
 		    json_array_get(queues, json_array_size(queues) - 1), "bounced_requests",
 		    json_integer((json_int_t)__atomic_load_n(&dm->q[i].bounced, __ATOMIC_RELAXED)));
+		vblk_queue_ring_view(&dm->q[i], &rv);
+		if (rv.valid)
+			json_object_set_new(
+			    json_array_get(queues, json_array_size(queues) - 1), "ring",
+			    json_pack("{s:i,s:i,s:i,s:i,s:i}", "avail_idx", rv.avail_idx,
+				      "last_avail_idx", rv.last_avail, "used_idx", rv.used_idx,
+				      "used_event", rv.event_idx ? (int)rv.used_event : -1,
+				      "io_outstanding", (int)rv.io_outstanding));
 	}
 	c = json_pack("{s:s,s:s,s:s,s:i,s:s,s:s?,s:I,s:i,s:b,s:i,s:b,s:I,s:I,s:{s:{s:b,s:s}}}",
 		      "ctrlr", "vmig-blk0", "socket", dm->opts.socket, "rpc", dm->rpc_path, "pid",

@@ -121,6 +121,7 @@ class Backend:
             argv += list(extra)
         self.proc = Proc(env, name, argv)
         env.procs.append(self.proc)
+        env.backends.append(self)
         self.starts = 0
 
     def _sock_ino(self):
@@ -288,6 +289,7 @@ class Guest:
             argv += ["-incoming", "defer"]
         self.proc = Proc(env, name, argv)
         env.procs.append(self.proc)
+        env.guests.append(self)
         self.qmp = None
 
     def start(self):
@@ -420,6 +422,8 @@ class Env:
         self.backend_kind = os.environ.get("VBLK_BACKEND", "vmig-blk")
         self.tmp = tempfile.mkdtemp(prefix="vblk-%s." % test_name)
         self.procs, self.qmps = [], []
+        self.backends, self.guests = [], []  # for dump_state
+        self.dumped = False
         self.failed = 0
         self.vmig_blk = None
         self.kernel = self.initrd = self.blkcheck = None
@@ -516,6 +520,29 @@ class Env:
                 except OSError:
                     pass
 
+    def dump_state(self):
+        """After a failure, while the processes still run: where each
+        vmig-blk's queues stand and how far each guest got, so that a
+        stall seen once in CI can be told apart (a missed kick, a disk
+        that stopped answering, a guest that was not called)."""
+        if self.dumped:
+            return
+        self.dumped = True
+        for be in self.backends:
+            if be.kind != "vmig-blk" or not be.proc.alive():
+                continue
+            try:
+                c = be.rpc_call("vhost_get_controllers", timeout_s=5)[0]
+                print("# --- %s queues: %s" % (be.proc.name, json.dumps(c.get("queues"))),
+                      file=sys.stderr)
+            except (Fail, IndexError, TypeError, AttributeError) as e:
+                print("# --- %s: no state (%s)" % (be.proc.name, e), file=sys.stderr)
+        for g in self.guests:
+            tail = g.serial()[-1500:].strip()
+            if tail:
+                print("# --- %s serial (%s) ---" % (g.name, g.serial_log), file=sys.stderr)
+                print(tail, file=sys.stderr)
+
     def finish(self):
         for q in self.qmps:
             q.close()
@@ -551,6 +578,7 @@ def run(test_name, body, prepare=True):
             env.prepare()
         body(env)
     except Fail as e:
+        env.dump_state()
         env.case(getattr(e, "case", "setup"), False, str(e))
     except SystemExit:
         env.case("interrupted", False, "signal")

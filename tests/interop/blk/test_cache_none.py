@@ -283,6 +283,9 @@ def body(env):
     dev = sh("losetup", "-f", "--show", "--direct-io=on", "--sector-size", "4096", backing)
     try:
         guest_on_loop(env, dev)
+    except blkenv.Fail:
+        env.dump_state()  # before the processes stop
+        raise
     finally:
         for p in env.procs:
             p.stop()

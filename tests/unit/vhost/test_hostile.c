@@ -1787,6 +1787,12 @@ static void inflight_round(enum corruption c, unsigned round)
 		post(&f, h);
 	}
 	assert_true(wait_rpc("vhost_get_controllers", "\"inflight_requests\":4", WAIT_MS));
+	/* The ring as the control socket shows it: six posted and taken, two
+	 * returned, nothing at the disk yet (the writes wait for the latency). */
+	assert_true(wait_rpc("vhost_get_controllers",
+			     "\"ring\":{\"avail_idx\":6,\"last_avail_idx\":6,\"used_idx\":2,",
+			     WAIT_MS));
+	assert_true(wait_rpc("vhost_get_controllers", "\"io_outstanding\":0}", WAIT_MS));
 	daemon_kill9();
 	fe_close_sock(&f);
 	used_at_kill = used()->idx;
