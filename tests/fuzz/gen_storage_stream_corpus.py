@@ -13,13 +13,14 @@ import struct
 here = os.path.dirname(os.path.abspath(__file__))
 out = os.path.join(here, "corpus", "storage_stream")
 
-DATA, ZERO, SYNC, FLUSH, EOS = 1, 2, 3, 4, 5
-ACK, ERROR, READ_REQ, DONE = 0x41, 0x42, 0x43, 0x44
+DATA, ZERO, SYNC, FLUSH, EOS, MISSING, POSTCOPY = 1, 2, 3, 4, 5, 6, 7
+ACK, ERROR, READ_REQ, DONE, MISSING_MAP, MAP_END = 0x41, 0x42, 0x43, 0x44, 0x45, 0x46
+F_POSTCOPY = 2
 SESSION = bytes(range(1, 17))
 
 
-def preamble(size=1 << 20, block=512, gran=65536, version=1):
-    return b"VMIGBLKS" + struct.pack("<IHHQII", version, 0, 0, size, block, gran) + SESSION
+def preamble(size=1 << 20, block=512, gran=65536, version=1, flags=0):
+    return b"VMIGBLKS" + struct.pack("<IHHQII", version, flags, 0, size, block, gran) + SESSION
 
 
 def rec(rtype, payload=b"", flags=0):
@@ -56,6 +57,20 @@ seeds = {
     + rng(READ_REQ, 65536, 4096) + rec(ACK, struct.pack("<Q", 2)) + rec(DONE),
     "return_error": rec(ACK, struct.pack("<Q", 1)) + rec(ERROR, b"disk full on the destination"),
     "return_bad_req": rng(READ_REQ, (1 << 20) - 512, 1024),
+    # post-copy storage: a 1 MiB disk in 16 granules of 64 KiB
+    "postcopy_switch": preamble() + data(0, b"\x11" * 512) + rng(SYNC, 1, 0)
+    + rec(MISSING, struct.pack("<QQ", 0, 0x8005)) + rec(POSTCOPY)
+    + data(0, b"\x22" * 65536) + rng(ZERO, 2 * 65536, 65536, flags=1)
+    + data(15 * 65536, b"\x33" * 65536) + rec(FLUSH) + rec(EOS),
+    "postcopy_resumed": preamble(flags=F_POSTCOPY) + data(65536, b"\x44" * 65536) + rec(EOS),
+    "postcopy_last_partial": preamble(size=(1 << 20) + 4096)
+    + rec(MISSING, struct.pack("<QQ", 0, 0x10000)) + rec(POSTCOPY)
+    + data(1 << 20, b"\x55" * 4096) + rec(EOS),
+    "postcopy_unaligned": preamble() + rec(POSTCOPY) + data(512, b"\x66" * 512),
+    "postcopy_map_past_end": preamble() + rec(MISSING, struct.pack("<QQ", 0, 1 << 16)),
+    "return_resumed": b"R" + rec(MISSING_MAP, struct.pack("<QQ", 0, 0xffff)) + rec(MAP_END)
+    + rng(READ_REQ, 65536, 65536) + rec(DONE),
+    "return_map_unasked": rec(MISSING_MAP, struct.pack("<QQ", 0, 1)),
 }
 
 os.makedirs(out, exist_ok=True)

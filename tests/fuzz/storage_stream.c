@@ -7,9 +7,14 @@
  * the reader returns is applied to a fake disk of exactly that size
  * (malloc'ed, so ASan catches a byte written outside it); disks over 4 MiB
  * are not allocated, but every range is still checked against the disk
- * here, independently of the reader, and any overrun aborts. Any other
- * input is a return path (destination to source) answering a 1 MiB disk.
+ * here, independently of the reader, and any overrun aborts. MISSING
+ * records are applied to a bitmap of exactly the disk's granules, and
+ * after POSTCOPY every DATA and ZERO must cover whole granules. Any other
+ * input is a return path (destination to source) answering a 1 MiB disk;
+ * one that starts with 'R' answers a resumed post-copy (the rest is the
+ * return path: a missing map may come first).
  */
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -47,6 +52,35 @@ static void check_range(const struct vblk_ss_geom *g, uint64_t off, uint64_t len
 		abort();
 }
 
+/* After the switch: whole granules, the last one clipped to the disk. */
+static void check_granules(const struct vblk_ss_geom *g, bool postcopy, uint64_t off, uint64_t len)
+{
+	if (postcopy &&
+	    (off % g->granularity || (len % g->granularity && len != g->disk_size - off)))
+		abort();
+}
+
+/* A map record, applied to a bitmap of nwords words (NULL: too big to
+ * allocate, checked only): inside it, no bit past the last granule. */
+static void apply_map(const struct vblk_ss_geom *g, const struct vblk_ss_rec *rec, uint64_t *map,
+		      const uint8_t *buf)
+{
+	uint64_t total = vblk_ss_map_words(g), n = rec->length / 8, first = rec->granule / 64;
+	uint64_t granules = vblk_ss_granules(g);
+
+	if (rec->data != buf || !n || rec->length % 8 || rec->length > VBLK_SS_MAX_DATA ||
+	    rec->granule % 64 || first > total || n > total - first)
+		abort();
+	for (uint64_t i = 0; i < n; i++) {
+		uint64_t w = vblk_ss_map_word(rec, i);
+
+		if (first + i == total - 1 && granules % 64 && (w >> (granules % 64)))
+			abort();
+		if (map)
+			map[first + i] |= w;
+	}
+}
+
 static void to_dest(const uint8_t *data, size_t size, uint8_t *buf)
 {
 	struct src s = {data, size};
@@ -54,16 +88,22 @@ static void to_dest(const uint8_t *data, size_t size, uint8_t *buf)
 	struct vblk_ss_geom g;
 	struct vblk_ss_rec rec;
 	uint8_t *disk = NULL;
+	uint64_t *map = NULL;
+	bool postcopy;
 
 	vblk_ss_reader_init(&r, VBLK_SS_TO_DEST, mem_read, &s, buf);
 	if (vblk_ss_read_preamble(&r, NULL, &g))
 		return;
-	if (g.disk_size <= FAKE_DISK_MAX)
+	postcopy = g.flags & VBLK_SS_F_POSTCOPY;
+	if (g.disk_size <= FAKE_DISK_MAX) {
 		disk = malloc(g.disk_size);
+		map = calloc(vblk_ss_map_words(&g), sizeof(*map));
+	}
 	while (vblk_ss_read_record(&r, &rec) == 0) {
 		switch (rec.type) {
 		case VBLK_SS_DATA:
 			check_range(&g, rec.offset, rec.length);
+			check_granules(&g, postcopy, rec.offset, rec.length);
 			if (rec.length > VBLK_SS_MAX_DATA || rec.data != buf)
 				abort();
 			if (disk)
@@ -71,10 +111,24 @@ static void to_dest(const uint8_t *data, size_t size, uint8_t *buf)
 			break;
 		case VBLK_SS_ZERO:
 			check_range(&g, rec.offset, rec.length);
+			check_granules(&g, postcopy, rec.offset, rec.length);
 			if (disk)
 				memset(disk + rec.offset, 0, rec.length);
 			break;
+		case VBLK_SS_MISSING:
+			if (postcopy)
+				abort();
+			apply_map(&g, &rec, map, buf);
+			break;
+		case VBLK_SS_POSTCOPY:
+			if (postcopy)
+				abort();
+			postcopy = true;
+			break;
 		case VBLK_SS_SYNC:
+			if (postcopy)
+				abort();
+			break;
 		case VBLK_SS_FLUSH:
 		case VBLK_SS_EOS:
 			break;
@@ -83,20 +137,35 @@ static void to_dest(const uint8_t *data, size_t size, uint8_t *buf)
 		}
 	}
 	free(disk);
+	free(map);
 }
 
-static void to_source(const uint8_t *data, size_t size)
+static void to_source(const uint8_t *data, size_t size, uint8_t *buf)
 {
-	static const struct vblk_ss_geom g = {
+	struct vblk_ss_geom g = {
 	    .disk_size = 1u << 20, .block_size = 512, .granularity = 65536, .session = {1}};
-	struct src s = {data, size};
+	bool resumed = size && data[0] == 'R', map_ended = false;
+	struct src s = {data + resumed, size - resumed};
 	struct vblk_ss_reader r;
 	struct vblk_ss_rec rec;
+	uint64_t map[1] = {0};
 
-	vblk_ss_reader_init(&r, VBLK_SS_TO_SOURCE, mem_read, &s, NULL);
+	if (resumed)
+		g.flags = VBLK_SS_F_POSTCOPY;
+	vblk_ss_reader_init(&r, VBLK_SS_TO_SOURCE, mem_read, &s, buf);
 	vblk_ss_reader_set_geom(&r, &g);
 	while (vblk_ss_read_record(&r, &rec) == 0) {
-		if (rec.type == VBLK_SS_READ_REQ) {
+		if (rec.type == VBLK_SS_MISSING_MAP) {
+			if (!resumed || map_ended)
+				abort();
+			apply_map(&g, &rec, map, buf);
+		} else if (rec.type == VBLK_SS_MAP_END) {
+			if (!resumed || map_ended)
+				abort();
+			map_ended = true;
+		} else if (rec.type == VBLK_SS_ACK && resumed) {
+			abort();
+		} else if (rec.type == VBLK_SS_READ_REQ) {
 			check_range(&g, rec.offset, rec.length);
 			if (rec.length > VBLK_SS_MAX_READ_REQ)
 				abort();
@@ -120,6 +189,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (size >= 8 && !memcmp(data, VBLK_SS_MAGIC, 8))
 		to_dest(data, size, buf);
 	else
-		to_source(data, size);
+		to_source(data, size, buf);
 	return 0;
 }

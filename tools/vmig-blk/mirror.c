@@ -1101,6 +1101,11 @@ static int in_receive(struct vblk_incoming *in, struct vmig__chan *c, char *err,
 		vblk_ss_put_error(&w, err);
 		return -EPROTO;
 	}
+	if (g.flags & VBLK_SS_F_POSTCOPY) {
+		fmt_err(err, len, "post-copy storage is not served by this destination");
+		vblk_ss_put_error(&w, err);
+		return -EPROTO;
+	}
 	memcpy(in->session, g.session, sizeof(g.session));
 	in->have_session = true;
 	vblk_ss_writer_init(&w, chan_put, c, &g);
@@ -1148,6 +1153,11 @@ static int in_receive(struct vblk_incoming *in, struct vmig__chan *c, char *err,
 				return w.error;
 			}
 			return 0;
+		case VBLK_SS_MISSING:
+		case VBLK_SS_POSTCOPY:
+			fmt_err(err, len, "post-copy storage is not served by this destination");
+			vblk_ss_put_error(&w, err);
+			return -EPROTO;
 		default: /* the reader lets only the source's types through */
 			break;
 		}

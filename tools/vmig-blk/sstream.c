@@ -69,7 +69,10 @@ bool vblk_ss_geom_ok(const struct vblk_ss_geom *g)
 	       g->disk_size && g->disk_size % g->block_size == 0 && pow2(g->granularity) &&
 	       g->granularity >= VBLK_SS_MIN_GRANULARITY &&
 	       g->granularity <= VBLK_SS_MAX_GRANULARITY && g->granularity >= g->block_size &&
-	       !(g->flags & ~VBLK_SS_F_FULL) && memcmp(g->session, zero, sizeof(zero)) != 0;
+	       !(g->flags & ~(VBLK_SS_F_FULL | VBLK_SS_F_POSTCOPY)) &&
+	       (g->flags & (VBLK_SS_F_FULL | VBLK_SS_F_POSTCOPY)) !=
+		   (VBLK_SS_F_FULL | VBLK_SS_F_POSTCOPY) &&
+	       memcmp(g->session, zero, sizeof(zero)) != 0;
 }
 
 /* Is [offset, offset + len) a non-empty range of whole blocks inside the
@@ -78,6 +81,28 @@ static bool range_ok(const struct vblk_ss_geom *g, uint64_t offset, uint64_t len
 {
 	return len && offset % g->block_size == 0 && len % g->block_size == 0 &&
 	       offset <= g->disk_size && len <= g->disk_size - offset;
+}
+
+/* After the switch to post-copy, the destination tracks what it has per
+ * granule: DATA and ZERO must cover whole granules (the last one clipped
+ * to the disk). range_ok first. */
+static bool granules_ok(const struct vblk_ss_geom *g, uint64_t offset, uint64_t len)
+{
+	return offset % g->granularity == 0 &&
+	       (len % g->granularity == 0 || len == g->disk_size - offset);
+}
+
+/* Is a map of nwords words from granule first inside the disk's bitmap,
+ * with no bit past the last granule (last: the record's last word)? */
+static bool map_ok(const struct vblk_ss_geom *g, uint64_t first, uint64_t nwords, uint64_t last)
+{
+	uint64_t total = vblk_ss_map_words(g), tail = vblk_ss_granules(g) % 64;
+
+	if (!nwords || nwords > VBLK_SS_MAX_DATA / 8 || first % 64 || first / 64 > total ||
+	    nwords > total - first / 64)
+		return false;
+	/* the disk's last word: the bits past its last granule stay clear */
+	return first / 64 + nwords < total || !tail || !(last >> tail);
 }
 
 /* ---- reader ---- */
@@ -123,12 +148,6 @@ void vblk_ss_reader_init(struct vblk_ss_reader *r, enum vblk_ss_dir dir, vblk_ss
 	r->buf = buf;
 }
 
-void vblk_ss_reader_set_geom(struct vblk_ss_reader *r, const struct vblk_ss_geom *g)
-{
-	r->geom = *g;
-	r->have_geom = true;
-}
-
 int vblk_ss_read_preamble(struct vblk_ss_reader *r, const struct vblk_ss_geom *want,
 			  struct vblk_ss_geom *g)
 {
@@ -144,7 +163,7 @@ int vblk_ss_read_preamble(struct vblk_ss_reader *r, const struct vblk_ss_geom *w
 		snprintf(msg, sizeof(msg), "unsupported storage stream version %u", get32(p + 8));
 		return fail(r, 8, msg);
 	}
-	if ((get16(p + 12) & ~VBLK_SS_F_FULL) || get16(p + 14))
+	if ((get16(p + 12) & ~(VBLK_SS_F_FULL | VBLK_SS_F_POSTCOPY)) || get16(p + 14))
 		return fail(r, 12, "unknown preamble flags or reserved bits set");
 	g->flags = get16(p + 12);
 	g->disk_size = get64(p + 16);
@@ -165,6 +184,14 @@ int vblk_ss_read_preamble(struct vblk_ss_reader *r, const struct vblk_ss_geom *w
 	return 0;
 }
 
+void vblk_ss_reader_set_geom(struct vblk_ss_reader *r, const struct vblk_ss_geom *g)
+{
+	r->geom = *g;
+	r->have_geom = true;
+	/* a resumed post-copy is in post-copy from its first record */
+	r->postcopy = r->dir == VBLK_SS_TO_DEST && (g->flags & VBLK_SS_F_POSTCOPY);
+}
+
 /* Exact payload size of each fixed-size type; -1: variable (checked by its
  * parser); -2: not a type of this direction. */
 static long fixed_len(enum vblk_ss_dir dir, uint8_t type)
@@ -172,12 +199,14 @@ static long fixed_len(enum vblk_ss_dir dir, uint8_t type)
 	if (dir == VBLK_SS_TO_DEST) {
 		switch (type) {
 		case VBLK_SS_DATA:
+		case VBLK_SS_MISSING:
 			return -1;
 		case VBLK_SS_ZERO:
 		case VBLK_SS_SYNC:
 			return 16;
 		case VBLK_SS_FLUSH:
 		case VBLK_SS_EOS:
+		case VBLK_SS_POSTCOPY:
 			return 0;
 		}
 		return -2;
@@ -186,10 +215,12 @@ static long fixed_len(enum vblk_ss_dir dir, uint8_t type)
 	case VBLK_SS_ACK:
 		return 8;
 	case VBLK_SS_ERROR:
+	case VBLK_SS_MISSING_MAP:
 		return -1;
 	case VBLK_SS_READ_REQ:
 		return 16;
 	case VBLK_SS_DONE:
+	case VBLK_SS_MAP_END:
 		return 0;
 	}
 	return -2;
@@ -211,6 +242,8 @@ static int parse_data(struct vblk_ss_reader *r, uint64_t at, uint32_t len, struc
 	rec->length = n;
 	if (!range_ok(&r->geom, rec->offset, n))
 		return fail(r, at, "DATA outside the disk or not whole blocks");
+	if (r->postcopy && !granules_ok(&r->geom, rec->offset, n))
+		return fail(r, at, "DATA in post-copy that is not whole granules");
 	rc = read_full(r, r->buf, n, "stream ends inside a DATA record");
 	if (rc)
 		return rc;
@@ -229,11 +262,17 @@ static int parse_fixed(struct vblk_ss_reader *r, uint64_t at, const uint8_t *p,
 		rec->length = get64(p + 8);
 		if (!range_ok(&r->geom, rec->offset, rec->length))
 			return fail(r, at, "range outside the disk or not whole blocks");
+		if (rec->type == VBLK_SS_ZERO && r->postcopy &&
+		    !granules_ok(&r->geom, rec->offset, rec->length))
+			return fail(r, at, "ZERO in post-copy that is not whole granules");
 		if (rec->type == VBLK_SS_READ_REQ && rec->length > VBLK_SS_MAX_READ_REQ)
 			return fail(r, at, "READ_REQ of more than 1 MiB");
 		return 0;
 	case VBLK_SS_SYNC:
 	case VBLK_SS_ACK:
+		/* after the switch nothing is acknowledged by rounds */
+		if (r->postcopy || (r->geom.flags & VBLK_SS_F_POSTCOPY))
+			return fail(r, at, "SYNC or ACK in post-copy");
 		rec->round = get64(p);
 		if (rec->round <= r->last_round)
 			return fail(r, at, "round number does not increase");
@@ -247,6 +286,16 @@ static int parse_fixed(struct vblk_ss_reader *r, uint64_t at, const uint8_t *p,
 	case VBLK_SS_EOS:
 	case VBLK_SS_DONE:
 		r->eos = true;
+		return 0;
+	case VBLK_SS_POSTCOPY:
+		if (r->postcopy)
+			return fail(r, at, "POSTCOPY twice, or in a resumed post-copy");
+		r->postcopy = true;
+		return 0;
+	case VBLK_SS_MAP_END:
+		if (!(r->geom.flags & VBLK_SS_F_POSTCOPY) || r->map_ended)
+			return fail(r, at, "MAP_END where no map was asked for, or twice");
+		r->map_ended = true;
 		return 0;
 	default:
 		return 0;
@@ -266,6 +315,38 @@ static int parse_error(struct vblk_ss_reader *r, uint64_t at, uint32_t len, stru
 	if (strlen(rec->text) != len)
 		return fail(r, at, "ERROR text with a NUL byte");
 	r->eos = true; /* the peer gives up: nothing follows */
+	return 0;
+}
+
+/* MISSING (before the switch) and MISSING_MAP (a resumed post-copy's
+ * return path, before MAP_END). */
+static int parse_map(struct vblk_ss_reader *r, uint64_t at, uint32_t len, struct vblk_ss_rec *rec)
+{
+	uint8_t first[8];
+	uint64_t nwords;
+	int rc;
+
+	if (rec->type == VBLK_SS_MISSING && r->postcopy)
+		return fail(r, at, "MISSING after the switch to post-copy");
+	if (rec->type == VBLK_SS_MISSING_MAP &&
+	    (!(r->geom.flags & VBLK_SS_F_POSTCOPY) || r->map_ended))
+		return fail(r, at, "MISSING_MAP where no map was asked for, or after MAP_END");
+	if (!r->buf)
+		return fail(r, at, "no buffer for a map record");
+	if (len < 16 || (len - 8) % 8 || len - 8 > VBLK_SS_MAX_DATA)
+		return fail(r, at, "map record of a bad length");
+	nwords = (len - 8) / 8;
+	rc = read_full(r, first, 8, "stream ends inside a map record");
+	if (rc)
+		return rc;
+	rc = read_full(r, r->buf, len - 8, "stream ends inside a map record");
+	if (rc)
+		return rc;
+	rec->granule = get64(first);
+	rec->data = r->buf;
+	rec->length = len - 8;
+	if (!map_ok(&r->geom, rec->granule, nwords, get64(r->buf + len - 16)))
+		return fail(r, at, "map outside the disk's granules");
 	return 0;
 }
 
@@ -301,6 +382,8 @@ int vblk_ss_read_record(struct vblk_ss_reader *r, struct vblk_ss_rec *rec)
 		return r->buf ? parse_data(r, at, len, rec) : fail(r, at, "no DATA buffer");
 	if (rec->type == VBLK_SS_ERROR)
 		return parse_error(r, at, len, rec);
+	if (rec->type == VBLK_SS_MISSING || rec->type == VBLK_SS_MISSING_MAP)
+		return parse_map(r, at, len, rec);
 	rc = read_full(r, p, len, "stream ends inside a record");
 	if (rc)
 		return rc;
@@ -316,6 +399,7 @@ void vblk_ss_writer_init(struct vblk_ss_writer *w, vblk_ss_write_fn write, void 
 	w->write = write;
 	w->opaque = opaque;
 	w->geom = *g;
+	w->postcopy = g->flags & VBLK_SS_F_POSTCOPY;
 }
 
 static int emit(struct vblk_ss_writer *w, const void *buf, size_t n)
@@ -368,7 +452,8 @@ int vblk_ss_put_data(struct vblk_ss_writer *w, uint64_t offset, const void *buf,
 {
 	uint8_t off[8];
 
-	if (len > VBLK_SS_MAX_DATA || !range_ok(&w->geom, offset, len))
+	if (len > VBLK_SS_MAX_DATA || !range_ok(&w->geom, offset, len) ||
+	    (w->postcopy && !granules_ok(&w->geom, offset, len)))
 		return bad(w);
 	put64(off, offset);
 	emit_hdr(w, VBLK_SS_DATA, 0, 8 + len);
@@ -388,14 +473,15 @@ static int put_range(struct vblk_ss_writer *w, uint8_t type, uint8_t flags, uint
 
 int vblk_ss_put_zero(struct vblk_ss_writer *w, uint64_t offset, uint64_t len, bool unmap)
 {
-	if (!range_ok(&w->geom, offset, len))
+	if (!range_ok(&w->geom, offset, len) ||
+	    (w->postcopy && !granules_ok(&w->geom, offset, len)))
 		return bad(w);
 	return put_range(w, VBLK_SS_ZERO, unmap ? VBLK_SS_ZERO_F_UNMAP : 0, offset, len);
 }
 
 int vblk_ss_put_sync(struct vblk_ss_writer *w, uint64_t round, uint64_t dirty_bytes)
 {
-	if (round == 0 || dirty_bytes > w->geom.disk_size)
+	if (round == 0 || dirty_bytes > w->geom.disk_size || w->postcopy)
 		return bad(w);
 	return put_range(w, VBLK_SS_SYNC, 0, round, dirty_bytes);
 }
@@ -414,7 +500,7 @@ int vblk_ss_put_ack(struct vblk_ss_writer *w, uint64_t round)
 {
 	uint8_t p[8];
 
-	if (round == 0)
+	if (round == 0 || (w->geom.flags & VBLK_SS_F_POSTCOPY))
 		return bad(w);
 	put64(p, round);
 	emit_hdr(w, VBLK_SS_ACK, 0, sizeof(p));
@@ -442,4 +528,52 @@ int vblk_ss_put_read_req(struct vblk_ss_writer *w, uint64_t offset, uint64_t len
 int vblk_ss_put_done(struct vblk_ss_writer *w)
 {
 	return emit_hdr(w, VBLK_SS_DONE, 0, 0);
+}
+
+static int put_map(struct vblk_ss_writer *w, uint8_t type, uint64_t first, const uint64_t *words,
+		   size_t nwords)
+{
+	uint8_t p[8];
+
+	if (!map_ok(&w->geom, first, nwords, nwords ? words[nwords - 1] : 0))
+		return bad(w);
+	put64(p, first);
+	emit_hdr(w, type, 0, (uint32_t)(8 + 8 * nwords));
+	emit(w, p, 8);
+	for (size_t i = 0; i < nwords; i++) {
+		put64(p, words[i]);
+		emit(w, p, 8);
+	}
+	return w->error;
+}
+
+int vblk_ss_put_missing(struct vblk_ss_writer *w, uint64_t first, const uint64_t *words,
+			size_t nwords)
+{
+	if (w->postcopy)
+		return bad(w);
+	return put_map(w, VBLK_SS_MISSING, first, words, nwords);
+}
+
+int vblk_ss_put_postcopy(struct vblk_ss_writer *w)
+{
+	if (w->postcopy)
+		return bad(w);
+	w->postcopy = true;
+	return emit_hdr(w, VBLK_SS_POSTCOPY, 0, 0);
+}
+
+int vblk_ss_put_missing_map(struct vblk_ss_writer *w, uint64_t first, const uint64_t *words,
+			    size_t nwords)
+{
+	if (!(w->geom.flags & VBLK_SS_F_POSTCOPY))
+		return bad(w);
+	return put_map(w, VBLK_SS_MISSING_MAP, first, words, nwords);
+}
+
+int vblk_ss_put_map_end(struct vblk_ss_writer *w)
+{
+	if (!(w->geom.flags & VBLK_SS_F_POSTCOPY))
+		return bad(w);
+	return emit_hdr(w, VBLK_SS_MAP_END, 0, 0);
 }

@@ -36,11 +36,15 @@ enum vblk_ss_type {
 	VBLK_SS_SYNC = 0x03,
 	VBLK_SS_FLUSH = 0x04,
 	VBLK_SS_EOS = 0x05,
+	VBLK_SS_MISSING = 0x06,	 /* post-copy: granules the destination must fetch */
+	VBLK_SS_POSTCOPY = 0x07, /* post-copy: the destination serves from here on */
 	/* destination to source (the return path) */
 	VBLK_SS_ACK = 0x41,
 	VBLK_SS_ERROR = 0x42,
 	VBLK_SS_READ_REQ = 0x43,
 	VBLK_SS_DONE = 0x44,
+	VBLK_SS_MISSING_MAP = 0x45, /* a resumed post-copy: what the destination lacks */
+	VBLK_SS_MAP_END = 0x46,	    /* ... and that was all of it */
 };
 
 #define VBLK_SS_ZERO_F_UNMAP 0x01u /* ZERO: the range may become a hole */
@@ -48,11 +52,16 @@ enum vblk_ss_type {
  * copy, not a resumed one), so a destination may take it from a new
  * session. */
 #define VBLK_SS_F_FULL 0x0001u
+/* Preamble flag: the connection resumes a post-copy storage migration. The
+ * destination already serves the disk; it answers with the granules it
+ * still lacks (MISSING_MAP records, then MAP_END), and the stream is in
+ * post-copy from its first record. Not with FULL. */
+#define VBLK_SS_F_POSTCOPY 0x0002u
 
 /* Which way a stream runs: which record types it may carry. */
 enum vblk_ss_dir {
-	VBLK_SS_TO_DEST,   /* DATA, ZERO, SYNC, FLUSH, EOS */
-	VBLK_SS_TO_SOURCE, /* ACK, ERROR, READ_REQ, DONE */
+	VBLK_SS_TO_DEST,   /* DATA, ZERO, SYNC, FLUSH, EOS, MISSING, POSTCOPY */
+	VBLK_SS_TO_SOURCE, /* ACK, ERROR, READ_REQ, DONE, MISSING_MAP, MAP_END */
 };
 
 struct vblk_ss_geom {
@@ -60,7 +69,7 @@ struct vblk_ss_geom {
 	uint32_t block_size;  /* 512..65536, a power of two: every offset and length */
 	uint32_t granularity; /* the source's dirty granularity, a power of two */
 	uint8_t session[16];  /* 128 random bits, the same for every connection */
-	uint16_t flags;	      /* preamble flags: VBLK_SS_F_FULL or 0 */
+	uint16_t flags;	      /* preamble flags: VBLK_SS_F_FULL, VBLK_SS_F_POSTCOPY or 0 */
 };
 
 /* One record, checked. Pointers stay valid until the next read. */
@@ -68,7 +77,8 @@ struct vblk_ss_rec {
 	enum vblk_ss_type type;
 	uint8_t flags;
 	uint64_t offset, length;	 /* DATA, ZERO, READ_REQ: bytes */
-	const uint8_t *data;		 /* DATA: length bytes */
+	const uint8_t *data;		 /* DATA, MISSING, MISSING_MAP: length bytes */
+	uint64_t granule;		 /* MISSING, MISSING_MAP: bit 0 of the first word */
 	uint64_t round;			 /* SYNC, ACK */
 	uint64_t dirty_bytes;		 /* SYNC: what the source still had dirty */
 	char text[VBLK_SS_MAX_TEXT + 1]; /* ERROR, NUL-terminated */
@@ -87,17 +97,19 @@ struct vblk_ss_reader {
 	struct vblk_ss_geom geom; /* from the preamble (TO_DEST) or the caller */
 	bool have_geom;
 	bool eos;	     /* EOS or DONE read: nothing may follow */
+	bool postcopy;	     /* TO_DEST: POSTCOPY read, or a resumed post-copy */
+	bool map_ended;	     /* TO_SOURCE: MAP_END read */
 	uint64_t pos;	     /* bytes consumed, for error messages */
 	uint64_t last_round; /* the last SYNC or ACK round; 0: none yet */
-	uint8_t *buf;	     /* VBLK_SS_MAX_DATA bytes, DATA payloads */
+	uint8_t *buf;	     /* VBLK_SS_MAX_DATA bytes: DATA and map payloads */
 	char err[200];	     /* why the last call failed */
 };
 
 /*
  * Every field from the peer is untrusted. A reader for dir; buf must hold
- * VBLK_SS_MAX_DATA bytes (TO_DEST) or may be NULL (TO_SOURCE). A return
- * path has no preamble: its reader takes the geometry of the stream it
- * answers from vblk_ss_reader_set_geom.
+ * VBLK_SS_MAX_DATA bytes (or be NULL: then a DATA or map record is an
+ * error). A return path has no preamble: its reader takes the geometry
+ * of the stream it answers (flags included) from vblk_ss_reader_set_geom.
  */
 void vblk_ss_reader_init(struct vblk_ss_reader *r, enum vblk_ss_dir dir, vblk_ss_read_fn read,
 			 void *opaque, uint8_t *buf);
@@ -121,6 +133,7 @@ struct vblk_ss_writer {
 	struct vblk_ss_geom geom;
 	uint64_t pos;
 	int error;
+	bool postcopy; /* POSTCOPY put, or a resumed post-copy */
 };
 
 void vblk_ss_writer_init(struct vblk_ss_writer *w, vblk_ss_write_fn write, void *opaque,
@@ -135,6 +148,39 @@ int vblk_ss_put_ack(struct vblk_ss_writer *w, uint64_t round);
 int vblk_ss_put_error(struct vblk_ss_writer *w, const char *text);
 int vblk_ss_put_read_req(struct vblk_ss_writer *w, uint64_t offset, uint64_t len);
 int vblk_ss_put_done(struct vblk_ss_writer *w);
+/* Post-copy storage. A map record carries nwords 64-bit words of a bitmap
+ * of granules (geom.granularity bytes each, the last one clipped to the
+ * disk): bit b of word i is granule first + 64 * i + b. first a multiple
+ * of 64, 1..VBLK_SS_MAX_DATA / 8 words, inside the disk's bitmap, no bit
+ * set past the last granule. */
+int vblk_ss_put_missing(struct vblk_ss_writer *w, uint64_t first, const uint64_t *words,
+			size_t nwords);
+int vblk_ss_put_postcopy(struct vblk_ss_writer *w);
+int vblk_ss_put_missing_map(struct vblk_ss_writer *w, uint64_t first, const uint64_t *words,
+			    size_t nwords);
+int vblk_ss_put_map_end(struct vblk_ss_writer *w);
+
+/* Granules of the disk, and 64-bit words of a bitmap of them. */
+static inline uint64_t vblk_ss_granules(const struct vblk_ss_geom *g)
+{
+	return g->disk_size / g->granularity + !!(g->disk_size % g->granularity);
+}
+
+static inline uint64_t vblk_ss_map_words(const struct vblk_ss_geom *g)
+{
+	return (vblk_ss_granules(g) + 63) / 64;
+}
+
+/* Word i of a MISSING or MISSING_MAP record (little-endian on the wire). */
+static inline uint64_t vblk_ss_map_word(const struct vblk_ss_rec *rec, size_t i)
+{
+	const uint8_t *p = rec->data + 8 * i;
+	uint64_t v = 0;
+
+	for (int k = 7; k >= 0; k--)
+		v = v << 8 | p[k];
+	return v;
+}
 
 /* Is g a geometry the format allows? */
 bool vblk_ss_geom_ok(const struct vblk_ss_geom *g);

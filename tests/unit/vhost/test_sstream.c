@@ -250,7 +250,8 @@ static void test_bad_records(void **state)
 	} while (0)
 #define D VBLK_SS_TO_DEST
 #define S VBLK_SS_TO_SOURCE
-	CASE(D, "unknown type", raw(m, 0x06, 0, 0, 0, NULL, 0));
+	CASE(D, "unknown type", raw(m, 0x08, 0, 0, 0, NULL, 0));
+	CASE(S, "unknown return type", raw(m, 0x47, 0, 0, 0, NULL, 0));
 	CASE(D, "type 0", raw(m, 0x00, 0, 0, 0, NULL, 0));
 	CASE(D, "return-path type", raw(m, VBLK_SS_ACK, 0, 0, 8, block, 8));
 	CASE(S, "source type on the return path", raw(m, VBLK_SS_EOS, 0, 0, 0, NULL, 0));
@@ -319,7 +320,8 @@ static void test_bad_preambles(void **state)
 	} cases[] = {
 	    {0, 'X', "magic"},
 	    {8, 2, "version"},
-	    {12, 2, "flags"},
+	    {12, 4, "flags"},
+	    {12, 3, "FULL and POSTCOPY together"},
 	    {13, 0x80, "flags (high byte)"},
 	    {14, 1, "reserved"},
 	    {18, 0x00, "disk size 0"},
@@ -440,12 +442,251 @@ static void test_writer_checks(void **state)
 	free(m);
 }
 
+/* ---- post-copy storage ---- */
+
+/* 2 MiB in granules of 64 KiB: 32 granules, one word whose top half is
+ * past the disk. */
+#define GRAN 65536u
+
+static void test_postcopy_roundtrip(void **state)
+{
+	struct mem *m = mem_new();
+	struct vblk_ss_writer w;
+	struct vblk_ss_reader r;
+	struct vblk_ss_rec rec;
+	static uint8_t data[GRAN];
+	uint64_t map = 0x80000005ull; /* granules 0, 2 and the last, 31 */
+
+	assert_int_equal(vblk_ss_granules(&geom), 32);
+	assert_int_equal(vblk_ss_map_words(&geom), 1);
+	memset(data, 0xa5, sizeof(data));
+	vblk_ss_writer_init(&w, mem_write, m, &geom);
+	vblk_ss_put_preamble(&w);
+	vblk_ss_put_data(&w, 512, data, 512); /* before the switch: any blocks */
+	vblk_ss_put_sync(&w, 1, 0);
+	vblk_ss_put_missing(&w, 0, &map, 1);
+	vblk_ss_put_postcopy(&w);
+	vblk_ss_put_data(&w, 0, data, GRAN);
+	vblk_ss_put_zero(&w, 2 * GRAN, GRAN, true);
+	vblk_ss_put_data(&w, geom.disk_size - GRAN, data, GRAN);
+	vblk_ss_put_flush(&w);
+	assert_int_equal(vblk_ss_put_eos(&w), 0);
+	/* MISSING: type 6, 16 bytes, granule 0, then the word, little-endian */
+	assert_memory_equal(m->buf + 48 + 8 + 8 + 512 + 8 + 16,
+			    "\x06\0\0\0\x10\0\0\0\0\0\0\0\0\0\0\0\x05\0\0\x80\0\0\0\0", 24);
+	assert_memory_equal(m->buf + 48 + 8 + 8 + 512 + 8 + 16 + 24, "\x07\0\0\0\0\0\0\0", 8);
+
+	assert_int_equal(reader(&r, m, VBLK_SS_TO_DEST), 0);
+	assert_int_equal(vblk_ss_read_record(&r, &rec), 0);
+	assert_int_equal(rec.type, VBLK_SS_DATA);
+	assert_int_equal(vblk_ss_read_record(&r, &rec), 0);
+	assert_int_equal(rec.type, VBLK_SS_SYNC);
+	assert_int_equal(vblk_ss_read_record(&r, &rec), 0);
+	assert_int_equal(rec.type, VBLK_SS_MISSING);
+	assert_int_equal(rec.granule, 0);
+	assert_int_equal(rec.length, 8);
+	assert_int_equal(vblk_ss_map_word(&rec, 0), map);
+	assert_false(r.postcopy);
+	assert_int_equal(vblk_ss_read_record(&r, &rec), 0);
+	assert_int_equal(rec.type, VBLK_SS_POSTCOPY);
+	assert_true(r.postcopy);
+	for (int i = 0; i < 3; i++) {
+		assert_int_equal(vblk_ss_read_record(&r, &rec), 0);
+		assert_true(rec.type == (i == 1 ? VBLK_SS_ZERO : VBLK_SS_DATA));
+	}
+	assert_int_equal(rec.offset, geom.disk_size - GRAN);
+	assert_int_equal(vblk_ss_read_record(&r, &rec), 0);
+	assert_int_equal(rec.type, VBLK_SS_FLUSH);
+	assert_int_equal(vblk_ss_read_record(&r, &rec), 0);
+	assert_int_equal(rec.type, VBLK_SS_EOS);
+
+	/* The writer refuses what the reader would after the switch. */
+#define REFUSED(call)                                                                              \
+	do {                                                                                       \
+		size_t len = m->len;                                                               \
+		vblk_ss_writer_init(&w, mem_write, m, &geom);                                      \
+		assert_int_equal(vblk_ss_put_postcopy(&w), 0);                                     \
+		len = m->len;                                                                      \
+		assert_int_equal(call, -EINVAL);                                                   \
+		assert_int_equal(m->len, len);                                                     \
+	} while (0)
+	REFUSED(vblk_ss_put_data(&w, 512, data, 512));
+	REFUSED(vblk_ss_put_data(&w, 0, data, 512));
+	REFUSED(vblk_ss_put_zero(&w, GRAN, GRAN / 2, false));
+	REFUSED(vblk_ss_put_sync(&w, 2, 0));
+	REFUSED(vblk_ss_put_missing(&w, 0, &map, 1));
+	REFUSED(vblk_ss_put_postcopy(&w));
+	REFUSED(vblk_ss_put_missing_map(&w, 0, &map, 1)); /* not a resumed stream */
+	REFUSED(vblk_ss_put_map_end(&w));
+#undef REFUSED
+	/* Maps outside the disk's bitmap. */
+	m->len = 0;
+	vblk_ss_writer_init(&w, mem_write, m, &geom);
+	assert_int_equal(vblk_ss_put_missing(&w, 0, &map, 0), -EINVAL);
+	vblk_ss_writer_init(&w, mem_write, m, &geom);
+	assert_int_equal(vblk_ss_put_missing(&w, 1, &map, 1), -EINVAL);
+	vblk_ss_writer_init(&w, mem_write, m, &geom);
+	assert_int_equal(vblk_ss_put_missing(&w, 64, &map, 1), -EINVAL);
+	vblk_ss_writer_init(&w, mem_write, m, &geom);
+	assert_int_equal(vblk_ss_put_missing(&w, 0, (uint64_t[]){1ull << 32}, 1), -EINVAL);
+	vblk_ss_writer_init(&w, mem_write, m, &geom);
+	assert_int_equal(vblk_ss_put_missing(&w, 0, (uint64_t[]){map, 0}, 2), -EINVAL);
+	assert_int_equal(m->len, 0);
+	free(m);
+}
+
+/* A resumed post-copy: the preamble says so, the destination answers with
+ * its map, and the stream is in post-copy from its first record. */
+static void test_postcopy_resume(void **state)
+{
+	struct vblk_ss_geom rg = geom;
+	struct mem *m = mem_new(), *back = mem_new();
+	static uint8_t buf[VBLK_SS_MAX_DATA], data[GRAN];
+	struct vblk_ss_writer w;
+	struct vblk_ss_reader r;
+	struct vblk_ss_rec rec;
+	struct vblk_ss_geom g;
+	uint64_t map = 0xffffffffull;
+
+	rg.flags = VBLK_SS_F_POSTCOPY;
+	vblk_ss_writer_init(&w, mem_write, m, &rg);
+	vblk_ss_put_preamble(&w);
+	assert_int_equal(vblk_ss_put_sync(&w, 1, 0), -EINVAL); /* no rounds */
+	vblk_ss_writer_init(&w, mem_write, m, &rg);
+	vblk_ss_put_data(&w, GRAN, data, GRAN);
+	assert_int_equal(vblk_ss_put_eos(&w), 0);
+	vblk_ss_reader_init(&r, VBLK_SS_TO_DEST, mem_read, m, buf);
+	assert_int_equal(vblk_ss_read_preamble(&r, &geom, &g), 0);
+	assert_int_equal(g.flags, VBLK_SS_F_POSTCOPY);
+	assert_true(r.postcopy);
+	assert_int_equal(vblk_ss_read_record(&r, &rec), 0);
+	assert_int_equal(rec.offset, GRAN);
+	assert_int_equal(vblk_ss_read_record(&r, &rec), 0);
+	assert_int_equal(rec.type, VBLK_SS_EOS);
+
+	/* The return path: the map, its end, then requests and DONE. */
+	vblk_ss_writer_init(&w, mem_write, back, &rg);
+	vblk_ss_put_missing_map(&w, 0, &map, 1);
+	vblk_ss_put_map_end(&w);
+	assert_int_equal(vblk_ss_put_ack(&w, 1), -EINVAL);
+	vblk_ss_writer_init(&w, mem_write, back, &rg);
+	vblk_ss_put_read_req(&w, 4 * GRAN, GRAN);
+	assert_int_equal(vblk_ss_put_done(&w), 0);
+	vblk_ss_reader_init(&r, VBLK_SS_TO_SOURCE, mem_read, back, buf);
+	vblk_ss_reader_set_geom(&r, &rg);
+	assert_int_equal(vblk_ss_read_record(&r, &rec), 0);
+	assert_int_equal(rec.type, VBLK_SS_MISSING_MAP);
+	assert_int_equal(vblk_ss_map_word(&rec, 0), map);
+	assert_int_equal(vblk_ss_read_record(&r, &rec), 0);
+	assert_int_equal(rec.type, VBLK_SS_MAP_END);
+	assert_int_equal(vblk_ss_read_record(&r, &rec), 0);
+	assert_int_equal(rec.type, VBLK_SS_READ_REQ);
+	assert_int_equal(vblk_ss_read_record(&r, &rec), 0);
+	assert_int_equal(rec.type, VBLK_SS_DONE);
+	free(m);
+	free(back);
+}
+
+/* Bad post-copy records, in a fresh stream (TO_DEST) or a return path that
+ * answers a resumed post-copy (resumed) or an ordinary stream. */
+static void expect_refused_g(struct mem *m, enum vblk_ss_dir dir, const struct vblk_ss_geom *g,
+			     const char *what)
+{
+	static uint8_t buf[VBLK_SS_MAX_DATA];
+	struct vblk_ss_reader r;
+	struct vblk_ss_rec rec;
+	struct vblk_ss_geom got;
+	int rc = 0;
+
+	m->rpos = 0;
+	vblk_ss_reader_init(&r, dir, mem_read, m, buf);
+	if (dir == VBLK_SS_TO_SOURCE)
+		vblk_ss_reader_set_geom(&r, g);
+	else
+		rc = vblk_ss_read_preamble(&r, g, &got);
+	for (int i = 0; rc == 0 && (rc = vblk_ss_read_record(&r, &rec)) == 0; i++)
+		if (i == 10)
+			fail_msg("%s: accepted", what);
+	if (rc != -EPROTO)
+		fail_msg("%s: %d (%s)", what, rc, r.err);
+}
+
+static void test_postcopy_bad(void **state)
+{
+	struct vblk_ss_geom rg = geom;
+	uint8_t zero[64] = {0};
+	uint64_t pl[3];
+	struct mem *m;
+
+	rg.flags = VBLK_SS_F_POSTCOPY;
+#define CASE(dir, g, what, ...)                                                                    \
+	do {                                                                                       \
+		struct vblk_ss_writer w;                                                           \
+		m = mem_new();                                                                     \
+		vblk_ss_writer_init(&w, mem_write, m, g);                                          \
+		if (dir == VBLK_SS_TO_DEST)                                                        \
+			vblk_ss_put_preamble(&w);                                                  \
+		__VA_ARGS__;                                                                       \
+		expect_refused_g(m, dir, g, what);                                                 \
+		free(m);                                                                           \
+	} while (0)
+#define D VBLK_SS_TO_DEST
+#define S VBLK_SS_TO_SOURCE
+#define SWITCH raw(m, VBLK_SS_POSTCOPY, 0, 0, 0, NULL, 0)
+	CASE(D, &geom, "POSTCOPY with a payload", raw(m, VBLK_SS_POSTCOPY, 0, 0, 8, zero, 8));
+	CASE(D, &geom, "POSTCOPY twice", SWITCH; SWITCH);
+	CASE(D, &rg, "POSTCOPY in a resumed post-copy", SWITCH);
+	CASE(D, &geom, "MISSING empty", raw(m, VBLK_SS_MISSING, 0, 0, 8, zero, 8));
+	CASE(D, &geom, "MISSING not whole words", raw(m, VBLK_SS_MISSING, 0, 0, 12, zero, 12));
+	CASE(D, &geom, "MISSING too long",
+	     raw(m, VBLK_SS_MISSING, 0, 0, 16 + VBLK_SS_MAX_DATA, zero, 16));
+	CASE(D, &geom, "MISSING first not a word", pl[0] = 8; pl[1] = 1;
+	     raw(m, VBLK_SS_MISSING, 0, 0, 16, pl, 16));
+	CASE(D, &geom, "MISSING past the bitmap", pl[0] = 64; pl[1] = 1;
+	     raw(m, VBLK_SS_MISSING, 0, 0, 16, pl, 16));
+	CASE(D, &geom, "MISSING wrapping", pl[0] = UINT64_MAX - 63; pl[1] = 1;
+	     raw(m, VBLK_SS_MISSING, 0, 0, 16, pl, 16));
+	CASE(D, &geom, "MISSING two words of one", pl[0] = 0; pl[1] = 1; pl[2] = 0;
+	     raw(m, VBLK_SS_MISSING, 0, 0, 24, pl, 24));
+	CASE(D, &geom, "MISSING a granule past the disk", pl[0] = 0; pl[1] = 1ull << 32;
+	     raw(m, VBLK_SS_MISSING, 0, 0, 16, pl, 16));
+	CASE(D, &geom, "MISSING after POSTCOPY", SWITCH; pl[0] = 0; pl[1] = 1;
+	     raw(m, VBLK_SS_MISSING, 0, 0, 16, pl, 16));
+	CASE(D, &geom, "SYNC after POSTCOPY", SWITCH; raw_range(m, VBLK_SS_SYNC, 0, 1, 0));
+	CASE(D, &rg, "SYNC in a resumed post-copy", raw_range(m, VBLK_SS_SYNC, 0, 1, 0));
+	CASE(D, &geom, "ZERO of part of a granule", SWITCH;
+	     raw_range(m, VBLK_SS_ZERO, 0, GRAN, GRAN / 2));
+	CASE(D, &geom, "ZERO off a granule", SWITCH; raw_range(m, VBLK_SS_ZERO, 0, 512, GRAN));
+	CASE(D, &rg, "DATA of part of a granule", {
+		static uint8_t rec[8 + 4096];
+
+		raw(m, VBLK_SS_DATA, 0, 0, sizeof(rec), rec, sizeof(rec));
+	});
+	CASE(S, &geom, "MISSING_MAP not asked for", pl[0] = 0; pl[1] = 1;
+	     raw(m, VBLK_SS_MISSING_MAP, 0, 0, 16, pl, 16));
+	CASE(S, &geom, "MAP_END not asked for", raw(m, VBLK_SS_MAP_END, 0, 0, 0, NULL, 0));
+	CASE(S, &rg, "MAP_END twice", raw(m, VBLK_SS_MAP_END, 0, 0, 0, NULL, 0);
+	     raw(m, VBLK_SS_MAP_END, 0, 0, 0, NULL, 0));
+	CASE(S, &rg, "MISSING_MAP after MAP_END", raw(m, VBLK_SS_MAP_END, 0, 0, 0, NULL, 0);
+	     pl[0] = 0; pl[1] = 1; raw(m, VBLK_SS_MISSING_MAP, 0, 0, 16, pl, 16));
+	CASE(S, &rg, "MISSING_MAP a granule past the disk", pl[0] = 0; pl[1] = 1ull << 40;
+	     raw(m, VBLK_SS_MISSING_MAP, 0, 0, 16, pl, 16));
+	CASE(S, &rg, "ACK in a resumed post-copy",
+	     raw(m, VBLK_SS_ACK, 0, 0, 8, (uint64_t[]){1}, 8));
+#undef SWITCH
+#undef CASE
+#undef D
+#undef S
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_roundtrip),	cmocka_unit_test(test_return_path),
-	    cmocka_unit_test(test_bad_records), cmocka_unit_test(test_bad_preambles),
-	    cmocka_unit_test(test_truncated),	cmocka_unit_test(test_writer_checks),
+	    cmocka_unit_test(test_roundtrip),	       cmocka_unit_test(test_return_path),
+	    cmocka_unit_test(test_bad_records),	       cmocka_unit_test(test_bad_preambles),
+	    cmocka_unit_test(test_truncated),	       cmocka_unit_test(test_writer_checks),
+	    cmocka_unit_test(test_postcopy_roundtrip), cmocka_unit_test(test_postcopy_resume),
+	    cmocka_unit_test(test_postcopy_bad),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
