@@ -107,9 +107,11 @@ static void vring_stop(struct vhost_dev *d, struct vhost_vring *vr)
 		return;
 	d->ops->queue_stop(d->opaque, vr);
 	vr->started = false;
-	/* We now hold the exact position; nothing is in flight. */
+	/* We now hold the exact position; nothing is in flight, unless the
+	 * back-end left requests in the in-flight region to redo. */
 	vr->base = vr->vq.packed ? vhost_packed_base(&vr->vq) : vr->vq.last_avail_idx;
-	vr->need_recover = false;
+	vr->need_recover = vr->left_inflight;
+	vr->left_inflight = false;
 }
 
 void vhost_dev_stop_all(struct vhost_dev *d)

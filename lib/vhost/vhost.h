@@ -332,6 +332,10 @@ struct vhost_vring {
 	uint16_t base;	   /* last_avail_idx while stopped */
 	uint16_t base_used; /* packed: bits 16-31 of SET_VRING_BASE (used position) */
 	bool need_recover; /* base came from the front-end: consult inflight */
+	/* Set by the back-end's queue_stop: it stopped with requests still in
+	 * flight (marked in the in-flight region, not returned), which the
+	 * next start must redo from the region. */
+	bool left_inflight;
 	bool position_lost; /* packed ring whose region was not trusted: stays
 			     * broken until the front-end sets a new base */
 	int kick_fd;

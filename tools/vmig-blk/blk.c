@@ -482,10 +482,159 @@ static uint8_t start_get_id(struct vblk_queue *q, struct vblk_req *req)
 	return VIRTIO_BLK_S_OK;
 }
 
+/* ---- post-copy storage: requests that need granules not here yet ---- */
+
+/*
+ * Is a granule of [off, off + len) missing (the range is inside the disk)?
+ * Those not asked for yet are marked wanted; *kick: newly wanted ones, the
+ * requester must look.
+ */
+static bool pc_range(struct vblk_pcmap *pc, uint64_t off, uint64_t len, bool *kick)
+{
+	uint64_t g, last;
+	bool missing = false;
+
+	if (!len)
+		return false;
+	last = VMIG_MIN((off + len - 1) >> pc->shift, pc->nbits - 1);
+	for (g = off >> pc->shift; g <= last; g++) {
+		uint64_t bit = 1ull << (g % 64);
+
+		if (!(__atomic_load_n(&pc->missing[g / 64], __ATOMIC_SEQ_CST) & bit))
+			continue;
+		missing = true;
+		if (__atomic_load_n(&pc->asked[g / 64], __ATOMIC_RELAXED) & bit)
+			continue;
+		if (!(__atomic_fetch_or(&pc->wanted[g / 64], bit, __ATOMIC_RELAXED) & bit))
+			*kick = true;
+	}
+	return missing;
+}
+
+/* Does the request read or change a missing granule? A request that will
+ * fail its checks needs nothing: it fails as it would anyway. */
+static bool pc_needs(struct vblk_queue *q, struct vblk_req *req, bool *kick)
+{
+	struct vblk_pcmap *pc = &q->disk->pc;
+	uint64_t bytes;
+	bool need = false;
+
+	switch (req->type) {
+	case VIRTIO_BLK_T_IN:
+	case VIRTIO_BLK_T_OUT:
+		bytes = iov_total(req->data, req->ndata);
+		return range_ok(q->disk, req->sector, bytes) &&
+		       pc_range(pc, req->sector * VBLK_SECTOR, bytes, kick);
+	case VIRTIO_BLK_T_DISCARD:
+	case VIRTIO_BLK_T_WRITE_ZEROES:
+		if (vblk_dwz_parse(q, req, &bytes))
+			return false;
+		for (unsigned i = 0; i < req->nsegs; i++)
+			need |= pc_range(pc, req->segs[i].sector * VBLK_SECTOR,
+					 (uint64_t)req->segs[i].num_sectors * VBLK_SECTOR, kick);
+		return need;
+	default: /* flush, get-id */
+		return false;
+	}
+}
+
+/*
+ * Post-copy storage: hold a request that needs a granule that is not here
+ * yet (a partial write too: the rest of the granule must arrive first, and
+ * the background copy must never overwrite what the guest wrote). We count
+ * ourselves in `waiting` before we look at the bits (struct vblk_pcmap).
+ */
+static bool pc_hold(struct vblk_queue *q, struct vblk_req *req)
+{
+	struct vblk_pcmap *pc = &q->disk->pc;
+	bool kick = false;
+
+	if (!__atomic_load_n(&pc->active, __ATOMIC_ACQUIRE))
+		return false;
+	__atomic_add_fetch(&pc->waiting, 1, __ATOMIC_SEQ_CST);
+	if (!pc_needs(q, req, &kick)) {
+		__atomic_sub_fetch(&pc->waiting, 1, __ATOMIC_RELAXED);
+		return false;
+	}
+	if (kick)
+		eventfd_write(pc->want_fd, 1);
+	req->pc_held = true;
+	q->npc++;
+	__atomic_fetch_add(&pc->held, 1, __ATOMIC_RELAXED);
+	return true;
+}
+
+static void req_run(struct vblk_queue *q, struct vblk_req *req);
+static void notify(struct vblk_queue *q);
+
+/* Granules arrived (gen moved): run the held requests that have all they
+ * need. Returns how many. */
+static unsigned pc_release(struct vblk_queue *q)
+{
+	struct vblk_pcmap *pc = &q->disk->pc;
+	uint64_t gen = __atomic_load_n(&pc->gen, __ATOMIC_SEQ_CST);
+	unsigned n = 0, left = q->npc;
+
+	if (gen == q->pc_seen)
+		return 0;
+	q->pc_seen = gen;
+	for (unsigned i = 0; i < q->alloc_num && left; i++) {
+		struct vblk_req *req = &q->reqs[i];
+		bool kick = false;
+
+		if (!req->pc_held)
+			continue;
+		left--;
+		if (pc_needs(q, req, &kick)) {
+			if (kick) /* asked was reset: a new connection */
+				eventfd_write(pc->want_fd, 1);
+			continue;
+		}
+		req->pc_held = false;
+		q->npc--;
+		__atomic_sub_fetch(&pc->waiting, 1, __ATOMIC_RELAXED);
+		n++;
+		req_run(q, req);
+	}
+	return n;
+}
+
+/*
+ * The queue stops with requests that wait for granules. With an in-flight
+ * region they stay in flight (not returned), and the next start redoes
+ * them from the region (queue_stop has the ring recover); without one they
+ * fail: the guest gets an error, never data that is not there.
+ */
+static void pc_leave(struct vblk_queue *q)
+{
+	struct vblk_pcmap *pc = &q->disk->pc;
+	bool region = q->vr->vq.packed ? q->vr->vq.pk.inflight != NULL : q->vr->vq.inflight != NULL;
+
+	for (unsigned i = 0; i < q->alloc_num && q->npc; i++) {
+		struct vblk_req *req = &q->reqs[i];
+
+		if (!req->pc_held)
+			continue;
+		req->pc_held = false;
+		q->npc--;
+		__atomic_sub_fetch(&pc->waiting, 1, __ATOMIC_RELAXED);
+		if (region) {
+			req->busy = false;
+			q->pc_left = true;
+		} else {
+			req_retire(q, req, VIRTIO_BLK_S_IOERR);
+		}
+	}
+	notify(q);
+}
+
 /* Start the request's work. */
 static void req_run(struct vblk_queue *q, struct vblk_req *req)
 {
 	uint8_t st;
+
+	if (pc_hold(q, req))
+		return;
 
 	switch (req->type) {
 	case VIRTIO_BLK_T_IN:
@@ -533,6 +682,7 @@ static void req_start(struct vblk_queue *q, uint16_t head)
 	req->dirty_len = 0;
 	req->delay = VBLK_DELAY_NONE;
 	req->gate_round = 0;
+	req->pc_held = false;
 	if (vhost_vq_map_chain(&q->vr->vq, head, &req->chain) || req_layout(req, &hdr)) {
 		req_drop(q, req);
 		return;
@@ -744,6 +894,8 @@ static unsigned run_once(struct vblk_queue *q, bool *stopping)
 		work += run_delayed(q, *stopping);
 	if (q->nmirror)
 		work += gate_release(q, *stopping);
+	if (q->npc)
+		work += pc_release(q);
 	notify(q);
 	__atomic_store_n(&q->inflight_now, (uint16_t)(vq->last_avail_idx - vq->published_idx),
 			 __ATOMIC_RELAXED);
@@ -847,6 +999,8 @@ static void *queue_thread(void *arg)
 		queue_sleep(q);
 		last_work_ns = mono_ns();
 	}
+	if (q->npc)
+		pc_leave(q);
 	/* Leave the ring asking for kicks, whoever serves it next. */
 	vhost_vq_enable_notify(vq);
 	return NULL;
@@ -913,6 +1067,16 @@ void vblk_queue_ring_view(const struct vblk_queue *q, struct vblk_ring_view *v)
 	v->io_outstanding = __atomic_load_n(&q->outstanding_now, __ATOMIC_RELAXED);
 }
 
+void vblk_wake_queues(struct vblk_daemon *dm)
+{
+	for (unsigned i = 0; i < dm->nqueues; i++) {
+		int fd = __atomic_load_n(&dm->q[i].wake_fd, __ATOMIC_ACQUIRE);
+
+		if (fd >= 0)
+			eventfd_write(fd, 1);
+	}
+}
+
 uint32_t vblk_queue_inflight(const struct vblk_queue *q)
 {
 	return __atomic_load_n(&q->inflight_now, __ATOMIC_RELAXED);
@@ -934,8 +1098,13 @@ static int queue_start(void *opaque, struct vhost_vring *vr)
 {
 	struct vblk_queue *q = &((struct vblk_queue *)opaque)[vr->idx];
 	unsigned entries = vr->num * 2u < 4096 ? vr->num * 2u : 4096;
-	int r = queue_alloc(q, vr->num);
+	int r;
 
+	/* After a post-copy switch the guest runs on the destination's copy:
+	 * a guest started here again would write a disk nobody reads. */
+	if (__atomic_load_n(&q->disk->handed_over, __ATOMIC_ACQUIRE))
+		return -EPERM;
+	r = queue_alloc(q, vr->num);
 	if (r)
 		return r;
 	assert(q->disk->block_size >= VBLK_SECTOR && q->disk->mem_align);
@@ -944,6 +1113,8 @@ static int queue_start(void *opaque, struct vhost_vring *vr)
 	q->outstanding = 0;
 	q->ndelayed = 0;
 	q->nmirror = 0;
+	q->npc = 0;
+	q->pc_seen = 0;
 	q->wake_ns = 0;
 	q->warned_broken = false;
 	__atomic_store_n(&q->broken, false, __ATOMIC_RELAXED);
@@ -991,6 +1162,10 @@ static void queue_stop(void *opaque, struct vhost_vring *vr)
 	close(q->stop_fd);
 	q->stop_fd = -1;
 	q->running = false;
+	/* Requests held for missing granules stay in the in-flight region
+	 * (pc_leave): the ring's next start redoes them. */
+	vr->left_inflight = q->pc_left;
+	q->pc_left = false;
 	/* Nothing of ours is in flight: no slot may stay busy. */
 	for (unsigned i = 0; i < q->alloc_num; i++)
 		q->reqs[i].busy = false;

@@ -88,6 +88,34 @@ struct vblk_wgate {
 	uint64_t held;	/* requests held so far, all queues (statistics) */
 };
 
+/*
+ * Post-copy storage on the destination (postcopy.c): the granules that are
+ * not here yet. While `active`, a request that touches a missing granule
+ * is held by its queue thread, which asks for the granules (sets their
+ * `wanted` bits unless `asked` has them, and kicks want_fd); the receiver
+ * writes a granule only while its bit is set, clears the bit once the data
+ * landed, then raises `gen` and wakes the queues if any holds a request.
+ * A queue counts itself in `waiting`, then looks at the bits; the receiver
+ * clears bits, then reads `waiting` (SEQ_CST on both sides): a request is
+ * never left waiting for a wake-up that already went by.
+ *
+ * Made by the control thread or the receiver before `active` is set
+ * (RELEASE); the arrays live as long as the daemon, since queue threads
+ * read them without a lock. Every field is an atomic.
+ */
+struct vblk_pcmap {
+	bool active;	   /* the bits below are valid; off again once the disk is whole */
+	uint64_t *missing; /* bit per granule: not here yet (the state file's mapping) */
+	uint64_t *wanted;  /* a queue needs it: for the requester to ask */
+	uint64_t *asked;   /* asked for on the current connection */
+	uint64_t nbits, nwords;
+	unsigned shift;	  /* log2(granularity) */
+	uint64_t gen;	  /* raised after bits were cleared, or asked was reset */
+	uint32_t waiting; /* requests held, all queues */
+	int want_fd;	  /* eventfd: wakes the requester */
+	uint64_t held;	  /* requests held so far (statistics) */
+};
+
 struct vblk_disk {
 	enum vblk_backend backend;
 	int fd;	       /* the image file or the RAM disk's memfd; -1 for null */
@@ -116,6 +144,11 @@ struct vblk_disk {
 	 * when it may be freed). */
 	struct vblk_dirty *dirty;
 	struct vblk_wgate gate;
+	struct vblk_pcmap pc;
+	/* The source of a post-copy storage migration switched: the disk is
+	 * the destination's now, and no queue may start here again (atomic;
+	 * the copier sets it, queue_start reads it). */
+	bool handed_over;
 };
 
 /*
@@ -196,6 +229,12 @@ struct vblk_queue {
 	unsigned ndelayed;     /* requests waiting or held for the latency */
 	unsigned nmirror;      /* requests held by the write-blocking gate */
 	uint64_t mirror_seen;  /* disk->gate.acked when they were last looked at */
+	unsigned npc;	       /* requests held for missing granules (post-copy) */
+	uint64_t pc_seen;      /* disk->pc.gen when they were last looked at */
+	/* The queue stopped with requests held for missing granules: they
+	 * stay in flight in the in-flight region, and the next start redoes
+	 * them from it (queue thread sets, control thread reads after join). */
+	bool pc_left;
 	/* eventfd: the mirror's return thread says a round was acknowledged.
 	 * Created by the first queue_start, kept for the daemon's life (so the
 	 * return thread never writes to a closed fd); -1: none yet. Atomic:
@@ -253,6 +292,7 @@ struct vblk_opts {
 	bool no_lock; /* --no-lock: no OFD lock on the image (shared storage) */
 	bool cache_none; /* --cache none: O_DIRECT; default --cache writeback */
 	const char *incoming; /* --incoming URI: receive the disk first (mirror.c) */
+	const char *incoming_state; /* --incoming-state FILE: post-copy's state */
 	const char *tls_creds, *tls_hostname, *tls_authz; /* the storage stream's TLS */
 };
 
@@ -321,6 +361,9 @@ void vblk_queue_set_poll(struct vblk_queue *q, uint32_t poll_us);
 void vblk_queue_set_latency(struct vblk_queue *q, uint32_t read_us, uint32_t write_us);
 /* Requests taken from the ring and not yet returned (control thread). */
 uint32_t vblk_queue_inflight(const struct vblk_queue *q);
+/* Wake every queue's thread (any thread): it looks at its held requests
+ * again. */
+void vblk_wake_queues(struct vblk_daemon *dm);
 /* Where the queue's ring stands (control thread): see vblk_queue. */
 struct vblk_ring_view {
 	bool valid;	     /* a started split ring */
@@ -367,6 +410,8 @@ void vblk_dirty_free(struct vblk_dirty *d);
 /* Set the bits of [offset, offset + len) (clipped to the disk); returns how
  * many were newly set. */
 uint64_t vblk_dirty_mark(struct vblk_dirty *d, uint64_t offset, uint64_t len);
+/* Clear the bits of [offset, offset + len) (clipped to the disk). */
+void vblk_dirty_clear(struct vblk_dirty *d, uint64_t offset, uint64_t len);
 /* Dirty bytes now (a snapshot: bits may change meanwhile). */
 uint64_t vblk_dirty_bytes(const struct vblk_dirty *d);
 /* Clear and return up to max_bytes (at least one granule) of dirty extents,

@@ -132,6 +132,25 @@ uint64_t vblk_dirty_mark(struct vblk_dirty *d, uint64_t offset, uint64_t len)
 	return added;
 }
 
+void vblk_dirty_clear(struct vblk_dirty *d, uint64_t offset, uint64_t len)
+{
+	uint64_t first, last;
+
+	if (len == 0 || offset >= d->disk_size)
+		return;
+	if (len > d->disk_size - offset)
+		len = d->disk_size - offset;
+	first = offset >> d->shift;
+	last = (offset + len - 1) >> d->shift;
+	for (uint64_t w = first / 64; w <= last / 64; w++) {
+		uint64_t lo = w == first / 64 ? first % 64 : 0;
+		uint64_t hi = w == last / 64 ? last % 64 : 63;
+		uint64_t mask = (hi == 63 ? ~0ull : (1ull << (hi + 1)) - 1) & ~((1ull << lo) - 1);
+
+		__atomic_fetch_and(&d->words[w], ~mask, __ATOMIC_ACQ_REL);
+	}
+}
+
 /* Bytes that n bits starting at bit first stand for, the last one clipped
  * to the end of the disk. */
 static uint64_t bits_bytes(const struct vblk_dirty *d, uint64_t first, uint64_t n)

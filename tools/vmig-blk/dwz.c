@@ -160,7 +160,7 @@ uint8_t vblk_dwz_complete(struct vblk_queue *q, struct vblk_req *req, int res)
 	return dwz_next(q, req);
 }
 
-uint8_t vblk_dwz_start(struct vblk_queue *q, struct vblk_req *req)
+uint8_t vblk_dwz_parse(struct vblk_queue *q, struct vblk_req *req, uint64_t *total_out)
 {
 	bool discard = req->type == VIRTIO_BLK_T_DISCARD;
 	struct vblk_dwz_seg *segs = req->segs;
@@ -168,6 +168,7 @@ uint8_t vblk_dwz_start(struct vblk_queue *q, struct vblk_req *req)
 	unsigned n;
 	uint64_t total = 0;
 
+	req->nsegs = 0;
 	if (q->disk->read_only)
 		return VIRTIO_BLK_S_IOERR;
 	/* Bound the length in 64 bits before anything is derived from it:
@@ -189,6 +190,18 @@ uint8_t vblk_dwz_start(struct vblk_queue *q, struct vblk_req *req)
 		total += bytes;
 	}
 	req->nsegs = n;
+	*total_out = total;
+	return 0;
+}
+
+uint8_t vblk_dwz_start(struct vblk_queue *q, struct vblk_req *req)
+{
+	bool discard = req->type == VIRTIO_BLK_T_DISCARD;
+	uint64_t total;
+	uint8_t st = vblk_dwz_parse(q, req, &total);
+
+	if (st)
+		return st;
 	req->seg = 0;
 	dwz_seg_begin(q, req);
 	stat_add(discard ? &q->stats.discard_ops : &q->stats.write_zeroes_ops, 1);

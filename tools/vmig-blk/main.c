@@ -60,7 +60,8 @@ static void usage(FILE *f)
 	    "[--read-zeroes])\n"
 	    "                [--queues N] [--read-only] [--poll-us N] [--rpc PATH] [--serial ID]\n"
 	    "                [--size SIZE] [--cache none|writeback] [--upgrade-binary PATH]\n"
-	    "                [--no-lock] [--incoming URI] [--tls-creds SPEC]\n"
+	    "                [--no-lock] [--incoming URI [--incoming-state FILE]]\n"
+	    "                [--tls-creds SPEC]\n"
 	    "                [--tls-hostname NAME] [--tls-authz ID] [--quiet]\n"
 	    "       vmig-blk rpc --rpc PATH METHOD [JSON-PARAMS]\n"
 	    "       vmig-blk upgrade (--socket PATH | --rpc PATH)\n"
@@ -76,7 +77,13 @@ static void usage(FILE *f)
 	    "  --incoming URI     the destination of a storage migration: receive the\n"
 	    "                     disk from the source's vmig-blk on URI (tcp:HOST:PORT\n"
 	    "                     or unix:PATH) and serve the guest only once all of it\n"
-	    "                     arrived (docs/storage-migration.md)\n"
+	    "                     arrived, or, in post-copy storage, at the switch,\n"
+	    "                     fetching what is not here yet on demand\n"
+	    "                     (docs/storage-migration.md)\n"
+	    "  --incoming-state FILE  where a post-copy keeps which blocks are not here\n"
+	    "                     yet (default: the image's name + .vmig-incoming; a\n"
+	    "                     block device needs it). A daemon started on an image\n"
+	    "                     whose state file exists resumes that post-copy\n"
 	    "  --tls-creds x509|psk,dir=DIR,endpoint=client|server[,username=U]\n"
 	    "                     [,verify-peer=on|off]\n"
 	    "                     TLS 1.3 for the storage stream, credentials laid out as\n"
@@ -109,6 +116,7 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 	    {"no-lock", no_argument, NULL, 'L'},
 	    {"cache", required_argument, NULL, 'C'},
 	    {"incoming", required_argument, NULL, 'I'},
+	    {"incoming-state", required_argument, NULL, 'P'},
 	    {"tls-creds", required_argument, NULL, 'T'},
 	    {"tls-hostname", required_argument, NULL, 'H'},
 	    {"tls-authz", required_argument, NULL, 'A'},
@@ -198,6 +206,9 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 		case 'I':
 			o->incoming = optarg;
 			break;
+		case 'P':
+			o->incoming_state = optarg;
+			break;
 		case 'T':
 			o->tls_creds = optarg;
 			break;
@@ -234,6 +245,10 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 	}
 	if (o->incoming && (o->null_size || o->read_only)) {
 		fprintf(stderr, "vmig-blk: --incoming needs a writable --file or --ram disk\n");
+		return -1;
+	}
+	if (o->incoming_state && !o->incoming) {
+		fprintf(stderr, "vmig-blk: --incoming-state goes with --incoming\n");
 		return -1;
 	}
 	if (o->read_zeroes && !o->null_size) {
@@ -873,6 +888,12 @@ static int start_fresh(struct vblk_daemon *dm)
 			dm->opts.file ? dm->opts.file : "(ram)", strerror(-r));
 		return r;
 	}
+	/* An image in the middle of a post-copy is not whole: only the
+	 * destination that finishes it may serve it. */
+	if (!dm->opts.incoming && (r = vblk_incoming_check_state(dm, err, sizeof(err)))) {
+		fprintf(stderr, "vmig-blk: %s\n", err);
+		return r;
+	}
 	/* The vhost-user socket gets the mode the umask gives: QEMU often
 	 * runs as a user of its own (docs/security.md). */
 	dm->listen_fd = vblk_listen_unix(dm->opts.socket, 0, &dm->sock_id, err, sizeof(err));
@@ -924,9 +945,9 @@ static void daemon_init(struct vblk_daemon *dm, char **argv)
 static void shutdown_daemon(struct vblk_daemon *dm)
 {
 	vblk_mirror_free(dm);
+	vhost_dev_reset(&dm->dev); /* the queues stop before the map goes */
 	vblk_incoming_free(dm);
 	vblk_storage_tls_free(dm);
-	vhost_dev_reset(&dm->dev);
 	vblk_dirty_stop(dm);
 	for (unsigned i = 0; i < dm->nqueues; i++)
 		vblk_queue_free(&dm->q[i]);

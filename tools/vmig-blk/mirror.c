@@ -44,6 +44,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -241,29 +243,26 @@ struct vblk_mirror {
 	char error[256]; /* concluded with an error */
 	bool write_blocking; /* copy-mode "write-blocking" (the gate, blk.h) */
 	bool synced;	     /* the gate is on and everything dirty before it was acked */
+	/* Post-copy storage: the switch was asked for; it went out (or this
+	 * mirror resumes a post-copy: then from its start); a resumed one got
+	 * the destination's map. */
+	bool postcopy_req, postcopy, map_done;
 	/* atomics: the copier writes, the control thread reads */
 	uint64_t offset;	/* bytes sent */
 	uint64_t unacked_bytes; /* bytes sent in the round not yet acknowledged */
+	uint64_t urgent_bytes;	/* post-copy: bytes sent because the destination asked */
 	/* copier thread */
 	bool gate_on;	    /* we turned disk.gate on (under lock, which turns it off) */
 	uint64_t gate_from; /* the first round that began with the gate on */
 	struct vblk_ss_writer w;
 	struct vblk_dirty *unacked;
+	/* Post-copy: granules the destination asked for (READ_REQ); the
+	 * return thread marks, the copier takes first. */
+	struct vblk_dirty *urgent;
 	uint8_t *buf;
 	struct vblk_extent *ext;
 	struct vmig__ratelimit rl;
 };
-
-/* The queues look at their held requests again. */
-static void gate_wake_queues(struct vblk_daemon *dm)
-{
-	for (unsigned i = 0; i < dm->nqueues; i++) {
-		int fd = __atomic_load_n(&dm->q[i].wake_fd, __ATOMIC_ACQUIRE);
-
-		if (fd >= 0)
-			eventfd_write(fd, 1);
-	}
-}
 
 /* Under lock: writes wait for nothing any more; those held are returned
  * (their blocks stay dirty, for the last round or the next mirror). */
@@ -272,7 +271,7 @@ static void gate_off(struct vblk_mirror *m)
 	m->gate_on = false;
 	m->synced = false;
 	if (__atomic_exchange_n(&m->dm->disk.gate.on, false, __ATOMIC_ACQ_REL))
-		gate_wake_queues(m->dm);
+		vblk_wake_queues(m->dm);
 }
 
 /* Under lock: wake every thread of the mirror, wherever it waits. */
@@ -309,37 +308,51 @@ static void m_fail(struct vblk_mirror *m, const char *fmt, ...)
 static void *m_reader(void *arg)
 {
 	struct vblk_mirror *m = arg;
+	struct vblk_dirty *d = m->dm->disk.dirty;
 	struct vblk_ss_reader r;
 	struct vblk_ss_rec rec;
+	uint8_t *buf = alloc_buf(); /* a resumed post-copy's map */
 
-	vblk_ss_reader_init(&r, VBLK_SS_TO_SOURCE, chan_get, m->w.opaque, NULL);
+	vblk_ss_reader_init(&r, VBLK_SS_TO_SOURCE, chan_get, m->w.opaque, buf);
 	vblk_ss_reader_set_geom(&r, &m->geom);
 	for (;;) {
 		int ret = vblk_ss_read_record(&r, &rec);
+		bool postcopy;
 
 		if (ret) {
 			m_fail(m, "the connection to the destination failed: %s", r.err);
-			return NULL;
+			break;
 		}
+		if (rec.type == VBLK_SS_READ_REQ) /* the copier sends them first */
+			vblk_dirty_mark(m->urgent, rec.offset, rec.length);
 		pthread_mutex_lock(&m->lock);
+		postcopy = m->postcopy;
 		if (rec.type == VBLK_SS_ACK)
 			m->acked = rec.round;
 		else if (rec.type == VBLK_SS_DONE)
 			m->done = true;
+		else if (rec.type == VBLK_SS_MAP_END)
+			m->map_done = true;
 		pthread_cond_broadcast(&m->cv);
 		pthread_mutex_unlock(&m->lock);
 		if (rec.type == VBLK_SS_ERROR) {
 			m_fail(m, "the destination gave up: %s", rec.text);
-			return NULL;
+			break;
 		}
-		if (rec.type == VBLK_SS_READ_REQ) {
-			m_fail(m, "the destination asked for blocks on demand, which a mirror does "
-				  "not serve");
-			return NULL;
+		if (rec.type == VBLK_SS_READ_REQ && !postcopy) {
+			m_fail(m, "the destination asked for blocks on demand before the switch to "
+				  "post-copy");
+			break;
 		}
+		if (rec.type == VBLK_SS_MISSING_MAP) /* what the copier pushes from */
+			for (uint64_t i = 0; i < rec.length / 8; i++)
+				__atomic_fetch_or(&d->words[rec.granule / 64 + i],
+						  vblk_ss_map_word(&rec, i), __ATOMIC_RELEASE);
 		if (rec.type == VBLK_SS_DONE)
-			return NULL;
+			break;
 	}
+	free(buf);
+	return NULL;
 }
 
 /*
@@ -349,7 +362,7 @@ static void *m_reader(void *arg)
  * race with a guest write; the write's dirty bit, set after it landed,
  * sends the block again.
  */
-static uint64_t m_hole(struct vblk_disk *disk, uint64_t off, uint64_t len)
+static uint64_t m_hole(struct vblk_disk *disk, uint64_t off, uint64_t len, uint64_t align)
 {
 	off_t d;
 
@@ -360,12 +373,12 @@ static uint64_t m_hole(struct vblk_disk *disk, uint64_t off, uint64_t len)
 		return errno == ENXIO ? len : 0; /* ENXIO: only a hole up to the end */
 	if ((uint64_t)d >= off + len)
 		return len;
-	return ((uint64_t)d - off) / disk->block_size * disk->block_size;
+	return ((uint64_t)d - off) / align * align;
 }
 
-/* How many bytes from off (at most len, whole blocks) to read: up to the
- * next hole, if the file system says where it is. */
-static uint64_t m_data(struct vblk_disk *disk, uint64_t off, uint64_t len)
+/* How many bytes from off (at most len, in units of align) to read: up to
+ * the next hole, if the file system says where it is. */
+static uint64_t m_data(struct vblk_disk *disk, uint64_t off, uint64_t len, uint64_t align)
 {
 	off_t h;
 
@@ -374,20 +387,31 @@ static uint64_t m_data(struct vblk_disk *disk, uint64_t off, uint64_t len)
 	h = lseek(disk->fd, (off_t)off, SEEK_HOLE);
 	if (h < 0 || (uint64_t)h <= off || (uint64_t)h - off >= len)
 		return len;
-	return VMIG_MIN(len, ((uint64_t)h - off + disk->block_size - 1) / disk->block_size *
-				 disk->block_size);
+	return VMIG_MIN(len, ((uint64_t)h - off + align - 1) / align * align);
 }
 
-/* Send [off, off + len) of the disk as DATA and ZERO records; holes of the
- * image go as ZERO without being read (and cost no rate-limit budget). */
-static int m_send_extent(struct vblk_mirror *m, uint64_t off, uint64_t len)
+/*
+ * Send [off, off + len) of the disk as DATA and ZERO records; holes of the
+ * image go as ZERO without being read (and cost no rate-limit budget). In
+ * post-copy every record covers whole granules (the extents are granules
+ * already, and 1 MiB is a multiple of one). 0; 1: stopped for the switch
+ * to post-copy, the rest unsent; -errno: failed (m_fail said why).
+ */
+static bool m_urgent(struct vblk_mirror *m)
+{
+	return m->postcopy && vblk_dirty_bytes(m->urgent);
+}
+
+static int m_send_extent(struct vblk_mirror *m, uint64_t off, uint64_t len, bool urgent)
 {
 	struct vblk_disk *disk = &m->dm->disk;
 	struct vblk_ss_writer *w = &m->w;
+	uint64_t align = m->w.postcopy ? m->geom.granularity : disk->block_size;
 
 	while (len) {
 		uint32_t n = (uint32_t)VMIG_MIN(len, (uint64_t)VBLK_SS_MAX_DATA);
-		uint64_t wait_ns, speed, hole = m_hole(disk, off, len);
+		uint64_t wait_ns, speed, hole = m_hole(disk, off, len, align);
+		bool switching;
 		const uint8_t *p = m->buf;
 		int r;
 
@@ -402,7 +426,7 @@ static int m_send_extent(struct vblk_mirror *m, uint64_t off, uint64_t len)
 			len -= hole;
 			continue;
 		}
-		n = (uint32_t)m_data(disk, off, n);
+		n = (uint32_t)m_data(disk, off, n, align);
 		if (disk->ram) {
 			p = disk->ram + off;
 		} else {
@@ -432,21 +456,30 @@ static int m_send_extent(struct vblk_mirror *m, uint64_t off, uint64_t len)
 		/* No limit once the guest is stopped, nor in write-blocking
 		 * mode after the first pass: the guest waits for the rounds
 		 * (and a mirror switched to it mid-round must get to the next
-		 * round, where the gate goes on, at once). */
-		speed = m->completing || (m->write_blocking && m->ready) ? 0 : m->speed;
+		 * round, where the gate goes on, at once); nor for what the
+		 * destination asked for in post-copy: its guest waits for it.
+		 * The background push of post-copy is limited as a round. */
+		switching = m->postcopy_req && !m->postcopy;
+		speed = urgent || m->completing || switching || (m->write_blocking && m->ready)
+			    ? 0
+			    : m->speed;
 		wait_ns = vmig__ratelimit_account(&m->rl, speed, n, vmig__now_ns());
 		if (wait_ns) { /* ends at once when the limit no longer applies */
 			struct timespec until;
 
 			deadline_ns(&until, wait_ns);
 			while (!m->completing && !m->concluded &&
-			       !(m->write_blocking && m->ready) &&
+			       !(m->postcopy_req && !m->postcopy) &&
+			       !(m->write_blocking && m->ready) && !m_urgent(m) &&
 			       pthread_cond_timedwait(&m->cv, &m->lock, &until) != ETIMEDOUT)
 				;
 		}
+		switching = m->postcopy_req && !m->postcopy;
 		pthread_mutex_unlock(&m->lock);
 		off += n;
 		len -= n;
+		if (switching && len)
+			return 1;
 	}
 	return 0;
 }
@@ -476,7 +509,8 @@ static bool m_wait(struct vblk_mirror *m, uint64_t k, bool done)
 	add_ms(&until, DONE_TIMEOUT_MS);
 	add_ms(&stall, GATE_STALL_MS);
 	pthread_mutex_lock(&m->lock);
-	while (!m->concluded && !m->cancel && (done ? !m->done : m->acked < k)) {
+	while (!m->concluded && !m->cancel && (done ? !m->done : m->acked < k) &&
+	       (done || !m->postcopy_req)) {
 		bool gate = m->gate_on;
 
 		if (pthread_cond_timedwait(&m->cv, &m->lock, gate ? &stall : &until) != ETIMEDOUT)
@@ -531,12 +565,24 @@ static void gate_round_acked(struct vblk_mirror *m, uint64_t b)
 	pthread_mutex_lock(&m->lock);
 	if (m->gate_on) {
 		m->synced |= b >= m->gate_from;
-		gate_wake_queues(m->dm);
+		vblk_wake_queues(m->dm);
 	}
 	pthread_mutex_unlock(&m->lock);
 }
 
-/* One round: what is dirty as it begins (everything, with last). */
+static bool m_switch_asked(struct vblk_mirror *m)
+{
+	bool r;
+
+	pthread_mutex_lock(&m->lock);
+	r = m->postcopy_req && !m->postcopy;
+	pthread_mutex_unlock(&m->lock);
+	return r;
+}
+
+/* One round: what is dirty as it begins (everything, with last). 0; 1:
+ * stopped for the switch to post-copy (what it took and did not send is
+ * dirty again, what it sent is in unacked); -errno: failed. */
 static int m_round(struct vblk_mirror *m, uint64_t k, bool last, bool *sent)
 {
 	struct vblk_dirty *d = m->dm->disk.dirty;
@@ -554,12 +600,22 @@ static int m_round(struct vblk_mirror *m, uint64_t k, bool last, bool *sent)
 		*sent = true;
 		budget -= VMIG_MIN(budget, bytes);
 		for (size_t i = 0; i < n; i++) {
+			int r;
+
 			vblk_dirty_mark(m->unacked, m->ext[i].offset, m->ext[i].length);
 			__atomic_fetch_add(&m->unacked_bytes, m->ext[i].length, __ATOMIC_RELAXED);
-			if (m_send_extent(m, m->ext[i].offset, m->ext[i].length))
+			r = m_send_extent(m, m->ext[i].offset, m->ext[i].length, false);
+			if (r < 0)
 				return -EIO;
+			if (r > 0 || (i + 1 < n && m_switch_asked(m))) {
+				while (++i < n) /* taken, not sent */
+					vblk_dirty_mark(d, m->ext[i].offset, m->ext[i].length);
+				return 1;
+			}
 		}
 	}
+	if (m_switch_asked(m))
+		return 1;
 	if (!*sent && !last) {
 		/* Nothing dirty: every earlier round was acknowledged (they go
 		 * one at a time), so whatever a held write marked is there. */
@@ -571,6 +627,8 @@ static int m_round(struct vblk_mirror *m, uint64_t k, bool last, bool *sent)
 		return -EIO;
 	}
 	if (!m_wait(m, k, false)) {
+		if (m_switch_asked(m)) /* the round's blocks stay in unacked */
+			return 1;
 		m_fail(m, "the destination did not acknowledge round %llu", (unsigned long long)k);
 		return -EIO;
 	}
@@ -604,6 +662,116 @@ static void m_idle(struct vblk_mirror *m)
 	eventfd_read(g->kick_fd, &v); /* non-blocking: empty it */
 }
 
+/*
+ * The switch to post-copy storage, the guest stopped (every queue is):
+ * what the destination may lack is what is dirty plus what went out in a
+ * round it did not acknowledge. That set goes as MISSING, then POSTCOPY;
+ * it is also what the copier pushes from now on (the dirty bitmap, which
+ * nothing marks any more: no queue may start here again).
+ */
+static int m_switch(struct vblk_mirror *m)
+{
+	struct vblk_dirty *d = m->dm->disk.dirty, *u = m->unacked;
+	const uint64_t chunk = VBLK_SS_MAX_DATA / 8;
+	uint64_t *words = (uint64_t *)m->buf;
+
+	/* Never two writers: fenced before the destination may serve. */
+	__atomic_store_n(&m->dm->disk.handed_over, true, __ATOMIC_RELEASE);
+	m_requeue(m);
+	memset(u->words, 0, u->nwords * sizeof(uint64_t));
+	__atomic_store_n(&m->unacked_bytes, 0, __ATOMIC_RELAXED);
+	for (uint64_t i = 0; i < d->nwords; i += chunk) {
+		uint64_t n = VMIG_MIN(chunk, d->nwords - i), any = 0;
+
+		for (uint64_t k = 0; k < n; k++)
+			any |= words[k] = __atomic_load_n(&d->words[i + k], __ATOMIC_ACQUIRE);
+		if (any)
+			vblk_ss_put_missing(&m->w, i * 64, words, n);
+	}
+	pthread_mutex_lock(&m->lock);
+	m->postcopy = true; /* before the destination can ask for anything */
+	pthread_mutex_unlock(&m->lock);
+	if (vblk_ss_put_postcopy(&m->w)) {
+		m_fail(m, "cannot send to the destination: %s", strerror(-m->w.error));
+		return -EIO;
+	}
+	vblk_log(m->dm,
+		 "mirror: switched to post-copy: the destination serves the guest; %llu KiB "
+		 "to send, what it asks for first",
+		 (unsigned long long)vblk_dirty_bytes(d) >> 10);
+	return 0;
+}
+
+/* Post-copy: send what the destination asks for first, then the rest, and
+ * end with FLUSH, EOS and the destination's DONE. */
+static int m_push(struct vblk_mirror *m)
+{
+	struct vblk_dirty *d = m->dm->disk.dirty;
+	uint64_t t0 = vmig__now_ns();
+
+	for (;;) {
+		bool urgent = true, stop;
+		uint64_t bytes;
+		size_t n;
+
+		pthread_mutex_lock(&m->lock);
+		stop = m->cancel || m->concluded;
+		pthread_mutex_unlock(&m->lock);
+		if (stop)
+			return -ECANCELED;
+		n = vblk_dirty_take(m->urgent, VBLK_SS_MAX_DATA, m->ext, TAKE_EXTENTS, &bytes);
+		if (!n) {
+			urgent = false;
+			n = vblk_dirty_take(d, VBLK_SS_MAX_DATA, m->ext, TAKE_EXTENTS, &bytes);
+		}
+		if (!n)
+			break;
+		for (size_t i = 0; i < n; i++) {
+			if (urgent) /* not again in the background */
+				vblk_dirty_clear(d, m->ext[i].offset, m->ext[i].length);
+			if (m_send_extent(m, m->ext[i].offset, m->ext[i].length, urgent)) {
+				/* back where a resumed post-copy's map would have it */
+				vblk_dirty_mark(d, m->ext[i].offset, m->ext[i].length);
+				return -EIO;
+			}
+			if (urgent)
+				__atomic_fetch_add(&m->urgent_bytes, m->ext[i].length,
+						   __ATOMIC_RELAXED);
+		}
+	}
+	if (vblk_ss_put_flush(&m->w) || vblk_ss_put_eos(&m->w) || !m_wait(m, 0, true)) {
+		m_fail(m, "the destination did not confirm the end of the post-copy");
+		return -EIO;
+	}
+	pthread_mutex_lock(&m->lock);
+	m->concluded = true;
+	m_wake(m);
+	pthread_mutex_unlock(&m->lock);
+	vblk_log(m->dm, "mirror: post-copy complete in %.1f ms of pushing; %llu KiB sent on demand",
+		 (double)(vmig__now_ns() - t0) / 1e6,
+		 (unsigned long long)__atomic_load_n(&m->urgent_bytes, __ATOMIC_RELAXED) >> 10);
+	return 0;
+}
+
+/* A resumed post-copy: the destination's map replaces what we would push
+ * (its MISSING_MAP records land in the emptied bitmap); wait for its end. */
+static bool m_wait_map(struct vblk_mirror *m)
+{
+	struct timespec until;
+	bool ok;
+
+	add_ms(&until, DONE_TIMEOUT_MS);
+	pthread_mutex_lock(&m->lock);
+	while (!m->map_done && !m->concluded && !m->cancel &&
+	       pthread_cond_timedwait(&m->cv, &m->lock, &until) != ETIMEDOUT)
+		;
+	ok = m->map_done && !m->concluded && !m->cancel;
+	pthread_mutex_unlock(&m->lock);
+	if (!ok)
+		m_fail(m, "the destination did not say what it still lacks");
+	return ok;
+}
+
 static void *m_copier(void *arg)
 {
 	struct vblk_mirror *m = arg;
@@ -629,11 +797,23 @@ static void *m_copier(void *arg)
 		m_fail(m, "cannot send to the destination: %s", strerror(-m->w.error));
 		goto out;
 	}
+	if (m->w.postcopy) { /* a resumed post-copy: the destination's map */
+		struct vblk_dirty *d = m->dm->disk.dirty;
+
+		for (uint64_t i = 0; i < d->nwords; i++)
+			__atomic_store_n(&d->words[i], 0, __ATOMIC_RELAXED);
+	}
 	if (pthread_create(&m->reader, NULL, m_reader, m)) {
 		m_fail(m, "cannot start the return path's thread");
 		goto out;
 	}
 	reader = true;
+	if (m->w.postcopy) {
+		vblk_log(m->dm, "mirror: resuming the post-copy to %s", m->uri_text);
+		if (m_wait_map(m))
+			m_push(m);
+		goto out;
+	}
 	vblk_log(m->dm, "mirror: copying to %s", m->uri_text);
 	for (;;) {
 		bool last, cancel, sent;
@@ -644,9 +824,17 @@ static void *m_copier(void *arg)
 		pthread_mutex_unlock(&m->lock);
 		if (cancel)
 			break;
+		if (m_switch_asked(m)) {
+			if (!m_switch(m))
+				m_push(m);
+			break;
+		}
 		t_last = vmig__now_ns();
 		sent_before = __atomic_load_n(&m->offset, __ATOMIC_RELAXED);
-		if (m_round(m, k + 1, last, &sent))
+		r = m_round(m, k + 1, last, &sent);
+		if (r > 0)
+			continue; /* the switch, at the top */
+		if (r)
 			break;
 		if (sent || last)
 			k++;
@@ -708,6 +896,7 @@ static void m_free(struct vblk_mirror *m)
 		return;
 	m_join(m);
 	vblk_dirty_free(m->unacked);
+	vblk_dirty_free(m->urgent);
 	free(m->buf);
 	free(m->ext);
 	if (m->cancel_fd >= 0)
@@ -736,13 +925,14 @@ int vblk_mirror_start(struct vblk_daemon *dm, const char *uri, uint32_t granular
 {
 	struct vblk_mirror *m, *old = dm->mirror;
 	struct vmig__err e = {{0}};
-	bool resume = false;
+	bool resume = false, postcopy = false;
 	int r;
 
 	if (old) {
 		pthread_mutex_lock(&old->lock);
 		r = old->concluded ? 0 : -EBUSY;
 		resume = old->concluded && old->error[0] && !old->cancel;
+		postcopy = resume && old->postcopy; /* it goes on in post-copy */
 		pthread_mutex_unlock(&old->lock);
 		if (r) {
 			fmt_err(err, errlen, "a mirror is already running (to %s)", old->uri_text);
@@ -790,6 +980,7 @@ int vblk_mirror_start(struct vblk_daemon *dm, const char *uri, uint32_t granular
 	}
 	m->speed = speed;
 	m->write_blocking = write_blocking;
+	m->postcopy = m->postcopy_req = postcopy;
 	snprintf(m->uri_text, sizeof(m->uri_text), "%s", uri);
 	r = vmig__uri_parse(uri, &m->uri, &e);
 	if (r) {
@@ -814,6 +1005,8 @@ int vblk_mirror_start(struct vblk_daemon *dm, const char *uri, uint32_t granular
 					.granularity = granularity};
 	if (resume) { /* the destination knows this session: it goes on with it */
 		memcpy(m->geom.session, old->geom.session, sizeof(m->geom.session));
+		if (postcopy)
+			m->geom.flags = VBLK_SS_F_POSTCOPY;
 	} else { /* every block follows: a destination may take it from anyone */
 		m->geom.flags = VBLK_SS_F_FULL;
 		while (getrandom(m->geom.session, sizeof(m->geom.session), 0) < 0 && errno == EINTR)
@@ -821,6 +1014,8 @@ int vblk_mirror_start(struct vblk_daemon *dm, const char *uri, uint32_t granular
 		m->geom.session[0] |= 1; /* never all zero */
 	}
 	r = vblk_dirty_new(dm->disk.size, granularity, false, &m->unacked);
+	if (!r)
+		r = vblk_dirty_new(dm->disk.size, granularity, false, &m->urgent);
 	m->buf = alloc_buf();
 	m->ext = calloc(TAKE_EXTENTS, sizeof(*m->ext));
 	if (r || !m->buf || !m->ext) {
@@ -837,8 +1032,10 @@ int vblk_mirror_start(struct vblk_daemon *dm, const char *uri, uint32_t granular
 	m_free(old);
 	dm->mirror = m;
 	vblk_log(dm, "mirror: %s to %s, granularity %u, copy-mode %s",
-		 resume ? "resuming" : "starting", uri, granularity,
-		 write_blocking ? "write-blocking" : "background");
+		 postcopy ? "resuming the post-copy"
+		 : resume ? "resuming"
+			  : "starting",
+		 uri, granularity, write_blocking ? "write-blocking" : "background");
 	return 0;
 fail_tracking:
 	if (!resume)
@@ -870,6 +1067,9 @@ int vblk_mirror_complete(struct vblk_daemon *dm, char *err, size_t errlen)
 	if (m->concluded) {
 		fmt_err(err, errlen, "the mirror has ended%s%s", m->error[0] ? ": " : "", m->error);
 		r = -ENOENT;
+	} else if (m->postcopy_req) {
+		fmt_err(err, errlen, "the mirror is in post-copy: it completes by itself");
+		r = -EBUSY;
 	} else if (!m->ready) {
 		fmt_err(err, errlen,
 			"the mirror is not ready yet (its first pass is not on the "
@@ -877,6 +1077,44 @@ int vblk_mirror_complete(struct vblk_daemon *dm, char *err, size_t errlen)
 		r = -EAGAIN;
 	} else {
 		m->completing = true;
+		m_wake(m);
+	}
+	pthread_mutex_unlock(&m->lock);
+	return r;
+}
+
+int vblk_mirror_start_postcopy(struct vblk_daemon *dm, char *err, size_t errlen)
+{
+	struct vblk_mirror *m = dm->mirror;
+	int r = 0;
+
+	for (unsigned i = 0; i < dm->nqueues; i++) {
+		if (dm->q[i].running) {
+			fmt_err(err, errlen,
+				"the guest can still write (queue %u is running): switch once the "
+				"VM is stopped for switch-over",
+				i);
+			return -EBUSY;
+		}
+	}
+	if (!m) {
+		fmt_err(err, errlen, "no mirror is running");
+		return -ENOENT;
+	}
+	pthread_mutex_lock(&m->lock);
+	if (m->concluded) {
+		fmt_err(err, errlen, "the mirror has ended%s%s", m->error[0] ? ": " : "", m->error);
+		r = -ENOENT;
+	} else if (m->completing) {
+		fmt_err(err, errlen, "the mirror is completing its last round");
+		r = -EBUSY;
+	} else if (m->geom.granularity > VBLK_SS_MAX_DATA) {
+		fmt_err(err, errlen,
+			"post-copy needs a granularity of at most 1 MiB (this one: %u)",
+			m->geom.granularity);
+		r = -EINVAL;
+	} else if (!m->postcopy_req) {
+		m->postcopy_req = true;
 		m_wake(m);
 	}
 	pthread_mutex_unlock(&m->lock);
@@ -892,6 +1130,13 @@ int vblk_mirror_cancel(struct vblk_daemon *dm, char *err, size_t errlen)
 		return -ENOENT;
 	}
 	pthread_mutex_lock(&m->lock);
+	if (m->postcopy_req) {
+		pthread_mutex_unlock(&m->lock);
+		fmt_err(err, errlen,
+			"the mirror is in post-copy: the destination serves the disk, so it "
+			"cannot be cancelled; it ends once every block is there");
+		return -EBUSY;
+	}
 	m->cancel = true;
 	if (!m->concluded)
 		snprintf(m->error, sizeof(m->error), "cancelled");
@@ -958,6 +1203,7 @@ void vblk_mirror_query(struct vblk_daemon *dm, struct vblk_mirror_info *in)
 	in->rounds = m->acked;
 	in->write_blocking = m->write_blocking;
 	in->actively_synced = m->synced;
+	in->postcopy = m->postcopy;
 	snprintf(in->error, sizeof(in->error), "%s", m->error);
 	in->status = m->concluded ? "concluded" : m->ready ? "ready" : "running";
 	ok_end = m->concluded && !m->error[0];
@@ -965,6 +1211,7 @@ void vblk_mirror_query(struct vblk_daemon *dm, struct vblk_mirror_info *in)
 	snprintf(in->uri, sizeof(in->uri), "%s", m->uri_text);
 	in->offset = __atomic_load_n(&m->offset, __ATOMIC_RELAXED);
 	in->held_writes = __atomic_load_n(&dm->disk.gate.held, __ATOMIC_RELAXED);
+	in->urgent_bytes = __atomic_load_n(&m->urgent_bytes, __ATOMIC_RELAXED);
 	vblk_dirty_query(dm, &di);
 	in->dirty_rate = di.rate_bytes_per_s;
 	in->remaining =
@@ -993,31 +1240,430 @@ void vblk_mirror_free(struct vblk_daemon *dm)
 
 /* ---- the destination ------------------------------------------------- */
 
-enum in_status { IN_LISTENING, IN_RECEIVING, IN_COMPLETED };
+enum in_status {
+	IN_LISTENING,
+	IN_RECEIVING,
+	IN_POSTCOPY_ACTIVE, /* post-copy, the source connected */
+	IN_POSTCOPY_PAUSED, /* post-copy, waiting for the source to resume */
+	IN_COMPLETED,
+};
 
 struct vblk_incoming {
 	struct vblk_daemon *dm;
 	int listen_fd;
 	int stop_fd;  /* eventfd: the control thread stops the receiver */
-	int event_fd; /* eventfd: the receiver says the stream completed */
+	int event_fd; /* eventfd: the receiver says the guest may be served */
 	int port;
 	char unix_path[108]; /* unix: the socket file we made */
-	pthread_t thread;
-	bool thread_started;
+	pthread_t thread, requester;
+	bool thread_started, requester_started;
 	pthread_mutex_t lock;
 	/* lock */
 	enum in_status status;
 	struct vmig__chan *chan; /* the connection being received */
 	uint64_t received, rounds, connections;
+	uint64_t urgent; /* post-copy: READ_REQ records sent */
+	bool postcopy;	 /* the switch happened (or the state file says so) */
 	char error[256];
-	/* receiver thread */
+	/* wlock: the writer on the connection being received, shared by the
+	 * receiver (ACK, DONE, ERROR, the map) and the requester (READ_REQ) */
+	pthread_mutex_t wlock;
+	struct vblk_ss_writer w;
+	bool w_ok; /* the requester may send on w */
+	/* receiver thread (and the control thread before it starts) */
 	uint8_t session[16];
 	bool have_session;
 	uint8_t *buf;
+	uint64_t *staged; /* post-copy: MISSING records before the switch */
+	/* The post-copy state file ("" if this disk can have none) and its
+	 * mapping: a header, then the missing bitmap (disk.pc.missing). */
+	char state_path[4096];
+	void *state_map;
+	size_t state_len;
 	/* control thread */
 	struct vhost_vring *held[VHOST_MAX_QUEUES];
-	bool released; /* the stream completed: queues start as they come */
+	bool released; /* the guest may be served: queues start as they come */
 };
+
+/* ---- post-copy storage, the destination ------------------------------ */
+
+/*
+ * The state file of a post-copy in progress, next to the image (or where
+ * --incoming-state says): while it exists, the image is not whole, and no
+ * vmig-blk serves it but one that resumes the post-copy. A header of
+ * PC_STATE_HDR bytes, then the missing bitmap as little-endian words (the
+ * layout of the stream's maps), mapped shared: a bit is cleared once its
+ * granule's data is in the image, and both outlive a kill -9 of the daemon
+ * in the page cache.
+ */
+#define PC_STATE_MAGIC "VMIGBLKP"
+#define PC_STATE_VERSION 1u
+#define PC_STATE_HDR 4096u
+
+struct pc_state_hdr {
+	char magic[8];
+	uint32_t version;
+	uint32_t granularity;
+	uint64_t disk_size;
+	uint64_t nbits;
+	uint8_t session[16];
+};
+
+static int pc_arrays(struct vblk_pcmap *pc, const struct vblk_ss_geom *g)
+{
+	pc->nbits = vblk_ss_granules(g);
+	pc->nwords = vblk_ss_map_words(g);
+	pc->shift = (unsigned)__builtin_ctz(g->granularity);
+	pc->wanted = calloc(pc->nwords, sizeof(uint64_t));
+	pc->asked = calloc(pc->nwords, sizeof(uint64_t));
+	pc->want_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	return pc->wanted && pc->asked && pc->want_fd >= 0 ? 0 : -ENOMEM;
+}
+
+void vblk_pcmap_free(struct vblk_pcmap *pc)
+{
+	free(pc->wanted);
+	free(pc->asked);
+	if (pc->want_fd > 0)
+		close(pc->want_fd);
+	memset(pc, 0, sizeof(*pc));
+}
+
+static uint64_t pc_missing_granules(const struct vblk_pcmap *pc)
+{
+	uint64_t n = 0;
+
+	for (uint64_t i = 0; i < pc->nwords; i++)
+		n += (uint64_t)__builtin_popcountll(
+		    __atomic_load_n(&pc->missing[i], __ATOMIC_RELAXED));
+	return n;
+}
+
+/* Map the state file's bitmap; in->state_map/len own the mapping. */
+static int pc_map(struct vblk_incoming *in, int fd, size_t len)
+{
+	void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+
+	if (p == MAP_FAILED)
+		return -errno;
+	in->state_map = p;
+	in->state_len = len;
+	in->dm->disk.pc.missing = (uint64_t *)((uint8_t *)p + PC_STATE_HDR);
+	return 0;
+}
+
+/* The switch: the staged map becomes the state file (or, for a RAM disk,
+ * which dies with the process anyway, plain memory). */
+static int pc_state_create(struct vblk_incoming *in, const struct vblk_ss_geom *g, char *err,
+			   size_t len)
+{
+	struct vblk_pcmap *pc = &in->dm->disk.pc;
+	struct pc_state_hdr h = {.version = PC_STATE_VERSION,
+				 .granularity = g->granularity,
+				 .disk_size = g->disk_size,
+				 .nbits = pc->nbits};
+	size_t size = PC_STATE_HDR + pc->nwords * 8;
+	int fd, r;
+
+	if (in->dm->disk.ram) {
+		pc->missing = in->staged;
+		in->staged = NULL;
+		return 0;
+	}
+	memcpy(h.magic, PC_STATE_MAGIC, 8);
+	memcpy(h.session, g->session, 16);
+	fd = open(in->state_path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	if (fd < 0) {
+		fmt_err(err, len, "cannot create the post-copy state file %s: %s", in->state_path,
+			strerror(errno));
+		return -errno;
+	}
+	r = ftruncate(fd, (off_t)size) || pwrite(fd, &h, sizeof(h), 0) != (ssize_t)sizeof(h) ||
+		    pwrite(fd, in->staged, pc->nwords * 8, PC_STATE_HDR) !=
+			(ssize_t)(pc->nwords * 8)
+		? -errno
+		: pc_map(in, fd, size);
+	close(fd);
+	if (r) {
+		fmt_err(err, len, "cannot write the post-copy state file %s: %s", in->state_path,
+			strerror(-r ? -r : EIO));
+		unlink(in->state_path);
+	}
+	return r;
+}
+
+/* Granules arrived: held requests look again (struct vblk_pcmap). */
+static void pc_arrived(struct vblk_incoming *in)
+{
+	struct vblk_pcmap *pc = &in->dm->disk.pc;
+
+	__atomic_add_fetch(&pc->gen, 1, __ATOMIC_SEQ_CST);
+	if (__atomic_load_n(&pc->waiting, __ATOMIC_SEQ_CST))
+		vblk_wake_queues(in->dm);
+}
+
+static int in_write(struct vblk_disk *disk, uint64_t off, const uint8_t *p, uint64_t len);
+static int in_zero(struct vblk_incoming *in, uint64_t off, uint64_t len, bool unmap);
+
+/*
+ * DATA or ZERO after the switch (whole granules, the reader checked): only
+ * the granules still missing are written, since the guest may have written
+ * the others since they arrived; each bit is cleared once its data is in
+ * the image.
+ */
+static int pc_apply(struct vblk_incoming *in, const struct vblk_ss_rec *rec)
+{
+	struct vblk_pcmap *pc = &in->dm->disk.pc;
+	uint64_t end = rec->offset + rec->length, g = rec->offset >> pc->shift, applied = 0;
+	int r = 0;
+
+	while (!r && g < pc->nbits && g << pc->shift < end) {
+		uint64_t a = g, off, n;
+
+		if (!(__atomic_load_n(&pc->missing[g / 64], __ATOMIC_ACQUIRE) >> (g % 64) & 1)) {
+			g++;
+			continue;
+		}
+		while (g < pc->nbits && g << pc->shift < end &&
+		       (__atomic_load_n(&pc->missing[g / 64], __ATOMIC_ACQUIRE) >> (g % 64) & 1))
+			g++;
+		off = a << pc->shift;
+		n = VMIG_MIN(g << pc->shift, end) - off;
+		r = rec->type == VBLK_SS_DATA
+			? in_write(&in->dm->disk, off, rec->data + (off - rec->offset), n)
+			: in_zero(in, off, n, rec->flags & VBLK_SS_ZERO_F_UNMAP);
+		if (r)
+			break;
+		for (uint64_t k = a; k < g; k++)
+			__atomic_fetch_and(&pc->missing[k / 64], ~(1ull << (k % 64)),
+					   __ATOMIC_SEQ_CST);
+		applied += n;
+	}
+	if (applied) {
+		pc_arrived(in);
+		pthread_mutex_lock(&in->lock);
+		in->received += applied;
+		pthread_mutex_unlock(&in->lock);
+	}
+	return r;
+}
+
+/* Ask for what the queues want (wlock held, w usable): runs of granules,
+ * up to 1 MiB per READ_REQ. */
+static void pc_ask(struct vblk_incoming *in)
+{
+	struct vblk_pcmap *pc = &in->dm->disk.pc;
+	const uint64_t max = VBLK_SS_MAX_READ_REQ >> pc->shift;
+	uint64_t a = 0, n = 0, sent = 0;
+
+	for (uint64_t i = 0; i <= pc->nwords; i++) {
+		uint64_t x = 0;
+
+		if (i < pc->nwords && __atomic_load_n(&pc->wanted[i], __ATOMIC_RELAXED)) {
+			x = __atomic_exchange_n(&pc->wanted[i], 0, __ATOMIC_ACQ_REL) &
+			    __atomic_load_n(&pc->missing[i], __ATOMIC_ACQUIRE) &
+			    ~__atomic_load_n(&pc->asked[i], __ATOMIC_RELAXED);
+			__atomic_fetch_or(&pc->asked[i], x, __ATOMIC_RELAXED);
+		}
+		for (;;) {
+			uint64_t g = x ? i * 64 + (uint64_t)__builtin_ctzll(x) : UINT64_MAX;
+
+			if (n && (g != a + n || n == max || i == pc->nwords)) {
+				uint64_t off = a << pc->shift;
+
+				vblk_ss_put_read_req(
+				    &in->w, off, VMIG_MIN(n << pc->shift, in->dm->disk.size - off));
+				sent++;
+				n = 0;
+			}
+			if (!x)
+				break;
+			if (!n)
+				a = g;
+			n++;
+			x &= x - 1;
+		}
+	}
+	if (sent) {
+		pthread_mutex_lock(&in->lock);
+		in->urgent += sent;
+		pthread_mutex_unlock(&in->lock);
+	}
+}
+
+/* The requester: READ_REQ for the granules held requests need, on the
+ * connection being received; none while there is none (a new connection
+ * has the queues ask again). */
+static void *pc_requester(void *arg)
+{
+	struct vblk_incoming *in = arg;
+	struct vblk_pcmap *pc = &in->dm->disk.pc;
+
+	for (;;) {
+		struct pollfd pfd[2] = {{.fd = pc->want_fd, .events = POLLIN},
+					{.fd = in->stop_fd, .events = POLLIN}};
+		eventfd_t v;
+
+		if (poll(pfd, 2, -1) < 0 && errno != EINTR)
+			return NULL;
+		if (pfd[1].revents)
+			return NULL;
+		eventfd_read(pc->want_fd, &v);
+		pthread_mutex_lock(&in->wlock);
+		if (in->w_ok && !in->w.error)
+			pc_ask(in);
+		pthread_mutex_unlock(&in->wlock);
+	}
+}
+
+/* Serve the guest in post-copy: the bitmap is published, the requester
+ * runs, and the held queues start (the main loop, on event_fd). */
+static int pc_go(struct vblk_incoming *in, char *err, size_t len)
+{
+	struct vblk_pcmap *pc = &in->dm->disk.pc;
+	int r;
+
+	__atomic_store_n(&pc->active, true, __ATOMIC_RELEASE);
+	r = -pthread_create(&in->requester, NULL, pc_requester, in);
+	if (r) {
+		fmt_err(err, len, "cannot start the requester thread: %s", strerror(-r));
+		return r;
+	}
+	in->requester_started = true;
+	pthread_mutex_lock(&in->lock);
+	in->postcopy = true;
+	pthread_mutex_unlock(&in->lock);
+	eventfd_write(in->event_fd, 1);
+	return 0;
+}
+
+/* A new connection in post-copy: tell the source what is still missing
+ * (MISSING_MAP, MAP_END), then let the requester ask on it, and have the
+ * held requests ask again (asked is reset: what was asked on the old
+ * connection may never have come). */
+static int pc_resume(struct vblk_incoming *in)
+{
+	struct vblk_pcmap *pc = &in->dm->disk.pc;
+	const uint64_t chunk = VBLK_SS_MAX_DATA / 8;
+	uint64_t *words = (uint64_t *)in->buf;
+	int r = 0;
+
+	pthread_mutex_lock(&in->wlock);
+	for (uint64_t i = 0; i < pc->nwords && !r; i += chunk) {
+		uint64_t n = VMIG_MIN(chunk, pc->nwords - i), any = 0;
+
+		for (uint64_t k = 0; k < n; k++)
+			any |= words[k] = __atomic_load_n(&pc->missing[i + k], __ATOMIC_ACQUIRE);
+		if (any)
+			r = vblk_ss_put_missing_map(&in->w, i * 64, words, n);
+	}
+	if (!r)
+		r = vblk_ss_put_map_end(&in->w);
+	for (uint64_t i = 0; i < pc->nwords; i++)
+		__atomic_store_n(&pc->asked[i], 0, __ATOMIC_RELAXED);
+	in->w_ok = !r;
+	pthread_mutex_unlock(&in->wlock);
+	pc_arrived(in); /* held requests mark what they need as wanted again */
+	return r;
+}
+
+/* Where this disk's post-copy state file lives: --incoming-state, or
+ * next to an image file; "" for a block device without it, and for RAM. */
+static void pc_state_path(const struct vblk_daemon *dm, char *buf, size_t len)
+{
+	buf[0] = '\0';
+	if (dm->opts.incoming_state)
+		snprintf(buf, len, "%s", dm->opts.incoming_state);
+	else if (dm->opts.file && dm->disk.backend == VBLK_BACKEND_FILE && !dm->disk.is_blkdev)
+		snprintf(buf, len, "%s.vmig-incoming", dm->opts.file);
+}
+
+int vblk_incoming_check_state(const struct vblk_daemon *dm, char *err, size_t len)
+{
+	char path[4096];
+
+	pc_state_path(dm, path, sizeof(path));
+	if (path[0] && !access(path, F_OK)) {
+		fmt_err(err, len,
+			"%s exists: this image is in the middle of a post-copy storage "
+			"migration and is not whole; only vmig-blk --incoming can finish it",
+			path);
+		return -EBUSY;
+	}
+	return 0;
+}
+
+/*
+ * At start: a state file says a post-copy was in progress (this daemon
+ * was killed or restarted during it). Everything in it is checked against
+ * this disk; one that does not fit refuses the start, since serving the
+ * image would show the guest blocks it never wrote. 1: resumed, 0: none.
+ */
+static int pc_state_load(struct vblk_incoming *in, char *err, size_t len)
+{
+	struct vblk_disk *disk = &in->dm->disk;
+	struct vblk_pcmap *pc = &disk->pc;
+	struct vblk_ss_geom g = {.disk_size = disk->size, .block_size = disk->block_size};
+	struct pc_state_hdr h;
+	struct stat st;
+	uint64_t tail;
+	int fd, r = 0;
+
+	if (!in->state_path[0])
+		return 0;
+	fd = open(in->state_path, O_RDWR | O_CLOEXEC);
+	if (fd < 0 && errno == ENOENT)
+		return 0;
+	if (fd < 0 || fstat(fd, &st) || pread(fd, &h, sizeof(h), 0) != (ssize_t)sizeof(h)) {
+		fmt_err(err, len, "cannot read the post-copy state file %s: %s", in->state_path,
+			strerror(errno ? errno : EIO));
+		if (fd >= 0)
+			close(fd);
+		return -EIO;
+	}
+	g.granularity = h.granularity;
+	memcpy(g.session, h.session, sizeof(g.session));
+	if (memcmp(h.magic, PC_STATE_MAGIC, 8) || h.version != PC_STATE_VERSION ||
+	    h.disk_size != disk->size || !vblk_ss_geom_ok(&g) || h.granularity > VBLK_SS_MAX_DATA ||
+	    h.nbits != vblk_ss_granules(&g) ||
+	    (uint64_t)st.st_size != PC_STATE_HDR + vblk_ss_map_words(&g) * 8)
+		r = -EINVAL;
+	else if (pc_arrays(pc, &g) || pc_map(in, fd, (size_t)st.st_size))
+		r = -ENOMEM;
+	close(fd);
+	tail = pc->nbits % 64;
+	if (!r && tail && pc->missing[pc->nwords - 1] >> tail)
+		r = -EINVAL;
+	if (r) {
+		fmt_err(err, len,
+			"the post-copy state file %s does not describe this disk (%s): the image "
+			"is not whole; refusing to serve it",
+			in->state_path, r == -EINVAL ? "damaged, or another disk's" : "no memory");
+		return r;
+	}
+	memcpy(in->session, h.session, sizeof(in->session));
+	in->have_session = true;
+	r = pc_go(in, err, len);
+	if (r)
+		return r;
+	pthread_mutex_lock(&in->lock);
+	in->status = IN_POSTCOPY_PAUSED;
+	pthread_mutex_unlock(&in->lock);
+	vblk_log(in->dm,
+		 "incoming: resuming a post-copy (%s): %llu KiB of the disk are still on the "
+		 "source; requests for them wait until it reconnects",
+		 in->state_path, (unsigned long long)(pc_missing_granules(pc) << pc->shift) >> 10);
+	return 1;
+}
+
+/* The last granule arrived and EOS came: the image is whole. */
+static int pc_finish(struct vblk_incoming *in)
+{
+	__atomic_store_n(&in->dm->disk.pc.active, false, __ATOMIC_RELEASE);
+	if (in->state_path[0] && !in->dm->disk.ram && unlink(in->state_path) && errno != ENOENT)
+		return -errno;
+	return 0;
+}
 
 static int in_write(struct vblk_disk *disk, uint64_t off, const uint8_t *p, uint64_t len)
 {
@@ -1070,45 +1716,125 @@ static int in_sync(struct vblk_disk *disk)
 	return disk->ram || !fdatasync(disk->fd) ? 0 : -errno;
 }
 
+/* Put a record on the connection's writer (wlock): the requester shares it. */
+#define IN_PUT(in, call)                                                                           \
+	({                                                                                         \
+		int r_;                                                                            \
+		pthread_mutex_lock(&(in)->wlock);                                                  \
+		r_ = (call);                                                                       \
+		pthread_mutex_unlock(&(in)->wlock);                                                \
+		r_;                                                                                \
+	})
+
+/* A refusal goes back to the source too, as an ERROR record. */
+static int in_refuse(struct vblk_incoming *in, char *err, size_t len, const char *why)
+{
+	fmt_err(err, len, "%s", why);
+	IN_PUT(in, vblk_ss_put_error(&in->w, err));
+	return -EPROTO;
+}
+
+/* Check a connection's preamble against this disk and where it stands. */
+static int in_preamble(struct vblk_incoming *in, struct vblk_ss_reader *r, struct vblk_ss_geom *g,
+		       char *err, size_t len)
+{
+	struct vblk_disk *disk = &in->dm->disk;
+	struct vblk_ss_geom want = {.disk_size = disk->size, .block_size = disk->block_size};
+	bool postcopy;
+
+	if (vblk_ss_read_preamble(r, &want, g))
+		return in_refuse(in, err, len, r->err);
+	pthread_mutex_lock(&in->lock);
+	postcopy = in->postcopy;
+	pthread_mutex_unlock(&in->lock);
+	/* A resumed stream must be the same session's (its source sends only
+	 * what we lack); a full copy may come from a new one, as after the
+	 * source daemon restarted: it overwrites every block. Not once the
+	 * guest runs here: then only the migration that switched may go on. */
+	if (postcopy && (!(g->flags & VBLK_SS_F_POSTCOPY) ||
+			 memcmp(in->session, g->session, sizeof(g->session))))
+		return in_refuse(in, err, len,
+				 "this disk is in post-copy: only the migration that switched it "
+				 "to this host may resume it");
+	if (!postcopy && (g->flags & VBLK_SS_F_POSTCOPY))
+		return in_refuse(in, err, len, "there is no post-copy to resume here");
+	if (in->have_session && memcmp(in->session, g->session, sizeof(g->session)) &&
+	    !(g->flags & VBLK_SS_F_FULL))
+		return in_refuse(in, err, len,
+				 "a resumed stream of another migration (its session differs "
+				 "from the one this disk was receiving)");
+	memcpy(in->session, g->session, sizeof(g->session));
+	in->have_session = true;
+	return 0;
+}
+
+/* MISSING, before the switch: staged until POSTCOPY. */
+static int in_missing(struct vblk_incoming *in, const struct vblk_ss_geom *g,
+		      const struct vblk_ss_rec *rec, char *err, size_t len)
+{
+	if (!in->state_path[0] && !in->dm->disk.ram)
+		return in_refuse(in, err, len,
+				 "post-copy storage needs a state file for this disk "
+				 "(--incoming-state FILE)");
+	if (!in->staged && !(in->staged = calloc(vblk_ss_map_words(g), sizeof(uint64_t))))
+		return in_refuse(in, err, len, "out of memory for the missing map");
+	for (uint64_t i = 0; i < rec->length / 8; i++)
+		in->staged[rec->granule / 64 + i] |= vblk_ss_map_word(rec, i);
+	return 0;
+}
+
+/* POSTCOPY: the guest is served from here on. */
+static int in_switch(struct vblk_incoming *in, const struct vblk_ss_geom *g, char *err, size_t len)
+{
+	struct vblk_pcmap *pc = &in->dm->disk.pc;
+	char why[256];
+	int r;
+
+	if (!in->staged)
+		r = in_missing(in, g, &(struct vblk_ss_rec){.length = 0}, err, len);
+	else
+		r = 0;
+	if (r)
+		return r;
+	if (pc_arrays(pc, g))
+		return in_refuse(in, err, len, "out of memory for the missing map");
+	r = pc_state_create(in, g, why, sizeof(why));
+	if (!r)
+		r = pc_go(in, why, sizeof(why));
+	if (r)
+		return in_refuse(in, err, len, why);
+	vblk_log(in->dm,
+		 "incoming: post-copy: serving the guest; %llu KiB still to come, on demand "
+		 "first",
+		 (unsigned long long)(pc_missing_granules(pc) << pc->shift) >> 10);
+	return 0;
+}
+
 /* Receive one connection's stream. 0: it ended with EOS and DONE went out;
  * else why not, in err. */
 static int in_receive(struct vblk_incoming *in, struct vmig__chan *c, char *err, size_t len)
 {
 	struct vblk_disk *disk = &in->dm->disk;
-	struct vblk_ss_geom want = {.disk_size = disk->size, .block_size = disk->block_size}, g;
+	struct vblk_ss_geom g = {.disk_size = disk->size, .block_size = disk->block_size};
 	struct vblk_ss_reader r;
-	struct vblk_ss_writer w;
 	struct vblk_ss_rec rec;
 	bool flush = false, synced;
 	int ret;
 
 	vblk_ss_reader_init(&r, VBLK_SS_TO_DEST, chan_get, c, in->buf);
-	/* A refusal goes back to the source too, as an ERROR record. */
-	vblk_ss_writer_init(&w, chan_put, c, &want);
-	if (vblk_ss_read_preamble(&r, &want, &g)) {
-		fmt_err(err, len, "%s", r.err);
-		vblk_ss_put_error(&w, err);
-		return -EPROTO;
+	pthread_mutex_lock(&in->wlock);
+	vblk_ss_writer_init(&in->w, chan_put, c, &g);
+	pthread_mutex_unlock(&in->wlock);
+	ret = in_preamble(in, &r, &g, err, len);
+	if (ret)
+		return ret;
+	pthread_mutex_lock(&in->wlock);
+	vblk_ss_writer_init(&in->w, chan_put, c, &g);
+	pthread_mutex_unlock(&in->wlock);
+	if ((g.flags & VBLK_SS_F_POSTCOPY) && pc_resume(in)) {
+		fmt_err(err, len, "cannot answer the source: %s", strerror(-in->w.error));
+		return -EIO;
 	}
-	/* A resumed stream must be the same session's (its source sends only
-	 * what we lack); a full copy may come from a new one, as after the
-	 * source daemon restarted: it overwrites every block. */
-	if (in->have_session && memcmp(in->session, g.session, sizeof(g.session)) &&
-	    !(g.flags & VBLK_SS_F_FULL)) {
-		fmt_err(err, len,
-			"a resumed stream of another migration (its session differs "
-			"from the one this disk was receiving)");
-		vblk_ss_put_error(&w, err);
-		return -EPROTO;
-	}
-	if (g.flags & VBLK_SS_F_POSTCOPY) {
-		fmt_err(err, len, "post-copy storage is not served by this destination");
-		vblk_ss_put_error(&w, err);
-		return -EPROTO;
-	}
-	memcpy(in->session, g.session, sizeof(g.session));
-	in->have_session = true;
-	vblk_ss_writer_init(&w, chan_put, c, &g);
 	for (;;) {
 		ret = vblk_ss_read_record(&r, &rec);
 		if (ret) {
@@ -1117,13 +1843,30 @@ static int in_receive(struct vblk_incoming *in, struct vmig__chan *c, char *err,
 		}
 		switch (rec.type) {
 		case VBLK_SS_DATA:
-			ret = in_write(disk, rec.offset, rec.data, rec.length);
+			ret = r.postcopy ? pc_apply(in, &rec)
+					 : in_write(disk, rec.offset, rec.data, rec.length);
 			break;
 		case VBLK_SS_ZERO:
-			ret = in_zero(in, rec.offset, rec.length, rec.flags & VBLK_SS_ZERO_F_UNMAP);
+			ret = r.postcopy ? pc_apply(in, &rec)
+					 : in_zero(in, rec.offset, rec.length,
+						   rec.flags & VBLK_SS_ZERO_F_UNMAP);
 			break;
 		case VBLK_SS_FLUSH:
 			flush = true;
+			break;
+		case VBLK_SS_MISSING:
+			if (in_missing(in, &g, &rec, err, len))
+				return -EPROTO;
+			break;
+		case VBLK_SS_POSTCOPY:
+			if (in_switch(in, &g, err, len))
+				return -EPROTO;
+			pthread_mutex_lock(&in->wlock);
+			in->w_ok = true;
+			pthread_mutex_unlock(&in->wlock);
+			pthread_mutex_lock(&in->lock);
+			in->status = IN_POSTCOPY_ACTIVE;
+			pthread_mutex_unlock(&in->lock);
 			break;
 		case VBLK_SS_SYNC:
 			synced = flush;
@@ -1133,10 +1876,10 @@ static int in_receive(struct vblk_incoming *in, struct vmig__chan *c, char *err,
 			pthread_mutex_lock(&in->lock);
 			in->rounds = rec.round;
 			pthread_mutex_unlock(&in->lock);
-			if (vblk_ss_put_ack(&w, rec.round)) {
+			if (IN_PUT(in, vblk_ss_put_ack(&in->w, rec.round))) {
 				fmt_err(err, len, "cannot answer the source: %s",
-					strerror(-w.error));
-				return w.error;
+					strerror(-in->w.error));
+				return -EIO;
 			}
 			/* While the source works on its next round: so the last
 			 * round's sync, inside the VM's downtime, has only that
@@ -1145,29 +1888,34 @@ static int in_receive(struct vblk_incoming *in, struct vmig__chan *c, char *err,
 				ret = in_sync(disk);
 			break;
 		case VBLK_SS_EOS:
-			if ((ret = in_sync(disk)))
+			if (r.postcopy && pc_missing_granules(&disk->pc)) {
+				char why[160];
+
+				snprintf(why, sizeof(why),
+					 "the source ended the stream with %llu granules still "
+					 "missing",
+					 (unsigned long long)pc_missing_granules(&disk->pc));
+				return in_refuse(in, err, len, why);
+			}
+			if ((ret = in_sync(disk)) || (r.postcopy && (ret = pc_finish(in))))
 				break;
-			if (vblk_ss_put_done(&w)) {
+			if (IN_PUT(in, vblk_ss_put_done(&in->w))) {
 				fmt_err(err, len, "cannot answer the source: %s",
-					strerror(-w.error));
-				return w.error;
+					strerror(-in->w.error));
+				return -EIO;
 			}
 			return 0;
-		case VBLK_SS_MISSING:
-		case VBLK_SS_POSTCOPY:
-			fmt_err(err, len, "post-copy storage is not served by this destination");
-			vblk_ss_put_error(&w, err);
-			return -EPROTO;
 		default: /* the reader lets only the source's types through */
 			break;
 		}
 		if (ret) {
-			fmt_err(err, len, "cannot write the disk at %llu: %s",
-				(unsigned long long)rec.offset, strerror(-ret));
-			vblk_ss_put_error(&w, err);
-			return ret;
+			char why[200];
+
+			snprintf(why, sizeof(why), "cannot write the disk at %llu: %s",
+				 (unsigned long long)rec.offset, strerror(-ret));
+			return in_refuse(in, err, len, why);
 		}
-		if (rec.type == VBLK_SS_DATA || rec.type == VBLK_SS_ZERO) {
+		if (!r.postcopy && (rec.type == VBLK_SS_DATA || rec.type == VBLK_SS_ZERO)) {
 			pthread_mutex_lock(&in->lock);
 			in->received += rec.length;
 			pthread_mutex_unlock(&in->lock);
@@ -1244,14 +1992,17 @@ static void *in_thread(void *arg)
 			return NULL;
 		pthread_mutex_lock(&in->lock);
 		in->chan = c;
-		in->status = IN_RECEIVING;
+		in->status = in->postcopy ? IN_POSTCOPY_ACTIVE : IN_RECEIVING;
 		in->connections++;
 		pthread_mutex_unlock(&in->lock);
 		vblk_log(in->dm, "incoming: receiving the disk");
 		r = in_receive(in, c, err, sizeof(err));
+		pthread_mutex_lock(&in->wlock); /* the requester is done with c */
+		in->w_ok = false;
+		pthread_mutex_unlock(&in->wlock);
 		pthread_mutex_lock(&in->lock);
 		in->chan = NULL;
-		in->status = r ? IN_LISTENING : IN_COMPLETED;
+		in->status = !r ? IN_COMPLETED : in->postcopy ? IN_POSTCOPY_PAUSED : IN_LISTENING;
 		if (r)
 			snprintf(in->error, sizeof(in->error), "%s", err);
 		pthread_mutex_unlock(&in->lock);
@@ -1263,8 +2014,11 @@ static void *in_thread(void *arg)
 		}
 		vblk_log(in->dm,
 			 "incoming: the stream ended early (%s); waiting for the source "
-			 "to resume",
-			 err);
+			 "to resume%s",
+			 err,
+			 in->status == IN_POSTCOPY_PAUSED
+			     ? " (post-copy: requests for blocks not here yet wait)"
+			     : "");
 	}
 }
 
@@ -1283,7 +2037,9 @@ int vblk_incoming_start(struct vblk_daemon *dm, const char *uri, char *err, size
 	in->dm = dm;
 	in->listen_fd = in->stop_fd = in->event_fd = -1;
 	pthread_mutex_init(&in->lock, NULL);
+	pthread_mutex_init(&in->wlock, NULL);
 	dm->incoming = in;
+	pc_state_path(dm, in->state_path, sizeof(in->state_path));
 	r = vmig__uri_parse(uri, &u, &e);
 	if (!r)
 		r = vmig__chan_listen(&u, &in->listen_fd, &e);
@@ -1300,13 +2056,17 @@ int vblk_incoming_start(struct vblk_daemon *dm, const char *uri, char *err, size
 		fmt_err(err, errlen, "eventfd: %s", strerror(errno));
 		return -errno;
 	}
+	r = pc_state_load(in, err, errlen);
+	if (r < 0)
+		return r;
+	if (r == 0)
+		vblk_log(dm, "incoming: waiting for the disk on %s", uri);
 	r = -pthread_create(&in->thread, NULL, in_thread, in);
 	if (r) {
 		fmt_err(err, errlen, "cannot start the receiver thread: %s", strerror(-r));
 		return r;
 	}
 	in->thread_started = true;
-	vblk_log(dm, "incoming: waiting for the disk on %s", uri);
 	return 0;
 }
 
@@ -1374,8 +2134,10 @@ const struct vhost_dev_ops vblk_incoming_ops = {
 
 void vblk_incoming_query(struct vblk_daemon *dm, struct vblk_incoming_info *info)
 {
-	static const char *const names[] = {"listening", "receiving", "completed"};
+	static const char *const names[] = {"listening", "receiving", "postcopy-active",
+					    "postcopy-paused", "completed"};
 	struct vblk_incoming *in = dm->incoming;
+	struct vblk_pcmap *pc = &dm->disk.pc;
 
 	memset(info, 0, sizeof(*info));
 	if (!in)
@@ -1387,8 +2149,15 @@ void vblk_incoming_query(struct vblk_daemon *dm, struct vblk_incoming_info *info
 	info->received = in->received;
 	info->rounds = in->rounds;
 	info->connections = in->connections;
+	info->postcopy = in->postcopy;
+	info->urgent = in->urgent;
 	snprintf(info->error, sizeof(info->error), "%s", in->error);
 	pthread_mutex_unlock(&in->lock);
+	info->postcopy_capable = in->state_path[0] || dm->disk.ram;
+	if (info->postcopy) {
+		info->missing = VMIG_MIN(pc_missing_granules(pc) << pc->shift, dm->disk.size);
+		info->held_requests = __atomic_load_n(&pc->held, __ATOMIC_RELAXED);
+	}
 }
 
 void vblk_incoming_free(struct vblk_daemon *dm)
@@ -1410,11 +2179,21 @@ void vblk_incoming_free(struct vblk_daemon *dm)
 		if (in->unix_path[0])
 			unlink(in->unix_path);
 	}
+	if (in->requester_started)
+		pthread_join(in->requester, NULL); /* stop_fd ends it too */
 	if (in->stop_fd >= 0)
 		close(in->stop_fd);
 	if (in->event_fd >= 0)
 		close(in->event_fd);
+	/* The queues are stopped (shutdown_daemon): nobody reads the map. */
+	if (in->state_map)
+		munmap(in->state_map, in->state_len);
+	else
+		free(dm->disk.pc.missing); /* a RAM disk's, or NULL */
+	vblk_pcmap_free(&dm->disk.pc);
 	pthread_mutex_destroy(&in->lock);
+	pthread_mutex_destroy(&in->wlock);
+	free(in->staged);
 	free(in->buf);
 	free(in);
 	dm->incoming = NULL;

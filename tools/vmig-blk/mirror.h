@@ -50,6 +50,8 @@ struct vblk_mirror_info {
 	 * guest saw complete (QEMU's actively-synced). */
 	bool actively_synced;
 	uint64_t held_writes; /* requests the gate held, since the daemon started */
+	bool postcopy;	      /* switched to post-copy: the destination serves the guest */
+	uint64_t urgent_bytes; /* post-copy: bytes sent because the destination asked */
 	char error[256];     /* concluded: why it failed; "" if it did not */
 	char uri[160];
 };
@@ -72,7 +74,14 @@ int vblk_mirror_change(struct vblk_daemon *dm, bool write_blocking, char *err, s
 /* The last round: only once the guest can no longer write (every queue
  * stopped, as QEMU does when the VM stops for switch-over). */
 int vblk_mirror_complete(struct vblk_daemon *dm, char *err, size_t errlen);
-/* Stop copying; the disk stays served here. Tracking goes off. */
+/* Post-copy storage (QEMU's migrate-start-postcopy, for the disk): once
+ * the guest can no longer write here, hand the disk to the destination
+ * now; what it lacks follows, what its guest asks for first. After it no
+ * queue starts here again. A mirror that fails in post-copy is resumed
+ * in post-copy by the next vblk_mirror_start. */
+int vblk_mirror_start_postcopy(struct vblk_daemon *dm, char *err, size_t errlen);
+/* Stop copying; the disk stays served here. Tracking goes off. Refused in
+ * post-copy. */
 int vblk_mirror_cancel(struct vblk_daemon *dm, char *err, size_t errlen);
 int vblk_mirror_set_speed(struct vblk_daemon *dm, uint64_t speed, char *err, size_t errlen);
 void vblk_mirror_query(struct vblk_daemon *dm, struct vblk_mirror_info *info);
@@ -83,11 +92,19 @@ void vblk_mirror_free(struct vblk_daemon *dm);
 /* What vmig_blk_incoming_query reports. */
 struct vblk_incoming_info {
 	bool exists;
-	const char *status; /* "listening", "receiving" or "completed" */
+	/* "listening", "receiving", "postcopy-active" (the guest is served
+	 * here, the source connected), "postcopy-paused" (the same, waiting
+	 * for the source to resume) or "completed" */
+	const char *status;
 	uint64_t received;  /* bytes of DATA and ZERO applied */
 	uint64_t rounds;    /* rounds acknowledged */
 	uint64_t connections;
 	int port;	 /* tcp: the port listened on */
+	bool postcopy_capable;	/* a post-copy can keep its state here (a state file) */
+	bool postcopy;		/* the switch happened: the guest may be served here */
+	uint64_t missing;	/* post-copy: bytes not here yet */
+	uint64_t urgent;	/* post-copy: READ_REQ records sent */
+	uint64_t held_requests; /* post-copy: guest requests that waited for blocks */
 	char error[256]; /* why the last connection ended early; "" if none did */
 };
 
@@ -104,6 +121,12 @@ int vblk_incoming_fd(const struct vblk_daemon *dm);
 /* Readable: start the queues that were held. */
 void vblk_incoming_event(struct vblk_daemon *dm);
 void vblk_incoming_query(struct vblk_daemon *dm, struct vblk_incoming_info *info);
+/* After the queues stopped: they read the post-copy map. */
 void vblk_incoming_free(struct vblk_daemon *dm);
+/* Without --incoming: refuse an image whose post-copy state file exists
+ * (it is not whole). 0 or -EBUSY with err set. */
+int vblk_incoming_check_state(const struct vblk_daemon *dm, char *err, size_t len);
+struct vblk_pcmap;
+void vblk_pcmap_free(struct vblk_pcmap *pc);
 
 #endif

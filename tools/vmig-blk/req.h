@@ -37,6 +37,7 @@ struct vblk_req {
 	uint8_t held_status; /* status to return once the latency is over */
 	uint64_t gate_round; /* held until the gate's acked reaches it; 0: not held */
 	uint8_t gate_status; /* the status to return then */
+	bool pc_held;	     /* waits for missing granules (post-copy storage) */
 	uint64_t sector;     /* from the request header */
 	uint64_t fetch_ns;   /* taken from the ring (only while a latency is set) */
 	unsigned nsegs;	     /* discard / write-zeroes segments */
@@ -110,6 +111,9 @@ unsigned vblk_process_avail(struct vblk_queue *q);
 /* dwz.c: discard and write-zeroes. Both return a virtio status, or 0xff
  * while the request's next operation is in flight. */
 uint8_t vblk_dwz_start(struct vblk_queue *q, struct vblk_req *req);
+/* Read and check the segments into req->segs / nsegs (*total: their bytes):
+ * 0, or the status the request fails with. vblk_dwz_start does it too. */
+uint8_t vblk_dwz_parse(struct vblk_queue *q, struct vblk_req *req, uint64_t *total);
 uint8_t vblk_dwz_complete(struct vblk_queue *q, struct vblk_req *req, int res);
 
 #endif

@@ -523,6 +523,10 @@ static json_t *mirror_info(struct vblk_daemon *dm)
 		    json_string(in.write_blocking ? "write-blocking" : "background"));
 		json_object_set_new(o, "actively-synced", json_boolean(in.actively_synced));
 		json_object_set_new(o, "held-writes", json_integer((json_int_t)in.held_writes));
+		json_object_set_new(o, "postcopy", json_boolean(in.postcopy));
+		if (in.postcopy)
+			json_object_set_new(o, "postcopy-requested-bytes",
+					    json_integer((json_int_t)in.urgent_bytes));
 	}
 	if (o && in.error[0])
 		json_object_set_new(o, "error", json_string(in.error));
@@ -632,6 +636,13 @@ static json_t *incoming_info(struct vblk_daemon *dm)
 		      "rounds", (json_int_t)in.rounds, "connections", (json_int_t)in.connections);
 	if (o && in.port)
 		json_object_set_new(o, "port", json_integer(in.port));
+	if (o)
+		json_object_set_new(o, "postcopy-capable", json_boolean(in.postcopy_capable));
+	if (o && in.postcopy)
+		json_object_set_new(o, "postcopy",
+				    json_pack("{s:I,s:I,s:I}", "missing", (json_int_t)in.missing,
+					      "urgent-requests", (json_int_t)in.urgent,
+					      "held-requests", (json_int_t)in.held_requests));
 	if (o && in.error[0])
 		json_object_set_new(o, "error", json_string(in.error));
 	return o;
@@ -687,6 +698,8 @@ static bool dispatch(struct vblk_daemon *dm, int fd, json_t *req)
 		result = params_only(fd, id, params, NULL, 0) ? mirror_info(dm) : NULL;
 	} else if (!strcmp(method, "vmig_blk_mirror_complete")) {
 		result = mirror_simple(dm, fd, id, params, vblk_mirror_complete);
+	} else if (!strcmp(method, "vmig_blk_mirror_start_postcopy")) {
+		result = mirror_simple(dm, fd, id, params, vblk_mirror_start_postcopy);
 	} else if (!strcmp(method, "vmig_blk_mirror_cancel")) {
 		result = mirror_simple(dm, fd, id, params, vblk_mirror_cancel);
 	} else if (!strcmp(method, "vmig_blk_mirror_set_speed")) {

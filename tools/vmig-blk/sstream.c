@@ -72,6 +72,7 @@ bool vblk_ss_geom_ok(const struct vblk_ss_geom *g)
 	       !(g->flags & ~(VBLK_SS_F_FULL | VBLK_SS_F_POSTCOPY)) &&
 	       (g->flags & (VBLK_SS_F_FULL | VBLK_SS_F_POSTCOPY)) !=
 		   (VBLK_SS_F_FULL | VBLK_SS_F_POSTCOPY) &&
+	       (!(g->flags & VBLK_SS_F_POSTCOPY) || g->granularity <= VBLK_SS_MAX_DATA) &&
 	       memcmp(g->session, zero, sizeof(zero)) != 0;
 }
 
@@ -290,6 +291,9 @@ static int parse_fixed(struct vblk_ss_reader *r, uint64_t at, const uint8_t *p,
 	case VBLK_SS_POSTCOPY:
 		if (r->postcopy)
 			return fail(r, at, "POSTCOPY twice, or in a resumed post-copy");
+		/* a granule must fit one DATA record */
+		if (r->geom.granularity > VBLK_SS_MAX_DATA)
+			return fail(r, at, "POSTCOPY with granules larger than a DATA record");
 		r->postcopy = true;
 		return 0;
 	case VBLK_SS_MAP_END:
@@ -557,7 +561,7 @@ int vblk_ss_put_missing(struct vblk_ss_writer *w, uint64_t first, const uint64_t
 
 int vblk_ss_put_postcopy(struct vblk_ss_writer *w)
 {
-	if (w->postcopy)
+	if (w->postcopy || w->geom.granularity > VBLK_SS_MAX_DATA)
 		return bad(w);
 	w->postcopy = true;
 	return emit_hdr(w, VBLK_SS_POSTCOPY, 0, 0);

@@ -376,8 +376,9 @@ static void fe_state(uint32_t req, uint32_t num)
 	fe_ack(req, &s, sizeof(s), NULL, 0);
 }
 
-/* Connect and bring ring 0 up, as QEMU would. */
-static void fe_up(void)
+/* Connect and bring ring 0 up, as QEMU would; the back-end's answer to
+ * the last step, which starts the ring (0: started). */
+static uint64_t fe_up_answer(void)
 {
 	struct vhost_user_mem_table t = {.nregions = 1};
 	struct vhost_user_vring_addr a = {.index = 0,
@@ -413,7 +414,17 @@ static void fe_up(void)
 	fe_ack(VHOST_USER_SET_VRING_ADDR, &a, sizeof(a), NULL, 0);
 	fe_ack(VHOST_USER_SET_VRING_CALL, &zero, 8, &T.call, 1);
 	fe_ack(VHOST_USER_SET_VRING_ERR, &zero, 8, &T.err, 1);
-	fe_ack(VHOST_USER_SET_VRING_KICK, &zero, 8, &T.kick, 1);
+	assert_int_equal(
+	    fe_send(VHOST_USER_SET_VRING_KICK, VHOST_USER_NEED_REPLY_MASK, &zero, 8, &T.kick, 1),
+	    0);
+	fe_recv(&w);
+	assert_int_equal(w.hdr.request, VHOST_USER_SET_VRING_KICK);
+	return w.p.u64;
+}
+
+static void fe_up(void)
+{
+	assert_int_equal(fe_up_answer(), 0);
 }
 
 static void fe_down(void)
@@ -1358,6 +1369,302 @@ static void test_mirror_tls(void **state)
 	dest_stop(false);
 }
 
+/* ---- post-copy storage ---- */
+
+#define PC_STRIDE (256u << 10) /* one written block every 4 granules */
+#define PC_BLOCKS (IMG_SIZE / PC_STRIDE)
+
+/* Read len bytes at off through the front-end; every byte fill? */
+static bool read_is(uint64_t off, uint32_t len, uint8_t fill)
+{
+	memset(gp(G_DATA), ~fill, len);
+	assert_int_equal(request(VIRTIO_BLK_T_IN, off / 512, G_DATA, len), VIRTIO_BLK_S_OK);
+	for (uint32_t i = 0; i < len; i++)
+		if (((uint8_t *)gp(G_DATA))[i] != fill)
+			return false;
+	return true;
+}
+
+static uint64_t incoming_pc(const char *key)
+{
+	json_t *q = rpc_ok_at(T.rpc2, "vmig_blk_incoming_query", NULL);
+	uint64_t v = field(json_object_get(q, "postcopy"), key);
+
+	json_decref(q);
+	return v;
+}
+
+/* Swap which daemon the front-end talks to (the VM moves). */
+static void fe_to(const char *sock)
+{
+	static char saved[300];
+
+	if (!saved[0])
+		memcpy(saved, T.sock, sizeof(saved));
+	memcpy(T.sock, sock ? sock : saved, sizeof(T.sock));
+}
+
+/*
+ * Post-copy storage. The source copies slowly (256 KiB/s) and the VM stops
+ * with most of the disk not sent; the switch hands the disk over at once.
+ * On the destination the guest then reads a block the background copy is
+ * far from (it is fetched on demand, ahead of the push), writes part of a
+ * missing granule (the rest of the granule arrives first) and a whole one
+ * (the push must not overwrite it later). Once the push runs at full speed
+ * the post-copy ends, the state file goes, and the destination's image is
+ * the source's plus the guest's new writes. The source, its disk handed
+ * over, refuses to serve its guest again.
+ */
+static void test_mirror_postcopy(void **state)
+{
+	char params[512], statefile[320];
+	uint8_t *expect = malloc(IMG_SIZE), *got = malloc(IMG_SIZE);
+	uint16_t want;
+	json_t *q;
+	int fd;
+
+	assert_non_null(expect);
+	assert_non_null(got);
+	fe_up();
+	for (unsigned i = 0; i < PC_BLOCKS; i++)
+		write_at((uint64_t)i * PC_STRIDE, 8192, (uint8_t)(i + 1));
+	dest_start(true);
+	snprintf(statefile, sizeof(statefile), "%s.vmig-incoming", T.image2);
+	q = rpc_ok_at(T.rpc2, "vmig_blk_incoming_query", NULL);
+	assert_true(json_is_true(json_object_get(q, "postcopy-capable")));
+	json_decref(q);
+	snprintf(params, sizeof(params), "{\"uri\":\"%s\",\"speed\":%u}", T.uri, 256u << 10);
+	json_decref(rpc_ok("vmig_blk_mirror_start", params));
+	json_decref(mirror_wait(NULL, false, 512u << 10));
+	/* the guest still runs here: no switch */
+	rpc_fails("vmig_blk_mirror_start_postcopy", NULL, RPC_SERVER_ERROR);
+	fe_down(); /* the VM stopped on the source */
+	json_decref(rpc_ok("vmig_blk_mirror_start_postcopy", NULL));
+	for (uint64_t end = now_ms() + WAIT_MS;;) {
+		q = rpc_ok("vmig_blk_mirror_query", NULL);
+		if (json_is_true(json_object_get(q, "postcopy")))
+			break;
+		assert_true(now_ms() < end && !has_status(q, "concluded"));
+		json_decref(q);
+		usleep(5000);
+	}
+	assert_false(has_status(q, "concluded"));
+	json_decref(q);
+	rpc_fails("vmig_blk_mirror_cancel", NULL, RPC_SERVER_ERROR);
+	rpc_fails("vmig_blk_mirror_complete", NULL, RPC_SERVER_ERROR);
+	assert_int_equal(access(statefile, F_OK), 0);
+
+	/* the VM runs on the destination */
+	fe_to(T.sock2);
+	fe_up();
+	assert_true(read_is((uint64_t)(PC_BLOCKS - 1) * PC_STRIDE, 8192, PC_BLOCKS));
+	assert_true(incoming_pc("urgent-requests") >= 1);
+	assert_true(incoming_pc("held-requests") >= 1);
+	/* part of a missing granule, then a whole one */
+	write_at((uint64_t)(PC_BLOCKS - 2) * PC_STRIDE + 4096, 4096, 0xee);
+	write_at((uint64_t)(PC_BLOCKS - 3) * PC_STRIDE, GRAN, 0xdd);
+	assert_true(read_is((uint64_t)(PC_BLOCKS - 2) * PC_STRIDE, 4096, PC_BLOCKS - 1));
+	assert_true(read_is((uint64_t)(PC_BLOCKS - 2) * PC_STRIDE + 4096, 4096, 0xee));
+	q = rpc_ok("vmig_blk_mirror_query", NULL);
+	assert_true(field(q, "postcopy-requested-bytes") >= GRAN);
+	assert_false(has_status(q, "concluded")); /* the push is far from done */
+	json_decref(q);
+
+	/* the rest at full speed: the post-copy ends */
+	json_decref(rpc_ok("vmig_blk_mirror_set_speed", "{\"speed\":0}"));
+	q = mirror_wait("concluded", false, 0);
+	if (json_object_get(q, "error"))
+		fail_msg("post-copy failed: %s", json_string_value(json_object_get(q, "error")));
+	json_decref(q);
+	for (uint64_t end = now_ms() + WAIT_MS;;) {
+		q = rpc_ok_at(T.rpc2, "vmig_blk_incoming_query", NULL);
+		if (has_status(q, "completed"))
+			break;
+		assert_true(now_ms() < end);
+		json_decref(q);
+		usleep(5000);
+	}
+	json_decref(q);
+	assert_int_equal(access(statefile, F_OK), -1);
+	for (unsigned i = 0; i < PC_BLOCKS - 3; i++)
+		assert_true(read_is((uint64_t)i * PC_STRIDE, 8192, (uint8_t)(i + 1)));
+	assert_true(read_is((uint64_t)(PC_BLOCKS - 3) * PC_STRIDE, GRAN, 0xdd));
+	fe_down();
+	fe_to(NULL);
+
+	/* the image: the source's, and the guest's writes since */
+	fd = open(T.image, O_RDONLY | O_CLOEXEC);
+	assert_int_equal(pread(fd, expect, IMG_SIZE, 0), IMG_SIZE);
+	close(fd);
+	memset(expect + (PC_BLOCKS - 2) * PC_STRIDE + 4096, 0xee, 4096);
+	memset(expect + (PC_BLOCKS - 3) * PC_STRIDE, 0xdd, GRAN);
+	fd = open(T.image2, O_RDONLY | O_CLOEXEC);
+	assert_int_equal(pread(fd, got, IMG_SIZE, 0), IMG_SIZE);
+	close(fd);
+	for (uint64_t off = 0; off < IMG_SIZE; off += 4096)
+		if (memcmp(expect + off, got + off, 4096))
+			fail_msg("the destination differs at %llu", (unsigned long long)off);
+	dest_stop(false);
+
+	/* The source handed its disk over: its guest may not run there again. */
+	assert_int_not_equal(fe_up_answer(), 0);
+	want = post(VIRTIO_BLK_T_OUT, 0, G_DATA, 4096);
+	usleep(300000);
+	assert_false(used(want));
+	q = rpc_ok("vhost_get_controllers", NULL);
+	assert_false(json_is_true(json_object_get(
+	    json_array_get(json_object_get(json_array_get(q, 0), "queues"), 0), "started")));
+	json_decref(q);
+	fe_down();
+	/* a fresh source for the cases after this one */
+	assert_int_equal(daemon_stop(), 0);
+	daemon_start();
+	free(expect);
+	free(got);
+}
+
+/* A source of the test's own, to send what a real one would not: the
+ * storage stream's bytes as docs/storage-migration.md lays them out. */
+static const uint8_t fake_session[16] = {0x5e, 0x55, 0x10, 0x4e};
+
+static void raw_put(int fd, uint8_t type, uint8_t flags, const void *p, uint32_t len)
+{
+	uint8_t h[8] = {type, flags, 0, 0};
+
+	memcpy(h + 4, &len, 4); /* the tests run little-endian */
+	assert_int_equal(write(fd, h, 8), 8);
+	if (len)
+		assert_int_equal(write(fd, p, len), (ssize_t)len);
+}
+
+static int fake_source(uint16_t flags)
+{
+	uint8_t pre[48] = "VMIGBLKS";
+	uint32_t version = 1, bs = 512, gran = GRAN;
+	uint64_t size = IMG_SIZE, end = now_ms() + WAIT_MS;
+	int fd;
+
+	memcpy(pre + 8, &version, 4);
+	memcpy(pre + 12, &flags, 2);
+	memcpy(pre + 16, &size, 8);
+	memcpy(pre + 24, &bs, 4);
+	memcpy(pre + 28, &gran, 4);
+	memcpy(pre + 32, fake_session, 16);
+	while ((fd = connect_path(T.stor)) < 0 && now_ms() < end)
+		usleep(10000);
+	assert_true(fd >= 0);
+	assert_int_equal(write(fd, pre, sizeof(pre)), sizeof(pre));
+	return fd;
+}
+
+static void raw_data(int fd, uint64_t off, uint32_t len, uint8_t fill)
+{
+	uint8_t *b = malloc(8 + len);
+
+	assert_non_null(b);
+	memcpy(b, &off, 8);
+	memset(b + 8, fill, len);
+	raw_put(fd, 0x01, 0, b, 8 + len);
+	free(b);
+}
+
+/* The next record on the return path: its type, and a range's payload. */
+static uint8_t raw_get(int fd, uint64_t range[2], char *text, size_t textlen)
+{
+	struct pollfd pf = {.fd = fd, .events = POLLIN};
+	uint8_t h[8], p[256];
+	uint32_t len;
+
+	assert_int_equal(poll(&pf, 1, WAIT_MS), 1);
+	assert_int_equal(recv(fd, h, 8, MSG_WAITALL), 8);
+	memcpy(&len, h + 4, 4);
+	assert_true(len <= sizeof(p));
+	if (len)
+		assert_int_equal(recv(fd, p, len, MSG_WAITALL), (ssize_t)len);
+	if (range && len == 16)
+		memcpy(range, p, 16);
+	if (text)
+		snprintf(text, textlen, "%.*s", (int)len, (const char *)p);
+	return h[0];
+}
+
+/*
+ * The destination's side of post-copy against a source of the test's own:
+ * a guest write to a missing granule waits, and the destination asks for
+ * exactly that granule (READ_REQ); once it arrived the write goes on, and
+ * the same granule sent again (a duplicate, or a stale background copy)
+ * must not undo the guest's write. A source that ends the stream with
+ * granules still missing is refused, and the requests for them wait on.
+ */
+static void test_incoming_postcopy(void **state)
+{
+	uint64_t all[IMG_SIZE / GRAN / 64], range[2];
+	char statefile[320], text[256];
+	uint16_t want;
+	json_t *q;
+	int fd;
+
+	dest_start(true);
+	snprintf(statefile, sizeof(statefile), "%s.vmig-incoming", T.image2);
+	fd = fake_source(0x0001);	/* FULL */
+	memset(all, 0xff, sizeof(all)); /* nothing was sent before the switch */
+	{
+		uint8_t rec[8 + sizeof(all)];
+		uint64_t first = 0;
+
+		memcpy(rec, &first, 8);
+		memcpy(rec + 8, all, sizeof(all));
+		raw_put(fd, 0x06, 0, rec, sizeof(rec)); /* MISSING */
+	}
+	raw_put(fd, 0x07, 0, NULL, 0); /* POSTCOPY */
+
+	fe_to(T.sock2);
+	fe_up();
+	memset(gp(G_DATA), 0xb5, GRAN);
+	want = post(VIRTIO_BLK_T_OUT, 5 * GRAN / 512, G_DATA, GRAN);
+	assert_int_equal(raw_get(fd, range, NULL, 0), 0x43); /* READ_REQ */
+	assert_int_equal(range[0], 5 * GRAN);
+	assert_int_equal(range[1], GRAN);
+	usleep(100000);
+	assert_false(used(want)); /* not before the granule is here */
+	raw_data(fd, 5 * GRAN, GRAN, 0xa5);
+	for (uint64_t end = now_ms() + WAIT_MS; !used(want);)
+		assert_true(now_ms() < end);
+	assert_int_equal(*(volatile uint8_t *)gp(G_STATUS), VIRTIO_BLK_S_OK);
+	raw_data(fd, 5 * GRAN, GRAN, 0xa5); /* again: must change nothing */
+	raw_data(fd, 6 * GRAN, GRAN, 0xa6); /* applied after it, in stream order */
+	assert_true(read_is(6 * GRAN, 4096, 0xa6));
+	assert_true(read_is(5 * GRAN, GRAN, 0xb5));
+	assert_true(dest_has(5 * GRAN, 4096, 0xb5));
+
+	/* The end, with granules still missing: refused, and they stay so. */
+	raw_put(fd, 0x04, 0, NULL, 0);				       /* FLUSH */
+	raw_put(fd, 0x05, 0, NULL, 0);				       /* EOS */
+	assert_int_equal(raw_get(fd, NULL, text, sizeof(text)), 0x42); /* ERROR */
+	assert_non_null(strstr(text, "still missing"));
+	close(fd);
+	want = post(VIRTIO_BLK_T_IN, 9 * GRAN / 512, G_DATA, 4096);
+	usleep(200000);
+	assert_false(used(want));
+	q = rpc_ok_at(T.rpc2, "vmig_blk_incoming_query", NULL);
+	assert_true(has_status(q, "postcopy-paused"));
+	assert_int_equal(field(json_object_get(q, "postcopy"), "missing"), IMG_SIZE - 2 * GRAN);
+	json_decref(q);
+	assert_int_equal(access(statefile, F_OK), 0);
+
+	/* Once the guest runs here, only a stream that resumes the post-copy
+	 * (flag POSTCOPY, the same session) is let in: a fresh full copy
+	 * would overwrite what the guest wrote. */
+	fd = fake_source(0x0001);
+	assert_int_equal(raw_get(fd, NULL, text, sizeof(text)), 0x42);
+	assert_non_null(strstr(text, "post-copy"));
+	close(fd);
+	fe_down();
+	fe_to(NULL);
+	dest_stop(true);
+	unlink(statefile);
+}
+
 /* ---- setup ---- */
 
 /* Each case starts with tracking off, whatever the one before left. */
@@ -1444,12 +1751,16 @@ int main(int argc, char **argv)
 	    cmocka_unit_test_setup(test_mirror_tls, case_setup),
 	    cmocka_unit_test_setup(test_mirror_write_blocking, case_setup),
 	    cmocka_unit_test_setup(test_mirror_write_blocking_stall, case_setup),
+	    cmocka_unit_test_setup(test_mirror_postcopy, case_setup),
+	    cmocka_unit_test_setup(test_incoming_postcopy, case_setup),
 	};
 
-	if (argc != 2) {
-		fprintf(stderr, "usage: %s PATH-TO-VMIG-BLK\n", argv[0]);
+	if (argc != 2 && argc != 3) {
+		fprintf(stderr, "usage: %s PATH-TO-VMIG-BLK [TEST-NAME-PATTERN]\n", argv[0]);
 		return 2;
 	}
+	if (argc == 3)
+		cmocka_set_test_filter(argv[2]);
 	T.bin = argv[1];
 	T.pid = T.pid2 = -1;
 	return cmocka_run_group_tests(tests, group_setup, group_teardown);

@@ -636,6 +636,14 @@ static void test_postcopy_bad(void **state)
 	CASE(D, &geom, "POSTCOPY with a payload", raw(m, VBLK_SS_POSTCOPY, 0, 0, 8, zero, 8));
 	CASE(D, &geom, "POSTCOPY twice", SWITCH; SWITCH);
 	CASE(D, &rg, "POSTCOPY in a resumed post-copy", SWITCH);
+	{
+		struct vblk_ss_geom big = geom;
+
+		big.granularity = 2 * MIB;
+		CASE(D, &big, "POSTCOPY with granules over 1 MiB", SWITCH);
+		big.flags = VBLK_SS_F_POSTCOPY;
+		assert_false(vblk_ss_geom_ok(&big));
+	}
 	CASE(D, &geom, "MISSING empty", raw(m, VBLK_SS_MISSING, 0, 0, 8, zero, 8));
 	CASE(D, &geom, "MISSING not whole words", raw(m, VBLK_SS_MISSING, 0, 0, 12, zero, 12));
 	CASE(D, &geom, "MISSING too long",
