@@ -1523,6 +1523,148 @@ static void test_mirror_postcopy(void **state)
 	free(got);
 }
 
+/* The source copied a little at 256 KiB/s to uri, then the VM stopped
+ * there and the disk switched to post-copy; the front-end is the
+ * destination's now. */
+static void postcopy_switched(const char *uri)
+{
+	char params[512];
+	json_t *q;
+
+	fe_up();
+	for (unsigned i = 0; i < PC_BLOCKS; i++)
+		write_at((uint64_t)i * PC_STRIDE, 8192, (uint8_t)(i + 1));
+	snprintf(params, sizeof(params), "{\"uri\":\"%s\",\"speed\":%u}", uri, 256u << 10);
+	json_decref(rpc_ok("vmig_blk_mirror_start", params));
+	json_decref(mirror_wait(NULL, false, 512u << 10));
+	fe_down();
+	json_decref(rpc_ok("vmig_blk_mirror_start_postcopy", NULL));
+	for (uint64_t end = now_ms() + WAIT_MS;; usleep(5000)) {
+		q = rpc_ok("vmig_blk_mirror_query", NULL);
+		if (json_is_true(json_object_get(q, "postcopy")))
+			break;
+		assert_true(now_ms() < end && !has_status(q, "concluded"));
+		json_decref(q);
+	}
+	json_decref(q);
+	fe_to(T.sock2);
+	fe_up();
+}
+
+/* Poll the destination until its status is status. */
+static void incoming_wait(const char *status)
+{
+	for (uint64_t end = now_ms() + WAIT_MS;; usleep(5000)) {
+		json_t *q = rpc_ok_at(T.rpc2, "vmig_blk_incoming_query", NULL);
+		bool ok = has_status(q, status);
+
+		json_decref(q);
+		if (ok)
+			return;
+		if (now_ms() > end)
+			fail_msg("the destination never got to %s", status);
+	}
+}
+
+/* Wait for a posted request; its status. */
+static uint8_t wait_used(uint16_t want)
+{
+	for (uint64_t end = now_ms() + WAIT_MS; !used(want); usleep(100))
+		if (now_ms() > end)
+			fail_msg("a held request never completed");
+	return *(volatile uint8_t *)gp(G_STATUS);
+}
+
+/*
+ * Post-copy storage through faults, as RAM post-copy recovers: the link is
+ * cut (only the requests that need a missing block wait; a new start
+ * resumes, the destination says what it still lacks and the waiting read
+ * completes), then the destination daemon is killed (-9) and started again
+ * with the same arguments: it finds its state file, serves what it has at
+ * once, keeps the guest's acknowledged writes, and the resumed source
+ * finishes. The image is the source's plus the guest's writes.
+ */
+static void test_mirror_postcopy_faults(void **state)
+{
+	const uint64_t last = (uint64_t)(PC_BLOCKS - 1) * PC_STRIDE;
+	const uint64_t wrote = (uint64_t)(PC_BLOCKS - 2) * PC_STRIDE + 4096;
+	char params[512], statefile[320];
+	uint8_t *expect = malloc(IMG_SIZE), *got = malloc(IMG_SIZE);
+	uint16_t want;
+	json_t *q;
+	int fd;
+
+	assert_true(expect && got);
+	dest_start(true);
+	snprintf(statefile, sizeof(statefile), "%s.vmig-incoming", T.image2);
+	link_up();
+	postcopy_switched(L.uri);
+	assert_true(read_is(last, 8192, PC_BLOCKS));
+	write_at(wrote, 4096, 0xee); /* acknowledged here: must survive all below */
+
+	/* The cut. */
+	eventfd_write(L.cut_fd, 1);
+	q = mirror_wait("concluded", false, 0);
+	assert_non_null(json_object_get(q, "error"));
+	assert_true(json_is_true(json_object_get(q, "postcopy")));
+	json_decref(q);
+	incoming_wait("postcopy-paused");
+	assert_true(read_is(last, 8192, PC_BLOCKS)); /* here: served */
+	want = post(VIRTIO_BLK_T_IN, (PC_BLOCKS - 5) * PC_STRIDE / 512, G_DATA, 8192);
+	usleep(200000);
+	assert_false(used(want)); /* not here: waits */
+	snprintf(params, sizeof(params), "{\"uri\":\"%s\"}", L.uri);
+	json_decref(rpc_ok("vmig_blk_mirror_start", params));
+	assert_int_equal(wait_used(want), VIRTIO_BLK_S_OK);
+	for (unsigned i = 0; i < 8192; i++)
+		if (((uint8_t *)gp(G_DATA))[i] != PC_BLOCKS - 4)
+			fail_msg("the read after the resume returned a wrong byte at %u", i);
+	q = rpc_ok("vmig_blk_mirror_query", NULL);
+	assert_true(json_is_true(json_object_get(q, "postcopy")));
+	assert_false(has_status(q, "concluded")); /* the push crawls on */
+	json_decref(q);
+
+	/* The destination daemon dies, and comes back on its state file. */
+	dest_stop(true);
+	json_decref(mirror_wait("concluded", false, 0));
+	fe_down();
+	dest_start(false);
+	q = rpc_ok_at(T.rpc2, "vmig_blk_incoming_query", NULL);
+	assert_true(has_status(q, "postcopy-paused"));
+	assert_true(field(json_object_get(q, "postcopy"), "missing") > 0);
+	json_decref(q);
+	fe_up();
+	assert_true(read_is(wrote, 4096, 0xee));
+	assert_true(read_is(last, 8192, PC_BLOCKS));
+	json_decref(rpc_ok("vmig_blk_mirror_start", params));
+	json_decref(rpc_ok("vmig_blk_mirror_set_speed", "{\"speed\":0}"));
+	q = mirror_wait("concluded", false, 0);
+	if (json_object_get(q, "error"))
+		fail_msg("post-copy failed: %s", json_string_value(json_object_get(q, "error")));
+	json_decref(q);
+	incoming_wait("completed");
+	assert_int_equal(access(statefile, F_OK), -1);
+	fe_down();
+	fe_to(NULL);
+	link_down();
+
+	fd = open(T.image, O_RDONLY | O_CLOEXEC);
+	assert_int_equal(pread(fd, expect, IMG_SIZE, 0), IMG_SIZE);
+	close(fd);
+	memset(expect + wrote, 0xee, 4096);
+	fd = open(T.image2, O_RDONLY | O_CLOEXEC);
+	assert_int_equal(pread(fd, got, IMG_SIZE, 0), IMG_SIZE);
+	close(fd);
+	for (uint64_t off = 0; off < IMG_SIZE; off += 4096)
+		if (memcmp(expect + off, got + off, 4096))
+			fail_msg("the destination differs at %llu", (unsigned long long)off);
+	dest_stop(false);
+	assert_int_equal(daemon_stop(), 0); /* a fresh source for the next case */
+	daemon_start();
+	free(expect);
+	free(got);
+}
+
 /* A source of the test's own, to send what a real one would not: the
  * storage stream's bytes as docs/storage-migration.md lays them out. */
 static const uint8_t fake_session[16] = {0x5e, 0x55, 0x10, 0x4e};
@@ -1753,6 +1895,7 @@ int main(int argc, char **argv)
 	    cmocka_unit_test_setup(test_mirror_write_blocking_stall, case_setup),
 	    cmocka_unit_test_setup(test_mirror_postcopy, case_setup),
 	    cmocka_unit_test_setup(test_incoming_postcopy, case_setup),
+	    cmocka_unit_test_setup(test_mirror_postcopy_faults, case_setup),
 	};
 
 	if (argc != 2 && argc != 3) {
