@@ -292,7 +292,7 @@ struct vblk_opts {
 	bool no_lock; /* --no-lock: no OFD lock on the image (shared storage) */
 	bool cache_none; /* --cache none: O_DIRECT; default --cache writeback */
 	const char *incoming; /* --incoming URI: receive the disk first (mirror.c) */
-	const char *incoming_state; /* --incoming-state FILE: post-copy's state */
+	const char *postcopy_state;			  /* --postcopy-state FILE (mirror.c) */
 	const char *tls_creds, *tls_hostname, *tls_authz; /* the storage stream's TLS */
 };
 

@@ -60,7 +60,7 @@ static void usage(FILE *f)
 	    "[--read-zeroes])\n"
 	    "                [--queues N] [--read-only] [--poll-us N] [--rpc PATH] [--serial ID]\n"
 	    "                [--size SIZE] [--cache none|writeback] [--upgrade-binary PATH]\n"
-	    "                [--no-lock] [--incoming URI [--incoming-state FILE]]\n"
+	    "                [--no-lock] [--incoming URI] [--postcopy-state FILE]\n"
 	    "                [--tls-creds SPEC]\n"
 	    "                [--tls-hostname NAME] [--tls-authz ID] [--quiet]\n"
 	    "       vmig-blk rpc --rpc PATH METHOD [JSON-PARAMS]\n"
@@ -80,9 +80,11 @@ static void usage(FILE *f)
 	    "                     arrived, or, in post-copy storage, at the switch,\n"
 	    "                     fetching what is not here yet on demand\n"
 	    "                     (docs/storage-migration.md)\n"
-	    "  --incoming-state FILE  where a post-copy keeps which blocks are not here\n"
-	    "                     yet (default: the image's name + .vmig-incoming; a\n"
-	    "                     block device needs it). A daemon started on an image\n"
+	    "  --postcopy-state FILE  where a post-copy storage migration keeps its state:\n"
+	    "                     on the destination, which blocks are not here yet; on\n"
+	    "                     the source, that the disk was handed over (default:\n"
+	    "                     the image's name + .vmig-postcopy; a block device\n"
+	    "                     needs it for post-copy). A daemon started on an image\n"
 	    "                     whose state file exists resumes that post-copy\n"
 	    "  --tls-creds x509|psk,dir=DIR,endpoint=client|server[,username=U]\n"
 	    "                     [,verify-peer=on|off]\n"
@@ -207,7 +209,7 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 			o->incoming = optarg;
 			break;
 		case 'P':
-			o->incoming_state = optarg;
+			o->postcopy_state = optarg;
 			break;
 		case 'T':
 			o->tls_creds = optarg;
@@ -247,8 +249,8 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 		fprintf(stderr, "vmig-blk: --incoming needs a writable --file or --ram disk\n");
 		return -1;
 	}
-	if (o->incoming_state && !o->incoming) {
-		fprintf(stderr, "vmig-blk: --incoming-state goes with --incoming\n");
+	if (o->postcopy_state && !o->file) {
+		fprintf(stderr, "vmig-blk: --postcopy-state goes with --file\n");
 		return -1;
 	}
 	if (o->read_zeroes && !o->null_size) {
@@ -888,9 +890,11 @@ static int start_fresh(struct vblk_daemon *dm)
 			dm->opts.file ? dm->opts.file : "(ram)", strerror(-r));
 		return r;
 	}
-	/* An image in the middle of a post-copy is not whole: only the
-	 * destination that finishes it may serve it. */
-	if (!dm->opts.incoming && (r = vblk_incoming_check_state(dm, err, sizeof(err)))) {
+	/* A post-copy in progress: an incomplete destination image is served
+	 * only by the destination that finishes it, and a source that handed
+	 * its disk over never serves its guest again. */
+	r = vblk_postcopy_state_check(dm, err, sizeof(err));
+	if (r) {
 		fprintf(stderr, "vmig-blk: %s\n", err);
 		return r;
 	}

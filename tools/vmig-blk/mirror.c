@@ -134,6 +134,44 @@ static void cond_init_mono(pthread_cond_t *cv)
 	pthread_condattr_destroy(&a);
 }
 
+/* ---- the post-copy state file ---------------------------------------- */
+
+/*
+ * The state file of a post-copy in progress, next to the image (or where
+ * --postcopy-state says). On the destination, while it exists, the image
+ * is not whole, and no vmig-blk serves it but one that resumes the
+ * post-copy: a header of PC_STATE_HDR bytes, then the missing bitmap as
+ * little-endian words (the layout of the stream's maps), mapped shared: a
+ * bit is cleared once its granule's data is in the image, and both outlive
+ * a kill -9 of the daemon in the page cache. On the source, the header
+ * alone: the disk was handed over (the session says to which migration),
+ * so a restarted daemon serves the post-copy and never the guest.
+ */
+#define PC_STATE_MAGIC "VMIGBLKP"     /* a destination's: the missing bitmap follows */
+#define PC_STATE_MAGIC_SRC "VMIGBLKO" /* a source's: the disk was handed over */
+#define PC_STATE_VERSION 1u
+#define PC_STATE_HDR 4096u
+
+struct pc_state_hdr {
+	char magic[8];
+	uint32_t version;
+	uint32_t granularity;
+	uint64_t disk_size;
+	uint64_t nbits;
+	uint8_t session[16];
+};
+
+/* Where this disk's post-copy state file lives: --postcopy-state, or
+ * next to an image file; "" for a block device without it, and for RAM. */
+static void pc_state_path(const struct vblk_daemon *dm, char *buf, size_t len)
+{
+	buf[0] = '\0';
+	if (dm->opts.postcopy_state)
+		snprintf(buf, len, "%s", dm->opts.postcopy_state);
+	else if (dm->opts.file && dm->disk.backend == VBLK_BACKEND_FILE && !dm->disk.is_blkdev)
+		snprintf(buf, len, "%s.vmig-postcopy", dm->opts.file);
+}
+
 /* ---- TLS -------------------------------------------------------------- */
 
 /* "key=value" in a comma-separated list: the value, or NULL. */
@@ -662,6 +700,30 @@ static void m_idle(struct vblk_mirror *m)
 	eventfd_read(g->kick_fd, &v); /* non-blocking: empty it */
 }
 
+/* The source's state file: the disk was handed over to this session. */
+static int m_state_create(struct vblk_mirror *m)
+{
+	struct pc_state_hdr h = {.version = PC_STATE_VERSION,
+				 .granularity = m->geom.granularity,
+				 .disk_size = m->geom.disk_size};
+	char path[4096];
+	int fd, r = 0;
+
+	pc_state_path(m->dm, path, sizeof(path));
+	if (!path[0]) /* a RAM disk: it dies with the daemon anyway */
+		return 0;
+	memcpy(h.magic, PC_STATE_MAGIC_SRC, 8);
+	memcpy(h.session, m->geom.session, sizeof(h.session));
+	fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	if (fd < 0 || pwrite(fd, &h, sizeof(h), 0) != (ssize_t)sizeof(h))
+		r = errno ? -errno : -EIO;
+	if (fd >= 0)
+		close(fd);
+	if (r)
+		m_fail(m, "cannot write the post-copy state file %s: %s", path, strerror(-r));
+	return r;
+}
+
 /*
  * The switch to post-copy storage, the guest stopped (every queue is):
  * what the destination may lack is what is dirty plus what went out in a
@@ -675,7 +737,11 @@ static int m_switch(struct vblk_mirror *m)
 	const uint64_t chunk = VBLK_SS_MAX_DATA / 8;
 	uint64_t *words = (uint64_t *)m->buf;
 
-	/* Never two writers: fenced before the destination may serve. */
+	/* Never two writers: fenced before the destination may serve, and
+	 * for good (the state file fences a restarted daemon too). Without
+	 * the file nothing went out and the guest may still resume here. */
+	if (m_state_create(m))
+		return -EIO;
 	__atomic_store_n(&m->dm->disk.handed_over, true, __ATOMIC_RELEASE);
 	m_requeue(m);
 	memset(u->words, 0, u->nwords * sizeof(uint64_t));
@@ -742,6 +808,13 @@ static int m_push(struct vblk_mirror *m)
 	if (vblk_ss_put_flush(&m->w) || vblk_ss_put_eos(&m->w) || !m_wait(m, 0, true)) {
 		m_fail(m, "the destination did not confirm the end of the post-copy");
 		return -EIO;
+	}
+	{
+		char path[4096];
+
+		pc_state_path(m->dm, path, sizeof(path));
+		if (path[0])
+			unlink(path); /* handed over and delivered: nothing to resume */
 	}
 	pthread_mutex_lock(&m->lock);
 	m->concluded = true;
@@ -918,6 +991,105 @@ bool vblk_mirror_active(const struct vblk_daemon *dm)
 	active = (!m->concluded || m->error[0]) && !m->cancel;
 	pthread_mutex_unlock(&m->lock);
 	return active;
+}
+
+bool vblk_postcopy_capable(const struct vblk_daemon *dm)
+{
+	char path[4096];
+
+	pc_state_path(dm, path, sizeof(path));
+	return path[0] || dm->disk.ram;
+}
+
+/* A source restarted after it handed its disk over: fenced, with a failed
+ * post-copy mirror for vblk_mirror_start to resume (the destination's map
+ * refills the empty bitmap). */
+static int m_restore(struct vblk_daemon *dm, const struct pc_state_hdr *h, const char *path,
+		     char *err, size_t len)
+{
+	struct vblk_mirror *m;
+	int r;
+
+	__atomic_store_n(&dm->disk.handed_over, true, __ATOMIC_RELEASE);
+	r = vblk_dirty_start(dm, h->granularity, false);
+	m = r ? NULL : calloc(1, sizeof(*m));
+	if (!m) {
+		fmt_err(err, len, "cannot resume the post-copy of %s: %s", path,
+			strerror(r ? -r : ENOMEM));
+		return r ? r : -ENOMEM;
+	}
+	pthread_mutex_init(&m->lock, NULL);
+	cond_init_mono(&m->cv);
+	m->dm = dm;
+	m->cancel_fd = -1;
+	m->concluded = true;
+	m->postcopy = m->postcopy_req = true;
+	m->geom = (struct vblk_ss_geom){.disk_size = dm->disk.size,
+					.block_size = dm->disk.block_size,
+					.granularity = h->granularity};
+	memcpy(m->geom.session, h->session, sizeof(m->geom.session));
+	snprintf(m->error, sizeof(m->error),
+		 "the daemon restarted during a post-copy: the disk is the destination's; "
+		 "resume with vmig_blk_mirror_start");
+	dm->mirror = m;
+	vblk_log(dm,
+		 "the disk was handed over by a post-copy (%s): serving the destination "
+		 "only, never the guest; vmig_blk_mirror_start resumes the post-copy",
+		 path);
+	return 0;
+}
+
+int vblk_postcopy_state_check(struct vblk_daemon *dm, char *err, size_t len)
+{
+	struct vblk_ss_geom g = {.disk_size = dm->disk.size, .block_size = dm->disk.block_size};
+	struct pc_state_hdr h;
+	char path[4096];
+	ssize_t n;
+	int fd;
+
+	pc_state_path(dm, path, sizeof(path));
+	if (!path[0])
+		return 0;
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0 && errno == ENOENT)
+		return 0;
+	if (fd < 0) {
+		fmt_err(err, len, "%s: %s", path, strerror(errno));
+		return -errno;
+	}
+	n = pread(fd, &h, sizeof(h), 0);
+	close(fd);
+	if (n == (ssize_t)sizeof(h) && !memcmp(h.magic, PC_STATE_MAGIC, 8)) {
+		if (dm->opts.incoming)
+			return 0; /* vblk_incoming_start checks and resumes it */
+		fmt_err(err, len,
+			"%s exists: this image is in the middle of a post-copy storage "
+			"migration and is not whole; only vmig-blk --incoming can finish it",
+			path);
+		return -EBUSY;
+	}
+	memset(&g.session, 0, sizeof(g.session));
+	if (n == (ssize_t)sizeof(h)) {
+		g.granularity = h.granularity;
+		memcpy(g.session, h.session, sizeof(g.session));
+	}
+	if (n != (ssize_t)sizeof(h) || memcmp(h.magic, PC_STATE_MAGIC_SRC, 8) ||
+	    h.version != PC_STATE_VERSION || h.disk_size != dm->disk.size || !vblk_ss_geom_ok(&g) ||
+	    h.granularity > VBLK_SS_MAX_DATA) {
+		fmt_err(err, len,
+			"%s is not a post-copy state file of this disk: remove it only if no "
+			"post-copy storage migration of this image is in progress",
+			path);
+		return -EINVAL;
+	}
+	if (dm->opts.incoming) {
+		fmt_err(err, len,
+			"%s says this image was handed over to another host by a post-copy: it "
+			"cannot receive a disk",
+			path);
+		return -EBUSY;
+	}
+	return m_restore(dm, &h, path, err, len);
 }
 
 int vblk_mirror_start(struct vblk_daemon *dm, const char *uri, uint32_t granularity, uint64_t speed,
@@ -1113,6 +1285,10 @@ int vblk_mirror_start_postcopy(struct vblk_daemon *dm, char *err, size_t errlen)
 			"post-copy needs a granularity of at most 1 MiB (this one: %u)",
 			m->geom.granularity);
 		r = -EINVAL;
+	} else if (!vblk_postcopy_capable(dm)) {
+		fmt_err(err, errlen,
+			"post-copy needs a state file for this disk (--postcopy-state FILE)");
+		r = -EINVAL;
 	} else if (!m->postcopy_req) {
 		m->postcopy_req = true;
 		m_wake(m);
@@ -1286,28 +1462,6 @@ struct vblk_incoming {
 };
 
 /* ---- post-copy storage, the destination ------------------------------ */
-
-/*
- * The state file of a post-copy in progress, next to the image (or where
- * --incoming-state says): while it exists, the image is not whole, and no
- * vmig-blk serves it but one that resumes the post-copy. A header of
- * PC_STATE_HDR bytes, then the missing bitmap as little-endian words (the
- * layout of the stream's maps), mapped shared: a bit is cleared once its
- * granule's data is in the image, and both outlive a kill -9 of the daemon
- * in the page cache.
- */
-#define PC_STATE_MAGIC "VMIGBLKP"
-#define PC_STATE_VERSION 1u
-#define PC_STATE_HDR 4096u
-
-struct pc_state_hdr {
-	char magic[8];
-	uint32_t version;
-	uint32_t granularity;
-	uint64_t disk_size;
-	uint64_t nbits;
-	uint8_t session[16];
-};
 
 static int pc_arrays(struct vblk_pcmap *pc, const struct vblk_ss_geom *g)
 {
@@ -1567,32 +1721,6 @@ static int pc_resume(struct vblk_incoming *in)
 	return r;
 }
 
-/* Where this disk's post-copy state file lives: --incoming-state, or
- * next to an image file; "" for a block device without it, and for RAM. */
-static void pc_state_path(const struct vblk_daemon *dm, char *buf, size_t len)
-{
-	buf[0] = '\0';
-	if (dm->opts.incoming_state)
-		snprintf(buf, len, "%s", dm->opts.incoming_state);
-	else if (dm->opts.file && dm->disk.backend == VBLK_BACKEND_FILE && !dm->disk.is_blkdev)
-		snprintf(buf, len, "%s.vmig-incoming", dm->opts.file);
-}
-
-int vblk_incoming_check_state(const struct vblk_daemon *dm, char *err, size_t len)
-{
-	char path[4096];
-
-	pc_state_path(dm, path, sizeof(path));
-	if (path[0] && !access(path, F_OK)) {
-		fmt_err(err, len,
-			"%s exists: this image is in the middle of a post-copy storage "
-			"migration and is not whole; only vmig-blk --incoming can finish it",
-			path);
-		return -EBUSY;
-	}
-	return 0;
-}
-
 /*
  * At start: a state file says a post-copy was in progress (this daemon
  * was killed or restarted during it). Everything in it is checked against
@@ -1775,7 +1903,7 @@ static int in_missing(struct vblk_incoming *in, const struct vblk_ss_geom *g,
 	if (!in->state_path[0] && !in->dm->disk.ram)
 		return in_refuse(in, err, len,
 				 "post-copy storage needs a state file for this disk "
-				 "(--incoming-state FILE)");
+				 "(--postcopy-state FILE)");
 	if (!in->staged && !(in->staged = calloc(vblk_ss_map_words(g), sizeof(uint64_t))))
 		return in_refuse(in, err, len, "out of memory for the missing map");
 	for (uint64_t i = 0; i < rec->length / 8; i++)

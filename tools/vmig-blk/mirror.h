@@ -123,9 +123,17 @@ void vblk_incoming_event(struct vblk_daemon *dm);
 void vblk_incoming_query(struct vblk_daemon *dm, struct vblk_incoming_info *info);
 /* After the queues stopped: they read the post-copy map. */
 void vblk_incoming_free(struct vblk_daemon *dm);
-/* Without --incoming: refuse an image whose post-copy state file exists
- * (it is not whole). 0 or -EBUSY with err set. */
-int vblk_incoming_check_state(const struct vblk_daemon *dm, char *err, size_t len);
+/*
+ * At start, the disk open: its post-copy state file (--postcopy-state, or
+ * the image's name + .vmig-postcopy), if any. A destination's (the image
+ * is not whole) is refused without --incoming, which resumes it; a
+ * source's (the disk was handed over) is refused with --incoming, and
+ * otherwise fences this daemon (no queue starts) and leaves a failed
+ * post-copy mirror that vblk_mirror_start resumes. 0, or -errno with err.
+ */
+int vblk_postcopy_state_check(struct vblk_daemon *dm, char *err, size_t len);
+/* Can a post-copy keep its state for this disk (a state file, or RAM)? */
+bool vblk_postcopy_capable(const struct vblk_daemon *dm);
 struct vblk_pcmap;
 void vblk_pcmap_free(struct vblk_pcmap *pc);
 
