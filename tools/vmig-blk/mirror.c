@@ -435,9 +435,25 @@ static uint64_t m_data(struct vblk_disk *disk, uint64_t off, uint64_t len, uint6
  * already, and 1 MiB is a multiple of one). 0; 1: stopped for the switch
  * to post-copy, the rest unsent; -errno: failed (m_fail said why).
  */
-static bool m_urgent(struct vblk_mirror *m)
+/* Post-copy: wait until the background push may send again (speed), or
+ * the destination asked for something, or the end; true if it asked. */
+static bool m_push_wait(struct vblk_mirror *m)
 {
-	return m->postcopy && vblk_dirty_bytes(m->urgent);
+	bool asked;
+
+	pthread_mutex_lock(&m->lock);
+	for (;;) {
+		uint64_t now = vmig__now_ns();
+		struct timespec until;
+
+		asked = vblk_dirty_bytes(m->urgent) != 0;
+		if (asked || !m->speed || m->rl.next_ns <= now || m->concluded || m->cancel)
+			break;
+		deadline_ns(&until, m->rl.next_ns - now);
+		pthread_cond_timedwait(&m->cv, &m->lock, &until);
+	}
+	pthread_mutex_unlock(&m->lock);
+	return asked;
 }
 
 static int m_send_extent(struct vblk_mirror *m, uint64_t off, uint64_t len, bool urgent)
@@ -494,21 +510,24 @@ static int m_send_extent(struct vblk_mirror *m, uint64_t off, uint64_t len, bool
 		/* No limit once the guest is stopped, nor in write-blocking
 		 * mode after the first pass: the guest waits for the rounds
 		 * (and a mirror switched to it mid-round must get to the next
-		 * round, where the gate goes on, at once); nor for what the
-		 * destination asked for in post-copy: its guest waits for it.
-		 * The background push of post-copy is limited as a round. */
+		 * round, where the gate goes on, at once). In post-copy what the
+		 * destination asked for neither waits nor spends the budget,
+		 * and the background push waits for its budget before each
+		 * extent instead (m_push_wait), so that a request that comes
+		 * meanwhile goes first and the push still keeps to the limit. */
 		switching = m->postcopy_req && !m->postcopy;
-		speed = urgent || m->completing || switching || (m->write_blocking && m->ready)
-			    ? 0
-			    : m->speed;
-		wait_ns = vmig__ratelimit_account(&m->rl, speed, n, vmig__now_ns());
+		speed =
+		    m->completing || switching || (m->write_blocking && m->ready) ? 0 : m->speed;
+		wait_ns = urgent ? 0 : vmig__ratelimit_account(&m->rl, speed, n, vmig__now_ns());
+		if (m->postcopy)
+			wait_ns = 0;
 		if (wait_ns) { /* ends at once when the limit no longer applies */
 			struct timespec until;
 
 			deadline_ns(&until, wait_ns);
 			while (!m->completing && !m->concluded &&
 			       !(m->postcopy_req && !m->postcopy) &&
-			       !(m->write_blocking && m->ready) && !m_urgent(m) &&
+			       !(m->write_blocking && m->ready) &&
 			       pthread_cond_timedwait(&m->cv, &m->lock, &until) != ETIMEDOUT)
 				;
 		}
@@ -793,6 +812,12 @@ static int m_push(struct vblk_mirror *m)
 		if (!n)
 			break;
 		for (size_t i = 0; i < n; i++) {
+			if (!urgent && m_push_wait(m)) {
+				/* asked for meanwhile: that first, the rest later */
+				for (; i < n; i++)
+					vblk_dirty_mark(d, m->ext[i].offset, m->ext[i].length);
+				break;
+			}
 			if (urgent) /* not again in the background */
 				vblk_dirty_clear(d, m->ext[i].offset, m->ext[i].length);
 			if (m_send_extent(m, m->ext[i].offset, m->ext[i].length, urgent)) {
@@ -1358,6 +1383,7 @@ int vblk_mirror_set_speed(struct vblk_daemon *dm, uint64_t speed, char *err, siz
 	}
 	pthread_mutex_lock(&m->lock);
 	m->speed = speed;
+	pthread_cond_broadcast(&m->cv); /* a push waiting for its budget */
 	pthread_mutex_unlock(&m->lock);
 	return 0;
 }

@@ -27,6 +27,14 @@
  * run says so: without that, the last round, inside the VM's downtime,
  * would carry whatever the guest dirtied meanwhile.
  *
+ * Post-copy storage (mode postcopy): the mirror copies in the background
+ * and the RAM migration starts at once; at pre-switchover the disk is
+ * handed over (vmig_blk_mirror_start_postcopy) instead of the last round,
+ * so the hand-over does not grow with what the guest dirtied, and after
+ * the RAM migration the copy goes on until the destination has every
+ * block, resumed after faults as the mirror is. From the switch on the
+ * disk is the destination's: nothing cancels it.
+ *
  * The control sockets speak JSON-RPC 2.0, one request per connection here.
  */
 #include <errno.h>
@@ -46,9 +54,12 @@
 #define RPC_TIMEOUT_MS 30000
 #define READY_TIMEOUT_MS (24 * 3600 * 1000)
 #define COMPLETE_TIMEOUT_MS 120000
-/* A stopped mirror is restarted every RETRY_EVERY_MS, for RETRY_FOR_MS. */
+/* A stopped mirror is restarted every RETRY_EVERY_MS, for RETRY_FOR_MS
+ * (PC_RETRY_FOR_MS after a post-copy switch: the disk cannot go back, and
+ * the destination's guest waits for the blocks still missing). */
 #define RETRY_EVERY_MS 500
 #define RETRY_FOR_MS 60000
+#define PC_RETRY_FOR_MS (10 * 60000)
 /* Convergence in mode mirror: the backlog may stay above what the copy
  * sends in BEHIND_S (at least BEHIND_MIN bytes) for BEHIND_FOR_MS. */
 #define BEHIND_S 0.1
@@ -158,9 +169,11 @@ int storage_check(const struct storage *st)
 				"--storage-uri\n");
 		return -1;
 	}
-	if (st->mode && strcmp(st->mode, "mirror") && strcmp(st->mode, "write-blocking")) {
+	if (st->mode && strcmp(st->mode, "mirror") && strcmp(st->mode, "write-blocking") &&
+	    strcmp(st->mode, "postcopy")) {
 		fprintf(stderr,
-			"vmig: --storage-mode %s: the modes are mirror and write-blocking\n",
+			"vmig: --storage-mode %s: the modes are mirror, write-blocking and "
+			"postcopy\n",
 			st->mode);
 		return -1;
 	}
@@ -195,10 +208,10 @@ static int recover(struct storage *st, const char *why)
 		fprintf(stderr, "\nvmig: storage: the mirror stopped (%s); restarting it\n", why);
 	}
 	snprintf(st->status, sizeof(st->status), "recovering");
-	if (now - st->broken_ms > RETRY_FOR_MS) {
+	if (now - st->broken_ms > (st->handed_over ? PC_RETRY_FOR_MS : RETRY_FOR_MS)) {
 		fprintf(stderr,
 			"vmig: storage: the mirror could not be restarted within %d s: %s\n",
-			RETRY_FOR_MS / 1000, why);
+			(st->handed_over ? PC_RETRY_FOR_MS : RETRY_FOR_MS) / 1000, why);
 		return -1;
 	}
 	if (now - st->retry_ms < RETRY_EVERY_MS)
@@ -234,7 +247,8 @@ static int converge(struct storage *st, uint64_t now)
 	char err[512];
 	json_t *q;
 
-	if (st->write_blocking || !st->ready || st->broken_ms || st->remaining <= bound) {
+	if (st->write_blocking || st->postcopy || !st->ready || st->broken_ms ||
+	    st->remaining <= bound) {
 		st->behind_ms = 0;
 		return 0;
 	}
@@ -285,6 +299,8 @@ int storage_poll(struct storage *st)
 	st->offset = u64(q, "offset");
 	st->remaining = u64(q, "remaining");
 	st->dirty_rate = u64(q, "dirty-rate");
+	st->handed_over |= json_is_true(json_object_get(q, "postcopy"));
+	st->requested_bytes = u64(q, "postcopy-requested-bytes");
 	if (now - st->last_ms >= 500 || !st->last_ms || st->offset < st->last_offset) {
 		if (st->last_ms && now > st->last_ms && st->offset >= st->last_offset)
 			st->rate = (double)(st->offset - st->last_offset) * 1000.0 /
@@ -302,6 +318,11 @@ void storage_progress(const struct storage *st, char *buf, size_t len)
 {
 	unsigned pct = st->len ? (unsigned)((st->len - st->remaining) * 100 / st->len) : 0;
 
+	if (st->handed_over) {
+		snprintf(buf, len, "disk %3u%% post-copy %7.1f MiB/s, %.1f MiB on demand", pct,
+			 st->rate / 1048576.0, (double)st->requested_bytes / 1048576.0);
+		return;
+	}
 	snprintf(buf, len, "disk %3u%% %s%s %7.1f MiB/s dirty %5.1f MiB/s", pct, st->status,
 		 st->write_blocking ? " write-blocking" : "", st->rate / 1048576.0,
 		 (double)st->dirty_rate / 1048576.0);
@@ -326,13 +347,40 @@ int storage_start(struct storage *st, bool tty)
 		json_decref(q);
 		return -1;
 	}
-	json_decref(q);
 	st->write_blocking = st->mode && !strcmp(st->mode, "write-blocking");
+	st->postcopy = st->mode && !strcmp(st->mode, "postcopy");
+	if (st->postcopy && !json_is_true(json_object_get(q, "postcopy-capable"))) {
+		fprintf(stderr,
+			"vmig: storage destination: cannot keep a post-copy's state for its "
+			"disk (start it with --postcopy-state FILE)\n");
+		json_decref(q);
+		return -1;
+	}
+	json_decref(q);
 	if (mirror_start(st, err, sizeof(err))) {
 		fprintf(stderr, "vmig: storage source: vmig_blk_mirror_start: %s\n", err);
 		return -1;
 	}
 	st->t0_ms = vmig__now_ms();
+	if (st->postcopy) {
+		if (rpc(st->src_rpc, "vmig_blk_mirror_query", NULL, &q, err, sizeof(err)) ||
+		    !json_is_true(json_object_get(q, "postcopy-capable"))) {
+			fprintf(stderr, "vmig: storage source: %s\n",
+				q ? "cannot keep a post-copy's state for its disk (start it with "
+				    "--postcopy-state FILE)"
+				  : err);
+			json_decref(q);
+			storage_cancel(st);
+			return -1;
+		}
+		json_decref(q);
+		/* The disk follows after the switch: the RAM need not wait. */
+		fprintf(stderr,
+			"vmig: storage: copying the disk to %s in the background; post-copy: the "
+			"disk is handed over when the VM stops, what is missing follows\n",
+			st->uri);
+		return 0;
+	}
 	fprintf(stderr, "vmig: storage: mirroring the disk to %s (copy-mode %s)\n", st->uri,
 		st->write_blocking ? "write-blocking" : "background");
 	for (;;) {
@@ -362,12 +410,86 @@ int storage_start(struct storage *st, bool tty)
 	return 0;
 }
 
+/* The switch to post-copy storage, the VM stopped. */
+static int storage_switch(struct storage *st)
+{
+	uint64_t t0 = vmig__now_ms();
+	char err[512];
+	json_t *q;
+
+	while (st->broken_ms) { /* a mirror being restarted must run first */
+		if (storage_poll(st))
+			return -1;
+		nap_ms(20);
+	}
+	if (rpc(st->src_rpc, "vmig_blk_mirror_start_postcopy", NULL, &q, err, sizeof(err))) {
+		fprintf(stderr, "\nvmig: storage source: vmig_blk_mirror_start_postcopy: %s\n",
+			err);
+		return -1;
+	}
+	json_decref(q);
+	while (vmig__now_ms() - t0 < COMPLETE_TIMEOUT_MS) {
+		if (storage_poll(st))
+			return -1;
+		if (st->handed_over) {
+			fprintf(stderr,
+				"\nvmig: storage: hand-over in %llu ms (post-copy: the destination "
+				"serves the disk; %.1f MiB still to come)\n",
+				(unsigned long long)(vmig__now_ms() - t0),
+				(double)st->remaining / 1048576.0);
+			return 0;
+		}
+		nap_ms(1);
+	}
+	fprintf(stderr, "\nvmig: storage: the switch did not happen within %d s\n",
+		COMPLETE_TIMEOUT_MS / 1000);
+	return -1;
+}
+
+int storage_finish(struct storage *st, bool tty)
+{
+	uint64_t t0 = vmig__now_ms(), last_line = 0;
+	char line[160];
+
+	for (;;) {
+		uint64_t now = vmig__now_ms();
+
+		if (storage_poll(st)) {
+			fprintf(stderr,
+				"vmig: storage: the destination runs the VM but lacks %.1f MiB of "
+				"its disk, which only the source has: restart the source's "
+				"vmig-blk (or heal the link) and resume with vmig_blk_mirror_start "
+				"uri=%s; the guest's requests for those blocks wait meanwhile\n",
+				(double)st->remaining / 1048576.0, st->uri);
+			return -1;
+		}
+		if (!st->broken_ms && !strcmp(st->status, "concluded")) {
+			fprintf(stderr,
+				"%svmig: storage: post-copy complete %.1f s after the RAM; %.1f "
+				"MiB sent on demand%s\n",
+				tty ? "\n" : "", (double)(now - t0) / 1000.0,
+				(double)st->requested_bytes / 1048576.0,
+				st->restarts ? " (after restarts)" : "");
+			return 0;
+		}
+		if (tty || now - last_line >= 1000) {
+			storage_progress(st, line, sizeof(line));
+			fprintf(stderr, tty ? "\r%s  %6.1fs\033[K" : "vmig: %s elapsed %.1f s\n",
+				line, (double)(now - t0) / 1000.0);
+			last_line = now;
+		}
+		nap_ms(100);
+	}
+}
+
 int storage_complete(struct storage *st)
 {
 	uint64_t t0 = vmig__now_ms();
 	char err[512];
 	json_t *q;
 
+	if (st->postcopy)
+		return storage_switch(st);
 	/* a mirror that is being restarted must be ready again first */
 	while (st->broken_ms || !st->ready) {
 		if (storage_poll(st))
@@ -408,6 +530,13 @@ void storage_cancel(struct storage *st)
 	char err[512];
 	json_t *q;
 
+	if (st->handed_over) {
+		fprintf(stderr,
+			"vmig: storage: the disk was handed over to the destination by post-copy: "
+			"the VM can only run there, and the source's vmig-blk keeps sending it "
+			"what it lacks\n");
+		return;
+	}
 	if (rpc(st->src_rpc, "vmig_blk_mirror_cancel", NULL, &q, err, sizeof(err)))
 		fprintf(stderr, "vmig: storage source: vmig_blk_mirror_cancel: %s\n", err);
 	else

@@ -30,6 +30,10 @@ struct storage {
 	bool switched;	     /* switched to it because the guest outwrote the copy */
 	double peak_rate;    /* the best copy rate seen, bytes/s */
 	uint64_t behind_ms;  /* since when the backlog stays above it; 0: it does not */
+	/* post-copy storage (--storage-mode postcopy) */
+	bool postcopy;		  /* the mode asked for */
+	bool handed_over;	  /* the switch went out: the destination owns the disk */
+	uint64_t requested_bytes; /* sent because the destination asked */
 };
 
 /* 0 if the options go together; else says why on stderr. */
@@ -46,10 +50,16 @@ int storage_start(struct storage *st, bool tty);
 int storage_poll(struct storage *st);
 /* One progress line's worth: "disk 45% 120.0 MiB/s dirty 1.0 MiB/s". */
 void storage_progress(const struct storage *st, char *buf, size_t len);
-/* The VM is stopped for switch-over: the last round. 0 once the
- * destination has the whole disk; else -1 (said). */
+/* The VM is stopped for switch-over: the last round (post-copy: the
+ * switch). 0 once the destination has the whole disk (post-copy: owns
+ * it); else -1 (said). */
 int storage_complete(struct storage *st);
-/* The migration failed: stop copying; the source's disk serves on. */
+/* Post-copy, the RAM migration done: wait (showing progress, resuming
+ * the copy after faults) until the destination has every block. 0, or -1
+ * (said: the destination's guest waits for the blocks still missing). */
+int storage_finish(struct storage *st, bool tty);
+/* The migration failed: stop copying; the source's disk serves on (not
+ * after a post-copy switch: then it says where the disk is). */
 void storage_cancel(struct storage *st);
 
 #endif

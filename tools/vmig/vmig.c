@@ -40,7 +40,8 @@ static void usage(FILE *f)
 		   "        [--tls-authz ID] [--postcopy] [--postcopy-after SECONDS]\n"
 		   "        [--no-progress] [--timeline FILE.svg [--timeline-log LOG]]\n"
 		   "        [--storage-src RPC --storage-dst RPC --storage-uri URI\n"
-		   "         [--storage-mode mirror|write-blocking] [--storage-speed RATE]]\n"
+		   "         [--storage-mode mirror|write-blocking|postcopy]\n"
+		   "         [--storage-speed RATE]]\n"
 		   "  vmig info QMP              print 'info migrate'\n"
 		   "  vmig status QMP            print the VM's run state\n"
 		   "  vmig qmp QMP COMMAND [JSON-ARGS]   run a raw QMP command, print the reply\n"
@@ -65,7 +66,10 @@ static void usage(FILE *f)
 		   "clean failure, and a VM with pause-before-switchover). --storage-mode\n"
 		   "write-blocking makes each guest write wait for the destination once the\n"
 		   "first pass is there; mirror (the default) copies in the background and\n"
-		   "switches to write-blocking if the guest writes faster than the copy.\n");
+		   "switches to write-blocking if the guest writes faster than the copy;\n"
+		   "postcopy hands the disk over when the VM stops and sends what the\n"
+		   "destination lacks after, what its guest reads first (if the source\n"
+		   "host dies before the end, those blocks are lost).\n");
 }
 
 static int connect_or_say(struct qmpc **q, const char *addr)
@@ -769,7 +773,7 @@ static int cmd_migrate(int argc, char **argv)
 	struct mig_opts o;
 	const char *status;
 	json_t *qm = NULL, *params;
-	bool timeline_failed;
+	bool timeline_failed, storage_failed = false;
 	int rc = 1, r;
 
 	if (parse_migrate_opts(argc, argv, &o)) {
@@ -802,11 +806,14 @@ static int cmd_migrate(int argc, char **argv)
 	status = qm ? json_string_value(json_object_get(qm, "status")) ?: "none" : "none";
 	if (o.storage.src_rpc && strcmp(status, "completed"))
 		storage_cancel(&o.storage);
+	if (o.storage.src_rpc && !strcmp(status, "completed") && o.storage.handed_over &&
+	    storage_finish(&o.storage, isatty(STDERR_FILENO) && !o.no_progress))
+		storage_failed = true;
 	if (!qm)
 		goto out;
 	print_hmp(src, "info migrate", stdout);
 	if (!strcmp(status, "completed")) {
-		rc = (dst && wait_dest(dst)) || timeline_failed ? 1 : 0;
+		rc = (dst && wait_dest(dst)) || timeline_failed || storage_failed ? 1 : 0;
 	} else {
 		fprintf(stderr, "vmig: migration %s%s%s\n", status,
 			json_object_get(qm, "error-desc") ? ": " : "",

@@ -27,6 +27,17 @@ a forwarder of the test, which closes both ends of the connection (the
 copy resumes from the source's bitmap over a new one). The fault comes
 once the mirror has sent 8 MiB, whatever the speed of the machine.
 
+Then post-copy storage (--storage-mode postcopy), with the copy capped at
+2 MiB/s so that most of the guest's 32 MiB is still on the source when the
+VM stops: the disk is handed over at once, the destination guest runs and
+reads and writes blocks not there yet (fetched on demand, ahead of the
+background push), and `vmig migrate` waits until the destination has every
+block. With pre-copy and with post-copy of RAM; then, with pre-copy, the
+destination's vmig-blk killed (-9) and started again after the switch (it
+resumes from its state file, QEMU reconnects and its requests are redone),
+the source's (it restarts fenced and resumes from the destination's map),
+and the network cut; each time `vmig migrate` resumes the copy.
+
 After the migration the destination guest goes on writing, and its final
 pass reads back every block it ever wrote, the ones written on the source
 before and during the copy included: 0 bad blocks. The destination image
@@ -34,9 +45,11 @@ then passes the host-side scan.
 
 Usage: test_storage_mirror.py BUILD_DIR
 """
+import hashlib
 import os
 import re
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -45,6 +58,38 @@ import blkenv
 
 GUEST_SECONDS = 40
 MIGRATE_TIMEOUT_S = 240
+# Post-copy runs: the half of the disk the guest never touches holds data
+# too (blocks in the guest's own pattern, so the host-side scan checks them
+# on the destination), 32 MiB that the background push sends at 2 MiB/s
+# long after the guest fetched its working set: the faults come then.
+BLK = 4096
+PREFILL_FROM, PREFILL_TO = 8192, 16384
+FNV_PRIME, FNV_MASK = 1099511628211, (1 << 64) - 1
+
+
+def prefill(path):
+    """Blocks [PREFILL_FROM, PREFILL_TO) as blkcheck's scan accepts them: its
+    magic, the block's own number, a zero body, the FNV-1a checksum. Returns
+    the region's digest."""
+    zero_mul = pow(FNV_PRIME, BLK - 8 - 32, 1 << 64)
+    out = bytearray()
+    for b in range(PREFILL_FROM, PREFILL_TO):
+        hdr = struct.pack("<QQQQ", 0x314b4c4247494d56, b, 1, 0x5eed)
+        h = 1469598103934665603
+        for c in hdr:
+            h = ((h ^ c) * FNV_PRIME) & FNV_MASK
+        h = (h * zero_mul) & FNV_MASK  # the zero body: a multiply per byte
+        out += hdr + bytes(BLK - 8 - 32) + struct.pack("<Q", h)
+    with open(path, "r+b") as f:
+        f.seek(PREFILL_FROM * BLK)
+        f.write(out)
+    return hashlib.sha256(out).hexdigest()
+
+
+def region_digest(path):
+    with open(path, "rb") as f:
+        f.seek(PREFILL_FROM * BLK)
+        return hashlib.sha256(f.read((PREFILL_TO - PREFILL_FROM) * BLK)).hexdigest()
 
 
 def vmig_bin(env):
@@ -138,11 +183,46 @@ def wait_copied(pair, nbytes):
     raise blkenv.Fail("the mirror did not reach %d MiB in 60 s" % (nbytes >> 20))
 
 
-def kill_mid_copy(env, pair, which):
-    """Once the mirror has sent 8 MiB, kill -9 the source's or the
-    destination's daemon and start it again (or, for "link", cut the
-    storage stream's connection); says what it did."""
-    q = wait_copied(pair, 8 << 20)
+def wait_switched(pair):
+    deadline = time.monotonic() + MIGRATE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            q = pair.be_src.rpc_call("vmig_blk_mirror_query")
+        except blkenv.Fail:
+            q = {}
+        if q.get("postcopy"):
+            return q
+        time.sleep(0.05)
+    raise blkenv.Fail("the disk was never handed over")
+
+
+def wait_serving(pair):
+    """Post-copy: the destination's guest runs and has asked for blocks."""
+    deadline = time.monotonic() + MIGRATE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            inc = pair.be_dst.rpc_call("vmig_blk_incoming_query")
+        except blkenv.Fail:
+            inc = {}
+        if (inc.get("postcopy") or {}).get("held-requests", 0) > 0:
+            return
+        time.sleep(0.05)
+    raise blkenv.Fail("the destination's guest never asked for a block")
+
+
+def kill_mid_copy(env, pair, which, after_switch=False):
+    """Once the mirror has sent 8 MiB (or, after_switch, once the disk was
+    handed over by post-copy and the destination's guest runs on it), kill
+    -9 the source's or the destination's daemon and start it again (or, for
+    "link", cut the storage stream's connection); says what it did."""
+    if after_switch:
+        # Not while the destination QEMU starts its device: QEMU 7.2 does
+        # not retry a vhost start that a dying back-end failed.
+        wait_switched(pair)
+        wait_serving(pair)
+        q = pair.be_src.rpc_call("vmig_blk_mirror_query")
+    else:
+        q = wait_copied(pair, 8 << 20)
     if which == "link":
         pair.link.cut()
         env.info("cut the storage stream's connection at %s MiB copied" %
@@ -163,6 +243,7 @@ def one_run(env, postcopy, kill=None, mode=None, outwrite=False):
                                 prefix=tag + "-")
     src, dst, writes_before = pair.src, pair.dst, pair.writes_before
     pair.link = None
+    digest = prefill(pair.image) if mode == "postcopy" else None
     if kill == "link":  # the source reaches the destination through the forwarder
         link_path = os.path.join(env.tmp, "link-%s.sock" % tag)
         pair.link = Link(link_path, storage_uri[len("unix:"):])
@@ -177,13 +258,13 @@ def one_run(env, postcopy, kill=None, mode=None, outwrite=False):
         argv.append("--postcopy")
     if mode:
         argv += ["--storage-mode", mode]
-    if outwrite:
+    if outwrite or mode == "postcopy":
         argv[argv.index("--storage-speed") + 1] = "2M"
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         if kill:
-            kill_mid_copy(env, pair, kill)
+            kill_mid_copy(env, pair, kill, after_switch=mode == "postcopy")
         out = proc.communicate(timeout=MIGRATE_TIMEOUT_S)[0].decode(errors="replace")
     finally:
         if proc.poll() is None:
@@ -214,10 +295,29 @@ def one_run(env, postcopy, kill=None, mode=None, outwrite=False):
     env.info("%s: %.1fs in all, disk ready after %s s, hand-over %s ms" %
              (tag, secs, ready.group(1) if ready else "?", m.group(1) if m else "?"))
     writes_at_switch = blkenv.writes_of(src.serial())
-    env.case("%s_writes_during_copy" % tag, writes_at_switch > writes_before + 100,
-             "guest writes %d before, %d at switch-over" % (writes_before, writes_at_switch))
+    # (In post-copy storage the disk moves after the switch, while the
+    # destination's guest writes: fetched_on_demand below.)
+    if mode != "postcopy":
+        env.case("%s_writes_during_copy" % tag, writes_at_switch > writes_before + 100,
+                 "guest writes %d before, %d at switch-over" % (writes_before, writes_at_switch))
     inc = pair.be_dst.rpc_call("vmig_blk_incoming_query")
     env.case("%s_destination_complete" % tag, inc.get("status") == "completed", str(inc))
+    if mode == "postcopy":
+        pc = inc.get("postcopy") or {}
+        env.case("%s_postcopy_complete" % tag,
+                 "post-copy complete" in out and pc.get("missing") == 0, out[-800:])
+        # The guest's working set was mostly on the source when it moved.
+        env.case("%s_fetched_on_demand" % tag,
+                 pc.get("urgent-requests", 0) > 0 and pc.get("held-requests", 0) > 0,
+                 "destination: %s" % inc)
+        env.case("%s_untouched_half_moved" % tag, region_digest(pair.image_dst) == digest,
+                 "the destination's blocks %d-%d differ from the source's" %
+                 (PREFILL_FROM, PREFILL_TO - 1))
+        left = [f for f in (pair.image + ".vmig-postcopy", pair.image_dst + ".vmig-postcopy")
+                if os.path.exists(f)]
+        env.case("%s_state_files_gone" % tag, not left, "left: %s" % left)
+        env.info("%s: %s requests waited for blocks, %s READ_REQ sent" %
+                 (tag, pc.get("held-requests"), pc.get("urgent-requests")))
     if r.returncode != 0:
         pair.stop()
         return
@@ -235,6 +335,11 @@ def body(env):
     one_run(env, postcopy=False, kill="src")
     one_run(env, postcopy=False, kill="dst")
     one_run(env, postcopy=False, kill="link")
+    one_run(env, postcopy=False, mode="postcopy")
+    one_run(env, postcopy=True, mode="postcopy")
+    one_run(env, postcopy=False, mode="postcopy", kill="dst")
+    one_run(env, postcopy=False, mode="postcopy", kill="src")
+    one_run(env, postcopy=False, mode="postcopy", kill="link")
 
 
 blkenv.run("storage_mirror", body)

@@ -179,7 +179,7 @@ def t_usage(build, pair):
     for extra, words in ((("--storage-src", "a.rpc"), "go together"),
                          (("--storage-src", "a", "--storage-dst", "b", "--storage-uri",
                            "unix:c", "--storage-mode", "eager"),
-                          "the modes are mirror and write-blocking"),
+                          "the modes are mirror, write-blocking and postcopy"),
                          (("--storage-speed", "1M"), "goes with")):
         r = vmig(build, *(base + extra))
         check(r.returncode == 2 and words in r.stderr,
