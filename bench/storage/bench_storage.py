@@ -11,7 +11,7 @@ blkcheck, which writes and verifies O_DIRECT 4 KiB blocks all along) with
 the same RAM, on the same 4 GiB raw image holding 1 GiB of random data,
 and the guest keeps writing during the whole migration. The destination
 image starts empty (sparse). RAM migration is QEMU's in both, with the
-same parameters (no bandwidth cap, downtime-limit 300 ms), so what differs
+same parameters (no bandwidth cap, downtime-limit 300 ms unless told), so what differs
 is how the disk moves and how the two copies are handed over:
 
 - QEMU: the destination starts with -S and -incoming defer and exports its
@@ -46,6 +46,8 @@ destination image's 1 GiB random region equals the source's. A run that
 fails a check is reported as failed, not measured.
 
 Usage: bench_storage.py BUILD_DIR [--runs N] [--record]
+(BENCH_DOWNTIME_LIMIT_MS=MS sets both engines' downtime-limit, 300 by
+default; BENCH_KEEP=1 keeps every run's directory.)
 """
 
 import hashlib
@@ -76,6 +78,7 @@ STOP_BLOCK = 16384  # 64 MiB: the host writes the stop marker here
 STOP_MARKER = b"VMIGSTOP"
 SERIAL = "vmig-bench-disk"
 MIGRATE_TIMEOUT_S = 900
+DOWNTIME_LIMIT_MS = int(os.environ.get("BENCH_DOWNTIME_LIMIT_MS", "300"))
 
 
 def log(msg):
@@ -230,7 +233,7 @@ class Run:
         nbd = os.path.join(self.tmp, "nbd.sock")
         for q in (src, dst):
             q.execute("migrate-set-parameters",
-                      {"max-bandwidth": 1 << 40, "downtime-limit": 300})
+                      {"max-bandwidth": 1 << 40, "downtime-limit": DOWNTIME_LIMIT_MS})
         dst.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": nbd}}})
         dst.execute("block-export-add", {"type": "nbd", "id": "exp0", "node-name": "disk0",
                                          "name": "disk0", "writable": True})
@@ -272,7 +275,7 @@ class Run:
         argv = [os.path.join(self.build, "tools/vmig/vmig"), "migrate",
                 "unix:" + self.src["qmp2"], "tcp:127.0.0.1:%d" % port,
                 "--dest", "unix:" + self.dst["qmp2"], "--max-bandwidth", "1T",
-                "--downtime-limit", "300", "--no-progress",
+                "--downtime-limit", str(DOWNTIME_LIMIT_MS), "--no-progress",
                 "--storage-src", self.bsrc["rpc"], "--storage-dst", self.bdst["rpc"],
                 "--storage-uri", self.stor]
         out = open(os.path.join(self.tmp, "vmig.log"), "wb")

@@ -742,6 +742,7 @@ static void handle_vhost(struct vblk_daemon *dm)
 	struct vhost_msg m, reply;
 	uint64_t errors = dm->dev.msg_errors;
 	enum vhost_pc_state pc_was = dm->dev.pc.state;
+	uint64_t t0;
 	int r = vhost_msg_recv(dm->conn_fd, &m);
 
 	if (r) {
@@ -752,7 +753,11 @@ static void handle_vhost(struct vblk_daemon *dm)
 	}
 	if (debug_msgs)
 		debug_msg(dm, &m);
+	t0 = debug_msgs ? vmig__now_ns() : 0;
 	r = vhost_dev_handle(&dm->dev, &m, &reply);
+	if (debug_msgs) /* what the front-end waits for, often with its BQL held */
+		vblk_log(dm, "%s handled in %.3f ms", vhost_req_name(m.hdr.request) ?: "?",
+			 (double)(vmig__now_ns() - t0) / 1e6);
 	if (debug_msgs && r == 1)
 		debug_reply(dm, &reply);
 	if (dm->dev.msg_errors != errors)
