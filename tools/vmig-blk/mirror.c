@@ -172,6 +172,25 @@ static void pc_state_path(const struct vblk_daemon *dm, char *buf, size_t len)
 		snprintf(buf, len, "%s.vmig-postcopy", dm->opts.file);
 }
 
+/* Can a state file be made at path (its directory is writable)? */
+static bool pc_state_writable(const char *path)
+{
+	char dir[4096];
+	char *slash;
+
+	if (!path[0])
+		return false;
+	snprintf(dir, sizeof(dir), "%s", path);
+	slash = strrchr(dir, '/');
+	if (!slash)
+		return !access(".", W_OK);
+	if (slash == dir)
+		slash[1] = '\0';
+	else
+		*slash = '\0';
+	return !access(dir, W_OK);
+}
+
 /* ---- TLS -------------------------------------------------------------- */
 
 /* "key=value" in a comma-separated list: the value, or NULL. */
@@ -662,8 +681,11 @@ static int m_round(struct vblk_mirror *m, uint64_t k, bool last, bool *sent)
 			vblk_dirty_mark(m->unacked, m->ext[i].offset, m->ext[i].length);
 			__atomic_fetch_add(&m->unacked_bytes, m->ext[i].length, __ATOMIC_RELAXED);
 			r = m_send_extent(m, m->ext[i].offset, m->ext[i].length, false);
-			if (r < 0)
+			if (r < 0) { /* this one is in unacked; the rest were taken too */
+				while (++i < n)
+					vblk_dirty_mark(d, m->ext[i].offset, m->ext[i].length);
 				return -EIO;
+			}
 			if (r > 0 || (i + 1 < n && m_switch_asked(m))) {
 				while (++i < n) /* taken, not sent */
 					vblk_dirty_mark(d, m->ext[i].offset, m->ext[i].length);
@@ -968,6 +990,12 @@ out:
 	pthread_mutex_lock(&m->lock);
 	if (m->error[0] || m->cancel)
 		m_requeue(m);
+	if (m->error[0] && m->postcopy_req && !m->postcopy) { /* the switch never went out */
+		m->postcopy_req = false;
+		__atomic_store_n(&m->dm->disk.handed_over, false, __ATOMIC_RELEASE);
+		vblk_log(m->dm, "mirror: the switch to post-copy did not go out; the disk stays "
+				"here");
+	}
 	pthread_mutex_unlock(&m->lock);
 	vmig__chan_shutdown(c, SHUT_RDWR);
 	if (reader)
@@ -1023,7 +1051,7 @@ bool vblk_postcopy_capable(const struct vblk_daemon *dm)
 	char path[4096];
 
 	pc_state_path(dm, path, sizeof(path));
-	return path[0] || dm->disk.ram;
+	return pc_state_writable(path) || dm->disk.ram;
 }
 
 /* A source restarted after it handed its disk over: fenced, with a failed
@@ -1316,6 +1344,10 @@ int vblk_mirror_start_postcopy(struct vblk_daemon *dm, char *err, size_t errlen)
 		r = -EINVAL;
 	} else if (!m->postcopy_req) {
 		m->postcopy_req = true;
+		/* From now on the guest may not run here: QEMU resuming the
+		 * source VM meanwhile must not write a disk that is being
+		 * handed over (lifted if the switch never goes out). */
+		__atomic_store_n(&dm->disk.handed_over, true, __ATOMIC_RELEASE);
 		m_wake(m);
 	}
 	pthread_mutex_unlock(&m->lock);
@@ -1534,10 +1566,25 @@ static int pc_map(struct vblk_incoming *in, int fd, size_t len)
 
 /* The switch: the staged map becomes the state file (or, for a RAM disk,
  * which dies with the process anyway, plain memory). */
+static int pwrite_all(int fd, const void *buf, size_t n, off_t off)
+{
+	for (size_t done = 0; done < n;) {
+		ssize_t k = pwrite(fd, (const uint8_t *)buf + done, n - done, off + (off_t)done);
+
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k <= 0)
+			return k < 0 ? -errno : -EIO;
+		done += (size_t)k;
+	}
+	return 0;
+}
+
 static int pc_state_create(struct vblk_incoming *in, const struct vblk_ss_geom *g, char *err,
 			   size_t len)
 {
 	struct vblk_pcmap *pc = &in->dm->disk.pc;
+	char tmp[4200];
 	struct pc_state_hdr h = {.version = PC_STATE_VERSION,
 				 .granularity = g->granularity,
 				 .disk_size = g->disk_size,
@@ -1552,21 +1599,33 @@ static int pc_state_create(struct vblk_incoming *in, const struct vblk_ss_geom *
 	}
 	memcpy(h.magic, PC_STATE_MAGIC, 8);
 	memcpy(h.session, g->session, 16);
-	fd = open(in->state_path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	/* Whole or not at all: a daemon killed while writing must not find a
+	 * valid header over a bitmap that says nothing is missing. The map
+	 * is written to a file of its own, which then takes the name. */
+	if (snprintf(tmp, sizeof(tmp), "%s.new", in->state_path) >= (int)sizeof(tmp)) {
+		fmt_err(err, len, "the post-copy state file's name is too long");
+		return -ENAMETOOLONG;
+	}
+	fd = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
 	if (fd < 0) {
-		fmt_err(err, len, "cannot create the post-copy state file %s: %s", in->state_path,
+		fmt_err(err, len, "cannot create the post-copy state file %s: %s", tmp,
 			strerror(errno));
 		return -errno;
 	}
-	r = ftruncate(fd, (off_t)size) || pwrite(fd, &h, sizeof(h), 0) != (ssize_t)sizeof(h) ||
-		    pwrite(fd, in->staged, pc->nwords * 8, PC_STATE_HDR) !=
-			(ssize_t)(pc->nwords * 8)
-		? -errno
-		: pc_map(in, fd, size);
+	r = ftruncate(fd, (off_t)size) ? -errno : 0;
+	if (!r)
+		r = pwrite_all(fd, in->staged, pc->nwords * 8, PC_STATE_HDR);
+	if (!r)
+		r = pwrite_all(fd, &h, sizeof(h), 0);
+	if (!r && rename(tmp, in->state_path))
+		r = -errno;
+	if (!r)
+		r = pc_map(in, fd, size);
 	close(fd);
 	if (r) {
 		fmt_err(err, len, "cannot write the post-copy state file %s: %s", in->state_path,
-			strerror(-r ? -r : EIO));
+			strerror(-r));
+		unlink(tmp);
 		unlink(in->state_path);
 	}
 	return r;
@@ -1744,6 +1803,8 @@ static int pc_resume(struct vblk_incoming *in)
 	in->w_ok = !r;
 	pthread_mutex_unlock(&in->wlock);
 	pc_arrived(in); /* held requests mark what they need as wanted again */
+	/* what was wanted while no connection could carry it: ask now */
+	eventfd_write(in->dm->disk.pc.want_fd, 1);
 	return r;
 }
 
@@ -1912,6 +1973,9 @@ static int in_preamble(struct vblk_incoming *in, struct vblk_ss_reader *r, struc
 				 "to this host may resume it");
 	if (!postcopy && (g->flags & VBLK_SS_F_POSTCOPY))
 		return in_refuse(in, err, len, "there is no post-copy to resume here");
+	if (postcopy && g->granularity != 1u << in->dm->disk.pc.shift)
+		return in_refuse(in, err, len,
+				 "a resumed post-copy must keep the granularity of the switch");
 	if (in->have_session && memcmp(in->session, g->session, sizeof(g->session)) &&
 	    !(g->flags & VBLK_SS_F_FULL))
 		return in_refuse(in, err, len,
@@ -1979,6 +2043,10 @@ static int in_receive(struct vblk_incoming *in, struct vmig__chan *c, char *err,
 	pthread_mutex_lock(&in->wlock);
 	vblk_ss_writer_init(&in->w, chan_put, c, &g);
 	pthread_mutex_unlock(&in->wlock);
+	/* A switch that did not complete on an earlier connection counts for
+	 * nothing (its map was sized by that connection's geometry too). */
+	free(in->staged);
+	in->staged = NULL;
 	ret = in_preamble(in, &r, &g, err, len);
 	if (ret)
 		return ret;
@@ -2018,6 +2086,7 @@ static int in_receive(struct vblk_incoming *in, struct vmig__chan *c, char *err,
 			pthread_mutex_lock(&in->wlock);
 			in->w_ok = true;
 			pthread_mutex_unlock(&in->wlock);
+			eventfd_write(disk->pc.want_fd, 1); /* wanted before it could ask */
 			pthread_mutex_lock(&in->lock);
 			in->status = IN_POSTCOPY_ACTIVE;
 			pthread_mutex_unlock(&in->lock);
@@ -2307,7 +2376,7 @@ void vblk_incoming_query(struct vblk_daemon *dm, struct vblk_incoming_info *info
 	info->urgent = in->urgent;
 	snprintf(info->error, sizeof(info->error), "%s", in->error);
 	pthread_mutex_unlock(&in->lock);
-	info->postcopy_capable = in->state_path[0] || dm->disk.ram;
+	info->postcopy_capable = pc_state_writable(in->state_path) || dm->disk.ram;
 	if (info->postcopy) {
 		info->missing = VMIG_MIN(pc_missing_granules(pc) << pc->shift, dm->disk.size);
 		info->held_requests = __atomic_load_n(&pc->held, __ATOMIC_RELAXED);

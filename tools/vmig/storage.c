@@ -410,6 +410,22 @@ int storage_start(struct storage *st, bool tty)
 	return 0;
 }
 
+/* The destination took the switch: it serves the disk (or has all of it). */
+static bool dest_switched(struct storage *st)
+{
+	const char *status;
+	char err[512];
+	bool ok;
+	json_t *q;
+
+	if (rpc(st->dst_rpc, "vmig_blk_incoming_query", NULL, &q, err, sizeof(err)))
+		return false;
+	status = json_string_value(json_object_get(q, "status")) ?: "";
+	ok = !strncmp(status, "postcopy", 8) || !strcmp(status, "completed");
+	json_decref(q);
+	return ok;
+}
+
 /* The switch to post-copy storage, the VM stopped. */
 static int storage_switch(struct storage *st)
 {
@@ -431,7 +447,7 @@ static int storage_switch(struct storage *st)
 	while (vmig__now_ms() - t0 < COMPLETE_TIMEOUT_MS) {
 		if (storage_poll(st))
 			return -1;
-		if (st->handed_over) {
+		if (st->handed_over && dest_switched(st)) {
 			fprintf(stderr,
 				"\nvmig: storage: hand-over in %llu ms (post-copy: the destination "
 				"serves the disk; %.1f MiB still to come)\n",

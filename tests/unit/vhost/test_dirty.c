@@ -1614,7 +1614,9 @@ static void test_mirror_postcopy_faults(void **state)
 	want = post(VIRTIO_BLK_T_IN, (PC_BLOCKS - 5) * PC_STRIDE / 512, G_DATA, 8192);
 	usleep(200000);
 	assert_false(used(want)); /* not here: waits */
-	snprintf(params, sizeof(params), "{\"uri\":\"%s\"}", L.uri);
+	/* resumed at a crawl: the waiting read must be asked for on the new
+	 * connection, not found by the background push */
+	snprintf(params, sizeof(params), "{\"uri\":\"%s\",\"speed\":4096}", L.uri);
 	json_decref(rpc_ok("vmig_blk_mirror_start", params));
 	assert_int_equal(wait_used(want), VIRTIO_BLK_S_OK);
 	for (unsigned i = 0; i < 8192; i++)
@@ -1732,10 +1734,10 @@ static void raw_put(int fd, uint8_t type, uint8_t flags, const void *p, uint32_t
 		assert_int_equal(write(fd, p, len), (ssize_t)len);
 }
 
-static int fake_source(uint16_t flags)
+static int fake_source_g(uint16_t flags, uint32_t gran)
 {
 	uint8_t pre[48] = "VMIGBLKS";
-	uint32_t version = 1, bs = 512, gran = GRAN;
+	uint32_t version = 1, bs = 512;
 	uint64_t size = IMG_SIZE, end = now_ms() + WAIT_MS;
 	int fd;
 
@@ -1750,6 +1752,24 @@ static int fake_source(uint16_t flags)
 	assert_true(fd >= 0);
 	assert_int_equal(write(fd, pre, sizeof(pre)), sizeof(pre));
 	return fd;
+}
+
+static int fake_source(uint16_t flags)
+{
+	return fake_source_g(flags, GRAN);
+}
+
+/* MISSING for every granule of the disk at granularity gran. */
+static void raw_missing_all(int fd, uint32_t gran)
+{
+	size_t words = (IMG_SIZE / gran + 63) / 64;
+	uint8_t *rec = calloc(1, 8 + words * 8);
+
+	assert_non_null(rec);
+	for (size_t g = 0; g < IMG_SIZE / gran; g++) /* no bit past the last granule */
+		rec[8 + g / 8] |= (uint8_t)(1u << (g % 8));
+	raw_put(fd, 0x06, 0, rec, (uint32_t)(8 + words * 8));
+	free(rec);
 }
 
 static void raw_data(int fd, uint64_t off, uint32_t len, uint8_t fill)
@@ -1874,6 +1894,46 @@ static void test_incoming_postcopy(void **state)
 	unlink(statefile);
 }
 
+/*
+ * Peers that change their mind: a switch that never completed (MISSING,
+ * then the connection ends) counts for nothing on the next connection,
+ * whose map may have another granularity (sized by it, not the first); and
+ * once switched, a resumed post-copy must keep the switch's granularity.
+ */
+static void test_incoming_postcopy_peers(void **state)
+{
+	char statefile[320], text[256];
+	uint8_t type;
+	int fd;
+
+	dest_start(true);
+	snprintf(statefile, sizeof(statefile), "%s.vmig-postcopy", T.image2);
+	fd = fake_source_g(0x0001, 1u << 20); /* 1 MiB granules: a small map */
+	raw_missing_all(fd, 1u << 20);
+	close(fd);
+	incoming_wait("listening");
+	fd = fake_source_g(0x0001, 4096); /* 4 KiB granules: 64 times the map */
+	raw_missing_all(fd, 4096);
+	raw_put(fd, 0x07, 0, NULL, 0); /* POSTCOPY */
+	incoming_wait("postcopy-active");
+	raw_data(fd, 0, 4096, 0x11);
+	close(fd);
+	incoming_wait("postcopy-paused");
+	{
+		json_t *q = rpc_ok_at(T.rpc2, "vmig_blk_incoming_query", NULL);
+
+		assert_int_equal(field(json_object_get(q, "postcopy"), "missing"), IMG_SIZE - 4096);
+		json_decref(q);
+	}
+	fd = fake_source_g(0x0002, GRAN); /* resumed, other granules */
+	while ((type = raw_get(fd, NULL, text, sizeof(text))) != 0x42)
+		;
+	assert_non_null(strstr(text, "granularity"));
+	close(fd);
+	dest_stop(true);
+	unlink(statefile);
+}
+
 /* ---- setup ---- */
 
 /* Each case starts with tracking off, whatever the one before left. */
@@ -1963,6 +2023,7 @@ int main(int argc, char **argv)
 	    cmocka_unit_test_setup(test_mirror_postcopy, case_setup),
 	    cmocka_unit_test_setup(test_incoming_postcopy, case_setup),
 	    cmocka_unit_test_setup(test_mirror_postcopy_faults, case_setup),
+	    cmocka_unit_test_setup(test_incoming_postcopy_peers, case_setup),
 	};
 
 	if (argc != 2 && argc != 3) {
