@@ -118,7 +118,7 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 	    {"no-lock", no_argument, NULL, 'L'},
 	    {"cache", required_argument, NULL, 'C'},
 	    {"incoming", required_argument, NULL, 'I'},
-	    {"incoming-state", required_argument, NULL, 'P'},
+	    {"postcopy-state", required_argument, NULL, 'P'},
 	    {"tls-creds", required_argument, NULL, 'T'},
 	    {"tls-hostname", required_argument, NULL, 'H'},
 	    {"tls-authz", required_argument, NULL, 'A'},

@@ -1887,6 +1887,16 @@ static void test_incoming_postcopy(void **state)
 	expect_refused(
 	    (char *const[]){(char *)T.bin, "--socket", T.sock2, "--file", T.image2, NULL},
 	    "not whole");
+	{ /* --postcopy-state names the file */
+		char moved[340];
+
+		snprintf(moved, sizeof(moved), "%s/elsewhere.state", T.dir);
+		assert_int_equal(rename(statefile, moved), 0);
+		expect_refused((char *const[]){(char *)T.bin, "--socket", T.sock2, "--file",
+					       T.image2, "--postcopy-state", moved, NULL},
+			       "elsewhere.state exists");
+		assert_int_equal(rename(moved, statefile), 0);
+	}
 	assert_int_equal(truncate(statefile, 100), 0);
 	expect_refused((char *const[]){(char *)T.bin, "--socket", T.sock2, "--file", T.image2,
 				       "--incoming", T.uri, NULL},
