@@ -78,7 +78,8 @@ run_script() { # script build-dir [label]
 		tail -20 "$log.err"
 		f=1
 	fi
-	[ "$f" -gt 0 ] && tail -40 "$log.err"
+	# enough for a failed test's state dump (queues, serial tails) and its logs
+	[ "$f" -gt 0 ] && tail -150 "$log.err"
 	passed=$((passed + p))
 	failed=$((failed + f))
 	last_failed=$f

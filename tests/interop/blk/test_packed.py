@@ -175,7 +175,16 @@ def migrate_phase(env):
     if info.get("status") != "completed":
         return
     at_switch = writes_now(src)
-    c, _ = queue0(be_dst)
+
+    # "completed" on the source comes before the destination QEMU starts
+    # its device: wait until its ring runs before reading what it agreed.
+    def dest_started():
+        c, q = queue0(be_dst)
+        return c if c and q.get("started") else None
+    try:
+        c = wait_until("the destination's ring start", dest_started)
+    except blkenv.Fail:
+        c = None
     feats = int((c or {}).get("negotiated_features", "0"), 16)
     env.case("packed_on_destination", feats & RING_PACKED != 0,
              "destination negotiated %#x" % feats)
