@@ -7,8 +7,15 @@
  * no-op and flush returns that error, so callers check once per batch.
  *
  * With compression on (multifd-compression zstd or zlib), each run of pages
- * is compressed into a buffer owned by the writer, which the queued iovs
- * point into until the next flush.
+ * is copied out of guest RAM first, then compressed into a buffer owned by
+ * the writer, which the queued iovs point into until the next flush. The
+ * copy is what makes compression safe while the guest runs: zstd reads its
+ * input more than once (a repeat match is checked against the input as it
+ * is then, while the decoder copies what the frame already holds), so a
+ * page that changes during compression could make an unchanged page of the
+ * same run decode wrong, and nothing would send that page again. From a
+ * private copy, each page arrives as it was at the copy; one that changed
+ * afterwards is dirty and goes again.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -26,6 +33,7 @@ struct vmig__zstd {
 	z_stream zs;	 /* zlib */
 	size_t used;
 	uint8_t buf[ZBUF_BYTES];
+	uint8_t stage[VMIG_REC_MAX_PAGES * VMIG_PAGE_SIZE]; /* the run, out of guest RAM */
 };
 
 void vmig__writer_init(struct vmig__writer *w, struct vmig__chan *c)
@@ -184,7 +192,10 @@ static bool put_compressed(struct vmig__writer *w, const struct vmig_wire_pages 
 		vmig__writer_flush(w);
 	if (w->err)
 		return true; /* nothing more goes out anyway */
-	out = compress_run(z, z->buf + z->used, ZBUF_BYTES - z->used, host, data);
+	if (data > sizeof(z->stage))
+		return false;
+	memcpy(z->stage, host, data);
+	out = compress_run(z, z->buf + z->used, ZBUF_BYTES - z->used, z->stage, data);
 	if (!out || out >= data)
 		return false;
 	memcpy(put_hdr(w, z->cctx ? VMIG_REC_PAGES_ZSTD : VMIG_REC_PAGES_ZLIB,

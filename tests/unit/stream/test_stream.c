@@ -11,6 +11,7 @@
 #include <cmocka.h>
 
 #include <errno.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -385,6 +386,110 @@ static void test_zlib_data_channel(void **state)
 	compressed_data_channel(true);
 }
 
+/*
+ * A page that changes while its run is being compressed must not spoil the
+ * run's other pages. Pages A, B, C: B starts as a copy of A, so the
+ * compressor encodes B as a match of A at a distance of one page; the
+ * first read of C (protected) changes B and gives C the new contents of B.
+ * A compressor reading guest RAM then checks C against B as it is now and
+ * encodes C as "the page before", while the decoder copies B as the frame
+ * holds it: C would arrive as B's old contents, and since C did not change
+ * after it was read, it would never be sent again. B changed, so B may
+ * arrive stale (it is dirty and goes again in the next round); A and C must
+ * arrive as they are.
+ */
+static uint8_t *trap_run;
+static volatile sig_atomic_t trap_fired;
+
+static void fill_random_page(uint8_t *p, uint64_t seed)
+{
+	uint64_t x = seed | 1;
+
+	for (unsigned k = 0; k < VMIG_PAGE_SIZE; k += 8) {
+		x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+		memcpy(p + k, &x, 8);
+	}
+}
+
+static void trap_handler(int sig, siginfo_t *si, void *uc)
+{
+	uint8_t *b = trap_run + VMIG_PAGE_SIZE, *c = trap_run + 2 * VMIG_PAGE_SIZE;
+	uint8_t *at = si->si_addr;
+
+	(void)uc;
+	if (trap_fired || at < c || at >= c + VMIG_PAGE_SIZE) {
+		signal(sig, SIG_DFL); /* a real fault: crash on return */
+		return;
+	}
+	mprotect(c, VMIG_PAGE_SIZE, PROT_READ | PROT_WRITE);
+	fill_random_page(b, 2);
+	fill_random_page(c, 2);
+	trap_fired = 1;
+}
+
+static void page_changing_while_compressed(bool zlib)
+{
+	struct sigaction sa = {.sa_sigaction = trap_handler, .sa_flags = SA_SIGINFO}, old;
+	struct vmig__err err = {{0}};
+	struct vmig__writer *w = malloc(sizeof(*w));
+	int fd = memfd_create("stream", 0);
+	struct side dst;
+	uint8_t *data;
+	off_t len;
+
+	assert_non_null(w);
+	assert_true(fd >= 0);
+	trap_run = mmap(NULL, 3 * VMIG_PAGE_SIZE, PROT_READ | PROT_WRITE,
+			MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	assert_true(trap_run != MAP_FAILED);
+	fill_random_page(trap_run, 1);
+	memcpy(trap_run + VMIG_PAGE_SIZE, trap_run, VMIG_PAGE_SIZE);
+	fill_random_page(trap_run + 2 * VMIG_PAGE_SIZE, 3);
+	assert_int_equal(mprotect(trap_run + 2 * VMIG_PAGE_SIZE, VMIG_PAGE_SIZE, PROT_NONE), 0);
+	trap_fired = 0;
+	sigemptyset(&sa.sa_mask);
+	assert_int_equal(sigaction(SIGSEGV, &sa, &old), 0);
+
+	vmig__writer_init(w, vmig__chan_from_fd(dup(fd)));
+	assert_int_equal(vmig__writer_compress(w, zlib, 3), 0);
+	vmig__writer_preamble(w, VMIG_CHAN_MULTIFD, 0, (struct vmig_wire_sid){42, 0});
+	vmig__writer_pages(w, 0, 0, 3, trap_run);
+	vmig__writer_rec(w, VMIG_REC_EOS, NULL, 0);
+	assert_int_equal(vmig__writer_flush(w), 0);
+	sigaction(SIGSEGV, &old, NULL);
+	assert_true(trap_fired);
+	vmig__writer_release(w);
+	vmig__chan_free(w->c);
+	free(w);
+
+	len = lseek(fd, 0, SEEK_CUR);
+	data = malloc((size_t)len);
+	assert_non_null(data);
+	assert_int_equal(pread(fd, data, (size_t)len, 0), len);
+	close(fd);
+	/* It did go compressed (A and B are one page twice). */
+	assert_int_equal(data[sizeof(struct vmig_wire_preamble)],
+			 zlib ? VMIG_REC_PAGES_ZLIB : VMIG_REC_PAGES_ZSTD);
+	side_init(&dst);
+	assert_int_equal(load_data_channel(data, (size_t)len, &dst, &err), 0);
+	assert_memory_equal(dst.ram, trap_run, VMIG_PAGE_SIZE);
+	assert_memory_equal(dst.ram + 2 * VMIG_PAGE_SIZE, trap_run + 2 * VMIG_PAGE_SIZE,
+			    VMIG_PAGE_SIZE);
+	free(data);
+	free(dst.ram);
+	munmap(trap_run, 3 * VMIG_PAGE_SIZE);
+}
+
+static void test_zstd_page_changing_while_compressed(void **state)
+{
+	page_changing_while_compressed(false);
+}
+
+static void test_zlib_page_changing_while_compressed(void **state)
+{
+	page_changing_while_compressed(true);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -398,6 +503,8 @@ int main(void)
 	    cmocka_unit_test(test_zero_detection),
 	    cmocka_unit_test(test_compressed_data_channel),
 	    cmocka_unit_test(test_zlib_data_channel),
+	    cmocka_unit_test(test_zstd_page_changing_while_compressed),
+	    cmocka_unit_test(test_zlib_page_changing_while_compressed),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
