@@ -1270,17 +1270,21 @@ fail:
 	return r;
 }
 
-int vblk_mirror_complete(struct vblk_daemon *dm, char *err, size_t errlen)
+/*
+ * What both ends of a mirror at switch-over check first: the guest is
+ * stopped here (no queue runs), and a mirror exists that has not ended.
+ * `what` finishes "... once the VM is stopped". Returns 0 with m->lock held.
+ */
+static int switch_begin(struct vblk_daemon *dm, const char *what, char *err, size_t errlen)
 {
 	struct vblk_mirror *m = dm->mirror;
-	int r = 0;
 
 	for (unsigned i = 0; i < dm->nqueues; i++) {
 		if (dm->q[i].running) {
 			fmt_err(err, errlen,
-				"the guest can still write (queue %u is running): complete the "
-				"mirror once the VM is stopped for switch-over",
-				i);
+				"the guest can still write (queue %u is running): %s once the VM "
+				"is stopped for switch-over",
+				i, what);
 			return -EBUSY;
 		}
 	}
@@ -1291,8 +1295,20 @@ int vblk_mirror_complete(struct vblk_daemon *dm, char *err, size_t errlen)
 	pthread_mutex_lock(&m->lock);
 	if (m->concluded) {
 		fmt_err(err, errlen, "the mirror has ended%s%s", m->error[0] ? ": " : "", m->error);
-		r = -ENOENT;
-	} else if (m->postcopy_req) {
+		pthread_mutex_unlock(&m->lock);
+		return -ENOENT;
+	}
+	return 0;
+}
+
+int vblk_mirror_complete(struct vblk_daemon *dm, char *err, size_t errlen)
+{
+	struct vblk_mirror *m = dm->mirror;
+	int r = switch_begin(dm, "complete the mirror", err, errlen);
+
+	if (r)
+		return r;
+	if (m->postcopy_req) {
 		fmt_err(err, errlen, "the mirror is in post-copy: it completes by itself");
 		r = -EBUSY;
 	} else if (!m->ready) {
@@ -1311,26 +1327,11 @@ int vblk_mirror_complete(struct vblk_daemon *dm, char *err, size_t errlen)
 int vblk_mirror_start_postcopy(struct vblk_daemon *dm, char *err, size_t errlen)
 {
 	struct vblk_mirror *m = dm->mirror;
-	int r = 0;
+	int r = switch_begin(dm, "switch", err, errlen);
 
-	for (unsigned i = 0; i < dm->nqueues; i++) {
-		if (dm->q[i].running) {
-			fmt_err(err, errlen,
-				"the guest can still write (queue %u is running): switch once the "
-				"VM is stopped for switch-over",
-				i);
-			return -EBUSY;
-		}
-	}
-	if (!m) {
-		fmt_err(err, errlen, "no mirror is running");
-		return -ENOENT;
-	}
-	pthread_mutex_lock(&m->lock);
-	if (m->concluded) {
-		fmt_err(err, errlen, "the mirror has ended%s%s", m->error[0] ? ": " : "", m->error);
-		r = -ENOENT;
-	} else if (m->completing) {
+	if (r)
+		return r;
+	if (m->completing) {
 		fmt_err(err, errlen, "the mirror is completing its last round");
 		r = -EBUSY;
 	} else if (m->geom.granularity > VBLK_SS_MAX_DATA) {
