@@ -1404,6 +1404,35 @@ static void fe_to(const char *sock)
 	memcpy(T.sock, sock ? sock : saved, sizeof(T.sock));
 }
 
+/* A run of bytes the guest wrote on the destination after the switch. */
+struct guest_write {
+	uint64_t off, len;
+	uint8_t byte;
+};
+
+/* The destination's image must be the source's, with the guest's writes
+ * since the switch on top. */
+static void expect_destination_image(const struct guest_write *w, unsigned n)
+{
+	uint8_t *expect = malloc(IMG_SIZE), *got = malloc(IMG_SIZE);
+	int fd;
+
+	assert_true(expect && got);
+	fd = open(T.image, O_RDONLY | O_CLOEXEC);
+	assert_int_equal(pread(fd, expect, IMG_SIZE, 0), IMG_SIZE);
+	close(fd);
+	for (unsigned i = 0; i < n; i++)
+		memset(expect + w[i].off, w[i].byte, w[i].len);
+	fd = open(T.image2, O_RDONLY | O_CLOEXEC);
+	assert_int_equal(pread(fd, got, IMG_SIZE, 0), IMG_SIZE);
+	close(fd);
+	for (uint64_t off = 0; off < IMG_SIZE; off += 4096)
+		if (memcmp(expect + off, got + off, 4096))
+			fail_msg("the destination differs at %llu", (unsigned long long)off);
+	free(expect);
+	free(got);
+}
+
 /*
  * Post-copy storage. The source copies slowly (256 KiB/s) and the VM stops
  * with most of the disk not sent; the switch hands the disk over at once.
@@ -1417,14 +1446,14 @@ static void fe_to(const char *sock)
  */
 static void test_mirror_postcopy(void **state)
 {
+	const struct guest_write wrote[] = {
+	    {(uint64_t)(PC_BLOCKS - 2) * PC_STRIDE + 4096, 4096, 0xee},
+	    {(uint64_t)(PC_BLOCKS - 3) * PC_STRIDE, GRAN, 0xdd},
+	};
 	char params[512], statefile[320];
-	uint8_t *expect = malloc(IMG_SIZE), *got = malloc(IMG_SIZE);
 	uint16_t want;
 	json_t *q;
-	int fd;
 
-	assert_non_null(expect);
-	assert_non_null(got);
 	fe_up();
 	for (unsigned i = 0; i < PC_BLOCKS; i++)
 		write_at((uint64_t)i * PC_STRIDE, 8192, (uint8_t)(i + 1));
@@ -1461,8 +1490,8 @@ static void test_mirror_postcopy(void **state)
 	assert_true(incoming_pc("urgent-requests") >= 1);
 	assert_true(incoming_pc("held-requests") >= 1);
 	/* part of a missing granule, then a whole one */
-	write_at((uint64_t)(PC_BLOCKS - 2) * PC_STRIDE + 4096, 4096, 0xee);
-	write_at((uint64_t)(PC_BLOCKS - 3) * PC_STRIDE, GRAN, 0xdd);
+	for (unsigned i = 0; i < 2; i++)
+		write_at(wrote[i].off, wrote[i].len, wrote[i].byte);
 	assert_true(read_is((uint64_t)(PC_BLOCKS - 2) * PC_STRIDE, 4096, PC_BLOCKS - 1));
 	assert_true(read_is((uint64_t)(PC_BLOCKS - 2) * PC_STRIDE + 4096, 4096, 0xee));
 	q = rpc_ok("vmig_blk_mirror_query", NULL);
@@ -1492,18 +1521,7 @@ static void test_mirror_postcopy(void **state)
 	fe_down();
 	fe_to(NULL);
 
-	/* the image: the source's, and the guest's writes since */
-	fd = open(T.image, O_RDONLY | O_CLOEXEC);
-	assert_int_equal(pread(fd, expect, IMG_SIZE, 0), IMG_SIZE);
-	close(fd);
-	memset(expect + (PC_BLOCKS - 2) * PC_STRIDE + 4096, 0xee, 4096);
-	memset(expect + (PC_BLOCKS - 3) * PC_STRIDE, 0xdd, GRAN);
-	fd = open(T.image2, O_RDONLY | O_CLOEXEC);
-	assert_int_equal(pread(fd, got, IMG_SIZE, 0), IMG_SIZE);
-	close(fd);
-	for (uint64_t off = 0; off < IMG_SIZE; off += 4096)
-		if (memcmp(expect + off, got + off, 4096))
-			fail_msg("the destination differs at %llu", (unsigned long long)off);
+	expect_destination_image(wrote, 2);
 	dest_stop(false);
 
 	/* The source handed its disk over: its guest may not run there again. */
@@ -1519,8 +1537,6 @@ static void test_mirror_postcopy(void **state)
 	/* a fresh source for the cases after this one */
 	assert_int_equal(daemon_stop(), 0);
 	daemon_start();
-	free(expect);
-	free(got);
 }
 
 /* The source copied a little at 256 KiB/s to uri, then the VM stopped
@@ -1590,12 +1606,9 @@ static void test_mirror_postcopy_faults(void **state)
 	const uint64_t last = (uint64_t)(PC_BLOCKS - 1) * PC_STRIDE;
 	const uint64_t wrote = (uint64_t)(PC_BLOCKS - 2) * PC_STRIDE + 4096;
 	char params[512], statefile[320];
-	uint8_t *expect = malloc(IMG_SIZE), *got = malloc(IMG_SIZE);
 	uint16_t want;
 	json_t *q;
-	int fd;
 
-	assert_true(expect && got);
 	dest_start(true);
 	snprintf(statefile, sizeof(statefile), "%s.vmig-postcopy", T.image2);
 	link_up();
@@ -1674,21 +1687,10 @@ static void test_mirror_postcopy_faults(void **state)
 	fe_to(NULL);
 	link_down();
 
-	fd = open(T.image, O_RDONLY | O_CLOEXEC);
-	assert_int_equal(pread(fd, expect, IMG_SIZE, 0), IMG_SIZE);
-	close(fd);
-	memset(expect + wrote, 0xee, 4096);
-	fd = open(T.image2, O_RDONLY | O_CLOEXEC);
-	assert_int_equal(pread(fd, got, IMG_SIZE, 0), IMG_SIZE);
-	close(fd);
-	for (uint64_t off = 0; off < IMG_SIZE; off += 4096)
-		if (memcmp(expect + off, got + off, 4096))
-			fail_msg("the destination differs at %llu", (unsigned long long)off);
+	expect_destination_image(&(struct guest_write){wrote, 4096, 0xee}, 1);
 	dest_stop(false);
 	assert_int_equal(daemon_stop(), 0); /* a fresh source for the next case */
 	daemon_start();
-	free(expect);
-	free(got);
 }
 
 /* A vmig-blk that must refuse to start, saying why. */
