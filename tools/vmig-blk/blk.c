@@ -902,6 +902,7 @@ static unsigned run_once(struct vblk_queue *q, bool *stopping)
 	__atomic_store_n(&q->last_avail_now, vq->last_avail_idx, __ATOMIC_RELAXED);
 	__atomic_store_n(&q->used_now, vq->published_idx, __ATOMIC_RELAXED);
 	__atomic_store_n(&q->outstanding_now, q->outstanding, __ATOMIC_RELAXED);
+	__atomic_store_n(&q->delayed_now, q->ndelayed, __ATOMIC_RELAXED);
 	return work;
 }
 
@@ -1082,6 +1083,11 @@ uint32_t vblk_queue_inflight(const struct vblk_queue *q)
 	return __atomic_load_n(&q->inflight_now, __ATOMIC_RELAXED);
 }
 
+uint32_t vblk_queue_delayed(const struct vblk_queue *q)
+{
+	return __atomic_load_n(&q->delayed_now, __ATOMIC_RELAXED);
+}
+
 void vblk_queue_free(struct vblk_queue *q)
 {
 	free(q->reqs);
@@ -1170,6 +1176,7 @@ static void queue_stop(void *opaque, struct vhost_vring *vr)
 	for (unsigned i = 0; i < q->alloc_num; i++)
 		q->reqs[i].busy = false;
 	__atomic_store_n(&q->inflight_now, 0, __ATOMIC_RELAXED);
+	__atomic_store_n(&q->delayed_now, 0, __ATOMIC_RELAXED);
 }
 
 static void get_config(void *opaque, uint8_t *cfg)

@@ -245,6 +245,9 @@ struct vblk_queue {
 	/* Requests taken from the ring and not yet returned to the guest, as
 	 * of the queue thread's last pass (relaxed atomic; 0 when stopped). */
 	uint32_t inflight_now;
+	/* Of those, the ones held for the latency (vmig_blk_set_latency):
+	 * waiting to start or to be returned; same pass, relaxed atomic. */
+	uint32_t delayed_now;
 	/* The same pass's view of the ring and the io_uring, for the control
 	 * socket: the next avail entry to take, the used index published, and
 	 * I/O operations waiting for the kernel (relaxed atomics; a sleeping
@@ -361,6 +364,8 @@ void vblk_queue_set_poll(struct vblk_queue *q, uint32_t poll_us);
 void vblk_queue_set_latency(struct vblk_queue *q, uint32_t read_us, uint32_t write_us);
 /* Requests taken from the ring and not yet returned (control thread). */
 uint32_t vblk_queue_inflight(const struct vblk_queue *q);
+/* Of those, the ones held for the latency (control thread). */
+uint32_t vblk_queue_delayed(const struct vblk_queue *q);
 /* Wake every queue's thread (any thread): it looks at its held requests
  * again. */
 void vblk_wake_queues(struct vblk_daemon *dm);

@@ -204,6 +204,9 @@ static json_t *controllers(struct vblk_daemon *dm)
 			      (json_int_t)st.poll_hits, "inflight_requests",
 			      (int)vblk_queue_inflight(&dm->q[i]), "broken",
 			      __atomic_load_n(&dm->q[i].broken, __ATOMIC_RELAXED)));
+		json_object_set_new(json_array_get(queues, json_array_size(queues) - 1),
+				    "delayed_requests",
+				    json_integer((json_int_t)vblk_queue_delayed(&dm->q[i])));
 		json_object_set_new(
 		    json_array_get(queues, json_array_size(queues) - 1), "bounced_requests",
 		    json_integer((json_int_t)__atomic_load_n(&dm->q[i].bounced, __ATOMIC_RELAXED)));

@@ -1787,6 +1787,8 @@ static void inflight_round(enum corruption c, unsigned round)
 		post(&f, h);
 	}
 	assert_true(wait_rpc("vhost_get_controllers", "\"inflight_requests\":4", WAIT_MS));
+	/* all four held for the latency, the two done before it not */
+	assert_true(wait_rpc("vhost_get_controllers", "\"delayed_requests\":4", WAIT_MS));
 	/* The ring as the control socket shows it: six posted and taken, two
 	 * returned, nothing at the disk yet (the writes wait for the latency). */
 	assert_true(wait_rpc("vhost_get_controllers",
