@@ -346,6 +346,89 @@ def writes_of(text):
     return int(p[-1].get("writes", "0")) if p else 0
 
 
+# ---- Bounded waits on the guest and the daemon; reaching a bound fails ----
+
+WAIT_S = 120
+
+
+def wait_until(what, cond, timeout_s=WAIT_S, step_s=0.02):
+    """Polls cond() until it returns something true; raises Fail on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(step_s)
+    raise Fail("no %s within %.0f s" % (what, timeout_s))
+
+
+def writes_now(guest):
+    return writes_of(guest.serial())
+
+
+def wait_writes(guest, than, timeout_s=WAIT_S):
+    """Waits until the guest reports more than `than` completed writes. The
+    guest stops early on an I/O error or a bad block: that fails the wait
+    (case guest_progress) with what it saw."""
+    def cond():
+        text = guest.serial()
+        if "VMIG-GUEST: SUMMARY" in text:
+            virtio = [l.strip() for l in text.splitlines() if "virtio" in l][:2]
+            e = Fail("the guest stopped before the test was done: %s; %s %s" % (
+                first_lines(text, "SUMMARY", 1),
+                first_lines(text, "IOERR") or first_lines(text, "BAD"), " | ".join(virtio)))
+            e.case = "guest_progress"
+            raise e
+        return writes_now(guest) > than
+    wait_until("guest progress past %d writes" % than, cond, timeout_s)
+
+
+def controller(be):
+    """The daemon's controller (vhost_get_controllers), or None if it does
+    not answer (killed, restarting)."""
+    try:
+        return be.rpc_call("vhost_get_controllers", timeout_s=5)[0]
+    except (Fail, IndexError, TypeError):
+        return None
+
+
+def queue0(be):
+    """(controller, its queue 0); ({} for the queue) if either is missing."""
+    c = controller(be)
+    return c, ((c or {}).get("queues") or [{}])[0]
+
+
+def wait_inflight(be, at_least):
+    """Waits until the daemon reports at least `at_least` requests taken from
+    queue 0 and not returned; returns that count."""
+    def cond():
+        n = queue0(be)[1].get("inflight_requests", 0)
+        return n if n >= at_least else 0
+    return wait_until("%d requests in flight in the daemon" % at_least, cond)
+
+
+def wait_held(be, at_least):
+    """Waits until the daemon holds at least `at_least` requests of queue 0
+    for its latency (vmig_blk_set_latency): taken and neither at the disk nor
+    returned, so none can complete before a kill that follows. Requests in
+    flight are not enough: one already at the disk when the latency was set
+    still completes at once, and the guest's next request may not be taken
+    yet when the kill comes. Returns the count."""
+    def cond():
+        n = queue0(be)[1].get("delayed_requests", 0)
+        return n if n >= at_least else 0
+    return wait_until("%d requests held in the daemon" % at_least, cond)
+
+
+def wait_serving(be):
+    """Waits until a (re)started daemon has QEMU connected and queue 0
+    running; returns (controller, queue 0)."""
+    def cond():
+        c, q = queue0(be)
+        return (c, q) if c and c.get("connected") and q.get("started") else None
+    return wait_until("reconnection and ring start", cond)
+
+
 class MigrationPair:
     """What the migration tests share: two back-ends on one image, a source
     guest that writes and verifies blocks for `seconds`, and a destination

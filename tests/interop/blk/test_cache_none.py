@@ -29,7 +29,6 @@ Usage: test_cache_none.py BUILD_DIR
 import mmap
 import os
 import subprocess
-import time
 
 import blkenv
 
@@ -39,7 +38,6 @@ STOP_BLOCK = BLOCKS
 STOP_MARKER = b"VMIGSTOP"  # blkcheck's STOP_MAGIC
 HOLD_US = 30 * 1000 * 1000
 MID_LATENCY_US = 10 * 1000
-WAIT_S = 120
 NO_ODIRECT = "does not support O_DIRECT"
 
 
@@ -119,55 +117,6 @@ def startup_checks(env):
              "rc=%d: %s" % (rc, out.strip()))
 
 
-def wait_until(what, cond, timeout_s=WAIT_S, step_s=0.02):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(step_s)
-    raise blkenv.Fail("no %s within %.0f s" % (what, timeout_s))
-
-
-def writes_now(guest):
-    return blkenv.writes_of(guest.serial())
-
-
-def wait_writes(guest, than):
-    def cond():
-        text = guest.serial()
-        if "VMIG-GUEST: SUMMARY" in text:
-            e = blkenv.Fail("the guest stopped early: %s %s" % (
-                blkenv.first_lines(text, "SUMMARY", 1), blkenv.first_lines(text, "IOERR")))
-            e.case = "guest_progress"
-            raise e
-        return writes_now(guest) > than
-    wait_until("guest progress past %d writes" % than, cond)
-
-
-def queue0(be):
-    try:
-        c = be.rpc_call("vhost_get_controllers", timeout_s=5)[0]
-    except (blkenv.Fail, IndexError, TypeError):
-        return None, {}
-    return c, (c.get("queues") or [{}])[0]
-
-
-def wait_inflight(be, at_least):
-    def cond():
-        _, q = queue0(be)
-        n = q.get("inflight_requests", 0)
-        return n if n >= at_least else 0
-    return wait_until("%d requests in flight in the daemon" % at_least, cond)
-
-
-def wait_serving(be):
-    def cond():
-        c, q = queue0(be)
-        return q if c and c.get("connected") and q.get("started") else None
-    return wait_until("reconnection and ring start", cond)
-
-
 def kill_once(be, guest, held):
     """Kill -9 with requests in the daemon, restart at once, wait for the
     guest to write again; (requests seen in flight, recovery, resubmitted)."""
@@ -176,17 +125,16 @@ def kill_once(be, guest, held):
         # reads through io_uring complete on their own, so holding writes
         # only would leave fewer than QD requests to resubmit
         be.rpc_call("vmig_blk_set_latency", {"read_us": HOLD_US, "write_us": HOLD_US})
-        seen = wait_inflight(be, QD)
+        seen = blkenv.wait_held(be, QD)
     else:
         be.rpc_call("vmig_blk_set_latency",
                     {"read_us": MID_LATENCY_US, "write_us": MID_LATENCY_US})
-        wait_writes(guest, writes_now(guest) + QD)
-        seen = wait_inflight(be, QD // 2)
+        blkenv.wait_writes(guest, blkenv.writes_now(guest) + QD)
+        seen = blkenv.wait_inflight(be, QD // 2)
     be.kill9()
     be.start()
-    q = wait_serving(be)
-    w = writes_now(guest)
-    wait_writes(guest, w + 4 * QD)
+    _, q = blkenv.wait_serving(be)
+    blkenv.wait_writes(guest, blkenv.writes_now(guest) + 4 * QD)
     st = be.rpc_call("bdev_get_iostat")["bdevs"][0]
     return seen, q.get("inflight_recovery"), st.get("num_resubmitted")
 
@@ -230,10 +178,10 @@ def guest_on_loop(env, dev):
                           "--gap-ms", 200, "--progress-ms", 250, "--stop-block",
                           STOP_BLOCK]).start()
     guest.wait_line(r"^VMIG-GUEST: READY .*qd=%d" % QD, 60)
-    wait_writes(guest, 4 * QD)
+    blkenv.wait_writes(guest, 4 * QD)
     kills = []
     for held in (True, False):
-        wait_writes(guest, writes_now(guest) + 2 * QD)
+        blkenv.wait_writes(guest, blkenv.writes_now(guest) + 2 * QD)
         kills.append(kill_once(be, guest, held))
         env.info("%s kill: %d in flight, recovery %s, resubmitted %s" %
                  ((("held" if held else "mid-stream"),) + kills[-1]))
@@ -244,7 +192,7 @@ def guest_on_loop(env, dev):
     r = subprocess.run([env.vmig_blk, "upgrade", "--rpc", be.rpc], stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, timeout=60)
     out = r.stdout.decode(errors="replace").strip()
-    wait_writes(guest, writes_now(guest) + 4 * QD)
+    blkenv.wait_writes(guest, blkenv.writes_now(guest) + 4 * QD)
     flags = disk_fd_flags(be.proc.pid, dev)
     c = be.rpc_call("vhost_get_controllers")[0]
     env.case("upgrade_keeps_odirect",
@@ -267,7 +215,7 @@ def guest_on_loop(env, dev):
     s = env.check_summary(guest, result, min_writes=1000)
     env.info("guest: %s writes, %s reads; bounced requests %s" %
              (s.get("writes"), s.get("reads"),
-              queue0(be)[1].get("bounced_requests")))
+              blkenv.queue0(be)[1].get("bounced_requests")))
     guest.proc.stop()
     be.proc.stop()
     rc, scan, out = env.scan_image(dev)

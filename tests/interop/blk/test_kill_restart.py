@@ -20,7 +20,8 @@ each request's I/O by half the latency and its return by all of it. Two
 kinds of kill alternate:
 - "held": writes get a latency of HOLD_US (reads none, so every guest slot
   soon waits on a write), and the kill comes as soon as the daemon reports
-  QD requests taken from the ring and not returned (inflight_requests).
+  QD requests held for that latency (delayed_requests; requests merely in
+  flight may include one already at the disk, which still completes).
   None of them can have been written yet, nor returned, before the kill: the
   new process must redo all of them (num_resubmitted >= QD), or the guest's
   next read of those blocks finds a lost write.
@@ -57,39 +58,6 @@ GUEST_CAP_S = 900  # the guest's own limit, in case the stop marker never comes
 # their I/O would only be issued after half of it.
 HOLD_US = 30 * 1000 * 1000
 MID_LATENCY_US = 10 * 1000
-WAIT_S = 120  # bound on each wait for an event; reaching it is a failure
-
-
-def writes_now(guest):
-    return blkenv.writes_of(guest.serial())
-
-
-def wait_until(what, cond, timeout_s=WAIT_S, step_s=0.02):
-    """Polls cond() until it returns something true; raises Fail on timeout."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(step_s)
-    raise blkenv.Fail("no %s within %.0f s" % (what, timeout_s))
-
-
-def wait_writes(guest, than):
-    """Waits until the guest reports more than `than` completed writes. The
-    guest stops early on an I/O error: that ends the wait with what it saw."""
-    def cond():
-        text = guest.serial()
-        if "VMIG-GUEST: SUMMARY" in text:
-            virtio = [l.strip() for l in text.splitlines() if "virtio" in l][:2]
-            e = blkenv.Fail("the guest stopped before the test was done: %s; %s %s" % (
-                blkenv.first_lines(text, "SUMMARY", 1),
-                blkenv.first_lines(text, "IOERR") or blkenv.first_lines(text, "BAD"),
-                " | ".join(virtio)))
-            e.case = "guest_progress"
-            raise e
-        return writes_now(guest) > than
-    wait_until("guest progress past %d writes" % than, cond)
 
 
 def gap_count(guest):
@@ -103,7 +71,7 @@ def wait_resumed(guest, gaps_before):
     only PROGRESS lines after that line count: one printed just after the
     kill may still show writes from before it."""
     def cond():
-        wait_writes(guest, 0)  # for its check that the guest did not stop
+        blkenv.wait_writes(guest, 0)  # for its check that the guest did not stop
         gaps, before, after = 0, 0, None
         for line in guest.serial().splitlines():
             if line.startswith("VMIG-GUEST: GAP "):
@@ -114,35 +82,7 @@ def wait_resumed(guest, gaps_before):
                 else:
                     before = blkenv.writes_of(line)
         return after is not None and after > before + 2 * QD
-    wait_until("guest progress after the restart", cond)
-
-
-def queue0(be):
-    """The daemon's controller and its queue 0, or (None, {}) if it does not
-    answer yet."""
-    try:
-        c = be.rpc_call("vhost_get_controllers", timeout_s=5)[0]
-    except (blkenv.Fail, IndexError, TypeError):
-        return None, {}
-    return c, (c.get("queues") or [{}])[0]
-
-
-def wait_inflight(be, at_least):
-    """Waits until the daemon reports at least `at_least` requests taken from
-    the ring and not returned; returns that count."""
-    def cond():
-        _, q = queue0(be)
-        n = q.get("inflight_requests", 0)
-        return n if n >= at_least else 0
-    return wait_until("%d requests in flight in the daemon" % at_least, cond)
-
-
-def wait_serving(be):
-    """Waits until the restarted daemon has QEMU connected and queue 0 running."""
-    def cond():
-        c, q = queue0(be)
-        return q if c and c.get("connected") and q.get("started") else None
-    return wait_until("reconnection and ring start", cond)
+    blkenv.wait_until("guest progress after the restart", cond)
 
 
 def kill_once(env, be, guest, kind, counters):
@@ -151,20 +91,20 @@ def kill_once(env, be, guest, kind, counters):
     if counters:
         if kind == "held":
             be.rpc_call("vmig_blk_set_latency", {"write_us": HOLD_US})
-            rec["seen_inflight"] = wait_inflight(be, QD)
+            rec["seen_inflight"] = blkenv.wait_held(be, QD)
         else:
             be.rpc_call("vmig_blk_set_latency",
                         {"read_us": MID_LATENCY_US, "write_us": MID_LATENCY_US})
             # The guest goes on at this latency, then the kill comes at
             # the first moment the daemon is seen with half the queue depth.
-            wait_writes(guest, writes_now(guest) + QD)
-            rec["seen_inflight"] = wait_inflight(be, QD // 2)
+            blkenv.wait_writes(guest, blkenv.writes_now(guest) + QD)
+            rec["seen_inflight"] = blkenv.wait_inflight(be, QD // 2)
     gaps = gap_count(guest)
     t_kill = time.monotonic()
     be.kill9()
     be.start()  # the same arguments, so no latency: a fresh process
     if counters:
-        q = wait_serving(be)
+        _, q = blkenv.wait_serving(be)
         rec["recovery"] = q.get("inflight_recovery")
         rec["recovered"] = q.get("recovered_requests")
     rec["reconnect_s"] = time.monotonic() - t_kill
@@ -196,10 +136,10 @@ def body(env):
                           "--write-pct", 100, "--gap-ms", 200, "--progress-ms", 250,
                           "--stop-block", STOP_BLOCK]).start()
     guest.wait_line(r"^VMIG-GUEST: READY .*qd=%d" % QD, 60)
-    wait_writes(guest, 4 * QD)
+    blkenv.wait_writes(guest, 4 * QD)
     kills = []
     for i in range(KILLS):
-        wait_writes(guest, writes_now(guest) + 2 * QD)  # writing now, at QD
+        blkenv.wait_writes(guest, blkenv.writes_now(guest) + 2 * QD)  # writing now, at QD
         kind = "held" if i % 2 == 0 else "mid-stream"
         r = kill_once(env, be, guest, kind if counters else "plain", counters)
         env.info("kill %d: %s" % (i + 1, describe(r)))

@@ -32,7 +32,6 @@ import io
 import os
 import shutil
 import subprocess
-import time
 
 import blkenv
 
@@ -109,32 +108,6 @@ class MqGuest(blkenv.Guest):
                 argv[i] = a.replace("vmig.test=blkcheck", "vmig.test=mqcheck")
 
 
-def wait_until(what, cond, timeout_s=WAIT_S, step_s=0.05):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(step_s)
-    raise blkenv.Fail("no %s within %.0f s" % (what, timeout_s))
-
-
-def writes_now(guest):
-    return blkenv.writes_of(guest.serial())
-
-
-def wait_writes(guest, than):
-    def cond():
-        text = guest.serial()
-        if "VMIG-GUEST: SUMMARY" in text:
-            e = blkenv.Fail("the guest stopped early: %s %s" % (
-                blkenv.first_lines(text, "SUMMARY", 1), blkenv.first_lines(text, "IOERR")))
-            e.case = "guest_progress"
-            raise e
-        return writes_now(guest) > than
-    wait_until("guest progress past %d writes" % than, cond)
-
-
 def queue_ops(be):
     """[(reads, writes)] per queue of the running daemon."""
     st = be.rpc_call("bdev_get_iostat")["bdevs"][0]
@@ -142,15 +115,8 @@ def queue_ops(be):
     return [(q.get("num_read_ops", 0), q.get("num_write_ops", 0)) for q in qs]
 
 
-def controller(be):
-    try:
-        return be.rpc_call("vhost_get_controllers", timeout_s=5)[0]
-    except (blkenv.Fail, IndexError, TypeError):
-        return None
-
-
 def all_started(be):
-    c = controller(be)
+    c = blkenv.controller(be)
     if not c or not c.get("connected"):
         return None
     qs = c.get("queues") or []
@@ -163,7 +129,7 @@ def both_queues_busy(be, label):
         ops = queue_ops(be)
         return ops if len(ops) == QUEUES and all(r > 0 and w > 0 for r, w in ops) else None
     try:
-        return wait_until("reads and writes on both queues (%s)" % label, cond)
+        return blkenv.wait_until("reads and writes on both queues (%s)" % label, cond, WAIT_S)
     except blkenv.Fail:
         return queue_ops(be)
 
@@ -186,9 +152,9 @@ def body(env):
              m.group(1) == str(QUEUES) and m.group(2) == str(QUEUES),
              "guest: %s" % m.group(0))
     guest.wait_line(r"^VMIG-GUEST: READY .*qd=%d" % QD, 60)
-    wait_writes(guest, 4 * QD)
+    blkenv.wait_writes(guest, 4 * QD, WAIT_S)
 
-    c = wait_until("both queues started", lambda: all_started(be))
+    c = blkenv.wait_until("both queues started", lambda: all_started(be), WAIT_S)
     threads = len(os.listdir("/proc/%d/task" % be.proc.pid))
     env.case("two_queues_two_threads",
              c.get("num_queues") == QUEUES and threads >= 1 + QUEUES,
@@ -201,11 +167,11 @@ def body(env):
 
     be.kill9()
     be.start()
-    c = wait_until("reconnection and both rings started", lambda: all_started(be))
+    c = blkenv.wait_until("reconnection and both rings started", lambda: all_started(be), WAIT_S)
     rec = [q.get("inflight_recovery") for q in c.get("queues")]
     env.case("both_queues_recovered", rec == ["recovered"] * QUEUES,
              "inflight_recovery per queue: %s" % rec)
-    wait_writes(guest, writes_now(guest) + 4 * QD)
+    blkenv.wait_writes(guest, blkenv.writes_now(guest) + 4 * QD, WAIT_S)
     ops = both_queues_busy(be, "after the restart")
     env.info("per-queue (reads, writes) after the restart: %s" % ops)
     env.case("both_queues_carry_requests_after_restart",

@@ -19,7 +19,7 @@ While it writes:
   QEMU hands the new process the same in-flight region, and, since it has no
   index of its own for a packed ring, the base it sends is that of the
   previous start: the position must come from the region. Two kills are
-  "held" (writes delayed with vmig_blk_set_latency until QD requests are in
+  "held" (writes delayed with vmig_blk_set_latency until QD requests are held in
   the daemon, none written: all must be redone), one "mid-stream" (10 ms on
   everything, the kill when half the queue depth is in flight).
 
@@ -59,77 +59,25 @@ MIG_GUEST_SECONDS = 40
 RING_PACKED = 1 << 34
 
 
-def wait_until(what, cond, timeout_s=WAIT_S, step_s=0.02):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(step_s)
-    raise blkenv.Fail("no %s within %.0f s" % (what, timeout_s))
-
-
-def writes_now(guest):
-    return blkenv.writes_of(guest.serial())
-
-
-def wait_writes(guest, than):
-    """Waits until the guest reports more than `than` completed writes; a
-    guest that stopped (I/O error, bad block) fails the test at once."""
-    def cond():
-        text = guest.serial()
-        if "VMIG-GUEST: SUMMARY" in text:
-            e = blkenv.Fail("the guest stopped before the test was done: %s; %s" % (
-                blkenv.first_lines(text, "SUMMARY", 1),
-                blkenv.first_lines(text, "IOERR") or blkenv.first_lines(text, "BAD")))
-            e.case = "guest_progress"
-            raise e
-        return writes_now(guest) > than
-    wait_until("guest progress past %d writes" % than, cond)
-
-
-def queue0(be):
-    try:
-        c = be.rpc_call("vhost_get_controllers", timeout_s=5)[0]
-    except (blkenv.Fail, IndexError, TypeError):
-        return None, {}
-    return c, (c.get("queues") or [{}])[0]
-
-
-def wait_inflight(be, at_least):
-    def cond():
-        _, q = queue0(be)
-        n = q.get("inflight_requests", 0)
-        return n if n >= at_least else 0
-    return wait_until("%d requests in flight in the daemon" % at_least, cond)
-
-
-def wait_serving(be):
-    def cond():
-        c, q = queue0(be)
-        return (c, q) if c and c.get("connected") and q.get("started") else None
-    return wait_until("reconnection and ring start", cond)
-
-
 def kill_once(be, guest, kind):
     rec = {"kind": kind}
     if kind == "held":
         be.rpc_call("vmig_blk_set_latency", {"write_us": HOLD_US})
-        rec["seen_inflight"] = wait_inflight(be, QD)
+        rec["seen_inflight"] = blkenv.wait_held(be, QD)
     else:
         be.rpc_call("vmig_blk_set_latency",
                     {"read_us": MID_LATENCY_US, "write_us": MID_LATENCY_US})
-        wait_writes(guest, writes_now(guest) + QD)
-        rec["seen_inflight"] = wait_inflight(be, QD // 2)
+        blkenv.wait_writes(guest, blkenv.writes_now(guest) + QD)
+        rec["seen_inflight"] = blkenv.wait_inflight(be, QD // 2)
     t_kill = time.monotonic()
     be.kill9()
     be.start()
-    c, q = wait_serving(be)
+    c, q = blkenv.wait_serving(be)
     rec["packed"] = bool(int(c.get("negotiated_features", "0"), 16) & RING_PACKED)
     rec["recovery"] = q.get("inflight_recovery")
     rec["recovered"] = q.get("recovered_requests")
     rec["broken"] = q.get("broken")
-    wait_writes(guest, writes_now(guest) + 2 * QD)
+    blkenv.wait_writes(guest, blkenv.writes_now(guest) + 2 * QD)
     rec["progress_s"] = time.monotonic() - t_kill
     st = be.rpc_call("bdev_get_iostat")["bdevs"][0]
     rec["resubmitted"] = st.get("num_resubmitted")
@@ -157,7 +105,7 @@ def migrate_phase(env):
     src = packed_guest(env, "qemu-src", sock_src, args).start()
     dst = packed_guest(env, "qemu-dst", sock_dst, args, incoming=True).start()
     src.wait_line(r"^VMIG-GUEST: READY", 60)
-    wait_writes(src, 200)
+    blkenv.wait_writes(src, 200)
     uri = "tcp:127.0.0.1:%d" % blkenv.free_port()
     dst.qmp.cmd("migrate-incoming", uri=uri)
     src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 24 << 20})
@@ -174,23 +122,23 @@ def migrate_phase(env):
              "status %s: %s" % (info.get("status"), info))
     if info.get("status") != "completed":
         return
-    at_switch = writes_now(src)
+    at_switch = blkenv.writes_now(src)
 
     # "completed" on the source comes before the destination QEMU starts
     # its device: wait until its ring runs before reading what it agreed.
     def dest_started():
-        c, q = queue0(be_dst)
+        c, q = blkenv.queue0(be_dst)
         return c if c and q.get("started") else None
     try:
-        c = wait_until("the destination's ring start", dest_started)
+        c = blkenv.wait_until("the destination's ring start", dest_started)
     except blkenv.Fail:
         c = None
     feats = int((c or {}).get("negotiated_features", "0"), 16)
     env.case("packed_on_destination", feats & RING_PACKED != 0,
              "destination negotiated %#x" % feats)
     result = dst.result(timeout_s=MIG_GUEST_SECONDS + 90)
-    env.case("guest_ran_on_destination", writes_now(dst) > at_switch + 100,
-             "writes %d at switch-over, %d on the destination" % (at_switch, writes_now(dst)))
+    env.case("guest_ran_on_destination", blkenv.writes_now(dst) > at_switch + 100,
+             "writes %d at switch-over, %d on the destination" % (at_switch, blkenv.writes_now(dst)))
     s = env.check_summary(dst, result, min_writes=1000)
     env.info("migration %.1f s, downtime %s ms; destination guest: %s writes, %s reads" %
              (secs, info.get("downtime"), s.get("writes"), s.get("reads")))
@@ -212,21 +160,21 @@ def body(env):
                           "--write-pct", 100, "--gap-ms", 200, "--progress-ms", 250,
                           "--stop-block", STOP_BLOCK]).start()
     guest.wait_line(r"^VMIG-GUEST: READY .*qd=%d" % QD, 60)
-    wait_writes(guest, 4 * QD)
-    c, q = queue0(be)
+    blkenv.wait_writes(guest, 4 * QD)
+    c, q = blkenv.queue0(be)
     feats = int((c or {}).get("negotiated_features", "0"), 16)
     env.case("packed_negotiated", feats & RING_PACKED != 0,
              "negotiated features %#x" % feats)
     env.info("ring size %s" % q.get("size"))
 
     for i in range(PAUSES):
-        wait_writes(guest, writes_now(guest) + 2 * QD)
+        blkenv.wait_writes(guest, blkenv.writes_now(guest) + 2 * QD)
         guest.qmp.cmd("stop")
         time.sleep(0.3)
-        _, q = queue0(be)
+        _, q = blkenv.queue0(be)
         stopped = not q.get("started")
         guest.qmp.cmd("cont")
-        wait_writes(guest, writes_now(guest) + 2 * QD)
+        blkenv.wait_writes(guest, blkenv.writes_now(guest) + 2 * QD)
         env.info("pause %d: ring stopped while paused: %s, guest writing again" %
                  (i + 1, stopped))
     env.case("pause_resume", True)
@@ -234,15 +182,15 @@ def body(env):
     conn_before = c.get("connections") if c else None
     upgraded = []
     for i in range(UPGRADES):
-        wait_writes(guest, writes_now(guest) + 2 * QD)
+        blkenv.wait_writes(guest, blkenv.writes_now(guest) + 2 * QD)
         r = subprocess.run([env.vmig_blk, "upgrade", "--socket", sock], stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, timeout=30)
         out = r.stdout.decode(errors="replace").strip()
         m = re.search(r"pause_ms=([0-9.]+)", out)
         upgraded.append(float(m.group(1)) if r.returncode == 0 and m else None)
         env.info("upgrade %d: %s" % (i + 1, out[-200:]))
-        wait_writes(guest, writes_now(guest) + 2 * QD)
-    c, q = queue0(be)
+        blkenv.wait_writes(guest, blkenv.writes_now(guest) + 2 * QD)
+    c, q = blkenv.queue0(be)
     env.case("live_upgrade", None not in upgraded and c and
              c.get("connections") == conn_before and not q.get("broken"),
              "pauses %s ms, connections before %s after %s, broken %s" %
@@ -250,7 +198,7 @@ def body(env):
 
     kills = []
     for kind in KILLS:
-        wait_writes(guest, writes_now(guest) + 2 * QD)
+        blkenv.wait_writes(guest, blkenv.writes_now(guest) + 2 * QD)
         r = kill_once(be, guest, kind)
         env.info("%s kill: %d in flight before, recovery %s, recovered_requests %s, "
                  "num_resubmitted %s, guest writing again after %.2f s" %
