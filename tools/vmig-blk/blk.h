@@ -294,8 +294,8 @@ struct vblk_opts {
 	bool quiet;
 	bool no_lock; /* --no-lock: no OFD lock on the image (shared storage) */
 	bool cache_none; /* --cache none: O_DIRECT; default --cache writeback */
-	const char *incoming; /* --incoming URI: receive the disk first (mirror.c) */
-	const char *postcopy_state;			  /* --postcopy-state FILE (mirror.c) */
+	const char *incoming;	    /* --incoming URI: receive the disk first (incoming.c) */
+	const char *postcopy_state; /* --postcopy-state FILE (mirror.c, incoming.c) */
 	const char *tls_creds, *tls_hostname, *tls_authz; /* the storage stream's TLS */
 };
 
@@ -334,7 +334,7 @@ struct vblk_daemon {
 	uint32_t poll_us; /* current busy-poll window (--poll-us, or set by RPC) */
 	uint32_t read_latency_us, write_latency_us; /* added latency (set by RPC) */
 	bool stop;
-	/* Storage migration (mirror.c): the source's mirror, the destination's
+	/* Storage migration (mirror.c, incoming.c): the source's mirror, the destination's
 	 * receiver; control thread. */
 	struct vblk_mirror *mirror;
 	struct vblk_incoming *incoming;

@@ -505,7 +505,7 @@ static json_t *dirty_take(struct vblk_daemon *dm, int fd, const char *id, json_t
 	return res;
 }
 
-/* ---- storage migration (mirror.c) ---- */
+/* ---- storage migration (mirror.c, incoming.c) ---- */
 
 static json_t *mirror_info(struct vblk_daemon *dm)
 {

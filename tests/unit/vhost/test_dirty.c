@@ -767,7 +767,7 @@ static void test_upgrade_all_dirty(void **state)
 	json_decref(rpc_ok("dirty_bitmap_stop", NULL));
 }
 
-/* ---- storage migration to a second daemon (tools/vmig-blk/mirror.c) ---- */
+/* ---- storage migration to a second daemon (tools/vmig-blk/mirror.c, incoming.c) ---- */
 
 #define RPC_SERVER_ERROR (-32000)
 
