@@ -438,7 +438,7 @@ class MigrationPair:
     the destination's empty and waiting for the disk on storage_uri
     (vmig-blk --incoming)."""
 
-    def __init__(self, env, seconds, storage_uri=None, prefix=""):
+    def __init__(self, env, seconds, storage_uri=None, prefix="", mem_kb=GUEST_MEM_KB):
         self.image = env.image(prefix + "disk.img")
         self.sock_src = os.path.join(env.tmp, prefix + "src.sock")
         self.sock_dst = os.path.join(env.tmp, prefix + "dst.sock")
@@ -454,8 +454,9 @@ class MigrationPair:
                                       shared=True).start()
         args = ["--seconds", seconds, "--blocks", 8192, "--write-pct", 60,
                 "--gap-ms", 100, "--progress-ms", 500]
-        self.src = Guest(env, prefix + "qemu-src", self.sock_src, args).start()
-        self.dst = Guest(env, prefix + "qemu-dst", self.sock_dst, args, incoming=True).start()
+        self.src = Guest(env, prefix + "qemu-src", self.sock_src, args, mem_kb=mem_kb).start()
+        self.dst = Guest(env, prefix + "qemu-dst", self.sock_dst, args, incoming=True,
+                         mem_kb=mem_kb).start()
         self.src.wait_line(r"^VMIG-GUEST: READY", 60)
         time.sleep(5)
         self.writes_before = writes_of(self.src.serial())
