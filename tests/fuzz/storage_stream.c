@@ -144,7 +144,7 @@ static void to_source(const uint8_t *data, size_t size, uint8_t *buf)
 {
 	struct vblk_ss_geom g = {
 	    .disk_size = 1u << 20, .block_size = 512, .granularity = 65536, .session = {1}};
-	bool resumed = size && data[0] == 'R', map_ended = false;
+	bool resumed = size && data[0] == 'R', map_started = false, map_ended = false;
 	struct src s = {data + resumed, size - resumed};
 	struct vblk_ss_reader r;
 	struct vblk_ss_rec rec;
@@ -158,7 +158,12 @@ static void to_source(const uint8_t *data, size_t size, uint8_t *buf)
 		if (rec.type == VBLK_SS_MISSING_MAP) {
 			if (!resumed || map_ended)
 				abort();
+			map_started = true;
 			apply_map(&g, &rec, map, buf);
+		} else if (rec.type == VBLK_SS_NOT_SWITCHED) {
+			/* instead of a map, and the last record */
+			if (!resumed || map_started || map_ended || !r.eos)
+				abort();
 		} else if (rec.type == VBLK_SS_MAP_END) {
 			if (!resumed || map_ended)
 				abort();

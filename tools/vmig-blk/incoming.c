@@ -543,8 +543,26 @@ static int in_preamble(struct vblk_incoming *in, struct vblk_ss_reader *r, struc
 		return in_refuse(in, err, len,
 				 "this disk is in post-copy: only the migration that switched it "
 				 "to this host may resume it");
-	if (!postcopy && (g->flags & VBLK_SS_F_POSTCOPY))
-		return in_refuse(in, err, len, "there is no post-copy to resume here");
+	if (!postcopy && (g->flags & VBLK_SS_F_POSTCOPY)) {
+		bool served;
+
+		pthread_mutex_lock(&in->lock);
+		served = in->status == IN_COMPLETED;
+		pthread_mutex_unlock(&in->lock);
+		if (served)
+			return in_refuse(in, err, len, "there is no post-copy to resume here");
+		/* The switch never reached us (or we refused it), and without it
+		 * or DONE the guest was never served here: the source may take
+		 * the disk back, and must hear so, or it stays fenced. */
+		pthread_mutex_lock(&in->wlock);
+		vblk_ss_writer_init(&in->w, vblk_chan_put, in->w.opaque, g);
+		vblk_ss_put_not_switched(&in->w);
+		pthread_mutex_unlock(&in->wlock);
+		vblk_fmt_err(err, len,
+			     "the source resumes a post-copy this disk never switched to: told it "
+			     "so, the disk stays with the source");
+		return -EPROTO;
+	}
 	if (postcopy && g->granularity != 1u << in->dm->disk.pc.shift)
 		return in_refuse(in, err, len,
 				 "a resumed post-copy must keep the granularity of the switch");

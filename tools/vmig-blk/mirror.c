@@ -271,6 +271,9 @@ struct vblk_mirror {
 	 * mirror resumes a post-copy: then from its start); a resumed one got
 	 * the destination's map. */
 	bool postcopy_req, postcopy, map_done;
+	/* A resumed post-copy the destination answered with NOT_SWITCHED: it
+	 * never served the disk, which is this host's again. */
+	bool not_taken;
 	/* atomics: the copier writes, the control thread reads */
 	uint64_t offset;	/* bytes sent */
 	uint64_t unacked_bytes; /* bytes sent in the round not yet acknowledged */
@@ -357,8 +360,16 @@ static void *m_reader(void *arg)
 			m->done = true;
 		else if (rec.type == VBLK_SS_MAP_END)
 			m->map_done = true;
+		else if (rec.type == VBLK_SS_NOT_SWITCHED)
+			m->not_taken = true;
 		pthread_cond_broadcast(&m->cv);
 		pthread_mutex_unlock(&m->lock);
+		if (rec.type == VBLK_SS_NOT_SWITCHED) {
+			m_fail(m, "the destination never took the switch to post-copy (it never "
+				  "served this disk): the disk is this host's again, and a new "
+				  "mirror copies all of it");
+			break;
+		}
 		if (rec.type == VBLK_SS_ERROR) {
 			m_fail(m, "the destination gave up: %s", rec.text);
 			break;
@@ -840,6 +851,29 @@ static int m_push(struct vblk_mirror *m)
 	return 0;
 }
 
+/*
+ * Under lock, the copier: the switch went out but the destination never
+ * took it (it was cut on the way, or refused), so it never served the disk
+ * and says so (NOT_SWITCHED): the fence comes off and the state file goes.
+ * Which blocks it has is unknown here (the bitmap was emptied for its
+ * map), so every block is dirty: a mirror resumed from this one copies
+ * the whole disk again.
+ */
+static void m_take_back(struct vblk_mirror *m)
+{
+	struct vblk_dirty *d = m->dm->disk.dirty;
+	char path[4096];
+
+	m->postcopy = m->postcopy_req = false;
+	vblk_dirty_mark(d, 0, m->dm->disk.size);
+	vblk_pc_state_path(m->dm, path, sizeof(path));
+	if (path[0])
+		unlink(path);
+	__atomic_store_n(&m->dm->disk.handed_over, false, __ATOMIC_RELEASE);
+	vblk_log(m->dm, "mirror: the destination never took the switch to post-copy: the disk "
+			"is served here again");
+}
+
 /* A resumed post-copy: the destination's map replaces what we would push
  * (its MISSING_MAP records land in the emptied bitmap); wait for its end. */
 static bool m_wait_map(struct vblk_mirror *m)
@@ -963,6 +997,8 @@ out:
 		vblk_log(m->dm, "mirror: the switch to post-copy did not go out; the disk stays "
 				"here");
 	}
+	if (m->not_taken)
+		m_take_back(m);
 	pthread_mutex_unlock(&m->lock);
 	vmig__chan_shutdown(c, SHUT_RDWR);
 	if (reader)
@@ -1411,6 +1447,7 @@ void vblk_mirror_query(struct vblk_daemon *dm, struct vblk_mirror_info *in)
 	in->write_blocking = m->write_blocking;
 	in->actively_synced = m->synced;
 	in->postcopy = m->postcopy;
+	in->postcopy_not_taken = m->not_taken;
 	snprintf(in->error, sizeof(in->error), "%s", m->error);
 	in->status = m->concluded ? "concluded" : m->ready ? "ready" : "running";
 	ok_end = m->concluded && !m->error[0];

@@ -527,6 +527,7 @@ static json_t *mirror_info(struct vblk_daemon *dm)
 		json_object_set_new(o, "actively-synced", json_boolean(in.actively_synced));
 		json_object_set_new(o, "held-writes", json_integer((json_int_t)in.held_writes));
 		json_object_set_new(o, "postcopy", json_boolean(in.postcopy));
+		json_object_set_new(o, "postcopy-not-taken", json_boolean(in.postcopy_not_taken));
 		json_object_set_new(o, "postcopy-capable", json_boolean(vblk_postcopy_capable(dm)));
 		if (in.postcopy)
 			json_object_set_new(o, "postcopy-requested-bytes",

@@ -222,6 +222,7 @@ static long fixed_len(enum vblk_ss_dir dir, uint8_t type)
 		return 16;
 	case VBLK_SS_DONE:
 	case VBLK_SS_MAP_END:
+	case VBLK_SS_NOT_SWITCHED:
 		return 0;
 	}
 	return -2;
@@ -301,6 +302,14 @@ static int parse_fixed(struct vblk_ss_reader *r, uint64_t at, const uint8_t *p,
 			return fail(r, at, "MAP_END where no map was asked for, or twice");
 		r->map_ended = true;
 		return 0;
+	case VBLK_SS_NOT_SWITCHED:
+		/* instead of the map, never within it */
+		if (!(r->geom.flags & VBLK_SS_F_POSTCOPY) || r->map_started || r->map_ended)
+			return fail(r, at,
+				    "NOT_SWITCHED where no post-copy was resumed, or after "
+				    "its map began");
+		r->eos = true;
+		return 0;
 	default:
 		return 0;
 	}
@@ -335,6 +344,8 @@ static int parse_map(struct vblk_ss_reader *r, uint64_t at, uint32_t len, struct
 	if (rec->type == VBLK_SS_MISSING_MAP &&
 	    (!(r->geom.flags & VBLK_SS_F_POSTCOPY) || r->map_ended))
 		return fail(r, at, "MISSING_MAP where no map was asked for, or after MAP_END");
+	if (rec->type == VBLK_SS_MISSING_MAP)
+		r->map_started = true;
 	if (!r->buf)
 		return fail(r, at, "no buffer for a map record");
 	if (len < 16 || (len - 8) % 8 || len - 8 > VBLK_SS_MAX_DATA)
@@ -580,4 +591,11 @@ int vblk_ss_put_map_end(struct vblk_ss_writer *w)
 	if (!(w->geom.flags & VBLK_SS_F_POSTCOPY))
 		return bad(w);
 	return emit_hdr(w, VBLK_SS_MAP_END, 0, 0);
+}
+
+int vblk_ss_put_not_switched(struct vblk_ss_writer *w)
+{
+	if (!(w->geom.flags & VBLK_SS_F_POSTCOPY))
+		return bad(w);
+	return emit_hdr(w, VBLK_SS_NOT_SWITCHED, 0, 0);
 }

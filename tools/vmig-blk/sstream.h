@@ -45,6 +45,9 @@ enum vblk_ss_type {
 	VBLK_SS_DONE = 0x44,
 	VBLK_SS_MISSING_MAP = 0x45, /* a resumed post-copy: what the destination lacks */
 	VBLK_SS_MAP_END = 0x46,	    /* ... and that was all of it */
+	/* a resumed post-copy this disk never switched to: the destination
+	 * never served it, so the source may again */
+	VBLK_SS_NOT_SWITCHED = 0x47,
 };
 
 #define VBLK_SS_ZERO_F_UNMAP 0x01u /* ZERO: the range may become a hole */
@@ -55,13 +58,14 @@ enum vblk_ss_type {
 /* Preamble flag: the connection resumes a post-copy storage migration. The
  * destination already serves the disk; it answers with the granules it
  * still lacks (MISSING_MAP records, then MAP_END), and the stream is in
- * post-copy from its first record. Not with FULL. */
+ * post-copy from its first record; or, if it never took the switch (never
+ * served the disk), with NOT_SWITCHED alone. Not with FULL. */
 #define VBLK_SS_F_POSTCOPY 0x0002u
 
 /* Which way a stream runs: which record types it may carry. */
 enum vblk_ss_dir {
 	VBLK_SS_TO_DEST,   /* DATA, ZERO, SYNC, FLUSH, EOS, MISSING, POSTCOPY */
-	VBLK_SS_TO_SOURCE, /* ACK, ERROR, READ_REQ, DONE, MISSING_MAP, MAP_END */
+	VBLK_SS_TO_SOURCE, /* ACK, ERROR, READ_REQ, DONE, MISSING_MAP, MAP_END, NOT_SWITCHED */
 };
 
 struct vblk_ss_geom {
@@ -96,8 +100,9 @@ struct vblk_ss_reader {
 	enum vblk_ss_dir dir;
 	struct vblk_ss_geom geom; /* from the preamble (TO_DEST) or the caller */
 	bool have_geom;
-	bool eos;	     /* EOS or DONE read: nothing may follow */
+	bool eos;	     /* EOS, DONE or NOT_SWITCHED read: nothing may follow */
 	bool postcopy;	     /* TO_DEST: POSTCOPY read, or a resumed post-copy */
+	bool map_started;    /* TO_SOURCE: a MISSING_MAP read */
 	bool map_ended;	     /* TO_SOURCE: MAP_END read */
 	uint64_t pos;	     /* bytes consumed, for error messages */
 	uint64_t last_round; /* the last SYNC or ACK round; 0: none yet */
@@ -159,6 +164,9 @@ int vblk_ss_put_postcopy(struct vblk_ss_writer *w);
 int vblk_ss_put_missing_map(struct vblk_ss_writer *w, uint64_t first, const uint64_t *words,
 			    size_t nwords);
 int vblk_ss_put_map_end(struct vblk_ss_writer *w);
+/* The answer to a resumed post-copy this destination never switched to;
+ * nothing may follow it. */
+int vblk_ss_put_not_switched(struct vblk_ss_writer *w);
 
 /* Granules of the disk, and 64-bit words of a bitmap of them. */
 static inline uint64_t vblk_ss_granules(const struct vblk_ss_geom *g)

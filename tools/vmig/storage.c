@@ -283,6 +283,17 @@ int storage_poll(struct storage *st)
 		snprintf(why, sizeof(why), "source daemon: %s", err);
 		return recover(st, why);
 	}
+	if (json_is_true(json_object_get(q, "postcopy-not-taken"))) {
+		/* The destination never served the disk: the source took it back.
+		 * Not a fault to recover from: the switch is over, and failed. */
+		st->handed_over = false;
+		st->not_taken = true;
+		json_decref(q);
+		fprintf(stderr,
+			"\nvmig: storage: the destination never took the switch to "
+			"post-copy: the disk stays with the source, which serves it again\n");
+		return -1;
+	}
 	status = json_string_value(json_object_get(q, "status"));
 	if (!status) { /* a daemon that restarted has no mirror */
 		json_decref(q);

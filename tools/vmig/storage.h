@@ -33,6 +33,7 @@ struct storage {
 	/* post-copy storage (--storage-mode postcopy) */
 	bool postcopy;		  /* the mode asked for */
 	bool handed_over;	  /* the switch went out: the destination owns the disk */
+	bool not_taken;		  /* ... but the destination never took it: back here */
 	uint64_t requested_bytes; /* sent because the destination asked */
 };
 

@@ -1693,6 +1693,68 @@ static void test_mirror_postcopy_faults(void **state)
 	daemon_start();
 }
 
+/*
+ * The switch goes out but the destination cannot take it (its state file
+ * cannot be made: a directory is in the way), so it never serves the disk,
+ * and the source, fenced from the moment the switch went out, would stay
+ * so. Resumed, the destination answers that it never switched
+ * (NOT_SWITCHED): the source takes the disk back (the fence and its state
+ * file go, its guest is served again), and a new mirror copies the whole
+ * disk, its guest's last write included, and completes as any mirror.
+ */
+static void test_mirror_postcopy_not_taken(void **state)
+{
+	char params[512], in_way[360], src_state[320];
+	json_t *q;
+
+	dest_start(true);
+	snprintf(in_way, sizeof(in_way), "%s.vmig-postcopy.new", T.image2);
+	assert_int_equal(mkdir(in_way, 0700), 0);
+	snprintf(src_state, sizeof(src_state), "%s.vmig-postcopy", T.image);
+	fe_up();
+	for (unsigned i = 0; i < PC_BLOCKS; i++)
+		write_at((uint64_t)i * PC_STRIDE, 8192, (uint8_t)(i + 1));
+	snprintf(params, sizeof(params), "{\"uri\":\"%s\",\"speed\":%u}", T.uri, 256u << 10);
+	json_decref(rpc_ok("vmig_blk_mirror_start", params));
+	json_decref(mirror_wait(NULL, false, 512u << 10));
+	fe_down();
+	json_decref(rpc_ok("vmig_blk_mirror_start_postcopy", NULL));
+	q = mirror_wait("concluded", false, 0);
+	assert_true(json_is_true(json_object_get(q, "postcopy")));
+	assert_non_null(strstr(json_string_value(json_object_get(q, "error")), "state file"));
+	json_decref(q);
+	/* fenced: the switch went out */
+	assert_int_equal(access(src_state, F_OK), 0);
+	assert_int_not_equal(fe_up_answer(), 0);
+	fe_down();
+	q = rpc_ok_at(T.rpc2, "vmig_blk_incoming_query", NULL);
+	assert_false(has_status(q, "postcopy-active") || has_status(q, "postcopy-paused"));
+	json_decref(q);
+
+	/* resumed: the destination never switched, and says so */
+	json_decref(rpc_ok("vmig_blk_mirror_start", params));
+	q = mirror_wait("concluded", false, 0);
+	assert_true(json_is_true(json_object_get(q, "postcopy-not-taken")));
+	assert_false(json_is_true(json_object_get(q, "postcopy")));
+	assert_non_null(strstr(json_string_value(json_object_get(q, "error")), "never took"));
+	json_decref(q);
+	assert_int_equal(access(src_state, F_OK), -1);
+	fe_up(); /* the guest is served here again */
+	write_at(0, 8192, 0x5a);
+	assert_true(read_is(0, 8192, 0x5a));
+
+	/* a new mirror copies every block (it cannot know which arrived) */
+	assert_int_equal(rmdir(in_way), 0);
+	snprintf(params, sizeof(params), "{\"uri\":\"%s\"}", T.uri);
+	json_decref(rpc_ok("vmig_blk_mirror_start", params));
+	json_decref(mirror_wait(NULL, true, 0));
+	q = rpc_ok("vmig_blk_mirror_query", NULL);
+	assert_true(field(q, "offset") >= IMG_SIZE);
+	json_decref(q);
+	complete_and_check();
+	dest_stop(false);
+}
+
 /* A vmig-blk that must refuse to start, saying why. */
 static void expect_refused(char *const argv[], const char *why)
 {
@@ -2036,6 +2098,7 @@ int main(int argc, char **argv)
 	    cmocka_unit_test_setup(test_incoming_postcopy, case_setup),
 	    cmocka_unit_test_setup(test_mirror_postcopy_faults, case_setup),
 	    cmocka_unit_test_setup(test_incoming_postcopy_peers, case_setup),
+	    cmocka_unit_test_setup(test_mirror_postcopy_not_taken, case_setup),
 	};
 
 	if (argc != 2 && argc != 3) {

@@ -583,6 +583,19 @@ static void test_postcopy_resume(void **state)
 	assert_int_equal(rec.type, VBLK_SS_READ_REQ);
 	assert_int_equal(vblk_ss_read_record(&r, &rec), 0);
 	assert_int_equal(rec.type, VBLK_SS_DONE);
+
+	/* A destination that never switched answers NOT_SWITCHED alone. */
+	free(back);
+	back = mem_new();
+	vblk_ss_writer_init(&w, mem_write, back, &geom);
+	assert_int_equal(vblk_ss_put_not_switched(&w), -EINVAL); /* not a resumed stream */
+	vblk_ss_writer_init(&w, mem_write, back, &rg);
+	assert_int_equal(vblk_ss_put_not_switched(&w), 0);
+	vblk_ss_reader_init(&r, VBLK_SS_TO_SOURCE, mem_read, back, buf);
+	vblk_ss_reader_set_geom(&r, &rg);
+	assert_int_equal(vblk_ss_read_record(&r, &rec), 0);
+	assert_int_equal(rec.type, VBLK_SS_NOT_SWITCHED);
+	assert_true(r.eos);
 	free(m);
 	free(back);
 }
@@ -681,6 +694,16 @@ static void test_postcopy_bad(void **state)
 	     raw(m, VBLK_SS_MISSING_MAP, 0, 0, 16, pl, 16));
 	CASE(S, &rg, "ACK in a resumed post-copy",
 	     raw(m, VBLK_SS_ACK, 0, 0, 8, (uint64_t[]){1}, 8));
+	CASE(S, &geom, "NOT_SWITCHED not asked for",
+	     raw(m, VBLK_SS_NOT_SWITCHED, 0, 0, 0, NULL, 0));
+	CASE(S, &rg, "NOT_SWITCHED with a payload", raw(m, VBLK_SS_NOT_SWITCHED, 0, 0, 8, zero, 8));
+	CASE(S, &rg, "NOT_SWITCHED after the map began", pl[0] = 0; pl[1] = 1;
+	     raw(m, VBLK_SS_MISSING_MAP, 0, 0, 16, pl, 16);
+	     raw(m, VBLK_SS_NOT_SWITCHED, 0, 0, 0, NULL, 0));
+	CASE(S, &rg, "NOT_SWITCHED after MAP_END", raw(m, VBLK_SS_MAP_END, 0, 0, 0, NULL, 0);
+	     raw(m, VBLK_SS_NOT_SWITCHED, 0, 0, 0, NULL, 0));
+	CASE(S, &rg, "a record after NOT_SWITCHED", raw(m, VBLK_SS_NOT_SWITCHED, 0, 0, 0, NULL, 0);
+	     raw(m, VBLK_SS_MAP_END, 0, 0, 0, NULL, 0));
 #undef SWITCH
 #undef CASE
 #undef D
