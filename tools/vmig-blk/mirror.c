@@ -271,9 +271,11 @@ struct vblk_mirror {
 	 * mirror resumes a post-copy: then from its start); a resumed one got
 	 * the destination's map. */
 	bool postcopy_req, postcopy, map_done;
-	/* A resumed post-copy the destination answered with NOT_SWITCHED: it
-	 * never served the disk, which is this host's again. */
-	bool not_taken;
+	/* A resumed post-copy the destination answered with NOT_SWITCHED
+	 * (heard: the return thread), so it never served the disk, which is
+	 * this host's again once the copier has taken it back (not_taken,
+	 * kept by a mirror that resumes this one). */
+	bool heard_not_switched, not_taken;
 	/* atomics: the copier writes, the control thread reads */
 	uint64_t offset;	/* bytes sent */
 	uint64_t unacked_bytes; /* bytes sent in the round not yet acknowledged */
@@ -361,7 +363,7 @@ static void *m_reader(void *arg)
 		else if (rec.type == VBLK_SS_MAP_END)
 			m->map_done = true;
 		else if (rec.type == VBLK_SS_NOT_SWITCHED)
-			m->not_taken = true;
+			m->heard_not_switched = true;
 		pthread_cond_broadcast(&m->cv);
 		pthread_mutex_unlock(&m->lock);
 		if (rec.type == VBLK_SS_NOT_SWITCHED) {
@@ -870,6 +872,7 @@ static void m_take_back(struct vblk_mirror *m)
 	if (path[0])
 		unlink(path);
 	__atomic_store_n(&m->dm->disk.handed_over, false, __ATOMIC_RELEASE);
+	m->not_taken = true; /* the query says so only now: the guest may start */
 	vblk_log(m->dm, "mirror: the destination never took the switch to post-copy: the disk "
 			"is served here again");
 }
@@ -997,7 +1000,7 @@ out:
 		vblk_log(m->dm, "mirror: the switch to post-copy did not go out; the disk stays "
 				"here");
 	}
-	if (m->not_taken)
+	if (m->heard_not_switched)
 		m_take_back(m);
 	pthread_mutex_unlock(&m->lock);
 	vmig__chan_shutdown(c, SHUT_RDWR);
@@ -1154,21 +1157,26 @@ int vblk_mirror_start(struct vblk_daemon *dm, const char *uri, uint32_t granular
 {
 	struct vblk_mirror *m, *old = dm->mirror;
 	struct vmig__err e = {{0}};
-	bool resume = false, postcopy = false;
+	bool resume = false, postcopy = false, not_taken = false;
 	int r;
 
 	if (old) {
 		pthread_mutex_lock(&old->lock);
 		r = old->concluded ? 0 : -EBUSY;
-		resume = old->concluded && old->error[0] && !old->cancel;
-		postcopy = resume && old->postcopy; /* it goes on in post-copy */
 		pthread_mutex_unlock(&old->lock);
 		if (r) {
 			vblk_fmt_err(err, errlen, "a mirror is already running (to %s)",
 				     old->uri_text);
 			return r;
 		}
+		/* Concluded, but its copier may still be settling what it ends
+		 * in (requeued blocks, a disk taken back): decide after it. */
 		m_join(old);
+		pthread_mutex_lock(&old->lock);
+		resume = old->error[0] && !old->cancel;
+		postcopy = resume && old->postcopy; /* it goes on in post-copy */
+		not_taken = old->not_taken;
+		pthread_mutex_unlock(&old->lock);
 	}
 	if (dm->disk.backend == VBLK_BACKEND_NULL) {
 		vblk_fmt_err(err, errlen, "a null disk has nothing to copy");
@@ -1211,6 +1219,7 @@ int vblk_mirror_start(struct vblk_daemon *dm, const char *uri, uint32_t granular
 	m->speed = speed;
 	m->write_blocking = write_blocking;
 	m->postcopy = m->postcopy_req = postcopy;
+	m->not_taken = not_taken;
 	snprintf(m->uri_text, sizeof(m->uri_text), "%s", uri);
 	r = vmig__uri_parse(uri, &m->uri, &e);
 	if (r) {

@@ -51,8 +51,9 @@ struct vblk_mirror_info {
 	bool actively_synced;
 	uint64_t held_writes; /* requests the gate held, since the daemon started */
 	bool postcopy;	      /* switched to post-copy: the destination serves the guest */
-	/* the destination answered a resumed post-copy that it never took the
-	 * switch: the disk is this host's again (postcopy is false) */
+	/* the destination answered a resumed post-copy (this mirror's, or the
+	 * one it resumed) that it never took the switch, and the disk is this
+	 * host's again (postcopy is false): its guest may start */
 	bool postcopy_not_taken;
 	uint64_t urgent_bytes; /* post-copy: bytes sent because the destination asked */
 	char error[256];     /* concluded: why it failed; "" if it did not */

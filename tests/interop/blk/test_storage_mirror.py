@@ -36,7 +36,10 @@ block. With pre-copy and with post-copy of RAM; then, with pre-copy, the
 destination's vmig-blk killed (-9) and started again after the switch (it
 resumes from its state file, QEMU reconnects and its requests are redone),
 the source's (it restarts fenced and resumes from the destination's map),
-and the network cut; each time `vmig migrate` resumes the copy.
+and the network cut; each time `vmig migrate` resumes the copy. Last, a
+switch the destination cannot take (a directory where its state file
+goes): `vmig migrate` fails, the source takes the disk back, and the VM
+and its guest's I/O go on at the source.
 
 After the migration the destination guest goes on writing, and its final
 pass reads back every block it ever wrote, the ones written on the source
@@ -326,6 +329,49 @@ def one_run(env, postcopy, kill=None, mode=None, outwrite=False):
     pair.finish(env)
 
 
+def switch_not_taken(env):
+    """Post-copy storage whose switch the destination cannot take: a
+    directory where its state file goes. The source fences itself as the
+    switch goes out; resumed, it hears that the destination never switched
+    (NOT_SWITCHED) and takes the disk back. vmig then fails the migration at
+    once, the VM goes on at the source, and its guest's I/O with it."""
+    tag = "postcopy-not-taken"
+    storage_uri = "unix:" + os.path.join(env.tmp, "storage-%s.sock" % tag)
+    pair = blkenv.MigrationPair(env, GUEST_SECONDS, storage_uri=storage_uri,
+                                prefix=tag + "-")
+    os.mkdir(pair.image_dst + ".vmig-postcopy.new")
+    port = blkenv.free_port()
+    argv = [vmig_bin(env), "migrate", "unix:" + pair.src.qmp2_path,
+            "tcp:127.0.0.1:%d" % port, "--dest", "unix:" + pair.dst.qmp2_path,
+            "--storage-src", pair.be_src.rpc, "--storage-dst", pair.be_dst.rpc,
+            "--storage-uri", storage_uri, "--storage-speed", "2M", "--max-bandwidth", "32M",
+            "--storage-mode", "postcopy"]
+    t0 = time.monotonic()
+    r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       timeout=MIGRATE_TIMEOUT_S)
+    out = r.stdout.decode(errors="replace")
+    env.case("%s_migration_fails" % tag,
+             r.returncode != 0 and "never took the switch to post-copy" in out,
+             "exit %d after %.1fs: %s" % (r.returncode, time.monotonic() - t0, out[-1500:]))
+    q = pair.be_src.rpc_call("vmig_blk_mirror_query")
+    env.case("%s_source_took_the_disk_back" % tag,
+             q.get("postcopy-not-taken") is True and not q.get("postcopy") and
+             not os.path.exists(pair.image + ".vmig-postcopy"),
+             "the source's mirror: %s" % q)
+    inc = pair.be_dst.rpc_call("vmig_blk_incoming_query")
+    env.case("%s_destination_never_served" % tag,
+             not str(inc.get("status", "")).startswith("postcopy") and
+             inc.get("status") != "completed", str(inc))
+    # The VM runs on at the source, its disk served there again.
+    blkenv.wait_writes(pair.src, blkenv.writes_now(pair.src) + 100)
+    status = pair.src.qmp.cmd("query-status").get("status")
+    env.case("%s_source_runs" % tag, status == "running", "source VM: %s" % status)
+    pair.stop()
+    rc, scan, sout = env.scan_image(pair.image)
+    env.case("%s_source_image_consistent" % tag, rc == 0 and int(scan.get("pattern", 0)) > 0,
+             "host scan: %s" % sout.strip()[-300:])
+
+
 def body(env):
     one_run(env, postcopy=False)
     one_run(env, postcopy=True)
@@ -340,6 +386,7 @@ def body(env):
     one_run(env, postcopy=False, mode="postcopy", kill="dst")
     one_run(env, postcopy=False, mode="postcopy", kill="src")
     one_run(env, postcopy=False, mode="postcopy", kill="link")
+    switch_not_taken(env)
 
 
 blkenv.run("storage_mirror", body)
