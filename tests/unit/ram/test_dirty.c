@@ -12,6 +12,7 @@
  * would; after a final sync and copy the shadow must equal the memory.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -388,7 +389,32 @@ static long minor_faults(void)
 	return ru.ru_minflt;
 }
 
-/* After stop(), writes to populated pages take no fault at all. */
+/* Pages of the fixture's memory whose PTE is uffd-wp write-protected
+ * (/proc/self/pagemap bit 57). */
+static uint64_t wp_pages(const struct fixture *f)
+{
+	uint64_t *e = calloc(NPAGES, sizeof(*e)), n = 0;
+	int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+
+	assert_non_null(e);
+	assert_true(fd >= 0);
+	assert_int_equal(
+	    pread(fd, e, NPAGES * sizeof(*e), (off_t)((uintptr_t)f->mem / PAGE * sizeof(*e))),
+	    (ssize_t)(NPAGES * sizeof(*e)));
+	close(fd);
+	for (uint64_t p = 0; p < NPAGES; p++)
+		n += e[p] >> 57 & 1;
+	free(e);
+	return n;
+}
+
+/*
+ * After stop(), no page is left write-protected, so writes to populated
+ * pages take no fault of ours. (Not none at all: the kernel may migrate a
+ * page meanwhile, compaction for one, and the next write to it faults once.
+ * CI saw one such fault in 4096 writes; a page left protected would fault
+ * on every one of the 4096.)
+ */
 static void test_stop_restores_speed(void **state)
 {
 	struct fixture *f = *state;
@@ -400,12 +426,14 @@ static void test_stop_restores_speed(void **state)
 	for (uint64_t p = 0; p < NPAGES; p += 2)
 		write_page(f, p, 4);
 	sync_fresh(f);
+	assert_true(wp_pages(f) > 0); /* what stop() must undo, seen here */
 	assert_int_equal(vmig__dirty_stop(f->d), 0);
 	assert_int_equal(vmig__dirty_sync(f->d, 0, f->bitmap, NULL, &err), -EINVAL);
+	assert_int_equal(wp_pages(f), 0);
 	before = minor_faults();
 	for (uint64_t p = 0; p < NPAGES; p++)
 		f->mem[p * PAGE + 1] = 5;
-	assert_int_equal(minor_faults() - before, 0);
+	assert_true(minor_faults() - before < NPAGES / 64);
 
 	/* And tracking can start again from scratch. */
 	start_ok(f);
