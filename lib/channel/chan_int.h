@@ -6,11 +6,13 @@
 #include "channel/channel.h"
 
 struct vmig__tls_conn;
+struct vmig__zc;
 
 struct vmig__chan {
 	int fd;
 	bool nonblock;		    /* accepted, not yet trusted (owner only) */
 	struct vmig__tls_conn *tls; /* NULL: plain */
+	struct vmig__zc *zc;	    /* zero-copy sends (zerocopy.c), writing thread only */
 };
 
 /* tls.c */

@@ -87,6 +87,25 @@ int vmig__chan_set_blocking(struct vmig__chan *c);
 ssize_t vmig__chan_read(struct vmig__chan *c, void *buf, size_t n);
 int vmig__chan_writev(struct vmig__chan *c, struct iovec *iov, int iovcnt);
 int vmig__chan_write(struct vmig__chan *c, const void *buf, size_t n);
+/*
+ * Zero-copy writes (MSG_ZEROCOPY; zerocopy.c), writing thread only. Once
+ * enabled on a plain TCP channel, vmig__chan_writev_zc() writes everything
+ * as vmig__chan_writev() does, but the kernel may read the bytes later: the
+ * caller leaves them unchanged until vmig__chan_zc_wait() has returned for
+ * a count of sends that includes this write's (vmig__chan_zc_sent() after
+ * it). Unmapping them meanwhile is safe; the kernel holds the pages.
+ * Without zero-copy enabled, these behave as plain writes, all complete.
+ */
+int vmig__chan_zc_enable(struct vmig__chan *c, struct vmig__err *err);
+int vmig__chan_writev_zc(struct vmig__chan *c, struct iovec *iov, int iovcnt);
+uint64_t vmig__chan_zc_sent(const struct vmig__chan *c);
+/* Wait until the kernel is done with the first n sends: 0, or -errno if
+ * the connection failed or was shut down. */
+int vmig__chan_zc_wait(struct vmig__chan *c, uint64_t n);
+/* Whether sends completed since the last call and the kernel copied the
+ * bytes of every one of them anyway (false if none completed, or without
+ * zero-copy), and start again. */
+bool vmig__chan_zc_take_copied(struct vmig__chan *c);
 /* Wait up to timeout_ms for something to read (or the end): 1, 0 on
  * timeout, -errno. Data TLS has already decrypted counts. */
 int vmig__chan_wait_readable(struct vmig__chan *c, int timeout_ms);

@@ -404,6 +404,7 @@ void vmig__chan_free(struct vmig__chan *c)
 	if (c->tls)
 		vmig__tls_conn_free(c->tls);
 	close(c->fd);
+	free(c->zc);
 	free(c);
 }
 

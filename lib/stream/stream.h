@@ -39,9 +39,11 @@ struct vmig__writer {
 	void *throttle_opaque;
 	uint64_t *counts; /* optional: [0] pages, [1] zero pages queued (atomic adds) */
 	struct vmig__zstd *z; /* optional: compress page runs (vmig__writer_compress) */
+	struct vmig__wzc *zc; /* optional: zero-copy sends (vmig__writer_zerocopy) */
 	int niov;
 	size_t pending;
 	size_t hdrlen;
+	uint8_t *hdr; /* where headers go: hdrbuf, or a zero-copy ring slot */
 	struct iovec iov[VMIG_WRITER_IOV];
 	uint8_t hdrbuf[VMIG_WRITER_HDRBUF];
 };
@@ -63,7 +65,22 @@ int vmig__writer_flush(struct vmig__writer *w);
  * or zlib (PAGES_ZLIB), except runs that do not shrink. -ENOMEM or -EINVAL
  * if the context cannot be made. */
 int vmig__writer_compress(struct vmig__writer *w, bool zlib, int level);
-/* Free what vmig__writer_compress allocated (no-op without it). */
+/*
+ * From now on send zero-copy (MSG_ZEROCOPY; the channel must be plain TCP,
+ * and the writer must not compress): page runs go from guest RAM without
+ * a copy, and headers from a ring of buffers, each reused only once the
+ * kernel is done with the write that carried it. Guest pages may change
+ * while the kernel still reads them, as they may during a copying write
+ * (dirty tracking sends them again); vmig__writer_drain() is where the
+ * caller makes sure the kernel is done with all of them.
+ */
+int vmig__writer_zerocopy(struct vmig__writer *w, struct vmig__err *err);
+/* Flush, then wait until the kernel is done with every byte written so
+ * far. *copied: whether it copied every zero-copy send that completed
+ * since the last drain anyway (QEMU's dirty-sync-missed-zero-copy counts
+ * those). Returns the sticky error. */
+int vmig__writer_drain(struct vmig__writer *w, bool *copied);
+/* Free what vmig__writer_compress and vmig__writer_zerocopy allocated. */
 void vmig__writer_release(struct vmig__writer *w);
 
 /* ---- reader ---------------------------------------------------------- */

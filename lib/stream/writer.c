@@ -16,10 +16,19 @@
  * same run decode wrong, and nothing would send that page again. From a
  * private copy, each page arrives as it was at the copy; one that changed
  * afterwards is dirty and goes again.
+ *
+ * With zero-copy (zero-copy-send), the kernel reads page runs straight from
+ * guest RAM and headers from a ring of ZC_SLOTS buffers, after the write
+ * has returned: a slot is written again only once the kernel reports done
+ * with the flush that last used it, ZC_SLOTS flushes later, so the writer
+ * rarely waits. The ring is mmap'd: on release, munmap leaves any pages
+ * the kernel still holds (a failed connection) to the kernel, where free()
+ * would let the heap reuse them while they may still be sent.
  */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <zlib.h>
 #include <zstd.h>
 
@@ -27,6 +36,14 @@
 
 /* Room for this many bytes of compressed runs between two flushes. */
 #define ZBUF_BYTES (2u << 20)
+
+#define ZC_SLOTS 8
+
+struct vmig__wzc {
+	uint8_t *ring;		  /* ZC_SLOTS header buffers of VMIG_WRITER_HDRBUF */
+	uint64_t until[ZC_SLOTS]; /* slot i is free once this many sends are done */
+	unsigned slot;		  /* the one w->hdr points into */
+};
 
 struct vmig__zstd {
 	ZSTD_CCtx *cctx; /* zstd, or NULL for zlib */
@@ -45,6 +62,8 @@ void vmig__writer_init(struct vmig__writer *w, struct vmig__chan *c)
 	w->throttle_opaque = NULL;
 	w->counts = NULL;
 	w->z = NULL;
+	w->zc = NULL;
+	w->hdr = w->hdrbuf;
 	w->niov = 0;
 	w->pending = 0;
 	w->hdrlen = 0;
@@ -79,7 +98,7 @@ static void *put_hdr(struct vmig__writer *w, uint8_t type, uint32_t len, size_t 
 	uint8_t *p;
 
 	reserve(w, sizeof(rec) + extra);
-	p = w->hdrbuf + w->hdrlen;
+	p = w->hdr + w->hdrlen;
 	memcpy(p, &rec, sizeof(rec));
 	w->hdrlen += sizeof(rec) + extra;
 	push_iov(w, p, sizeof(rec) + extra);
@@ -100,7 +119,7 @@ void vmig__writer_preamble(struct vmig__writer *w, uint16_t channel, uint16_t fl
 	pre.flags = flags;
 	pre.session = session;
 	reserve(w, sizeof(pre));
-	p = w->hdrbuf + w->hdrlen;
+	p = w->hdr + w->hdrlen;
 	memcpy(p, &pre, sizeof(pre));
 	w->hdrlen += sizeof(pre);
 	push_iov(w, p, sizeof(pre));
@@ -120,7 +139,10 @@ void vmig__writer_rec(struct vmig__writer *w, uint8_t type, const void *payload,
 	/* Big payload: reference it and flush now, since the caller may reuse it. */
 	put_hdr(w, type, len, 0);
 	push_iov(w, payload, len);
-	vmig__writer_flush(w);
+	if (w->zc)
+		vmig__writer_drain(w, NULL);
+	else
+		vmig__writer_flush(w);
 }
 
 int vmig__writer_compress(struct vmig__writer *w, bool zlib, int level)
@@ -144,8 +166,42 @@ int vmig__writer_compress(struct vmig__writer *w, bool zlib, int level)
 	return 0;
 }
 
+int vmig__writer_zerocopy(struct vmig__writer *w, struct vmig__err *err)
+{
+	struct vmig__wzc *zc;
+	int ret;
+
+	if (w->z) {
+		vmig__err_set(err, "zero-copy-send cannot be used with multifd-compression");
+		return -EINVAL;
+	}
+	ret = vmig__writer_flush(w); /* what is queued uses hdrbuf */
+	if (!ret)
+		ret = vmig__chan_zc_enable(w->c, err);
+	if (ret)
+		return ret;
+	zc = calloc(1, sizeof(*zc));
+	if (zc)
+		zc->ring = mmap(NULL, ZC_SLOTS * VMIG_WRITER_HDRBUF, PROT_READ | PROT_WRITE,
+				MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (!zc || zc->ring == MAP_FAILED) {
+		free(zc);
+		vmig__err_set(err, "out of memory for zero-copy header buffers");
+		return -ENOMEM;
+	}
+	w->zc = zc;
+	w->hdr = zc->ring;
+	return 0;
+}
+
 void vmig__writer_release(struct vmig__writer *w)
 {
+	if (w->zc) {
+		munmap(w->zc->ring, ZC_SLOTS * VMIG_WRITER_HDRBUF);
+		free(w->zc);
+		w->zc = NULL;
+		w->hdr = w->hdrbuf;
+	}
 	if (!w->z)
 		return;
 	if (w->z->cctx)
@@ -235,6 +291,19 @@ void vmig__writer_zero(struct vmig__writer *w, uint32_t block, uint64_t first, u
 		__atomic_add_fetch(&w->counts[1], npages, __ATOMIC_RELAXED);
 }
 
+/* After a zero-copy flush: headers go on in the next slot of the ring,
+ * once the kernel is done with the flush that used it last. */
+static void next_slot(struct vmig__writer *w)
+{
+	struct vmig__wzc *zc = w->zc;
+
+	zc->until[zc->slot] = vmig__chan_zc_sent(w->c);
+	zc->slot = (zc->slot + 1) % ZC_SLOTS;
+	w->hdr = zc->ring + (size_t)zc->slot * VMIG_WRITER_HDRBUF;
+	if (!w->err)
+		w->err = vmig__chan_zc_wait(w->c, zc->until[zc->slot]);
+}
+
 int vmig__writer_flush(struct vmig__writer *w)
 {
 	if (w->err || !w->niov)
@@ -247,7 +316,12 @@ int vmig__writer_flush(struct vmig__writer *w)
 			goto out;
 		}
 	}
-	w->err = vmig__chan_writev(w->c, w->iov, w->niov);
+	if (w->zc) {
+		w->err = vmig__chan_writev_zc(w->c, w->iov, w->niov);
+		next_slot(w);
+	} else {
+		w->err = vmig__chan_writev(w->c, w->iov, w->niov);
+	}
 	if (!w->err) /* atomic: other threads read it for statistics */
 		__atomic_store_n(&w->bytes, w->bytes + w->pending, __ATOMIC_RELAXED);
 out:
@@ -256,5 +330,14 @@ out:
 	w->hdrlen = 0;
 	if (w->z)
 		w->z->used = 0;
+	return w->err;
+}
+
+int vmig__writer_drain(struct vmig__writer *w, bool *copied)
+{
+	if (!vmig__writer_flush(w) && w->zc)
+		w->err = vmig__chan_zc_wait(w->c, vmig__chan_zc_sent(w->c));
+	if (copied)
+		*copied = w->zc && vmig__chan_zc_take_copied(w->c);
 	return w->err;
 }

@@ -222,17 +222,25 @@ int vmig__writev_full(int fd, struct iovec *iov, int iovcnt)
 				continue;
 			return -errno;
 		}
-		while (iovcnt > 0 && (size_t)n >= iov->iov_len) {
-			n -= (ssize_t)iov->iov_len;
-			iov++;
-			iovcnt--;
-		}
-		if (iovcnt > 0) {
-			iov->iov_base = (char *)iov->iov_base + n;
-			iov->iov_len -= (size_t)n;
-		}
+		vmig__iov_advance(&iov, &iovcnt, (size_t)n);
 	}
 	return 0;
+}
+
+void vmig__iov_advance(struct iovec **iovp, int *iovcnt, size_t n)
+{
+	struct iovec *iov = *iovp;
+
+	while (*iovcnt > 0 && n >= iov->iov_len) {
+		n -= iov->iov_len;
+		iov++;
+		(*iovcnt)--;
+	}
+	if (*iovcnt > 0) {
+		iov->iov_base = (char *)iov->iov_base + n;
+		iov->iov_len -= n;
+	}
+	*iovp = iov;
 }
 
 bool vmig__buffer_is_zero(const void *p, size_t len)

@@ -74,6 +74,8 @@ int vmig__read_full(int fd, void *buf, size_t len);
 int vmig__write_full(int fd, const void *buf, size_t len);
 /* Writes all of iov; modifies iov in place. */
 int vmig__writev_full(int fd, struct iovec *iov, int iovcnt);
+/* Step an iovec array past n bytes written (the first one left is trimmed). */
+void vmig__iov_advance(struct iovec **iov, int *iovcnt, size_t n);
 
 /* The k-th smallest of v[0..n) (0 <= k < n), reordering v; O(n) expected. */
 uint32_t vmig__select_kth(uint32_t *v, size_t n, size_t k);

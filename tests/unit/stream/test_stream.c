@@ -11,11 +11,19 @@
 #include <cmocka.h>
 
 #include <errno.h>
+#include <netinet/in.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
+
+#include <linux/capability.h>
 
 #include "ram/bitmap.h"
 #include "stream/stream.h"
@@ -490,6 +498,236 @@ static void test_zlib_page_changing_while_compressed(void **state)
 	page_changing_while_compressed(true);
 }
 
+/* ---- zero-copy sends ---------------------------------------------------- */
+
+/*
+ * A TCP connection over loopback: *wfd the writer's end, *rfd the reader's.
+ * The reader's receive buffer is tiny and the writer's send buffer large,
+ * so that what the reader has not read yet stays queued in the writer's
+ * socket, where a zero-copy send still reads it from the writer's memory.
+ */
+static void tcp_pair(int *wfd, int *rfd)
+{
+	struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	socklen_t alen = sizeof(a);
+	int small = 4096, big = 1 << 20;
+	int l = socket(AF_INET, SOCK_STREAM, 0);
+
+	assert_true(l >= 0);
+	assert_int_equal(setsockopt(l, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small)), 0);
+	assert_int_equal(bind(l, (struct sockaddr *)&a, sizeof(a)), 0);
+	assert_int_equal(listen(l, 1), 0);
+	assert_int_equal(getsockname(l, (struct sockaddr *)&a, &alen), 0);
+	*wfd = socket(AF_INET, SOCK_STREAM, 0);
+	assert_true(*wfd >= 0);
+	assert_int_equal(setsockopt(*wfd, SOL_SOCKET, SO_SNDBUF, &big, sizeof(big)), 0);
+	assert_int_equal(connect(*wfd, (struct sockaddr *)&a, sizeof(a)), 0);
+	*rfd = accept(l, NULL, NULL);
+	assert_true(*rfd >= 0);
+	close(l);
+}
+
+struct slow_reader {
+	int fd;
+	int started; /* atomic: set just before the first read */
+	uint8_t *data;
+	size_t len;
+};
+
+/* Wait 200 ms, then read everything up to the end of the stream. */
+static void *slow_read(void *arg)
+{
+	struct slow_reader *r = arg;
+	size_t cap = 1 << 20;
+	ssize_t n;
+
+	usleep(200000);
+	r->data = malloc(cap);
+	__atomic_store_n(&r->started, 1, __ATOMIC_RELEASE);
+	while (r->data && (n = read(r->fd, r->data + r->len, cap - r->len)) > 0) {
+		r->len += (size_t)n;
+		if (r->len == cap)
+			r->data = realloc(r->data, cap *= 2);
+	}
+	return NULL;
+}
+
+/*
+ * zero-copy-send: n pages, one per flush, to a reader that reads nothing
+ * for 200 ms, then the end of the stream and vmig__writer_drain(). The
+ * pages are overwritten right after drain returns, and must still arrive
+ * as they were: drain returns only once the kernel is done with every one
+ * (so the reader must have started). On loopback the kernel copies every
+ * zero-copy send when it delivers it, and says so: drain reports it (what
+ * dirty-sync-missed-zero-copy counts).
+ */
+static void zero_copy_slow_reader(unsigned n)
+{
+	struct vmig__writer *w = malloc(sizeof(*w));
+	struct slow_reader r = {0};
+	struct vmig__err err = {{0}};
+	struct side src, dst;
+	pthread_t t;
+	bool copied;
+	int wfd;
+	uint8_t *sent;
+
+	assert_non_null(w);
+	side_init(&src);
+	side_init(&dst);
+	for (unsigned i = 0; i < NPAGES; i++)
+		fill_random_page(src.ram + i * VMIG_PAGE_SIZE, i + 1);
+	sent = malloc(NPAGES * VMIG_PAGE_SIZE);
+	assert_non_null(sent);
+	memcpy(sent, src.ram, NPAGES * VMIG_PAGE_SIZE);
+	tcp_pair(&wfd, &r.fd);
+	assert_int_equal(pthread_create(&t, NULL, slow_read, &r), 0);
+
+	vmig__writer_init(w, vmig__chan_from_fd(wfd));
+	vmig__writer_preamble(w, VMIG_CHAN_MULTIFD, 0, (struct vmig_wire_sid){42, 0});
+	assert_int_equal(vmig__writer_zerocopy(w, &err), 0);
+	for (unsigned i = 0; i < n; i++) {
+		vmig__writer_pages(w, 0, i, 1, src.ram + i * VMIG_PAGE_SIZE);
+		assert_int_equal(vmig__writer_flush(w), 0);
+	}
+	vmig__writer_rec(w, VMIG_REC_EOS, NULL, 0);
+	assert_int_equal(vmig__writer_drain(w, &copied), 0);
+	assert_true(__atomic_load_n(&r.started, __ATOMIC_ACQUIRE));
+	memset(src.ram, 0xaa, NPAGES * VMIG_PAGE_SIZE);
+	assert_true(copied);
+	assert_true(vmig__chan_zc_sent(w->c) >= n);
+	/* Nothing was sent since: nothing to report. */
+	assert_int_equal(vmig__writer_drain(w, &copied), 0);
+	assert_false(copied);
+	vmig__writer_release(w);
+	vmig__chan_free(w->c);
+	free(w);
+	pthread_join(t, NULL);
+	close(r.fd);
+
+	assert_non_null(r.data);
+	assert_int_equal(load_data_channel(r.data, r.len, &dst, &err), 0);
+	assert_memory_equal(dst.ram, sent, (size_t)n * VMIG_PAGE_SIZE);
+	free(r.data);
+	free(sent);
+	free(src.ram);
+	free(dst.ram);
+}
+
+/* Fewer flushes than the writer has header buffers: only drain waits. */
+static void test_zero_copy_drain_waits_for_the_kernel(void **state)
+{
+	zero_copy_slow_reader(6);
+}
+
+/* Four times as many flushes as header buffers: the first flushes' headers
+ * are still queued (unread by the kernel) when their buffers come round
+ * again. The writer must wait rather than overwrite them, or pages would
+ * land in the wrong places. */
+static void test_zero_copy_headers_wait_for_the_kernel(void **state)
+{
+	zero_copy_slow_reader(NPAGES);
+}
+
+/* The child of test_zero_copy_without_locked_memory: 0 if all went well. */
+static int zero_copy_no_memlock_child(int wfd, const uint8_t *ram)
+{
+	struct __user_cap_header_struct hdr = {.version = _LINUX_CAPABILITY_VERSION_3};
+	struct __user_cap_data_struct cap[2];
+	struct rlimit none = {0, 0};
+	struct vmig__writer *w = malloc(sizeof(*w));
+	struct vmig__err err = {{0}};
+	bool copied = false;
+
+	/* No allowance, and no capability to go past it. */
+	if (!w || setrlimit(RLIMIT_MEMLOCK, &none))
+		return 2;
+	if (!syscall(SYS_capget, &hdr, cap)) {
+		cap[CAP_IPC_LOCK / 32].effective &= ~(1u << (CAP_IPC_LOCK % 32));
+		cap[CAP_IPC_LOCK / 32].permitted &= ~(1u << (CAP_IPC_LOCK % 32));
+		if (syscall(SYS_capset, &hdr, cap))
+			return 3;
+	}
+	vmig__writer_init(w, vmig__chan_from_fd(wfd));
+	vmig__writer_preamble(w, VMIG_CHAN_MULTIFD, 0, (struct vmig_wire_sid){42, 0});
+	if (vmig__writer_zerocopy(w, &err))
+		return 4;
+	for (unsigned i = 0; i < 4; i++) {
+		vmig__writer_pages(w, 0, i, 1, ram + i * VMIG_PAGE_SIZE);
+		if (vmig__writer_flush(w))
+			return 5;
+	}
+	vmig__writer_rec(w, VMIG_REC_EOS, NULL, 0);
+	if (vmig__writer_drain(w, &copied))
+		return 6;
+	if (!copied) /* every send went by copy: dirty-sync-missed-zero-copy */
+		return 7;
+	if (vmig__chan_zc_sent(w->c)) /* and none zero-copy */
+		return 8;
+	return 0;
+}
+
+/*
+ * Without CAP_IPC_LOCK and with a locked-memory limit of 0, the kernel
+ * refuses every zero-copy send (ENOBUFS): the writer sends by copy, every
+ * page arrives, and drain says the sends were copied. In a child process,
+ * which drops the capability.
+ */
+static void test_zero_copy_without_locked_memory(void **state)
+{
+	struct vmig__err err = {{0}};
+	struct side src, dst;
+	size_t cap = 64 << 10, len = 0;
+	uint8_t *data = malloc(cap);
+	int wfd, rfd, status;
+	ssize_t n;
+	pid_t pid;
+
+	assert_non_null(data);
+	side_init(&src);
+	side_init(&dst);
+	for (unsigned i = 0; i < 4; i++)
+		fill_random_page(src.ram + i * VMIG_PAGE_SIZE, i + 7);
+	tcp_pair(&wfd, &rfd);
+	pid = fork();
+	assert_true(pid >= 0);
+	if (!pid)
+		_exit(zero_copy_no_memlock_child(wfd, src.ram));
+	close(wfd);
+	while (len < cap && (n = read(rfd, data + len, cap - len)) > 0)
+		len += (size_t)n;
+	close(rfd);
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	assert_true(WIFEXITED(status));
+	assert_int_equal(WEXITSTATUS(status), 0);
+	assert_int_equal(load_data_channel(data, len, &dst, &err), 0);
+	assert_memory_equal(dst.ram, src.ram, 4 * VMIG_PAGE_SIZE);
+	free(data);
+	free(src.ram);
+	free(dst.ram);
+}
+
+/* Zero-copy needs a plain TCP socket and no compression: clear refusals. */
+static void test_zero_copy_refusals(void **state)
+{
+	struct vmig__writer *w = malloc(sizeof(*w));
+	struct vmig__err err = {{0}};
+	int sv[2];
+
+	assert_non_null(w);
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+	vmig__writer_init(w, vmig__chan_from_fd(sv[0]));
+	assert_int_not_equal(vmig__writer_zerocopy(w, &err), 0);
+	assert_non_null(strstr(err.msg, "tcp:"));
+	assert_int_equal(vmig__writer_compress(w, false, 1), 0);
+	assert_int_equal(vmig__writer_zerocopy(w, &err), -EINVAL);
+	assert_non_null(strstr(err.msg, "multifd-compression"));
+	vmig__writer_release(w);
+	vmig__chan_free(w->c);
+	close(sv[1]);
+	free(w);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -505,6 +743,10 @@ int main(void)
 	    cmocka_unit_test(test_zlib_data_channel),
 	    cmocka_unit_test(test_zstd_page_changing_while_compressed),
 	    cmocka_unit_test(test_zlib_page_changing_while_compressed),
+	    cmocka_unit_test(test_zero_copy_drain_waits_for_the_kernel),
+	    cmocka_unit_test(test_zero_copy_headers_wait_for_the_kernel),
+	    cmocka_unit_test(test_zero_copy_without_locked_memory),
+	    cmocka_unit_test(test_zero_copy_refusals),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
