@@ -534,6 +534,9 @@ class TlsPrecopy(Scenario):
 
     tls = True
     ratios = [("x QEMU TLS", "ram_gbps", "qemu-tls"), ("x vmig plain", "ram_gbps", "vmig")]
+    pairs = [("vmig-tls", "qemu-tls", "vmig TLS / QEMU TLS"),
+             ("vmig-tls", "vmig", "vmig TLS / vmig plain"),
+             ("qemu-tls", "qemu", "QEMU TLS / QEMU plain")]
 
     def __init__(self, channels):
         if channels == 1:
@@ -557,6 +560,44 @@ class TlsPrecopy(Scenario):
 
     def dst_argv(self, rt, cfg, qmp_path, tmpdir):
         return rt.dst_argv(cfg, qmp_path, prealloc=True)
+
+
+class MultifdZeroCopy(Scenario):
+    """zero-copy-send: each engine migrates over multifd with and without
+    it, side by side in the same run, destinations preallocated (as in the
+    TLS comparison, so that the sending side's work is what differs).
+
+    Here both ends run on one host (loopback, or a veth pair between two
+    namespaces): the kernel copies every zero-copy send when it delivers it
+    to the local socket, so this measures what MSG_ZEROCOPY costs where it
+    cannot save the copy, and dirty-sync-missed-zero-copy (both engines
+    report it) shows the kernel saying so."""
+
+    ratios = [("x QEMU zero-copy", "ram_gbps", "qemu-zc"), ("x vmig plain", "ram_gbps", "vmig")]
+    pairs = [("vmig-zc", "qemu-zc", "vmig zero-copy / QEMU zero-copy"),
+             ("vmig-zc", "vmig", "vmig zero-copy / vmig plain"),
+             ("qemu-zc", "qemu", "QEMU zero-copy / QEMU plain")]
+    extra_columns = [("missed_zero_copy", "missed zero-copy syncs", "%.0f")]
+
+    def __init__(self, channels):
+        self.key = "multifd-%d-zero-copy" % channels
+        self.title = ("zero-copy-send: pre-copy, multifd with %d channels, destination RAM "
+                      "preallocated" % channels)
+        self.capabilities = {"multifd": True}
+        self.parameters = {"multifd-channels": channels}
+
+    def engines(self, runtimes):
+        out = []
+        for rt in runtimes:
+            out += [(rt.key, rt.label, rt, {}),
+                    (rt.key + "-zc", rt.label + " zero-copy", rt, {"zero-copy-send": True})]
+        return out
+
+    def dst_argv(self, rt, cfg, qmp_path, tmpdir):
+        return rt.dst_argv(cfg, qmp_path, prealloc=True)
+
+    def extra_metrics(self, run, src_info, dst_info):
+        return {"missed_zero_copy": src_info.get("ram", {}).get("dirty-sync-missed-zero-copy")}
 
 
 class Postcopy(Scenario):
@@ -810,7 +851,8 @@ class PrecopyWriteHeavy(PostcopyWss):
 # Scenario objects are shared by all runs: per-run state lives in the run
 # dict passed to on_poll() and extra_metrics().
 SCENARIOS = {s.key: s for s in (Precopy1ch(), Precopy1chPrealloc(), PrecopyHugetlb(),
-                                PrecopyMultifd(4), PrecopyWriteHeavy(), Postcopy(), PostcopyWss(),
+                                PrecopyMultifd(4), MultifdZeroCopy(4), PrecopyWriteHeavy(),
+                                Postcopy(), PostcopyWss(),
                                 TlsPrecopy(1), TlsPrecopy(4))}
 TLS_SCENARIOS = "tls-precopy-1ch,tls-multifd-4"  # what --tls runs by default
 

@@ -111,8 +111,8 @@ def _targets(res, sc):
         return _postcopy_targets(res, sc)
     if getattr(sc, "key", "") == "precopy-write-heavy":
         return _write_heavy_targets(res, sc)
-    if getattr(sc, "tls", False):
-        return _tls_ratios(res)
+    if getattr(sc, "pairs", None):
+        return _pair_lines(res, sc.pairs)
     if not sc.has_targets:
         return []
     med = {k: _medians(e) for k, e in res.items() if e.get("runs")}
@@ -213,14 +213,13 @@ def _paired_ratios(res, key, base, metric="ram_gbps"):
             if b.get(i) and a[i] is not None]
 
 
-def _tls_ratios(res):
-    """The TLS comparison's ratios of throughput: of medians, and the median
-    of the ratios of each round."""
+def _pair_lines(res, pairs):
+    """Ratios of throughput between the engines a scenario pairs up (TLS or
+    not, zero-copy or not): of medians, and the median of the ratios of each
+    round."""
     med = {k: _medians(e) for k, e in res.items() if e.get("runs")}
     lines = []
-    for key, base, what in (("vmig-tls", "qemu-tls", "vmig TLS / QEMU TLS"),
-                            ("vmig-tls", "vmig", "vmig TLS / vmig plain"),
-                            ("qemu-tls", "qemu", "QEMU TLS / QEMU plain")):
+    for key, base, what in pairs:
         if key not in med or base not in med:
             lines.append("%s: not evaluated (no result for %s)" %
                          (what, key if key not in med else base))

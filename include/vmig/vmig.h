@@ -142,7 +142,8 @@ int vmig_ram_block_add(vmig_session *s, const struct vmig_ram_block *blk);
 /*
  * Capabilities (booleans) and parameters (integers), by QEMU's names:
  *   capabilities: "postcopy-ram", "postcopy-blocktime", "postcopy-preempt",
- *     "multifd", "auto-converge", "x-vmig-verify-memory"
+ *     "multifd", "auto-converge", "x-vmig-verify-memory",
+ *     "pause-before-switchover", "zero-copy-send"
  *   parameters: "max-bandwidth" (bytes/s, 0 = unlimited), "downtime-limit"
  *     (ms), "multifd-channels", "cpu-throttle-initial",
  *     "cpu-throttle-increment", "max-cpu-throttle" (percent),

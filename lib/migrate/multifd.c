@@ -21,6 +21,12 @@
  * With multifd-compression zstd, each channel's writer compresses its runs
  * of pages (writer.c) and each receiving loader decompresses them; a run
  * that does not shrink goes uncompressed.
+ *
+ * With zero-copy-send, each channel's writer sends from guest RAM with
+ * MSG_ZEROCOPY (writer.c) and, at the end of its share of a round, waits
+ * until the kernel is done with all of it, as QEMU does at each sync. A
+ * page written meanwhile is dirty in the next round, as it would be with a
+ * copying send, and its copies stay in order on its one connection.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -55,6 +61,8 @@ struct vmig__mf_source {
 	bool quit;
 	unsigned busy; /* channels still sending this round */
 	int err;       /* first channel error of this round */
+	/* atomic: shares whose zero-copy sends the kernel all copied anyway */
+	uint64_t missed_zero_copy;
 	/* migration thread only: counts already added to src->st */
 	uint64_t seen[2];
 	struct mf_send *ch;
@@ -85,6 +93,8 @@ static void send_word(struct mf_send *c, unsigned bi, uint64_t wi)
 static int send_share(struct mf_send *c, uint64_t round, bool final)
 {
 	struct vmig_session *s = c->mf->src->s;
+	bool copied;
+	int ret;
 
 	for (unsigned bi = 0; bi < s->nblocks && !c->w.err; bi++) {
 		struct vmig__block *b = &s->blocks[bi];
@@ -101,7 +111,12 @@ static int send_share(struct mf_send *c, uint64_t round, bool final)
 
 		vmig__writer_rec(&c->w, VMIG_REC_SYNC, &sy, sizeof(sy));
 	}
-	return vmig__writer_flush(&c->w);
+	/* With zero-copy-send, as QEMU at each sync: the kernel is done with
+	 * every page of this round before the next one may send it again. */
+	ret = vmig__writer_drain(&c->w, &copied);
+	if (copied)
+		__atomic_add_fetch(&c->mf->missed_zero_copy, 1, __ATOMIC_RELAXED);
+	return ret;
 }
 
 static void *send_thread(void *arg)
@@ -186,6 +201,11 @@ static int connect_one(struct vmig__mf_source *mf, unsigned i, const struct vmig
 		vmig__err_set(err, "multifd channel %u: %s", i, strerror(-ret));
 		return ret;
 	}
+	if (s->caps[VMIG_CAP_ZERO_COPY_SEND]) {
+		ret = vmig__writer_zerocopy(&c->w, err);
+		if (ret)
+			return ret;
+	}
 	ret = -pthread_create(&c->thread, NULL, send_thread, c);
 	if (ret) {
 		vmig__err_set(err, "cannot start multifd thread: %s", strerror(-ret));
@@ -266,6 +286,8 @@ void vmig__mf_source_collect(struct vmig__source *src)
 	src->st.ram.normal_bytes += (sum[0] - mf->seen[0]) * VMIG_PAGE_SIZE;
 	src->st.ram.duplicate += sum[1] - mf->seen[1];
 	src->st.ram.multifd_bytes = vmig__mf_source_bytes(src);
+	src->st.ram.dirty_sync_missed_zero_copy =
+	    __atomic_load_n(&mf->missed_zero_copy, __ATOMIC_RELAXED);
 	mf->seen[0] = sum[0];
 	mf->seen[1] = sum[1];
 }

@@ -36,26 +36,28 @@ static const char *const status_names[VMIG_STATUS__MAX] = {
 };
 
 static const char *const cap_names[VMIG_CAP__MAX + 1] = {
-	[VMIG_CAP_POSTCOPY_RAM] = "postcopy-ram",
-	[VMIG_CAP_POSTCOPY_BLOCKTIME] = "postcopy-blocktime",
-	[VMIG_CAP_POSTCOPY_PREEMPT] = "postcopy-preempt",
-	[VMIG_CAP_MULTIFD] = "multifd",
-	[VMIG_CAP_AUTO_CONVERGE] = "auto-converge",
-	[VMIG_CAP_VERIFY_MEMORY] = "x-vmig-verify-memory",
-	[VMIG_CAP_PAUSE_BEFORE_SWITCHOVER] = "pause-before-switchover",
+    [VMIG_CAP_POSTCOPY_RAM] = "postcopy-ram",
+    [VMIG_CAP_POSTCOPY_BLOCKTIME] = "postcopy-blocktime",
+    [VMIG_CAP_POSTCOPY_PREEMPT] = "postcopy-preempt",
+    [VMIG_CAP_MULTIFD] = "multifd",
+    [VMIG_CAP_AUTO_CONVERGE] = "auto-converge",
+    [VMIG_CAP_VERIFY_MEMORY] = "x-vmig-verify-memory",
+    [VMIG_CAP_PAUSE_BEFORE_SWITCHOVER] = "pause-before-switchover",
+    [VMIG_CAP_ZERO_COPY_SEND] = "zero-copy-send",
 };
 
 /* Capabilities this build can act on; the others are listed (so tools see
  * QEMU's names) but refuse to be switched on. */
 static const bool cap_supported[VMIG_CAP__MAX] = {
-	[VMIG_CAP_POSTCOPY_RAM] = true,
-	[VMIG_CAP_POSTCOPY_BLOCKTIME] = true,
-	/* vmig always sends requested pages on their own channel */
-	[VMIG_CAP_POSTCOPY_PREEMPT] = true,
-	[VMIG_CAP_MULTIFD] = true,
-	[VMIG_CAP_AUTO_CONVERGE] = true, /* if the VMM can throttle: see below */
-	[VMIG_CAP_VERIFY_MEMORY] = true,
-	[VMIG_CAP_PAUSE_BEFORE_SWITCHOVER] = true,
+    [VMIG_CAP_POSTCOPY_RAM] = true,
+    [VMIG_CAP_POSTCOPY_BLOCKTIME] = true,
+    /* vmig always sends requested pages on their own channel */
+    [VMIG_CAP_POSTCOPY_PREEMPT] = true,
+    [VMIG_CAP_MULTIFD] = true,
+    [VMIG_CAP_AUTO_CONVERGE] = true, /* if the VMM can throttle: see below */
+    [VMIG_CAP_VERIFY_MEMORY] = true,
+    [VMIG_CAP_PAUSE_BEFORE_SWITCHOVER] = true,
+    [VMIG_CAP_ZERO_COPY_SEND] = true, /* multifd only: check_zero_copy() */
 };
 
 /* Names by index, NULL-terminated, as vmig_parameter_names() returns them. */
@@ -634,6 +636,28 @@ static int check_tls(struct vmig_session *s, bool source)
 	    &s->tls, source ? VMIG_TLS_ENDPOINT_CLIENT : VMIG_TLS_ENDPOINT_SERVER, &s->api_err);
 }
 
+/* zero-copy-send: QEMU's rule (multifd, neither compression nor TLS, which
+ * both send bytes other than guest RAM's), and MSG_ZEROCOPY needs TCP. */
+static int check_zero_copy(struct vmig_session *s, const struct vmig__uri *u)
+{
+	const char *why = NULL;
+
+	if (!s->caps[VMIG_CAP_ZERO_COPY_SEND])
+		return 0;
+	if (!s->caps[VMIG_CAP_MULTIFD])
+		why = "it needs multifd";
+	else if (vmig__param(s, VMIG_PARAM_MULTIFD_COMPRESSION) != VMIG_COMPRESS_NONE)
+		why = "it cannot be used with multifd-compression";
+	else if (s->tls.creds)
+		why = "it cannot be used with TLS";
+	else if (u->kind != VMIG_URI_TCP)
+		why = "it needs a tcp: URI";
+	if (!why)
+		return 0;
+	vmig__err_set(&s->api_err, "zero-copy-send: %s", why);
+	return -EINVAL;
+}
+
 VMIG_EXPORT int vmig_migrate(vmig_session *s, const char *uri)
 {
 	struct vmig__uri u;
@@ -644,6 +668,8 @@ VMIG_EXPORT int vmig_migrate(vmig_session *s, const char *uri)
 	ret = vmig__uri_parse(uri, &u, &s->api_err);
 	if (!ret)
 		ret = check_tls(s, true);
+	if (!ret)
+		ret = check_zero_copy(s, &u);
 	if (ret)
 		return ret;
 	ret = begin(s, uri, true);

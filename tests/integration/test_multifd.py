@@ -11,6 +11,7 @@ says what was wrong.
 usage: test_multifd.py BUILD_DIR
 """
 import os
+import signal
 import socket
 import struct
 import sys
@@ -103,6 +104,83 @@ def case_compressed(procs, build, codec, compressible):
         check(sent < MEM // 4, "compressible RAM: %d bytes sent for %d" % (sent, MEM))
     else:
         check(sent >= MEM, "random RAM: only %d bytes sent for %d" % (sent, MEM))
+
+
+def case_zero_copy(procs, build, channels):
+    """zero-copy-send (MSG_ZEROCOPY from guest RAM) under a guest that keeps
+    writing: exact memory, and dirty-sync-missed-zero-copy told honestly.
+    Over loopback the kernel copies every zero-copy send when it delivers
+    it, so each channel's share of each round counts as missed: between 1
+    and dirty-sync-count x channels, as QEMU bounds it."""
+    src, dst = pair(procs, build, channels, "random")
+    src.qmp.cmd("migrate-set-capabilities",
+                capabilities=[{"capability": "zero-copy-send", "state": True}])
+    caps = {c["capability"]: c["state"] for c in src.qmp.cmd("query-migrate-capabilities")}
+    check(caps.get("zero-copy-send") is True, "zero-copy-send not kept: %r" % caps)
+    start(src, dst)
+    info = completed_and_equal(src, dst)
+    ram = info["ram"]
+    missed, syncs = ram["dirty-sync-missed-zero-copy"], ram["dirty-sync-count"]
+    print("zero-copy: missed %d, syncs %d, channels %d" % (missed, syncs, channels))
+    check(1 <= missed <= syncs * channels,
+          "dirty-sync-missed-zero-copy %d with %d syncs on %d channels over loopback"
+          % (missed, syncs, channels))
+
+
+def case_zero_copy_stalled_dest_cancel(procs, build):
+    """A destination that stops reading leaves zero-copy sends the kernel
+    never finishes: migrate_cancel must still end the migration (the wait
+    for the kernel wakes when the connections are shut down), the source
+    run on, and a new migration to another destination complete."""
+    src, dst = pair(procs, build, 2, "random")
+    src.qmp.cmd("migrate-set-capabilities",
+                capabilities=[{"capability": "zero-copy-send", "state": True}])
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 32 << 20})
+    start(src, dst)
+    time.sleep(0.3)
+    os.kill(dst.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(1.5)  # the source fills its socket buffers and waits
+        st = src.migrate_status()["status"]
+        check(st == "active", "source %r before the cancel" % st)
+        src.qmp.cmd("migrate_cancel")
+        info = src.wait_migration(30)
+        check(info["status"] == "cancelled", "source %r after cancel" % info["status"])
+        check(src.status() == "running", "source not running: %s" % src.status())
+    finally:
+        os.kill(dst.proc.pid, signal.SIGCONT)
+    dst.kill()
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+    dst2 = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--incoming", "defer", "-S",
+              name="dst2")
+    set_multifd(dst2, 2, ("x-vmig-verify-memory",))
+    start(src, dst2)
+    completed_and_equal(src, dst2)
+
+
+def case_zero_copy_refused(procs, build):
+    """zero-copy-send needs multifd, no compression and a tcp: URI (and no
+    TLS: test_tls.py); migrate says which, and the guest runs on."""
+    src = VM(procs, build, "--mem", "16M", name="src")
+    tcp = "tcp:127.0.0.1:%d" % free_port()
+    unix = "unix:" + os.path.join(procs.tmpdir(), "mig.sock")
+    steps = (
+        ({"zero-copy-send": True}, {}, tcp, "needs multifd"),
+        ({"multifd": True}, {"multifd-compression": "zstd"}, tcp, "multifd-compression"),
+        ({}, {"multifd-compression": "none"}, unix, "tcp:"),
+    )
+    for caps, params, uri, want in steps:
+        if caps:
+            src.qmp.cmd("migrate-set-capabilities", capabilities=[
+                {"capability": c, "state": v} for c, v in caps.items()])
+        if params:
+            src.qmp.cmd("migrate-set-parameters", **params)
+        try:
+            src.qmp.cmd("migrate", uri=uri)
+            raise AssertionError("migrate to %s accepted zero-copy-send (want: %s)" % (uri, want))
+        except QMPError as e:
+            check("zero-copy-send" in str(e) and want in str(e), "unclear error: %s" % e)
+        check(src.status() == "running", "source not running")
 
 
 def case_compression_names(procs, build):
@@ -281,6 +359,11 @@ def main():
     r.run("multifd-zlib-compressible", case_compressed, r.build, "zlib", True)
     r.run("multifd-zlib-random", case_compressed, r.build, "zlib", False)
     r.run("multifd-compression-names", case_compression_names, r.build)
+    for channels in (1, 3):
+        r.run("multifd-%d-zero-copy-send" % channels, case_zero_copy, r.build, channels)
+    r.run("multifd-zero-copy-send-stalled-dest-cancel", case_zero_copy_stalled_dest_cancel,
+          r.build)
+    r.run("multifd-zero-copy-send-refused", case_zero_copy_refused, r.build)
     r.run("multifd-shared-max-bandwidth", case_shared_bandwidth, r.build)
     r.run("multifd-postcopy-refused", case_postcopy_refused, r.build)
     r.run("multifd-dest-without-multifd", case_dest_without_multifd, r.build)

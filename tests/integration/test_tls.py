@@ -313,6 +313,22 @@ def case_x509_multifd(procs, build, channels=4):
     relay.close()
 
 
+def case_zero_copy_refused(procs, build):
+    """zero-copy-send with TLS: the kernel would send the ciphertext, not
+    guest RAM, so there is nothing to send in place; migrate says so (as
+    QEMU refuses it) and the guest runs on."""
+    g = tlscerts.x509_good(CERTS)
+    src = source(procs, build, caps=("multifd", "zero-copy-send"))
+    add_x509(src, "tls0", "client", g.client)
+    set_tls(src, "tls0")
+    try:
+        src.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % free_port())
+        raise AssertionError("migrate with TLS accepted zero-copy-send")
+    except QMPError as e:
+        check("zero-copy-send" in str(e) and "TLS" in str(e), "unclear error: %s" % e)
+    check(src.status() == "running", "source not running")
+
+
 def case_psk(procs, build):
     p = tlscerts.psk(CERTS)
     src = source(procs, build, psk_opt("tls0", "client", p.client), fill=marker_fill(procs))
@@ -681,6 +697,7 @@ def main():
         r.run("tls-certs-self-check", case_self_check, r.build)
         r.run("tls-x509-precopy", case_x509_precopy, r.build)
         r.run("tls-x509-multifd-4", case_x509_multifd, r.build)
+        r.run("tls-zero-copy-send-refused", case_zero_copy_refused, r.build)
         r.run("tls-psk-precopy", case_psk, r.build)
         r.run("tls-authz-right-dn", case_authz_right_dn, r.build)
         r.run("tls-postcopy-cut-recover", case_postcopy_cut_recover, r.build)
