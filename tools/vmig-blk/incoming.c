@@ -135,8 +135,7 @@ static int pc_map(struct vblk_incoming *in, int fd, size_t len)
 	return 0;
 }
 
-/* The switch: the staged map becomes the state file (or, for a RAM disk,
- * which dies with the process anyway, plain memory). */
+/* All of buf at off, across short writes and signals: 0 or -errno. */
 static int pwrite_all(int fd, const void *buf, size_t n, off_t off)
 {
 	for (size_t done = 0; done < n;) {
@@ -151,6 +150,8 @@ static int pwrite_all(int fd, const void *buf, size_t n, off_t off)
 	return 0;
 }
 
+/* The switch: the staged map becomes the state file (or, for a RAM disk,
+ * which dies with the process anyway, plain memory). */
 static int pc_state_create(struct vblk_incoming *in, const struct vblk_ss_geom *g, char *err,
 			   size_t len)
 {
@@ -458,16 +459,7 @@ static int in_write(struct vblk_disk *disk, uint64_t off, const uint8_t *p, uint
 		memcpy(disk->ram + off, p, len);
 		return 0;
 	}
-	for (uint64_t done = 0; done < len;) {
-		ssize_t k = pwrite(disk->fd, p + done, len - done, (off_t)(off + done));
-
-		if (k < 0 && errno == EINTR)
-			continue;
-		if (k <= 0)
-			return k < 0 ? -errno : -EIO;
-		done += (uint64_t)k;
-	}
-	return 0;
+	return pwrite_all(disk->fd, p, len, (off_t)off);
 }
 
 static int in_zero(struct vblk_incoming *in, uint64_t off, uint64_t len, bool unmap)
