@@ -1433,6 +1433,21 @@ static void expect_destination_image(const struct guest_write *w, unsigned n)
 	free(got);
 }
 
+/* Poll the destination until its status is status. */
+static void incoming_wait(const char *status)
+{
+	for (uint64_t end = now_ms() + WAIT_MS;; usleep(5000)) {
+		json_t *q = rpc_ok_at(T.rpc2, "vmig_blk_incoming_query", NULL);
+		bool ok = has_status(q, status);
+
+		json_decref(q);
+		if (ok)
+			return;
+		if (now_ms() > end)
+			fail_msg("the destination never got to %s", status);
+	}
+}
+
 /*
  * Post-copy storage. The source copies slowly (256 KiB/s) and the VM stops
  * with most of the disk not sent; the switch hands the disk over at once.
@@ -1481,6 +1496,9 @@ static void test_mirror_postcopy(void **state)
 	json_decref(q);
 	rpc_fails("vmig_blk_mirror_cancel", NULL, RPC_SERVER_ERROR);
 	rpc_fails("vmig_blk_mirror_complete", NULL, RPC_SERVER_ERROR);
+	/* The source says post-copy once the switch went out; the destination
+	 * takes it (its state file first) when it reads it. */
+	incoming_wait("postcopy-active");
 	assert_int_equal(access(statefile, F_OK), 0);
 
 	/* the VM runs on the destination */
@@ -1565,21 +1583,6 @@ static void postcopy_switched(const char *uri)
 	json_decref(q);
 	fe_to(T.sock2);
 	fe_up();
-}
-
-/* Poll the destination until its status is status. */
-static void incoming_wait(const char *status)
-{
-	for (uint64_t end = now_ms() + WAIT_MS;; usleep(5000)) {
-		json_t *q = rpc_ok_at(T.rpc2, "vmig_blk_incoming_query", NULL);
-		bool ok = has_status(q, status);
-
-		json_decref(q);
-		if (ok)
-			return;
-		if (now_ms() > end)
-			fail_msg("the destination never got to %s", status);
-	}
 }
 
 /* Wait for a posted request; its status. */
