@@ -533,6 +533,7 @@ class TlsPrecopy(Scenario):
     compared."""
 
     tls = True
+    section = "tls"  # of docs/benchmarks.md
     ratios = [("x QEMU TLS", "ram_gbps", "qemu-tls"), ("x vmig plain", "ram_gbps", "vmig")]
     pairs = [("vmig-tls", "qemu-tls", "vmig TLS / QEMU TLS"),
              ("vmig-tls", "vmig", "vmig TLS / vmig plain"),
@@ -573,6 +574,7 @@ class MultifdZeroCopy(Scenario):
     cannot save the copy, and dirty-sync-missed-zero-copy (both engines
     report it) shows the kernel saying so."""
 
+    section = "zerocopy"  # of docs/benchmarks.md
     ratios = [("x QEMU zero-copy", "ram_gbps", "qemu-zc"), ("x vmig plain", "ram_gbps", "vmig")]
     pairs = [("vmig-zc", "qemu-zc", "vmig zero-copy / QEMU zero-copy"),
              ("vmig-zc", "vmig", "vmig zero-copy / vmig plain"),
@@ -1218,10 +1220,10 @@ def run_matrix(cfg, scenarios, runtimes, procs):
             res[key] = {"label": label, "runs": [], "errors": [],
                         "pending": rt.unavailable_reason()}
         plans.append((sc, res, engines))
-    # The TLS comparison goes round by round across its scenarios, so that a
-    # deadline cuts every scenario short alike instead of starving the last;
-    # the others keep scenario after scenario.
-    rounds_first = all(getattr(sc, "tls", False) for sc in scenarios)
+    # A paired comparison (TLS, zero-copy) goes round by round across its
+    # scenarios, so that a deadline cuts every scenario short alike instead
+    # of starving the last; the others keep scenario after scenario.
+    rounds_first = all(getattr(sc, "section", None) for sc in scenarios)
     for n, (sc, res, engines) in enumerate(plans):
         try:
             sc.prepare(cfg)
@@ -1250,13 +1252,16 @@ def parse_size(s):
 
 
 def record(doc, meta, scenarios, results):
-    """Rewrites the section of doc these scenarios belong to: the TLS
-    comparison has a section of its own, everything else the migrate one,
-    and the two-host model has its own of each."""
+    """Rewrites the section of doc these scenarios belong to: the TLS and
+    zero-copy comparisons have a section each, everything else the migrate
+    one, and the two-host model has its own of each."""
     two = "-twohost" if meta.get("placement") == TwoHosts.key else ""
-    if all(getattr(sc, "tls", False) for sc in scenarios):
-        benchlib.replace_section(doc, "<!-- tls%s:begin -->" % two, "<!-- tls%s:end -->" % two,
-                                 report.tls_markdown(meta, scenarios, results))
+    sections = {getattr(sc, "section", None) for sc in scenarios}
+    if len(sections) == 1 and None not in sections:
+        name = sections.pop()
+        benchlib.replace_section(doc, "<!-- %s%s:begin -->" % (name, two),
+                                 "<!-- %s%s:end -->" % (name, two),
+                                 report.paired_markdown(meta, scenarios, results, name))
     else:
         benchlib.replace_section(doc, "<!-- migrate%s:begin -->" % two,
                                  "<!-- migrate%s:end -->" % two,
@@ -1305,7 +1310,8 @@ def main():
     ap.add_argument("--quiet-wait", type=float, default=120,
                     help="seconds to wait for a quiet host before measuring anyway")
     ap.add_argument("--record", metavar="DOC",
-                    help="rewrite the migrate section of DOC (with --tls: the tls section)")
+                    help="rewrite the migrate section of DOC (with --tls: the tls section; "
+                    "multifd-4-zero-copy: the zerocopy section)")
     ap.add_argument("--command", default="", help="command line to quote in the record")
     args = ap.parse_args()
     args.mem_bytes = parse_size(args.mem)
@@ -1324,9 +1330,10 @@ def main():
     tls = [getattr(sc, "tls", False) for sc in scenarios]
     if args.tls and not all(tls):
         ap.error("--tls runs only the tls-* scenarios")
-    if args.record and any(tls) and not all(tls):
-        ap.error("--record: the tls-* scenarios have a section of their own; record them "
-                 "apart from the others")
+    sections = {getattr(sc, "section", None) for sc in scenarios}
+    if args.record and len(sections) > 1:
+        ap.error("--record: the tls-* and *-zero-copy scenarios have a section of their "
+                 "own each; record them apart from the others")
     all_rt = {"qemu": QemuRuntime(args.qemu), "vmig": VmigRuntime(cfg.build_dir)}
     runtimes = []
     for k in args.runtimes.split(","):

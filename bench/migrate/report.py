@@ -366,15 +366,21 @@ def markdown(meta, scenarios, results):
     return "\n".join(out)
 
 
-def tls_markdown(meta, scenarios, results):
-    """The text that goes between the tls markers of docs/benchmarks.md."""
-    out = ["## TLS: vmig vs QEMU %s, each in clear and over TLS" % (meta["qemu_version"] or ""),
+def paired_markdown(meta, scenarios, results, section):
+    """The text between the markers of a paired comparison's own section of
+    docs/benchmarks.md (section "tls" or "zerocopy": each engine measured
+    with and without the feature, side by side)."""
+    heading, method = PAIRED_SECTIONS[section]
+    out = [heading % (meta["qemu_version"] or ""),
            "",
            "Recorded by `%s` on %s." % (meta["command"], meta["date"]),
            "Host: %s, %s CPUs, %.0f GiB RAM, Linux %s. QEMU %s (TCG). Tree: %s." %
            (meta["cpu"], meta["cpus"], meta["mem_gib"], meta["kernel"],
             meta["qemu_version"] or "?", meta["commit"] or "?"),
            ""]
+    if meta.get("placement") == "two-host":
+        out += ["Two-host model (below the migration tables: each side in its own network "
+                "namespace, joined by a veth pair, each pinned to a core of its own).", ""]
     for sc in scenarios:
         res = results[sc.key]
         out.append("### %s, %s, median of %d runs" % (sc.title, _guest_text(sc, meta),
@@ -388,7 +394,7 @@ def tls_markdown(meta, scenarios, results):
         out.append("")
         out += _md_runs(res, sc)
         out.append("")
-    out += TLS_METHOD_TEXT.format(gib=meta["mem_bytes"] / (1 << 30)).split("\n")
+    out += method.format(gib=meta["mem_bytes"] / (1 << 30)).split("\n")
     return "\n".join(out)
 
 
@@ -416,6 +422,31 @@ TLS_METHOD_TEXT = """### How the TLS comparison is measured
 - x QEMU TLS and x vmig plain in the tables divide medians of Gbit/s. Below each table,
   the same ratios per round (the two runs of a round ran back to back) and their median.
 """
+
+
+ZEROCOPY_METHOD_TEXT = """### How the zero-copy comparison is measured
+
+- Same guests, fill file, QMP sequence, timing, CPU accounting and checks as the
+  migration benchmark (its "How it is measured"), {gib:.0f} GiB idle guest filled with
+  random data, multifd with 4 channels on both engines. Both destinations preallocate
+  guest RAM, as in the TLS comparison, so that the sending side's work is what differs.
+- Each engine runs twice per round, without and with the capability `zero-copy-send`
+  (QEMU's name, set on both sides), one after the other (raw, QEMU, QEMU zero-copy, vmig,
+  vmig zero-copy).
+- missed zero-copy syncs is `dirty-sync-missed-zero-copy` from the source's final
+  `query-migrate`. Both engines count one per multifd channel per flush in which the
+  kernel copied every zero-copy send anyway; QEMU 7.2 flushes at the end of every
+  iteration of its migration loop, vmig at the end of each round, so the two counts are
+  not on the same scale.
+- x QEMU zero-copy and x vmig plain in the tables divide medians of Gbit/s. Below each
+  table, the same ratios per round and their median.
+"""
+
+PAIRED_SECTIONS = {
+    "tls": ("## TLS: vmig vs QEMU %s, each in clear and over TLS", TLS_METHOD_TEXT),
+    "zerocopy": ("## zero-copy-send: vmig vs QEMU %s, each with and without it",
+                 ZEROCOPY_METHOD_TEXT),
+}
 
 
 TWO_HOST_TEXT = """### The two-host model

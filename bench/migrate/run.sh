@@ -25,7 +25,9 @@
 #   BENCH_FILL_FILE=PATH    cached random file (default /var/tmp/vmig-bench-<MEM>.bin)
 #   BENCH_SCENARIOS=precopy-1ch,postcopy-wss   comma-separated scenarios
 #                           (also multifd-4, postcopy; with --tls the default is
-#                           tls-precopy-1ch,tls-multifd-4)
+#                           tls-precopy-1ch,tls-multifd-4). multifd-4-zero-copy
+#                           runs each engine with and without zero-copy-send and
+#                           --record writes it to a section of its own.
 #   BENCH_RUNTIMES=qemu,vmig      comma-separated engines (raw TCP always runs)
 #   BENCH_TIMEOUT=600       seconds allowed per migration
 #   BENCH_DEADLINE=0        no measurement starts after this many seconds
