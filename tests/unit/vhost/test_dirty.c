@@ -2022,6 +2022,18 @@ static int case_setup(void **state)
 	return r ? 0 : -1;
 }
 
+/* After each case: a destination daemon a failed case left running is
+ * killed, so that none outlives the run and the next case starts its own. */
+static int case_teardown(void **state)
+{
+	if (T.pid2 > 0) {
+		kill(T.pid2, SIGKILL);
+		waitpid(T.pid2, NULL, 0);
+		T.pid2 = -1;
+	}
+	return 0;
+}
+
 static int group_setup(void **state)
 {
 	const char *tmpdir = getenv("TMPDIR");
@@ -2085,23 +2097,23 @@ static int group_teardown(void **state)
 int main(int argc, char **argv)
 {
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test_setup(test_rpc_errors, case_setup),
-	    cmocka_unit_test_setup(test_requests_marked, case_setup),
-	    cmocka_unit_test_setup(test_take_bounds, case_setup),
-	    cmocka_unit_test_setup(test_race_take, case_setup),
-	    cmocka_unit_test_setup(test_upgrade_all_dirty, case_setup),
-	    cmocka_unit_test_setup(test_mirror_while_writing, case_setup),
-	    cmocka_unit_test_setup(test_mirror_resumes, case_setup),
-	    cmocka_unit_test_setup(test_incoming_holds_requests, case_setup),
-	    cmocka_unit_test_setup(test_mirror_link_cut, case_setup),
-	    cmocka_unit_test_setup(test_mirror_tls, case_setup),
-	    cmocka_unit_test_setup(test_mirror_write_blocking, case_setup),
-	    cmocka_unit_test_setup(test_mirror_write_blocking_stall, case_setup),
-	    cmocka_unit_test_setup(test_mirror_postcopy, case_setup),
-	    cmocka_unit_test_setup(test_incoming_postcopy, case_setup),
-	    cmocka_unit_test_setup(test_mirror_postcopy_faults, case_setup),
-	    cmocka_unit_test_setup(test_incoming_postcopy_peers, case_setup),
-	    cmocka_unit_test_setup(test_mirror_postcopy_not_taken, case_setup),
+	    cmocka_unit_test_setup_teardown(test_rpc_errors, case_setup, case_teardown),
+	    cmocka_unit_test_setup_teardown(test_requests_marked, case_setup, case_teardown),
+	    cmocka_unit_test_setup_teardown(test_take_bounds, case_setup, case_teardown),
+	    cmocka_unit_test_setup_teardown(test_race_take, case_setup, case_teardown),
+	    cmocka_unit_test_setup_teardown(test_upgrade_all_dirty, case_setup, case_teardown),
+	    cmocka_unit_test_setup_teardown(test_mirror_while_writing, case_setup, case_teardown),
+	    cmocka_unit_test_setup_teardown(test_mirror_resumes, case_setup, case_teardown),
+	    cmocka_unit_test_setup_teardown(test_incoming_holds_requests, case_setup, case_teardown),
+	    cmocka_unit_test_setup_teardown(test_mirror_link_cut, case_setup, case_teardown),
+	    cmocka_unit_test_setup_teardown(test_mirror_tls, case_setup, case_teardown),
+	    cmocka_unit_test_setup_teardown(test_mirror_write_blocking, case_setup, case_teardown),
+	    cmocka_unit_test_setup_teardown(test_mirror_write_blocking_stall, case_setup, case_teardown),
+	    cmocka_unit_test_setup_teardown(test_mirror_postcopy, case_setup, case_teardown),
+	    cmocka_unit_test_setup_teardown(test_incoming_postcopy, case_setup, case_teardown),
+	    cmocka_unit_test_setup_teardown(test_mirror_postcopy_faults, case_setup, case_teardown),
+	    cmocka_unit_test_setup_teardown(test_incoming_postcopy_peers, case_setup, case_teardown),
+	    cmocka_unit_test_setup_teardown(test_mirror_postcopy_not_taken, case_setup, case_teardown),
 	};
 
 	if (argc != 2 && argc != 3) {
