@@ -82,8 +82,9 @@ static void mark_done(struct vmig__zc *z, uint32_t lo, uint32_t hi, bool copied)
 	z->any = true;
 	if (!copied)
 		z->all_copied = false;
-	for (uint32_t k = 0; k < n; k++, id++)
-		if (id >= z->done && id < z->sent)
+	/* Only ids still outstanding count (a range never covers more). */
+	for (uint32_t k = 0; k < n && id < z->sent; k++, id++)
+		if (id >= z->done)
 			z->early[(id % ZC_WINDOW) / 64] |= 1ull << (id % 64);
 	while (z->done < z->sent) {
 		uint64_t *w = &z->early[(z->done % ZC_WINDOW) / 64];
