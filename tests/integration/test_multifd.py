@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 
@@ -181,6 +182,33 @@ def case_zero_copy_refused(procs, build):
         except QMPError as e:
             check("zero-copy-send" in str(e) and want in str(e), "unclear error: %s" % e)
         check(src.status() == "running", "source not running")
+
+
+def case_cli_zero_copy(procs, build):
+    """The vmig CLI: zero-copy-send without multifd is refused by the source
+    with its reason, and the destination it had already set listening is let
+    go (not left in "setup", where it would refuse the next attempt's
+    capabilities). The next attempt, with multifd, completes."""
+    src, dst = pair(procs, build, 2, "random")
+    for vm in (src, dst):  # the CLI sets the capabilities on both sides
+        vm.qmp.cmd("migrate-set-capabilities",
+                   capabilities=[{"capability": "multifd", "state": False}])
+    cli = os.path.join(build, "tools", "vmig", "vmig")
+    argv = [cli, "migrate", "unix:" + src.qmp_path, "tcp:127.0.0.1:%d" % free_port(),
+            "--dest", "unix:" + dst.qmp_path, "--no-progress",
+            "--capability", "zero-copy-send=on"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    check(r.returncode == 1 and "zero-copy-send: it needs multifd" in r.stderr,
+          "vmig migrate exited %d: %s" % (r.returncode, r.stderr[-500:]))
+    st = dst.migrate_status()["status"]
+    check(st != "setup", "destination left listening (%r) after the source refused" % st)
+    check(src.status() == "running", "source not running")
+    argv += ["--capability", "multifd=on"]
+    argv[3] = "tcp:127.0.0.1:%d" % free_port()
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    check(r.returncode == 0, "second vmig migrate exited %d: %s" % (r.returncode,
+                                                                    r.stderr[-500:]))
+    check(src.memory_digest(MEM) == dst.memory_digest(MEM), "guest memory differs")
 
 
 def case_compression_names(procs, build):
@@ -364,6 +392,7 @@ def main():
     r.run("multifd-zero-copy-send-stalled-dest-cancel", case_zero_copy_stalled_dest_cancel,
           r.build)
     r.run("multifd-zero-copy-send-refused", case_zero_copy_refused, r.build)
+    r.run("multifd-cli-zero-copy-send", case_cli_zero_copy, r.build)
     r.run("multifd-shared-max-bandwidth", case_shared_bandwidth, r.build)
     r.run("multifd-postcopy-refused", case_postcopy_refused, r.build)
     r.run("multifd-dest-without-multifd", case_dest_without_multifd, r.build)

@@ -753,8 +753,14 @@ static int start_migration(struct qmpc *src, struct qmpc *dst, const struct mig_
 	     run(dst, "migrate-incoming", json_pack("{s:s}", "uri", o->uri), NULL, "destination")))
 		goto out;
 	if (setup_side(src, caps, sp, "source") ||
-	    run(src, "migrate", json_pack("{s:s}", "uri", o->uri), NULL, "source"))
+	    run(src, "migrate", json_pack("{s:s}", "uri", o->uri), NULL, "source")) {
+		/* The destination listens for a migration that will not come:
+		 * let it go, or it refuses the next attempt's settings (a vmig
+		 * destination; QEMU 7.2 ignores migrate_cancel there). */
+		if (dst)
+			run(dst, "migrate_cancel", NULL, NULL, "destination");
 		goto out;
+	}
 	if (o->postcopy)
 		run(src, "migrate-start-postcopy", NULL, NULL, "source");
 	ret = 0;
