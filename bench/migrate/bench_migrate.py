@@ -523,21 +523,52 @@ class PrecopyMultifd(Scenario):
         self.has_targets = True
 
 
-class TlsPrecopy(Scenario):
-    """What TLS costs: each engine migrates both in clear and over TLS, side
-    by side in the same run, pre-copy over one channel or over multifd.
-    Both destinations preallocate guest RAM (QEMU prealloc=on, vmig-vm
-    --mem-prealloc), so the first touch of every page, which costs more than
-    the whole transfer on this machine, stays out of the measured window and
-    the engines' own per-byte work (now including encryption) is what is
-    compared."""
+class PairedScenario(Scenario):
+    """Each engine measured without and with a feature (variant()), side by
+    side in the same run, recorded in a section of its own (section) with
+    the ratios between the pairs. Both destinations preallocate guest RAM
+    (QEMU prealloc=on, vmig-vm --mem-prealloc), so the first touch of every
+    page, which costs more than the whole transfer on this machine, stays
+    out of the measured window and the sending side's work is what
+    differs."""
+
+    suffix = ""   # the variant's result key is the engine's + "-" + suffix
+    feature = ""  # its name in the tables
+
+    def variant(self, rt):
+        """(result key, label, runtime, extra capabilities) of rt with the feature."""
+        raise NotImplementedError
+
+    @property
+    def ratios(self):
+        return [("x QEMU " + self.feature, "ram_gbps", "qemu-" + self.suffix),
+                ("x vmig plain", "ram_gbps", "vmig")]
+
+    @property
+    def pairs(self):
+        f, zc = self.feature, "-" + self.suffix
+        return [("vmig" + zc, "qemu" + zc, "vmig %s / QEMU %s" % (f, f)),
+                ("vmig" + zc, "vmig", "vmig %s / vmig plain" % f),
+                ("qemu" + zc, "qemu", "QEMU %s / QEMU plain" % f)]
+
+    def engines(self, runtimes):
+        out = []
+        for rt in runtimes:
+            out += [(rt.key, rt.label, rt, {}), self.variant(rt)]
+        return out
+
+    def dst_argv(self, rt, cfg, qmp_path, tmpdir):
+        return rt.dst_argv(cfg, qmp_path, prealloc=True)
+
+
+class TlsPrecopy(PairedScenario):
+    """What TLS costs: each engine migrates both in clear and over TLS,
+    pre-copy over one channel or over multifd (the engines' own per-byte
+    work, now including encryption, is what is compared)."""
 
     tls = True
     section = "tls"  # of docs/benchmarks.md
-    ratios = [("x QEMU TLS", "ram_gbps", "qemu-tls"), ("x vmig plain", "ram_gbps", "vmig")]
-    pairs = [("vmig-tls", "qemu-tls", "vmig TLS / QEMU TLS"),
-             ("vmig-tls", "vmig", "vmig TLS / vmig plain"),
-             ("qemu-tls", "qemu", "QEMU TLS / QEMU plain")]
+    suffix, feature = "tls", "TLS"
 
     def __init__(self, channels):
         if channels == 1:
@@ -552,21 +583,13 @@ class TlsPrecopy(Scenario):
             self.capabilities = {"multifd": True}
             self.parameters = {"multifd-channels": channels}
 
-    def engines(self, runtimes):
-        out = []
-        for rt in runtimes:
-            tls = TlsRuntime(rt)
-            out += [(rt.key, rt.label, rt, {}), (tls.key, tls.label, tls, {})]
-        return out
-
-    def dst_argv(self, rt, cfg, qmp_path, tmpdir):
-        return rt.dst_argv(cfg, qmp_path, prealloc=True)
+    def variant(self, rt):
+        tls = TlsRuntime(rt)
+        return (tls.key, tls.label, tls, {})
 
 
-class MultifdZeroCopy(Scenario):
-    """zero-copy-send: each engine migrates over multifd with and without
-    it, side by side in the same run, destinations preallocated (as in the
-    TLS comparison, so that the sending side's work is what differs).
+class MultifdZeroCopy(PairedScenario):
+    """zero-copy-send: each engine migrates over multifd without and with it.
 
     Here both ends run on one host (loopback, or a veth pair between two
     namespaces): the kernel copies every zero-copy send when it delivers it
@@ -575,10 +598,7 @@ class MultifdZeroCopy(Scenario):
     report it) shows the kernel saying so."""
 
     section = "zerocopy"  # of docs/benchmarks.md
-    ratios = [("x QEMU zero-copy", "ram_gbps", "qemu-zc"), ("x vmig plain", "ram_gbps", "vmig")]
-    pairs = [("vmig-zc", "qemu-zc", "vmig zero-copy / QEMU zero-copy"),
-             ("vmig-zc", "vmig", "vmig zero-copy / vmig plain"),
-             ("qemu-zc", "qemu", "QEMU zero-copy / QEMU plain")]
+    suffix, feature = "zc", "zero-copy"
     extra_columns = [("missed_zero_copy", "missed zero-copy syncs", "%.0f")]
 
     def __init__(self, channels):
@@ -588,15 +608,8 @@ class MultifdZeroCopy(Scenario):
         self.capabilities = {"multifd": True}
         self.parameters = {"multifd-channels": channels}
 
-    def engines(self, runtimes):
-        out = []
-        for rt in runtimes:
-            out += [(rt.key, rt.label, rt, {}),
-                    (rt.key + "-zc", rt.label + " zero-copy", rt, {"zero-copy-send": True})]
-        return out
-
-    def dst_argv(self, rt, cfg, qmp_path, tmpdir):
-        return rt.dst_argv(cfg, qmp_path, prealloc=True)
+    def variant(self, rt):
+        return (rt.key + "-zc", rt.label + " zero-copy", rt, {"zero-copy-send": True})
 
     def extra_metrics(self, run, src_info, dst_info):
         return {"missed_zero_copy": src_info.get("ram", {}).get("dirty-sync-missed-zero-copy")}
