@@ -72,6 +72,7 @@ static void reset_ram(struct vmig_session *s, struct vmig__load_block *lb)
 		memset(b->received, 0, words * sizeof(uint64_t));
 		memset(b->zero, 0, words * sizeof(uint64_t));
 		memset(b->placed, 0, words * sizeof(uint64_t));
+		memset(b->installed, 0, words * sizeof(uint64_t));
 		memset(b->requested, 0, words * sizeof(uint64_t));
 		for (uint64_t p = 0; p < b->npages; p++)
 			b->page_hash[p] = zh;

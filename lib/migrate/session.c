@@ -217,6 +217,7 @@ VMIG_EXPORT void vmig_session_free(vmig_session *s)
 		free(s->blocks[i].received);
 		free(s->blocks[i].zero);
 		free(s->blocks[i].placed);
+		free(s->blocks[i].installed);
 		free(s->blocks[i].requested);
 	}
 	if (s->listen_fd >= 0)
@@ -280,14 +281,16 @@ VMIG_EXPORT int vmig_ram_block_add(vmig_session *s, const struct vmig_ram_block 
 	b->received = calloc(words, sizeof(uint64_t));
 	b->zero = calloc(words, sizeof(uint64_t));
 	b->placed = calloc(words, sizeof(uint64_t));
+	b->installed = calloc(words, sizeof(uint64_t));
 	b->requested = calloc(words, sizeof(uint64_t));
 	b->page_hash = calloc(b->npages, sizeof(uint64_t));
-	if (!b->dirty || !b->received || !b->zero || !b->placed || !b->requested ||
+	if (!b->dirty || !b->received || !b->zero || !b->placed || !b->installed || !b->requested ||
 	    !b->page_hash) {
 		free(b->dirty);
 		free(b->received);
 		free(b->zero);
 		free(b->placed);
+		free(b->installed);
 		free(b->requested);
 		free(b->page_hash);
 		return -ENOMEM;

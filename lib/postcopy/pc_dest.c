@@ -9,9 +9,12 @@
  * Page state, per page, in bitmaps of the block:
  *   received/zero  what pre-copy delivered (zero: delivered as a zero page,
  *                  which may still be a hole in RAM)
- *   placed         in RAM and final; set exactly once, by whoever claims it
- *                  (test-and-set), before UFFDIO_COPY or UFFDIO_ZEROPAGE
- *   requested      asked of the source and not yet placed
+ *   placed         in RAM and final, or about to be; set exactly once, by
+ *                  whoever claims it (test-and-set), before UFFDIO_COPY or
+ *                  UFFDIO_ZEROPAGE
+ *   installed      placed and mapped: the claimer's UFFDIO_COPY is done
+ *   requested      asked of the source, or a fault waits on a page being
+ *                  placed (the placer ends that wait)
  * A fault on a page that is neither placed nor a known zero hole becomes a
  * request; a page arriving for a page already placed is dropped. So every
  * page is written once, and a late background copy never overwrites what
@@ -471,8 +474,18 @@ static int pc_place(void *opaque, unsigned bi, uint64_t first, uint32_t npages,
 		ret = uffd_install(pc->uffd, b->host + (first + i) * VMIG_PAGE_SIZE,
 				   buf ? buf + (uint64_t)i * VMIG_PAGE_SIZE : NULL,
 				   (uint64_t)(j - i) * VMIG_PAGE_SIZE);
-		if (ret)
+		if (ret) {
+			/* Unclaimed, so that a copy arriving later (or asked
+			 * for again after a recovery) can still place them. */
+			for (uint32_t k = i; k < j; k++)
+				vmig__bitmap_test_and_clear_atomic(b->placed, first + k);
 			return ret;
+		}
+		for (uint32_t k = i; k < j; k++)
+			vmig__bitmap_set_atomic(b->installed, first + k);
+		/* Pairs with the fence in handle_fault: either it sees the page
+		 * installed, or this sees its mark in requested. */
+		__atomic_thread_fence(__ATOMIC_SEQ_CST);
 		/* Only requested pages can have a fault waiting on them (faults
 		 * on known zero pages are ended by the fault thread itself). */
 		for (uint32_t k = i; k < j; k++)
@@ -591,9 +604,20 @@ static void handle_fault(struct vmig__pc_dest *pc, uint64_t addr, int tid)
 	}
 	fault_begin(pc, tid, key, vmig__now_ns());
 	if (bitmap_test_atomic(b->placed, pfn)) {
-		/* Placed meanwhile (or being placed): make sure the thread runs on. */
-		ioctl(pc->uffd, UFFDIO_WAKE, &wake);
-		fault_end(pc, key);
+		/*
+		 * Claimed by a placing thread: its UFFDIO_COPY wakes this
+		 * fault. Waking it before that only makes it fault again at
+		 * once, over and over while the copy runs; a vCPU sweeping
+		 * memory right behind the background push spent most of its
+		 * time so. The mark in requested has the placer end the wait;
+		 * if the page is in already, it ends here.
+		 */
+		bitmap_claim(b->requested, pfn);
+		__atomic_thread_fence(__ATOMIC_SEQ_CST);
+		if (bitmap_test_atomic(b->installed, pfn)) {
+			ioctl(pc->uffd, UFFDIO_WAKE, &wake);
+			fault_end(pc, key);
+		}
 		return;
 	}
 	if (bitmap_test_atomic(b->received, pfn) && bitmap_test_atomic(b->zero, pfn)) {

@@ -51,8 +51,10 @@ struct vmig__block {
 	uint64_t *page_hash; /* hash of each page as last sent / placed */
 	uint64_t *received;  /* destination: page content arrived (data or zero) */
 	uint64_t *zero;	     /* destination: the content that arrived was zero */
-	uint64_t *placed;    /* destination, post-copy: page is in place */
-	uint64_t *requested; /* destination, post-copy: page asked for */
+	uint64_t *placed;    /* destination, post-copy: page claimed for placing */
+	uint64_t *installed; /* destination, post-copy: placed page is mapped */
+	uint64_t *requested; /* destination, post-copy: page asked for, or a fault
+			      * waits for its placing to end */
 };
 
 /* Ranges per tracker. Guest RAM comes in a handful of blocks. */
