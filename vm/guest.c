@@ -22,7 +22,10 @@
 #define GUEST_MAGIC 0x56474d4956474d56ull /* header of page 0 */
 #define PAGE_MAGIC 0x5047u                /* high 16 bits of a written page's word 0 */
 #define STATE_MAGIC 0x3155504356474d56ull
+/* hotset: this share of the writes goes to the first 1/HOTSET_DIVISOR of the
+ * working set, the rest anywhere in it (tests/interop/guest/dirtier.c too). */
 #define HOTSET_PERCENT 90
+#define HOTSET_DIVISOR 16
 #define BATCH_NS 1000000ull /* a vCPU checks for stop at least this often */
 /* A throttled vCPU runs this long, then sleeps its share (QEMU's timeslice). */
 #define THROTTLE_SLICE_NS 10000000ull
@@ -47,7 +50,8 @@ struct guest {
 	uint64_t meta_pages;
 	uint32_t *table; /* in guest RAM */
 	struct vm_config cfg;
-	uint64_t wss_pages;
+	uint64_t wss_pages; /* set at create, read-only after */
+	uint64_t hot_pages; /* hotset: its hot part; read-only after create */
 
 	pthread_mutex_t lock;
 	pthread_cond_t run_cond;  /* vCPUs wait here: start, stop, quit */
@@ -143,20 +147,20 @@ static uint64_t owned_pfn(struct guest *g, unsigned id, uint64_t k)
 static uint64_t next_page(struct vcpu *v)
 {
 	struct guest *g = v->g;
-	uint64_t all = owned(g, v->id, g->npages - g->meta_pages);
-	uint64_t hot = owned(g, v->id, g->wss_pages);
+	uint64_t wss = owned(g, v->id, g->wss_pages);
 
 	switch (g->cfg.workload) {
 	case VM_WL_STREAM:
-		if (v->st.cursor >= hot)
+		if (v->st.cursor >= wss)
 			v->st.cursor = 0;
 		return owned_pfn(g, v->id, v->st.cursor++);
 	case VM_WL_HOTSET:
 		if (xorshift(&v->st.rng) % 100 < HOTSET_PERCENT)
-			return owned_pfn(g, v->id, xorshift(&v->st.rng) % hot);
-		return owned_pfn(g, v->id, xorshift(&v->st.rng) % all);
+			return owned_pfn(g, v->id,
+					 xorshift(&v->st.rng) % owned(g, v->id, g->hot_pages));
+		return owned_pfn(g, v->id, xorshift(&v->st.rng) % wss);
 	default: /* random: uniform over the working set */
-		return owned_pfn(g, v->id, xorshift(&v->st.rng) % hot);
+		return owned_pfn(g, v->id, xorshift(&v->st.rng) % wss);
 	}
 }
 
@@ -288,10 +292,12 @@ int guest_create(struct guest **out, uint8_t *ram, uint64_t ram_size, const stru
 	g->nvcpus = cfg->vcpus;
 	g->wss_pages = cfg->wss_bytes / VMIG_PAGE_SIZE;
 	if (!g->wss_pages || g->wss_pages > g->npages - g->meta_pages)
-		g->wss_pages = cfg->workload == VM_WL_HOTSET ? (g->npages - g->meta_pages) / 16
-							      : g->npages - g->meta_pages;
+		g->wss_pages = g->npages - g->meta_pages;
 	if (g->wss_pages < g->nvcpus)
 		g->wss_pages = g->nvcpus;
+	g->hot_pages = g->wss_pages / HOTSET_DIVISOR;
+	if (g->hot_pages < g->nvcpus)
+		g->hot_pages = g->nvcpus;
 	if (fresh)
 		init_layout(g);
 	pthread_mutex_init(&g->lock, NULL);

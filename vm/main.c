@@ -38,7 +38,7 @@ static void usage(FILE *f)
 	    "  --dirty-rate RATE       bytes/s written by all vCPUs together (K/M/G; 0 = flat "
 	    "out)\n"
 	    "  --wss SIZE              working set of random/stream/hotset (default: all RAM;\n"
-	    "                          hotset: 1/16 of RAM, 90%% of its writes go there)\n"
+	    "                          hotset: 90%% of writes go to its first 1/16)\n"
 	    "  --fill zero|random|PATH initial RAM contents (default zero)\n"
 	    "  --mem-prealloc          allocate all guest RAM at start-up (QEMU's -mem-prealloc)\n"
 	    "  --hugetlb               back guest RAM with 2 MiB huge pages (QEMU's\n"

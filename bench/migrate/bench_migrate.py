@@ -645,23 +645,31 @@ class Postcopy(Scenario):
 
 
 class PostcopyWss(Scenario):
-    """Post-copy of a busy guest: the issue's 2 GiB guest whose 1 GiB working
-    set is dirtied at 256 MiB/s, switched to post-copy 2 s after `migrate`.
+    """Post-copy of a busy guest: a 2 GiB guest whose 1 GiB working set is
+    written at 256 MiB/s in one access pattern, switched to post-copy 2 s
+    after `migrate`, with 1 or 2 vCPUs.
+
+    Patterns (vmig-vm's --workload and tests/interop/guest/dirtier.c's, the
+    same definitions): random (uniform over the working set), stream (each
+    vCPU sweeps its pages in order) and hotset (90% of writes to the first
+    1/16 of the working set, the rest uniform over all of it).
 
     The destination runs the guest during post-copy (no -S), so its vCPUs
     fault on missing pages and blocktime and page-request latency mean
-    something. vmig's guest is vmig-vm's random workload; QEMU's is Debian's
-    kernel running tests/interop/guest/dirtier.c, which does the same thing
-    (whole 4 KiB writes to random pages of a 1 GiB working set, paced). Both
-    guests check every page they overwrite, so a lost page shows up. Both
-    guests' RAM is (nearly) all random, not zero pages: vmig-vm --fill random,
-    and the dirtier fills what the guest kernel has left over ("auto").
+    something. vmig's guest is vmig-vm's workload; QEMU's is Debian's
+    kernel running the dirtier with one writer thread per vCPU, which does
+    the same thing (whole 4 KiB writes, paced). Both guests check every page
+    they overwrite, so a lost page shows up. Both guests' RAM is (nearly)
+    all random, not zero pages: vmig-vm --fill random, and the dirtier fills
+    what the guest kernel has left over ("auto").
     QEMU runs twice, without and with its postcopy-preempt channel; vmig
     always sends requested pages on its own urgent channel and accepts the
     capability.
     """
 
-    key = "postcopy-wss"
+    section = "postcopy"  # of docs/benchmarks.md
+    PATTERNS = {"random": "uniform random writes", "stream": "sequential sweeps",
+                "hotset": "a hot set (90% of writes to 1/16 of it)"}
     title = "post-copy of a busy guest"
     MEM = 2 * GIB
     WSS_MIB = 1024
@@ -686,16 +694,28 @@ class PostcopyWss(Scenario):
         ("dst_cpu_s", "dst CPU s", "%.2f"),
     ]
     ratios = [("total x QEMU", "total_s", "qemu"), ("blocktime x QEMU", "blocktime_ms", "qemu")]
-    guest_text = ("2 GiB guest, 2 vCPUs, 1 GiB working set dirtied at 256 MiB/s, "
-                  "post-copy 2 s after migrate")
     not_reported = {"latency_p50_us": "n/a (QEMU 7.2 does not report it)",
                     "latency_p99_us": "n/a (QEMU 7.2 does not report it)"}
     run_columns = ["total_s", "downtime_ms", "blocktime_ms", "vcpu_blocktime_sum_ms",
                    "postcopy_requests", "latency_p50_us", "latency_p99_us", "src_cpu_s",
                    "dst_cpu_s"]
 
-    def __init__(self):
+    def __init__(self, pattern="random", vcpus=2):
+        if pattern not in self.PATTERNS:
+            raise ValueError(pattern)
         self.guest_dir = None
+        self.pattern, self.vcpus = pattern, vcpus
+
+    @property
+    def key(self):
+        return "postcopy-wss%s%s" % ("" if self.pattern == "random" else "-" + self.pattern,
+                                     "" if self.vcpus == 2 else "-%dvcpu" % self.vcpus)
+
+    @property
+    def guest_text(self):
+        return ("2 GiB guest, %d vCPU%s, 1 GiB working set written at 256 MiB/s in %s, "
+                "post-copy 2 s after migrate" % (self.vcpus, "s" if self.vcpus > 1 else "",
+                                                 self.PATTERNS[self.pattern]))
 
     def engines(self, runtimes):
         out = []
@@ -726,16 +746,16 @@ class PostcopyWss(Scenario):
                 raise BenchError("no QEMU guest (build failed)")
             with open(os.path.join(self.guest_dir, "kernel")) as f:
                 kernel = f.read().strip()
-            return [rt.binary, "-accel", "tcg", "-machine", "pc", "-smp", "2",
+            return [rt.binary, "-accel", "tcg", "-machine", "pc", "-smp", str(self.vcpus),
                     "-m", "%dK" % self.QEMU_MEM_KB, "-nodefaults", "-display", "none",
                     "-name", "bench,debug-threads=on", "-no-reboot",
                     "-kernel", kernel, "-initrd", os.path.join(self.guest_dir, "initramfs.cpio.gz"),
-                    "-append", "console=ttyS0 quiet vmig.test=dirtier vmig.args=%d,%d,auto,2" %
-                    (self.WSS_MIB, self.RATE_MIB),
+                    "-append", "console=ttyS0 quiet vmig.test=dirtier vmig.args=%d,%d,auto,%d,%s"
+                    % (self.WSS_MIB, self.RATE_MIB, self.vcpus, self.pattern),
                     "-serial", "file:" + serial,
                     "-qmp", "unix:%s,server=on,wait=off" % qmp_path]
-        return [rt.binary, "--mem", "%dM" % (self.MEM // MIB), "--vcpus", "2",
-                "--workload", "random", "--wss", "%dM" % self.WSS_MIB,
+        return [rt.binary, "--mem", "%dM" % (self.MEM // MIB), "--vcpus", str(self.vcpus),
+                "--workload", self.pattern, "--wss", "%dM" % self.WSS_MIB,
                 "--dirty-rate", "%dM" % self.RATE_MIB, "--qmp", "unix:" + qmp_path]
 
     def src_argv(self, rt, cfg, qmp_path, tmpdir):
@@ -838,6 +858,7 @@ class PrecopyWriteHeavy(PostcopyWss):
     limit."""
 
     key = "precopy-write-heavy"
+    section = None  # the migrate section
     title = "pre-copy of a write-heavy guest"
     capabilities = {}
     parameters = {}
@@ -867,7 +888,8 @@ class PrecopyWriteHeavy(PostcopyWss):
 # dict passed to on_poll() and extra_metrics().
 SCENARIOS = {s.key: s for s in (Precopy1ch(), Precopy1chPrealloc(), PrecopyHugetlb(),
                                 PrecopyMultifd(4), MultifdZeroCopy(4), PrecopyWriteHeavy(),
-                                Postcopy(), PostcopyWss(),
+                                Postcopy(),
+                                *(PostcopyWss(p, n) for n in (2, 1) for p in PostcopyWss.PATTERNS),
                                 TlsPrecopy(1), TlsPrecopy(4))}
 TLS_SCENARIOS = "tls-precopy-1ch,tls-multifd-4"  # what --tls runs by default
 
@@ -1236,7 +1258,7 @@ def run_matrix(cfg, scenarios, runtimes, procs):
     # A paired comparison (TLS, zero-copy) goes round by round across its
     # scenarios, so that a deadline cuts every scenario short alike instead
     # of starving the last; the others keep scenario after scenario.
-    rounds_first = all(getattr(sc, "section", None) for sc in scenarios)
+    rounds_first = all(getattr(sc, "pairs", None) for sc in scenarios)
     for n, (sc, res, engines) in enumerate(plans):
         try:
             sc.prepare(cfg)
@@ -1265,21 +1287,22 @@ def parse_size(s):
 
 
 def record(doc, meta, scenarios, results):
-    """Rewrites the section of doc these scenarios belong to: the TLS and
-    zero-copy comparisons have a section each, everything else the migrate
-    one, and the two-host model has its own of each."""
+    """Rewrites the sections of doc these scenarios belong to: the TLS and
+    zero-copy comparisons and the post-copy patterns have a section each,
+    everything else the migrate one, and the two-host model has its own of
+    each."""
     two = "-twohost" if meta.get("placement") == TwoHosts.key else ""
-    sections = {getattr(sc, "section", None) for sc in scenarios}
-    if len(sections) == 1 and None not in sections:
-        name = sections.pop()
+    groups = {}
+    for sc in scenarios:
+        groups.setdefault(getattr(sc, "section", None), []).append(sc)
+    for name, scs in groups.items():
+        if name:
+            body = report.section_markdown(meta, scs, results, name)
+        else:
+            name, body = "migrate", report.markdown(meta, scs, results)
         benchlib.replace_section(doc, "<!-- %s%s:begin -->" % (name, two),
-                                 "<!-- %s%s:end -->" % (name, two),
-                                 report.paired_markdown(meta, scenarios, results, name))
-    else:
-        benchlib.replace_section(doc, "<!-- migrate%s:begin -->" % two,
-                                 "<!-- migrate%s:end -->" % two,
-                                 report.markdown(meta, scenarios, results))
-    print("recorded in %s" % doc)
+                                 "<!-- %s%s:end -->" % (name, two), body)
+        print("recorded the %s%s section of %s" % (name, two, doc))
 
 
 def render(path, doc):
@@ -1323,8 +1346,8 @@ def main():
     ap.add_argument("--quiet-wait", type=float, default=120,
                     help="seconds to wait for a quiet host before measuring anyway")
     ap.add_argument("--record", metavar="DOC",
-                    help="rewrite the migrate section of DOC (with --tls: the tls section; "
-                    "multifd-4-zero-copy: the zerocopy section)")
+                    help="rewrite the sections of DOC the scenarios belong to (migrate, "
+                    "tls, zerocopy, postcopy)")
     ap.add_argument("--command", default="", help="command line to quote in the record")
     args = ap.parse_args()
     args.mem_bytes = parse_size(args.mem)
@@ -1343,10 +1366,6 @@ def main():
     tls = [getattr(sc, "tls", False) for sc in scenarios]
     if args.tls and not all(tls):
         ap.error("--tls runs only the tls-* scenarios")
-    sections = {getattr(sc, "section", None) for sc in scenarios}
-    if args.record and len(sections) > 1:
-        ap.error("--record: the tls-* and *-zero-copy scenarios have a section of their "
-                 "own each; record them apart from the others")
     all_rt = {"qemu": QemuRuntime(args.qemu), "vmig": VmigRuntime(cfg.build_dir)}
     runtimes = []
     for k in args.runtimes.split(","):

@@ -107,7 +107,7 @@ def _rows(res, sc):
 
 def _targets(res, sc):
     """Lines stating whether vmig met the issue's targets, or why unknown."""
-    if getattr(sc, "key", "") == "postcopy-wss":
+    if getattr(sc, "section", None) == "postcopy":
         return _postcopy_targets(res, sc)
     if getattr(sc, "key", "") == "precopy-write-heavy":
         return _write_heavy_targets(res, sc)
@@ -361,16 +361,15 @@ def markdown(meta, scenarios, results):
     if two:
         out += TWO_HOST_TEXT.split("\n")
     out += METHOD_TEXT.format(gib=gib, size=meta["mem_bytes"]).split("\n")
-    if any(sc.key == "postcopy-wss" for sc in scenarios):
-        out += POSTCOPY_WSS_TEXT.split("\n")
     return "\n".join(out)
 
 
-def paired_markdown(meta, scenarios, results, section):
-    """The text between the markers of a paired comparison's own section of
-    docs/benchmarks.md (section "tls" or "zerocopy": each engine measured
-    with and without the feature, side by side)."""
-    heading, method = PAIRED_SECTIONS[section]
+def section_markdown(meta, scenarios, results, section):
+    """The text between the markers of a section of docs/benchmarks.md of
+    its own (SECTIONS: "tls" or "zerocopy", each engine measured with and
+    without the feature side by side; "postcopy", the busy guest's access
+    patterns)."""
+    heading, method = SECTIONS[section]
     out = [heading % (meta["qemu_version"] or ""),
            "",
            "Recorded by `%s` on %s." % (meta["command"], meta["date"]),
@@ -379,7 +378,7 @@ def paired_markdown(meta, scenarios, results, section):
             meta["qemu_version"] or "?", meta["commit"] or "?"),
            ""]
     if meta.get("placement") == "two-host":
-        out += ["Two-host model (below the migration tables: each side in its own network "
+        out += ["Two-host model (see the migration tables: each side in its own network "
                 "namespace, joined by a veth pair, each pinned to a core of its own).", ""]
     for sc in scenarios:
         res = results[sc.key]
@@ -442,11 +441,6 @@ ZEROCOPY_METHOD_TEXT = """### How the zero-copy comparison is measured
   table, the same ratios per round and their median.
 """
 
-PAIRED_SECTIONS = {
-    "tls": ("## TLS: vmig vs QEMU %s, each in clear and over TLS", TLS_METHOD_TEXT),
-    "zerocopy": ("## zero-copy-send: vmig vs QEMU %s, each with and without it",
-                 ZEROCOPY_METHOD_TEXT),
-}
 
 
 TWO_HOST_TEXT = """### The two-host model
@@ -516,24 +510,30 @@ METHOD_TEXT = """### How it is measured
 - `multifd-4`: capability `multifd` and `multifd-channels` 4 on both sides of both
   engines (QEMU: no compression), destinations not preallocated.
 - Scenarios are chosen with `BENCH_SCENARIOS` (comma-separated; the default is
-  `precopy-1ch,postcopy-wss`): also `precopy-1ch-prealloc`, `multifd-4` and `postcopy`
-  (capability `postcopy-ram`, `migrate-start-postcopy` as soon as the source is active,
-  idle guest; blocktime is the destination's `postcopy-blocktime`).
-  `bench_migrate.py --render RESULTS_JSON --record DOC` rewrites the section from a
-  saved `results.json` without measuring again.
+  `precopy-1ch,postcopy-wss`): also `precopy-1ch-prealloc`, `precopy-1ch-hugetlb`,
+  `multifd-4`, `precopy-write-heavy` and `postcopy` (capability `postcopy-ram`,
+  `migrate-start-postcopy` as soon as the source is active, idle guest; blocktime is the
+  destination's `postcopy-blocktime`). The busy guest's post-copy scenarios
+  (`postcopy-wss`, `postcopy-wss-stream`, `postcopy-wss-hotset`, and each with
+  `-1vcpu`) are recorded in a section of their own, as are the TLS and zero-copy
+  comparisons. `bench_migrate.py --render RESULTS_JSON --record DOC` rewrites the
+  sections from a saved `results.json` without measuring again.
 """
 
-POSTCOPY_WSS_TEXT = """
-### How the post-copy scenario (postcopy-wss) is measured
+POSTCOPY_WSS_TEXT = """### How the post-copy scenarios (postcopy-wss*) are measured
 
-- Guest: 2 GiB of RAM, 2 vCPUs, a 1 GiB working set overwritten at 256 MiB/s in whole
-  4 KiB pages chosen at random. vmig: `vmig-vm --mem 2048M --vcpus 2 --workload random
+- Guest: 2 GiB of RAM, N vCPUs (1 or 2; `-1vcpu` in the scenario's name), a 1 GiB
+  working set overwritten at 256 MiB/s in whole 4 KiB pages, in one of three patterns:
+  random (uniform over the working set; `postcopy-wss`), stream (each vCPU sweeps its
+  own pages of the working set in order, over and over; `postcopy-wss-stream`) and hotset
+  (90% of writes to the first 1/16 of the working set, 64 MiB, the rest uniform over all
+  of it; `postcopy-wss-hotset`). vmig: `vmig-vm --mem 2048M --vcpus N --workload PATTERN
   --wss 1024M --dirty-rate 256M` (source `--fill random`, destination `--incoming
-  defer`). QEMU: `-accel tcg -machine pc -smp 2 -m 2097160K -kernel
+  defer`). QEMU: `-accel tcg -machine pc -smp N -m 2097160K -kernel
   /boot/vmlinuz-6.1.0-*-amd64` with the initramfs of `tests/interop/guest/build.sh`
-  running `tests/interop/guest/dirtier.c` with two writer threads, like vmig-vm's two
-  vCPUs (same working set, rate and write size; it reports its achieved rate every
-  2 s). So that
+  running `tests/interop/guest/dirtier.c` with N writer threads and the same PATTERN,
+  like vmig-vm's N vCPUs (same working set, pattern, rate and write size; it reports its
+  achieved rate every 2 s). So that
   neither engine can skip most of RAM as zero pages, vmig's source is started with
   `--fill random` and the dirtier fills all but 48 MiB of the guest kernel's
   MemAvailable (about 780 MiB) with pseudo-random bytes once, before it starts. The RAM
@@ -570,3 +570,12 @@ POSTCOPY_WSS_TEXT = """
   write. The guest kernel may still schedule both threads on one vCPU at times, so the
   per-vCPU blocktime sum remains the steadier comparison of how long guest code waited.
 """
+
+
+SECTIONS = {
+    "tls": ("## TLS: vmig vs QEMU %s, each in clear and over TLS", TLS_METHOD_TEXT),
+    "zerocopy": ("## zero-copy-send: vmig vs QEMU %s, each with and without it",
+                 ZEROCOPY_METHOD_TEXT),
+    "postcopy": ("## Post-copy of a busy guest, by access pattern: vmig vs QEMU %s, "
+                 "without and with postcopy-preempt", POSTCOPY_WSS_TEXT),
+}

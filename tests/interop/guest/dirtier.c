@@ -3,8 +3,9 @@
  * Guest program for the post-copy benchmark: a working set that keeps being
  * dirtied at a fixed rate while the VM migrates. It allocates WSS_MIB of
  * anonymous memory, writes every page once, prints "VMIG-DIRTIER: ready",
- * then forever overwrites randomly chosen pages with whole 4 KiB writes,
- * paced to RATE_MIB per second. It never exits: the benchmark kills the VM.
+ * then forever overwrites pages with whole 4 KiB writes, paced to RATE_MIB
+ * per second, in the order PATTERN says. It never exits: the benchmark kills
+ * the VM.
  *
  * Every page carries a stamp (its index and a write sequence number kept in
  * a side table) at its first, middle and last word, checked before each
@@ -14,8 +15,12 @@
  * pace on whichever side it runs.
  *
  * Usage (vmig.args on the kernel command line):
- *   dirtier [WSS_MIB [RATE_MIB [FILL_MIB|auto]]]
- * Defaults: 1024 MiB working set, 256 MiB/s, no fill. FILL_MIB more MiB are
+ *   dirtier [WSS_MIB [RATE_MIB [FILL_MIB|auto [THREADS [PATTERN]]]]]
+ * Defaults: 1024 MiB working set, 256 MiB/s, no fill, 1 thread, random.
+ * PATTERN is one of vmig-vm's workloads, with the same meaning: random
+ * (uniform over the working set), stream (each thread sweeps its pages in
+ * order, over and over) or hotset (90% of writes to the first 1/16 of the
+ * working set, the rest uniform over all of it). FILL_MIB more MiB are
  * filled once with pseudo-random bytes and never touched again, so the rest
  * of guest RAM is not zero pages a migration could skip; "auto" fills all
  * but FILL_SPARE_MIB of what the kernel reports as available.
@@ -38,6 +43,10 @@
 #define BATCH 64u
 #define CATCH_UP_NS 20000000ull
 #define FILL_SPARE_MIB 48ull
+#define HOTSET_PERCENT 90
+#define HOTSET_DIVISOR 16
+
+enum pattern { PAT_RANDOM, PAT_STREAM, PAT_HOTSET };
 
 static uint64_t now_ns(void)
 {
@@ -85,9 +94,6 @@ static int write_page(uint64_t *page, uint64_t idx, uint32_t *seqs)
 	return bad;
 }
 
-/* Sleeps until written pages are due at the target rate. After a stall
- * (a post-copy fault, the host descheduling the vCPU) the schedule restarts
- * rather than bursting to catch up, so the rate never exceeds the target. */
 static uint64_t mem_available_mib(void)
 {
 	char line[128];
@@ -125,6 +131,9 @@ static uint64_t fill_random(const char *arg)
 	return mib;
 }
 
+/* Sleeps until written pages are due at the target rate. After a stall
+ * (a post-copy fault, the host descheduling the vCPU) the schedule restarts
+ * rather than bursting to catch up, so the rate never exceeds the target. */
 static void pace(uint64_t *start_ns, uint64_t written, double pages_per_ns)
 {
 	uint64_t due = *start_ns + (uint64_t)((double)written / pages_per_ns);
@@ -147,10 +156,17 @@ struct writer {
 	uint32_t *seqs;
 	uint64_t npages;
 	unsigned id, nthreads;
+	enum pattern pattern;
 	double pages_per_ns;
 	uint64_t written; /* atomic */
 	uint64_t bad;     /* atomic */
 };
+
+/* How many of the first span pages are writer w's own. */
+static uint64_t owned(const struct writer *w, uint64_t span)
+{
+	return span > w->id ? (span - w->id + w->nthreads - 1) / w->nthreads : 0;
+}
 
 /* One writer thread: the pages whose index is id modulo nthreads are its
  * own, so no two threads write one page (and its stamp stays checkable). */
@@ -158,12 +174,28 @@ static void *writer_main(void *arg)
 {
 	struct writer *w = arg;
 	uint64_t rng = 0x9e3779b97f4a7c15ull * (2 * w->id + 1), start = now_ns(), written = 0;
-	uint64_t mine = (w->npages - w->id + w->nthreads - 1) / w->nthreads;
+	uint64_t mine = owned(w, w->npages), cursor = 0;
+	uint64_t hot = owned(w, w->npages / HOTSET_DIVISOR);
 
+	if (!hot)
+		hot = 1;
 	for (;;) {
 		for (unsigned b = 0; b < BATCH; b++) {
-			uint64_t idx = (xorshift64(&rng) % mine) * w->nthreads + w->id;
-			int bad = write_page((uint64_t *)(w->mem + idx * PAGE), idx, w->seqs);
+			uint64_t k, idx;
+			int bad;
+
+			if (w->pattern == PAT_STREAM) {
+				k = cursor++;
+				if (cursor == mine)
+					cursor = 0;
+			} else if (w->pattern == PAT_HOTSET &&
+				   xorshift64(&rng) % 100 < HOTSET_PERCENT) {
+				k = xorshift64(&rng) % hot;
+			} else {
+				k = xorshift64(&rng) % mine;
+			}
+			idx = k * w->nthreads + w->id;
+			bad = write_page((uint64_t *)(w->mem + idx * PAGE), idx, w->seqs);
 
 			if (bad)
 				__atomic_add_fetch(&w->bad, 1, __ATOMIC_RELAXED);
@@ -180,13 +212,22 @@ int main(int argc, char **argv)
 	uint64_t wss_mib = argc > 1 ? strtoull(argv[1], NULL, 10) : 1024;
 	uint64_t rate_mib = argc > 2 ? strtoull(argv[2], NULL, 10) : 256;
 	unsigned nthreads = argc > 4 ? (unsigned)strtoul(argv[4], NULL, 10) : 1;
+	static const char *const patterns[] = {"random", "stream", "hotset"};
+	const char *pattern = argc > 5 ? argv[5] : "random";
+	int pat = -1;
 	uint64_t npages, t0, last_report, last_written = 0, filled = 0;
 	struct writer w[16];
 	uint32_t *seqs;
 	uint8_t *mem;
 
-	if (!wss_mib || !rate_mib || !nthreads || nthreads > 16) {
-		fprintf(stderr, "usage: dirtier [WSS_MIB [RATE_MIB [FILL [THREADS]]]] (> 0, <= 16 threads)\n");
+	for (int i = 0; i < 3; i++)
+		if (!strcmp(pattern, patterns[i]))
+			pat = i;
+	if (!wss_mib || !rate_mib || !nthreads || nthreads > 16 || pat < 0) {
+		fprintf(
+		    stderr,
+		    "usage: dirtier [WSS_MIB [RATE_MIB [FILL [THREADS [random|stream|hotset]]]]]"
+		    " (> 0, <= 16 threads)\n");
 		return 2;
 	}
 	npages = wss_mib * 1024 * 1024 / PAGE;
@@ -201,18 +242,23 @@ int main(int argc, char **argv)
 		write_page((uint64_t *)(mem + i * PAGE), i, seqs);
 	if (argc > 3)
 		filled = fill_random(argv[3]);
-	printf("VMIG-DIRTIER: ready wss=%lluMiB rate=%lluMiB/s fill=%lluMiB threads=%u\n",
-	       (unsigned long long)wss_mib, (unsigned long long)rate_mib,
-	       (unsigned long long)filled, nthreads);
+	printf(
+	    "VMIG-DIRTIER: ready wss=%lluMiB rate=%lluMiB/s fill=%lluMiB threads=%u pattern=%s\n",
+	    (unsigned long long)wss_mib, (unsigned long long)rate_mib, (unsigned long long)filled,
+	    nthreads, pattern);
 	fflush(stdout);
 
 	for (unsigned i = 0; i < nthreads; i++) {
 		pthread_t t;
 
-		w[i] = (struct writer){.mem = mem, .seqs = seqs, .npages = npages, .id = i,
+		w[i] = (struct writer){.mem = mem,
+				       .seqs = seqs,
+				       .npages = npages,
+				       .id = i,
 				       .nthreads = nthreads,
-				       .pages_per_ns = (double)rate_mib * 1024 * 1024 / PAGE / 1e9 /
-						       nthreads};
+				       .pattern = (enum pattern)pat,
+				       .pages_per_ns =
+					   (double)rate_mib * 1024 * 1024 / PAGE / 1e9 / nthreads};
 		if (pthread_create(&t, NULL, writer_main, &w[i])) {
 			fprintf(stderr, "dirtier: cannot start a writer thread\n");
 			return 1;
