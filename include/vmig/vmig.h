@@ -59,9 +59,13 @@ const char *vmig_status_name(enum vmig_status status);
  * flags: VMIG_RAM_PREALLOC says the caller has populated the whole block
  * (QEMU's prealloc=on) and wants it to stay populated. An incoming pre-copy
  * migration then writes received pages in place instead of freeing the
- * block first and installing each page anew. Post-copy still needs holes
- * to fault on, so with post-copy-ram enabled the block is freed at the start
- * of an incoming migration all the same (QEMU does the same).
+ * block first and installing each page anew. With postcopy-ram enabled, a
+ * block with an fd stays populated too, on kernels with MINOR userfaultfd
+ * faults on shmem (Linux 5.14): pages still missing at the switch are only
+ * unmapped from host, and mapped back once written through a second
+ * mapping of fd. A block without an fd, or on an older kernel, is freed at
+ * the start of an incoming post-copy migration (as QEMU does), for holes to
+ * fault on.
  */
 #define VMIG_RAM_PREALLOC (1u << 0)
 

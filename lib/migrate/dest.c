@@ -30,11 +30,12 @@
 #include "postcopy/postcopy.h"
 #include "ram/bitmap.h"
 
-/* A preallocated block stays populated for pre-copy (pages are written in
- * place); post-copy needs holes to fault on, so it is freed all the same. */
+/* A preallocated block stays populated (pages are written in place). For
+ * post-copy that needs MINOR faults on its file (see lib/postcopy), else
+ * it is freed, to have holes to fault on. */
 static bool keep_populated(const struct vmig_session *s, const struct vmig__block *b)
 {
-	return b->prealloc && !s->caps[VMIG_CAP_POSTCOPY_RAM];
+	return b->prealloc && (!s->caps[VMIG_CAP_POSTCOPY_RAM] || b->pc_minor);
 }
 
 /* Free a block's pages, so that it reads as zero and has holes to fill. */
@@ -64,6 +65,8 @@ static void reset_ram(struct vmig_session *s, struct vmig__load_block *lb)
 		struct vmig__block *b = &s->blocks[i];
 		size_t words = vmig__bitmap_words(b->npages);
 
+		b->pc_minor = b->prealloc && !b->hpage && b->fd >= 0 &&
+			      s->caps[VMIG_CAP_POSTCOPY_RAM] && vmig__pc_minor_supported();
 		/* Kept populated: every page arrives in the bulk round, so old
 		 * contents never survive (the loader checks that they all did). */
 		lb[i].stale = keep_populated(s, b);
@@ -213,9 +216,10 @@ static int register_ram(struct vmig_session *s, struct vmig__pc_dest **pc, struc
 	/* Populated RAM has no holes to install into (UFFDIO_COPY would fail
 	 * with EEXIST on every page), and huge pages take no 4 KiB
 	 * UFFDIO_COPY: pages are read straight into it. With post-copy, the
-	 * placer still registers huge pages, at the switch. */
+	 * placer still registers huge pages and populated blocks, at the
+	 * switch. */
 	for (unsigned i = 0; i < s->nblocks; i++)
-		if (keep_populated(s, &s->blocks[i]) ||
+		if ((keep_populated(s, &s->blocks[i]) && !s->blocks[i].pc_minor) ||
 		    (s->blocks[i].hpage && !s->caps[VMIG_CAP_POSTCOPY_RAM]))
 			ret = -EEXIST;
 	if (!ret)

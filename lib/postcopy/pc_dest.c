@@ -20,6 +20,16 @@
  * page is written once, and a late background copy never overwrites what
  * the guest has changed since.
  *
+ * A preallocated block with a file (pc_minor) is not emptied for all that:
+ * pre-copy writes into it in place, and at the switch the pages still
+ * missing are only taken out of the guest's view (their data stays in the
+ * file). A fault on one of them is a MINOR fault; its page is written
+ * through a second mapping, which userfaultfd does not watch, and mapped
+ * into the guest's view with UFFDIO_CONTINUE. So the destination pays the
+ * first touch of its memory when it preallocates, not while the guest
+ * waits. Huge-page blocks work the same way, a whole huge page at a time
+ * (below).
+ *
  * Threads: the migration thread loads the main stream, an urgent thread
  * loads the urgent channel (both through the loader hooks given here), the
  * fault thread reads userfaultfd. All three may place pages; the bitmaps
@@ -273,6 +283,39 @@ static int uffd_install(int uffd, uint8_t *host, const uint8_t *src, uint64_t le
 	return 0;
 }
 
+/* Map [host, host+len), whose pages are in the file already, into the
+ * guest's view, waking waiters. Pages mapped already are skipped. */
+static int uffd_continue(int uffd, uint8_t *host, uint64_t len)
+{
+	uint64_t done = 0;
+
+	while (done < len) {
+		struct uffdio_continue c = {
+		    .range = {.start = (uintptr_t)host + done, .len = len - done}};
+		int rc = ioctl(uffd, UFFDIO_CONTINUE, &c);
+
+		if (c.mapped > 0)
+			done += (uint64_t)c.mapped;
+		if (!rc)
+			break;
+		if (errno == EAGAIN || errno == EINTR)
+			continue;
+		if (errno == EEXIST) { /* mapped already: skip one page */
+			done = VMIG_ALIGN_UP(done + 1, VMIG_PAGE_SIZE);
+			continue;
+		}
+		return -errno;
+	}
+	return 0;
+}
+
+/* Blocks whose pages are written through the second mapping (alias) and
+ * mapped with UFFDIO_CONTINUE, registered only at the switch. */
+static inline bool via_alias(const struct vmig__block *b)
+{
+	return b->hpage || b->pc_minor;
+}
+
 /* ---- huge pages -------------------------------------------------------
  *
  * A huge page can only be mapped whole, but the stream carries 4 KiB pages,
@@ -320,17 +363,10 @@ static int hp_map(struct vmig__pc_dest *pc, unsigned bi, uint64_t h)
 {
 	struct vmig__block *b = &pc->cfg.blocks[bi];
 	uint64_t off = h * b->hpage;
-	struct uffdio_continue c = {.range = {.start = (uintptr_t)b->host + off, .len = b->hpage}};
 
 	/* Allocates the (zeroed) page if the file has none there. */
 	__atomic_fetch_add(pc->alias[bi] + off, 0, __ATOMIC_RELAXED);
-	while (ioctl(pc->uffd, UFFDIO_CONTINUE, &c)) {
-		if (errno == EEXIST) /* mapped already */
-			return 0;
-		if (errno != EAGAIN && errno != EINTR)
-			return -errno;
-	}
-	return 0;
+	return uffd_continue(pc->uffd, b->host + off, b->hpage);
 }
 
 /* Huge page h is complete: map it, under its lock; from now on it is the
@@ -442,6 +478,26 @@ static void hp_fault(struct vmig__pc_dest *pc, unsigned bi, uint64_t h, int tid)
 	}
 }
 
+/* Put claimed pages [first, first + n) in place from src (NULL: zeros). */
+static int install(struct vmig__pc_dest *pc, unsigned bi, uint64_t first, uint64_t n,
+		   const uint8_t *src)
+{
+	struct vmig__block *b = &pc->cfg.blocks[bi];
+	uint64_t off = first * VMIG_PAGE_SIZE, len = n * VMIG_PAGE_SIZE;
+
+	if (!b->pc_minor)
+		return uffd_install(pc->uffd, b->host + off, src, len);
+	if (src)
+		memcpy(pc->alias[bi] + off, src, len);
+	else
+		memset(pc->alias[bi] + off, 0, len);
+	/* The end-of-stream check wants every page of a populated block
+	 * received (stale data must not pass for a page). */
+	for (uint64_t p = first; p < first + n; p++)
+		vmig__bitmap_set_atomic(b->received, p);
+	return uffd_continue(pc->uffd, b->host + off, len);
+}
+
 /* Loader hook: pages arriving after the switch (any channel). */
 static int pc_place(void *opaque, unsigned bi, uint64_t first, uint32_t npages,
 		    const uint8_t *buf)
@@ -471,9 +527,8 @@ static int pc_place(void *opaque, unsigned bi, uint64_t first, uint32_t npages,
 		for (uint32_t k = i; k < j; k++)
 			b->page_hash[first + k] = buf ? vmig__page_hash(buf + (uint64_t)k * VMIG_PAGE_SIZE)
 						      : vmig__zero_page_hash();
-		ret = uffd_install(pc->uffd, b->host + (first + i) * VMIG_PAGE_SIZE,
-				   buf ? buf + (uint64_t)i * VMIG_PAGE_SIZE : NULL,
-				   (uint64_t)(j - i) * VMIG_PAGE_SIZE);
+		ret = install(pc, bi, first + i, j - i,
+			      buf ? buf + (uint64_t)i * VMIG_PAGE_SIZE : NULL);
 		if (ret) {
 			/* Unclaimed, so that a copy arriving later (or asked
 			 * for again after a recovery) can still place them. */
@@ -512,7 +567,7 @@ static int pc_fill(void *opaque, unsigned bi, uint64_t first, uint32_t npages, c
 	uint8_t *dst = b->host + first * VMIG_PAGE_SIZE;
 	uint64_t len = (uint64_t)npages * VMIG_PAGE_SIZE, done = 0;
 
-	if (b->hpage) { /* not registered until the switch */
+	if (via_alias(b)) { /* not registered until the switch */
 		memcpy(dst, buf, len);
 		return 0;
 	}
@@ -548,9 +603,9 @@ static int pc_discard(void *opaque, unsigned bi, uint64_t first, uint64_t npages
 	__atomic_store_n(&pc->postcopy_faults, true, __ATOMIC_RELEASE);
 	vmig__bitmap_clear_range(b->received, first, npages);
 	vmig__bitmap_clear_range(b->zero, first, npages);
-	if (b->hpage) { /* out of the guest's view; the file keeps the rest */
-		uint64_t lo = VMIG_ALIGN_DOWN(off, b->hpage),
-			 hi = VMIG_ALIGN_UP(off + len, b->hpage);
+	if (via_alias(b)) { /* out of the guest's view; the file keeps the rest */
+		uint64_t gran = b->hpage ? b->hpage : VMIG_PAGE_SIZE;
+		uint64_t lo = VMIG_ALIGN_DOWN(off, gran), hi = VMIG_ALIGN_UP(off + len, gran);
 
 		return madvise(b->host + lo, hi - lo, MADV_DONTNEED) ? -errno : 0;
 	}
@@ -615,7 +670,11 @@ static void handle_fault(struct vmig__pc_dest *pc, uint64_t addr, int tid)
 		bitmap_claim(b->requested, pfn);
 		__atomic_thread_fence(__ATOMIC_SEQ_CST);
 		if (bitmap_test_atomic(b->installed, pfn)) {
-			ioctl(pc->uffd, UFFDIO_WAKE, &wake);
+			/* In a populated block, a page in place may still be
+			 * out of this view (a MINOR fault): map it. */
+			if (!b->pc_minor ||
+			    uffd_continue(pc->uffd, b->host + pfn * VMIG_PAGE_SIZE, VMIG_PAGE_SIZE))
+				ioctl(pc->uffd, UFFDIO_WAKE, &wake);
 			fault_end(pc, key);
 		}
 		return;
@@ -673,6 +732,27 @@ bool vmig__pc_dest_vcpu_blocked(struct vmig__pc_dest *pc, unsigned index)
 	blocked = index < pc->nvcpus && pc->vcpu[index].key;
 	pthread_mutex_unlock(&pc->acct_lock);
 	return blocked;
+}
+
+bool vmig__pc_minor_supported(void)
+{
+	static int known; /* 0: not asked yet, 1: yes, -1: no */
+	int k = __atomic_load_n(&known, __ATOMIC_RELAXED);
+
+	if (!k) {
+		struct uffdio_api api = {.api = UFFD_API};
+		int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+
+		/* With no feature asked for, the kernel lists those it has. */
+		k = fd >= 0 && !ioctl(fd, UFFDIO_API, &api) &&
+			    (api.features & UFFD_FEATURE_MINOR_SHMEM)
+			? 1
+			: -1;
+		if (fd >= 0)
+			close(fd);
+		__atomic_store_n(&known, k, __ATOMIC_RELAXED);
+	}
+	return k > 0;
 }
 
 int vmig__pc_dest_new(const struct vmig__pc_config *cfg, struct vmig__pc_dest **out)
@@ -764,11 +844,12 @@ void vmig__pc_dest_rerequest(struct vmig__pc_dest *pc)
 }
 
 /*
- * A huge-page block at the switch: watch it for MISSING and MINOR faults;
- * its huge pages with every page received are final (placed), the others
- * are out of the guest's view until they are complete.
+ * A block placed through its second mapping, at the switch: watch it for
+ * MISSING and MINOR faults. A huge page with every page received is final
+ * (placed); so is every received page of a populated block. The others go
+ * out of the guest's view until they are placed.
  */
-static int hp_switch(struct vmig__pc_dest *pc, unsigned bi, struct vmig__err *err)
+static int alias_switch(struct vmig__pc_dest *pc, unsigned bi, struct vmig__err *err)
 {
 	struct vmig__block *b = &pc->cfg.blocks[bi];
 	struct uffdio_register reg = {.range = {.start = (uintptr_t)b->host, .len = b->size},
@@ -778,9 +859,26 @@ static int hp_switch(struct vmig__pc_dest *pc, unsigned bi, struct vmig__err *er
 	if (ioctl(pc->uffd, UFFDIO_REGISTER, &reg) || !(reg.ioctls & (1ull << _UFFDIO_CONTINUE))) {
 		int ret = errno ? -errno : -EOPNOTSUPP;
 
-		vmig__err_set(err, "registering huge-page RAM block '%s' with userfaultfd: %s",
-			      b->name, strerror(-ret));
+		vmig__err_set(err, "registering %sRAM block '%s' with userfaultfd: %s",
+			      b->hpage ? "huge-page " : "", b->name, strerror(-ret));
 		return ret;
+	}
+	if (b->pc_minor) {
+		for (uint64_t p = vmig__bitmap_find_next_zero(b->received, b->npages, 0);
+		     p < b->npages;) {
+			uint64_t q = vmig__bitmap_find_next(b->received, b->npages, p);
+
+			if (madvise(b->host + p * VMIG_PAGE_SIZE, (q - p) * VMIG_PAGE_SIZE,
+				    MADV_DONTNEED))
+				return -errno;
+			p = vmig__bitmap_find_next_zero(b->received, b->npages, q);
+		}
+		/* Zero pages too: they were written in place. */
+		for (size_t w = 0; w < vmig__bitmap_words(b->npages); w++) {
+			__atomic_fetch_or(&b->placed[w], b->received[w], __ATOMIC_RELEASE);
+			__atomic_fetch_or(&b->installed[w], b->received[w], __ATOMIC_RELEASE);
+		}
+		return 0;
 	}
 	for (uint64_t h = 0; h < b->size / b->hpage; h++) {
 		if (!hp_complete(b, h)) {
@@ -799,11 +897,11 @@ int vmig__pc_dest_switch(struct vmig__pc_dest *pc, struct vmig__err *err)
 	/* Pages with data from pre-copy that were not discarded are final. */
 	for (unsigned i = 0; i < pc->cfg.nblocks; i++) {
 		struct vmig__block *b = &pc->cfg.blocks[i];
-		int ret = b->hpage ? hp_switch(pc, i, err) : 0;
+		int ret = via_alias(b) ? alias_switch(pc, i, err) : 0;
 
 		if (ret)
 			return ret;
-		for (size_t w = 0; !b->hpage && w < vmig__bitmap_words(b->npages); w++)
+		for (size_t w = 0; !via_alias(b) && w < vmig__bitmap_words(b->npages); w++)
 			__atomic_fetch_or(&b->placed[w], b->received[w] & ~b->zero[w],
 					  __ATOMIC_RELEASE);
 	}
@@ -823,22 +921,29 @@ int vmig__pc_dest_register(struct vmig__pc_dest *pc, struct vmig__err *err)
 	for (unsigned i = 0; i < s->nblocks; i++) {
 		struct vmig__block *b = &s->blocks[i];
 
-		if (!b->hpage)
+		if (!via_alias(b))
 			continue;
 		/* Huge pages are assembled in the file, through a second
-		 * mapping (see "huge pages" above). */
-		api.features |= UFFD_FEATURE_MISSING_HUGETLBFS | UFFD_FEATURE_MINOR_HUGETLBFS;
+		 * mapping (see "huge pages" above); populated blocks are
+		 * written through one (see the top of this file). */
+		if (b->hpage)
+			api.features |=
+			    UFFD_FEATURE_MISSING_HUGETLBFS | UFFD_FEATURE_MINOR_HUGETLBFS;
+		else
+			api.features |= UFFD_FEATURE_MINOR_SHMEM;
 		if (!pc->alias && !(pc->alias = calloc(s->nblocks, sizeof(*pc->alias))))
 			return -ENOMEM;
+		/* A populated block's pages are mapped here now, while the
+		 * guest does not wait: mapping a page costs more than
+		 * writing it on some hosts. */
 		pc->alias[i] = b->fd < 0 ? MAP_FAILED
-					 : mmap(NULL, b->size, PROT_READ | PROT_WRITE, MAP_SHARED,
+					 : mmap(NULL, b->size, PROT_READ | PROT_WRITE,
+						MAP_SHARED | (b->pc_minor ? MAP_POPULATE : 0),
 						b->fd, (off_t)b->fd_offset);
 		if (pc->alias[i] == MAP_FAILED) {
 			ret = b->fd < 0 ? -EBADF : -errno;
 			pc->alias[i] = NULL;
-			vmig__err_set(err,
-				      "post-copy on huge pages needs a second mapping of RAM "
-				      "block '%s': %s",
+			vmig__err_set(err, "post-copy needs a second mapping of RAM block '%s': %s",
 				      b->name, b->fd < 0 ? "the block has no fd" : strerror(-ret));
 			return ret;
 		}
@@ -847,13 +952,13 @@ int vmig__pc_dest_register(struct vmig__pc_dest *pc, struct vmig__err *err)
 	if (pc->uffd < 0 || ioctl(pc->uffd, UFFDIO_API, &api)) {
 		ret = -errno;
 		vmig__err_set(err, "userfaultfd for incoming RAM: %s%s", strerror(errno),
-			      pc->alias ? " (post-copy on huge pages needs MINOR faults on "
-					  "hugetlbfs, Linux 5.13)"
+			      pc->alias ? " (post-copy through a second mapping needs MINOR "
+					  "faults: Linux 5.13 on hugetlbfs, 5.14 on shmem)"
 					: "");
 		return ret;
 	}
 	for (unsigned i = 0; i < s->nblocks; i++) {
-		if (s->blocks[i].hpage) /* registered at the switch */
+		if (via_alias(&s->blocks[i])) /* registered at the switch */
 			continue;
 		struct uffdio_register reg = {.range = {.start = (uintptr_t)s->blocks[i].host,
 							.len = s->blocks[i].size},

@@ -44,6 +44,9 @@ struct vmig__pc_config {
 
 struct vmig__pc_dest;
 
+/* The kernel has MINOR faults on shmem (Linux 5.14): a preallocated file
+ * block can stay populated for post-copy (struct vmig__block.pc_minor). */
+bool vmig__pc_minor_supported(void);
 int vmig__pc_dest_new(const struct vmig__pc_config *cfg, struct vmig__pc_dest **out);
 /* Stop the fault thread and unregister guest RAM (waking any waiter). */
 void vmig__pc_dest_free(struct vmig__pc_dest *pc);

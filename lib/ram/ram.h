@@ -45,6 +45,11 @@ struct vmig__block {
 	int fd;
 	uint64_t fd_offset;
 	bool prealloc;	     /* VMIG_RAM_PREALLOC: keep populated, write in place */
+	/* Destination, post-copy on a preallocated file block: the pages stay
+	 * in the file; missing ones are kept out of the guest's view and
+	 * mapped with UFFDIO_CONTINUE (MINOR faults) once written through a
+	 * second mapping. Set at incoming start, read-only after. */
+	bool pc_minor;
 	uint64_t hpage;	     /* hugetlbfs page size (dirty tracking and placement
 			      * granularity), or 0 for normal pages */
 	uint64_t *dirty;     /* source: pages still to send */

@@ -66,8 +66,9 @@ def case_postcopy(procs, build, workload, switch_after):
 
 
 def case_prealloc_dest(procs, build):
-    """A --mem-prealloc destination gives up its pages for post-copy (it needs
-    holes to fault on), and the migration is exact."""
+    """A --mem-prealloc destination keeps its pages for post-copy (pages not
+    there yet are kept out of the guest's view: MINOR faults), and the
+    migration is exact."""
     src, dst = pair(procs, build, "random", dst_args=("-S", "--mem-prealloc"))
     time.sleep(0.3)
     start(src, dst, "tcp:127.0.0.1:%d" % free_port(), 0)
@@ -75,10 +76,12 @@ def case_prealloc_dest(procs, build):
     check(info["ram"]["postcopy-bytes"] > 0, "nothing was sent after the switch")
 
 
-def case_dest_runs(procs, build, workload):
-    """The destination runs the workload at once; pages come on demand."""
+def case_dest_runs(procs, build, workload, prealloc=False):
+    """The destination runs the workload at once; pages come on demand
+    (prealloc: through MINOR faults on its populated RAM)."""
     src, dst = pair(procs, build, workload,
-                    dst_args=("--workload", workload, "--dirty-rate", "64M"))
+                    dst_args=("--workload", workload, "--dirty-rate", "64M") +
+                    (("--mem-prealloc",) if prealloc else ()))
     time.sleep(0.3)
     start(src, dst, "tcp:127.0.0.1:%d" % free_port(), 0)
     info = src.wait_migration(120)
@@ -100,9 +103,9 @@ def case_dest_runs(procs, build, workload):
     check("Postcopy Blocktime" in hmp, "info migrate lacks blocktime: %s" % hmp)
 
 
-def case_recovery(procs, build, cuts):
+def case_recovery(procs, build, cuts, dst_args=("-S",)):
     """Cut the link at several points of post-copy; recover each time."""
-    src, dst = pair(procs, build, "random")
+    src, dst = pair(procs, build, "random", dst_args=dst_args)
     # Slow background push, so post-copy lasts long enough to be cut.
     # A slow pre-copy (so the switch comes first) and a slow background push
     # (so post-copy lasts long enough to be cut).
@@ -198,8 +201,11 @@ def main():
         r.run("hybrid-" + wl, case_postcopy, r.build, wl, 0.4)
     for wl in ("random", "stream", "hotset"):
         r.run("postcopy-dest-runs-" + wl, case_dest_runs, r.build, wl)
+        r.run("postcopy-prealloc-dest-runs-" + wl, case_dest_runs, r.build, wl, True)
     r.run("postcopy-recover-3-cuts", case_recovery, r.build, (0.2, 0.6, 0.4))
     r.run("postcopy-recover-immediate-cut", case_recovery, r.build, (0.0,))
+    r.run("postcopy-prealloc-recover-3-cuts", case_recovery, r.build, (0.2, 0.6, 0.4),
+          ("-S", "--mem-prealloc"))
     r.run("postcopy-pause-recover", case_pause_recover, r.build)
     r.run("postcopy-prealloc-dest", case_prealloc_dest, r.build)
     r.run("postcopy-fail-before-switch", case_fail_before_switch, r.build)

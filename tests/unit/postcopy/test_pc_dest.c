@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "postcopy/postcopy.h"
@@ -32,13 +33,16 @@ struct rig {
 	struct vmig__pc_dest *pc;
 	struct vmig__load_hooks hooks;
 	uint8_t *data; /* RUN_PAGES pages to place */
+	pthread_t vcpu;
 
 	pthread_mutex_t lock; /* guards everything below */
 	pthread_cond_t cond;
 	vmig__pc_stats st;  /* last published */
 	uint64_t requested; /* pages the placer asked the "source" for */
+	uint64_t last_req;  /* the last page asked for */
 	int vcpu_tid;
-	uint64_t touch;	  /* page the vCPU touches once it is claimed; UINT64_MAX: none */
+	uint64_t touch;	  /* page the vCPU reads; UINT64_MAX: none */
+	bool after_claim; /* ... once the placer has claimed it */
 	uint64_t touched; /* value read there, once read */
 	bool touch_done, quit;
 };
@@ -48,9 +52,10 @@ static void on_request(void *opaque, unsigned block, uint64_t first, uint32_t np
 	struct rig *r = opaque;
 
 	(void)block;
-	(void)first;
 	pthread_mutex_lock(&r->lock);
 	r->requested += npages;
+	r->last_req = first;
+	pthread_cond_broadcast(&r->cond);
 	pthread_mutex_unlock(&r->lock);
 }
 
@@ -63,8 +68,8 @@ static void on_publish(void *opaque, const vmig__pc_stats *st)
 	pthread_mutex_unlock(&r->lock);
 }
 
-/* The vCPU: waits for a page to touch, then for the placer to claim it, and
- * reads it (a fault until the page is in). */
+/* The vCPU: waits for a page to touch (and, if asked, for the placer to
+ * claim it), and reads it: a fault until the page is in. */
 static void *vcpu_main(void *arg)
 {
 	struct rig *r = arg;
@@ -78,10 +83,11 @@ static void *vcpu_main(void *arg)
 		if (r->quit)
 			break;
 		uint64_t p = r->touch;
+		bool after_claim = r->after_claim;
 
 		pthread_mutex_unlock(&r->lock);
-		while (!(__atomic_load_n(&r->blk.placed[p / 64], __ATOMIC_ACQUIRE) &
-			 vmig__bitmap_mask(p)))
+		while (after_claim && !(__atomic_load_n(&r->blk.placed[p / 64], __ATOMIC_ACQUIRE) &
+					vmig__bitmap_mask(p)))
 			;
 		uint64_t v = *(volatile uint64_t *)(r->blk.host + p * VMIG_PAGE_SIZE);
 
@@ -95,12 +101,124 @@ static void *vcpu_main(void *arg)
 	return NULL;
 }
 
-static uint64_t *bitmap(void)
+static uint64_t *bitmap(uint64_t npages)
 {
-	uint64_t *m = calloc(vmig__bitmap_words(NPAGES), sizeof(uint64_t));
+	uint64_t *m = calloc(vmig__bitmap_words(npages), sizeof(uint64_t));
 
 	assert_non_null(m);
 	return m;
+}
+
+/* Guest RAM of npages in a memfd (populated with the byte stale, unless 0),
+ * a vCPU thread, and a placer registered on it. */
+static void rig_init(struct rig *r, uint64_t npages, uint8_t stale)
+{
+	struct vmig__err err = {{0}};
+	int memfd, tid;
+
+	*r = (struct rig){.touch = UINT64_MAX};
+	pthread_mutex_init(&r->lock, NULL);
+	pthread_cond_init(&r->cond, NULL);
+	memfd = memfd_create("pc-dest-test", MFD_CLOEXEC);
+	assert_true(memfd >= 0);
+	assert_int_equal(ftruncate(memfd, (off_t)(npages * VMIG_PAGE_SIZE)), 0);
+	r->blk = (struct vmig__block){.name = "ram",
+				      .size = npages * VMIG_PAGE_SIZE,
+				      .npages = npages,
+				      .fd = memfd,
+				      .prealloc = stale != 0};
+	r->blk.host = mmap(NULL, r->blk.size, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
+	assert_true(r->blk.host != MAP_FAILED);
+	if (stale) {
+		assert_true(vmig__pc_minor_supported());
+		r->blk.pc_minor = true;
+		memset(r->blk.host, stale, r->blk.size);
+	}
+	r->blk.received = bitmap(npages);
+	r->blk.zero = bitmap(npages);
+	r->blk.placed = bitmap(npages);
+	r->blk.installed = bitmap(npages);
+	r->blk.requested = bitmap(npages);
+	r->blk.page_hash = calloc(npages, sizeof(uint64_t));
+	r->data = malloc((size_t)RUN_PAGES * VMIG_PAGE_SIZE);
+	assert_non_null(r->blk.page_hash);
+	assert_non_null(r->data);
+	for (uint64_t i = 0; i < (uint64_t)RUN_PAGES * VMIG_PAGE_SIZE / 8; i++)
+		((uint64_t *)r->data)[i] = i + 1;
+
+	assert_int_equal(pthread_create(&r->vcpu, NULL, vcpu_main, r), 0);
+	pthread_mutex_lock(&r->lock);
+	while (!r->vcpu_tid)
+		pthread_cond_wait(&r->cond, &r->lock);
+	tid = r->vcpu_tid;
+	pthread_mutex_unlock(&r->lock);
+
+	struct vmig__pc_config cfg = {.blocks = &r->blk,
+				      .nblocks = 1,
+				      .postcopy_ram = true,
+				      .blocktime = true,
+				      .vcpu_tid = &tid,
+				      .nvcpus = 1,
+				      .request = on_request,
+				      .publish = on_publish,
+				      .opaque = r};
+
+	assert_int_equal(vmig__pc_dest_new(&cfg, &r->pc), 0);
+	vmig__pc_dest_hooks(r->pc, &r->hooks);
+	assert_int_equal(vmig__pc_dest_register(r->pc, &err), 0);
+}
+
+static void rig_fini(struct rig *r)
+{
+	pthread_mutex_lock(&r->lock);
+	r->quit = true;
+	pthread_cond_broadcast(&r->cond);
+	pthread_mutex_unlock(&r->lock);
+	pthread_join(r->vcpu, NULL);
+	vmig__pc_dest_free(r->pc);
+	munmap(r->blk.host, r->blk.size);
+	close(r->blk.fd);
+	free(r->blk.received);
+	free(r->blk.zero);
+	free(r->blk.placed);
+	free(r->blk.installed);
+	free(r->blk.requested);
+	free(r->blk.page_hash);
+	free(r->data);
+}
+
+/* Has the vCPU read page p (vcpu_result waits for what it read). */
+static void vcpu_read(struct rig *r, uint64_t p, bool after_claim)
+{
+	pthread_mutex_lock(&r->lock);
+	r->touch = p;
+	r->after_claim = after_claim;
+	r->touch_done = false;
+	pthread_cond_broadcast(&r->cond);
+	pthread_mutex_unlock(&r->lock);
+}
+
+static uint64_t vcpu_result(struct rig *r)
+{
+	uint64_t v;
+
+	pthread_mutex_lock(&r->lock);
+	while (!r->touch_done)
+		pthread_cond_wait(&r->cond, &r->lock);
+	v = r->touched;
+	pthread_mutex_unlock(&r->lock);
+	return v;
+}
+
+static vmig__pc_stats stats(struct rig *r)
+{
+	vmig__pc_stats st;
+
+	vmig__pc_dest_publish(r->pc);
+	pthread_mutex_lock(&r->lock);
+	st = r->st;
+	pthread_mutex_unlock(&r->lock);
+	return st;
 }
 
 /*
@@ -112,83 +230,27 @@ static uint64_t *bitmap(void)
  */
 static void test_fault_on_page_being_placed_waits_once(void **state)
 {
-	struct rig r = {.touch = UINT64_MAX};
+	struct rig r;
 	struct vmig__err err = {{0}};
-	pthread_t vcpu;
-	int memfd, tid, caught = 0;
+	int caught = 0;
 
 	(void)state;
-	pthread_mutex_init(&r.lock, NULL);
-	pthread_cond_init(&r.cond, NULL);
-	memfd = memfd_create("pc-dest-test", MFD_CLOEXEC);
-	assert_true(memfd >= 0);
-	assert_int_equal(ftruncate(memfd, (off_t)NPAGES * VMIG_PAGE_SIZE), 0);
-	r.blk = (struct vmig__block){.name = "ram",
-				     .size = (uint64_t)NPAGES * VMIG_PAGE_SIZE,
-				     .npages = NPAGES,
-				     .fd = memfd};
-	r.blk.host = mmap(NULL, r.blk.size, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
-	assert_true(r.blk.host != MAP_FAILED);
-	r.blk.received = bitmap();
-	r.blk.zero = bitmap();
-	r.blk.placed = bitmap();
-	r.blk.installed = bitmap();
-	r.blk.requested = bitmap();
-	r.blk.page_hash = calloc(NPAGES, sizeof(uint64_t));
-	r.data = malloc((size_t)RUN_PAGES * VMIG_PAGE_SIZE);
-	assert_non_null(r.blk.page_hash);
-	assert_non_null(r.data);
-	for (uint64_t i = 0; i < (uint64_t)RUN_PAGES * VMIG_PAGE_SIZE / 8; i++)
-		((uint64_t *)r.data)[i] = i + 1;
-
-	assert_int_equal(pthread_create(&vcpu, NULL, vcpu_main, &r), 0);
-	pthread_mutex_lock(&r.lock);
-	while (!r.vcpu_tid)
-		pthread_cond_wait(&r.cond, &r.lock);
-	tid = r.vcpu_tid;
-	pthread_mutex_unlock(&r.lock);
-
-	struct vmig__pc_config cfg = {.blocks = &r.blk,
-				      .nblocks = 1,
-				      .postcopy_ram = true,
-				      .blocktime = true,
-				      .vcpu_tid = &tid,
-				      .nvcpus = 1,
-				      .request = on_request,
-				      .publish = on_publish,
-				      .opaque = &r};
-
-	assert_int_equal(vmig__pc_dest_new(&cfg, &r.pc), 0);
-	vmig__pc_dest_hooks(r.pc, &r.hooks);
-	assert_int_equal(vmig__pc_dest_register(r.pc, &err), 0);
+	rig_init(&r, NPAGES, 0);
 	/* Nothing arrived in pre-copy: every page is missing at the switch. */
 	assert_int_equal(r.hooks.discard(r.hooks.opaque, 0, 0, NPAGES), 0);
 	assert_int_equal(vmig__pc_dest_switch(r.pc, &err), 0);
 
 	for (unsigned a = 0; a < ATTEMPTS && caught < 2; a++) {
-		uint64_t first = (uint64_t)a * RUN_PAGES, last = first + RUN_PAGES - 1, before;
+		uint64_t first = (uint64_t)a * RUN_PAGES, last = first + RUN_PAGES - 1;
+		uint64_t before = stats(&r).faults, faults;
 
-		vmig__pc_dest_publish(r.pc);
-		pthread_mutex_lock(&r.lock);
-		before = r.st.faults;
-		r.touch = last;
-		r.touch_done = false;
-		pthread_cond_broadcast(&r.cond);
-		pthread_mutex_unlock(&r.lock);
-
+		vcpu_read(&r, last, true);
 		assert_int_equal(r.hooks.place(r.hooks.opaque, 0, first, RUN_PAGES, r.data), 0);
-
-		pthread_mutex_lock(&r.lock);
-		while (!r.touch_done)
-			pthread_cond_wait(&r.cond, &r.lock);
 		/* The vCPU read what was placed, not a page of zeros. */
-		assert_int_equal(r.touched, (uint64_t)(RUN_PAGES - 1) * VMIG_PAGE_SIZE / 8 + 1);
-		pthread_mutex_unlock(&r.lock);
+		assert_int_equal(vcpu_result(&r),
+				 (uint64_t)(RUN_PAGES - 1) * VMIG_PAGE_SIZE / 8 + 1);
 
-		vmig__pc_dest_publish(r.pc);
-		pthread_mutex_lock(&r.lock);
-		uint64_t faults = r.st.faults - before;
-
+		faults = stats(&r).faults - before;
 		/* 0: the copy was done before the touch; then try again. */
 		fprintf(stderr, "  run %u: %llu fault(s) on a page being placed\n", a,
 			(unsigned long long)faults);
@@ -196,35 +258,98 @@ static void test_fault_on_page_being_placed_waits_once(void **state)
 		caught += faults == 1;
 		/* A page being placed is never asked of the source. */
 		assert_int_equal(r.requested, 0);
-		assert_int_equal(r.st.requests, 0);
-		pthread_mutex_unlock(&r.lock);
+		assert_int_equal(stats(&r).requests, 0);
 	}
 	/* The case under test must have happened, or the test proved nothing. */
 	assert_true(caught >= 1);
 	/* Once waited for, the vCPU was not counted as blocked any more. */
 	assert_false(vmig__pc_dest_vcpu_blocked(r.pc, 0));
+	rig_fini(&r);
+}
 
-	pthread_mutex_lock(&r.lock);
-	r.quit = true;
-	pthread_cond_broadcast(&r.cond);
-	pthread_mutex_unlock(&r.lock);
-	pthread_join(vcpu, NULL);
-	vmig__pc_dest_free(r.pc);
-	munmap(r.blk.host, r.blk.size);
-	close(memfd);
-	free(r.blk.received);
-	free(r.blk.zero);
-	free(r.blk.placed);
-	free(r.blk.installed);
-	free(r.blk.requested);
-	free(r.blk.page_hash);
-	free(r.data);
+/* Pages of the file resident in its page cache, seen through a mapping of
+ * its own (mincore). */
+static uint64_t resident(int fd, uint64_t npages)
+{
+	uint8_t *m = mmap(NULL, npages * VMIG_PAGE_SIZE, PROT_READ, MAP_SHARED, fd, 0);
+	unsigned char *vec = malloc(npages);
+	uint64_t n = 0;
+
+	assert_true(m != MAP_FAILED);
+	assert_non_null(vec);
+	assert_int_equal(mincore(m, npages * VMIG_PAGE_SIZE, vec), 0);
+	for (uint64_t i = 0; i < npages; i++)
+		n += vec[i] & 1;
+	free(vec);
+	munmap(m, npages * VMIG_PAGE_SIZE);
+	return n;
+}
+
+#define SMALL 256u
+
+/*
+ * A preallocated block keeps its pages through post-copy: pre-copy writes in
+ * place, a discard only takes pages out of the guest's view, and a page the
+ * guest touches before it arrives is a MINOR fault, requested, written
+ * through the second mapping and mapped. The guest never sees the stale
+ * data the file still holds, and the file never gives a page back (so the
+ * first touch of memory was paid once, at preallocation).
+ */
+static void test_populated_block_keeps_its_pages(void **state)
+{
+	struct rig r;
+	struct vmig__err err = {{0}};
+
+	(void)state;
+	rig_init(&r, SMALL, 0xee);
+	/* Pre-copy: pages [0, 128) arrive and are written in place. */
+	assert_int_equal(r.hooks.fill(r.hooks.opaque, 0, 0, 128, r.data), 0);
+	vmig__bitmap_set_range(r.blk.received, 0, 128);
+	/* Dirtied again on the source: [64, 96) goes stale here. */
+	assert_int_equal(r.hooks.discard(r.hooks.opaque, 0, 64, 32), 0);
+	assert_int_equal(vmig__pc_dest_switch(r.pc, &err), 0);
+	assert_int_equal(resident(r.blk.fd, SMALL), SMALL);
+
+	/* A page that arrived in pre-copy is there, no fault. */
+	vcpu_read(&r, 10, false);
+	assert_int_equal(vcpu_result(&r), 10 * VMIG_PAGE_SIZE / 8 + 1);
+	assert_int_equal(stats(&r).faults, 0);
+
+	/* A discarded page (70), and one that never came (200): each is asked
+	 * for and waited for; the guest gets what is placed, not the stale
+	 * bytes. */
+	for (uint64_t p = 70; p <= 200; p += 130) {
+		struct timespec deadline;
+
+		vcpu_read(&r, p, false);
+		clock_gettime(CLOCK_REALTIME, &deadline);
+		deadline.tv_sec += 10;
+		pthread_mutex_lock(&r.lock);
+		/* No request means the guest read the page without a fault. */
+		while (r.requested == (p == 70 ? 0 : 1))
+			assert_int_equal(pthread_cond_timedwait(&r.cond, &r.lock, &deadline), 0);
+		assert_int_equal(r.last_req, p);
+		pthread_mutex_unlock(&r.lock);
+		/* 70 gets data; 200 arrives as a zero page. */
+		assert_int_equal(r.hooks.place(r.hooks.opaque, 0, p, 1,
+					       p == 70 ? r.data + 5 * VMIG_PAGE_SIZE : NULL),
+				 0);
+		assert_int_equal(vcpu_result(&r), p == 70 ? 5 * VMIG_PAGE_SIZE / 8 + 1 : 0);
+	}
+	vmig__pc_stats st = stats(&r);
+
+	assert_int_equal(st.faults, 2);
+	assert_int_equal(st.requests, 2);
+	assert_true(vmig__bitmap_test(r.blk.received, 200)); /* for the end-of-stream check */
+	assert_int_equal(resident(r.blk.fd, SMALL), SMALL);
+	rig_fini(&r);
 }
 
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 	    cmocka_unit_test(test_fault_on_page_being_placed_waits_once),
+	    cmocka_unit_test(test_populated_block_keeps_its_pages),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
