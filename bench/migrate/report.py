@@ -542,12 +542,18 @@ POSTCOPY_WSS_TEXT = """### How the post-copy scenarios (postcopy-wss*) are measu
   the guest has printed that it is dirtying and one rate report.
 - Neither destination is started with `-S`: the guest runs on the destination during
   post-copy, so its vCPUs fault on pages not yet there. That is what blocktime measures.
+- Both destinations preallocate guest RAM at start-up (vmig-vm `--mem-prealloc`, QEMU
+  `-mem-prealloc`), before the measured window, as destinations in production often do;
+  the `-noprealloc` scenario does without. QEMU 7.2 frees that memory again when
+  post-copy is advised and installs every page it receives after that anew; vmig keeps
+  it (pages missing at the switch are only unmapped, then placed with MINOR faults).
 - Capabilities on both sides: `postcopy-ram`, `postcopy-blocktime`; "QEMU ... preempt"
   adds `postcopy-preempt` on both sides; vmig gets `postcopy-preempt` too (accepted; it
   always serves page requests on its own urgent connection). Parameters:
   `max-postcopy-bandwidth` 0 on both sides, `max-bandwidth` as for pre-copy. `migrate`,
   then `migrate-start-postcopy` at the first `query-migrate` poll (every 50 ms) at or
-  after 2 s, then poll until `completed` on both sides.
+  after 1 s (before either engine's pre-copy could converge), then poll until
+  `completed` on both sides.
 - total s and downtime ms: the source's `total-time` and `downtime`. page requests: the
   source's `ram.postcopy-requests`. blocktime ms: the destination's `postcopy-blocktime`
   (time during which all vCPUs waited for pages at once); vCPU blocktime sum: the sum of
