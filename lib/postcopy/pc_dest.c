@@ -74,6 +74,10 @@ struct vmig__pc_dest {
 	 * first DISCARD on; before that a fault can only be someone reading a
 	 * page that has not arrived yet, which is zero so far. */
 	bool postcopy_faults;
+	/* Migration thread: the populated (pc_minor) blocks are registered
+	 * and have every page not received out of the guest's view; done at
+	 * the first DISCARD (or at the switch, if none came). */
+	bool minor_started;
 	/* Huge-page blocks: a second mapping of each one's fd (NULL for other
 	 * blocks), made at register, unmapped at free; and the locks that
 	 * make "write a piece into a huge page" and "map the huge page into
@@ -554,7 +558,8 @@ static int pc_place(void *opaque, unsigned bi, uint64_t first, uint32_t npages,
 }
 
 /*
- * Loader hook, pre-copy: put a run of received pages in place. A page that
+ * Loader hook, pre-copy: put a run of received pages in place (buf NULL:
+ * zeros, for a populated block). A page that
  * is still a hole is installed with UFFDIO_COPY, which allocates it and
  * copies in one step (no fault, no clearing of the new page: about twice as
  * fast as writing into a fresh shmem page); a page already present (sent
@@ -567,10 +572,23 @@ static int pc_fill(void *opaque, unsigned bi, uint64_t first, uint32_t npages, c
 	uint8_t *dst = b->host + first * VMIG_PAGE_SIZE;
 	uint64_t len = (uint64_t)npages * VMIG_PAGE_SIZE, done = 0;
 
-	if (via_alias(b)) { /* not registered until the switch */
-		memcpy(dst, buf, len);
+	if (b->pc_minor && pc->minor_started) { /* a page after a DISCARD */
+		uint8_t *to = pc->alias[bi] + first * VMIG_PAGE_SIZE;
+
+		if (buf)
+			memcpy(to, buf, len);
+		else
+			memset(to, 0, len);
+		return uffd_continue(pc->uffd, dst, len);
+	}
+	if (via_alias(b)) { /* not registered yet */
+		if (buf)
+			memcpy(dst, buf, len);
+		else
+			memset(dst, 0, len);
 		return 0;
 	}
+	assert(buf); /* zeros come here for populated blocks only */
 	while (done < len) {
 		struct uffdio_copy c = {.dst = (uintptr_t)dst + done,
 					.src = (uintptr_t)buf + done,
@@ -592,6 +610,8 @@ static int pc_fill(void *opaque, unsigned bi, uint64_t first, uint32_t npages, c
 	return 0;
 }
 
+static int minor_start(struct vmig__pc_dest *pc, struct vmig__err *err);
+
 /* Loader hook, before the switch: these pages are stale here. */
 static int pc_discard(void *opaque, unsigned bi, uint64_t first, uint64_t npages)
 {
@@ -603,6 +623,11 @@ static int pc_discard(void *opaque, unsigned bi, uint64_t first, uint64_t npages
 	__atomic_store_n(&pc->postcopy_faults, true, __ATOMIC_RELEASE);
 	vmig__bitmap_clear_range(b->received, first, npages);
 	vmig__bitmap_clear_range(b->zero, first, npages);
+	if (b->pc_minor && !pc->minor_started) { /* unmaps these pages too */
+		struct vmig__err err = {{0}};
+
+		return minor_start(pc, &err);
+	}
 	if (via_alias(b)) { /* out of the guest's view; the file keeps the rest */
 		uint64_t gran = b->hpage ? b->hpage : VMIG_PAGE_SIZE;
 		uint64_t lo = VMIG_ALIGN_DOWN(off, gran), hi = VMIG_ALIGN_UP(off + len, gran);
@@ -843,15 +868,11 @@ void vmig__pc_dest_rerequest(struct vmig__pc_dest *pc)
 	}
 }
 
-/*
- * A block placed through its second mapping, at the switch: watch it for
- * MISSING and MINOR faults. A huge page with every page received is final
- * (placed); so is every received page of a populated block. The others go
- * out of the guest's view until they are placed.
- */
-static int alias_switch(struct vmig__pc_dest *pc, unsigned bi, struct vmig__err *err)
+/* Watch a block placed through its second mapping for MISSING and MINOR
+ * faults. */
+static int alias_register(struct vmig__pc_dest *pc, const struct vmig__block *b,
+			  struct vmig__err *err)
 {
-	struct vmig__block *b = &pc->cfg.blocks[bi];
 	struct uffdio_register reg = {.range = {.start = (uintptr_t)b->host, .len = b->size},
 				      .mode = UFFDIO_REGISTER_MODE_MISSING |
 					      UFFDIO_REGISTER_MODE_MINOR};
@@ -863,16 +884,56 @@ static int alias_switch(struct vmig__pc_dest *pc, unsigned bi, struct vmig__err 
 			      b->hpage ? "huge-page " : "", b->name, strerror(-ret));
 		return ret;
 	}
-	if (b->pc_minor) {
+	return 0;
+}
+
+/*
+ * The populated blocks, once: registered, and every page not received
+ * taken out of the guest's view, while the guest still runs on the source
+ * (at the first DISCARD), so the downtime does not pay for it. From then on
+ * nothing can map a stale page again: a touch is a fault, answered once the
+ * page is placed, and each DISCARD unmaps its own pages.
+ */
+static int minor_start(struct vmig__pc_dest *pc, struct vmig__err *err)
+{
+	for (unsigned bi = 0; !pc->minor_started && bi < pc->cfg.nblocks; bi++) {
+		struct vmig__block *b = &pc->cfg.blocks[bi];
+		int ret = b->pc_minor ? alias_register(pc, b, err) : 0;
+
+		if (ret)
+			return ret;
 		for (uint64_t p = vmig__bitmap_find_next_zero(b->received, b->npages, 0);
-		     p < b->npages;) {
+		     b->pc_minor && p < b->npages;) {
 			uint64_t q = vmig__bitmap_find_next(b->received, b->npages, p);
 
 			if (madvise(b->host + p * VMIG_PAGE_SIZE, (q - p) * VMIG_PAGE_SIZE,
-				    MADV_DONTNEED))
-				return -errno;
+				    MADV_DONTNEED)) {
+				ret = -errno;
+				vmig__err_set(err, "unmapping missing pages of RAM block '%s': %s",
+					      b->name, strerror(errno));
+				return ret;
+			}
 			p = vmig__bitmap_find_next_zero(b->received, b->npages, q);
 		}
+	}
+	pc->minor_started = true;
+	return 0;
+}
+
+/*
+ * A block placed through its second mapping, at the switch: watch it for
+ * MISSING and MINOR faults. A huge page with every page received is final
+ * (placed); so is every received page of a populated block. The others go
+ * out of the guest's view until they are placed.
+ */
+static int alias_switch(struct vmig__pc_dest *pc, unsigned bi, struct vmig__err *err)
+{
+	struct vmig__block *b = &pc->cfg.blocks[bi];
+	int ret = b->pc_minor ? minor_start(pc, err) : alias_register(pc, b, err);
+
+	if (ret)
+		return ret;
+	if (b->pc_minor) {
 		/* Zero pages too: they were written in place. */
 		for (size_t w = 0; w < vmig__bitmap_words(b->npages); w++) {
 			__atomic_fetch_or(&b->placed[w], b->received[w], __ATOMIC_RELEASE);

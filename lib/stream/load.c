@@ -244,13 +244,25 @@ static int load_pages(struct vmig__loader *l, uint8_t type, uint32_t len, uint64
 		l->pages_zero += pg.npages;
 		if (l->postcopy)
 			return l->hooks.place(l->hooks.opaque, pg.block, pg.first, pg.npages, NULL);
+		/* A populated block on a post-copy destination: its pages may be
+		 * out of this view already (a DISCARD), so the placer writes. */
+		if (b->stale && l->hooks.fill) {
+			ret = l->hooks.fill(l->hooks.opaque, pg.block, pg.first, pg.npages, NULL);
+			if (ret) {
+				vmig__err_set_first(l->err,
+						    "installing zero pages in guest RAM: %s",
+						    strerror(-ret));
+				return ret;
+			}
+		}
 		for (uint32_t i = 0; i < pg.npages; i++) {
 			uint64_t pfn = pg.first + i;
 
 			/* A cleared page that never held data is zero already: don't
 			 * fault it in. */
-			if (b->stale || (vmig__bitmap_test(b->received, pfn) &&
-					 !vmig__bitmap_test(b->zero, pfn)))
+			if ((b->stale && !l->hooks.fill) ||
+			    (!b->stale && vmig__bitmap_test(b->received, pfn) &&
+			     !vmig__bitmap_test(b->zero, pfn)))
 				memset(dst + (uint64_t)i * VMIG_PAGE_SIZE, 0, VMIG_PAGE_SIZE);
 			b->page_hash[pfn] = vmig__zero_page_hash();
 			vmig__bitmap_set(b->received, pfn);

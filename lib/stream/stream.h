@@ -135,7 +135,8 @@ struct vmig__load_block {
  * switch; a DISCARD record without it is an error.
  */
 struct vmig__load_hooks {
-	/* pre-copy: install pages (buf: npages * 4096 bytes); NULL = write in place */
+	/* pre-copy: install pages (buf: npages * 4096 bytes, or NULL: zeros,
+	 * for a block kept populated); no hook = write in place */
 	int (*fill)(void *opaque, unsigned block, uint64_t first, uint32_t npages,
 		    const uint8_t *buf);
 	int (*place)(void *opaque, unsigned block, uint64_t first, uint32_t npages,
