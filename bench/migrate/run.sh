@@ -24,10 +24,14 @@
 #   BENCH_MEM=4G            guest RAM size
 #   BENCH_FILL_FILE=PATH    cached random file (default /var/tmp/vmig-bench-<MEM>.bin)
 #   BENCH_SCENARIOS=precopy-1ch,postcopy-wss   comma-separated scenarios
-#                           (also multifd-4, postcopy; with --tls the default is
-#                           tls-precopy-1ch,tls-multifd-4). multifd-4-zero-copy
-#                           runs each engine with and without zero-copy-send and
-#                           --record writes it to a section of its own.
+#                           (also precopy-1ch-prealloc, precopy-1ch-hugetlb,
+#                           multifd-4, precopy-write-heavy, postcopy; with --tls
+#                           the default is tls-precopy-1ch,tls-multifd-4).
+#                           multifd-4-zero-copy runs each engine with and without
+#                           zero-copy-send; postcopy-wss-stream, -hotset, the
+#                           -1vcpu variants of all three and postcopy-wss-noprealloc
+#                           are the busy guest's other post-copy cases. --record
+#                           writes those two groups to sections of their own.
 #   BENCH_RUNTIMES=qemu,vmig      comma-separated engines (raw TCP always runs)
 #   BENCH_TIMEOUT=600       seconds allowed per migration
 #   BENCH_DEADLINE=0        no measurement starts after this many seconds

@@ -21,9 +21,9 @@
  * the guest has changed since.
  *
  * A preallocated block with a file (pc_minor) is not emptied for all that:
- * pre-copy writes into it in place, and at the switch the pages still
- * missing are only taken out of the guest's view (their data stays in the
- * file). A fault on one of them is a MINOR fault; its page is written
+ * pre-copy writes into it in place, and from the first DISCARD on, the pages
+ * still missing are only kept out of the guest's view (their data stays in
+ * the file). A fault on one of them is a MINOR fault; its page is written
  * through a second mapping, which userfaultfd does not watch, and mapped
  * into the guest's view with UFFDIO_CONTINUE. So the destination pays the
  * first touch of its memory when it preallocates, not while the guest
@@ -314,7 +314,8 @@ static int uffd_continue(int uffd, uint8_t *host, uint64_t len)
 }
 
 /* Blocks whose pages are written through the second mapping (alias) and
- * mapped with UFFDIO_CONTINUE, registered only at the switch. */
+ * mapped with UFFDIO_CONTINUE, registered late: huge pages at the switch,
+ * populated blocks at the first DISCARD (minor_start). */
 static inline bool via_alias(const struct vmig__block *b)
 {
 	return b->hpage || b->pc_minor;
