@@ -216,8 +216,8 @@ static int register_ram(struct vmig_session *s, struct vmig__pc_dest **pc, struc
 	/* Populated RAM has no holes to install into (UFFDIO_COPY would fail
 	 * with EEXIST on every page), and huge pages take no 4 KiB
 	 * UFFDIO_COPY: pages are read straight into it. With post-copy, the
-	 * placer still registers huge pages and populated blocks, at the
-	 * switch. */
+	 * placer still registers huge pages (at the switch) and populated
+	 * blocks (at the first DISCARD). */
 	for (unsigned i = 0; i < s->nblocks; i++)
 		if ((keep_populated(s, &s->blocks[i]) && !s->blocks[i].pc_minor) ||
 		    (s->blocks[i].hpage && !s->caps[VMIG_CAP_POSTCOPY_RAM]))
