@@ -8,6 +8,7 @@ pkgs=(
   liburing-dev libzstd-dev zlib1g-dev libxxhash-dev libjansson-dev libcmocka-dev
   libgnutls28-dev openssl
   python3 iproute2 cpio gzip procps psmisc
+  strace # test_security.py slows the daemon's start down to catch ordering races
   qemu-system-x86 qemu-utils busybox-static linux-image-amd64
   chromium # test_timeline.py renders the timeline SVG headless
   # test_libvirt.py: libvirtd and virsh. libvirt-daemon-system, not only

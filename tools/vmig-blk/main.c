@@ -903,17 +903,19 @@ static int start_fresh(struct vblk_daemon *dm)
 		fprintf(stderr, "vmig-blk: %s\n", err);
 		return r;
 	}
-	/* The vhost-user socket gets the mode the umask gives: QEMU often
-	 * runs as a user of its own (docs/security.md). */
-	dm->listen_fd = vblk_listen_unix(dm->opts.socket, 0, &dm->sock_id, err, sizeof(err));
-	if (dm->listen_fd < 0) {
-		fprintf(stderr, "vmig-blk: cannot listen: %s\n", err);
-		return dm->listen_fd;
-	}
 	r = vblk_rpc_listen(dm, err, sizeof(err));
 	if (r) {
 		fprintf(stderr, "vmig-blk: cannot listen: %s\n", err);
 		return r;
+	}
+	/* The vhost-user socket last: front ends (QEMU, libvirt, scripts)
+	 * wait for its file to appear, and from then on the RPC socket
+	 * answers too. It gets the mode the umask gives: QEMU often runs as
+	 * a user of its own (docs/security.md). */
+	dm->listen_fd = vblk_listen_unix(dm->opts.socket, 0, &dm->sock_id, err, sizeof(err));
+	if (dm->listen_fd < 0) {
+		fprintf(stderr, "vmig-blk: cannot listen: %s\n", err);
+		return dm->listen_fd;
 	}
 	return 0;
 }

@@ -19,6 +19,9 @@ checked on the daemon itself (no QEMU, no guest):
   directory others may write (unless sticky; along its real path and along
   the configured one, where a symlink to it lives), and the daemon serves on;
   once it is right again the upgrade goes through;
+- the vhost-user socket is the last thing the daemon creates: once its
+  file exists (what QEMU and libvirt wait for), the RPC socket answers
+  too, even when the start is slowed down (strace delays each listen());
 - the image is locked (OFD write lock): a second daemon on it refuses to
   start, unless --no-lock; two --read-only daemons share it; the lock
   stays held across a live upgrade (same open file description, seen in
@@ -250,6 +253,32 @@ def case_socket_paths(env):
              (again.proc.p.returncode, os.path.exists(sock), os.path.isfile(again.rpc)))
 
 
+def case_socket_order(env):
+    """Waits for the vhost-user socket file as a front end would, then
+    calls the RPC socket at once. strace holds each listen() for 300 ms,
+    so a daemon that made the vhost-user socket first would be caught
+    with no RPC socket yet."""
+    img = image(env, "order.img")
+    sock = os.path.join(env.tmp, "order.sock")
+    d = Daemon(env, "order", sock, ["--file", img])
+    d.proc.argv = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=listen",
+                   "-e", "inject=listen:delay_enter=300000"] + d.proc.argv
+    d.proc.start()
+    deadline = time.monotonic() + 20
+    while not os.path.exists(sock):
+        if not d.proc.alive() or time.monotonic() > deadline:
+            raise blkenv.Fail("no vhost-user socket: %s" % d.proc.text()[-400:])
+        time.sleep(0.002)
+    try:
+        pid = d.controller().get("pid")
+        why = "pid %s" % pid
+    except (OSError, ValueError, blkenv.Fail) as e:
+        pid, why = None, "RPC call as the vhost-user socket appeared: %s" % e
+    # under strace the daemon is strace's child: its pid is not proc.pid
+    env.case("rpc_ready_with_vhost_socket", isinstance(pid, int) and pid > 0, why)
+    d.proc.stop()
+
+
 def upgrade(env, d, *extra):
     r = subprocess.run([env.vmig_blk, "upgrade", "--rpc", d.rpc] + list(extra),
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
@@ -412,7 +441,8 @@ def body(env):
         raise blkenv.Fail("no vmig-blk binary in %s" % env.build_dir)
     if os.geteuid() != 0:
         raise blkenv.Fail("needs root: the test switches to uid %d" % NOBODY)
-    for step in (case_rpc_socket, case_socket_paths, case_upgrade_binary, case_image_lock):
+    for step in (case_rpc_socket, case_socket_paths, case_socket_order, case_upgrade_binary,
+                 case_image_lock):
         try:
             step(env)
         except blkenv.Fail as e:
