@@ -340,10 +340,7 @@ int vmig__dest_accept(struct vmig_session *s, struct vmig__loader *l, bool resum
 			continue;
 		}
 		if (l->channel == VMIG_CHAN_MULTIFD) {
-			if (resume)
-				vmig__chan_free(c);
-			else
-				vmig__dest_keep_multifd(s, c, l);
+			vmig__dest_keep_multifd(s, c, l);
 			continue;
 		}
 		/* Under rp_lock too: in a post-copy resume the fault thread
@@ -390,7 +387,7 @@ int vmig__dest_accept_side(struct vmig_session *s, bool (*done)(void *arg), void
 				keep_urgent(s, c);
 				continue;
 			}
-			if (l.channel == VMIG_CHAN_MULTIFD && !resume) {
+			if (l.channel == VMIG_CHAN_MULTIFD) {
 				vmig__dest_keep_multifd(s, c, &l);
 				continue;
 			}

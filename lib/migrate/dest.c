@@ -168,7 +168,9 @@ static int load_stream(struct vmig_session *s, struct vmig__loader *l, struct vm
 			ret = after_record(s, l, type, mf);
 		publish_progress(s, l, *mf, false, &last_ns, &last_bytes);
 	}
-	if (*mf) {
+	/* At the post-copy switch the data channels stay: the push comes on
+	 * them (pc_dest_run.c). */
+	if (*mf && (ret || !l->run)) {
 		struct vmig__err err = {{0}};
 		int mret = vmig__mf_dest_finish(*mf, ret != 0, &err);
 
@@ -235,7 +237,8 @@ static int register_ram(struct vmig_session *s, struct vmig__pc_dest **pc, struc
 }
 
 /* The post-copy switch: take over now, load the rest while the guest runs. */
-static int run_postcopy(struct vmig_session *s, struct vmig__pc_dest *pc, struct vmig__loader *l)
+static int run_postcopy(struct vmig_session *s, struct vmig__pc_dest *pc, struct vmig__loader *l,
+			struct vmig__mf_dest *mf)
 {
 	uint64_t t0 = vmig__now_ns();
 	int ret;
@@ -246,6 +249,8 @@ static int run_postcopy(struct vmig_session *s, struct vmig__pc_dest *pc, struct
 	if (ret)
 		return ret;
 	l->postcopy = true;
+	/* Before RESUMED, after which the source pushes on them. */
+	vmig__mf_dest_postcopy(mf);
 	ret = start_guest(s, l, t0);
 	if (ret)
 		return ret;
@@ -253,7 +258,7 @@ static int run_postcopy(struct vmig_session *s, struct vmig__pc_dest *pc, struct
 	__atomic_store_n(&s->in_postcopy, true, __ATOMIC_RELEASE);
 	pthread_mutex_unlock(&s->lock);
 	vmig__set_status(s, VMIG_STATUS_POSTCOPY_ACTIVE);
-	ret = vmig__dest_pc_run(s, pc, l);
+	ret = vmig__dest_pc_run(s, pc, l, mf);
 	if (!ret)
 		vmig__dest_send_rp(s, VMIG_RP_COMPLETE, NULL, 0);
 	return ret;
@@ -324,7 +329,7 @@ void *vmig__dest_thread(void *arg)
 	l.multifd_ok = s->caps[VMIG_CAP_MULTIFD];
 	ret = load_stream(s, &l, &mf);
 	if (ret == 1)
-		ret = run_postcopy(s, pc, &l);
+		ret = run_postcopy(s, pc, &l, mf);
 	else if (!ret) {
 		uint64_t t0 = vmig__now_ns();
 

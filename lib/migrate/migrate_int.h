@@ -252,13 +252,23 @@ int vmig__src_rp_message(struct vmig__source *src, uint8_t type, const uint8_t *
 			 size_t len, struct vmig__err *err);
 void vmig__src_digest(struct vmig__source *src, struct vmig_wire_digest *d);
 
-/* multifd.c: pre-copy pages over several connections */
+/* multifd.c: pages over several connections (pre-copy, and the post-copy push) */
 struct vmig__mf_source;
 struct vmig__mf_dest;
-int vmig__mf_source_open(struct vmig__source *src, struct vmig__err *err);
+int vmig__mf_source_open(struct vmig__source *src, bool resume, struct vmig__err *err);
 /* Send the dirty pages of this round on every channel, each ending with
  * SYNC(round) (or EOS when final); returns once all are sent. */
 int vmig__mf_source_round(struct vmig__source *src, uint64_t round, bool final);
+/* SYNC(round) on every channel, unless their last round was that one. */
+int vmig__mf_source_mark(struct vmig__source *src, uint64_t round);
+/* Post-copy: start the background push on every channel (each ends with
+ * EOS); vmig__mf_source_wait tells when all are done. */
+void vmig__mf_source_push(struct vmig__source *src);
+/* Wait up to timeout_ms for the channels' job: true when all are done, *err
+ * then their first error (0 if none). */
+int vmig__mf_source_wait(struct vmig__source *src, unsigned timeout_ms, int *err);
+/* Return-path thread: push from page pfn of block bi next (a fault there). */
+void vmig__mf_source_hint(struct vmig__source *src, unsigned bi, uint64_t pfn);
 void vmig__mf_source_collect(struct vmig__source *src); /* counters into src->st */
 uint64_t vmig__mf_source_bytes(struct vmig__source *src);
 void vmig__mf_source_close(struct vmig__source *src);
@@ -271,6 +281,17 @@ void vmig__mf_dest_sync(struct vmig__mf_dest *mf, uint64_t main_round);
 /* Wait for every data channel's EOS (abort: stop them first); 0, or the
  * error of the first channel that failed, with its message in err. */
 int vmig__mf_dest_finish(struct vmig__mf_dest *mf, bool abort, struct vmig__err *err);
+/* Wait until all data channels of this migration are kept (s->mf_chans). */
+int vmig__mf_dest_accept(struct vmig__mf_dest *mf, struct vmig__err *err);
+/* The switch: from the next record on, the loaders place pages (NULL: no
+ * multifd, nothing to do). */
+void vmig__mf_dest_postcopy(struct vmig__mf_dest *mf);
+/* A data channel failed on something else than a lost connection (a bad
+ * record): its error (message in err), else 0. */
+int vmig__mf_dest_failure(struct vmig__mf_dest *mf, struct vmig__err *err);
+/* Post-copy resume: take the new data channels and load them again (the
+ * loaders were stopped with vmig__mf_dest_finish(mf, true, ...)). */
+int vmig__mf_dest_resume(struct vmig__mf_dest *mf, struct vmig__err *err);
 void vmig__mf_dest_counts(struct vmig__mf_dest *mf, uint64_t *bytes, uint64_t *normal, uint64_t *zero);
 void vmig__mf_dest_free(struct vmig__mf_dest *mf);
 
@@ -306,7 +327,8 @@ int vmig__pc_source_read_bitmaps(struct vmig__source *src, struct vmig__reader *
 struct vmig__pc_dest;
 int vmig__dest_pc_new(struct vmig_session *s, struct vmig__pc_dest **out);
 void vmig__dest_pc_free(struct vmig_session *s, struct vmig__pc_dest *pc);
-int vmig__dest_pc_run(struct vmig_session *s, struct vmig__pc_dest *pc, struct vmig__loader *l);
+int vmig__dest_pc_run(struct vmig_session *s, struct vmig__pc_dest *pc, struct vmig__loader *l,
+		      struct vmig__mf_dest *mf);
 
 /* dirtyrate.c: join a measurement's thread (vmig_session_free). */
 void vmig__dirty_rate_stop(struct vmig_session *s);

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 /*
- * Multifd: pre-copy pages over several connections at once (QEMU's
+ * Multifd: pages over several connections at once (QEMU's
  * capability "multifd" and parameter "multifd-channels").
  *
  * The main connection keeps the control records (block list, SYNC, device
@@ -27,6 +27,18 @@
  * until the kernel is done with all of it, as QEMU does at each sync. A
  * page written meanwhile is dirty in the next round, as it would be with a
  * copying send, and its copies stay in order on its one connection.
+ *
+ * With post-copy (as QEMU 10.1 allows), the background push after the
+ * switch travels on the data channels too, each pushing its own chunks,
+ * nearest the latest fault first, then EOS; requested pages keep the
+ * urgent channel. Before the source's first DISCARD every channel's pages
+ * must be loaded (a stale copy loaded after a DISCARD would stand for the
+ * page), so each SYNC the main channel waits for is also sent on every
+ * data channel (a round with no pages when they have none to send). On
+ * the destination, the loaders switch to the placer at POSTCOPY_RUN; they
+ * are idle then, since nothing is sent on them between the last SYNC and
+ * the push. A lost connection pauses as in post-copy without multifd, and
+ * the resume connects the data channels again.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -40,12 +52,22 @@
 
 /* ---- source ------------------------------------------------------------ */
 
+#define NO_HINT UINT64_MAX
+
+/* What the channels are asked to do. */
+enum mf_job {
+	MF_ROUND, /* their dirty pages, then SYNC(round), or EOS if final */
+	MF_MARK,  /* SYNC(round) alone */
+	MF_PUSH,  /* post-copy: push their pages until none is left, then EOS */
+};
+
 struct mf_send {
 	struct vmig__mf_source *mf;
 	unsigned idx;
 	bool started;
 	pthread_t thread;
 	uint64_t counts[2]; /* atomic: pages, zero pages queued (writer.counts) */
+	uint64_t hint;	    /* atomic: (block << 48 | word) to push next, or NO_HINT */
 	struct vmig__writer w;
 };
 
@@ -54,13 +76,16 @@ struct vmig__mf_source {
 	unsigned n;
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
-	/* under lock: the round the channels are asked to send */
-	uint64_t gen; /* bumped once per round */
+	/* under lock: what the channels are asked to do */
+	uint64_t gen; /* bumped once per job */
+	enum mf_job job;
 	uint64_t round;
 	bool final;
-	bool quit;
-	unsigned busy; /* channels still sending this round */
-	int err;       /* first channel error of this round */
+	bool quit;     /* also read without the lock by a push (atomic) */
+	unsigned busy; /* channels still on this job */
+	int err;       /* first channel error of this job */
+	/* migration thread only: the last round the channels sent SYNC for */
+	uint64_t synced;
 	/* atomic: shares whose zero-copy sends the kernel all copied anyway */
 	uint64_t missed_zero_copy;
 	/* migration thread only: counts already added to src->st */
@@ -68,14 +93,11 @@ struct vmig__mf_source {
 	struct mf_send *ch;
 };
 
-/* Send the runs of dirty pages in one bitmap word, and clear it. */
-static void send_word(struct mf_send *c, unsigned bi, uint64_t wi)
+/* Send the runs of pages set in bits, taken from word wi of block bi. */
+static void send_bits(struct mf_send *c, unsigned bi, uint64_t wi, uint64_t bits)
 {
 	struct vmig__source *src = c->mf->src;
-	uint64_t *word = &src->s->blocks[bi].dirty[wi];
-	uint64_t bits = *word;
 
-	*word = 0;
 	__atomic_sub_fetch(&src->dirty_pages, (uint64_t)__builtin_popcountll(bits),
 			   __ATOMIC_RELAXED);
 	while (bits) {
@@ -89,22 +111,89 @@ static void send_word(struct mf_send *c, unsigned bi, uint64_t wi)
 	}
 }
 
-/* One channel's share of a round: its chunks, then SYNC or EOS. */
-static int send_share(struct mf_send *c, uint64_t round, bool final)
+/* Pre-copy: one bitmap word, cleared as it is sent (no other thread
+ * touches this channel's words). */
+static void send_word(struct mf_send *c, unsigned bi, uint64_t wi)
+{
+	uint64_t *word = &c->mf->src->s->blocks[bi].dirty[wi];
+	uint64_t bits = *word;
+
+	*word = 0;
+	send_bits(c, bi, wi, bits);
+}
+
+/*
+ * Post-copy: the next word of this channel's chunks with a page to push,
+ * at or after word *wi of block *bi, wrapping once; false if none is left.
+ * RAM and its bitmaps only lose bits after the switch, so a pass that finds
+ * none is final.
+ */
+static bool next_word(struct mf_send *c, unsigned *bi, uint64_t *wi)
+{
+	struct vmig_session *s = c->mf->src->s;
+
+	for (unsigned n = 0; n <= s->nblocks; n++) {
+		struct vmig__block *b = &s->blocks[*bi];
+		size_t words = vmig__bitmap_words(b->npages);
+
+		for (; *wi < words; *wi += c->mf->n)
+			if (__atomic_load_n(&b->dirty[*wi], __ATOMIC_RELAXED))
+				return true;
+		*bi = (*bi + 1) % s->nblocks;
+		*wi = c->idx;
+	}
+	return false;
+}
+
+/* Post-copy: push this channel's pages. Whoever clears a dirty bit sends
+ * the page (the return-path thread clears the bits of requested pages). */
+static void push_share(struct mf_send *c)
+{
+	struct vmig__mf_source *mf = c->mf;
+	struct vmig_session *s = mf->src->s;
+	unsigned bi = 0;
+	uint64_t wi = c->idx;
+
+	while (!c->w.err && !__atomic_load_n(&mf->quit, __ATOMIC_ACQUIRE)) {
+		uint64_t hint = __atomic_exchange_n(&c->hint, NO_HINT, __ATOMIC_RELAXED);
+
+		if (hint != NO_HINT) { /* checked by vmig__mf_source_hint */
+			bi = (unsigned)(hint >> 48);
+			wi = hint & ((1ull << 48) - 1);
+		}
+		if (!next_word(c, &bi, &wi))
+			break;
+		send_bits(c, bi, wi,
+			  __atomic_exchange_n(&s->blocks[bi].dirty[wi], 0, __ATOMIC_RELAXED));
+		wi += mf->n;
+	}
+}
+
+/* One channel's share of a job: its pages (or none), then SYNC or EOS. */
+static int send_share(struct mf_send *c, enum mf_job job, uint64_t round, bool final)
 {
 	struct vmig_session *s = c->mf->src->s;
 	bool copied;
 	int ret;
 
-	for (unsigned bi = 0; bi < s->nblocks && !c->w.err; bi++) {
+	for (unsigned bi = 0; job == MF_ROUND && bi < s->nblocks && !c->w.err; bi++) {
 		struct vmig__block *b = &s->blocks[bi];
 		size_t words = vmig__bitmap_words(b->npages);
 
-		for (uint64_t wi = c->idx; wi < words && !c->w.err; wi += c->mf->n)
+		for (uint64_t wi = c->idx; wi < words && !c->w.err; wi += c->mf->n) {
+			/* The switch is asked for: it comes first, and the pages
+			 * left dirty go in post-copy. */
+			if (__atomic_load_n(&s->postcopy_requested, __ATOMIC_ACQUIRE))
+				break;
 			if (b->dirty[wi])
 				send_word(c, bi, wi);
+		}
 	}
-	if (final) {
+	if (job == MF_PUSH)
+		push_share(c);
+	if (__atomic_load_n(&c->mf->quit, __ATOMIC_ACQUIRE))
+		return -ECANCELED;
+	if (final || job == MF_PUSH) {
 		vmig__writer_rec(&c->w, VMIG_REC_EOS, NULL, 0);
 	} else {
 		struct vmig_wire_sync sy = {.round = round};
@@ -126,6 +215,7 @@ static void *send_thread(void *arg)
 	uint64_t gen = 0;
 
 	for (;;) {
+		enum mf_job job;
 		uint64_t round;
 		bool final;
 		int ret;
@@ -138,11 +228,12 @@ static void *send_thread(void *arg)
 			return NULL;
 		}
 		gen = mf->gen;
+		job = mf->job;
 		round = mf->round;
 		final = mf->final;
 		pthread_mutex_unlock(&mf->lock);
 
-		ret = send_share(c, round, final);
+		ret = send_share(c, job, round, final);
 
 		pthread_mutex_lock(&mf->lock);
 		if (ret && !mf->err)
@@ -150,10 +241,11 @@ static void *send_thread(void *arg)
 		if (!--mf->busy)
 			pthread_cond_broadcast(&mf->cond);
 		pthread_mutex_unlock(&mf->lock);
-		/* One channel down fails the migration (before any commit: this
-		 * is pre-copy). The others, and the main channel, may be blocked
-		 * on a destination that will never read them again: free them. */
-		if (ret)
+		/* One channel down fails the migration before the switch, and
+		 * pauses it after. The others, and the main channel, may be
+		 * blocked on a destination that will never read them again:
+		 * free them. */
+		if (ret && ret != -ECANCELED)
 			vmig__break_channels(mf->src->s);
 	}
 }
@@ -161,7 +253,7 @@ static void *send_thread(void *arg)
 /* Connect channel i and queue its preamble; the channel is kept in the
  * session. */
 static int connect_one(struct vmig__mf_source *mf, unsigned i, const struct vmig__uri *u,
-		       struct vmig__err *err)
+		       bool resume, struct vmig__err *err)
 {
 	struct vmig_session *s = mf->src->s;
 	struct mf_send *c = &mf->ch[i];
@@ -194,8 +286,11 @@ static int connect_one(struct vmig__mf_source *mf, unsigned i, const struct vmig
 		vmig__err_set(err, "cannot set up multifd compression");
 		return ret;
 	}
-	vmig__writer_preamble(&c->w, VMIG_CHAN_MULTIFD, (uint16_t)(i << VMIG_PRE_F_INDEX_SHIFT),
-			      s->session_id);
+	c->hint = NO_HINT;
+	vmig__writer_preamble(
+	    &c->w, VMIG_CHAN_MULTIFD,
+	    (uint16_t)(i << VMIG_PRE_F_INDEX_SHIFT | (resume ? VMIG_PRE_F_RESUME : 0)),
+	    s->session_id);
 	ret = vmig__writer_flush(&c->w);
 	if (ret) {
 		vmig__err_set(err, "multifd channel %u: %s", i, strerror(-ret));
@@ -216,7 +311,7 @@ static int connect_one(struct vmig__mf_source *mf, unsigned i, const struct vmig
 	return 0;
 }
 
-int vmig__mf_source_open(struct vmig__source *src, struct vmig__err *err)
+int vmig__mf_source_open(struct vmig__source *src, bool resume, struct vmig__err *err)
 {
 	struct vmig_session *s = src->s;
 	unsigned n = (unsigned)vmig__param(s, VMIG_PARAM_MULTIFD_CHANNELS);
@@ -236,42 +331,81 @@ int vmig__mf_source_open(struct vmig__source *src, struct vmig__err *err)
 	src->mf = mf; /* from here on vmig__mf_source_close() cleans up */
 	ret = vmig__uri_parse(s->uri, &u, err);
 	for (unsigned i = 0; !ret && i < n; i++)
-		ret = connect_one(mf, i, &u, err);
+		ret = connect_one(mf, i, &u, resume, err);
 	return ret;
 }
 
-int vmig__mf_source_round(struct vmig__source *src, uint64_t round, bool final)
+static void start_job(struct vmig__mf_source *mf, enum mf_job job, uint64_t round, bool final)
 {
-	struct vmig__mf_source *mf = src->mf;
-	int ret;
-
 	pthread_mutex_lock(&mf->lock);
+	mf->job = job;
 	mf->round = round;
 	mf->final = final;
 	mf->busy = mf->n;
 	mf->err = 0;
 	mf->gen++;
 	pthread_cond_broadcast(&mf->cond);
-	while (mf->busy) {
-		struct timespec ts;
-
-		/* Wake up now and then to publish progress. */
-		clock_gettime(CLOCK_REALTIME, &ts);
-		ts.tv_nsec += 50000000;
-		if (ts.tv_nsec >= 1000000000) {
-			ts.tv_sec++;
-			ts.tv_nsec -= 1000000000;
-		}
-		pthread_cond_timedwait(&mf->cond, &mf->lock, &ts);
-		if (!mf->busy)
-			break;
-		pthread_mutex_unlock(&mf->lock);
-		vmig__src_stats_tick(src, false);
-		pthread_mutex_lock(&mf->lock);
-	}
-	ret = mf->err;
 	pthread_mutex_unlock(&mf->lock);
-	return ret;
+	if (job != MF_PUSH)
+		mf->synced = round;
+}
+
+int vmig__mf_source_wait(struct vmig__source *src, unsigned timeout_ms, int *err)
+{
+	struct vmig__mf_source *mf = src->mf;
+	struct timespec ts;
+	bool done;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	ts.tv_sec += timeout_ms / 1000;
+	ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000;
+	if (ts.tv_nsec >= 1000000000) {
+		ts.tv_sec++;
+		ts.tv_nsec -= 1000000000;
+	}
+	pthread_mutex_lock(&mf->lock);
+	while (mf->busy && pthread_cond_timedwait(&mf->cond, &mf->lock, &ts) != ETIMEDOUT)
+		;
+	done = !mf->busy;
+	*err = mf->err;
+	pthread_mutex_unlock(&mf->lock);
+	return done;
+}
+
+/* Start a job and wait for it, publishing progress now and then. */
+static int run_job(struct vmig__source *src, enum mf_job job, uint64_t round, bool final)
+{
+	int err;
+
+	start_job(src->mf, job, round, final);
+	while (!vmig__mf_source_wait(src, 50, &err))
+		vmig__src_stats_tick(src, false);
+	return err;
+}
+
+int vmig__mf_source_round(struct vmig__source *src, uint64_t round, bool final)
+{
+	return run_job(src, MF_ROUND, round, final);
+}
+
+int vmig__mf_source_mark(struct vmig__source *src, uint64_t round)
+{
+	return src->mf->synced >= round ? 0 : run_job(src, MF_MARK, round, false);
+}
+
+void vmig__mf_source_push(struct vmig__source *src)
+{
+	start_job(src->mf, MF_PUSH, 0, false);
+}
+
+void vmig__mf_source_hint(struct vmig__source *src, unsigned bi, uint64_t pfn)
+{
+	struct vmig__mf_source *mf = src->mf;
+	uint64_t wi = pfn / 64;
+
+	if (bi < src->s->nblocks && pfn < src->s->blocks[bi].npages)
+		__atomic_store_n(&mf->ch[wi % mf->n].hint, (uint64_t)bi << 48 | wi,
+				 __ATOMIC_RELAXED);
 }
 
 void vmig__mf_source_collect(struct vmig__source *src)
@@ -310,7 +444,7 @@ void vmig__mf_source_close(struct vmig__source *src)
 	if (!mf)
 		return;
 	pthread_mutex_lock(&mf->lock);
-	mf->quit = true;
+	__atomic_store_n(&mf->quit, true, __ATOMIC_RELEASE);
 	pthread_cond_broadcast(&mf->cond);
 	pthread_mutex_unlock(&mf->lock);
 	for (unsigned i = 0; i < mf->n; i++) {
@@ -348,6 +482,7 @@ struct vmig__mf_dest {
 	uint64_t main_round;
 	uint64_t acked;
 	int failed; /* index of the first channel that failed, or -1 */
+	bool postcopy; /* atomic: the loaders place pages (after the switch) */
 	struct mf_recv *ch;
 };
 
@@ -397,13 +532,34 @@ static void *recv_thread(void *arg)
 			c->mf->failed = (int)c->idx;
 		pthread_mutex_unlock(&c->mf->lock);
 		/* The main thread may be blocked reading: end its stream, so it
-		 * fails and reports this channel's error. */
+		 * fails and reports this channel's error (or, in post-copy, a
+		 * lost connection pauses). */
 		pthread_mutex_lock(&s->lock);
 		if (s->ch)
 			vmig__chan_shutdown(s->ch, SHUT_RD);
 		pthread_mutex_unlock(&s->lock);
 	}
 	return NULL;
+}
+
+/* A loader thread on data channel i (s->mf_chans[i]), from its next record. */
+static int run_one(struct vmig__mf_dest *mf, unsigned i)
+{
+	struct mf_recv *c = &mf->ch[i];
+	int ret;
+
+	pthread_mutex_lock(&mf->s->lock);
+	vmig__reader_init_chan(c->r, mf->s->mf_chans[i]);
+	pthread_mutex_unlock(&mf->s->lock);
+	c->ret = 0;
+	vmig__err_clear(&c->err);
+	c->l.eos = false;
+	ret = -pthread_create(&c->thread, NULL, recv_thread, c);
+	if (ret)
+		return ret;
+	pthread_setname_np(c->thread, "vmig-mf-recv");
+	c->started = true;
+	return 0;
 }
 
 /* For vmig__dest_accept_side: are all n data channels of this migration kept? */
@@ -432,7 +588,6 @@ static int start_one(struct vmig__mf_dest *mf, unsigned i, const struct vmig__lo
 	c->l.bounce = malloc(VMIG_REC_MAX_PAGES * VMIG_PAGE_SIZE);
 	if (!c->r || !c->l.bounce)
 		return -ENOMEM;
-	vmig__reader_init_chan(c->r, mf->s->mf_chans[i]);
 	c->l.r = c->r;
 	c->l.blocks = main->blocks;
 	c->l.nblocks = main->nblocks;
@@ -442,12 +597,9 @@ static int start_one(struct vmig__mf_dest *mf, unsigned i, const struct vmig__lo
 	c->l.mf_data = true;
 	c->l.mf_index = i;
 	c->l.mf_channels = mf->n;
-	ret = -pthread_create(&c->thread, NULL, recv_thread, c);
-	if (ret)
-		return ret;
-	pthread_setname_np(c->thread, "vmig-mf-recv");
-	c->started = true;
-	return 0;
+	c->l.postcopy_flag = &mf->postcopy;
+	ret = run_one(mf, i);
+	return ret;
 }
 
 int vmig__mf_dest_start(struct vmig_session *s, struct vmig__loader *main,
@@ -469,11 +621,51 @@ int vmig__mf_dest_start(struct vmig_session *s, struct vmig__loader *main,
 	*out = mf; /* from here on vmig__mf_dest_free() cleans up */
 	/* The source connects them after the MULTIFD record; its own connect
 	 * gives up after VMIG_CONNECT_TIMEOUT_MS. */
-	ret = vmig__dest_accept_side(s, all_here, mf, 2 * VMIG_CONNECT_TIMEOUT_MS, main->err);
+	ret = vmig__mf_dest_accept(mf, main->err);
 	for (unsigned i = 0; !ret && i < mf->n; i++)
 		ret = start_one(mf, i, main);
 	if (ret)
 		vmig__err_set_first(main->err, "multifd channels: %s", strerror(-ret));
+	return ret;
+}
+
+int vmig__mf_dest_accept(struct vmig__mf_dest *mf, struct vmig__err *err)
+{
+	return vmig__dest_accept_side(mf->s, all_here, mf, 2 * VMIG_CONNECT_TIMEOUT_MS, err);
+}
+
+void vmig__mf_dest_postcopy(struct vmig__mf_dest *mf)
+{
+	if (mf)
+		__atomic_store_n(&mf->postcopy, true, __ATOMIC_RELEASE);
+}
+
+int vmig__mf_dest_failure(struct vmig__mf_dest *mf, struct vmig__err *err)
+{
+	int failed, ret = 0;
+
+	if (!mf)
+		return 0;
+	pthread_mutex_lock(&mf->lock);
+	failed = mf->failed;
+	pthread_mutex_unlock(&mf->lock);
+	if (failed >= 0 && !vmig__net_error(mf->ch[failed].ret)) {
+		ret = mf->ch[failed].ret;
+		vmig__err_clear(err);
+		vmig__err_set(err, "multifd channel %d: %s", failed, mf->ch[failed].err.msg);
+	}
+	return ret;
+}
+
+int vmig__mf_dest_resume(struct vmig__mf_dest *mf, struct vmig__err *err)
+{
+	int ret;
+
+	if (!mf)
+		return 0;
+	ret = vmig__mf_dest_accept(mf, err);
+	for (unsigned i = 0; !ret && i < mf->n; i++)
+		ret = run_one(mf, i);
 	return ret;
 }
 
@@ -499,6 +691,8 @@ int vmig__mf_dest_finish(struct vmig__mf_dest *mf, bool abort, struct vmig__err 
 {
 	int failed;
 
+	if (!mf)
+		return 0;
 	if (abort)
 		stop_channels(mf);
 	for (unsigned i = 0; i < mf->n; i++) {
@@ -509,6 +703,8 @@ int vmig__mf_dest_finish(struct vmig__mf_dest *mf, bool abort, struct vmig__err 
 	}
 	pthread_mutex_lock(&mf->lock);
 	failed = mf->failed;
+	if (abort)
+		mf->failed = -1; /* stopped on purpose: started again after a resume */
 	pthread_mutex_unlock(&mf->lock);
 	if (failed < 0)
 		return 0;

@@ -6,6 +6,10 @@
  * on new connections, and the end checks that every page arrived. Pages
  * are placed by lib/postcopy (userfaultfd), through the loader hooks.
  *
+ * With multifd, the background push arrives on the data channels, each
+ * loaded by its own thread (multifd.c) through the same placer; the end
+ * waits for each one's EOS, and a resume connects them again.
+ *
  * Threads: the migration thread runs all of this; an urgent thread loads
  * the urgent channel. struct pc_run is the migration thread's, except the
  * fields marked otherwise.
@@ -30,6 +34,7 @@ struct pc_run {
 	struct vmig_session *s;
 	struct vmig__pc_dest *placer;
 	struct vmig__load_block *lb; /* the main loader's block views */
+	struct vmig__mf_dest *mf;    /* multifd data channels, or NULL */
 	bool urgent_started;
 	pthread_t urgent_thread;
 	bool finishing; /* atomic: the urgent channel is closed on purpose */
@@ -163,11 +168,14 @@ static void stop_urgent(struct pc_run *pc)
 
 static void close_channels(struct pc_run *pc)
 {
+	struct vmig__err scratch = {{0}};
+
 	vmig__break_channels(pc->s);
 	if (pc->urgent_started) {
 		pthread_join(pc->urgent_thread, NULL);
 		pc->urgent_started = false;
 	}
+	vmig__mf_dest_finish(pc->mf, true, &scratch); /* joins the loaders */
 	vmig__close_channels(pc->s);
 }
 
@@ -220,18 +228,29 @@ static int pause_and_recover(struct pc_run *pc, struct vmig__loader *l)
 
 	close_channels(pc);
 	vmig__set_status(s, VMIG_STATUS_POSTCOPY_PAUSED);
-	ret = vmig__wait_recover(s); /* listen_fd is ours from here */
+	for (;;) {
+		ret = vmig__wait_recover(s); /* listen_fd is ours from here */
+		if (ret)
+			return ret;
+		/* All channels, in whatever order they come; strays are dropped. */
+		ret = vmig__dest_accept(s, l, true);
+		if (!ret && !s->urgent)
+			ret = vmig__dest_accept_urgent(s, l->err);
+		if (!ret)
+			ret = vmig__mf_dest_resume(pc->mf, l->err);
+		close(s->listen_fd);
+		s->listen_fd = -1;
+		vmig__close_pending(s);
+		if (ret != -ETIMEDOUT && ret != -EPIPE)
+			break;
+		/* The source's connections did not all come: this recovery
+		 * failed, not the migration. Paused again, for the next one. */
+		vmig__err_clear(l->err);
+		close_channels(pc);
+		vmig__set_status(s, VMIG_STATUS_POSTCOPY_PAUSED);
+	}
 	if (ret)
 		return ret;
-	/* Both channels, in whatever order they come; strays are dropped. */
-	ret = vmig__dest_accept(s, l, true);
-	if (!ret && !s->urgent)
-		ret = vmig__dest_accept_urgent(s, l->err);
-	if (ret)
-		return ret;
-	close(s->listen_fd);
-	s->listen_fd = -1;
-	vmig__close_pending(s);
 	l->have_digest = false;
 	l->eos = false;
 	ret = send_bitmaps(pc);
@@ -294,14 +313,20 @@ static int load_rest(struct pc_run *pc, struct vmig__loader *l)
 
 	while (!ret) {
 		uint8_t type;
+		int mf_err;
 
 		ret = vmig__load_record(l, &type);
+		/* Multifd: the push ends with EOS on each data channel too. */
+		if (!ret && l->eos)
+			ret = vmig__mf_dest_finish(pc->mf, false, l->err);
 		if (!ret && l->eos)
 			return 0;
 		if (!ret)
 			continue;
 		if (urgent_failure(pc, l->err))
 			ret = pc->urgent_err;
+		else if ((mf_err = vmig__mf_dest_failure(pc->mf, l->err)))
+			ret = mf_err;
 		else if (vmig__net_error(ret)) {
 			vmig__err_clear(l->err);
 			ret = pause_and_recover(pc, l);
@@ -313,9 +338,10 @@ static int load_rest(struct pc_run *pc, struct vmig__loader *l)
 	return ret;
 }
 
-int vmig__dest_pc_run(struct vmig_session *s, struct vmig__pc_dest *placer, struct vmig__loader *l)
+int vmig__dest_pc_run(struct vmig_session *s, struct vmig__pc_dest *placer, struct vmig__loader *l,
+		      struct vmig__mf_dest *mf)
 {
-	struct pc_run run = {.s = s, .placer = placer, .lb = l->blocks}, *pc = &run;
+	struct pc_run run = {.s = s, .placer = placer, .lb = l->blocks, .mf = mf}, *pc = &run;
 	int ret;
 
 	ret = load_rest(pc, l);

@@ -89,8 +89,12 @@ int vmig__pc_source_prepare(struct vmig__source *src)
 {
 	struct vmig_session *s = src->s;
 	uint64_t added = 0;
-	int ret = vmig__src_sync_dirty(src);
+	/* Multifd: every page on the data channels is loaded before the
+	 * first DISCARD, so no stale copy lands after one. */
+	int ret = src->mf ? vmig__src_mark_and_drain(src) : 0;
 
+	if (!ret)
+		ret = vmig__src_sync_dirty(src);
 	if (ret)
 		return ret;
 	for (unsigned bi = 0; bi < s->nblocks; bi++)
@@ -188,8 +192,12 @@ int vmig__pc_source_request(struct vmig__source *src, const struct vmig_wire_pag
 	__atomic_add_fetch(&src->urgent_bytes, src->uw->bytes - before, __ATOMIC_RELAXED);
 	__atomic_add_fetch(&src->urgent_requests, 1, __ATOMIC_RELAXED);
 	/* Push the neighbourhood of the fault next. */
-	__atomic_store_n(&src->hint, (uint64_t)req->block << 48 | (req->first + req->npages),
-			 __ATOMIC_RELAXED);
+	if (src->mf)
+		vmig__mf_source_hint(src, req->block, req->first + req->npages);
+	else
+		__atomic_store_n(&src->hint,
+				 (uint64_t)req->block << 48 | (req->first + req->npages),
+				 __ATOMIC_RELAXED);
 	return 0;
 }
 
@@ -334,34 +342,65 @@ static bool connection_lost(struct vmig__source *src)
 	return failed || src->w->err || __atomic_load_n(&s->pause_requested, __ATOMIC_ACQUIRE);
 }
 
+/* Where the push is: without multifd, the page it sends next; with it,
+ * whether the data channels were started on this connection. */
+struct push_pos {
+	unsigned bi;
+	uint64_t pfn;
+	bool pushing;
+};
+
+/* One step of the background push: 1 while pages are left, 0 once all
+ * are sent, -EPIPE if a data channel broke (all are shut down then). */
+static int push_step(struct vmig__source *src, struct push_pos *pos)
+{
+	uint64_t hint = __atomic_exchange_n(&src->hint, NO_HINT, __ATOMIC_RELAXED);
+	int err;
+
+	if (src->mf) {
+		if (!pos->pushing) {
+			vmig__mf_source_push(src);
+			pos->pushing = true;
+		}
+		if (!vmig__mf_source_wait(src, 50, &err)) {
+			vmig__src_stats_tick(src, false);
+			return 1;
+		}
+		return err ? -EPIPE : 0;
+	}
+	if (hint != NO_HINT && (hint >> 48) < src->s->nblocks) {
+		pos->bi = (unsigned)(hint >> 48);
+		pos->pfn = hint & ((1ull << 48) - 1);
+	}
+	if (!next_dirty(src, &pos->bi, &pos->pfn))
+		return 0;
+	push_some(src, pos->bi, &pos->pfn);
+	vmig__src_stats_tick(src, false);
+	return 1;
+}
+
 /* Push everything the destination lacks, then the digest and EOS, until
  * the destination confirms. Pauses and resumes as the network demands. */
 int vmig__pc_source_push(struct vmig__source *src)
 {
 	struct vmig_session *s = src->s;
-	unsigned bi = 0;
-	uint64_t pfn = 0;
-	int ret;
+	struct push_pos pos = {0};
+	int ret, step = 1;
 
 	for (;;) {
-		uint64_t hint = __atomic_exchange_n(&src->hint, NO_HINT, __ATOMIC_RELAXED);
 		struct vmig_wire_digest d;
 
-		if (connection_lost(src)) {
+		if (step < 0 || connection_lost(src)) {
 			ret = pause_and_resume(src);
 			if (ret)
 				break;
+			pos.pushing = false; /* on the new channels */
+			step = 1;
 			continue;
 		}
-		if (hint != NO_HINT && (hint >> 48) < s->nblocks) {
-			bi = (unsigned)(hint >> 48);
-			pfn = hint & ((1ull << 48) - 1);
-		}
-		if (next_dirty(src, &bi, &pfn)) {
-			push_some(src, bi, &pfn);
-			vmig__src_stats_tick(src, false);
+		step = push_step(src, &pos);
+		if (step)
 			continue;
-		}
 		/* All sent: close the stream and wait for the verdict. */
 		vmig__src_digest(src, &d);
 		vmig__writer_rec(src->w, VMIG_REC_DIGEST, &d, sizeof(d));

@@ -556,11 +556,6 @@ static int begin(struct vmig_session *s, const char *uri, bool source)
 					   "guest RAM until it ends");
 		return -EBUSY;
 	}
-	if (s->caps[VMIG_CAP_MULTIFD] && s->caps[VMIG_CAP_POSTCOPY_RAM]) {
-		/* As QEMU 7.2: post-copy pages have one path, the urgent one. */
-		vmig__err_set(&s->api_err, "multifd is not compatible with postcopy-ram");
-		return -EINVAL;
-	}
 	join_thread(s);
 	while (read(s->cancel_efd, &junk, sizeof(junk)) > 0)
 		;

@@ -432,10 +432,15 @@ static int wait_drained(struct vmig_session *s, uint64_t round);
 int vmig__src_mark_and_drain(struct vmig__source *src)
 {
 	struct vmig_wire_sync sy = {.round = ++src->sync_marks, .dirty_pages = src->dirty_pages};
-	int ret;
+	int ret = 0;
 
+	/* With multifd the destination acknowledges a round once every
+	 * channel has reached it: then all their pages are loaded. */
+	if (src->mf)
+		ret = vmig__mf_source_mark(src, sy.round);
 	vmig__writer_rec(src->w, VMIG_REC_SYNC, &sy, sizeof(sy));
-	ret = vmig__writer_flush(src->w);
+	if (!ret)
+		ret = vmig__writer_flush(src->w);
 	if (!ret)
 		ret = wait_drained(src->s, sy.round);
 	if (ret)
@@ -678,7 +683,7 @@ int vmig__src_connect(struct vmig__source *src, bool resume)
 		send_blocks(src);
 	ret = vmig__writer_flush(src->w);
 	if (!ret && s->caps[VMIG_CAP_MULTIFD]) {
-		ret = vmig__mf_source_open(src, &err);
+		ret = vmig__mf_source_open(src, resume, &err);
 		if (ret) {
 			dest_reason(src, ch);
 			vmig__note_err(s, "%s", err.msg);

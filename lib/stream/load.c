@@ -60,8 +60,7 @@ int vmig__load_preamble(struct vmig__loader *l)
 	}
 	if (pre.flags & ~(VMIG_PRE_F_RESUME | VMIG_PRE_F_INDEX_MASK) ||
 	    pre.channel > VMIG_CHAN_MULTIFD ||
-	    ((pre.flags & VMIG_PRE_F_INDEX_MASK) &&
-	     (pre.channel != VMIG_CHAN_MULTIFD || pre.flags & VMIG_PRE_F_RESUME)) ||
+	    ((pre.flags & VMIG_PRE_F_INDEX_MASK) && pre.channel != VMIG_CHAN_MULTIFD) ||
 	    (pre.flags & VMIG_PRE_F_INDEX_MASK) >> VMIG_PRE_F_INDEX_SHIFT >= VMIG_MAX_MULTIFD)
 		return fail(l, -EPROTO, 12, "unknown channel kind or preamble flags");
 	l->channel = pre.channel;
@@ -219,11 +218,19 @@ static int load_compressed(struct vmig__loader *l, uint8_t type, const struct vm
 	return 0;
 }
 
+/* After the post-copy switch: pages go to the placer. */
+static bool in_postcopy(const struct vmig__loader *l)
+{
+	return l->postcopy ||
+	       (l->postcopy_flag && __atomic_load_n(l->postcopy_flag, __ATOMIC_ACQUIRE));
+}
+
 static int load_pages(struct vmig__loader *l, uint8_t type, uint32_t len, uint64_t at)
 {
 	bool compressed = type == VMIG_REC_PAGES_ZSTD || type == VMIG_REC_PAGES_ZLIB;
 	struct vmig_wire_pages pg;
 	struct vmig__load_block *b;
+	bool postcopy = in_postcopy(l);
 	uint8_t *dst;
 	int ret;
 
@@ -242,7 +249,7 @@ static int load_pages(struct vmig__loader *l, uint8_t type, uint32_t len, uint64
 		if (len != sizeof(pg))
 			return fail(l, -EPROTO, at, "zero-page record with a payload");
 		l->pages_zero += pg.npages;
-		if (l->postcopy)
+		if (postcopy)
 			return l->hooks.place(l->hooks.opaque, pg.block, pg.first, pg.npages, NULL);
 		/* A populated block on a post-copy destination: its pages may be
 		 * out of this view already (a DISCARD), so the placer writes. */
@@ -278,8 +285,10 @@ static int load_pages(struct vmig__loader *l, uint8_t type, uint32_t len, uint64
 		return fail(l, -EPROTO, at, "page record length does not match its page count");
 	}
 	l->pages_normal += pg.npages;
-	if (l->postcopy) {
-		ret = vmig__reader_read(l->r, l->bounce, (size_t)pg.npages * VMIG_PAGE_SIZE);
+	if (postcopy) {
+		ret = compressed
+			  ? 0
+			  : vmig__reader_read(l->r, l->bounce, (size_t)pg.npages * VMIG_PAGE_SIZE);
 		if (ret)
 			return read_error(l, ret, "page data");
 		return l->hooks.place(l->hooks.opaque, pg.block, pg.first, pg.npages, l->bounce);

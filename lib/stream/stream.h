@@ -157,6 +157,9 @@ struct vmig__loader {
 	uint32_t mf_index; /* data channel: its index */
 	uint32_t mf_channels; /* > 0: pages travel on this many data channels */
 	bool postcopy;     /* set by the caller after POSTCOPY_RUN: use hooks.place */
+	/* A multifd data channel's loader runs in its own thread, idle at
+	 * the switch: the main thread flips this for it (NULL: unused). */
+	const bool *postcopy_flag; /* atomic */
 	uint8_t *bounce;   /* VMIG_REC_MAX_PAGES pages, for hooks.fill and postcopy */
 
 	/* from the preamble */

@@ -271,16 +271,19 @@ class Relay:
       from the client to the target (a stream truncated at that offset);
     - reverse_delay holds everything the target sends back for that many
       seconds (a slow return path), and freeze_reverse() holds it for good;
+    - forward_delay {index: seconds} delivers what connection index sends
+      that much later (a late connection; not slower, still in order);
     - inject(i, data) puts data into connection i's forward stream before
       its next chunk, flip(i) flips one byte in the middle of its next chunk
       of at least min_chunk bytes, truncate(i) ends its forward stream.
     Bounded: it stops accepting after 300 s or close().
     """
 
-    def __init__(self, target, limit=None, reverse_delay=0.0):
+    def __init__(self, target, limit=None, reverse_delay=0.0, forward_delay=None):
         self.target = target
         self.limit = limit
         self.reverse_delay = reverse_delay
+        self.forward_delay = forward_delay or {}
         self.frozen = False
         self.stalled_until = 0.0
         self.lsock = socket.socket()
@@ -342,6 +345,10 @@ class Relay:
         """Target to client, late by reverse_delay, or not at all once frozen."""
         if not self.reverse_delay:
             return self._pump(b, a, None)
+        self._delay_line(b, a, self.reverse_delay, True)
+
+    def _delay_line(self, b, a, delay, freezable):
+        """b to a, each chunk sent delay seconds after it arrived."""
         queue = []
         cond = threading.Condition()
         done = []
@@ -355,7 +362,7 @@ class Relay:
                         return
                     due, d = queue[0]
                     now = time.monotonic()
-                    if now < due or self.frozen:
+                    if now < due or (freezable and self.frozen):
                         cond.wait(min(max(due - now, 0.005), 0.05))
                         continue
                     queue.pop(0)
@@ -373,7 +380,7 @@ class Relay:
                 if not d:
                     break
                 with cond:
-                    queue.append((time.monotonic() + self.reverse_delay, d))
+                    queue.append((time.monotonic() + delay, d))
                     cond.notify()
         except OSError:
             pass
@@ -403,7 +410,13 @@ class Relay:
                 index = self.accepted
             limit = self.limit if self.accepted == 0 else None
             self.accepted += 1
-            threading.Thread(target=self._pump, args=(a, b, limit, index), daemon=True).start()
+            if index in self.forward_delay:
+                threading.Thread(target=self._delay_line,
+                                 args=(a, b, self.forward_delay[index], False),
+                                 daemon=True).start()
+            else:
+                threading.Thread(target=self._pump, args=(a, b, limit, index),
+                                 daemon=True).start()
             threading.Thread(target=self._pump_back, args=(b, a), daemon=True).start()
 
     def freeze_reverse(self):
