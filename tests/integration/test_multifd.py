@@ -248,17 +248,6 @@ def case_shared_bandwidth(procs, build):
     check(src.memory_digest(64 << 20) == dst.memory_digest(64 << 20), "memory differs")
 
 
-def case_postcopy_refused(procs, build):
-    src = VM(procs, build, "--mem", "16M", name="src")
-    set_multifd(src, 2, ("postcopy-ram",))
-    try:
-        src.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % free_port())
-        raise AssertionError("migrate with multifd and postcopy-ram was accepted")
-    except QMPError as e:
-        check("multifd" in str(e) and "postcopy" in str(e), "unclear error: %s" % e)
-    check(src.status() == "running", "source not running")
-
-
 def case_dest_without_multifd(procs, build):
     src = VM(procs, build, "--mem", "32M", "--fill", "random", name="src")
     dst = VM(procs, build, "--mem", "32M", "--incoming", "defer", "-S", name="dst")
@@ -394,7 +383,6 @@ def main():
     r.run("multifd-zero-copy-send-refused", case_zero_copy_refused, r.build)
     r.run("multifd-cli-zero-copy-send", case_cli_zero_copy, r.build)
     r.run("multifd-shared-max-bandwidth", case_shared_bandwidth, r.build)
-    r.run("multifd-postcopy-refused", case_postcopy_refused, r.build)
     r.run("multifd-dest-without-multifd", case_dest_without_multifd, r.build)
     r.run("multifd-dest-killed-then-remigrate", case_dest_killed_then_remigrate, r.build)
     r.run("multifd-cancel", case_cancel, r.build)

@@ -8,6 +8,8 @@ the destination run its workload during post-copy: every page it touches
 before it arrives is fetched on demand, and the guest's page self-checks must
 find no inconsistency. Recovery cases cut the connections through a relay
 the test controls, at several points of post-copy, then recover and verify.
+The multifd cases do the same with the background push on the data
+channels (as QEMU 10.1 allows), compressed or not.
 
 usage: test_postcopy.py BUILD_DIR
 """
@@ -25,13 +27,17 @@ CAPS = [{"capability": "postcopy-ram", "state": True},
         {"capability": "postcopy-blocktime", "state": True}]
 
 
-def pair(procs, build, workload="random", dst_args=("-S",), rate="32M"):
+def pair(procs, build, workload="random", dst_args=("-S",), rate="32M", multifd=None):
+    """multifd: None, or the multifd parameters of both sides."""
     src = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--workload", workload,
              "--dirty-rate", rate, "--fill", "random", name="src")
     dst = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--incoming", "defer", *dst_args,
              name="dst")
+    caps = CAPS + ([{"capability": "multifd", "state": True}] if multifd else [])
     for vm in (src, dst):
-        vm.qmp.cmd("migrate-set-capabilities", capabilities=CAPS)
+        vm.qmp.cmd("migrate-set-capabilities", capabilities=caps)
+        if multifd:
+            vm.qmp.cmd("migrate-set-parameters", **multifd)
     return src, dst
 
 
@@ -103,9 +109,68 @@ def case_dest_runs(procs, build, workload, prealloc=False):
     check("Postcopy Blocktime" in hmp, "info migrate lacks blocktime: %s" % hmp)
 
 
-def case_recovery(procs, build, cuts, dst_args=("-S",)):
+def case_multifd(procs, build, params, switch_after, dst_runs):
+    """Post-copy with multifd: the pages pushed after the switch travel on
+    the data channels (multifd-bytes grows after it; the main channel only
+    carries the device state, the digest and the end), requested pages on
+    the urgent channel. dst_runs: the destination runs its workload, else it
+    stays stopped (-S) and its memory must equal the source's."""
+    dst_args = ("--workload", "random", "--dirty-rate", "64M") if dst_runs else ("-S",)
+    src, dst = pair(procs, build, "random", dst_args=dst_args, multifd=params)
+    # A slow pre-copy (the post-copy push is not limited): most of RAM is
+    # still to send at the switch.
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 64 << 20})
+    time.sleep(0.3)
+    start(src, dst, "tcp:127.0.0.1:%d" % free_port(), switch_after)
+    if dst_runs:
+        info = src.wait_migration(120)
+        dinfo = dst.wait_migration(60)
+        check(info["status"] == "completed" and dinfo["status"] == "completed",
+              "source %r, destination %r: %s" % (info["status"], dinfo["status"],
+                                                 info.get("error-desc")))
+        check(info["ram"]["postcopy-requests"] > 0, "no page was requested: %r" % info["ram"])
+        dst.check_guest_verifies(1000)
+    else:
+        info, dinfo = finish_and_compare(src, dst)
+    ram = info["ram"]
+    # transferred counts the main and data channels: what is not on the
+    # data channels went on the main one (the urgent one is counted apart,
+    # in postcopy-bytes). The main channel carries the DISCARD records (a
+    # few MiB at most for scattered pages), not the pushed pages.
+    main = ram["transferred"] - ram["multifd-bytes"]
+    check(ram["postcopy-bytes"] >= MEM // 4,
+          "post-copy moved only %d bytes: switched too late" % ram["postcopy-bytes"])
+    check(main < ram["postcopy-bytes"] // 4,
+          "the main channel carried %d bytes of %d after the switch: pages went on it" %
+          (main, ram["postcopy-bytes"]))
+    check(ram["multifd-bytes"] >= MEM - (8 << 20),
+          "multifd-bytes %d for %d bytes of RAM" % (ram["multifd-bytes"], MEM))
+    check(dinfo["x-vmig-postcopy-faults"] == sum(dinfo["postcopy-latency-dist"]),
+          "latency distribution does not add up: %r" % dinfo)
+
+
+def case_multifd_late_channel(procs, build):
+    """A data channel whose bytes arrive a second late (a relay holds them):
+    its pre-copy pages are still on the way when the source sends DISCARD
+    for the pages dirtied since. They must be loaded before the DISCARDs,
+    or a stale copy would stand for the page (the pushed copy, which comes
+    after it on the same channel, is then dropped) and memory would differ."""
+    src, dst = pair(procs, build, "random", multifd={"multifd-channels": 2})
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 64 << 20})
+    port = free_port()
+    # connections in order: main, urgent, data channels 0 and 1
+    relay = Relay(port, forward_delay={2: 1.0})
+    dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:%d" % port)
+    src.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % relay.port)
+    time.sleep(0.5)
+    src.qmp.cmd("migrate-start-postcopy")
+    finish_and_compare(src, dst)
+    relay.close()
+
+
+def case_recovery(procs, build, cuts, dst_args=("-S",), multifd=None):
     """Cut the link at several points of post-copy; recover each time."""
-    src, dst = pair(procs, build, "random", dst_args=dst_args)
+    src, dst = pair(procs, build, "random", dst_args=dst_args, multifd=multifd)
     # Slow background push, so post-copy lasts long enough to be cut.
     # A slow pre-copy (so the switch comes first) and a slow background push
     # (so post-copy lasts long enough to be cut).
@@ -206,6 +271,16 @@ def main():
     r.run("postcopy-recover-immediate-cut", case_recovery, r.build, (0.0,))
     r.run("postcopy-prealloc-recover-3-cuts", case_recovery, r.build, (0.2, 0.6, 0.4),
           ("-S", "--mem-prealloc"))
+    mf2 = {"multifd-channels": 2}
+    mf3z = {"multifd-channels": 3, "multifd-compression": "zstd"}
+    r.run("multifd-postcopy", case_multifd, r.build, mf2, 0, False)
+    r.run("multifd-hybrid-zstd", case_multifd, r.build, mf3z, 0.4, False)
+    r.run("multifd-postcopy-dest-runs", case_multifd, r.build, mf2, 0, True)
+    r.run("multifd-postcopy-late-channel", case_multifd_late_channel, r.build)
+    r.run("multifd-postcopy-recover-3-cuts", case_recovery, r.build, (0.2, 0.6, 0.4), ("-S",),
+          mf2)
+    r.run("multifd-postcopy-prealloc-recover", case_recovery, r.build, (0.3,),
+          ("-S", "--mem-prealloc"), mf3z)
     r.run("postcopy-pause-recover", case_pause_recover, r.build)
     r.run("postcopy-prealloc-dest", case_prealloc_dest, r.build)
     r.run("postcopy-fail-before-switch", case_fail_before_switch, r.build)

@@ -7,8 +7,8 @@ no failure may let a vCPU read a page that never came:
 - a lost connection (a truncated stream, a killed source) pauses the
   destination ("postcopy-paused"); a truncated stream then recovers and the
   memory is verified;
-- anything else (a bad record on the main or the urgent channel, a digest
-  mismatch) fails it with its vCPUs stopped and guest RAM still registered
+- anything else (a bad record on the main or the urgent channel, or on a
+  multifd data channel carrying the push, a digest mismatch) fails it with its vCPUs stopped and guest RAM still registered
   with userfaultfd: query-migrate says x-vmig-ram-incomplete, cont and
   pmemsave are refused, and the source stays paused with the complete copy.
 In every case the guest's own page checks (each page it overwrites must hold
@@ -27,19 +27,22 @@ from vmigtest import VM, QMPError, Relay, Runner, check, free_port, wait_complet
 MEM_ARG = "128M"
 MEM = 128 << 20
 CAPS = [{"capability": "postcopy-ram", "state": True}]
-MAIN, URGENT = 0, 1  # the relay numbers connections as they arrive
+MAIN, URGENT, DATA0 = 0, 1, 2  # the relay numbers connections as they arrive
 
 
-def vm_pair(procs, build, dst_runs=True):
+def vm_pair(procs, build, dst_runs=True, multifd=False):
     """A writing source and a destination with post-copy on, the destination
-    running its own writer on arrival (or -S)."""
+    running its own writer on arrival (or -S); with multifd, 2 channels."""
     src = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--workload", "random",
              "--dirty-rate", "32M", "--fill", "random", name="src")
     dargs = ("--workload", "random", "--dirty-rate", "64M") if dst_runs else ("-S",)
     dst = VM(procs, build, "--mem", MEM_ARG, "--vcpus", 2, "--incoming", "defer", *dargs,
              name="dst")
+    caps = CAPS + ([{"capability": "multifd", "state": True}] if multifd else [])
     for vm in (src, dst):
-        vm.qmp.cmd("migrate-set-capabilities", capabilities=CAPS)
+        vm.qmp.cmd("migrate-set-capabilities", capabilities=caps)
+        if multifd:
+            vm.qmp.cmd("migrate-set-parameters", **{"multifd-channels": 2})
     return src, dst
 
 
@@ -54,11 +57,15 @@ def through_relay(src, dst, prepare=None):
     return relay
 
 
-def start(procs, build, dst_runs=True):
+def start(procs, build, dst_runs=True, multifd=False):
     """A post-copy migration through a relay, switched at once, with a slow
     background push so that post-copy lasts a few seconds."""
-    src, dst = vm_pair(procs, build, dst_runs)
+    src, dst = vm_pair(procs, build, dst_runs, multifd)
     src.qmp.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 16 << 20})
+    if multifd:
+        # Data channels move 128 MiB in a fraction of a second here: slow
+        # the pre-copy down so that the switch finds most of it to push.
+        src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 64 << 20})
     relay = through_relay(src, dst)
     src.qmp.cmd("migrate-start-postcopy")
     src.wait_migration(60, ("postcopy-active",))
@@ -111,13 +118,14 @@ def quits_in_time(vm, timeout=15):
 
 
 def case_bad_record(procs, build, channel):
-    src, dst, relay = start(procs, build)
+    src, dst, relay = start(procs, build, multifd=channel == DATA0)
     time.sleep(0.3)
     # A run of 0xff shifts every record after it: the next header read is
     # garbage, whatever it lands on.
     relay.inject(channel, b"\xff" * 4096)
     check(relay.applied.wait(20), "nothing crossed the relay to garble")
-    stopped_for_good(dst, src, "urgent channel" if channel == URGENT else "")
+    stopped_for_good(dst, src, {URGENT: "urgent channel", DATA0: "multifd channel 0"}.get(
+        channel, ""))
     relay.close()
 
 
@@ -150,12 +158,13 @@ def recover_and_verify(src, dst):
     dst.check_guest_verifies(1000)
 
 
-def case_truncated(procs, build):
-    """The main stream ends early (EOF): the destination pauses, recovers,
-    and the memory checks out."""
-    src, dst, relay = start(procs, build)
+def case_truncated(procs, build, channel=MAIN):
+    """A stream ends early (EOF; the main one, or a multifd data channel
+    carrying the push): the destination pauses, recovers, and the memory
+    checks out."""
+    src, dst, relay = start(procs, build, multifd=channel == DATA0)
     time.sleep(0.5)
-    relay.truncate(MAIN)
+    relay.truncate(channel)
     dst.wait_migration(30, ("postcopy-paused",))
     src.wait_migration(30, ("postcopy-paused",))
     recover_and_verify(src, dst)
@@ -226,6 +235,8 @@ def main():
     r.run("postcopy-fail-bad-record-urgent", case_bad_record, r.build, URGENT)
     r.run("postcopy-fail-digest-mismatch", case_digest_mismatch, r.build)
     r.run("postcopy-fail-truncated-recovers", case_truncated, r.build)
+    r.run("multifd-postcopy-fail-bad-record-data", case_bad_record, r.build, DATA0)
+    r.run("multifd-postcopy-truncated-data-recovers", case_truncated, r.build, DATA0)
     r.run("postcopy-fail-source-killed", case_source_killed, r.build)
     r.run("postcopy-urgent-lost-before-switch", case_urgent_lost_before_switch, r.build)
     r.run("postcopy-urgent-cut-before-switch", case_urgent_cut_before_switch, r.build)
