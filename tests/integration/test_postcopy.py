@@ -206,6 +206,38 @@ def case_recovery(procs, build, cuts, dst_args=("-S",), multifd=None):
     relay.close()
 
 
+def case_multifd_resume_partial(procs, build):
+    """A resume whose data channels never arrive (the relay drops them)
+    fails that attempt only: both sides go back to postcopy-paused, and the
+    next migrate-recover and resume complete with the memory intact."""
+    src, dst = pair(procs, build, "random", multifd={"multifd-channels": 2})
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 64 << 20,
+                                             "max-postcopy-bandwidth": 16 << 20})
+    start(src, dst, "tcp:127.0.0.1:%d" % free_port(), 0.3)
+    src.wait_migration(60, ("postcopy-active",))
+    time.sleep(0.3)
+    src.qmp.cmd("migrate-pause")
+    src.wait_migration(30, ("postcopy-paused",))
+    dst.wait_migration(30, ("postcopy-paused",))
+    port = free_port()
+    relay = Relay(port, drop=(2, 3))  # main, urgent pass; data channels 0, 1 do not
+    dst.qmp.cmd("migrate-recover", uri="tcp:127.0.0.1:%d" % port)
+    src.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % relay.port, resume=True)
+    deadline = time.monotonic() + 20
+    while relay.accepted < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    check(relay.accepted >= 4, "the source made %d connections, not 4" % relay.accepted)
+    relay.cut()  # the source waits for bitmaps that need the missing channels
+    relay.close()
+    src.wait_migration(30, ("postcopy-paused",))
+    dst.wait_migration(30, ("postcopy-paused",))
+    uri = "tcp:127.0.0.1:%d" % free_port()
+    dst.qmp.cmd("migrate-recover", uri=uri)
+    src.qmp.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
+    src.qmp.cmd("migrate", uri=uri, resume=True)
+    finish_and_compare(src, dst)
+
+
 def case_pause_recover(procs, build):
     """migrate-pause forces the same path, without a relay."""
     src, dst = pair(procs, build, "hotset")
@@ -277,6 +309,7 @@ def main():
     r.run("multifd-hybrid-zstd", case_multifd, r.build, mf3z, 0.4, False)
     r.run("multifd-postcopy-dest-runs", case_multifd, r.build, mf2, 0, True)
     r.run("multifd-postcopy-late-channel", case_multifd_late_channel, r.build)
+    r.run("multifd-postcopy-resume-partial", case_multifd_resume_partial, r.build)
     r.run("multifd-postcopy-recover-3-cuts", case_recovery, r.build, (0.2, 0.6, 0.4), ("-S",),
           mf2)
     r.run("multifd-postcopy-prealloc-recover", case_recovery, r.build, (0.3,),

@@ -273,17 +273,19 @@ class Relay:
       seconds (a slow return path), and freeze_reverse() holds it for good;
     - forward_delay {index: seconds} delivers what connection index sends
       that much later (a late connection; not slower, still in order);
+    - drop: the indices of connections closed as soon as they arrive;
     - inject(i, data) puts data into connection i's forward stream before
       its next chunk, flip(i) flips one byte in the middle of its next chunk
       of at least min_chunk bytes, truncate(i) ends its forward stream.
     Bounded: it stops accepting after 300 s or close().
     """
 
-    def __init__(self, target, limit=None, reverse_delay=0.0, forward_delay=None):
+    def __init__(self, target, limit=None, reverse_delay=0.0, forward_delay=None, drop=()):
         self.target = target
         self.limit = limit
         self.reverse_delay = reverse_delay
         self.forward_delay = forward_delay or {}
+        self.drop = set(drop)
         self.frozen = False
         self.stalled_until = 0.0
         self.lsock = socket.socket()
@@ -397,6 +399,10 @@ class Relay:
                 continue
             except OSError:
                 break
+            if self.accepted in self.drop:
+                self.accepted += 1
+                a.close()
+                continue
             try:
                 b = socket.create_connection(("127.0.0.1", self.target), timeout=30)
             except OSError:  # the target is gone: so is this connection
