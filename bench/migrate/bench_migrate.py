@@ -667,7 +667,9 @@ class PostcopyWss(Scenario):
     what the guest kernel has left over ("auto").
     QEMU runs twice, without and with its postcopy-preempt channel; vmig
     always sends requested pages on its own urgent channel and accepts the
-    capability.
+    capability. postcopy-wss-multifd-2: vmig with multifd (2 channels) as
+    well, its background push on the data channels; QEMU 7.2 refuses
+    multifd with post-copy (10.1 added it), so it runs as above.
     """
 
     section = "postcopy"  # of docs/benchmarks.md
@@ -705,24 +707,31 @@ class PostcopyWss(Scenario):
                    "postcopy_requests", "latency_p50_us", "latency_p99_us", "src_cpu_s",
                    "dst_cpu_s"]
 
-    def __init__(self, pattern="random", vcpus=2, prealloc=True):
+    def __init__(self, pattern="random", vcpus=2, prealloc=True, multifd=0):
         if pattern not in self.PATTERNS:
             raise ValueError(pattern)
         self.guest_dir = None
         self.pattern, self.vcpus, self.prealloc = pattern, vcpus, prealloc
+        self.multifd = multifd
+        if multifd:  # set on both sides; QEMU ignores it without the capability
+            self.parameters = dict(self.parameters, **{"multifd-channels": multifd})
 
     @property
     def key(self):
-        return "postcopy-wss%s%s%s" % ("" if self.pattern == "random" else "-" + self.pattern,
-                                       "" if self.vcpus == 2 else "-%dvcpu" % self.vcpus,
-                                       "" if self.prealloc else "-noprealloc")
+        return "postcopy-wss%s%s%s%s" % (
+            "" if self.pattern == "random" else "-" + self.pattern,
+            "" if self.vcpus == 2 else "-%dvcpu" % self.vcpus,
+            "" if self.prealloc else "-noprealloc",
+            "-multifd-%d" % self.multifd if self.multifd else "")
 
     @property
     def guest_text(self):
         return ("2 GiB guest, %d vCPU%s, 1 GiB working set written at 256 MiB/s in %s, "
-                "post-copy 1 s after migrate, destination RAM %s" % (
+                "post-copy 1 s after migrate, destination RAM %s%s" % (
                     self.vcpus, "s" if self.vcpus > 1 else "", self.PATTERNS[self.pattern],
-                    "preallocated" if self.prealloc else "not preallocated"))
+                    "preallocated" if self.prealloc else "not preallocated",
+                    "; vmig with multifd, %d channels (QEMU 7.2 refuses multifd with "
+                    "post-copy)" % self.multifd if self.multifd else ""))
 
     def engines(self, runtimes):
         out = []
@@ -731,6 +740,9 @@ class PostcopyWss(Scenario):
                 out.append(("qemu", rt.label, rt, {}))
                 out.append(("qemu-preempt", rt.label + " preempt", rt,
                             {"postcopy-preempt": True}))
+            elif self.multifd:
+                out.append((rt.key, rt.label + " multifd", rt,
+                            {"postcopy-preempt": True, "multifd": True}))
             else:
                 out.append((rt.key, rt.label, rt, {"postcopy-preempt": True}))
         return out
@@ -902,7 +914,7 @@ SCENARIOS = {s.key: s for s in (Precopy1ch(), Precopy1chPrealloc(), PrecopyHuget
                                 PrecopyMultifd(4), MultifdZeroCopy(4), PrecopyWriteHeavy(),
                                 Postcopy(),
                                 *(PostcopyWss(p, n) for n in (2, 1) for p in PostcopyWss.PATTERNS),
-                                PostcopyWss(prealloc=False),
+                                PostcopyWss(prealloc=False), PostcopyWss(multifd=2),
                                 TlsPrecopy(1), TlsPrecopy(4))}
 TLS_SCENARIOS = "tls-precopy-1ch,tls-multifd-4"  # what --tls runs by default
 

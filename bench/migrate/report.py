@@ -515,7 +515,7 @@ METHOD_TEXT = """### How it is measured
   `migrate-start-postcopy` as soon as the source is active, idle guest; blocktime is the
   destination's `postcopy-blocktime`). The busy guest's post-copy scenarios
   (`postcopy-wss`, `postcopy-wss-stream`, `postcopy-wss-hotset`, and each with
-  `-1vcpu`) are recorded in a section of their own, as are the TLS and zero-copy
+  `-1vcpu`; `postcopy-wss-noprealloc`, `postcopy-wss-multifd-2`) are recorded in a section of their own, as are the TLS and zero-copy
   comparisons. `bench_migrate.py --render RESULTS_JSON --record DOC` rewrites the
   sections from a saved `results.json` without measuring again.
 """
@@ -549,7 +549,10 @@ POSTCOPY_WSS_TEXT = """### How the post-copy scenarios (postcopy-wss*) are measu
   it (pages missing at the switch are only unmapped, then placed with MINOR faults).
 - Capabilities on both sides: `postcopy-ram`, `postcopy-blocktime`; "QEMU ... preempt"
   adds `postcopy-preempt` on both sides; vmig gets `postcopy-preempt` too (accepted; it
-  always serves page requests on its own urgent connection). Parameters:
+  always serves page requests on its own urgent connection). In `postcopy-wss-multifd-2`
+  vmig also has `multifd` with `multifd-channels` 2, and its background push after the
+  switch travels on the two data connections; QEMU 7.2 refuses `multifd` with
+  `postcopy-ram` (10.1 allows it), so its rows there are plain post-copy. Parameters:
   `max-postcopy-bandwidth` 0 on both sides, `max-bandwidth` as for pre-copy. `migrate`,
   then `migrate-start-postcopy` at the first `query-migrate` poll (every 50 ms) at or
   after 1 s (before either engine's pre-copy could converge), then poll until

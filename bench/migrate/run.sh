@@ -29,8 +29,9 @@
 #                           the default is tls-precopy-1ch,tls-multifd-4).
 #                           multifd-4-zero-copy runs each engine with and without
 #                           zero-copy-send; postcopy-wss-stream, -hotset, the
-#                           -1vcpu variants of all three and postcopy-wss-noprealloc
-#                           are the busy guest's other post-copy cases. --record
+#                           -1vcpu variants of all three, postcopy-wss-noprealloc
+#                           and postcopy-wss-multifd-2 (vmig with multifd) are
+#                           the busy guest's other post-copy cases. --record
 #                           writes those two groups to sections of their own.
 #   BENCH_RUNTIMES=qemu,vmig      comma-separated engines (raw TCP always runs)
 #   BENCH_TIMEOUT=600       seconds allowed per migration
