@@ -715,6 +715,7 @@ class PostcopyWss(Scenario):
         self.multifd = multifd
         if multifd:  # set on both sides; QEMU ignores it without the capability
             self.parameters = dict(self.parameters, **{"multifd-channels": multifd})
+            self.section = "postcopy-multifd"
 
     @property
     def key(self):

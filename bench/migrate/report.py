@@ -107,7 +107,7 @@ def _rows(res, sc):
 
 def _targets(res, sc):
     """Lines stating whether vmig met the issue's targets, or why unknown."""
-    if getattr(sc, "section", None) == "postcopy":
+    if getattr(sc, "section", None) in ("postcopy", "postcopy-multifd"):
         return _postcopy_targets(res, sc)
     if getattr(sc, "key", "") == "precopy-write-heavy":
         return _write_heavy_targets(res, sc)
@@ -581,10 +581,22 @@ POSTCOPY_WSS_TEXT = """### How the post-copy scenarios (postcopy-wss*) are measu
 """
 
 
+POSTCOPY_MULTIFD_TEXT = """### How postcopy-wss-multifd-2 is measured
+
+As `postcopy-wss` in the post-copy section (the same guests, pattern, switch and
+columns), except that vmig has `multifd` on both sides with `multifd-channels` 2: its
+pre-copy and, after the switch, its background push travel on the two data connections,
+while requested pages keep the urgent connection. QEMU 7.2 refuses `multifd` together
+with `postcopy-ram` (QEMU 10.1 allows it), so its rows are its plain post-copy, without
+and with `postcopy-preempt`: the figures to beat with multifd on.
+"""
+
 SECTIONS = {
     "tls": ("## TLS: vmig vs QEMU %s, each in clear and over TLS", TLS_METHOD_TEXT),
     "zerocopy": ("## zero-copy-send: vmig vs QEMU %s, each with and without it",
                  ZEROCOPY_METHOD_TEXT),
     "postcopy": ("## Post-copy of a busy guest, by access pattern: vmig vs QEMU %s, "
                  "without and with postcopy-preempt", POSTCOPY_WSS_TEXT),
+    "postcopy-multifd": ("## Post-copy with multifd: vmig's push on 2 data connections vs "
+                         "QEMU %s post-copy", POSTCOPY_MULTIFD_TEXT),
 }
