@@ -189,6 +189,9 @@ struct vmig__source {
 	uint64_t ac_sent;
 	uint64_t ac_dirtied;
 	struct vmig__mf_source *mf; /* multifd data channels, NULL without */
+	/* multifd-bytes and dirty-sync-missed-zero-copy of the data channels
+	 * closed so far (a post-copy recovery opens new ones) */
+	uint64_t mf_done[2];
 };
 
 /* session.c */

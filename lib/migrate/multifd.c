@@ -421,7 +421,7 @@ void vmig__mf_source_collect(struct vmig__source *src)
 	src->st.ram.duplicate += sum[1] - mf->seen[1];
 	src->st.ram.multifd_bytes = vmig__mf_source_bytes(src);
 	src->st.ram.dirty_sync_missed_zero_copy =
-	    __atomic_load_n(&mf->missed_zero_copy, __ATOMIC_RELAXED);
+	    src->mf_done[1] + __atomic_load_n(&mf->missed_zero_copy, __ATOMIC_RELAXED);
 	mf->seen[0] = sum[0];
 	mf->seen[1] = sum[1];
 }
@@ -429,9 +429,9 @@ void vmig__mf_source_collect(struct vmig__source *src)
 uint64_t vmig__mf_source_bytes(struct vmig__source *src)
 {
 	struct vmig__mf_source *mf = src->mf;
-	uint64_t bytes = 0;
+	uint64_t bytes = src->mf_done[0];
 
-	for (unsigned i = 0; i < mf->n; i++)
+	for (unsigned i = 0; mf && i < mf->n; i++)
 		bytes += __atomic_load_n(&mf->ch[i].w.bytes, __ATOMIC_RELAXED);
 	return bytes;
 }
@@ -453,6 +453,9 @@ void vmig__mf_source_close(struct vmig__source *src)
 		vmig__writer_release(&mf->ch[i].w);
 	}
 	vmig__mf_source_collect(src);
+	/* A post-copy recovery opens new channels: keep counting from here. */
+	src->mf_done[0] = src->st.ram.multifd_bytes;
+	src->mf_done[1] = src->st.ram.dirty_sync_missed_zero_copy;
 	pthread_cond_destroy(&mf->cond);
 	pthread_mutex_destroy(&mf->lock);
 	free(mf->ch);

@@ -38,7 +38,7 @@
 
 uint64_t vmig__src_wire_bytes(struct vmig__source *src)
 {
-	return src->w->bytes + src->w->pending + (src->mf ? vmig__mf_source_bytes(src) : 0);
+	return src->w->bytes + src->w->pending + vmig__mf_source_bytes(src);
 }
 
 /* Update the working statistics and publish them every STATS_PERIOD_NS. */

@@ -202,8 +202,15 @@ def case_recovery(procs, build, cuts, dst_args=("-S",), multifd=None):
         src.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % relay.port, resume=True)
         src.wait_migration(30, ("postcopy-active", "completed"))
     src.qmp.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
-    finish_and_compare(src, dst)
+    info, _ = finish_and_compare(src, dst)
     relay.close()
+    if multifd:
+        # counted over every set of data connections, not the last one only
+        ram = info["ram"]
+        check(ram["multifd-bytes"] >= MEM - (8 << 20) and
+              ram["transferred"] >= ram["multifd-bytes"],
+              "multifd-bytes %d, transferred %d for %d bytes of RAM" %
+              (ram["multifd-bytes"], ram["transferred"], MEM))
 
 
 def case_multifd_resume_partial(procs, build):
