@@ -189,8 +189,12 @@ static int send_share(struct mf_send *c, enum mf_job job, uint64_t round, bool f
 				send_word(c, bi, wi);
 		}
 	}
-	if (job == MF_PUSH)
+	if (job == MF_PUSH) {
+		/* A page request is served on the return-path thread, maybe
+		 * on this core: it comes first. */
+		vmig__thread_background();
 		push_share(c);
+	}
 	if (__atomic_load_n(&c->mf->quit, __ATOMIC_ACQUIRE))
 		return -ECANCELED;
 	if (final || job == MF_PUSH) {

@@ -14,6 +14,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -32,6 +33,13 @@ uint64_t vmig__cpu_ns(void)
 
 	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
 	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+void vmig__thread_background(void)
+{
+	/* Linux: a thread id names one thread; lowering its own priority
+	 * needs no privilege. Nothing to undo: such a thread keeps it. */
+	setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10);
 }
 
 void vmig__err_vset(struct vmig__err *e, const char *fmt, va_list ap)

@@ -32,6 +32,9 @@ static inline uint64_t vmig__now_us(void) { return vmig__now_ns() / 1000; }
 static inline uint64_t vmig__now_ms(void) { return vmig__now_ns() / 1000000; }
 /* CPU time used by this process so far (user + system), in ns. */
 uint64_t vmig__cpu_ns(void);
+/* The calling thread does bulk work from now on (nice 10, best effort):
+ * threads serving a waiting guest get the CPU before it when they share. */
+void vmig__thread_background(void);
 
 /* Error text: a fixed buffer filled once, passed upward, printed by tools. */
 struct vmig__err {
