@@ -182,8 +182,9 @@ static int send_share(struct mf_send *c, enum mf_job job, uint64_t round, bool f
 
 		for (uint64_t wi = c->idx; wi < words && !c->w.err; wi += c->mf->n) {
 			/* The switch is asked for: it comes first, and the pages
-			 * left dirty go in post-copy. */
-			if (__atomic_load_n(&s->postcopy_requested, __ATOMIC_ACQUIRE))
+			 * left dirty go in post-copy (never in the final round of
+			 * a pre-copy switch-over: those pages must all go). */
+			if (!final && __atomic_load_n(&s->postcopy_requested, __ATOMIC_ACQUIRE))
 				break;
 			if (b->dirty[wi])
 				send_word(c, bi, wi);

@@ -201,7 +201,11 @@ static int send_dirty(struct vmig__source *src, bool final)
 			if (src->w->err)
 				return src->w->err;
 			vmig__src_stats_tick(src, false);
-			if (__atomic_load_n(&s->postcopy_requested, __ATOMIC_ACQUIRE))
+			/* Post-copy asked for: switch now, the rest goes after.
+			 * Not in the final round: the switch-over is decided,
+			 * and every dirty page must go (the digest covers only
+			 * what was sent, so a page left out goes unnoticed). */
+			if (!final && __atomic_load_n(&s->postcopy_requested, __ATOMIC_ACQUIRE))
 				return vmig__writer_flush(src->w);
 			pfn = vmig__bitmap_find_next(b->dirty, b->npages, end);
 		}

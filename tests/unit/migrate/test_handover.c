@@ -39,12 +39,16 @@ struct fake_vm {
 	unsigned stops, starts;
 	int running_when_ended; /* -1 until the status became failed/cancelled */
 	uint8_t *ram;
+	vmig_session *s;
+	void (*at_stop)(struct fake_vm *vm); /* the vCPUs' last moment, or NULL */
 };
 
 static int fake_stop(void *opaque)
 {
 	struct fake_vm *vm = opaque;
 
+	if (vm->at_stop)
+		vm->at_stop(vm);
 	__atomic_store_n(&vm->running, false, __ATOMIC_RELEASE);
 	__atomic_add_fetch(&vm->stops, 1, __ATOMIC_RELEASE);
 	return 0;
@@ -179,6 +183,12 @@ struct dest_script {
 	vmig_session *src;       /* for REPLY_NOTHING_CANCEL */
 	const unsigned *calls;	 /* atomic; if set, the reply waits until it grew */
 	bool saw_eos;
+	/* pre-copy: the source's postcopy-ram capability, a hook at its stop,
+	 * and its RAM, which the destination's must equal at the end */
+	bool postcopy_cap;
+	void (*at_stop)(struct fake_vm *vm);
+	const uint8_t *expect;
+	bool ram_equal;
 };
 
 static int discard_nothing(void *opaque, unsigned block, uint64_t first, uint64_t npages)
@@ -237,6 +247,8 @@ static void *fake_dest(void *arg)
 
 		if (!sc->postcopy)
 			assert_int_equal(vmig__load_verify(&l), 0);
+		if (sc->expect)
+			sc->ram_equal = !memcmp(ram, sc->expect, RAM_SIZE);
 		if (sc->calls) {
 			/* The source waits for this reply: let the other thread's
 			 * calls happen while the migration is still on (bounded). */
@@ -290,6 +302,12 @@ static struct vmig_stats run_source(struct dest_script *sc, struct fake_vm *vm, 
 	snprintf(uri, sizeof(uri), "unix:%s", path);
 	sc->lfd = listen_unix(path);
 	sc->src = s;
+	vm->s = s;
+	vm->at_stop = sc->at_stop;
+	if (sc->expect)
+		sc->expect = vm->ram;
+	if (sc->postcopy_cap)
+		assert_int_equal(vmig_capability_set(s, "postcopy-ram", true), 0);
 	if (pause)
 		assert_int_equal(vmig_capability_set(s, "pause-before-switchover", true), 0);
 	assert_int_equal(pthread_create(&t, NULL, fake_dest, sc), 0);
@@ -319,6 +337,35 @@ static void test_resumed_completes(void **state)
 	assert_int_equal(vm.stops, 1);
 	assert_int_equal(vm.starts, 0);
 	assert_false(st.handover_unknown);
+}
+
+/* The guest's last writes, in two runs apart, then a post-copy request
+ * that lands while the source stops it (status still active). */
+static void write_then_ask_postcopy(struct fake_vm *vm)
+{
+	memset(vm->ram + 1 * VMIG_PAGE_SIZE, 0xa1, VMIG_PAGE_SIZE);
+	memset(vm->ram + 3 * VMIG_PAGE_SIZE, 0xa3, VMIG_PAGE_SIZE);
+	assert_int_equal(vmig_start_postcopy(vm->s), 0);
+}
+
+/*
+ * The final pre-copy round is decided: a post-copy request that comes now
+ * must not cut it short. It did: the last round stopped after its first
+ * run, the rest of the dirty pages were never sent, and since the digest
+ * covers what was sent, the destination ran on stale pages unawares.
+ */
+static void test_postcopy_request_at_stop_sends_all(void **state)
+{
+	struct dest_script sc = {.at_eos = REPLY_RESUMED,
+				 .postcopy_cap = true,
+				 .at_stop = write_then_ask_postcopy,
+				 .expect = (const uint8_t *)1};
+	struct fake_vm vm;
+	struct vmig_stats st = run_source(&sc, &vm, false, NULL, NULL);
+
+	assert_int_equal(st.status, VMIG_STATUS_COMPLETED);
+	assert_true(sc.saw_eos);
+	assert_true(sc.ram_equal);
 }
 
 static void test_lost_after_commit_stays_stopped(void **state)
@@ -678,17 +725,18 @@ static void test_postcopy_cut_pauses(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_resumed_completes),
-		cmocka_unit_test(test_lost_after_commit_stays_stopped),
-		cmocka_unit_test(test_cancel_after_commit_stays_stopped),
-		cmocka_unit_test(test_refused_resumes),
-		cmocka_unit_test(test_lost_before_commit_runs_on),
-		cmocka_unit_test(test_pause_before_switchover),
-		cmocka_unit_test(test_postcopy_lost_at_switch),
-		cmocka_unit_test(test_errors_apart),
-		cmocka_unit_test(test_incoming_again_keeps_listener),
-		cmocka_unit_test(test_postcopy_bad_record_stops_guest),
-		cmocka_unit_test(test_postcopy_cut_pauses),
+	    cmocka_unit_test(test_resumed_completes),
+	    cmocka_unit_test(test_postcopy_request_at_stop_sends_all),
+	    cmocka_unit_test(test_lost_after_commit_stays_stopped),
+	    cmocka_unit_test(test_cancel_after_commit_stays_stopped),
+	    cmocka_unit_test(test_refused_resumes),
+	    cmocka_unit_test(test_lost_before_commit_runs_on),
+	    cmocka_unit_test(test_pause_before_switchover),
+	    cmocka_unit_test(test_postcopy_lost_at_switch),
+	    cmocka_unit_test(test_errors_apart),
+	    cmocka_unit_test(test_incoming_again_keeps_listener),
+	    cmocka_unit_test(test_postcopy_bad_record_stops_guest),
+	    cmocka_unit_test(test_postcopy_cut_pauses),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
