@@ -250,67 +250,77 @@ static void fault_end(struct vmig__pc_dest *pc, uint64_t key)
 
 /* ---- placement --------------------------------------------------------- */
 
-/* Install [host, host+len) from src (NULL: zeros) atomically, waking
- * waiters. Pages that turn out to exist already are skipped. */
-static int uffd_install(int uffd, uint8_t *host, const uint8_t *src, uint64_t len)
+enum uffd_op {
+	OP_COPY,     /* UFFDIO_COPY from src */
+	OP_ZERO,     /* UFFDIO_ZEROPAGE */
+	OP_CONTINUE, /* UFFDIO_CONTINUE: map what the file holds already */
+};
+
+/*
+ * One userfaultfd operation over [host, host+len), carried to its end,
+ * waking whoever waits there: a partial result goes on from where it
+ * stopped, EAGAIN (the address space changing) and EINTR try again, and a
+ * page mapped already (EEXIST) is skipped, step bytes (the mapping's page
+ * size): someone placed it first.
+ */
+static int uffd_range(int uffd, enum uffd_op op, uint8_t *host, const uint8_t *src, uint64_t len,
+		      uint64_t step)
 {
 	uint64_t done = 0;
 
 	while (done < len) {
-		int rc;
+		uintptr_t at = (uintptr_t)host + done;
 		int64_t got;
+		int rc;
 
-		if (src) {
-			struct uffdio_copy c = {.dst = (uintptr_t)host + done,
-						.src = (uintptr_t)src + done,
-						.len = len - done};
+		if (op == OP_COPY) {
+			struct uffdio_copy c = {
+			    .dst = at, .src = (uintptr_t)src + done, .len = len - done};
+
 			rc = ioctl(uffd, UFFDIO_COPY, &c);
 			got = c.copy;
-		} else {
-			struct uffdio_zeropage z = {.range = {.start = (uintptr_t)host + done,
-							      .len = len - done}};
+		} else if (op == OP_ZERO) {
+			struct uffdio_zeropage z = {.range = {.start = at, .len = len - done}};
+
 			rc = ioctl(uffd, UFFDIO_ZEROPAGE, &z);
 			got = z.zeropage;
+		} else {
+			struct uffdio_continue c = {.range = {.start = at, .len = len - done}};
+
+			rc = ioctl(uffd, UFFDIO_CONTINUE, &c);
+			got = c.mapped;
 		}
 		if (got > 0)
 			done += (uint64_t)got;
-		if (!rc)
+		if (!rc || errno == EAGAIN || errno == EINTR)
 			continue;
-		if (errno == EAGAIN)
-			continue;
-		if (errno == EEXIST) { /* already there: skip one page */
-			done = VMIG_ALIGN_UP(done + 1, VMIG_PAGE_SIZE);
-			continue;
-		}
-		return -errno;
+		if (errno != EEXIST)
+			return -errno;
+		done = VMIG_ALIGN_UP(done + 1, step);
 	}
 	return 0;
 }
 
-/* Map [host, host+len), whose pages are in the file already, into the
- * guest's view, waking waiters. Pages mapped already are skipped. */
-static int uffd_continue(int uffd, uint8_t *host, uint64_t len)
+/* Install [host, host+len) of a 4 KiB block from src (NULL: zero pages). */
+static int uffd_install(int uffd, uint8_t *host, const uint8_t *src, uint64_t len)
 {
-	uint64_t done = 0;
+	return uffd_range(uffd, src ? OP_COPY : OP_ZERO, host, src, len, VMIG_PAGE_SIZE);
+}
 
-	while (done < len) {
-		struct uffdio_continue c = {
-		    .range = {.start = (uintptr_t)host + done, .len = len - done}};
-		int rc = ioctl(uffd, UFFDIO_CONTINUE, &c);
+/* Map [host, host+len), whose pages (of step bytes) are in the file
+ * already, into the guest's view. */
+static int uffd_continue(int uffd, uint8_t *host, uint64_t len, uint64_t step)
+{
+	return uffd_range(uffd, OP_CONTINUE, host, NULL, len, step);
+}
 
-		if (c.mapped > 0)
-			done += (uint64_t)c.mapped;
-		if (!rc)
-			break;
-		if (errno == EAGAIN || errno == EINTR)
-			continue;
-		if (errno == EEXIST) { /* mapped already: skip one page */
-			done = VMIG_ALIGN_UP(done + 1, VMIG_PAGE_SIZE);
-			continue;
-		}
-		return -errno;
-	}
-	return 0;
+/* len bytes of buf at dst, or zeros if buf is NULL. */
+static void copy_or_zero(uint8_t *dst, const uint8_t *buf, uint64_t len)
+{
+	if (buf)
+		memcpy(dst, buf, len);
+	else
+		memset(dst, 0, len);
 }
 
 /* Blocks whose pages are written through the second mapping (alias) and
@@ -371,7 +381,7 @@ static int hp_map(struct vmig__pc_dest *pc, unsigned bi, uint64_t h)
 
 	/* Allocates the (zeroed) page if the file has none there. */
 	__atomic_fetch_add(pc->alias[bi] + off, 0, __ATOMIC_RELAXED);
-	return uffd_continue(pc->uffd, b->host + off, b->hpage);
+	return uffd_continue(pc->uffd, b->host + off, b->hpage, b->hpage);
 }
 
 /* Huge page h is complete: map it, under its lock; from now on it is the
@@ -408,13 +418,8 @@ static int hp_fill(struct vmig__pc_dest *pc, unsigned bi, uint64_t first, uint32
 
 		pthread_mutex_lock(lk);
 		if (!bitmap_test_atomic(b->placed, h * hp_pages(b))) { /* else a late copy */
-			uint8_t *dst = pc->alias[bi] + first * VMIG_PAGE_SIZE;
-			uint64_t len = (stop - first) * VMIG_PAGE_SIZE;
-
-			if (buf)
-				memcpy(dst, buf, len);
-			else
-				memset(dst, 0, len);
+			copy_or_zero(pc->alias[bi] + first * VMIG_PAGE_SIZE, buf,
+				     (stop - first) * VMIG_PAGE_SIZE);
 			for (uint64_t p = first; p < stop; p++)
 				__atomic_fetch_or(&b->received[p / 64], 1ull << (p % 64),
 						  __ATOMIC_RELEASE);
@@ -492,15 +497,12 @@ static int install(struct vmig__pc_dest *pc, unsigned bi, uint64_t first, uint64
 
 	if (!b->pc_minor)
 		return uffd_install(pc->uffd, b->host + off, src, len);
-	if (src)
-		memcpy(pc->alias[bi] + off, src, len);
-	else
-		memset(pc->alias[bi] + off, 0, len);
+	copy_or_zero(pc->alias[bi] + off, src, len);
 	/* The end-of-stream check wants every page of a populated block
 	 * received (stale data must not pass for a page). */
 	for (uint64_t p = first; p < first + n; p++)
 		vmig__bitmap_set_atomic(b->received, p);
-	return uffd_continue(pc->uffd, b->host + off, len);
+	return uffd_continue(pc->uffd, b->host + off, len, VMIG_PAGE_SIZE);
 }
 
 /* Loader hook: pages arriving after the switch (any channel). */
@@ -574,19 +576,11 @@ static int pc_fill(void *opaque, unsigned bi, uint64_t first, uint32_t npages, c
 	uint64_t len = (uint64_t)npages * VMIG_PAGE_SIZE, done = 0;
 
 	if (b->pc_minor && pc->minor_started) { /* a page after a DISCARD */
-		uint8_t *to = pc->alias[bi] + first * VMIG_PAGE_SIZE;
-
-		if (buf)
-			memcpy(to, buf, len);
-		else
-			memset(to, 0, len);
-		return uffd_continue(pc->uffd, dst, len);
+		copy_or_zero(pc->alias[bi] + first * VMIG_PAGE_SIZE, buf, len);
+		return uffd_continue(pc->uffd, dst, len, VMIG_PAGE_SIZE);
 	}
 	if (via_alias(b)) { /* not registered yet */
-		if (buf)
-			memcpy(dst, buf, len);
-		else
-			memset(dst, 0, len);
+		copy_or_zero(dst, buf, len);
 		return 0;
 	}
 	assert(buf); /* zeros come here for populated blocks only */
@@ -698,8 +692,8 @@ static void handle_fault(struct vmig__pc_dest *pc, uint64_t addr, int tid)
 		if (bitmap_test_atomic(b->installed, pfn)) {
 			/* In a populated block, a page in place may still be
 			 * out of this view (a MINOR fault): map it. */
-			if (!b->pc_minor ||
-			    uffd_continue(pc->uffd, b->host + pfn * VMIG_PAGE_SIZE, VMIG_PAGE_SIZE))
+			if (!b->pc_minor || uffd_continue(pc->uffd, b->host + pfn * VMIG_PAGE_SIZE,
+							  VMIG_PAGE_SIZE, VMIG_PAGE_SIZE))
 				ioctl(pc->uffd, UFFDIO_WAKE, &wake);
 			fault_end(pc, key);
 		}
