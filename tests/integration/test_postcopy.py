@@ -218,14 +218,7 @@ def case_multifd_resume_partial(procs, build):
     fails that attempt only: both sides go back to postcopy-paused, and the
     next migrate-recover and resume complete with the memory intact."""
     src, dst = pair(procs, build, "random", multifd={"multifd-channels": 2})
-    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 64 << 20,
-                                             "max-postcopy-bandwidth": 16 << 20})
-    start(src, dst, "tcp:127.0.0.1:%d" % free_port(), 0.3)
-    src.wait_migration(60, ("postcopy-active",))
-    time.sleep(0.3)
-    src.qmp.cmd("migrate-pause")
-    src.wait_migration(30, ("postcopy-paused",))
-    dst.wait_migration(30, ("postcopy-paused",))
+    pause_in_postcopy(src, dst, 16 << 20, 0.3)
     port = free_port()
     relay = Relay(port, drop=(2, 3))  # main, urgent pass; data channels 0, 1 do not
     dst.qmp.cmd("migrate-recover", uri="tcp:127.0.0.1:%d" % port)
@@ -236,6 +229,24 @@ def case_multifd_resume_partial(procs, build):
     check(relay.accepted >= 4, "the source made %d connections, not 4" % relay.accepted)
     relay.cut()  # the source waits for bitmaps that need the missing channels
     relay.close()
+    recover_direct(src, dst)
+
+
+def pause_in_postcopy(src, dst, push_rate, after):
+    """A slow pre-copy, the switch after 0.3 s, a push at push_rate, then
+    migrate-pause `after` s into post-copy; returns with both sides paused."""
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 64 << 20,
+                                             "max-postcopy-bandwidth": push_rate})
+    start(src, dst, "tcp:127.0.0.1:%d" % free_port(), 0.3)
+    src.wait_migration(60, ("postcopy-active",))
+    time.sleep(after)
+    src.qmp.cmd("migrate-pause")
+    src.wait_migration(30, ("postcopy-paused",))
+    dst.wait_migration(30, ("postcopy-paused",))
+
+
+def recover_direct(src, dst):
+    """Both sides paused: recover without a relay, at full speed, and check."""
     src.wait_migration(30, ("postcopy-paused",))
     dst.wait_migration(30, ("postcopy-paused",))
     uri = "tcp:127.0.0.1:%d" % free_port()
@@ -248,19 +259,8 @@ def case_multifd_resume_partial(procs, build):
 def case_pause_recover(procs, build):
     """migrate-pause forces the same path, without a relay."""
     src, dst = pair(procs, build, "hotset")
-    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 64 << 20,
-                                             "max-postcopy-bandwidth": 24 << 20})
-    start(src, dst, "tcp:127.0.0.1:%d" % free_port(), 0.3)
-    src.wait_migration(60, ("postcopy-active",))
-    time.sleep(0.5)
-    src.qmp.cmd("migrate-pause")
-    src.wait_migration(30, ("postcopy-paused",))
-    dst.wait_migration(30, ("postcopy-paused",))
-    uri = "tcp:127.0.0.1:%d" % free_port()
-    dst.qmp.cmd("migrate-recover", uri=uri)
-    src.qmp.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
-    src.qmp.cmd("migrate", uri=uri, resume=True)
-    finish_and_compare(src, dst)
+    pause_in_postcopy(src, dst, 24 << 20, 0.5)
+    recover_direct(src, dst)
 
 
 def case_fail_before_switch(procs, build):
