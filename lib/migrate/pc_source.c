@@ -142,10 +142,9 @@ int vmig__pc_source_switch(struct vmig__source *src)
 	if (!vmig__src_wait_rp(s, &s->rp_resumed)) {
 		src->st.downtime_us = (vmig__now_ns() - stop_ns) / 1000;
 		src->st.downtime_ms = (int64_t)((src->st.downtime_us + 500) / 1000);
-		/* RAM here no longer changes, so tracking can go; unregistering
-		 * a large guest takes tens of ms, kept out of the downtime. */
-		vmig__dirty_close(src->dirty);
-		src->dirty = NULL;
+		/* Dirty tracking stays until finish(): RAM here no longer
+		 * changes, and unregistering a large guest takes tens of ms
+		 * of kernel time that the page requests must not wait behind. */
 		return 0;
 	}
 	pthread_mutex_lock(&s->lock);
