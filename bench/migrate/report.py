@@ -187,9 +187,17 @@ def _postcopy_targets(res, sc):
                 what, label, unit % v[metric], unit % q[metric],
                 _met(v[metric] < q[metric])))
     p50 = v.get("latency_p50_us")
-    lines.append("median page-request latency < %.0f us: %s -> %s" % (
-        TARGET_PC_P50_US, _fmt("%.0f us", p50),
-        "not evaluated" if p50 is None else _met(p50 < TARGET_PC_P50_US)))
+    vruns = res["vmig"]["runs"]
+    calm = sum(1 for r in vruns if r.get("x_vmig_postcopy_faults") == 0)
+    if p50 is None and vruns and calm == len(vruns):
+        lines.append("median page-request latency < %.0f us: no vCPU faulted on a missing "
+                     "page in any of the %d runs -> met" % (TARGET_PC_P50_US, calm))
+    else:
+        lines.append("median page-request latency < %.0f us: %s%s -> %s" % (
+            TARGET_PC_P50_US, _fmt("%.0f us", p50),
+            " (median over %d of %d runs; in the others no vCPU faulted)"
+            % (len(vruns) - calm, len(vruns)) if calm else "",
+            "not evaluated" if p50 is None else _met(p50 < TARGET_PC_P50_US)))
     d = v.get("downtime_ms")
     lines.append("downtime < %.0f ms: %s -> %s" % (
         TARGET_PC_DOWNTIME_MS, _fmt("%.1f ms", d),
@@ -562,8 +570,10 @@ POSTCOPY_WSS_TEXT = """### How the post-copy scenarios (postcopy-wss*) are measu
   (time during which all vCPUs waited for pages at once); vCPU blocktime sum: the sum of
   its `postcopy-vcpu-blocktime` list. latency p50/p99: vmig's
   `x-vmig-postcopy-latency-p50`/`-p99` (exact, over the last 65536 faults, from fault to
-  wake-up); QEMU 7.2 reports no request latency (its trace events could give one, but
-  tracing itself would slow the side being measured), so those cells say n/a.
+  wake-up); a run in which no vCPU faulted has no latency and is left out of the median
+  (the targets line says how many such runs there were). QEMU 7.2 reports no request
+  latency (its trace events could give one, but tracing itself would slow the side being
+  measured), so those cells say n/a.
 - CPU s covers the whole process from `migrate` until each side completes, so it
   includes the guest's own work (QEMU: TCG emulating the guest; vmig: the vCPU threads).
 - After each run the destination guest must keep running and pass its own check: vmig's
