@@ -191,10 +191,10 @@ static int send_dirty(struct vmig__source *src, bool final)
 		uint64_t pfn = vmig__bitmap_find_next(b->dirty, b->npages, 0);
 
 		while (pfn < b->npages) {
-			uint64_t end = vmig__bitmap_find_next_zero(b->dirty, b->npages, pfn);
-
-			if (end - pfn > VMIG_REC_MAX_PAGES)
-				end = pfn + VMIG_REC_MAX_PAGES;
+			/* At most one record's run: the search stops there (in
+			 * a full bitmap it would scan to the end every time). */
+			uint64_t end = vmig__bitmap_find_next_zero(
+			    b->dirty, VMIG_MIN(b->npages, pfn + VMIG_REC_MAX_PAGES), pfn);
 			vmig__bitmap_clear_range(b->dirty, pfn, end - pfn);
 			src->dirty_pages -= end - pfn;
 			vmig__src_send_run(src, src->w, bi, pfn, end);
