@@ -642,7 +642,7 @@ static struct vmig_stats run_postcopy_dest(enum pc_fault fault, struct fake_vm *
 	vmig__writer_rec(w, VMIG_REC_BLOCKS, blocks, sizeof(blocks));
 	/* From a copy: the destination writes vm->ram as these pages land. */
 	memcpy(pages, vm->ram, NPAGES / 2 * VMIG_PAGE_SIZE);
-	vmig__writer_pages(w, 0, 0, NPAGES / 2, pages, NULL); /* the rest never comes */
+	vmig__writer_pages(w, 0, 0, NPAGES / 2, pages); /* the rest never comes */
 	vmig__writer_rec(w, VMIG_REC_STATE, "state", 5);
 	vmig__writer_rec(w, VMIG_REC_POSTCOPY_RUN, NULL, 0);
 	assert_int_equal(vmig__writer_flush(w), 0);
