@@ -179,6 +179,10 @@ struct vmig__source {
 	uint64_t hint;            /* atomic: (block << 48 | page) to push next, post-copy */
 	uint64_t urgent_bytes;    /* atomic */
 	uint64_t urgent_requests; /* atomic */
+	/* atomic: page requests between the claim of their dirty bits and
+	 * their flush, which stores the pages' hashes (return-path thread);
+	 * the digest waits for none to be left */
+	uint32_t urgent_inflight;
 	bool vm_was_running;
 	bool stopped_vm;
 	/* auto-converge: the throttle asked of the VMM (percent), how many

@@ -180,14 +180,18 @@ int vmig__pc_source_request(struct vmig__source *src, const struct vmig_wire_pag
 	/* Asked before the switch reached it: it asks again after. */
 	if (!vmig__in_postcopy(s))
 		return 0;
+	/* Before the claim: whoever sees the bits clear then sees this. */
+	__atomic_add_fetch(&src->urgent_inflight, 1, __ATOMIC_SEQ_CST);
 	for (uint64_t p = req->first; p < req->first + req->npages; p++)
 		claimed += vmig__bitmap_test_and_clear_atomic(b->dirty, p);
 	if (claimed)
 		__atomic_sub_fetch(&src->dirty_pages, claimed, __ATOMIC_RELAXED);
 	before = src->uw->bytes;
 	vmig__src_send_run(src, src->uw, req->block, req->first, req->first + req->npages);
-	/* An urgent-channel error is left to the main channel to notice. */
+	/* An urgent-channel error is left to the main channel to notice. The
+	 * flush stores the pages' hashes, failed or not. */
 	vmig__writer_flush(src->uw);
+	__atomic_sub_fetch(&src->urgent_inflight, 1, __ATOMIC_RELEASE);
 	__atomic_add_fetch(&src->urgent_bytes, src->uw->bytes - before, __ATOMIC_RELAXED);
 	__atomic_add_fetch(&src->urgent_requests, 1, __ATOMIC_RELAXED);
 	/* Push the neighbourhood of the fault next. */
@@ -341,6 +345,24 @@ static bool connection_lost(struct vmig__source *src)
 	return failed || src->w->err || __atomic_load_n(&s->pause_requested, __ATOMIC_ACQUIRE);
 }
 
+/*
+ * Wait for the page requests whose claims cleared dirty bits to store their
+ * pages' hashes; false if the connection broke meanwhile (a write that
+ * never ends then fails). The push saw every bit clear, with relaxed loads;
+ * the fence orders those before the load of the count, which a request
+ * raised before it cleared any bit.
+ */
+static bool urgent_settled(struct vmig__source *src)
+{
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	while (__atomic_load_n(&src->urgent_inflight, __ATOMIC_ACQUIRE)) {
+		if (connection_lost(src))
+			return false;
+		usleep(100);
+	}
+	return true;
+}
+
 /* Where the push is: without multifd, the page it sends next; with it,
  * whether the data channels were started on this connection. */
 struct push_pos {
@@ -399,6 +421,10 @@ int vmig__pc_source_push(struct vmig__source *src)
 		}
 		step = push_step(src, &pos);
 		if (step)
+			continue;
+		/* All claimed. A page request may have claimed the last pages:
+		 * their hashes come with its flush, before the digest. */
+		if (!urgent_settled(src))
 			continue;
 		/* All sent: close the stream and wait for the verdict. */
 		vmig__src_digest(src, &d);

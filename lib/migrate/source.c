@@ -150,16 +150,8 @@ void vmig__src_send_run(struct vmig__source *src, struct vmig__writer *w, unsign
 		bool zero = vmig__page_is_zero(b->host + i * VMIG_PAGE_SIZE);
 		uint64_t j = i + 1;
 
-		if (!zero)
-			set_page_hash(b, i, vmig__page_hash(b->host + i * VMIG_PAGE_SIZE));
-		for (; j < end; j++) {
-			const uint8_t *p = b->host + j * VMIG_PAGE_SIZE;
-
-			if (vmig__page_is_zero(p) != zero)
-				break;
-			if (!zero)
-				set_page_hash(b, j, vmig__page_hash(p));
-		}
+		while (j < end && vmig__page_is_zero(b->host + j * VMIG_PAGE_SIZE) == zero)
+			j++;
 		if (zero) {
 			for (uint64_t k = i; k < j; k++)
 				set_page_hash(b, k, vmig__zero_page_hash());
@@ -167,7 +159,9 @@ void vmig__src_send_run(struct vmig__source *src, struct vmig__writer *w, unsign
 			if (main)
 				src->st.ram.duplicate += j - i;
 		} else {
-			vmig__writer_pages(w, bi, i, (uint32_t)(j - i), b->host + i * VMIG_PAGE_SIZE);
+			/* Hashed by the flush that sends them (see the writer). */
+			vmig__writer_pages(w, bi, i, (uint32_t)(j - i),
+					   b->host + i * VMIG_PAGE_SIZE, b->page_hash + i);
 			if (main) {
 				src->st.ram.normal += j - i;
 				src->st.ram.normal_bytes += (j - i) * VMIG_PAGE_SIZE;
@@ -470,6 +464,9 @@ void vmig__src_digest(struct vmig__source *src, struct vmig_wire_digest *d)
 	uint64_t *hashes[VMIG_MAX_BLOCKS];
 	uint64_t npages[VMIG_MAX_BLOCKS];
 
+	/* Pages still queued get their hashes at this flush. The urgent and
+	 * data channels flush their own before they report done. */
+	vmig__writer_flush(src->w);
 	for (unsigned i = 0; i < s->nblocks; i++) {
 		hashes[i] = s->blocks[i].page_hash;
 		npages[i] = s->blocks[i].npages;

@@ -67,6 +67,7 @@ void vmig__writer_init(struct vmig__writer *w, struct vmig__chan *c)
 	w->niov = 0;
 	w->pending = 0;
 	w->hdrlen = 0;
+	w->nhq = 0;
 }
 
 static void push_iov(struct vmig__writer *w, const void *base, size_t len)
@@ -87,8 +88,8 @@ static void push_iov(struct vmig__writer *w, const void *base, size_t len)
 /* Make room for a header of hdr bytes and up to two iovs. */
 static void reserve(struct vmig__writer *w, size_t hdr)
 {
-	if (w->niov + 2 > VMIG_WRITER_IOV || w->hdrlen + hdr > VMIG_WRITER_HDRBUF ||
-	    w->pending >= VMIG_WRITER_FLUSH_BYTES)
+	if (w->niov + 2 > VMIG_WRITER_IOV || w->nhq + 1 > VMIG_WRITER_IOV ||
+	    w->hdrlen + hdr > VMIG_WRITER_HDRBUF || w->pending >= VMIG_WRITER_FLUSH_BYTES)
 		vmig__writer_flush(w);
 }
 
@@ -235,8 +236,15 @@ static size_t compress_run(struct vmig__zstd *z, uint8_t *out, size_t cap, const
 }
 
 /* Queue the run compressed; false if it did not shrink (send it raw). */
+static void hash_pages(const uint8_t *p, uint64_t *out, uint32_t npages)
+{
+	for (uint32_t i = 0; i < npages; i++)
+		__atomic_store_n(&out[i], vmig__page_hash(p + (size_t)i * VMIG_PAGE_SIZE),
+				 __ATOMIC_RELAXED);
+}
+
 static bool put_compressed(struct vmig__writer *w, const struct vmig_wire_pages *pg,
-			   const void *host, size_t data)
+			   const void *host, size_t data, uint64_t *hashes)
 {
 	struct vmig__zstd *z = w->z;
 	size_t out;
@@ -254,6 +262,8 @@ static bool put_compressed(struct vmig__writer *w, const struct vmig_wire_pages 
 	out = compress_run(z, z->buf + z->used, ZBUF_BYTES - z->used, z->stage, data);
 	if (!out || out >= data)
 		return false;
+	if (hashes)
+		hash_pages(z->stage, hashes, pg->npages);
 	memcpy(put_hdr(w, z->cctx ? VMIG_REC_PAGES_ZSTD : VMIG_REC_PAGES_ZLIB,
 		       (uint32_t)(sizeof(*pg) + out), sizeof(*pg)),
 	       pg, sizeof(*pg));
@@ -263,18 +273,22 @@ static bool put_compressed(struct vmig__writer *w, const struct vmig_wire_pages 
 }
 
 void vmig__writer_pages(struct vmig__writer *w, uint32_t block, uint64_t first, uint32_t npages,
-			const void *host)
+			const void *host, uint64_t *hashes)
 {
 	struct vmig_wire_pages pg = {.block = block, .npages = npages, .first = first};
 	size_t data = (size_t)npages * VMIG_PAGE_SIZE;
 
 	if (w->err)
 		return;
-	if (w->z && put_compressed(w, &pg, host, data))
+	if (w->z && put_compressed(w, &pg, host, data, hashes))
 		goto count;
 	memcpy(put_hdr(w, VMIG_REC_PAGES, (uint32_t)(sizeof(pg) + data), sizeof(pg)), &pg,
 	       sizeof(pg));
 	push_iov(w, host, data);
+	/* After put_hdr(), whose flush would take the entry too early. */
+	if (hashes)
+		w->hq[w->nhq++] =
+		    (struct vmig__whash){.host = host, .out = hashes, .npages = npages};
 count:
 	if (w->counts)
 		__atomic_add_fetch(&w->counts[0], npages, __ATOMIC_RELAXED);
@@ -325,6 +339,10 @@ int vmig__writer_flush(struct vmig__writer *w)
 	if (!w->err) /* atomic: other threads read it for statistics */
 		__atomic_store_n(&w->bytes, w->bytes + w->pending, __ATOMIC_RELAXED);
 out:
+	/* Also after a failed write: part of it may have arrived. */
+	for (unsigned i = 0; i < w->nhq; i++)
+		hash_pages(w->hq[i].host, w->hq[i].out, w->hq[i].npages);
+	w->nhq = 0;
 	w->niov = 0;
 	w->pending = 0;
 	w->hdrlen = 0;

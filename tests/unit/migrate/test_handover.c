@@ -39,6 +39,7 @@ struct fake_vm {
 	unsigned stops, starts;
 	int running_when_ended; /* -1 until the status became failed/cancelled */
 	uint8_t *ram;
+	size_t size; /* of ram */
 	vmig_session *s;
 	void (*at_stop)(struct fake_vm *vm); /* the vCPUs' last moment, or NULL */
 };
@@ -102,17 +103,18 @@ static const struct vmig_vm_ops fake_ops = {
 	.load_state = fake_load,
 };
 
-static vmig_session *new_session(struct fake_vm *vm, bool running)
+static vmig_session *new_session_sized(struct fake_vm *vm, bool running, size_t size)
 {
 	vmig_session *s;
-	struct vmig_ram_block blk = {.name = "pc.ram", .size = RAM_SIZE, .fd = -1};
+	struct vmig_ram_block blk = {.name = "pc.ram", .size = size, .fd = -1};
 
 	memset(vm, 0, sizeof(*vm));
 	vm->running = running;
 	vm->running_when_ended = -1;
-	vm->ram = mmap(NULL, RAM_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	vm->size = size;
+	vm->ram = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	assert_true(vm->ram != MAP_FAILED);
-	for (unsigned i = 0; i < NPAGES; i++)
+	for (size_t i = 0; i < size / VMIG_PAGE_SIZE; i++)
 		memset(vm->ram + i * VMIG_PAGE_SIZE, (int)(i + 1), VMIG_PAGE_SIZE);
 	assert_int_equal(vmig_session_new(&s, &fake_ops, vm), 0);
 	blk.host = vm->ram;
@@ -120,10 +122,15 @@ static vmig_session *new_session(struct fake_vm *vm, bool running)
 	return s;
 }
 
+static vmig_session *new_session(struct fake_vm *vm, bool running)
+{
+	return new_session_sized(vm, running, RAM_SIZE);
+}
+
 static void free_session(vmig_session *s, struct fake_vm *vm)
 {
 	vmig_session_free(s);
-	munmap(vm->ram, RAM_SIZE);
+	munmap(vm->ram, vm->size);
 }
 
 /* Wait for one of the end states; returns the final statistics. */
@@ -453,6 +460,156 @@ static void test_pause_before_switchover(void **state)
  * had not, the outcome is unknown, and a cancel gives up with the vCPUs
  * left stopped, for the operator to start exactly one side.
  */
+/* ---- post-copy: the digest after page requests -------------------------- */
+
+#define BIG_PAGES 16384 /* 64 MiB */
+/* Requests of 64 pages for the last 40 MiB: more than the library's socket
+ * buffers (4 MiB asked, twice that granted) hold unread. */
+#define ASKED_RUNS 160
+
+struct held_script {
+	int lfd;
+	bool go; /* atomic: post-copy was asked for */
+	struct fake_vm *vm;
+	uint64_t digest, want;
+	bool saw_digest;
+};
+
+/* The guest's last writes: every page changes, so every page is dirty at
+ * the switch and each old hash is stale. */
+static void rewrite_all(struct fake_vm *vm)
+{
+	for (size_t i = 0; i < vm->size / VMIG_PAGE_SIZE; i++)
+		memset(vm->ram + i * VMIG_PAGE_SIZE, (int)(0x80 + i % 64), VMIG_PAGE_SIZE);
+}
+
+static void *drain_later(void *arg)
+{
+	int *ufd = arg;
+	char buf[65536];
+
+	usleep(300000);
+	while (read(*ufd, buf, sizeof(buf)) > 0)
+		;
+	return NULL;
+}
+
+/* Play a post-copy destination that asks for the last pages at once and
+ * reads the answers on the urgent connection only 300 ms later. */
+static void *held_dest(void *arg)
+{
+	struct held_script *sc = arg;
+	struct vmig__reader *r = malloc(sizeof(*r));
+	uint8_t *ram = calloc(BIG_PAGES, VMIG_PAGE_SIZE);
+	uint64_t *hash = calloc(BIG_PAGES, sizeof(uint64_t));
+	uint64_t *received = calloc(BIG_PAGES / 64, 8), *zero = calloc(BIG_PAGES / 64, 8);
+	struct vmig__load_block blk = {.host = ram,
+				       .size = (uint64_t)BIG_PAGES * VMIG_PAGE_SIZE,
+				       .npages = BIG_PAGES,
+				       .page_hash = hash,
+				       .received = received,
+				       .zero = zero};
+	struct vmig__err err = {{0}};
+	struct vmig__loader l = {.r = r, .blocks = &blk, .nblocks = 1, .err = &err};
+	int fd = accept4(sc->lfd, NULL, NULL, SOCK_CLOEXEC);
+	int ufd = accept4(sc->lfd, NULL, NULL, SOCK_CLOEXEC);
+	struct vmig_wire_resumed res = {.load_us = 1};
+	struct vmig_wire_pages req = {.block = 0, .npages = VMIG_REC_MAX_PAGES};
+	uint64_t *hp, np = BIG_PAGES;
+	pthread_t drain;
+	uint8_t type;
+
+	strcpy(blk.name, "pc.ram");
+	l.bounce = malloc(VMIG_REC_MAX_PAGES * VMIG_PAGE_SIZE);
+	assert_true(fd >= 0 && ufd >= 0);
+	vmig__reader_init_chan(r, vmig__chan_from_fd(dup(fd)));
+	assert_int_equal(vmig__load_preamble(&l), 0);
+	l.hooks.discard = discard_nothing;
+	l.hooks.place = place_nothing;
+	while (!l.run) {
+		assert_int_equal(vmig__load_record(&l, &type), 0);
+		if (type == VMIG_REC_SYNC) {
+			struct vmig_wire_sync_ack ack = {.round = l.last_round};
+
+			while (!__atomic_load_n(&sc->go, __ATOMIC_ACQUIRE))
+				usleep(1000);
+			send_rp(fd, VMIG_RP_SYNC_ACK, &ack, sizeof(ack));
+		}
+	}
+	l.postcopy = true;
+	/* The requests right behind RESUMED: they claim their pages long
+	 * before the push, which starts at the first page, gets there; one
+	 * of them blocks in its write with its pages claimed. */
+	send_rp(fd, VMIG_RP_RESUMED, &res, sizeof(res));
+	for (unsigned k = 0; k < ASKED_RUNS; k++) {
+		req.first = BIG_PAGES - (ASKED_RUNS - k) * VMIG_REC_MAX_PAGES;
+		send_rp(fd, VMIG_RP_PAGE_REQ, &req, sizeof(req));
+	}
+	assert_int_equal(pthread_create(&drain, NULL, drain_later, &ufd), 0);
+	while (!l.have_digest && !vmig__load_record(&l, &type))
+		;
+	sc->saw_digest = l.have_digest;
+	sc->digest = l.digest.page_digest;
+	/* RAM no longer changes: what every page's hash must be by now. */
+	for (unsigned i = 0; i < BIG_PAGES; i++)
+		hash[i] = vmig__page_hash(sc->vm->ram + (size_t)i * VMIG_PAGE_SIZE);
+	hp = hash;
+	sc->want = vmig__digest_of_hashes(&hp, &np, 1);
+	send_rp(fd, VMIG_RP_COMPLETE, NULL, 0);
+	shutdown(fd, SHUT_RDWR);
+	shutdown(ufd, SHUT_RDWR);
+	pthread_join(drain, NULL);
+	close(ufd);
+	close(fd);
+	vmig__chan_free(r->c);
+	vmig__loader_release(&l);
+	free(l.bounce);
+	free(ram);
+	free(hash);
+	free(received);
+	free(zero);
+	free(r);
+	return NULL;
+}
+
+/*
+ * A page request claims its pages, then writes them on the urgent channel,
+ * and their hashes are taken by that write's flush. A destination slow to
+ * read makes the write wait; the push meanwhile finds nothing left. The
+ * digest must wait for the request: made before, it covered the old hashes
+ * of the requested pages and a good migration failed on it.
+ */
+static void test_postcopy_digest_waits_for_requests(void **state)
+{
+	struct held_script sc = {0};
+	struct fake_vm vm;
+	vmig_session *s = new_session_sized(&vm, true, (size_t)BIG_PAGES * VMIG_PAGE_SIZE);
+	char path[108], uri[120];
+	struct vmig_stats st;
+	pthread_t t;
+
+	sock_path(path, sizeof(path), "held");
+	snprintf(uri, sizeof(uri), "unix:%s", path);
+	sc.lfd = listen_unix(path);
+	sc.vm = &vm;
+	vm.s = s;
+	vm.at_stop = rewrite_all;
+	assert_int_equal(vmig_capability_set(s, "postcopy-ram", true), 0);
+	assert_int_equal(pthread_create(&t, NULL, held_dest, &sc), 0);
+	assert_int_equal(vmig_migrate(s, uri), 0);
+	assert_int_equal(vmig_start_postcopy(s), 0);
+	__atomic_store_n(&sc.go, true, __ATOMIC_RELEASE);
+	pthread_join(t, NULL);
+	st = wait_end(s, VMIG_STATUS_NONE);
+	assert_true(sc.saw_digest);
+	if (sc.digest != sc.want)
+		fail_msg("the digest covers hashes older than the pages sent");
+	assert_int_equal(st.status, VMIG_STATUS_COMPLETED);
+	close(sc.lfd);
+	unlink(path);
+	free_session(s, &vm);
+}
+
 static void test_postcopy_lost_at_switch(void **state)
 {
 	for (int resumed = 0; resumed < 2; resumed++) {
@@ -642,7 +799,7 @@ static struct vmig_stats run_postcopy_dest(enum pc_fault fault, struct fake_vm *
 	vmig__writer_rec(w, VMIG_REC_BLOCKS, blocks, sizeof(blocks));
 	/* From a copy: the destination writes vm->ram as these pages land. */
 	memcpy(pages, vm->ram, NPAGES / 2 * VMIG_PAGE_SIZE);
-	vmig__writer_pages(w, 0, 0, NPAGES / 2, pages); /* the rest never comes */
+	vmig__writer_pages(w, 0, 0, NPAGES / 2, pages, NULL); /* the rest never comes */
 	vmig__writer_rec(w, VMIG_REC_STATE, "state", 5);
 	vmig__writer_rec(w, VMIG_REC_POSTCOPY_RUN, NULL, 0);
 	assert_int_equal(vmig__writer_flush(w), 0);
@@ -733,6 +890,7 @@ int main(void)
 	    cmocka_unit_test(test_lost_before_commit_runs_on),
 	    cmocka_unit_test(test_pause_before_switchover),
 	    cmocka_unit_test(test_postcopy_lost_at_switch),
+	    cmocka_unit_test(test_postcopy_digest_waits_for_requests),
 	    cmocka_unit_test(test_errors_apart),
 	    cmocka_unit_test(test_incoming_again_keeps_listener),
 	    cmocka_unit_test(test_postcopy_bad_record_stops_guest),

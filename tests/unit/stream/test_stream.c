@@ -81,7 +81,7 @@ static size_t build_stream(uint8_t **out, struct side *src, bool with_state)
 		memset(src->ram + i * VMIG_PAGE_SIZE, 0x10 + i, VMIG_PAGE_SIZE);
 		src->hash[i] = vmig__page_hash(src->ram + i * VMIG_PAGE_SIZE);
 	}
-	vmig__writer_pages(w, 0, 0, 8, src->ram);
+	vmig__writer_pages(w, 0, 0, 8, src->ram, NULL);
 	vmig__writer_zero(w, 0, 8, 24);
 	if (with_state)
 		vmig__writer_rec(w, VMIG_REC_STATE, "state", 5);
@@ -327,8 +327,8 @@ static size_t build_compressed(uint8_t **out, struct side *src, bool zlib)
 	vmig__writer_init(w, vmig__chan_from_fd(dup(fd)));
 	assert_int_equal(vmig__writer_compress(w, zlib, 3), 0);
 	vmig__writer_preamble(w, VMIG_CHAN_MULTIFD, 0, (struct vmig_wire_sid){42, 0});
-	vmig__writer_pages(w, 0, 0, 16, src->ram);
-	vmig__writer_pages(w, 0, 16, 1, src->ram + 16 * VMIG_PAGE_SIZE);
+	vmig__writer_pages(w, 0, 0, 16, src->ram, NULL);
+	vmig__writer_pages(w, 0, 16, 1, src->ram + 16 * VMIG_PAGE_SIZE, NULL);
 	vmig__writer_rec(w, VMIG_REC_EOS, NULL, 0);
 	assert_int_equal(vmig__writer_flush(w), 0);
 	vmig__writer_release(w);
@@ -461,7 +461,7 @@ static void page_changing_while_compressed(bool zlib)
 	vmig__writer_init(w, vmig__chan_from_fd(dup(fd)));
 	assert_int_equal(vmig__writer_compress(w, zlib, 3), 0);
 	vmig__writer_preamble(w, VMIG_CHAN_MULTIFD, 0, (struct vmig_wire_sid){42, 0});
-	vmig__writer_pages(w, 0, 0, 3, trap_run);
+	vmig__writer_pages(w, 0, 0, 3, trap_run, NULL);
 	vmig__writer_rec(w, VMIG_REC_EOS, NULL, 0);
 	assert_int_equal(vmig__writer_flush(w), 0);
 	sigaction(SIGSEGV, &old, NULL);
@@ -587,7 +587,7 @@ static void zero_copy_slow_reader(unsigned n)
 	vmig__writer_preamble(w, VMIG_CHAN_MULTIFD, 0, (struct vmig_wire_sid){42, 0});
 	assert_int_equal(vmig__writer_zerocopy(w, &err), 0);
 	for (unsigned i = 0; i < n; i++) {
-		vmig__writer_pages(w, 0, i, 1, src.ram + i * VMIG_PAGE_SIZE);
+		vmig__writer_pages(w, 0, i, 1, src.ram + i * VMIG_PAGE_SIZE, NULL);
 		assert_int_equal(vmig__writer_flush(w), 0);
 	}
 	vmig__writer_rec(w, VMIG_REC_EOS, NULL, 0);
@@ -615,6 +615,60 @@ static void zero_copy_slow_reader(unsigned n)
 }
 
 /* Fewer flushes than the writer has header buffers: only drain waits. */
+/*
+ * Hashes asked of vmig__writer_pages are taken by the flush that sends the
+ * run, from the pages as they are then; also when that write fails (part of
+ * it may have arrived), and from the private copy when the run is compressed.
+ */
+static void check_flush_hashes(int level, bool fail)
+{
+	enum { N = 8 };
+	uint8_t *ram = aligned_alloc(VMIG_PAGE_SIZE, N * VMIG_PAGE_SIZE);
+	struct vmig__writer *w = malloc(sizeof(*w));
+	uint64_t hashes[N];
+	int fds[2];
+
+	assert_non_null(ram);
+	assert_non_null(w);
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, fds), 0);
+	for (int i = 0; i < N; i++)
+		memset(ram + i * VMIG_PAGE_SIZE, level ? 'a' : 0x30 + i, VMIG_PAGE_SIZE);
+	vmig__writer_init(w, vmig__chan_from_fd(fds[0]));
+	if (level)
+		assert_int_equal(vmig__writer_compress(w, false, level), 0);
+	memset(hashes, 0xee, sizeof(hashes));
+	vmig__writer_pages(w, 0, 0, N, ram, hashes);
+	if (!level) /* not before the flush: the pages may still change */
+		for (int i = 0; i < N; i++)
+			assert_true(hashes[i] == 0xeeeeeeeeeeeeeeeeull);
+	/* A compressed run is hashed from its copy, taken above. */
+	memset(ram, 'z', VMIG_PAGE_SIZE);
+	if (fail)
+		close(fds[1]);
+	assert_int_equal(vmig__writer_flush(w) != 0, fail);
+	for (int i = 0; i < N; i++) {
+		uint8_t page[VMIG_PAGE_SIZE];
+
+		memset(page, i == 0 && !level ? 'z' : level ? 'a' : 0x30 + i, sizeof(page));
+		assert_true(hashes[i] == vmig__page_hash(page));
+	}
+	if (!fail)
+		close(fds[1]);
+	vmig__chan_free(w->c);
+	vmig__writer_release(w);
+	free(w);
+	free(ram);
+}
+
+static void test_flush_takes_hashes(void **state)
+{
+	(void)state;
+	signal(SIGPIPE, SIG_IGN);
+	check_flush_hashes(0, false);
+	check_flush_hashes(0, true);
+	check_flush_hashes(3, false);
+}
+
 static void test_zero_copy_drain_waits_for_the_kernel(void **state)
 {
 	zero_copy_slow_reader(6);
@@ -653,7 +707,7 @@ static int zero_copy_no_memlock_child(int wfd, const uint8_t *ram)
 	if (vmig__writer_zerocopy(w, &err))
 		return 4;
 	for (unsigned i = 0; i < 4; i++) {
-		vmig__writer_pages(w, 0, i, 1, ram + i * VMIG_PAGE_SIZE);
+		vmig__writer_pages(w, 0, i, 1, ram + i * VMIG_PAGE_SIZE, NULL);
 		if (vmig__writer_flush(w))
 			return 5;
 	}
@@ -743,6 +797,7 @@ int main(void)
 	    cmocka_unit_test(test_zlib_data_channel),
 	    cmocka_unit_test(test_zstd_page_changing_while_compressed),
 	    cmocka_unit_test(test_zlib_page_changing_while_compressed),
+	    cmocka_unit_test(test_flush_takes_hashes),
 	    cmocka_unit_test(test_zero_copy_drain_waits_for_the_kernel),
 	    cmocka_unit_test(test_zero_copy_headers_wait_for_the_kernel),
 	    cmocka_unit_test(test_zero_copy_without_locked_memory),
