@@ -758,11 +758,13 @@ static int setup(struct vmig__source *src)
 		vmig__fail(s, ret, "dirty tracking: %s", err.msg);
 		return ret;
 	}
-	/* Bulk round: everything is dirty. */
+	/* Bulk round: everything is dirty. Starting the log is the first
+	 * dirty sync, as QEMU counts it. */
 	for (unsigned i = 0; i < s->nblocks; i++) {
 		vmig__bitmap_set_range(s->blocks[i].dirty, 0, s->blocks[i].npages);
 		src->dirty_pages += s->blocks[i].npages;
 	}
+	src->st.ram.dirty_sync_count = 1;
 	src->last_sync_ns = src->ac_start_ns = vmig__now_ns();
 	return 0;
 }
@@ -974,6 +976,8 @@ void *vmig__source_thread(void *arg)
 	ret = setup(&src);
 	if (!ret) {
 		src.st.setup_time_ms = (int64_t)((vmig__now_ns() - s->start_ns) / 1000000);
+		/* Whoever sees "active" sees the round's figures too. */
+		vmig__src_stats_tick(&src, true);
 		vmig__set_status(s, VMIG_STATUS_ACTIVE);
 		ret = iterate(&src);
 	}
