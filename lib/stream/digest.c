@@ -14,6 +14,11 @@
 
 uint64_t vmig__page_hash(const void *page)
 {
+#ifdef VMIG_HAVE_PAGE_HASH_AVX2
+	/* The same value, about 2.5 times as fast (see lib/stream/meson.build). */
+	if (__builtin_cpu_supports("avx2"))
+		return vmig__page_hash_avx2(page);
+#endif
 	return XXH3_64bits(page, VMIG_PAGE_SIZE);
 }
 

@@ -221,6 +221,7 @@ int vmig__rp_read(struct vmig__reader *r, uint8_t *type, void *payload, size_t c
 /* ---- digest ------------------------------------------------------------ */
 
 uint64_t vmig__page_hash(const void *page);
+uint64_t vmig__page_hash_avx2(const void *page); /* x86-64 CPUs with AVX2 only */
 uint64_t vmig__zero_page_hash(void);
 /* XXH3-64 over the page-hash arrays of all blocks, in block order. */
 uint64_t vmig__digest_of_hashes(uint64_t *const *hashes, const uint64_t *npages, unsigned nblocks);

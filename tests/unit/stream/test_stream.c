@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include <linux/capability.h>
+#include <xxhash.h>
 
 #include "ram/bitmap.h"
 #include "stream/stream.h"
@@ -419,6 +420,32 @@ static void fill_random_page(uint8_t *p, uint64_t seed)
 	}
 }
 
+/*
+ * Page hashes and the digest are a contract between two hosts, which may
+ * have different vector units: they must be plain XXH3-64, whichever code
+ * path of the library computes them.
+ */
+static void test_hashes_are_xxh3(void **state)
+{
+	uint8_t *pages = aligned_alloc(VMIG_PAGE_SIZE, 64 * VMIG_PAGE_SIZE);
+	uint64_t h[64], *blocks[2] = {h, h + 40}, np[2] = {40, 24};
+
+	(void)state;
+	assert_non_null(pages);
+	for (unsigned i = 0; i < 64; i++) {
+		fill_random_page(pages + i * VMIG_PAGE_SIZE, 0x9e3779b97f4a7c15ull * (i + 1));
+		pages[i * VMIG_PAGE_SIZE + i * 61] ^= 0x5a; /* a byte anywhere changes it */
+		h[i] = vmig__page_hash(pages + i * VMIG_PAGE_SIZE);
+		assert_true(h[i] == XXH3_64bits(pages + i * VMIG_PAGE_SIZE, VMIG_PAGE_SIZE));
+	}
+	memset(pages, 0, VMIG_PAGE_SIZE);
+	assert_true(vmig__page_hash(pages) == XXH3_64bits(pages, VMIG_PAGE_SIZE));
+	assert_true(vmig__zero_page_hash() == XXH3_64bits(pages, VMIG_PAGE_SIZE));
+	/* The digest runs over the blocks' arrays as if they were one. */
+	assert_true(vmig__digest_of_hashes(blocks, np, 2) == XXH3_64bits(h, sizeof(h)));
+	free(pages);
+}
+
 static void trap_handler(int sig, siginfo_t *si, void *uc)
 {
 	uint8_t *b = trap_run + VMIG_PAGE_SIZE, *c = trap_run + 2 * VMIG_PAGE_SIZE;
@@ -793,6 +820,7 @@ int main(void)
 	    cmocka_unit_test(test_out_of_range_run),
 	    cmocka_unit_test(test_zero_record_clears_received_page),
 	    cmocka_unit_test(test_zero_detection),
+	    cmocka_unit_test(test_hashes_are_xxh3),
 	    cmocka_unit_test(test_compressed_data_channel),
 	    cmocka_unit_test(test_zlib_data_channel),
 	    cmocka_unit_test(test_zstd_page_changing_while_compressed),
