@@ -235,7 +235,7 @@ static size_t compress_run(struct vmig__zstd *z, uint8_t *out, size_t cap, const
 	return cap - z->zs.avail_out;
 }
 
-/* Queue the run compressed; false if it did not shrink (send it raw). */
+/* Store each page's hash: others read them with relaxed atomics. */
 static void hash_pages(const uint8_t *p, uint64_t *out, uint32_t npages)
 {
 	for (uint32_t i = 0; i < npages; i++)
@@ -243,6 +243,7 @@ static void hash_pages(const uint8_t *p, uint64_t *out, uint32_t npages)
 				 __ATOMIC_RELAXED);
 }
 
+/* Queue the run compressed; false if it did not shrink (send it raw). */
 static bool put_compressed(struct vmig__writer *w, const struct vmig_wire_pages *pg,
 			   const void *host, size_t data, uint64_t *hashes)
 {
