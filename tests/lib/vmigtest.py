@@ -297,6 +297,7 @@ class Relay:
         self.socks = []
         self.conns = []  # (client, target) sockets, by arrival
         self.hooks = {}  # connection index -> function(chunk) -> chunk, used once
+        self.dropped = set()  # connection indices whose pump forwards nothing more
         self.applied = threading.Event()
         self.lock = threading.Lock()
         self.stop = False
@@ -326,6 +327,8 @@ class Relay:
                     left -= len(d)
                 if index is not None:
                     d = self._hook(index, d)
+                    if index in self.dropped:
+                        break  # cut below, before any later byte goes through
                 self._wait_stall()
                 b.sendall(d)
         except OSError:
@@ -443,9 +446,11 @@ class Relay:
 
     def drop_first(self, index):
         """Connection `index` is cut before its first byte reaches the
-        target (for vmig: before its preamble)."""
+        target (for vmig: before its preamble). Its pump stops at that
+        chunk and shuts both sides down: nothing after it goes through, as
+        on a real link, where a stream never loses its start and goes on."""
         def fn(chunk):
-            threading.Thread(target=self.cut_conn, args=(index,), daemon=True).start()
+            self.dropped.add(index)
             return b""
         with self.lock:
             self.hooks[index] = fn
