@@ -192,8 +192,10 @@ static int send_share(struct mf_send *c, enum mf_job job, uint64_t round, bool f
 	}
 	if (job == MF_PUSH) {
 		/* A page request is served on the return-path thread, maybe
-		 * on this core: it comes first. */
+		 * on this core: it comes first, and waits for a write in
+		 * progress to end at most. */
 		vmig__thread_background();
+		c->w.flush_bytes = VMIG_WRITER_FLUSH_BYTES_POSTCOPY;
 		push_share(c);
 	}
 	if (__atomic_load_n(&c->mf->quit, __ATOMIC_ACQUIRE))

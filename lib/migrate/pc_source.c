@@ -135,6 +135,8 @@ int vmig__pc_source_switch(struct vmig__source *src)
 	vmig__writer_rec(src->w, VMIG_REC_POSTCOPY_RUN, NULL, 0);
 	__atomic_store_n(&src->hint, NO_HINT, __ATOMIC_RELAXED);
 	ret = vmig__writer_flush(src->w);
+	/* Page requests come in on this connection from now on. */
+	src->w->flush_bytes = VMIG_WRITER_FLUSH_BYTES_POSTCOPY;
 	vmig__set_status(s, VMIG_STATUS_POSTCOPY_ACTIVE);
 	if (ret)
 		return 0; /* a lost link: the push loop pauses */
@@ -314,6 +316,7 @@ static int pause_and_resume(struct vmig__source *src)
 		__atomic_store_n(&s->pause_requested, false, __ATOMIC_RELEASE);
 		vmig__clear_err(s);
 		ret = vmig__src_connect(src, true);
+		src->w->flush_bytes = VMIG_WRITER_FLUSH_BYTES_POSTCOPY; /* as at the switch */
 		if (!ret)
 			ret = read_bitmaps(src);
 		if (!ret) {

@@ -58,6 +58,7 @@ void vmig__writer_init(struct vmig__writer *w, struct vmig__chan *c)
 	w->c = c;
 	w->err = 0;
 	w->bytes = 0;
+	w->flush_bytes = VMIG_WRITER_FLUSH_BYTES;
 	w->throttle = NULL;
 	w->throttle_opaque = NULL;
 	w->counts = NULL;
@@ -89,7 +90,7 @@ static void push_iov(struct vmig__writer *w, const void *base, size_t len)
 static void reserve(struct vmig__writer *w, size_t hdr)
 {
 	if (w->niov + 2 > VMIG_WRITER_IOV || w->nhq + 1 > VMIG_WRITER_IOV ||
-	    w->hdrlen + hdr > VMIG_WRITER_HDRBUF || w->pending >= VMIG_WRITER_FLUSH_BYTES)
+	    w->hdrlen + hdr > VMIG_WRITER_HDRBUF || w->pending >= w->flush_bytes)
 		vmig__writer_flush(w);
 }
 
@@ -273,8 +274,8 @@ static bool put_compressed(struct vmig__writer *w, const struct vmig_wire_pages 
 	return true;
 }
 
-void vmig__writer_pages(struct vmig__writer *w, uint32_t block, uint64_t first, uint32_t npages,
-			const void *host, uint64_t *hashes)
+static void put_pages(struct vmig__writer *w, uint32_t block, uint64_t first, uint32_t npages,
+		      const void *host, uint64_t *hashes)
 {
 	struct vmig_wire_pages pg = {.block = block, .npages = npages, .first = first};
 	size_t data = (size_t)npages * VMIG_PAGE_SIZE;
@@ -293,6 +294,27 @@ void vmig__writer_pages(struct vmig__writer *w, uint32_t block, uint64_t first, 
 count:
 	if (w->counts)
 		__atomic_add_fetch(&w->counts[0], npages, __ATOMIC_RELAXED);
+}
+
+void vmig__writer_pages(struct vmig__writer *w, uint32_t block, uint64_t first, uint32_t npages,
+			const void *host, uint64_t *hashes)
+{
+	/* A run larger than a flush goes as several records, so that no
+	 * write is much larger than flush_bytes. A compressed run stays whole:
+	 * compressing it holds no lock, and what it writes is smaller. */
+	uint32_t cap = (uint32_t)(w->flush_bytes / VMIG_PAGE_SIZE);
+
+	if (!cap)
+		cap = 1;
+	while (!w->z && npages > cap) {
+		put_pages(w, block, first, cap, host, hashes);
+		first += cap;
+		npages -= cap;
+		host = (const uint8_t *)host + (size_t)cap * VMIG_PAGE_SIZE;
+		if (hashes)
+			hashes += cap;
+	}
+	put_pages(w, block, first, npages, host, hashes);
 }
 
 void vmig__writer_zero(struct vmig__writer *w, uint32_t block, uint64_t first, uint32_t npages)

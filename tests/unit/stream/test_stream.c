@@ -696,6 +696,85 @@ static void test_flush_takes_hashes(void **state)
 	check_flush_hashes(3, false);
 }
 
+/*
+ * Read the page records the writer has written so far, without waiting:
+ * their page counts go to npages[], and the number of records is returned.
+ */
+static unsigned read_page_records(int fd, uint32_t *npages, unsigned max)
+{
+	unsigned n = 0;
+
+	for (;;) {
+		struct vmig_wire_rec rec;
+		struct vmig_wire_pages pg;
+		ssize_t got = recv(fd, &rec, sizeof(rec), MSG_DONTWAIT);
+
+		if (got < 0 && errno == EAGAIN)
+			return n;
+		assert_int_equal(got, sizeof(rec));
+		assert_int_equal(rec.type, VMIG_REC_PAGES);
+		assert_int_equal(recv(fd, &pg, sizeof(pg), MSG_WAITALL), sizeof(pg));
+		assert_int_equal(rec.len, sizeof(pg) + (uint64_t)pg.npages * VMIG_PAGE_SIZE);
+		for (uint64_t left = rec.len - sizeof(pg); left;) {
+			uint8_t buf[VMIG_PAGE_SIZE];
+
+			got = recv(fd, buf, sizeof(buf), MSG_WAITALL);
+			assert_int_equal(got, sizeof(buf));
+			left -= (uint64_t)got;
+		}
+		assert_true(n < max);
+		npages[n++] = pg.npages;
+	}
+}
+
+/*
+ * A smaller flush_bytes (the post-copy push's) bounds each write: a run of
+ * pages larger than that goes as several records, each written as soon as
+ * the next is queued, not all at the next explicit flush. The default
+ * keeps a whole run in one record.
+ */
+static void test_flush_bytes_bound_each_write(void **state)
+{
+	enum { N = VMIG_REC_MAX_PAGES };
+	uint8_t *ram = aligned_alloc(VMIG_PAGE_SIZE, N * VMIG_PAGE_SIZE);
+	struct vmig__writer *w = malloc(sizeof(*w));
+	const uint32_t cap = VMIG_WRITER_FLUSH_BYTES_POSTCOPY / VMIG_PAGE_SIZE;
+	uint64_t hashes[N];
+	uint32_t npages[N];
+	int fds[2], big = 4 << 20;
+
+	(void)state;
+	assert_non_null(ram);
+	assert_non_null(w);
+	assert_true(cap > 0 && N % cap == 0 && N / cap >= 2);
+	memset(ram, 'p', N * VMIG_PAGE_SIZE);
+	for (int post = 0; post < 2; post++) {
+		assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, fds), 0);
+		assert_int_equal(setsockopt(fds[0], SOL_SOCKET, SO_SNDBUF, &big, sizeof(big)), 0);
+		vmig__writer_init(w, vmig__chan_from_fd(fds[0]));
+		if (post)
+			w->flush_bytes = VMIG_WRITER_FLUSH_BYTES_POSTCOPY;
+		memset(hashes, 0xee, sizeof(hashes));
+		vmig__writer_pages(w, 0, 0, N, ram, hashes);
+		unsigned before = read_page_records(fds[1], npages, N);
+
+		assert_int_equal(before, post ? N / cap - 1 : 0);
+		for (unsigned i = 0; i < before; i++)
+			assert_int_equal(npages[i], cap);
+		/* The pages written are hashed; the ones still queued are not. */
+		for (unsigned i = 0; i < N; i++)
+			assert_true((hashes[i] == vmig__page_hash(ram)) == (i < before * cap));
+		assert_int_equal(vmig__writer_flush(w), 0);
+		assert_int_equal(read_page_records(fds[1], npages, N), 1);
+		assert_int_equal(npages[0], post ? cap : N);
+		vmig__chan_free(w->c);
+		vmig__writer_release(w);
+		close(fds[1]);
+	}
+	free(w);
+	free(ram);
+}
+
 static void test_zero_copy_drain_waits_for_the_kernel(void **state)
 {
 	zero_copy_slow_reader(6);
@@ -826,6 +905,7 @@ int main(void)
 	    cmocka_unit_test(test_zstd_page_changing_while_compressed),
 	    cmocka_unit_test(test_zlib_page_changing_while_compressed),
 	    cmocka_unit_test(test_flush_takes_hashes),
+	    cmocka_unit_test(test_flush_bytes_bound_each_write),
 	    cmocka_unit_test(test_zero_copy_drain_waits_for_the_kernel),
 	    cmocka_unit_test(test_zero_copy_headers_wait_for_the_kernel),
 	    cmocka_unit_test(test_zero_copy_without_locked_memory),
