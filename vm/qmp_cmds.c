@@ -539,6 +539,28 @@ static json_t *ram_json(const struct vmig_stats *st)
 	return ram;
 }
 
+/* Destination: what has arrived so far, over every connection and channel.
+ * QEMU reports no ram there; the names are those of its ram. */
+static json_t *dest_ram_json(const struct vmig_stats *st)
+{
+	json_t *ram = json_object();
+
+#define RAM_U64(key, field) json_object_set_new(ram, key, json_integer((json_int_t)st->ram.field))
+	if (!ram)
+		return NULL;
+	RAM_U64("transferred", transferred);
+	RAM_U64("total", total);
+	RAM_U64("duplicate", duplicate);
+	RAM_U64("normal", normal);
+	RAM_U64("normal-bytes", normal_bytes);
+	RAM_U64("dirty-sync-count", dirty_sync_count);
+	json_object_set_new(ram, "mbps", json_real(st->ram.mbps));
+	RAM_U64("postcopy-bytes", postcopy_bytes);
+	RAM_U64("multifd-bytes", multifd_bytes);
+#undef RAM_U64
+	return ram;
+}
+
 static json_t *u64_list(const uint64_t *v, unsigned n)
 {
 	json_t *a = json_array();
@@ -618,6 +640,8 @@ json_t *qmp_stats_to_json(const struct vmig_stats *st)
 					    json_integer(st->cpu_throttle_percentage));
 		json_object_set_new(obj, "ram", ram_json(st));
 	}
+	if (!st->is_source && (running || done))
+		json_object_set_new(obj, "x-vmig-ram", dest_ram_json(st));
 	if (!st->is_source && st->postcopy.valid)
 		postcopy_json(obj, st);
 	if (st->status == VMIG_STATUS_FAILED && st->error_desc[0])

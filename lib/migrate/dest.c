@@ -101,6 +101,8 @@ void vmig__dest_send_rp(struct vmig_session *s, uint8_t type, const void *payloa
 	pthread_mutex_unlock(&s->rp_lock);
 }
 
+/* Publish the figures every 100 ms, or now if forced; at the end (EOS, a
+ * failure) mbps is the average since the source connected, as in QEMU. */
 static void publish_progress(struct vmig_session *s, struct vmig__loader *l,
 			     struct vmig__mf_dest *mf, bool force, uint64_t *last_ns,
 			     uint64_t *last_bytes)
@@ -122,8 +124,10 @@ static void publish_progress(struct vmig_session *s, struct vmig__loader *l,
 	st.ram.normal_bytes = normal * VMIG_PAGE_SIZE;
 	st.ram.duplicate = zero;
 	st.ram.dirty_sync_count = l->rounds;
-	if (now > *last_ns)
-		st.ram.mbps = (double)(bytes - *last_bytes) * 8.0 / ((double)(now - *last_ns) / 1e3);
+	if (force && !l->run)
+		st.ram.mbps = vmig__mbps(bytes, now - s->connected_ns);
+	else if (now > *last_ns)
+		st.ram.mbps = vmig__mbps(bytes - *last_bytes, now - *last_ns);
 	st.total_time_ms = (int64_t)((now - s->start_ns) / 1000000);
 	*last_ns = now;
 	*last_bytes = bytes;
@@ -318,6 +322,7 @@ void *vmig__dest_thread(void *arg)
 	ret = vmig__dest_accept(s, &l, false);
 	if (ret)
 		goto fail;
+	s->connected_ns = vmig__now_ns();
 	reset_ram(s, lb);
 	l.blocks = lb;
 	l.nblocks = s->nblocks;

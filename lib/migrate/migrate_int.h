@@ -70,6 +70,8 @@ enum vmig__param {
 	VMIG_PARAM__MAX
 };
 
+struct pc_run;
+
 struct vmig_session {
 	struct vmig_vm_ops ops;
 	void *opaque;
@@ -107,6 +109,10 @@ struct vmig_session {
 	int cancel_efd;
 	bool cancel; /* atomic */
 	uint64_t start_ns;
+	/* destination: when the source's main connection came, for the average
+	 * mbps at the end (not the wait before it); set by the migration thread
+	 * before it starts the others */
+	uint64_t connected_ns;
 
 	/* source return path, under lock */
 	bool rp_started;
@@ -134,6 +140,9 @@ struct vmig_session {
 	 * and after a post-copy failure (guest RAM stays registered with
 	 * userfaultfd until the session is freed); under lock */
 	struct vmig__pc_dest *pcd;
+	/* Destination: its run after the post-copy switch, whose progress the
+	 * fault thread's statistics tick publishes (pc_dest_run.c); under lock */
+	struct pc_run *pcr;
 
 	/* multifd data connections by index, NULL if none; under lock */
 	struct vmig__chan *mf_chans[VMIG_MAX_MULTIFD];

@@ -481,8 +481,10 @@ struct mf_recv {
 	struct vmig__err err;
 	struct vmig__reader *r;
 	struct vmig__loader l;
-	/* atomic: published for statistics and acknowledgements */
+	/* atomic: published for statistics and acknowledgements; bytes
+	 * counts every connection this channel had (after a recovery too) */
 	uint64_t round, bytes, normal, zero;
+	uint64_t done; /* bytes of its earlier connections: set before its thread starts */
 };
 
 struct vmig__mf_dest {
@@ -528,7 +530,7 @@ static void *recv_thread(void *arg)
 		c->ret = vmig__load_record(&c->l, &type);
 		if (c->ret)
 			break;
-		__atomic_store_n(&c->bytes, c->r->bytes, __ATOMIC_RELAXED);
+		__atomic_store_n(&c->bytes, c->done + c->r->bytes, __ATOMIC_RELAXED);
 		__atomic_store_n(&c->normal, c->l.pages_normal, __ATOMIC_RELAXED);
 		__atomic_store_n(&c->zero, c->l.pages_zero, __ATOMIC_RELAXED);
 		if (type == VMIG_REC_SYNC) {
@@ -558,6 +560,8 @@ static int run_one(struct vmig__mf_dest *mf, unsigned i)
 	struct mf_recv *c = &mf->ch[i];
 	int ret;
 
+	/* No thread of this channel runs now: the last one was joined. */
+	c->done = __atomic_load_n(&c->bytes, __ATOMIC_RELAXED);
 	pthread_mutex_lock(&mf->s->lock);
 	vmig__reader_init_chan(c->r, mf->s->mf_chans[i]);
 	pthread_mutex_unlock(&mf->s->lock);

@@ -43,6 +43,21 @@ struct pc_run {
 	 * read by the migration thread after that (acquire) or after the join. */
 	int urgent_err;
 	struct vmig__err urgent_msg;
+
+	/*
+	 * Progress for query-migrate, published by the fault thread's
+	 * statistics tick (publish_stats) while s->pcr points here: so the
+	 * figures move on even while the main channel is idle (with multifd
+	 * it carries nothing until the digest). Counts cover every
+	 * connection, so that they do not fall back after a recovery.
+	 */
+	uint64_t main_bytes;		 /* atomic: main channel, written by the migration thread */
+	uint64_t main_normal, main_zero; /* atomic: its loader's pages, likewise */
+	uint64_t urgent_bytes;		 /* atomic: urgent channel, by the urgent thread */
+	uint64_t main_done, urgent_done; /* bytes of connections lost before; set while no
+					    thread of that channel runs */
+	uint64_t switch_bytes;		 /* main and data channels at the switch; read-only */
+	uint64_t last_ns, last_bytes;	 /* s->lock: the last publication, for mbps */
 };
 
 /* ---- the placer's callbacks -------------------------------------------- */
@@ -54,13 +69,55 @@ static void request_page(void *opaque, unsigned block, uint64_t first, uint32_t 
 	vmig__dest_send_rp(opaque, VMIG_RP_PAGE_REQ, &req, sizeof(req));
 }
 
+/*
+ * The transfer figures after the switch, as the source counts them: every
+ * channel (the urgent one too) in transferred, what came after the switch
+ * in postcopy-bytes. final: mbps is the average since the source connected.
+ * Called with s->lock held.
+ */
+static void progress_locked(struct pc_run *pc, bool final)
+{
+	struct vmig_session *s = pc->s;
+	uint64_t now = vmig__now_ns(), mf = 0, bytes;
+	uint64_t normal = __atomic_load_n(&pc->main_normal, __ATOMIC_RELAXED);
+	uint64_t zero = __atomic_load_n(&pc->main_zero, __ATOMIC_RELAXED);
+
+	vmig__mf_dest_counts(pc->mf, &mf, &normal, &zero);
+	bytes = __atomic_load_n(&pc->main_bytes, __ATOMIC_RELAXED) + mf +
+		__atomic_load_n(&pc->urgent_bytes, __ATOMIC_RELAXED);
+	s->stats.ram.transferred = bytes;
+	s->stats.ram.multifd_bytes = mf;
+	s->stats.ram.normal = normal;
+	s->stats.ram.normal_bytes = normal * VMIG_PAGE_SIZE;
+	s->stats.ram.duplicate = zero;
+	s->stats.ram.postcopy_bytes = bytes - pc->switch_bytes;
+	if (final)
+		s->stats.ram.mbps = vmig__mbps(bytes, now - s->connected_ns);
+	else if (now > pc->last_ns)
+		s->stats.ram.mbps = vmig__mbps(bytes - pc->last_bytes, now - pc->last_ns);
+	s->stats.total_time_ms = (int64_t)((now - s->start_ns) / 1000000);
+	pc->last_ns = now;
+	pc->last_bytes = bytes;
+}
+
+/* The fault thread's statistics tick (every 100 ms, and at its end). */
 static void publish_stats(void *opaque, const vmig__pc_stats *st)
 {
 	struct vmig_session *s = opaque;
 
 	pthread_mutex_lock(&s->lock);
 	s->stats.postcopy = *st;
+	if (s->pcr)
+		progress_locked(s->pcr, false);
 	pthread_mutex_unlock(&s->lock);
+}
+
+/* Migration thread, after each record of the main channel. */
+static void note_main(struct pc_run *pc, const struct vmig__loader *l)
+{
+	__atomic_store_n(&pc->main_bytes, pc->main_done + l->r->bytes, __ATOMIC_RELAXED);
+	__atomic_store_n(&pc->main_normal, l->pages_normal, __ATOMIC_RELAXED);
+	__atomic_store_n(&pc->main_zero, l->pages_zero, __ATOMIC_RELAXED);
 }
 
 int vmig__dest_pc_new(struct vmig_session *s, struct vmig__pc_dest **out)
@@ -125,7 +182,8 @@ static void *urgent_main(void *arg)
 		vmig__reader_init_chan(r, uch);
 		l.r = r;
 		while (!(ret = vmig__load_record(&l, &type)))
-			;
+			__atomic_store_n(&pc->urgent_bytes, pc->urgent_done + r->bytes,
+					 __ATOMIC_RELAXED);
 		if (!vmig__net_error(ret) && !__atomic_load_n(&pc->finishing, __ATOMIC_ACQUIRE)) {
 			pc->urgent_msg = err;
 			__atomic_store_n(&pc->urgent_err, ret, __ATOMIC_RELEASE);
@@ -181,7 +239,11 @@ static void close_channels(struct pc_run *pc)
 
 static int start_urgent(struct pc_run *pc)
 {
-	int ret = pthread_create(&pc->urgent_thread, NULL, urgent_main, pc);
+	int ret;
+
+	/* Its last thread, if any, is joined: it counts on from there. */
+	pc->urgent_done = __atomic_load_n(&pc->urgent_bytes, __ATOMIC_RELAXED);
+	ret = pthread_create(&pc->urgent_thread, NULL, urgent_main, pc);
 
 	if (ret)
 		return -ret;
@@ -227,6 +289,8 @@ static int pause_and_recover(struct pc_run *pc, struct vmig__loader *l)
 	int ret;
 
 	close_channels(pc);
+	/* The next main connection counts from its start. */
+	pc->main_done = __atomic_load_n(&pc->main_bytes, __ATOMIC_RELAXED);
 	vmig__set_status(s, VMIG_STATUS_POSTCOPY_PAUSED);
 	for (;;) {
 		ret = vmig__wait_recover(s); /* listen_fd is ours from here */
@@ -316,6 +380,8 @@ static int load_rest(struct pc_run *pc, struct vmig__loader *l)
 		int mf_err;
 
 		ret = vmig__load_record(l, &type);
+		if (!ret)
+			note_main(pc, l);
 		/* Multifd: the push ends with EOS on each data channel too. */
 		if (!ret && l->eos)
 			ret = vmig__mf_dest_finish(pc->mf, false, l->err);
@@ -338,10 +404,9 @@ static int load_rest(struct pc_run *pc, struct vmig__loader *l)
 	return ret;
 }
 
-int vmig__dest_pc_run(struct vmig_session *s, struct vmig__pc_dest *placer, struct vmig__loader *l,
-		      struct vmig__mf_dest *mf)
+static int run(struct pc_run *pc, struct vmig__loader *l)
 {
-	struct pc_run run = {.s = s, .placer = placer, .lb = l->blocks, .mf = mf}, *pc = &run;
+	struct vmig__pc_dest *placer = pc->placer;
 	int ret;
 
 	ret = load_rest(pc, l);
@@ -374,5 +439,27 @@ int vmig__dest_pc_run(struct vmig_session *s, struct vmig__pc_dest *placer, stru
 	if (!ret)
 		vmig__pc_dest_stop_faults(placer);
 	vmig__pc_dest_publish(placer);
+	return ret;
+}
+
+int vmig__dest_pc_run(struct vmig_session *s, struct vmig__pc_dest *placer, struct vmig__loader *l,
+		      struct vmig__mf_dest *mf)
+{
+	struct pc_run pc = {.s = s, .placer = placer, .lb = l->blocks, .mf = mf};
+	uint64_t mf_bytes = 0, normal = 0, zero = 0;
+	int ret;
+
+	vmig__mf_dest_counts(mf, &mf_bytes, &normal, &zero);
+	pc.switch_bytes = l->r->bytes + mf_bytes;
+	note_main(&pc, l);
+	pthread_mutex_lock(&s->lock);
+	s->pcr = &pc;
+	pthread_mutex_unlock(&s->lock);
+	ret = run(&pc, l);
+	/* The fault thread may go on (after a failure): not with this. */
+	pthread_mutex_lock(&s->lock);
+	progress_locked(&pc, true);
+	s->pcr = NULL;
+	pthread_mutex_unlock(&s->lock);
 	return ret;
 }

@@ -59,7 +59,7 @@ void vmig__src_stats_tick(struct vmig__source *src, bool force)
 	if (dt >= STATS_PERIOD_NS / 2) {
 		uint64_t pages = src->st.ram.normal + src->st.ram.duplicate;
 
-		src->st.ram.mbps = (double)(bytes - src->last_pub_bytes) * 8.0 / ((double)dt / 1e3);
+		src->st.ram.mbps = vmig__mbps(bytes - src->last_pub_bytes, dt);
 		src->st.ram.pages_per_second =
 			(uint64_t)((double)(pages - src->last_pub_pages) * 1e9 / (double)dt);
 		src->last_pub_bytes = bytes;

@@ -32,6 +32,11 @@ static inline uint64_t vmig__now_us(void) { return vmig__now_ns() / 1000; }
 static inline uint64_t vmig__now_ms(void) { return vmig__now_ns() / 1000000; }
 /* CPU time used by this process so far (user + system), in ns. */
 uint64_t vmig__cpu_ns(void);
+/* Mbit/s of bytes over ns nanoseconds, as QEMU's mbps (0 for no time). */
+static inline double vmig__mbps(uint64_t bytes, uint64_t ns)
+{
+	return ns ? (double)bytes * 8.0 / ((double)ns / 1e3) : 0.0;
+}
 /* The calling thread does bulk work from now on (nice 10, best effort):
  * threads serving a waiting guest get the CPU before it when they share. */
 void vmig__thread_background(void);
