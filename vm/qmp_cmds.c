@@ -540,24 +540,18 @@ static json_t *ram_json(const struct vmig_stats *st)
 }
 
 /* Destination: what has arrived so far, over every connection and channel.
- * QEMU reports no ram there; the names are those of its ram. */
+ * QEMU reports no ram there; the names are those of its ram, less the
+ * figures only a source knows. */
 static json_t *dest_ram_json(const struct vmig_stats *st)
 {
-	json_t *ram = json_object();
+	static const char *const source_only[] = {
+	    "remaining",	 "skipped",	  "dirty-pages-rate",
+	    "pages-per-second",	 "precopy-bytes", "downtime-bytes",
+	    "postcopy-requests", "page-size",	  "dirty-sync-missed-zero-copy"};
+	json_t *ram = ram_json(st);
 
-#define RAM_U64(key, field) json_object_set_new(ram, key, json_integer((json_int_t)st->ram.field))
-	if (!ram)
-		return NULL;
-	RAM_U64("transferred", transferred);
-	RAM_U64("total", total);
-	RAM_U64("duplicate", duplicate);
-	RAM_U64("normal", normal);
-	RAM_U64("normal-bytes", normal_bytes);
-	RAM_U64("dirty-sync-count", dirty_sync_count);
-	json_object_set_new(ram, "mbps", json_real(st->ram.mbps));
-	RAM_U64("postcopy-bytes", postcopy_bytes);
-	RAM_U64("multifd-bytes", multifd_bytes);
-#undef RAM_U64
+	for (size_t i = 0; ram && i < sizeof(source_only) / sizeof(source_only[0]); i++)
+		json_object_del(ram, source_only[i]);
 	return ram;
 }
 
