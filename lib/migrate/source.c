@@ -941,7 +941,7 @@ static void finish(struct vmig__source *src, int ret)
 	if (!ret) { /* as QEMU: the average over the time after setup */
 		int64_t ms = VMIG_MAX(src->st.total_time_ms - src->st.setup_time_ms, 1);
 
-		src->st.ram.mbps = (double)src->st.ram.transferred * 8.0 / (double)ms / 1000.0;
+		src->st.ram.mbps = vmig__mbps(src->st.ram.transferred, (uint64_t)ms * 1000000);
 	}
 	vmig__publish(s, &src->st);
 	/* The destination runs: report that now, then release what is left. */

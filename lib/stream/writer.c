@@ -300,8 +300,9 @@ void vmig__writer_pages(struct vmig__writer *w, uint32_t block, uint64_t first, 
 			const void *host, uint64_t *hashes)
 {
 	/* A run larger than a flush goes as several records, so that no
-	 * write is much larger than flush_bytes. A compressed run stays whole:
-	 * compressing it holds no lock, and what it writes is smaller. */
+	 * write is much larger than flush_bytes. A compressed run stays whole
+	 * (one record of up to VMIG_REC_MAX_PAGES), even when it does not
+	 * shrink and goes raw. */
 	uint32_t cap = (uint32_t)(w->flush_bytes / VMIG_PAGE_SIZE);
 
 	if (!cap)
