@@ -563,8 +563,10 @@ POSTCOPY_WSS_TEXT = """### How the post-copy scenarios (postcopy-wss*) are measu
   `postcopy-ram` (10.1 allows it), so its rows there are plain post-copy. Parameters:
   `max-postcopy-bandwidth` 0 on both sides, `max-bandwidth` as for pre-copy. `migrate`,
   then `migrate-start-postcopy` at the first `query-migrate` poll (every 50 ms) at or
-  after 1 s (before either engine's pre-copy could converge), then poll until
-  `completed` on both sides.
+  after 1 s, or at which the source's `ram.transferred` has reached half of `ram.total`
+  if that comes first (so that neither engine's pre-copy can converge before it, however
+  fast the host; the run's switch time is kept in its JSON as `switch_after_s`), then
+  poll until `completed` on both sides.
 - total s and downtime ms: the source's `total-time` and `downtime`. page requests: the
   source's `ram.postcopy-requests`. blocktime ms: the destination's `postcopy-blocktime`
   (time during which all vCPUs waited for pages at once); vCPU blocktime sum: the sum of
