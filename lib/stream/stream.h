@@ -93,7 +93,7 @@ void vmig__writer_rec(struct vmig__writer *w, uint8_t type, const void *payload,
  * first (13% less CPU per byte sent). A compressed run is hashed from its
  * private copy, as it was sent. A page the guest changes meanwhile is dirty
  * and goes again, with a new hash, as when the hash came first. A run of
- * more than flush_bytes goes as several records (unless compressed).
+ * more than flush_bytes goes as several records, compressed or not.
  */
 void vmig__writer_pages(struct vmig__writer *w, uint32_t block, uint64_t first, uint32_t npages,
 			const void *host, uint64_t *hashes);

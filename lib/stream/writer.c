@@ -300,14 +300,15 @@ void vmig__writer_pages(struct vmig__writer *w, uint32_t block, uint64_t first, 
 			const void *host, uint64_t *hashes)
 {
 	/* A run larger than a flush goes as several records, so that no
-	 * write is much larger than flush_bytes. A compressed run stays whole
-	 * (one record of up to VMIG_REC_MAX_PAGES), even when it does not
-	 * shrink and goes raw. */
+	 * write is much larger than flush_bytes. With compression too: a run
+	 * that does not shrink goes raw, and must not make a write of a whole
+	 * VMIG_REC_MAX_PAGES in the post-copy push. (Pre-copy's flush holds
+	 * VMIG_REC_MAX_PAGES, so its runs are never split.) */
 	uint32_t cap = (uint32_t)(w->flush_bytes / VMIG_PAGE_SIZE);
 
 	if (!cap)
 		cap = 1;
-	while (!w->z && npages > cap) {
+	while (npages > cap) {
 		put_pages(w, block, first, cap, host, hashes);
 		first += cap;
 		npages -= cap;
