@@ -101,36 +101,44 @@ void vmig__dest_send_rp(struct vmig_session *s, uint8_t type, const void *payloa
 	pthread_mutex_unlock(&s->rp_lock);
 }
 
+void vmig__dest_ram_figures(const struct vmig_session *s, struct vmig_stats *st,
+			    const struct vmig__dest_counts *c, bool average, uint64_t *last_ns,
+			    uint64_t *last_bytes)
+{
+	uint64_t now = vmig__now_ns();
+
+	st->ram.transferred = c->bytes;
+	st->ram.multifd_bytes = c->mf_bytes;
+	st->ram.normal = c->normal;
+	st->ram.normal_bytes = c->normal * VMIG_PAGE_SIZE;
+	st->ram.duplicate = c->zero;
+	if (average)
+		st->ram.mbps = vmig__mbps(c->bytes, now - s->connected_ns);
+	else if (now > *last_ns)
+		st->ram.mbps = vmig__mbps(c->bytes - *last_bytes, now - *last_ns);
+	st->total_time_ms = (int64_t)((now - s->start_ns) / 1000000);
+	*last_ns = now;
+	*last_bytes = c->bytes;
+}
+
 /* Publish the figures every 100 ms, or now if forced; at the end (EOS, a
  * failure) mbps is the average since the source connected, as in QEMU. */
 static void publish_progress(struct vmig_session *s, struct vmig__loader *l,
 			     struct vmig__mf_dest *mf, bool force, uint64_t *last_ns,
 			     uint64_t *last_bytes)
 {
-	uint64_t now = vmig__now_ns();
-	uint64_t mf_bytes = 0, normal = l->pages_normal, zero = l->pages_zero, bytes;
+	struct vmig__dest_counts c = {.normal = l->pages_normal, .zero = l->pages_zero};
 	struct vmig_stats st;
 
-	if (!force && now - *last_ns < 100000000ull)
+	if (!force && vmig__now_ns() - *last_ns < 100000000ull)
 		return;
-	vmig__mf_dest_counts(mf, &mf_bytes, &normal, &zero);
-	bytes = l->r->bytes + mf_bytes;
+	vmig__mf_dest_counts(mf, &c.mf_bytes, &c.normal, &c.zero);
+	c.bytes = l->r->bytes + c.mf_bytes;
 	pthread_mutex_lock(&s->lock);
 	st = s->stats;
 	pthread_mutex_unlock(&s->lock);
-	st.ram.transferred = bytes;
-	st.ram.multifd_bytes = mf_bytes;
-	st.ram.normal = normal;
-	st.ram.normal_bytes = normal * VMIG_PAGE_SIZE;
-	st.ram.duplicate = zero;
+	vmig__dest_ram_figures(s, &st, &c, force && !l->run, last_ns, last_bytes);
 	st.ram.dirty_sync_count = l->rounds;
-	if (force && !l->run)
-		st.ram.mbps = vmig__mbps(bytes, now - s->connected_ns);
-	else if (now > *last_ns)
-		st.ram.mbps = vmig__mbps(bytes - *last_bytes, now - *last_ns);
-	st.total_time_ms = (int64_t)((now - s->start_ns) / 1000000);
-	*last_ns = now;
-	*last_bytes = bytes;
 	vmig__publish(s, &st);
 }
 

@@ -243,6 +243,20 @@ void vmig__close_channels(struct vmig_session *s);
 /* Publish a stats snapshot (under lock). */
 void vmig__publish(struct vmig_session *s, const struct vmig_stats *st);
 
+/* dest.c, shared with pc_dest_run.c: the destination's transfer counters,
+ * summed over every channel of every connection. */
+struct vmig__dest_counts {
+	uint64_t bytes;	   /* all channels */
+	uint64_t mf_bytes; /* the data channels' share */
+	uint64_t normal, zero;
+};
+/* Set st's transfer figures (QEMU's ram.*) from c. average: mbps is the
+ * average since the source connected, else the rate since the last call,
+ * which *last_ns and *last_bytes keep. The caller serializes the calls. */
+void vmig__dest_ram_figures(const struct vmig_session *s, struct vmig_stats *st,
+			    const struct vmig__dest_counts *c, bool average, uint64_t *last_ns,
+			    uint64_t *last_bytes);
+
 /* source.c / dest.c: thread bodies */
 void *vmig__source_thread(void *arg);
 void *vmig__dest_thread(void *arg);

@@ -77,27 +77,16 @@ static void request_page(void *opaque, unsigned block, uint64_t first, uint32_t 
  */
 static void progress_locked(struct pc_run *pc, bool final)
 {
-	struct vmig_session *s = pc->s;
-	uint64_t now = vmig__now_ns(), mf = 0, bytes;
-	uint64_t normal = __atomic_load_n(&pc->main_normal, __ATOMIC_RELAXED);
-	uint64_t zero = __atomic_load_n(&pc->main_zero, __ATOMIC_RELAXED);
+	struct vmig__dest_counts c = {
+	    .normal = __atomic_load_n(&pc->main_normal, __ATOMIC_RELAXED),
+	    .zero = __atomic_load_n(&pc->main_zero, __ATOMIC_RELAXED),
+	};
 
-	vmig__mf_dest_counts(pc->mf, &mf, &normal, &zero);
-	bytes = __atomic_load_n(&pc->main_bytes, __ATOMIC_RELAXED) + mf +
-		__atomic_load_n(&pc->urgent_bytes, __ATOMIC_RELAXED);
-	s->stats.ram.transferred = bytes;
-	s->stats.ram.multifd_bytes = mf;
-	s->stats.ram.normal = normal;
-	s->stats.ram.normal_bytes = normal * VMIG_PAGE_SIZE;
-	s->stats.ram.duplicate = zero;
-	s->stats.ram.postcopy_bytes = bytes - pc->switch_bytes;
-	if (final)
-		s->stats.ram.mbps = vmig__mbps(bytes, now - s->connected_ns);
-	else if (now > pc->last_ns)
-		s->stats.ram.mbps = vmig__mbps(bytes - pc->last_bytes, now - pc->last_ns);
-	s->stats.total_time_ms = (int64_t)((now - s->start_ns) / 1000000);
-	pc->last_ns = now;
-	pc->last_bytes = bytes;
+	vmig__mf_dest_counts(pc->mf, &c.mf_bytes, &c.normal, &c.zero);
+	c.bytes = __atomic_load_n(&pc->main_bytes, __ATOMIC_RELAXED) + c.mf_bytes +
+		  __atomic_load_n(&pc->urgent_bytes, __ATOMIC_RELAXED);
+	vmig__dest_ram_figures(pc->s, &pc->s->stats, &c, final, &pc->last_ns, &pc->last_bytes);
+	pc->s->stats.ram.postcopy_bytes = c.bytes - pc->switch_bytes;
 }
 
 /* The fault thread's statistics tick (every 100 ms, and at its end). */
