@@ -266,7 +266,7 @@ uint64_t vmig__src_wire_bytes(struct vmig__source *src);
 int vmig__src_throttle(void *opaque, size_t bytes);
 void vmig__src_stats_tick(struct vmig__source *src, bool force);
 void vmig__src_send_run(struct vmig__source *src, struct vmig__writer *w, unsigned bi,
-			uint64_t first, uint64_t end);
+			uint64_t first, uint64_t end, bool hash);
 int vmig__src_sync_dirty(struct vmig__source *src);
 int vmig__src_stop_vm(struct vmig__source *src);
 int vmig__src_maybe_pause(struct vmig__source *src);

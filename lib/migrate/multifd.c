@@ -106,7 +106,7 @@ static void send_bits(struct mf_send *c, unsigned bi, uint64_t wi, uint64_t bits
 		unsigned len = rest ? (unsigned)__builtin_ctzll(rest) : 64;
 		uint64_t first = wi * 64 + lo;
 
-		vmig__src_send_run(src, &c->w, bi, first, first + len);
+		vmig__src_send_run(src, &c->w, bi, first, first + len, true);
 		bits = lo + len >= 64 ? 0 : bits & (~0ull << (lo + len));
 	}
 }

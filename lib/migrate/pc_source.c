@@ -9,6 +9,7 @@
  * the request handler clear it atomically, and whoever clears it sends it.
  * A requested page is sent even if its bit was already clear (it may still
  * sit in the main channel's buffers); the destination keeps the first copy.
+ * Only the claimer stores a page's hash, which the digest reads.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -21,6 +22,7 @@
 #include "ram/ram.h"
 
 #define NO_HINT UINT64_MAX
+_Static_assert(VMIG_REC_MAX_PAGES <= 64, "a request's claims fit one word");
 
 /* A DISCARD record for every run of set bits in map (block bi). */
 static void send_discards(struct vmig__source *src, unsigned bi, const uint64_t *map)
@@ -167,7 +169,7 @@ int vmig__pc_source_request(struct vmig__source *src, const struct vmig_wire_pag
 {
 	struct vmig_session *s = src->s;
 	struct vmig__block *b;
-	uint64_t before, claimed = 0;
+	uint64_t before, claimed, mine = 0; /* bit i: this request claimed page first + i */
 
 	if (req->block >= s->nblocks || !req->npages || req->npages > VMIG_REC_MAX_PAGES ||
 	    req->first >= s->blocks[req->block].npages ||
@@ -184,14 +186,25 @@ int vmig__pc_source_request(struct vmig__source *src, const struct vmig_wire_pag
 		return 0;
 	/* Before the claim: whoever sees the bits clear then sees this. */
 	__atomic_add_fetch(&src->urgent_inflight, 1, __ATOMIC_SEQ_CST);
-	for (uint64_t p = req->first; p < req->first + req->npages; p++)
-		claimed += vmig__bitmap_test_and_clear_atomic(b->dirty, p);
+	for (uint32_t i = 0; i < req->npages; i++)
+		if (vmig__bitmap_test_and_clear_atomic(b->dirty, req->first + i))
+			mine |= 1ull << i;
+	claimed = (uint64_t)__builtin_popcountll(mine);
 	if (claimed)
 		__atomic_sub_fetch(&src->dirty_pages, claimed, __ATOMIC_RELAXED);
 	before = src->uw->bytes;
-	vmig__src_send_run(src, src->uw, req->block, req->first, req->first + req->npages);
+	/* Pages the push claimed go too, as they may wait in its buffer, but
+	 * their hashes are the push's to store: once it has claimed the last
+	 * page, the digest may be reading them. */
+	for (uint32_t i = 0, j; i < req->npages; i = j) {
+		bool own = mine >> i & 1;
+
+		for (j = i + 1; j < req->npages && (mine >> j & 1) == own; j++)
+			;
+		vmig__src_send_run(src, src->uw, req->block, req->first + i, req->first + j, own);
+	}
 	/* An urgent-channel error is left to the main channel to notice. The
-	 * flush stores the pages' hashes, failed or not. */
+	 * flush stores the claimed pages' hashes, failed or not. */
 	vmig__writer_flush(src->uw);
 	__atomic_sub_fetch(&src->urgent_inflight, 1, __ATOMIC_RELEASE);
 	__atomic_add_fetch(&src->urgent_bytes, src->uw->bytes - before, __ATOMIC_RELAXED);
@@ -243,7 +256,7 @@ static void push_some(struct vmig__source *src, unsigned bi, uint64_t *pfn)
 		}
 		for (q = p + 1; q < end && vmig__bitmap_test_and_clear_atomic(b->dirty, q); q++)
 			;
-		vmig__src_send_run(src, src->w, bi, p, q);
+		vmig__src_send_run(src, src->w, bi, p, q, true);
 		claimed += q - p;
 		p = q;
 	}

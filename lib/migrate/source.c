@@ -138,9 +138,10 @@ static void set_page_hash(struct vmig__block *b, uint64_t pfn, uint64_t h)
 }
 
 /* Queue pages [first, end) of block bi on w, split into zero and non-zero
- * runs, and remember each page's hash. */
+ * runs, and if hash, remember each page's hash: only the thread that
+ * claimed the pages (cleared their dirty bits) may store that. */
 void vmig__src_send_run(struct vmig__source *src, struct vmig__writer *w, unsigned bi,
-			uint64_t first, uint64_t end)
+			uint64_t first, uint64_t end, bool hash)
 {
 	struct vmig__block *b = &src->s->blocks[bi];
 	bool main = w == src->w;
@@ -153,7 +154,7 @@ void vmig__src_send_run(struct vmig__source *src, struct vmig__writer *w, unsign
 		while (j < end && vmig__page_is_zero(b->host + j * VMIG_PAGE_SIZE) == zero)
 			j++;
 		if (zero) {
-			for (uint64_t k = i; k < j; k++)
+			for (uint64_t k = i; hash && k < j; k++)
 				set_page_hash(b, k, vmig__zero_page_hash());
 			vmig__writer_zero(w, bi, i, (uint32_t)(j - i));
 			if (main)
@@ -161,7 +162,8 @@ void vmig__src_send_run(struct vmig__source *src, struct vmig__writer *w, unsign
 		} else {
 			/* Hashed by the flush that sends them (see the writer). */
 			vmig__writer_pages(w, bi, i, (uint32_t)(j - i),
-					   b->host + i * VMIG_PAGE_SIZE, b->page_hash + i);
+					   b->host + i * VMIG_PAGE_SIZE,
+					   hash ? b->page_hash + i : NULL);
 			if (main) {
 				src->st.ram.normal += j - i;
 				src->st.ram.normal_bytes += (j - i) * VMIG_PAGE_SIZE;
@@ -191,7 +193,7 @@ static int send_dirty(struct vmig__source *src, bool final)
 			    b->dirty, VMIG_MIN(b->npages, pfn + VMIG_REC_MAX_PAGES), pfn);
 			vmig__bitmap_clear_range(b->dirty, pfn, end - pfn);
 			src->dirty_pages -= end - pfn;
-			vmig__src_send_run(src, src->w, bi, pfn, end);
+			vmig__src_send_run(src, src->w, bi, pfn, end, true);
 			if (src->w->err)
 				return src->w->err;
 			vmig__src_stats_tick(src, false);
