@@ -109,6 +109,9 @@ bool vmig__chan_zc_take_copied(struct vmig__chan *c);
 /* Wait up to timeout_ms for something to read (or the end): 1, 0 on
  * timeout, -errno. Data TLS has already decrypted counts. */
 int vmig__chan_wait_readable(struct vmig__chan *c, int timeout_ms);
+/* Whether the peer has ended its side (FIN or reset), without waiting. A
+ * vmig peer does that only when it has stopped reading the connection. */
+bool vmig__chan_peer_closed(const struct vmig__chan *c);
 /* The reading thread: why its last read on c failed with ret, TLS's reason
  * if it was TLS's doing, else strerror(-ret). c may be NULL. */
 const char *vmig__chan_strerror(const struct vmig__chan *c, int ret);

@@ -375,6 +375,15 @@ int vmig__chan_wait_readable(struct vmig__chan *c, int timeout_ms)
 	return n < 0 ? -errno : n;
 }
 
+bool vmig__chan_peer_closed(const struct vmig__chan *c)
+{
+	/* Not POLLERR: with zero-copy-send it only means a completion is
+	 * queued. A reset sets POLLHUP as well. */
+	struct pollfd pfd = {.fd = c->fd, .events = POLLRDHUP};
+
+	return poll(&pfd, 1, 0) > 0 && (pfd.revents & (POLLRDHUP | POLLHUP));
+}
+
 const char *vmig__chan_strerror(const struct vmig__chan *c, int ret)
 {
 	const char *why = c && c->tls && ret == -ECONNABORTED ? vmig__tls_strerror(c) : NULL;

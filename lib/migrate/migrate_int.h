@@ -295,7 +295,8 @@ int vmig__mf_source_mark(struct vmig__source *src, uint64_t round);
  * EOS); vmig__mf_source_wait tells when all are done. */
 void vmig__mf_source_push(struct vmig__source *src);
 /* Wait up to timeout_ms for the channels' job: true when all are done, *err
- * then their first error (0 if none). */
+ * then their first error (0 if none). A channel the destination closed
+ * before its share was sent fails the job (all channels are shut down). */
 int vmig__mf_source_wait(struct vmig__source *src, unsigned timeout_ms, int *err);
 /* Return-path thread: push from page pfn of block bi next (a fault there). */
 void vmig__mf_source_hint(struct vmig__source *src, unsigned bi, uint64_t pfn);

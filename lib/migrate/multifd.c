@@ -65,6 +65,7 @@ struct mf_send {
 	struct vmig__mf_source *mf;
 	unsigned idx;
 	bool started;
+	bool busy; /* under mf->lock: its share of the current job is not done */
 	pthread_t thread;
 	uint64_t counts[2]; /* atomic: pages, zero pages queued (writer.counts) */
 	uint64_t hint;	    /* atomic: (block << 48 | word) to push next, or NO_HINT */
@@ -245,6 +246,7 @@ static void *send_thread(void *arg)
 		pthread_mutex_lock(&mf->lock);
 		if (ret && !mf->err)
 			mf->err = ret;
+		c->busy = false;
 		if (!--mf->busy)
 			pthread_cond_broadcast(&mf->cond);
 		pthread_mutex_unlock(&mf->lock);
@@ -349,12 +351,48 @@ static void start_job(struct vmig__mf_source *mf, enum mf_job job, uint64_t roun
 	mf->round = round;
 	mf->final = final;
 	mf->busy = mf->n;
+	for (unsigned i = 0; i < mf->n; i++)
+		mf->ch[i].busy = true;
 	mf->err = 0;
 	mf->gen++;
 	pthread_cond_broadcast(&mf->cond);
 	pthread_mutex_unlock(&mf->lock);
 	if (job != MF_PUSH)
 		mf->synced = round;
+}
+
+/*
+ * A data channel whose share is still being sent, closed by the other end:
+ * the destination lost it, or a relay on the way did before the
+ * destination ever saw it. No write need fail then: once its window is
+ * full, the send thread would wait for good. Fail the job and free it.
+ * (The destination writes nothing on a data channel, and closes one only
+ * once it reads no more; at its end that is after every share is done.)
+ */
+static void check_lost(struct vmig__mf_source *mf)
+{
+	struct vmig_session *s = mf->src->s;
+	bool busy[VMIG_MAX_MULTIFD];
+	unsigned lost = mf->n;
+
+	pthread_mutex_lock(&mf->lock);
+	for (unsigned i = 0; i < mf->n; i++)
+		busy[i] = mf->ch[i].busy;
+	pthread_mutex_unlock(&mf->lock);
+	pthread_mutex_lock(&s->lock);
+	for (unsigned i = 0; i < mf->n && lost == mf->n; i++)
+		if (busy[i] && i < s->mf_count && s->mf_chans[i] &&
+		    vmig__chan_peer_closed(s->mf_chans[i]))
+			lost = i;
+	pthread_mutex_unlock(&s->lock);
+	if (lost == mf->n)
+		return;
+	vmig__note_err(s, "multifd channel %u: the destination closed the connection", lost);
+	pthread_mutex_lock(&mf->lock);
+	if (!mf->err)
+		mf->err = -EPIPE;
+	pthread_mutex_unlock(&mf->lock);
+	vmig__break_channels(s);
 }
 
 int vmig__mf_source_wait(struct vmig__source *src, unsigned timeout_ms, int *err)
@@ -376,6 +414,8 @@ int vmig__mf_source_wait(struct vmig__source *src, unsigned timeout_ms, int *err
 	done = !mf->busy;
 	*err = mf->err;
 	pthread_mutex_unlock(&mf->lock);
+	if (!done)
+		check_lost(mf);
 	return done;
 }
 
@@ -476,6 +516,7 @@ struct mf_recv {
 	struct vmig__mf_dest *mf;
 	unsigned idx;
 	bool started;
+	bool busy; /* under mf->lock: its share of the current job is not done */
 	pthread_t thread;
 	int ret;
 	struct vmig__err err;

@@ -344,20 +344,25 @@ def case_missing_channel_cancel(procs, build):
     check(dst.alive() and dst.qmp.cmd("query-status") is not None, "destination unusable")
 
 
-def case_data_channel_lost_early(procs, build, which):
+def case_data_channel_lost_early(procs, build, which, late=0.0):
     """A data connection is cut before its preamble reaches the destination,
     which then waits for it while the source writes the others into a
-    destination that reads nothing: both must give up, the source running."""
+    destination that reads nothing: both must give up, the source running.
+    With late, the source has filled that connection's window before the
+    cut: no write of its fails, and only the FIN tells it."""
     src, dst = pair(procs, build, 2)
     port = free_port()
     relay = Relay(port)
-    relay.drop_first(which)
+    relay.drop_first(which, late)
     dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:%d" % port)
     src.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % relay.port)
     check(relay.applied.wait(20), "the data connection never came")
     info = src.wait_migration(30)
     d = dst.wait_migration(30)
     check(info["status"] == "failed", "source %r" % info)
+    if late:  # connection 0 is the main one
+        check("multifd channel %d" % (which - 1) in info.get("error-desc", ""),
+              "source error %r" % info.get("error-desc"))
     check(src.status() == "running", "source not running: %s" % src.status())
     check(d["status"] == "failed", "destination %r" % d)
     relay.close()
@@ -391,6 +396,8 @@ def main():
     for which in (1, 2):
         r.run("multifd-data-channel-%d-lost-early" % which, case_data_channel_lost_early,
               r.build, which)
+    r.run("multifd-data-channel-lost-with-full-window", case_data_channel_lost_early, r.build,
+          1, 1.0)
     return r.finish()
 
 

@@ -444,12 +444,16 @@ class Relay:
         with self.lock:
             self.hooks[index] = fn
 
-    def drop_first(self, index):
+    def drop_first(self, index, late=0.0):
         """Connection `index` is cut before its first byte reaches the
         target (for vmig: before its preamble). Its pump stops at that
         chunk and shuts both sides down: nothing after it goes through, as
-        on a real link, where a stream never loses its start and goes on."""
+        on a real link, where a stream never loses its start and goes on.
+        With late, the cut comes that many seconds after the first chunk,
+        and nothing is read meanwhile: the client fills the window first,
+        so it has nothing more in flight when the FIN reaches it."""
         def fn(chunk):
+            time.sleep(late)
             self.dropped.add(index)
             return b""
         with self.lock:
