@@ -22,25 +22,7 @@
 #include "ram/bitmap.h"
 
 #include "fuzz.h"
-
-static int nop(void *opaque)
-{
-	return 0;
-}
-
-static int save(void *opaque, void *buf, size_t cap, size_t *len)
-{
-	*len = 0;
-	return 0;
-}
-
-static int load(void *opaque, const void *buf, size_t len)
-{
-	return 0;
-}
-
-static const struct vmig_vm_ops ops = {
-	.stop = nop, .start = nop, .save_state = save, .load_state = load};
+#include "../lib/nop_vm.h"
 
 static struct {
 	vmig_session *s;
@@ -57,7 +39,7 @@ static void setup(void)
 	size_t off = 0;
 
 	g.ram = mmap(NULL, 20 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (g.ram == MAP_FAILED || vmig_session_new(&g.s, &ops, NULL))
+	if (g.ram == MAP_FAILED || vmig_session_new(&g.s, &nop_vm_ops, NULL))
 		abort();
 	for (unsigned i = 0; i < 20 * 4096; i++) /* some zero pages, some not */
 		g.ram[i] = (uint8_t)((i / 4096) % 3 ? i * 7 : 0);

@@ -19,28 +19,10 @@
 #include "migrate/migrate_int.h"
 #include "ram/bitmap.h"
 #include "stream/stream.h"
+#include "../../lib/nop_vm.h"
 
 #define NPAGES 8
 #define UNSET 0x5a5a5a5a5a5a5a5aull /* a hash no page here has */
-
-static int nop(void *opaque)
-{
-	return 0;
-}
-
-static int save(void *opaque, void *buf, size_t cap, size_t *len)
-{
-	*len = 0;
-	return 0;
-}
-
-static int load(void *opaque, const void *buf, size_t len)
-{
-	return 0;
-}
-
-static const struct vmig_vm_ops ops = {
-    .stop = nop, .start = nop, .save_state = save, .load_state = load};
 
 /*
  * Whoever claims a page (clears its dirty bit) stores its hash, and the
@@ -67,7 +49,7 @@ static void test_request_hashes_only_what_it_claims(void **state)
 	assert_true(ram != MAP_FAILED);
 	for (unsigned p = 0; p < NPAGES; p++) /* page 3 is zero */
 		memset(ram + p * VMIG_PAGE_SIZE, p == 3 ? 0 : (int)(p + 1), VMIG_PAGE_SIZE);
-	assert_int_equal(vmig_session_new(&s, &ops, NULL), 0);
+	assert_int_equal(vmig_session_new(&s, &nop_vm_ops, NULL), 0);
 	assert_int_equal(vmig_ram_block_add(s, &blk), 0);
 	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
 	vmig__writer_init(&uw, vmig__chan_from_fd(sv[0]));
