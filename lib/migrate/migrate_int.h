@@ -277,6 +277,11 @@ int vmig__src_connect(struct vmig__source *src, bool resume);
 int vmig__src_start_rp(struct vmig__source *src);
 void vmig__src_close_channels(struct vmig__source *src);
 int vmig__src_wait_rp(struct vmig_session *s, const bool *flag);
+/* A connection failed. The destination may have said why on the return path
+ * just before it closed (a TLS alert, RP_ERROR): wait up to ms for the
+ * return-path thread to read it and end. True if it has ended (its reason,
+ * if any, is then the migration's error). */
+bool vmig__src_rp_ended(struct vmig_session *s, unsigned ms);
 /* One return-path message (the return-path thread; the fuzzer). */
 int vmig__src_rp_message(struct vmig__source *src, uint8_t type, const uint8_t *payload,
 			 size_t len, struct vmig__err *err);

@@ -387,7 +387,10 @@ static void check_lost(struct vmig__mf_source *mf)
 	pthread_mutex_unlock(&s->lock);
 	if (lost == mf->n)
 		return;
-	vmig__note_err(s, "multifd channel %u: the destination closed the connection", lost);
+	/* A destination that failed gives its reason first. */
+	if (!vmig__src_rp_ended(s, 1000))
+		vmig__note_err(s, "multifd channel %u: the destination closed the connection",
+			       lost);
 	pthread_mutex_lock(&mf->lock);
 	if (!mf->err)
 		mf->err = -EPIPE;

@@ -400,25 +400,35 @@ int vmig__src_wait_rp(struct vmig_session *s, const bool *flag)
 	return ret;
 }
 
-/*
- * A send failed. The destination may have said why on the return path just
- * before it closed (a TLS alert, RP_ERROR): give the return-path thread a
- * moment to read it, so that reason, not our "broken pipe", is reported.
- */
-static void send_failed(struct vmig__source *src, int ret)
+bool vmig__src_rp_ended(struct vmig_session *s, unsigned ms)
 {
-	struct vmig_session *s = src->s;
 	struct timespec until;
+	bool ended;
 
 	clock_gettime(CLOCK_REALTIME, &until);
-	until.tv_sec += 2;
+	until.tv_sec += ms / 1000;
+	until.tv_nsec += (long)(ms % 1000) * 1000000;
+	if (until.tv_nsec >= 1000000000) {
+		until.tv_sec++;
+		until.tv_nsec -= 1000000000;
+	}
 	pthread_mutex_lock(&s->lock);
 	while (s->rp_started && !__atomic_load_n(&s->rp_failed, __ATOMIC_ACQUIRE) &&
-	       !vmig__cancelled(s) && ret != -ECANCELED &&
+	       !vmig__cancelled(s) &&
 	       pthread_cond_timedwait(&s->cond, &s->lock, &until) != ETIMEDOUT)
 		;
+	ended = __atomic_load_n(&s->rp_failed, __ATOMIC_ACQUIRE);
 	pthread_mutex_unlock(&s->lock);
-	vmig__fail(s, ret, "sending to the destination failed");
+	return ended;
+}
+
+/* A send failed: the destination's reason, if it gave one, is reported
+ * rather than our "broken pipe". */
+static void send_failed(struct vmig__source *src, int ret)
+{
+	if (ret != -ECANCELED)
+		vmig__src_rp_ended(src->s, 2000);
+	vmig__fail(src->s, ret, "sending to the destination failed");
 }
 
 /*
