@@ -387,12 +387,7 @@ void guest_stop(struct guest *g)
 		struct timespec ts;
 
 		/* A blocked vCPU does not signal: look again every ms. */
-		clock_gettime(CLOCK_REALTIME, &ts);
-		ts.tv_nsec += 1000000;
-		if (ts.tv_nsec >= 1000000000) {
-			ts.tv_sec++;
-			ts.tv_nsec -= 1000000000;
-		}
+		vmig__cond_deadline(&ts, 1);
 		pthread_cond_timedwait(&g->park_cond, &g->lock, &ts);
 	}
 	pthread_mutex_unlock(&g->lock);

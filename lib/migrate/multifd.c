@@ -404,13 +404,7 @@ int vmig__mf_source_wait(struct vmig__source *src, unsigned timeout_ms, int *err
 	struct timespec ts;
 	bool done;
 
-	clock_gettime(CLOCK_REALTIME, &ts);
-	ts.tv_sec += timeout_ms / 1000;
-	ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000;
-	if (ts.tv_nsec >= 1000000000) {
-		ts.tv_sec++;
-		ts.tv_nsec -= 1000000000;
-	}
+	vmig__cond_deadline(&ts, timeout_ms);
 	pthread_mutex_lock(&mf->lock);
 	while (mf->busy && pthread_cond_timedwait(&mf->cond, &mf->lock, &ts) != ETIMEDOUT)
 		;

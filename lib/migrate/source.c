@@ -405,13 +405,7 @@ bool vmig__src_rp_ended(struct vmig_session *s, unsigned ms)
 	struct timespec until;
 	bool ended;
 
-	clock_gettime(CLOCK_REALTIME, &until);
-	until.tv_sec += ms / 1000;
-	until.tv_nsec += (long)(ms % 1000) * 1000000;
-	if (until.tv_nsec >= 1000000000) {
-		until.tv_sec++;
-		until.tv_nsec -= 1000000000;
-	}
+	vmig__cond_deadline(&until, ms);
 	pthread_mutex_lock(&s->lock);
 	while (s->rp_started && !__atomic_load_n(&s->rp_failed, __ATOMIC_ACQUIRE) &&
 	       !vmig__cancelled(s) &&

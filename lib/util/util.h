@@ -11,6 +11,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
 #include <sys/uio.h>
 
 #define VMIG_PAGE_SIZE 4096u
@@ -30,6 +31,9 @@
 uint64_t vmig__now_ns(void);
 static inline uint64_t vmig__now_us(void) { return vmig__now_ns() / 1000; }
 static inline uint64_t vmig__now_ms(void) { return vmig__now_ns() / 1000000; }
+/* *ts = now + ms on CLOCK_REALTIME, the clock of pthread_cond_timedwait on a
+ * default condition variable. */
+void vmig__cond_deadline(struct timespec *ts, unsigned ms);
 /* CPU time used by this process so far (user + system), in ns. */
 uint64_t vmig__cpu_ns(void);
 /* Mbit/s of bytes over ns nanoseconds, as QEMU's mbps (0 for no time). */
