@@ -1442,7 +1442,7 @@ void vblk_mirror_query(struct vblk_daemon *dm, struct vblk_mirror_info *in)
 {
 	struct vblk_mirror *m = dm->mirror;
 	struct vblk_dirty_info di;
-	bool ok_end;
+	bool ended, ok_end;
 
 	memset(in, 0, sizeof(*in));
 	if (!m)
@@ -1458,8 +1458,13 @@ void vblk_mirror_query(struct vblk_daemon *dm, struct vblk_mirror_info *in)
 	in->postcopy = m->postcopy;
 	in->postcopy_not_taken = m->not_taken;
 	snprintf(in->error, sizeof(in->error), "%s", m->error);
-	in->status = m->concluded ? "concluded" : m->ready ? "ready" : "running";
-	ok_end = m->concluded && !m->error[0];
+	/* The return thread ends a mirror that heard NOT_SWITCHED; the copier
+	 * then takes the disk back (m_take_back). Only after that is the end
+	 * final: "concluded" before it would show the disk still fenced and
+	 * postcopy-not-taken false, and an orchestrator could act on that. */
+	ended = m->concluded && (!m->heard_not_switched || m->not_taken);
+	in->status = ended ? "concluded" : m->ready ? "ready" : "running";
+	ok_end = ended && !m->error[0];
 	pthread_mutex_unlock(&m->lock);
 	snprintf(in->uri, sizeof(in->uri), "%s", m->uri_text);
 	in->offset = __atomic_load_n(&m->offset, __ATOMIC_RELAXED);
