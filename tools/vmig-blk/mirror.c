@@ -261,10 +261,15 @@ struct vblk_mirror {
 	pthread_cond_t cv;
 	/* lock */
 	struct vmig__chan *chan; /* the copier sets it; freed after the copier ends */
-	bool ready, completing, cancel, concluded, done;
+	bool ready, completing, cancel, done;
+	/* The end, in two steps. stop: every thread of the mirror ends now
+	 * (m_fail, a complete copy, cancel). concluded: the copier has settled
+	 * what it ends in (requeued blocks, a disk taken back) and is gone;
+	 * only then does the query say "concluded". */
+	bool stop, concluded;
 	uint64_t acked;	 /* the last round the destination acknowledged */
 	uint64_t speed;	 /* bytes/s, 0: none */
-	char error[256]; /* concluded with an error */
+	char error[256]; /* stopped with an error */
 	bool write_blocking; /* copy-mode "write-blocking" (the gate, blk.h) */
 	bool synced;	     /* the gate is on and everything dirty before it was acked */
 	/* Post-copy storage: the switch was asked for; it went out (or this
@@ -308,7 +313,7 @@ static void m_wake(struct vblk_mirror *m)
 {
 	pthread_cond_broadcast(&m->cv);
 	eventfd_write(m->dm->disk.gate.kick_fd, 1); /* an idle copier */
-	if (m->concluded) {
+	if (m->stop) {
 		gate_off(m);
 		if (m->chan)
 			vmig__chan_shutdown(m->chan, SHUT_RDWR);
@@ -323,11 +328,11 @@ static void m_fail(struct vblk_mirror *m, const char *fmt, ...)
 	va_list ap;
 
 	pthread_mutex_lock(&m->lock);
-	if (!m->concluded) {
+	if (!m->stop) {
 		va_start(ap, fmt);
 		vsnprintf(m->error, sizeof(m->error), fmt, ap);
 		va_end(ap);
-		m->concluded = true;
+		m->stop = true;
 	}
 	m_wake(m);
 	pthread_mutex_unlock(&m->lock);
@@ -446,7 +451,7 @@ static bool m_push_wait(struct vblk_mirror *m)
 		struct timespec until;
 
 		asked = vblk_dirty_bytes(m->urgent) != 0;
-		if (asked || !m->speed || m->rl.next_ns <= now || m->concluded || m->cancel)
+		if (asked || !m->speed || m->rl.next_ns <= now || m->stop || m->cancel)
 			break;
 		deadline_ns(&until, m->rl.next_ns - now);
 		pthread_cond_timedwait(&m->cv, &m->lock, &until);
@@ -524,8 +529,7 @@ static int m_send_extent(struct vblk_mirror *m, uint64_t off, uint64_t len, bool
 			struct timespec until;
 
 			deadline_ns(&until, wait_ns);
-			while (!m->completing && !m->concluded &&
-			       !(m->postcopy_req && !m->postcopy) &&
+			while (!m->completing && !m->stop && !(m->postcopy_req && !m->postcopy) &&
 			       !(m->write_blocking && m->ready) &&
 			       pthread_cond_timedwait(&m->cv, &m->lock, &until) != ETIMEDOUT)
 				;
@@ -565,7 +569,7 @@ static bool m_wait(struct vblk_mirror *m, uint64_t k, bool done)
 	add_ms(&until, DONE_TIMEOUT_MS);
 	add_ms(&stall, GATE_STALL_MS);
 	pthread_mutex_lock(&m->lock);
-	while (!m->concluded && !m->cancel && (done ? !m->done : m->acked < k) &&
+	while (!m->stop && !m->cancel && (done ? !m->done : m->acked < k) &&
 	       (done || !m->postcopy_req)) {
 		bool gate = m->gate_on;
 
@@ -579,7 +583,7 @@ static bool m_wait(struct vblk_mirror *m, uint64_t k, bool done)
 			 "no longer wait for this round",
 			 GATE_STALL_MS);
 	}
-	ok = !m->concluded && !m->cancel && (done ? m->done : m->acked >= k);
+	ok = !m->stop && !m->cancel && (done ? m->done : m->acked >= k);
 	pthread_mutex_unlock(&m->lock);
 	return ok;
 }
@@ -597,7 +601,7 @@ static uint64_t gate_round_begins(struct vblk_mirror *m)
 	bool want;
 
 	pthread_mutex_lock(&m->lock);
-	want = m->write_blocking && m->ready && !m->completing && !m->concluded;
+	want = m->write_blocking && m->ready && !m->completing && !m->stop;
 	if (want && !m->gate_on) {
 		m->gate_on = true;
 		m->gate_from = __atomic_load_n(&g->begun, __ATOMIC_RELAXED) + 1;
@@ -713,7 +717,7 @@ static void m_idle(struct vblk_mirror *m)
 	__atomic_store_n(&g->idle, true, __ATOMIC_SEQ_CST);
 	__atomic_thread_fence(__ATOMIC_SEQ_CST);
 	pthread_mutex_lock(&m->lock);
-	stop = m->completing || m->cancel || m->concluded;
+	stop = m->completing || m->cancel || m->stop;
 	pthread_mutex_unlock(&m->lock);
 	if (!stop && !vblk_dirty_bytes(m->dm->disk.dirty))
 		poll(&pfd, 1, IDLE_MS);
@@ -802,7 +806,7 @@ static int m_push(struct vblk_mirror *m)
 		size_t n;
 
 		pthread_mutex_lock(&m->lock);
-		stop = m->cancel || m->concluded;
+		stop = m->cancel || m->stop;
 		pthread_mutex_unlock(&m->lock);
 		if (stop)
 			return -ECANCELED;
@@ -844,7 +848,7 @@ static int m_push(struct vblk_mirror *m)
 			unlink(path); /* handed over and delivered: nothing to resume */
 	}
 	pthread_mutex_lock(&m->lock);
-	m->concluded = true;
+	m->stop = true;
 	m_wake(m);
 	pthread_mutex_unlock(&m->lock);
 	vblk_log(m->dm, "mirror: post-copy complete in %.1f ms of pushing; %llu KiB sent on demand",
@@ -886,19 +890,18 @@ static bool m_wait_map(struct vblk_mirror *m)
 
 	add_ms(&until, DONE_TIMEOUT_MS);
 	pthread_mutex_lock(&m->lock);
-	while (!m->map_done && !m->concluded && !m->cancel &&
+	while (!m->map_done && !m->stop && !m->cancel &&
 	       pthread_cond_timedwait(&m->cv, &m->lock, &until) != ETIMEDOUT)
 		;
-	ok = m->map_done && !m->concluded && !m->cancel;
+	ok = m->map_done && !m->stop && !m->cancel;
 	pthread_mutex_unlock(&m->lock);
 	if (!ok)
 		m_fail(m, "the destination did not say what it still lacks");
 	return ok;
 }
 
-static void *m_copier(void *arg)
+static void m_copy(struct vblk_mirror *m)
 {
-	struct vblk_mirror *m = arg;
 	struct vmig__tls none = {0};
 	struct vmig__err err = {{0}};
 	struct vmig__chan *c;
@@ -909,11 +912,11 @@ static void *m_copier(void *arg)
 	r = vmig__chan_connect(&m->uri, m->dm->tls ? m->dm->tls : &none, m->cancel_fd, &c, &err);
 	if (r) {
 		m_fail(m, "cannot connect to %s: %s", m->uri_text, err.msg);
-		return NULL;
+		return;
 	}
 	pthread_mutex_lock(&m->lock);
 	m->chan = c;
-	if (m->concluded) /* cancelled meanwhile */
+	if (m->stop) /* cancelled meanwhile */
 		vmig__chan_shutdown(c, SHUT_RDWR);
 	pthread_mutex_unlock(&m->lock);
 	vblk_ss_writer_init(&m->w, vblk_chan_put, c, &m->geom);
@@ -944,7 +947,7 @@ static void *m_copier(void *arg)
 
 		pthread_mutex_lock(&m->lock);
 		last = m->completing;
-		cancel = m->cancel || m->concluded;
+		cancel = m->cancel || m->stop;
 		pthread_mutex_unlock(&m->lock);
 		if (cancel)
 			break;
@@ -973,7 +976,7 @@ static void *m_copier(void *arg)
 				break;
 			}
 			pthread_mutex_lock(&m->lock);
-			m->concluded = true;
+			m->stop = true;
 			m_wake(m);
 			pthread_mutex_unlock(&m->lock);
 			vblk_log(
@@ -1006,10 +1009,23 @@ out:
 	vmig__chan_shutdown(c, SHUT_RDWR);
 	if (reader)
 		pthread_join(m->reader, NULL);
+}
+
+static void *m_copier(void *arg)
+{
+	struct vblk_mirror *m = arg;
+
+	m_copy(m);
+	pthread_mutex_lock(&m->lock);
+	if (!m->stop) /* a bug: never let it pass for a complete copy */
+		snprintf(m->error, sizeof(m->error), "the copier ended unexpectedly");
+	m->stop = m->concluded = true;
+	m_wake(m);
+	pthread_mutex_unlock(&m->lock);
 	return NULL;
 }
 
-/* Control thread: wait for the copier (it ends by itself once concluded). */
+/* Control thread: wait for the copier (it ends by itself once stopped). */
 static void m_join(struct vblk_mirror *m)
 {
 	if (!m->copier_running)
@@ -1047,7 +1063,7 @@ bool vblk_mirror_active(const struct vblk_daemon *dm)
 		return false;
 	pthread_mutex_lock(&m->lock);
 	/* a failed one keeps the bitmap for the next */
-	active = (!m->concluded || m->error[0]) && !m->cancel;
+	active = (!m->stop || m->error[0]) && !m->cancel;
 	pthread_mutex_unlock(&m->lock);
 	return active;
 }
@@ -1081,7 +1097,7 @@ static int m_restore(struct vblk_daemon *dm, const struct pc_state_hdr *h, const
 	cond_init_mono(&m->cv);
 	m->dm = dm;
 	m->cancel_fd = -1;
-	m->concluded = true;
+	m->stop = m->concluded = true; /* no copier until it is resumed */
 	m->postcopy = m->postcopy_req = true;
 	m->geom = (struct vblk_ss_geom){.disk_size = dm->disk.size,
 					.block_size = dm->disk.block_size,
@@ -1162,7 +1178,7 @@ int vblk_mirror_start(struct vblk_daemon *dm, const char *uri, uint32_t granular
 
 	if (old) {
 		pthread_mutex_lock(&old->lock);
-		r = old->concluded ? 0 : -EBUSY;
+		r = old->stop ? 0 : -EBUSY;
 		pthread_mutex_unlock(&old->lock);
 		if (r) {
 			vblk_fmt_err(err, errlen, "a mirror is already running (to %s)",
@@ -1309,7 +1325,7 @@ static int switch_begin(struct vblk_daemon *dm, const char *what, char *err, siz
 		return -ENOENT;
 	}
 	pthread_mutex_lock(&m->lock);
-	if (m->concluded) {
+	if (m->stop) {
 		vblk_fmt_err(err, errlen, "the mirror has ended%s%s", m->error[0] ? ": " : "",
 			     m->error);
 		pthread_mutex_unlock(&m->lock);
@@ -1389,9 +1405,9 @@ int vblk_mirror_cancel(struct vblk_daemon *dm, char *err, size_t errlen)
 		return -EBUSY;
 	}
 	m->cancel = true;
-	if (!m->concluded)
+	if (!m->stop)
 		snprintf(m->error, sizeof(m->error), "cancelled");
-	m->concluded = true;
+	m->stop = true;
 	m_wake(m);
 	pthread_mutex_unlock(&m->lock);
 	m_join(m);
@@ -1410,7 +1426,7 @@ int vblk_mirror_change(struct vblk_daemon *dm, bool write_blocking, char *err, s
 		return -ENOENT;
 	}
 	pthread_mutex_lock(&m->lock);
-	if (m->concluded) {
+	if (m->stop) {
 		vblk_fmt_err(err, errlen, "the mirror has ended");
 		r = -ENOENT;
 	} else if (m->write_blocking != write_blocking) {
@@ -1442,7 +1458,7 @@ void vblk_mirror_query(struct vblk_daemon *dm, struct vblk_mirror_info *in)
 {
 	struct vblk_mirror *m = dm->mirror;
 	struct vblk_dirty_info di;
-	bool ended, ok_end;
+	bool ok_end;
 
 	memset(in, 0, sizeof(*in));
 	if (!m)
@@ -1458,13 +1474,12 @@ void vblk_mirror_query(struct vblk_daemon *dm, struct vblk_mirror_info *in)
 	in->postcopy = m->postcopy;
 	in->postcopy_not_taken = m->not_taken;
 	snprintf(in->error, sizeof(in->error), "%s", m->error);
-	/* The return thread ends a mirror that heard NOT_SWITCHED; the copier
-	 * then takes the disk back (m_take_back). Only after that is the end
-	 * final: "concluded" before it would show the disk still fenced and
-	 * postcopy-not-taken false, and an orchestrator could act on that. */
-	ended = m->concluded && (!m->heard_not_switched || m->not_taken);
-	in->status = ended ? "concluded" : m->ready ? "ready" : "running";
-	ok_end = ended && !m->error[0];
+	/* Not at stop: a mirror that heard NOT_SWITCHED is stopped by the
+	 * return thread, and the copier takes the disk back only after that
+	 * (m_take_back). "concluded" before then would show the disk still
+	 * fenced and postcopy-not-taken false to an orchestrator acting on it. */
+	in->status = m->concluded ? "concluded" : m->ready ? "ready" : "running";
+	ok_end = m->concluded && !m->error[0];
 	pthread_mutex_unlock(&m->lock);
 	snprintf(in->uri, sizeof(in->uri), "%s", m->uri_text);
 	in->offset = __atomic_load_n(&m->offset, __ATOMIC_RELAXED);
@@ -1489,7 +1504,7 @@ void vblk_mirror_free(struct vblk_daemon *dm)
 		return;
 	pthread_mutex_lock(&m->lock);
 	m->cancel = true;
-	m->concluded = true;
+	m->stop = true;
 	m_wake(m);
 	pthread_mutex_unlock(&m->lock);
 	m_free(m);
