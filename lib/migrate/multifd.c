@@ -374,11 +374,15 @@ static void check_lost(struct vmig__mf_source *mf)
 	struct vmig_session *s = mf->src->s;
 	bool busy[VMIG_MAX_MULTIFD];
 	unsigned lost = mf->n;
+	bool failing;
 
 	pthread_mutex_lock(&mf->lock);
+	failing = mf->err != 0; /* the job ends anyway: no second 1 s wait */
 	for (unsigned i = 0; i < mf->n; i++)
 		busy[i] = mf->ch[i].busy;
 	pthread_mutex_unlock(&mf->lock);
+	if (failing)
+		return;
 	pthread_mutex_lock(&s->lock);
 	for (unsigned i = 0; i < mf->n && lost == mf->n; i++)
 		if (busy[i] && i < s->mf_count && s->mf_chans[i] &&
