@@ -289,7 +289,8 @@ int vmig_pause(vmig_session *s)
 
 	if (e)
 		return e;
-	if (fake.stats.status != VMIG_STATUS_POSTCOPY_ACTIVE)
+	if (fake.stats.status != VMIG_STATUS_POSTCOPY_ACTIVE &&
+	    fake.stats.status != VMIG_STATUS_POSTCOPY_RECOVER)
 		return -EINVAL;
 	fake.stats.status = VMIG_STATUS_POSTCOPY_PAUSED;
 	return 0;

@@ -293,7 +293,10 @@ int vmig_set_autostart(vmig_session *s, bool on);
  * of pre-copy. After it, a broken connection pauses both sides
  * ("postcopy-paused") without losing anything: vmig_recover() on the
  * destination listens again and vmig_resume() on the source reconnects.
- * vmig_pause() breaks the connection on purpose (QEMU's migrate-pause).
+ * vmig_pause() breaks the connection on purpose (QEMU's migrate-pause), in
+ * "postcopy-active"; in "postcopy-recover" it gives up the recovery attempt
+ * in progress (a peer that never comes or never answers), back to
+ * "postcopy-paused" for the next one, as QEMU 8.2 and later allow.
  */
 int vmig_start_postcopy(vmig_session *s);
 int vmig_pause(vmig_session *s);

@@ -207,7 +207,7 @@ static int next_conn(struct vmig_session *s, struct vmig__loader *l, struct vmig
 		     struct vmig__chan *watch, uint64_t deadline_ns, struct vmig__err *err)
 {
 	for (;;) {
-		struct pollfd pfd[3 + VMIG_MAX_PENDING];
+		struct pollfd pfd[4 + VMIG_MAX_PENDING];
 		uint64_t now = vmig__now_ns(), first = UINT64_MAX, wake;
 		unsigned n = s->npending;
 		int timeout_ms = -1;
@@ -252,7 +252,8 @@ static int next_conn(struct vmig_session *s, struct vmig__loader *l, struct vmig
 		}
 		pfd[2 + n] =
 		    (struct pollfd){.fd = watch ? vmig__chan_fd(watch) : -1, .events = POLLRDHUP};
-		if (poll(pfd, 3 + n, timeout_ms) < 0) {
+		pfd[3 + n] = (struct pollfd){.fd = s->recover_efd, .events = POLLIN};
+		if (poll(pfd, 4 + n, timeout_ms) < 0) {
 			if (errno == EINTR)
 				continue;
 			vmig__err_set(err, "waiting for a connection: %s", strerror(errno));
@@ -260,6 +261,10 @@ static int next_conn(struct vmig_session *s, struct vmig__loader *l, struct vmig
 		}
 		if (pfd[1].revents)
 			return -ECANCELED;
+		if (pfd[3 + n].revents) { /* a recovery that may be tried again */
+			vmig__err_set(err, VMIG_PAUSED_MSG);
+			return -EPIPE;
+		}
 		if (pfd[2 + n].revents & (POLLRDHUP | POLLHUP | POLLERR)) {
 			vmig__err_set(err, "the source closed the migration connection while its "
 					   "other connections were awaited");

@@ -107,6 +107,10 @@ struct vmig_session {
 	 * that thread waits); the migration thread then owns it. */
 	int listen_fd;
 	int cancel_efd;
+	/* eventfd: wakes a recovery attempt in progress, where it connects or
+	 * accepts (migrate-pause in postcopy-recover, a cancel, the session's
+	 * end); drained, under lock, when a recovery is requested */
+	int recover_efd;
 	bool cancel; /* atomic */
 	uint64_t start_ns;
 	/* destination: when the source's main connection came, for the average
@@ -234,6 +238,18 @@ static inline bool vmig__in_postcopy(struct vmig_session *s)
 {
 	return __atomic_load_n(&s->in_postcopy, __ATOMIC_ACQUIRE);
 }
+static inline bool vmig__pause_requested(struct vmig_session *s)
+{
+	return __atomic_load_n(&s->pause_requested, __ATOMIC_ACQUIRE);
+}
+/* The eventfd that ends a connect early: a resume's connects are attempts
+ * that migrate-pause gives up (and a cancel too), the others only a cancel. */
+static inline int vmig__connect_wake_fd(struct vmig_session *s, bool resume)
+{
+	return resume ? s->recover_efd : s->cancel_efd;
+}
+/* Why a recovery attempt ended, when migrate-pause ended it. */
+#define VMIG_PAUSED_MSG "migrate-pause: this recovery attempt was given up"
 static inline int64_t vmig__param(struct vmig_session *s, enum vmig__param p)
 {
 	return __atomic_load_n(&s->params[p], __ATOMIC_RELAXED);

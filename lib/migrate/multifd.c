@@ -267,7 +267,7 @@ static int connect_one(struct vmig__mf_source *mf, unsigned i, const struct vmig
 	struct vmig_session *s = mf->src->s;
 	struct mf_send *c = &mf->ch[i];
 	struct vmig__chan *ch;
-	int ret = vmig__chan_connect(u, &s->tls, s->cancel_efd, &ch, err);
+	int ret = vmig__chan_connect(u, &s->tls, vmig__connect_wake_fd(s, resume), &ch, err);
 
 	if (ret)
 		return ret;

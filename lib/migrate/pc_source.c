@@ -326,8 +326,7 @@ static int pause_and_resume(struct vmig__source *src)
 		ret = vmig__wait_recover(s);
 		if (ret)
 			return ret;
-		__atomic_store_n(&s->pause_requested, false, __ATOMIC_RELEASE);
-		vmig__clear_err(s);
+		vmig__clear_err(s); /* the request cleared pause_requested */
 		ret = vmig__src_connect(src, true);
 		src->w->flush_bytes = VMIG_WRITER_FLUSH_BYTES_POSTCOPY; /* as at the switch */
 		if (!ret)

@@ -121,6 +121,16 @@ static void shutdown_all(struct vmig_session *s)
 			vmig__chan_shutdown(s->mf_chans[i], SHUT_RDWR);
 }
 
+/* Make an eventfd readable (it stays so until drained). */
+static void wake(int efd)
+{
+	uint64_t one = 1;
+
+	if (write(efd, &one, sizeof(one)) < 0) {
+		/* cannot fail: the counter is far from overflow */
+	}
+}
+
 VMIG_EXPORT const char *vmig_status_name(enum vmig_status status)
 {
 	if ((unsigned)status >= VMIG_STATUS__MAX)
@@ -152,9 +162,14 @@ VMIG_EXPORT int vmig_session_new(vmig_session **out, const struct vmig_vm_ops *o
 	s->listen_fd = -1;
 	s->autostart = true;
 	s->cancel_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-	if (s->cancel_efd < 0) {
+	s->recover_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (s->cancel_efd < 0 || s->recover_efd < 0) {
+		int ret = -errno;
+
+		if (s->cancel_efd >= 0)
+			close(s->cancel_efd);
 		free(s);
-		return -errno;
+		return ret;
 	}
 	for (int i = 0; i < VMIG_PARAM__MAX; i++)
 		s->params[i] = param_info[i].def;
@@ -195,17 +210,14 @@ bool vmig__migration_running(struct vmig_session *s)
 
 VMIG_EXPORT void vmig_session_free(vmig_session *s)
 {
-	uint64_t one = 1;
-
 	if (!s)
 		return;
 	/* Stop everything, post-copy included (vmig_cancel refuses that). */
 	vmig_cancel(s);
 	__atomic_store_n(&s->cancel, true, __ATOMIC_RELEASE);
 	vmig__break_channels(s);
-	if (write(s->cancel_efd, &one, sizeof(one)) < 0) {
-		/* cannot fail: the counter is far from overflow */
-	}
+	wake(s->cancel_efd);
+	wake(s->recover_efd);
 	join_thread(s);
 	vmig__dirty_rate_stop(s);
 	/* A failed post-copy destination kept guest RAM registered: only now,
@@ -224,6 +236,7 @@ VMIG_EXPORT void vmig_session_free(vmig_session *s)
 		close(s->listen_fd);
 	vmig__tls_clear(&s->tls);
 	close(s->cancel_efd);
+	close(s->recover_efd);
 	pthread_cond_destroy(&s->cond);
 	pthread_mutex_destroy(&s->rp_lock);
 	pthread_mutex_destroy(&s->lock);
@@ -559,6 +572,8 @@ static int begin(struct vmig_session *s, const char *uri, bool source)
 	join_thread(s);
 	while (read(s->cancel_efd, &junk, sizeof(junk)) > 0)
 		;
+	while (read(s->recover_efd, &junk, sizeof(junk)) > 0)
+		;
 	__atomic_store_n(&s->cancel, false, __ATOMIC_RELEASE);
 	snprintf(s->uri, sizeof(s->uri), "%s", uri);
 	s->is_source = source;
@@ -714,7 +729,6 @@ VMIG_EXPORT int vmig_incoming(vmig_session *s, const char *uri)
 
 VMIG_EXPORT int vmig_cancel(vmig_session *s)
 {
-	uint64_t one = 1;
 	bool postcopy;
 
 	if (!s)
@@ -747,9 +761,8 @@ VMIG_EXPORT int vmig_cancel(vmig_session *s)
 	shutdown_all(s);
 	pthread_cond_broadcast(&s->cond);
 	pthread_mutex_unlock(&s->lock);
-	if (write(s->cancel_efd, &one, sizeof(one)) < 0) {
-		/* eventfd overflow cannot happen with one write per cancel */
-	}
+	wake(s->cancel_efd);
+	wake(s->recover_efd);
 	return 0;
 }
 
@@ -813,16 +826,35 @@ void vmig__close_channels(struct vmig_session *s)
 	vmig__chan_free(uch);
 }
 
+/*
+ * As QEMU 8.2 and later: in postcopy-active, break the connections (both
+ * sides pause); in postcopy-recover, also give up the recovery attempt,
+ * wherever it waits (a source that never comes, a destination that never
+ * answers): the side goes back to postcopy-paused for the next one.
+ */
 VMIG_EXPORT int vmig_pause(vmig_session *s)
 {
+	enum vmig_status st;
+
 	if (!s)
 		return -EINVAL;
-	if (get_status(s) != VMIG_STATUS_POSTCOPY_ACTIVE) {
-		vmig__err_set(&s->api_err, "migrate-pause is only supported during post-copy");
+	/* Under lock with the flag: a resume's connect looks at it there. */
+	pthread_mutex_lock(&s->lock);
+	st = s->status;
+	if (st == VMIG_STATUS_POSTCOPY_ACTIVE || st == VMIG_STATUS_POSTCOPY_RECOVER) {
+		__atomic_store_n(&s->pause_requested, true, __ATOMIC_RELEASE);
+		if (st == VMIG_STATUS_POSTCOPY_RECOVER)
+			wake(s->recover_efd);
+		shutdown_all(s);
+		pthread_cond_broadcast(&s->cond);
+	}
+	pthread_mutex_unlock(&s->lock);
+	if (st != VMIG_STATUS_POSTCOPY_ACTIVE && st != VMIG_STATUS_POSTCOPY_RECOVER) {
+		vmig__err_set(&s->api_err,
+			      "only possible in postcopy-active or postcopy-recover (now: %s)",
+			      vmig_status_name(st));
 		return -EINVAL;
 	}
-	__atomic_store_n(&s->pause_requested, true, __ATOMIC_RELEASE);
-	vmig__break_channels(s);
 	return 0;
 }
 
@@ -857,7 +889,13 @@ static int request_recovery(struct vmig_session *s, const char *uri, bool source
 		ret = vmig__chan_listen(&u, &s->listen_fd, &s->api_err);
 	}
 	if (!ret) {
+		uint64_t junk;
+
 		snprintf(s->uri, sizeof(s->uri), "%s", uri);
+		/* A pause of an earlier attempt is not one of this attempt. */
+		__atomic_store_n(&s->pause_requested, false, __ATOMIC_RELEASE);
+		while (read(s->recover_efd, &junk, sizeof(junk)) > 0)
+			;
 		s->recover_requested = true;
 		/* At once, as the command returns: whoever looks next must not
 		 * take the old pause for a new one. */

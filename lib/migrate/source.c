@@ -661,16 +661,19 @@ int vmig__src_connect(struct vmig__source *src, bool resume)
 	struct vmig__uri u;
 	struct vmig__err err = {{0}};
 	struct vmig__chan *ch = NULL, *uch = NULL;
+	int wake_fd = vmig__connect_wake_fd(s, resume);
+	bool paused;
 	int ret;
 
 	ret = vmig__uri_parse(s->uri, &u, &err);
 	if (!ret)
-		ret = vmig__chan_connect(&u, &s->tls, s->cancel_efd, &ch, &err);
+		ret = vmig__chan_connect(&u, &s->tls, wake_fd, &ch, &err);
 	if (!ret && s->caps[VMIG_CAP_POSTCOPY_RAM])
-		ret = vmig__chan_connect(&u, &s->tls, s->cancel_efd, &uch, &err);
+		ret = vmig__chan_connect(&u, &s->tls, wake_fd, &uch, &err);
 	if (ret) {
 		vmig__chan_free(ch);
-		vmig__note_err(s, "%s", err.msg);
+		vmig__note_err(s, "%s",
+			       resume && vmig__pause_requested(s) ? VMIG_PAUSED_MSG : err.msg);
 		return ret;
 	}
 	uint64_t sent = src->w->bytes; /* a resumed stream keeps counting */
@@ -679,7 +682,13 @@ int vmig__src_connect(struct vmig__source *src, bool resume)
 	s->ch = ch;
 	s->urgent = uch;
 	__atomic_store_n(&s->rp_failed, false, __ATOMIC_RELEASE);
+	/* A pause before s->ch was there broke nothing: see it here. */
+	paused = resume && vmig__pause_requested(s);
 	pthread_mutex_unlock(&s->lock);
+	if (paused) {
+		vmig__note_err(s, VMIG_PAUSED_MSG);
+		return -ECANCELED;
+	}
 	vmig__writer_init(src->w, ch);
 	if (resume)
 		src->w->bytes = sent;

@@ -14,6 +14,7 @@ channels (as QEMU 10.1 allows), compressed or not.
 usage: test_postcopy.py BUILD_DIR
 """
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -251,10 +252,12 @@ def case_recovery(procs, build, cuts, dst_args=("-S",), multifd=None):
               (ram["multifd-bytes"], ram["transferred"], MEM))
 
 
-def case_multifd_resume_partial(procs, build):
+def case_multifd_resume_partial(procs, build, end="cut"):
     """A resume whose data channels never arrive (the relay drops them)
     fails that attempt only: both sides go back to postcopy-paused, and the
-    next migrate-recover and resume complete with the memory intact."""
+    next migrate-recover and resume complete with the memory intact. The
+    attempt ends with the link cut, or (end="pause") with migrate-pause on
+    the destination, which would otherwise wait a minute for them."""
     src, dst = pair(procs, build, "random", multifd={"multifd-channels": 2})
     pause_in_postcopy(src, dst, 16 << 20, 0.3)
     port = free_port()
@@ -265,7 +268,13 @@ def case_multifd_resume_partial(procs, build):
     while relay.accepted < 4 and time.monotonic() < deadline:
         time.sleep(0.05)
     check(relay.accepted >= 4, "the source made %d connections, not 4" % relay.accepted)
-    relay.cut()  # the source waits for bitmaps that need the missing channels
+    if end == "pause":
+        check(dst.qmp.cmd("query-migrate")["status"] == "postcopy-recover",
+              "destination not in postcopy-recover")
+        dst.qmp.cmd("migrate-pause")
+        dst.wait_migration(10, ("postcopy-paused",))
+    else:
+        relay.cut()  # the source waits for bitmaps that need the missing channels
     relay.close()
     recover_direct(src, dst)
 
@@ -298,6 +307,44 @@ def case_pause_recover(procs, build):
     """migrate-pause forces the same path, without a relay."""
     src, dst = pair(procs, build, "hotset")
     pause_in_postcopy(src, dst, 24 << 20, 0.5)
+    recover_direct(src, dst)
+
+
+def case_pause_during_recover_dest(procs, build):
+    """A destination told to listen where the source never comes sits in
+    postcopy-recover; migrate-pause there (as QEMU 8.2 and later allow)
+    gives that attempt up, back to postcopy-paused, and a new
+    migrate-recover then completes the migration."""
+    src, dst = pair(procs, build, "hotset")
+    pause_in_postcopy(src, dst, 24 << 20, 0.3)
+    dst.qmp.cmd("migrate-recover", uri="tcp:127.0.0.1:%d" % free_port())
+    check(dst.qmp.cmd("query-migrate")["status"] == "postcopy-recover",
+          "destination not in postcopy-recover")
+    time.sleep(0.3)  # the attempt waits for the source's connections
+    dst.qmp.cmd("migrate-pause")
+    dst.wait_migration(10, ("postcopy-paused",))
+    recover_direct(src, dst)
+
+
+def case_pause_during_recover_src(procs, build):
+    """A source resuming to a peer that accepts and never answers sits in
+    postcopy-recover; migrate-pause there gives that attempt up, and a
+    resume to the real destination then completes the migration."""
+    src, dst = pair(procs, build, "hotset")
+    pause_in_postcopy(src, dst, 24 << 20, 0.3)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel accepts; nobody ever reads or writes
+    try:
+        src.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % silent.getsockname()[1],
+                    resume=True)
+        time.sleep(0.5)  # connected; waiting for the destination's bitmaps
+        check(src.qmp.cmd("query-migrate")["status"] == "postcopy-recover",
+              "source not in postcopy-recover")
+        src.qmp.cmd("migrate-pause")
+        src.wait_migration(10, ("postcopy-paused",))
+    finally:
+        silent.close()
     recover_direct(src, dst)
 
 
@@ -360,6 +407,10 @@ def main():
     r.run("multifd-postcopy-prealloc-recover", case_recovery, r.build, (0.3,),
           ("-S", "--mem-prealloc"), mf3z)
     r.run("postcopy-pause-recover", case_pause_recover, r.build)
+    r.run("postcopy-pause-during-recover-dest", case_pause_during_recover_dest, r.build)
+    r.run("postcopy-pause-during-recover-src", case_pause_during_recover_src, r.build)
+    r.run("multifd-postcopy-pause-during-partial-resume", case_multifd_resume_partial,
+          r.build, "pause")
     r.run("postcopy-prealloc-dest", case_prealloc_dest, r.build)
     r.run("postcopy-fail-before-switch", case_fail_before_switch, r.build)
     r.run("cli-postcopy", case_cli, r.build, ["--postcopy"])

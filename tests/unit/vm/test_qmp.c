@@ -307,6 +307,12 @@ static void test_migrate(void **state)
 			      "\"resume\":true}}"));
 	assert_int_equal(fv->stats.status, VMIG_STATUS_POSTCOPY_RECOVER);
 	assert_string_equal(fv->last_uri, "tcp:h:2");
+	/* A recovery attempt is given up with migrate-pause, as in QEMU 8.2. */
+	json_decref(ret_of(f, "{\"execute\":\"migrate-pause\"}"));
+	assert_int_equal(fv->stats.status, VMIG_STATUS_POSTCOPY_PAUSED);
+	json_decref(ret_of(f, "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"tcp:h:2\","
+			      "\"resume\":true}}"));
+	assert_int_equal(fv->stats.status, VMIG_STATUS_POSTCOPY_RECOVER);
 	fv->stats.status = VMIG_STATUS_CANCELLED;
 	/* A running VM must not accept incoming RAM. */
 	expect_error(f, "{\"execute\":\"migrate-incoming\",\"arguments\":{\"uri\":\"tcp:h:1\"}}",
