@@ -168,6 +168,8 @@ VMIG_EXPORT int vmig_session_new(vmig_session **out, const struct vmig_vm_ops *o
 
 		if (s->cancel_efd >= 0)
 			close(s->cancel_efd);
+		if (s->recover_efd >= 0)
+			close(s->recover_efd);
 		free(s);
 		return ret;
 	}

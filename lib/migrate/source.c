@@ -649,6 +649,13 @@ static void dest_reason(struct vmig__source *src, struct vmig__chan *c)
 	free(r);
 }
 
+/* Why a connect failed: a resume given up by migrate-pause says so (its
+ * connect only saw the eventfd, as if cancelled). */
+static const char *attempt_err(struct vmig_session *s, bool resume, const char *msg)
+{
+	return resume && vmig__pause_requested(s) ? VMIG_PAUSED_MSG : msg;
+}
+
 /*
  * Connect the main channel (and the urgent one for post-copy), send the
  * preambles and start the return-path thread. resume: reconnecting a
@@ -672,8 +679,7 @@ int vmig__src_connect(struct vmig__source *src, bool resume)
 		ret = vmig__chan_connect(&u, &s->tls, wake_fd, &uch, &err);
 	if (ret) {
 		vmig__chan_free(ch);
-		vmig__note_err(s, "%s",
-			       resume && vmig__pause_requested(s) ? VMIG_PAUSED_MSG : err.msg);
+		vmig__note_err(s, "%s", attempt_err(s, resume, err.msg));
 		return ret;
 	}
 	uint64_t sent = src->w->bytes; /* a resumed stream keeps counting */
@@ -702,7 +708,7 @@ int vmig__src_connect(struct vmig__source *src, bool resume)
 		ret = vmig__mf_source_open(src, resume, &err);
 		if (ret) {
 			dest_reason(src, ch);
-			vmig__note_err(s, "%s", err.msg);
+			vmig__note_err(s, "%s", attempt_err(s, resume, err.msg));
 			return ret;
 		}
 	}
