@@ -51,6 +51,16 @@
 #define IMG_SIZE (16u * MIB)
 #define GRAN (64u << 10)
 #define WAIT_MS 10000
+/*
+ * A copy speed (bytes/s) for cases that must act while a mirror is still
+ * far from done: a cut in the first pass, blocks still missing at a
+ * post-copy switch, however slowly the test itself runs. Written blocks of
+ * 8 KiB go every 2 s, post-copy granules every 16 s; a case's steps take
+ * milliseconds. (At 256 KiB/s the post-copy cases' whole first pass took
+ * 2 s, and a stall that long in a loaded run left the destination nothing
+ * to ask for.)
+ */
+#define CRAWL 4096u
 
 #define PROTO_WANTED                                                                               \
 	((1ull << VHOST_USER_PROTOCOL_F_MQ) | (1ull << VHOST_USER_PROTOCOL_F_REPLY_ACK) |          \
@@ -433,6 +443,7 @@ static void fe_down(void)
 	close(T.kick);
 	close(T.call);
 	close(T.err);
+	T.sock_fd = T.kick = T.call = T.err = -1;
 	/* Wait until the daemon let go of the ring (its next query answers
 	 * only after the disconnect was handled, but make sure). */
 	usleep(20000);
@@ -873,13 +884,15 @@ static void incoming_wait(const char *status)
 {
 	for (uint64_t end = now_ms() + WAIT_MS;; usleep(5000)) {
 		json_t *q = rpc_ok_at(T.rpc2, "vmig_blk_incoming_query", NULL);
-		bool ok = has_status(q, status);
 
-		json_decref(q);
-		if (ok)
+		if (has_status(q, status)) {
+			json_decref(q);
 			return;
+		}
 		if (now_ms() > end)
-			fail_msg("the destination never got to %s", status);
+			fail_msg("the destination never got to %s: %s", status,
+				 json_dumps(q, JSON_COMPACT));
+		json_decref(q);
 	}
 }
 
@@ -949,11 +962,15 @@ static void test_mirror_resumes(void **state)
 	json_t *q;
 
 	fe_up();
+	/* data in every block (a hole costs the copy nothing, and the image is
+	 * whatever the cases before left) */
+	for (unsigned i = 0; i < IMG_SIZE / MIB; i++)
+		write_at((uint64_t)i * MIB, MIB, (uint8_t)(0x10 + i));
 	dest_start(true);
-	/* slow enough to cut it during the first pass */
-	snprintf(params, sizeof(params), "{\"uri\":\"%s\",\"speed\":%u}", T.uri, 4 * MIB);
+	/* a crawl: the cut lands in the first pass, however slow the test */
+	snprintf(params, sizeof(params), "{\"uri\":\"%s\",\"speed\":%u}", T.uri, CRAWL);
 	json_decref(rpc_ok("vmig_blk_mirror_start", params));
-	json_decref(mirror_wait(NULL, false, MIB));
+	json_decref(mirror_wait(NULL, false, 1));
 	dest_stop(true);
 	q = mirror_wait("concluded", false, 0);
 	assert_non_null(json_object_get(q, "error"));
@@ -1145,6 +1162,7 @@ static struct {
 	char path[300], uri[320];
 	int lfd, cut_fd;
 	pthread_t th;
+	bool up;       /* link_up ran, link_down not yet */
 	bool stop;     /* atomic */
 	bool hold;     /* atomic: forward nothing (a stalled link) while set */
 	unsigned cuts; /* atomic: connections the forwarder cut */
@@ -1215,10 +1233,12 @@ static void link_up(void)
 	L.hold = false;
 	L.cuts = 0;
 	assert_int_equal(pthread_create(&L.th, NULL, link_thread, NULL), 0);
+	L.up = true;
 }
 
 static void link_down(void)
 {
+	L.up = false;
 	__atomic_store_n(&L.stop, true, __ATOMIC_RELEASE);
 	pthread_join(L.th, NULL);
 	close(L.lfd);
@@ -1415,6 +1435,8 @@ static void fe_to(const char *sock)
 {
 	static char saved[300];
 
+	if (!sock && !saved[0])
+		return; /* never swapped */
 	if (!saved[0])
 		memcpy(saved, T.sock, sizeof(saved));
 	memcpy(T.sock, sock ? sock : saved, sizeof(T.sock));
@@ -1449,8 +1471,22 @@ static void expect_destination_image(const struct guest_write *w, unsigned n)
 	free(got);
 }
 
+/* The guest wrote one block every PC_STRIDE (block i holds i + 1), and a
+ * mirror to uri is crawling through them: the first has been sent. */
+static void pc_mirror_start(const char *uri)
+{
+	char params[512];
+
+	fe_up();
+	for (unsigned i = 0; i < PC_BLOCKS; i++)
+		write_at((uint64_t)i * PC_STRIDE, 8192, (uint8_t)(i + 1));
+	snprintf(params, sizeof(params), "{\"uri\":\"%s\",\"speed\":%u}", uri, CRAWL);
+	json_decref(rpc_ok("vmig_blk_mirror_start", params));
+	json_decref(mirror_wait(NULL, false, PC_STRIDE));
+}
+
 /*
- * Post-copy storage. The source copies slowly (256 KiB/s) and the VM stops
+ * Post-copy storage. The source copies at a crawl (CRAWL) and the VM stops
  * with most of the disk not sent; the switch hands the disk over at once.
  * On the destination the guest then reads a block the background copy is
  * far from (it is fetched on demand, ahead of the push), writes part of a
@@ -1466,21 +1502,16 @@ static void test_mirror_postcopy(void **state)
 	    {(uint64_t)(PC_BLOCKS - 2) * PC_STRIDE + 4096, 4096, 0xee},
 	    {(uint64_t)(PC_BLOCKS - 3) * PC_STRIDE, GRAN, 0xdd},
 	};
-	char params[512], statefile[320];
+	char statefile[320];
 	uint16_t want;
 	json_t *q;
 
-	fe_up();
-	for (unsigned i = 0; i < PC_BLOCKS; i++)
-		write_at((uint64_t)i * PC_STRIDE, 8192, (uint8_t)(i + 1));
 	dest_start(true);
 	snprintf(statefile, sizeof(statefile), "%s.vmig-postcopy", T.image2);
 	q = rpc_ok_at(T.rpc2, "vmig_blk_incoming_query", NULL);
 	assert_true(json_is_true(json_object_get(q, "postcopy-capable")));
 	json_decref(q);
-	snprintf(params, sizeof(params), "{\"uri\":\"%s\",\"speed\":%u}", T.uri, 256u << 10);
-	json_decref(rpc_ok("vmig_blk_mirror_start", params));
-	json_decref(mirror_wait(NULL, false, 512u << 10));
+	pc_mirror_start(T.uri);
 	/* the guest still runs here: no switch */
 	rpc_fails("vmig_blk_mirror_start_postcopy", NULL, RPC_SERVER_ERROR);
 	fe_down(); /* the VM stopped on the source */
@@ -1558,20 +1589,13 @@ static void test_mirror_postcopy(void **state)
 	daemon_start();
 }
 
-/* The source copied a little at 256 KiB/s to uri, then the VM stopped
- * there and the disk switched to post-copy; the front-end is the
- * destination's now. */
+/* The source copied a little to uri, then the VM stopped there and the
+ * disk switched to post-copy; the front-end is the destination's now. */
 static void postcopy_switched(const char *uri)
 {
-	char params[512];
 	json_t *q;
 
-	fe_up();
-	for (unsigned i = 0; i < PC_BLOCKS; i++)
-		write_at((uint64_t)i * PC_STRIDE, 8192, (uint8_t)(i + 1));
-	snprintf(params, sizeof(params), "{\"uri\":\"%s\",\"speed\":%u}", uri, 256u << 10);
-	json_decref(rpc_ok("vmig_blk_mirror_start", params));
-	json_decref(mirror_wait(NULL, false, 512u << 10));
+	pc_mirror_start(uri);
 	fe_down();
 	json_decref(rpc_ok("vmig_blk_mirror_start_postcopy", NULL));
 	for (uint64_t end = now_ms() + WAIT_MS;; usleep(5000)) {
@@ -1715,12 +1739,7 @@ static void test_mirror_postcopy_not_taken(void **state)
 	snprintf(in_way, sizeof(in_way), "%s.vmig-postcopy.new", T.image2);
 	assert_int_equal(mkdir(in_way, 0700), 0);
 	snprintf(src_state, sizeof(src_state), "%s.vmig-postcopy", T.image);
-	fe_up();
-	for (unsigned i = 0; i < PC_BLOCKS; i++)
-		write_at((uint64_t)i * PC_STRIDE, 8192, (uint8_t)(i + 1));
-	snprintf(params, sizeof(params), "{\"uri\":\"%s\",\"speed\":%u}", T.uri, 256u << 10);
-	json_decref(rpc_ok("vmig_blk_mirror_start", params));
-	json_decref(mirror_wait(NULL, false, 512u << 10));
+	pc_mirror_start(T.uri);
 	fe_down();
 	json_decref(rpc_ok("vmig_blk_mirror_start_postcopy", NULL));
 	q = mirror_wait("concluded", false, 0);
@@ -1736,6 +1755,7 @@ static void test_mirror_postcopy_not_taken(void **state)
 	json_decref(q);
 
 	/* resumed: the destination never switched, and says so */
+	snprintf(params, sizeof(params), "{\"uri\":\"%s\",\"speed\":%u}", T.uri, CRAWL);
 	json_decref(rpc_ok("vmig_blk_mirror_start", params));
 	q = mirror_wait("concluded", false, 0);
 	if (!json_is_true(json_object_get(q, "postcopy-not-taken"))) {
@@ -2028,16 +2048,42 @@ static int case_setup(void **state)
 	return r ? 0 : -1;
 }
 
-/* After each case: a destination daemon a failed case left running is
- * killed, so that none outlives the run and the next case starts its own. */
+/*
+ * After each case, whatever state a failed one left: the front-end and
+ * the link close, a destination daemon still running is killed, and the
+ * source daemon is started afresh without post-copy state files (a failed
+ * post-copy case may leave it fenced), so that one failure reports one failure, not every case
+ * after it. The source must still end cleanly.
+ */
 static int case_teardown(void **state)
 {
+	int r;
+
+	if (T.sock_fd >= 0)
+		fe_down();
+	fe_to(NULL);
+	if (L.up)
+		link_down();
 	if (T.pid2 > 0) {
 		kill(T.pid2, SIGKILL);
 		waitpid(T.pid2, NULL, 0);
 		T.pid2 = -1;
 	}
-	return 0;
+	r = daemon_stop();
+	if (r)
+		fprintf(stderr, "the source daemon did not exit cleanly\n");
+	/* a post-copy cut short leaves its state files (the source's fences
+	 * its disk): the images are the cases' scratch, so they go */
+	for (int i = 0; i < 2; i++) {
+		char path[340];
+
+		snprintf(path, sizeof(path), "%s.vmig-postcopy", i ? T.image2 : T.image);
+		unlink(path);
+		strcat(path, ".new");
+		rmdir(path);
+	}
+	daemon_start();
+	return r;
 }
 
 static int group_setup(void **state)
@@ -2134,5 +2180,6 @@ int main(int argc, char **argv)
 		cmocka_set_test_filter(argv[2]);
 	T.bin = argv[1];
 	T.pid = T.pid2 = -1;
+	T.sock_fd = T.kick = T.call = T.err = -1;
 	return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
