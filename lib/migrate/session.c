@@ -121,16 +121,6 @@ static void shutdown_all(struct vmig_session *s)
 			vmig__chan_shutdown(s->mf_chans[i], SHUT_RDWR);
 }
 
-/* Make an eventfd readable (it stays so until drained). */
-static void wake(int efd)
-{
-	uint64_t one = 1;
-
-	if (write(efd, &one, sizeof(one)) < 0) {
-		/* cannot fail: the counter is far from overflow */
-	}
-}
-
 VMIG_EXPORT const char *vmig_status_name(enum vmig_status status)
 {
 	if ((unsigned)status >= VMIG_STATUS__MAX)
@@ -218,8 +208,8 @@ VMIG_EXPORT void vmig_session_free(vmig_session *s)
 	vmig_cancel(s);
 	__atomic_store_n(&s->cancel, true, __ATOMIC_RELEASE);
 	vmig__break_channels(s);
-	wake(s->cancel_efd);
-	wake(s->recover_efd);
+	eventfd_write(s->cancel_efd, 1);
+	eventfd_write(s->recover_efd, 1);
 	join_thread(s);
 	vmig__dirty_rate_stop(s);
 	/* A failed post-copy destination kept guest RAM registered: only now,
@@ -763,8 +753,8 @@ VMIG_EXPORT int vmig_cancel(vmig_session *s)
 	shutdown_all(s);
 	pthread_cond_broadcast(&s->cond);
 	pthread_mutex_unlock(&s->lock);
-	wake(s->cancel_efd);
-	wake(s->recover_efd);
+	eventfd_write(s->cancel_efd, 1);
+	eventfd_write(s->recover_efd, 1);
 	return 0;
 }
 
@@ -846,7 +836,7 @@ VMIG_EXPORT int vmig_pause(vmig_session *s)
 	if (st == VMIG_STATUS_POSTCOPY_ACTIVE || st == VMIG_STATUS_POSTCOPY_RECOVER) {
 		__atomic_store_n(&s->pause_requested, true, __ATOMIC_RELEASE);
 		if (st == VMIG_STATUS_POSTCOPY_RECOVER)
-			wake(s->recover_efd);
+			eventfd_write(s->recover_efd, 1);
 		shutdown_all(s);
 		pthread_cond_broadcast(&s->cond);
 	}

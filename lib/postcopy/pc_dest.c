@@ -815,13 +815,9 @@ void vmig__pc_dest_hooks(struct vmig__pc_dest *pc, struct vmig__load_hooks *hook
 
 void vmig__pc_dest_stop_faults(struct vmig__pc_dest *pc)
 {
-	uint64_t one = 1;
-
 	if (!pc->fault_started)
 		return;
-	if (write(pc->stop_efd, &one, sizeof(one)) < 0) {
-		/* an eventfd write of 1 cannot fail here */
-	}
+	eventfd_write(pc->stop_efd, 1);
 	pthread_join(pc->fault_thread, NULL);
 	pc->fault_started = false;
 }

@@ -178,12 +178,9 @@ int vmig__dirty_thread_start(struct vmig__dirty *d, struct vmig__err *err)
 
 void vmig__dirty_thread_stop(struct vmig__dirty *d)
 {
-	uint64_t one = 1;
-
 	if (!d->thread_running)
 		return;
-	/* An eventfd write of 1 cannot fail short of a counter overflow. */
-	(void)!write(d->stop_efd, &one, sizeof(one));
+	eventfd_write(d->stop_efd, 1);
 	pthread_join(d->thread, NULL);
 	d->thread_running = false;
 	close(d->stop_efd);

@@ -261,7 +261,8 @@ struct vblk_mirror {
 	pthread_cond_t cv;
 	/* lock */
 	struct vmig__chan *chan; /* the copier sets it; freed after the copier ends */
-	bool ready, completing, cancel, done;
+	bool ready, completing, done;
+	bool cancel; /* cancelled by the operator (sets stop too) */
 	/* The end, in two steps. stop: every thread of the mirror ends now
 	 * (m_fail, a complete copy, cancel). concluded: the copier has settled
 	 * what it ends in (requeued blocks, a disk taken back) and is gone;
@@ -451,7 +452,7 @@ static bool m_push_wait(struct vblk_mirror *m)
 		struct timespec until;
 
 		asked = vblk_dirty_bytes(m->urgent) != 0;
-		if (asked || !m->speed || m->rl.next_ns <= now || m->stop || m->cancel)
+		if (asked || !m->speed || m->rl.next_ns <= now || m->stop)
 			break;
 		deadline_ns(&until, m->rl.next_ns - now);
 		pthread_cond_timedwait(&m->cv, &m->lock, &until);
@@ -569,8 +570,7 @@ static bool m_wait(struct vblk_mirror *m, uint64_t k, bool done)
 	add_ms(&until, DONE_TIMEOUT_MS);
 	add_ms(&stall, GATE_STALL_MS);
 	pthread_mutex_lock(&m->lock);
-	while (!m->stop && !m->cancel && (done ? !m->done : m->acked < k) &&
-	       (done || !m->postcopy_req)) {
+	while (!m->stop && (done ? !m->done : m->acked < k) && (done || !m->postcopy_req)) {
 		bool gate = m->gate_on;
 
 		if (pthread_cond_timedwait(&m->cv, &m->lock, gate ? &stall : &until) != ETIMEDOUT)
@@ -583,7 +583,7 @@ static bool m_wait(struct vblk_mirror *m, uint64_t k, bool done)
 			 "no longer wait for this round",
 			 GATE_STALL_MS);
 	}
-	ok = !m->stop && !m->cancel && (done ? m->done : m->acked >= k);
+	ok = !m->stop && (done ? m->done : m->acked >= k);
 	pthread_mutex_unlock(&m->lock);
 	return ok;
 }
@@ -717,7 +717,7 @@ static void m_idle(struct vblk_mirror *m)
 	__atomic_store_n(&g->idle, true, __ATOMIC_SEQ_CST);
 	__atomic_thread_fence(__ATOMIC_SEQ_CST);
 	pthread_mutex_lock(&m->lock);
-	stop = m->completing || m->cancel || m->stop;
+	stop = m->completing || m->stop;
 	pthread_mutex_unlock(&m->lock);
 	if (!stop && !vblk_dirty_bytes(m->dm->disk.dirty))
 		poll(&pfd, 1, IDLE_MS);
@@ -806,7 +806,7 @@ static int m_push(struct vblk_mirror *m)
 		size_t n;
 
 		pthread_mutex_lock(&m->lock);
-		stop = m->cancel || m->stop;
+		stop = m->stop;
 		pthread_mutex_unlock(&m->lock);
 		if (stop)
 			return -ECANCELED;
@@ -890,10 +890,10 @@ static bool m_wait_map(struct vblk_mirror *m)
 
 	add_ms(&until, DONE_TIMEOUT_MS);
 	pthread_mutex_lock(&m->lock);
-	while (!m->map_done && !m->stop && !m->cancel &&
+	while (!m->map_done && !m->stop &&
 	       pthread_cond_timedwait(&m->cv, &m->lock, &until) != ETIMEDOUT)
 		;
-	ok = m->map_done && !m->stop && !m->cancel;
+	ok = m->map_done && !m->stop;
 	pthread_mutex_unlock(&m->lock);
 	if (!ok)
 		m_fail(m, "the destination did not say what it still lacks");
@@ -943,13 +943,13 @@ static void m_copy(struct vblk_mirror *m)
 	}
 	vblk_log(m->dm, "mirror: copying to %s", m->uri_text);
 	for (;;) {
-		bool last, cancel, sent;
+		bool last, stop, sent;
 
 		pthread_mutex_lock(&m->lock);
 		last = m->completing;
-		cancel = m->cancel || m->stop;
+		stop = m->stop;
 		pthread_mutex_unlock(&m->lock);
-		if (cancel)
+		if (stop)
 			break;
 		if (m_switch_asked(m)) {
 			if (!m_switch(m))
