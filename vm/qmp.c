@@ -47,7 +47,7 @@ struct qmp_client {
 	int fd; /* -1 for a detached (in-memory) client */
 	char *in;
 	size_t in_len, in_cap;
-	struct json_splitter sp;
+	struct vmig__json_splitter sp;
 	char *out;
 	size_t out_len, out_cap, out_off;
 	bool negotiated;
@@ -390,23 +390,23 @@ static void dispatch_request(struct qmp_client *c, json_t *req)
 		client_send_return(c, id, ret);
 }
 
-static void dispatch_item(struct qmp_client *c, const char *p, size_t n, enum json_item_kind kind)
+static void dispatch_item(struct qmp_client *c, const char *p, size_t n, enum vmig__json_item kind)
 {
 	json_error_t jerr;
 	json_t *req;
 	char msg[300];
 
 	switch (kind) {
-	case JSON_ITEM_STRAY_CLOSER:
+	case VMIG_JSON_STRAY_CLOSER:
 		client_send_error(c, NULL, NULL, "JSON parse error, unexpected closing bracket");
 		return;
-	case JSON_ITEM_TOO_DEEP:
+	case VMIG_JSON_TOO_DEEP:
 		client_send_error(c, NULL, NULL, "JSON parse error, nesting too deep");
 		return;
-	case JSON_ITEM_SCALAR:
+	case VMIG_JSON_SCALAR:
 		req = json_loadb(p, n, JSON_DECODE_ANY | JSON_REJECT_DUPLICATES, &jerr);
 		break;
-	case JSON_ITEM_CONTAINER:
+	case VMIG_JSON_CONTAINER:
 	default:
 		req = json_loadb(p, n, JSON_REJECT_DUPLICATES, &jerr);
 		break;
@@ -428,7 +428,7 @@ static void dispatch_item(struct qmp_client *c, const char *p, size_t n, enum js
 static int client_feed_chunk(struct qmp_client *c, const char *data, size_t len)
 {
 	size_t start, end, keep_from = 0;
-	enum json_item_kind kind;
+	enum vmig__json_item kind;
 
 	if (c->in_len + len > c->in_cap) {
 		size_t cap = c->in_len + len;
@@ -443,7 +443,7 @@ static int client_feed_chunk(struct qmp_client *c, const char *data, size_t len)
 	c->in_len += len;
 
 	while (!c->dead && !c->srv->quit) {
-		if (!json_splitter_next(&c->sp, c->in, c->in_len, &start, &end, &kind)) {
+		if (!vmig__json_splitter_next(&c->sp, c->in, c->in_len, &start, &end, &kind)) {
 			keep_from = start;
 			break;
 		}
@@ -455,7 +455,7 @@ static int client_feed_chunk(struct qmp_client *c, const char *data, size_t len)
 	if (keep_from) {
 		memmove(c->in, c->in + keep_from, c->in_len - keep_from);
 		c->in_len -= keep_from;
-		json_splitter_consumed(&c->sp, keep_from);
+		vmig__json_splitter_consumed(&c->sp, keep_from);
 	}
 	if (c->in_len > QMP_MAX_INPUT)
 		return -EMSGSIZE;
@@ -499,7 +499,7 @@ static int client_add(struct qmp_server *srv, int fd, struct qmp_client **out)
 		return -ENOMEM;
 	c->srv = srv;
 	c->fd = fd;
-	json_splitter_init(&c->sp);
+	vmig__json_splitter_init(&c->sp);
 	c->next = srv->clients;
 	srv->clients = c;
 	srv->nclients++;

@@ -24,6 +24,7 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 
+#include "util/json_split.h"
 #include "vhost/vhost.h"
 
 #define VBLK_SECTOR 512u
@@ -302,6 +303,7 @@ struct vblk_opts {
 struct vblk_rpc_client {
 	int fd;
 	size_t len;
+	struct vmig__json_splitter sp; /* where the next request ends in buf */
 	char buf[65536];
 };
 

@@ -3,14 +3,17 @@
  * JSON-RPC 2.0 control socket of vmig-blk (a unix stream socket, requests
  * delimited by newlines or simply by the end of each JSON object), in the
  * style of SPDK's rpc.py interface: vhost_get_controllers, bdev_get_iostat,
- * and vmig_blk_upgrade. Also the two small clients behind "vmig-blk rpc"
+ * and vmig_blk_upgrade. A request may arrive in any number of pieces: the
+ * splitter (util/json_split.h) finds where each ends, and only a whole one
+ * is parsed. Also the two small clients behind "vmig-blk rpc"
  * and "vmig-blk upgrade".
  *
  * Threat model: the socket is 0600 and a client whose uid (SO_PEERCRED)
  * is neither ours nor root's is refused at accept. The bytes of an allowed
  * client are still untrusted. Each client has a fixed 64 KiB buffer; a
- * request that does not fit, or that is not valid JSON, gets a JSON-RPC
- * error and the connection is closed. Nothing from a request is used
+ * request that does not fit, or that is not valid JSON (a top-level scalar,
+ * or a request the client ended half-way, included), gets a JSON-RPC error
+ * and the connection is closed. Nothing from a request is used
  * except the method name, the id (echoed back) and the documented params,
  * each type-checked; no request names a file the daemon opens or runs.
  *
@@ -90,6 +93,7 @@ void vblk_rpc_accept(struct vblk_daemon *dm)
 			break;
 		dm->clients[i]->fd = fd;
 		dm->clients[i]->len = 0;
+		vmig__json_splitter_init(&dm->clients[i]->sp);
 		return;
 	}
 	close(fd); /* too many clients */
@@ -748,64 +752,88 @@ static bool dispatch(struct vblk_daemon *dm, int fd, json_t *req)
 	return ok;
 }
 
-/* Parse and handle every complete request in the client's buffer. */
-static bool drain_requests(struct vblk_daemon *dm, struct vblk_rpc_client *c)
+/* Drop the first n bytes of the client's buffer. */
+static void consume(struct vblk_rpc_client *c, size_t n)
 {
-	for (;;) {
-		size_t skip = 0;
-		json_error_t err;
-		json_t *req;
-
-		while (skip < c->len && strchr(" \t\r\n", c->buf[skip]))
-			skip++;
-		memmove(c->buf, c->buf + skip, c->len - skip);
-		c->len -= skip;
-		if (c->len == 0)
-			return true;
-		req = json_loadb(c->buf, c->len, JSON_DISABLE_EOF_CHECK | JSON_REJECT_DUPLICATES,
-				 &err);
-		if (!req) {
-			if (json_error_code(&err) == json_error_premature_end_of_input &&
-			    c->len < sizeof(c->buf))
-				return true; /* wait for the rest */
-			vblk_rpc_send(c->fd, "null", NULL, RPC_PARSE_ERROR, "parse error");
-			return false;
-		}
-		if ((size_t)err.position > c->len)
-			err.position = (int)c->len;
-		memmove(c->buf, c->buf + err.position, c->len - (size_t)err.position);
-		c->len -= (size_t)err.position;
-		if (!dispatch(dm, c->fd, req)) {
-			json_decref(req);
-			return false;
-		}
-		json_decref(req);
-	}
+	memmove(c->buf, c->buf + n, c->len - n);
+	c->len -= n;
+	vmig__json_splitter_consumed(&c->sp, n);
 }
 
+/* One whole top-level item; false if the client must be closed. */
+static bool handle_item(struct vblk_daemon *dm, int fd, const char *p, size_t n,
+			enum vmig__json_item kind)
+{
+	json_error_t err;
+	json_t *req;
+	bool ok;
+
+	req = kind == VMIG_JSON_CONTAINER ? json_loadb(p, n, JSON_REJECT_DUPLICATES, &err) : NULL;
+	if (!req) {
+		vblk_rpc_send(fd, "null", NULL, RPC_PARSE_ERROR, "parse error");
+		return false;
+	}
+	ok = dispatch(dm, fd, req);
+	json_decref(req);
+	return ok;
+}
+
+/*
+ * Handle every whole request in the client's buffer; false if the client
+ * must be closed. At eof (the client sent all it will) what is left is a
+ * request cut short, or a top-level scalar, whose end the splitter cannot
+ * see before the next byte: a parse error.
+ */
+static bool drain_requests(struct vblk_daemon *dm, struct vblk_rpc_client *c, bool eof)
+{
+	enum vmig__json_item kind;
+	size_t start, end;
+
+	while (vmig__json_splitter_next(&c->sp, c->buf, c->len, &start, &end, &kind)) {
+		bool ok = handle_item(dm, c->fd, c->buf + start, end - start, kind);
+
+		consume(c, end);
+		if (!ok)
+			return false;
+	}
+	consume(c, start); /* whitespace before the next request */
+	if (eof && c->len) {
+		vblk_rpc_send(c->fd, "null", NULL, RPC_PARSE_ERROR, "parse error");
+		return false;
+	}
+	if (c->len == sizeof(c->buf)) {
+		vblk_rpc_send(c->fd, "null", NULL, RPC_INVALID_REQUEST, "request too large");
+		return false;
+	}
+	return true;
+}
+
+/* The client's socket is readable: take what it sent, answer each whole
+ * request, and close it at its end or on an error. */
 void vblk_rpc_client_input(struct vblk_daemon *dm, int i)
 {
 	struct vblk_rpc_client *c = dm->clients[i];
-	ssize_t n;
+	bool ok = true, eof = false;
 
-	for (;;) {
-		if (c->len == sizeof(c->buf)) {
-			vblk_rpc_send(c->fd, "null", NULL, RPC_INVALID_REQUEST,
-				      "request too large");
-			client_close(dm, i);
-			return;
-		}
-		n = recv(c->fd, c->buf + c->len, sizeof(c->buf) - c->len, 0);
+	while (ok && !eof) {
+		/* drain_requests leaves room: a full buffer closes the client */
+		ssize_t n = recv(c->fd, c->buf + c->len, sizeof(c->buf) - c->len, 0);
+
 		if (n > 0) {
 			c->len += (size_t)n;
+			ok = drain_requests(dm, c, false);
+		} else if (n < 0 && errno == EINTR) {
 			continue;
+		} else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+			return; /* the rest later */
+		} else if (n == 0) {
+			eof = true;
+			ok = drain_requests(dm, c, true);
+		} else {
+			ok = false; /* reset: nobody to answer */
 		}
-		if (n < 0 && errno == EINTR)
-			continue;
-		break;
 	}
-	if (!drain_requests(dm, c) || n == 0 || (n < 0 && errno != EAGAIN))
-		client_close(dm, i);
+	client_close(dm, i);
 }
 
 /* ---- clients ---- */
@@ -869,9 +897,15 @@ static int rpc_call(const char *path, const char *method, json_t *params, json_t
 			break;
 		}
 		len += (size_t)n;
+		/* The daemon ends each answer with a newline; parse only a
+		 * whole one (a piece may end inside a token). */
+		if (!memchr(buf, '\n', len)) {
+			if (len == sizeof(buf) - 1)
+				r = -EBADMSG;
+			continue;
+		}
 		*reply = json_loadb(buf, len, JSON_DISABLE_EOF_CHECK, &err);
-		if (!*reply && (json_error_code(&err) != json_error_premature_end_of_input ||
-				len == sizeof(buf) - 1))
+		if (!*reply)
 			r = -EBADMSG;
 	}
 	close(fd);

@@ -563,6 +563,163 @@ static void test_rpc_errors(void **state)
 	rpc_fails("dirty_bitmap_stop", NULL, -32000);
 }
 
+/*
+ * Send the pieces to the daemon's JSON-RPC socket, each in its own write,
+ * 30 ms apart (so that the daemon reads them one by one), then half-close
+ * if asked; collect what it answers until lines lines came, or it closed.
+ * Replies are read while sending: a long pipeline's answers must not wait.
+ * The bytes received; *closed: the daemon closed the connection.
+ */
+static size_t rpc_exchange(const char *const *pieces, unsigned n, bool shut, unsigned lines,
+			   char *out, size_t cap, bool *closed)
+{
+	uint64_t end = now_ms() + 6 * WAIT_MS;
+	size_t len = 0, sent = 0;
+	unsigned got = 0, i = 0;
+	int fd = connect_path(T.rpc);
+
+	assert_true(fd >= 0);
+	*closed = false;
+	while (!*closed && (i < n || got < lines)) {
+		struct pollfd p = {.fd = fd, .events = POLLIN | (i < n ? POLLOUT : 0)};
+		ssize_t r;
+
+		if (now_ms() > end)
+			fail_msg("rpc: %u of %u answers after %u of %u pieces", got, lines, i, n);
+		if (poll(&p, 1, 100) <= 0)
+			continue;
+		if (p.revents & (POLLIN | POLLHUP)) {
+			assert_true(len < cap);
+			r = recv(fd, out + len, cap - len, MSG_DONTWAIT);
+			if (r == 0 || (r < 0 && errno == ECONNRESET)) {
+				*closed = true;
+			} else if (r > 0) {
+				for (ssize_t k = 0; k < r; k++)
+					got += out[len + (size_t)k] == '\n';
+				len += (size_t)r;
+			}
+		}
+		if (i < n && (p.revents & POLLOUT)) {
+			r = send(fd, pieces[i] + sent, strlen(pieces[i]) - sent,
+				 MSG_DONTWAIT | MSG_NOSIGNAL);
+			if (r > 0 && (sent += (size_t)r) == strlen(pieces[i])) {
+				sent = 0;
+				if (++i < n)
+					usleep(30000);
+				else if (shut)
+					shutdown(fd, SHUT_WR);
+			}
+		}
+	}
+	close(fd);
+	return len;
+}
+
+/* Line k (from 0) of the answers, parsed; fails if there is none. */
+static json_t *answer(const char *out, size_t len, unsigned k)
+{
+	const char *p = out, *e = out + len;
+	json_t *j;
+
+	for (unsigned i = 0; i < k && p < e; i++) {
+		p = memchr(p, '\n', (size_t)(e - p));
+		assert_non_null(p);
+		p++;
+	}
+	assert_true(p < e && memchr(p, '\n', (size_t)(e - p)));
+	j = json_loadb(p, (size_t)(e - p), JSON_DISABLE_EOF_CHECK, NULL);
+	assert_non_null(j);
+	return j;
+}
+
+/* An error answer with code (and a message). */
+static void expect_error(json_t *a, int code)
+{
+	json_t *e = json_object_get(a, "error");
+
+	if (!e || json_integer_value(json_object_get(e, "code")) != code)
+		fail_msg("expected error %d, got %s", code, json_dumps(a, JSON_COMPACT));
+	assert_non_null(json_string_value(json_object_get(e, "message")));
+	json_decref(a);
+}
+
+/*
+ * The JSON-RPC socket is a byte stream: a request may come in pieces, cut
+ * anywhere (inside "true", after a minus sign, inside a \u escape), and
+ * many may come at once, more than the 64 KiB a client's buffer holds.
+ * Each whole request is answered, in order. A client that ends half-way
+ * through a request hears a parse error; a single request over 64 KiB is
+ * refused as too large.
+ */
+static void test_rpc_framing(void **state)
+{
+	static char out[1 << 20];
+	const char *cut[] = {
+	    "{\"jsonrpc\":\"2.0\",\"id\":-",
+	    "5,\"method\":\"dirty_bitmap_q\\u00",
+	    "75ery\",\"params\":{}}\n{\"jsonrpc\":\"2.0\",\"id\":6,\"method\":"
+	    "\"dirty_bitmap_start\",\"params\":{\"all_dirty\":tr",
+	    "ue}}",
+	};
+	const unsigned many = 3000;
+	char *pipeline, *big;
+	bool closed;
+	size_t len;
+	json_t *a;
+
+	len = rpc_exchange(cut, 4, false, 2, out, sizeof(out), &closed);
+	assert_false(closed);
+	a = answer(out, len, 0);
+	assert_int_equal(json_integer_value(json_object_get(a, "id")), -5);
+	assert_true(json_is_false(json_object_get(json_object_get(a, "result"), "active")));
+	json_decref(a);
+	a = answer(out, len, 1);
+	assert_int_equal(json_integer_value(json_object_get(a, "id")), 6);
+	assert_int_equal(field(json_object_get(a, "result"), "dirty"), IMG_SIZE); /* all_dirty */
+	json_decref(a);
+	json_decref(rpc_ok("dirty_bitmap_stop", NULL));
+
+	/* Many at once: about 190 KiB of requests in one go. */
+	pipeline = malloc((size_t)many * 80 + 1);
+	assert_non_null(pipeline);
+	len = 0;
+	for (unsigned i = 0; i < many; i++)
+		len += (size_t)sprintf(
+		    pipeline + len,
+		    "{\"jsonrpc\":\"2.0\",\"id\":%u,\"method\":\"dirty_bitmap_query\"}", i);
+	assert_true(len > 2 * 65536); /* twice a client's buffer in the daemon */
+	len = rpc_exchange((const char *const[]){pipeline}, 1, false, many, out, sizeof(out),
+			   &closed);
+	for (unsigned i = 0; i < many; i++) {
+		a = answer(out, len, i);
+		assert_int_equal(json_integer_value(json_object_get(a, "id")), i);
+		assert_non_null(json_object_get(a, "result"));
+		json_decref(a);
+	}
+	free(pipeline);
+
+	/* The client ends half-way: a parse error, then the end. */
+	len = rpc_exchange((const char *const[]){"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"x\""},
+			   1, true, 1, out, sizeof(out), &closed);
+	expect_error(answer(out, len, 0), -32700);
+	/* Not JSON at all, and a top-level scalar: the same. */
+	len = rpc_exchange((const char *const[]){"{\"id\":1,}\n"}, 1, false, 1, out, sizeof(out),
+			   &closed);
+	expect_error(answer(out, len, 0), -32700);
+	len = rpc_exchange((const char *const[]){"42\n"}, 1, false, 1, out, sizeof(out), &closed);
+	expect_error(answer(out, len, 0), -32700);
+
+	/* One request larger than the buffer. */
+	big = malloc(70000 + 100);
+	assert_non_null(big);
+	len = (size_t)sprintf(big, "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"");
+	memset(big + len, 'x', 70000);
+	strcpy(big + len + 70000, "\"}\n");
+	len = rpc_exchange((const char *const[]){big}, 1, false, 1, out, sizeof(out), &closed);
+	expect_error(answer(out, len, 0), -32600);
+	free(big);
+}
+
 static void test_requests_marked(void **state)
 {
 	json_t *q;
@@ -2150,6 +2307,7 @@ int main(int argc, char **argv)
 {
 	const struct CMUnitTest tests[] = {
 	    cmocka_unit_test_setup_teardown(test_rpc_errors, case_setup, case_teardown),
+	    cmocka_unit_test_setup_teardown(test_rpc_framing, case_setup, case_teardown),
 	    cmocka_unit_test_setup_teardown(test_requests_marked, case_setup, case_teardown),
 	    cmocka_unit_test_setup_teardown(test_take_bounds, case_setup, case_teardown),
 	    cmocka_unit_test_setup_teardown(test_race_take, case_setup, case_teardown),

@@ -28,44 +28,44 @@
 static void test_splitter(void **state)
 {
 	const char *in = " {\"a\":\"}{\\\"\"} [1,[2]] 42\n} \"s p\" {";
-	struct json_splitter sp;
+	struct vmig__json_splitter sp;
 	size_t s, e, len = strlen(in);
-	enum json_item_kind k;
+	enum vmig__json_item k;
 
-	json_splitter_init(&sp);
-	assert_true(json_splitter_next(&sp, in, len, &s, &e, &k));
-	assert_int_equal(k, JSON_ITEM_CONTAINER);
+	vmig__json_splitter_init(&sp);
+	assert_true(vmig__json_splitter_next(&sp, in, len, &s, &e, &k));
+	assert_int_equal(k, VMIG_JSON_CONTAINER);
 	assert_int_equal(s, 1);
 	assert_memory_equal(in + s, "{\"a\":\"}{\\\"\"}", e - s);
-	assert_true(json_splitter_next(&sp, in, len, &s, &e, &k));
-	assert_int_equal(k, JSON_ITEM_CONTAINER);
+	assert_true(vmig__json_splitter_next(&sp, in, len, &s, &e, &k));
+	assert_int_equal(k, VMIG_JSON_CONTAINER);
 	assert_memory_equal(in + s, "[1,[2]]", e - s);
-	assert_true(json_splitter_next(&sp, in, len, &s, &e, &k));
-	assert_int_equal(k, JSON_ITEM_SCALAR);
+	assert_true(vmig__json_splitter_next(&sp, in, len, &s, &e, &k));
+	assert_int_equal(k, VMIG_JSON_SCALAR);
 	assert_memory_equal(in + s, "42", e - s);
-	assert_true(json_splitter_next(&sp, in, len, &s, &e, &k));
-	assert_int_equal(k, JSON_ITEM_STRAY_CLOSER);
-	assert_true(json_splitter_next(&sp, in, len, &s, &e, &k));
-	assert_int_equal(k, JSON_ITEM_SCALAR);
+	assert_true(vmig__json_splitter_next(&sp, in, len, &s, &e, &k));
+	assert_int_equal(k, VMIG_JSON_STRAY_CLOSER);
+	assert_true(vmig__json_splitter_next(&sp, in, len, &s, &e, &k));
+	assert_int_equal(k, VMIG_JSON_SCALAR);
 	assert_memory_equal(in + s, "\"s p\"", e - s);
 	/* The last '{' is incomplete: more input needed, keep from it. */
-	assert_false(json_splitter_next(&sp, in, len, &s, &e, &k));
+	assert_false(vmig__json_splitter_next(&sp, in, len, &s, &e, &k));
 	assert_int_equal(in[s], '{');
 }
 
 static void test_splitter_depth(void **state)
 {
-	char buf[2 * (JSON_SPLIT_MAX_DEPTH + 1) + 1];
-	struct json_splitter sp;
+	char buf[2 * (VMIG_JSON_MAX_DEPTH + 1) + 1];
+	struct vmig__json_splitter sp;
 	size_t s, e;
-	enum json_item_kind k;
+	enum vmig__json_item k;
 
-	memset(buf, '[', JSON_SPLIT_MAX_DEPTH + 1);
-	memset(buf + JSON_SPLIT_MAX_DEPTH + 1, ']', JSON_SPLIT_MAX_DEPTH + 1);
+	memset(buf, '[', VMIG_JSON_MAX_DEPTH + 1);
+	memset(buf + VMIG_JSON_MAX_DEPTH + 1, ']', VMIG_JSON_MAX_DEPTH + 1);
 	buf[sizeof(buf) - 1] = '\0';
-	json_splitter_init(&sp);
-	assert_true(json_splitter_next(&sp, buf, strlen(buf), &s, &e, &k));
-	assert_int_equal(k, JSON_ITEM_TOO_DEEP);
+	vmig__json_splitter_init(&sp);
+	assert_true(vmig__json_splitter_next(&sp, buf, strlen(buf), &s, &e, &k));
+	assert_int_equal(k, VMIG_JSON_TOO_DEEP);
 	assert_int_equal(e, strlen(buf));
 }
 
