@@ -8,12 +8,9 @@ their operations fail), then what a client sends to vmig-blk's JSON-RPC
 socket: every method of docs/vhost-user.md with good and bad params, ids of
 every kind, requests cut anywhere, pipelines, and broken JSON.
 """
-import hashlib
 import json
-import os
 
-here = os.path.dirname(os.path.abspath(__file__))
-out = os.path.join(here, "corpus", "rpc")
+import seeds as seeds_out
 
 
 def req(method, params=None, rid=1):
@@ -64,9 +61,4 @@ seeds = {
     "too_large": seed('{"method":"' + "x" * 66000 + '"}'),
 }
 
-os.makedirs(out, exist_ok=True)
-for name, blob in seeds.items():
-    path = os.path.join(out, hashlib.sha1(blob).hexdigest())
-    with open(path, "wb") as f:
-        f.write(blob)
-print(f"{len(seeds)} seeds in {out}")
+seeds_out.write("rpc", seeds)

@@ -6,12 +6,10 @@ Source-to-destination streams (preamble and records, docs/storage-migration.md)
 on small disks, good and bad, and return paths (no preamble) for a 1 MiB
 disk. Run it again after a format change.
 """
-import hashlib
-import os
 import struct
 
-here = os.path.dirname(os.path.abspath(__file__))
-out = os.path.join(here, "corpus", "storage_stream")
+import seeds as seeds_out
+
 
 DATA, ZERO, SYNC, FLUSH, EOS, MISSING, POSTCOPY = 1, 2, 3, 4, 5, 6, 7
 ACK, ERROR, READ_REQ, DONE, MISSING_MAP, MAP_END = 0x41, 0x42, 0x43, 0x44, 0x45, 0x46
@@ -73,9 +71,4 @@ seeds = {
     "return_map_unasked": rec(MISSING_MAP, struct.pack("<QQ", 0, 1)),
 }
 
-os.makedirs(out, exist_ok=True)
-for name, blob in seeds.items():
-    path = os.path.join(out, hashlib.sha1(blob).hexdigest())
-    with open(path, "wb") as f:
-        f.write(blob)
-print(f"{len(seeds)} seeds in {out}")
+seeds_out.write("storage_stream", seeds)
