@@ -245,7 +245,7 @@ NO_COVERAGE static void check_all(const uint8_t *in, size_t n, const char *out, 
 		req = json_loadb((const char *)in + pos, n - pos,
 				 JSON_DISABLE_EOF_CHECK | JSON_REJECT_DUPLICATES, &err);
 		item = req ? (size_t)err.position : 0;
-		if (z >= pos && (!req || z <= pos + item)) {
+		if (nul && z >= pos && (!req || z <= pos + item)) {
 			json_decref(req);
 			check_rest(out, len, at);
 			return;
@@ -267,8 +267,9 @@ NO_COVERAGE static void check_all(const uint8_t *in, size_t n, const char *out, 
 		}
 		CHECK(a != NULL);
 		id = json_is_object(req) ? json_object_get(req, "id") : NULL;
-		if (maybe_too_deep(in + pos, item) && check_answer(a, NULL) == -32700 &&
-		    !json_is_null(id)) {
+		if (maybe_too_deep(in + pos, item) && json_is_null(json_object_get(a, "id")) &&
+		    json_integer_value(json_object_get(json_object_get(a, "error"), "code")) ==
+			-32700) {
 			json_decref(a);
 			json_decref(req);
 			break;

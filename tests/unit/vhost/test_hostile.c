@@ -1562,7 +1562,9 @@ static void test_stalled_message(void **state)
 	usleep(100000);
 	t0 = now_ms();
 	assert_int_equal(rpc("vhost_get_controllers", NULL, out, sizeof(out), WAIT_MS), 0);
-	assert_true(now_ms() - t0 < 5000);
+	/* The daemon gives the message 2 s (VBLK_MSG_TIMEOUT_S); 5 s more for a
+	 * loaded machine, still short of a daemon that waits for good. */
+	assert_true(now_ms() - t0 < 7000);
 	assert_true(fe_dropped(&f));
 	fe_close(&f);
 
