@@ -36,6 +36,10 @@
 #define VBLK_MAX_RPC_CLIENTS 8
 #define VBLK_DEFAULT_POLL_US 50u      /* see docs/vhost-user.md, "Polling" */
 #define VBLK_MAX_POLL_US 1000000u     /* 1 s: longer is a configuration mistake */
+/* How long a guest write may wait for a write-blocking round's
+ * acknowledgement (--write-blocking-stall-ms; docs/storage-migration.md). */
+#define VBLK_DEFAULT_WB_STALL_MS 1000u
+#define VBLK_MAX_WB_STALL_MS 60000u   /* a round fails after 60 s anyway */
 #define VBLK_MAX_LATENCY_US 60000000u /* 60 s: see vblk_queue_set_latency */
 #define VBLK_MSG_TIMEOUT_S 2	      /* to finish a vhost-user message or send a reply */
 #define VBLK_MAX_BLOCK_SIZE 65536u    /* largest logical block size we serve */
@@ -289,6 +293,7 @@ struct vblk_opts {
 	uint64_t null_size;
 	uint64_t size;
 	uint32_t poll_us;
+	uint32_t wb_stall_ms; /* --write-blocking-stall-ms */
 	unsigned queues;
 	bool read_only;
 	bool read_zeroes;

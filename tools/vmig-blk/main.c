@@ -61,6 +61,7 @@ static void usage(FILE *f)
 	    "                [--queues N] [--read-only] [--poll-us N] [--rpc PATH] [--serial ID]\n"
 	    "                [--size SIZE] [--cache none|writeback] [--upgrade-binary PATH]\n"
 	    "                [--no-lock] [--incoming URI] [--postcopy-state FILE]\n"
+	    "                [--write-blocking-stall-ms N]\n"
 	    "                [--tls-creds SPEC]\n"
 	    "                [--tls-hostname NAME] [--tls-authz ID] [--quiet]\n"
 	    "       vmig-blk rpc --rpc PATH METHOD [JSON-PARAMS]\n"
@@ -86,6 +87,10 @@ static void usage(FILE *f)
 	    "                     the image's name + .vmig-postcopy; a block device\n"
 	    "                     needs it for post-copy). A daemon started on an image\n"
 	    "                     whose state file exists resumes that post-copy\n"
+	    "  --write-blocking-stall-ms N  a storage migration in copy-mode\n"
+	    "                     write-blocking: how long a guest write waits for the\n"
+	    "                     destination before it completes here anyway (1..60000,\n"
+	    "                     default 1000)\n"
 	    "  --tls-creds x509|psk,dir=DIR,endpoint=client|server[,username=U]\n"
 	    "                     [,verify-peer=on|off]\n"
 	    "                     TLS 1.3 for the storage stream, credentials laid out as\n"
@@ -114,6 +119,7 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 	    {"null", required_argument, NULL, 'n'},
 	    {"read-zeroes", no_argument, NULL, 'Z'},
 	    {"poll-us", required_argument, NULL, 'p'},
+	    {"write-blocking-stall-ms", required_argument, NULL, 'W'},
 	    {"upgrade-binary", required_argument, NULL, 'u'},
 	    {"no-lock", no_argument, NULL, 'L'},
 	    {"cache", required_argument, NULL, 'C'},
@@ -130,6 +136,7 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 
 	o->queues = 1;
 	o->poll_us = VBLK_DEFAULT_POLL_US;
+	o->wb_stall_ms = VBLK_DEFAULT_WB_STALL_MS;
 	while ((c = getopt_long(argc, argv, "", lopts, NULL)) != -1) {
 		switch (c) {
 		case 's':
@@ -162,6 +169,17 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 				return -1;
 			}
 			o->poll_us = (uint32_t)v;
+			break;
+		case 'W':
+			errno = 0;
+			v = strtoul(optarg, &end, 10);
+			if (errno || *end || end == optarg || v < 1 || v > VBLK_MAX_WB_STALL_MS) {
+				fprintf(stderr,
+					"vmig-blk: --write-blocking-stall-ms must be 1..%u\n",
+					VBLK_MAX_WB_STALL_MS);
+				return -1;
+			}
+			o->wb_stall_ms = (uint32_t)v;
 			break;
 		case 'q':
 			errno = 0;

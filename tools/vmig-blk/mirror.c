@@ -57,8 +57,8 @@
 /* How long the last round may wait for the destination's DONE. */
 #define DONE_TIMEOUT_MS 60000
 /* How long guest writes may wait for an acknowledgement (write-blocking)
- * before they are let go: a stalled link must not hang the guest. */
-#define GATE_STALL_MS 1000
+ * before they are let go, so that a stalled link does not hang the guest:
+ * --write-blocking-stall-ms (opts.wb_stall_ms). */
 
 /* ---- shared ---------------------------------------------------------- */
 
@@ -558,7 +558,8 @@ static void m_requeue(struct vblk_mirror *m)
 
 /*
  * Wait for the destination to acknowledge round k (or DONE with done).
- * With the gate on, guest writes wait too: after GATE_STALL_MS they are
+ * With the gate on, guest writes wait too: after --write-blocking-stall-ms
+ * (opts.wb_stall_ms, 1 s by default) they are
  * let go (their blocks stay dirty) and the gate stays off until the next
  * round, so a stalled link stalls the guest's writes for a bounded time.
  */
@@ -568,7 +569,7 @@ static bool m_wait(struct vblk_mirror *m, uint64_t k, bool done)
 	bool ok;
 
 	add_ms(&until, DONE_TIMEOUT_MS);
-	add_ms(&stall, GATE_STALL_MS);
+	add_ms(&stall, m->dm->opts.wb_stall_ms);
 	pthread_mutex_lock(&m->lock);
 	while (!m->stop && (done ? !m->done : m->acked < k) && (done || !m->postcopy_req)) {
 		bool gate = m->gate_on;
@@ -579,9 +580,9 @@ static bool m_wait(struct vblk_mirror *m, uint64_t k, bool done)
 			break;
 		gate_off(m);
 		vblk_log(m->dm,
-			 "mirror: write-blocking: no acknowledgement in %d ms; guest writes "
+			 "mirror: write-blocking: no acknowledgement in %u ms; guest writes "
 			 "no longer wait for this round",
-			 GATE_STALL_MS);
+			 m->dm->opts.wb_stall_ms);
 	}
 	ok = !m->stop && (done ? m->done : m->acked >= k);
 	pthread_mutex_unlock(&m->lock);

@@ -83,6 +83,7 @@ static struct {
 	uint8_t *gm;
 	int sock_fd, kick, call, err;
 	uint16_t avail_idx;
+	bool default_stall; /* the next source daemon keeps the 1 s write-blocking bound */
 } T;
 
 static uint64_t now_ms(void)
@@ -300,12 +301,19 @@ static pid_t spawn(const char *log, const char *rpc, char *const argv[])
 	return -1;
 }
 
-/* The source daemon; tls: its --tls-creds, or NULL. */
+/*
+ * The source daemon; tls: its --tls-creds, or NULL. A write-blocking
+ * mirror holds guest writes for up to 8 s here, not the 1 s default, so
+ * that the cases that check every write is on the destination when it
+ * completes do not depend on how fast a loaded machine acknowledges a
+ * round; the case about that bound starts its own daemon with the default.
+ */
 static void daemon_start_tls(const char *tls)
 {
 	T.pid = spawn(T.log, T.rpc,
 		      (char *const[]){(char *)T.bin, "--socket", T.sock, "--file", T.image, "--rpc",
-				      T.rpc, "--poll-us", "0", tls ? "--tls-creds" : NULL,
+				      T.rpc, "--poll-us", "0", "--write-blocking-stall-ms",
+				      T.default_stall ? "1000" : "8000", tls ? "--tls-creds" : NULL,
 				      (char *)tls, NULL});
 }
 
@@ -1473,11 +1481,20 @@ static void test_mirror_link_cut(void **state)
  * the images the same. Without the bound, a write would wait the 60 s a
  * round may take, and the request here would time out after 10 s.
  */
+static void expect_refused(char *const argv[], const char *why);
+
 static void test_mirror_write_blocking_stall(void **state)
 {
 	char params[512];
 	uint64_t t0;
 
+	expect_refused((char *const[]){(char *)T.bin, "--socket", T.sock2, "--null", "1M",
+				       "--write-blocking-stall-ms", "0", NULL},
+		       "--write-blocking-stall-ms must be 1..60000");
+	assert_int_equal(daemon_stop(), 0);
+	T.default_stall = true; /* 1 s, as a user gets it */
+	daemon_start();
+	T.default_stall = false;
 	fe_up();
 	dest_start(true);
 	link_up();
