@@ -673,8 +673,8 @@ static void test_rpc_framing(void **state)
 	const char *cut[] = {
 	    "{\"jsonrpc\":\"2.0\",\"id\":-",
 	    "5,\"method\":\"dirty_bitmap_q\\u00",
-	    "75ery\",\"params\":{}}\n{\"jsonrpc\":\"2.0\",\"id\":6,\"method\":"
-	    "\"dirty_bitmap_start\",\"params\":{\"all_dirty\":tr",
+	    ("75ery\",\"params\":{}}\n{\"jsonrpc\":\"2.0\",\"id\":6,\"method\":"
+	     "\"dirty_bitmap_start\",\"params\":{\"all_dirty\":tr"),
 	    "ue}}",
 	};
 	const unsigned many = 3000;
