@@ -4,10 +4,10 @@
 
 - A link cut after the final device state left the source, before the
   destination's "running" reached it: the destination runs, and the source
-  must stay paused and say that the outcome is unknown. The relay delays
-  everything the destination sends back by a second, freezes that direction
-  once the source has stopped its vCPUs, and cuts every connection as soon
-  as the destination reports running; the source never learns the outcome.
+  must stay paused and say that the outcome is unknown. The relay holds
+  what the destination sends back from its "running" message (RESUMED) on,
+  whenever that comes, and the test cuts every connection once the
+  destination runs; the source never learns the outcome.
 - A destination that refuses the state before it starts: the source knows
   the destination never ran, so it resumes.
 - pause-before-switchover (QEMU's capability): the source stops and waits in
@@ -24,6 +24,7 @@ from vmigtest import VM, QMPError, Relay, Runner, check, free_port, wait_complet
 
 MEM_ARG = "64M"
 MEM = 64 << 20
+RP_RESUMED = 0x41  # lib/stream/format.h: the destination verified and started
 
 
 def src_vm(procs, build, vcpus=2):
@@ -55,14 +56,14 @@ def case_cut_after_commit(procs, build):
     src = src_vm(procs, build)
     dst = dst_vm(procs, build)
     port = free_port()
-    relay = Relay(port, reverse_delay=1.0)
+    # The destination's answer never gets back, however late this test
+    # gets to cut the link.
+    relay = Relay(port, hold_reverse=RP_RESUMED)
     dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:%d" % port)
     src.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % relay.port)
-    deadline = time.monotonic() + 60
-    while src.status() == "running":
-        check(time.monotonic() < deadline, "the source never stopped for the switch")
-        time.sleep(0.002)
-    relay.freeze_reverse()  # the destination's answer never gets back
+    check(relay.held.wait(60), "the destination never said it runs: %r" %
+          dst.migrate_status())
+    deadline = time.monotonic() + 30
     while dst.status() != "running":
         check(time.monotonic() < deadline, "the destination never started: %r" %
               dst.migrate_status())
@@ -99,8 +100,10 @@ def case_dest_refuses(procs, build):
     check("destination" in info.get("error-desc", ""), "error-desc: %r" % info.get("error-desc"))
     check(src.status() == "running", "source not running: %s" % src.status())
     w0 = src.guest()["pages-written"]
-    time.sleep(0.3)
-    check(src.guest()["pages-written"] > w0, "source guest does not write")
+    deadline = time.monotonic() + 10
+    while src.guest()["pages-written"] <= w0:
+        check(time.monotonic() < deadline, "source guest does not write")
+        time.sleep(0.05)
     dinfo = dst.wait_migration(30)
     check(dinfo["status"] == "failed", "destination %r" % dinfo)
     check(dst.status() != "running", "destination runs: %s" % dst.status())

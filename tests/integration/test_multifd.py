@@ -334,8 +334,10 @@ def case_missing_channel_cancel(procs, build):
         name = b"pc.ram"
         blocks = struct.pack("<IB3xIQ", 1, len(name), 4096, 1 << 20) + name
         main.sendall(preamble(0, 0, 7) + rec(0x01, blocks) + rec(0x0a, struct.pack("<II", 2, 0)))
-        time.sleep(0.5)
-        check(dst.qmp.cmd("query-migrate")["status"] == "active", "not waiting")
+        deadline = time.monotonic() + 10
+        while dst.qmp.cmd("query-migrate")["status"] != "active":
+            check(time.monotonic() < deadline, "not waiting: %r" % dst.qmp.cmd("query-migrate"))
+            time.sleep(0.05)
         dst.qmp.cmd("migrate_cancel")
         info = dst.wait_migration(10)
     finally:

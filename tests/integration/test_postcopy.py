@@ -20,12 +20,19 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-from vmigtest import VM, QMPError, Relay, Runner, check, free_port, wait_completed  # noqa: E402
+from vmigtest import (VM, QMPError, Relay, Runner, check, free_port,  # noqa: E402
+                      push_after_requests, wait_completed)
 
 MEM_ARG = "128M"
 MEM = 128 << 20
 CAPS = [{"capability": "postcopy-ram", "state": True},
         {"capability": "postcopy-blocktime", "state": True}]
+# Pre-copy's max-bandwidth wherever the switch is asked for during it: its
+# first pass over RAM then takes 8 s, so a switch asked for at once or within
+# a second always finds it running (unlimited, the pass takes some 70 ms and
+# may converge first: no post-copy at all). The post-copy push follows
+# max-postcopy-bandwidth instead, so this slows nothing after the switch.
+PRECOPY_BW = 16 << 20
 
 
 def pair(procs, build, workload="random", dst_args=("-S",), rate="32M", multifd=None):
@@ -43,11 +50,19 @@ def pair(procs, build, workload="random", dst_args=("-S",), rate="32M", multifd=
 
 
 def start(src, dst, uri, switch_after):
+    """Migrate at PRECOPY_BW, and ask for the switch after switch_after s."""
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": PRECOPY_BW})
     dst.qmp.cmd("migrate-incoming", uri=uri)
     src.qmp.cmd("migrate", uri=uri)
     if switch_after:
         time.sleep(switch_after)
     src.qmp.cmd("migrate-start-postcopy")
+
+
+# The push's max-postcopy-bandwidth where a running destination must be seen
+# to ask for pages: unlimited, the push may place all of RAM before its
+# vCPUs first fault. Lifted by push_after_requests once they have.
+REQUEST_PUSH_BW = 8 << 20
 
 
 # Bytes the source counts and the destination does not: the preambles of
@@ -87,10 +102,9 @@ def finish_and_compare(src, dst, lossless=True):
 
 
 def case_postcopy(procs, build, workload, switch_after):
+    # Hybrid (switch_after): start() makes the pre-copy slow, so the switch
+    # comes in the middle of it.
     src, dst = pair(procs, build, workload)
-    if switch_after:
-        # Hybrid: a slow pre-copy, so the switch comes in the middle of it.
-        src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 64 << 20})
     time.sleep(0.3)
     start(src, dst, "tcp:127.0.0.1:%d" % free_port(), switch_after)
     info, dinfo = finish_and_compare(src, dst)
@@ -116,16 +130,22 @@ def case_dest_runs(procs, build, workload, prealloc=False):
     src, dst = pair(procs, build, workload,
                     dst_args=("--workload", workload, "--dirty-rate", "64M") +
                     (("--mem-prealloc",) if prealloc else ()))
+    # A sequential writer may stay behind the background push and never
+    # wait; random writers always touch pages that have not arrived (and
+    # must be seen to, so the push waits for their first request).
+    requests = workload != "stream"
+    if requests:
+        src.qmp.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": REQUEST_PUSH_BW})
     time.sleep(0.3)
     start(src, dst, "tcp:127.0.0.1:%d" % free_port(), 0)
+    if requests:
+        push_after_requests(src, dst)
     info = src.wait_migration(120)
     dinfo = dst.wait_migration(60)
     check(info["status"] == "completed", "source %r: %s" % (info["status"],
                                                           info.get("error-desc")))
     check(dinfo["status"] == "completed", "destination %r" % dinfo)
-    if workload != "stream":
-        # A sequential writer may stay behind the background push and never
-        # wait; random writers always touch pages that have not arrived.
+    if requests:
         check(info["ram"]["postcopy-requests"] > 0, "no page was requested: %r" % info["ram"])
         check(dinfo["x-vmig-postcopy-requests"] > 0, "destination fetched nothing")
     check(len(dinfo["postcopy-vcpu-blocktime"]) == 2, "per-vCPU blocktime missing")
@@ -145,12 +165,15 @@ def case_multifd(procs, build, params, switch_after, dst_runs):
     stays stopped (-S) and its memory must equal the source's."""
     dst_args = ("--workload", "random", "--dirty-rate", "64M") if dst_runs else ("-S",)
     src, dst = pair(procs, build, "random", dst_args=dst_args, multifd=params)
-    # A slow pre-copy (the post-copy push is not limited): most of RAM is
+    # start() makes the pre-copy slow (the post-copy push is not limited,
+    # but until a running destination has asked for a page): most of RAM is
     # still to send at the switch.
-    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 64 << 20})
+    if dst_runs:
+        src.qmp.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": REQUEST_PUSH_BW})
     time.sleep(0.3)
     start(src, dst, "tcp:127.0.0.1:%d" % free_port(), switch_after)
     if dst_runs:
+        push_after_requests(src, dst)
         info = src.wait_migration(120)
         dinfo = dst.wait_migration(60)
         check(info["status"] == "completed" and dinfo["status"] == "completed",
@@ -184,7 +207,7 @@ def case_multifd_late_channel(procs, build):
     or a stale copy would stand for the page (the pushed copy, which comes
     after it on the same channel, is then dropped) and memory would differ."""
     src, dst = pair(procs, build, "random", multifd={"multifd-channels": 2})
-    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 64 << 20})
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": PRECOPY_BW})
     port = free_port()
     # connections in order: main, urgent, data channels 0 and 1
     relay = Relay(port, forward_delay={2: 1.0})
@@ -199,11 +222,11 @@ def case_multifd_late_channel(procs, build):
 def case_recovery(procs, build, cuts, dst_args=("-S",), multifd=None):
     """Cut the link at several points of post-copy; recover each time."""
     src, dst = pair(procs, build, "random", dst_args=dst_args, multifd=multifd)
-    # Slow background push, so post-copy lasts long enough to be cut.
     # A slow pre-copy (so the switch comes first) and a slow background push
-    # (so post-copy lasts long enough to be cut).
-    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 64 << 20,
-                                             "max-postcopy-bandwidth": 24 << 20})
+    # (so post-copy lasts long enough to be cut: over 100 MiB to push at
+    # 4 MiB/s take some 25 s, the cuts a few; the limit is lifted after them).
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": PRECOPY_BW,
+                                             "max-postcopy-bandwidth": 4 << 20})
     port = free_port()
     relay = Relay(port)
     dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:%d" % port)
@@ -217,11 +240,13 @@ def case_recovery(procs, build, cuts, dst_args=("-S",), multifd=None):
     # this case is about a destination known to run.
     dst.wait_migration(60, ("postcopy-active",))
     # The destination's figures move on during post-copy, whichever
-    # channels the push takes (at 24 MiB/s, about 7 MiB in 0.3 s).
+    # channels the push takes (at 4 MiB/s, about 200 KiB every 50 ms).
     moved = dst.qmp.cmd("query-migrate")["x-vmig-ram"]["transferred"]
-    time.sleep(0.3)
-    moved = dst.qmp.cmd("query-migrate")["x-vmig-ram"]["transferred"] - moved
-    check(moved > 0, "the destination's transferred did not move in 0.3 s of post-copy")
+    deadline = time.monotonic() + 10
+    while dst.qmp.cmd("query-migrate")["x-vmig-ram"]["transferred"] <= moved:
+        check(time.monotonic() < deadline,
+              "the destination's transferred did not move in 10 s of post-copy")
+        time.sleep(0.05)
     for i, delay in enumerate(cuts):
         time.sleep(delay)
         if src.qmp.cmd("query-migrate")["status"] == "completed":
@@ -280,10 +305,10 @@ def case_multifd_resume_partial(procs, build, end="cut"):
 
 
 def pause_in_postcopy(src, dst, push_rate, after):
-    """A slow pre-copy, the switch after 0.3 s, a push at push_rate, then
-    migrate-pause `after` s into post-copy; returns with both sides paused."""
-    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 64 << 20,
-                                             "max-postcopy-bandwidth": push_rate})
+    """A slow pre-copy (start()), the switch after 0.3 s, a push at
+    push_rate, then migrate-pause `after` s into post-copy; returns with
+    both sides paused."""
+    src.qmp.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": push_rate})
     start(src, dst, "tcp:127.0.0.1:%d" % free_port(), 0.3)
     src.wait_migration(60, ("postcopy-active",))
     time.sleep(after)
@@ -373,6 +398,10 @@ def case_cli(procs, build, flag):
     if flag[0] == "--postcopy-after":
         # A pre-copy that takes about 4 s, so the 1 s timer decides.
         argv += ["--max-bandwidth", "32M"]
+    else:
+        # The switch is asked for at once: a slow pre-copy cannot converge
+        # before it (as PRECOPY_BW).
+        argv += ["--max-bandwidth", "16M"]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     check(r.returncode == 0, "vmig migrate exited %d: %s %s" % (r.returncode, r.stdout[-500:],
                                                                r.stderr[-500:]))

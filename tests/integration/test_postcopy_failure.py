@@ -28,6 +28,13 @@ MEM_ARG = "128M"
 MEM = 128 << 20
 CAPS = [{"capability": "postcopy-ram", "state": True}]
 MAIN, URGENT, DATA0 = 0, 1, 2  # the relay numbers connections as they arrive
+# Pre-copy's max-bandwidth where the switch is asked for during it.
+# Unlimited, the first pass over 128 MiB takes a fraction of a second (less
+# still on multifd's data channels) and may converge before a switch asked
+# for just after the migrate command; at this rate it takes 8 s, and the
+# switch finds most of RAM to push. The post-copy push follows
+# max-postcopy-bandwidth instead.
+PRECOPY_BW = 16 << 20
 
 
 def vm_pair(procs, build, dst_runs=True, multifd=False):
@@ -58,14 +65,12 @@ def through_relay(src, dst, prepare=None):
 
 
 def start(procs, build, dst_runs=True, multifd=False):
-    """A post-copy migration through a relay, switched at once, with a slow
-    background push so that post-copy lasts a few seconds."""
+    """A post-copy migration through a relay, switched at once (during a
+    slow pre-copy), with a slow background push so that post-copy lasts a
+    few seconds."""
     src, dst = vm_pair(procs, build, dst_runs, multifd)
-    src.qmp.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 16 << 20})
-    if multifd:
-        # Data channels move 128 MiB in a fraction of a second here: slow
-        # the pre-copy down so that the switch finds most of it to push.
-        src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 64 << 20})
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": PRECOPY_BW,
+                                             "max-postcopy-bandwidth": 16 << 20})
     relay = through_relay(src, dst)
     src.qmp.cmd("migrate-start-postcopy")
     src.wait_migration(60, ("postcopy-active",))
@@ -192,6 +197,7 @@ def case_urgent_lost_before_switch(procs, build):
     starting and says so: the source, which knows the destination never
     ran, takes the guest back. Nobody waits forever on the other."""
     src, dst = vm_pair(procs, build)
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": PRECOPY_BW})
     relay = through_relay(src, dst, lambda r: r.drop_first(URGENT))
     check(relay.applied.wait(20), "no urgent connection came")
     src.qmp.cmd("migrate-start-postcopy")
@@ -210,7 +216,7 @@ def case_urgent_cut_before_switch(procs, build):
     """The urgent connection dies during pre-copy, after its preamble: the
     switch finds it gone, both sides pause, and a recovery completes."""
     src, dst = vm_pair(procs, build)
-    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 64 << 20})
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": PRECOPY_BW})
     relay = through_relay(src, dst)
     deadline = time.monotonic() + 20
     while src.migrate_status().get("ram", {}).get("transferred", 0) < (8 << 20):

@@ -25,12 +25,13 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 import zlib
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-from vmigtest import VM, Runner, check, free_port  # noqa: E402
+from vmigtest import VM, Runner, check, free_port, push_after_requests  # noqa: E402
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
 SERIES = ("throughput", "dirty-rate", "remaining", "expected-downtime", "postcopy-requests")
@@ -59,12 +60,25 @@ def pair(procs, build, dst_args=("-S",)):
     return src, dst
 
 
-def migrate(build, src, dst, svg, *extra):
-    """Runs vmig migrate --timeline; returns the completed process."""
+def migrate(build, src, dst, svg, *extra, during=None):
+    """Runs vmig migrate --timeline; returns the completed process.
+    during(proc), if given, runs while the command does."""
     # vmig-vm serves several QMP clients: the harness keeps its own.
     argv = [cli(build), "migrate", "unix:" + src.qmp_path, "tcp:127.0.0.1:%d" % free_port(),
             "--dest", "unix:" + dst.qmp_path, "--no-progress", "--timeline", svg] + list(extra)
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(argv, stdout=out, stderr=err, text=True)
+        try:
+            if during:
+                during(p)
+            p.wait(timeout=180)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        out.seek(0)
+        err.seek(0)
+        r = subprocess.CompletedProcess(argv, p.returncode, out.read(), err.read())
     check(r.returncode == 0, "vmig migrate exited %d: %s" % (r.returncode, r.stderr[-800:]))
     check("timeline drawn in" in r.stderr, "no word of the timeline: %s" % r.stderr[-500:])
     return r
@@ -253,8 +267,13 @@ def case_postcopy(procs, build):
     d = procs.tmpdir()
     svg = os.path.join(d, "pc.svg")
     log = os.path.join(d, "pc.jsonl")
+    # Unlimited, the push may place all of RAM before the destination's
+    # vCPUs first fault: held back until both sides counted a request.
+    src.qmp.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 8 << 20})
+
     migrate(build, src, dst, svg, "--max-bandwidth", "32M", "--capability", "postcopy-ram=on",
-            "--postcopy-after", "1", "--timeline-log", log)
+            "--postcopy-after", "1", "--timeline-log", log,
+            during=lambda p: push_after_requests(src, dst, running=lambda: p.poll() is None))
     check(not os.path.exists(svg + ".log"), "--timeline-log ignored")
     root = parse_svg(svg)
     ids = check_series(root, {"throughput": 5, "remaining": 5, "postcopy-requests": 5})

@@ -380,9 +380,9 @@ def case_cli(procs, build):
 # ---- post-copy -----------------------------------------------------------------
 
 def postcopy_tls_start(procs, build):
-    """A post-copy migration over TLS through a sniffer, switched at once,
-    with the destination running its own writer and a slow background push,
-    so that post-copy lasts several seconds."""
+    """A post-copy migration over TLS through a sniffer, switched at once
+    during a slow pre-copy, with the destination running its own writer and
+    a slow background push, so that post-copy lasts several seconds."""
     g = tlscerts.x509_good(CERTS)
     src = source(procs, build, x509_opt("tls0", "client", g.client), fill=marker_fill(procs),
                  caps=("postcopy-ram",))
@@ -391,7 +391,11 @@ def postcopy_tls_start(procs, build):
                                                      "--dirty-rate", "16M"))
     set_tls(src, "tls0", "localhost")
     set_tls(dst, "tls0")
-    src.qmp.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 8 << 20})
+    # A slow pre-copy too: unlimited, its first pass may converge before the
+    # switch asked for just after it (at 16 MiB/s it takes 4 s; the push
+    # follows max-postcopy-bandwidth instead).
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 16 << 20,
+                                             "max-postcopy-bandwidth": 8 << 20})
     uri = listen(dst)
     relay = Sniffer(port_of(uri))
     src.qmp.cmd("migrate", uri="tcp:127.0.0.1:%d" % relay.port)

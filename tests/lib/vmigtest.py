@@ -16,6 +16,7 @@ import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -271,6 +272,10 @@ class Relay:
       from the client to the target (a stream truncated at that offset);
     - reverse_delay holds everything the target sends back for that many
       seconds (a slow return path), and freeze_reverse() holds it for good;
+    - hold_reverse (a return-path message type, for vmig: 0x41, RESUMED)
+      holds connection 0's reverse stream for good from the first message
+      of that type on, whatever the timing (what came before it goes
+      through); the event `held` is set then;
     - forward_delay {index: seconds} delivers what connection index sends
       that much later (a late connection; not slower, still in order);
     - drop: the indices of connections closed as soon as they arrive;
@@ -280,10 +285,13 @@ class Relay:
     Bounded: it stops accepting after 300 s or close().
     """
 
-    def __init__(self, target, limit=None, reverse_delay=0.0, forward_delay=None, drop=()):
+    def __init__(self, target, limit=None, reverse_delay=0.0, forward_delay=None, drop=(),
+                 hold_reverse=None):
         self.target = target
         self.limit = limit
         self.reverse_delay = reverse_delay
+        self.hold_reverse = hold_reverse
+        self.held = threading.Event()
         self.forward_delay = forward_delay or {}
         self.drop = set(drop)
         self.frozen = False
@@ -346,14 +354,46 @@ class Relay:
         while time.monotonic() < self.stalled_until and not self.stop:
             time.sleep(0.01)
 
-    def _pump_back(self, b, a):
-        """Target to client, late by reverse_delay, or not at all once frozen."""
-        if not self.reverse_delay:
+    def _pump_back(self, b, a, index):
+        """Target to client, late by reverse_delay, or not at all once frozen
+        (or, on connection 0 with hold_reverse, from that message on)."""
+        hold = self.hold_reverse if index == 0 else None
+        if not self.reverse_delay and hold is None:
             return self._pump(b, a, None)
-        self._delay_line(b, a, self.reverse_delay, True)
+        self._delay_line(b, a, self.reverse_delay, True, hold)
 
-    def _delay_line(self, b, a, delay, freezable):
-        """b to a, each chunk sent delay seconds after it arrived."""
+    def _until_message(self, hold):
+        """A function(chunk) -> (the part before the first message of type
+        hold, whether it came), reading vmig's framing (struct
+        vmig_wire_rec: u8 type, u8 flags, u16 reserved, u32 len, then len
+        bytes) across chunks."""
+        header = bytearray()
+        skip = [0]
+
+        def split(d):
+            i = 0
+            while i < len(d):
+                if skip[0]:
+                    n = min(skip[0], len(d) - i)
+                    skip[0] -= n
+                    i += n
+                    continue
+                if not header and d[i] == hold:
+                    return d[:i], True
+                n = min(8 - len(header), len(d) - i)
+                header.extend(d[i:i + n])
+                i += n
+                if len(header) == 8:
+                    skip[0] = struct.unpack_from("<I", header, 4)[0]
+                    header.clear()
+            return d, False
+        return split
+
+    def _delay_line(self, b, a, delay, freezable, hold=None):
+        """b to a, each chunk sent delay seconds after it arrived; with hold,
+        nothing from the first message of that type on."""
+        split = self._until_message(hold) if hold is not None else None
+        held = False
         queue = []
         cond = threading.Condition()
         done = []
@@ -384,6 +424,14 @@ class Relay:
                 d = b.recv(262144)
                 if not d:
                     break
+                if held:
+                    continue  # read on, so that the target never blocks
+                if split:
+                    d, held = split(d)
+                    if held:
+                        self.held.set()
+                    if not d:
+                        continue
                 with cond:
                     queue.append((time.monotonic() + delay, d))
                     cond.notify()
@@ -426,7 +474,7 @@ class Relay:
             else:
                 threading.Thread(target=self._pump, args=(a, b, limit, index),
                                  daemon=True).start()
-            threading.Thread(target=self._pump_back, args=(b, a), daemon=True).start()
+            threading.Thread(target=self._pump_back, args=(b, a, index), daemon=True).start()
 
     def freeze_reverse(self):
         self.frozen = True
@@ -510,6 +558,25 @@ def check(cond, msg):
         raise AssertionError(msg)
 
 
+def push_after_requests(src, dst, timeout=60, running=lambda: True):
+    """The post-copy push held back by a max-postcopy-bandwidth set before the
+    switch: wait (while running()) until both sides have counted a page
+    request, then let the push run free. Unlimited, the push may place all of
+    RAM before a running destination's vCPUs first fault."""
+    deadline = time.monotonic() + timeout
+    while running():
+        info, dinfo = src.qmp.cmd("query-migrate"), dst.qmp.cmd("query-migrate")
+        if (info.get("ram", {}).get("postcopy-requests", 0) > 0 and
+                dinfo.get("x-vmig-postcopy-requests", 0) > 0):
+            break
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            break  # the caller's checks say what went wrong
+        check(time.monotonic() < deadline, "no page request within %ds: source %r, "
+              "destination %r" % (timeout, info.get("ram"), dinfo))
+        time.sleep(0.05)
+    src.qmp.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
+
+
 def cancel_midway(src, dst, bandwidth):
     """Starts a migration capped at bandwidth bytes/s, cancels it after a
     second, and checks that the source is back to running and the guest
@@ -523,10 +590,12 @@ def cancel_midway(src, dst, bandwidth):
     info = src.wait_migration(30)
     check(info["status"] == "cancelled", "status after cancel: %r" % info["status"])
     check(src.status() == "running", "source not running after cancel: %s" % src.status())
-    w0 = src.guest()["pages-written"]
-    time.sleep(0.5)
     if src.guest()["workload"] != "idle":
-        check(src.guest()["pages-written"] > w0, "source guest stopped writing after cancel")
+        w0 = src.guest()["pages-written"]
+        deadline = time.monotonic() + 10
+        while src.guest()["pages-written"] <= w0:
+            check(time.monotonic() < deadline, "source guest stopped writing after cancel")
+            time.sleep(0.05)
     d = dst.wait_migration(30)
     check(d["status"] in ("failed", "cancelled"), "destination status %r" % d["status"])
     check(dst.qmp.cmd("query-status") is not None, "destination stopped answering")
