@@ -39,7 +39,7 @@
 /* How long a guest write may wait for a write-blocking round's
  * acknowledgement (--write-blocking-stall-ms; docs/storage-migration.md). */
 #define VBLK_DEFAULT_WB_STALL_MS 1000u
-#define VBLK_MAX_WB_STALL_MS 60000u   /* a round fails after 60 s anyway */
+#define VBLK_MAX_WB_STALL_MS 30000u   /* well short of the 60 s a round may take */
 #define VBLK_MAX_LATENCY_US 60000000u /* 60 s: see vblk_queue_set_latency */
 #define VBLK_MSG_TIMEOUT_S 2	      /* to finish a vhost-user message or send a reply */
 #define VBLK_MAX_BLOCK_SIZE 65536u    /* largest logical block size we serve */

@@ -17,6 +17,7 @@
 #include "mirror.h"
 #include "util/util.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -89,7 +90,7 @@ static void usage(FILE *f)
 	    "                     whose state file exists resumes that post-copy\n"
 	    "  --write-blocking-stall-ms N  a storage migration in copy-mode\n"
 	    "                     write-blocking: how long a guest write waits for the\n"
-	    "                     destination before it completes here anyway (1..60000,\n"
+	    "                     destination before it completes here anyway (1..30000,\n"
 	    "                     default 1000)\n"
 	    "  --tls-creds x509|psk,dir=DIR,endpoint=client|server[,username=U]\n"
 	    "                     [,verify-peer=on|off]\n"
@@ -100,6 +101,19 @@ static void usage(FILE *f)
 	    "  --tls-authz ID     destination: the one client identity let in (the\n"
 	    "                     certificate's DN or the PSK username)\n",
 	    f);
+}
+
+/* A decimal number, digits only (strtoul alone takes a sign and spaces):
+ * 0 and *v, or -1. */
+static int parse_uint(const char *arg, unsigned long max, unsigned long *v)
+{
+	char *end;
+
+	if (!isdigit((unsigned char)arg[0]))
+		return -1;
+	errno = 0;
+	*v = strtoul(arg, &end, 10);
+	return errno || *end || *v > max ? -1 : 0;
 }
 
 static int parse_args(int argc, char **argv, struct vblk_opts *o)
@@ -131,7 +145,6 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 	    {NULL, 0, NULL, 0},
 	};
 	unsigned long v;
-	char *end;
 	int c;
 
 	o->queues = 1;
@@ -161,9 +174,7 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 			o->read_zeroes = true;
 			break;
 		case 'p':
-			errno = 0;
-			v = strtoul(optarg, &end, 10);
-			if (errno || *end || end == optarg || v > VBLK_MAX_POLL_US) {
+			if (parse_uint(optarg, VBLK_MAX_POLL_US, &v)) {
 				fprintf(stderr, "vmig-blk: --poll-us must be 0..%u\n",
 					VBLK_MAX_POLL_US);
 				return -1;
@@ -171,9 +182,7 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 			o->poll_us = (uint32_t)v;
 			break;
 		case 'W':
-			errno = 0;
-			v = strtoul(optarg, &end, 10);
-			if (errno || *end || end == optarg || v < 1 || v > VBLK_MAX_WB_STALL_MS) {
+			if (parse_uint(optarg, VBLK_MAX_WB_STALL_MS, &v) || v < 1) {
 				fprintf(stderr,
 					"vmig-blk: --write-blocking-stall-ms must be 1..%u\n",
 					VBLK_MAX_WB_STALL_MS);
@@ -182,13 +191,12 @@ static int parse_args(int argc, char **argv, struct vblk_opts *o)
 			o->wb_stall_ms = (uint32_t)v;
 			break;
 		case 'q':
-			errno = 0;
-			o->queues = (unsigned)strtoul(optarg, &end, 10);
-			if (errno || *end || o->queues < 1 || o->queues > VHOST_MAX_QUEUES) {
+			if (parse_uint(optarg, VHOST_MAX_QUEUES, &v) || v < 1) {
 				fprintf(stderr, "vmig-blk: --queues must be 1..%u\n",
 					VHOST_MAX_QUEUES);
 				return -1;
 			}
+			o->queues = (unsigned)v;
 			break;
 		case 'R':
 			o->read_only = true;

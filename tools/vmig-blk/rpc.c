@@ -30,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -149,6 +150,10 @@ int vblk_rpc_send(int fd, const char *id_json, const char *result_json, int code
 		return -ENOMEM;
 	r = write_all(fd, out, (size_t)n);
 	free(out);
+	/* A client that does not read its answers: it gets no more of them
+	 * (each would wait its 2 s again), and the next read sees the end. */
+	if (r)
+		shutdown(fd, SHUT_RDWR);
 	return r;
 }
 
@@ -667,9 +672,23 @@ static bool bitmap_free(struct vblk_daemon *dm, int fd, const char *id)
 	return false;
 }
 
-/* Handle one request object; returns false if the client must be closed. */
-static bool dispatch(struct vblk_daemon *dm, int fd, json_t *req)
+/* Nothing but whitespace after buf[from] and in the socket? */
+static bool nothing_after(const struct vblk_rpc_client *c, size_t from)
 {
+	int unread = 0;
+
+	for (size_t i = from; i < c->len; i++)
+		if (!strchr(" \t\r\n", c->buf[i]))
+			return false;
+	return ioctl(c->fd, FIONREAD, &unread) == 0 && unread == 0;
+}
+
+/* Handle one request object, which ends at c->buf[end]; returns false if
+ * the client must be closed. */
+static bool dispatch(struct vblk_daemon *dm, const struct vblk_rpc_client *c, size_t end,
+		     json_t *req)
+{
+	int fd = c->fd;
 	json_t *jid = json_is_object(req) ? json_object_get(req, "id") : NULL;
 	json_t *params = json_is_object(req) ? json_object_get(req, "params") : NULL;
 	const char *method =
@@ -724,6 +743,11 @@ static bool dispatch(struct vblk_daemon *dm, int fd, json_t *req)
 		if (vblk_mirror_active(dm) || dm->incoming) {
 			vblk_rpc_send(fd, id, NULL, RPC_SERVER_ERROR,
 				      "a storage migration is running: upgrade after it");
+		} else if (!nothing_after(c, end)) {
+			/* the new process answers this request only */
+			vblk_rpc_send(
+			    fd, id, NULL, RPC_SERVER_ERROR,
+			    "vmig_blk_upgrade must be the last request on its connection");
 		} else if (json_is_object(params) && json_object_get(params, "binary")) {
 			vblk_log(dm, "upgrade refused: the request named a binary");
 			vblk_rpc_send(fd, id, NULL, RPC_INVALID_PARAMS,
@@ -761,19 +785,21 @@ static void consume(struct vblk_rpc_client *c, size_t n)
 }
 
 /* One whole top-level item; false if the client must be closed. */
-static bool handle_item(struct vblk_daemon *dm, int fd, const char *p, size_t n,
-			enum vmig__json_item kind)
+static bool handle_item(struct vblk_daemon *dm, const struct vblk_rpc_client *c, size_t start,
+			size_t end, enum vmig__json_item kind)
 {
 	json_error_t err;
 	json_t *req;
 	bool ok;
 
-	req = kind == VMIG_JSON_CONTAINER ? json_loadb(p, n, JSON_REJECT_DUPLICATES, &err) : NULL;
+	req = kind == VMIG_JSON_CONTAINER
+		  ? json_loadb(c->buf + start, end - start, JSON_REJECT_DUPLICATES, &err)
+		  : NULL;
 	if (!req) {
-		vblk_rpc_send(fd, "null", NULL, RPC_PARSE_ERROR, "parse error");
+		vblk_rpc_send(c->fd, "null", NULL, RPC_PARSE_ERROR, "parse error");
 		return false;
 	}
-	ok = dispatch(dm, fd, req);
+	ok = dispatch(dm, c, end, req);
 	json_decref(req);
 	return ok;
 }
@@ -790,13 +816,10 @@ static bool drain_requests(struct vblk_daemon *dm, struct vblk_rpc_client *c, bo
 	size_t start, end;
 
 	while (vmig__json_splitter_next(&c->sp, c->buf, c->len, &start, &end, &kind)) {
-		bool ok = handle_item(dm, c->fd, c->buf + start, end - start, kind);
-
-		consume(c, end);
-		if (!ok)
+		if (!handle_item(dm, c, start, end, kind))
 			return false;
 	}
-	consume(c, start); /* whitespace before the next request */
+	consume(c, start); /* the requests handled, and whitespace after them */
 	if (eof && c->len) {
 		vblk_rpc_send(c->fd, "null", NULL, RPC_PARSE_ERROR, "parse error");
 		return false;
@@ -808,32 +831,31 @@ static bool drain_requests(struct vblk_daemon *dm, struct vblk_rpc_client *c, bo
 	return true;
 }
 
-/* The client's socket is readable: take what it sent, answer each whole
- * request, and close it at its end or on an error. */
+/*
+ * The client's socket is readable: take what fits in its buffer (one read,
+ * so that a client that never stops sending cannot hold the control
+ * thread: the rest waits for the next turn of the poll loop), answer each
+ * whole request, and close it at its end or on an error.
+ */
 void vblk_rpc_client_input(struct vblk_daemon *dm, int i)
 {
 	struct vblk_rpc_client *c = dm->clients[i];
-	bool ok = true, eof = false;
+	ssize_t n;
 
-	while (ok && !eof) {
-		/* drain_requests leaves room: a full buffer closes the client */
-		ssize_t n = recv(c->fd, c->buf + c->len, sizeof(c->buf) - c->len, 0);
-
-		if (n > 0) {
-			c->len += (size_t)n;
-			ok = drain_requests(dm, c, false);
-		} else if (n < 0 && errno == EINTR) {
-			continue;
-		} else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-			return; /* the rest later */
-		} else if (n == 0) {
-			eof = true;
-			ok = drain_requests(dm, c, true);
-		} else {
-			ok = false; /* reset: nobody to answer */
-		}
+	/* drain_requests leaves room: a full buffer closes the client */
+	do
+		n = recv(c->fd, c->buf + c->len, sizeof(c->buf) - c->len, 0);
+	while (n < 0 && errno == EINTR);
+	if (n > 0) {
+		c->len += (size_t)n;
+		if (drain_requests(dm, c, false))
+			return;
+	} else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+		return;
+	} else if (n == 0) {
+		drain_requests(dm, c, true); /* the end: answered or not, close */
 	}
-	client_close(dm, i);
+	client_close(dm, i); /* an error, a reset, or the end */
 }
 
 /* ---- clients ---- */

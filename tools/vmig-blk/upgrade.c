@@ -227,27 +227,45 @@ static int open_binary(const char *binary, char *err, size_t errlen)
 	return fd;
 }
 
-/* Run the binary (open as fd) with --version and check it is a vmig-blk
- * with our state format. */
-static int preflight(int bfd, const char *binary, char *err, size_t errlen)
+/*
+ * Run the binary (open as fd) with our own arguments and --version last,
+ * and check it is a vmig-blk with our state format. It reads the
+ * arguments it will be started with before it reaches --version, so a
+ * binary that does not know one of them (an older one, and an option added
+ * since) is refused here, while this process still serves, and not after
+ * the exec, where it could only exit.
+ */
+static int preflight(int bfd, const char *binary, char *const *argv, char *err, size_t errlen)
 {
 	char out[256] = {0};
-	size_t len = 0;
+	size_t len = 0, argc = 0;
 	int pfd[2], status;
+	char **args;
 	pid_t pid;
 
-	if (pipe2(pfd, O_CLOEXEC))
+	while (argv[argc])
+		argc++;
+	args = calloc(argc + 2, sizeof(*args));
+	if (!args)
+		return -ENOMEM;
+	args[0] = (char *)binary;
+	for (size_t i = 1; i < argc; i++)
+		args[i] = argv[i];
+	args[argc ? argc : 1] = "--version";
+	if (pipe2(pfd, O_CLOEXEC)) {
+		free(args);
 		return -errno;
+	}
 	pid = fork();
 	if (pid == 0) {
-		char *const args[] = {(char *)binary, "--version", NULL};
-
 		dup2(pfd[1], 1);
+		dup2(pfd[1], 2); /* what it says about an argument it refuses */
 		fexecve(bfd, args, environ);
 		dprintf(1, "cannot exec: %s", strerror(errno));
 		_exit(127);
 	}
 	close(pfd[1]);
+	free(args);
 	for (int waited = 0; pid > 0 && len < sizeof(out) - 1 && waited < 5000; waited += 50) {
 		struct pollfd p = {.fd = pfd[0], .events = POLLIN};
 		ssize_t n;
@@ -265,7 +283,9 @@ static int preflight(int bfd, const char *binary, char *err, size_t errlen)
 	kill(pid, SIGKILL); /* no-op if it already exited */
 	waitpid(pid, &status, 0);
 	if (strncmp(out, "vmig-blk ", 9) || !strstr(out, VERSION_TAG)) {
-		snprintf(err, errlen, "%s is not a compatible vmig-blk (--version said \"%.60s\")",
+		snprintf(err, errlen,
+			 "%s is not a compatible vmig-blk, or refuses this daemon's arguments "
+			 "(it said \"%.120s\")",
 			 binary, out);
 		return -ENOEXEC;
 	}
@@ -382,7 +402,7 @@ int vblk_upgrade(struct vblk_daemon *dm, int reply_fd, const char *id_json, char
 		vblk_log(dm, "upgrade refused: %s", err);
 		return bfd;
 	}
-	r = preflight(bfd, binary, err, errlen);
+	r = preflight(bfd, binary, dm->argv, err, errlen);
 	if (r) {
 		close(bfd);
 		return r;

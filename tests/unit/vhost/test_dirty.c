@@ -736,6 +736,114 @@ static void test_rpc_framing(void **state)
 	free(big);
 }
 
+/* A client that sends "{}" requests (each answered -32600) as fast as the
+ * socket takes them, reading its answers, until stop; counts the answers. */
+static struct {
+	bool stop; /* atomic */
+	uint64_t answers;
+} F;
+
+static void *flood(void *arg)
+{
+	static const char req[] = "{}{}{}{}{}{}{}{}{}{}{}{}{}{}{}{}";
+	int fd = connect_path(T.rpc);
+	uint64_t end = now_ms() + 3 * WAIT_MS;
+	char buf[65536];
+
+	while (fd >= 0 && !__atomic_load_n(&F.stop, __ATOMIC_ACQUIRE) && now_ms() < end) {
+		struct pollfd p = {.fd = fd, .events = POLLIN | POLLOUT};
+		ssize_t n;
+
+		if (poll(&p, 1, 100) <= 0)
+			continue;
+		if (p.revents & POLLIN) {
+			n = recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+			if (n <= 0)
+				break;
+			for (ssize_t i = 0; i < n; i++)
+				__atomic_fetch_add(&F.answers, buf[i] == '\n', __ATOMIC_RELAXED);
+		}
+		if ((p.revents & POLLOUT) &&
+		    send(fd, req, sizeof(req) - 1, MSG_DONTWAIT | MSG_NOSIGNAL) < 0 &&
+		    errno != EAGAIN)
+			break;
+	}
+	if (fd >= 0)
+		close(fd);
+	return NULL;
+}
+
+/*
+ * Clients that misbehave on the JSON-RPC socket may not hold the daemon's
+ * control thread (which also serves vhost-user, whose front-end may wait
+ * on it with its vCPUs stopped):
+ *  - one that sends requests without end, reading its answers: the others
+ *    are still answered;
+ *  - one that sends many requests and never reads the answers: once its
+ *    socket is full it gets no more of them (each would wait 2 s), and is
+ *    closed;
+ *  - vmig_blk_upgrade with requests after it on the same connection: the
+ *    new process would answer only the upgrade, so it is refused and the
+ *    rest are answered here.
+ */
+static void test_rpc_clients_misbehave(void **state)
+{
+	static char out[1 << 16];
+	char *many;
+	pthread_t th;
+	uint64_t t0;
+	bool closed;
+	size_t len;
+	json_t *a, *q;
+	int fd;
+
+	F.stop = false;
+	F.answers = 0;
+	assert_int_equal(pthread_create(&th, NULL, flood, NULL), 0);
+	for (uint64_t end = now_ms() + WAIT_MS; !__atomic_load_n(&F.answers, __ATOMIC_RELAXED);)
+		assert_true(now_ms() < end);
+	for (int i = 0; i < 20; i++) { /* each answered while the flood goes on */
+		t0 = now_ms();
+		q = rpc_ok("dirty_bitmap_query", NULL);
+		json_decref(q);
+		assert_true(now_ms() - t0 < WAIT_MS);
+	}
+	__atomic_store_n(&F.stop, true, __ATOMIC_RELEASE);
+	pthread_join(th, NULL);
+
+	/* 32 KiB of requests, never read: some 16000 answers do not fit */
+	fd = connect_path(T.rpc);
+	assert_true(fd >= 0);
+	many = malloc(32768);
+	assert_non_null(many);
+	for (int i = 0; i < 32768; i += 2)
+		memcpy(many + i, "{}", 2);
+	assert_int_equal(send(fd, many, 32768, MSG_NOSIGNAL), 32768);
+	free(many);
+	t0 = now_ms();
+	q = rpc_ok("dirty_bitmap_query", NULL); /* after about 2 s, not hours */
+	json_decref(q);
+	assert_true(now_ms() - t0 < WAIT_MS);
+	close(fd);
+
+	len = rpc_exchange((const char *const[]){"{\"id\":1,\"method\":\"vmig_blk_upgrade\"}\n"
+						 "{\"id\":2,\"method\":\"dirty_bitmap_query\"}\n"},
+			   1, false, 2, out, sizeof(out), &closed);
+	a = answer(out, len, 0);
+	assert_non_null(
+	    strstr(json_string_value(json_object_get(json_object_get(a, "error"), "message")),
+		   "last request"));
+	json_decref(a);
+	a = answer(out, len, 1);
+	assert_int_equal(json_integer_value(json_object_get(a, "id")), 2);
+	assert_non_null(json_object_get(a, "result"));
+	json_decref(a);
+	q = rpc_ok("vhost_get_controllers", NULL); /* no upgrade happened */
+	assert_int_equal(json_integer_value(json_object_get(json_array_get(q, 0), "upgrades")), 0);
+	assert_int_equal(json_integer_value(json_object_get(json_array_get(q, 0), "pid")), T.pid);
+	json_decref(q);
+}
+
 static void test_requests_marked(void **state)
 {
 	json_t *q;
@@ -949,6 +1057,48 @@ static void test_upgrade_all_dirty(void **state)
 	assert_int_equal(field(q, "dirty"), IMG_SIZE);
 	json_decref(q);
 	json_decref(rpc_ok("dirty_bitmap_stop", NULL));
+}
+
+/*
+ * A live upgrade runs its target with the daemon's own arguments and
+ * --version before it execs it: a binary that refuses one of them (an
+ * older one, and an option added since) is refused while the daemon still
+ * serves. Before, the check ran only --version, and the exec'd binary,
+ * past the point of no return, exited on the option, the disk unserved.
+ */
+static void test_upgrade_checks_arguments(void **state)
+{
+	char fake[4096], *slash;
+	ssize_t n = readlink("/proc/self/exe", fake, sizeof(fake) - 16);
+	const char *msg;
+	json_t *r, *q;
+
+	assert_true(n > 0);
+	fake[n] = '\0';
+	slash = strrchr(fake, '/');
+	assert_non_null(slash);
+	strcpy(slash + 1, "old-vmig-blk");
+	assert_int_equal(daemon_stop(), 0);
+	T.pid = spawn(T.log, T.rpc,
+		      (char *const[]){(char *)T.bin, "--socket", T.sock, "--file", T.image, "--rpc",
+				      T.rpc, "--write-blocking-stall-ms", "2000",
+				      "--upgrade-binary", fake, NULL});
+	r = rpc_raw("vmig_blk_upgrade", NULL);
+	assert_non_null(r);
+	msg = json_string_value(json_object_get(json_object_get(r, "error"), "message"));
+	if (!msg || !strstr(msg, "refuses this daemon's arguments") ||
+	    !strstr(msg, "--write-blocking-stall-ms"))
+		fail_msg("upgrade to a binary that refuses an argument: %s",
+			 json_dumps(r, JSON_COMPACT));
+	json_decref(r);
+	/* the same process serves on */
+	q = rpc_ok("vhost_get_controllers", NULL);
+	assert_int_equal(json_integer_value(json_object_get(json_array_get(q, 0), "pid")), T.pid);
+	assert_int_equal(json_integer_value(json_object_get(json_array_get(q, 0), "upgrades")), 0);
+	json_decref(q);
+	fe_up();
+	write_at(0, 4096, 0x3e);
+	fe_down();
 }
 
 /* ---- storage migration to a second daemon (tools/vmig-blk/mirror.c, incoming.c) ---- */
@@ -1490,7 +1640,7 @@ static void test_mirror_write_blocking_stall(void **state)
 
 	expect_refused((char *const[]){(char *)T.bin, "--socket", T.sock2, "--null", "1M",
 				       "--write-blocking-stall-ms", "0", NULL},
-		       "--write-blocking-stall-ms must be 1..60000");
+		       "--write-blocking-stall-ms must be 1..30000");
 	assert_int_equal(daemon_stop(), 0);
 	T.default_stall = true; /* 1 s, as a user gets it */
 	daemon_start();
@@ -2334,10 +2484,13 @@ int main(int argc, char **argv)
 	const struct CMUnitTest tests[] = {
 	    cmocka_unit_test_setup_teardown(test_rpc_errors, case_setup, case_teardown),
 	    cmocka_unit_test_setup_teardown(test_rpc_framing, case_setup, case_teardown),
+	    cmocka_unit_test_setup_teardown(test_rpc_clients_misbehave, case_setup, case_teardown),
 	    cmocka_unit_test_setup_teardown(test_requests_marked, case_setup, case_teardown),
 	    cmocka_unit_test_setup_teardown(test_take_bounds, case_setup, case_teardown),
 	    cmocka_unit_test_setup_teardown(test_race_take, case_setup, case_teardown),
 	    cmocka_unit_test_setup_teardown(test_upgrade_all_dirty, case_setup, case_teardown),
+	    cmocka_unit_test_setup_teardown(test_upgrade_checks_arguments, case_setup,
+					    case_teardown),
 	    cmocka_unit_test_setup_teardown(test_mirror_while_writing, case_setup, case_teardown),
 	    cmocka_unit_test_setup_teardown(test_mirror_resumes, case_setup, case_teardown),
 	    cmocka_unit_test_setup_teardown(test_incoming_holds_requests, case_setup,
