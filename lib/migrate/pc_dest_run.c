@@ -258,9 +258,10 @@ static int send_bitmaps(struct pc_run *pc)
 		for (size_t w = 0; w < words; w++) {
 			/* A huge page's received pages wait in the file for the
 			 * rest of it (lib/postcopy): they are here too. */
-			uint64_t have = __atomic_load_n(&b->placed[w], __ATOMIC_ACQUIRE) |
-					(__atomic_load_n(&b->received[w], __ATOMIC_ACQUIRE) &
-					 (b->hpage ? ~0ull : b->zero[w]));
+			uint64_t have =
+			    __atomic_load_n(&b->placed[w], __ATOMIC_ACQUIRE) |
+			    (__atomic_load_n(&b->received[w], __ATOMIC_ACQUIRE) &
+			     (b->hpage ? ~0ull : __atomic_load_n(&b->zero[w], __ATOMIC_ACQUIRE)));
 			memcpy(buf + sizeof(hdr) + w * 8, &have, 8);
 		}
 		vmig__dest_send_rp(s, VMIG_RP_RECV_BITMAP, buf, (uint32_t)len);
@@ -323,9 +324,12 @@ static int check_complete(struct pc_run *pc, struct vmig__err *err)
 		struct vmig__block *b = &s->blocks[bi];
 
 		for (size_t w = 0; w < vmig__bitmap_words(b->npages); w++) {
-			/* The fault thread may still place known zero pages. */
+			/* The fault thread may still place known zero pages, and
+			 * the urgent thread may still mark pages of a populated
+			 * block received (pc_dest.c, install). */
 			uint64_t have = __atomic_load_n(&b->placed[w], __ATOMIC_ACQUIRE) |
-					(b->received[w] & b->zero[w]);
+					(__atomic_load_n(&b->received[w], __ATOMIC_ACQUIRE) &
+					 __atomic_load_n(&b->zero[w], __ATOMIC_ACQUIRE));
 			uint64_t want = w == b->npages / 64 && b->npages % 64
 					    ? (1ull << (b->npages % 64)) - 1
 					    : ~0ull;
