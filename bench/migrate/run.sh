@@ -97,7 +97,7 @@ mkdir -p "$bin_dir"
 cflags=(-O2 -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wmissing-prototypes)
 cc "${cflags[@]}" -o "$bin_dir/fill_random" "$here/fill_random.c"
 cc "${cflags[@]}" -pthread -o "$bin_dir/tcp_raw" "$here/tcp_raw.c"
-cc "${cflags[@]}" -o "$bin_dir/wp_probe" "$here/wp_probe.c" # not run here: see its header
+cc "${cflags[@]}" -I"$here/../../lib" -o "$bin_dir/wp_probe" "$here/wp_probe.c" # not run here: see its header
 
 # The fill file is only read before the measured window (QEMU prealloc,
 # vmig-vm --fill), so it may live on disk; /var/tmp keeps it from pinning
