@@ -204,7 +204,8 @@ int vmig__pc_source_request(struct vmig__source *src, const struct vmig_wire_pag
 		vmig__src_send_run(src, src->uw, req->block, req->first + i, req->first + j, own);
 	}
 	/* An urgent-channel error is left to the main channel to notice. The
-	 * flush stores the claimed pages' hashes, failed or not. */
+	 * claimed pages' hashes are stored once the flush returns, failed or
+	 * not. */
 	vmig__writer_flush(src->uw);
 	__atomic_sub_fetch(&src->urgent_inflight, 1, __ATOMIC_RELEASE);
 	__atomic_add_fetch(&src->urgent_bytes, src->uw->bytes - before, __ATOMIC_RELAXED);

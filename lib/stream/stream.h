@@ -44,6 +44,9 @@
  * system calls per GiB pushed.
  */
 #define VMIG_WRITER_FLUSH_BYTES_POSTCOPY (64u << 10)
+/* Room for the page runs copied out of guest RAM that one flush writes
+ * (vmig__writer_stage): a flush's worth and one record's. */
+#define VMIG_WRITER_STAGE (VMIG_WRITER_FLUSH_BYTES + VMIG_REC_MAX_PAGES * VMIG_PAGE_SIZE)
 
 /*
  * Called before each flush with the number of bytes about to be written;
@@ -76,6 +79,11 @@ struct vmig__writer {
 		uint64_t *out;
 		uint32_t npages;
 	} hq[VMIG_WRITER_IOV];
+	/* Copies of page runs that queued iovs may point into (see
+	 * vmig__writer_stage): the first staged bytes are handed out. Only
+	 * touched when used, as the writers are allocated, not zeroed. */
+	size_t staged;
+	uint8_t stage[VMIG_WRITER_STAGE];
 };
 
 void vmig__writer_init(struct vmig__writer *w, struct vmig__chan *c);
@@ -98,6 +106,15 @@ void vmig__writer_rec(struct vmig__writer *w, uint8_t type, const void *payload,
 void vmig__writer_pages(struct vmig__writer *w, uint32_t block, uint64_t first, uint32_t npages,
 			const void *host, uint64_t *hashes);
 void vmig__writer_zero(struct vmig__writer *w, uint32_t block, uint64_t first, uint32_t npages);
+/*
+ * Room for len bytes that the caller fills with a copy of a page run and
+ * then queues, in whole or in parts, with vmig__writer_pages: the copy
+ * stays untouched until the flush that writes it. NULL if len is larger
+ * than VMIG_REC_MAX_PAGES pages, or if the writer compresses or sends
+ * zero-copy: both read guest RAM in their own way, and a zero-copy send
+ * would have the kernel read the room after it was handed out again.
+ */
+uint8_t *vmig__writer_stage(struct vmig__writer *w, size_t len);
 /* Write out everything queued. Returns the sticky error. */
 int vmig__writer_flush(struct vmig__writer *w);
 /* From now on send page runs compressed at this level, zstd (PAGES_ZSTD)

@@ -17,6 +17,10 @@
  * private copy, each page arrives as it was at the copy; one that changed
  * afterwards is dirty and goes again.
  *
+ * A caller may instead copy a run out of guest RAM into the writer's stage
+ * (vmig__writer_stage) and queue the copy: the source does so for huge
+ * pages, which it reads through their file (lib/migrate/source.c says why).
+ *
  * With zero-copy (zero-copy-send), the kernel reads page runs straight from
  * guest RAM and headers from a ring of ZC_SLOTS buffers, after the write
  * has returned: a slot is written again only once the kernel reports done
@@ -69,6 +73,7 @@ void vmig__writer_init(struct vmig__writer *w, struct vmig__chan *c)
 	w->pending = 0;
 	w->hdrlen = 0;
 	w->nhq = 0;
+	w->staged = 0;
 }
 
 static void push_iov(struct vmig__writer *w, const void *base, size_t len)
@@ -328,6 +333,30 @@ void vmig__writer_zero(struct vmig__writer *w, uint32_t block, uint64_t first, u
 	memcpy(put_hdr(w, VMIG_REC_ZERO, sizeof(pg), sizeof(pg)), &pg, sizeof(pg));
 	if (w->counts)
 		__atomic_add_fetch(&w->counts[1], npages, __ATOMIC_RELAXED);
+}
+
+uint8_t *vmig__writer_stage(struct vmig__writer *w, size_t len)
+{
+	uint8_t *p;
+
+	if (w->z || w->zc || len > VMIG_REC_MAX_PAGES * VMIG_PAGE_SIZE)
+		return NULL;
+	/*
+	 * The room is handed out from the start again only right after a
+	 * flush made here, when nothing queued can point into it. A flush
+	 * from within the run (a full iov array, a post-copy flush size
+	 * smaller than the run) leaves the rest of the run queued, so it must
+	 * not rewind. Flushing here when this run would go over the flush
+	 * size anyway keeps the copies to a flush's worth, in cache for the
+	 * write and the hashes after it.
+	 */
+	if (w->pending + len > w->flush_bytes || w->staged + len > sizeof(w->stage)) {
+		vmig__writer_flush(w);
+		w->staged = 0;
+	}
+	p = w->stage + w->staged;
+	w->staged += len;
+	return p;
 }
 
 /* After a zero-copy flush: headers go on in the next slot of the ring,

@@ -783,6 +783,79 @@ static void test_flush_bytes_bound_each_write(void **state)
 	free(ram);
 }
 
+/*
+ * vmig__writer_stage hands out room for copies of page runs, which queued
+ * records then point into until they are written. A flush in the middle of
+ * a run (here: the header buffer fills up) writes part of it and leaves the
+ * rest queued, so the room of that rest must not be handed out again before
+ * the next flush: run B is staged right after such a flush, while the end
+ * of run A still waits, and every page must arrive as it was copied.
+ */
+static void test_stage_outlives_a_flush_within_a_run(void **state)
+{
+	enum { RUN = 8, ZEROS = VMIG_WRITER_HDRBUF / 24 - 5 };
+	struct vmig__writer *w = malloc(sizeof(*w));
+	uint8_t *a, *b, page[VMIG_PAGE_SIZE], want[VMIG_PAGE_SIZE];
+	unsigned seen = 0;
+	int fds[2], big = 4 << 20;
+
+	(void)state;
+	assert_non_null(w);
+	assert_int_equal(sizeof(struct vmig_wire_rec) + sizeof(struct vmig_wire_pages), 24);
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, fds), 0);
+	assert_int_equal(setsockopt(fds[0], SOL_SOCKET, SO_SNDBUF, &big, sizeof(big)), 0);
+	vmig__writer_init(w, vmig__chan_from_fd(fds[0]));
+	for (unsigned i = 0; i < ZEROS; i++) /* headers only: the buffer nearly full */
+		vmig__writer_zero(w, 0, 1000 + i, 1);
+	a = vmig__writer_stage(w, RUN * VMIG_PAGE_SIZE);
+	assert_non_null(a);
+	for (unsigned i = 0; i < RUN; i++) {
+		fill_random_page(a + i * VMIG_PAGE_SIZE, 0xa000 + i);
+		vmig__writer_pages(w, 0, i, 1, a + i * VMIG_PAGE_SIZE, NULL);
+	}
+	assert_true(w->bytes > 0);		       /* flushed within run A */
+	assert_true(w->niov > 0 && w->niov < 2 * RUN); /* and the end of A still queued */
+	b = vmig__writer_stage(w, RUN * VMIG_PAGE_SIZE);
+	assert_non_null(b);
+	for (unsigned i = 0; i < RUN; i++)
+		fill_random_page(b + i * VMIG_PAGE_SIZE, 0xb000 + i);
+	vmig__writer_pages(w, 0, 100, RUN, b, NULL);
+	assert_int_equal(vmig__writer_flush(w), 0);
+
+	for (;;) {
+		struct vmig_wire_rec rec;
+		struct vmig_wire_pages pg;
+		ssize_t got = recv(fds[1], &rec, sizeof(rec), MSG_DONTWAIT);
+
+		if (got < 0 && errno == EAGAIN)
+			break;
+		assert_int_equal(got, sizeof(rec));
+		assert_int_equal(recv(fds[1], &pg, sizeof(pg), MSG_WAITALL), sizeof(pg));
+		if (rec.type == VMIG_REC_ZERO)
+			continue;
+		assert_int_equal(rec.type, VMIG_REC_PAGES);
+		for (uint32_t i = 0; i < pg.npages; i++) {
+			uint64_t at = pg.first + i;
+
+			assert_int_equal(recv(fds[1], page, sizeof(page), MSG_WAITALL),
+					 sizeof(page));
+			fill_random_page(want, at < 100 ? 0xa000 + at : 0xb000 + at - 100);
+			assert_memory_equal(page, want, sizeof(page));
+			seen++;
+		}
+	}
+	assert_int_equal(seen, 2 * RUN);
+
+	/* Too large a run, or a writer that reads guest RAM its own way. */
+	assert_null(vmig__writer_stage(w, (VMIG_REC_MAX_PAGES + 1) * VMIG_PAGE_SIZE));
+	assert_int_equal(vmig__writer_compress(w, false, 1), 0);
+	assert_null(vmig__writer_stage(w, VMIG_PAGE_SIZE));
+	vmig__writer_release(w);
+	vmig__chan_free(w->c);
+	close(fds[1]);
+	free(w);
+}
+
 static void test_zero_copy_drain_waits_for_the_kernel(void **state)
 {
 	zero_copy_slow_reader(6);
@@ -914,6 +987,7 @@ int main(void)
 	    cmocka_unit_test(test_zlib_page_changing_while_compressed),
 	    cmocka_unit_test(test_flush_takes_hashes),
 	    cmocka_unit_test(test_flush_bytes_bound_each_write),
+	    cmocka_unit_test(test_stage_outlives_a_flush_within_a_run),
 	    cmocka_unit_test(test_zero_copy_drain_waits_for_the_kernel),
 	    cmocka_unit_test(test_zero_copy_headers_wait_for_the_kernel),
 	    cmocka_unit_test(test_zero_copy_without_locked_memory),
