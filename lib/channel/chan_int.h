@@ -13,6 +13,8 @@ struct vmig__chan {
 	bool nonblock;		    /* accepted, not yet trusted (owner only) */
 	struct vmig__tls_conn *tls; /* NULL: plain */
 	struct vmig__zc *zc;	    /* zero-copy sends (zerocopy.c), writing thread only */
+	int rcvlowat;		    /* SO_RCVLOWAT as set (1: the kernel's default), or -1
+				     * once the socket refused it; reading thread only */
 };
 
 /* tls.c */

@@ -83,7 +83,11 @@ int vmig__chan_set_blocking(struct vmig__chan *c);
 
 /* Blocking I/O. A read returns bytes (> 0), -EPIPE at end of stream or
  * -errno; a write writes everything (iov is modified) or returns -errno.
- * A TLS failure is -ECONNABORTED with its text in vmig__chan_strerror(). */
+ * A TLS failure is -ECONNABORTED with its text in vmig__chan_strerror().
+ * A plain read of VMIG_CHAN_LOWAT_MIN bytes or more that has to wait
+ * returns once all of it is there (or half the receive buffer, or the
+ * stream ends), not at the first segment: see socket.c. */
+#define VMIG_CHAN_LOWAT_MIN (64u << 10)
 ssize_t vmig__chan_read(struct vmig__chan *c, void *buf, size_t n);
 int vmig__chan_writev(struct vmig__chan *c, struct iovec *iov, int iovcnt);
 int vmig__chan_write(struct vmig__chan *c, const void *buf, size_t n);
