@@ -80,8 +80,8 @@ struct vmig__writer {
 		uint32_t npages;
 	} hq[VMIG_WRITER_IOV];
 	/* Copies of page runs that queued iovs may point into (see
-	 * vmig__writer_stage): the first staged bytes are handed out. Only
-	 * touched when used, as the writers are allocated, not zeroed. */
+	 * vmig__writer_stage): stage[0, staged) is handed out. Its pages are
+	 * only touched when used: writers are allocated, not zeroed. */
 	size_t staged;
 	uint8_t stage[VMIG_WRITER_STAGE];
 };

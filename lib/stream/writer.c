@@ -348,7 +348,7 @@ uint8_t *vmig__writer_stage(struct vmig__writer *w, size_t len)
 	 * smaller than the run) leaves the rest of the run queued, so it must
 	 * not rewind. Flushing here when this run would go over the flush
 	 * size anyway keeps the copies to a flush's worth, in cache for the
-	 * write and the hashes after it.
+	 * write.
 	 */
 	if (w->pending + len > w->flush_bytes || w->staged + len > sizeof(w->stage)) {
 		vmig__writer_flush(w);
