@@ -54,7 +54,9 @@ const char *vmig_status_name(enum vmig_status status);
 /*
  * One block of guest RAM. host must stay mapped for the life of the session.
  * size must be a multiple of the page size (4096). fd is the file that backs
- * the mapping (a memfd) or -1; libvmig never closes it.
+ * the mapping (a memfd) or -1; libvmig never closes it. With an fd, host
+ * must be a shared mapping of it (MAP_SHARED): libvmig also reads and
+ * writes the pages through fd (a source reads huge pages that way).
  *
  * flags: VMIG_RAM_PREALLOC says the caller has populated the whole block
  * (QEMU's prealloc=on) and wants it to stay populated. An incoming pre-copy
